@@ -1,0 +1,149 @@
+"""``modnet cl``: every configured strategy on one benchmark, in one process, with checkpoints and results.
+
+Flow: scenario (``scenarios.build_benchmark``) -> model + strategy (``strategies.registry``) -> Avalanche's
+accuracy metric after every experience -> accuracy matrix -> results folder (``modnet.results``).
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from modnet.config import check_choice, resolve_device
+from modnet.results import aggregate_seeds, format_table, summarize, write_results
+from scenarios import build_benchmark
+from scenarios.base import SCENARIOS
+
+_ACC_KEY = re.compile(r"Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)")
+# Strategies whose whole state is the model's state dict (plain SGD): they resume at the next experience.
+# The others keep state in plugins (buffers, old models, importances) and re-run from their first
+# experience; per-experience seeding makes both give the same final numbers as an uninterrupted run.
+_RESUME_AT_EXPERIENCE = ("modnet", "naive")
+
+
+class NaNLossError(RuntimeError):
+    pass
+
+
+def _nan_guard():
+    from avalanche.core import SupervisedPlugin
+
+    class NaNGuard(SupervisedPlugin):
+        """Stops a run whose loss is NaN/inf; one host sync per epoch, not per step."""
+
+        def before_training_epoch(self, strategy, **kw):
+            self.bad = torch.zeros((), dtype=torch.bool, device=strategy.device)
+
+        def after_backward(self, strategy, **kw):
+            self.bad |= ~torch.isfinite(strategy.loss.detach()).all()
+
+        def after_training_epoch(self, strategy, **kw):
+            if bool(self.bad):
+                raise NaNLossError(
+                    f"loss became NaN/inf in experience {strategy.experience.current_experience}, epoch "
+                    f"{strategy.clock.train_exp_epochs}; lower train.lr or check the input data for "
+                    "extreme values")
+
+    return NaNGuard()
+
+
+def set_seed(seed: int) -> None:
+    from avalanche.training.determinism.rng_manager import RNGManager
+
+    RNGManager.set_random_seeds(seed)  # python, numpy and torch generators, as Avalanche's loaders use them
+
+
+def _evaluator(progress: bool):
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.logging import InteractiveLogger
+    from avalanche.training.plugins import EvaluationPlugin
+
+    return EvaluationPlugin(accuracy_metrics(experience=True), loggers=[InteractiveLogger()] if progress else [])
+
+
+def _row(metrics: dict, n: int) -> list[float]:
+    row = [float("nan")] * n
+    for k, v in metrics.items():
+        m = _ACC_KEY.fullmatch(k)
+        if m:
+            row[int(m.group(1))] = float(v)
+    return row
+
+
+def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> dict:
+    """Train ``name`` over the experiences; evaluate on the whole test stream after each one."""
+    from avalanche.models.dynamic_modules import avalanche_model_adaptation
+
+    from strategies.registry import build_strategy
+
+    state = torch.load(ckpt_path, weights_only=True) if cfg.resume and ckpt_path.exists() else None
+    if state is not None and state.get("done"):
+        print(f"[{name} seed {seed}] finished earlier: results taken from {ckpt_path}")
+        return json.loads(state["result"])
+    set_seed(seed)
+    common = dict(criterion=torch.nn.CrossEntropyLoss(), train_mb_size=cfg.train.batch_size,
+                  train_epochs=cfg.train.epochs, eval_mb_size=cfg.train.eval_batch_size, device=device,
+                  evaluator=_evaluator(cfg.progress), eval_every=-1)
+    strategy = build_strategy(name, cfg, info, common)
+    strategy.plugins.append(_nan_guard())
+    bm = info.benchmark
+    rows, seconds, start = [], 0.0, 0
+    if state is not None and name in _RESUME_AT_EXPERIENCE and cfg.train.momentum == 0:
+        start = int(state["next_exp"])
+        strategy.model.train()
+        for exp in list(bm.train_stream)[:start]:  # grow dynamic heads to the checkpoint's shape
+            avalanche_model_adaptation(strategy.model, exp)
+        strategy.model.load_state_dict(state["model"])
+        rows, seconds = [list(r) for r in state["rows"].tolist()], float(state["train_seconds"])
+        print(f"[{name} seed {seed}] resumed from {ckpt_path} at experience {start}")
+    elif state is not None:
+        print(f"[{name} seed {seed}] keeps state in plugins: re-running it from its first experience")
+    n = info.n_experiences
+    for i, exp in enumerate(bm.train_stream):
+        if i < start:
+            continue
+        set_seed(seed * 1000 + i)
+        t0 = time.perf_counter()
+        strategy.train(exp)
+        seconds += time.perf_counter() - t0
+        rows.append(_row(strategy.eval(bm.test_stream), n))
+        torch.save({"next_exp": i + 1, "model": strategy.model.state_dict(), "rows": torch.tensor(rows),
+                    "train_seconds": seconds, "done": False}, ckpt_path)
+    result = {**summarize(rows), "train_seconds": seconds}
+    torch.save({"done": True, "result": json.dumps(result)}, ckpt_path)
+    return result
+
+
+def run_cl(cfg) -> dict:
+    from strategies.registry import STRATEGIES
+
+    check_choice("scenario", cfg.scenario, SCENARIOS)
+    for name in cfg.strategies:
+        check_choice("strategies", name, list(STRATEGIES))
+    device = resolve_device(cfg.device)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    seeds = list(cfg.seeds) if cfg.get("seeds") else [cfg.seed]
+    runs: dict[str, list[dict]] = {name: [] for name in cfg.strategies}
+    info = None
+    for seed in seeds:
+        info = build_benchmark(cfg.benchmark, cfg.scenario, seed)
+        for name in cfg.strategies:
+            print(f"=== {name} | {info.name} | {cfg.scenario}-incremental | seed {seed} ===")
+            runs[name].append(run_strategy(name, cfg, info, seed, device, ckpt_dir / f"{name}_seed{seed}.pt"))
+    results = {"benchmark": info.name, "scenario": cfg.scenario, "n_experiences": info.n_experiences,
+               "seed": seeds[0], "seeds": seeds, "device": str(device),
+               "classes_per_experience": info.global_task_classes,
+               "strategies": {name: aggregate_seeds(r) for name, r in runs.items()}}
+    write_results(out, results)
+    print(f"\n{info.name}, {cfg.scenario}-incremental, seeds {seeds}\n{format_table(results['strategies'])}")
+    print(f"results written to {out}/results.json")
+    return results

@@ -1,0 +1,66 @@
+"""The ``modnet`` command: ``modnet <job> [hydra overrides]``.
+
+Jobs: run (everything on the embedded default), cl (continual-learning comparison), gzsl (generalized
+zero-shot evaluation), explain (Grad-CAM and textual explanations). Each job has its config in
+``configs/<job>.yaml``; overrides use Hydra's syntax (``key=value``, ``strategies=[modnet,naive]``).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+from modnet.config import ConfigError, compose
+
+# job -> (config name, "module:function" taking the composed config)
+JOBS = {
+    "cl": ("cl", "modnet.cl_job:run_cl"),
+    "gzsl": ("gzsl", "modnet.gzsl_job:run_gzsl"),
+    "explain": ("explain", "modnet.explain_job:run_explain"),
+}
+USAGE = f"usage: modnet {{run,{','.join(JOBS)}}} [key=value ...]   (Hydra override syntax)\n" + (__doc__ or "")
+
+
+def _call(job: str, overrides: list[str]):
+    config_name, target = JOBS[job]
+    cfg = compose(config_name, overrides)
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)(cfg)
+
+
+def run_default(overrides: list[str]) -> dict:
+    """``modnet run``: the continual-learning comparison, then GZSL and explanations, on embedded data."""
+    out = "outputs/run"
+    for o in overrides:
+        if o.startswith("output_dir="):
+            out = o.split("=", 1)[1]
+    rest = [o for o in overrides if not o.startswith("output_dir=")]
+    results = {"cl": _call("cl", [f"output_dir={Path(out) / 'cl'}", *rest])}
+    for job in ("gzsl", "explain"):
+        if importlib.util.find_spec(JOBS[job][1].split(":")[0]) is not None:
+            results[job] = _call(job, [f"output_dir={Path(out) / job}"])
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    job, overrides = argv[0], argv[1:]
+    try:
+        if job == "run":
+            run_default(overrides)
+        elif job in JOBS:
+            _call(job, overrides)
+        else:
+            print(f"modnet: unknown command {job!r}; choose one of run, {', '.join(JOBS)}", file=sys.stderr)
+            return 2
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"modnet {job}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""Modular networks built from HAT-masked layers, and the same backbones without masks for the baselines.
+
+A ``HATNet`` keeps one output head per task (experience). With a task label (task-incremental) the head
+and the task's masks are picked by the label. Without one (class-incremental) the network runs every
+trained task's masked sub-network and keeps the most confident head (``task_inference``), then writes that
+head's log-probabilities into a logit vector over all classes, so Avalanche's accuracy metrics apply as is.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from avalanche.models import MultiTaskModule
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from modnet.hat import HATConv2d, HATLinear, HATMaskedLayer
+
+# Logit given to classes outside the chosen head: finite so that cross-entropy and softmax stay finite.
+_OFF_HEAD_LOGIT = -1e4
+
+
+class MultiHeadTaskNet(MultiTaskModule):
+    """One output head per task (experience), with task inference when no task label is given.
+
+    Subclasses implement ``task_logits(x, task)``. ``task_classes[t]`` lists the class ids head t predicts.
+    Task-incremental: the label picks the head (Avalanche's ``MultiTaskModule`` splits the batch by label).
+    Class-incremental: training uses ``train_task`` (set by the strategy) and writes its head into a logit
+    vector over all classes; evaluation lets every trained head score x and keeps the most confident one.
+    """
+
+    def __init__(self, task_classes: Sequence[Sequence[int]], class_incremental: bool,
+                 task_inference: str = "maxprob"):
+        super().__init__()
+        if task_inference not in ("maxprob", "entropy"):
+            raise ValueError(f"task_inference must be 'maxprob' or 'entropy', got {task_inference!r}")
+        self.task_classes = [list(map(int, c)) for c in task_classes]
+        self.n_tasks = len(self.task_classes)
+        self.n_classes = max(max(c) for c in self.task_classes) + 1
+        self.class_incremental = class_incremental
+        self.task_inference = task_inference
+        self.train_task = 0
+        for t, c in enumerate(self.task_classes):
+            self.register_buffer(f"class_index_{t}", torch.tensor(c, dtype=torch.long))
+        self.register_buffer("n_trained", torch.zeros((), dtype=torch.long))
+
+    def task_logits(self, x: Tensor, task: int) -> Tensor:
+        raise NotImplementedError
+
+    def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
+        return self.task_logits(x, int(task_label))
+
+    def forward(self, x: Tensor, task_labels: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        if not self.class_incremental:
+            if task_labels is None:
+                raise ValueError(f"a task-incremental {type(self).__name__} needs task labels")
+            return super().forward(x, task_labels)
+        if self.training:
+            return self._scatter(self.task_logits(x, self.train_task), self.train_task)
+        return self.infer_task(x)[0]
+
+    def _scatter(self, head_out: Tensor, task: int) -> Tensor:
+        out = head_out.new_full((head_out.shape[0], self.n_classes), _OFF_HEAD_LOGIT)
+        return out.index_copy(1, getattr(self, f"class_index_{task}"), head_out)
+
+    def infer_task(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Every trained task's head scores x, the most confident wins: (logits over all classes, task)."""
+        n = max(int(self.n_trained), 1)
+        outs, scores = [], []
+        for t in range(n):
+            logp = F.log_softmax(self.task_logits(x, t), dim=1)
+            if self.task_inference == "maxprob":
+                scores.append(logp.max(dim=1).values)
+            else:  # low entropy = confident; normalised by log(#classes) so head sizes compare
+                ent = -(logp.exp() * logp).sum(1) / math.log(max(logp.shape[1], 2))
+                scores.append(-ent)
+            outs.append(self._scatter(logp, t))
+        chosen = torch.stack(scores).argmax(dim=0)
+        stacked = torch.stack(outs)  # T x B x C
+        logits = stacked.gather(0, chosen.view(1, -1, 1).expand(1, *stacked.shape[1:])).squeeze(0)
+        return logits, chosen
+
+    def mark_trained(self, task: int) -> None:
+        self.n_trained.fill_(max(int(self.n_trained), task + 1))
+
+
+class HATNet(MultiHeadTaskNet):
+    """Base of the HAT modular networks: per-layer task masks, cumulative masks, one linear head per task.
+
+    Subclasses define ``self.masked`` (the HAT layers, in forward order) and ``features(x, masks)``.
+    """
+
+    def __init__(self, task_classes: Sequence[Sequence[int]], feature_dim: int, class_incremental: bool,
+                 smax: float = 400.0, task_inference: str = "maxprob"):
+        super().__init__(task_classes, class_incremental, task_inference)
+        self.smax = float(smax)
+        self.s = float(smax)  # set per batch by the HAT plugin while training
+        self.heads = nn.ModuleList(nn.Linear(feature_dim, len(c)) for c in self.task_classes)
+        # Optional hook for functional-module gates: a callable (x, task, masks) -> masks.
+        self.gate = None
+
+    masked: nn.ModuleList
+
+    def _init_cumulative_masks(self) -> None:
+        for i, layer in enumerate(self.masked):
+            self.register_buffer(f"mask_pre_{i}", torch.zeros(layer.n_units))
+
+    def masks(self, task: int, s: float | None = None) -> list[Tensor]:
+        s = self.s if s is None else s
+        return [layer.mask(task, s) for layer in self.masked]
+
+    def cumulative_masks(self) -> list[Tensor]:
+        return [getattr(self, f"mask_pre_{i}") for i in range(len(self.masked))]
+
+    @torch.no_grad()
+    def consolidate(self, task: int) -> None:
+        """a^{<=t} = max(a^{<t}, a_t at smax): call once task t is trained."""
+        for i, m in enumerate(self.masks(task, self.smax)):
+            buf = getattr(self, f"mask_pre_{i}")
+            buf.copy_(torch.maximum(buf, m))
+        self.mark_trained(task)
+
+    def input_masks(self) -> list[Tensor | None]:
+        """For each masked layer, the cumulative mask of the units feeding it (None for the first)."""
+        return [None] + self._expand_inputs(self.cumulative_masks()[:-1])
+
+    def _expand_inputs(self, prev: list[Tensor]) -> list[Tensor]:
+        return prev
+
+    def features(self, x: Tensor, masks: list[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def task_logits(self, x: Tensor, task: int) -> Tensor:
+        masks = self.masks(task)
+        if self.gate is not None:
+            masks = self.gate(x, task, masks)
+        return self.heads[task](self.features(x, masks))
+
+
+class HATMLP(HATNet):
+    """MLP of ``n_layers`` HAT-masked hidden layers (ReLU), then one head per task."""
+
+    def __init__(self, in_dim: int, task_classes, hidden: int = 256, n_layers: int = 2, dropout: float = 0.0,
+                 class_incremental: bool = False, smax: float = 400.0, task_inference: str = "maxprob"):
+        super().__init__(task_classes, hidden, class_incremental, smax, task_inference)
+        n_tasks = len(task_classes)
+        dims = [in_dim] + [hidden] * n_layers
+        self.masked = nn.ModuleList(HATLinear(a, b, n_tasks) for a, b in zip(dims[:-1], dims[1:]))
+        self.drop = nn.Dropout(dropout)
+        self._init_cumulative_masks()
+
+    def features(self, x: Tensor, masks: list[Tensor]) -> Tensor:
+        h = x.flatten(1)
+        for layer, m in zip(self.masked, masks):
+            h = self.drop(F.relu(layer(h, m)))
+        return h
+
+
+class HATCNN(HATNet):
+    """Small CNN: HAT-masked conv blocks (conv3x3-ReLU-maxpool2), a HAT-masked fc layer, heads per task.
+
+    No batch norm: its running statistics would drift across tasks outside the masks' protection.
+    """
+
+    def __init__(self, in_shape: Sequence[int], task_classes, channels: Sequence[int] = (32, 64),
+                 hidden: int = 256, dropout: float = 0.0, class_incremental: bool = False,
+                 smax: float = 400.0, task_inference: str = "maxprob"):
+        super().__init__(task_classes, hidden, class_incremental, smax, task_inference)
+        c, h, w = in_shape
+        n_tasks = len(task_classes)
+        convs = []
+        for ch in channels:
+            convs.append(HATConv2d(c, ch, 3, n_tasks, padding=1))
+            c, h, w = ch, h // 2, w // 2
+        if h < 1 or w < 1:
+            raise ValueError(f"input {tuple(in_shape)} is too small for {len(channels)} pooling blocks; "
+                             "use fewer model.cnn_channels")
+        self.spatial = h * w
+        self.masked = nn.ModuleList(convs + [HATLinear(c * h * w, hidden, n_tasks)])
+        self.drop = nn.Dropout(dropout)
+        self._init_cumulative_masks()
+
+    def _expand_inputs(self, prev: list[Tensor]) -> list[Tensor]:
+        # The fc layer sees the last conv's channels flattened over space (channel-major, as flatten does).
+        return prev[:-1] + [prev[-1].repeat_interleave(self.spatial)]
+
+    def features(self, x: Tensor, masks: list[Tensor]) -> Tensor:
+        h = x
+        for conv, m in zip(self.masked[:-1], masks[:-1]):
+            h = F.max_pool2d(F.relu(conv(h, m)), 2)
+        return self.drop(F.relu(self.masked[-1](h.flatten(1), masks[-1])))
+
+
+def masked_layers(model: nn.Module) -> list[HATMaskedLayer]:
+    return [m for m in model.modules() if isinstance(m, HATMaskedLayer)]
+
+
+# -- the same backbones without masks, for the baselines -----------------------------------------------
+class MLPBackbone(nn.Sequential):
+    def __init__(self, in_dim: int, hidden: int = 256, n_layers: int = 2, dropout: float = 0.0):
+        layers: list[nn.Module] = [nn.Flatten()]
+        d = in_dim
+        for _ in range(n_layers):
+            layers += [nn.Linear(d, hidden), nn.ReLU(), nn.Dropout(dropout)]
+            d = hidden
+        super().__init__(*layers)
+        self.out_dim = hidden
+
+
+class CNNBackbone(nn.Sequential):
+    def __init__(self, in_shape: Sequence[int], channels: Sequence[int] = (32, 64), hidden: int = 256,
+                 dropout: float = 0.0):
+        c, h, w = in_shape
+        layers: list[nn.Module] = []
+        for ch in channels:
+            layers += [nn.Conv2d(c, ch, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            c, h, w = ch, h // 2, w // 2
+        if h < 1 or w < 1:
+            raise ValueError(f"input {tuple(in_shape)} is too small for {len(channels)} pooling blocks; "
+                             "use fewer model.cnn_channels")
+        layers += [nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), nn.Dropout(dropout)]
+        super().__init__(*layers)
+        self.out_dim = hidden
+
+
+class BaselineNet(MultiTaskModule):
+    """Backbone + classifier for Avalanche's baselines.
+
+    Task-incremental: one head per task (Avalanche ``MultiHeadClassifier`` grows them as tasks arrive).
+    Class-incremental: a single linear head over all classes.
+    """
+
+    def __init__(self, backbone: nn.Module, n_classes: int, class_incremental: bool):
+        super().__init__()
+        from avalanche.models import MultiHeadClassifier
+
+        self.backbone = backbone
+        self.class_incremental = class_incremental
+        if class_incremental:
+            self.classifier = nn.Linear(backbone.out_dim, n_classes)
+        else:
+            self.classifier = MultiHeadClassifier(backbone.out_dim, initial_out_features=2)
+
+    def forward(self, x: Tensor, task_labels: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        if self.class_incremental:
+            return self.classifier(self.backbone(x))
+        return super().forward(x, task_labels)
+
+    def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
+        return self.classifier.forward_single_task(self.backbone(x), task_label)

@@ -1,0 +1,102 @@
+"""Continual-learning results: the accuracy matrix and what follows from it, written as JSON, CSV and PNGs."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def summarize(matrix) -> dict:
+    """R[i][j] = accuracy on test experience j after training experience i (T = last row).
+
+    average_accuracy = mean_j R[T][j]; forgetting = mean_{j<T} (R[j][j] - R[T][j]); bwt = -forgetting.
+    """
+    R = np.asarray(matrix, dtype=float)
+    if R.ndim != 2 or R.shape[0] != R.shape[1]:
+        raise ValueError(f"accuracy matrix must be square (experiences x experiences), got shape {R.shape}")
+    T = R.shape[0] - 1
+    forgetting = float(np.mean([R[j, j] - R[T, j] for j in range(T)])) if T > 0 else 0.0
+    return {"accuracy_matrix": R.tolist(), "average_accuracy": float(R[T].mean()),
+            "forgetting": forgetting, "bwt": -forgetting}
+
+
+def aggregate_seeds(runs: list[dict]) -> dict:
+    """Mean over seeds of each field, plus the std of the scalar ones and the per-seed runs."""
+    out = summarize(np.mean([r["accuracy_matrix"] for r in runs], axis=0))
+    for key in ("average_accuracy", "forgetting", "bwt", "train_seconds"):
+        vals = [r[key] for r in runs]
+        out[key] = float(np.mean(vals))
+        out[f"{key}_std"] = float(np.std(vals))
+    if len(runs) > 1:
+        out["per_seed"] = runs
+    return out
+
+
+def format_table(strategies: dict) -> str:
+    multi = any("per_seed" in r for r in strategies.values())
+    head = "| strategy | avg acc | forgetting | BWT | train s |"
+    lines = [head, "|---|---|---|---|---|"]
+    for name, r in strategies.items():
+        def cell(k, fmt="{:.4f}"):
+            s = fmt.format(r[k])
+            return s + (" ± " + fmt.format(r[k + "_std"]) if multi and k + "_std" in r else "")
+        lines.append(f"| {name} | {cell('average_accuracy')} | {cell('forgetting')} | {cell('bwt')} | "
+                     f"{cell('train_seconds', '{:.1f}')} |")
+    return "\n".join(lines)
+
+
+def write_results(out_dir: Path, results: dict) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out_dir / "results.json")  # atomic: a crash never leaves a half-written file
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["strategy", "average_accuracy", "forgetting", "bwt", "train_seconds", "after_exp",
+                    *[f"acc_exp{j}" for j in range(results["n_experiences"])]])
+        for name, r in results["strategies"].items():
+            for i, row in enumerate(r["accuracy_matrix"]):
+                w.writerow([name, r["average_accuracy"], r["forgetting"], r["bwt"], r["train_seconds"], i,
+                            *row])
+    plot_results(out_dir, results)
+
+
+def plot_results(out_dir: Path, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    strategies = results["strategies"]
+    for name, r in strategies.items():
+        R = np.asarray(r["accuracy_matrix"])
+        fig, ax = plt.subplots(figsize=(1.2 + 0.7 * R.shape[1], 1.0 + 0.6 * R.shape[0]))
+        im = ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
+        for i in range(R.shape[0]):
+            for j in range(R.shape[1]):
+                ax.text(j, i, f"{R[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if R[i, j] < 0.5 else "black")
+        ax.set_xlabel("test experience")
+        ax.set_ylabel("after training experience")
+        ax.set_title(f"{name}: accuracy matrix")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"accuracy_matrix_{name}.png", dpi=120)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in strategies.items():
+        R = np.asarray(r["accuracy_matrix"])
+        seen_avg = [R[i, : i + 1].mean() for i in range(R.shape[0])]
+        ax.plot(range(1, len(seen_avg) + 1), seen_avg, marker="o", label=name)
+    ax.set_xlabel("experiences trained")
+    ax.set_ylabel("mean accuracy on experiences seen so far")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{results['benchmark']} ({results['scenario']}-incremental)")
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy_curves.png", dpi=120)
+    plt.close(fig)

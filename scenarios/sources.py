@@ -1,0 +1,107 @@
+"""Data sources: the embedded digits, a user's .npz, and torchvision data sets (downloaded only when allowed)."""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def load_digits_arrays(test_fraction: float = 0.3, image: bool = False, split_seed: int = 0):
+    """scikit-learn's 8x8 digits (1,797 images, ships with scikit-learn): a stratified train/test split,
+    pixels scaled to [0, 1]; ``image`` gives (N, 1, 8, 8) instead of (N, 64)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = (d.data / 16.0).astype(np.float32)
+    if image:
+        x = x.reshape(-1, 1, 8, 8)
+    xtr, xte, ytr, yte = train_test_split(x, d.target, test_size=test_fraction, stratify=d.target,
+                                          random_state=split_seed)
+    return _tensors(xtr, ytr, xte, yte)
+
+
+def _tensors(xtr, ytr, xte, yte):
+    return (torch.as_tensor(xtr, dtype=torch.float32), torch.as_tensor(ytr, dtype=torch.long),
+            torch.as_tensor(xte, dtype=torch.float32), torch.as_tensor(yte, dtype=torch.long))
+
+
+def load_npz_arrays(path: str | Path):
+    """A user's arrays: ``x_train (N, D) or (N, C, H, W)``, ``y_train (N,)`` integer labels, same for test.
+
+    Every problem is reported before training starts, with what to change.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"npz file not found: {path}; set benchmark.path to an existing .npz with "
+                                f"arrays {', '.join(NPZ_KEYS)}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in NPZ_KEYS if k not in f.files]
+            if missing:
+                raise ValueError(f"{path}: missing array(s) {missing}; the file has {sorted(f.files)} and needs "
+                                 f"{list(NPZ_KEYS)}")
+            arrays = {k: f[k] for k in NPZ_KEYS}
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable .npz file ({err}); write it with numpy.savez") from err
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.ndim not in (2, 4):
+            raise ValueError(f"{path}: x_{split} has shape {x.shape}; use (N, D) vectors or (N, C, H, W) images")
+        if y.ndim != 1 or len(y) != len(x):
+            raise ValueError(f"{path}: y_{split} has shape {y.shape} but x_{split} has {len(x)} rows; "
+                             f"labels must be a vector with one integer per row of x_{split}")
+        if not np.issubdtype(y.dtype, np.integer):
+            if not np.all(np.mod(y, 1) == 0):
+                raise ValueError(f"{path}: y_{split} holds non-integer labels; store class ids 0..C-1")
+        if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
+            raise ValueError(f"{path}: x_{split} contains NaN or infinite values (or is not numeric); "
+                             "clean or impute them before training")
+        if len(y) and y.min() < 0:
+            raise ValueError(f"{path}: y_{split} has negative labels; use class ids 0..C-1")
+    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+        raise ValueError(f"{path}: x_train samples have shape {arrays['x_train'].shape[1:]} but x_test "
+                         f"{arrays['x_test'].shape[1:]}; both must match")
+    unseen = set(np.unique(arrays["y_test"])) - set(np.unique(arrays["y_train"]))
+    if unseen:
+        raise ValueError(f"{path}: y_test has classes {sorted(int(c) for c in unseen)} that y_train lacks; "
+                         "every test class needs training samples in continual learning")
+    return _tensors(arrays["x_train"], arrays["y_train"].astype(np.int64), arrays["x_test"],
+                    arrays["y_test"].astype(np.int64))
+
+
+TORCHVISION = {"mnist": "MNIST", "fmnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+
+
+def load_torchvision_arrays(name: str, root: str | Path, download: bool):
+    """MNIST, Fashion-MNIST, CIFAR-10/100 through torchvision, as float tensors in [0, 1] (N, C, H, W).
+
+    Files are downloaded only when ``download`` is true; otherwise (or offline) a missing data set is an
+    error that says where the files are expected and how to allow the download.
+    """
+    import torchvision
+
+    if name not in TORCHVISION:
+        raise ValueError(f"unknown torchvision benchmark {name!r}; choose one of {sorted(TORCHVISION)}")
+    cls = getattr(torchvision.datasets, TORCHVISION[name])
+    try:
+        train = cls(str(root), train=True, download=download)
+        test = cls(str(root), train=False, download=download)
+    except RuntimeError as err:  # torchvision: "Dataset not found. You can use download=True ..."
+        raise FileNotFoundError(
+            f"{TORCHVISION[name]} not found under {root} ({err}). Put the files there or run with "
+            f"benchmark.download=true on a machine with internet access") from err
+    except OSError as err:  # download attempted while offline
+        raise ConnectionError(f"could not download {TORCHVISION[name]} to {root} ({err}); this machine seems "
+                              "offline: copy the data set there and set benchmark.download=false") from err
+
+    def arrays(ds):
+        x = torch.as_tensor(np.asarray(ds.data), dtype=torch.float32) / 255.0
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        return x, torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)
+
+    return (*arrays(train), *arrays(test))

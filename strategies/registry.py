@@ -1,0 +1,113 @@
+"""Every strategy ``modnet cl`` can run, by name: ours (``modnet``, ``hnet``) and Avalanche's baselines.
+
+A strategy is an Avalanche ``SupervisedTemplate`` (Avalanche runs the loop, the evaluation and the logging)
+with plugins; each builder below takes the resolved config, the benchmark and the evaluator, and returns
+one, with the same backbone widths, optimiser, epochs and batch sizes for all of them.
+To add a strategy: write a builder ``def build_x(cfg, info, common) -> SupervisedTemplate`` and register it
+in ``STRATEGIES`` (and give its hyper-parameters a block in ``configs/cl.yaml``).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from modnet.models import BaselineNet, CNNBackbone, HATCNN, HATMLP, MLPBackbone
+from scenarios.base import BenchmarkInfo
+
+
+def _arch(cfg, info: BenchmarkInfo) -> str:
+    arch = cfg.model.arch
+    if arch == "auto":
+        return "cnn" if info.is_image else "mlp"
+    if arch == "cnn" and not info.is_image:
+        raise ValueError(f"model.arch=cnn needs images (N, C, H, W); {info.name} has vectors of shape "
+                         f"{info.input_shape}; use model.arch=mlp or auto")
+    return arch
+
+
+def build_hat_model(cfg, info: BenchmarkInfo) -> nn.Module:
+    m, class_inc = cfg.model, info.scenario == "class"
+    common = dict(class_incremental=class_inc, smax=cfg.hat.smax, task_inference=cfg.hat.task_inference)
+    if _arch(cfg, info) == "cnn":
+        return HATCNN(info.input_shape, info.task_classes, channels=list(m.cnn_channels), hidden=m.hidden,
+                      dropout=m.dropout, **common)
+    return HATMLP(int(np.prod(info.input_shape)), info.task_classes, hidden=m.hidden, n_layers=m.n_layers,
+                  dropout=m.dropout, **common)
+
+
+def build_baseline_model(cfg, info: BenchmarkInfo) -> nn.Module:
+    m = cfg.model
+    if _arch(cfg, info) == "cnn":
+        backbone = CNNBackbone(info.input_shape, list(m.cnn_channels), m.hidden, m.dropout)
+    else:
+        backbone = MLPBackbone(int(np.prod(info.input_shape)), m.hidden, m.n_layers, m.dropout)
+    return BaselineNet(backbone, info.n_classes, info.scenario == "class")
+
+
+def _sgd(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
+
+
+def build_modnet(cfg, info, common):
+    from avalanche.training.templates import SupervisedTemplate
+
+    from strategies.hat import HATPlugin
+
+    model = build_hat_model(cfg, info)
+    h = cfg.hat
+    plugins = [HATPlugin(smax=h.smax, c=h.c, thres_cosh=h.thres_cosh, thres_emb=h.thres_emb, clipgrad=h.clipgrad)]
+    return SupervisedTemplate(model=model, optimizer=_sgd(cfg, model), plugins=plugins, **common)
+
+
+def build_hnet(cfg, info, common):
+    from avalanche.training.templates import SupervisedTemplate
+
+    from strategies.hnet import HNetModel, HNetPlugin
+
+    if info.is_image and cfg.model.arch == "cnn":
+        raise ValueError("strategy hnet builds an MLP main network; use model.arch=mlp or auto with vectors")
+    h = cfg.hnet
+    model = HNetModel(int(np.prod(info.input_shape)), info.task_classes, hidden=cfg.model.hidden,
+                      n_layers=cfg.model.n_layers, class_incremental=info.scenario == "class",
+                      task_inference=h.task_inference, chunk_size=h.chunk_size, hnet_layers=list(h.layers),
+                      emb_size=h.emb_size, chunk_emb_size=h.chunk_emb_size)
+    # hypnettorch's recipe: Adam on the hypernetwork (its output regulariser assumes small steps).
+    opt = torch.optim.Adam(model.parameters(), lr=h.lr)
+    return SupervisedTemplate(model=model, optimizer=opt, plugins=[HNetPlugin(beta=h.beta)], **common)
+
+
+def _baseline(cls_name: str, kwargs_from_cfg: Callable) -> Callable:
+    def build(cfg, info, common):
+        import avalanche.training as at
+
+        model = build_baseline_model(cfg, info)
+        return getattr(at, cls_name)(model=model, optimizer=_sgd(cfg, model), **kwargs_from_cfg(cfg), **common)
+
+    build.__doc__ = f"Avalanche's ``{cls_name}`` on the shared backbone."
+    return build
+
+
+STRATEGIES: dict[str, Callable] = {
+    "modnet": build_modnet,
+    "hnet": build_hnet,
+    "naive": _baseline("Naive", lambda cfg: {}),
+    "cumulative": _baseline("Cumulative", lambda cfg: {}),
+    "ewc": _baseline("EWC", lambda cfg: dict(ewc_lambda=cfg.ewc.ewc_lambda, mode=cfg.ewc.mode,
+                                             decay_factor=cfg.ewc.decay_factor)),
+    "si": _baseline("SynapticIntelligence", lambda cfg: dict(si_lambda=cfg.si.si_lambda, eps=cfg.si.eps)),
+    "lwf": _baseline("LwF", lambda cfg: dict(alpha=cfg.lwf.alpha, temperature=cfg.lwf.temperature)),
+    "gem": _baseline("GEM", lambda cfg: dict(patterns_per_exp=cfg.gem.patterns_per_exp,
+                                             memory_strength=cfg.gem.memory_strength)),
+    "agem": _baseline("AGEM", lambda cfg: dict(patterns_per_exp=cfg.agem.patterns_per_exp,
+                                               sample_size=cfg.agem.sample_size)),
+    "replay": _baseline("Replay", lambda cfg: dict(mem_size=cfg.replay.mem_size)),
+}
+
+
+def build_strategy(name: str, cfg, info: BenchmarkInfo, common: dict):
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; valid choices: {', '.join(STRATEGIES)}")
+    return STRATEGIES[name](cfg, info, common)
