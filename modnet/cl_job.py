@@ -94,8 +94,13 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> di
     rows, seconds, start = [], 0.0, 0
     if state is not None and name in _RESUME_AT_EXPERIENCE and cfg.train.momentum == 0:
         start = int(state["next_exp"])
+        # Grow dynamic heads to the checkpoint's shape: training adapted the model to the experiences
+        # trained so far, evaluation to the whole test stream.
         strategy.model.train()
-        for exp in list(bm.train_stream)[:start]:  # grow dynamic heads to the checkpoint's shape
+        for exp in list(bm.train_stream)[:start]:
+            avalanche_model_adaptation(strategy.model, exp)
+        strategy.model.eval()
+        for exp in bm.test_stream:
             avalanche_model_adaptation(strategy.model, exp)
         strategy.model.load_state_dict(state["model"])
         rows, seconds = [list(r) for r in state["rows"].tolist()], float(state["train_seconds"])

@@ -224,28 +224,28 @@ class CNNBackbone(nn.Sequential):
         self.out_dim = hidden
 
 
-class BaselineNet(MultiTaskModule):
-    """Backbone + classifier for Avalanche's baselines.
+class SingleHeadNet(nn.Module):
+    """Backbone + one linear head over all classes: the baselines' class-incremental model."""
 
-    Task-incremental: one head per task (Avalanche ``MultiHeadClassifier`` grows them as tasks arrive).
-    Class-incremental: a single linear head over all classes.
-    """
+    def __init__(self, backbone: nn.Module, n_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Linear(backbone.out_dim, n_classes)
 
-    def __init__(self, backbone: nn.Module, n_classes: int, class_incremental: bool):
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.backbone(x))
+
+
+class MultiHeadNet(MultiTaskModule):
+    """Backbone + one head per task: the baselines' task-incremental model (Avalanche's
+    ``MultiHeadClassifier`` grows a head for each new task label)."""
+
+    def __init__(self, backbone: nn.Module):
         super().__init__()
         from avalanche.models import MultiHeadClassifier
 
         self.backbone = backbone
-        self.class_incremental = class_incremental
-        if class_incremental:
-            self.classifier = nn.Linear(backbone.out_dim, n_classes)
-        else:
-            self.classifier = MultiHeadClassifier(backbone.out_dim, initial_out_features=2)
-
-    def forward(self, x: Tensor, task_labels: Tensor | None = None) -> Tensor:  # type: ignore[override]
-        if self.class_incremental:
-            return self.classifier(self.backbone(x))
-        return super().forward(x, task_labels)
+        self.classifier = MultiHeadClassifier(backbone.out_dim, initial_out_features=2)
 
     def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
         return self.classifier.forward_single_task(self.backbone(x), task_label)

@@ -63,8 +63,8 @@ def permuted_benchmark(name: str, x_train: torch.Tensor, y_train: torch.Tensor, 
     """Permuted-X: every experience shows all classes under its own fixed pixel permutation (the first
     experience keeps the identity), built with Avalanche ``benchmark_from_datasets``."""
     from avalanche.benchmarks import benchmark_from_datasets
-    from avalanche.benchmarks.utils import as_classification_dataset
-    from avalanche.benchmarks.utils.data_attribute import ConstantSequence
+    from avalanche.benchmarks.utils.classification_dataset import ClassificationDataset
+    from avalanche.benchmarks.utils.data_attribute import ConstantSequence, DataAttribute
 
     _check_scenario(scenario)
     rng = np.random.default_rng(seed)
@@ -74,10 +74,19 @@ def permuted_benchmark(name: str, x_train: torch.Tensor, y_train: torch.Tensor, 
         perm = torch.arange(d) if t == 0 else torch.from_numpy(rng.permutation(d))
         for xs, ys, out in ((x_train, y_train, train), (x_test, y_test, test)):
             xp = xs.reshape(len(xs), d)[:, perm].reshape(xs.shape)
-            ds = as_classification_dataset(TensorDataset(xp, ys))
             task_label = t if scenario == "task" else 0
-            out.append(ds.update_data_attribute("targets_task_labels", ConstantSequence(task_label, len(ds))))
-    bm = benchmark_from_datasets(train=train, test=test)
+            out.append(ClassificationDataset([TensorDataset(xp, ys)], data_attributes=[
+                DataAttribute(ys.tolist(), "targets"),
+                DataAttribute(ConstantSequence(task_label, len(ys)), "targets_task_labels", use_in_getitem=True)]))
+    from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
+    from avalanche.benchmarks.scenarios.task_aware import with_task_labels
+
+    # benchmark_from_datasets gives bare streams; these decorators add the task labels and the
+    # classes-per-experience that Avalanche's multi-task models and plugins read.
+    bm = with_classes_timeline(with_task_labels(benchmark_from_datasets(train=train, test=test)))
+    for stream in bm.streams.values():  # Avalanche leaves sets here; its multi-head classifier indexes with them
+        for exp in stream:
+            exp.classes_in_this_experience = sorted(exp.classes_in_this_experience)
     classes = sorted(set(y_train.tolist()))
     return BenchmarkInfo(name, bm, scenario, tuple(x_train.shape[1:]), len(classes),
                          [classes] * n_experiences, [classes] * n_experiences)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modnet.models import BaselineNet, CNNBackbone, HATCNN, HATMLP, MLPBackbone
+from modnet.models import CNNBackbone, HATCNN, HATMLP, MLPBackbone, MultiHeadNet, SingleHeadNet
 from scenarios.base import BenchmarkInfo
 
 
@@ -44,7 +44,7 @@ def build_baseline_model(cfg, info: BenchmarkInfo) -> nn.Module:
         backbone = CNNBackbone(info.input_shape, list(m.cnn_channels), m.hidden, m.dropout)
     else:
         backbone = MLPBackbone(int(np.prod(info.input_shape)), m.hidden, m.n_layers, m.dropout)
-    return BaselineNet(backbone, info.n_classes, info.scenario == "class")
+    return SingleHeadNet(backbone, info.n_classes) if info.scenario == "class" else MultiHeadNet(backbone)
 
 
 def _sgd(cfg, model: nn.Module) -> torch.optim.Optimizer:

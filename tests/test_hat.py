@@ -1,0 +1,112 @@
+"""HAT against hand-computed cases (Serra et al. 2018; MISSION.md 1.1)."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from modnet.hat import annealed_s, capacity_regulariser, compensate_embedding_grad, weight_protection
+from modnet.models import HATCNN, HATMLP
+from strategies.hat import HATPlugin
+
+
+def test_annealing_goes_from_inverse_smax_to_smax_linearly():
+    smax, B = 400.0, 5
+    assert annealed_s(0, B, smax) == pytest.approx(1 / 400)
+    assert annealed_s(4, B, smax) == pytest.approx(400)
+    assert annealed_s(2, B, smax) == pytest.approx(1 / 400 + (400 - 1 / 400) / 2)
+    assert annealed_s(0, 1, smax) == smax  # a one-batch epoch trains at smax
+
+
+def test_weight_protection_hand_case():
+    out_prev = torch.tensor([1.0, 0.5, 0.0])
+    in_prev = torch.tensor([1.0, 0.0])
+    mult = weight_protection(out_prev, in_prev, torch.Size([3, 2]))
+    # 1 - min(a_i, a_j)
+    expected = torch.tensor([[0.0, 1.0], [0.5, 1.0], [1.0, 1.0]])
+    assert torch.equal(mult, expected)
+    first = weight_protection(out_prev, None, torch.Size([3, 4]))
+    assert torch.equal(first, (1 - out_prev).view(3, 1).expand(3, 4))
+    conv = weight_protection(out_prev, in_prev, torch.Size([3, 2, 3, 3]))
+    assert torch.equal(conv[:, :, 1, 2], expected)
+
+
+def test_compensation_formula():
+    emb = torch.nn.Embedding(1, 3)
+    e = torch.tensor([[0.5, -2.0, 0.1]])
+    emb.weight.data.copy_(e)
+    emb.weight.grad = torch.ones_like(e)
+    s, smax = 2.0, 400.0
+    compensate_embedding_grad(emb, s, smax, thres_cosh=50)
+    for k, ek in enumerate(e[0].tolist()):
+        want = smax / s * (math.cosh(s * ek) + 1) / (math.cosh(ek) + 1)
+        assert emb.weight.grad[0, k].item() == pytest.approx(want, rel=1e-5)
+    # the clamp: s*e beyond +-50 uses cosh(50)
+    emb.weight.data.fill_(1.0)
+    emb.weight.grad = torch.ones_like(e)
+    compensate_embedding_grad(emb, 100.0, smax, thres_cosh=50)
+    assert emb.weight.grad[0, 0].item() == pytest.approx(smax / 100 * (math.cosh(50) + 1) / (math.cosh(1) + 1),
+                                                         rel=1e-5)
+
+
+def test_capacity_regulariser_hand_case():
+    masks = [torch.tensor([0.5, 1.0]), torch.tensor([0.25, 0.25, 1.0])]
+    prev = [torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.5, 1.0])]
+    # num = 0.5*1 + 1*0 + 0.25*1 + 0.25*0.5 + 1*0 = 0.875 ; den = 1 + 0 + 1 + 0.5 + 0 = 2.5
+    assert capacity_regulariser(masks, prev).item() == pytest.approx(0.875 / 2.5)
+
+
+def _fake_strategy(model, task, s):
+    model.s = s
+    return SimpleNamespace(model=model, experience=SimpleNamespace(current_experience=task), is_training=True)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_gradient_is_zero_exactly_where_both_units_are_fully_protected(arch):
+    torch.manual_seed(0)
+    if arch == "mlp":
+        model = HATMLP(6, [[0, 1], [2, 3]], hidden=5, n_layers=2)
+        x = torch.randn(8, 6)
+    else:
+        model = HATCNN((1, 4, 4), [[0, 1], [2, 3]], channels=(3,), hidden=5)
+        x = torch.randn(8, 1, 4, 4)
+    # Hand-set cumulative masks: some units fully used by task 0, some partly, some free.
+    for i, buf in enumerate(model.cumulative_masks()):
+        pattern = torch.tensor([1.0, 1.0, 0.0, 0.5, 0.0])[: buf.numel()]
+        buf.copy_(pattern)
+    plugin = HATPlugin(smax=400)
+    strat = _fake_strategy(model, 1, 10.0)
+    plugin.before_training_exp(strat)
+    model.train_task = 1
+    out = model.forward_single_task(x, 1)
+    out.sum().backward()
+    raw = {id(l.weight): l.weight.grad.clone() for l in model.masked}
+    plugin.before_update(strat)
+    ins = model.input_masks()
+    for layer, in_m in zip(model.masked, ins):
+        g, g0 = layer.weight.grad, raw[id(layer.weight)]
+        out_m = [b for b in model.cumulative_masks()][list(model.masked).index(layer)]
+        g2 = g.reshape(g.shape[0], g.shape[1], -1)
+        g02 = g0.reshape(g0.shape[0], g0.shape[1], -1)
+        for i in range(g.shape[0]):
+            for j in range(g.shape[1]):
+                a_in = 0.0 if in_m is None else float(in_m[j])
+                full = float(out_m[i]) == 1.0 and (in_m is None or a_in == 1.0)
+                if full:
+                    assert torch.all(g2[i, j] == 0), (i, j)
+                else:
+                    factor = 1 - (float(out_m[i]) if in_m is None else min(float(out_m[i]), a_in))
+                    assert torch.allclose(g2[i, j], g02[i, j] * factor, atol=1e-7)
+                    if factor == 1.0 and g02[i, j].abs().sum() > 0:
+                        assert g2[i, j].abs().sum() > 0
+
+
+def test_cumulative_mask_is_elementwise_max():
+    model = HATMLP(4, [[0, 1], [2, 3]], hidden=3, n_layers=1, smax=400)
+    with torch.no_grad():
+        model.masked[0].task_embedding.weight.copy_(torch.tensor([[1.0, -1.0, 1.0], [-1.0, 1.0, -1.0]]))
+    model.consolidate(0)
+    assert torch.allclose(model.cumulative_masks()[0], torch.tensor([1.0, 0.0, 1.0]), atol=1e-6)
+    model.consolidate(1)
+    assert torch.allclose(model.cumulative_masks()[0], torch.ones(3), atol=1e-6)
+    assert int(model.n_trained) == 2

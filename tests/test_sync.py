@@ -1,0 +1,233 @@
+"""SynC clustering, the sync step / order parameter, the mini-batch sync loss and its diagnostics.
+
+Expected values are computed here by hand (math.sin / math.exp / math.cos), or come from planted structure
+(blobs that must be recovered, isolated points that must stay outliers).
+"""
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import make_blobs
+from sklearn.metrics import adjusted_rand_score
+
+from modnet.sync import SynC, mdl_cost, order_parameter, sync_diagnostics, sync_loss, sync_step
+
+# Five well-separated Gaussian blobs (centre gaps >= 7 standard deviations).
+CENTERS = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0], [5.0, 5.0]])
+
+
+def five_blobs(seed=0, n=600):
+    return make_blobs(n_samples=n, centers=CENTERS, cluster_std=1.0, random_state=seed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The dynamics on a case small enough to do by hand
+# ----------------------------------------------------------------------------------------------------------
+
+# x1 - x2 at distance 0.5, x2 - x3 at sqrt(0.29) ~ 0.539, x1 - x3 at sqrt(1.06) ~ 1.03. With eps = 0.6:
+# Nb(x1) = {x1, x2}, Nb(x2) = {x1, x2, x3}, Nb(x3) = {x2, x3}.
+THREE = [[0.0, 0.0], [0.3, 0.4], [0.5, 0.9]]
+EPS3 = 0.6
+
+
+def test_sync_step_three_points_by_hand():
+    s = math.sin
+    expected = [
+        [0.0 + (s(0.0) + s(0.3)) / 2, 0.0 + (s(0.0) + s(0.4)) / 2],
+        [0.3 + (s(-0.3) + s(0.0) + s(0.2)) / 3, 0.4 + (s(-0.4) + s(0.0) + s(0.5)) / 3],
+        [0.5 + (s(-0.2) + s(0.0)) / 2, 0.9 + (s(-0.5) + s(0.0)) / 2],
+    ]
+    got = sync_step(torch.tensor(THREE, dtype=torch.float64), EPS3)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-12)
+
+
+def test_order_parameter_three_points_by_hand():
+    d12, d23 = 0.5, math.sqrt(0.29)
+    e = math.exp
+    expected = ((1 + e(-d12)) / 2 + (1 + e(-d12) + e(-d23)) / 3 + (1 + e(-d23)) / 2) / 3
+    got = order_parameter(torch.tensor(THREE, dtype=torch.float64), EPS3)
+    assert float(got) == pytest.approx(expected, abs=1e-12)
+
+
+def test_order_parameter_is_one_for_collapsed_or_isolated_points():
+    collapsed = torch.tensor([[0.2, 0.2]] * 4 + [[0.9, 0.9]] * 3, dtype=torch.float64)
+    assert float(order_parameter(collapsed, 0.1)) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_chunked_step_matches_unchunked():
+    X = torch.rand(300, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    full = sync_step(X, 0.4)
+    chunked = sync_step(X, 0.4, chunk_elements=7 * 300)  # 7 rows per block
+    np.testing.assert_allclose(chunked.numpy(), full.numpy(), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Clustering
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rule", ["knn", "mdl"])
+def test_sync_recovers_five_blobs_with_automatic_eps(rule):
+    X, y = five_blobs(seed=1)
+    model = SynC(eps_rule=rule).fit(X)
+    assert adjusted_rand_score(y, model.labels_) >= 0.95
+    assert model.order_parameter_ >= 1 - 1e-3
+    assert model.eps_ > 0
+    # every found centre sits on a planted centre
+    dists = np.linalg.norm(model.cluster_centers_[:, None, :] - CENTERS[None], axis=2).min(axis=1)
+    big = np.bincount(model.labels_[model.labels_ >= 0]) >= 50
+    assert np.all(dists[big] < 0.5)
+
+
+def test_isolated_points_are_outliers():
+    X, y = make_blobs(n_samples=300, centers=CENTERS[:3], cluster_std=1.0, random_state=3)
+    lonely = np.array([[30.0, -20.0], [-25.0, 30.0], [35.0, 35.0]])
+    model = SynC().fit(np.vstack([X, lonely]))
+    labels = model.labels_
+    assert np.all(labels[-3:] == -1)
+    assert np.mean(labels[:-3] >= 0) >= 0.98
+    assert adjusted_rand_score(y, labels[:-3]) >= 0.95
+
+
+def test_fixed_eps_far_below_spacing_leaves_everything_alone():
+    # three points farther apart than eps never interact: all are outliers, nothing moves
+    X = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    model = SynC(eps=0.1, scale=None).fit(X)
+    assert list(model.labels_) == [-1, -1, -1]
+    np.testing.assert_allclose(model.X_sync_.cpu().numpy(), X, atol=1e-6)
+    assert model.n_clusters_ == 0
+
+
+def test_labels_invariant_to_affine_rescaling_of_the_data():
+    # SynC works on min-max scaled data, so an axis-wise affine map of the input must not change the result
+    X, _ = five_blobs(seed=2, n=300)
+    a = SynC(eps=0.1).fit_predict(X)
+    b = SynC(eps=0.1).fit_predict(X * np.array([3.0, 0.2]) + np.array([-7.0, 40.0]))
+    assert adjusted_rand_score(a, b) == pytest.approx(1.0)
+
+
+def test_torch_input_gives_same_clusters_and_stays_on_its_device():
+    X, _ = five_blobs(seed=4, n=300)
+    from_numpy = SynC(device="cpu").fit_predict(X)
+    Xt = torch.as_tensor(X, dtype=torch.float32)
+    model = SynC().fit(Xt)
+    assert adjusted_rand_score(from_numpy, model.labels_) == pytest.approx(1.0)
+    assert model.X_sync_.device == Xt.device
+
+
+def test_mdl_cost_prefers_the_planted_partition():
+    X, y = five_blobs(seed=5, n=300)
+    Xs = (X - X.min(0)) / (X.max(0) - X.min(0))
+    merged = np.where(y == 1, 0, y)                               # two blobs coded as one
+    rng = np.random.default_rng(0)
+    split = np.where(rng.random(len(y)) < 0.5, y, y + 5)          # every blob cut in random halves
+    all_outliers = np.full_like(y, -1)
+    truth = mdl_cost(Xs, y)
+    assert truth < mdl_cost(Xs, merged)
+    assert truth < mdl_cost(Xs, split)
+    assert truth < mdl_cost(Xs, all_outliers)
+
+
+@pytest.mark.parametrize("kwargs", [dict(eps=-1.0), dict(eps_rule="dbscan"), dict(scale="zscore"),
+                                    dict(tol=0.0), dict(dtype="float16")])
+def test_bad_parameters_raise(kwargs):
+    with pytest.raises(ValueError):
+        SynC(**kwargs).fit(np.random.default_rng(0).random((20, 2)))
+
+
+def test_bad_data_raises():
+    with pytest.raises(ValueError, match="2-D"):
+        SynC().fit(np.zeros(10))
+    with pytest.raises(ValueError, match="NaN"):
+        SynC().fit(np.array([[0.0, 1.0], [np.nan, 2.0], [1.0, 1.0]]))
+
+
+def test_benchmark_2k_points_dim16_cpu(capsys):
+    """Benchmark-style timing print (no timed assert); the clustering itself must be right."""
+    X, y = make_blobs(n_samples=2000, n_features=16, centers=8, cluster_std=1.0, random_state=0)
+    start = time.perf_counter()
+    model = SynC(device="cpu").fit(X)
+    seconds = time.perf_counter() - start
+    with capsys.disabled():
+        print(f"\n[bench] SynC knn 2000 x 16 on CPU ({torch.get_num_threads()} threads): {seconds:.2f} s, "
+              f"{model.n_iter_} iterations, {model.n_clusters_} clusters, eps={model.eps_:.4f}")
+    assert adjusted_rand_score(y, model.labels_) >= 0.95
+
+
+@pytest.mark.skipif(not os.environ.get("MODNET_BENCH"), reason="set MODNET_BENCH=1 for the 8k-point run")
+def test_benchmark_8k_points_dim16_cpu(capsys):
+    X, y = make_blobs(n_samples=8000, n_features=16, centers=8, cluster_std=1.0, random_state=0)
+    start = time.perf_counter()
+    model = SynC(device="cpu", chunk_elements=1 << 22).fit(X)
+    seconds = time.perf_counter() - start
+    with capsys.disabled():
+        print(f"\n[bench] SynC knn 8000 x 16 on CPU ({torch.get_num_threads()} threads, 4M-entry blocks): "
+              f"{seconds:.2f} s, {model.n_iter_} iterations, {model.n_clusters_} clusters")
+    assert adjusted_rand_score(y, model.labels_) >= 0.95
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mini-batch sync loss and diagnostics
+# ----------------------------------------------------------------------------------------------------------
+
+# a = (1, 0), b at angle 0.3, c = (0, 1): cosine distances d_ab = 1 - cos 0.3, d_bc = 1 - cos(pi/2 - 0.3),
+# d_ac = 1. Norms differ on purpose: cosine distance ignores them.
+D_AB = 1 - math.cos(0.3)
+D_BC = 1 - math.cos(math.pi / 2 - 0.3)
+
+
+def three_vectors():
+    return torch.tensor([[2.0, 0.0], [math.cos(0.3), math.sin(0.3)], [0.0, 5.0]], dtype=torch.float64)
+
+
+def test_sync_loss_by_hand():
+    F = three_vectors()
+    # eps = 0.1: a and b are each other's only neighbour, c has none (contributes 0, still counted in N = 3)
+    assert float(sync_loss(F, 0.1)) == pytest.approx((D_AB + D_AB + 0.0) / 3, abs=1e-12)
+    # eps = 0.8: Nb(a) = {b}, Nb(b) = {a, c}, Nb(c) = {b}
+    assert float(sync_loss(F, 0.8)) == pytest.approx((D_AB + (D_AB + D_BC) / 2 + D_BC) / 3, abs=1e-12)
+
+
+def test_sync_loss_gradient_pulls_neighbours_together():
+    F = three_vectors().requires_grad_(True)
+    loss = sync_loss(F, 0.1)
+    loss.backward()
+    assert torch.isfinite(F.grad).all()
+    assert F.grad[:2].abs().sum() > 0
+    assert F.grad[2].abs().sum() == 0  # c has no neighbour: no pull on it
+    with torch.no_grad():
+        stepped = F - 0.5 * F.grad
+    assert float(sync_loss(stepped, 0.1)) < float(loss)
+
+
+def test_sync_diagnostics_by_hand():
+    F = three_vectors()
+    wide = sync_diagnostics(F, 0.8)
+    assert wide["n_with_neighbours"] == 3
+    assert wide["share_with_neighbours"] == pytest.approx(1.0)
+    assert wide["mean_neighbour_count"] == pytest.approx(4 / 3)
+    assert wide["largest_cluster_size"] == 3  # a - b - c chain, single linkage
+    assert wide["mean_neighbour_distance"] == pytest.approx((D_AB + (D_AB + D_BC) / 2 + D_BC) / 3)
+    narrow = sync_diagnostics(F, 0.1, previous=F + 0.25)
+    assert narrow["n_with_neighbours"] == 2
+    assert narrow["share_with_neighbours"] == pytest.approx(2 / 3)
+    assert narrow["mean_neighbour_count"] == pytest.approx(2 / 3)
+    assert narrow["largest_cluster_size"] == 2
+    assert narrow["mean_neighbour_distance"] == pytest.approx(D_AB)
+    assert narrow["stability_l1"] == pytest.approx(0.25)
+
+
+def test_sync_diagnostics_average_over_batches():
+    F = three_vectors()
+    batched = sync_diagnostics(torch.stack([F, F[[1, 0, 2]]]), 0.1)  # a permutation changes nothing
+    assert batched["largest_cluster_size"] == 2
+    assert batched["share_with_neighbours"] == pytest.approx(2 / 3)
+
+
+def test_sync_loss_rejects_bad_input():
+    with pytest.raises(ValueError):
+        sync_loss(torch.zeros(5), 0.1)
+    with pytest.raises(ValueError):
+        sync_loss(three_vectors(), 0.0)
