@@ -19,7 +19,8 @@ from scenarios import build_benchmark
 from scenarios.base import SCENARIOS
 
 _ACC_KEY = re.compile(r"Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)")
-# Strategies whose whole state is the model's state dict (plain SGD): they resume at the next experience.
+# Strategies whose whole state is the model's state dict (plain SGD, modnet without module gates): they
+# resume at the next experience.
 # The others keep state in plugins (buffers, old models, importances) and re-run from their first
 # experience; per-experience seeding makes both give the same final numbers as an uninterrupted run.
 _RESUME_AT_EXPERIENCE = ("modnet", "naive")
@@ -92,7 +93,9 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> di
     strategy.plugins.append(_nan_guard())
     bm = info.benchmark
     rows, seconds, start = [], 0.0, 0
-    if state is not None and name in _RESUME_AT_EXPERIENCE and cfg.train.momentum == 0:
+    # Gates are created per task from a clustering of the data: their shapes live in the run, not the config.
+    gated = getattr(strategy.model, "gate", None) is not None
+    if state is not None and name in _RESUME_AT_EXPERIENCE and cfg.train.momentum == 0 and not gated:
         start = int(state["next_exp"])
         # Grow dynamic heads to the checkpoint's shape: training adapted the model to the experiences
         # trained so far, evaluation to the whole test stream.

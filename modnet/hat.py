@@ -50,7 +50,10 @@ class HATConv2d(nn.Conv2d, HATMaskedLayer):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
         out = self._conv_forward(x, self.weight, self.bias)
-        return out if mask is None else out * mask.view(1, -1, 1, 1)
+        if mask is None:
+            return out
+        # a task mask (C,) or a task mask composed with per-input module gates (B, C)
+        return out * (mask.view(1, -1, 1, 1) if mask.dim() == 1 else mask[:, :, None, None])
 
 
 def annealed_s(batch_idx: int, n_batches: int, smax: float) -> float:

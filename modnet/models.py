@@ -97,8 +97,12 @@ class HATNet(MultiHeadTaskNet):
         self.smax = float(smax)
         self.s = float(smax)  # set per batch by the HAT plugin while training
         self.heads = nn.ModuleList(nn.Linear(feature_dim, len(c)) for c in self.task_classes)
-        # Optional hook for functional-module gates: a callable (x, task, masks) -> masks.
+        # Functional-module gates (modnet.modules.ModularGating): a callable (x, task, masks) -> masks.
         self.gate = None
+        # Closed-form task keys (modnet.modules.TaskKeys) for class-incremental inference.
+        self.task_keys = None
+        self.record_activations = False  # keep the last forward's unit activations (sync regulariser)
+        self.last_activations: list[Tensor] = []
 
     masked: nn.ModuleList
 
@@ -129,13 +133,43 @@ class HATNet(MultiHeadTaskNet):
         return prev
 
     def features(self, x: Tensor, masks: list[Tensor]) -> Tensor:
+        return self.unit_activations(x, masks)[-1]
+
+    def unit_activations(self, x: Tensor, masks: list[Tensor]) -> list[Tensor]:
+        """Output of every masked layer (B x units; conv maps averaged over space for the profiles)."""
         raise NotImplementedError
 
     def task_logits(self, x: Tensor, task: int) -> Tensor:
         masks = self.masks(task)
         if self.gate is not None:
             masks = self.gate(x, task, masks)
+        if self.record_activations:
+            self.last_activations = self.unit_activations(x, masks)
+            return self.heads[task](self.last_activations[-1])
         return self.heads[task](self.features(x, masks))
+
+    def adaptation(self, experience) -> None:
+        """Avalanche calls this before each experience (before the optimiser is rebuilt): new gates here."""
+        super().adaptation(experience)
+        task = experience.current_experience
+        if self.training and self.gate is not None and not self.gate.has_task(task):
+            ds = experience.dataset
+            n = min(len(ds), self.gate.profile_samples)
+            x = torch.stack([ds[i][0] for i in range(n)]).to(self.heads[0].weight.device)
+            self.gate.add_task(self, task, x)
+
+    def infer_task(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.task_keys is None or int(self.n_trained) == 0:
+            return super().infer_task(x)
+        # p(c | x) = p(t | x) p(c | x, t): task posterior from the keys, class from the task's masked head.
+        n = int(self.n_trained)
+        idx = [getattr(self, f"class_index_{t}") for t in range(n)]
+        log_pt = self.task_keys.task_log_posterior(x, idx)
+        out = x.new_full((x.shape[0], self.n_classes), _OFF_HEAD_LOGIT)
+        for t in range(n):
+            logp = F.log_softmax(self.task_logits(x, t), dim=1) + log_pt[:, t:t + 1]
+            out[:, idx[t]] = torch.maximum(out[:, idx[t]], logp)
+        return out, log_pt.argmax(1)
 
 
 class HATMLP(HATNet):
@@ -150,11 +184,12 @@ class HATMLP(HATNet):
         self.drop = nn.Dropout(dropout)
         self._init_cumulative_masks()
 
-    def features(self, x: Tensor, masks: list[Tensor]) -> Tensor:
-        h = x.flatten(1)
+    def unit_activations(self, x: Tensor, masks: list[Tensor]) -> list[Tensor]:
+        h, acts = x.flatten(1), []
         for layer, m in zip(self.masked, masks):
             h = self.drop(F.relu(layer(h, m)))
-        return h
+            acts.append(h)
+        return acts
 
 
 class HATCNN(HATNet):
@@ -190,6 +225,14 @@ class HATCNN(HATNet):
         for conv, m in zip(self.masked[:-1], masks[:-1]):
             h = F.max_pool2d(F.relu(conv(h, m)), 2)
         return self.drop(F.relu(self.masked[-1](h.flatten(1), masks[-1])))
+
+    def unit_activations(self, x: Tensor, masks: list[Tensor]) -> list[Tensor]:
+        h, acts = x, []
+        for conv, m in zip(self.masked[:-1], masks[:-1]):
+            h = F.max_pool2d(F.relu(conv(h, m)), 2)
+            acts.append(h.mean(dim=(2, 3)))
+        acts.append(self.drop(F.relu(self.masked[-1](h.flatten(1), masks[-1]))))
+        return acts
 
 
 def masked_layers(model: nn.Module) -> list[HATMaskedLayer]:

@@ -29,13 +29,27 @@ def _arch(cfg, info: BenchmarkInfo) -> str:
 
 
 def build_hat_model(cfg, info: BenchmarkInfo) -> nn.Module:
+    """The modular network: HAT masks, plus SynC modules with key-vector gates and task keys as configured."""
+    from modnet.modules import ModularGating, TaskKeys
+
     m, class_inc = cfg.model, info.scenario == "class"
     common = dict(class_incremental=class_inc, smax=cfg.hat.smax, task_inference=cfg.hat.task_inference)
     if _arch(cfg, info) == "cnn":
-        return HATCNN(info.input_shape, info.task_classes, channels=list(m.cnn_channels), hidden=m.hidden,
-                      dropout=m.dropout, **common)
-    return HATMLP(int(np.prod(info.input_shape)), info.task_classes, hidden=m.hidden, n_layers=m.n_layers,
-                  dropout=m.dropout, **common)
+        net = HATCNN(info.input_shape, info.task_classes, channels=list(m.cnn_channels), hidden=m.hidden,
+                     dropout=m.dropout, **common)
+    else:
+        net = HATMLP(int(np.prod(info.input_shape)), info.task_classes, hidden=m.hidden, n_layers=m.n_layers,
+                     dropout=m.dropout, **common)
+    query_dim = int(np.prod(info.input_shape))
+    if m.gate == "topk":
+        if m.modules != "sync":
+            raise ValueError("model.gate=topk switches functional modules on and off: it needs model.modules=sync")
+        g = cfg.modules
+        net.gate = ModularGating(query_dim, key_dim=g.key_dim, k=g.k, tau=g.tau, estimator=g.estimator,
+                                 cluster=dict(g.cluster), profile_samples=g.profile_samples)
+    if class_inc and m.task_keys:
+        net.task_keys = TaskKeys(info.n_classes, query_dim, shrinkage=cfg.modules.key_shrinkage)
+    return net
 
 
 def build_baseline_model(cfg, info: BenchmarkInfo) -> nn.Module:
@@ -58,7 +72,13 @@ def build_modnet(cfg, info, common):
 
     model = build_hat_model(cfg, info)
     h = cfg.hat
+    from strategies.modular import SyncRegPlugin, TaskKeysPlugin
+
     plugins = [HATPlugin(smax=h.smax, c=h.c, thres_cosh=h.thres_cosh, thres_emb=h.thres_emb, clipgrad=h.clipgrad)]
+    if model.task_keys is not None:
+        plugins.append(TaskKeysPlugin())
+    if cfg.modules.sync_reg > 0:
+        plugins.append(SyncRegPlugin(cfg.modules.sync_reg, cfg.modules.sync_eps))
     return SupervisedTemplate(model=model, optimizer=_sgd(cfg, model), plugins=plugins, **common)
 
 

@@ -98,7 +98,7 @@ def test_class_incremental_modnet_runs_and_infers_the_task(tmp_path):
 def test_resume_continues_to_the_same_final_numbers(tmp_path, monkeypatch):
     import strategies.registry as reg
 
-    args = ["cl", "strategies=[modnet,naive,lwf]", "train.epochs=2", "progress=false"]
+    args = ["cl", "strategies=[modnet,naive,lwf]", "train.epochs=2", "progress=false", "model.gate=none"]
     assert main(args + [f"output_dir={tmp_path / 'full'}"]) == 0
     full = json.loads((tmp_path / "full" / "results.json").read_text())
 
@@ -110,7 +110,7 @@ def test_resume_continues_to_the_same_final_numbers(tmp_path, monkeypatch):
                 raise KeyboardInterrupt("simulated interruption")
 
     original = dict(reg.STRATEGIES)
-    for name in ("naive", "lwf"):
+    for name in ("modnet", "naive", "lwf"):
         def crashing(cfg, info, common, _b=original[name]):
             s = _b(cfg, info, common)
             s.plugins.append(Crash())
