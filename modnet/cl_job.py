@@ -122,6 +122,11 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> di
         torch.save({"next_exp": i + 1, "model": strategy.model.state_dict(), "rows": torch.tensor(rows),
                     "train_seconds": seconds, "done": False}, ckpt_path)
     result = {**summarize(rows), "train_seconds": seconds}
+    if getattr(strategy.model, "gate", None) is not None:
+        from modnet.module_plots import write_module_report
+
+        report = write_module_report(strategy.model, bm.test_stream, ckpt_path.parent.parent / f"modules_seed{seed}")
+        result["modules"] = {"folder": f"modules_seed{seed}", "sizes": report["module_sizes"]}
     torch.save({"done": True, "result": json.dumps(result)}, ckpt_path)
     return result
 

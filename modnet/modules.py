@@ -26,10 +26,11 @@ from torch.nn import functional as F
 
 # -- modules from synchronization ----------------------------------------------------------------------
 def cluster_units(profiles: Tensor, dim: int = 16, steps: int = 200, lr: float = 0.05, k: int = 3,
-                  min_modules: int = 2, max_modules: int = 16, seed: int = 0) -> Tensor:
+                  min_modules: int = 2, max_modules: int = 16, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Group units into functional modules: semantic vectors from activation profiles, then SynC.
 
-    ``profiles`` is units x samples. Returns a module id per unit (0..M-1); SynC's outliers join the module
+    ``profiles`` is units x samples. Returns (module id per unit (0..M-1), the units' semantic vectors,
+    L2-normalised). SynC's outliers join the module
     whose centre is nearest, so every unit belongs to one module. When SynC finds fewer than
     ``min_modules`` or more than ``max_modules`` groups, k-means (scikit-learn) on the same semantic vectors
     sets the count to the nearest bound, so the gate always has a choice to make.
@@ -62,7 +63,7 @@ def cluster_units(profiles: Tensor, dim: int = 16, steps: int = 200, lr: float =
         centres = torch.stack([S[labels == m].mean(0) for m in range(n_found)])
         out = labels < 0
         labels[out] = (S[out] @ centres.T).argmax(1)
-    return labels.long()
+    return labels.long(), S
 
 
 # -- key-vector hard attention over modules -------------------------------------------------------------
@@ -161,9 +162,10 @@ class ModularGating(nn.Module):
             profiles = net.unit_activations(x, ones)
         device = x.device
         for i, acts in enumerate(profiles):
-            assignment = cluster_units(acts.T.contiguous(), **self.cluster)
+            assignment, semantic = cluster_units(acts.T.contiguous(), **self.cluster)
             k = min(self.k, int(assignment.max()) + 1)
             gate = ModuleGate(assignment, self.query_dim, self.key_dim, k, self.tau, self.estimator).to(device)
+            gate.register_buffer("semantic", semantic)  # kept for module maps and explanations
             gate.init_keys_from_responses(x.flatten(1), acts)
             self.gates[f"t{task}_l{i}"] = gate
 

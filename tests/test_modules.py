@@ -16,7 +16,8 @@ def test_cluster_units_recovers_planted_modules():
     latent = torch.randn(3, 200, generator=g)  # three independent signals over 200 samples
     planted = torch.arange(30) % 3
     profiles = latent[planted] + 0.2 * torch.randn(30, 200, generator=g)  # units: noisy copies of a signal
-    labels = cluster_units(profiles, k=3, min_modules=2, max_modules=8)
+    labels, S = cluster_units(profiles, k=3, min_modules=2, max_modules=8)
+    assert S.shape == (30, 16)
     assert adjusted_rand_score(planted.numpy(), labels.numpy()) == 1.0
 
 
@@ -80,6 +81,11 @@ def test_task_incremental_with_modules_and_gates_forgets_nothing(tmp_path):
     m = json.loads((tmp_path / "results.json").read_text())["strategies"]["modnet"]
     assert m["forgetting"] <= 0.01
     assert m["average_accuracy"] >= 0.97
+    # module maps and gate usage are drawn for every task
+    pictures = tmp_path / m["modules"]["folder"]
+    assert (pictures / "gate_usage.png").stat().st_size > 1000
+    assert len(list(pictures.glob("module_map_task*.png"))) == 5
+    assert all(2 <= len(sizes) <= 4 for task in m["modules"]["sizes"].values() for sizes in task)
 
 
 def test_class_incremental_modnet_beats_naive_lwf_and_replay(tmp_path):

@@ -1,0 +1,109 @@
+"""Pictures of the functional modules of a trained ``HATNet``: module maps, cluster sizes, gate usage.
+
+matplotlib draws; scikit-learn's PCA projects the semantic vectors to 2-D. Written into the results folder
+by ``modnet cl`` for the ``modnet`` strategy when module gates are on.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _figure(w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_module_maps(net, out_dir: Path) -> list[Path]:
+    """Per task: every masked layer's units in 2-D (PCA of their semantic vectors), coloured by module,
+    hollow where the task's HAT mask is off; beside it the module sizes."""
+    from sklearn.decomposition import PCA
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for t in range(int(net.n_trained)):
+        gates = net.gate.layer_gates(t)
+        if not gates:
+            continue
+        masks = net.masks(t, net.smax)
+        fig = _figure(4.2 * len(gates), 7)
+        for i, (gate, mask) in enumerate(zip(gates, masks)):
+            S = gate.semantic.detach().cpu().numpy()
+            xy = PCA(2, random_state=0).fit_transform(S) if S.shape[1] > 2 else S
+            lab = gate.assignment.cpu().numpy()
+            on = (mask.detach().cpu().numpy() > 0.5)
+            ax = fig.add_subplot(2, len(gates), i + 1)
+            cmap = "tab10" if gate.n_modules <= 10 else "tab20"
+            ax.scatter(xy[on, 0], xy[on, 1], c=lab[on], cmap=cmap, vmin=0, vmax=max(gate.n_modules - 1, 1), s=14)
+            ax.scatter(xy[~on, 0], xy[~on, 1], facecolors="none", edgecolors="0.6", s=14, linewidths=0.6)
+            ax.set_title(f"layer {i}: {gate.n_modules} modules, {on.sum()} units on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax2 = fig.add_subplot(2, len(gates), len(gates) + i + 1)
+            sizes = np.bincount(lab, minlength=gate.n_modules)
+            active = np.bincount(lab[on], minlength=gate.n_modules)
+            ax2.bar(range(gate.n_modules), sizes, color="0.8", label="units")
+            ax2.bar(range(gate.n_modules), active, color="C0", label="units in task mask")
+            ax2.set_xlabel("module")
+            ax2.set_ylabel("units")
+            ax2.legend(fontsize=7)
+        fig.suptitle(f"task {t}: functional modules (SynC over semantic vectors, PCA)")
+        fig.tight_layout()
+        path = out_dir / f"module_map_task{t}.png"
+        fig.savefig(path, dpi=110)
+        paths.append(path)
+    return paths
+
+
+@torch.no_grad()
+def gate_usage(net, xs: list[torch.Tensor]) -> list[np.ndarray]:
+    """usage[layer][t, m] = share of task t's test inputs for which module m of task t's gate is on."""
+    was = net.training
+    net.eval()
+    usage: list[list[np.ndarray]] = []
+    for t, x in enumerate(xs[: int(net.n_trained)]):
+        for i, gate in enumerate(net.gate.layer_gates(t)):
+            if len(usage) <= i:
+                usage.append([])
+            usage[i].append(gate.module_gates(x.flatten(1)).mean(0).cpu().numpy())
+    net.train(was)
+    width = [max(len(u) for u in layer) for layer in usage]
+    return [np.array([np.pad(u, (0, w - len(u)), constant_values=np.nan) for u in layer])
+            for layer, w in zip(usage, width)]
+
+
+def plot_gate_usage(usage: list[np.ndarray], path: Path) -> Path:
+    fig = _figure(3.6 * len(usage), 3.2)
+    for i, u in enumerate(usage):
+        ax = fig.add_subplot(1, len(usage), i + 1)
+        im = ax.imshow(u, vmin=0, vmax=1, cmap="magma", aspect="auto")
+        ax.set_xlabel("module")
+        ax.set_ylabel("task")
+        ax.set_title(f"layer {i}: share of inputs gated on")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def write_module_report(net, test_stream, out_dir: Path, samples: int = 256) -> dict:
+    """Module maps, cluster sizes and gate usage of a trained gated ``HATNet`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    device = next(net.parameters()).device
+    xs = []
+    for exp in test_stream:
+        ds = exp.dataset
+        xs.append(torch.stack([ds[i][0] for i in range(min(samples, len(ds)))]).to(device))
+    maps = plot_module_maps(net, out_dir)
+    usage = gate_usage(net, xs)
+    plot_gate_usage(usage, out_dir / "gate_usage.png")
+    sizes = {f"task{t}": [np.bincount(g.assignment.cpu().numpy()).tolist() for g in net.gate.layer_gates(t)]
+             for t in range(int(net.n_trained))}
+    return {"module_maps": [p.name for p in maps], "module_sizes": sizes,
+            "gate_usage": [u.tolist() for u in usage]}
