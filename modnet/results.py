@@ -31,6 +31,8 @@ def aggregate_seeds(runs: list[dict]) -> dict:
         out[f"{key}_std"] = float(np.std(vals))
     if len(runs) > 1:
         out["per_seed"] = runs
+    else:  # extra per-run fields (e.g. the module report) pass through
+        out.update({k: v for k, v in runs[0].items() if k not in out})
     return out
 
 
