@@ -17,6 +17,7 @@ JOBS = {
     "cl": ("cl", "modnet.cl_job:run_cl"),
     "gzsl": ("gzsl", "modnet.gzsl_job:run_gzsl"),
     "explain": ("explain", "modnet.explain_job:run_explain"),
+    "bench": ("bench", "modnet.bench:run_bench"),
 }
 USAGE = f"usage: modnet {{run,{','.join(JOBS)}}} [key=value ...]   (Hydra override syntax)\n" + (__doc__ or "")
 

@@ -101,6 +101,7 @@ class HATNet(MultiHeadTaskNet):
         self.gate = None
         # Closed-form task keys (modnet.modules.TaskKeys) for class-incremental inference.
         self.task_keys = None
+        self.last_masks: list[Tensor] = []
         self.record_activations = False  # keep the last forward's unit activations (sync regulariser)
         self.last_activations: list[Tensor] = []
 
@@ -141,6 +142,8 @@ class HATNet(MultiHeadTaskNet):
 
     def task_logits(self, x: Tensor, task: int) -> Tensor:
         masks = self.masks(task)
+        if self.training:
+            self.last_masks = masks  # the capacity regulariser reuses them instead of recomputing
         if self.gate is not None:
             masks = self.gate(x, task, masks)
         if self.record_activations:

@@ -144,15 +144,21 @@ class ModularGating(nn.Module):
         self.cluster = dict(cluster or {})
         self.profile_samples = profile_samples
         self.gates = nn.ModuleDict()
+        self._by_task: dict[int, list[ModuleGate]] = {}  # python-side cache of the gates' order
 
     def has_task(self, task: int) -> bool:
         return f"t{task}_l0" in self.gates
 
     def layer_gates(self, task: int) -> list[ModuleGate]:
+        cached = self._by_task.get(task)
+        if cached is not None:
+            return cached
         out, i = [], 0
         while f"t{task}_l{i}" in self.gates:
             out.append(self.gates[f"t{task}_l{i}"])
             i += 1
+        if out:
+            self._by_task[task] = out
         return out
 
     def add_task(self, net, task: int, x: Tensor) -> None:
@@ -168,6 +174,7 @@ class ModularGating(nn.Module):
             gate.register_buffer("semantic", semantic)  # kept for module maps and explanations
             gate.init_keys_from_responses(x.flatten(1), acts)
             self.gates[f"t{task}_l{i}"] = gate
+        self._by_task.pop(task, None)
 
     def forward(self, x: Tensor, task: int, masks: list[Tensor]) -> list[Tensor]:
         gates = self.layer_gates(task)

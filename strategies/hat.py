@@ -44,12 +44,15 @@ class HATPlugin(SupervisedPlugin):
         self.task = strategy.experience.current_experience
         model = self._model(strategy)
         model.train_task = self.task
-        # Protection multipliers change only between tasks: compute them once per experience.
-        self._protect = [
-            (layer, weight_protection(out_m, in_m, layer.weight.shape),
-             None if layer.bias is None else 1 - out_m)
-            for layer, out_m, in_m in zip(model.masked, model.cumulative_masks(), model.input_masks())
-        ]
+        # Protection multipliers change only between tasks: compute them once per experience, as flat
+        # lists for one fused multi-tensor multiply per step.
+        self._protected, self._multipliers = [], []
+        for layer, out_m, in_m in zip(model.masked, model.cumulative_masks(), model.input_masks()):
+            self._protected.append(layer.weight)
+            self._multipliers.append(weight_protection(out_m, in_m, layer.weight.shape).contiguous())
+            if layer.bias is not None:
+                self._protected.append(layer.bias)
+                self._multipliers.append(1 - out_m)
 
     def before_training_epoch(self, strategy, **kw):
         self._batch = 0
@@ -62,17 +65,20 @@ class HATPlugin(SupervisedPlugin):
 
     def before_backward(self, strategy, **kw):
         model = self._model(strategy)
-        reg = capacity_regulariser(model.masks(self.task), model.cumulative_masks())
+        masks = model.last_masks or model.masks(self.task)
+        reg = capacity_regulariser(masks, model.cumulative_masks())
         strategy.loss = strategy.loss + self.c * reg
 
     def before_update(self, strategy, **kw):
         model = self._model(strategy)
         if self.task > 0:
-            for layer, w_mult, b_mult in self._protect:
-                if layer.weight.grad is not None:
-                    layer.weight.grad.mul_(w_mult)
-                if b_mult is not None and layer.bias.grad is not None:
-                    layer.bias.grad.mul_(b_mult)
+            grads = [p.grad for p in self._protected]
+            if all(g is not None for g in grads):
+                torch._foreach_mul_(grads, self._multipliers)
+            else:
+                for g, m in zip(grads, self._multipliers):
+                    if g is not None:
+                        g.mul_(m)
         for layer in model.masked:
             compensate_embedding_grad(layer.task_embedding, model.s, self.smax, self.thres_cosh)
         torch.nn.utils.clip_grad_norm_(model.parameters(), self.clipgrad)

@@ -1,0 +1,296 @@
+"""``modnet bench``: what modnet costs, measured side by side in one run (MISSION.md; issue "Performance").
+
+Training throughput (samples/s) and peak memory of three loops on the same backbone and data:
+  plain    a hand-written PyTorch loop (forward, cross-entropy, backward, SGD step): the practical limit;
+  naive    Avalanche's ``Naive`` strategy (its template, callbacks and dataloader);
+  modnet   our strategy: HAT masks + SynC modules + key-vector gates + sync regulariser, on Avalanche.
+Each loop runs in its own spawned process so that its peak memory (CUDA: max allocated; CPU: peak RSS
+above the process's baseline) is its own; the figures that hold on noisy machines are the ratios.
+Then SynC time for n = 1k..8k units (and the fitted growth exponent), NIWT step times and GZSL
+evaluation throughput. Writes ``bench.json`` and ``bench.md``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _data(arch: str, n: int, n_classes: int, device, image_shape=(3, 32, 32), dim: int = 64):
+    g = torch.Generator().manual_seed(0)
+    shape = (n, *image_shape) if arch in ("cnn", "resnet18") else (n, dim)
+    x = torch.rand(shape, generator=g)
+    y = torch.randint(0, n_classes, (n,), generator=g)
+    return x.to(device), y.to(device)  # data moves to the device once
+
+
+def _cfg(arch: str, options: dict):
+    from modnet.config import compose
+
+    overrides = ["progress=false", "model.arch=" + ("cnn" if arch != "mlp" else "mlp"),
+                 f"modules.sync_reg={options.get('sync_reg', 0.01)}"]
+    return compose("cl", overrides + list(options.get("overrides", [])))
+
+
+class _EpochTimer:
+    """Avalanche plugin: wall time of every training epoch but the first (warm-up, gate creation)."""
+
+    def __new__(cls, device):
+        from avalanche.core import SupervisedPlugin
+
+        class EpochTimer(SupervisedPlugin):
+            def __init__(self):
+                super().__init__()
+                self.times, self.samples, self._t = [], [], 0.0
+
+            def before_training_epoch(self, strategy, **kw):
+                _sync(device)
+                self._t = time.perf_counter()
+
+            def after_training_epoch(self, strategy, **kw):
+                _sync(device)
+                self.times.append(time.perf_counter() - self._t)
+                self.samples.append(len(strategy.experience.dataset))
+
+        return EpochTimer()
+
+
+def _run_loop(kind: str, arch: str, n: int, batch: int, epochs: int, device_name: str, options: dict) -> dict:
+    torch.set_num_threads(options.get("threads", 1) or torch.get_num_threads())
+    device = torch.device(device_name)
+    torch.manual_seed(0)
+    x, y = _data(arch, n, 10, device, tuple(options.get("image_shape", (3, 32, 32))))
+    base_rss = _rss_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    amp = options.get("amp", False) and device.type == "cuda"
+    channels_last = options.get("channels_last", False) and x.dim() == 4
+    if kind == "plain":
+        model = _plain_model(arch, x, options).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        times = []
+        for _ in range(epochs):
+            _sync(device)
+            t0 = time.perf_counter()
+            perm = torch.randperm(n, device=device)
+            for i in range(0, n, batch):
+                idx = perm[i:i + batch]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    else:
+        times = _run_avalanche(kind, arch, x, y, batch, epochs, device, options)
+    steady = times[1:] if len(times) > 1 else times
+    out = {"samples_per_s": n * len(steady) / sum(steady), "epoch_seconds": steady}
+    if device.type == "cuda":
+        out["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        out["peak_memory_mb"] = max(_rss_mb() - base_rss, 0.0)
+    return out
+
+
+def _plain_model(arch: str, x: torch.Tensor, options: dict):
+    from modnet.models import CNNBackbone, MLPBackbone, SingleHeadNet
+
+    if arch == "resnet18":
+        import torchvision
+
+        return torchvision.models.resnet18(num_classes=10)
+    if arch == "cnn":
+        return SingleHeadNet(CNNBackbone(tuple(x.shape[1:])), 10)
+    return SingleHeadNet(MLPBackbone(x.shape[1]), 10)
+
+
+def _run_avalanche(kind, arch, x, y, batch, epochs, device, options) -> list[float]:
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from scenarios.base import split_benchmark
+    from strategies.registry import build_strategy
+
+    cfg = _cfg(arch, options)
+    cfg.train.epochs, cfg.train.batch_size = epochs, batch
+    info = split_benchmark("bench", x, y, x[:batch], y[:batch], 1, "task", 0)
+    common = dict(criterion=torch.nn.CrossEntropyLoss(), train_mb_size=batch, train_epochs=epochs,
+                  eval_mb_size=batch, device=device, evaluator=EvaluationPlugin(loggers=[]), eval_every=-1)
+    if arch == "resnet18":
+        raise ValueError("Avalanche strategies in the bench use modnet's own backbones; resnet18 is plain-only "
+                         "unless you pass the ResNet as a HAT network")
+    strategy = build_strategy(kind, cfg, info, common)
+    timer = _EpochTimer(device)
+    strategy.plugins.append(timer)
+    strategy.train(info.benchmark.train_stream[0])
+    return timer.times
+
+
+def _in_process(fn, *args):
+    """Run ``fn(*args)`` in a fresh spawned process (its own peak memory), return its result."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def bench_training(arch: str, n: int, batch: int, epochs: int, device: str, options: dict,
+                   kinds=("plain", "naive", "modnet")) -> dict:
+    res = {k: _in_process(_run_loop, k, arch, n, batch, epochs, device, options) for k in kinds}
+    if "modnet" in res:
+        for ref in ("naive", "plain"):
+            if ref in res:
+                res[f"modnet_time_ratio_vs_{ref}"] = res[ref]["samples_per_s"] / res["modnet"]["samples_per_s"]
+                res[f"modnet_throughput_ratio_vs_{ref}"] = 1 / res[f"modnet_time_ratio_vs_{ref}"]
+    return res
+
+
+def bench_sync(sizes=(1000, 2000, 4000, 8000), dim: int = 16, device: str = "cpu") -> dict:
+    from sklearn.datasets import make_blobs
+
+    from modnet.sync import SynC
+
+    out = {}
+    for n in sizes:
+        X, _ = make_blobs(n_samples=n, centers=8, n_features=dim, random_state=0)
+        X = torch.tensor(X, dtype=torch.float32, device=device)
+        _sync(torch.device(device))
+        t0 = time.perf_counter()
+        model = SynC().fit(X)
+        _sync(torch.device(device))
+        out[n] = {"seconds": time.perf_counter() - t0, "iterations": int(model.n_iter_),
+                  "clusters": int(model.n_clusters_)}
+    ns = np.array(sorted(out))
+    per_iter = np.array([out[k]["seconds"] / max(out[k]["iterations"], 1) for k in ns])
+    exponent = float(np.polyfit(np.log(ns), np.log(per_iter), 1)[0]) if len(ns) > 1 else float("nan")
+    return {"sizes": {int(k): v for k, v in out.items()}, "dim": dim,
+            "growth_exponent_per_iteration": exponent}
+
+
+def bench_niwt_gzsl(device: str = "cpu") -> dict:
+    """NIWT's three steps and GZSL scoring on the embedded digits default, timed."""
+    from modnet.gzsl import gzsl_evaluate, predict_scores
+    from modnet.niwt import KnowledgeToImportance, class_importance, fit_unseen_weights
+    from scenarios.zsl import load_digits_zsl
+
+    dev = torch.device(device)
+    data = load_digits_zsl()
+    seen, unseen = list(data.seen_classes), list(data.unseen_classes)
+    n_classes = data.attributes.shape[0]
+    x, y = data.x_train.to(dev), data.y_train.to(dev)
+    torch.manual_seed(0)
+    hidden = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 128), torch.nn.ReLU(),
+                                 torch.nn.Linear(128, 64), torch.nn.ReLU())
+    head = torch.nn.Linear(64, n_classes)
+    model = torch.nn.Sequential(hidden, head).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    layer = hidden[1]
+    times = {}
+    t0 = time.perf_counter()
+    imp = class_importance(model, layer, x, y, n_classes)
+    _sync(dev)
+    times["class_importance_s"] = time.perf_counter() - t0
+    k = data.attributes.to(dev).float()
+    t0 = time.perf_counter()
+    kmap = KnowledgeToImportance(k.shape[1], imp.shape[1]).to(dev)
+    kmap.fit(k[seen], imp[seen])
+    _sync(dev)
+    times["knowledge_map_fit_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fit_unseen_weights(model, layer, head, x, kmap(k[unseen]).detach(), seen_columns=seen)
+    _sync(dev)
+    times["unseen_weights_fit_s"] = time.perf_counter() - t0
+    xs, xu = data.x_test_seen.to(dev), data.x_test_unseen.to(dev)
+    reps = 20
+    xt = torch.cat([xs, xu]).repeat(reps, 1)
+    t0 = time.perf_counter()
+    scores = predict_scores(model, xt)
+    _sync(dev)
+    times["gzsl_scoring_samples_per_s"] = xt.shape[0] / (time.perf_counter() - t0)
+    ns = xs.shape[0] * reps
+    ys, yu = data.y_test_seen.to(dev).repeat(reps), data.y_test_unseen.to(dev).repeat(reps)
+    seen_rows = torch.cat([torch.ones(len(xs), dtype=torch.bool), torch.zeros(len(xu), dtype=torch.bool)])
+    seen_rows = seen_rows.repeat(reps).to(dev)
+    t0 = time.perf_counter()
+    gzsl_evaluate(scores[seen_rows], ys, scores[~seen_rows], yu, seen, unseen)
+    times["gzsl_metric_samples_per_s"] = xt.shape[0] / (time.perf_counter() - t0)
+    return times
+
+
+def _markdown(res: dict) -> str:
+    lines = [f"# modnet bench ({res['device']}, {res['threads']} CPU threads)", ""]
+    for arch, r in res["training"].items():
+        lines += [f"## training, {arch} backbone ({r['config']})", "",
+                  "| loop | samples/s | peak memory (MB) | time per sample vs modnet |", "|---|---|---|---|"]
+        for kind in ("plain", "naive", "modnet"):
+            if kind in r:
+                ratio = r[kind]["samples_per_s"] / r["modnet"]["samples_per_s"] if "modnet" in r else float("nan")
+                lines.append(f"| {kind} | {r[kind]['samples_per_s']:.0f} | {r[kind]['peak_memory_mb']:.1f} | "
+                             f"{ratio:.2f} |")
+        for ref in ("naive", "plain"):
+            key = f"modnet_time_ratio_vs_{ref}"
+            if key in r:
+                lines.append(f"\nmodnet step cost / {ref} step cost: **{r[key]:.2f}x**")
+        lines.append("")
+    if "sync" in res:
+        s = res["sync"]
+        lines += [f"## SynC (dim {s['dim']})", "", "| units | seconds | iterations | clusters |", "|---|---|---|---|"]
+        for n, v in s["sizes"].items():
+            lines.append(f"| {n} | {v['seconds']:.2f} | {v['iterations']} | {v['clusters']} |")
+        lines += ["", f"time per iteration grows as n^{s['growth_exponent_per_iteration']:.2f}", ""]
+    if "niwt_gzsl" in res:
+        lines += ["## NIWT and GZSL (digits default)", "", "| step | figure |", "|---|---|"]
+        lines += [f"| {k} | {v:.3g} |" for k, v in res["niwt_gzsl"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def run_bench(cfg) -> dict:
+    from modnet.config import resolve_device
+
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    res = {"device": str(device), "threads": torch.get_num_threads(), "training": {}}
+    opts = {"threads": cfg.threads, "amp": cfg.amp, "channels_last": cfg.channels_last,
+            "sync_reg": cfg.sync_reg, "image_shape": list(cfg.image_shape)}
+    for arch in cfg.archs:
+        n = cfg.samples[arch]
+        print(f"[bench] training loops, {arch}, {n} samples, batch {cfg.batch_size} ...", flush=True)
+        r = bench_training(arch, n, cfg.batch_size, cfg.epochs, str(device), opts,
+                           kinds=("plain",) if arch == "resnet18" else ("plain", "naive", "modnet"))
+        r["config"] = f"{n} samples, batch {cfg.batch_size}, {cfg.epochs} epochs (first is warm-up)"
+        res["training"][arch] = r
+    if cfg.sync_sizes:
+        print("[bench] SynC ...", flush=True)
+        res["sync"] = bench_sync(tuple(cfg.sync_sizes), cfg.sync_dim, str(device))
+    if cfg.niwt:
+        print("[bench] NIWT and GZSL ...", flush=True)
+        res["niwt_gzsl"] = bench_niwt_gzsl(str(device))
+    (out / "bench.json").write_text(json.dumps(res, indent=2))
+    md = _markdown(res)
+    (out / "bench.md").write_text(md)
+    print(md)
+    return res
