@@ -91,6 +91,14 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> di
                   evaluator=_evaluator(cfg.progress), eval_every=-1)
     strategy = build_strategy(name, cfg, info, common)
     strategy.plugins.append(_nan_guard())
+    if cfg.train.amp:
+        from strategies.perf import AutocastPlugin
+
+        strategy.plugins.append(AutocastPlugin(device.type))
+    if cfg.train.channels_last and info.is_image:
+        from strategies.perf import ChannelsLastPlugin
+
+        strategy.plugins.append(ChannelsLastPlugin())
     bm = info.benchmark
     rows, seconds, start = [], 0.0, 0
     # Gates are created per task from a clustering of the data: their shapes live in the run, not the config.
@@ -148,7 +156,8 @@ def run_cl(cfg) -> dict:
     runs: dict[str, list[dict]] = {name: [] for name in cfg.strategies}
     info = None
     for seed in seeds:
-        info = build_benchmark(cfg.benchmark, cfg.scenario, seed)
+        info = build_benchmark(cfg.benchmark, cfg.scenario, seed,
+                               device=device if cfg.train.data_on_device else None)
         for name in cfg.strategies:
             print(f"=== {name} | {info.name} | {cfg.scenario}-incremental | seed {seed} ===")
             runs[name].append(run_strategy(name, cfg, info, seed, device, ckpt_dir / f"{name}_seed{seed}.pt"))

@@ -49,7 +49,8 @@ class MultiHeadTaskNet(MultiTaskModule):
         raise NotImplementedError
 
     def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
-        return self.task_logits(x, int(task_label))
+        # float: Avalanche's multi-task forward writes into a float32 buffer (bf16 under autocast otherwise)
+        return self.task_logits(x, int(task_label)).float()
 
     def forward(self, x: Tensor, task_labels: Tensor | None = None) -> Tensor:  # type: ignore[override]
         if not self.class_incremental:
@@ -294,4 +295,4 @@ class MultiHeadNet(MultiTaskModule):
         self.classifier = MultiHeadClassifier(backbone.out_dim, initial_out_features=2)
 
     def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
-        return self.classifier.forward_single_task(self.backbone(x), task_label)
+        return self.classifier.forward_single_task(self.backbone(x), task_label).float()

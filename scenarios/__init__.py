@@ -8,8 +8,11 @@ BENCHMARKS = ("digits", "npz", "mnist", "fmnist", "cifar10", "cifar100")
 VARIANTS = ("split", "permuted")
 
 
-def build_benchmark(bcfg, scenario: str, seed: int) -> BenchmarkInfo:
-    """Build the benchmark named by ``bcfg.name`` (config group ``benchmark``) in the given scenario."""
+def build_benchmark(bcfg, scenario: str, seed: int, device=None) -> BenchmarkInfo:
+    """Build the benchmark named by ``bcfg.name`` (config group ``benchmark``) in the given scenario.
+
+    With ``device`` the arrays move there once, before Avalanche splits them, so batches need no copies.
+    """
     name, variant = bcfg.name, bcfg.get("variant", "split")
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; choose one of {BENCHMARKS}")
@@ -26,6 +29,8 @@ def build_benchmark(bcfg, scenario: str, seed: int) -> BenchmarkInfo:
     limit = bcfg.get("max_train_samples")
     if limit:
         arrays = (arrays[0][:limit], arrays[1][:limit], *arrays[2:])
+    if device is not None:
+        arrays = tuple(a.to(device) for a in arrays)
     label = f"{variant}-{name}"
     if variant == "permuted":
         return permuted_benchmark(label, *arrays, bcfg.n_experiences, scenario, seed)
