@@ -1,0 +1,21 @@
+"""The bench command runs and reports consistent figures (speed itself is measured by `modnet bench`)."""
+import json
+
+import pytest
+
+from modnet.cli import main
+
+
+def test_bench_writes_ratios_that_agree_with_its_throughputs(tmp_path):
+    rc = main(["bench", "archs=[mlp]", "samples.mlp=512", "epochs=2", "sync_sizes=[200,400]", "niwt=false",
+               f"output_dir={tmp_path}"])
+    assert rc == 0
+    res = json.loads((tmp_path / "bench.json").read_text())
+    r = res["training"]["mlp"]
+    for kind in ("plain", "naive", "modnet"):
+        assert r[kind]["samples_per_s"] > 0 and r[kind]["peak_memory_mb"] >= 0
+    assert r["modnet_time_ratio_vs_naive"] == pytest.approx(r["naive"]["samples_per_s"] / r["modnet"]["samples_per_s"])
+    sync = res["sync"]["sizes"]
+    assert set(sync) == {"200", "400"} and all(v["clusters"] >= 1 for v in sync.values())
+    md = (tmp_path / "bench.md").read_text()
+    assert "modnet step cost / naive step cost" in md and "| 400 |" in md
