@@ -1,0 +1,499 @@
+"""Explanations of classes and of functional modules: Grad-CAM maps, overlays, and attributes named in words.
+
+Visual (Selvaraju et al., "Grad-CAM", ICCV 2017). For a layer with activation A in R^{C x H x W} and a
+scalar score y, Grad-CAM is
+
+    alpha_c = mean_{h,w} dy / dA_c[h, w],        CAM = ReLU( sum_c alpha_c A_c ).
+
+The score is the only thing that changes between explanations (the override point ``target_score``, in the
+style of pytorch-grad-cam's ``base_cam.py``):
+
+* class c:   y = logit_c (``ClassGradCAM``), the map of any class, seen or unseen (NIWT, seed 003, Sec. 5);
+* module m:  y = sum_{c in m} mean_{h,w} A_c (``ModuleGradCAM``), the module's pooled activation. Then
+  alpha_c = 1/(HW) on the module's channels and 0 elsewhere, so the map is ReLU(sum_{c in m} A_c) / (HW):
+  where the module's channels fire together.
+
+captum's ``LayerGradCam`` does the gradients and the weighting; pytorch-grad-cam (``grad-cam`` package) is
+an alternative backend. Overlays are drawn with matplotlib's Agg canvas (no pyplot state).
+
+Textual (NIWT, seed 003, Sec. 5 "Explaining NIWT"). NIWT learns a linear map from a class's domain knowledge
+k in R^A to its neuron importance a in R^N. Its inverse, importance -> knowledge, scores every attribute for
+a decision; the highest-scoring attributes are the explanation. A module is explained the same way, from
+the importance of its own units only.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping, Protocol, Sequence, Union, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+Target = Union[int, str, Sequence[Union[int, str]], Tensor]
+RankedAttributes = list[tuple[str, float]]
+
+BACKENDS = ("captum", "pytorch_grad_cam")
+_INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Grad-CAM
+# ---------------------------------------------------------------------------------------------------------
+class TargetGradCAM:
+    """Grad-CAM of a score chosen by ``target_score`` at one layer of ``model``; batched, on the model's device.
+
+    Subclasses override ``target_score(logits, activation) -> Tensor[B, T]`` (one column per explainable
+    target) and, for named targets, ``target_names``. ``layer`` must output a tensor with spatial dimensions
+    (B, C, H, W), or (B, C, L) / (B, C, D, H, W). Pick a layer whose output is not changed in place later
+    (e.g. an ``nn.ReLU()`` module rather than a conv followed by ``ReLU(inplace=True)``).
+
+    backend: ``"captum"`` (``captum.attr.LayerGradCam``; raw maps available through ``layer_cam``) or
+    ``"pytorch_grad_cam"`` (``pytorch_grad_cam.GradCAM``; 2-D/3-D images only, maps come back min-max
+    normalised at the input size, computed on the CPU by that library).
+    relu: keep only positive evidence, as in the Grad-CAM paper.
+    """
+
+    target_names: Sequence[str] | None = None
+
+    def __init__(self, model: nn.Module, layer: nn.Module, backend: str = "captum", relu: bool = True):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not any(sub is layer for sub in model.modules()):
+            raise ValueError("layer is not a submodule of model: pass the module object, e.g. model.features[3]")
+        self.model = model
+        self.layer = layer
+        self.backend = backend
+        self.relu = relu
+
+    # -- override point ------------------------------------------------------------------------------
+    def target_score(self, logits: Tensor, activation: Tensor) -> Tensor:
+        """Scores to explain, one column per target: Tensor[B, T]. ``activation`` is the layer's output."""
+        raise NotImplementedError
+
+    # -- scores through a hook on the layer -----------------------------------------------------------
+    def scores(self, inputs: Tensor) -> Tensor:
+        """Run the model once and return ``target_score`` of its logits and of the layer's activation."""
+        captured: list[Tensor] = []
+        handle = self.layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            logits = self.model(inputs)
+        finally:
+            handle.remove()
+        if not captured:
+            raise ValueError("the layer was not called during model(inputs); pick a layer on the forward path")
+        activation = captured[-1]
+        if not isinstance(activation, Tensor) or activation.dim() < 3:
+            shape = tuple(activation.shape) if isinstance(activation, Tensor) else type(activation).__name__
+            raise ValueError(f"Grad-CAM needs a layer with spatial output (B, C, H, W); this layer gives {shape}. "
+                             "Use a convolutional layer (NIWT: one block before the global pooling).")
+        return self.target_score(logits, activation)
+
+    @property
+    def device(self) -> torch.device | None:
+        param = next(self.model.parameters(), None)
+        return None if param is None else param.device
+
+    def target_indices(self, targets: Target, batch_size: int, device: torch.device) -> Tensor:
+        """Targets (an index, a name, or one per example) as a LongTensor[B] of score columns."""
+        if isinstance(targets, (Tensor, np.ndarray)):
+            idx = torch.as_tensor(targets).to(device=device, dtype=torch.long).reshape(-1)
+        else:
+            many = isinstance(targets, Sequence) and not isinstance(targets, str)
+            items = list(targets) if many else [targets]
+            idx = torch.tensor([self._column(t) for t in items], dtype=torch.long, device=device)
+        if idx.numel() == 1:
+            idx = idx.expand(batch_size)
+        if idx.numel() != batch_size:
+            raise ValueError(f"got {idx.numel()} targets for a batch of {batch_size}: give one target, or one per "
+                             "example")
+        return idx
+
+    def _column(self, target: int | str) -> int:
+        if isinstance(target, str):
+            if self.target_names is None or target not in self.target_names:
+                raise ValueError(f"unknown target name {target!r}; known names: {self.target_names}")
+            return list(self.target_names).index(target)
+        return int(target)
+
+    # -- Grad-CAM ---------------------------------------------------------------------------------------
+    def layer_cam(self, inputs: Tensor, targets: Target) -> Tensor:
+        """Grad-CAM at the layer's resolution, unnormalised: Tensor[B, *layer_spatial] (captum backend)."""
+        if self.backend != "captum":
+            raise ValueError("layer_cam returns raw layer-resolution maps, which only backend='captum' exposes; "
+                             "use __call__ for pytorch_grad_cam")
+        from captum.attr import LayerGradCam  # captum computes d(score)/dA and the weighted sum
+
+        inputs = self._on_model_device(inputs)
+        idx = self.target_indices(targets, inputs.shape[0], inputs.device)
+        with _eval_mode(self.model):
+            cam = LayerGradCam(self.scores, self.layer).attribute(inputs, target=idx, relu_attributions=self.relu)
+        return cam.squeeze(1).detach()
+
+    def __call__(self, inputs: Tensor, targets: Target, size: Sequence[int] | None = None,
+                 normalize: bool = True) -> Tensor:
+        """Grad-CAM upsampled to ``size`` (default: the input's spatial size): Tensor[B, *size].
+
+        normalize: min-max scale each map to [0, 1] (always on for backend='pytorch_grad_cam').
+        """
+        inputs = self._on_model_device(inputs)
+        size = tuple(inputs.shape[2:]) if size is None else tuple(int(s) for s in size)
+        if self.backend == "pytorch_grad_cam":
+            if not normalize:
+                raise ValueError("pytorch_grad_cam returns min-max normalised maps only; use backend='captum' "
+                                 "for raw values")
+            cam = self._pytorch_grad_cam(inputs, targets)
+        else:
+            cam = self.layer_cam(inputs, targets)
+        cam = upsample_cam(cam, size)
+        return normalize_cam(cam) if normalize else cam
+
+    def _pytorch_grad_cam(self, inputs: Tensor, targets: Target) -> Tensor:
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        if inputs.dim() not in (4, 5):
+            raise ValueError("pytorch_grad_cam handles 2-D/3-D images (B, C, H, W[, D]) only; use backend='captum'")
+        columns = self.target_indices(targets, inputs.shape[0], inputs.device).tolist()
+        with _eval_mode(self.model), GradCAM(_ScoreModule(self), [self.layer]) as cam:
+            maps = cam(input_tensor=inputs, targets=[ClassifierOutputTarget(c) for c in columns])
+        return torch.from_numpy(maps).to(inputs.device)
+
+    def _on_model_device(self, inputs: Tensor) -> Tensor:
+        if not isinstance(inputs, Tensor) or inputs.dim() < 3:
+            raise ValueError("inputs must be a batch Tensor (B, C, H, W); add the batch dimension with x[None]")
+        return inputs if self.device is None else inputs.to(self.device)
+
+
+class ClassGradCAM(TargetGradCAM):
+    """Grad-CAM of class logits: where the evidence for class c lies. Targets: class index or name."""
+
+    def __init__(self, model: nn.Module, layer: nn.Module, class_names: Sequence[str] | None = None,
+                 backend: str = "captum", relu: bool = True):
+        super().__init__(model, layer, backend, relu)
+        self.target_names = None if class_names is None else [str(c) for c in class_names]
+
+    def target_score(self, logits: Tensor, activation: Tensor) -> Tensor:
+        return logits
+
+
+class ModuleGradCAM(TargetGradCAM):
+    """Grad-CAM of functional modules (channel groups of ``layer``): score = sum_{c in m} mean_space A_c.
+
+    modules: name -> channel indices of the layer output. Targets: module name or position in ``modules``.
+    """
+
+    def __init__(self, model: nn.Module, layer: nn.Module, modules: Mapping[str, Sequence[int]],
+                 backend: str = "captum", relu: bool = True):
+        super().__init__(model, layer, backend, relu)
+        self.modules = _check_modules(modules)
+        self.target_names = list(self.modules)
+
+    def membership(self, n_channels: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """0/1 matrix [C, M]: channel c belongs to module m."""
+        member = torch.zeros(n_channels, len(self.modules), device=device, dtype=dtype)
+        for m, channels in enumerate(self.modules.values()):
+            if max(channels) >= n_channels:
+                raise ValueError(f"module {self.target_names[m]!r} names channel {max(channels)} but the layer has "
+                                 f"{n_channels} channels")
+            member[torch.as_tensor(channels, device=device), m] = 1.0
+        return member
+
+    def target_score(self, logits: Tensor, activation: Tensor) -> Tensor:
+        pooled = activation.flatten(2).mean(dim=2)  # B x C, spatial mean per channel
+        return pooled @ self.membership(activation.shape[1], activation.device, activation.dtype)
+
+
+class _ScoreModule(nn.Module):
+    """Presents ``TargetGradCAM.scores`` as a model, for pytorch-grad-cam's targets on model outputs."""
+
+    def __init__(self, cam: TargetGradCAM):
+        super().__init__()
+        self.inner = cam.model  # registered so that the library finds the parameters' device
+        self._scores = cam.scores
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._scores(x)
+
+
+class _eval_mode:
+    """Context: model in eval mode (Grad-CAM explains the deployed network), previous mode restored."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+def _check_modules(modules: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    if not modules:
+        raise ValueError("modules is empty: give at least one {name: [channel indices]}")
+    checked = {}
+    for name, units in modules.items():
+        units = [int(u) for u in (units.tolist() if isinstance(units, Tensor) else units)]
+        if not units:
+            raise ValueError(f"module {name!r} has no units; drop it (SynC outliers are label -1, not a module)")
+        if min(units) < 0:
+            raise ValueError(f"module {name!r} has a negative unit index {min(units)}")
+        checked[str(name)] = units
+    return checked
+
+
+def upsample_cam(cam: Tensor, size: Sequence[int]) -> Tensor:
+    """Interpolate maps [B, *spatial] to [B, *size] (linear / bilinear / trilinear, align_corners=False)."""
+    size = tuple(int(s) for s in size)
+    if tuple(cam.shape[1:]) == size:
+        return cam
+    mode = _INTERPOLATION.get(len(size))
+    if mode is None or cam.dim() - 1 != len(size):
+        raise ValueError(f"cannot upsample maps of shape {tuple(cam.shape)} to size {size}")
+    return F.interpolate(cam.unsqueeze(1).float(), size=size, mode=mode, align_corners=False).squeeze(1)
+
+
+def normalize_cam(cam: Tensor) -> Tensor:
+    """Min-max scale each map of [B, ...] to [0, 1]; a constant map becomes 0."""
+    flat = cam.flatten(1)
+    low = flat.min(dim=1, keepdim=True).values
+    span = (flat.max(dim=1, keepdim=True).values - low).clamp_min(1e-12)
+    return ((flat - low) / span).view_as(cam)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Overlays
+# ---------------------------------------------------------------------------------------------------------
+def default_display_size(height: int, width: int, min_long_side: int = 224) -> tuple[int, int]:
+    """Small images (8x8 digits) are shown enlarged by the integer factor that brings the long side to
+    at least ``min_long_side`` pixels; larger images keep their size."""
+    factor = max(1, math.ceil(min_long_side / max(height, width)))
+    return height * factor, width * factor
+
+
+def overlay_rgb(image: Tensor, cam: Tensor, size: Sequence[int] | None = None, alpha: float = 0.6,
+                cmap: str = "jet") -> np.ndarray:
+    """Blend a heat map over an image: float array [H', W', 3] in [0, 1].
+
+    image: [H, W], [1, H, W] or [3, H, W] (any range; min-max scaled), upsampled with nearest neighbours so
+    that pixels stay visible. cam: [h, w] (any size), bilinearly upsampled and min-max scaled to c in [0, 1].
+    Each pixel is image * (1 - alpha c) + colour(c) * alpha c: cold regions show the image, hot ones the map.
+    """
+    from matplotlib import colormaps
+
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    image = _as_chw(image)
+    if cam.dim() != 2:
+        raise ValueError(f"cam must be one map [h, w], got shape {tuple(cam.shape)}; index the batch first")
+    size = default_display_size(*image.shape[1:]) if size is None else tuple(int(s) for s in size)
+    picture = F.interpolate(image[None].float(), size=size, mode="nearest")[0]
+    picture = normalize_cam(picture.flatten()[None]).view_as(picture).expand(3, *size)
+    heat = normalize_cam(upsample_cam(cam[None].float().to(picture.device), size))[0]
+    picture, heat = picture.permute(1, 2, 0).cpu().numpy(), heat.cpu().numpy()  # matplotlib wants numpy
+    colour = colormaps[cmap](heat)[..., :3]
+    weight = alpha * heat[..., None]
+    return np.clip(picture * (1.0 - weight) + colour * weight, 0.0, 1.0)
+
+
+def save_overlay(image: Tensor, cam: Tensor, path: str | Path, size: Sequence[int] | None = None,
+                 alpha: float = 0.6, cmap: str = "jet") -> Path:
+    """Write ``overlay_rgb(image, cam)`` as a PNG of exactly ``size`` pixels (default: ``default_display_size``)."""
+    from matplotlib import image as mpimg
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mpimg.imsave(path, overlay_rgb(image, cam, size, alpha, cmap), format="png")
+    return path
+
+
+def save_overlay_grid(image: Tensor, cams: Mapping[str, Tensor], path: str | Path, ncols: int = 4,
+                      size: Sequence[int] | None = None, alpha: float = 0.6, cmap: str = "jet",
+                      panel_inches: float = 2.0, dpi: int = 100, title: str | None = None) -> Path:
+    """One figure: the input, then one titled overlay per map in ``cams`` (classes or modules).
+
+    The PNG is ncols * panel_inches * dpi pixels wide and nrows * panel_inches * dpi high, with
+    nrows = ceil((len(cams) + 1) / ncols).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not cams:
+        raise ValueError("cams is empty: give at least one {title: map}")
+    ncols = max(1, min(int(ncols), len(cams) + 1))
+    nrows = math.ceil((len(cams) + 1) / ncols)
+    fig = Figure(figsize=(ncols * panel_inches, nrows * panel_inches), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    image = _as_chw(image)
+    display = default_display_size(*image.shape[1:]) if size is None else tuple(size)
+    plain = F.interpolate(image[None].float(), size=display, mode="nearest")[0]
+    shown = plain[0] if plain.shape[0] == 1 else plain.permute(1, 2, 0)
+    axes[0].imshow(normalize_cam(shown.flatten()[None]).view_as(shown).cpu().numpy(), cmap="gray")
+    axes[0].set_title("input", fontsize=8)
+    for ax, (name, cam) in zip(axes[1:], cams.items()):
+        ax.imshow(overlay_rgb(image, cam, display, alpha, cmap))
+        ax.set_title(str(name), fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=dpi)
+    return path
+
+
+def _as_chw(image: Tensor) -> Tensor:
+    image = torch.as_tensor(image)
+    if image.dim() == 2:
+        image = image[None]
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"image must be [H, W], [1, H, W] or [3, H, W], got shape {tuple(image.shape)}")
+    return image.detach()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Textual explanations: importance -> attributes
+# ---------------------------------------------------------------------------------------------------------
+@runtime_checkable
+class ImportanceToKnowledge(Protocol):
+    """Anything with the inverse map of NIWT (e.g. ``modnet.niwt.KnowledgeToImportance``)."""
+
+    def importance_to_knowledge(self, importance: Tensor) -> Tensor: ...
+
+
+KnowledgeMap = Union[ImportanceToKnowledge, Tensor, np.ndarray, nn.Linear]
+
+
+def knowledge_scores(importance: Tensor, knowledge_of_importance: KnowledgeMap) -> Tensor:
+    """Attribute scores of an importance vector: Tensor[N] -> Tensor[A] (or [B, N] -> [B, A]).
+
+    knowledge_of_importance is one of
+    * an object with ``importance_to_knowledge(importance) -> Tensor[A]`` (NIWT's own inverse);
+    * a matrix W [A x N] of the linear map knowledge -> importance, a = W^T k. The inverse is the least-squares
+      solution k = argmin ||W^T k - a||^2 = pinv(W^T) a (Moore-Penrose; the minimum-norm one when A > N);
+    * an ``nn.Linear(A, N)``, a = weight k + bias: the same with W = weight^T after removing the bias.
+    """
+    importance = torch.as_tensor(importance)
+    if importance.dim() not in (1, 2):
+        raise ValueError(f"importance must be [N] or [B, N], got shape {tuple(importance.shape)}")
+    if isinstance(knowledge_of_importance, ImportanceToKnowledge):
+        rows = importance if importance.dim() == 2 else importance[None]
+        scores = torch.stack([torch.as_tensor(knowledge_of_importance.importance_to_knowledge(r)).reshape(-1)
+                              for r in rows])
+        return scores if importance.dim() == 2 else scores[0]
+    if isinstance(knowledge_of_importance, nn.Linear):
+        bias = knowledge_of_importance.bias
+        weight = knowledge_of_importance.weight.detach().T
+        importance = importance if bias is None else importance - bias.detach().to(importance.device)
+        knowledge_of_importance = weight
+    W = torch.as_tensor(knowledge_of_importance)
+    if W.dim() != 2 or W.shape[1] != importance.shape[-1]:
+        raise ValueError(f"W must be the knowledge->importance matrix [A x N] with N = {importance.shape[-1]} "
+                         f"units, got shape {tuple(W.shape)}; pass W.T if yours is [N x A]")
+    dtype = torch.promote_types(torch.promote_types(W.dtype, importance.dtype), torch.float32)
+    W = W.to(device=importance.device, dtype=dtype)
+    inverse = torch.linalg.pinv(W.T)  # A x N
+    return importance.to(dtype) @ inverse.T
+
+
+def rank_attributes(scores: Tensor, attribute_names: Sequence[str], top_k: int = 5) -> RankedAttributes:
+    """The ``top_k`` highest scores as [(attribute name, score)], best first."""
+    if scores.dim() != 1 or scores.numel() != len(attribute_names):
+        raise ValueError(f"got {scores.numel()} attribute scores but {len(attribute_names)} attribute names")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    values, idx = scores.topk(min(int(top_k), scores.numel()))
+    return [(str(attribute_names[i]), float(v)) for v, i in zip(values.tolist(), idx.tolist())]
+
+
+def explain_in_words(importance: Tensor, knowledge_of_importance: KnowledgeMap, attribute_names: Sequence[str],
+                     top_k: int = 5) -> RankedAttributes:
+    """Name the attributes behind a decision: the inverse map importance -> knowledge, best ``top_k`` first.
+
+    importance: Tensor[N], a class's neuron importance (NIWT step 1, or predicted for an unseen class).
+    See ``knowledge_scores`` for the accepted maps. Returns [(attribute name, score)], highest score first.
+    """
+    importance = torch.as_tensor(importance)
+    if importance.dim() != 1:
+        raise ValueError(f"importance must be one vector [N], got shape {tuple(importance.shape)}")
+    return rank_attributes(knowledge_scores(importance, knowledge_of_importance), attribute_names, top_k)
+
+
+def module_attributes(importance_matrix: Tensor, modules: Mapping[str, Sequence[int]],
+                      knowledge_of_importance: KnowledgeMap, attribute_names: Sequence[str], top_k: int = 5,
+                      positive_only: bool = True) -> dict[str, RankedAttributes]:
+    """Per functional module, the attributes its units' importance maps back to.
+
+    importance_matrix: [C x N], class importance of the layer's N units. A module's importance profile is
+    the class mean of the importance rows (of their positive part when ``positive_only``: units that raise a
+    class score, the Grad-CAM convention), set to zero outside the module's units; the inverse map turns it
+    into attribute scores. Zero elsewhere asks for the attributes that drive this module and not the others.
+    """
+    importance_matrix = torch.as_tensor(importance_matrix)
+    if importance_matrix.dim() != 2:
+        raise ValueError(f"importance_matrix must be [classes x units], got shape {tuple(importance_matrix.shape)}")
+    modules = _check_modules(modules)
+    n_units = importance_matrix.shape[1]
+    profile = importance_matrix.clamp_min(0) if positive_only else importance_matrix
+    profile = profile.mean(dim=0)
+    masks = torch.zeros(len(modules), n_units, dtype=profile.dtype, device=profile.device)
+    for m, (name, units) in enumerate(modules.items()):
+        if max(units) >= n_units:
+            raise ValueError(f"module {name!r} names unit {max(units)} but the importance has {n_units} units")
+        masks[m, torch.as_tensor(units, device=profile.device)] = 1.0
+    scores = knowledge_scores(masks * profile, knowledge_of_importance)  # M x A
+    return {name: rank_attributes(scores[m], attribute_names, top_k) for m, name in enumerate(modules)}
+
+
+def describe(ranked: RankedAttributes) -> str:
+    """One line of text, e.g. ``'stripes (+0.91), black (+0.52)'``."""
+    return ", ".join(f"{name} ({score:+.3f})" for name, score in ranked)
+
+
+def write_explanations_md(path: str | Path, per_class: Mapping[str, RankedAttributes],
+                          per_module: Mapping[str, RankedAttributes],
+                          module_units: Mapping[str, Sequence[int]] | None = None,
+                          class_images: Mapping[str, str] | None = None,
+                          module_images: Mapping[str, str] | None = None,
+                          title: str = "Explanations", notes: Sequence[str] = ()) -> Path:
+    """Write a readable markdown report naming, per class and per module, the attributes with their scores.
+
+    class_images / module_images: optional name -> PNG path (relative to the markdown file) shown inline.
+    """
+    lines = [f"# {title}", ""]
+    lines += [f"> {note}" for note in notes] + ([""] if notes else [])
+    lines += ["Attribute scores come from the inverse of the knowledge -> importance map (NIWT): higher means "
+              "the attribute explains more of the importance behind the decision.", ""]
+    sections = [("Classes", "Class", per_class, class_images or {}, {}),
+                ("Functional modules", "Module", per_module, module_images or {}, module_units or {})]
+    for heading, kind, table, images, units in sections:
+        lines += [f"## {heading}", ""]
+        if not table:
+            lines += ["(none)", ""]
+        for name, ranked in table.items():
+            lines += [f"### {kind} `{name}`", ""]
+            if name in units:
+                lines += [f"Units: {', '.join(str(int(u)) for u in units[name])}", ""]
+            lines += [f"Explained by: {', '.join(a for a, _ in ranked)}", "",
+                      "| rank | attribute | score |", "|---:|---|---:|"]
+            lines += [f"| {r} | {a} | {s:+.4f} |" for r, (a, s) in enumerate(ranked, start=1)]
+            lines.append("")
+            if name in images:
+                lines += [f"![Grad-CAM of {kind.lower()} {name}]({images[name]})", ""]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    return path
+
+
+__all__ = [
+    "TargetGradCAM", "ClassGradCAM", "ModuleGradCAM", "upsample_cam", "normalize_cam",
+    "default_display_size", "overlay_rgb", "save_overlay", "save_overlay_grid",
+    "ImportanceToKnowledge", "knowledge_scores", "rank_attributes", "explain_in_words", "module_attributes",
+    "describe", "write_explanations_md",
+]

@@ -1,0 +1,648 @@
+"""Neuron Importance-aware Weight Transfer (NIWT): zero-shot classifiers from domain knowledge.
+
+Selvaraju, Chattopadhyay, Elhoseiny et al., "Choose Your Neuron: Incorporating Domain Knowledge through
+Neuron-Importance", ECCV 2018 (seed 003; reference code github.com/ramprs/neuron-importance-zsl).
+
+The three steps, each usable alone on any torch classifier (a modnet network or a torchvision model) on
+any device:
+
+1. ``class_importance``: importance of unit n of a layer L for class c,
+       a_c^n = mean_{x in class c} mean_{i,j} d o_c(x) / d A^n_{ij}(x),
+   the Grad-CAM channel weight (gradient of the class score w.r.t. the activation, averaged over space for
+   conv maps, channels are the units), then averaged over the samples of the class.
+2. ``KnowledgeToImportance``: a linear map W_{K->a}: knowledge (attributes, averaged word2vec, sentence
+   embeddings) -> importance, trained with the cosine loss 1 - cos(W k_c + b, a_c); the epoch that scores
+   best on held-out seen classes is kept. Its inverse (importance -> knowledge) names the attributes behind
+   an importance vector: ``importance_to_knowledge`` (textual explanations, modnet/explain.py).
+3. ``fit_unseen_weights``: for each unseen class u the predicted importance a*_u = W k_u + b; a new output
+   weight vector w_u (initialised from a Gaussian with the seen weights' per-dimension mean and std) is
+   optimised so that the importance it induces on seen images matches a*_u:
+       L(w) = mean_b [1 - cos(d (w_{u_b} . f(x_b)) / d A(x_b), a*_{u_b})] + lambda * 0.5 * ||W_U - mean(w_S)||^2
+   with f the classifier's input (penultimate features), Adam, stopped when the loss has not improved by 1%
+   in 40 iterations. Defaults of the official code: lr 1e-3 / lambda 1e-3 (AWA2), lr 1e-4 / lambda 1e-2 (CUB).
+
+Which layer: at the last layer before a linear classifier o = W f + b, the importance is d o_c / d f = w_c,
+the class weight vector itself (after global average pooling, the same for every spatial position), so the
+weights would simply be regressed from knowledge. NIWT therefore takes the importance one block deeper
+(VGG16: conv5_3, ResNet-101: layer4[0]; for an MLP the hidden layer before the penultimate one), where the
+induced importance J(x)^T w depends on the network between that layer and the classifier.
+
+``NIWT`` ties the steps together and returns a ``GZSLModel`` scoring every class (seen and unseen).
+PyTorch autograd does the gradients (forward hooks + ``torch.autograd.grad``, double backward for step 3).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+ForwardFn = Callable[[Tensor], Tensor]
+
+__all__ = [
+    "class_importance",
+    "sample_importance",
+    "KnowledgeToImportance",
+    "fit_unseen_weights",
+    "UnseenWeights",
+    "NIWT",
+    "GZSLModel",
+    "cosine_distance",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step 1: class-dependent neuron importance
+# ----------------------------------------------------------------------------------------------------------
+class _ActivationCapture:
+    """Forward hook that swaps a layer's output for a detached leaf that requires grad.
+
+    Gradients w.r.t. that leaf are exactly d score / d activation, and the backward pass stops there (nothing
+    is computed for the layers below, whose parameters may be frozen or not).
+    """
+
+    def __init__(self) -> None:
+        self.activation: Tensor | None = None
+        self.calls = 0
+
+    def __call__(self, module: nn.Module, inputs, output):
+        if not isinstance(output, Tensor):
+            raise ValueError(f"NIWT needs a layer whose output is one tensor; {type(module).__name__} returned "
+                             f"{type(output).__name__}. Pick a layer (e.g. a ReLU or a block) with a tensor output.")
+        self.calls += 1
+        leaf = output.detach().requires_grad_(True)
+        self.activation = leaf
+        return leaf
+
+
+@contextlib.contextmanager
+def _capture(layer: nn.Module) -> Iterator[_ActivationCapture]:
+    capture = _ActivationCapture()
+    handle = layer.register_forward_hook(capture)
+    try:
+        yield capture
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    # Eval mode makes samples of a batch independent (BatchNorm running stats, no dropout), so the gradient of
+    # the summed scores w.r.t. the batch activation is the per-sample gradient: one backward per batch.
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _pool_units(grad: Tensor) -> Tensor:
+    """[B, N, *spatial] -> [B, N]: average over space (dims >= 2); units are dim 1 (channels)."""
+    return grad.flatten(2).mean(dim=2) if grad.dim() > 2 else grad
+
+
+def _checked_activation(capture: _ActivationCapture, layer: nn.Module) -> Tensor:
+    if capture.calls == 0 or capture.activation is None:
+        raise ValueError(f"the layer {type(layer).__name__} was not called by the model's forward: pass a "
+                         "submodule that the forward pass runs (e.g. model.layer4[0]).")
+    if capture.calls > 1:
+        raise ValueError(f"the layer {type(layer).__name__} ran {capture.calls} times in one forward pass; "
+                         "importance needs a layer used once (wrap shared modules or pick another layer).")
+    return capture.activation
+
+
+def sample_importance(model: nn.Module, layer: nn.Module, x: Tensor, class_index: Tensor,
+                      forward_fn: ForwardFn | None = None) -> Tensor:
+    """Per-sample importance [B, N]: d o_{class_index[b]}(x_b) / d A(x_b), averaged over space.
+
+    ``class_index`` holds output columns of the model (not dataset class ids). One forward and one backward
+    pass for the whole batch; the model runs in eval mode. ``forward_fn`` replaces ``model(x)`` when the
+    network needs extra arguments (e.g. ``lambda x: net(x, task_labels)``).
+    """
+    forward = forward_fn or model
+    device = _model_device(model)
+    x = x.to(device)
+    class_index = class_index.to(device=device, dtype=torch.long)
+    with _eval_mode(model), torch.enable_grad(), _capture(layer) as capture:
+        logits = forward(x)
+        activation = _checked_activation(capture, layer)
+        score = logits.gather(1, class_index[:, None]).sum()
+        (grad,) = torch.autograd.grad(score, activation)
+    return _pool_units(grad)
+
+
+def class_importance(model: nn.Module, layer: nn.Module, x: Tensor, y: Tensor, n_classes: int,
+                     batch_size: int = 256, forward_fn: ForwardFn | None = None) -> Tensor:
+    """Class-dependent neuron importance [n_classes, N] (NIWT step 1, Grad-CAM channel weights per class).
+
+    a_c^n = mean over the samples x of class c of mean over space of d o_c(x) / d A^n(x), where A is the
+    output of ``layer`` (a submodule of ``model``; for conv maps the channels are the units) and o_c the
+    model's output column c (the ground-truth class score of each sample; ``y`` holds output columns
+    0..n_classes-1). Rows of classes without samples are zero.
+
+    Runs batch by batch on the model's device (the inputs are moved there); returns a tensor on that device.
+    At the last layer before a linear classifier this equals the class weight vector w_c (see module doc):
+    take the layer one block deeper for NIWT. Used by modnet/explain.py for Grad-CAM and text explanations.
+    """
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]} labels; pass one label per sample.")
+    if x.shape[0] == 0:
+        raise ValueError("class_importance needs at least one sample.")
+    y = torch.as_tensor(y)
+    if int(y.min()) < 0 or int(y.max()) >= n_classes:
+        raise ValueError(f"labels must be output columns in [0, {n_classes}); got range "
+                         f"[{int(y.min())}, {int(y.max())}]. Map dataset class ids to the model's columns first.")
+    device = _model_device(model)
+    sums: Tensor | None = None
+    counts = torch.zeros(n_classes, device=device)
+    for start in range(0, x.shape[0], batch_size):
+        yb = y[start:start + batch_size].to(device=device, dtype=torch.long)
+        imp = sample_importance(model, layer, x[start:start + batch_size], yb, forward_fn)
+        if sums is None:
+            sums = torch.zeros(n_classes, imp.shape[1], device=device, dtype=imp.dtype)
+        sums.index_add_(0, yb, imp)
+        counts.index_add_(0, yb, torch.ones_like(yb, dtype=counts.dtype))
+    assert sums is not None
+    return sums / counts.clamp(min=1).to(sums.dtype)[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step 2: domain knowledge -> importance (and back)
+# ----------------------------------------------------------------------------------------------------------
+def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise 1 - cos(a, b), the loss of the NIWT steps 2 and 3."""
+    return 1.0 - F.cosine_similarity(a, b, dim=-1, eps=1e-12)
+
+
+class KnowledgeToImportance(nn.Module):
+    """Linear map knowledge [A] -> importance [N], a = k W + b (NIWT step 2), with an inverse map.
+
+    ``fit`` trains it with the cosine loss on (knowledge, importance) pairs of seen classes with Adam, full
+    batch, and keeps the epoch with the lowest cosine loss on held-out seen classes (the official code keeps
+    the best rank correlation on held-out classes). With ``refit_all`` it then trains again from the same
+    initialisation on every seen class for that many epochs, which helps when there are few seen classes.
+
+    The inverse map importance -> knowledge (``importance_to_knowledge``) serves textual explanations: its
+    largest entries name the attributes behind an importance vector. ``inverse="lstsq"``: closed-form ridge
+    regression from L2-normalised importance to knowledge fitted on the same seen pairs (the paper's
+    W_{a->K}); ``inverse="pinv"``: Moore-Penrose pseudo-inverse of the forward map, k = (a - b) W^+, needing
+    nothing but the forward map (exact when a lies in its range, i.e. for importances on the map's own scale
+    such as its predictions; for measured importances prefer lstsq, which ignores their scale).
+    """
+
+    def __init__(self, knowledge_dim: int, importance_dim: int, bias: bool = True, inverse: str = "lstsq",
+                 inverse_ridge: float = 1e-3, init: str = "zero"):
+        super().__init__()
+        if inverse not in ("lstsq", "pinv"):
+            raise ValueError(f"inverse must be 'lstsq' or 'pinv', got {inverse!r}")
+        if init not in ("zero", "random"):
+            raise ValueError(f"init must be 'zero' or 'random', got {init!r}")
+        self.linear = nn.Linear(knowledge_dim, importance_dim, bias=bias)
+        self.init = init
+        self.inverse = inverse
+        self.inverse_ridge = inverse_ridge
+        self.register_buffer("inverse_matrix", torch.zeros(importance_dim, knowledge_dim))
+        self.register_buffer("inverse_bias", torch.zeros(knowledge_dim))
+        self.best_epoch = 0
+        self.history: dict[str, list[float]] = {"train": [], "val": []}  # cosine loss per epoch
+
+    @property
+    def matrix(self) -> Tensor:
+        """W_{K->a} as [A, N]: importance = knowledge @ matrix + bias."""
+        return self.linear.weight.t()
+
+    @property
+    def bias(self) -> Tensor:
+        return self.linear.bias if self.linear.bias is not None else torch.zeros_like(self.linear.weight[:, 0])
+
+    def forward(self, knowledge: Tensor) -> Tensor:
+        return self.linear(knowledge)
+
+    def fit(self, knowledge: Tensor, importance: Tensor, pair_classes: Tensor | None = None, *,
+            val_fraction: float = 0.2, epochs: int = 500, lr: float = 1e-2, weight_decay: float = 0.0,
+            refit_all: bool = False, seed: int = 0) -> "KnowledgeToImportance":
+        """Train on rows (knowledge[i], importance[i]); ``pair_classes[i]`` (default: i) is the class of row i.
+
+        A ``val_fraction`` of the classes (at least one when there are 3 or more) is held out to pick the
+        epoch; with fewer than 3 classes the last epoch is kept.
+        """
+        if knowledge.shape[0] != importance.shape[0]:
+            raise ValueError(f"knowledge has {knowledge.shape[0]} rows but importance has {importance.shape[0]}; "
+                             "pass one knowledge row per importance row.")
+        if not torch.isfinite(knowledge).all() or not torch.isfinite(importance).all():
+            raise ValueError("knowledge or importance contains NaN/inf; clean the inputs "
+                             "(modnet.knowledge.attribute_matrix handles missing attribute values).")
+        device = self.linear.weight.device
+        knowledge = knowledge.to(device=device, dtype=torch.float32)
+        importance = importance.to(device=device, dtype=torch.float32)
+        classes = torch.arange(knowledge.shape[0], device=device) if pair_classes is None else \
+            torch.as_tensor(pair_classes, device=device)
+        unique = torch.unique(classes)
+        generator = torch.Generator().manual_seed(seed)
+        n_val = int(round(val_fraction * len(unique))) if len(unique) >= 3 else 0
+        n_val = min(max(n_val, 1 if len(unique) >= 3 and val_fraction > 0 else 0), len(unique) - 1)
+        val_classes = unique[torch.randperm(len(unique), generator=generator)[:n_val].to(device)]
+        is_val = torch.isin(classes, val_classes)
+
+        if self.init == "zero":
+            # With fewer seen classes than knowledge dimensions the fit is under-determined: gradient descent
+            # never touches the directions of W that no seen class spans, so a random start would leave noise
+            # there for the unseen classes. Zero weights (and the mean direction as bias) converge instead
+            # toward the minimum-norm map. (The official code starts from random normal weights.)
+            with torch.no_grad():
+                self.linear.weight.zero_()
+                if self.linear.bias is not None:
+                    self.linear.bias.copy_(F.normalize(importance[~is_val], dim=1).mean(0))
+        init_state = copy.deepcopy(self.linear.state_dict())
+        best = self._train(knowledge[~is_val], importance[~is_val], knowledge[is_val], importance[is_val],
+                           epochs, lr, weight_decay)
+        if refit_all and n_val > 0:
+            self.linear.load_state_dict(init_state)
+            self._train(knowledge, importance, knowledge[:0], importance[:0], best + 1, lr, weight_decay,
+                        record=False)
+        self.best_epoch = best
+        self.history = {k: [float(v) for v in torch.stack(vals).tolist()] if vals else []
+                        for k, vals in self.history.items()}  # one host transfer after training
+        self._fit_inverse(knowledge, importance)
+        return self
+
+    def _train(self, k_train: Tensor, a_train: Tensor, k_val: Tensor, a_val: Tensor, epochs: int, lr: float,
+               weight_decay: float, record: bool = True) -> int:
+        """Full-batch Adam; returns the best held-out epoch and leaves its parameters in the map."""
+        optimizer = torch.optim.Adam(self.linear.parameters(), lr=lr, weight_decay=weight_decay)
+        params = list(self.linear.parameters())
+        has_val = k_val.shape[0] > 0
+        # The best epoch is tracked on the device (torch.where) so the loop never waits for the host.
+        best_params = [p.detach().clone() for p in params]
+        best_val = torch.full((), math.inf, device=params[0].device)
+        best_epoch = torch.zeros((), dtype=torch.long, device=params[0].device)
+        for epoch in range(epochs):
+            optimizer.zero_grad(set_to_none=True)
+            loss = cosine_distance(self.linear(k_train), a_train).mean()
+            loss.backward()
+            optimizer.step()
+            if record:
+                self.history["train"].append(loss.detach())
+            if not has_val:
+                continue
+            with torch.no_grad():
+                val = cosine_distance(self.linear(k_val), a_val).mean()
+                improved = val < best_val
+                best_val = torch.minimum(val, best_val)
+                best_epoch = torch.where(improved, torch.full_like(best_epoch, epoch), best_epoch)
+                for p, b in zip(params, best_params):
+                    b.copy_(torch.where(improved, p, b))
+            if record:
+                self.history["val"].append(val)
+        if not has_val:
+            return epochs - 1
+        with torch.no_grad():
+            for p, b in zip(params, best_params):
+                p.copy_(b)
+        return int(best_epoch)
+
+    def _fit_inverse(self, knowledge: Tensor, importance: Tensor) -> None:
+        with torch.no_grad():
+            if self.inverse == "pinv":
+                self.inverse_matrix.copy_(torch.linalg.pinv(self.matrix))
+                self.inverse_bias.zero_()
+                return
+            # Ridge least squares on centred, L2-normalised importance (scale-free, like the cosine loss).
+            a = F.normalize(importance, dim=1)
+            a_mean, k_mean = a.mean(0), knowledge.mean(0)
+            a_c, k_c = a - a_mean, knowledge - k_mean
+            n = a_c.shape[1]
+            if a_c.shape[0] < n:  # dual form: fewer pairs than units
+                gram = a_c @ a_c.T + self.inverse_ridge * torch.eye(a_c.shape[0], device=a.device)
+                m = a_c.T @ torch.linalg.solve(gram, k_c)
+            else:
+                gram = a_c.T @ a_c + self.inverse_ridge * torch.eye(n, device=a.device)
+                m = torch.linalg.solve(gram, a_c.T @ k_c)
+            self.inverse_matrix.copy_(m)
+            self.inverse_bias.copy_(k_mean - a_mean @ m)
+
+    def importance_to_knowledge(self, importance: Tensor) -> Tensor:
+        """Inverse map: importance [N] or [B, N] -> knowledge [A] or [B, A] (textual explanations).
+
+        Rank the attributes of the result (e.g. ``topk``) to name the attributes behind a class's or a
+        sample's importance (the output of ``class_importance`` / ``sample_importance``). With the default
+        ``inverse="lstsq"`` the input's scale does not matter (it is L2-normalised first).
+        """
+        importance = importance.to(self.inverse_matrix)
+        if self.inverse == "pinv":
+            return (importance - self.bias.detach()) @ self.inverse_matrix
+        return F.normalize(importance, dim=-1) @ self.inverse_matrix + self.inverse_bias
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step 3: importance -> unseen classifier weights
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class UnseenWeights:
+    """Output weights [U, D] and biases [U] of the unseen classes (rows in the order of the targets)."""
+
+    weight: Tensor
+    bias: Tensor
+    n_iterations: int
+    losses: list[float] = field(default_factory=list)
+
+
+class _InputCapture:
+    """Forward pre-hook keeping the classifier's input f (the penultimate features)."""
+
+    def __init__(self) -> None:
+        self.features: Tensor | None = None
+
+    def __call__(self, module: nn.Module, inputs):
+        self.features = inputs[0]
+
+
+def _seen_weight_statistics(classifier: nn.Linear, seen_columns: Sequence[int] | None):
+    weight = classifier.weight.detach()
+    bias = classifier.bias.detach() if classifier.bias is not None else torch.zeros_like(weight[:, 0])
+    if seen_columns is not None:
+        cols = torch.as_tensor(list(seen_columns), device=weight.device, dtype=torch.long)
+        weight, bias = weight[cols], bias[cols]
+    std = weight.std(0, unbiased=False) if weight.shape[0] > 1 else torch.zeros_like(weight[0])
+    return weight.mean(0), std, bias.mean()
+
+
+def fit_unseen_weights(model: nn.Module, layer: nn.Module, classifier: nn.Linear, x_seen: Tensor,
+                       target_importance: Tensor, *, seen_columns: Sequence[int] | None = None,
+                       lr: float = 1e-3, lam: float = 1e-3, batch_size: int = 64, patience: int = 40,
+                       min_improvement: float = 0.01, max_iterations: int = 5000,
+                       forward_fn: ForwardFn | None = None, seed: int = 0, match: str = "sample",
+                       progress: bool = False) -> UnseenWeights:
+    """NIWT step 3: new output weights whose induced importance matches ``target_importance`` [U, N].
+
+    Each iteration draws ``batch_size`` seen images and pairs each with one unseen class u_b (the classes in
+    turn, shuffled), as the official code does; the importance that w_{u_b} induces on x_b at ``layer`` is
+    alpha_b = d (w_{u_b} . f(x_b)) / d A(x_b) (one backward for the batch, kept differentiable w.r.t. W_U),
+    and the loss is mean_b [1 - cos(alpha_b, target[u_b])] + lam * 0.5 * ||W_U - mean(w_seen)||^2.
+    Adam on W_U; stops when the loss has not improved by ``min_improvement`` (relative, 1%) for ``patience``
+    (40) iterations, or after ``max_iterations``. The unseen biases stay at the mean seen bias (the
+    importance does not depend on them). The network and the seen weights are not modified.
+
+    ``seen_columns``: the classifier rows that hold trained seen classes (default: all rows).
+    ``match="batch"`` compares each class's importance averaged over its samples in the batch with the target
+    instead (the class importance of step 1 is such an average); ``"sample"`` is the official per-image loss.
+    """
+    if match not in ("sample", "batch"):
+        raise ValueError(f"match must be 'sample' or 'batch', got {match!r}")
+    device = _model_device(model)
+    if target_importance.dim() != 2:
+        raise ValueError(f"target_importance must be [n_unseen, n_units], got {tuple(target_importance.shape)}")
+    if not torch.isfinite(target_importance).all():
+        raise ValueError("target_importance contains NaN/inf; check the knowledge vectors of the unseen classes.")
+    if x_seen.shape[0] == 0:
+        raise ValueError("fit_unseen_weights needs seen-class samples to measure the induced importance.")
+    targets = target_importance.to(device=device, dtype=torch.float32)
+    n_unseen = targets.shape[0]
+    forward = forward_fn or model
+    generator = torch.Generator().manual_seed(seed)
+
+    w_mean, w_std, b_mean = _seen_weight_statistics(classifier, seen_columns)
+    noise = torch.randn(n_unseen, w_mean.shape[0], generator=generator).to(device)
+    weight = (w_mean + w_std * noise).requires_grad_(True)
+    bias = b_mean.expand(n_unseen).clone()
+    optimizer = torch.optim.Adam([weight], lr=lr)
+
+    # The stopping rule runs on the device; the host looks at it every iteration on CPU and every 10 on an
+    # accelerator (one sync per 10 steps; the loop then stops at most 9 iterations after the rule fired).
+    best_loss = torch.full((), math.inf, device=device)
+    since_best = torch.zeros((), dtype=torch.long, device=device)
+    check_every = 1 if device.type == "cpu" else 10
+    losses: list[Tensor] = []
+    iterator = range(max_iterations)
+    if progress:
+        from tqdm.auto import tqdm  # optional progress bar
+        iterator = tqdm(iterator, desc="NIWT unseen weights", leave=False)
+    features = _InputCapture()
+    n_done = 0
+    with _eval_mode(model), torch.enable_grad(), _capture(layer) as capture:
+        handle = classifier.register_forward_pre_hook(features)
+        try:
+            for it in iterator:
+                idx = torch.randint(0, x_seen.shape[0], (batch_size,), generator=generator)
+                classes = torch.randperm(n_unseen, generator=generator).repeat(batch_size // n_unseen + 1)
+                classes = classes[:batch_size].to(device)
+                capture.calls = 0
+                forward(x_seen[idx].to(device))
+                activation = _checked_activation(capture, layer)
+                if features.features is None:
+                    raise ValueError("the classifier was not called by the model's forward; pass the nn.Linear "
+                                     "that produces the class scores.")
+                score = (features.features * weight[classes]).sum()
+                (alpha,) = torch.autograd.grad(score, activation, create_graph=True)
+                alpha = _pool_units(alpha)
+                if match == "sample":
+                    match_loss = cosine_distance(alpha, targets[classes]).mean()
+                else:  # the batch mean of each class's induced importance against its target
+                    sums = torch.zeros_like(targets).index_add(0, classes, alpha)
+                    counts = torch.bincount(classes, minlength=n_unseen)
+                    present = (counts > 0).to(sums.dtype)   # classes absent from this batch do not count
+                    distance = cosine_distance(sums / counts.clamp(min=1)[:, None], targets)
+                    match_loss = (distance * present).sum() / present.sum()
+                loss = match_loss + lam * 0.5 * (weight - w_mean).pow(2).sum()
+                (grad,) = torch.autograd.grad(loss, weight)
+                optimizer.zero_grad(set_to_none=True)
+                weight.grad = grad
+                optimizer.step()
+                value = loss.detach()
+                losses.append(value)
+                n_done = it + 1
+                improved = value < best_loss * (1.0 - min_improvement)
+                best_loss = torch.where(improved, value, best_loss)
+                since_best = torch.where(improved, torch.zeros_like(since_best), since_best + 1)
+                if n_done % check_every == 0 and bool(since_best >= patience):
+                    break
+        finally:
+            handle.remove()
+    history = torch.stack(losses).tolist() if losses else []
+    return UnseenWeights(weight=weight.detach(), bias=bias.detach(), n_iterations=n_done, losses=history)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole method
+# ----------------------------------------------------------------------------------------------------------
+class GZSLModel(nn.Module):
+    """Seen network + NIWT unseen weights: scores [B, n_classes] indexed by dataset class id.
+
+    Seen class ``seen_classes[i]`` takes the network's output column ``seen_columns[i]``; unseen class
+    ``unseen_classes[j]`` scores ``unseen_weight[j] . f(x) + unseen_bias[j]`` with f the classifier's
+    input. Classes that are neither get -inf. Differentiable end to end, so Grad-CAM works for any class.
+    """
+
+    def __init__(self, model: nn.Module, classifier: nn.Linear, seen_classes: Sequence[int],
+                 seen_columns: Sequence[int], unseen_classes: Sequence[int], unseen_weight: Tensor,
+                 unseen_bias: Tensor, n_classes: int, forward_fn: ForwardFn | None = None):
+        super().__init__()
+        self.model = model
+        self.classifier = classifier
+        self.forward_fn = forward_fn
+        self.n_classes = n_classes
+        self.register_buffer("seen_classes", torch.as_tensor(list(seen_classes), dtype=torch.long))
+        self.register_buffer("seen_columns", torch.as_tensor(list(seen_columns), dtype=torch.long))
+        self.register_buffer("unseen_classes", torch.as_tensor(list(unseen_classes), dtype=torch.long))
+        self.unseen_weight = nn.Parameter(unseen_weight.detach().clone(), requires_grad=False)
+        self.unseen_bias = nn.Parameter(unseen_bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = _InputCapture()
+        handle = self.classifier.register_forward_pre_hook(features)
+        try:
+            logits = (self.forward_fn or self.model)(x)
+        finally:
+            handle.remove()
+        scores = logits.new_full((logits.shape[0], self.n_classes), -math.inf)
+        scores[:, self.seen_classes] = logits[:, self.seen_columns]
+        scores[:, self.unseen_classes] = features.features @ self.unseen_weight.T + self.unseen_bias
+        return scores
+
+
+class NIWT:
+    """Neuron Importance-aware Weight Transfer on a trained seen-class network.
+
+    >>> niwt = NIWT(model, layer=model.features[2], classifier=model.head)
+    >>> gzsl = niwt.fit(x_seen, y_seen, knowledge, seen_classes, unseen_classes).gzsl_model()
+    >>> scores = gzsl(x_test)            # [B, n_classes], column = dataset class id
+
+    ``knowledge`` is [n_classes, A] with row c the domain knowledge of dataset class c (attributes, word
+    vectors, sentence embeddings; see modnet.knowledge). ``y_seen`` are dataset class ids of seen classes;
+    seen class ``seen_classes[i]`` is the classifier's row ``seen_columns[i]`` (default i).
+    Hyper-parameters (defaults of the official code for AWA2): ``lr`` 1e-3, ``lam`` 1e-3 (CUB 1e-4, 1e-2),
+    ``patience`` 40 iterations without a ``min_improvement`` of 1%.
+    After ``fit``: ``seen_importance`` [S, N], ``knowledge_map`` (KnowledgeToImportance),
+    ``unseen_importance`` [U, N] (predicted), ``unseen`` (UnseenWeights).
+    """
+
+    def __init__(self, model: nn.Module, layer: nn.Module, classifier: nn.Linear, *,
+                 forward_fn: ForwardFn | None = None, importance_batch_size: int = 256,
+                 map_epochs: int = 500, map_lr: float = 1e-2, map_weight_decay: float = 0.0,
+                 map_val_fraction: float = 0.2, map_refit_all: bool = False, map_bias: bool = True,
+                 map_init: str = "zero", map_targets: str = "class", inverse: str = "lstsq",
+                 lr: float = 1e-3, lam: float = 1e-3, batch_size: int = 64, importance_match: str = "sample",
+                 importance_samples: str = "class",
+                 patience: int = 40, min_improvement: float = 0.01, max_iterations: int = 5000,
+                 seed: int = 0, progress: bool = False):
+        if not isinstance(classifier, nn.Linear):
+            raise ValueError(f"classifier must be the nn.Linear producing the class scores, got "
+                             f"{type(classifier).__name__}")
+        if layer is classifier:
+            raise ValueError("the importance layer must lie before the classifier (one block before the "
+                             "penultimate layer); at the classifier's input the importance is the weight itself.")
+        self.model, self.layer, self.classifier = model, layer, classifier
+        self.forward_fn = forward_fn
+        self.importance_batch_size = importance_batch_size
+        self.map_kwargs = dict(epochs=map_epochs, lr=map_lr, weight_decay=map_weight_decay,
+                               val_fraction=map_val_fraction, refit_all=map_refit_all, seed=seed)
+        if map_targets not in ("class", "sample"):
+            raise ValueError(f"map_targets must be 'class' or 'sample', got {map_targets!r}")
+        if importance_samples not in ("class", "all"):
+            raise ValueError(f"importance_samples must be 'class' or 'all', got {importance_samples!r}")
+        self.map_bias, self.map_init, self.map_targets, self.inverse = map_bias, map_init, map_targets, inverse
+        self.importance_samples = importance_samples
+        self.weight_kwargs = dict(lr=lr, lam=lam, batch_size=batch_size, patience=patience,
+                                  min_improvement=min_improvement, max_iterations=max_iterations, seed=seed,
+                                  match=importance_match, progress=progress)
+        self.seen_importance: Tensor | None = None
+        self.unseen_importance: Tensor | None = None
+        self.knowledge_map: KnowledgeToImportance | None = None
+        self.unseen: UnseenWeights | None = None
+
+    def fit(self, x_seen: Tensor, y_seen: Tensor, knowledge: Tensor, seen_classes: Sequence[int],
+            unseen_classes: Sequence[int], seen_columns: Sequence[int] | None = None) -> "NIWT":
+        seen_classes, unseen_classes = [int(c) for c in seen_classes], [int(c) for c in unseen_classes]
+        seen_columns = list(range(len(seen_classes))) if seen_columns is None else [int(c) for c in seen_columns]
+        self._validate(y_seen, knowledge, seen_classes, unseen_classes, seen_columns)
+        self.seen_classes, self.unseen_classes, self.seen_columns = seen_classes, unseen_classes, seen_columns
+        self.n_classes = knowledge.shape[0]
+        device = _model_device(self.model)
+        knowledge = knowledge.to(device=device, dtype=torch.float32)
+
+        # Step 1: importance of each seen class, at its own output column.
+        to_column = torch.full((self.n_classes,), -1, dtype=torch.long)
+        to_column[torch.tensor(seen_classes)] = torch.tensor(seen_columns)
+        columns = to_column[torch.as_tensor(y_seen, dtype=torch.long).cpu()]
+        n_out = self.classifier.out_features
+        if self.importance_samples == "class":
+            importance = class_importance(self.model, self.layer, x_seen, columns, n_out,
+                                          self.importance_batch_size, self.forward_fn)
+            self.seen_importance = importance[torch.tensor(seen_columns, device=importance.device)]
+        else:  # every seen class scored on all seen samples: the same images step 3 measures unseen weights on
+            self.seen_importance = torch.stack([
+                class_importance(self.model, self.layer, x_seen, torch.full_like(columns, col), n_out,
+                                 self.importance_batch_size, self.forward_fn)[col] for col in seen_columns])
+
+        # Step 2: knowledge -> importance on the seen classes (class means, or every sample as the official code).
+        self.knowledge_map = KnowledgeToImportance(knowledge.shape[1], self.seen_importance.shape[1],
+                                                   bias=self.map_bias, inverse=self.inverse,
+                                                   init=self.map_init).to(device)
+        if self.map_targets == "sample":
+            per_sample = torch.cat([
+                sample_importance(self.model, self.layer, x_seen[i:i + self.importance_batch_size],
+                                  columns[i:i + self.importance_batch_size], self.forward_fn)
+                for i in range(0, x_seen.shape[0], self.importance_batch_size)])
+            y_dev = torch.as_tensor(y_seen, device=device, dtype=torch.long)
+            self.knowledge_map.fit(knowledge[y_dev], per_sample, pair_classes=y_dev, **self.map_kwargs)
+        else:
+            self.knowledge_map.fit(knowledge[seen_classes], self.seen_importance, **self.map_kwargs)
+
+        # Step 3: unseen weights from the predicted importance.
+        with torch.no_grad():
+            self.unseen_importance = self.knowledge_map(knowledge[unseen_classes])
+        self.unseen = fit_unseen_weights(self.model, self.layer, self.classifier, x_seen, self.unseen_importance,
+                                         seen_columns=seen_columns, forward_fn=self.forward_fn,
+                                         **self.weight_kwargs)
+        return self
+
+    def gzsl_model(self) -> GZSLModel:
+        """The network extended with the unseen classes (scores for all classes, see ``GZSLModel``)."""
+        if self.unseen is None:
+            raise ValueError("call NIWT.fit(...) before gzsl_model()")
+        return GZSLModel(self.model, self.classifier, self.seen_classes, self.seen_columns, self.unseen_classes,
+                         self.unseen.weight, self.unseen.bias, self.n_classes, self.forward_fn)
+
+    def importance_to_knowledge(self, importance: Tensor) -> Tensor:
+        """Shortcut to ``knowledge_map.importance_to_knowledge`` (textual explanations)."""
+        if self.knowledge_map is None:
+            raise ValueError("call NIWT.fit(...) before importance_to_knowledge()")
+        return self.knowledge_map.importance_to_knowledge(importance)
+
+    def _validate(self, y_seen, knowledge, seen_classes, unseen_classes, seen_columns) -> None:
+        if knowledge.dim() != 2:
+            raise ValueError(f"knowledge must be [n_classes, A], got shape {tuple(knowledge.shape)}")
+        if not torch.isfinite(knowledge).all():
+            bad = torch.nonzero(~torch.isfinite(knowledge).all(1)).flatten().tolist()
+            raise ValueError(f"knowledge has NaN/inf in the rows of classes {bad}; fill or drop them first.")
+        if set(seen_classes) & set(unseen_classes):
+            raise ValueError(f"classes {sorted(set(seen_classes) & set(unseen_classes))} are both seen and unseen")
+        if not unseen_classes:
+            raise ValueError("NIWT needs at least one unseen class")
+        all_classes = seen_classes + unseen_classes
+        if min(all_classes) < 0 or max(all_classes) >= knowledge.shape[0]:
+            raise ValueError(f"class ids must index the {knowledge.shape[0]} knowledge rows; got ids in "
+                             f"[{min(all_classes)}, {max(all_classes)}]")
+        if len(seen_columns) != len(seen_classes):
+            raise ValueError("seen_columns must give one classifier row per seen class")
+        if max(seen_columns) >= self.classifier.out_features:
+            raise ValueError(f"seen_columns go up to {max(seen_columns)} but the classifier has "
+                             f"{self.classifier.out_features} outputs")
+        labels = set(torch.unique(torch.as_tensor(y_seen)).tolist())
+        if not labels <= set(seen_classes):
+            raise ValueError(f"y_seen holds classes {sorted(labels - set(seen_classes))} that are not in "
+                             "seen_classes; NIWT trains on seen-class samples only.")

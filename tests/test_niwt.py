@@ -1,0 +1,337 @@
+"""NIWT (modnet/niwt.py), GZSL metrics and baselines (modnet/gzsl.py) and the gzsl job (modnet/gzsl_job.py).
+
+References independent of the code: analytic gradients of small networks, a planted linear knowledge ->
+importance structure that must be recovered, hand-computed GZSL figures, ESZSL's normal equations.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from modnet.gzsl import (ALE, ESZSL, gzsl_evaluate, harmonic_mean, per_class_accuracy, predict_scores,
+                         select_calibration)
+from modnet.niwt import KnowledgeToImportance, NIWT, class_importance, fit_unseen_weights, sample_importance
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step 1: importance
+# ----------------------------------------------------------------------------------------------------------
+def test_importance_at_the_classifier_input_is_the_class_weight():
+    """Documented property: just before a linear classifier, d o_c / d f = w_c for every sample."""
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    x, y = torch.randn(40, 5), torch.arange(40) % 3
+    imp = class_importance(model, model[1], x, y, n_classes=3)
+    assert torch.allclose(imp, model[2].weight.detach(), atol=1e-6)
+
+
+def test_conv_importance_is_averaged_over_space():
+    """Conv map -> global average pool -> linear: the gradient is w_c / (H W) at every position."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3))
+    x, y = torch.randn(12, 2, 5, 6), torch.arange(12) % 3
+    imp = class_importance(model, model[1], x, y, n_classes=3, batch_size=5)
+    assert imp.shape == (3, 4)
+    assert torch.allclose(imp, model[4].weight.detach() / 30, atol=1e-7)
+
+
+def test_importance_one_block_deeper_matches_the_hand_derived_gradient():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 5), nn.ReLU(), nn.Linear(5, 4))
+    model.train()
+    x, y = torch.randn(50, 6), torch.randint(0, 4, (50,))
+    imp = class_importance(model, model[1], x, y, n_classes=4, batch_size=7)
+    # d o_c / d h1 = W2^T (w_c * 1[z2 > 0]), averaged over the samples of each class
+    with torch.no_grad():
+        z2 = model[2](model[1](model[0](x)))
+        per_sample = (model[4].weight[y] * (z2 > 0)) @ model[2].weight
+        expected = torch.stack([per_sample[y == c].mean(0) for c in range(4)])
+    assert torch.allclose(imp, expected, atol=1e-6)
+    assert model.training                                          # the caller's mode is restored
+    single = torch.stack([sample_importance(model, model[1], x[i:i + 1], y[i:i + 1])[0] for i in range(3)])
+    assert torch.allclose(single, per_sample[:3], atol=1e-6)       # batching does not mix samples
+
+
+def test_importance_errors():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="was not called"):
+        class_importance(model, nn.ReLU(), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match=r"output columns in \[0, 2\)"):
+        class_importance(model, model[1], torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), 2)
+    with pytest.raises(ValueError, match="4 samples but y has 3"):
+        class_importance(model, model[1], torch.randn(4, 3), torch.zeros(3, dtype=torch.long), 2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step 2: knowledge -> importance and back
+# ----------------------------------------------------------------------------------------------------------
+def test_knowledge_map_recovers_a_planted_linear_map_and_inverts_it():
+    g = torch.Generator().manual_seed(0)
+    n_classes, n_att, n_units = 30, 5, 40
+    knowledge = torch.rand(n_classes, n_att, generator=g)
+    true_map, offset = torch.randn(n_att, n_units, generator=g), torch.randn(n_units, generator=g)
+    importance = knowledge @ true_map + offset
+    seen, held_out = slice(0, 24), slice(24, 30)
+    kmap = KnowledgeToImportance(n_att, n_units).fit(knowledge[seen], importance[seen], epochs=1500, lr=0.02)
+    with torch.no_grad():
+        predicted = kmap(knowledge[held_out])
+    # the direction of the importance of classes never used in training is predicted
+    assert F.cosine_similarity(predicted, importance[held_out], dim=1).min() > 0.99
+    assert kmap.matrix.shape == (n_att, n_units)
+    # inverse map: the knowledge of a held-out class is recovered from its importance (rank order)
+    back = kmap.importance_to_knowledge(importance[held_out])
+    assert back.shape == (6, n_att)
+    for b, k in zip(back, knowledge[held_out]):
+        assert torch.corrcoef(torch.stack([b, k]))[0, 1] > 0.95
+    assert kmap.importance_to_knowledge(importance[24]).shape == (n_att,)
+    pinv = KnowledgeToImportance(n_att, n_units, inverse="pinv").fit(knowledge[seen], importance[seen], epochs=1500,
+                                                                     lr=0.02)
+    assert torch.corrcoef(torch.stack([pinv.importance_to_knowledge(pinv(knowledge[25])), knowledge[25]]))[0, 1] > 0.99
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Step 3 and the whole method on a planted problem
+# ----------------------------------------------------------------------------------------------------------
+def _planted_problem(n_seen=18, n_unseen=6, n_att=6, dim=20, per_class=60, seed=0):
+    """Gaussian classes whose means are a fixed linear image of binary attribute codes."""
+    g = torch.Generator().manual_seed(seed)
+    codes = []
+    while len(codes) < n_seen + n_unseen:
+        k = (torch.rand(n_att, generator=g) < 0.5).float()
+        if k.sum() >= 2 and not any(torch.equal(k, c) for c in codes):
+            codes.append(k)
+    knowledge = torch.stack(codes)
+    mixing = torch.randn(dim, n_att, generator=g)
+    y = torch.arange(n_seen + n_unseen).repeat_interleave(per_class)
+    x = knowledge[y] @ mixing.T + 0.5 * torch.randn(len(y), dim, generator=g)
+    first = torch.arange(len(y)) % per_class < int(0.75 * per_class)
+    train, test_seen, test_unseen = (y < n_seen) & first, (y < n_seen) & ~first, y >= n_seen
+    return x, y, F.normalize(knowledge, dim=1), list(range(n_seen)), list(range(n_seen, n_seen + n_unseen)), \
+        train, test_seen, test_unseen
+
+
+def _trained_mlp(x, y, n_out, epochs=30):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(x.shape[1], 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, n_out))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(epochs):
+        order = torch.randperm(len(y))
+        for i in range(0, len(y), 64):
+            idx = order[i:i + 64]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def planted():
+    x, y, knowledge, seen, unseen, train, test_seen, test_unseen = _planted_problem()
+    model = _trained_mlp(x[train], y[train], len(seen))
+    return x, y, knowledge, seen, unseen, train, test_seen, test_unseen, model
+
+
+def test_unseen_weights_recover_a_class_weight_from_its_importance(planted):
+    """Step 3 inverts step 1: the importance a known class weight induces on the seen images gives it back."""
+    x, y, knowledge, seen, unseen, train, *_, model = planted
+    target_classes, n = [3, 11], int(train.sum())
+    # the importance w_c induces on ALL training images (the images step 3 measures new weights on)
+    target = torch.stack([class_importance(model, model[1], x[train], torch.full((n,), c), len(seen))[c]
+                          for c in target_classes])
+    true_w = model[4].weight.detach()[target_classes]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = fit_unseen_weights(model, model[1], model[4], x[train], target, lr=1e-2, lam=0.0, patience=100,
+                               max_iterations=1500, match="batch")
+    assert F.cosine_similarity(batch.weight, true_w, dim=1).min() > 0.9
+    assert batch.n_iterations < 1500 and batch.losses[-1] < batch.losses[0]
+    # the official per-image loss aims at a slightly different optimum (per-image directions vary)
+    per_image = fit_unseen_weights(model, model[1], model[4], x[train], target, lr=1e-2, lam=0.0, patience=100,
+                                   max_iterations=1500, match="sample")
+    assert F.cosine_similarity(per_image.weight, true_w, dim=1).min() > 0.8
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # network untouched
+    # lambda pulls the new weights toward the seen weights' mean
+    pulled = fit_unseen_weights(model, model[1], model[4], x[train], target, lr=1e-2, lam=10.0, patience=100,
+                                max_iterations=1500)
+    mean_w = model[4].weight.detach().mean(0)
+    assert (pulled.weight - mean_w).norm() < (batch.weight - mean_w).norm()
+
+
+def test_niwt_gives_far_above_chance_unseen_accuracy_on_a_planted_problem(planted):
+    x, y, knowledge, seen, unseen, train, test_seen, test_unseen, model = planted
+    niwt = NIWT(model, model[1], model[4], lr=1e-2, lam=1e-3, max_iterations=1000, seed=0)
+    gzsl = niwt.fit(x[train], y[train], knowledge, seen, unseen).gzsl_model()
+    scores_s, scores_u = predict_scores(gzsl, x[test_seen]), predict_scores(gzsl, x[test_unseen])
+    result = gzsl_evaluate(scores_s, y[test_seen], scores_u, y[test_unseen], seen, unseen)
+    chance = 1 / len(unseen)
+    assert result.zsl_accuracy > 4 * chance                      # 6 unseen classes: chance 0.17
+    assert result.U > 3 * chance and result.S > 0.3
+    # seen columns are the network's own outputs; unseen ones come from f(x) . w_u + b_u
+    with torch.no_grad():
+        assert torch.allclose(scores_s[:, seen], model(x[test_seen]), atol=1e-5)
+    assert niwt.seen_importance.shape == (18, 64) and niwt.unseen_importance.shape == (6, 64)
+    # the predicted importance of unseen classes is close to what their fitted weights induce
+    induced = class_importance(gzsl, model[1], x[train], torch.full((int(train.sum()),), unseen[0]), 24)[unseen[0]]
+    assert F.cosine_similarity(induced, niwt.unseen_importance[0], dim=0) > 0.8
+    # text explanation path: importance -> attributes of the unseen class
+    assert niwt.importance_to_knowledge(niwt.unseen_importance[0]).shape == (knowledge.shape[1],)
+
+
+def test_niwt_input_errors(planted):
+    x, y, knowledge, seen, unseen, train, *_, model = planted
+    niwt = NIWT(model, model[1], model[4])
+    with pytest.raises(ValueError, match=r"y_seen holds classes \[18\]"):
+        niwt.fit(x[:100], torch.full((100,), 18), knowledge, seen, unseen)
+    bad = knowledge.clone()
+    bad[20, 1] = math.nan
+    with pytest.raises(ValueError, match=r"NaN/inf in the rows of classes \[20\]"):
+        niwt.fit(x[train], y[train], bad, seen, unseen)
+    with pytest.raises(ValueError, match="both seen and unseen"):
+        niwt.fit(x[train], y[train], knowledge, seen, [0, 20])
+    with pytest.raises(ValueError, match="nn.Linear"):
+        NIWT(model, model[1], model[3])
+    with pytest.raises(ValueError, match="before the classifier"):
+        NIWT(model, model[4], model[4])
+    with pytest.raises(ValueError, match="call NIWT.fit"):
+        NIWT(model, model[1], model[4]).gzsl_model()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GZSL metrics and baselines
+# ----------------------------------------------------------------------------------------------------------
+def _one_hot_scores(pred, n_classes=3):
+    return F.one_hot(torch.tensor(pred), n_classes).float()
+
+
+def test_gzsl_metrics_by_hand():
+    # seen {0, 1}, unseen {2}; test-seen: class 0 right 2/3, class 1 right 1/1 -> S = (2/3 + 1) / 2
+    y_s, pred_s = torch.tensor([0, 0, 0, 1]), [0, 0, 1, 1]
+    y_u, pred_u = torch.tensor([2, 2]), [2, 0]                   # U = 1/2
+    r = gzsl_evaluate(_one_hot_scores(pred_s), y_s, _one_hot_scores(pred_u), y_u, [0, 1], [2])
+    assert r.S == pytest.approx(5 / 6) and r.U == pytest.approx(0.5)
+    assert r.H == pytest.approx(2 * 0.5 * (5 / 6) / (0.5 + 5 / 6)) == pytest.approx(0.625)
+    assert r.zsl_accuracy == 1.0                                 # only one unseen class to choose from
+    assert per_class_accuracy(torch.tensor([0, 0, 1, 1]), y_s) == pytest.approx(5 / 6)  # not 3/4
+    assert harmonic_mean(0.0, 0.0) == 0.0
+    # calibrated stacking: subtracting 1.5 from seen scores flips every sample to the unseen class
+    scores_u = torch.tensor([[2.0, 0.0, 1.0], [0.0, 2.0, 1.0]])
+    assert gzsl_evaluate(scores_u, torch.tensor([0, 1]), scores_u, torch.tensor([2, 2]), [0, 1], [2],
+                         calibration=1.5).U == 1.0
+    # columns outside seen + unseen never win
+    scores = torch.tensor([[0.0, 1.0, 0.5, 9.0]])
+    assert gzsl_evaluate(scores, torch.tensor([1]), scores, torch.tensor([2]), [0, 1], [2]).S == 1.0
+
+
+def test_select_calibration_finds_the_separating_gamma():
+    # seen samples: the true seen class leads the unseen class by 3; unseen samples: seen leads by 1
+    seen_scores = torch.tensor([[4.0, 0.0, 1.0], [0.0, 4.0, 1.0]])
+    unseen_scores = torch.tensor([[2.0, 0.0, 1.0], [0.0, 2.0, 1.0]])
+    gamma, h = select_calibration(seen_scores, torch.tensor([0, 1]), unseen_scores, torch.tensor([2, 2]), [0, 1], [2])
+    assert 1.0 < gamma < 3.0 and h == 1.0
+    # random scores: the chosen gamma is as good as any on a brute-force grid of gzsl_evaluate calls
+    g = torch.Generator().manual_seed(0)
+    s_scores, u_scores = torch.randn(60, 5, generator=g), torch.randn(40, 5, generator=g) + 0.3
+    y_s, y_u = torch.randint(0, 3, (60,), generator=g), torch.randint(3, 5, (40,), generator=g)
+    gamma, h = select_calibration(s_scores, y_s, u_scores, y_u, [0, 1, 2], [3, 4])
+    h_at = lambda c: gzsl_evaluate(s_scores, y_s, u_scores, y_u, [0, 1, 2], [3, 4], calibration=c).H  # noqa: E731
+    assert h == pytest.approx(h_at(gamma))
+    assert h >= max(h_at(c) for c in torch.linspace(-4, 4, 801).tolist()) - 1e-9
+
+
+def test_eszsl_closed_form_solves_its_normal_equations_and_recovers_a_planted_compatibility():
+    g = torch.Generator().manual_seed(0)
+    d, a, n_seen, n_unseen, m = 10, 8, 15, 5, 3000
+    S = torch.randn(n_seen + n_unseen, a, generator=g)
+    V_true = torch.randn(d, a, generator=g)
+    x = torch.randn(m, d, generator=g)
+    seen, unseen = list(range(n_seen)), list(range(n_seen, n_seen + n_unseen))
+    y = (x @ V_true @ S[:n_seen].T).argmax(1)
+    model = ESZSL(gamma=1.0, lam=0.5).fit(x, y, S, seen)
+    # Romera-Paredes & Torr: (X X^T + gamma I) V (S S^T + lambda I) = X Y S^T, X = [d, m], Y in {-1, 1}
+    X, Y = x.double().T, -torch.ones(m, n_seen, dtype=torch.float64)
+    Y[torch.arange(m), y] = 1.0
+    Ss = S[:n_seen].double().T
+    eye = lambda n: torch.eye(n, dtype=torch.float64)  # noqa: E731
+    lhs = (X @ X.T + eye(d)) @ model.V.double() @ (Ss @ Ss.T + 0.5 * eye(a))
+    assert torch.allclose(lhs, X @ Y @ Ss.T, rtol=1e-3, atol=1e-2)
+    # the planted compatibility matrix is recovered (up to scale), and unseen classes are ranked like it
+    assert F.cosine_similarity(model.V.flatten(), V_true.flatten(), dim=0) > 0.85
+    x_test = torch.randn(1000, d, generator=g)
+    planted_unseen = (x_test @ V_true @ S[unseen].T).argmax(1)
+    assert (model.scores(x_test)[:, unseen].argmax(1) == planted_unseen).float().mean() > 3 / n_unseen
+
+
+def test_ale_beats_chance_on_the_planted_problem(planted):
+    x, y, knowledge, seen, unseen, train, test_seen, test_unseen, _ = planted
+    ale = ALE(lr=0.05, epochs=20, seed=0).fit(x[train], y[train], knowledge, seen)
+    r = gzsl_evaluate(ale.scores(x[test_seen]), y[test_seen], ale.scores(x[test_unseen]), y[test_unseen], seen, unseen)
+    assert r.zsl_accuracy > 2 / len(unseen) and r.S > 0.5
+
+
+def test_avalanche_plugin_metric_matches_the_direct_computation():
+    from avalanche.benchmarks import nc_benchmark
+    from avalanche.training import Naive
+    from avalanche.training.plugins import EvaluationPlugin
+    from torch.utils.data import TensorDataset
+
+    from modnet.gzsl import GZSLPluginMetric
+
+    torch.manual_seed(0)
+    x, y = torch.randn(90, 4), torch.arange(90) % 3
+    model = nn.Linear(4, 3)
+    scores = model(x).detach()
+    expected = gzsl_evaluate(scores[y < 2], y[y < 2], scores[y == 2], y[y == 2], [0, 1], [2], calibration=0.2)
+    bench = nc_benchmark(TensorDataset(x, y), TensorDataset(x, y), n_experiences=1, task_labels=False,
+                         fixed_class_order=[0, 1, 2])
+    metric = GZSLPluginMetric([0, 1], [2], calibration=0.2)
+    evaluator = EvaluationPlugin(metric, loggers=[])
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), eval_mb_size=32,
+                     evaluator=evaluator, device="cpu")
+    out = strategy.eval(bench.test_stream)
+    assert out["GZSL_H"] == pytest.approx(expected.H) and out["GZSL_U"] == pytest.approx(expected.U)
+    assert out["ZSL_Acc"] == pytest.approx(expected.zsl_accuracy)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The job
+# ----------------------------------------------------------------------------------------------------------
+FAST = ["progress=false", "network.epochs=10", "niwt.max_iterations=150", "niwt.map_epochs=150", "ale.epochs=3",
+        "eszsl.grid_log10=[-1,0,1]", "threads=1"]
+
+
+def test_gzsl_job_writes_results_for_every_method_and_continual(tmp_path):
+    from modnet.config import compose
+    from modnet.gzsl_job import run_gzsl
+
+    cfg = compose("gzsl", [f"output_dir={tmp_path}", *FAST, "seeds=[0,1]", "continual.enabled=true",
+                           "continual.n_experiences=2", "continual.epochs=2"])
+    results = run_gzsl(cfg)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["benchmark"] == "digits" and saved["unseen_classes"] == [2, 7]
+    assert saved["seen_classes"] == [0, 1, 3, 4, 5, 6, 8, 9] and saved["seeds"] == [0, 1]
+    assert set(saved["methods"]) == {"niwt", "eszsl", "ale"}
+    for name, r in saved["methods"].items():
+        assert all(0.0 <= r[k] <= 1.0 for k in ("U", "S", "H", "zsl_accuracy")) and "H_std" in r
+        for seed_result in saved["per_seed"].values():
+            s = seed_result[name]
+            assert s["H"] == pytest.approx(harmonic_mean(s["U"], s["S"]))
+    assert len(saved["continual"]["per_seed"]) == 2
+    experiences = saved["continual"]["per_seed"][0]["experiences"]
+    assert len(experiences) == 2 and len(experiences[1]["seen_classes_so_far"]) == 8
+    assert (tmp_path / "results.csv").read_text().startswith("method,U,S,H")
+    assert (tmp_path / "gzsl.png").stat().st_size > 0
+    assert results["methods"]["niwt"]["U"] == saved["methods"]["niwt"]["U"]
+
+
+def test_gzsl_job_bad_config_is_reported_before_training(tmp_path):
+    from modnet.config import compose
+    from modnet.gzsl_job import run_gzsl
+
+    with pytest.raises(ValueError, match="choose among"):
+        run_gzsl(compose("gzsl", [f"output_dir={tmp_path}", "methods=[niwt,devise]"]))
+    with pytest.raises(ValueError, match="benchmark npz needs benchmark.path"):
+        run_gzsl(compose("gzsl", [f"output_dir={tmp_path}", "benchmark.name=npz"]))
