@@ -8,7 +8,7 @@ Flow (configs/explain.yaml):
 3. Class importance of that network for every class (seen and unseen) on its test images
    (``modnet.niwt.class_importance``); the layer's channels are grouped into functional modules by clustering
    their importance profiles (rows of importance^T) with SynC (``modnet.sync``; scikit-learn's agglomerative
-   clustering when SynC is unavailable or asked for).
+   clustering when asked for, or when SynC finds fewer than ``modules.min_modules``).
 4. Grad-CAM overlays (``modnet.explain``) of every class on one of its test images, of every module on the
    test image that activates it most, and one grid per class with all modules; ``explanations.md`` naming,
    per class and per module, the attributes through NIWT's inverse map importance -> knowledge.
@@ -108,15 +108,16 @@ def find_modules(importance: Tensor, cfg: DictConfig) -> tuple[dict[str, list[in
     labels = None
     note = ""
     if method == "sync":
-        try:
-            from modnet.sync import SynC
-        except ImportError as err:  # SynC is written alongside; the job still runs without it
-            note = f"modnet.sync unavailable ({err}); fell back to agglomerative clustering. "
-        else:
-            sync = SynC(eps=cfg.modules.eps, eps_rule=cfg.modules.eps_rule, k=cfg.modules.k)
-            labels = torch.as_tensor(sync.fit_predict(profiles))
-            note = f"SynC (eps={sync.eps_:.4g}, {int(sync.n_clusters_)} clusters, " \
-                   f"{int((labels < 0).sum())} outlier units). "
+        from modnet.sync import SynC
+
+        sync = SynC(eps=cfg.modules.eps, eps_rule=cfg.modules.eps_rule, k=cfg.modules.k)
+        labels = torch.as_tensor(sync.fit_predict(profiles))
+        note = f"SynC (eps={sync.eps_:.4g}, {int(sync.n_clusters_)} clusters, " \
+               f"{int((labels < 0).sum())} outlier units). "
+        if int(sync.n_clusters_) < cfg.modules.min_modules:
+            # one module explains nothing about a division of labour: fall back to a fixed count
+            note += f"Fewer than modules.min_modules={cfg.modules.min_modules}: "
+            labels = None
     if labels is None:
         from sklearn.cluster import AgglomerativeClustering
 
