@@ -119,6 +119,10 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> di
     elif state is not None:
         print(f"[{name} seed {seed}] keeps state in plugins: re-running it from its first experience")
     n = info.n_experiences
+    from modnet.drift import plot_drift, snapshot
+
+    probe = torch.stack([bm.test_stream[0].dataset[i][0] for i in range(min(256, len(bm.test_stream[0].dataset)))])
+    first = None
     for i, exp in enumerate(bm.train_stream):
         if i < start:
             continue
@@ -126,10 +130,16 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> di
         t0 = time.perf_counter()
         strategy.train(exp)
         seconds += time.perf_counter() - t0
+        if i == 0:
+            first = snapshot(strategy.model, probe.to(device))
         rows.append(_row(strategy.eval(bm.test_stream), n))
         torch.save({"next_exp": i + 1, "model": strategy.model.state_dict(), "rows": torch.tensor(rows),
                     "train_seconds": seconds, "done": False}, ckpt_path)
     result = {**summarize(rows), "train_seconds": seconds}
+    if first is not None and n > 1:
+        last = snapshot(strategy.model, probe.to(device))
+        result["first_experience_cka"] = plot_drift(first, last, ckpt_path.parent.parent /
+                                                    f"cka_{name}_seed{seed}.png", name)
     if getattr(strategy.model, "gate", None) is not None:
         from modnet.module_plots import write_module_report
 

@@ -1,8 +1,10 @@
 """The ``modnet`` command: ``modnet <job> [hydra overrides]``.
 
 Jobs: run (everything on the embedded default), cl (continual-learning comparison), gzsl (generalized
-zero-shot evaluation), explain (Grad-CAM and textual explanations). Each job has its config in
-``configs/<job>.yaml``; overrides use Hydra's syntax (``key=value``, ``strategies=[modnet,naive]``).
+zero-shot evaluation), explain (Grad-CAM and textual explanations), bench (speed and memory). Each job has
+its config in ``configs/<job>.yaml``; overrides use Hydra's syntax (``key=value``,
+``strategies=[modnet,naive]``). Commands: sweep (Hydra multi-run of cl), aggregate DIR (mean +- std tables
+of a sweep folder), ddp (data-parallel cl under torchrun).
 """
 from __future__ import annotations
 
@@ -19,7 +21,10 @@ JOBS = {
     "explain": ("explain", "modnet.explain_job:run_explain"),
     "bench": ("bench", "modnet.bench:run_bench"),
 }
-USAGE = f"usage: modnet {{run,{','.join(JOBS)}}} [key=value ...]   (Hydra override syntax)\n" + (__doc__ or "")
+# commands that parse their own arguments: name -> "module:function(argv) -> exit code"
+COMMANDS = {"sweep": "modnet.sweep:main", "aggregate": "modnet.aggregate:main", "ddp": "modnet.distributed:main"}
+USAGE = f"usage: modnet {{run,{','.join([*JOBS, *COMMANDS])}}} [key=value ...]   (Hydra override syntax)\n" + \
+    (__doc__ or "")
 
 
 def _call(job: str, overrides: list[str]):
@@ -52,10 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if job == "run":
             run_default(overrides)
+        elif job in COMMANDS:
+            module, func = COMMANDS[job].split(":")
+            return getattr(importlib.import_module(module), func)(overrides)
         elif job in JOBS:
             _call(job, overrides)
         else:
-            print(f"modnet: unknown command {job!r}; choose one of run, {', '.join(JOBS)}", file=sys.stderr)
+            print(f"modnet: unknown command {job!r}; choose one of run, {', '.join([*JOBS, *COMMANDS])}",
+                  file=sys.stderr)
             return 2
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"modnet {job}: error: {err}", file=sys.stderr)

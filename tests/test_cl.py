@@ -35,6 +35,15 @@ def test_modnet_meets_split_digits_task_incremental_targets(task_run):
     assert set(res["strategies"]) == {"modnet", "naive", "ewc"}
 
 
+def test_first_experience_representation_kept_by_hat_and_drifts_under_finetuning(task_run):
+    """CKA (an invariance: 1 for an unchanged representation) of the first task's hidden layers, first vs last."""
+    out, res = task_run
+    s = res["strategies"]
+    assert min(s["modnet"]["first_experience_cka"]) > 0.999
+    assert min(s["naive"]["first_experience_cka"]) < 0.99
+    assert (out / "cka_modnet_seed0.png").exists() and (out / "cka_naive_seed0.png").exists()
+
+
 def test_results_format_and_files(task_run):
     out, res = task_run
     assert res["benchmark"] == "split-digits" and res["scenario"] == "task" and res["n_experiences"] == 5

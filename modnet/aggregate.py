@@ -1,0 +1,226 @@
+"""``modnet aggregate <dir>``: every ``results.json`` below a folder -> mean +- std over seeds, per setting.
+
+A setting is (benchmark, scenario, strategy, variant). The variant names the swept hyper-parameters that
+are not seeds or strategies (``hat.c=0.5``), read from each Hydra job's ``.hydra/overrides.yaml``; only
+overrides that take two or more values across the folder count, so runs that differ in a hyper-parameter are
+never averaged together. A ``results.json`` of a multi-seed run (``seeds=[0,1,2]``) contributes each of its
+seeds (its ``per_seed`` entries). For every metric of ``modnet.results`` (average accuracy, forgetting, BWT,
+train seconds): mean and standard deviation over the runs, std with ``ddof`` (default 0, numpy's and
+``modnet.results.aggregate_seeds``' convention; ddof=1 gives the sample std).
+
+Written into the folder (or ``out_dir``): aggregate.json, aggregate.md (markdown table), aggregate.csv and
+aggregate.png (bars with std error bars). numpy does the statistics, matplotlib the plot.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+METRICS = ("average_accuracy", "forgetting", "bwt", "train_seconds")
+_LABELS = {"average_accuracy": "avg acc", "forgetting": "forgetting", "bwt": "BWT", "train_seconds": "train s"}
+_FORMATS = {"average_accuracy": "{:.4f}", "forgetting": "{:.4f}", "bwt": "{:.4f}", "train_seconds": "{:.1f}"}
+# Overrides that say which run it is, not which setting: never part of a variant.
+_NOT_VARIANT = {"seed", "seeds", "strategies", "benchmark", "scenario", "output_dir", "progress", "threads",
+                "device", "resume"}
+
+
+def _overrides(results_file: Path) -> dict[str, str]:
+    """The job's command-line overrides (Hydra writes them next to the job's outputs), key -> value."""
+    path = results_file.parent / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return {}
+    from omegaconf import OmegaConf
+
+    out = {}
+    for item in OmegaConf.to_container(OmegaConf.load(path)) or []:
+        key, _, value = str(item).partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def _runs_of(results_file: Path) -> list[dict]:
+    """One record per (strategy, seed) in a results.json, with its metrics."""
+    try:
+        res = json.loads(results_file.read_text())
+        bench, scenario, strategies = res["benchmark"], res["scenario"], res["strategies"]
+        seeds = list(res.get("seeds") or [res["seed"]])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{results_file} is not a modnet results.json ({type(err).__name__}: {err}); "
+                         "remove it or point aggregate at the sweep folder only") from None
+    runs = []
+    for name, entry in strategies.items():
+        per_seed = entry.get("per_seed") or [entry]
+        if len(per_seed) != len(seeds):
+            raise ValueError(f"{results_file}: strategy {name} has {len(per_seed)} per-seed results for "
+                             f"seeds {seeds}")
+        for seed, r in zip(seeds, per_seed):
+            runs.append({"benchmark": bench, "scenario": scenario, "strategy": name, "seed": int(seed),
+                         "file": str(results_file),
+                         **{m: float(r[m]) if r.get(m) is not None else math.nan for m in METRICS}})
+    return runs
+
+
+def collect_runs(root: Path) -> list[dict]:
+    """Every (benchmark, scenario, strategy, seed) run below ``root``, with its variant label."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"sweep folder {root} does not exist; pass the folder a `modnet sweep` wrote "
+                                "(hydra.sweep.dir, default outputs/sweeps/<date>)")
+    files = sorted(root.rglob("results.json"))
+    if not files:
+        raise ValueError(f"no results.json below {root}: the jobs have not finished, or this is not a sweep "
+                         "or `modnet cl` output folder")
+    overrides = {f: _overrides(f) for f in files}
+    values = defaultdict(set)
+    for ov in overrides.values():
+        for k, v in ov.items():
+            values[k].add(v)
+    varied = sorted(k for k, vs in values.items() if k not in _NOT_VARIANT
+                    and (len(vs) > 1 or any(k not in ov for ov in overrides.values())))
+    runs = []
+    for f in files:
+        variant = ",".join(f"{k}={overrides[f][k]}" for k in varied if k in overrides[f])
+        runs.extend({**r, "variant": variant} for r in _runs_of(f))
+    return runs
+
+
+def _stats(values: Sequence[float], ddof: int) -> dict:
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return {"mean": None, "std": None, "values": []}
+    std = float(np.std(v, ddof=ddof)) if v.size > ddof else math.nan
+    return {"mean": float(np.mean(v)), "std": std, "values": v.tolist()}
+
+
+def aggregate(sweep_dir, out_dir=None, ddof: int = 0, plot: bool = True) -> dict:
+    """Group the runs below ``sweep_dir`` by setting and write mean +- std tables; returns the summary.
+
+    Returns ``{"sweep_dir", "ddof", "n_files", "groups": [{"benchmark", "scenario", "strategy", "variant",
+    "n", "seeds", "metrics": {metric: {"mean", "std", "values"}}}]}`` (groups sorted by those keys).
+    """
+    if ddof not in (0, 1):
+        raise ValueError(f"ddof must be 0 (population std) or 1 (sample std), got {ddof!r}")
+    sweep_dir = Path(sweep_dir)
+    runs = collect_runs(sweep_dir)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[(r["benchmark"], r["scenario"], r["strategy"], r["variant"])].append(r)
+    summary_groups = []
+    for key in sorted(groups):
+        rs = sorted(groups[key], key=lambda r: r["seed"])
+        seeds = [r["seed"] for r in rs]
+        if len(set(seeds)) < len(seeds):
+            warnings.warn(f"{'/'.join(k for k in key if k)}: seed(s) repeated across runs {seeds} "
+                          f"({sorted({r['file'] for r in rs})}); they are averaged as separate runs")
+        summary_groups.append({
+            "benchmark": key[0], "scenario": key[1], "strategy": key[2], "variant": key[3], "n": len(rs),
+            "seeds": seeds, "metrics": {m: _stats([r[m] for r in rs], ddof) for m in METRICS}})
+    summary = {"sweep_dir": str(sweep_dir), "ddof": ddof, "n_files": len({r["file"] for r in runs}),
+               "groups": summary_groups}
+    write_aggregate(summary, Path(out_dir) if out_dir is not None else sweep_dir, plot=plot)
+    return summary
+
+
+def _cell(stat: dict, metric: str) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    fmt = _FORMATS[metric]
+    return fmt.format(stat["mean"]) + ("" if math.isnan(stat["std"]) else " ± " + fmt.format(stat["std"]))
+
+
+def format_markdown(summary: dict) -> str:
+    """Markdown table, one row per setting: mean ± std over its n runs."""
+    with_variant = any(g["variant"] for g in summary["groups"])
+    cols = ["benchmark", "scenario", "strategy"] + (["variant"] if with_variant else []) + ["n"] + \
+        [_LABELS[m] for m in METRICS]
+    lines = [f"mean ± std over seeds (std ddof={summary['ddof']})", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for g in summary["groups"]:
+        cells = [g["benchmark"], g["scenario"], g["strategy"]] + ([g["variant"]] if with_variant else []) + \
+            [str(g["n"])] + [_cell(g["metrics"][m], m) for m in METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_aggregate(summary: dict, out_dir: Path, plot: bool = True) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "aggregate.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "aggregate.md").write_text(format_markdown(summary) + "\n")
+    with open(out_dir / "aggregate.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["benchmark", "scenario", "strategy", "variant", "n", "seeds",
+                    *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")]])
+        for g in summary["groups"]:
+            w.writerow([g["benchmark"], g["scenario"], g["strategy"], g["variant"], g["n"],
+                        " ".join(map(str, g["seeds"])),
+                        *[g["metrics"][m][s] for m in METRICS for s in ("mean", "std")]])
+    if plot:
+        plot_aggregate(summary, out_dir / "aggregate.png")
+
+
+def plot_aggregate(summary: dict, path: Path) -> None:
+    """Bars of average accuracy and forgetting per strategy, grouped by setting, std as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = summary["groups"]
+    settings = list(dict.fromkeys(_setting(g) for g in groups))
+    strategies = list(dict.fromkeys(g["strategy"] for g in groups))
+    by_key = {(_setting(g), g["strategy"]): g for g in groups}
+    width = 0.8 / max(len(strategies), 1)
+    x = np.arange(len(settings))
+    fig, axes = plt.subplots(1, 2, figsize=(max(7.0, 1.2 + 1.6 * len(settings) * 2), 4.2))
+    for ax, metric in zip(axes, ("average_accuracy", "forgetting")):
+        for i, name in enumerate(strategies):
+            stats = [by_key[(s, name)]["metrics"][metric] if (s, name) in by_key else None for s in settings]
+            means = [st["mean"] if st and st["mean"] is not None else np.nan for st in stats]
+            stds = [st["std"] if st and st["std"] is not None and not math.isnan(st["std"]) else 0.0
+                    for st in stats]
+            ax.bar(x + (i - (len(strategies) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=name)
+        ax.set_xticks(x, settings, rotation=15 if len(settings) > 2 else 0, fontsize=8)
+        ax.set_ylabel(_LABELS[metric])
+        ax.set_title(f"{_LABELS[metric]} (mean ± std over seeds)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylim(0, 1.02)
+    axes[0].legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _setting(g: dict) -> str:
+    return f"{g['benchmark']}\n{g['scenario']}" + (f"\n{g['variant']}" if g["variant"] else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``modnet aggregate DIR [--ddof 0|1] [--out OUT_DIR]``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="modnet aggregate", description=__doc__.splitlines()[0])
+    p.add_argument("sweep_dir", help="folder with results.json files below it (a sweep folder)")
+    p.add_argument("--ddof", type=int, default=0, help="std degrees of freedom: 0 population, 1 sample")
+    p.add_argument("--out", default=None, help="where to write aggregate.* (default: sweep_dir)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    summary = aggregate(args.sweep_dir, out_dir=args.out, ddof=args.ddof)
+    print(format_markdown(summary))
+    print(f"aggregate.json/.md/.csv/.png written to {args.out or args.sweep_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (FileNotFoundError, ValueError) as err:
+        print(f"modnet aggregate: error: {err}", file=sys.stderr)
+        sys.exit(2)

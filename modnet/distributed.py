@@ -1,0 +1,411 @@
+"""Data-parallel training of the ``modnet cl`` strategies with torch.distributed (DistributedDataParallel).
+
+    torchrun --nproc_per_node=2 -m modnet.distributed strategies=[modnet] train.epochs=5
+    modnet ddp --nproc 2 strategies=[modnet] train.epochs=5          (starts torchrun itself)
+
+One process per GPU (backend nccl) or per CPU worker (gloo). PyTorch does the communication, Avalanche the
+continual-learning loop; this module only changes how a strategy feeds and differentiates its model:
+
+- ``train.batch_size`` is the GLOBAL batch. Each of the W ranks draws ``batch_size / W`` samples per step
+  from its ``DistributedSampler`` shard of the experience, so W ranks take the same steps, on the same
+  global batches, as one process with the same sampler (``world_size=1``) does. Plugins that read the batch
+  size to go over unsharded data (EWC's Fisher, GEM's memory) still see the global one.
+- The strategy's ``model`` stays the plain module, because HAT and the other plugins read and set its
+  attributes (``model.s``, masks, gates, heads). Gradients are averaged over the ranks at the end of the
+  backward, before ``after_backward``, so every plugin hook that edits gradients (HAT's conditioning
+  1 - min(a_i, a_j), embedding compensation and clipping; SI's path integral; GEM's projection) sees the
+  same averaged gradient on every rank: the gradient of the global batch. Two ways (``GRADIENT_SYNC``):
+  ``ddp``: the training forward goes through a ``DistributedDataParallel`` wrapper, rebuilt at every
+  experience (multi-head models grow; DDP broadcasts rank 0's parameters when built), whose backward hooks
+  all-reduce gradient buckets while the backward still runs. Losses added to the forward's loss (HAT's
+  capacity regulariser) are part of the same backward, so their gradients are averaged too.
+  ``allreduce``: one flat all-reduce of ``.grad`` after ``backward()``, for strategies whose plugins
+  backpropagate through parameters the DDP forward did not use (EWC/SI/LwF penalties on old heads, GEM's
+  memory gradients, the hypernetwork regulariser): DDP's reducer counts each parameter once per backward
+  and fails on those.
+- Evaluation runs the whole test stream on every rank (unsharded: no padding duplicates, no metric
+  reduction needed). Rank 0 writes the results folder (``modnet.results``).
+- After every experience the ranks' parameters are compared; a divergence stops the run with an error.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from modnet.config import ConfigError, check_choice, compose
+
+# How the ranks of each strategy agree on a gradient (see the module docstring). Every strategy listed keeps
+# the ranks' parameters identical (test_scaleout; checked by max_param_divergence after every experience).
+GRADIENT_SYNC = {"modnet": "ddp", "naive": "ddp", "cumulative": "ddp", "replay": "ddp",
+                 "ewc": "allreduce", "si": "allreduce", "lwf": "allreduce", "gem": "allreduce",
+                 "hnet": "allreduce"}
+DDP_STRATEGIES = tuple(GRADIENT_SYNC)
+# A-GEM draws a random memory batch per step on each rank: different projections, diverging parameters.
+_NOT_DDP = {"agem": "A-GEM samples its reference gradient from memory independently on every rank"}
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits: its rank among ``world_size`` processes, its device and backend."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None  # None: a single process, no process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _device_for(name: str, local_rank: int, world_size: int) -> torch.device:
+    if name == "cpu":
+        return torch.device("cpu")
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name} but no CUDA device is available; use device=auto or device=cpu")
+        if world_size > 1:
+            raise ConfigError(f"device={name} would put every rank on one GPU; use device=auto or device=cuda "
+                              "(rank r then uses GPU LOCAL_RANK)")
+        return torch.device(name)
+    return torch.device("cpu")
+
+
+def init_distributed(device: str = "auto", rank: int | None = None, world_size: int | None = None,
+                     init_method: str = "env://") -> DistContext:
+    """Join the process group: nccl on GPU, gloo on CPU; rank and size from torchrun's environment
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) unless given. One process without a launcher:
+    no group, ``world_size`` 1."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    dev = _device_for(device, local_rank, world_size)
+    if world_size == 1 and not dist.is_initialized():
+        return DistContext(0, 1, 0, dev, None)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    # Avalanche builds an InteractiveLogger at import time and refuses loggers on ranks > 0 once a group
+    # exists: import it before joining.
+    import avalanche.training  # noqa: F401
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, dist.get_backend())
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def allreduce_gradients(params: Sequence[nn.Parameter]) -> None:
+    """Average ``.grad`` over the ranks in place with one flat all-reduce (gradients and "has a gradient"
+    flags in one buffer); a parameter that no rank gave a gradient keeps ``grad = None``, as in one process.
+
+    Reading the flags is one host sync per step, the price DDP's find_unused_parameters pays too.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flags = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([g.reshape(-1) for g in grads] + [flags])
+    dist.all_reduce(flat)
+    averaged = (flat[:-len(params)] / dist.get_world_size()).split([g.numel() for g in grads])
+    for p, g, used in zip(params, averaged, (flat[-len(params):] > 0).tolist()):
+        if used:
+            p.grad = g.view_as(p)
+
+
+def _shared_seed(device: torch.device) -> int:
+    """A sampler seed drawn from rank 0's generator and sent to all ranks (they must shard one permutation)."""
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.long).to(device)
+    if dist.is_initialized():
+        dist.broadcast(seed, src=0)
+    return int(seed)
+
+
+@functools.cache
+def distributed_class(cls: type) -> type:
+    """A subclass of an Avalanche SGD template's class with data-parallel training: sharded training data,
+    DDP training forward, unsharded evaluation data. Works in one process too (no wrapper, same sampler).
+
+    Built per class because the registry's strategies have many (SupervisedTemplate, Naive, EWC, ...);
+    a subclass adds no instance layout, so a built strategy can switch to it (``make_distributed``).
+    """
+
+    class Distributed(cls):
+        gradient_sync = "ddp"  # or "allreduce"; set per strategy by make_distributed
+        _ddp: nn.Module | None = None
+        _train_sampler = None
+
+        def _before_training_exp(self, **kwargs):
+            # train_mb_size is the global batch. The training loaders built here (ours, Replay's) shard the
+            # data, so they get the per-rank batch; whatever reads train_mb_size later (EWC's Fisher batches,
+            # GEM's memory batches, over the whole unsharded data) sees the global batch, as one process does.
+            global_mb = self.train_mb_size
+            self.train_mb_size = global_mb // _rank_world()[1]
+            try:
+                super()._before_training_exp(**kwargs)
+            finally:
+                self.train_mb_size = global_mb
+
+        def make_train_dataloader(self, num_workers=0, shuffle=True, pin_memory=None, persistent_workers=False,
+                                  drop_last=False, **kwargs):
+            from avalanche.benchmarks.utils.data_loader import collate_from_data_or_kwargs
+            from torch.utils.data import DataLoader, DistributedSampler
+
+            rank, world = _rank_world()
+            # Avalanche's own loaders also shard when a process group exists, but their DistributedSampler
+            # keeps seed 0 and epoch 0, i.e. one fixed order for every epoch and every run seed.
+            self._train_sampler = DistributedSampler(self.adapted_dataset, num_replicas=world, rank=rank,
+                                                     shuffle=shuffle, seed=_shared_seed(self.device),
+                                                     drop_last=drop_last)
+            args = dict(batch_size=self.train_mb_size, sampler=self._train_sampler, num_workers=num_workers,
+                        pin_memory=self.device.type == "cuda" if pin_memory is None else pin_memory,
+                        persistent_workers=persistent_workers and num_workers > 0, drop_last=drop_last)
+            collate_from_data_or_kwargs(self.adapted_dataset, args)
+            self.dataloader = DataLoader(self.adapted_dataset, **args)
+
+        def make_eval_dataloader(self, num_workers=0, shuffle=False, pin_memory=None, persistent_workers=False,
+                                 **kwargs):
+            from avalanche.benchmarks.utils.data_loader import SingleDatasetDataLoader, collate_from_data_or_kwargs
+
+            args = self._obtain_common_dataloader_parameters(
+                batch_size=self.eval_mb_size, num_workers=num_workers, shuffle=False, pin_memory=pin_memory,
+                persistent_workers=persistent_workers)
+            collate_from_data_or_kwargs(self.adapted_dataset, args)
+            self.dataloader = SingleDatasetDataLoader(self.adapted_dataset, distributed_sampling=False, **args)
+
+        def check_model_and_optimizer(self, **kwargs):
+            super().check_model_and_optimizer(**kwargs)  # heads grow here: wrap afterwards
+            self._ddp = None
+            if self.gradient_sync == "ddp" and dist.is_initialized() and dist.get_world_size() > 1:
+                from torch.nn.parallel import DistributedDataParallel
+
+                # find_unused_parameters: the heads of other tasks get no gradient in a multi-head model.
+                self._ddp = DistributedDataParallel(
+                    self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                    find_unused_parameters=True)
+
+        def _before_training_epoch(self, **kwargs):
+            if self._train_sampler is not None:
+                self._train_sampler.set_epoch(self.clock.train_exp_epochs)  # a new shuffle every epoch
+            super()._before_training_epoch(**kwargs)
+
+        def forward(self):
+            if not (self.is_training and self._ddp is not None):
+                return super().forward()
+            from avalanche.models.utils import avalanche_forward
+
+            if hasattr(self.experience, "task_labels"):
+                return avalanche_forward(self._ddp, self.mb_x, self.mb_task_id)
+            return self._ddp(self.mb_x)
+
+        def backward(self):
+            super().backward()
+            if self.gradient_sync == "allreduce" and dist.is_initialized() and dist.get_world_size() > 1:
+                allreduce_gradients([p for p in self.model.parameters() if p.requires_grad])
+
+        def _after_training_exp(self, **kwargs):
+            super()._after_training_exp(**kwargs)
+            self._ddp = None  # drops the reducer and its autograd hooks before the next experience re-wraps
+
+    Distributed.__name__ = Distributed.__qualname__ = f"Distributed{cls.__name__}"
+    return Distributed
+
+
+def make_distributed(strategy, gradient_sync: str = "ddp"):
+    """Switch a built strategy to its data-parallel class (``distributed_class``); returns it."""
+    if gradient_sync not in ("ddp", "allreduce"):
+        raise ValueError(f"gradient_sync must be 'ddp' or 'allreduce', got {gradient_sync!r}")
+    strategy.__class__ = distributed_class(type(strategy))
+    strategy.gradient_sync = gradient_sync
+    for plugin in strategy.plugins:
+        plugin.supports_distributed = True  # silences Avalanche's check: DDP_STRATEGIES are verified
+    return strategy
+
+
+@torch.no_grad()
+def max_param_divergence(model: nn.Module) -> float:
+    """max over ranks and parameters of |theta_rank - theta_rank0| (0.0 in a single process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return 0.0
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, src=0)
+    diff = (flat - ref).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff)
+
+
+def check_ddp_config(cfg, world_size: int) -> None:
+    """Bad settings for a data-parallel run, named with the fix, before any process trains."""
+    from strategies.registry import STRATEGIES
+
+    for name in cfg.strategies:
+        check_choice("strategies", name, list(STRATEGIES))
+        if name not in DDP_STRATEGIES:
+            raise ConfigError(f"strategy {name} cannot run data-parallel: {_NOT_DDP.get(name, 'unverified')}; "
+                              f"use `modnet cl` for it, or one of {', '.join(DDP_STRATEGIES)}")
+    if world_size < 1:
+        raise ConfigError(f"the number of processes must be >= 1, got {world_size}")
+    if cfg.train.batch_size % world_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must be divisible "
+                          f"by the {world_size} processes; use e.g. train.batch_size="
+                          f"{cfg.train.batch_size + world_size - cfg.train.batch_size % world_size}")
+    if cfg.resume:
+        raise ConfigError("resume=true is not supported by data-parallel runs; rerun without it")
+
+
+def train_strategy(name: str, cfg, info, seed: int, ctx: DistContext) -> tuple[dict, nn.Module]:
+    """One strategy over all experiences on this rank: (accuracy matrix and metrics, trained model)."""
+    from modnet.cl_job import _evaluator, _nan_guard, _row, set_seed
+    from modnet.results import summarize
+    from strategies.registry import build_strategy
+
+    set_seed(seed)  # the same seed on every rank: identical initial models (DDP also broadcasts rank 0's)
+    common = dict(criterion=nn.CrossEntropyLoss(), train_mb_size=cfg.train.batch_size,
+                  train_epochs=cfg.train.epochs, eval_mb_size=cfg.train.eval_batch_size, device=ctx.device,
+                  evaluator=_evaluator(cfg.progress and ctx.is_main), eval_every=-1)
+    strategy = build_strategy(name, cfg, info, common)
+    strategy.plugins.append(_nan_guard())
+    make_distributed(strategy, GRADIENT_SYNC[name])
+    rows, seconds = [], 0.0
+    for i, exp in enumerate(info.benchmark.train_stream):
+        set_seed(seed * 1000 + i)
+        t0 = time.perf_counter()
+        strategy.train(exp)
+        seconds += time.perf_counter() - t0
+        drift = max_param_divergence(strategy.model)
+        if drift > 1e-6:
+            raise RuntimeError(f"{name}: ranks' parameters diverged by {drift:.3g} after experience {i}; "
+                               "a plugin edits gradients or parameters from rank-local data")
+        rows.append(_row(strategy.eval(info.benchmark.test_stream), info.n_experiences))
+    return {**summarize(rows), "train_seconds": seconds}, strategy.model
+
+
+def run_ddp(cfg, ctx: DistContext | None = None) -> dict:
+    """``modnet cl`` on every rank, data-parallel; rank 0 writes ``cfg.output_dir``. Returns the results."""
+    from omegaconf import OmegaConf
+
+    from modnet.results import aggregate_seeds, format_table, write_results
+    from scenarios import build_benchmark
+    from scenarios.base import SCENARIOS
+
+    ctx = ctx or init_distributed(cfg.device)
+    check_choice("scenario", cfg.scenario, SCENARIOS)
+    check_ddp_config(cfg, ctx.world_size)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    seeds = list(cfg.seeds) if cfg.get("seeds") else [cfg.seed]
+    runs: dict[str, list[dict]] = {name: [] for name in cfg.strategies}
+    info = None
+    for seed in seeds:
+        info = _build_main_first(build_benchmark, cfg, seed, ctx)
+        for name in cfg.strategies:
+            if ctx.is_main:
+                print(f"=== {name} | {info.name} | {cfg.scenario}-incremental | seed {seed} | "
+                      f"{ctx.world_size} x {ctx.backend or 'single'} on {ctx.device} ===")
+            runs[name].append(train_strategy(name, cfg, info, seed, ctx)[0])
+    results = {"benchmark": info.name, "scenario": cfg.scenario, "n_experiences": info.n_experiences,
+               "seed": seeds[0], "seeds": seeds, "device": str(ctx.device), "world_size": ctx.world_size,
+               "backend": ctx.backend, "per_rank_batch_size": cfg.train.batch_size // ctx.world_size,
+               "classes_per_experience": info.global_task_classes,
+               "strategies": {name: aggregate_seeds(r) for name, r in runs.items()}}
+    if ctx.is_main:
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_results(out, results)
+        print(f"\n{info.name}, {cfg.scenario}-incremental, seeds {seeds}, {ctx.world_size} processes\n"
+              f"{format_table(results['strategies'])}\nresults written to {out}/results.json")
+    if dist.is_initialized():
+        dist.barrier()  # nobody leaves (and tears the group down) before rank 0 has written
+    return results
+
+
+def _build_main_first(build_benchmark, cfg, seed, ctx: DistContext):
+    """Rank 0 builds (and, with benchmark.download=true, downloads) first; the others then read the files."""
+    if dist.is_initialized() and not ctx.is_main:
+        dist.barrier()
+    info = build_benchmark(cfg.benchmark, cfg.scenario, seed)
+    if dist.is_initialized() and ctx.is_main:
+        dist.barrier()
+    return info
+
+
+def _with_default_output(overrides: Sequence[str]) -> list[str]:
+    if any(o.lstrip("+").startswith("output_dir=") for o in overrides):
+        return list(overrides)
+    return [*overrides, "output_dir=outputs/ddp"]
+
+
+def _split_nproc(argv: list[str]) -> tuple[int | None, list[str]]:
+    """``--nproc N`` (or torchrun's ``--nproc-per-node N``) out of the overrides."""
+    names = ("--nproc", "--nproc-per-node", "--nproc_per_node")
+    nproc, rest, it = None, [], iter(argv)
+    for a in it:
+        key, eq, value = a.partition("=")
+        if key in names:
+            value = value if eq else next(it, "")
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"{key} needs a number of processes >= 1, got {value!r}")
+            nproc = int(value)
+        else:
+            rest.append(a)
+    return nproc, rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Under torchrun: one rank of the run. Otherwise (``modnet ddp [--nproc N] overrides``): check the
+    config, then start torchrun with N processes (default: one per GPU, or 2 on CPU)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print("usage: modnet ddp [--nproc N] [key=value ...]   (the keys of `modnet cl`)\n" + (__doc__ or ""))
+        return 0
+    nproc, overrides = _split_nproc(argv)
+    overrides = _with_default_output(overrides)
+    if "LOCAL_RANK" in os.environ:  # started by torchrun
+        cfg = compose("cl", overrides)
+        ctx = init_distributed(cfg.device)
+        try:
+            run_ddp(cfg, ctx)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        return 0
+    cfg = compose("cl", overrides)
+    if nproc is None:
+        nproc = torch.cuda.device_count() if cfg.device != "cpu" and torch.cuda.is_available() else 2
+    check_ddp_config(cfg, nproc)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "modnet.distributed", *overrides])
+    except ChildFailedError as err:  # the ranks' tracebacks are already on stderr
+        print(f"modnet ddp: {len(err.failures)} of {nproc} processes failed (see their errors above)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ConfigError as err:
+        print(f"modnet ddp: error: {err}", file=sys.stderr)
+        sys.exit(2)

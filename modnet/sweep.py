@@ -1,0 +1,134 @@
+"""``modnet sweep``: Hydra multi-run sweeps of ``modnet cl`` over seeds, strategies, benchmarks, hyper-parameters.
+
+Hydra does the work: it expands the sweep (``seed=0,1,2 strategies=[modnet],[naive]`` -> 6 jobs) and hands
+the jobs to a launcher plugin: Hydra's basic launcher (one after the other, in this process),
+hydra-joblib-launcher (``hydra/launcher=joblib hydra.launcher.n_jobs=N``: local processes) or
+hydra-submitit-launcher (``hydra/launcher=slurm``: a Slurm job array, ``configs/hydra/launcher/slurm.yaml``).
+Each job is one ``modnet.cl_job.run_cl`` whose results folder is its Hydra job folder
+``<hydra.sweep.dir>/<job number>`` (``configs/sweep.yaml``). When every job has finished,
+``AggregateCallback`` turns the sweep folder into mean +- std tables and a plot (``modnet.aggregate``).
+
+    modnet sweep seed=0,1,2 strategies=[modnet],[naive] hydra/launcher=joblib hydra.launcher.n_jobs=2
+    python -m modnet.sweep -m seed=0,1 strategies=[modnet],[naive]      (the same app, Hydra's own CLI)
+
+Launcher plugins stay optional: Hydra loads one only when it is chosen, and a missing one is reported with
+its ``pip install`` line before any job starts.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import hydra
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from modnet.config import ConfigError, compose
+
+# hydra/launcher choice -> (plugin module, pip package). Our slurm.yaml extends the submitit plugin's config.
+_LAUNCHER_PLUGINS = {
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    "slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+}
+
+
+def _plugin_installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # the hydra_plugins namespace itself is absent
+        return False
+
+
+def expand_sweep(overrides: Sequence[str]) -> list[list[str]]:
+    """The job-level override lists a sweep expands to (Hydra's own parser and basic-sweeper product);
+    ``hydra.*`` and ``hydra/*`` overrides are left out: they configure Hydra, not the job."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        job = [o for o in parsed if not o.is_hydra_override()]
+        return BasicSweeper.split_arguments(job, None)[0]
+    except HydraException as err:
+        raise ConfigError(f"bad sweep override: {str(err).strip().splitlines()[0]}") from None
+
+
+def validate_sweep(overrides: Sequence[str]) -> int:
+    """Check every job's config and the chosen launcher before anything is launched; returns the job count.
+
+    A typo in the tenth combination of a Slurm sweep should fail here, in one line, not an hour later.
+    """
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+~") == "hydra/launcher" and value in _LAUNCHER_PLUGINS:
+            module, package = _LAUNCHER_PLUGINS[value]
+            if not _plugin_installed(module):
+                raise ConfigError(f"hydra/launcher={value} needs the {package} plugin: pip install {package} "
+                                  "(or pip install 'modnet[sweep]')")
+        if key.lstrip("+") == "output_dir":
+            raise ConfigError("output_dir is set per job by the sweep (its Hydra job folder); choose the "
+                              "sweep's folder with hydra.sweep.dir=PATH instead")
+    jobs = expand_sweep(overrides)
+    for job in jobs:
+        compose("cl", job)  # raises ConfigError naming the bad key/value and the valid ones
+    return len(jobs)
+
+
+class AggregateCallback(Callback):
+    """Hydra callback: after the last job of a multi-run, aggregate its sweep folder (mean +- std)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from modnet.aggregate import aggregate, format_markdown
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not any(sweep_dir.rglob("results.json")):
+            print(f"[modnet sweep] no results.json under {sweep_dir}: nothing to aggregate")
+            return
+        try:
+            summary = aggregate(sweep_dir)
+        except ValueError as err:  # the jobs' results are kept: report, and let the user aggregate by hand
+            print(f"[modnet sweep] aggregation failed: {err}\nfix it, then run: modnet aggregate {sweep_dir}")
+            return
+        print(f"\n{format_markdown(summary)}\naggregate tables and plot written to {sweep_dir}")
+
+
+@hydra.main(config_path="pkg://configs", config_name="sweep", version_base=None)
+def sweep_app(cfg: DictConfig) -> dict:
+    """One sweep job: a ``modnet cl`` run in the job's folder (Hydra sets ``output_dir`` to it)."""
+    from modnet.cl_job import run_cl
+
+    return run_cl(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``modnet sweep [hydra options] [overrides]``: always a multi-run (``-m`` is added when missing)."""
+    from hydra._internal.utils import get_args_parser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = get_args_parser().parse_args(argv)
+    inspect_only = args.help or args.hydra_help or args.info or args.cfg or args.shell_completion
+    if not inspect_only:
+        if not args.multirun:
+            argv.insert(0, "--multirun")
+        n_jobs = validate_sweep(args.overrides)
+        print(f"[modnet sweep] {n_jobs} job(s)")
+    saved = sys.argv
+    sys.argv = ["modnet sweep", *argv]  # hydra.main reads its command line from sys.argv
+    try:
+        sweep_app()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ConfigError as err:
+        print(f"modnet sweep: error: {err}", file=sys.stderr)
+        sys.exit(2)

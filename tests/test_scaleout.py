@@ -1,0 +1,251 @@
+"""Scale-out: 2-process gloo DDP on CPU, a 2-worker joblib Hydra sweep, and the mean +- std aggregation.
+
+References independent of the code under test: hand-computed means/stds of planted numbers, Python's
+``statistics`` module on the jobs' own results.json files, the single-process run of the same global batches
+(DDP must reproduce it), and bitwise equality of the ranks' parameters.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# digits, 2 task-incremental experiences of 5 classes (chance 0.2). 1256 training samples make both
+# experiences even-sized (634, 622), so 2 ranks x 8 samples cover exactly the global batches of 1 x 16.
+SMALL = ["benchmark.n_experiences=2", "benchmark.max_train_samples=1256",
+         "train.lr=0.2", "train.batch_size=16", "hat.smax=50", "progress=false", "device=cpu", "threads=1",
+         "seed=0"]
+# HAT alone: its masks are smooth in the weights, so equal global batches give equal parameters up to float
+# summation order (hard top-k module gates would amplify those last bits into different gate decisions).
+# EWC rides along: its penalty reaches the old heads outside the forward, so its ranks average .grad with one
+# all-reduce after backward instead of DDP's hooks (modnet.distributed.GRADIENT_SYNC): both paths are checked.
+HAT_ONLY = [*SMALL, "strategies=[modnet,ewc]", "train.epochs=2", "model.modules=none", "model.gate=none",
+            "model.task_keys=false"]
+MODNET = [*SMALL, "strategies=[modnet]", "train.epochs=1"]  # the default modnet: modules, gates, task keys
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """One rank: the data-parallel job for both configs, saving its final models for the parent."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    import modnet.distributed as md
+    from modnet.config import compose
+
+    train = md.train_strategy
+
+    def train_and_save(name, cfg, info, seed, ctx):
+        result, model = train(name, cfg, info, seed, ctx)
+        torch.save(model.state_dict(), Path(cfg.output_dir) / f"{name}_rank{ctx.rank}.pt")
+        return result, model
+
+    md.train_strategy = train_and_save  # run_ddp looks it up at call time
+    ctx = md.init_distributed("cpu", rank=rank, world_size=world_size)
+    assert ctx.backend == "gloo" and ctx.world_size == world_size
+    for name, overrides in (("hat", HAT_ONLY), ("modnet", MODNET)):
+        (Path(out_dir) / name).mkdir(exist_ok=True)
+        md.run_ddp(compose("cl", [*overrides, f"output_dir={out_dir}/{name}"]), ctx)
+    dist.destroy_process_group()
+
+
+def _assert_same_ranks(run_dir: Path, strategy: str) -> dict:
+    rank0 = torch.load(run_dir / f"{strategy}_rank0.pt", weights_only=True)
+    rank1 = torch.load(run_dir / f"{strategy}_rank1.pt", weights_only=True)
+    assert rank0.keys() == rank1.keys()
+    for k in rank0:  # gradients are all-reduced, then the same HAT operations run: bit-identical
+        assert torch.equal(rank0[k], rank1[k]), k
+    return rank0
+
+
+def test_ddp_two_gloo_ranks_stay_identical_and_match_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    from modnet.config import compose
+    from modnet.distributed import DistContext, train_strategy
+    from scenarios import build_benchmark
+
+    # Reference: one process drawing the same global batches of 16 (same sampler, world size 1, no DDP).
+    # Run first: it also imports Avalanche, which the forked ranks then share instead of re-importing.
+    cfg = compose("cl", HAT_ONLY)
+    info = build_benchmark(cfg.benchmark, cfg.scenario, cfg.seed)
+    assert all(len(e.dataset) % 2 == 0 for e in info.benchmark.train_stream)
+    single = {name: train_strategy(name, cfg, info, cfg.seed, DistContext()) for name in cfg.strategies}
+
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    for run, strategies in (("hat", ["modnet", "ewc"]), ("modnet", ["modnet"])):
+        results = json.loads((tmp_path / run / "results.json").read_text())
+        assert (results["world_size"], results["backend"], results["per_rank_batch_size"]) == (2, "gloo", 8)
+        for name in strategies:
+            r = results["strategies"][name]
+            assert len(r["accuracy_matrix"]) == 2
+            assert r["average_accuracy"] > 0.4, (run, name)  # 2 x chance after 1-2 epochs
+            params = _assert_same_ranks(tmp_path / run, name)
+            if run != "hat":
+                continue
+            # DDP's (modnet) or the all-reduce's (ewc) averaged gradient is the gradient of the global batch
+            ref_result, ref_model = single[name]
+            for k, v in ref_model.state_dict().items():
+                scale = max(1.0, float(v.abs().max())) if v.is_floating_point() else 1.0
+                assert float((v - params[k]).abs().max()) <= 1e-3 * scale, (name, k)
+            assert torch.allclose(torch.tensor(ref_result["accuracy_matrix"]),
+                                  torch.tensor(r["accuracy_matrix"]), atol=0.01)
+    # HAT's masks freeze the units of task 0: nothing forgotten
+    hat = json.loads((tmp_path / "hat" / "results.json").read_text())["strategies"]["modnet"]
+    assert hat["forgetting"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ddp_rejects_bad_settings_before_training():
+    from modnet.config import ConfigError, compose
+    from modnet.distributed import check_ddp_config
+
+    with pytest.raises(ConfigError, match="divisible"):
+        check_ddp_config(compose("cl", ["strategies=[naive]", "train.batch_size=33"]), 2)
+    with pytest.raises(ConfigError, match="A-GEM"):
+        check_ddp_config(compose("cl", ["strategies=[agem]"]), 2)
+
+
+def _results(path: Path, benchmark: str, seeds: list[int], strategies: dict, overrides=None) -> None:
+    """A results.json as ``modnet cl`` writes it; strategies: name -> list of per-seed metric dicts."""
+    path.mkdir(parents=True)
+    entries = {}
+    for name, runs in strategies.items():
+        entries[name] = dict(runs[0], accuracy_matrix=[[0.5]])
+        if len(runs) > 1:
+            entries[name]["per_seed"] = runs
+    (path / "results.json").write_text(json.dumps({"benchmark": benchmark, "scenario": "task", "n_experiences": 1,
+                                                   "seed": seeds[0], "seeds": seeds, "strategies": entries}))
+    if overrides is not None:
+        (path / ".hydra").mkdir()
+        (path / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+
+
+def _m(acc, forg, sec):
+    return {"average_accuracy": acc, "forgetting": forg, "bwt": -forg, "train_seconds": sec}
+
+
+def test_aggregate_matches_hand_computed_means_and_stds(tmp_path):
+    from modnet.aggregate import aggregate
+
+    d = tmp_path / "sweep"
+    _results(d / "0", "split-digits", [0], {"modnet": [_m(0.8, 0.10, 10)], "naive": [_m(0.5, 0.4, 2)]})
+    _results(d / "1", "split-digits", [1], {"modnet": [_m(0.9, 0.00, 12)], "naive": [_m(0.6, 0.3, 4)]})
+    _results(d / "2", "split-digits", [2, 3], {"modnet": [_m(1.0, 0.05, 14), _m(0.7, 0.15, 16)]})
+    _results(d / "3", "split-mnist", [0], {"modnet": [_m(0.95, 0.01, 100)]})
+    # the same benchmark at two values of a swept hyper-parameter: never averaged together
+    _results(d / "4", "split-fmnist", [0], {"modnet": [_m(0.6, 0.0, 1)]}, ["seed=0", "hat.c=0.5"])
+    _results(d / "5", "split-fmnist", [1], {"modnet": [_m(0.8, 0.0, 1)]}, ["seed=1", "hat.c=0.5"])
+    _results(d / "6", "split-fmnist", [0], {"modnet": [_m(0.2, 0.0, 1)]}, ["seed=0", "hat.c=0.75"])
+
+    summary = aggregate(d)
+    groups = {(g["benchmark"], g["strategy"], g["variant"]): g for g in summary["groups"]}
+    assert set(groups) == {("split-digits", "modnet", ""), ("split-digits", "naive", ""),
+                           ("split-mnist", "modnet", ""), ("split-fmnist", "modnet", "hat.c=0.5"),
+                           ("split-fmnist", "modnet", "hat.c=0.75")}
+    g = groups[("split-digits", "modnet", "")]
+    # acc 0.8, 0.9, 1.0, 0.7: mean 0.85; deviations +-0.05, +-0.15 -> var (2*0.0025 + 2*0.0225) / 4 = 0.0125
+    assert g["n"] == 4 and g["seeds"] == [0, 1, 2, 3]
+    assert g["metrics"]["average_accuracy"]["mean"] == pytest.approx(0.85)
+    assert g["metrics"]["average_accuracy"]["std"] == pytest.approx(math.sqrt(0.0125))
+    # forgetting 0.10, 0.00, 0.05, 0.15: mean 0.075, deviations +-0.025, +-0.075 -> var 0.003125
+    assert g["metrics"]["forgetting"]["mean"] == pytest.approx(0.075)
+    assert g["metrics"]["forgetting"]["std"] == pytest.approx(math.sqrt(0.003125))
+    assert g["metrics"]["bwt"]["mean"] == pytest.approx(-0.075)
+    assert g["metrics"]["train_seconds"]["mean"] == pytest.approx(13.0)
+    assert g["metrics"]["train_seconds"]["std"] == pytest.approx(math.sqrt(5.0))  # (9+1+1+9)/4
+    naive = groups[("split-digits", "naive", "")]["metrics"]["average_accuracy"]
+    assert (naive["mean"], naive["std"]) == (pytest.approx(0.55), pytest.approx(0.05))
+    assert groups[("split-fmnist", "modnet", "hat.c=0.5")]["metrics"]["average_accuracy"]["mean"] == \
+        pytest.approx(0.7)
+    assert groups[("split-mnist", "modnet", "")]["metrics"]["average_accuracy"]["std"] == 0.0
+
+    md = (d / "aggregate.md").read_text()
+    assert "| split-digits | task | modnet |  | 4 | 0.8500 ± 0.1118 | 0.0750 ± 0.0559 | -0.0750 ± 0.0559 | " \
+           "13.0 ± 2.2 |" in md
+    assert "| split-fmnist | task | modnet | hat.c=0.75 | 1 | 0.2000 ± 0.0000 |" in md
+    rows = {(r["benchmark"], r["strategy"], r["variant"]): r for r in csv.DictReader(open(d / "aggregate.csv"))}
+    assert float(rows[("split-digits", "naive", "")]["forgetting_mean"]) == pytest.approx(0.35)
+    assert float(rows[("split-digits", "naive", "")]["forgetting_std"]) == pytest.approx(0.05)
+    assert (d / "aggregate.png").stat().st_size > 0
+    assert json.loads((d / "aggregate.json").read_text())["groups"] == json.loads(json.dumps(summary["groups"]))
+
+    sample = aggregate(d, out_dir=tmp_path / "ddof1", ddof=1, plot=False)
+    g1 = next(g for g in sample["groups"] if g["benchmark"] == "split-digits" and g["strategy"] == "modnet")
+    assert g1["metrics"]["average_accuracy"]["std"] == pytest.approx(math.sqrt(0.05 / 3))
+
+
+def test_aggregate_reports_bad_folders(tmp_path):
+    from modnet.aggregate import aggregate
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        aggregate(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no results.json"):
+        aggregate(tmp_path)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "results.json").write_text('{"benchmark": "a"}')
+    with pytest.raises(ValueError, match="not a modnet results.json"):
+        aggregate(tmp_path)
+
+
+def test_joblib_sweep_two_workers_then_aggregate(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "modnet.sweep", "seed=0,1", "strategies=[naive],[ewc]", "train.epochs=1",
+           "benchmark.n_experiences=2", "threads=1", "device=cpu", "hydra/launcher=joblib",
+           "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep_dir}"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    from omegaconf import OmegaConf
+
+    jobs = sorted(p.parent for p in sweep_dir.glob("*/results.json"))
+    assert len(jobs) == 4  # 2 seeds x 2 strategies, one folder each
+    assert "Joblib" in OmegaConf.load(jobs[0] / ".hydra" / "hydra.yaml").hydra.launcher._target_
+    # by hand, from the jobs' own files: mean and population std over the seeds (statistics module)
+    acc = {}
+    for job in jobs:
+        res = json.loads((job / "results.json").read_text())
+        (name, r), = res["strategies"].items()
+        acc.setdefault(name, {})[res["seed"]] = r["average_accuracy"]
+    assert {k: sorted(v) for k, v in acc.items()} == {"naive": [0, 1], "ewc": [0, 1]}
+
+    rows = {r["strategy"]: r for r in csv.DictReader(open(sweep_dir / "aggregate.csv"))}  # written by the sweep
+    md = (sweep_dir / "aggregate.md").read_text()
+    for name, by_seed in acc.items():
+        mean, std = statistics.fmean(by_seed.values()), statistics.pstdev(by_seed.values())
+        assert float(rows[name]["average_accuracy_mean"]) == pytest.approx(mean, abs=1e-12)
+        assert float(rows[name]["average_accuracy_std"]) == pytest.approx(std, abs=1e-12)
+        assert rows[name]["n"] == "2" and rows[name]["seeds"] == "0 1"
+        assert f"| {name} | 2 | {mean:.4f} ± {std:.4f} |" in md
+    assert acc["naive"][0] > 0.4  # trained, not chance (0.2)
+
+
+def test_sweep_checks_every_job_and_the_launcher_before_launching(monkeypatch):
+    import modnet.sweep as sweep
+    from modnet.config import ConfigError
+
+    assert sweep.validate_sweep(["seed=0,1,2", "strategies=[modnet],[naive]", "hydra/launcher=joblib"]) == 6
+    with pytest.raises(ConfigError, match="train.epochs"):  # only the second value of the sweep is bad
+        sweep.validate_sweep(["train.epochs=1,x"])
+    with pytest.raises(ConfigError, match="hydra.sweep.dir"):
+        sweep.validate_sweep(["output_dir=/tmp/x"])
+    monkeypatch.setattr(sweep, "_plugin_installed", lambda module: False)
+    with pytest.raises(ConfigError, match="pip install hydra-submitit-launcher"):
+        sweep.validate_sweep(["hydra/launcher=slurm", "seed=0,1"])
