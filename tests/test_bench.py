@@ -7,7 +7,7 @@ from modnet.cli import main
 
 
 def test_bench_writes_ratios_that_agree_with_its_throughputs(tmp_path):
-    rc = main(["bench", "archs=[mlp]", "samples.mlp=512", "epochs=2", "sync_sizes=[200,400]", "niwt=false",
+    rc = main(["bench", "archs=[mlp]", "samples.mlp=512", "epochs=2", "sync_sizes=[200,400]", "niwt=false", "repeats=1",
                f"output_dir={tmp_path}"])
     assert rc == 0
     res = json.loads((tmp_path / "bench.json").read_text())
