@@ -12,7 +12,6 @@ evaluation throughput. Writes ``bench.json`` and ``bench.md``.
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing as mp
 import resource
 import time
@@ -237,7 +236,6 @@ def bench_niwt_gzsl(device: str = "cpu") -> dict:
     scores = predict_scores(model, xt)
     _sync(dev)
     times["gzsl_scoring_samples_per_s"] = xt.shape[0] / (time.perf_counter() - t0)
-    ns = xs.shape[0] * reps
     ys, yu = data.y_test_seen.to(dev).repeat(reps), data.y_test_unseen.to(dev).repeat(reps)
     seen_rows = torch.cat([torch.ones(len(xs), dtype=torch.bool), torch.zeros(len(xu), dtype=torch.bool)])
     seen_rows = seen_rows.repeat(reps).to(dev)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from modnet.config import ConfigError, check_choice, resolve_device
+from modnet.gzsl_job import fit_classifier
 from modnet.explain import (BACKENDS, ClassGradCAM, ModuleGradCAM, explain_in_words, module_attributes, save_overlay,
                             save_overlay_grid, write_explanations_md)
 
@@ -76,23 +77,6 @@ def _load_images(cfg: DictConfig):
                          f"{tuple(data.x_train.shape)} (xlsa17 AWA2/CUB features have no spatial layout). "
                          "Use data.name=digits or an .npz of images.")
     return data
-
-
-def train_seen(model: nn.Module, x: Tensor, y_columns: Tensor, cfg: DictConfig, device: torch.device) -> None:
-    """Cross-entropy on the seen classes with Adam (mini-batches drawn on the device)."""
-    generator = torch.Generator().manual_seed(cfg.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    x, y_columns = x.to(device), y_columns.to(device)
-    model.train()
-    for _ in range(cfg.train.epochs):
-        order = torch.randperm(x.shape[0], generator=generator).to(device)
-        for start in range(0, x.shape[0], cfg.train.batch_size):
-            idx = order[start:start + cfg.train.batch_size]
-            loss = F.cross_entropy(model(x[idx]), y_columns[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    model.eval()
 
 
 def find_modules(importance: Tensor, cfg: DictConfig) -> tuple[dict[str, list[int]], str]:
@@ -156,7 +140,9 @@ def run_explain(cfg: DictConfig) -> dict:
 
     # 1. the seen-class network
     model = SmallCNN(tuple(data.input_shape), len(seen), tuple(cfg.model.channels), cfg.model.hidden).to(device)
-    train_seen(model, data.x_train, column_of[data.y_train], cfg, device)
+    t = cfg.train
+    fit_classifier(model, data.x_train.to(device), column_of[data.y_train].to(device), epochs=t.epochs,
+                   batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay, seed=cfg.seed)
     layer = model.explained_layer
 
     # 2. NIWT: knowledge -> importance map and unseen weights; the extended network scores all classes

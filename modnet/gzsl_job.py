@@ -118,19 +118,21 @@ def build_network(cfg: DictConfig, input_shape: tuple[int, ...], n_classes: int)
     raise ValueError(f"network.arch must be auto, mlp or cnn, got {arch!r}")
 
 
-def train_network(model: nn.Module, x: Tensor, y: Tensor, cfg: DictConfig, seed: int, progress: bool) -> nn.Module:
-    """Cross-entropy, Adam, mini-batches drawn on the data's device."""
+def fit_classifier(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: int, lr: float,
+                   weight_decay: float, seed: int, progress: bool = False) -> nn.Module:
+    """Cross-entropy, Adam, mini-batches drawn on the data's device (the seen-class network of GZSL and of
+    the explanations)."""
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.network.lr, weight_decay=cfg.network.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     model.train()
-    epochs = range(cfg.network.epochs)
+    rounds = range(epochs)
     if progress:
         from tqdm.auto import tqdm
-        epochs = tqdm(epochs, desc="seen network", leave=False)
-    for _ in epochs:
+        rounds = tqdm(rounds, desc="seen network", leave=False)
+    for _ in rounds:
         order = torch.randperm(x.shape[0], generator=generator).to(x.device)
-        for start in range(0, x.shape[0], cfg.network.batch_size):
-            idx = order[start:start + cfg.network.batch_size]
+        for start in range(0, x.shape[0], batch_size):
+            idx = order[start:start + batch_size]
             loss = F.cross_entropy(model(x[idx]), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -186,7 +188,9 @@ def score_methods(cfg: DictConfig, data: ZSLData, seed: int, device, progress: b
     x_ts, x_tu = data.x_test_seen.to(device), data.x_test_unseen.to(device)
     attributes = data.attributes.to(device)
     model = build_network(cfg, data.input_shape, len(seen)).to(device)
-    train_network(model, x_train, _columns(seen, data.n_classes, device)[y_train], cfg, seed, progress)
+    n = cfg.network
+    fit_classifier(model, x_train, _columns(seen, data.n_classes, device)[y_train], epochs=n.epochs,
+                   batch_size=n.batch_size, lr=n.lr, weight_decay=n.weight_decay, seed=seed, progress=progress)
 
     out: dict[str, tuple[Tensor, Tensor]] = {}
     if "niwt" in cfg.methods:
