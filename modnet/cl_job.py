@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -63,6 +64,8 @@ def _evaluator(progress: bool):
     from avalanche.logging import InteractiveLogger
     from avalanche.training.plugins import EvaluationPlugin
 
+    if not progress:  # quiet on purpose: the results table is printed at the end
+        warnings.filterwarnings("ignore", message="No loggers specified")
     return EvaluationPlugin(accuracy_metrics(experience=True), loggers=[InteractiveLogger()] if progress else [])
 
 
