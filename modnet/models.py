@@ -15,7 +15,7 @@ from avalanche.models import MultiTaskModule
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from modnet.hat import HATConv2d, HATLinear, HATMaskedLayer
+from modnet.hat import HATConv2d, HATLinear
 
 # Logit given to classes outside the chosen head: finite so that cross-entropy and softmax stay finite.
 _OFF_HEAD_LOGIT = -1e4
@@ -224,12 +224,6 @@ class HATCNN(HATNet):
         # The fc layer sees the last conv's channels flattened over space (channel-major, as flatten does).
         return prev[:-1] + [prev[-1].repeat_interleave(self.spatial)]
 
-    def features(self, x: Tensor, masks: list[Tensor]) -> Tensor:
-        h = x
-        for conv, m in zip(self.masked[:-1], masks[:-1]):
-            h = F.max_pool2d(F.relu(conv(h, m)), 2)
-        return self.drop(F.relu(self.masked[-1](h.flatten(1), masks[-1])))
-
     def unit_activations(self, x: Tensor, masks: list[Tensor]) -> list[Tensor]:
         h, acts = x, []
         for conv, m in zip(self.masked[:-1], masks[:-1]):
@@ -237,10 +231,6 @@ class HATCNN(HATNet):
             acts.append(h.mean(dim=(2, 3)))
         acts.append(self.drop(F.relu(self.masked[-1](h.flatten(1), masks[-1]))))
         return acts
-
-
-def masked_layers(model: nn.Module) -> list[HATMaskedLayer]:
-    return [m for m in model.modules() if isinstance(m, HATMaskedLayer)]
 
 
 # -- the same backbones without masks, for the baselines -----------------------------------------------

@@ -62,19 +62,17 @@ def test_results_format_and_files(task_run):
 
 
 def test_later_task_leaves_earlier_outputs_unchanged():
-    """HAT's guarantee: after task 0, training task 1 changes no task-0 logit (MLP: max |change| < 1e-3)."""
-    from avalanche.training.templates import SupervisedTemplate
+    """HAT's guarantee: after task 0, training task 1 changes no task-0 logit (MLP: max |change| < 1e-3),
+    with the default modules and gates on, while the shared weights do move."""
+    from avalanche.training.plugins import EvaluationPlugin
 
     from scenarios import build_benchmark
-    from strategies.registry import build_hat_model, build_modnet
+    from strategies.registry import build_modnet
 
     cfg = compose("cl", ["train.epochs=5", "progress=false"])
     info = build_benchmark(cfg.benchmark, "task", 0)
     common = dict(criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=5, eval_mb_size=256,
-                  device="cpu", evaluator=None)
-    from avalanche.training.plugins import EvaluationPlugin
-
-    common["evaluator"] = EvaluationPlugin(loggers=[])
+                  device="cpu", evaluator=EvaluationPlugin(loggers=[]))
     strategy = build_modnet(cfg, info, common)
     exps = list(info.benchmark.train_stream)
     strategy.train(exps[0])
@@ -82,14 +80,13 @@ def test_later_task_leaves_earlier_outputs_unchanged():
     model = strategy.model.eval()
     with torch.no_grad():
         before = model.forward_single_task(x0, 0).clone()
+    weights_before = model.masked[0].weight.detach().clone()
     strategy.train(exps[1])
     model.eval()
     with torch.no_grad():
         after = model.forward_single_task(x0, 0)
-        changed_weights = (model.masked[0].weight != strategy.model.masked[0].weight).any()
     assert (after - before).abs().max().item() < 1e-3
-    assert not changed_weights  # sanity: same object
-    assert isinstance(strategy, SupervisedTemplate)
+    assert (model.masked[0].weight - weights_before).abs().max().item() > 1e-3  # task 1 did learn
 
 
 def test_class_incremental_modnet_runs_and_infers_the_task(tmp_path):

@@ -8,7 +8,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from modnet.cli import main
 from modnet.modules import ModuleGate, ModularGating, TaskKeys, cluster_units
-from modnet.models import HATCNN, HATMLP
+from modnet.models import HATCNN
 
 
 def test_cluster_units_recovers_planted_modules():
