@@ -67,19 +67,6 @@ def cluster_units(profiles: Tensor, dim: int = 16, steps: int = 200, lr: float =
 
 
 # -- key-vector hard attention over modules -------------------------------------------------------------
-class _StraightThrough(torch.autograd.Function):
-    """Forward: the hard 0/1 choice, exactly (``hard + soft - soft.detach()`` is off by rounding).
-    Backward: the gradient goes to the soft scores unchanged."""
-
-    @staticmethod
-    def forward(ctx, hard: Tensor, soft: Tensor) -> Tensor:
-        return hard.clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return None, grad
-
-
 class ModuleGate(nn.Module):
     """Hard top-k attention over the modules of one layer, for one task.
 
@@ -123,7 +110,9 @@ class ModuleGate(nn.Module):
             scores = scores - torch.log(-torch.log(u))
         soft = F.softmax(scores / self.tau, dim=1)
         hard = torch.zeros_like(scores).scatter_(1, scores.topk(self.k, dim=1).indices, 1.0)
-        return _StraightThrough.apply(hard, soft)
+        # straight-through: the value is exactly `hard` (soft - soft.detach() is exactly 0 in floating point;
+        # the parentheses matter), the gradient is the softmax's
+        return hard + (soft - soft.detach())
 
     def forward(self, q_in: Tensor) -> Tensor:
         return self.module_gates(q_in)[:, self.assignment]  # B x units
