@@ -395,15 +395,19 @@ def plot_cka_heatmap(matrix, path, labels_a: Sequence[str] | None = None, labels
             raise ValueError(f"{side} has {len(labels)} entries for {size} layers")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(1.0 + 0.5 * m.shape[1], 1.0 + 0.5 * m.shape[0]), dpi=120)
+    # a floor on the size keeps labels and title readable for the 2-3 layer matrices of small networks
+    fig = Figure(figsize=(max(4.5, 1.5 + 0.5 * m.shape[1]), max(3.8, 1.2 + 0.5 * m.shape[0])), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     image = ax.imshow(m, vmin=0.0, vmax=1.0, cmap="magma", origin="lower")
+    if m.size <= 64:
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if v < 0.5 else "black")
     ax.set_xticks(range(m.shape[1]), labels_b if labels_b is not None else range(m.shape[1]), rotation=90)
     ax.set_yticks(range(m.shape[0]), labels_a if labels_a is not None else range(m.shape[0]))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, format="png")

@@ -52,6 +52,6 @@ def snapshot(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor] | None:
 def plot_drift(before: list[torch.Tensor], after: list[torch.Tensor], path: Path, name: str) -> list[float]:
     m = cka_matrix(before, after)
     labels = [f"h{i}" for i in range(len(before))]
-    plot_cka_heatmap(m, path, labels, labels, title=f"{name}: CKA, first experience's representation",
-                     xlabel="after the last experience", ylabel="after the first experience")
+    plot_cka_heatmap(m, path, labels, labels, title=f"{name}: CKA of experience 0's hidden layers",
+                     xlabel="after the last experience", ylabel="after experience 0")
     return torch.diagonal(m).tolist()

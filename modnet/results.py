@@ -93,6 +93,7 @@ def plot_results(out_dir: Path, results: dict) -> None:
         R = np.asarray(r["accuracy_matrix"])
         seen_avg = [R[i, : i + 1].mean() for i in range(R.shape[0])]
         ax.plot(range(1, len(seen_avg) + 1), seen_avg, marker="o", label=name)
+    ax.set_xticks(range(1, results["n_experiences"] + 1))
     ax.set_xlabel("experiences trained")
     ax.set_ylabel("mean accuracy on experiences seen so far")
     ax.set_ylim(0, 1.02)
