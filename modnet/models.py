@@ -162,13 +162,32 @@ class HATNet(MultiHeadTaskNet):
             x = torch.stack([ds[i][0] for i in range(n)]).to(self.heads[0].weight.device)
             self.gate.add_task(self, task, x)
 
+    def key_slots(self, task: int) -> Tensor:
+        """The task keys' rows for task ``task``: one per (task, class) pair, so that tasks sharing class ids
+        (permuted / domain-incremental benchmarks) still get keys of their own."""
+        start = sum(len(c) for c in self.task_classes[:task])
+        return torch.arange(start, start + len(self.task_classes[task]), device=self.heads[0].weight.device)
+
+    def slot_of(self, task: int, y: Tensor) -> Tensor:
+        """Key row of each global label ``y`` of task ``task``."""
+        lut = torch.full((self.n_classes,), -1, dtype=torch.long, device=y.device)
+        lut[getattr(self, f"class_index_{task}")] = self.key_slots(task).to(y.device)
+        slots = lut[y]
+        if (slots < 0).any():
+            raise ValueError(f"labels {y[slots < 0].unique().tolist()} are not classes of task {task}")
+        return slots
+
+    @property
+    def n_key_slots(self) -> int:
+        return sum(len(c) for c in self.task_classes)
+
     def infer_task(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.task_keys is None or int(self.n_trained) == 0:
             return super().infer_task(x)
         # p(c | x) = p(t | x) p(c | x, t): task posterior from the keys, class from the task's masked head.
         n = int(self.n_trained)
         idx = [getattr(self, f"class_index_{t}") for t in range(n)]
-        log_pt = self.task_keys.task_log_posterior(x, idx)
+        log_pt = self.task_keys.task_log_posterior(x, [self.key_slots(t) for t in range(n)])
         out = x.new_full((x.shape[0], self.n_classes), _OFF_HEAD_LOGIT)
         for t in range(n):
             logp = F.log_softmax(self.task_logits(x, t), dim=1) + log_pt[:, t:t + 1]

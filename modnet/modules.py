@@ -174,7 +174,10 @@ class ModularGating(nn.Module):
 
 
 class TaskKeys(nn.Module):
-    """Closed-form class keys in a query space, for picking the task without a label (see module doc)."""
+    """Closed-form class keys in a query space, for picking the task without a label (see module doc).
+
+    One key per row ("class"); a ``HATNet`` uses one row per (task, class) pair (``key_slots``).
+    """
 
     def __init__(self, n_classes: int, query_dim: int, shrinkage: float = 0.1):
         super().__init__()

@@ -1,7 +1,7 @@
 """Plugins of the functional-module part of ``modnet`` (see ``modnet/modules.py``).
 
-``TaskKeysPlugin``   after each experience, adds its samples to the running statistics of the class keys
-                     (the samples themselves are not kept).
+``TaskKeysPlugin``   after each experience, adds its samples to the running statistics of the keys of its
+                     (task, class) pairs (the samples themselves are not kept).
 ``SyncRegPlugin``    + weight * L_sync on the units' activation profiles of the batch (seed 000, "Sync in
                      mini-batch"): units that fire alike are pulled together, which sharpens the modules.
 """
@@ -20,11 +20,12 @@ class TaskKeysPlugin(SupervisedPlugin):
         self.batch_size = batch_size
 
     def after_training_exp(self, strategy, **kw):
-        keys = strategy.model.task_keys
+        model = strategy.model
+        task = strategy.experience.current_experience
         loader = DataLoader(strategy.experience.dataset, batch_size=self.batch_size, shuffle=False)
         for batch in loader:
-            x, y = batch[0], batch[1]
-            keys.update(x.to(strategy.device), y.to(strategy.device))
+            x, y = batch[0].to(strategy.device), batch[1].to(strategy.device)
+            model.task_keys.update(x, model.slot_of(task, y))
 
 
 class SyncRegPlugin(SupervisedPlugin):

@@ -48,7 +48,7 @@ def build_hat_model(cfg, info: BenchmarkInfo) -> nn.Module:
         net.gate = ModularGating(query_dim, key_dim=g.key_dim, k=g.k, tau=g.tau, estimator=g.estimator,
                                  cluster=dict(g.cluster), profile_samples=g.profile_samples)
     if class_inc and m.task_keys:
-        net.task_keys = TaskKeys(info.n_classes, query_dim, shrinkage=cfg.modules.key_shrinkage)
+        net.task_keys = TaskKeys(net.n_key_slots, query_dim, shrinkage=cfg.modules.key_shrinkage)
     return net
 
 

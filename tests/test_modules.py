@@ -103,3 +103,20 @@ def test_gate_config_needs_modules(tmp_path, capsys):
     assert main(["cl", "strategies=[modnet]", "model.modules=none", "model.gate=topk",
                  f"output_dir={tmp_path}"]) == 2
     assert "model.modules=sync" in capsys.readouterr().err
+
+
+def test_task_keys_have_a_row_per_task_and_class_so_shared_class_ids_stay_apart():
+    net = HATCNN((1, 8, 8), [[0, 1], [0, 1], [3, 5]], channels=(4,), hidden=6, class_incremental=True)
+    assert net.n_key_slots == 6
+    assert net.key_slots(1).tolist() == [2, 3]
+    assert net.slot_of(2, torch.tensor([5, 3, 5])).tolist() == [5, 4, 5]
+    with pytest.raises(ValueError, match="not classes of task"):
+        net.slot_of(0, torch.tensor([3]))
+
+
+def test_domain_incremental_permuted_digits_task_is_found_without_label(tmp_path):
+    """Permutations share the class ids; the (task, class) keys still tell them apart."""
+    assert main(["cl", "scenario=class", "benchmark.variant=permuted", "benchmark.n_experiences=3",
+                 "strategies=[modnet,naive]", f"output_dir={tmp_path}", "progress=false"]) == 0
+    s = json.loads((tmp_path / "results.json").read_text())["strategies"]
+    assert s["modnet"]["average_accuracy"] >= s["naive"]["average_accuracy"] + 0.1
