@@ -122,10 +122,13 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> di
     elif state is not None:
         print(f"[{name} seed {seed}] keeps state in plugins: re-running it from its first experience")
     n = info.n_experiences
+    out_dir = ckpt_path.parent.parent
     from modnet.drift import plot_drift, snapshot
 
-    probe = torch.stack([bm.test_stream[0].dataset[i][0] for i in range(min(256, len(bm.test_stream[0].dataset)))])
-    first = None
+    first = None  # hidden representation of experience 0 right after training it (only seen without resume)
+    if start == 0:
+        probe_ds = bm.test_stream[0].dataset
+        probe = torch.stack([probe_ds[i][0] for i in range(min(256, len(probe_ds)))]).to(device)
     for i, exp in enumerate(bm.train_stream):
         if i < start:
             continue
@@ -134,19 +137,18 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> di
         strategy.train(exp)
         seconds += time.perf_counter() - t0
         if i == 0:
-            first = snapshot(strategy.model, probe.to(device))
+            first = snapshot(strategy.model, probe)
         rows.append(_row(strategy.eval(bm.test_stream), n))
         torch.save({"next_exp": i + 1, "model": strategy.model.state_dict(), "rows": torch.tensor(rows),
                     "train_seconds": seconds, "done": False}, ckpt_path)
     result = {**summarize(rows), "train_seconds": seconds}
     if first is not None and n > 1:
-        last = snapshot(strategy.model, probe.to(device))
-        result["first_experience_cka"] = plot_drift(first, last, ckpt_path.parent.parent /
-                                                    f"cka_{name}_seed{seed}.png", name)
+        last = snapshot(strategy.model, probe)
+        result["first_experience_cka"] = plot_drift(first, last, out_dir / f"cka_{name}_seed{seed}.png", name)
     if getattr(strategy.model, "gate", None) is not None:
         from modnet.module_plots import write_module_report
 
-        report = write_module_report(strategy.model, bm.test_stream, ckpt_path.parent.parent / f"modules_seed{seed}")
+        report = write_module_report(strategy.model, bm.test_stream, out_dir / f"modules_seed{seed}")
         result["modules"] = {"folder": f"modules_seed{seed}", "sizes": report["module_sizes"]}
     torch.save({"done": True, "result": json.dumps(result)}, ckpt_path)
     return result

@@ -147,10 +147,10 @@ class HATNet(MultiHeadTaskNet):
             self.last_masks = masks  # the capacity regulariser reuses them instead of recomputing
         if self.gate is not None:
             masks = self.gate(x, task, masks)
+        acts = self.unit_activations(x, masks)
         if self.record_activations:
-            self.last_activations = self.unit_activations(x, masks)
-            return self.heads[task](self.last_activations[-1])
-        return self.heads[task](self.features(x, masks))
+            self.last_activations = acts
+        return self.heads[task](acts[-1])
 
     def adaptation(self, experience) -> None:
         """Avalanche calls this before each experience (before the optimiser is rebuilt): new gates here."""
