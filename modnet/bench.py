@@ -5,7 +5,10 @@ Training throughput (samples/s) and peak memory of three loops on the same backb
   naive    Avalanche's ``Naive`` strategy (its template, callbacks and dataloader);
   modnet   our strategy: HAT masks + SynC modules + key-vector gates + sync regulariser, on Avalanche.
 Each loop runs in its own spawned process so that its peak memory (CUDA: max allocated; CPU: peak RSS
-above the process's baseline) is its own; the figures that hold on noisy machines are the ratios.
+above the process's baseline) is its own. The step-cost ratios come from a separate run in which all loops
+(and modnet with parts switched off: HAT only, HAT + gates) live in one process and train one epoch each in
+turn, round after round: adjacent epochs share the machine's state, so the median of the per-round ratios
+holds on a noisy shared machine where separate runs drift by tens of percent.
 Then SynC time for n = 1k..8k units (and the fitted growth exponent), NIWT step times and GZSL
 evaluation throughput. Writes ``bench.json`` and ``bench.md``.
 """
@@ -30,9 +33,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _data(arch: str, n: int, n_classes: int, device, image_shape=(3, 32, 32), dim: int = 64):
+MLP_ARCHS = ("mlp", "mlp_small")
+
+
+def _mlp_shape(arch: str, options: dict) -> dict:
+    shapes = options.get("mlp_shapes") or {}
+    if arch not in shapes:
+        raise ValueError(f"bench arch {arch!r} needs its shape under {arch}: (in_dim, hidden, n_layers) in "
+                         "configs/bench.yaml")
+    return dict(shapes[arch])
+
+
+def _data(arch: str, n: int, n_classes: int, device, image_shape=(3, 32, 32), options: dict | None = None):
     g = torch.Generator().manual_seed(0)
-    shape = (n, *image_shape) if arch in ("cnn", "resnet18") else (n, dim)
+    shape = (n, *image_shape) if arch in ("cnn", "resnet18") else (n, _mlp_shape(arch, options or {})["in_dim"])
     x = torch.rand(shape, generator=g)
     y = torch.randint(0, n_classes, (n,), generator=g)
     return x.to(device), y.to(device)  # data moves to the device once
@@ -41,8 +55,11 @@ def _data(arch: str, n: int, n_classes: int, device, image_shape=(3, 32, 32), di
 def _cfg(arch: str, options: dict):
     from modnet.config import compose
 
-    overrides = ["progress=false", "model.arch=" + ("cnn" if arch != "mlp" else "mlp"),
+    overrides = ["progress=false", "model.arch=" + ("mlp" if arch in MLP_ARCHS else "cnn"),
                  f"modules.sync_reg={options.get('sync_reg', 0.01)}"]
+    if arch in MLP_ARCHS:
+        shape = _mlp_shape(arch, options)
+        overrides += [f"model.hidden={shape['hidden']}", f"model.n_layers={shape['n_layers']}"]
     return compose("cl", overrides + list(options.get("overrides", [])))
 
 
@@ -73,32 +90,15 @@ def _run_loop(kind: str, arch: str, n: int, batch: int, epochs: int, device_name
     torch.set_num_threads(options.get("threads", 1) or torch.get_num_threads())
     device = torch.device(device_name)
     torch.manual_seed(0)
-    x, y = _data(arch, n, 10, device, tuple(options.get("image_shape", (3, 32, 32))))
+    x, y = _data(arch, n, 10, device, tuple(options.get("image_shape", (3, 32, 32))), options)
     base_rss = _rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     amp = options.get("amp", False) and device.type == "cuda"
     channels_last = options.get("channels_last", False) and x.dim() == 4
     if kind == "plain":
-        model = _plain_model(arch, x, options).to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        times = []
-        for _ in range(epochs):
-            _sync(device)
-            t0 = time.perf_counter()
-            perm = torch.randperm(n, device=device)
-            for i in range(0, n, batch):
-                idx = perm[i:i + batch]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
+        model, opt, x = _plain_setup(arch, x, options, device, channels_last)
+        times = [_plain_epoch(model, opt, x, y, batch, device, amp) for _ in range(epochs)]
     else:
         times = _run_avalanche(kind, arch, x, y, batch, epochs, device, options)
     steady = times[1:] if len(times) > 1 else times
@@ -110,6 +110,14 @@ def _run_loop(kind: str, arch: str, n: int, batch: int, epochs: int, device_name
     return out
 
 
+def _plain_setup(arch, x, options, device, channels_last):
+    model = _plain_model(arch, x, options).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    return model, torch.optim.SGD(model.parameters(), lr=0.05), x
+
+
 def _plain_model(arch: str, x: torch.Tensor, options: dict):
     from modnet.models import CNNBackbone, MLPBackbone, SingleHeadNet
 
@@ -119,28 +127,103 @@ def _plain_model(arch: str, x: torch.Tensor, options: dict):
         return torchvision.models.resnet18(num_classes=10)
     if arch == "cnn":
         return SingleHeadNet(CNNBackbone(tuple(x.shape[1:])), 10)
-    return SingleHeadNet(MLPBackbone(x.shape[1]), 10)
+    shape = _mlp_shape(arch, options)
+    return SingleHeadNet(MLPBackbone(x.shape[1], shape["hidden"], shape["n_layers"]), 10)
 
 
-def _run_avalanche(kind, arch, x, y, batch, epochs, device, options) -> list[float]:
+def _build_avalanche(kind, arch, x, y, batch, epochs, device, options, overrides=()):
     from avalanche.training.plugins import EvaluationPlugin
 
     from scenarios.base import split_benchmark
     from strategies.registry import build_strategy
 
-    cfg = _cfg(arch, options)
+    if arch == "resnet18":
+        raise ValueError("Avalanche strategies in the bench use modnet's own backbones; resnet18 is plain-only "
+                         "unless you pass the ResNet as a HAT network")
+    cfg = _cfg(arch, {**options, "overrides": list(options.get("overrides", [])) + list(overrides)})
     cfg.train.epochs, cfg.train.batch_size = epochs, batch
     info = split_benchmark("bench", x, y, x[:batch], y[:batch], 1, "task", 0)
     common = dict(criterion=torch.nn.CrossEntropyLoss(), train_mb_size=batch, train_epochs=epochs,
                   eval_mb_size=batch, device=device, evaluator=EvaluationPlugin(loggers=[]), eval_every=-1)
-    if arch == "resnet18":
-        raise ValueError("Avalanche strategies in the bench use modnet's own backbones; resnet18 is plain-only "
-                         "unless you pass the ResNet as a HAT network")
     strategy = build_strategy(kind, cfg, info, common)
     timer = _EpochTimer(device)
     strategy.plugins.append(timer)
-    strategy.train(info.benchmark.train_stream[0])
+    return strategy, info.benchmark.train_stream[0], timer
+
+
+def _run_avalanche(kind, arch, x, y, batch, epochs, device, options) -> list[float]:
+    strategy, exp, timer = _build_avalanche(kind, arch, x, y, batch, epochs, device, options)
+    strategy.train(exp)
     return timer.times
+
+
+# The loops of the same-process comparison: name -> (strategy, config overrides).
+RATIO_LOOPS = {
+    "plain": ("plain", ()),
+    "naive": ("naive", ()),
+    "modnet (HAT only)": ("modnet", ("model.gate=none", "model.modules=none", "modules.sync_reg=0")),
+    "modnet (HAT + gates)": ("modnet", ("modules.sync_reg=0",)),
+    "modnet": ("modnet", ()),
+}
+
+
+def _plain_epoch(model, opt, x, y, batch, device, amp):
+    _sync(device)
+    t0 = time.perf_counter()
+    n = x.shape[0]
+    perm = torch.randperm(n, device=device)
+    for i in range(0, n, batch):
+        idx = perm[i:i + batch]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _interleaved_epochs(arch: str, n: int, batch: int, rounds: int, device_name: str, options: dict,
+                        loops: dict) -> dict[str, list[float]]:
+    """Every loop in this one process, one training epoch each in turn (order rotated every round);
+    returns each loop's epoch times after one warm-up epoch (gate creation, allocator warm-up)."""
+    torch.set_num_threads(options.get("threads", 1) or torch.get_num_threads())
+    device = torch.device(device_name)
+    torch.manual_seed(0)
+    x, y = _data(arch, n, 10, device, tuple(options.get("image_shape", (3, 32, 32))), options)
+    amp = options.get("amp", False) and device.type == "cuda"
+    channels_last = options.get("channels_last", False) and x.dim() == 4
+    run = {}
+    for name, (kind, overrides) in loops.items():
+        if kind == "plain":
+            model, opt, xp = _plain_setup(arch, x, options, device, channels_last)
+            run[name] = (lambda model=model, opt=opt, xp=xp: _plain_epoch(model, opt, xp, y, batch, device, amp))
+        else:
+            strategy, exp, timer = _build_avalanche(kind, arch, x, y, batch, 1, device, options, overrides)
+
+            def one_epoch(strategy=strategy, exp=exp, timer=timer):
+                strategy.train(exp)
+                return timer.times[-1]
+            run[name] = one_epoch
+    for f in run.values():
+        f()
+    names = list(run)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            times[k].append(run[k]())
+    return times
+
+
+def step_cost_ratios(times: dict[str, list[float]], reference: str) -> dict[str, dict]:
+    """Per loop: median and spread over rounds of (its epoch time / the reference's epoch time, same round)."""
+    out = {}
+    ref = np.asarray(times[reference])
+    for name, t in times.items():
+        r = np.asarray(t) / ref
+        out[name] = {"median": float(np.median(r)), "q25": float(np.quantile(r, 0.25)),
+                     "q75": float(np.quantile(r, 0.75)), "rounds": len(r)}
+    return out
 
 
 def _in_process(fn, *args):
@@ -151,22 +234,31 @@ def _in_process(fn, *args):
 
 
 def bench_training(arch: str, n: int, batch: int, epochs: int, device: str, options: dict,
-                   kinds=("plain", "naive", "modnet"), repeats: int = 1) -> dict:
-    """Each loop ``repeats`` times, interleaved (plain, naive, modnet, plain, ...) so that drifts of a shared
-    machine hit all of them alike; the best run of each is kept (as timeit does), the others are listed."""
+                   kinds=("plain", "naive", "modnet"), repeats: int = 1, rounds: int = 0) -> dict:
+    """Samples/s and peak memory: each loop ``repeats`` times in its own process, interleaved (plain, naive,
+    modnet, plain, ...), the best run of each kept (as timeit does). Step-cost ratios: ``rounds`` rounds of
+    one epoch per loop in one process (``RATIO_LOOPS``), the median per-round ratio."""
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
     for _ in range(max(repeats, 1)):
         for k in kinds:
             runs[k].append(_in_process(_run_loop, k, arch, n, batch, epochs, device, options))
-    res = {}
+    res: dict = {}
     for k, rs in runs.items():
         best = max(rs, key=lambda r: r["samples_per_s"])
         res[k] = {**best, "all_samples_per_s": [r["samples_per_s"] for r in rs]}
     if "modnet" in res:
         for ref in ("naive", "plain"):
             if ref in res:
-                res[f"modnet_time_ratio_vs_{ref}"] = res[ref]["samples_per_s"] / res["modnet"]["samples_per_s"]
-                res[f"modnet_throughput_ratio_vs_{ref}"] = 1 / res[f"modnet_time_ratio_vs_{ref}"]
+                res[f"separate_runs_time_ratio_vs_{ref}"] = res[ref]["samples_per_s"] / res["modnet"]["samples_per_s"]
+    if rounds > 0:
+        loops = {k: v for k, v in RATIO_LOOPS.items() if v[0] in kinds}
+        times = _in_process(_interleaved_epochs, arch, n, batch, rounds, device, options, loops)
+        res["interleaved_epoch_seconds"] = times
+        for ref in ("naive", "plain"):
+            if ref in times:
+                res[f"step_cost_vs_{ref}"] = step_cost_ratios(times, ref)
+                if "modnet" in times:
+                    res[f"modnet_time_ratio_vs_{ref}"] = res[f"step_cost_vs_{ref}"]["modnet"]["median"]
     return res
 
 
@@ -249,12 +341,24 @@ def _markdown(res: dict) -> str:
     lines = [f"# modnet bench ({res['device']}, {res['threads']} CPU threads)", ""]
     for arch, r in res["training"].items():
         lines += [f"## training, {arch} backbone ({r['config']})", "",
-                  "| loop | samples/s | peak memory (MB) | time per sample vs modnet |", "|---|---|---|---|"]
+                  "Separate processes (throughput and memory of each loop on its own):", "",
+                  "| loop | samples/s | peak memory (MB) |", "|---|---|---|"]
         for kind in ("plain", "naive", "modnet"):
             if kind in r:
-                ratio = r[kind]["samples_per_s"] / r["modnet"]["samples_per_s"] if "modnet" in r else float("nan")
-                lines.append(f"| {kind} | {r[kind]['samples_per_s']:.0f} | {r[kind]['peak_memory_mb']:.1f} | "
-                             f"{ratio:.2f} |")
+                lines.append(f"| {kind} | {r[kind]['samples_per_s']:.0f} | {r[kind]['peak_memory_mb']:.1f} |")
+        if "step_cost_vs_naive" in r or "step_cost_vs_plain" in r:
+            refs = [ref for ref in ("naive", "plain") if f"step_cost_vs_{ref}" in r]
+            rounds = next(iter(r[f"step_cost_vs_{refs[0]}"].values()))["rounds"]
+            lines += ["", f"Step cost relative to a reference, same process, median [quartiles] over {rounds} "
+                      "rounds of one epoch per loop:", "",
+                      "| loop | " + " | ".join(f"step cost / {ref}" for ref in refs) + " |",
+                      "|---|" + "---|" * len(refs)]
+            for name in r[f"step_cost_vs_{refs[0]}"]:
+                cells = []
+                for ref in refs:
+                    q = r[f"step_cost_vs_{ref}"][name]
+                    cells.append(f"{q['median']:.2f}x [{q['q25']:.2f}, {q['q75']:.2f}]")
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
         for ref in ("naive", "plain"):
             key = f"modnet_time_ratio_vs_{ref}"
             if key in r:
@@ -282,15 +386,25 @@ def run_bench(cfg) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     res = {"device": str(device), "threads": torch.get_num_threads(), "training": {}}
     opts = {"threads": cfg.threads, "amp": cfg.amp, "channels_last": cfg.channels_last,
-            "sync_reg": cfg.sync_reg, "image_shape": list(cfg.image_shape)}
+            "sync_reg": cfg.sync_reg, "image_shape": list(cfg.image_shape),
+            "mlp_shapes": {a: dict(cfg[a]) for a in MLP_ARCHS if a in cfg}}
+    known = set(MLP_ARCHS) | {"cnn", "resnet18"}
     for arch in cfg.archs:
-        n = cfg.samples[arch]
-        print(f"[bench] training loops, {arch}, {n} samples, batch {cfg.batch_size} ...", flush=True)
-        r = bench_training(arch, n, cfg.batch_size, cfg.epochs, str(device), opts,
+        if arch not in known or arch not in cfg.samples or arch not in cfg.batch_size:
+            raise ValueError(f"bench arch {arch!r}: choose from {sorted(known)}, each with an entry in samples "
+                             "and batch_size")
+    for arch in cfg.archs:
+        n, batch = cfg.samples[arch], cfg.batch_size[arch]
+        print(f"[bench] training loops, {arch}, {n} samples, batch {batch} ...", flush=True)
+        r = bench_training(arch, n, batch, cfg.epochs, str(device), opts,
                            kinds=("plain",) if arch == "resnet18" else ("plain", "naive", "modnet"),
-                           repeats=cfg.repeats)
-        r["config"] = (f"{n} samples, batch {cfg.batch_size}, {cfg.epochs} epochs (first is warm-up), "
-                       f"best of {cfg.repeats} interleaved runs")
+                           repeats=cfg.repeats, rounds=cfg.ratio_rounds)
+        shape = ""
+        if arch in MLP_ARCHS:
+            m = opts["mlp_shapes"][arch]
+            shape = f"{m['in_dim']}-" + "-".join([str(m["hidden"])] * m["n_layers"]) + ", "
+        r["config"] = (f"{shape}{n} samples, batch {batch}, {cfg.epochs} epochs (first is warm-up), "
+                       f"best of {cfg.repeats} separate runs")
         res["training"][arch] = r
     if cfg.sync_sizes:
         print("[bench] SynC ...", flush=True)

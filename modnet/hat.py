@@ -56,6 +56,52 @@ class HATConv2d(nn.Conv2d, HATMaskedLayer):
         return out * (mask.view(1, -1, 1, 1) if mask.dim() == 1 else mask[:, :, None, None])
 
 
+class CompensatedMasks(torch.autograd.Function):
+    """HAT's training-time masks of every layer in one autograd node: a_l = sigmoid(s * e_l) for the task's
+    embedding rows e_l, plus the capacity regulariser R = sum a . free (``capacity_regulariser`` with
+    ``free = free_capacity(a^{<t})``), whose backward returns HAT's compensated embedding gradient
+    (sec. 2.5, ``compensate_embedding_grad``) directly:
+
+      dL/de = dL/da * s a (1 - a) * smax/s * (cosh(clamp(s e)) + 1) / (cosh(e) + 1)
+
+    with a (1 - a) from the float32 sigmoid as autograd computes it, so the result matches the reference
+    implementation (autograd through the sigmoid, then the compensation pass) to rounding (tests check it).
+    The factor is computed in the forward on all layers' units at once; the backward is one product.
+    ``apply(s, smax, thres_cosh, free, *rows)`` returns (*masks, R).
+    """
+
+    @staticmethod
+    def forward(ctx, s, smax, thres_cosh, free, *rows):
+        e = torch.cat(rows)
+        se = e * s
+        a = torch.sigmoid(se)
+        factor = a * (1.0 - a)  # sigmoid'(s e) / s
+        factor *= torch.cosh(se.clamp_(-thres_cosh, thres_cosh)).add_(1.0)
+        factor /= torch.cosh(e).add_(1.0)
+        factor *= smax  # s * smax / s
+        ctx.save_for_backward(factor, free)
+        ctx.sizes = [r.numel() for r in rows]
+        return (*a.split(ctx.sizes), a @ free)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        factor, free = ctx.saved_tensors
+        g_masks, g_reg = grads[:-1], grads[-1]
+        g = torch.cat([factor.new_zeros(n) if gm is None else gm for gm, n in zip(g_masks, ctx.sizes)])
+        if g_reg is not None:
+            g = g + g_reg * free
+        return (None, None, None, None, *(g * factor).split(ctx.sizes))
+
+
+def clip_grad_norm(grads: list[Tensor], max_norm: float) -> None:
+    """``torch.nn.utils.clip_grad_norm_`` on a list of gradients (no host sync), without its per-call
+    parameter filtering and dispatch: on a small network those cost as much as the norm itself."""
+    if not grads:
+        return
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp_(max=1.0))
+
+
 def annealed_s(batch_idx: int, n_batches: int, smax: float) -> float:
     """s for batch ``batch_idx`` (0-based) of an epoch of ``n_batches``: 1/smax -> smax linearly (HAT eq. 3)."""
     if n_batches <= 1:
@@ -65,9 +111,14 @@ def annealed_s(batch_idx: int, n_batches: int, smax: float) -> float:
 
 def capacity_regulariser(masks: list[Tensor], masks_prev: list[Tensor]) -> Tensor:
     """R = sum a_t (1 - a^{<t}) / sum (1 - a^{<t}) over all units of all masked layers (HAT eq. 5)."""
-    num = sum((m * (1 - p)).sum() for m, p in zip(masks, masks_prev))
-    den = sum((1 - p).sum() for p in masks_prev)
-    return num / den.clamp_min(1e-12)
+    return torch.cat(masks) @ free_capacity(masks_prev)
+
+
+def free_capacity(masks_prev: list[Tensor]) -> Tensor:
+    """(1 - a^{<t}) / sum (1 - a^{<t}) over the concatenated units: fixed during a task, so the regulariser
+    costs one dot product per step (``capacity_regulariser``)."""
+    free = torch.cat([1 - p for p in masks_prev])
+    return free / free.sum().clamp_min(1e-12)
 
 
 def weight_protection(out_prev: Tensor, in_prev: Tensor | None, weight_shape: torch.Size) -> Tensor:
@@ -86,9 +137,23 @@ def weight_protection(out_prev: Tensor, in_prev: Tensor | None, weight_shape: to
 
 def compensate_embedding_grad(emb: nn.Embedding, s: float, smax: float, thres_cosh: float = 50.0) -> None:
     """Scale the embedding gradient by smax/s * (cosh(clamp(s e)) + 1) / (cosh(e) + 1) (HAT sec. 2.5)."""
-    if emb.weight.grad is None:
+    compensate_embedding_grads([emb.weight], s, smax, thres_cosh)
+
+
+def compensate_embedding_grads(weights: list[Tensor], s: float, smax: float, thres_cosh: float = 50.0) -> None:
+    """``compensate_embedding_grad`` for the embeddings of all layers at once (fused multi-tensor ops)."""
+    weights = [w for w in weights if w.grad is not None]
+    if not weights:
         return
-    e = emb.weight.detach()
-    num = torch.cosh(torch.clamp(s * e, -thres_cosh, thres_cosh)) + 1
-    den = torch.cosh(e) + 1
-    emb.weight.grad.mul_(smax / s * num / den)
+    e = [w.detach() for w in weights]
+    num = torch._foreach_mul(e, s)
+    torch._foreach_clamp_min_(num, -thres_cosh)
+    torch._foreach_clamp_max_(num, thres_cosh)
+    torch._foreach_cosh_(num)
+    torch._foreach_add_(num, 1.0)
+    den = torch._foreach_cosh(e)
+    torch._foreach_add_(den, 1.0)
+    torch._foreach_div_(num, den)
+    grads = [w.grad for w in weights]
+    torch._foreach_mul_(grads, num)
+    torch._foreach_mul_(grads, smax / s)

@@ -15,7 +15,7 @@ from avalanche.models import MultiTaskModule
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from modnet.hat import HATConv2d, HATLinear
+from modnet.hat import CompensatedMasks, HATConv2d, HATLinear
 
 # Logit given to classes outside the chosen head: finite so that cross-entropy and softmax stay finite.
 _OFF_HEAD_LOGIT = -1e4
@@ -102,7 +102,11 @@ class HATNet(MultiHeadTaskNet):
         self.gate = None
         # Closed-form task keys (modnet.modules.TaskKeys) for class-incremental inference.
         self.task_keys = None
-        self.last_masks: list[Tensor] = []
+        # Set by the HAT plugin to (smax, thres_cosh, free capacity): training masks then carry HAT's
+        # compensated embedding gradient and the capacity regulariser (modnet.hat.CompensatedMasks), left in
+        # ``last_capacity``; the plugin does no separate compensation pass.
+        self.hat_training: tuple[float, float, Tensor] | None = None
+        self.last_capacity: Tensor | None = None
         self.record_activations = False  # keep the last forward's unit activations (sync regulariser)
         self.last_activations: list[Tensor] = []
 
@@ -114,6 +118,11 @@ class HATNet(MultiHeadTaskNet):
 
     def masks(self, task: int, s: float | None = None) -> list[Tensor]:
         s = self.s if s is None else s
+        if self.hat_training is not None and self.training and torch.is_grad_enabled():
+            smax, thres_cosh, free = self.hat_training
+            rows = [layer.task_embedding.weight[task] for layer in self.masked]
+            *masks, self.last_capacity = CompensatedMasks.apply(s, smax, thres_cosh, free, *rows)
+            return masks
         return [layer.mask(task, s) for layer in self.masked]
 
     def cumulative_masks(self) -> list[Tensor]:
@@ -143,8 +152,6 @@ class HATNet(MultiHeadTaskNet):
 
     def task_logits(self, x: Tensor, task: int) -> Tensor:
         masks = self.masks(task)
-        if self.training:
-            self.last_masks = masks  # the capacity regulariser reuses them instead of recomputing
         if self.gate is not None:
             masks = self.gate(x, task, masks)
         acts = self.unit_activations(x, masks)

@@ -28,28 +28,30 @@ def plot_module_maps(net, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for t in range(int(net.n_trained)):
-        gates = net.gate.layer_gates(t)
-        if not gates:
+        gate = net.gate.task_gate(t)
+        if gate is None:
             continue
         masks = net.masks(t, net.smax)
-        fig = _figure(4.2 * len(gates), 7)
-        for i, (gate, mask) in enumerate(zip(gates, masks)):
-            S = gate.semantic.detach().cpu().numpy()
+        n_layers = gate.n_layers
+        fig = _figure(4.2 * n_layers, 7)
+        for i, mask in enumerate(masks):
+            n_modules = gate.n_modules[i]
+            S = getattr(gate, f"semantic_{i}").detach().cpu().numpy()
             xy = PCA(2, random_state=0).fit_transform(S) if S.shape[1] > 2 else S
-            lab = gate.assignment.cpu().numpy()
+            lab = gate.assignment(i).cpu().numpy()
             on = (mask.detach().cpu().numpy() > 0.5)
-            ax = fig.add_subplot(2, len(gates), i + 1)
-            cmap = "tab10" if gate.n_modules <= 10 else "tab20"
-            ax.scatter(xy[on, 0], xy[on, 1], c=lab[on], cmap=cmap, vmin=0, vmax=max(gate.n_modules - 1, 1), s=14)
+            ax = fig.add_subplot(2, n_layers, i + 1)
+            cmap = "tab10" if n_modules <= 10 else "tab20"
+            ax.scatter(xy[on, 0], xy[on, 1], c=lab[on], cmap=cmap, vmin=0, vmax=max(n_modules - 1, 1), s=14)
             ax.scatter(xy[~on, 0], xy[~on, 1], facecolors="none", edgecolors="0.6", s=14, linewidths=0.6)
-            ax.set_title(f"layer {i}: {gate.n_modules} modules, {on.sum()} units on")
+            ax.set_title(f"layer {i}: {n_modules} modules, {on.sum()} units on")
             ax.set_xticks([])
             ax.set_yticks([])
-            ax2 = fig.add_subplot(2, len(gates), len(gates) + i + 1)
-            sizes = np.bincount(lab, minlength=gate.n_modules)
-            active = np.bincount(lab[on], minlength=gate.n_modules)
-            ax2.bar(range(gate.n_modules), sizes, color="0.8", label="units")
-            ax2.bar(range(gate.n_modules), active, color="C0", label="units in task mask")
+            ax2 = fig.add_subplot(2, n_layers, n_layers + i + 1)
+            sizes = np.bincount(lab, minlength=n_modules)
+            active = np.bincount(lab[on], minlength=n_modules)
+            ax2.bar(range(n_modules), sizes, color="0.8", label="units")
+            ax2.bar(range(n_modules), active, color="C0", label="units in task mask")
             ax2.set_xlabel("module")
             ax2.set_ylabel("units")
             ax2.legend(fontsize=7)
@@ -68,10 +70,13 @@ def gate_usage(net, xs: list[torch.Tensor]) -> list[np.ndarray]:
     net.eval()
     usage: list[list[np.ndarray]] = []
     for t, x in enumerate(xs[: int(net.n_trained)]):
-        for i, gate in enumerate(net.gate.layer_gates(t)):
+        gate = net.gate.task_gate(t)
+        if gate is None:
+            continue
+        for i in range(gate.n_layers):
             if len(usage) <= i:
                 usage.append([])
-            usage[i].append(gate.module_gates(x.flatten(1)).mean(0).cpu().numpy())
+            usage[i].append(gate.layer_module_gates(x.flatten(1), i).mean(0).cpu().numpy())
     net.train(was)
     width = [max(len(u) for u in layer) for layer in usage]
     return [np.array([np.pad(u, (0, w - len(u)), constant_values=np.nan) for u in layer])
@@ -103,7 +108,10 @@ def write_module_report(net, test_stream, out_dir: Path, samples: int = 256) -> 
     maps = plot_module_maps(net, out_dir)
     usage = gate_usage(net, xs)
     plot_gate_usage(usage, out_dir / "gate_usage.png")
-    sizes = {f"task{t}": [np.bincount(g.assignment.cpu().numpy()).tolist() for g in net.gate.layer_gates(t)]
-             for t in range(int(net.n_trained))}
+    sizes = {}
+    for t in range(int(net.n_trained)):
+        gate = net.gate.task_gate(t)
+        if gate is not None:
+            sizes[f"task{t}"] = [np.bincount(gate.assignment(i).cpu().numpy()).tolist() for i in range(gate.n_layers)]
     return {"module_maps": [p.name for p in maps], "module_sizes": sizes,
             "gate_usage": [u.tolist() for u in usage]}

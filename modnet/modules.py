@@ -68,58 +68,156 @@ def cluster_units(profiles: Tensor, dim: int = 16, steps: int = 200, lr: float =
 
 # -- key-vector hard attention over modules -------------------------------------------------------------
 class ModuleGate(nn.Module):
-    """Hard top-k attention over the modules of one layer, for one task.
+    """Hard top-k attention over the modules of a task's masked layers (one layer or several).
 
-    scores = query(x) . keys^T / sqrt(d); exactly ``k`` modules are on per input. The forward value is the
-    hard 0/1 choice; the gradient is that of softmax(scores / tau) (straight-through), so keys and query
-    learn. ``estimator='gumbel'`` adds Gumbel noise to the scores while training (Gumbel top-k).
+    For layer l: scores_l = query_l(x) . keys_l^T / sqrt(d); exactly k_l = min(k, M_l) of its M_l modules
+    are on per input (a layer with k or fewer modules keeps them all on). The forward value is the hard 0/1 choice; the gradient is that of
+    softmax(scores / tau) (straight-through), so keys and queries learn. ``estimator='gumbel'`` adds Gumbel
+    noise to the scores while training (Gumbel top-k).
+
+    All layers are computed together: the per-layer queries are row blocks of one linear map and the keys one
+    (L, M_max, d) tensor whose missing modules score -inf, so a forward is one projection, one batched score
+    product, one softmax, one top-k and one expansion to units, whatever the depth. On small networks the
+    number of ops, not their arithmetic, is what a training step pays.
     """
 
-    def __init__(self, assignment: Tensor, query_dim: int, key_dim: int = 16, k: int = 1, tau: float = 1.0,
-                 estimator: str = "st"):
+    def __init__(self, assignment: Tensor | Sequence[Tensor], query_dim: int, key_dim: int = 16, k: int = 1,
+                 tau: float = 1.0, estimator: str = "st"):
         super().__init__()
         if estimator not in ("st", "gumbel"):
             raise ValueError(f"gate estimator must be 'st' or 'gumbel', got {estimator!r}")
-        n_modules = int(assignment.max()) + 1
-        if not 1 <= k <= n_modules:
-            raise ValueError(f"top-k gate with k={k} needs 1 <= k <= {n_modules} modules in this layer")
-        self.register_buffer("assignment", assignment.long().clone())
-        self.n_modules, self.k, self.tau, self.estimator = n_modules, k, tau, estimator
-        self.keys = nn.Parameter(torch.randn(n_modules, key_dim) / math.sqrt(key_dim))
-        self.query = nn.Linear(query_dim, key_dim)
+        assignments = [assignment] if isinstance(assignment, Tensor) else list(assignment)
+        n_modules = [int(a.max()) + 1 for a in assignments]
+        if any(int(a.min()) < 0 for a in assignments):
+            raise ValueError("every unit needs a module id >= 0 (assign SynC's outliers first)")
+        if k < 1:
+            raise ValueError(f"top-k gate needs k >= 1 modules on per input, got k={k}")
+        L, m_max = len(assignments), max(n_modules)
+        self.n_layers, self.n_modules, self.tau, self.estimator = L, n_modules, tau, estimator
+        self.k = [min(k, m) for m in n_modules]
+        self.k_max = max(self.k)
+        # rank r of the top-k_max switches its module on in layer l iff r < k_l (None: all layers alike)
+        self.register_buffer("rank_on", None if min(self.k) == self.k_max else
+                             (torch.arange(self.k_max) < torch.tensor(self.k).unsqueeze(1)).float())
+        self.sizes = [int(a.numel()) for a in assignments]
+        for i, a in enumerate(assignments):
+            self.register_buffer(f"assignment_{i}", a.long().clone())
+        valid = torch.arange(m_max) < torch.tensor(n_modules).unsqueeze(1)  # L x M_max
+        self.register_buffer("score_pad", torch.zeros(L, m_max).masked_fill(~valid, -torch.inf))
+        # module (l, m) -> its units, block-diagonal over layers: one product expands all layers' gates
+        flat = torch.cat([a.long() + i * m_max for i, a in enumerate(assignments)])
+        self.register_buffer("to_units", F.one_hot(flat, L * m_max).T.float().contiguous())
+        self.keys = nn.Parameter(torch.randn(L, m_max, key_dim) / math.sqrt(key_dim))
+        self.query = nn.Linear(query_dim, L * key_dim)
+
+    def assignment(self, layer: int = 0) -> Tensor:
+        return getattr(self, f"assignment_{layer}")
+
+    def _queries(self, q_in: Tensor) -> Tensor:
+        return self.query(q_in).view(q_in.shape[0], self.n_layers, -1) / math.sqrt(self.keys.shape[-1])
 
     @torch.no_grad()
-    def init_keys_from_responses(self, q_in: Tensor, unit_acts: Tensor) -> None:
+    def init_keys_from_responses(self, q_in: Tensor, unit_acts: Tensor | Sequence[Tensor]) -> None:
         """Start the keys where each input's query scores highest the modules whose units respond to it most.
 
-        R[b, m] = standardised mean response of module m's units to input b; keys solve
+        Per layer, R[b, m] = standardised mean response of module m's units to input b; the keys solve
         query(x) . keys^T / sqrt(d) ~= R in least squares, so the first top-k choices are already functional
         (inputs go to the modules that fire for them) rather than random.
         """
-        onehot = F.one_hot(self.assignment, self.n_modules).to(unit_acts.dtype)  # units x M
-        R = unit_acts @ onehot / onehot.sum(0).clamp_min(1)
-        R = (R - R.mean(0)) / R.std(0).clamp_min(1e-6)
-        Q = self.query(q_in) / math.sqrt(self.keys.shape[1])
-        self.keys.copy_(torch.linalg.lstsq(Q, R).solution.T)
+        acts = [unit_acts] if isinstance(unit_acts, Tensor) else list(unit_acts)
+        Q = self._queries(q_in)
+        self.keys.zero_()
+        for i, a in enumerate(acts):
+            onehot = F.one_hot(self.assignment(i), self.n_modules[i]).to(a.dtype)  # units x M
+            R = a @ onehot / onehot.sum(0).clamp_min(1)
+            R = (R - R.mean(0)) / R.std(0).clamp_min(1e-6)
+            self.keys[i, :self.n_modules[i]] = torch.linalg.lstsq(Q[:, i], R).solution.T
 
     def module_gates(self, q_in: Tensor) -> Tensor:
-        """Per input, a 0/1 value per module (exactly k ones) carrying the straight-through gradient."""
-        scores = self.query(q_in) @ self.keys.T / math.sqrt(self.keys.shape[1])
-        if self.training and self.estimator == "gumbel":
-            u = torch.rand_like(scores).clamp_(1e-9, 1 - 1e-9)
-            scores = scores - torch.log(-torch.log(u))
-        soft = F.softmax(scores / self.tau, dim=1)
-        hard = torch.zeros_like(scores).scatter_(1, scores.topk(self.k, dim=1).indices, 1.0)
+        """Per input and layer, a 0/1 value per module (exactly k_l ones; B x L x M_max, missing modules 0),
+        carrying the straight-through gradient."""
+        scores = torch.einsum("bld,lmd->blm", self._queries(q_in), self.keys) + self.score_pad
+        noise = self._gumbel(q_in)
+        if noise is not None:
+            scores = scores + noise.transpose(0, 1)
+        soft = F.softmax(scores / self.tau, dim=-1)
+        top = scores.topk(self.k_max, dim=-1).indices
+        on = 1.0 if self.rank_on is None else self.rank_on.to(scores.dtype).expand(top.shape)
+        hard = torch.zeros_like(scores).scatter_(-1, top, on)
         # straight-through: the value is exactly `hard` (soft - soft.detach() is exactly 0 in floating point;
         # the parentheses matter), the gradient is the softmax's
         return hard + (soft - soft.detach())
 
-    def forward(self, q_in: Tensor) -> Tensor:
-        return self.module_gates(q_in)[:, self.assignment]  # B x units
+    def layer_module_gates(self, q_in: Tensor, layer: int = 0) -> Tensor:
+        return self.module_gates(q_in)[:, layer, :self.n_modules[layer]]
+
+    def forward(self, q_in: Tensor, masks: Sequence[Tensor] | None = None) -> list[Tensor]:
+        """Per layer, the gate of every unit (B x units): its module's gate, times the layer's (HAT) mask when
+        ``masks`` (one vector per layer) is given.
+
+        Same values and gradients as ``module_gates(q_in).flatten(1) @ to_units`` times the masks (tests check
+        it), through one autograd function with the straight-through backward written out: the reference path
+        is ~40 small autograd ops per step, which on a small network cost more than its layers.
+        """
+        if masks is None:
+            masks = [q_in.new_ones(n) for n in self.sizes]
+        return list(_GateFunction.apply(q_in, self.query.weight, self.query.bias, self.keys, self.score_pad,
+                                        self.to_units, self.k_max, self.rank_on, self.tau, self._gumbel(q_in),
+                                        self.sizes, *masks))
+
+    def _gumbel(self, q_in: Tensor) -> Tensor | None:
+        """Gumbel noise (L x B x M_max) while training with the Gumbel estimator, else None."""
+        if not (self.training and self.estimator == "gumbel"):
+            return None
+        u = torch.rand(self.n_layers, q_in.shape[0], self.keys.shape[1], device=q_in.device)
+        return -torch.log(-torch.log(u.clamp_(1e-9, 1 - 1e-9)))
+
+
+class _GateFunction(torch.autograd.Function):
+    """Query projection, scores, top-k, expansion to units and product with each layer's mask, with the
+    straight-through gradient d(value)/d(scores) := softmax Jacobian / tau written out. Runs in float32
+    (under autocast too): the gate is small and its top-k must not flip on rounding."""
+
+    @staticmethod
+    def forward(ctx, q_in, w, b, keys, pad, to_units, k_max, rank_on, tau, noise, sizes, *masks):
+        with torch.autocast(q_in.device.type, enabled=False):
+            x = q_in.float()
+            n, (L, m, d) = x.shape[0], keys.shape
+            q = torch.addmm(b, x, w.T).view(n, L, d).transpose(0, 1)  # L x B x d
+            scores = torch.baddbmm(pad.unsqueeze(1), q, keys.transpose(1, 2), alpha=d ** -0.5)  # L x B x M
+            if noise is not None:
+                scores = scores + noise
+            top = scores.topk(k_max, dim=-1).indices
+            on = 1.0 if rank_on is None else rank_on.unsqueeze(1).expand(top.shape)
+            hard = torch.zeros_like(scores).scatter_(-1, top, on)
+            units = (hard.transpose(0, 1).reshape(n, L * m) @ to_units).split(sizes, dim=1)
+            out = tuple(u * mk for u, mk in zip(units, masks))
+        ctx.save_for_backward(x, w, keys, q, scores, to_units, *units, *masks)
+        ctx.tau, ctx.in_dtype, ctx.L = tau, q_in.dtype, L
+        return out
+
+    @staticmethod
+    def backward(ctx, *g_out):
+        x, w, keys, q, scores, to_units, *rest = ctx.saved_tensors
+        units, masks = rest[:ctx.L], rest[ctx.L:]
+        n, (L, m, d) = x.shape[0], keys.shape
+        g_out = [torch.zeros_like(u) if g is None else g.float() for g, u in zip(g_out, units)]
+        g_masks = [(g * u).sum(0) for g, u in zip(g_out, units)]
+        g_units = torch.cat([g * mk for g, mk in zip(g_out, masks)], dim=1)
+        g_mod = (g_units @ to_units.T).view(n, L, m).transpose(0, 1)  # L x B x M
+        soft = torch.softmax(scores / ctx.tau, dim=-1)
+        g_scores = soft * (g_mod - (soft * g_mod).sum(-1, keepdim=True)) * (d ** -0.5 / ctx.tau)
+        g_q = (g_scores @ keys).transpose(0, 1).reshape(n, L * d)
+        g_keys = g_scores.transpose(1, 2) @ q
+        g_w = g_q.T @ x
+        g_b = g_q.sum(0)
+        g_x = (g_q @ w).to(ctx.in_dtype) if ctx.needs_input_grad[0] else None
+        return (g_x, g_w, g_b, g_keys, None, None, None, None, None, None, None, *g_masks)
 
 
 class ModularGating(nn.Module):
-    """The gates of every task and masked layer of a ``HATNet``; called as ``net.gate(x, task, masks)``.
+    """The gates of every task of a ``HATNet`` (one ``ModuleGate`` per task over all its masked layers);
+    called as ``net.gate(x, task, masks)``.
 
     Each task gets its own gates, created when the task starts from a fresh clustering of the units (the
     modules are re-clustered between experiences); a finished task's gates and unit assignment stay as they
@@ -133,44 +231,31 @@ class ModularGating(nn.Module):
         self.cluster = dict(cluster or {})
         self.profile_samples = profile_samples
         self.gates = nn.ModuleDict()
-        self._by_task: dict[int, list[ModuleGate]] = {}  # python-side cache of the gates' order
 
     def has_task(self, task: int) -> bool:
-        return f"t{task}_l0" in self.gates
+        return f"t{task}" in self.gates
 
-    def layer_gates(self, task: int) -> list[ModuleGate]:
-        cached = self._by_task.get(task)
-        if cached is not None:
-            return cached
-        out, i = [], 0
-        while f"t{task}_l{i}" in self.gates:
-            out.append(self.gates[f"t{task}_l{i}"])
-            i += 1
-        if out:
-            self._by_task[task] = out
-        return out
+    def task_gate(self, task: int) -> ModuleGate | None:
+        return self.gates[f"t{task}"] if self.has_task(task) else None
 
     def add_task(self, net, task: int, x: Tensor) -> None:
         """Cluster each masked layer's units on their responses to ``x`` and create the task's gates."""
         ones = [torch.ones(layer.n_units, device=x.device) for layer in net.masked]
         with torch.no_grad():
             profiles = net.unit_activations(x, ones)
-        device = x.device
-        for i, acts in enumerate(profiles):
-            assignment, semantic = cluster_units(acts.T.contiguous(), **self.cluster)
-            k = min(self.k, int(assignment.max()) + 1)
-            gate = ModuleGate(assignment, self.query_dim, self.key_dim, k, self.tau, self.estimator).to(device)
-            gate.register_buffer("semantic", semantic)  # kept for module maps and explanations
-            gate.init_keys_from_responses(x.flatten(1), acts)
-            self.gates[f"t{task}_l{i}"] = gate
-        self._by_task.pop(task, None)
+        clustered = [cluster_units(acts.T.contiguous(), **self.cluster) for acts in profiles]
+        assignments = [a for a, _ in clustered]
+        gate = ModuleGate(assignments, self.query_dim, self.key_dim, self.k, self.tau, self.estimator).to(x.device)
+        for i, (_, semantic) in enumerate(clustered):
+            gate.register_buffer(f"semantic_{i}", semantic)  # kept for module maps and explanations
+        gate.init_keys_from_responses(x.flatten(1), profiles)
+        self.gates[f"t{task}"] = gate
 
     def forward(self, x: Tensor, task: int, masks: list[Tensor]) -> list[Tensor]:
-        gates = self.layer_gates(task)
-        if not gates:
+        gate = self.task_gate(task)
+        if gate is None:
             return masks
-        q_in = x.flatten(1)
-        return [m * g(q_in) for m, g in zip(masks, gates)]
+        return gate(x.flatten(1), masks)
 
 
 class TaskKeys(nn.Module):

@@ -473,15 +473,17 @@ def cosine_distance_matrix(A: Tensor, B: Tensor | None = None) -> Tensor:
     return 1.0 - a @ b.transpose(-1, -2)
 
 
-def _check_features(features: Tensor, name: str = "features") -> None:
+def _check_features(features: Tensor, name: str = "features", batched: bool = False) -> None:
     if not isinstance(features, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor (n_items, n_dims); wrap numpy with torch.as_tensor")
+    if batched and features.ndim == 3 and features.shape[1] >= 2:
+        return
     if features.ndim != 2 or features.shape[0] < 2:
         raise ValueError(f"{name} must be 2-D (n_items >= 2, n_dims), got shape {tuple(features.shape)}; "
                          "for unit activation profiles pass activations.T (units x samples)")
 
 
-def sync_loss(features: Tensor, eps: float) -> Tensor:
+def sync_loss(features: Tensor, eps: float, stride: int = 1, offset: int = 0) -> Tensor:
     """Mini-batch sync regulariser (seed 000, "Sync in mini-batch"), differentiable.
 
     L_sync = 1/N sum_i 1/|Nb_eps(x_i)| sum_{x_j in Nb_eps(x_i)} dist(x_i, x_j),  dist = 1 - cos(x_i, x_j),
@@ -489,15 +491,56 @@ def sync_loss(features: Tensor, eps: float) -> Tensor:
     synchronise (neuron semantic vectors, or unit activation profiles = activations.T). An item without
     neighbours contributes 0 but still counts in N. The neighbourhood is a hard threshold, so gradients flow
     through the distances only: minimising L pulls every item towards its current neighbours.
+
+    ``features`` may also be (L, N, D): L independent sets (e.g. the layers of a network, when they have the
+    same number of units) computed in one batched product; the result is the mean of their L_sync.
+
+    ``stride`` > 1 evaluates the outer sum on the rows ``offset, offset + stride, ...`` only (each against all
+    N items): the cost drops by ``stride`` and, with ``offset`` cycling through 0..stride-1 over successive
+    steps, every item's term is evaluated once per cycle; each call is the mean over its rows.
     """
-    _check_features(features)
+    _check_features(features, batched=True)
     eps = _check_eps(eps)
-    dist = cosine_distance_matrix(features)
-    nb = (dist.detach() <= eps).to(dist.dtype)
-    nb.fill_diagonal_(0.0)  # in place on a fresh tensor: cheaper than building an eye mask every step
-    count = nb.sum(dim=1)
-    per_item = (nb * dist).sum(dim=1) / count.clamp_min(1.0)
-    return per_item.mean()
+    if not (isinstance(stride, int) and stride >= 1 and 0 <= offset < stride):
+        raise ValueError(f"need an integer stride >= 1 and 0 <= offset < stride, got {stride}, {offset}")
+    return _SyncLoss.apply(features, eps, stride, offset)
+
+
+class _SyncLoss(torch.autograd.Function):
+    """L_sync with its gradient written out: as a training regulariser it runs every step, and autograd's
+    graph of normalise / product / threshold / mean costs several times the arithmetic on small layers.
+
+    With a = f / |f|, W_ij = nb_ij / (|Nb(i)| m) (m rows, the neighbourhoods held fixed as in autograd, since
+    the threshold has no gradient) and L = sum_ij W_ij (1 - a_i . a_j):
+      dL/da_j = -sum_i W_ij a_i  (j as a neighbour)   - sum_j' W_jj' a_j'  (j as a row),
+      dL/df   = (dL/da - a (a . dL/da)) / |f|.
+    tests/test_sync.py checks it against finite differences (gradcheck).
+    """
+
+    @staticmethod
+    def forward(ctx, features: Tensor, eps: float, stride: int, offset: int) -> Tensor:
+        norm = torch.linalg.vector_norm(features, dim=-1, keepdim=True).clamp_min(1e-12)
+        a = features / norm
+        rows = a[..., offset::stride, :]  # a strided view: no gather
+        dist = 1.0 - rows @ a.transpose(-1, -2)  # (..., m, N)
+        nb = dist <= eps
+        # the item itself sits at column offset + i * stride of row i: one strided view of the flat matrix
+        n = features.shape[-2]
+        nb.view(*nb.shape[:-2], -1)[..., offset::n + stride].fill_(False)
+        W = nb.to(dist.dtype)
+        W /= W.sum(-1, keepdim=True).clamp_min(1.0) * (W.numel() // n)  # mean over rows (and sets)
+        ctx.save_for_backward(a, norm, W)
+        ctx.stride, ctx.offset = stride, offset
+        return (W * dist).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, norm, W = ctx.saved_tensors
+        rows = a[..., ctx.offset::ctx.stride, :]
+        ga = -(W.transpose(-1, -2) @ rows)
+        ga[..., ctx.offset::ctx.stride, :] -= W @ a
+        gf = (ga - a * (a * ga).sum(-1, keepdim=True)) / norm
+        return gf * grad, None, None, None
 
 
 @torch.no_grad()

@@ -6,7 +6,8 @@ adds what HAT needs around it (Serra et al. 2018, MISSION.md 1.1):
   before_training_epoch  count the batches for the s schedule
   before_forward         s annealed from 1/smax to smax over the epoch's batches
   before_backward        + c * capacity regulariser
-  before_update          gradient conditioning of protected weights, embedding compensation, clipping
+  before_update          gradient conditioning of protected weights, clipping (the embedding compensation
+                         happens in the masks' backward, modnet.hat.CompensatedMasks)
   after_update           clamp embeddings to +-thres_emb
   after_training_exp     cumulative masks a^{<=t} = max(a^{<t}, a_t)
   before_eval            evaluation uses smax
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 from avalanche.core import SupervisedPlugin
 
-from modnet.hat import annealed_s, capacity_regulariser, compensate_embedding_grad, weight_protection
+from modnet.hat import annealed_s, capacity_regulariser, clip_grad_norm, free_capacity, weight_protection
 from modnet.models import HATNet
 
 
@@ -41,11 +42,12 @@ class HATPlugin(SupervisedPlugin):
         torch.set_flush_denormal(True)
 
     def before_training_exp(self, strategy, **kw):
+        # Avalanche has adapted the model (new gates) and rebuilt the optimiser before this callback.
         self.task = strategy.experience.current_experience
         model = self._model(strategy)
         model.train_task = self.task
-        # Protection multipliers change only between tasks: compute them once per experience, as flat
-        # lists for one fused multi-tensor multiply per step.
+        # Everything below changes only between tasks: computed once per experience, kept as flat lists
+        # so that each step is a few fused multi-tensor ops whatever the depth of the network.
         self._protected, self._multipliers = [], []
         for layer, out_m, in_m in zip(model.masked, model.cumulative_masks(), model.input_masks()):
             self._protected.append(layer.weight)
@@ -53,6 +55,11 @@ class HATPlugin(SupervisedPlugin):
             if layer.bias is not None:
                 self._protected.append(layer.bias)
                 self._multipliers.append(1 - out_m)
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        # capacity regulariser R = sum_l a_l . (1 - a^{<t}_l) / sum (1 - a^{<t}) (HAT eq. 5): the free
+        # capacity and its total are fixed during the task
+        # masks with the compensated embedding gradient and the capacity regulariser in one node
+        model.hat_training = (self.smax, self.thres_cosh, free_capacity(model.cumulative_masks()))
 
     def before_training_epoch(self, strategy, **kw):
         self._batch = 0
@@ -65,12 +72,13 @@ class HATPlugin(SupervisedPlugin):
 
     def before_backward(self, strategy, **kw):
         model = self._model(strategy)
-        masks = model.last_masks or model.masks(self.task)
-        reg = capacity_regulariser(masks, model.cumulative_masks())
+        reg = model.last_capacity
+        if reg is None:  # no training forward went through the masks (defensive: recompute the reference way)
+            reg = capacity_regulariser(model.masks(self.task), model.cumulative_masks())
         strategy.loss = strategy.loss + self.c * reg
+        model.last_capacity = None
 
     def before_update(self, strategy, **kw):
-        model = self._model(strategy)
         if self.task > 0:
             grads = [p.grad for p in self._protected]
             if all(g is not None for g in grads):
@@ -79,9 +87,7 @@ class HATPlugin(SupervisedPlugin):
                 for g, m in zip(grads, self._multipliers):
                     if g is not None:
                         g.mul_(m)
-        for layer in model.masked:
-            compensate_embedding_grad(layer.task_embedding, model.s, self.smax, self.thres_cosh)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), self.clipgrad)
+        clip_grad_norm([p.grad for p in self._params if p.grad is not None], self.clipgrad)
 
     def after_update(self, strategy, **kw):
         with torch.no_grad():

@@ -29,18 +29,45 @@ class TaskKeysPlugin(SupervisedPlugin):
 
 
 class SyncRegPlugin(SupervisedPlugin):
-    def __init__(self, weight: float = 0.01, eps: float = 0.3):
+    """``every``: lazy regularisation (Karras et al., StyleGAN2, 2020, sec. 3.1): L_sync is evaluated on
+    every ``every``-th step only, with its weight multiplied by ``every``, so its expected contribution to
+    the updates is unchanged while its cost is divided by ``every``.
+    ``rows``: how many units per layer have their L_sync term evaluated per evaluation (None = all, as in the
+    paper). The rows are a strided slice that moves by one each evaluation, so every unit's term is
+    evaluated once every ceil(N / rows) evaluations; the pairwise product shrinks by the same factor.
+    Layers of equal width are regularised in one batched product."""
+
+    def __init__(self, weight: float = 0.01, eps: float = 0.3, rows: int | None = None, every: int = 1):
         super().__init__()
-        self.weight, self.eps = weight, eps
+        if rows is not None and rows < 1:
+            raise ValueError(f"modules.sync_rows must be >= 1 or null (all units), got {rows}")
+        if every < 1:
+            raise ValueError(f"modules.sync_every must be >= 1 (1 = every step), got {every}")
+        self.weight, self.eps, self.rows, self.every = weight, eps, rows, every
+        self._step = 0
+        self._evaluations = 0
 
     def before_training_exp(self, strategy, **kw):
         strategy.model.record_activations = True
+        self._step = self._evaluations = 0
 
     def before_backward(self, strategy, **kw):
         acts = strategy.model.last_activations
-        if acts:
-            reg = torch.stack([sync_loss(a.flatten(1).T, self.eps) for a in acts]).mean()
-            strategy.loss = strategy.loss + self.weight * reg
+        due = self._step % self.every == 0
+        self._step += 1
+        if not acts or not due:
+            return
+        profiles = [a.flatten(1).T for a in acts]  # units x samples
+        if all(p.shape == profiles[0].shape for p in profiles):
+            profiles = [torch.stack(profiles)]
+        terms = []
+        for p in profiles:
+            n = p.shape[-2]
+            stride = 1 if self.rows is None else max(1, -(-n // self.rows))
+            terms.append(sync_loss(p, self.eps, stride, self._evaluations % stride))
+        self._evaluations += 1
+        reg = terms[0] if len(terms) == 1 else torch.stack(terms).mean()
+        strategy.loss = strategy.loss + (self.weight * self.every) * reg
 
     def after_training_exp(self, strategy, **kw):
         strategy.model.record_activations = False

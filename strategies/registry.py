@@ -62,7 +62,8 @@ def build_baseline_model(cfg, info: BenchmarkInfo) -> nn.Module:
 
 
 def _sgd(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
+    # foreach: one multi-tensor update for all parameters (torch only defaults to it on CUDA)
+    return torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum, foreach=True)
 
 
 def build_modnet(cfg, info, common):
@@ -78,7 +79,8 @@ def build_modnet(cfg, info, common):
     if model.task_keys is not None:
         plugins.append(TaskKeysPlugin())
     if cfg.modules.sync_reg > 0:
-        plugins.append(SyncRegPlugin(cfg.modules.sync_reg, cfg.modules.sync_eps))
+        plugins.append(SyncRegPlugin(cfg.modules.sync_reg, cfg.modules.sync_eps, cfg.modules.sync_rows,
+                                     cfg.modules.sync_every))
     return SupervisedTemplate(model=model, optimizer=_sgd(cfg, model), plugins=plugins, **common)
 
 

@@ -49,6 +49,53 @@ def test_compensation_formula():
                                                          rel=1e-5)
 
 
+@pytest.mark.parametrize("s", [1 / 400, 2.0, 37.0, 400.0])
+def test_compensated_masks_equal_autograd_then_compensation(s):
+    """The fused masks (one autograd node, compensation in its backward, capacity regulariser beside) =
+    sigmoid and regulariser through autograd followed by the compensation pass (the reference code's order),
+    for every layer and only on the task's row."""
+    from modnet.hat import CompensatedMasks, free_capacity
+
+    torch.manual_seed(0)
+    embs = [torch.nn.Embedding(3, 7), torch.nn.Embedding(3, 4)]
+    for emb in embs:
+        emb.weight.data.mul_(2.0)
+    prev = [torch.rand(7).round(), torch.rand(4)]
+    g = [torch.randn(7), torch.randn(4)]
+    *masks, reg = CompensatedMasks.apply(s, 400.0, 50.0, free_capacity(prev), *[e.weight[1] for e in embs])
+    (sum((m * gi).sum() for m, gi in zip(masks, g)) + 0.75 * reg).backward()
+    fused = [e.weight.grad.clone() for e in embs]
+    for e in embs:
+        e.weight.grad = None
+    ref_masks = [torch.sigmoid(s * e.weight[1]) for e in embs]
+    ref_reg = capacity_regulariser(ref_masks, prev)
+    (sum((m * gi).sum() for m, gi in zip(ref_masks, g)) + 0.75 * ref_reg).backward()
+    for e in embs:
+        compensate_embedding_grad(e, s, 400.0, thres_cosh=50)
+    assert float(reg) == pytest.approx(float(ref_reg), rel=1e-6)
+    for got, e in zip(fused, embs):
+        assert torch.allclose(got, e.weight.grad, rtol=1e-5, atol=1e-30)
+        assert torch.all(got[[0, 2]] == 0)
+    assert all(torch.equal(m, r) for m, r in zip(masks, ref_masks))
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e4])
+def test_clip_grad_norm_matches_torch(max_norm):
+    from modnet.hat import clip_grad_norm
+
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
+    grads = [torch.randn_like(p) * 3 for p in ps]
+    for p, g in zip(ps, grads):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(ps, max_norm)
+    ours = [g.clone() for g in grads]
+    clip_grad_norm(ours, max_norm)
+    assert all(torch.allclose(o, p.grad, rtol=1e-6) for o, p in zip(ours, ps))
+    norm = float(torch.linalg.vector_norm(torch.cat([o.reshape(-1) for o in ours])))
+    assert norm == pytest.approx(0.5, rel=1e-5) if max_norm == 0.5 else norm < 1e4
+
+
 def test_capacity_regulariser_hand_case():
     masks = [torch.tensor([0.5, 1.0]), torch.tensor([0.25, 0.25, 1.0])]
     prev = [torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.5, 1.0])]

@@ -27,16 +27,70 @@ def test_gate_switches_exactly_k_modules_and_gradients_reach_keys_and_query(esti
     gate = ModuleGate(assignment, query_dim=5, key_dim=4, k=2, estimator=estimator).train()
     x = torch.randn(16, 5)
     torch.manual_seed(1)  # the same Gumbel noise for both calls below
-    mg = gate.module_gates(x)
+    mg = gate.layer_module_gates(x)
     hard = mg.detach()
+    assert hard.shape == (16, 4)
     assert torch.all((hard == 0) | (hard == 1))
     assert torch.all(hard.sum(1) == 2)  # exactly k modules on per input
     torch.manual_seed(1)
-    unit = gate(x)
+    (unit,) = gate(x)
     assert torch.equal(unit.detach(), hard[:, assignment])  # a unit follows its module
     (unit * torch.randn_like(unit)).sum().backward()
     assert gate.keys.grad is not None and gate.keys.grad.abs().sum() > 0
     assert gate.query.weight.grad is not None and gate.query.weight.grad.abs().sum() > 0
+
+
+def test_fused_layers_equal_one_gate_per_layer():
+    """All layers in one gate (padded keys, one top-k) = each layer's gate on its own, values and gradients;
+    a layer with fewer modules than k keeps them all on."""
+    torch.manual_seed(0)
+    assignments = [torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), torch.tensor([0, 0, 1, 1, 1]),
+                   torch.tensor([0, 1, 2, 0, 1, 2])]
+    fused = ModuleGate(assignments, query_dim=6, key_dim=3, k=2)
+    x = torch.randn(20, 6)
+    units = fused(x)
+    weights = [torch.randn_like(u) for u in units]
+    sum((u * w).sum() for u, w in zip(units, weights)).backward()
+    for i, a in enumerate(assignments):
+        alone = ModuleGate(a, query_dim=6, key_dim=3, k=2)
+        m = int(a.max()) + 1
+        with torch.no_grad():  # the same parameters: layer i's key rows and query row block
+            alone.keys.copy_(fused.keys[i:i + 1, :m])
+            alone.query.weight.copy_(fused.query.weight[3 * i:3 * i + 3])
+            alone.query.bias.copy_(fused.query.bias[3 * i:3 * i + 3])
+        (u,) = alone(x)
+        assert torch.equal(u.detach(), units[i].detach())
+        assert torch.all(alone.layer_module_gates(x).detach().sum(1) == min(2, m))
+        (u * weights[i]).sum().backward()
+        assert torch.allclose(alone.keys.grad[0], fused.keys.grad[i, :m], atol=1e-6)
+        assert torch.allclose(alone.query.weight.grad, fused.query.weight.grad[3 * i:3 * i + 3], atol=1e-6)
+    assert torch.all(fused.keys.grad[1, 2:] == 0)  # padded keys (layer 1 has 2 modules) never learn
+
+
+@pytest.mark.parametrize("estimator", ["st", "gumbel"])
+def test_fused_gate_function_equals_the_autograd_reference(estimator):
+    """forward() (one autograd function, backward written out) = module_gates() expanded to units times the
+    layers' masks (plain autograd): values and gradients for keys, query, input and masks; uneven k per layer
+    included."""
+    torch.manual_seed(0)
+    assignments = [torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), torch.tensor([0, 0, 1, 1, 1])]
+    gate = ModuleGate(assignments, query_dim=6, key_dim=3, k=3, tau=0.7, estimator=estimator).train()
+    x = torch.randn(20, 6, requires_grad=True)
+    masks = [torch.rand(8, requires_grad=True), torch.rand(5, requires_grad=True)]
+    w = torch.randn(20, 13)
+    leaves = (gate.keys, gate.query.weight, gate.query.bias, x, *masks)
+    torch.manual_seed(5)
+    fused = torch.cat(gate(x, masks), dim=1)
+    (fused * w).sum().backward()
+    got = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    torch.manual_seed(5)
+    ref = (gate.module_gates(x).flatten(1) @ gate.to_units) * torch.cat(masks)
+    (ref * w).sum().backward()
+    assert torch.equal(fused.detach(), ref.detach())
+    for g, t in zip(got, leaves):
+        assert torch.allclose(g, t.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_gates_compose_with_hat_masks_multiplicatively():
@@ -46,9 +100,11 @@ def test_gates_compose_with_hat_masks_multiplicatively():
     net.gate.add_task(net, 0, x)
     masks = net.masks(0, 400.0)
     gated = net.gate(x, 0, masks)
-    for m, g, gate in zip(masks, gated, net.gate.layer_gates(0)):
+    gate = net.gate.task_gate(0)
+    for i, (m, g) in enumerate(zip(masks, gated)):
         assert g.shape == (12, m.numel())
-        assert torch.allclose(g, m * gate(x.flatten(1)).detach())
+        unit = gate.layer_module_gates(x.flatten(1), i).detach()[:, gate.assignment(i)]
+        assert torch.equal(g, m * unit)
     assert net.task_logits(x, 0).shape == (12, 2)
 
 

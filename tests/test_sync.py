@@ -231,3 +231,64 @@ def test_sync_loss_rejects_bad_input():
         sync_loss(torch.zeros(5), 0.1)
     with pytest.raises(ValueError):
         sync_loss(three_vectors(), 0.0)
+
+
+def test_sync_loss_gradient_matches_finite_differences():
+    g = torch.Generator().manual_seed(0)
+    F = torch.randn(2, 9, 5, generator=g, dtype=torch.float64)
+    d = 1 - torch.nn.functional.normalize(F, dim=-1) @ torch.nn.functional.normalize(F, dim=-1).mT
+    eps = 0.9
+    assert (d - eps).abs().min() > 1e-3  # no pair on the threshold: the neighbourhoods are locally constant
+    for stride, offset in [(1, 0), (3, 1), (4, 3)]:
+        assert torch.autograd.gradcheck(lambda f: sync_loss(f, eps, stride, offset), (F.clone().requires_grad_(),))
+
+
+def test_sync_loss_rows_and_layers_by_hand():
+    """Rows offset::stride of an (N, D) set, and L sets at once, against the per-item definition."""
+    g = torch.Generator().manual_seed(1)
+    F = torch.randn(2, 7, 4, generator=g, dtype=torch.float64)
+    eps = 0.8
+
+    def per_item(f):
+        a = torch.nn.functional.normalize(f, dim=-1)
+        d = 1 - a @ a.T
+        out = []
+        for i in range(len(f)):
+            nb = [j for j in range(len(f)) if j != i and d[i, j] <= eps]
+            out.append(sum(float(d[i, j]) for j in nb) / len(nb) if nb else 0.0)
+        return out
+
+    items = [per_item(F[0]), per_item(F[1])]
+    for stride, offset in [(1, 0), (2, 1), (3, 0), (3, 2)]:
+        want = [sum(it[offset::stride]) / len(it[offset::stride]) for it in items]
+        assert float(sync_loss(F[0], eps, stride, offset)) == pytest.approx(want[0], abs=1e-12)
+        assert float(sync_loss(F, eps, stride, offset)) == pytest.approx(sum(want) / 2, abs=1e-12)
+    # every row once per cycle: the mean over a cycle of strides is the full loss (7 = 2 + 2 + 3 rows is not
+    # even, so weight each call by its rows)
+    cycle = sum(float(sync_loss(F[0], eps, 3, o)) * len(items[0][o::3]) for o in range(3)) / 7
+    assert cycle == pytest.approx(float(sync_loss(F[0], eps)), abs=1e-12)
+
+
+def test_lazy_sync_regulariser_adds_every_kth_step_with_weight_times_k_and_cycles_rows():
+    """SyncRegPlugin(every=2, rows=3) on two 7-unit layers: steps 0 and 2 add 2 * weight * L_sync of the
+    stacked layers' profiles on rows offset::3 (offset 0, then 1); steps 1 and 3 add nothing."""
+    from types import SimpleNamespace
+
+    from strategies.modular import SyncRegPlugin
+
+    g = torch.Generator().manual_seed(0)
+    acts = [torch.randn(10, 7, generator=g).relu(), torch.randn(10, 7, generator=g).relu()]
+    plugin = SyncRegPlugin(weight=0.5, eps=0.9, rows=3, every=2)
+    model = SimpleNamespace(record_activations=False, last_activations=acts)
+    strat = SimpleNamespace(model=model, loss=torch.zeros(()))
+    plugin.before_training_exp(strat)
+    assert model.record_activations
+    profiles = torch.stack([a.T for a in acts])
+    added = []
+    for _ in range(4):
+        before = float(strat.loss)
+        plugin.before_backward(strat)
+        added.append(float(strat.loss) - before)
+    assert added[1] == 0.0 and added[3] == 0.0
+    assert added[0] == pytest.approx(2 * 0.5 * float(sync_loss(profiles, 0.9, 3, 0)), rel=1e-6)
+    assert added[2] == pytest.approx(2 * 0.5 * float(sync_loss(profiles, 0.9, 3, 1)), rel=1e-6)
