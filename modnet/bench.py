@@ -48,15 +48,18 @@ def _data(arch: str, n: int, n_classes: int, device, image_shape=(3, 32, 32), op
     g = torch.Generator().manual_seed(0)
     shape = (n, *image_shape) if arch in ("cnn", "resnet18") else (n, _mlp_shape(arch, options or {})["in_dim"])
     x = torch.rand(shape, generator=g)
-    y = torch.randint(0, n_classes, (n,), generator=g)
+    y = torch.arange(n) % n_classes  # every class present, however few the samples
+    y = y[torch.randperm(n, generator=g)]
     return x.to(device), y.to(device)  # data moves to the device once
 
 
 def _cfg(arch: str, options: dict):
     from modnet.config import compose
 
-    overrides = ["progress=false", "model.arch=" + ("mlp" if arch in MLP_ARCHS else "cnn"),
+    overrides = ["progress=false", "model.arch=" + ("mlp" if arch in MLP_ARCHS else arch),
                  f"modules.sync_reg={options.get('sync_reg', 0.01)}"]
+    if arch == "resnet18":
+        overrides.append(f"model.resnet_width={options.get('resnet_width', 64)}")
     if arch in MLP_ARCHS:
         shape = _mlp_shape(arch, options)
         overrides += [f"model.hidden={shape['hidden']}", f"model.n_layers={shape['n_layers']}"]
@@ -119,12 +122,10 @@ def _plain_setup(arch, x, options, device, channels_last):
 
 
 def _plain_model(arch: str, x: torch.Tensor, options: dict):
-    from modnet.models import CNNBackbone, MLPBackbone, SingleHeadNet
+    from modnet.models import CNNBackbone, MLPBackbone, ResNet18Backbone, SingleHeadNet
 
-    if arch == "resnet18":
-        import torchvision
-
-        return torchvision.models.resnet18(num_classes=10)
+    if arch == "resnet18":  # the CIFAR layout modnet's HATResNet18 masks (torchvision's is ImageNet's)
+        return SingleHeadNet(ResNet18Backbone(tuple(x.shape[1:]), options.get("resnet_width", 64)), 10)
     if arch == "cnn":
         return SingleHeadNet(CNNBackbone(tuple(x.shape[1:])), 10)
     shape = _mlp_shape(arch, options)
@@ -137,12 +138,9 @@ def _build_avalanche(kind, arch, x, y, batch, epochs, device, options, overrides
     from scenarios.base import split_benchmark
     from strategies.registry import build_strategy
 
-    if arch == "resnet18":
-        raise ValueError("Avalanche strategies in the bench use modnet's own backbones; resnet18 is plain-only "
-                         "unless you pass the ResNet as a HAT network")
     cfg = _cfg(arch, {**options, "overrides": list(options.get("overrides", [])) + list(overrides)})
     cfg.train.epochs, cfg.train.batch_size = epochs, batch
-    info = split_benchmark("bench", x, y, x[:batch], y[:batch], 1, "task", 0)
+    info = split_benchmark("bench", x, y, x, y, 1, "task", 0)  # the test set is never evaluated here
     common = dict(criterion=torch.nn.CrossEntropyLoss(), train_mb_size=batch, train_epochs=epochs,
                   eval_mb_size=batch, device=device, evaluator=EvaluationPlugin(loggers=[]), eval_every=-1)
     strategy = build_strategy(kind, cfg, info, common)
@@ -387,7 +385,7 @@ def run_bench(cfg) -> dict:
     res = {"device": str(device), "threads": torch.get_num_threads(), "training": {}}
     opts = {"threads": cfg.threads, "amp": cfg.amp, "channels_last": cfg.channels_last,
             "sync_reg": cfg.sync_reg, "image_shape": list(cfg.image_shape),
-            "mlp_shapes": {a: dict(cfg[a]) for a in MLP_ARCHS if a in cfg}}
+            "mlp_shapes": {a: dict(cfg[a]) for a in MLP_ARCHS if a in cfg}, "resnet_width": cfg.resnet_width}
     known = set(MLP_ARCHS) | {"cnn", "resnet18"}
     for arch in cfg.archs:
         if arch not in known or arch not in cfg.samples or arch not in cfg.batch_size:
@@ -397,7 +395,7 @@ def run_bench(cfg) -> dict:
         n, batch = cfg.samples[arch], cfg.batch_size[arch]
         print(f"[bench] training loops, {arch}, {n} samples, batch {batch} ...", flush=True)
         r = bench_training(arch, n, batch, cfg.epochs, str(device), opts,
-                           kinds=("plain",) if arch == "resnet18" else ("plain", "naive", "modnet"),
+                           kinds=("plain", "naive", "modnet"),
                            repeats=cfg.repeats, rounds=cfg.ratio_rounds)
         shape = ""
         if arch in MLP_ARCHS:

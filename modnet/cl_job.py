@@ -155,9 +155,10 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> di
 
 
 def run_cl(cfg) -> dict:
-    from strategies.registry import STRATEGIES
+    from strategies.registry import ARCHS, STRATEGIES
 
     check_choice("scenario", cfg.scenario, SCENARIOS)
+    check_choice("model.arch", cfg.model.arch, ARCHS)
     for name in cfg.strategies:
         check_choice("strategies", name, list(STRATEGIES))
     device = resolve_device(cfg.device)

@@ -109,6 +109,7 @@ class HATNet(MultiHeadTaskNet):
         self.last_capacity: Tensor | None = None
         self.record_activations = False  # keep the last forward's unit activations (sync regulariser)
         self.last_activations: list[Tensor] = []
+        self.active_task = 0  # the task whose sub-network the current forward runs (per-task batch norm)
 
     masked: nn.ModuleList
 
@@ -144,20 +145,27 @@ class HATNet(MultiHeadTaskNet):
         return prev
 
     def features(self, x: Tensor, masks: list[Tensor]) -> Tensor:
-        return self.unit_activations(x, masks)[-1]
+        return self.forward_units(x, masks)[1]
 
     def unit_activations(self, x: Tensor, masks: list[Tensor]) -> list[Tensor]:
         """Output of every masked layer (B x units; conv maps averaged over space for the profiles)."""
         raise NotImplementedError
 
+    def forward_units(self, x: Tensor, masks: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """(every masked layer's output, the heads' input): the last masked layer's output unless a subclass
+        ends differently (a residual sum)."""
+        acts = self.unit_activations(x, masks)
+        return acts, acts[-1]
+
     def task_logits(self, x: Tensor, task: int) -> Tensor:
+        self.active_task = task
         masks = self.masks(task)
         if self.gate is not None:
             masks = self.gate(x, task, masks)
-        acts = self.unit_activations(x, masks)
+        acts, feature = self.forward_units(x, masks)
         if self.record_activations:
             self.last_activations = acts
-        return self.heads[task](acts[-1])
+        return self.heads[task](feature)
 
     def adaptation(self, experience) -> None:
         """Avalanche calls this before each experience (before the optimiser is rebuilt): new gates here."""
@@ -167,6 +175,7 @@ class HATNet(MultiHeadTaskNet):
             ds = experience.dataset
             n = min(len(ds), self.gate.profile_samples)
             x = torch.stack([ds[i][0] for i in range(n)]).to(self.heads[0].weight.device)
+            self.active_task = task  # profile the units through the new task's own batch norm, if any
             self.gate.add_task(self, task, x)
 
     def key_slots(self, task: int) -> Tensor:
@@ -312,3 +321,127 @@ class MultiHeadNet(MultiTaskModule):
 
     def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
         return self.classifier.forward_single_task(self.backbone(x), task_label).float()
+
+
+# -- ResNet-18 (CIFAR layout: 3x3 stem, no max-pool) -----------------------------------------------------
+_RESNET18_STAGES = ((1, 1), (2, 2), (4, 2), (8, 2))  # (width multiple, stride of the first block) per stage
+
+
+class HATResNet18(HATNet):
+    """ResNet-18 (He et al. 2016, CIFAR layout) whose every convolution's output channels carry a HAT mask.
+
+    Batch norm is per task (a ``ModuleList`` of one ``BatchNorm2d`` per task after each conv): its running
+    statistics and affine parameters are then only ever touched by their own task, which HAT's masks cannot
+    protect otherwise. Residual sums: a block's output channel is on where its second conv or its shortcut
+    is on, so the cumulative mask of the units feeding the next conv is the elementwise max of the two
+    (``input_masks``) and HAT's gradient conditioning 1 - min(a_out, a_in) stays exact across the sums.
+    ``width`` sets the first stage's channels (64 in the paper; tests use a few).
+    """
+
+    def __init__(self, in_shape: Sequence[int], task_classes, width: int = 64, class_incremental: bool = False,
+                 smax: float = 400.0, task_inference: str = "maxprob"):
+        super().__init__(task_classes, 8 * width, class_incremental, smax, task_inference)
+        n_tasks = len(task_classes)
+        c_in = in_shape[0]
+        layers: list[nn.Module] = [HATConv2d(c_in, width, 3, n_tasks, padding=1, bias=False)]
+        # (conv1, conv2, shortcut or None) indices into ``layers`` per block, and each block's stride
+        self._blocks: list[tuple[int, int, int | None]] = []
+        self._strides: list[int] = []
+        c = width
+        for mult, stride in _RESNET18_STAGES:
+            for b in range(2):
+                s, out = (stride if b == 0 else 1), mult * width
+                i1 = len(layers)
+                layers.append(HATConv2d(c, out, 3, n_tasks, stride=s, padding=1, bias=False))
+                layers.append(HATConv2d(out, out, 3, n_tasks, padding=1, bias=False))
+                sc = None
+                if s != 1 or c != out:
+                    sc = len(layers)
+                    layers.append(HATConv2d(c, out, 1, n_tasks, stride=s, bias=False))
+                self._blocks.append((i1, i1 + 1, sc))
+                self._strides.append(s)
+                c = out
+        self.masked = nn.ModuleList(layers)
+        self.bn = nn.ModuleList(nn.ModuleList(nn.BatchNorm2d(layer.n_units) for _ in range(n_tasks))
+                                for layer in layers)
+        self._init_cumulative_masks()
+
+    def _unit_masks(self, masks: list[Tensor]) -> tuple[list[Tensor | None], list[Tensor]]:
+        """(mask of the units feeding each layer, mask of each block's output) from per-layer masks."""
+        feeding: list[Tensor | None] = [None] * len(self.masked)
+        out = masks[0]
+        outs = []
+        for i1, i2, sc in self._blocks:
+            feeding[i1] = out
+            feeding[i2] = masks[i1]
+            if sc is not None:
+                feeding[sc] = out
+            out = torch.maximum(masks[i2], masks[sc] if sc is not None else out)
+            outs.append(out)
+        return feeding, outs
+
+    def input_masks(self) -> list[Tensor | None]:
+        return self._unit_masks(self.cumulative_masks())[0]
+
+    def unit_activations(self, x: Tensor, masks: list[Tensor]) -> list[Tensor]:
+        return self.forward_units(x, masks)[0]
+
+    def forward_units(self, x: Tensor, masks: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """Every masked conv's output (after its task's batch norm and its mask, averaged over space) and the
+        pooled output of the last block (the heads' input)."""
+        task, conv = self.active_task, self.masked
+
+        def masked_bn(i, h):
+            m = masks[i]
+            h = self.bn[i][task](conv[i](h))
+            return h * (m.view(1, -1, 1, 1) if m.dim() == 1 else m[:, :, None, None])
+
+        acts: list[Tensor] = [x] * len(conv)
+        h = F.relu(masked_bn(0, x))
+        acts[0] = h.mean(dim=(2, 3))
+        for i1, i2, sc in self._blocks:
+            a = F.relu(masked_bn(i1, h))
+            b = masked_bn(i2, a)
+            acts[i1], acts[i2] = a.mean(dim=(2, 3)), b.mean(dim=(2, 3))
+            if sc is not None:
+                h = masked_bn(sc, h)
+                acts[sc] = h.mean(dim=(2, 3))
+            h = F.relu(b + h)
+        return acts, h.mean(dim=(2, 3))
+
+
+class ResNet18Backbone(nn.Module):
+    """The same ResNet-18 without masks, one batch norm per conv: the baselines' and the plain loop's."""
+
+    def __init__(self, in_shape: Sequence[int], width: int = 64):
+        super().__init__()
+        c = width
+        self.stem = nn.Sequential(nn.Conv2d(in_shape[0], width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU())
+        blocks = []
+        for mult, stride in _RESNET18_STAGES:
+            for b in range(2):
+                blocks.append(_BasicBlock(c, mult * width, stride if b == 0 else 1))
+                c = mult * width
+        self.blocks = nn.Sequential(*blocks)
+        self.out_dim = c
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks(self.stem(x)).mean(dim=(2, 3))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(h)) + self.shortcut(x))

@@ -35,7 +35,7 @@ class SyncRegPlugin(SupervisedPlugin):
     ``rows``: how many units per layer have their L_sync term evaluated per evaluation (None = all, as in the
     paper). The rows are a strided slice that moves by one each evaluation, so every unit's term is
     evaluated once every ceil(N / rows) evaluations; the pairwise product shrinks by the same factor.
-    Layers of equal width are regularised in one batched product."""
+    Layers of equal width are regularised in one batched product; the regulariser is the mean over layers."""
 
     def __init__(self, weight: float = 0.01, eps: float = 0.3, rows: int | None = None, every: int = 1):
         super().__init__()
@@ -57,16 +57,19 @@ class SyncRegPlugin(SupervisedPlugin):
         self._step += 1
         if not acts or not due:
             return
-        profiles = [a.flatten(1).T for a in acts]  # units x samples
-        if all(p.shape == profiles[0].shape for p in profiles):
-            profiles = [torch.stack(profiles)]
-        terms = []
-        for p in profiles:
-            n = p.shape[-2]
+        groups: dict[tuple, list] = {}  # layers of equal width: one batched product per width
+        for a in acts:
+            p = a.flatten(1).T  # units x samples
+            groups.setdefault(tuple(p.shape), []).append(p)
+        terms, weights = [], []
+        for (n, _), ps in groups.items():
             stride = 1 if self.rows is None else max(1, -(-n // self.rows))
-            terms.append(sync_loss(p, self.eps, stride, self._evaluations % stride))
+            feats = ps[0] if len(ps) == 1 else torch.stack(ps)
+            terms.append(sync_loss(feats, self.eps, stride, self._evaluations % stride))
+            weights.append(len(ps))
         self._evaluations += 1
-        reg = terms[0] if len(terms) == 1 else torch.stack(terms).mean()
+        # the mean over layers of their L_sync, whatever the grouping
+        reg = terms[0] if len(terms) == 1 else sum(w * t for w, t in zip(weights, terms)) / len(acts)
         strategy.loss = strategy.loss + (self.weight * self.every) * reg
 
     def after_training_exp(self, strategy, **kw):

@@ -14,16 +14,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from modnet.models import CNNBackbone, HATCNN, HATMLP, MLPBackbone, MultiHeadNet, SingleHeadNet
+from modnet.config import check_choice
+from modnet.models import (CNNBackbone, HATCNN, HATMLP, HATResNet18, MLPBackbone, MultiHeadNet, ResNet18Backbone,
+                           SingleHeadNet)
 from scenarios.base import BenchmarkInfo
+
+
+ARCHS = ("auto", "mlp", "cnn", "resnet18")
 
 
 def _arch(cfg, info: BenchmarkInfo) -> str:
     arch = cfg.model.arch
+    check_choice("model.arch", arch, ARCHS)
     if arch == "auto":
         return "cnn" if info.is_image else "mlp"
-    if arch == "cnn" and not info.is_image:
-        raise ValueError(f"model.arch=cnn needs images (N, C, H, W); {info.name} has vectors of shape "
+    if arch in ("cnn", "resnet18") and not info.is_image:
+        raise ValueError(f"model.arch={arch} needs images (N, C, H, W); {info.name} has vectors of shape "
                          f"{info.input_shape}; use model.arch=mlp or auto")
     return arch
 
@@ -34,7 +40,10 @@ def build_hat_model(cfg, info: BenchmarkInfo) -> nn.Module:
 
     m, class_inc = cfg.model, info.scenario == "class"
     common = dict(class_incremental=class_inc, smax=cfg.hat.smax, task_inference=cfg.hat.task_inference)
-    if _arch(cfg, info) == "cnn":
+    arch = _arch(cfg, info)
+    if arch == "resnet18":
+        net = HATResNet18(info.input_shape, info.task_classes, width=m.resnet_width, **common)
+    elif arch == "cnn":
         net = HATCNN(info.input_shape, info.task_classes, channels=list(m.cnn_channels), hidden=m.hidden,
                      dropout=m.dropout, **common)
     else:
@@ -54,7 +63,10 @@ def build_hat_model(cfg, info: BenchmarkInfo) -> nn.Module:
 
 def build_baseline_model(cfg, info: BenchmarkInfo) -> nn.Module:
     m = cfg.model
-    if _arch(cfg, info) == "cnn":
+    arch = _arch(cfg, info)
+    if arch == "resnet18":
+        backbone = ResNet18Backbone(info.input_shape, m.resnet_width)
+    elif arch == "cnn":
         backbone = CNNBackbone(info.input_shape, list(m.cnn_channels), m.hidden, m.dropout)
     else:
         backbone = MLPBackbone(int(np.prod(info.input_shape)), m.hidden, m.n_layers, m.dropout)
@@ -89,7 +101,7 @@ def build_hnet(cfg, info, common):
 
     from strategies.hnet import HNetModel, HNetPlugin
 
-    if info.is_image and cfg.model.arch == "cnn":
+    if info.is_image and cfg.model.arch in ("cnn", "resnet18"):
         raise ValueError("strategy hnet builds an MLP main network; use model.arch=mlp or auto with vectors")
     h = cfg.hnet
     model = HNetModel(int(np.prod(info.input_shape)), info.task_classes, hidden=cfg.model.hidden,

@@ -292,3 +292,19 @@ def test_lazy_sync_regulariser_adds_every_kth_step_with_weight_times_k_and_cycle
     assert added[1] == 0.0 and added[3] == 0.0
     assert added[0] == pytest.approx(2 * 0.5 * float(sync_loss(profiles, 0.9, 3, 0)), rel=1e-6)
     assert added[2] == pytest.approx(2 * 0.5 * float(sync_loss(profiles, 0.9, 3, 1)), rel=1e-6)
+
+
+def test_sync_regulariser_is_the_mean_over_layers_of_any_widths():
+    from types import SimpleNamespace
+
+    from strategies.modular import SyncRegPlugin
+
+    g = torch.Generator().manual_seed(2)
+    acts = [torch.randn(10, 7, generator=g), torch.randn(10, 5, generator=g), torch.randn(10, 7, generator=g)]
+    strat = SimpleNamespace(model=SimpleNamespace(record_activations=False, last_activations=acts),
+                            loss=torch.zeros(()))
+    plugin = SyncRegPlugin(weight=1.0, eps=0.9)
+    plugin.before_training_exp(strat)
+    plugin.before_backward(strat)
+    want = sum(float(sync_loss(a.T, 0.9)) for a in acts) / 3
+    assert float(strat.loss) == pytest.approx(want, rel=1e-6)
