@@ -71,9 +71,9 @@ class ModuleGate(nn.Module):
     """Hard top-k attention over the modules of a task's masked layers (one layer or several).
 
     For layer l: scores_l = query_l(x) . keys_l^T / sqrt(d); exactly k_l = min(k, M_l) of its M_l modules
-    are on per input (a layer with k or fewer modules keeps them all on). The forward value is the hard 0/1 choice; the gradient is that of
-    softmax(scores / tau) (straight-through), so keys and queries learn. ``estimator='gumbel'`` adds Gumbel
-    noise to the scores while training (Gumbel top-k).
+    are on per input (a layer with k or fewer modules keeps them all on). The forward value is the hard 0/1
+    choice; the gradient is that of softmax(scores / tau) (straight-through), so keys and queries learn.
+    ``estimator='gumbel'`` adds Gumbel noise to the scores while training (Gumbel top-k).
 
     All layers are computed together: the per-layer queries are row blocks of one linear map and the keys one
     (L, M_max, d) tensor whose missing modules score -inf, so a forward is one projection, one batched score
@@ -161,6 +161,9 @@ class ModuleGate(nn.Module):
         """
         if masks is None:
             masks = [q_in.new_ones(n) for n in self.sizes]
+        if [tuple(m.shape) for m in masks] != [(n,) for n in self.sizes]:
+            raise ValueError(f"masks must be one vector per layer of sizes {self.sizes}, got "
+                             f"{[tuple(m.shape) for m in masks]}")
         return list(_GateFunction.apply(q_in, self.query.weight, self.query.bias, self.keys, self.score_pad,
                                         self.to_units, self.k_max, self.rank_on, self.tau, self._gumbel(q_in),
                                         self.sizes, *masks))

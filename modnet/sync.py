@@ -501,8 +501,9 @@ def sync_loss(features: Tensor, eps: float, stride: int = 1, offset: int = 0) ->
     """
     _check_features(features, batched=True)
     eps = _check_eps(eps)
-    if not (isinstance(stride, int) and stride >= 1 and 0 <= offset < stride):
-        raise ValueError(f"need an integer stride >= 1 and 0 <= offset < stride, got {stride}, {offset}")
+    if not (isinstance(stride, int) and stride >= 1 and 0 <= offset < min(stride, features.shape[-2])):
+        raise ValueError(f"need an integer stride >= 1 and 0 <= offset < min(stride, n_items), got stride "
+                         f"{stride}, offset {offset}, {features.shape[-2]} items")
     return _SyncLoss.apply(features, eps, stride, offset)
 
 

@@ -56,9 +56,8 @@ class HATPlugin(SupervisedPlugin):
                 self._protected.append(layer.bias)
                 self._multipliers.append(1 - out_m)
         self._params = [p for p in model.parameters() if p.requires_grad]
-        # capacity regulariser R = sum_l a_l . (1 - a^{<t}_l) / sum (1 - a^{<t}) (HAT eq. 5): the free
-        # capacity and its total are fixed during the task
-        # masks with the compensated embedding gradient and the capacity regulariser in one node
+        # The training masks carry the compensated embedding gradient and give the capacity regulariser
+        # R = sum_l a_l . (1 - a^{<t}_l) / sum (1 - a^{<t}) (HAT eq. 5), whose free capacity is fixed per task.
         model.hat_training = (self.smax, self.thres_cosh, free_capacity(model.cumulative_masks()))
 
     def before_training_epoch(self, strategy, **kw):
@@ -73,7 +72,7 @@ class HATPlugin(SupervisedPlugin):
     def before_backward(self, strategy, **kw):
         model = self._model(strategy)
         reg = model.last_capacity
-        if reg is None:  # no training forward went through the masks (defensive: recompute the reference way)
+        if reg is None:  # no training forward went through the masks: compute it now
             reg = capacity_regulariser(model.masks(self.task), model.cumulative_masks())
         strategy.loss = strategy.loss + self.c * reg
         model.last_capacity = None

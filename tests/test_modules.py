@@ -91,6 +91,8 @@ def test_fused_gate_function_equals_the_autograd_reference(estimator):
     assert torch.equal(fused.detach(), ref.detach())
     for g, t in zip(got, leaves):
         assert torch.allclose(g, t.grad, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="one vector per layer"):
+        gate(x, [torch.rand(20, 8), masks[1]])  # per-input masks belong in the gate's output, not its input
 
 
 def test_gates_compose_with_hat_masks_multiplicatively():

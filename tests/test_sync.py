@@ -231,6 +231,8 @@ def test_sync_loss_rejects_bad_input():
         sync_loss(torch.zeros(5), 0.1)
     with pytest.raises(ValueError):
         sync_loss(three_vectors(), 0.0)
+    with pytest.raises(ValueError, match="offset"):
+        sync_loss(three_vectors(), 0.1, stride=5, offset=3)  # row 3 of 3 items: no row to evaluate
 
 
 def test_sync_loss_gradient_matches_finite_differences():
