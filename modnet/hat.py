@@ -94,11 +94,17 @@ class CompensatedMasks(torch.autograd.Function):
 
 
 def clip_grad_norm(grads: list[Tensor], max_norm: float) -> None:
-    """``torch.nn.utils.clip_grad_norm_`` on a list of gradients (no host sync), without its per-call
-    parameter filtering and dispatch: on a small network those cost as much as the norm itself."""
+    """``torch.nn.utils.clip_grad_norm_`` on a list of gradients, without its per-call parameter filtering.
+
+    On the GPU the scale is applied unconditionally (min(1, max_norm / norm), no host sync). On the CPU,
+    where reading the norm costs no device sync, the multiply is skipped when the norm is within bounds:
+    with HAT's bound of 10000 that is nearly always, and the multiply is a full pass over every gradient.
+    """
     if not grads:
         return
     total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    if grads[0].device.type == "cpu" and float(total) <= max_norm:  # a NaN norm fails this: scaled as torch does
+        return
     torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp_(max=1.0))
 
 

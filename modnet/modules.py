@@ -104,14 +104,20 @@ class ModuleGate(nn.Module):
             self.register_buffer(f"assignment_{i}", a.long().clone())
         valid = torch.arange(m_max) < torch.tensor(n_modules).unsqueeze(1)  # L x M_max
         self.register_buffer("score_pad", torch.zeros(L, m_max).masked_fill(~valid, -torch.inf))
-        # module (l, m) -> its units, block-diagonal over layers: one product expands all layers' gates
-        flat = torch.cat([a.long() + i * m_max for i, a in enumerate(assignments)])
-        self.register_buffer("to_units", F.one_hot(flat, L * m_max).T.float().contiguous())
+        # module m of layer l -> its units (M_max x units_l, one-hot columns): module gates expand to unit gates
+        # by a product with a small inner dimension, the layer's mask folded into it
+        for i, a in enumerate(assignments):
+            self.register_buffer(f"to_units_{i}", F.one_hot(a.long(), m_max).T.float().contiguous())
         self.keys = nn.Parameter(torch.randn(L, m_max, key_dim) / math.sqrt(key_dim))
         self.query = nn.Linear(query_dim, L * key_dim)
 
     def assignment(self, layer: int = 0) -> Tensor:
         return getattr(self, f"assignment_{layer}")
+
+    @property
+    def to_units(self) -> Tensor:
+        """Block-diagonal (L * M_max) x (all units) expansion of module gates to unit gates (reference)."""
+        return torch.block_diag(*[getattr(self, f"to_units_{i}") for i in range(self.n_layers)])
 
     def _queries(self, q_in: Tensor) -> Tensor:
         return self.query(q_in).view(q_in.shape[0], self.n_layers, -1) / math.sqrt(self.keys.shape[-1])
@@ -164,9 +170,9 @@ class ModuleGate(nn.Module):
         if [tuple(m.shape) for m in masks] != [(n,) for n in self.sizes]:
             raise ValueError(f"masks must be one vector per layer of sizes {self.sizes}, got "
                              f"{[tuple(m.shape) for m in masks]}")
+        expand = [getattr(self, f"to_units_{i}") for i in range(self.n_layers)]
         return list(_GateFunction.apply(q_in, self.query.weight, self.query.bias, self.keys, self.score_pad,
-                                        self.to_units, self.k_max, self.rank_on, self.tau, self._gumbel(q_in),
-                                        self.sizes, *masks))
+                                        self.k_max, self.rank_on, self.tau, self._gumbel(q_in), expand, *masks))
 
     def _gumbel(self, q_in: Tensor) -> Tensor | None:
         """Gumbel noise (L x B x M_max) while training with the Gumbel estimator, else None."""
@@ -178,11 +184,13 @@ class ModuleGate(nn.Module):
 
 class _GateFunction(torch.autograd.Function):
     """Query projection, scores, top-k, expansion to units and product with each layer's mask, with the
-    straight-through gradient d(value)/d(scores) := softmax Jacobian / tau written out. Runs in float32
-    (under autocast too): the gate is small and its top-k must not flip on rounding."""
+    straight-through gradient d(value)/d(scores) := softmax Jacobian / tau written out. The mask is folded
+    into the (modules x units) expansion, so each layer's output is one product of inner size M_max and its
+    backward two more: no elementwise pass over (batch x units). Runs in float32 (under autocast too): the
+    gate is small and its top-k must not flip on rounding."""
 
     @staticmethod
-    def forward(ctx, q_in, w, b, keys, pad, to_units, k_max, rank_on, tau, noise, sizes, *masks):
+    def forward(ctx, q_in, w, b, keys, pad, k_max, rank_on, tau, noise, expand, *masks):
         with torch.autocast(q_in.device.type, enabled=False):
             x = q_in.float()
             n, (L, m, d) = x.shape[0], keys.shape
@@ -193,21 +201,31 @@ class _GateFunction(torch.autograd.Function):
             top = scores.topk(k_max, dim=-1).indices
             on = 1.0 if rank_on is None else rank_on.unsqueeze(1).expand(top.shape)
             hard = torch.zeros_like(scores).scatter_(-1, top, on)
-            units = (hard.transpose(0, 1).reshape(n, L * m) @ to_units).split(sizes, dim=1)
-            out = tuple(u * mk for u, mk in zip(units, masks))
-        ctx.save_for_backward(x, w, keys, q, scores, to_units, *units, *masks)
+            masked = [e * mk.float() for e, mk in zip(expand, masks)]  # M x units_l
+            out = tuple(hard[i] @ masked[i] for i in range(L))
+        ctx.save_for_backward(x, w, keys, q, scores, hard, *expand, *masked)
         ctx.tau, ctx.in_dtype, ctx.L = tau, q_in.dtype, L
+        ctx.mask_dtypes = [mk.dtype for mk in masks]
         return out
 
     @staticmethod
     def backward(ctx, *g_out):
-        x, w, keys, q, scores, to_units, *rest = ctx.saved_tensors
-        units, masks = rest[:ctx.L], rest[ctx.L:]
-        n, (L, m, d) = x.shape[0], keys.shape
-        g_out = [torch.zeros_like(u) if g is None else g.float() for g, u in zip(g_out, units)]
-        g_masks = [(g * u).sum(0) for g, u in zip(g_out, units)]
-        g_units = torch.cat([g * mk for g, mk in zip(g_out, masks)], dim=1)
-        g_mod = (g_units @ to_units.T).view(n, L, m).transpose(0, 1)  # L x B x M
+        x, w, keys, q, scores, hard, *rest = ctx.saved_tensors
+        L = ctx.L
+        expand, masked = rest[:L], rest[L:]
+        n, (_, m, d) = x.shape[0], keys.shape
+        g_mod, g_masks = [], []
+        for i in range(L):
+            g = g_out[i]
+            if g is None:
+                g_mod.append(hard.new_zeros(n, m))
+                g_masks.append(hard.new_zeros(expand[i].shape[1]).to(ctx.mask_dtypes[i]))
+                continue
+            g = g.float()
+            g_mod.append(g @ masked[i].T)  # B x M: d out / d module gate = the module's masked units
+            # d out[b, j] / d mask[j] = hard[b, module(j)]: (hard^T g) read at each unit's module
+            g_masks.append(((hard[i].T @ g) * expand[i]).sum(0).to(ctx.mask_dtypes[i]))
+        g_mod = torch.stack(g_mod)  # L x B x M
         soft = torch.softmax(scores / ctx.tau, dim=-1)
         g_scores = soft * (g_mod - (soft * g_mod).sum(-1, keepdim=True)) * (d ** -0.5 / ctx.tau)
         g_q = (g_scores @ keys).transpose(0, 1).reshape(n, L * d)
@@ -215,7 +233,7 @@ class _GateFunction(torch.autograd.Function):
         g_w = g_q.T @ x
         g_b = g_q.sum(0)
         g_x = (g_q @ w).to(ctx.in_dtype) if ctx.needs_input_grad[0] else None
-        return (g_x, g_w, g_b, g_keys, None, None, None, None, None, None, None, *g_masks)
+        return (g_x, g_w, g_b, g_keys, None, None, None, None, None, None, *g_masks)
 
 
 class ModularGating(nn.Module):

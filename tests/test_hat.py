@@ -157,3 +157,14 @@ def test_cumulative_mask_is_elementwise_max():
     model.consolidate(1)
     assert torch.allclose(model.cumulative_masks()[0], torch.ones(3), atol=1e-6)
     assert int(model.n_trained) == 2
+
+
+def test_clip_grad_norm_spreads_a_nan_norm_like_torch():
+    from modnet.hat import clip_grad_norm
+
+    g = [torch.tensor([1.0, float("nan")]), torch.tensor([2.0])]
+    clip_grad_norm(g, 1e4)
+    p = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))]
+    p[0].grad, p[1].grad = torch.tensor([1.0, float("nan")]), torch.tensor([2.0])
+    torch.nn.utils.clip_grad_norm_(p, 1e4)
+    assert all(torch.equal(a.isnan(), b.grad.isnan()) for a, b in zip(g, p))
