@@ -193,7 +193,7 @@ class _GateFunction(torch.autograd.Function):
     def forward(ctx, q_in, w, b, keys, pad, k_max, rank_on, tau, noise, expand, *masks):
         with torch.autocast(q_in.device.type, enabled=False):
             x = q_in.float()
-            n, (L, m, d) = x.shape[0], keys.shape
+            n, (L, _, d) = x.shape[0], keys.shape
             q = torch.addmm(b, x, w.T).view(n, L, d).transpose(0, 1)  # L x B x d
             scores = torch.baddbmm(pad.unsqueeze(1), q, keys.transpose(1, 2), alpha=d ** -0.5)  # L x B x M
             if noise is not None:
