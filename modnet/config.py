@@ -98,3 +98,14 @@ def resolve_device(name: str):
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but no CUDA device is available; use device=auto or device=cpu")
     return torch.device(name)
+
+
+def run_as_script(main, prog: str) -> None:
+    """``python -m`` entry of a command: exit with main()'s code, or 2 and one line on a config error."""
+    import sys
+
+    try:
+        sys.exit(main())
+    except ConfigError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(2)

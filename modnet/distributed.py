@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from modnet.config import ConfigError, check_choice, compose
+from modnet.config import ConfigError, check_choice, compose, run_as_script
 
 # How the ranks of each strategy agree on a gradient (see the module docstring). Every strategy listed keeps
 # the ranks' parameters identical (test_scaleout; checked by max_param_divergence after every experience).
@@ -404,8 +404,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as err:
-        print(f"modnet ddp: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_as_script(main, "modnet ddp")

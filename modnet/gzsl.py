@@ -171,7 +171,19 @@ def _check_fit_inputs(x: Tensor, y: Tensor, class_knowledge: Tensor, seen_classe
         raise ValueError("class knowledge contains NaN/inf")
 
 
-class ESZSL:
+class _Bilinear:
+    """score(x, c) = x^T W s_c for a fitted compatibility matrix W (ESZSL's V, ALE's W)."""
+
+    class_knowledge: Tensor | None
+
+    def _bilinear_scores(self, W: Tensor | None, x: Tensor, class_knowledge: Tensor | None) -> Tensor:
+        if W is None:
+            raise ValueError(f"call {type(self).__name__}.fit first")
+        k = self.class_knowledge if class_knowledge is None else class_knowledge.to(W)
+        return x.to(W) @ W @ k.T
+
+
+class ESZSL(_Bilinear):
     """Embarrassingly simple ZSL (Romera-Paredes & Torr 2015), closed form.
 
     V = (X X^T + gamma I)^-1 X Y S^T (S S^T + lam I)^-1 with X [d, m] the training features, Y [m, z] in
@@ -204,13 +216,10 @@ class ESZSL:
         return self
 
     def scores(self, x: Tensor, class_knowledge: Tensor | None = None) -> Tensor:
-        if self.V is None:
-            raise ValueError("call ESZSL.fit first")
-        k = self.class_knowledge if class_knowledge is None else class_knowledge.to(self.V)
-        return x.to(self.V) @ self.V @ k.T
+        return self._bilinear_scores(self.V, x, class_knowledge)
 
 
-class ALE:
+class ALE(_Bilinear):
     """Attribute Label Embedding (Akata et al. 2016): F(x, c) = x^T W s_c, weighted approximate ranking loss.
 
     For a sample (x, y): violations v_c = [margin + F(x, c) - F(x, y)]_+ over the other seen classes, rank
@@ -256,10 +265,7 @@ class ALE:
         return self
 
     def scores(self, x: Tensor, class_knowledge: Tensor | None = None) -> Tensor:
-        if self.W is None:
-            raise ValueError("call ALE.fit first")
-        k = self.class_knowledge if class_knowledge is None else class_knowledge.to(self.W)
-        return x.to(self.W) @ self.W @ k.T
+        return self._bilinear_scores(self.W, x, class_knowledge)
 
 
 # ----------------------------------------------------------------------------------------------------------

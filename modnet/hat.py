@@ -142,24 +142,11 @@ def weight_protection(out_prev: Tensor, in_prev: Tensor | None, weight_shape: to
 
 
 def compensate_embedding_grad(emb: nn.Embedding, s: float, smax: float, thres_cosh: float = 50.0) -> None:
-    """Scale the embedding gradient by smax/s * (cosh(clamp(s e)) + 1) / (cosh(e) + 1) (HAT sec. 2.5)."""
-    compensate_embedding_grads([emb.weight], s, smax, thres_cosh)
+    """Scale the embedding gradient by smax/s * (cosh(clamp(s e)) + 1) / (cosh(e) + 1) (HAT sec. 2.5).
 
-
-def compensate_embedding_grads(weights: list[Tensor], s: float, smax: float, thres_cosh: float = 50.0) -> None:
-    """``compensate_embedding_grad`` for the embeddings of all layers at once (fused multi-tensor ops)."""
-    weights = [w for w in weights if w.grad is not None]
-    if not weights:
+    The reference formula: training applies it inside ``CompensatedMasks``' backward; tests compare the two."""
+    if emb.weight.grad is None:
         return
-    e = [w.detach() for w in weights]
-    num = torch._foreach_mul(e, s)
-    torch._foreach_clamp_min_(num, -thres_cosh)
-    torch._foreach_clamp_max_(num, thres_cosh)
-    torch._foreach_cosh_(num)
-    torch._foreach_add_(num, 1.0)
-    den = torch._foreach_cosh(e)
-    torch._foreach_add_(den, 1.0)
-    torch._foreach_div_(num, den)
-    grads = [w.grad for w in weights]
-    torch._foreach_mul_(grads, num)
-    torch._foreach_mul_(grads, smax / s)
+    e = emb.weight.detach()
+    num = torch.cosh(torch.clamp(s * e, -thres_cosh, thres_cosh)) + 1
+    emb.weight.grad.mul_(smax / s * num / (torch.cosh(e) + 1))

@@ -25,7 +25,7 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from modnet.config import ConfigError, compose
+from modnet.config import ConfigError, compose, run_as_script
 
 # hydra/launcher choice -> (plugin module, pip package). Our slurm.yaml extends the submitit plugin's config.
 _LAUNCHER_PLUGINS = {
@@ -127,8 +127,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as err:
-        print(f"modnet sweep: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_as_script(main, "modnet sweep")

@@ -45,18 +45,17 @@ class SyncRegPlugin(SupervisedPlugin):
             raise ValueError(f"modules.sync_every must be >= 1 (1 = every step), got {every}")
         self.weight, self.eps, self.rows, self.every = weight, eps, rows, every
         self._step = 0
-        self._evaluations = 0
 
     def before_training_exp(self, strategy, **kw):
         strategy.model.record_activations = True
-        self._step = self._evaluations = 0
+        self._step = 0
 
     def before_backward(self, strategy, **kw):
         acts = strategy.model.last_activations
-        due = self._step % self.every == 0
-        self._step += 1
-        if not acts or not due:
+        step, self._step = self._step, self._step + 1
+        if not acts or step % self.every:
             return
+        evaluation = step // self.every  # the row slice moves by one per evaluation
         groups: dict[tuple, list] = {}  # layers of equal width: one batched product per width
         for a in acts:
             p = a.flatten(1).T  # units x samples
@@ -65,9 +64,8 @@ class SyncRegPlugin(SupervisedPlugin):
         for (n, _), ps in groups.items():
             stride = 1 if self.rows is None else max(1, -(-n // self.rows))
             feats = ps[0] if len(ps) == 1 else torch.stack(ps)
-            terms.append(sync_loss(feats, self.eps, stride, self._evaluations % stride))
+            terms.append(sync_loss(feats, self.eps, stride, evaluation % stride))
             weights.append(len(ps))
-        self._evaluations += 1
         # the mean over layers of their L_sync, whatever the grouping
         reg = terms[0] if len(terms) == 1 else sum(w * t for w, t in zip(weights, terms)) / len(acts)
         strategy.loss = strategy.loss + (self.weight * self.every) * reg
