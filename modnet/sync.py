@@ -483,7 +483,7 @@ def _check_features(features: Tensor, name: str = "features", batched: bool = Fa
                          "for unit activation profiles pass activations.T (units x samples)")
 
 
-def sync_loss(features: Tensor, eps: float, stride: int = 1, offset: int = 0) -> Tensor:
+def sync_loss(features: Tensor, eps: float, stride: int = 1, offset: int = 0, items: str = "rows") -> Tensor:
     """Mini-batch sync regulariser (seed 000, "Sync in mini-batch"), differentiable.
 
     L_sync = 1/N sum_i 1/|Nb_eps(x_i)| sum_{x_j in Nb_eps(x_i)} dist(x_i, x_j),  dist = 1 - cos(x_i, x_j),
@@ -492,56 +492,71 @@ def sync_loss(features: Tensor, eps: float, stride: int = 1, offset: int = 0) ->
     neighbours contributes 0 but still counts in N. The neighbourhood is a hard threshold, so gradients flow
     through the distances only: minimising L pulls every item towards its current neighbours.
 
-    ``features`` may also be (L, N, D): L independent sets (e.g. the layers of a network, when they have the
-    same number of units) computed in one batched product; the result is the mean of their L_sync.
+    ``items="columns"``: the items are the columns of ``features`` (D, N), e.g. a layer's activations
+    (batch x units) as they come, so that no transposed copy is made.
+
+    ``features`` may also be (L, N, D) (or (L, D, N) with ``items="columns"``): L independent sets, e.g.
+    layers of equal width; the result is the mean of their L_sync.
 
     ``stride`` > 1 evaluates the outer sum on the rows ``offset, offset + stride, ...`` only (each against all
     N items): the cost drops by ``stride`` and, with ``offset`` cycling through 0..stride-1 over successive
     steps, every item's term is evaluated once per cycle; each call is the mean over its rows.
     """
+    if items not in ("rows", "columns"):
+        raise ValueError(f"items must be 'rows' (features are N x D) or 'columns' (D x N), got {items!r}")
+    if items == "columns" and isinstance(features, Tensor) and features.ndim >= 2:
+        features = features.transpose(-1, -2)  # a view: the checks below speak of (N, D)
     _check_features(features, batched=True)
     eps = _check_eps(eps)
-    if not (isinstance(stride, int) and stride >= 1 and 0 <= offset < min(stride, features.shape[-2])):
+    n = features.shape[-2]
+    if not (isinstance(stride, int) and stride >= 1 and 0 <= offset < min(stride, n)):
         raise ValueError(f"need an integer stride >= 1 and 0 <= offset < min(stride, n_items), got stride "
-                         f"{stride}, offset {offset}, {features.shape[-2]} items")
-    return _SyncLoss.apply(features, eps, stride, offset)
+                         f"{stride}, offset {offset}, {n} items")
+    return _SyncLoss.apply(features.transpose(-1, -2), eps, stride, offset)
 
 
 class _SyncLoss(torch.autograd.Function):
-    """L_sync with its gradient written out: as a training regulariser it runs every step, and autograd's
-    graph of normalise / product / threshold / mean costs several times the arithmetic on small layers.
+    """L_sync on X (..., D, N) whose columns are the items, with its gradient written out: as a training
+    regulariser it runs every few steps on every layer, and autograd's graph of normalise / product /
+    threshold / mean costs several times the arithmetic on small layers.
 
-    With a = f / |f|, W_ij = nb_ij / (|Nb(i)| m) (m rows, the neighbourhoods held fixed as in autograd, since
-    the threshold has no gradient) and L = sum_ij W_ij (1 - a_i . a_j):
-      dL/da_j = -sum_i W_ij a_i  (j as a neighbour)   - sum_j' W_jj' a_j'  (j as a row),
-      dL/df   = (dL/da - a (a . dL/da)) / |f|.
-    tests/test_sync.py checks it against finite differences (gradcheck).
+    With A = X / |X| (columns), R = the evaluated columns (m of them), C = R^T A (m x N cosines),
+    W_ij = nb_ij / (|Nb(i)| m) (the neighbourhoods held fixed, as autograd would: the threshold has no
+    gradient), P = W o C and L = sum W - sum P:
+      -dL/dA = G = R W  (as neighbours)  + A W^T on the evaluated columns (as rows),
+      dL/dX = -(G - A <A, G>) / |X|  per column,
+    where <A_j, G_j> = (column sum of P)_j + (row sum of P)_j on the evaluated columns: the radial part
+    comes from the small m x N matrix, not from another pass over X. Only two passes over X each way.
+    tests/test_sync.py checks it against finite differences (gradcheck) and hand-computed values.
     """
 
     @staticmethod
-    def forward(ctx, features: Tensor, eps: float, stride: int, offset: int) -> Tensor:
-        norm = torch.linalg.vector_norm(features, dim=-1, keepdim=True).clamp_min(1e-12)
-        a = features / norm
-        rows = a[..., offset::stride, :]  # a strided view: no gather
-        dist = 1.0 - rows @ a.transpose(-1, -2)  # (..., m, N)
-        nb = dist <= eps
+    def forward(ctx, X: Tensor, eps: float, stride: int, offset: int) -> Tensor:
+        norm = torch.linalg.vector_norm(X, dim=-2, keepdim=True).clamp_min(1e-12)  # (..., 1, N)
+        A = X / norm
+        C = A[..., offset::stride].transpose(-1, -2) @ A  # (..., m, N)
+        nb = (1.0 - C) <= eps  # as written in the definition, so that ties fall the same way
+        n = X.shape[-1]
         # the item itself sits at column offset + i * stride of row i: one strided view of the flat matrix
-        n = features.shape[-2]
         nb.view(*nb.shape[:-2], -1)[..., offset::n + stride].fill_(False)
-        W = nb.to(dist.dtype)
+        W = nb.to(X.dtype)
         W /= W.sum(-1, keepdim=True).clamp_min(1.0) * (W.numel() // n)  # mean over rows (and sets)
-        ctx.save_for_backward(a, norm, W)
+        P = W * C
+        ctx.save_for_backward(A, norm, W, P)
         ctx.stride, ctx.offset = stride, offset
-        return (W * dist).sum()
+        return W.sum() - P.sum()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        a, norm, W = ctx.saved_tensors
-        rows = a[..., ctx.offset::ctx.stride, :]
-        ga = -(W.transpose(-1, -2) @ rows)
-        ga[..., ctx.offset::ctx.stride, :] -= W @ a
-        gf = (ga - a * (a * ga).sum(-1, keepdim=True)) / norm
-        return gf * grad, None, None, None
+        A, norm, W, P = ctx.saved_tensors
+        o, st = ctx.offset, ctx.stride
+        W, P = W * grad, P * grad
+        G = A[..., o::st] @ W  # G = -dL/dA
+        G[..., o::st] += A @ W.transpose(-1, -2)
+        c = P.sum(-2)  # <A_j, G_j>
+        c[..., o::st] += P.sum(-1)
+        # dL/dX = (G - A c) / (-|X|)
+        return G.addcmul_(A, c.unsqueeze(-2), value=-1.0).div_(-norm), None, None, None
 
 
 @torch.no_grad()

@@ -56,6 +56,7 @@ class HATPlugin(SupervisedPlugin):
                 self._protected.append(layer.bias)
                 self._multipliers.append(1 - out_m)
         self._params = [p for p in model.parameters() if p.requires_grad]
+        self._embeddings = [layer.task_embedding.weight for layer in model.masked]
         # The training masks carry the compensated embedding gradient and give the capacity regulariser
         # R = sum_l a_l . (1 - a^{<t}_l) / sum (1 - a^{<t}) (HAT eq. 5), whose free capacity is fixed per task.
         model.hat_training = (self.smax, self.thres_cosh, free_capacity(model.cumulative_masks()))
@@ -90,8 +91,8 @@ class HATPlugin(SupervisedPlugin):
 
     def after_update(self, strategy, **kw):
         with torch.no_grad():
-            for layer in self._model(strategy).masked:
-                layer.task_embedding.weight.clamp_(-self.thres_emb, self.thres_emb)
+            torch._foreach_clamp_min_(self._embeddings, -self.thres_emb)
+            torch._foreach_clamp_max_(self._embeddings, self.thres_emb)
 
     def after_training_exp(self, strategy, **kw):
         self._model(strategy).consolidate(self.task)

@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import torch
 from avalanche.core import SupervisedPlugin
 from torch.utils.data import DataLoader
 
@@ -35,7 +34,7 @@ class SyncRegPlugin(SupervisedPlugin):
     ``rows``: how many units per layer have their L_sync term evaluated per evaluation (None = all, as in the
     paper). The rows are a strided slice that moves by one each evaluation, so every unit's term is
     evaluated once every ceil(N / rows) evaluations; the pairwise product shrinks by the same factor.
-    Layers of equal width are regularised in one batched product; the regulariser is the mean over layers."""
+    The regulariser is the mean over layers of their L_sync."""
 
     def __init__(self, weight: float = 0.01, eps: float = 0.3, rows: int | None = None, every: int = 1):
         super().__init__()
@@ -56,19 +55,12 @@ class SyncRegPlugin(SupervisedPlugin):
         if not acts or step % self.every:
             return
         evaluation = step // self.every  # the row slice moves by one per evaluation
-        groups: dict[tuple, list] = {}  # layers of equal width: one batched product per width
-        for a in acts:
-            p = a.flatten(1).T  # units x samples
-            groups.setdefault(tuple(p.shape), []).append(p)
-        terms, weights = [], []
-        for (n, _), ps in groups.items():
+        total = 0.0
+        for a in acts:  # batch x units: the units are the columns, no transposed copy
+            n = a.shape[1]
             stride = 1 if self.rows is None else max(1, -(-n // self.rows))
-            feats = ps[0] if len(ps) == 1 else torch.stack(ps)
-            terms.append(sync_loss(feats, self.eps, stride, evaluation % stride))
-            weights.append(len(ps))
-        # the mean over layers of their L_sync, whatever the grouping
-        reg = terms[0] if len(terms) == 1 else sum(w * t for w, t in zip(weights, terms)) / len(acts)
-        strategy.loss = strategy.loss + (self.weight * self.every) * reg
+            total = total + sync_loss(a, self.eps, stride, evaluation % stride, items="columns")
+        strategy.loss = strategy.loss + (self.weight * self.every / len(acts)) * total
 
     def after_training_exp(self, strategy, **kw):
         strategy.model.record_activations = False

@@ -233,6 +233,8 @@ def test_sync_loss_rejects_bad_input():
         sync_loss(three_vectors(), 0.0)
     with pytest.raises(ValueError, match="offset"):
         sync_loss(three_vectors(), 0.1, stride=5, offset=3)  # row 3 of 3 items: no row to evaluate
+    with pytest.raises(ValueError, match="items"):
+        sync_loss(three_vectors(), 0.1, items="units")
 
 
 def test_sync_loss_gradient_matches_finite_differences():
@@ -243,6 +245,15 @@ def test_sync_loss_gradient_matches_finite_differences():
     assert (d - eps).abs().min() > 1e-3  # no pair on the threshold: the neighbourhoods are locally constant
     for stride, offset in [(1, 0), (3, 1), (4, 3)]:
         assert torch.autograd.gradcheck(lambda f: sync_loss(f, eps, stride, offset), (F.clone().requires_grad_(),))
+        # items as columns (a layer's batch x units activations as they come): the same loss of the same items
+        assert torch.autograd.gradcheck(lambda f: sync_loss(f, eps, stride, offset, items="columns"),
+                                        (F.mT.contiguous().requires_grad_(),))
+        # zero columns (a ReLU unit silent on the whole batch) have no neighbours and get no gradient
+        Z = F.mT.contiguous()
+        Z[:, :, 2] = 0
+        z = Z.clone().requires_grad_()
+        sync_loss(z, eps, stride, offset, items="columns").backward()
+        assert torch.isfinite(z.grad).all() and (z.grad[:, :, 2] == 0).all()
 
 
 def test_sync_loss_rows_and_layers_by_hand():
@@ -265,6 +276,8 @@ def test_sync_loss_rows_and_layers_by_hand():
         want = [sum(it[offset::stride]) / len(it[offset::stride]) for it in items]
         assert float(sync_loss(F[0], eps, stride, offset)) == pytest.approx(want[0], abs=1e-12)
         assert float(sync_loss(F, eps, stride, offset)) == pytest.approx(sum(want) / 2, abs=1e-12)
+        assert float(sync_loss(F.mT, eps, stride, offset, items="columns")) == pytest.approx(sum(want) / 2,
+                                                                                              abs=1e-12)
     # every row once per cycle: the mean over a cycle of strides is the full loss (7 = 2 + 2 + 3 rows is not
     # even, so weight each call by its rows)
     cycle = sum(float(sync_loss(F[0], eps, 3, o)) * len(items[0][o::3]) for o in range(3)) / 7
