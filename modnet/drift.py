@@ -33,15 +33,16 @@ class _FirstTask(nn.Module):
 
 
 def hidden_layers(model: nn.Module) -> list[str]:
-    """Names (under ``_FirstTask``) of the layers whose outputs form the hidden representation."""
-    if isinstance(model, HATNet):
-        return [f"inner.masked.{i}" for i in range(len(model.masked))]
+    """Names (under ``_FirstTask``) of the layers whose outputs form the hidden representation (the
+    baselines; a ``HATNet``'s units are read through ``HATNet.task_units``)."""
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
              and not n.startswith("classifier")]
     return [f"inner.{n}" for n in names]
 
 
 def snapshot(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor] | None:
+    if isinstance(model, HATNet):  # the masked (and gated) units of task 0's path, as its heads see them
+        return [a.flatten(1) for a in model.task_units(x, 0)]
     layers = hidden_layers(model)
     if not layers:
         return None

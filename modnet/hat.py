@@ -37,8 +37,7 @@ class HATLinear(nn.Linear, HATMaskedLayer):
         self._init_task_embedding(n_tasks, out_features)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
-        out = F.linear(x, self.weight, self.bias)
-        return out if mask is None else out * mask
+        return apply_unit_mask(F.linear(x, self.weight, self.bias), mask)
 
 
 class HATConv2d(nn.Conv2d, HATMaskedLayer):
@@ -49,11 +48,18 @@ class HATConv2d(nn.Conv2d, HATMaskedLayer):
         self._init_task_embedding(n_tasks, out_channels)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
-        out = self._conv_forward(x, self.weight, self.bias)
-        if mask is None:
-            return out
-        # a task mask (C,) or a task mask composed with per-input module gates (B, C)
-        return out * (mask.view(1, -1, 1, 1) if mask.dim() == 1 else mask[:, :, None, None])
+        return apply_unit_mask(self._conv_forward(x, self.weight, self.bias), mask)
+
+
+def apply_unit_mask(h: Tensor, mask: Tensor | None) -> Tensor:
+    """h * mask over the units (dim 1) of h (B, C) or (B, C, H, W): a task mask (C,), or a task mask composed
+    with per-input module gates (B, C)."""
+    if mask is None:
+        return h
+    if h.dim() == 2:
+        return h * mask
+    shape = (1, -1) if mask.dim() == 1 else tuple(mask.shape)
+    return h * mask.view(*shape, *([1] * (h.dim() - 2)))
 
 
 class CompensatedMasks(torch.autograd.Function):

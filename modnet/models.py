@@ -15,7 +15,7 @@ from avalanche.models import MultiTaskModule
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from modnet.hat import CompensatedMasks, HATConv2d, HATLinear
+from modnet.hat import CompensatedMasks, HATConv2d, HATLinear, apply_unit_mask
 
 # Logit given to classes outside the chosen head: finite so that cross-entropy and softmax stay finite.
 _OFF_HEAD_LOGIT = -1e4
@@ -153,9 +153,25 @@ class HATNet(MultiHeadTaskNet):
 
     def forward_units(self, x: Tensor, masks: list[Tensor]) -> tuple[list[Tensor], Tensor]:
         """(every masked layer's output, the heads' input): the last masked layer's output unless a subclass
-        ends differently (a residual sum)."""
+        ends differently (a residual sum). A subclass may leave out outputs that cost a pass to summarise
+        while ``record_activations`` is off (HATCNN's conv maps): ``unit_activations`` always has them all."""
         acts = self.unit_activations(x, masks)
         return acts, acts[-1]
+
+    @torch.no_grad()
+    def task_units(self, x: Tensor, task: int) -> list[Tensor]:
+        """Every masked layer's output on task ``task``'s path at s = smax (its mask and its module gates
+        applied), in eval mode: the representation HAT protects (conv maps averaged over space)."""
+        was_training = self.training
+        self.eval()
+        try:
+            self.active_task = task
+            masks = self.masks(task, self.smax)
+            if self.gate is not None:
+                masks = self.gate(x, task, masks)
+            return self.unit_activations(x, masks)
+        finally:
+            self.train(was_training)
 
     def task_logits(self, x: Tensor, task: int) -> Tensor:
         self.active_task = task
@@ -226,7 +242,10 @@ class HATMLP(HATNet):
     def unit_activations(self, x: Tensor, masks: list[Tensor]) -> list[Tensor]:
         h, acts = x.flatten(1), []
         for layer, m in zip(self.masked, masks):
-            h = self.drop(F.relu(layer(h, m)))
+            # HAT's reference order: ReLU (and dropout), then the mask. With hard module gates the order
+            # matters: an off module's gate then gets the gradient of switching it on (the ReLU output),
+            # which masking before the ReLU would zero.
+            h = apply_unit_mask(self.drop(F.relu(layer(h))), m)
             acts.append(h)
         return acts
 
@@ -260,12 +279,23 @@ class HATCNN(HATNet):
         return prev[:-1] + [prev[-1].repeat_interleave(self.spatial)]
 
     def unit_activations(self, x: Tensor, masks: list[Tensor]) -> list[Tensor]:
+        return self._run(x, masks, conv_profiles=True)[0]
+
+    def forward_units(self, x: Tensor, masks: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        # the conv maps' spatial means (a pass over each map) only when someone reads them
+        return self._run(x, masks, conv_profiles=self.record_activations)
+
+    def _run(self, x: Tensor, masks: list[Tensor], conv_profiles: bool) -> tuple[list[Tensor], Tensor]:
         h, acts = x, []
         for conv, m in zip(self.masked[:-1], masks[:-1]):
-            h = F.max_pool2d(F.relu(conv(h, m)), 2)
-            acts.append(h.mean(dim=(2, 3)))
-        acts.append(self.drop(F.relu(self.masked[-1](h.flatten(1), masks[-1]))))
-        return acts
+            # HAT's reference order: conv, ReLU, max-pool, then the mask (a per-channel factor >= 0 commutes
+            # with both; on the pooled map it costs a quarter of the pass, and an off module's gate gets the
+            # gradient of switching it on, see HATMLP)
+            h = apply_unit_mask(F.max_pool2d(F.relu(conv(h)), 2), m)
+            if conv_profiles:
+                acts.append(h.mean(dim=(2, 3)))
+        acts.append(apply_unit_mask(self.drop(F.relu(self.masked[-1](h.flatten(1)))), masks[-1]))
+        return acts, acts[-1]
 
 
 # -- the same backbones without masks, for the baselines -----------------------------------------------
@@ -392,9 +422,7 @@ class HATResNet18(HATNet):
         task, conv = self.active_task, self.masked
 
         def masked_bn(i, h):
-            m = masks[i]
-            h = self.bn[i][task](conv[i](h))
-            return h * (m.view(1, -1, 1, 1) if m.dim() == 1 else m[:, :, None, None])
+            return apply_unit_mask(self.bn[i][task](conv[i](h)), masks[i])
 
         acts: list[Tensor] = [x] * len(conv)
         h = F.relu(masked_bn(0, x))
