@@ -183,37 +183,51 @@ class ModuleGate(nn.Module):
 
 
 class _GateFunction(torch.autograd.Function):
-    """Query projection, scores, top-k, expansion to units and product with each layer's mask, with the
-    straight-through gradient d(value)/d(scores) := softmax Jacobian / tau written out. The mask is folded
-    into the (modules x units) expansion, so each layer's output is one product of inner size M_max and its
-    backward two more: no elementwise pass over (batch x units). Runs in float32 (under autocast too): the
-    gate is small and its top-k must not flip on rounding."""
+    """Scores, top-k, expansion to units and product with each layer's mask, with the straight-through
+    gradient d(value)/d(scores) := softmax Jacobian / tau written out.
+
+    Layer l's scores are (x W_l^T + b_l) K_l^T / sqrt(d): linear in x, so the query map and the keys are
+    multiplied first (W_eff = W_l^T K_l^T / sqrt(d), D x M per layer, a product independent of the batch)
+    and the batch goes through one product to the L * M scores, not one to the L * d query coordinates and a
+    second to the scores: ~4x fewer multiply-adds with 4 modules and d = 16, and one op less. The mask is
+    folded into the (modules x units) expansion, so each layer's output is one product of inner size M and
+    its backward two more: no elementwise pass over (batch x units). Runs in float32 (under autocast too):
+    the gate is small and its top-k must not flip on rounding."""
 
     @staticmethod
     def forward(ctx, q_in, w, b, keys, pad, k_max, rank_on, tau, noise, expand, *masks):
-        with torch.autocast(q_in.device.type, enabled=False):
-            x = q_in.float()
-            n, (L, _, d) = x.shape[0], keys.shape
-            q = torch.addmm(b, x, w.T).view(n, L, d).transpose(0, 1)  # L x B x d
-            scores = torch.baddbmm(pad.unsqueeze(1), q, keys.transpose(1, 2), alpha=d ** -0.5)  # L x B x M
-            if noise is not None:
-                scores = scores + noise
-            top = scores.topk(k_max, dim=-1).indices
-            on = 1.0 if rank_on is None else rank_on.unsqueeze(1).expand(top.shape)
-            hard = torch.zeros_like(scores).scatter_(-1, top, on)
-            masked = [e * mk.float() for e, mk in zip(expand, masks)]  # M x units_l
-            out = tuple(hard[i] @ masked[i] for i in range(L))
-        ctx.save_for_backward(x, w, keys, q, scores, hard, *expand, *masked)
+        if torch.is_autocast_enabled(q_in.device.type):
+            with torch.autocast(q_in.device.type, enabled=False):
+                return _GateFunction._forward(ctx, q_in, w, b, keys, pad, k_max, rank_on, tau, noise, expand, masks)
+        return _GateFunction._forward(ctx, q_in, w, b, keys, pad, k_max, rank_on, tau, noise, expand, masks)
+
+    @staticmethod
+    def _forward(ctx, q_in, w, b, keys, pad, k_max, rank_on, tau, noise, expand, masks):
+        x = q_in.float()
+        (n, D), (L, M, d) = x.shape, keys.shape
+        kT = keys.transpose(1, 2) * d ** -0.5  # L x d x M
+        w_l = w.view(L, d, D)
+        w_eff = torch.bmm(w_l.transpose(1, 2), kT).transpose(0, 1).reshape(D, L * M)  # D x (L M)
+        b_eff = torch.bmm(b.view(L, 1, d), kT).view(L, M) + pad
+        scores = torch.addmm(b_eff.view(-1), x, w_eff).view(n, L, M)
+        if noise is not None:
+            scores = scores + noise.transpose(0, 1)
+        top = scores.topk(k_max, dim=-1).indices
+        on = 1.0 if rank_on is None else rank_on.unsqueeze(0).expand(top.shape)
+        hard = torch.zeros_like(scores).scatter_(-1, top, on)  # B x L x M
+        masked = [e * mk.float() for e, mk in zip(expand, masks)]  # M x units_l
+        out = tuple(hard[:, i] @ masked[i] for i in range(L))
+        ctx.save_for_backward(x, w_l, b, kT, w_eff, scores, hard, *expand, *masked)
         ctx.tau, ctx.in_dtype, ctx.L = tau, q_in.dtype, L
         ctx.mask_dtypes = [mk.dtype for mk in masks]
         return out
 
     @staticmethod
     def backward(ctx, *g_out):
-        x, w, keys, q, scores, hard, *rest = ctx.saved_tensors
+        x, w_l, b, kT, w_eff, scores, hard, *rest = ctx.saved_tensors
         L = ctx.L
         expand, masked = rest[:L], rest[L:]
-        n, (_, m, d) = x.shape[0], keys.shape
+        (n, D), (_, d, m) = x.shape, kT.shape
         g_mod, g_masks = [], []
         for i in range(L):
             g = g_out[i]
@@ -226,15 +240,18 @@ class _GateFunction(torch.autograd.Function):
             # several times faster with the long dimension inside)
             g_mod.append((masked[i] @ g.T).T)
             # d out[b, j] / d mask[j] = hard[b, module(j)]: (hard^T g) read at each unit's module
-            g_masks.append(((hard[i].T @ g) * expand[i]).sum(0).to(ctx.mask_dtypes[i]))
-        g_mod = torch.stack(g_mod)  # L x B x M
+            g_masks.append(((hard[:, i].T @ g) * expand[i]).sum(0).to(ctx.mask_dtypes[i]))
+        g_mod = torch.stack(g_mod, dim=1)  # B x L x M
         soft = torch.softmax(scores / ctx.tau, dim=-1)
-        g_scores = soft * (g_mod - (soft * g_mod).sum(-1, keepdim=True)) * (d ** -0.5 / ctx.tau)
-        g_q = (g_scores @ keys).transpose(0, 1).reshape(n, L * d)
-        g_keys = g_scores.transpose(1, 2) @ q
-        g_w = g_q.T @ x
-        g_b = g_q.sum(0)
-        g_x = (g_q @ w).to(ctx.in_dtype) if ctx.needs_input_grad[0] else None
+        g_s = (soft * (g_mod - (soft * g_mod).sum(-1, keepdim=True)) / ctx.tau).view(n, L * m)
+        # scores = x W_eff + b_eff, W_eff[:, l] = W_l^T kT_l, b_eff[l] = b_l kT_l
+        g_weff = (x.T @ g_s).view(D, L, m).transpose(0, 1)  # L x D x M
+        g_beff = g_s.sum(0).view(L, 1, m)
+        g_w = torch.bmm(kT, g_weff.transpose(1, 2)).reshape(L * d, D)
+        g_b = torch.bmm(g_beff, kT.transpose(1, 2)).reshape(L * d)
+        g_kT = torch.bmm(w_l, g_weff) + b.view(L, d, 1) * g_beff
+        g_keys = g_kT.transpose(1, 2) * d ** -0.5
+        g_x = (g_s @ w_eff.T).to(ctx.in_dtype) if ctx.needs_input_grad[0] else None
         return (g_x, g_w, g_b, g_keys, None, None, None, None, None, None, *g_masks)
 
 
