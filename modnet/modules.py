@@ -102,6 +102,8 @@ class ModuleGate(nn.Module):
         self.sizes = [int(a.numel()) for a in assignments]
         for i, a in enumerate(assignments):
             self.register_buffer(f"assignment_{i}", a.long().clone())
+            # (1, units): row index of each unit's module, for reading per-unit values off a (M x units) matrix
+            self.register_buffer(f"assignment_row_{i}", a.long().view(1, -1).clone(), persistent=False)
         valid = torch.arange(m_max) < torch.tensor(n_modules).unsqueeze(1)  # L x M_max
         self.register_buffer("score_pad", torch.zeros(L, m_max).masked_fill(~valid, -torch.inf))
         # module m of layer l -> its units (M_max x units_l, one-hot columns): module gates expand to unit gates
@@ -171,8 +173,10 @@ class ModuleGate(nn.Module):
             raise ValueError(f"masks must be one vector per layer of sizes {self.sizes}, got "
                              f"{[tuple(m.shape) for m in masks]}")
         expand = [getattr(self, f"to_units_{i}") for i in range(self.n_layers)]
+        units_module = [getattr(self, f"assignment_row_{i}") for i in range(self.n_layers)]
         return list(_GateFunction.apply(q_in, self.query.weight, self.query.bias, self.keys, self.score_pad,
-                                        self.k_max, self.rank_on, self.tau, self._gumbel(q_in), expand, *masks))
+                                        self.k_max, self.rank_on, self.tau, self._gumbel(q_in), expand,
+                                        units_module, *masks))
 
     def _gumbel(self, q_in: Tensor) -> Tensor | None:
         """Gumbel noise (L x B x M_max) while training with the Gumbel estimator, else None."""
@@ -195,15 +199,18 @@ class _GateFunction(torch.autograd.Function):
     the gate is small and its top-k must not flip on rounding."""
 
     @staticmethod
-    def forward(ctx, q_in, w, b, keys, pad, k_max, rank_on, tau, noise, expand, *masks):
+    def forward(ctx, q_in, w, b, keys, pad, k_max, rank_on, tau, noise, expand, units_module, *masks):
+        args = (ctx, q_in, w, b, keys, pad, k_max, rank_on, tau, noise, expand, units_module, masks)
         if torch.is_autocast_enabled(q_in.device.type):
             with torch.autocast(q_in.device.type, enabled=False):
-                return _GateFunction._forward(ctx, q_in, w, b, keys, pad, k_max, rank_on, tau, noise, expand, masks)
-        return _GateFunction._forward(ctx, q_in, w, b, keys, pad, k_max, rank_on, tau, noise, expand, masks)
+                return _GateFunction._forward(*args)
+        return _GateFunction._forward(*args)
 
     @staticmethod
-    def _forward(ctx, q_in, w, b, keys, pad, k_max, rank_on, tau, noise, expand, masks):
-        x = q_in.float()
+    def _forward(ctx, q_in, w, b, keys, pad, k_max, rank_on, tau, noise, expand, units_module, masks):
+        ctx.mask_dtypes = [mk.dtype for mk in masks]
+        masks = [mk if mk.dtype == torch.float32 else mk.float() for mk in masks]
+        x = q_in if q_in.dtype == torch.float32 else q_in.float()
         (n, D), (L, M, d) = x.shape, keys.shape
         kT = keys.transpose(1, 2) * d ** -0.5  # L x d x M
         w_l = w.view(L, d, D)
@@ -215,35 +222,38 @@ class _GateFunction(torch.autograd.Function):
         top = scores.topk(k_max, dim=-1).indices
         on = 1.0 if rank_on is None else rank_on.unsqueeze(0).expand(top.shape)
         hard = torch.zeros_like(scores).scatter_(-1, top, on)  # B x L x M
-        masked = [e * mk.float() for e, mk in zip(expand, masks)]  # M x units_l
+        masked = [e * mk for e, mk in zip(expand, masks)]  # M x units_l
         out = tuple(hard[:, i] @ masked[i] for i in range(L))
-        ctx.save_for_backward(x, w_l, b, kT, w_eff, scores, hard, *expand, *masked)
+        ctx.save_for_backward(x, w_l, b, kT, w_eff, scores, hard, *units_module, *masked)
         ctx.tau, ctx.in_dtype, ctx.L = tau, q_in.dtype, L
-        ctx.mask_dtypes = [mk.dtype for mk in masks]
         return out
 
     @staticmethod
     def backward(ctx, *g_out):
         x, w_l, b, kT, w_eff, scores, hard, *rest = ctx.saved_tensors
         L = ctx.L
-        expand, masked = rest[:L], rest[L:]
+        units_module, masked = rest[:L], rest[L:]
         (n, D), (_, d, m) = x.shape, kT.shape
         g_mod, g_masks = [], []
         for i in range(L):
             g = g_out[i]
             if g is None:
                 g_mod.append(hard.new_zeros(n, m))
-                g_masks.append(hard.new_zeros(expand[i].shape[1]).to(ctx.mask_dtypes[i]))
+                g_masks.append(hard.new_zeros(masked[i].shape[1]).to(ctx.mask_dtypes[i]))
                 continue
-            g = g.float()
+            if g.dtype != torch.float32:
+                g = g.float()
             # B x M: d out / d module gate = the module's masked units (M x B then transposed: BLAS is
             # several times faster with the long dimension inside)
             g_mod.append((masked[i] @ g.T).T)
             # d out[b, j] / d mask[j] = hard[b, module(j)]: (hard^T g) read at each unit's module
-            g_masks.append(((hard[:, i].T @ g) * expand[i]).sum(0).to(ctx.mask_dtypes[i]))
+            g_mask = (hard[:, i].T @ g).gather(0, units_module[i]).view(-1)
+            g_masks.append(g_mask if ctx.mask_dtypes[i] == torch.float32 else g_mask.to(ctx.mask_dtypes[i]))
         g_mod = torch.stack(g_mod, dim=1)  # B x L x M
-        soft = torch.softmax(scores / ctx.tau, dim=-1)
-        g_s = (soft * (g_mod - (soft * g_mod).sum(-1, keepdim=True)) / ctx.tau).view(n, L * m)
+        tau = ctx.tau
+        soft = torch.softmax(scores if tau == 1.0 else scores / tau, dim=-1)
+        g_s = soft * (g_mod - (soft * g_mod).sum(-1, keepdim=True))
+        g_s = (g_s if tau == 1.0 else g_s / tau).view(n, L * m)
         # scores = x W_eff + b_eff, W_eff[:, l] = W_l^T kT_l, b_eff[l] = b_l kT_l
         g_weff = (x.T @ g_s).view(D, L, m).transpose(0, 1)  # L x D x M
         g_beff = g_s.sum(0).view(L, 1, m)
@@ -252,7 +262,7 @@ class _GateFunction(torch.autograd.Function):
         g_kT = torch.bmm(w_l, g_weff) + b.view(L, d, 1) * g_beff
         g_keys = g_kT.transpose(1, 2) * d ** -0.5
         g_x = (g_s @ w_eff.T).to(ctx.in_dtype) if ctx.needs_input_grad[0] else None
-        return (g_x, g_w, g_b, g_keys, None, None, None, None, None, None, *g_masks)
+        return (g_x, g_w, g_b, g_keys, None, None, None, None, None, None, None, *g_masks)
 
 
 class ModularGating(nn.Module):
