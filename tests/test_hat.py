@@ -168,3 +168,29 @@ def test_clip_grad_norm_spreads_a_nan_norm_like_torch():
     p[0].grad, p[1].grad = torch.tensor([1.0, float("nan")]), torch.tensor([2.0])
     torch.nn.utils.clip_grad_norm_(p, 1e4)
     assert all(torch.equal(a.isnan(), b.grad.isnan()) for a, b in zip(g, p))
+
+
+def test_masks_act_after_relu_and_pooling_as_in_the_reference_code():
+    """HAT's reference applies a unit's mask after its ReLU (and after max-pooling on convs). For task masks
+    in (0, 1] that equals masking first (a factor > 0 commutes with ReLU and max); with 0/1 module gates it
+    does not: an off gate (0) must get the gradient of switching it on, the unit's ReLU output."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    mlp = HATMLP(6, [[0, 1]], hidden=5, n_layers=2)
+    x = torch.randn(7, 6)
+    masks = [torch.rand(5) + 0.01, torch.rand(5) + 0.01]
+    acts = mlp.unit_activations(x, masks)
+    h1 = F.relu(mlp.masked[0](x) * masks[0])  # mask first, then ReLU
+    assert torch.allclose(acts[0], h1, atol=1e-6)
+    assert torch.allclose(acts[1], F.relu(mlp.masked[1](h1) * masks[1]), atol=1e-6)
+    gates = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0]]).repeat(7, 1).requires_grad_()  # per input, 0/1
+    mlp.unit_activations(x, [gates, torch.ones(5)])[0].sum().backward()
+    assert torch.allclose(gates.grad, F.relu(mlp.masked[0](x)).detach())  # off units included
+
+    cnn = HATCNN((1, 8, 8), [[0, 1]], channels=(3,), hidden=4)
+    xi = torch.randn(5, 1, 8, 8)
+    m = torch.rand(3) + 0.01
+    got = cnn.unit_activations(xi, [m, torch.ones(4)])[0]
+    want = F.max_pool2d(F.relu(cnn.masked[0](xi) * m.view(1, -1, 1, 1)), 2).mean(dim=(2, 3))
+    assert torch.allclose(got, want, atol=1e-6)
