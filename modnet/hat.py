@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 
 class HATMaskedLayer(nn.Module):
@@ -30,25 +29,22 @@ class HATMaskedLayer(nn.Module):
 
 
 class HATLinear(nn.Linear, HATMaskedLayer):
-    """``nn.Linear`` whose output units are gated by a per-task HAT mask."""
+    """``nn.Linear`` whose output units are gated by a per-task HAT mask. Its forward is nn.Linear's: the
+    network applies the mask after the unit's ReLU (``apply_unit_mask``), as HAT's reference code does."""
 
     def __init__(self, in_features: int, out_features: int, n_tasks: int, bias: bool = True):
         nn.Linear.__init__(self, in_features, out_features, bias=bias)
         self._init_task_embedding(n_tasks, out_features)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
-        return apply_unit_mask(F.linear(x, self.weight, self.bias), mask)
-
 
 class HATConv2d(nn.Conv2d, HATMaskedLayer):
-    """``nn.Conv2d`` whose output channels are gated by a per-task HAT mask."""
+    """``nn.Conv2d`` whose output channels are gated by a per-task HAT mask. Its forward is nn.Conv2d's: the
+    network applies the mask where the architecture puts it (``apply_unit_mask``; after ReLU and pooling in
+    HATCNN, after batch norm in HATResNet18)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, n_tasks: int, **kw):
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, **kw)
         self._init_task_embedding(n_tasks, out_channels)
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
-        return apply_unit_mask(self._conv_forward(x, self.weight, self.bias), mask)
 
 
 def apply_unit_mask(h: Tensor, mask: Tensor | None) -> Tensor:

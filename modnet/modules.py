@@ -76,9 +76,9 @@ class ModuleGate(nn.Module):
     ``estimator='gumbel'`` adds Gumbel noise to the scores while training (Gumbel top-k).
 
     All layers are computed together: the per-layer queries are row blocks of one linear map and the keys one
-    (L, M_max, d) tensor whose missing modules score -inf, so a forward is one projection, one batched score
-    product, one softmax, one top-k and one expansion to units, whatever the depth. On small networks the
-    number of ops, not their arithmetic, is what a training step pays.
+    (L, M_max, d) tensor whose missing modules score -inf, so a forward is one product of the batch to all
+    layers' scores, one top-k and one expansion to units per layer, whatever the depth (``_GateFunction``).
+    On small networks the number of ops, not their arithmetic, is what a training step pays.
     """
 
     def __init__(self, assignment: Tensor | Sequence[Tensor], query_dim: int, key_dim: int = 16, k: int = 1,
@@ -102,8 +102,6 @@ class ModuleGate(nn.Module):
         self.sizes = [int(a.numel()) for a in assignments]
         for i, a in enumerate(assignments):
             self.register_buffer(f"assignment_{i}", a.long().clone())
-            # (1, units): row index of each unit's module, for reading per-unit values off a (M x units) matrix
-            self.register_buffer(f"assignment_row_{i}", a.long().view(1, -1).clone(), persistent=False)
         valid = torch.arange(m_max) < torch.tensor(n_modules).unsqueeze(1)  # L x M_max
         self.register_buffer("score_pad", torch.zeros(L, m_max).masked_fill(~valid, -torch.inf))
         # module m of layer l -> its units (M_max x units_l, one-hot columns): module gates expand to unit gates
@@ -173,7 +171,8 @@ class ModuleGate(nn.Module):
             raise ValueError(f"masks must be one vector per layer of sizes {self.sizes}, got "
                              f"{[tuple(m.shape) for m in masks]}")
         expand = [getattr(self, f"to_units_{i}") for i in range(self.n_layers)]
-        units_module = [getattr(self, f"assignment_row_{i}") for i in range(self.n_layers)]
+        # (1, units): each unit's module row, for reading per-unit values off a (M x units) matrix
+        units_module = [self.assignment(i).view(1, -1) for i in range(self.n_layers)]
         return list(_GateFunction.apply(q_in, self.query.weight, self.query.bias, self.keys, self.score_pad,
                                         self.k_max, self.rank_on, self.tau, self._gumbel(q_in), expand,
                                         units_module, *masks))
