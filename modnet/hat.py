@@ -8,6 +8,8 @@ that are not layers (annealing, gradient conditioning, compensation, regulariser
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -58,29 +60,35 @@ def apply_unit_mask(h: Tensor, mask: Tensor | None) -> Tensor:
     return h * mask.view(*shape, *([1] * (h.dim() - 2)))
 
 
+def compensated_sigmoid(e: Tensor, s: float, smax: float, thres_cosh: float) -> tuple[Tensor, Tensor]:
+    """(a, factor): the mask a = sigmoid(s e) and the factor that turns dL/da into HAT's compensated
+    embedding gradient (sec. 2.5, ``compensate_embedding_grad``):
+
+      dL/de = dL/da * s a (1 - a) * smax/s * (cosh(clamp(s e)) + 1) / (cosh(e) + 1) = dL/da * factor
+
+    with a (1 - a) from the float32 sigmoid as autograd computes it, so the result matches the reference
+    implementation (autograd through the sigmoid, then the compensation pass) to rounding (tests check it)."""
+    se = e * s
+    a = torch.sigmoid(se)
+    factor = a * (1.0 - a)  # sigmoid'(s e) / s
+    factor *= torch.cosh(se.clamp_(-thres_cosh, thres_cosh)).add_(1.0)
+    factor /= torch.cosh(e).add_(1.0)
+    factor *= smax  # s * smax / s
+    return a, factor
+
+
 class CompensatedMasks(torch.autograd.Function):
     """HAT's training-time masks of every layer in one autograd node: a_l = sigmoid(s * e_l) for the task's
     embedding rows e_l, plus the capacity regulariser R = sum a . free (``capacity_regulariser`` with
-    ``free = free_capacity(a^{<t})``), whose backward returns HAT's compensated embedding gradient
-    (sec. 2.5, ``compensate_embedding_grad``) directly:
-
-      dL/de = dL/da * s a (1 - a) * smax/s * (cosh(clamp(s e)) + 1) / (cosh(e) + 1)
-
-    with a (1 - a) from the float32 sigmoid as autograd computes it, so the result matches the reference
-    implementation (autograd through the sigmoid, then the compensation pass) to rounding (tests check it).
-    The factor is computed in the forward on all layers' units at once; the backward is one product.
+    ``free = free_capacity(a^{<t})``, times its weight c if ``free`` carries it), whose backward returns
+    HAT's compensated embedding gradient (``compensated_sigmoid``) directly. The factor is computed in the
+    forward on all layers' units at once; the backward is one product.
     ``apply(s, smax, thres_cosh, free, *rows)`` returns (*masks, R).
     """
 
     @staticmethod
     def forward(ctx, s, smax, thres_cosh, free, *rows):
-        e = torch.cat(rows)
-        se = e * s
-        a = torch.sigmoid(se)
-        factor = a * (1.0 - a)  # sigmoid'(s e) / s
-        factor *= torch.cosh(se.clamp_(-thres_cosh, thres_cosh)).add_(1.0)
-        factor /= torch.cosh(e).add_(1.0)
-        factor *= smax  # s * smax / s
+        a, factor = compensated_sigmoid(torch.cat(rows), s, smax, thres_cosh)
         ctx.save_for_backward(factor, free)
         ctx.sizes = [r.numel() for r in rows]
         return (*a.split(ctx.sizes), a @ free)
@@ -95,6 +103,26 @@ class CompensatedMasks(torch.autograd.Function):
         return (None, None, None, None, *(g * factor).split(ctx.sizes))
 
 
+@dataclass
+class TrainingMasks:
+    """A task's HAT masks during training, before they are computed: its embedding rows e_l (one per masked
+    layer), the annealed s, and the compensation settings; ``free`` is the capacity regulariser's weight
+    times ``free_capacity(a^{<t})``. ``compute()`` gives the masks through ``CompensatedMasks``; a
+    ``ModuleGate`` computes them inside its own autograd function instead (one node for masks and gates).
+    Whoever computes them leaves the weighted capacity regulariser c R in ``capacity``."""
+
+    rows: list[Tensor]
+    s: float
+    smax: float
+    thres_cosh: float
+    free: Tensor
+    capacity: Tensor | None = None
+
+    def compute(self) -> list[Tensor]:
+        *masks, self.capacity = CompensatedMasks.apply(self.s, self.smax, self.thres_cosh, self.free, *self.rows)
+        return masks
+
+
 def clip_grad_norm(grads: list[Tensor], max_norm: float) -> None:
     """``torch.nn.utils.clip_grad_norm_`` on a list of gradients, without its per-call parameter filtering.
 
@@ -107,11 +135,10 @@ def clip_grad_norm(grads: list[Tensor], max_norm: float) -> None:
     if not grads:
         return
     if grads[0].device.type == "cpu":
-        flat = [g.reshape(-1) for g in grads]
-        sq = torch.stack([torch.dot(f, f).float() for f in flat]).sum()
-        if float(sq) <= max_norm * max_norm:  # a NaN norm fails this: scaled as torch does
+        sq = sum(float(torch.dot(f, f)) for f in (g.reshape(-1) for g in grads))  # float64 sum of the dots
+        if sq <= max_norm * max_norm:  # a NaN norm fails this: scaled as torch does
             return
-        total = sq.sqrt()
+        total = torch.tensor(sq).sqrt()
     else:
         total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp_(max=1.0))

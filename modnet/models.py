@@ -15,7 +15,7 @@ from avalanche.models import MultiTaskModule
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from modnet.hat import CompensatedMasks, HATConv2d, HATLinear, apply_unit_mask
+from modnet.hat import HATConv2d, HATLinear, TrainingMasks, apply_unit_mask
 
 # Logit given to classes outside the chosen head: finite so that cross-entropy and softmax stay finite.
 _OFF_HEAD_LOGIT = -1e4
@@ -102,9 +102,9 @@ class HATNet(MultiHeadTaskNet):
         self.gate = None
         # Closed-form task keys (modnet.modules.TaskKeys) for class-incremental inference.
         self.task_keys = None
-        # Set by the HAT plugin to (smax, thres_cosh, free capacity): training masks then carry HAT's
-        # compensated embedding gradient and the capacity regulariser (modnet.hat.CompensatedMasks), left in
-        # ``last_capacity``; the plugin does no separate compensation pass.
+        # Set by the HAT plugin to (smax, thres_cosh, c * free capacity): training masks then carry HAT's
+        # compensated embedding gradient and the weighted capacity regulariser c R (modnet.hat.TrainingMasks),
+        # left in ``last_capacity``; the plugin does no separate compensation pass.
         self.hat_training: tuple[float, float, Tensor] | None = None
         self.last_capacity: Tensor | None = None
         self.record_activations = False  # keep the last forward's unit activations (sync regulariser)
@@ -118,13 +118,22 @@ class HATNet(MultiHeadTaskNet):
             self.register_buffer(f"mask_pre_{i}", torch.zeros(layer.n_units))
 
     def masks(self, task: int, s: float | None = None) -> list[Tensor]:
-        s = self.s if s is None else s
-        if self.hat_training is not None and self.training and torch.is_grad_enabled():
-            smax, thres_cosh, free = self.hat_training
-            rows = [layer.task_embedding.weight[task] for layer in self.masked]
-            *masks, self.last_capacity = CompensatedMasks.apply(s, smax, thres_cosh, free, *rows)
+        training = self._training_masks(task, s)
+        if training is not None:
+            masks = training.compute()
+            self.last_capacity = training.capacity
             return masks
+        s = self.s if s is None else s
         return [layer.mask(task, s) for layer in self.masked]
+
+    def _training_masks(self, task: int, s: float | None = None) -> TrainingMasks | None:
+        """While the HAT plugin trains: the task's masks, still to be computed (by the gate when there is one,
+        in the same autograd function), with the compensated gradient and the capacity regulariser."""
+        if self.hat_training is None or not self.training or not torch.is_grad_enabled():
+            return None
+        smax, thres_cosh, free = self.hat_training
+        return TrainingMasks([layer.task_embedding.weight[task] for layer in self.masked],
+                             self.s if s is None else s, smax, thres_cosh, free)
 
     def cumulative_masks(self) -> list[Tensor]:
         return [getattr(self, f"mask_pre_{i}") for i in range(len(self.masked))]
@@ -175,9 +184,13 @@ class HATNet(MultiHeadTaskNet):
 
     def task_logits(self, x: Tensor, task: int) -> Tensor:
         self.active_task = task
-        masks = self.masks(task)
+        training = self._training_masks(task)
         if self.gate is not None:
-            masks = self.gate(x, task, masks)
+            masks = self.gate(x, task, self.masks(task) if training is None else training)
+        else:
+            masks = self.masks(task) if training is None else training.compute()
+        if training is not None:
+            self.last_capacity = training.capacity
         acts, feature = self.forward_units(x, masks)
         if self.record_activations:
             self.last_activations = acts

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from modnet.hat import TrainingMasks, compensated_sigmoid
+
 
 # -- modules from synchronization ----------------------------------------------------------------------
 def cluster_units(profiles: Tensor, dim: int = 16, steps: int = 200, lr: float = 0.05, k: int = 3,
@@ -110,6 +112,21 @@ class ModuleGate(nn.Module):
             self.register_buffer(f"to_units_{i}", F.one_hot(a.long(), m_max).T.float().contiguous())
         self.keys = nn.Parameter(torch.randn(L, m_max, key_dim) / math.sqrt(key_dim))
         self.query = nn.Linear(query_dim, L * key_dim)
+        self._pad_layers()
+        self.register_load_state_dict_post_hook(lambda module, _: module._pad_layers())
+
+    def _pad_layers(self) -> None:
+        """The per-layer expansions and assignments padded to the widest layer and stacked (derived, not
+        saved): every layer then goes through one batched product."""
+        L, m_max, width = self.n_layers, self.keys.shape[1], max(self.sizes)
+        dev = self.keys.device
+        expand = torch.zeros(L, m_max, width, device=dev)  # padding units belong to no module: never on
+        units_module = torch.zeros(L, 1, width, dtype=torch.long, device=dev)
+        for i, n in enumerate(self.sizes):
+            expand[i, :, :n] = getattr(self, f"to_units_{i}")
+            units_module[i, 0, :n] = self.assignment(i)
+        self.register_buffer("expand_padded", expand, persistent=False)
+        self.register_buffer("units_module_padded", units_module, persistent=False)
 
     def assignment(self, layer: int = 0) -> Tensor:
         return getattr(self, f"assignment_{layer}")
@@ -157,25 +174,32 @@ class ModuleGate(nn.Module):
     def layer_module_gates(self, q_in: Tensor, layer: int = 0) -> Tensor:
         return self.module_gates(q_in)[:, layer, :self.n_modules[layer]]
 
-    def forward(self, q_in: Tensor, masks: Sequence[Tensor] | None = None) -> list[Tensor]:
+    def forward(self, q_in: Tensor, masks: Sequence[Tensor] | TrainingMasks | None = None) -> list[Tensor]:
         """Per layer, the gate of every unit (B x units): its module's gate, times the layer's (HAT) mask when
-        ``masks`` (one vector per layer) is given.
+        ``masks`` (one vector per layer) is given. Given a task's ``TrainingMasks`` (HAT training), the masks
+        are computed in the same autograd function, with HAT's compensated gradient, and the weighted
+        capacity regulariser is left in ``masks.capacity``.
 
         Same values and gradients as ``module_gates(q_in).flatten(1) @ to_units`` times the masks (tests check
         it), through one autograd function with the straight-through backward written out: the reference path
         is ~40 small autograd ops per step, which on a small network cost more than its layers.
         """
-        if masks is None:
-            masks = [q_in.new_ones(n) for n in self.sizes]
-        if [tuple(m.shape) for m in masks] != [(n,) for n in self.sizes]:
+        hat = None
+        if isinstance(masks, TrainingMasks):
+            hat, vectors = (masks.s, masks.smax, masks.thres_cosh, masks.free), masks.rows
+        elif masks is None:
+            vectors = [q_in.new_ones(n) for n in self.sizes]
+        else:
+            vectors = list(masks)
+        if [tuple(m.shape) for m in vectors] != [(n,) for n in self.sizes]:
             raise ValueError(f"masks must be one vector per layer of sizes {self.sizes}, got "
-                             f"{[tuple(m.shape) for m in masks]}")
-        expand = [getattr(self, f"to_units_{i}") for i in range(self.n_layers)]
-        # (1, units): each unit's module row, for reading per-unit values off a (M x units) matrix
-        units_module = [self.assignment(i).view(1, -1) for i in range(self.n_layers)]
-        return list(_GateFunction.apply(q_in, self.query.weight, self.query.bias, self.keys, self.score_pad,
-                                        self.k_max, self.rank_on, self.tau, self._gumbel(q_in), expand,
-                                        units_module, *masks))
+                             f"{[tuple(m.shape) for m in vectors]}")
+        out = _GateFunction.apply(q_in, self.query.weight, self.query.bias, self.keys, self.score_pad,
+                                  self.expand_padded, self.units_module_padded, self.sizes, self.k_max,
+                                  self.rank_on, self.tau, self._gumbel(q_in), hat, *vectors)
+        if hat is not None:
+            *out, masks.capacity = out
+        return list(out)
 
     def _gumbel(self, q_in: Tensor) -> Tensor | None:
         """Gumbel noise (L x B x M_max) while training with the Gumbel estimator, else None."""
@@ -185,83 +209,102 @@ class ModuleGate(nn.Module):
         return -torch.log(-torch.log(u.clamp_(1e-9, 1 - 1e-9)))
 
 
-class _GateFunction(torch.autograd.Function):
-    """Scores, top-k, expansion to units and product with each layer's mask, with the straight-through
-    gradient d(value)/d(scores) := softmax Jacobian / tau written out.
+def _stack_padded(vectors: Sequence[Tensor], width: int) -> Tensor:
+    """Layers' (... x units_l) tensors as one (L x ... x width) tensor, zero-padded (a stack when all layers
+    are as wide)."""
+    if all(v.shape[-1] == width for v in vectors):
+        return torch.stack(list(vectors))
+    out = vectors[0].new_zeros(len(vectors), *vectors[0].shape[:-1], width)
+    for i, v in enumerate(vectors):
+        out[i, ..., :v.shape[-1]] = v
+    return out
 
-    Layer l's scores are (x W_l^T + b_l) K_l^T / sqrt(d): linear in x, so the query map and the keys are
-    multiplied first (W_eff = W_l^T K_l^T / sqrt(d), D x M per layer, a product independent of the batch)
-    and the batch goes through one product to the L * M scores, not one to the L * d query coordinates and a
-    second to the scores: ~4x fewer multiply-adds with 4 modules and d = 16, and one op less. The mask is
-    folded into the (modules x units) expansion, so each layer's output is one product of inner size M and
-    its backward two more: no elementwise pass over (batch x units). Runs in float32 (under autocast too):
-    the gate is small and its top-k must not flip on rounding."""
+
+class _GateFunction(torch.autograd.Function):
+    """Scores, top-k, expansion to units and product with each layer's mask (optionally HAT's training masks
+    computed from their embedding rows), with the straight-through gradient d(value)/d(scores) := softmax
+    Jacobian / tau and HAT's compensated embedding gradient written out.
+
+    Layer l's scores are K_l (W_l x + b_l) / sqrt(d): linear in x, so the keys and the query map are
+    multiplied first (K_l W_l, M x D per layer, a product independent of the batch) and the batch goes
+    through one product to the L * M scores. The layers are padded to the widest and stacked, so that
+    every step below is one batched op whatever the depth; the mask is folded into the (modules x units)
+    expansion, so each layer's output is a product of inner size M. On small networks the number of ops,
+    not their arithmetic, is what a training step pays. Runs in float32 (under autocast too): the gate is
+    small and its top-k must not flip on rounding."""
 
     @staticmethod
-    def forward(ctx, q_in, w, b, keys, pad, k_max, rank_on, tau, noise, expand, units_module, *masks):
-        args = (ctx, q_in, w, b, keys, pad, k_max, rank_on, tau, noise, expand, units_module, masks)
+    def forward(ctx, q_in, w, b, keys, pad, expand, units_module, sizes, k_max, rank_on, tau, noise, hat,
+                *vectors):
+        args = (ctx, q_in, w, b, keys, pad, expand, units_module, sizes, k_max, rank_on, tau, noise, hat, vectors)
         if torch.is_autocast_enabled(q_in.device.type):
             with torch.autocast(q_in.device.type, enabled=False):
                 return _GateFunction._forward(*args)
         return _GateFunction._forward(*args)
 
     @staticmethod
-    def _forward(ctx, q_in, w, b, keys, pad, k_max, rank_on, tau, noise, expand, units_module, masks):
-        ctx.mask_dtypes = [mk.dtype for mk in masks]
-        masks = [mk if mk.dtype == torch.float32 else mk.float() for mk in masks]
+    def _forward(ctx, q_in, w, b, keys, pad, expand, units_module, sizes, k_max, rank_on, tau, noise, hat,
+                 vectors):
+        # Layout: scores and module gates are L x M x B (modules before the batch): the softmax over the
+        # modules then runs along an inner dimension, ~7x faster than over a last dimension of 4 modules,
+        # and every product below takes its operands as they are.
         x = q_in if q_in.dtype == torch.float32 else q_in.float()
-        (n, D), (L, M, d) = x.shape, keys.shape
-        kT = keys.transpose(1, 2) * d ** -0.5  # L x d x M
+        (n, D), (L, M, d), width = x.shape, keys.shape, expand.shape[-1]
+        ctx.vector_dtypes = [v.dtype for v in vectors]
+        v = _stack_padded([t if t.dtype == torch.float32 else t.float() for t in vectors], width)  # L x width
+        if hat is not None:  # v holds the embedding rows: the masks and their compensation factor from them
+            s, smax, thres_cosh, free = hat
+            free = free.float().view(L, width) if width * L == free.numel() else \
+                _stack_padded(free.float().split(sizes), width)
+            v, factor = compensated_sigmoid(v, s, smax, thres_cosh)
+            capacity = torch.dot(v.view(-1), free.view(-1))  # padding: sigmoid(0) * 0
+        masked = expand * v.unsqueeze(1)  # L x M x width; padding columns are 0
         w_l = w.view(L, d, D)
-        w_eff = torch.bmm(w_l.transpose(1, 2), kT).transpose(0, 1).reshape(D, L * M)  # D x (L M)
-        b_eff = torch.bmm(b.view(L, 1, d), kT).view(L, M) + pad
-        scores = torch.addmm(b_eff.view(-1), x, w_eff).view(n, L, M)
+        kw = torch.bmm(keys, w_l).view(L * M, D)  # K_l W_l
+        kb = torch.baddbmm(pad.unsqueeze(-1), keys, b.view(L, d, 1)).view(L * M, 1)  # K_l b_l; -inf: no module
+        r = d ** -0.5
+        scores = torch.addmm(kb, kw, x.t(), beta=r, alpha=r).view(L, M, n)
         if noise is not None:
-            scores = scores + noise.transpose(0, 1)
-        top = scores.topk(k_max, dim=-1).indices
-        on = 1.0 if rank_on is None else rank_on.unsqueeze(0).expand(top.shape)
-        hard = torch.zeros_like(scores).scatter_(-1, top, on)  # B x L x M
-        masked = [e * mk for e, mk in zip(expand, masks)]  # M x units_l
-        out = tuple(hard[:, i] @ masked[i] for i in range(L))
-        ctx.save_for_backward(x, w_l, b, kT, w_eff, scores, hard, *units_module, *masked)
-        ctx.tau, ctx.in_dtype, ctx.L = tau, q_in.dtype, L
-        return out
+            scores = scores + noise.transpose(1, 2)
+        top = scores.topk(k_max, dim=1).indices  # L x k x B
+        on = 1.0 if rank_on is None else rank_on.unsqueeze(-1).expand(top.shape)
+        hard = torch.zeros_like(scores).scatter_(1, top, on)  # L x M x B
+        units = torch.bmm(hard.transpose(1, 2), masked)  # L x B x width
+        outs = units.unbind(0) if L * width == sum(sizes) else tuple(units[i, :, :sz] for i, sz in enumerate(sizes))
+        ctx.hat = hat is not None
+        ctx.save_for_backward(x, w_l, b, keys, kw, scores, hard, masked, units_module,
+                              *((factor, free) if ctx.hat else ()))
+        ctx.sizes, ctx.tau, ctx.in_dtype = sizes, tau, q_in.dtype
+        return (*outs, capacity) if ctx.hat else outs
 
     @staticmethod
-    def backward(ctx, *g_out):
-        x, w_l, b, kT, w_eff, scores, hard, *rest = ctx.saved_tensors
-        L = ctx.L
-        units_module, masked = rest[:L], rest[L:]
-        (n, D), (_, d, m) = x.shape, kT.shape
-        g_mod, g_masks = [], []
-        for i in range(L):
-            g = g_out[i]
-            if g is None:
-                g_mod.append(hard.new_zeros(n, m))
-                g_masks.append(hard.new_zeros(masked[i].shape[1]).to(ctx.mask_dtypes[i]))
-                continue
-            if g.dtype != torch.float32:
-                g = g.float()
-            # B x M: d out / d module gate = the module's masked units (M x B then transposed: BLAS is
-            # several times faster with the long dimension inside)
-            g_mod.append((masked[i] @ g.T).T)
-            # d out[b, j] / d mask[j] = hard[b, module(j)]: (hard^T g) read at each unit's module
-            g_mask = (hard[:, i].T @ g).gather(0, units_module[i]).view(-1)
-            g_masks.append(g_mask if ctx.mask_dtypes[i] == torch.float32 else g_mask.to(ctx.mask_dtypes[i]))
-        g_mod = torch.stack(g_mod, dim=1)  # B x L x M
+    def backward(ctx, *grads):
+        x, w_l, b, keys, kw, scores, hard, masked, units_module, *hat = ctx.saved_tensors
+        sizes = ctx.sizes
+        (n, D), (L, M, d), width = x.shape, keys.shape, masked.shape[-1]
+        G = _stack_padded([hard.new_zeros(n, sz) if g is None else g.float() for g, sz in zip(grads, sizes)],
+                          width)  # L x B x width
+        g_mod = torch.bmm(masked, G.transpose(1, 2))  # L x M x B: d out / d module gate = its masked units
+        # d out[b, j] / d mask[j] = hard[module(j), b]: (hard G) read at each unit's module
+        g_v = torch.bmm(hard, G).gather(1, units_module).view(L, width)
+        if ctx.hat:
+            factor, free = hat
+            g_cap = grads[L]
+            g_v = (g_v if g_cap is None else g_v + g_cap * free) * factor  # compensated embedding gradient
+        g_vectors = g_v.unbind(0) if L * width == sum(sizes) else [g_v[i, :sz] for i, sz in enumerate(sizes)]
+        g_vectors = [g if g.dtype == dt else g.to(dt) for g, dt in zip(g_vectors, ctx.vector_dtypes)]
         tau = ctx.tau
-        soft = torch.softmax(scores if tau == 1.0 else scores / tau, dim=-1)
-        g_s = soft * (g_mod - (soft * g_mod).sum(-1, keepdim=True))
-        g_s = (g_s if tau == 1.0 else g_s / tau).view(n, L * m)
-        # scores = x W_eff + b_eff, W_eff[:, l] = W_l^T kT_l, b_eff[l] = b_l kT_l
-        g_weff = (x.T @ g_s).view(D, L, m).transpose(0, 1)  # L x D x M
-        g_beff = g_s.sum(0).view(L, 1, m)
-        g_w = torch.bmm(kT, g_weff.transpose(1, 2)).reshape(L * d, D)
-        g_b = torch.bmm(g_beff, kT.transpose(1, 2)).reshape(L * d)
-        g_kT = torch.bmm(w_l, g_weff) + b.view(L, d, 1) * g_beff
-        g_keys = g_kT.transpose(1, 2) * d ** -0.5
-        g_x = (g_s @ w_eff.T).to(ctx.in_dtype) if ctx.needs_input_grad[0] else None
-        return (g_x, g_w, g_b, g_keys, None, None, None, None, None, None, None, *g_masks)
+        soft = torch.softmax(scores if tau == 1.0 else scores / tau, dim=1)
+        g_s = soft * (g_mod - (soft * g_mod).sum(1, keepdim=True))
+        g_s = g_s.mul_(d ** -0.5 / tau).view(L * M, n)  # d loss / d (K_l (W_l x + b_l)), per score
+        g_kw = (g_s @ x).view(L, M, D)
+        g_kb = g_s.sum(1).view(L, M, 1)
+        keys_t = keys.transpose(1, 2)
+        g_w = torch.bmm(keys_t, g_kw).view(L * d, D)
+        g_b = torch.bmm(keys_t, g_kb).view(L * d)
+        g_keys = torch.baddbmm(torch.bmm(g_kb, b.view(L, 1, d)), g_kw, w_l.transpose(1, 2))
+        g_x = (g_s.t() @ kw).to(ctx.in_dtype) if ctx.needs_input_grad[0] else None
+        return (g_x, g_w, g_b, g_keys, *([None] * 9), *g_vectors)
 
 
 class ModularGating(nn.Module):
@@ -300,10 +343,10 @@ class ModularGating(nn.Module):
         gate.init_keys_from_responses(x.flatten(1), profiles)
         self.gates[f"t{task}"] = gate
 
-    def forward(self, x: Tensor, task: int, masks: list[Tensor]) -> list[Tensor]:
+    def forward(self, x: Tensor, task: int, masks: list[Tensor] | TrainingMasks) -> list[Tensor]:
         gate = self.task_gate(task)
         if gate is None:
-            return masks
+            return masks.compute() if isinstance(masks, TrainingMasks) else masks
         return gate(x.flatten(1), masks)
 
 

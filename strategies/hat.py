@@ -57,9 +57,10 @@ class HATPlugin(SupervisedPlugin):
                 self._multipliers.append(1 - out_m)
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._embeddings = [layer.task_embedding.weight for layer in model.masked]
-        # The training masks carry the compensated embedding gradient and give the capacity regulariser
-        # R = sum_l a_l . (1 - a^{<t}_l) / sum (1 - a^{<t}) (HAT eq. 5), whose free capacity is fixed per task.
-        model.hat_training = (self.smax, self.thres_cosh, free_capacity(model.cumulative_masks()))
+        # The training masks carry the compensated embedding gradient and give the weighted capacity
+        # regulariser c R, R = sum_l a_l . (1 - a^{<t}_l) / sum (1 - a^{<t}) (HAT eq. 5), whose free capacity
+        # is fixed per task (c folded into it: one product less per step).
+        model.hat_training = (self.smax, self.thres_cosh, self.c * free_capacity(model.cumulative_masks()))
 
     def before_training_epoch(self, strategy, **kw):
         self._batch = 0
@@ -72,10 +73,10 @@ class HATPlugin(SupervisedPlugin):
 
     def before_backward(self, strategy, **kw):
         model = self._model(strategy)
-        reg = model.last_capacity
+        reg = model.last_capacity  # c * R, from the training forward
         if reg is None:  # no training forward went through the masks: compute it now
-            reg = capacity_regulariser(model.masks(self.task), model.cumulative_masks())
-        strategy.loss = strategy.loss + self.c * reg
+            reg = self.c * capacity_regulariser(model.masks(self.task), model.cumulative_masks())
+        strategy.loss = strategy.loss + reg
         model.last_capacity = None
 
     def before_update(self, strategy, **kw):

@@ -95,6 +95,45 @@ def test_fused_gate_function_equals_the_autograd_reference(estimator):
         gate(x, [torch.rand(20, 8), masks[1]])  # per-input masks belong in the gate's output, not its input
 
 
+@pytest.mark.parametrize("widths", [(8, 5), (6, 6)])
+@pytest.mark.parametrize("s", [1 / 400, 3.0, 400.0])
+def test_gate_given_training_masks_equals_hat_then_gate_reference(widths, s):
+    """Gates given a task's HAT ``TrainingMasks`` (masks computed inside the gate's autograd function) =
+    the reference chain: sigmoid masks and capacity regulariser through autograd, module gates expanded to
+    units (``module_gates``), then HAT's compensation pass on the embedding gradient. Values, the
+    regulariser and all gradients, with layers of unequal (padded) and equal widths."""
+    from modnet.hat import TrainingMasks, capacity_regulariser, compensate_embedding_grad, free_capacity
+
+    torch.manual_seed(0)
+    assignments = [torch.arange(n) % m for n, m in zip(widths, (4, 2))]
+    gate = ModuleGate(assignments, query_dim=6, key_dim=3, k=2).train()
+    embs = [torch.nn.Embedding(3, n) for n in widths]
+    for emb in embs:
+        emb.weight.data.mul_(2.0)
+    prev = [torch.rand(n).round() for n in widths]
+    x = torch.randn(20, 6)
+    w = [torch.randn(20, n) for n in widths]
+    c = 0.75
+    training = TrainingMasks([e.weight[1] for e in embs], s, 400.0, 50.0, c * free_capacity(prev))
+    units = gate(x, training)
+    (sum((u * wi).sum() for u, wi in zip(units, w)) + training.capacity).backward()
+    leaves = [gate.keys, gate.query.weight, gate.query.bias, *[e.weight for e in embs]]
+    got = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    masks = [torch.sigmoid(s * e.weight[1]) for e in embs]
+    ref = (gate.module_gates(x).flatten(1) @ gate.to_units) * torch.cat(masks)
+    reg = c * capacity_regulariser(masks, prev)
+    ((ref * torch.cat(w, 1)).sum() + reg).backward()
+    for e in embs:
+        compensate_embedding_grad(e, s, 400.0, thres_cosh=50.0)
+    assert torch.equal(torch.cat(units, 1).detach(), ref.detach())
+    assert float(training.capacity) == pytest.approx(float(reg), rel=1e-5)
+    for g, t in zip(got, leaves):
+        assert torch.allclose(g, t.grad, rtol=1e-4, atol=1e-6)
+    assert all(torch.all(e.weight.grad[[0, 2]] == 0) for e in embs)  # only the task's row learns
+
+
 def test_gates_compose_with_hat_masks_multiplicatively():
     net = HATCNN((1, 8, 8), [[0, 1], [2, 3]], channels=(4,), hidden=6)
     net.gate = ModularGating(query_dim=64, k=1, cluster=dict(steps=20, min_modules=2, max_modules=2))
