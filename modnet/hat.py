@@ -123,6 +123,9 @@ class TrainingMasks:
         return masks
 
 
+_SMALL = 1 << 16  # elements
+
+
 def clip_grad_norm(grads: list[Tensor], max_norm: float) -> None:
     """``torch.nn.utils.clip_grad_norm_`` on a list of gradients, without its per-call parameter filtering.
 
@@ -135,7 +138,13 @@ def clip_grad_norm(grads: list[Tensor], max_norm: float) -> None:
     if not grads:
         return
     if grads[0].device.type == "cpu":
-        sq = sum(float(torch.dot(f, f)) for f in (g.reshape(-1) for g in grads))  # float64 sum of the dots
+        # large gradients one dot each; the many small ones (biases, embeddings, gate) in one concatenated dot,
+        # where one call per tensor would cost more than its arithmetic
+        small = [g.reshape(-1) for g in grads if g.numel() < _SMALL]
+        sq = sum(float(torch.dot(f, f)) for f in (g.reshape(-1) for g in grads if g.numel() >= _SMALL))
+        if small:
+            f = small[0] if len(small) == 1 else torch.cat(small)
+            sq += float(torch.dot(f, f))  # a float64 sum of the dots
         if sq <= max_norm * max_norm:  # a NaN norm fails this: scaled as torch does
             return
         total = torch.tensor(sq).sqrt()

@@ -84,7 +84,8 @@ def test_clip_grad_norm_matches_torch(max_norm):
     from modnet.hat import clip_grad_norm
 
     torch.manual_seed(0)
-    ps = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
+    # small tensors (read in one concatenated dot) and a large one (its own dot)
+    ps = [torch.nn.Parameter(torch.randn(*shape)) for shape in [(5, 3), (300, 300), (4,)]]
     grads = [torch.randn_like(p) * 3 for p in ps]
     for p, g in zip(ps, grads):
         p.grad = g.clone()
