@@ -79,8 +79,10 @@ class ModuleGate(nn.Module):
 
     All layers are computed together: the per-layer queries are row blocks of one linear map and the keys one
     (L, M_max, d) tensor whose missing modules score -inf, so a forward is one product of the batch to all
-    layers' scores, one top-k and one expansion to units per layer, whatever the depth (``_GateFunction``).
-    On small networks the number of ops, not their arithmetic, is what a training step pays.
+    layers' scores, one top-k and one batched expansion to every layer's units (layers padded to the widest),
+    whatever the depth (``_GateFunction``). On small networks the number of ops, not their arithmetic, is
+    what a training step pays. Given a task's HAT ``TrainingMasks``, the HAT masks are computed in the same
+    autograd function.
     """
 
     def __init__(self, assignment: Tensor | Sequence[Tensor], query_dim: int, key_dim: int = 16, k: int = 1,
@@ -113,7 +115,7 @@ class ModuleGate(nn.Module):
         self.keys = nn.Parameter(torch.randn(L, m_max, key_dim) / math.sqrt(key_dim))
         self.query = nn.Linear(query_dim, L * key_dim)
         self._pad_layers()
-        self.register_load_state_dict_post_hook(lambda module, _: module._pad_layers())
+        self.register_load_state_dict_post_hook(_repad_after_load)
 
     def _pad_layers(self) -> None:
         """The per-layer expansions and assignments padded to the widest layer and stacked (derived, not
@@ -207,6 +209,10 @@ class ModuleGate(nn.Module):
             return None
         u = torch.rand(self.n_layers, q_in.shape[0], self.keys.shape[1], device=q_in.device)
         return -torch.log(-torch.log(u.clamp_(1e-9, 1 - 1e-9)))
+
+
+def _repad_after_load(gate: ModuleGate, incompatible_keys) -> None:
+    gate._pad_layers()  # the padded buffers derive from the loaded assignments
 
 
 def _stack_padded(vectors: Sequence[Tensor], width: int) -> Tensor:
