@@ -134,6 +134,17 @@ def test_gate_given_training_masks_equals_hat_then_gate_reference(widths, s):
     assert all(torch.all(e.weight.grad[[0, 2]] == 0) for e in embs)  # only the task's row learns
 
 
+def test_gate_loaded_from_a_state_dict_gates_like_the_saved_one():
+    """The padded per-layer buffers the forward uses are derived, not saved: after load_state_dict a gate built
+    on other assignments answers exactly as the gate that was saved."""
+    torch.manual_seed(0)
+    saved = ModuleGate([torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([0, 1, 1, 0])], query_dim=5, k=1)
+    other = ModuleGate([torch.tensor([2, 1, 0, 2, 1, 0]), torch.tensor([1, 0, 0, 1])], query_dim=5, k=1)
+    x = torch.randn(9, 5)
+    other.load_state_dict(saved.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(other(x), saved(x)))
+
+
 def test_gates_compose_with_hat_masks_multiplicatively():
     net = HATCNN((1, 8, 8), [[0, 1], [2, 3]], channels=(4,), hidden=6)
     net.gate = ModularGating(query_dim=64, k=1, cluster=dict(steps=20, min_modules=2, max_modules=2))
