@@ -76,23 +76,30 @@ def unit_profiles(activation: Tensor) -> Tensor:
 
 
 def cosine_matrix(rows: Tensor) -> Tensor:
-    """Pairwise cosine similarity of the rows of a (C, D) matrix; an all-zero row (dead unit) gets 0 everywhere."""
-    unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(_EPS)
-    return unit @ unit.transpose(0, 1)
+    """Pairwise cosine similarity of the rows of a (C, D) matrix (or of each matrix of a (L, C, D) stack); an
+    all-zero row (dead unit) gets 0 everywhere."""
+    unit = rows / rows.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    return unit @ unit.transpose(-2, -1)
 
 
-def similarity_cross_entropy(target_sim: Tensor, pred_sim: Tensor, temperature: float = 1.0) -> Tensor:
-    """-1/C sum_{i,j} softmax(target/T)_{ij} log softmax(pred/T)_{ij}, both softmaxes taken over rows."""
-    if target_sim.shape != pred_sim.shape or target_sim.dim() != 2:
+def similarity_cross_entropy(target_sim: Tensor, pred_sim: Tensor, temperature: float = 1.0,
+                             target_is_softmax: bool = False) -> Tensor:
+    """-1/C sum_{i,j} softmax(target/T)_{ij} log softmax(pred/T)_{ij}, both softmaxes taken over rows.
+
+    A (L, C, C) stack of matrix pairs gives the sum of the L losses (each layer's gradient is its own loss's).
+    ``target_is_softmax``: ``target_sim`` already holds softmax(target/T) (a fixed target fitted over many
+    steps need not be normalised again each step)."""
+    if target_sim.shape != pred_sim.shape or target_sim.dim() not in (2, 3) or \
+            target_sim.shape[-1] != target_sim.shape[-2]:
         raise ValueError(
             f"similarity matrices must be square and of one shape, got {tuple(target_sim.shape)} "
             f"and {tuple(pred_sim.shape)}"
         )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    target = F.softmax(target_sim / temperature, dim=1)
-    log_pred = F.log_softmax(pred_sim / temperature, dim=1)
-    return -(target * log_pred).sum(dim=1).mean()
+    target = target_sim if target_is_softmax else F.softmax(target_sim / temperature, dim=-1)
+    log_pred = F.log_softmax(pred_sim if temperature == 1.0 else pred_sim / temperature, dim=-1)
+    return -(target * log_pred).sum(dim=-1).mean(dim=-1).sum()
 
 
 def _check_widths(name: str, acts_units: int, vector_units: int, what: str) -> None:

@@ -37,23 +37,48 @@ def cluster_units(profiles: Tensor, dim: int = 16, steps: int = 200, lr: float =
     ``min_modules`` or more than ``max_modules`` groups, k-means (scikit-learn) on the same semantic vectors
     sets the count to the nearest bound, so the gate always has a choice to make.
     """
+    return cluster_layers([profiles], dim, steps, lr, k, min_modules, max_modules, seed)[0]
+
+
+def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, lr: float = 0.05, k: int = 3,
+                   min_modules: int = 2, max_modules: int = 16, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
+    """``cluster_units`` for every layer (units x samples each): the same result per layer, but the semantic
+    vectors of layers of equal width are fitted in one batched Adam loop (their losses are summed, so each
+    layer's gradient, and Adam's elementwise step, are its own), and each layer's fixed target is normalised
+    once, not at every step."""
     from modnet.embedding import NeuronEmbedding, cosine_matrix, similarity_cross_entropy
+
+    for p in profiles:
+        if p.shape[0] < min_modules:
+            raise ValueError(f"a layer of {p.shape[0]} units cannot hold {min_modules} modules; lower min_modules")
+    vectors: list[Tensor | None] = [None] * len(profiles)
+    by_width: dict[int, list[int]] = {}
+    for i, p in enumerate(profiles):
+        by_width.setdefault(p.shape[0], []).append(i)
+    for n_units, layers in by_width.items():
+        # each layer's start is what cluster_units on its own draws: a fresh generator seeded with `seed`
+        start = torch.stack([NeuronEmbedding({"layer": n_units}, dim=dim,
+                                             generator=torch.Generator().manual_seed(seed))["layer"].detach()
+                             for _ in layers]).to(profiles[layers[0]].device)
+        emb = nn.Parameter(start)
+        target = torch.stack([F.softmax(cosine_matrix(profiles[i].float()), dim=-1) for i in layers]).detach()
+        opt = torch.optim.Adam([emb], lr=lr)
+        with torch.enable_grad():  # callers may sit under no_grad (Avalanche adaptation)
+            for _ in range(steps):
+                opt.zero_grad()
+                similarity_cross_entropy(target, cosine_matrix(emb), target_is_softmax=True).backward()
+                opt.step()
+        for j, i in enumerate(layers):
+            vectors[i] = F.normalize(emb[j].detach(), dim=1)
+    return [(_sync_modules(S, min(k, S.shape[0] - 1), min_modules, max_modules, seed), S) for S in vectors]
+
+
+def _sync_modules(S: Tensor, k: int, min_modules: int, max_modules: int, seed: int) -> Tensor:
+    """Module id per unit from its semantic vector (rows of S): SynC, outliers to the nearest module centre,
+    k-means (scikit-learn) when SynC's count is out of [min_modules, max_modules]."""
     from modnet.sync import SynC
 
-    n_units = profiles.shape[0]
-    if n_units < min_modules:
-        raise ValueError(f"a layer of {n_units} units cannot hold {min_modules} modules; lower min_modules")
-    gen = torch.Generator().manual_seed(seed)
-    emb = NeuronEmbedding({"layer": n_units}, dim=dim, generator=gen).to(profiles.device)
-    target = cosine_matrix(profiles.float()).detach()
-    opt = torch.optim.Adam(emb.parameters(), lr=lr)
-    with torch.enable_grad():  # callers may sit under no_grad (Avalanche adaptation)
-        for _ in range(steps):
-            opt.zero_grad()
-            similarity_cross_entropy(target, cosine_matrix(emb["layer"])).backward()
-            opt.step()
-    S = F.normalize(emb["layer"].detach(), dim=1)
-    labels = torch.as_tensor(SynC(k=min(k, n_units - 1)).fit_predict(S.cpu().numpy()), device=S.device)
+    labels = torch.as_tensor(SynC(k=k).fit_predict(S.cpu().numpy()), device=S.device)
     n_found = int(labels.max()) + 1 if (labels >= 0).any() else 0
     if not min_modules <= n_found <= max_modules:
         from sklearn.cluster import KMeans
@@ -65,7 +90,7 @@ def cluster_units(profiles: Tensor, dim: int = 16, steps: int = 200, lr: float =
         centres = torch.stack([S[labels == m].mean(0) for m in range(n_found)])
         out = labels < 0
         labels[out] = (S[out] @ centres.T).argmax(1)
-    return labels.long(), S
+    return labels.long()
 
 
 # -- key-vector hard attention over modules -------------------------------------------------------------
@@ -341,7 +366,7 @@ class ModularGating(nn.Module):
         ones = [torch.ones(layer.n_units, device=x.device) for layer in net.masked]
         with torch.no_grad():
             profiles = net.unit_activations(x, ones)
-        clustered = [cluster_units(acts.T.contiguous(), **self.cluster) for acts in profiles]
+        clustered = cluster_layers([acts.T.contiguous() for acts in profiles], **self.cluster)
         assignments = [a for a, _ in clustered]
         gate = ModuleGate(assignments, self.query_dim, self.key_dim, self.k, self.tau, self.estimator).to(x.device)
         for i, (_, semantic) in enumerate(clustered):

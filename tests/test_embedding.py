@@ -19,9 +19,11 @@ from modnet.embedding import (
     NeuronEmbedding,
     NeuronEmbeddingPlugin,
     additive_relation,
+    cosine_matrix,
     embedding_loss,
     fit_neuron_embedding,
     nearest_units,
+    similarity_cross_entropy,
     skd_loss,
 )
 from strategies.distill import KDPlugin, SKDPlugin, SPKDPlugin, kd_loss, sp_loss
@@ -93,6 +95,17 @@ def test_loss_is_minimal_at_target_entropy_when_vectors_reproduce_activation_cos
         optimizer.step()
     assert embedding_loss(acts, S).item() == pytest.approx(target_entropy, abs=1e-5)
     np.testing.assert_allclose(np_cos(S.detach().numpy()), hand_cos, atol=0.02)
+
+
+def test_stacked_similarity_loss_is_the_sum_of_the_pairs_losses():
+    torch.manual_seed(0)
+    target, pred = torch.randn(3, 6, 6), torch.randn(3, 6, 6)
+    each = sum(similarity_cross_entropy(t, q, temperature=0.5) for t, q in zip(target, pred))
+    assert float(similarity_cross_entropy(target, pred, temperature=0.5)) == pytest.approx(float(each), rel=1e-6)
+    probs = F.softmax(target / 0.5, dim=-1)
+    assert float(similarity_cross_entropy(probs, pred, 0.5, target_is_softmax=True)) == pytest.approx(float(each),
+                                                                                                    rel=1e-6)
+    assert torch.allclose(cosine_matrix(pred), torch.stack([cosine_matrix(q) for q in pred]))
 
 
 def test_conv_channels_are_reduced_by_spatial_mean():

@@ -21,6 +21,23 @@ def test_cluster_units_recovers_planted_modules():
     assert adjusted_rand_score(planted.numpy(), labels.numpy()) == 1.0
 
 
+def test_layers_clustered_together_equal_each_layer_clustered_alone():
+    """cluster_layers fits equal-width layers in one batched loop: each layer's modules and semantic vectors are
+    those cluster_units finds for it alone (planted modules, three layers, two of one width)."""
+    from modnet.modules import cluster_layers
+
+    g = torch.Generator().manual_seed(0)
+    profiles = []
+    for n, m in [(30, 3), (30, 2), (24, 4)]:
+        latent = torch.randn(m, 120, generator=g)
+        profiles.append(latent[torch.arange(n) % m] + 0.2 * torch.randn(n, 120, generator=g))
+    together = cluster_layers(profiles, steps=60, min_modules=2, max_modules=8)
+    for p, (labels, S) in zip(profiles, together):
+        alone_labels, alone_S = cluster_units(p, steps=60, min_modules=2, max_modules=8)
+        assert torch.equal(labels, alone_labels)
+        assert torch.allclose(S, alone_S, atol=1e-6)
+
+
 @pytest.mark.parametrize("estimator", ["st", "gumbel"])
 def test_gate_switches_exactly_k_modules_and_gradients_reach_keys_and_query(estimator):
     assignment = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 3])
