@@ -251,6 +251,13 @@ def _stack_padded(vectors: Sequence[Tensor], width: int) -> Tensor:
     return out
 
 
+def _unstack_padded(stacked: Tensor, sizes: Sequence[int]) -> list[Tensor]:
+    """The inverse of ``_stack_padded``: layer l's (... x units_l) slice of a (L x ... x width) tensor."""
+    if len(sizes) * stacked.shape[-1] == sum(sizes):  # every layer as wide as the stack
+        return list(stacked.unbind(0))
+    return [stacked[i, ..., :sz] for i, sz in enumerate(sizes)]
+
+
 class _GateFunction(torch.autograd.Function):
     """Scores, top-k, expansion to units and product with each layer's mask (optionally HAT's training masks
     computed from their embedding rows), with the straight-through gradient d(value)/d(scores) := softmax
@@ -301,7 +308,7 @@ class _GateFunction(torch.autograd.Function):
         on = 1.0 if rank_on is None else rank_on.unsqueeze(-1).expand(top.shape)
         hard = torch.zeros_like(scores).scatter_(1, top, on)  # L x M x B
         units = torch.bmm(hard.transpose(1, 2), masked)  # L x B x width
-        outs = units.unbind(0) if L * width == sum(sizes) else tuple(units[i, :, :sz] for i, sz in enumerate(sizes))
+        outs = tuple(_unstack_padded(units, sizes))
         ctx.hat = hat is not None
         ctx.save_for_backward(x, w_l, b, keys, kw, scores, hard, masked, units_module,
                               *((factor, free) if ctx.hat else ()))
@@ -322,8 +329,8 @@ class _GateFunction(torch.autograd.Function):
             factor, free = hat
             g_cap = grads[L]
             g_v = (g_v if g_cap is None else g_v + g_cap * free) * factor  # compensated embedding gradient
-        g_vectors = g_v.unbind(0) if L * width == sum(sizes) else [g_v[i, :sz] for i, sz in enumerate(sizes)]
-        g_vectors = [g if g.dtype == dt else g.to(dt) for g, dt in zip(g_vectors, ctx.vector_dtypes)]
+        g_vectors = [g if g.dtype == dt else g.to(dt)
+                     for g, dt in zip(_unstack_padded(g_v, sizes), ctx.vector_dtypes)]
         tau = ctx.tau
         soft = torch.softmax(scores if tau == 1.0 else scores / tau, dim=1)
         g_s = soft * (g_mod - (soft * g_mod).sum(1, keepdim=True))
