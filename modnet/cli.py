@@ -16,13 +16,13 @@ from modnet.config import ConfigError, compose
 
 # job -> (config name, "module:function" taking the composed config)
 JOBS = {
-    "cl": ("cl", "modnet.cl_job:run_cl"),
-    "gzsl": ("gzsl", "modnet.gzsl_job:run_gzsl"),
-    "explain": ("explain", "modnet.explain_job:run_explain"),
-    "bench": ("bench", "modnet.bench:run_bench"),
+    "cl": ("cl", "modnet.jobs.cl:run_cl"),
+    "gzsl": ("gzsl", "modnet.jobs.gzsl:run_gzsl"),
+    "explain": ("explain", "modnet.jobs.explain:run_explain"),
+    "bench": ("bench", "modnet.jobs.bench:run_bench"),
 }
 # commands that parse their own arguments: name -> "module:function(argv) -> exit code"
-COMMANDS = {"sweep": "modnet.sweep:main", "aggregate": "modnet.aggregate:main", "ddp": "modnet.distributed:main"}
+COMMANDS = {"sweep": "modnet.jobs.sweep:main", "aggregate": "modnet.eval.aggregate:main", "ddp": "modnet.runner.distributed:main"}
 USAGE = f"usage: modnet {{run,{','.join([*JOBS, *COMMANDS])}}} [key=value ...]   (Hydra override syntax)\n" + \
     (__doc__ or "")
 

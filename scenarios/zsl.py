@@ -5,7 +5,7 @@ Sources:
 (a) xlsa17 "proposed splits" of Xian et al. (``res101.mat`` + ``att_splits.mat``) for AWA2 and CUB: locations
     are 1-based uint16 indices into the rows of ``features.T``; ``labels`` are 1-based into
     ``allclasses_names`` (CUB's order there is NOT classes.txt's); AWA2's ``original_att`` marks missing
-    values with -1 (filled here, see ``modnet.knowledge.attribute_matrix``). scipy.io reads the files.
+    values with -1 (filled here, see ``modnet.methods.knowledge.attribute_matrix``). scipy.io reads the files.
 (b) raw image folders (AwA2 ``JPEGImages/<class>/``, CUB-200-2011 ``images/<NNN.name>/``) with the proposed
     class split (trainvalclasses.txt / testclasses.txt), embedded by a torchvision ResNet whose weights come
     from a local file (a download is tried only when asked, with a clear error when offline).
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from modnet.knowledge import MissingFileError, attribute_matrix
+from modnet.methods.knowledge import MissingFileError, attribute_matrix
 
 __all__ = [
     "ZSLData",

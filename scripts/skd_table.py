@@ -3,7 +3,7 @@
 Protocol (also printed above the table):
 1. Data: scikit-learn digits (1,797 images, 8x8, pixels / 16), one stratified 50/50 train/test split per seed.
 2. Teacher: wider and deeper MLP 64-256-256-32-10 (ReLU); its neuron embedding (K = 16,
-   `modnet.embedding.fit_neuron_embedding`) is fitted post hoc on the training images at the teacher's last
+   `modnet.methods.embedding.fit_neuron_embedding`) is fitted post hoc on the training images at the teacher's last
    hidden layer (32 units).
 3. Students: MLP 64-32-32-10, the same initial weights, data order and epochs for every method (same seed),
    trained with Avalanche's `Naive` strategy plus one plugin from `strategies.distill`:
@@ -36,7 +36,7 @@ from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datas
 from avalanche.benchmarks.utils import as_classification_dataset
 from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.supervised import Naive
-from modnet.embedding import fit_neuron_embedding
+from modnet.methods.embedding import fit_neuron_embedding
 from strategies.distill import KDPlugin, SKDPlugin, SPKDPlugin
 
 TEACHER_WIDTHS = (64, 256, 256, 32, 10)

@@ -4,7 +4,7 @@ All three add a term to `strategy.loss` in `before_backward`, after Avalanche ha
 (`SGDUpdate.training_epoch`: forward -> loss += criterion() -> before_backward -> backward), the way
 `avalanche.training.plugins.EWCPlugin` and `LwFPlugin` do. So L = L_task + weight * L_distill.
 
-- `SKDPlugin`: static knowledge distillation, L_SKD of seed 001 eq. 2 (`modnet.embedding.skd_loss`). The target is
+- `SKDPlugin`: static knowledge distillation, L_SKD of seed 001 eq. 2 (`modnet.methods.embedding.skd_loss`). The target is
   the teacher's fitted neuron vectors, cos(S_T, S_T), computed once; only the student runs per batch.
 - `KDPlugin`: Hinton et al. 2015, T^2 * KL(softmax(z_T / T) || softmax(z_S / T)); one teacher forward per batch.
 - `SPKDPlugin`: similarity-preserving KD, Tung & Mori, ICCV 2019: per layer pair the batch x batch Gram matrices
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avalanche.core import SupervisedPlugin
-from modnet.embedding import ActivationRecorder, NeuronEmbedding, skd_loss
+from modnet.methods.embedding import ActivationRecorder, NeuronEmbedding, skd_loss
 
 __all__ = ["KDPlugin", "SKDPlugin", "SPKDPlugin", "kd_loss", "sp_loss"]
 

@@ -7,7 +7,7 @@ adds what HAT needs around it (Serra et al. 2018, MISSION.md 1.1):
   before_forward         s annealed from 1/smax to smax over the epoch's batches
   before_backward        + c * capacity regulariser
   before_update          gradient conditioning of protected weights, clipping (the embedding compensation
-                         happens in the masks' backward, modnet.hat.CompensatedMasks)
+                         happens in the masks' backward, modnet.nets.hat.CompensatedMasks)
   after_update           clamp embeddings to +-thres_emb
   after_training_exp     cumulative masks a^{<=t} = max(a^{<t}, a_t)
   before_eval            evaluation uses smax
@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from avalanche.core import SupervisedPlugin
 
-from modnet.hat import annealed_s, capacity_regulariser, clip_grad_norm, free_capacity, weight_protection
-from modnet.models import HATNet
+from modnet.nets.hat import annealed_s, capacity_regulariser, clip_grad_norm, free_capacity, weight_protection
+from modnet.nets.models import HATNet
 
 
 class HATPlugin(SupervisedPlugin):

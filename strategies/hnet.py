@@ -14,7 +14,7 @@ import numpy as np
 from avalanche.core import SupervisedPlugin
 from torch import Tensor
 
-from modnet.models import MultiHeadTaskNet
+from modnet.nets.models import MultiHeadTaskNet
 
 
 class HNetModel(MultiHeadTaskNet):

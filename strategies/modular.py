@@ -11,7 +11,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 from torch.utils.data import DataLoader
 
-from modnet.sync import sync_loss
+from modnet.methods.sync import sync_loss
 
 
 class TaskKeysPlugin(SupervisedPlugin):

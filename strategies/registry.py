@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from modnet.config import check_choice
-from modnet.models import (CNNBackbone, HATCNN, HATMLP, HATResNet18, MLPBackbone, MultiHeadNet, ResNet18Backbone,
+from modnet.nets.models import (CNNBackbone, HATCNN, HATMLP, HATResNet18, MLPBackbone, MultiHeadNet, ResNet18Backbone,
                            SingleHeadNet)
 from scenarios.base import BenchmarkInfo
 
@@ -36,7 +36,7 @@ def _arch(cfg, info: BenchmarkInfo) -> str:
 
 def build_hat_model(cfg, info: BenchmarkInfo) -> nn.Module:
     """The modular network: HAT masks, plus SynC modules with key-vector gates and task keys as configured."""
-    from modnet.modules import ModularGating, TaskKeys
+    from modnet.nets.modules import ModularGating, TaskKeys
 
     m, class_inc = cfg.model, info.scenario == "class"
     common = dict(class_incremental=class_inc, smax=cfg.hat.smax, task_inference=cfg.hat.task_inference)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from modnet.analysis import (MiniBatchCKA, cka_matrix, collect_activations, compare_models, cross_correlation,
+from modnet.methods.analysis import (MiniBatchCKA, cka_matrix, collect_activations, compare_models, cross_correlation,
                              debiased_linear_cka, linear_cka, match_units, plot_cka_heatmap, rbf_cka)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from modnet.cli import main
 from modnet.config import ConfigError, compose
-from modnet.results import summarize
+from modnet.eval.results import summarize
 
 
 def test_summary_hand_case():

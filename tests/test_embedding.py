@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from modnet.embedding import (
+from modnet.methods.embedding import (
     ActivationRecorder,
     NeuronEmbedding,
     NeuronEmbeddingPlugin,

@@ -14,7 +14,7 @@ import torch
 from matplotlib import image as mpimg
 from torch import nn
 
-from modnet.explain import (ClassGradCAM, ModuleGradCAM, explain_in_words, module_attributes, save_overlay,
+from modnet.explain.gradcam import (ClassGradCAM, ModuleGradCAM, explain_in_words, module_attributes, save_overlay,
                             save_overlay_grid, write_explanations_md)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -253,7 +253,7 @@ def test_explanations_md_names_attributes_per_class_and_module(tmp_path):
 # -- the explain job end to end on the embedded digits ------------------------------------------------------
 def test_explain_job_on_digits(tmp_path):
     from modnet.config import compose
-    from modnet.explain_job import run_explain
+    from modnet.jobs.explain import run_explain
     from scenarios.zsl import DIGIT_ATTRIBUTE_NAMES
 
     cfg = compose("explain", [f"output_dir={tmp_path}", "threads=1", "train.epochs=10", "niwt.map_epochs=100",
@@ -282,7 +282,7 @@ def test_explain_job_on_digits(tmp_path):
 
 def test_explain_job_rejects_bad_config(tmp_path):
     from modnet.config import ConfigError, compose
-    from modnet.explain_job import run_explain
+    from modnet.jobs.explain import run_explain
 
     with pytest.raises(ConfigError, match="modules.method"):
         run_explain(compose("explain", [f"output_dir={tmp_path}", "modules.method=kmeans"]))

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from modnet.hat import annealed_s, capacity_regulariser, compensate_embedding_grad, weight_protection
-from modnet.models import HATCNN, HATMLP
+from modnet.nets.hat import annealed_s, capacity_regulariser, compensate_embedding_grad, weight_protection
+from modnet.nets.models import HATCNN, HATMLP
 from strategies.hat import HATPlugin
 
 
@@ -54,7 +54,7 @@ def test_compensated_masks_equal_autograd_then_compensation(s):
     """The fused masks (one autograd node, compensation in its backward, capacity regulariser beside) =
     sigmoid and regulariser through autograd followed by the compensation pass (the reference code's order),
     for every layer and only on the task's row."""
-    from modnet.hat import CompensatedMasks, free_capacity
+    from modnet.nets.hat import CompensatedMasks, free_capacity
 
     torch.manual_seed(0)
     embs = [torch.nn.Embedding(3, 7), torch.nn.Embedding(3, 4)]
@@ -81,7 +81,7 @@ def test_compensated_masks_equal_autograd_then_compensation(s):
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e4])
 def test_clip_grad_norm_matches_torch(max_norm):
-    from modnet.hat import clip_grad_norm
+    from modnet.nets.hat import clip_grad_norm
 
     torch.manual_seed(0)
     # small tensors (read in one concatenated dot) and a large one (its own dot)
@@ -161,7 +161,7 @@ def test_cumulative_mask_is_elementwise_max():
 
 
 def test_clip_grad_norm_spreads_a_nan_norm_like_torch():
-    from modnet.hat import clip_grad_norm
+    from modnet.nets.hat import clip_grad_norm
 
     g = [torch.tensor([1.0, float("nan")]), torch.tensor([2.0])]
     clip_grad_norm(g, 1e4)

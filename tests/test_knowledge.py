@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from modnet.knowledge import (MissingFileError, attribute_matrix, bundled_minilm_dir, class_word_embeddings,
+from modnet.methods.knowledge import (MissingFileError, attribute_matrix, bundled_minilm_dir, class_word_embeddings,
                               load_word_vectors, sentence_embeddings, train_word2vec)
 
 CORPUS = [

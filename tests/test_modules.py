@@ -7,8 +7,8 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 from modnet.cli import main
-from modnet.modules import ModuleGate, ModularGating, TaskKeys, cluster_units
-from modnet.models import HATCNN
+from modnet.nets.modules import ModuleGate, ModularGating, TaskKeys, cluster_units
+from modnet.nets.models import HATCNN
 
 
 def test_cluster_units_recovers_planted_modules():
@@ -24,7 +24,7 @@ def test_cluster_units_recovers_planted_modules():
 def test_layers_clustered_together_equal_each_layer_clustered_alone():
     """cluster_layers fits equal-width layers in one batched loop: each layer's modules and semantic vectors are
     those cluster_units finds for it alone (planted modules, three layers, two of one width)."""
-    from modnet.modules import cluster_layers
+    from modnet.nets.modules import cluster_layers
 
     g = torch.Generator().manual_seed(0)
     profiles = []
@@ -119,7 +119,7 @@ def test_gate_given_training_masks_equals_hat_then_gate_reference(widths, s):
     the reference chain: sigmoid masks and capacity regulariser through autograd, module gates expanded to
     units (``module_gates``), then HAT's compensation pass on the embedding gradient. Values, the
     regulariser and all gradients, with layers of unequal (padded) and equal widths."""
-    from modnet.hat import TrainingMasks, capacity_regulariser, compensate_embedding_grad, free_capacity
+    from modnet.nets.hat import TrainingMasks, capacity_regulariser, compensate_embedding_grad, free_capacity
 
     torch.manual_seed(0)
     assignments = [torch.arange(n) % m for n, m in zip(widths, (4, 2))]

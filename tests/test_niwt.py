@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from modnet.gzsl import (ALE, ESZSL, gzsl_evaluate, harmonic_mean, per_class_accuracy, predict_scores,
+from modnet.methods.gzsl import (ALE, ESZSL, gzsl_evaluate, harmonic_mean, per_class_accuracy, predict_scores,
                          select_calibration)
-from modnet.niwt import KnowledgeToImportance, NIWT, class_importance, fit_unseen_weights, sample_importance
+from modnet.methods.niwt import KnowledgeToImportance, NIWT, class_importance, fit_unseen_weights, sample_importance
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ def test_avalanche_plugin_metric_matches_the_direct_computation():
     from avalanche.training.plugins import EvaluationPlugin
     from torch.utils.data import TensorDataset
 
-    from modnet.gzsl import GZSLPluginMetric
+    from modnet.methods.gzsl import GZSLPluginMetric
 
     torch.manual_seed(0)
     x, y = torch.randn(90, 4), torch.arange(90) % 3
@@ -305,7 +305,7 @@ FAST = ["progress=false", "network.epochs=10", "niwt.max_iterations=150", "niwt.
 
 def test_gzsl_job_writes_results_for_every_method_and_continual(tmp_path):
     from modnet.config import compose
-    from modnet.gzsl_job import run_gzsl
+    from modnet.jobs.gzsl import run_gzsl
 
     cfg = compose("gzsl", [f"output_dir={tmp_path}", *FAST, "seeds=[0,1]", "continual.enabled=true",
                            "continual.n_experiences=2", "continual.epochs=2"])
@@ -329,7 +329,7 @@ def test_gzsl_job_writes_results_for_every_method_and_continual(tmp_path):
 
 def test_gzsl_job_bad_config_is_reported_before_training(tmp_path):
     from modnet.config import compose
-    from modnet.gzsl_job import run_gzsl
+    from modnet.jobs.gzsl import run_gzsl
 
     with pytest.raises(ValueError, match="choose among"):
         run_gzsl(compose("gzsl", [f"output_dir={tmp_path}", "methods=[niwt,devise]"]))

@@ -4,7 +4,7 @@ import json
 import torch
 
 from modnet.cli import main
-from modnet.models import HATResNet18, ResNet18Backbone
+from modnet.nets.models import HATResNet18, ResNet18Backbone
 
 
 def test_resnet18_has_the_paper_layout_and_matches_its_plain_twin():

@@ -28,7 +28,7 @@ SMALL = ["benchmark.n_experiences=2", "benchmark.max_train_samples=1256",
 # HAT alone: its masks are smooth in the weights, so equal global batches give equal parameters up to float
 # summation order (hard top-k module gates would amplify those last bits into different gate decisions).
 # EWC rides along: its penalty reaches the old heads outside the forward, so its ranks average .grad with one
-# all-reduce after backward instead of DDP's hooks (modnet.distributed.GRADIENT_SYNC): both paths are checked.
+# all-reduce after backward instead of DDP's hooks (modnet.runner.distributed.GRADIENT_SYNC): both paths are checked.
 HAT_ONLY = [*SMALL, "strategies=[modnet,ewc]", "train.epochs=2", "model.modules=none", "model.gate=none",
             "model.task_keys=false"]
 # the default modnet: modules, gates, task keys (hard gates learn more slowly than HAT alone at lr 0.2 on 628
@@ -48,7 +48,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    import modnet.distributed as md
+    import modnet.runner.distributed as md
     from modnet.config import compose
 
     train = md.train_strategy
@@ -80,7 +80,7 @@ def test_ddp_two_gloo_ranks_stay_identical_and_match_one_process(tmp_path):
     import torch.multiprocessing as mp
 
     from modnet.config import compose
-    from modnet.distributed import DistContext, train_strategy
+    from modnet.runner.distributed import DistContext, train_strategy
     from scenarios import build_benchmark
 
     # Reference: one process drawing the same global batches of 16 (same sampler, world size 1, no DDP).
@@ -116,7 +116,7 @@ def test_ddp_two_gloo_ranks_stay_identical_and_match_one_process(tmp_path):
 
 def test_ddp_rejects_bad_settings_before_training():
     from modnet.config import ConfigError, compose
-    from modnet.distributed import check_ddp_config
+    from modnet.runner.distributed import check_ddp_config
 
     with pytest.raises(ConfigError, match="divisible"):
         check_ddp_config(compose("cl", ["strategies=[naive]", "train.batch_size=33"]), 2)
@@ -144,7 +144,7 @@ def _m(acc, forg, sec):
 
 
 def test_aggregate_matches_hand_computed_means_and_stds(tmp_path):
-    from modnet.aggregate import aggregate
+    from modnet.eval.aggregate import aggregate
 
     d = tmp_path / "sweep"
     _results(d / "0", "split-digits", [0], {"modnet": [_m(0.8, 0.10, 10)], "naive": [_m(0.5, 0.4, 2)]})
@@ -194,7 +194,7 @@ def test_aggregate_matches_hand_computed_means_and_stds(tmp_path):
 
 
 def test_aggregate_reports_bad_folders(tmp_path):
-    from modnet.aggregate import aggregate
+    from modnet.eval.aggregate import aggregate
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         aggregate(tmp_path / "missing")
@@ -208,7 +208,7 @@ def test_aggregate_reports_bad_folders(tmp_path):
 
 def test_joblib_sweep_two_workers_then_aggregate(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "modnet.sweep", "seed=0,1", "strategies=[naive],[ewc]", "train.epochs=1",
+    cmd = [sys.executable, "-m", "modnet.jobs.sweep", "seed=0,1", "strategies=[naive],[ewc]", "train.epochs=1",
            "benchmark.n_experiences=2", "threads=1", "device=cpu", "hydra/launcher=joblib",
            "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep_dir}"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -240,7 +240,7 @@ def test_joblib_sweep_two_workers_then_aggregate(tmp_path):
 
 
 def test_sweep_checks_every_job_and_the_launcher_before_launching(monkeypatch):
-    import modnet.sweep as sweep
+    import modnet.jobs.sweep as sweep
     from modnet.config import ConfigError
 
     assert sweep.validate_sweep(["seed=0,1,2", "strategies=[modnet],[naive]", "hydra/launcher=joblib"]) == 6

@@ -13,7 +13,7 @@ import torch
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from modnet.sync import SynC, mdl_cost, order_parameter, sync_diagnostics, sync_loss, sync_step
+from modnet.methods.sync import SynC, mdl_cost, order_parameter, sync_diagnostics, sync_loss, sync_step
 
 # Five well-separated Gaussian blobs (centre gaps >= 7 standard deviations).
 CENTERS = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0], [5.0, 5.0]])

@@ -13,7 +13,7 @@ import pytest
 import scipy.io
 import torch
 
-from modnet.knowledge import MissingFileError
+from modnet.methods.knowledge import MissingFileError
 from scenarios.zsl import (DIGIT_SEGMENTS, class_disjoint_validation, load_awa2_images, load_digits_zsl,
                            load_npz_zsl, load_xlsa17, load_zsl_benchmark, resnet_feature_extractor)
 

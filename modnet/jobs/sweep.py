@@ -4,12 +4,12 @@ Hydra does the work: it expands the sweep (``seed=0,1,2 strategies=[modnet],[nai
 the jobs to a launcher plugin: Hydra's basic launcher (one after the other, in this process),
 hydra-joblib-launcher (``hydra/launcher=joblib hydra.launcher.n_jobs=N``: local processes) or
 hydra-submitit-launcher (``hydra/launcher=slurm``: a Slurm job array, ``configs/hydra/launcher/slurm.yaml``).
-Each job is one ``modnet.cl_job.run_cl`` whose results folder is its Hydra job folder
+Each job is one ``modnet.jobs.cl.run_cl`` whose results folder is its Hydra job folder
 ``<hydra.sweep.dir>/<job number>`` (``configs/sweep.yaml``). When every job has finished,
-``AggregateCallback`` turns the sweep folder into mean +- std tables and a plot (``modnet.aggregate``).
+``AggregateCallback`` turns the sweep folder into mean +- std tables and a plot (``modnet.eval.aggregate``).
 
     modnet sweep seed=0,1,2 strategies=[modnet],[naive] hydra/launcher=joblib hydra.launcher.n_jobs=2
-    python -m modnet.sweep -m seed=0,1 strategies=[modnet],[naive]      (the same app, Hydra's own CLI)
+    python -m modnet.jobs.sweep -m seed=0,1 strategies=[modnet],[naive]      (the same app, Hydra's own CLI)
 
 Launcher plugins stay optional: Hydra loads one only when it is chosen, and a missing one is reported with
 its ``pip install`` line before any job starts.
@@ -83,7 +83,7 @@ class AggregateCallback(Callback):
     """Hydra callback: after the last job of a multi-run, aggregate its sweep folder (mean +- std)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from modnet.aggregate import aggregate, format_markdown
+        from modnet.eval.aggregate import aggregate, format_markdown
 
         sweep_dir = Path(config.hydra.sweep.dir)
         if not any(sweep_dir.rglob("results.json")):
@@ -100,7 +100,7 @@ class AggregateCallback(Callback):
 @hydra.main(config_path="pkg://configs", config_name="sweep", version_base=None)
 def sweep_app(cfg: DictConfig) -> dict:
     """One sweep job: a ``modnet cl`` run in the job's folder (Hydra sets ``output_dir`` to it)."""
-    from modnet.cl_job import run_cl
+    from modnet.jobs.cl import run_cl
 
     return run_cl(cfg)
 

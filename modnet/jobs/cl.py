@@ -1,7 +1,7 @@
 """``modnet cl``: every configured strategy on one benchmark, in one process, with checkpoints and results.
 
 Flow: scenario (``scenarios.build_benchmark``) -> model + strategy (``strategies.registry``) -> Avalanche's
-accuracy metric after every experience -> accuracy matrix -> results folder (``modnet.results``).
+accuracy metric after every experience -> accuracy matrix -> results folder (``modnet.eval.results``).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from modnet.config import check_choice, resolve_device
-from modnet.results import aggregate_seeds, format_table, summarize, write_results
+from modnet.eval.results import aggregate_seeds, format_table, summarize, write_results
 from scenarios import build_benchmark
 from scenarios.base import SCENARIOS
 
@@ -123,7 +123,7 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> di
         print(f"[{name} seed {seed}] keeps state in plugins: re-running it from its first experience")
     n = info.n_experiences
     out_dir = ckpt_path.parent.parent
-    from modnet.drift import plot_drift, snapshot
+    from modnet.methods.drift import plot_drift, snapshot
 
     first = None  # hidden representation of experience 0 right after training it (only seen without resume)
     if start == 0:
@@ -146,7 +146,7 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> di
         last = snapshot(strategy.model, probe)
         result["first_experience_cka"] = plot_drift(first, last, out_dir / f"cka_{name}_seed{seed}.png", name)
     if getattr(strategy.model, "gate", None) is not None:
-        from modnet.module_plots import write_module_report
+        from modnet.explain.module_plots import write_module_report
 
         report = write_module_report(strategy.model, bm.test_stream, out_dir / f"modules_seed{seed}")
         result["modules"] = {"folder": f"modules_seed{seed}", "sizes": report["module_sizes"]}

@@ -4,9 +4,9 @@ A setting is (benchmark, scenario, strategy, variant). The variant names the swe
 are not seeds or strategies (``hat.c=0.5``), read from each Hydra job's ``.hydra/overrides.yaml``; only
 overrides that take two or more values across the folder count, so runs that differ in a hyper-parameter are
 never averaged together. A ``results.json`` of a multi-seed run (``seeds=[0,1,2]``) contributes each of its
-seeds (its ``per_seed`` entries). For every metric of ``modnet.results`` (average accuracy, forgetting, BWT,
+seeds (its ``per_seed`` entries). For every metric of ``modnet.eval.results`` (average accuracy, forgetting, BWT,
 train seconds): mean and standard deviation over the runs, std with ``ddof`` (default 0, numpy's and
-``modnet.results.aggregate_seeds``' convention; ddof=1 gives the sample std).
+``modnet.eval.results.aggregate_seeds``' convention; ddof=1 gives the sample std).
 
 Written into the folder (or ``out_dir``): aggregate.json, aggregate.md (markdown table), aggregate.csv and
 aggregate.png (bars with std error bars). numpy does the statistics, matplotlib the plot.

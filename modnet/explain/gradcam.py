@@ -361,7 +361,7 @@ def _as_chw(image: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------
 @runtime_checkable
 class ImportanceToKnowledge(Protocol):
-    """Anything with the inverse map of NIWT (e.g. ``modnet.niwt.KnowledgeToImportance``)."""
+    """Anything with the inverse map of NIWT (e.g. ``modnet.methods.niwt.KnowledgeToImportance``)."""
 
     def importance_to_knowledge(self, importance: Tensor) -> Tensor: ...
 

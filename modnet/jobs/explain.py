@@ -3,13 +3,13 @@
 Flow (configs/explain.yaml):
 1. GZSL data as images (default: scikit-learn's 8x8 digits with seven-segment attributes, ``scenarios.zsl``);
    a small CNN is trained on the seen classes (torch).
-2. NIWT (``modnet.niwt``) on a conv layer one block before the classifier's input: the knowledge -> importance
+2. NIWT (``modnet.methods.niwt``) on a conv layer one block before the classifier's input: the knowledge -> importance
    map and the unseen classes' output weights, giving a network that scores every class.
 3. Class importance of that network for every class (seen and unseen) on its test images
-   (``modnet.niwt.class_importance``); the layer's channels are grouped into functional modules by clustering
-   their importance profiles (rows of importance^T) with SynC (``modnet.sync``; scikit-learn's agglomerative
+   (``modnet.methods.niwt.class_importance``); the layer's channels are grouped into functional modules by clustering
+   their importance profiles (rows of importance^T) with SynC (``modnet.methods.sync``; scikit-learn's agglomerative
    clustering when asked for, or when SynC finds fewer than ``modules.min_modules``).
-4. Grad-CAM overlays (``modnet.explain``) of every class on one of its test images, of every module on the
+4. Grad-CAM overlays (``modnet.explain.gradcam``) of every class on one of its test images, of every module on the
    test image that activates it most, and one grid per class with all modules; ``explanations.md`` naming,
    per class and per module, the attributes through NIWT's inverse map importance -> knowledge.
 """
@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from modnet.config import ConfigError, check_choice, resolve_device
-from modnet.gzsl_job import fit_classifier
-from modnet.explain import (BACKENDS, ClassGradCAM, ModuleGradCAM, explain_in_words, module_attributes, save_overlay,
+from modnet.jobs.gzsl import fit_classifier
+from modnet.explain.gradcam import (BACKENDS, ClassGradCAM, ModuleGradCAM, explain_in_words, module_attributes, save_overlay,
                             save_overlay_grid, write_explanations_md)
 
 CLUSTERINGS = ("sync", "agglomerative")
@@ -92,7 +92,7 @@ def find_modules(importance: Tensor, cfg: DictConfig) -> tuple[dict[str, list[in
     labels = None
     note = ""
     if method == "sync":
-        from modnet.sync import SynC
+        from modnet.methods.sync import SynC
 
         sync = SynC(eps=cfg.modules.eps, eps_rule=cfg.modules.eps_rule, k=cfg.modules.k)
         labels = torch.as_tensor(sync.fit_predict(profiles))
@@ -118,8 +118,8 @@ def _slug(name: str) -> str:
 
 
 def run_explain(cfg: DictConfig) -> dict:
-    from modnet.gzsl import gzsl_evaluate, predict_scores
-    from modnet.niwt import NIWT, class_importance
+    from modnet.methods.gzsl import gzsl_evaluate, predict_scores
+    from modnet.methods.niwt import NIWT, class_importance
 
     _check_config(cfg)
     device = resolve_device(cfg.device)

@@ -15,7 +15,7 @@ from avalanche.models import MultiTaskModule
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from modnet.hat import HATConv2d, HATLinear, TrainingMasks, apply_unit_mask
+from modnet.nets.hat import HATConv2d, HATLinear, TrainingMasks, apply_unit_mask
 
 # Logit given to classes outside the chosen head: finite so that cross-entropy and softmax stay finite.
 _OFF_HEAD_LOGIT = -1e4
@@ -98,12 +98,12 @@ class HATNet(MultiHeadTaskNet):
         self.smax = float(smax)
         self.s = float(smax)  # set per batch by the HAT plugin while training
         self.heads = nn.ModuleList(nn.Linear(feature_dim, len(c)) for c in self.task_classes)
-        # Functional-module gates (modnet.modules.ModularGating): a callable (x, task, masks) -> masks.
+        # Functional-module gates (modnet.nets.modules.ModularGating): a callable (x, task, masks) -> masks.
         self.gate = None
-        # Closed-form task keys (modnet.modules.TaskKeys) for class-incremental inference.
+        # Closed-form task keys (modnet.nets.modules.TaskKeys) for class-incremental inference.
         self.task_keys = None
         # Set by the HAT plugin to (smax, thres_cosh, c * free capacity): training masks then carry HAT's
-        # compensated embedding gradient and the weighted capacity regulariser c R (modnet.hat.TrainingMasks),
+        # compensated embedding gradient and the weighted capacity regulariser c R (modnet.nets.hat.TrainingMasks),
         # left in ``last_capacity``; the plugin does no separate compensation pass.
         self.hat_training: tuple[float, float, Tensor] | None = None
         self.last_capacity: Tensor | None = None

@@ -1,6 +1,6 @@
 """How much a strategy's hidden representation of the first experience moves while later ones are learned.
 
-Layer x layer linear CKA (``modnet.analysis``) between the hidden layers' outputs on the first test
+Layer x layer linear CKA (``modnet.methods.analysis``) between the hidden layers' outputs on the first test
 experience right after training it and at the end of the run: a protected representation keeps its
 diagonal at 1 (HAT guarantees it for the first task's masked sub-network), fine-tuning lets it drift.
 """
@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modnet.analysis import cka_matrix, collect_activations, plot_cka_heatmap
-from modnet.models import HATNet, MultiHeadTaskNet
+from modnet.methods.analysis import cka_matrix, collect_activations, plot_cka_heatmap
+from modnet.nets.models import HATNet, MultiHeadTaskNet
 
 
 class _FirstTask(nn.Module):

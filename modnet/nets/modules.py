@@ -2,8 +2,8 @@
 
 MISSION.md 1.4, seeds 000 and 002. Three pieces:
 
-* ``cluster_units``: the units of a layer get semantic vectors (``modnet.embedding``, seed 001 eq. 1) from
-  their activation profiles, and SynC (``modnet.sync``) groups those vectors into functional modules.
+* ``cluster_units``: the units of a layer get semantic vectors (``modnet.methods.embedding``, seed 001 eq. 1) from
+  their activation profiles, and SynC (``modnet.methods.sync``) groups those vectors into functional modules.
 * ``ModuleGate``: each module owns a key vector (its knowledge embedding); a query computed from the input
   scores the keys and a hard top-k decision switches modules on, trained with a straight-through (or
   Gumbel-softmax straight-through) estimator. Its output multiplies the HAT mask of the layer, so gates and
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from modnet.hat import TrainingMasks, compensated_sigmoid
+from modnet.nets.hat import TrainingMasks, compensated_sigmoid
 
 
 # -- modules from synchronization ----------------------------------------------------------------------
@@ -46,7 +46,7 @@ def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, 
     vectors of layers of equal width are fitted in one batched Adam loop (their losses are summed, so each
     layer's gradient, and Adam's elementwise step, are its own), and each layer's fixed target is normalised
     once, not at every step."""
-    from modnet.embedding import NeuronEmbedding, cosine_matrix, similarity_cross_entropy
+    from modnet.methods.embedding import NeuronEmbedding, cosine_matrix, similarity_cross_entropy
 
     for p in profiles:
         if p.shape[0] < min_modules:
@@ -76,7 +76,7 @@ def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, 
 def _sync_modules(S: Tensor, k: int, min_modules: int, max_modules: int, seed: int) -> Tensor:
     """Module id per unit from its semantic vector (rows of S): SynC, outliers to the nearest module centre,
     k-means (scikit-learn) when SynC's count is out of [min_modules, max_modules]."""
-    from modnet.sync import SynC
+    from modnet.methods.sync import SynC
 
     labels = torch.as_tensor(SynC(k=k).fit_predict(S.cpu().numpy()), device=S.device)
     n_found = int(labels.max()) + 1 if (labels >= 0).any() else 0

@@ -97,7 +97,7 @@ def load_word_vectors(path: str | Path, binary: bool | None = None):
     from gensim.models import KeyedVectors, Word2Vec
 
     path = _require_file(path, "word-vector file", "Pass the path of a word2vec .txt/.bin file, or train one "
-                         "with modnet.knowledge.train_word2vec on your corpus.")
+                         "with modnet.methods.knowledge.train_word2vec on your corpus.")
     if path.suffix in (".kv",):
         return KeyedVectors.load(str(path))
     if path.suffix in (".model",):
@@ -207,7 +207,7 @@ def sentence_embeddings(texts: Mapping[str, str | Sequence[str]] | Sequence[str 
     model_dir = Path(model_dir).expanduser()
     if not (model_dir / "config.json").exists():
         raise MissingFileError(f"no transformers model in {model_dir} (config.json missing). Pass a local "
-                               "model directory, e.g. modnet.knowledge.bundled_minilm_dir().")
+                               "model directory, e.g. modnet.methods.knowledge.bundled_minilm_dir().")
     items = list(texts.values()) if isinstance(texts, Mapping) else list(texts)
     if not items:
         raise ValueError("no class texts given")

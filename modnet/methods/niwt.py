@@ -245,7 +245,7 @@ class KnowledgeToImportance(nn.Module):
                              "pass one knowledge row per importance row.")
         if not torch.isfinite(knowledge).all() or not torch.isfinite(importance).all():
             raise ValueError("knowledge or importance contains NaN/inf; clean the inputs "
-                             "(modnet.knowledge.attribute_matrix handles missing attribute values).")
+                             "(modnet.methods.knowledge.attribute_matrix handles missing attribute values).")
         device = self.linear.weight.device
         knowledge = knowledge.to(device=device, dtype=torch.float32)
         importance = importance.to(device=device, dtype=torch.float32)
@@ -522,7 +522,7 @@ class NIWT:
     >>> scores = gzsl(x_test)            # [B, n_classes], column = dataset class id
 
     ``knowledge`` is [n_classes, A] with row c the domain knowledge of dataset class c (attributes, word
-    vectors, sentence embeddings; see modnet.knowledge). ``y_seen`` are dataset class ids of seen classes;
+    vectors, sentence embeddings; see modnet.methods.knowledge). ``y_seen`` are dataset class ids of seen classes;
     seen class ``seen_classes[i]`` is the classifier's row ``seen_columns[i]`` (default i).
     Hyper-parameters (defaults of the official code for AWA2): ``lr`` 1e-3, ``lam`` 1e-3 (CUB 1e-4, 1e-2),
     ``patience`` 40 iterations without a ``min_improvement`` of 1%.

@@ -122,7 +122,7 @@ def _plain_setup(arch, x, options, device, channels_last):
 
 
 def _plain_model(arch: str, x: torch.Tensor, options: dict):
-    from modnet.models import CNNBackbone, MLPBackbone, ResNet18Backbone, SingleHeadNet
+    from modnet.nets.models import CNNBackbone, MLPBackbone, ResNet18Backbone, SingleHeadNet
 
     if arch == "resnet18":  # the CIFAR layout modnet's HATResNet18 masks (torchvision's is ImageNet's)
         return SingleHeadNet(ResNet18Backbone(tuple(x.shape[1:]), options.get("resnet_width", 64)), 10)
@@ -263,7 +263,7 @@ def bench_training(arch: str, n: int, batch: int, epochs: int, device: str, opti
 def bench_sync(sizes=(1000, 2000, 4000, 8000), dim: int = 16, device: str = "cpu") -> dict:
     from sklearn.datasets import make_blobs
 
-    from modnet.sync import SynC
+    from modnet.methods.sync import SynC
 
     out = {}
     for n in sizes:
@@ -284,8 +284,8 @@ def bench_sync(sizes=(1000, 2000, 4000, 8000), dim: int = 16, device: str = "cpu
 
 def bench_niwt_gzsl(device: str = "cpu") -> dict:
     """NIWT's three steps and GZSL scoring on the embedded digits default, timed."""
-    from modnet.gzsl import gzsl_evaluate, predict_scores
-    from modnet.niwt import KnowledgeToImportance, class_importance, fit_unseen_weights
+    from modnet.methods.gzsl import gzsl_evaluate, predict_scores
+    from modnet.methods.niwt import KnowledgeToImportance, class_importance, fit_unseen_weights
     from scenarios.zsl import load_digits_zsl
 
     dev = torch.device(device)

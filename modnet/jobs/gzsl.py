@@ -2,9 +2,9 @@
 
 Per seed: load the GZSL data (scenarios.zsl), train a network on the seen classes (an MLP on vectors or
 features, a small CNN on images), then
-* niwt:  NIWT (modnet.niwt) adds the unseen classes to that network from their knowledge vectors;
+* niwt:  NIWT (modnet.methods.niwt) adds the unseen classes to that network from their knowledge vectors;
 * eszsl: ESZSL closed form, ale: ALE ranking, on the network's penultimate features (or the raw inputs);
-and score U, S, H and ZSL accuracy (modnet.gzsl). With ``calibration.mode=validate`` every method gets its
+and score U, S, H and ZSL accuracy (modnet.methods.gzsl). With ``calibration.mode=validate`` every method gets its
 calibrated-stacking gamma (and ESZSL its regularisers) from a class-disjoint validation split of the
 training set (pseudo-unseen seen classes, a second network trained without them), never from the test
 data; the uncalibrated figures are reported beside the calibrated ones.
@@ -31,8 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from modnet.gzsl import ALE, ESZSL, GZSLResult, gzsl_evaluate, predict_scores, select_calibration
-from modnet.niwt import NIWT
+from modnet.methods.gzsl import ALE, ESZSL, GZSLResult, gzsl_evaluate, predict_scores, select_calibration
+from modnet.methods.niwt import NIWT
 from scenarios.zsl import ZSLData, class_disjoint_validation, load_zsl_benchmark
 
 METHODS = ("niwt", "eszsl", "ale")

@@ -1,6 +1,6 @@
 """Data-parallel training of the ``modnet cl`` strategies with torch.distributed (DistributedDataParallel).
 
-    torchrun --nproc_per_node=2 -m modnet.distributed strategies=[modnet] train.epochs=5
+    torchrun --nproc_per_node=2 -m modnet.runner.distributed strategies=[modnet] train.epochs=5
     modnet ddp --nproc 2 strategies=[modnet] train.epochs=5          (starts torchrun itself)
 
 One process per GPU (backend nccl) or per CPU worker (gloo). PyTorch does the communication, Avalanche the
@@ -24,7 +24,7 @@ continual-learning loop; this module only changes how a strategy feeds and diffe
   memory gradients, the hypernetwork regulariser): DDP's reducer counts each parameter once per backward
   and fails on those.
 - Evaluation runs the whole test stream on every rank (unsharded: no padding duplicates, no metric
-  reduction needed). Rank 0 writes the results folder (``modnet.results``).
+  reduction needed). Rank 0 writes the results folder (``modnet.eval.results``).
 - After every experience the ranks' parameters are compared; a divergence stops the run with an error.
 """
 from __future__ import annotations
@@ -272,8 +272,8 @@ def check_ddp_config(cfg, world_size: int) -> None:
 
 def train_strategy(name: str, cfg, info, seed: int, ctx: DistContext) -> tuple[dict, nn.Module]:
     """One strategy over all experiences on this rank: (accuracy matrix and metrics, trained model)."""
-    from modnet.cl_job import _evaluator, _nan_guard, _row, set_seed
-    from modnet.results import summarize
+    from modnet.jobs.cl import _evaluator, _nan_guard, _row, set_seed
+    from modnet.eval.results import summarize
     from strategies.registry import build_strategy
 
     set_seed(seed)  # the same seed on every rank: identical initial models (DDP also broadcasts rank 0's)
@@ -301,7 +301,7 @@ def run_ddp(cfg, ctx: DistContext | None = None) -> dict:
     """``modnet cl`` on every rank, data-parallel; rank 0 writes ``cfg.output_dir``. Returns the results."""
     from omegaconf import OmegaConf
 
-    from modnet.results import aggregate_seeds, format_table, write_results
+    from modnet.eval.results import aggregate_seeds, format_table, write_results
     from scenarios import build_benchmark
     from scenarios.base import SCENARIOS
 
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import main as torchrun
 
     try:
-        torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "modnet.distributed", *overrides])
+        torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "modnet.runner.distributed", *overrides])
     except ChildFailedError as err:  # the ranks' tracebacks are already on stderr
         print(f"modnet ddp: {len(err.failures)} of {nproc} processes failed (see their errors above)",
               file=sys.stderr)

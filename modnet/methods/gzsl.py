@@ -333,7 +333,7 @@ def _build_plugin_metric():
 _LAZY: dict[str, type] = {}
 
 
-def __getattr__(name: str):  # PEP 562: ``from modnet.gzsl import GZSLPluginMetric`` builds it on demand
+def __getattr__(name: str):  # PEP 562: ``from modnet.methods.gzsl import GZSLPluginMetric`` builds it on demand
     if name == "GZSLPluginMetric":
         if name not in _LAZY:
             _LAZY[name] = _build_plugin_metric()
