@@ -6,7 +6,7 @@ Protocol (also printed above the table):
    `modnet.methods.embedding.fit_neuron_embedding`) is fitted post hoc on the training images at the teacher's last
    hidden layer (32 units).
 3. Students: MLP 64-32-32-10, the same initial weights, data order and epochs for every method (same seed),
-   trained with Avalanche's `Naive` strategy plus one plugin from `strategies.distill`:
+   trained with Avalanche's `Naive` strategy plus one plugin from `strategies.plugins.distill`:
    student alone / KD (Hinton, T = 4) / SP (Tung & Mori) / SKD (T = 1, no teacher forward pass). SP and SKD
    pair the student's last hidden layer (32 units) with the teacher's last hidden layer (32 units).
 4. Loss weights (KD alpha, SP gamma, SKD beta): picked on validation splits carved from the training sets,
@@ -37,7 +37,7 @@ from avalanche.benchmarks.utils import as_classification_dataset
 from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.supervised import Naive
 from modnet.methods.embedding import fit_neuron_embedding
-from strategies.distill import KDPlugin, SKDPlugin, SPKDPlugin
+from strategies.plugins.distill import KDPlugin, SKDPlugin, SPKDPlugin
 
 TEACHER_WIDTHS = (64, 256, 256, 32, 10)
 STUDENT_WIDTHS = (64, 32, 32, 10)

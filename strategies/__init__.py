@@ -1,0 +1,1 @@
+"""Strategies by name (``strategies.registry``), one file each, and their plugins (``strategies.plugins``)."""

@@ -1,4 +1,5 @@
 """The continual-learning job end to end: the issue's targets on Split-Digits, results format, resume."""
+import dataclasses
 import json
 
 import numpy as np
@@ -66,14 +67,12 @@ def test_later_task_leaves_earlier_outputs_unchanged():
     with the default modules and gates on, while the shared weights do move."""
     from avalanche.training.plugins import EvaluationPlugin
 
+    from modnet.runner.runner import make_strategy
     from scenarios import build_benchmark
-    from strategies.registry import build_modnet
 
     cfg = compose("cl", ["train.epochs=5", "progress=false"])
     info = build_benchmark(cfg.benchmark, "task", 0)
-    common = dict(criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=5, eval_mb_size=256,
-                  device="cpu", evaluator=EvaluationPlugin(loggers=[]))
-    strategy = build_modnet(cfg, info, common)
+    strategy = make_strategy("modnet", cfg, info, torch.device("cpu"), EvaluationPlugin(loggers=[]))
     exps = list(info.benchmark.train_stream)
     strategy.train(exps[0])
     x0 = torch.stack([exps[0].dataset[i][0] for i in range(64)])
@@ -117,11 +116,11 @@ def test_resume_continues_to_the_same_final_numbers(tmp_path, monkeypatch):
 
     original = dict(reg.STRATEGIES)
     for name in ("modnet", "naive", "lwf"):
-        def crashing(cfg, info, common, _b=original[name]):
+        def crashing(cfg, info, common, _b=original[name].build):
             s = _b(cfg, info, common)
             s.plugins.append(Crash())
             return s
-        monkeypatch.setitem(reg.STRATEGIES, name, crashing)
+        monkeypatch.setitem(reg.STRATEGIES, name, dataclasses.replace(original[name], build=crashing))
     with pytest.raises(KeyboardInterrupt):
         main(args + [f"output_dir={tmp_path / 'cut'}"])
     assert not (tmp_path / "cut" / "results.json").exists()

@@ -26,7 +26,7 @@ from modnet.methods.embedding import (
     similarity_cross_entropy,
     skd_loss,
 )
-from strategies.distill import KDPlugin, SKDPlugin, SPKDPlugin, kd_loss, sp_loss
+from strategies.plugins.distill import KDPlugin, SKDPlugin, SPKDPlugin, kd_loss, sp_loss
 
 
 def np_cos(rows):

@@ -7,7 +7,7 @@ import torch
 
 from modnet.nets.hat import annealed_s, capacity_regulariser, compensate_embedding_grad, weight_protection
 from modnet.nets.models import HATCNN, HATMLP
-from strategies.hat import HATPlugin
+from strategies.plugins.hat import HATPlugin
 
 
 def test_annealing_goes_from_inverse_smax_to_smax_linearly():
@@ -105,8 +105,10 @@ def test_capacity_regulariser_hand_case():
 
 
 def _fake_strategy(model, task, s):
-    model.s = s
-    return SimpleNamespace(model=model, experience=SimpleNamespace(current_experience=task), is_training=True)
+    from modnet.nets.models import Condition
+
+    return SimpleNamespace(model=model, experience=SimpleNamespace(current_experience=task), is_training=True,
+                           train_condition=Condition(s=s))
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
@@ -125,8 +127,7 @@ def test_gradient_is_zero_exactly_where_both_units_are_fully_protected(arch):
     plugin = HATPlugin(smax=400)
     strat = _fake_strategy(model, 1, 10.0)
     plugin.before_training_exp(strat)
-    model.train_task = 1
-    out = model.forward_single_task(x, 1)
+    out = model.forward_single_task(x, 1, strat.train_condition)
     out.sum().backward()
     raw = {id(l.weight): l.weight.grad.clone() for l in model.masked}
     plugin.before_update(strat)

@@ -28,7 +28,7 @@ SMALL = ["benchmark.n_experiences=2", "benchmark.max_train_samples=1256",
 # HAT alone: its masks are smooth in the weights, so equal global batches give equal parameters up to float
 # summation order (hard top-k module gates would amplify those last bits into different gate decisions).
 # EWC rides along: its penalty reaches the old heads outside the forward, so its ranks average .grad with one
-# all-reduce after backward instead of DDP's hooks (modnet.runner.distributed.GRADIENT_SYNC): both paths are checked.
+# all-reduce after backward instead of DDP's hooks (declared per strategy: register_strategy(gradient_sync=...)): both paths are checked.
 HAT_ONLY = [*SMALL, "strategies=[modnet,ewc]", "train.epochs=2", "model.modules=none", "model.gate=none",
             "model.task_keys=false"]
 # the default modnet: modules, gates, task keys (hard gates learn more slowly than HAT alone at lr 0.2 on 628

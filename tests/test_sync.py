@@ -289,15 +289,16 @@ def test_lazy_sync_regulariser_adds_every_kth_step_with_weight_times_k_and_cycle
     stacked layers' profiles on rows offset::3 (offset 0, then 1); steps 1 and 3 add nothing."""
     from types import SimpleNamespace
 
-    from strategies.modular import SyncRegPlugin
+    from modnet.nets.models import Condition, ForwardTrace
+    from strategies.plugins.modular import SyncRegPlugin
 
     g = torch.Generator().manual_seed(0)
     acts = [torch.randn(10, 7, generator=g).relu(), torch.randn(10, 7, generator=g).relu()]
     plugin = SyncRegPlugin(weight=0.5, eps=0.9, rows=3, every=2)
-    model = SimpleNamespace(record_activations=False, last_activations=acts)
-    strat = SimpleNamespace(model=model, loss=torch.zeros(()))
+    condition = Condition(trace=ForwardTrace(activations=acts))
+    strat = SimpleNamespace(model=None, loss=torch.zeros(()), train_condition=condition)
     plugin.before_training_exp(strat)
-    assert model.record_activations
+    assert condition.record  # the plugin asks the training forwards to record the units' activations
     profiles = torch.stack([a.T for a in acts])
     added = []
     for _ in range(4):
@@ -312,12 +313,13 @@ def test_lazy_sync_regulariser_adds_every_kth_step_with_weight_times_k_and_cycle
 def test_sync_regulariser_is_the_mean_over_layers_of_any_widths():
     from types import SimpleNamespace
 
-    from strategies.modular import SyncRegPlugin
+    from modnet.nets.models import Condition, ForwardTrace
+    from strategies.plugins.modular import SyncRegPlugin
 
     g = torch.Generator().manual_seed(2)
     acts = [torch.randn(10, 7, generator=g), torch.randn(10, 5, generator=g), torch.randn(10, 7, generator=g)]
-    strat = SimpleNamespace(model=SimpleNamespace(record_activations=False, last_activations=acts),
-                            loss=torch.zeros(()))
+    strat = SimpleNamespace(model=None, loss=torch.zeros(()),
+                            train_condition=Condition(trace=ForwardTrace(activations=acts)))
     plugin = SyncRegPlugin(weight=1.0, eps=0.9)
     plugin.before_training_exp(strat)
     plugin.before_backward(strat)

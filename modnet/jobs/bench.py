@@ -135,17 +135,17 @@ def _plain_model(arch: str, x: torch.Tensor, options: dict):
 def _build_avalanche(kind, arch, x, y, batch, epochs, device, options, overrides=()):
     from avalanche.training.plugins import EvaluationPlugin
 
+    from modnet.runner.runner import make_strategy
     from scenarios.base import split_benchmark
-    from strategies.registry import build_strategy
 
     cfg = _cfg(arch, {**options, "overrides": list(options.get("overrides", [])) + list(overrides)})
-    cfg.train.epochs, cfg.train.batch_size = epochs, batch
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.eval_batch_size = epochs, batch, batch
+    # the same speed options as the plain loop (bf16 autocast on CUDA, channels_last on images)
+    cfg.train.amp = bool(options.get("amp", False) and device.type == "cuda")
+    cfg.train.channels_last = bool(options.get("channels_last", False) and x.dim() == 4)
     info = split_benchmark("bench", x, y, x, y, 1, "task", 0)  # the test set is never evaluated here
-    common = dict(criterion=torch.nn.CrossEntropyLoss(), train_mb_size=batch, train_epochs=epochs,
-                  eval_mb_size=batch, device=device, evaluator=EvaluationPlugin(loggers=[]), eval_every=-1)
-    strategy = build_strategy(kind, cfg, info, common)
     timer = _EpochTimer(device)
-    strategy.plugins.append(timer)
+    strategy = make_strategy(kind, cfg, info, device, EvaluationPlugin(loggers=[]), plugins=[timer])
     return strategy, info.benchmark.train_stream[0], timer
 
 

@@ -6,9 +6,6 @@ accuracy metric after every experience -> accuracy matrix -> results folder (``m
 from __future__ import annotations
 
 import json
-import re
-import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -19,148 +16,81 @@ from modnet.eval.results import aggregate_seeds, format_table, summarize, write_
 from scenarios import build_benchmark
 from scenarios.base import SCENARIOS
 
-_ACC_KEY = re.compile(r"Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)")
-# Strategies whose whole state is the model's state dict (plain SGD, modnet without module gates): they
-# resume at the next experience.
-# The others keep state in plugins (buffers, old models, importances) and re-run from their first
-# experience; per-experience seeding makes both give the same final numbers as an uninterrupted run.
-_RESUME_AT_EXPERIENCE = ("modnet", "naive")
 
+class _DriftProbe:
+    """Runner hook: the hidden representation of experience 0's test inputs right after experience 0 and at
+    the end (CKA drift plot)."""
 
-class NaNLossError(RuntimeError):
-    pass
+    def __init__(self, probe: torch.Tensor):
+        self.probe, self.first = probe, None
 
+    def after_training_exp(self, index, strategy):
+        from modnet.methods.drift import snapshot
 
-def _nan_guard():
-    from avalanche.core import SupervisedPlugin
+        if index == 0:
+            self.first = snapshot(strategy.model, self.probe)
 
-    class NaNGuard(SupervisedPlugin):
-        """Stops a run whose loss is NaN/inf; one host sync per epoch, not per step."""
-
-        def before_training_epoch(self, strategy, **kw):
-            self.bad = torch.zeros((), dtype=torch.bool, device=strategy.device)
-
-        def after_backward(self, strategy, **kw):
-            self.bad |= ~torch.isfinite(strategy.loss.detach()).all()
-
-        def after_training_epoch(self, strategy, **kw):
-            if bool(self.bad):
-                raise NaNLossError(
-                    f"loss became NaN/inf in experience {strategy.experience.current_experience}, epoch "
-                    f"{strategy.clock.train_exp_epochs}; lower train.lr or check the input data for "
-                    "extreme values")
-
-    return NaNGuard()
-
-
-def set_seed(seed: int) -> None:
-    from avalanche.training.determinism.rng_manager import RNGManager
-
-    RNGManager.set_random_seeds(seed)  # python, numpy and torch generators, as Avalanche's loaders use them
-
-
-def _evaluator(progress: bool):
-    from avalanche.evaluation.metrics import accuracy_metrics
-    from avalanche.logging import InteractiveLogger
-    from avalanche.training.plugins import EvaluationPlugin
-
-    if not progress:  # quiet on purpose: the results table is printed at the end
-        warnings.filterwarnings("ignore", message="No loggers specified")
-    return EvaluationPlugin(accuracy_metrics(experience=True), loggers=[InteractiveLogger()] if progress else [])
-
-
-def _row(metrics: dict, n: int) -> list[float]:
-    row = [float("nan")] * n
-    for k, v in metrics.items():
-        m = _ACC_KEY.fullmatch(k)
-        if m:
-            row[int(m.group(1))] = float(v)
-    return row
+    def after_eval_exp(self, index, strategy, row):
+        pass
 
 
 def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> dict:
     """Train ``name`` over the experiences; evaluate on the whole test stream after each one."""
-    from avalanche.models.dynamic_modules import avalanche_model_adaptation
+    from modnet.nets.record import describe_network, save_network
+    from modnet.runner.evaluation import make_evaluator, stream_evaluator
+    from modnet.runner.runner import (finished_result, load_checkpoint, make_strategy, run_experiences,
+                                      save_finished, set_seed)
+    from strategies.registry import get_strategy
 
-    from strategies.registry import build_strategy
-
-    state = torch.load(ckpt_path, weights_only=True) if cfg.resume and ckpt_path.exists() else None
-    if state is not None and state.get("done"):
+    state = load_checkpoint(ckpt_path) if cfg.resume else None
+    done = finished_result(state)
+    if done is not None:
         print(f"[{name} seed {seed}] finished earlier: results taken from {ckpt_path}")
-        return json.loads(state["result"])
+        return done
     set_seed(seed)
-    common = dict(criterion=torch.nn.CrossEntropyLoss(), train_mb_size=cfg.train.batch_size,
-                  train_epochs=cfg.train.epochs, eval_mb_size=cfg.train.eval_batch_size, device=device,
-                  evaluator=_evaluator(cfg.progress), eval_every=-1)
-    strategy = build_strategy(name, cfg, info, common)
-    strategy.plugins.append(_nan_guard())
-    if cfg.train.amp:
-        from strategies.perf import AutocastPlugin
-
-        strategy.plugins.append(AutocastPlugin(device.type))
-    if cfg.train.channels_last and info.is_image:
-        from strategies.perf import ChannelsLastPlugin
-
-        strategy.plugins.append(ChannelsLastPlugin())
+    strategy = make_strategy(name, cfg, info, device, make_evaluator(cfg.progress))
     bm = info.benchmark
-    rows, seconds, start = [], 0.0, 0
     # Gates are created per task from a clustering of the data: their shapes live in the run, not the config.
     gated = getattr(strategy.model, "gate", None) is not None
-    if state is not None and name in _RESUME_AT_EXPERIENCE and cfg.train.momentum == 0 and not gated:
-        start = int(state["next_exp"])
-        # Grow dynamic heads to the checkpoint's shape: training adapted the model to the experiences
-        # trained so far, evaluation to the whole test stream.
-        strategy.model.train()
-        for exp in list(bm.train_stream)[:start]:
-            avalanche_model_adaptation(strategy.model, exp)
-        strategy.model.eval()
-        for exp in bm.test_stream:
-            avalanche_model_adaptation(strategy.model, exp)
-        strategy.model.load_state_dict(state["model"])
-        rows, seconds = [list(r) for r in state["rows"].tolist()], float(state["train_seconds"])
-        print(f"[{name} seed {seed}] resumed from {ckpt_path} at experience {start}")
-    elif state is not None:
+    resumable = get_strategy(name).resumes_at_experience and cfg.train.momentum == 0 and not gated
+    if state is not None and not resumable:
         print(f"[{name} seed {seed}] keeps state in plugins: re-running it from its first experience")
+        state = None
     n = info.n_experiences
     out_dir = ckpt_path.parent.parent
-    from modnet.methods.drift import plot_drift, snapshot
-
-    first = None  # hidden representation of experience 0 right after training it (only seen without resume)
-    if start == 0:
+    hooks = []
+    if state is None:  # the drift plot needs experience 0 trained in this run
         probe_ds = bm.test_stream[0].dataset
-        probe = torch.stack([probe_ds[i][0] for i in range(min(256, len(probe_ds)))]).to(device)
-    for i, exp in enumerate(bm.train_stream):
-        if i < start:
-            continue
-        set_seed(seed * 1000 + i)
-        t0 = time.perf_counter()
-        strategy.train(exp)
-        seconds += time.perf_counter() - t0
-        if i == 0:
-            first = snapshot(strategy.model, probe)
-        rows.append(_row(strategy.eval(bm.test_stream), n))
-        torch.save({"next_exp": i + 1, "model": strategy.model.state_dict(), "rows": torch.tensor(rows),
-                    "train_seconds": seconds, "done": False}, ckpt_path)
-    result = {**summarize(rows), "train_seconds": seconds}
-    if first is not None and n > 1:
-        last = snapshot(strategy.model, probe)
-        result["first_experience_cka"] = plot_drift(first, last, out_dir / f"cka_{name}_seed{seed}.png", name)
+        hooks.append(_DriftProbe(torch.stack([probe_ds[i][0] for i in range(min(256, len(probe_ds)))]).to(device)))
+    record = run_experiences(strategy, bm.train_stream, stream_evaluator(bm.test_stream, n), seed=seed,
+                             checkpoint=ckpt_path, resume_state=state, test_stream=bm.test_stream, hooks=hooks,
+                             log=lambda msg: print(f"[{name} seed {seed}] {msg} from {ckpt_path}"))
+    result = {**summarize(record.rows), "train_seconds": record.train_seconds,
+              "network": describe_network(strategy.model)}
+    if hooks and hooks[0].first is not None and n > 1:
+        from modnet.methods.drift import plot_drift, snapshot
+
+        last = snapshot(strategy.model, hooks[0].probe)
+        result["first_experience_cka"] = plot_drift(hooks[0].first, last, out_dir / f"cka_{name}_seed{seed}.png",
+                                                    name)
     if getattr(strategy.model, "gate", None) is not None:
         from modnet.explain.module_plots import write_module_report
 
         report = write_module_report(strategy.model, bm.test_stream, out_dir / f"modules_seed{seed}")
         result["modules"] = {"folder": f"modules_seed{seed}", "sizes": report["module_sizes"]}
-    torch.save({"done": True, "result": json.dumps(result)}, ckpt_path)
+    save_network(strategy.model, out_dir / "checkpoints" / f"{name}_seed{seed}_final.pt", info.input_shape)
+    save_finished(ckpt_path, result)
     return result
 
 
 def run_cl(cfg) -> dict:
-    from strategies.registry import ARCHS, STRATEGIES
+    from modnet.nets.build import ARCHS
+    from strategies.registry import strategy_names
 
     check_choice("scenario", cfg.scenario, SCENARIOS)
     check_choice("model.arch", cfg.model.arch, ARCHS)
     for name in cfg.strategies:
-        check_choice("strategies", name, list(STRATEGIES))
+        check_choice("strategies", name, strategy_names())
     device = resolve_device(cfg.device)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))

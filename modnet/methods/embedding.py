@@ -28,7 +28,7 @@ Choices made here (the paper leaves them open):
   pair layers of equal width, as in the paper's VGG13 -> VGG8 and resnet32x4 -> resnet8x4 pairs).
 
 torch does the tensor work; the Avalanche plugin for training the vectors alongside a network lives at the end
-of this module, the distillation plugins in `strategies.distill`.
+of this module, the distillation plugins in `strategies.plugins.distill`.
 """
 
 from __future__ import annotations

@@ -1,13 +1,21 @@
-"""Modular networks built from HAT-masked layers, and the same backbones without masks for the baselines.
+"""The modular network (HAT masks + SynC modules + key-vector gates + heads that grow), and the same
+backbones without masks for the baselines.
 
 A ``HATNet`` keeps one output head per task (experience). With a task label (task-incremental) the head
 and the task's masks are picked by the label. Without one (class-incremental) the network runs every
 trained task's masked sub-network and keeps the most confident head (``task_inference``), then writes that
 head's log-probabilities into a logit vector over all classes, so Avalanche's accuracy metrics apply as is.
+
+What a forward does is given by its caller, as hypnettorch's ``forward(x, weights=None, condition=None)``:
+``net(x, task_labels, condition=Condition(...))``. The condition names the task being trained (class-
+incremental training), the HAT slope s, HAT's training settings, and whether to record the units'
+activations; what the forward records (activations, HAT's capacity regulariser) is written into the
+condition's ``trace``, never onto the network. Without a condition the network evaluates at s = smax.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -21,13 +29,52 @@ from modnet.nets.hat import HATConv2d, HATLinear, TrainingMasks, apply_unit_mask
 _OFF_HEAD_LOGIT = -1e4
 
 
+@dataclass(frozen=True)
+class HATTraining:
+    """HAT's training settings for a forward (Serra et al. 2018): the masks then carry the compensated
+    embedding gradient and give the weighted capacity regulariser c R (``modnet.nets.hat.TrainingMasks``);
+    ``free`` is c times the free capacity of the units, fixed per task."""
+
+    smax: float
+    thres_cosh: float
+    free: Tensor
+
+
+@dataclass
+class ForwardTrace:
+    """What a forward recorded, on request of its condition: every masked layer's unit outputs
+    (``record=True``) and HAT's weighted capacity regulariser (under ``HATTraining``)."""
+
+    activations: list[Tensor] = field(default_factory=list)
+    capacity: Tensor | None = None
+
+
+@dataclass
+class Condition:
+    """How one forward of a modular network runs (hypnettorch's ``condition``), set by its caller.
+
+    task     class-incremental training: the task whose head and masks train (None: infer the task)
+    s        HAT's mask slope (None: the network's smax, i.e. evaluation)
+    hat      HAT's training settings (None: plain masks, no compensation, no regulariser)
+    record   keep every masked layer's unit outputs in ``trace.activations`` (sync regulariser, analysis)
+    trace    written by the forward
+    """
+
+    task: int | None = None
+    s: float | None = None
+    hat: HATTraining | None = None
+    record: bool = False
+    trace: ForwardTrace = field(default_factory=ForwardTrace)
+
+
 class MultiHeadTaskNet(MultiTaskModule):
     """One output head per task (experience), with task inference when no task label is given.
 
-    Subclasses implement ``task_logits(x, task)``. ``task_classes[t]`` lists the class ids head t predicts.
-    Task-incremental: the label picks the head (Avalanche's ``MultiTaskModule`` splits the batch by label).
-    Class-incremental: training uses ``train_task`` (set by the strategy) and writes its head into a logit
-    vector over all classes; evaluation lets every trained head score x and keeps the most confident one.
+    Subclasses implement ``task_logits(x, task, condition)``. ``task_classes[t]`` lists the class ids head t
+    predicts. Task-incremental: the label picks the head (the batch is split by label, as Avalanche's
+    ``MultiTaskModule`` does). Class-incremental: training uses ``condition.task`` (set by the strategy) and
+    writes its head into a logit vector over all classes; evaluation lets every trained head score x and
+    keeps the most confident one.
     """
 
     def __init__(self, task_classes: Sequence[Sequence[int]], class_incremental: bool,
@@ -40,37 +87,55 @@ class MultiHeadTaskNet(MultiTaskModule):
         self.n_classes = max(max(c) for c in self.task_classes) + 1
         self.class_incremental = class_incremental
         self.task_inference = task_inference
-        self.train_task = 0
         for t, c in enumerate(self.task_classes):
             self.register_buffer(f"class_index_{t}", torch.tensor(c, dtype=torch.long))
         self.register_buffer("n_trained", torch.zeros((), dtype=torch.long))
 
-    def task_logits(self, x: Tensor, task: int) -> Tensor:
+    def task_logits(self, x: Tensor, task: int, condition: Condition | None = None) -> Tensor:
         raise NotImplementedError
 
-    def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
-        # float: Avalanche's multi-task forward writes into a float32 buffer (bf16 under autocast otherwise)
-        return self.task_logits(x, int(task_label)).float()
+    def forward_single_task(self, x: Tensor, task_label: int, condition: Condition | None = None) -> Tensor:
+        # float: the multi-task forward writes into a float32 buffer (bf16 under autocast otherwise)
+        return self.task_logits(x, int(task_label), condition).float()
 
-    def forward(self, x: Tensor, task_labels: Tensor | None = None) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, task_labels: Tensor | int | None = None,  # type: ignore[override]
+                condition: Condition | None = None) -> Tensor:
+        condition = Condition() if condition is None else condition
         if not self.class_incremental:
             if task_labels is None:
                 raise ValueError(f"a task-incremental {type(self).__name__} needs task labels")
-            return super().forward(x, task_labels)
+            return self._forward_by_task(x, task_labels, condition)
+        if self.training and condition.task is not None:
+            return self._scatter(self.task_logits(x, condition.task, condition), condition.task)
         if self.training:
-            return self._scatter(self.task_logits(x, self.train_task), self.train_task)
-        return self.infer_task(x)[0]
+            raise ValueError(f"training a class-incremental {type(self).__name__} needs condition.task, the task "
+                             "being trained (the HAT plugin sets it on its strategy)")
+        return self.infer_task(x, condition)[0]
+
+    def _forward_by_task(self, x: Tensor, task_labels: Tensor | int, condition: Condition) -> Tensor:
+        """Split the batch by task label; every task's head answers its own rows (padded to the widest head
+        with zeros, as Avalanche's ``MultiTaskModule``)."""
+        if isinstance(task_labels, int):
+            return self.forward_single_task(x, task_labels, condition)
+        tasks = torch.unique(task_labels)
+        if len(tasks) == 1:
+            return self.forward_single_task(x, int(tasks), condition)
+        outs = {int(t): self.forward_single_task(x[task_labels == t], int(t), condition) for t in tasks}
+        out = x.new_zeros(x.shape[0], max(o.shape[1] for o in outs.values()), dtype=torch.float32)
+        for t, o in outs.items():
+            out[task_labels == t, :o.shape[1]] = o
+        return out
 
     def _scatter(self, head_out: Tensor, task: int) -> Tensor:
         out = head_out.new_full((head_out.shape[0], self.n_classes), _OFF_HEAD_LOGIT)
         return out.index_copy(1, getattr(self, f"class_index_{task}"), head_out)
 
-    def infer_task(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def infer_task(self, x: Tensor, condition: Condition | None = None) -> tuple[Tensor, Tensor]:
         """Every trained task's head scores x, the most confident wins: (logits over all classes, task)."""
         n = max(int(self.n_trained), 1)
         outs, scores = [], []
         for t in range(n):
-            logp = F.log_softmax(self.task_logits(x, t), dim=1)
+            logp = F.log_softmax(self.task_logits(x, t, condition), dim=1)
             if self.task_inference == "maxprob":
                 scores.append(logp.max(dim=1).values)
             else:  # low entropy = confident; normalised by log(#classes) so head sizes compare
@@ -93,47 +158,38 @@ class HATNet(MultiHeadTaskNet):
     """
 
     def __init__(self, task_classes: Sequence[Sequence[int]], feature_dim: int, class_incremental: bool,
-                 smax: float = 400.0, task_inference: str = "maxprob"):
+                 smax: float = 400.0, task_inference: str = "maxprob", gate: nn.Module | None = None,
+                 task_keys: nn.Module | None = None):
         super().__init__(task_classes, class_incremental, task_inference)
         self.smax = float(smax)
-        self.s = float(smax)  # set per batch by the HAT plugin while training
         self.heads = nn.ModuleList(nn.Linear(feature_dim, len(c)) for c in self.task_classes)
         # Functional-module gates (modnet.nets.modules.ModularGating): a callable (x, task, masks) -> masks.
-        self.gate = None
+        self.gate = gate
         # Closed-form task keys (modnet.nets.modules.TaskKeys) for class-incremental inference.
-        self.task_keys = None
-        # Set by the HAT plugin to (smax, thres_cosh, c * free capacity): training masks then carry HAT's
-        # compensated embedding gradient and the weighted capacity regulariser c R (modnet.nets.hat.TrainingMasks),
-        # left in ``last_capacity``; the plugin does no separate compensation pass.
-        self.hat_training: tuple[float, float, Tensor] | None = None
-        self.last_capacity: Tensor | None = None
-        self.record_activations = False  # keep the last forward's unit activations (sync regulariser)
-        self.last_activations: list[Tensor] = []
-        self.active_task = 0  # the task whose sub-network the current forward runs (per-task batch norm)
+        self.task_keys = task_keys
 
     masked: nn.ModuleList
 
     def _init_cumulative_masks(self) -> None:
         for i, layer in enumerate(self.masked):
             self.register_buffer(f"mask_pre_{i}", torch.zeros(layer.n_units))
+        # identity taps on every masked layer's output (after its mask and gates): hook points for importance
+        # (NIWT) and Grad-CAM that see exactly the units the masks and gates act on
+        self.unit_taps = nn.ModuleList(nn.Identity() for _ in self.masked)
 
     def masks(self, task: int, s: float | None = None) -> list[Tensor]:
-        training = self._training_masks(task, s)
-        if training is not None:
-            masks = training.compute()
-            self.last_capacity = training.capacity
-            return masks
-        s = self.s if s is None else s
+        """Task ``task``'s masks at slope s (default smax), without HAT's training compensation."""
+        s = self.smax if s is None else s
         return [layer.mask(task, s) for layer in self.masked]
 
-    def _training_masks(self, task: int, s: float | None = None) -> TrainingMasks | None:
-        """While the HAT plugin trains: the task's masks, still to be computed (by the gate when there is one,
-        in the same autograd function), with the compensated gradient and the capacity regulariser."""
-        if self.hat_training is None or not self.training or not torch.is_grad_enabled():
+    def _training_masks(self, task: int, condition: Condition) -> TrainingMasks | None:
+        """Under HAT training (``condition.hat``): the task's masks, still to be computed (by the gate when there
+        is one, in the same autograd function), with the compensated gradient and the capacity regulariser."""
+        hat = condition.hat
+        if hat is None or not self.training or not torch.is_grad_enabled():
             return None
-        smax, thres_cosh, free = self.hat_training
         return TrainingMasks([layer.task_embedding.weight[task] for layer in self.masked],
-                             self.s if s is None else s, smax, thres_cosh, free)
+                             self.smax if condition.s is None else condition.s, hat.smax, hat.thres_cosh, hat.free)
 
     def cumulative_masks(self) -> list[Tensor]:
         return [getattr(self, f"mask_pre_{i}") for i in range(len(self.masked))]
@@ -153,19 +209,34 @@ class HATNet(MultiHeadTaskNet):
     def _expand_inputs(self, prev: list[Tensor]) -> list[Tensor]:
         return prev
 
-    def features(self, x: Tensor, masks: list[Tensor]) -> Tensor:
-        return self.forward_units(x, masks)[1]
+    def features(self, x: Tensor, masks: list[Tensor], task: int = 0) -> Tensor:
+        return self.forward_units(x, masks, task)[1]
 
-    def unit_activations(self, x: Tensor, masks: list[Tensor]) -> list[Tensor]:
-        """Output of every masked layer (B x units; conv maps averaged over space for the profiles)."""
+    def unit_activations(self, x: Tensor, masks: list[Tensor], task: int = 0) -> list[Tensor]:
+        """Output of every masked layer (B x units; conv maps averaged over space for the profiles) on task
+        ``task``'s path (its batch norm, where a network has one per task)."""
         raise NotImplementedError
 
-    def forward_units(self, x: Tensor, masks: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    def forward_units(self, x: Tensor, masks: list[Tensor], task: int = 0,
+                      record: bool = True) -> tuple[list[Tensor], Tensor]:
         """(every masked layer's output, the heads' input): the last masked layer's output unless a subclass
         ends differently (a residual sum). A subclass may leave out outputs that cost a pass to summarise
-        while ``record_activations`` is off (HATCNN's conv maps): ``unit_activations`` always has them all."""
-        acts = self.unit_activations(x, masks)
+        when ``record`` is off (HATCNN's conv maps): ``unit_activations`` always has them all."""
+        acts = self.unit_activations(x, masks, task)
         return acts, acts[-1]
+
+    def unit_masks(self, x: Tensor, task: int, condition: Condition | None = None) -> list[Tensor]:
+        """Per masked layer, what multiplies its units for input x on task ``task``: the task's HAT mask
+        (at the condition's s), times the module gates of that input when the network has gates."""
+        condition = Condition() if condition is None else condition
+        training = self._training_masks(task, condition)
+        if self.gate is not None:
+            masks = self.gate(x, task, self.masks(task, condition.s) if training is None else training)
+        else:
+            masks = self.masks(task, condition.s) if training is None else training.compute()
+        if training is not None:
+            condition.trace.capacity = training.capacity
+        return masks
 
     @torch.no_grad()
     def task_units(self, x: Tensor, task: int) -> list[Tensor]:
@@ -174,27 +245,36 @@ class HATNet(MultiHeadTaskNet):
         was_training = self.training
         self.eval()
         try:
-            self.active_task = task
-            masks = self.masks(task, self.smax)
-            if self.gate is not None:
-                masks = self.gate(x, task, masks)
-            return self.unit_activations(x, masks)
+            return self.unit_activations(x, self.unit_masks(x, task), task)
         finally:
             self.train(was_training)
 
-    def task_logits(self, x: Tensor, task: int) -> Tensor:
-        self.active_task = task
-        training = self._training_masks(task)
-        if self.gate is not None:
-            masks = self.gate(x, task, self.masks(task) if training is None else training)
-        else:
-            masks = self.masks(task) if training is None else training.compute()
-        if training is not None:
-            self.last_capacity = training.capacity
-        acts, feature = self.forward_units(x, masks)
-        if self.record_activations:
-            self.last_activations = acts
+    def task_logits(self, x: Tensor, task: int, condition: Condition | None = None) -> Tensor:
+        condition = Condition() if condition is None else condition
+        acts, feature = self.forward_units(x, self.unit_masks(x, task, condition), task, condition.record)
+        if condition.record:
+            condition.trace.activations = acts
         return self.heads[task](feature)
+
+    def update_task_keys(self, x: Tensor, task: int, y: Tensor) -> None:
+        """Add samples of task ``task`` (labels ``y``) to the running statistics of its class keys."""
+        if self.task_keys is not None:
+            self.task_keys.update(x, self.slot_of(task, y))
+
+    def add_classes(self, task: int, class_ids: Sequence[int], weight: Tensor, bias: Tensor | None = None) -> None:
+        """Grow head ``task`` by one output row per new class (NIWT's unseen classes): ``weight`` is
+        (new classes x features), the bias 0 unless given (the official NIWT code keeps it at 0)."""
+        head = self.heads[task]
+        new = nn.Linear(head.in_features, head.out_features + len(class_ids)).to(head.weight.device)
+        with torch.no_grad():
+            new.weight.copy_(torch.cat([head.weight, weight.to(head.weight)]))
+            new.bias.copy_(torch.cat([head.bias, (bias if bias is not None else
+                                                   torch.zeros(len(class_ids))).to(head.bias)]))
+        self.heads[task] = new
+        self.task_classes[task] = self.task_classes[task] + [int(c) for c in class_ids]
+        self.n_classes = max(self.n_classes, max(int(c) for c in class_ids) + 1)
+        self.register_buffer(f"class_index_{task}", torch.tensor(self.task_classes[task], dtype=torch.long,
+                                                                 device=head.weight.device))
 
     def adaptation(self, experience) -> None:
         """Avalanche calls this before each experience (before the optimiser is rebuilt): new gates here."""
@@ -204,8 +284,7 @@ class HATNet(MultiHeadTaskNet):
             ds = experience.dataset
             n = min(len(ds), self.gate.profile_samples)
             x = torch.stack([ds[i][0] for i in range(n)]).to(self.heads[0].weight.device)
-            self.active_task = task  # profile the units through the new task's own batch norm, if any
-            self.gate.add_task(self, task, x)
+            self.gate.add_task(self, task, x)  # units profiled through the new task's own batch norm, if any
 
     def key_slots(self, task: int) -> Tensor:
         """The task keys' rows for task ``task``: one per (task, class) pair, so that tasks sharing class ids
@@ -226,16 +305,16 @@ class HATNet(MultiHeadTaskNet):
     def n_key_slots(self) -> int:
         return sum(len(c) for c in self.task_classes)
 
-    def infer_task(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def infer_task(self, x: Tensor, condition: Condition | None = None) -> tuple[Tensor, Tensor]:
         if self.task_keys is None or int(self.n_trained) == 0:
-            return super().infer_task(x)
+            return super().infer_task(x, condition)
         # p(c | x) = p(t | x) p(c | x, t): task posterior from the keys, class from the task's masked head.
         n = int(self.n_trained)
         idx = [getattr(self, f"class_index_{t}") for t in range(n)]
         log_pt = self.task_keys.task_log_posterior(x, [self.key_slots(t) for t in range(n)])
         out = x.new_full((x.shape[0], self.n_classes), _OFF_HEAD_LOGIT)
         for t in range(n):
-            logp = F.log_softmax(self.task_logits(x, t), dim=1) + log_pt[:, t:t + 1]
+            logp = F.log_softmax(self.task_logits(x, t, condition), dim=1) + log_pt[:, t:t + 1]
             out[:, idx[t]] = torch.maximum(out[:, idx[t]], logp)
         return out, log_pt.argmax(1)
 
@@ -244,21 +323,22 @@ class HATMLP(HATNet):
     """MLP of ``n_layers`` HAT-masked hidden layers (ReLU), then one head per task."""
 
     def __init__(self, in_dim: int, task_classes, hidden: int = 256, n_layers: int = 2, dropout: float = 0.0,
-                 class_incremental: bool = False, smax: float = 400.0, task_inference: str = "maxprob"):
-        super().__init__(task_classes, hidden, class_incremental, smax, task_inference)
+                 class_incremental: bool = False, smax: float = 400.0, task_inference: str = "maxprob",
+                 gate: nn.Module | None = None, task_keys: nn.Module | None = None):
+        super().__init__(task_classes, hidden, class_incremental, smax, task_inference, gate, task_keys)
         n_tasks = len(task_classes)
         dims = [in_dim] + [hidden] * n_layers
         self.masked = nn.ModuleList(HATLinear(a, b, n_tasks) for a, b in zip(dims[:-1], dims[1:]))
         self.drop = nn.Dropout(dropout)
         self._init_cumulative_masks()
 
-    def unit_activations(self, x: Tensor, masks: list[Tensor]) -> list[Tensor]:
+    def unit_activations(self, x: Tensor, masks: list[Tensor], task: int = 0) -> list[Tensor]:
         h, acts = x.flatten(1), []
-        for layer, m in zip(self.masked, masks):
+        for layer, tap, m in zip(self.masked, self.unit_taps, masks):
             # HAT's reference order: ReLU (and dropout), then the mask. With hard module gates the order
             # matters: an off module's gate then gets the gradient of switching it on (the ReLU output),
             # which masking before the ReLU would zero.
-            h = apply_unit_mask(self.drop(F.relu(layer(h))), m)
+            h = tap(apply_unit_mask(self.drop(F.relu(layer(h))), m))
             acts.append(h)
         return acts
 
@@ -271,8 +351,9 @@ class HATCNN(HATNet):
 
     def __init__(self, in_shape: Sequence[int], task_classes, channels: Sequence[int] = (32, 64),
                  hidden: int = 256, dropout: float = 0.0, class_incremental: bool = False,
-                 smax: float = 400.0, task_inference: str = "maxprob"):
-        super().__init__(task_classes, hidden, class_incremental, smax, task_inference)
+                 smax: float = 400.0, task_inference: str = "maxprob", gate: nn.Module | None = None,
+                 task_keys: nn.Module | None = None):
+        super().__init__(task_classes, hidden, class_incremental, smax, task_inference, gate, task_keys)
         c, h, w = in_shape
         n_tasks = len(task_classes)
         convs = []
@@ -291,23 +372,24 @@ class HATCNN(HATNet):
         # The fc layer sees the last conv's channels flattened over space (channel-major, as flatten does).
         return prev[:-1] + [prev[-1].repeat_interleave(self.spatial)]
 
-    def unit_activations(self, x: Tensor, masks: list[Tensor]) -> list[Tensor]:
+    def unit_activations(self, x: Tensor, masks: list[Tensor], task: int = 0) -> list[Tensor]:
         return self._run(x, masks, conv_profiles=True)[0]
 
-    def forward_units(self, x: Tensor, masks: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    def forward_units(self, x: Tensor, masks: list[Tensor], task: int = 0,
+                      record: bool = True) -> tuple[list[Tensor], Tensor]:
         # the conv maps' spatial means (a pass over each map) only when someone reads them
-        return self._run(x, masks, conv_profiles=self.record_activations)
+        return self._run(x, masks, conv_profiles=record)
 
     def _run(self, x: Tensor, masks: list[Tensor], conv_profiles: bool) -> tuple[list[Tensor], Tensor]:
         h, acts = x, []
-        for conv, m in zip(self.masked[:-1], masks[:-1]):
+        for conv, tap, m in zip(self.masked[:-1], self.unit_taps, masks[:-1]):
             # HAT's reference order: conv, ReLU, max-pool, then the mask (a per-channel factor >= 0 commutes
             # with both; on the pooled map it costs a quarter of the pass, and an off module's gate gets the
             # gradient of switching it on, see HATMLP)
-            h = apply_unit_mask(F.max_pool2d(F.relu(conv(h)), 2), m)
+            h = tap(apply_unit_mask(F.max_pool2d(F.relu(conv(h)), 2), m))
             if conv_profiles:
                 acts.append(h.mean(dim=(2, 3)))
-        acts.append(apply_unit_mask(self.drop(F.relu(self.masked[-1](h.flatten(1)))), masks[-1]))
+        acts.append(self.unit_taps[-1](apply_unit_mask(self.drop(F.relu(self.masked[-1](h.flatten(1)))), masks[-1])))
         return acts, acts[-1]
 
 
@@ -382,8 +464,9 @@ class HATResNet18(HATNet):
     """
 
     def __init__(self, in_shape: Sequence[int], task_classes, width: int = 64, class_incremental: bool = False,
-                 smax: float = 400.0, task_inference: str = "maxprob"):
-        super().__init__(task_classes, 8 * width, class_incremental, smax, task_inference)
+                 smax: float = 400.0, task_inference: str = "maxprob", gate: nn.Module | None = None,
+                 task_keys: nn.Module | None = None):
+        super().__init__(task_classes, 8 * width, class_incremental, smax, task_inference, gate, task_keys)
         n_tasks = len(task_classes)
         c_in = in_shape[0]
         layers: list[nn.Module] = [HATConv2d(c_in, width, 3, n_tasks, padding=1, bias=False)]
@@ -426,16 +509,17 @@ class HATResNet18(HATNet):
     def input_masks(self) -> list[Tensor | None]:
         return self._unit_masks(self.cumulative_masks())[0]
 
-    def unit_activations(self, x: Tensor, masks: list[Tensor]) -> list[Tensor]:
-        return self.forward_units(x, masks)[0]
+    def unit_activations(self, x: Tensor, masks: list[Tensor], task: int = 0) -> list[Tensor]:
+        return self.forward_units(x, masks, task)[0]
 
-    def forward_units(self, x: Tensor, masks: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    def forward_units(self, x: Tensor, masks: list[Tensor], task: int = 0,
+                      record: bool = True) -> tuple[list[Tensor], Tensor]:
         """Every masked conv's output (after its task's batch norm and its mask, averaged over space) and the
         pooled output of the last block (the heads' input)."""
-        task, conv = self.active_task, self.masked
+        conv = self.masked
 
         def masked_bn(i, h):
-            return apply_unit_mask(self.bn[i][task](conv[i](h)), masks[i])
+            return self.unit_taps[i](apply_unit_mask(self.bn[i][task](conv[i](h)), masks[i]))
 
         acts: list[Tensor] = [x] * len(conv)
         h = F.relu(masked_bn(0, x))

@@ -41,11 +41,14 @@ def cluster_units(profiles: Tensor, dim: int = 16, steps: int = 200, lr: float =
 
 
 def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, lr: float = 0.05, k: int = 3,
-                   min_modules: int = 2, max_modules: int = 16, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
+                   min_modules: int = 2, max_modules: int = 16, seed: int = 0,
+                   with_method: bool = False) -> list[tuple]:
     """``cluster_units`` for every layer (units x samples each): the same result per layer, but the semantic
     vectors of layers of equal width are fitted in one batched Adam loop (their losses are summed, so each
     layer's gradient, and Adam's elementwise step, are its own), and each layer's fixed target is normalised
-    once, not at every step."""
+    once, not at every step. ``with_method``: each layer's tuple also holds how its modules were decided
+    ("sync", or "kmeans" when SynC's count was out of bounds) and how many of SynC's outliers were assigned to
+    the nearest module."""
     from modnet.methods.embedding import NeuronEmbedding, cosine_matrix, similarity_cross_entropy
 
     for p in profiles:
@@ -70,27 +73,34 @@ def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, 
                 opt.step()
         for j, i in enumerate(layers):
             vectors[i] = F.normalize(emb[j].detach(), dim=1)
-    return [(_sync_modules(S, min(k, S.shape[0] - 1), min_modules, max_modules, seed), S) for S in vectors]
+    out = []
+    for S in vectors:
+        labels, method, outliers = _sync_modules(S, min(k, S.shape[0] - 1), min_modules, max_modules, seed)
+        out.append((labels, S, method, outliers) if with_method else (labels, S))
+    return out
 
 
-def _sync_modules(S: Tensor, k: int, min_modules: int, max_modules: int, seed: int) -> Tensor:
-    """Module id per unit from its semantic vector (rows of S): SynC, outliers to the nearest module centre,
-    k-means (scikit-learn) when SynC's count is out of [min_modules, max_modules]."""
+def _sync_modules(S: Tensor, k: int, min_modules: int, max_modules: int, seed: int) -> tuple[Tensor, str, int]:
+    """(module id per unit from its semantic vector (rows of S), "sync" or "kmeans", SynC's outlier count):
+    SynC, outliers to the nearest module centre, k-means (scikit-learn) when SynC's count is out of
+    [min_modules, max_modules]."""
     from modnet.methods.sync import SynC
 
     labels = torch.as_tensor(SynC(k=k).fit_predict(S.cpu().numpy()), device=S.device)
     n_found = int(labels.max()) + 1 if (labels >= 0).any() else 0
+    outliers = int((labels < 0).sum())
     if not min_modules <= n_found <= max_modules:
         from sklearn.cluster import KMeans
 
         n = min(max(n_found, min_modules), max_modules)
         labels = torch.as_tensor(KMeans(n, n_init=4, random_state=seed).fit_predict(S.cpu().numpy()),
                                  device=S.device)
-    elif (labels < 0).any():
+        return labels.long(), "kmeans", outliers
+    if outliers:
         centres = torch.stack([S[labels == m].mean(0) for m in range(n_found)])
         out = labels < 0
         labels[out] = (S[out] @ centres.T).argmax(1)
-    return labels.long()
+    return labels.long(), "sync", outliers
 
 
 # -- key-vector hard attention over modules -------------------------------------------------------------
@@ -372,14 +382,34 @@ class ModularGating(nn.Module):
         """Cluster each masked layer's units on their responses to ``x`` and create the task's gates."""
         ones = [torch.ones(layer.n_units, device=x.device) for layer in net.masked]
         with torch.no_grad():
-            profiles = net.unit_activations(x, ones)
-        clustered = cluster_layers([acts.T.contiguous() for acts in profiles], **self.cluster)
-        assignments = [a for a, _ in clustered]
-        gate = ModuleGate(assignments, self.query_dim, self.key_dim, self.k, self.tau, self.estimator).to(x.device)
-        for i, (_, semantic) in enumerate(clustered):
-            gate.register_buffer(f"semantic_{i}", semantic)  # kept for module maps and explanations
+            profiles = net.unit_activations(x, ones, task)
+        clustered = cluster_layers([acts.T.contiguous() for acts in profiles], **self.cluster, with_method=True)
+        gate = self._new_gate([a for a, *_ in clustered], x.device)
+        for i, (_, semantic, method, outliers) in enumerate(clustered):
+            # kept with the gate (saved in its state dict) for module maps, explanations and the results' record
+            gate.register_buffer(f"semantic_{i}", semantic)
+            gate.register_buffer(f"kmeans_fallback_{i}", torch.tensor(method == "kmeans"))
+            gate.register_buffer(f"outliers_{i}", torch.tensor(outliers))
         gate.init_keys_from_responses(x.flatten(1), profiles)
         self.gates[f"t{task}"] = gate
+
+    def _new_gate(self, assignments: Sequence[Tensor], device) -> ModuleGate:
+        return ModuleGate(assignments, self.query_dim, self.key_dim, self.k, self.tau, self.estimator).to(device)
+
+    def rebuild_from_state(self, state: dict, prefix: str) -> None:
+        """Re-create the gates a saved state dict holds (``prefix``: this module's key prefix, e.g. "gate."):
+        each task's gate from its saved unit assignments, so that ``load_state_dict`` then fills them."""
+        tasks = sorted({key[len(prefix) + len("gates."):].split(".")[0] for key in state
+                        if key.startswith(prefix + "gates.")})
+        for name in tasks:
+            head = f"{prefix}gates.{name}."
+            n_layers = len([k for k in state if k.startswith(head + "assignment_")])
+            gate = self._new_gate([state[f"{head}assignment_{i}"] for i in range(n_layers)], "cpu")
+            for i in range(n_layers):
+                for extra in ("semantic", "kmeans_fallback", "outliers"):
+                    if f"{head}{extra}_{i}" in state:
+                        gate.register_buffer(f"{extra}_{i}", state[f"{head}{extra}_{i}"].clone())
+            self.gates[name] = gate
 
     def forward(self, x: Tensor, task: int, masks: list[Tensor] | TrainingMasks) -> list[Tensor]:
         gate = self.task_gate(task)

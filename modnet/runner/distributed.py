@@ -10,8 +10,8 @@ continual-learning loop; this module only changes how a strategy feeds and diffe
   from its ``DistributedSampler`` shard of the experience, so W ranks take the same steps, on the same
   global batches, as one process with the same sampler (``world_size=1``) does. Plugins that read the batch
   size to go over unsharded data (EWC's Fisher, GEM's memory) still see the global one.
-- The strategy's ``model`` stays the plain module, because HAT and the other plugins read and set its
-  attributes (``model.s``, masks, gates, heads). Gradients are averaged over the ranks at the end of the
+- The strategy's ``model`` stays the plain module: plugins read it (masks, gates, heads) and the
+  condition of its forward lives on the strategy. Gradients are averaged over the ranks at the end of the
   backward, before ``after_backward``, so every plugin hook that edits gradients (HAT's conditioning
   1 - min(a_i, a_j), embedding compensation and clipping; SI's path integral; GEM's projection) sees the
   same averaged gradient on every rank: the gradient of the global batch. Two ways (``GRADIENT_SYNC``):
@@ -43,14 +43,9 @@ from torch import nn
 
 from modnet.config import ConfigError, check_choice, compose, run_as_script
 
-# How the ranks of each strategy agree on a gradient (see the module docstring). Every strategy listed keeps
+# How the ranks of each strategy agree on a gradient (see the module docstring) is declared with the strategy
+# in its registry file (``register_strategy(..., gradient_sync=...)``); every strategy that declares one keeps
 # the ranks' parameters identical (test_scaleout; checked by max_param_divergence after every experience).
-GRADIENT_SYNC = {"modnet": "ddp", "naive": "ddp", "cumulative": "ddp", "replay": "ddp",
-                 "ewc": "allreduce", "si": "allreduce", "lwf": "allreduce", "gem": "allreduce",
-                 "hnet": "allreduce"}
-DDP_STRATEGIES = tuple(GRADIENT_SYNC)
-# A-GEM draws a random memory batch per step on each rank: different projections, diverging parameters.
-_NOT_DDP = {"agem": "A-GEM samples its reference gradient from memory independently on every rank"}
 
 
 @dataclass(frozen=True)
@@ -210,6 +205,8 @@ def distributed_class(cls: type) -> type:
                 return super().forward()
             from avalanche.models.utils import avalanche_forward
 
+            if hasattr(self, "forward_through"):  # a model that takes its condition (ConditionedTemplate)
+                return self.forward_through(self._ddp)
             if hasattr(self.experience, "task_labels"):
                 return avalanche_forward(self._ddp, self.mb_x, self.mb_task_id)
             return self._ddp(self.mb_x)
@@ -253,13 +250,14 @@ def max_param_divergence(model: nn.Module) -> float:
 
 def check_ddp_config(cfg, world_size: int) -> None:
     """Bad settings for a data-parallel run, named with the fix, before any process trains."""
-    from strategies.registry import STRATEGIES
+    from strategies.registry import STRATEGIES, get_strategy
 
     for name in cfg.strategies:
-        check_choice("strategies", name, list(STRATEGIES))
-        if name not in DDP_STRATEGIES:
-            raise ConfigError(f"strategy {name} cannot run data-parallel: {_NOT_DDP.get(name, 'unverified')}; "
-                              f"use `modnet cl` for it, or one of {', '.join(DDP_STRATEGIES)}")
+        entry = get_strategy(name)
+        if entry.gradient_sync is None:
+            ok = [n for n, e in STRATEGIES.items() if e.gradient_sync is not None]
+            raise ConfigError(f"strategy {name} cannot run data-parallel: {entry.no_ddp_reason or 'unverified'}; "
+                              f"use `modnet cl` for it, or one of {', '.join(ok)}")
     if world_size < 1:
         raise ConfigError(f"the number of processes must be >= 1, got {world_size}")
     if cfg.train.batch_size % world_size:
@@ -270,31 +268,38 @@ def check_ddp_config(cfg, world_size: int) -> None:
         raise ConfigError("resume=true is not supported by data-parallel runs; rerun without it")
 
 
-def train_strategy(name: str, cfg, info, seed: int, ctx: DistContext) -> tuple[dict, nn.Module]:
-    """One strategy over all experiences on this rank: (accuracy matrix and metrics, trained model)."""
-    from modnet.jobs.cl import _evaluator, _nan_guard, _row, set_seed
-    from modnet.eval.results import summarize
-    from strategies.registry import build_strategy
+class _SameParameters:
+    """Runner hook: after each experience the ranks' parameters must be equal."""
 
-    set_seed(seed)  # the same seed on every rank: identical initial models (DDP also broadcasts rank 0's)
-    common = dict(criterion=nn.CrossEntropyLoss(), train_mb_size=cfg.train.batch_size,
-                  train_epochs=cfg.train.epochs, eval_mb_size=cfg.train.eval_batch_size, device=ctx.device,
-                  evaluator=_evaluator(cfg.progress and ctx.is_main), eval_every=-1)
-    strategy = build_strategy(name, cfg, info, common)
-    strategy.plugins.append(_nan_guard())
-    make_distributed(strategy, GRADIENT_SYNC[name])
-    rows, seconds = [], 0.0
-    for i, exp in enumerate(info.benchmark.train_stream):
-        set_seed(seed * 1000 + i)
-        t0 = time.perf_counter()
-        strategy.train(exp)
-        seconds += time.perf_counter() - t0
+    def __init__(self, name: str):
+        self.name = name
+
+    def after_training_exp(self, index, strategy):
         drift = max_param_divergence(strategy.model)
         if drift > 1e-6:
-            raise RuntimeError(f"{name}: ranks' parameters diverged by {drift:.3g} after experience {i}; "
+            raise RuntimeError(f"{self.name}: ranks' parameters diverged by {drift:.3g} after experience {index}; "
                                "a plugin edits gradients or parameters from rank-local data")
-        rows.append(_row(strategy.eval(info.benchmark.test_stream), info.n_experiences))
-    return {**summarize(rows), "train_seconds": seconds}, strategy.model
+
+    def after_eval_exp(self, index, strategy, row):
+        pass
+
+
+def train_strategy(name: str, cfg, info, seed: int, ctx: DistContext) -> tuple[dict, nn.Module]:
+    """One strategy over all experiences on this rank: (accuracy matrix and metrics, trained model)."""
+    from modnet.eval.results import summarize
+    from modnet.nets.record import describe_network
+    from modnet.runner.evaluation import make_evaluator, stream_evaluator
+    from modnet.runner.runner import make_strategy, run_experiences, set_seed
+    from strategies.registry import get_strategy
+
+    set_seed(seed)  # the same seed on every rank: identical initial models (DDP also broadcasts rank 0's)
+    strategy = make_strategy(name, cfg, info, ctx.device, make_evaluator(cfg.progress and ctx.is_main))
+    make_distributed(strategy, get_strategy(name).gradient_sync)
+    bm = info.benchmark
+    record = run_experiences(strategy, bm.train_stream, stream_evaluator(bm.test_stream, info.n_experiences),
+                             seed=seed, hooks=[_SameParameters(name)])
+    return ({**summarize(record.rows), "train_seconds": record.train_seconds,
+             "network": describe_network(strategy.model)}, strategy.model)
 
 
 def run_ddp(cfg, ctx: DistContext | None = None) -> dict:

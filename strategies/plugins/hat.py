@@ -2,15 +2,16 @@
 
 Avalanche's ``SupervisedTemplate`` runs the loop (data, forward, loss, optimiser, evaluation); this plugin
 adds what HAT needs around it (Serra et al. 2018, MISSION.md 1.1):
-  before_training_exp    pick the task whose embeddings train
+  before_training_exp    the strategy's condition: the task whose embeddings train, HAT's training settings
   before_training_epoch  count the batches for the s schedule
-  before_forward         s annealed from 1/smax to smax over the epoch's batches
-  before_backward        + c * capacity regulariser
+  before_forward         s annealed from 1/smax to smax over the epoch's batches (in the condition)
+  before_backward        + c * capacity regulariser (recorded by the forward in the condition's trace)
   before_update          gradient conditioning of protected weights, clipping (the embedding compensation
                          happens in the masks' backward, modnet.nets.hat.CompensatedMasks)
   after_update           clamp embeddings to +-thres_emb
-  after_training_exp     cumulative masks a^{<=t} = max(a^{<t}, a_t)
-  before_eval            evaluation uses smax
+  after_training_exp     cumulative masks a^{<=t} = max(a^{<t}, a_t); the condition leaves HAT training
+Evaluation runs the network's default condition (s = smax). The plugin writes nothing onto the model but
+its parameters (clamp) and the cumulative-mask buffers it registered (``consolidate``).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 from modnet.nets.hat import annealed_s, capacity_regulariser, clip_grad_norm, free_capacity, weight_protection
-from modnet.nets.models import HATNet
+from modnet.nets.models import HATNet, HATTraining
+from strategies.template import train_condition
 
 
 class HATPlugin(SupervisedPlugin):
@@ -45,7 +47,8 @@ class HATPlugin(SupervisedPlugin):
         # Avalanche has adapted the model (new gates) and rebuilt the optimiser before this callback.
         self.task = strategy.experience.current_experience
         model = self._model(strategy)
-        model.train_task = self.task
+        condition = train_condition(strategy)
+        condition.task = self.task
         # Everything below changes only between tasks: computed once per experience, kept as flat lists
         # so that each step is a few fused multi-tensor ops whatever the depth of the network.
         self._protected, self._multipliers = [], []
@@ -60,7 +63,7 @@ class HATPlugin(SupervisedPlugin):
         # The training masks carry the compensated embedding gradient and give the weighted capacity
         # regulariser c R, R = sum_l a_l . (1 - a^{<t}_l) / sum (1 - a^{<t}) (HAT eq. 5), whose free capacity
         # is fixed per task (c folded into it: one product less per step).
-        model.hat_training = (self.smax, self.thres_cosh, self.c * free_capacity(model.cumulative_masks()))
+        condition.hat = HATTraining(self.smax, self.thres_cosh, self.c * free_capacity(model.cumulative_masks()))
 
     def before_training_epoch(self, strategy, **kw):
         self._batch = 0
@@ -68,16 +71,16 @@ class HATPlugin(SupervisedPlugin):
 
     def before_forward(self, strategy, **kw):
         if strategy.is_training:
-            strategy.model.s = annealed_s(self._batch, self._n_batches, self.smax)
+            train_condition(strategy).s = annealed_s(self._batch, self._n_batches, self.smax)
             self._batch += 1
 
     def before_backward(self, strategy, **kw):
-        model = self._model(strategy)
-        reg = model.last_capacity  # c * R, from the training forward
+        condition = train_condition(strategy)
+        reg = condition.trace.capacity  # c * R, from the training forward
         if reg is None:  # no training forward went through the masks: compute it now
-            reg = self.c * capacity_regulariser(model.masks(self.task), model.cumulative_masks())
+            model = self._model(strategy)
+            reg = self.c * capacity_regulariser(model.masks(self.task, condition.s), model.cumulative_masks())
         strategy.loss = strategy.loss + reg
-        model.last_capacity = None
 
     def before_update(self, strategy, **kw):
         if self.task > 0:
@@ -97,6 +100,4 @@ class HATPlugin(SupervisedPlugin):
 
     def after_training_exp(self, strategy, **kw):
         self._model(strategy).consolidate(self.task)
-
-    def before_eval(self, strategy, **kw):
-        strategy.model.s = self.smax
+        train_condition(strategy).hat = None

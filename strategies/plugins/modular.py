@@ -12,6 +12,7 @@ from avalanche.core import SupervisedPlugin
 from torch.utils.data import DataLoader
 
 from modnet.methods.sync import sync_loss
+from strategies.template import train_condition
 
 
 class TaskKeysPlugin(SupervisedPlugin):
@@ -25,7 +26,7 @@ class TaskKeysPlugin(SupervisedPlugin):
         loader = DataLoader(strategy.experience.dataset, batch_size=self.batch_size, shuffle=False)
         for batch in loader:
             x, y = batch[0].to(strategy.device), batch[1].to(strategy.device)
-            model.task_keys.update(x, model.slot_of(task, y))
+            model.update_task_keys(x, task, y)
 
 
 class SyncRegPlugin(SupervisedPlugin):
@@ -48,11 +49,11 @@ class SyncRegPlugin(SupervisedPlugin):
         self._step = 0
 
     def before_training_exp(self, strategy, **kw):
-        strategy.model.record_activations = True
+        train_condition(strategy).record = True  # the training forwards record the units' activations
         self._step = 0
 
     def before_backward(self, strategy, **kw):
-        acts = strategy.model.last_activations
+        acts = train_condition(strategy).trace.activations
         step, self._step = self._step, self._step + 1
         if not acts or step % self.every:
             return
@@ -70,5 +71,4 @@ class SyncRegPlugin(SupervisedPlugin):
         strategy.loss = strategy.loss + (self.weight * self.every / len(acts)) * total
 
     def after_training_exp(self, strategy, **kw):
-        strategy.model.record_activations = False
-        strategy.model.last_activations = []
+        train_condition(strategy).record = False

@@ -1,0 +1,71 @@
+"""Networks from a config: the modular network every command trains, and the plain backbones of the baselines.
+
+``build_modular_network`` is the one place the modular network (HAT masks + SynC modules + key-vector gates
++ task keys) is assembled from the ``model``, ``modules`` and ``hat`` config blocks; ``modnet cl``, ``modnet
+gzsl``, ``modnet explain`` and the bench all call it.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from torch import nn
+
+from modnet.config import ConfigError, check_choice
+from modnet.nets.models import (CNNBackbone, HATCNN, HATMLP, HATNet, HATResNet18, MLPBackbone, MultiHeadNet,
+                                ResNet18Backbone, SingleHeadNet)
+
+ARCHS = ("auto", "mlp", "cnn", "resnet18")
+
+
+def resolve_arch(arch: str, input_shape: Sequence[int]) -> str:
+    """``model.arch`` for data of ``input_shape``: auto = cnn for images (C, H, W), mlp for vectors."""
+    check_choice("model.arch", arch, ARCHS)
+    is_image = len(input_shape) == 3
+    if arch == "auto":
+        return "cnn" if is_image else "mlp"
+    if arch in ("cnn", "resnet18") and not is_image:
+        raise ConfigError(f"model.arch={arch} needs images (N, C, H, W); the data has vectors of shape "
+                          f"{tuple(input_shape)}; use model.arch=mlp or auto")
+    return arch
+
+
+def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequence[Sequence[int]],
+                          class_incremental: bool) -> HATNet:
+    """The modular network: HAT masks, plus SynC modules with key-vector gates and task keys as configured
+    (``cfg.model``, ``cfg.modules``, ``cfg.hat``); one head per entry of ``task_classes``."""
+    from modnet.nets.modules import ModularGating, TaskKeys
+
+    m = cfg.model
+    query_dim = int(np.prod(input_shape))
+    gate = task_keys = None
+    if m.gate == "topk":
+        if m.modules != "sync":
+            raise ConfigError("model.gate=topk switches functional modules on and off: it needs model.modules=sync")
+        g = cfg.modules
+        gate = ModularGating(query_dim, key_dim=g.key_dim, k=g.k, tau=g.tau, estimator=g.estimator,
+                             cluster=dict(g.cluster), profile_samples=g.profile_samples)
+    if class_incremental and m.task_keys:
+        task_keys = TaskKeys(sum(len(c) for c in task_classes), query_dim, shrinkage=cfg.modules.key_shrinkage)
+    common = dict(class_incremental=class_incremental, smax=cfg.hat.smax, task_inference=cfg.hat.task_inference,
+                  gate=gate, task_keys=task_keys)
+    arch = resolve_arch(m.arch, input_shape)
+    if arch == "resnet18":
+        return HATResNet18(input_shape, task_classes, width=m.resnet_width, **common)
+    if arch == "cnn":
+        return HATCNN(input_shape, task_classes, channels=list(m.cnn_channels), hidden=m.hidden, dropout=m.dropout,
+                      **common)
+    return HATMLP(query_dim, task_classes, hidden=m.hidden, n_layers=m.n_layers, dropout=m.dropout, **common)
+
+
+def build_baseline_network(cfg, input_shape: Sequence[int], n_classes: int, class_incremental: bool) -> nn.Module:
+    """The same backbone without masks: one head over all classes (class-incremental) or one per task."""
+    m = cfg.model
+    arch = resolve_arch(m.arch, input_shape)
+    if arch == "resnet18":
+        backbone = ResNet18Backbone(input_shape, m.resnet_width)
+    elif arch == "cnn":
+        backbone = CNNBackbone(input_shape, list(m.cnn_channels), m.hidden, m.dropout)
+    else:
+        backbone = MLPBackbone(int(np.prod(input_shape)), m.hidden, m.n_layers, m.dropout)
+    return SingleHeadNet(backbone, n_classes) if class_incremental else MultiHeadNet(backbone)

@@ -1,0 +1,143 @@
+"""The experience runner: the one loop that trains a strategy experience by experience.
+
+For every experience of the training stream: seed it (so a resumed run gives the numbers of an
+uninterrupted one), train it, time it, let the hooks look at the strategy (drift snapshots, data-parallel
+checks, zero-shot extension), evaluate (by default the whole test stream, one row of the accuracy matrix),
+and checkpoint atomically. ``modnet cl``, ``modnet ddp``, continual ``modnet gzsl`` and ``modnet bench``
+build their strategies with ``make_strategy`` and run them with ``run_experiences``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+
+def set_seed(seed: int) -> None:
+    from avalanche.training.determinism.rng_manager import RNGManager
+
+    RNGManager.set_random_seeds(seed)  # python, numpy and torch generators, as Avalanche's loaders use them
+
+
+def strategy_arguments(cfg, device, evaluator, train=None) -> dict:
+    """The arguments every strategy shares (Avalanche template keywords), from the ``train`` config block."""
+    t = cfg.train if train is None else train
+    return dict(criterion=torch.nn.CrossEntropyLoss(), train_mb_size=t.batch_size, train_epochs=t.epochs,
+                eval_mb_size=t.eval_batch_size, device=device, evaluator=evaluator, eval_every=-1)
+
+
+def make_strategy(name: str, cfg, info, device, evaluator, plugins: Sequence = ()):
+    """Strategy ``name`` from the registry with the shared arguments, the NaN guard and the speed options of
+    ``cfg.train`` (bf16 autocast, channels_last), plus ``plugins``."""
+    from modnet.runner.guards import NaNGuard
+    from strategies.registry import build_strategy
+
+    strategy = build_strategy(name, cfg, info, strategy_arguments(cfg, device, evaluator))
+    strategy.plugins.append(NaNGuard())
+    if cfg.train.amp:
+        from strategies.plugins.perf import AutocastPlugin
+
+        strategy.plugins.append(AutocastPlugin(device.type))
+    if cfg.train.channels_last and info.is_image:
+        from strategies.plugins.perf import ChannelsLastPlugin
+
+        strategy.plugins.append(ChannelsLastPlugin())
+    strategy.plugins.extend(plugins)
+    return strategy
+
+
+class RunnerHook:
+    """Called by ``run_experiences`` around each experience (override what you need)."""
+
+    def after_training_exp(self, index: int, strategy) -> None:
+        """Experience ``index`` is trained, not yet evaluated."""
+
+    def after_eval_exp(self, index: int, strategy, row: list[float]) -> None:
+        """Experience ``index`` is trained and evaluated (``row``: its accuracy-matrix row)."""
+
+
+@dataclass
+class RunRecord:
+    """What a run of the experiences gives: the accuracy matrix rows and the training time."""
+
+    rows: list[list[float]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    resumed_at: int = 0
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a truncated checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    """A checkpoint written by the runner (tensors only: ``weights_only=True``), or None when absent."""
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def finished_result(state: dict | None) -> dict | None:
+    """The result stored in a finished strategy's checkpoint, else None."""
+    if state is not None and state.get("done"):
+        return json.loads(state["result"])
+    return None
+
+
+def save_finished(path: Path, result: dict) -> None:
+    save_atomic({"done": True, "result": json.dumps(result)}, path)
+
+
+def run_experiences(strategy, train_stream, evaluate: Callable[[int, object], list[float]], *, seed: int,
+                    checkpoint: Path | None = None, resume_state: dict | None = None,
+                    test_stream=None, hooks: Sequence[RunnerHook] = (), log: Callable[[str], None] = print
+                    ) -> RunRecord:
+    """Train ``strategy`` on each experience of ``train_stream``; after each, ``evaluate(index, strategy)``
+    gives the accuracy-matrix row.
+
+    ``resume_state``: a checkpoint of this strategy written by an earlier run (``next_exp``, ``model``,
+    ``rows``, ``train_seconds``): training continues at ``next_exp`` with the saved model. The model is first
+    adapted (heads grown) to the experiences it had seen: the training experiences so far and, when given,
+    ``test_stream`` (evaluation adapts multi-head models to every test experience).
+    """
+    record = RunRecord()
+    start = 0
+    if resume_state is not None:
+        from avalanche.models.dynamic_modules import avalanche_model_adaptation
+
+        start = int(resume_state["next_exp"])
+        strategy.model.train()
+        for exp in list(train_stream)[:start]:
+            avalanche_model_adaptation(strategy.model, exp)
+        strategy.model.eval()
+        for exp in (test_stream or []):
+            avalanche_model_adaptation(strategy.model, exp)
+        strategy.model.load_state_dict(resume_state["model"])
+        record.rows = [list(r) for r in resume_state["rows"].tolist()]
+        record.train_seconds = float(resume_state["train_seconds"])
+        record.resumed_at = start
+        log(f"resumed at experience {start}")
+    for i, exp in enumerate(train_stream):
+        if i < start:
+            continue
+        set_seed(seed * 1000 + i)
+        t0 = time.perf_counter()
+        strategy.train(exp)
+        record.train_seconds += time.perf_counter() - t0
+        for hook in hooks:
+            hook.after_training_exp(i, strategy)
+        row = evaluate(i, strategy)
+        record.rows.append(row)
+        for hook in hooks:
+            hook.after_eval_exp(i, strategy, row)
+        if checkpoint is not None:
+            save_atomic({"next_exp": i + 1, "model": strategy.model.state_dict(), "rows": torch.tensor(record.rows),
+                         "train_seconds": record.train_seconds, "done": False}, checkpoint)
+    return record

@@ -1,0 +1,14 @@
+"""``naive``: Avalanche's ``Naive``: fine-tuning, no protection (the lower bound).
+"""
+from __future__ import annotations
+
+from strategies.registry import register_strategy
+
+NAME = "naive"
+
+
+@register_strategy(NAME, gradient_sync="ddp", resumes_at_experience=True)
+def build(cfg, info, common):
+    from strategies.common import avalanche_baseline
+
+    return avalanche_baseline("Naive", cfg, info, common)

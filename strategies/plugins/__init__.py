@@ -1,0 +1,1 @@
+"""Avalanche plugins of our methods: each owns its state and acts on the strategy (loss, gradients, optimiser, its condition)."""

@@ -1,0 +1,43 @@
+"""The Avalanche template of strategies whose model takes an explicit condition (``modnet.nets.models``).
+
+A modular network's forward is told what to do by its caller (hypnettorch's ``condition``): the task being
+trained, HAT's slope s and training settings, what to record. The template owns that condition
+(``train_condition``); plugins set its fields in their callbacks (HAT: task, s, HAT settings; the sync
+regulariser: record) and read what the forward recorded (``train_condition.trace``). Evaluation uses a
+fresh default condition (s = smax, nothing recorded). No plugin sets attributes on the model.
+"""
+from __future__ import annotations
+
+from avalanche.training.templates import SupervisedTemplate
+from torch import nn
+
+from modnet.nets.models import Condition, ForwardTrace
+
+
+class ConditionedTemplate(SupervisedTemplate):
+    """``SupervisedTemplate`` whose forward calls ``model(x, task_labels, condition=...)``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_condition = Condition()
+
+    def forward_through(self, model: nn.Module):
+        """The current mini-batch through ``model`` (the strategy's model, or a data-parallel wrapper of it)."""
+        if self.is_training:
+            condition = self.train_condition
+            condition.trace = ForwardTrace()  # this step's records only
+        else:
+            condition = Condition()
+        return model(self.mb_x, self.mb_task_id, condition=condition)
+
+    def forward(self):
+        return self.forward_through(self.model)
+
+
+def train_condition(strategy) -> Condition:
+    """The training condition of a strategy built on ``ConditionedTemplate`` (a clear error otherwise)."""
+    condition = getattr(strategy, "train_condition", None)
+    if condition is None:
+        raise TypeError(f"this plugin needs a strategy built on strategies.template.ConditionedTemplate "
+                        f"(its model takes a condition), got {type(strategy).__name__}")
+    return condition
