@@ -1,10 +1,11 @@
 """Data sources turned into Avalanche benchmarks."""
 from __future__ import annotations
 
+from modnet.config import BENCHMARK_CHOICES
 from scenarios.base import BenchmarkInfo, permuted_benchmark, split_benchmark
 from scenarios.sources import load_digits_arrays, load_npz_arrays, load_torchvision_arrays
 
-BENCHMARKS = ("digits", "npz", "mnist", "fmnist", "cifar10", "cifar100")
+BENCHMARKS = BENCHMARK_CHOICES["cl"]
 VARIANTS = ("split", "permuted")
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "load_awa2_images",
     "load_cub_images",
     "load_zsl_benchmark",
+    "load_zsl_from_config",
     "split_seen_test",
     "class_disjoint_validation",
 ]
@@ -525,6 +526,20 @@ def load_zsl_benchmark(name: str, path: str | None = None, *, seed: int = 0, uns
         raise MissingFileError(f"{root} holds neither res101.mat/att_splits.mat (xlsa17) nor an image folder "
                                "(JPEGImages/ for AwA2, images/ for CUB)")
     raise ValueError(f"unknown benchmark {name!r}: choose digits, npz, awa2 or cub")
+
+
+def load_zsl_from_config(benchmark, *, seed: int = 0, images: bool | None = None, device: str = "cpu",
+                         progress: bool = False) -> ZSLData:
+    """The zero-shot data a ``benchmark`` config names (``configs/benchmark/<name>.yaml``, with the keys
+    modnet gzsl / explain read). Keys a benchmark's file does not have keep ``load_zsl_benchmark``'s defaults;
+    ``images`` overrides the config's ``image`` (explanations always need images)."""
+    resnet = benchmark.get("resnet") or {}
+    options = {"unseen_classes": benchmark.get("unseen_classes"), "test_fraction": benchmark.get("test_fraction"),
+               "images": benchmark.get("image") if images is None else images,
+               "attributes": benchmark.get("attributes"), "resnet_arch": resnet.get("arch"),
+               "resnet_weights": resnet.get("weights"), "allow_download": resnet.get("allow_download")}
+    return load_zsl_benchmark(benchmark.name, benchmark.get("path"), seed=seed, device=device, progress=progress,
+                              **{key: value for key, value in options.items() if value is not None})
 
 
 def class_disjoint_validation(data: ZSLData, unseen_fraction: float = 0.25, test_fraction: float = 0.2,

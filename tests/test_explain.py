@@ -286,8 +286,8 @@ def test_explain_job_rejects_bad_config(tmp_path):
 
     with pytest.raises(ConfigError, match="modules.method"):
         run_explain(compose("explain", [f"output_dir={tmp_path}", "modules.method=kmeans"]))
-    with pytest.raises(ValueError, match="benchmark awa2 needs"):
-        run_explain(compose("explain", [f"output_dir={tmp_path}", "data.name=awa2"]))
+    with pytest.raises(ConfigError, match="choose one of benchmark=digits, npz"):
+        compose("explain", [f"output_dir={tmp_path}", "benchmark=awa2"])  # features: no images for Grad-CAM
 
 
 def test_every_explain_setting_is_commented():

@@ -32,7 +32,7 @@ def _npz(tmp_path):
 
 @pytest.mark.parametrize("source", ["digits", "npz"])
 def test_niwt_beats_eszsl_with_unseen_accuracy_well_above_chance(tmp_path, source):
-    extra = [] if source == "digits" else ["benchmark.name=npz", f"benchmark.path={_npz(tmp_path)}"]
+    extra = [] if source == "digits" else ["benchmark=npz", f"benchmark.path={_npz(tmp_path)}"]
     assert main(["gzsl", "seeds=[0,1,2]", "progress=false", f"output_dir={tmp_path / 'o'}", *extra]) == 0
     m = _means(tmp_path / "o" / "results.json")
     assert m["niwt"][0] > m["eszsl"][0]

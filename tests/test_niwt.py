@@ -334,4 +334,4 @@ def test_gzsl_job_bad_config_is_reported_before_training(tmp_path):
     with pytest.raises(ValueError, match="choose among"):
         run_gzsl(compose("gzsl", [f"output_dir={tmp_path}", "methods=[niwt,devise]"]))
     with pytest.raises(ValueError, match="benchmark npz needs benchmark.path"):
-        run_gzsl(compose("gzsl", [f"output_dir={tmp_path}", "benchmark.name=npz"]))
+        run_gzsl(compose("gzsl", [f"output_dir={tmp_path}", "benchmark=npz"]))

@@ -68,14 +68,12 @@ def _check_config(cfg: DictConfig) -> None:
 
 
 def _load_images(cfg: DictConfig):
-    from scenarios.zsl import load_zsl_benchmark
+    from scenarios.zsl import load_zsl_from_config
 
-    data = load_zsl_benchmark(cfg.data.name, cfg.data.path, seed=cfg.seed, unseen_classes=list(cfg.data.unseen_classes),
-                              test_fraction=cfg.data.test_fraction, images=True)
+    data = load_zsl_from_config(cfg.benchmark, seed=cfg.seed, images=True)
     if data.x_train.dim() != 4:
         raise ValueError(f"Grad-CAM needs images [n, c, h, w]; {data.name} gives feature vectors of shape "
-                         f"{tuple(data.x_train.shape)} (xlsa17 AWA2/CUB features have no spatial layout). "
-                         "Use data.name=digits or an .npz of images.")
+                         f"{tuple(data.x_train.shape)}. Use benchmark=digits, or benchmark=npz with images.")
     return data
 
 

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from modnet.methods.gzsl import ALE, ESZSL, GZSLResult, gzsl_evaluate, predict_scores, select_calibration
 from modnet.methods.niwt import NIWT
-from scenarios.zsl import ZSLData, class_disjoint_validation, load_zsl_benchmark
+from scenarios.zsl import ZSLData, class_disjoint_validation, load_zsl_from_config
 
 METHODS = ("niwt", "eszsl", "ale")
 METRICS = ("U", "S", "H", "zsl_accuracy")
@@ -113,7 +113,7 @@ def build_network(cfg: DictConfig, input_shape: tuple[int, ...], n_classes: int)
     if arch == "cnn":
         if len(input_shape) != 3:
             raise ValueError(f"network.arch=cnn needs images [c, h, w]; the data has shape {input_shape} "
-                             "(use network.arch=mlp, or benchmark.images=true for digits)")
+                             "(use network.arch=mlp, or benchmark.image=true for digits)")
         return SeenCNN(input_shape[0], list(cfg.network.channels), n_classes)
     raise ValueError(f"network.arch must be auto, mlp or cnn, got {arch!r}")
 
@@ -478,11 +478,7 @@ def run_gzsl(cfg: DictConfig, strategy_factory: Callable | None = None) -> dict:
         # The digits split follows each seed; xlsa17 / npz splits are fixed by their files and image features
         # are extracted once (split drawn with the first seed): those are loaded once.
         if data is None or b.name.lower() == "digits":
-            data = load_zsl_benchmark(b.name, b.path, seed=seed, unseen_classes=list(b.unseen_classes),
-                                      test_fraction=b.test_fraction, images=b.images, attributes=b.attributes,
-                                      resnet_arch=b.resnet.arch, resnet_weights=b.resnet.weights,
-                                      allow_download=b.resnet.allow_download, device=str(device),
-                                      progress=progress)
+            data = load_zsl_from_config(b, seed=seed, device=str(device), progress=progress)
         per_seed.append(run_seed(cfg, data, seed, device, progress))
         if cfg.continual.enabled:
             continual.append(run_continual(cfg, data, seed, device, progress, strategy_factory))

@@ -25,7 +25,7 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from modnet.config import ConfigError, compose, run_as_script
+from modnet.config import ConfigError, compose, keep_benchmark_keys, run_as_script
 
 # hydra/launcher choice -> (plugin module, pip package). Our slurm.yaml extends the submitit plugin's config.
 _LAUNCHER_PLUGINS = {
@@ -102,7 +102,7 @@ def sweep_app(cfg: DictConfig) -> dict:
     """One sweep job: a ``modnet cl`` run in the job's folder (Hydra sets ``output_dir`` to it)."""
     from modnet.jobs.cl import run_cl
 
-    return run_cl(cfg)
+    return run_cl(keep_benchmark_keys("cl", cfg))  # as compose("cl") gives it
 
 
 def main(argv: list[str] | None = None) -> int:
