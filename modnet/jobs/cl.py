@@ -50,9 +50,8 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> di
     set_seed(seed)
     strategy = make_strategy(name, cfg, info, device, make_evaluator(cfg.progress))
     bm = info.benchmark
-    # Gates are created per task from a clustering of the data: their shapes live in the run, not the config.
-    gated = getattr(strategy.model, "gate", None) is not None
-    resumable = get_strategy(name).resumes_at_experience and cfg.train.momentum == 0 and not gated
+    # whole state in the model (no plugin state, no optimiser momentum): continue at the next experience
+    resumable = get_strategy(name).resumes_at_experience and cfg.train.momentum == 0
     if state is not None and not resumable:
         print(f"[{name} seed {seed}] keeps state in plugins: re-running it from its first experience")
         state = None

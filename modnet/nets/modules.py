@@ -396,19 +396,20 @@ class ModularGating(nn.Module):
     def _new_gate(self, assignments: Sequence[Tensor], device) -> ModuleGate:
         return ModuleGate(assignments, self.query_dim, self.key_dim, self.k, self.tau, self.estimator).to(device)
 
-    def rebuild_from_state(self, state: dict, prefix: str) -> None:
+    def rebuild_from_state(self, state: dict, prefix: str, device=None) -> None:
         """Re-create the gates a saved state dict holds (``prefix``: this module's key prefix, e.g. "gate."):
-        each task's gate from its saved unit assignments, so that ``load_state_dict`` then fills them."""
+        each task's gate from its saved unit assignments, on ``device``, so that ``load_state_dict`` then fills
+        them."""
         tasks = sorted({key[len(prefix) + len("gates."):].split(".")[0] for key in state
                         if key.startswith(prefix + "gates.")})
         for name in tasks:
             head = f"{prefix}gates.{name}."
             n_layers = len([k for k in state if k.startswith(head + "assignment_")])
-            gate = self._new_gate([state[f"{head}assignment_{i}"] for i in range(n_layers)], "cpu")
+            gate = self._new_gate([state[f"{head}assignment_{i}"] for i in range(n_layers)], device or "cpu")
             for i in range(n_layers):
                 for extra in ("semantic", "kmeans_fallback", "outliers"):
                     if f"{head}{extra}_{i}" in state:
-                        gate.register_buffer(f"{extra}_{i}", state[f"{head}{extra}_{i}"].clone())
+                        gate.register_buffer(f"{extra}_{i}", state[f"{head}{extra}_{i}"].to(device or "cpu"))
             self.gates[name] = gate
 
     def forward(self, x: Tensor, task: int, masks: list[Tensor] | TrainingMasks) -> list[Tensor]:

@@ -104,7 +104,8 @@ def run_experiences(strategy, train_stream, evaluate: Callable[[int, object], li
 
     ``resume_state``: a checkpoint of this strategy written by an earlier run (``next_exp``, ``model``,
     ``rows``, ``train_seconds``): training continues at ``next_exp`` with the saved model. The model is first
-    adapted (heads grown) to the experiences it had seen: the training experiences so far and, when given,
+    given the structure it had grown: the gates the checkpoint holds (a modular network's gates are made per
+    task), and the adaptation (heads grown) to the training experiences so far and, when given,
     ``test_stream`` (evaluation adapts multi-head models to every test experience).
     """
     record = RunRecord()
@@ -113,6 +114,9 @@ def run_experiences(strategy, train_stream, evaluate: Callable[[int, object], li
         from avalanche.models.dynamic_modules import avalanche_model_adaptation
 
         start = int(resume_state["next_exp"])
+        gate = getattr(strategy.model, "gate", None)
+        if gate is not None:  # gates made per task from a clustering: their shapes are in the checkpoint
+            gate.rebuild_from_state(resume_state["model"], "gate.", next(strategy.model.parameters()).device)
         strategy.model.train()
         for exp in list(train_stream)[:start]:
             avalanche_model_adaptation(strategy.model, exp)
