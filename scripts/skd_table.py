@@ -37,6 +37,7 @@ from avalanche.benchmarks.utils import as_classification_dataset
 from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.supervised import Naive
 from modnet.methods.embedding import fit_neuron_embedding
+from modnet.runner.runner import run_experiences
 from strategies.plugins.distill import KDPlugin, SKDPlugin, SPKDPlugin
 
 TEACHER_WIDTHS = (64, 256, 256, 32, 10)
@@ -74,7 +75,7 @@ def digits_split(seed: int, test_size: float, device: torch.device):
     return tensors(x_train, y_train), tensors(x_test, y_test)
 
 
-def train_avalanche(model, train, args, device, plugins=(), epochs: int = 1) -> nn.Module:
+def train_avalanche(model, train, args, device, seed: int, plugins=(), epochs: int = 1) -> nn.Module:
     """One experience of Avalanche's Naive strategy (SGD, momentum 0.9, weight decay 5e-4 as in seed 001)."""
     dataset = TensorDataset(*(t.cpu() for t in train))
     dataset.targets = train[1].tolist()
@@ -91,8 +92,7 @@ def train_avalanche(model, train, args, device, plugins=(), epochs: int = 1) -> 
             plugins=list(plugins),
             evaluator=EvaluationPlugin(loggers=[]),
         )
-    for experience in benchmark.train_stream:
-        strategy.train(experience, num_workers=0)
+    run_experiences(strategy, benchmark.train_stream, lambda index, strategy: [], seed=seed)
     return model
 
 
@@ -119,7 +119,7 @@ def distillation_plugins(method: str, weight: float, teacher, embedding, args) -
 
 def teacher_and_embedding(train, seed: int, args, device):
     torch.manual_seed(seed)
-    teacher = train_avalanche(mlp(TEACHER_WIDTHS), train, args, device, epochs=args.teacher_epochs)
+    teacher = train_avalanche(mlp(TEACHER_WIDTHS), train, args, device, seed, epochs=args.teacher_epochs)
     loader = DataLoader(train[0], batch_size=args.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     embedding = fit_neuron_embedding(teacher, [last_hidden(TEACHER_WIDTHS)], loader, dim=16,
@@ -131,7 +131,7 @@ def student_accuracy(method, weight, teacher, embedding, train, test, seed, args
     torch.manual_seed(seed)  # same initial weights and the same batches for every method
     student = mlp(STUDENT_WIDTHS)
     plugins = distillation_plugins(method, weight, teacher, embedding, args)
-    return accuracy(train_avalanche(student, train, args, device, plugins, epochs=args.epochs), test)
+    return accuracy(train_avalanche(student, train, args, device, seed, plugins, epochs=args.epochs), test)
 
 
 def select_weights(seeds: list[int], args, device) -> dict[str, float]:

@@ -346,7 +346,8 @@ def _build_main_first(build_benchmark, cfg, seed, ctx: DistContext):
     """Rank 0 builds (and, with benchmark.download=true, downloads) first; the others then read the files."""
     if dist.is_initialized() and not ctx.is_main:
         dist.barrier()
-    info = build_benchmark(cfg.benchmark, cfg.scenario, seed)
+    info = build_benchmark(cfg.benchmark, cfg.scenario, seed,
+                           device=ctx.device if cfg.train.data_on_device else None)
     if dist.is_initialized() and ctx.is_main:
         dist.barrier()
     return info
