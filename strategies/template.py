@@ -17,8 +17,8 @@ from modnet.nets.models import Condition, ForwardTrace
 class ConditionedTemplate(SupervisedTemplate):
     """``SupervisedTemplate`` whose forward calls ``model(x, task_labels, condition=...)``."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, **kwargs):  # keywords only, as Avalanche's templates are moving to
+        super().__init__(**kwargs)
         self.train_condition = Condition()
 
     def forward_through(self, model: nn.Module):
