@@ -1,25 +1,25 @@
 """``modnet cl``: every configured strategy on one benchmark, in one process, with checkpoints and results.
 
-Flow: scenario (``scenarios.build_benchmark``) -> model + strategy (``strategies.registry``) -> Avalanche's
-accuracy metric after every experience -> accuracy matrix -> results folder (``modnet.eval.results``).
+Flow: scenario (``scenarios.build_benchmark``) -> model + strategy (``strategies.registry``) -> evaluation
+on the test stream after every experience (``modnet.eval.metrics``: accuracy matrix, Avalanche metrics,
+``loggers``) -> results folder (``modnet.eval.results``).
 """
 from __future__ import annotations
 
 import json
-import re
 import time
-import warnings
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from modnet.config import check_choice, resolve_device
+from modnet.eval.metrics import build_evaluator, check_loggers, close_loggers
 from modnet.eval.results import aggregate_seeds, format_table, summarize, write_results
+from modnet.runner.guards import NaNGuard
 from scenarios import build_benchmark
 from scenarios.base import SCENARIOS
 
-_ACC_KEY = re.compile(r"Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)")
 # Strategies whose whole state is the model's state dict (plain SGD, modnet without module gates): they
 # resume at the next experience.
 # The others keep state in plugins (buffers, old models, importances) and re-run from their first
@@ -27,55 +27,10 @@ _ACC_KEY = re.compile(r"Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)")
 _RESUME_AT_EXPERIENCE = ("modnet", "naive")
 
 
-class NaNLossError(RuntimeError):
-    pass
-
-
-def _nan_guard():
-    from avalanche.core import SupervisedPlugin
-
-    class NaNGuard(SupervisedPlugin):
-        """Stops a run whose loss is NaN/inf; one host sync per epoch, not per step."""
-
-        def before_training_epoch(self, strategy, **kw):
-            self.bad = torch.zeros((), dtype=torch.bool, device=strategy.device)
-
-        def after_backward(self, strategy, **kw):
-            self.bad |= ~torch.isfinite(strategy.loss.detach()).all()
-
-        def after_training_epoch(self, strategy, **kw):
-            if bool(self.bad):
-                raise NaNLossError(
-                    f"loss became NaN/inf in experience {strategy.experience.current_experience}, epoch "
-                    f"{strategy.clock.train_exp_epochs}; lower train.lr or check the input data for "
-                    "extreme values")
-
-    return NaNGuard()
-
-
 def set_seed(seed: int) -> None:
     from avalanche.training.determinism.rng_manager import RNGManager
 
     RNGManager.set_random_seeds(seed)  # python, numpy and torch generators, as Avalanche's loaders use them
-
-
-def _evaluator(progress: bool):
-    from avalanche.evaluation.metrics import accuracy_metrics
-    from avalanche.logging import InteractiveLogger
-    from avalanche.training.plugins import EvaluationPlugin
-
-    if not progress:  # quiet on purpose: the results table is printed at the end
-        warnings.filterwarnings("ignore", message="No loggers specified")
-    return EvaluationPlugin(accuracy_metrics(experience=True), loggers=[InteractiveLogger()] if progress else [])
-
-
-def _row(metrics: dict, n: int) -> list[float]:
-    row = [float("nan")] * n
-    for k, v in metrics.items():
-        m = _ACC_KEY.fullmatch(k)
-        if m:
-            row[int(m.group(1))] = float(v)
-    return row
 
 
 def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> dict:
@@ -89,11 +44,13 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> di
         print(f"[{name} seed {seed}] finished earlier: results taken from {ckpt_path}")
         return json.loads(state["result"])
     set_seed(seed)
+    evaluator, accuracy = build_evaluator(cfg.loggers, ckpt_path.parent.parent / "logs" / f"{name}_seed{seed}",
+                                          cfg.progress)
     common = dict(criterion=torch.nn.CrossEntropyLoss(), train_mb_size=cfg.train.batch_size,
                   train_epochs=cfg.train.epochs, eval_mb_size=cfg.train.eval_batch_size, device=device,
-                  evaluator=_evaluator(cfg.progress), eval_every=-1)
+                  evaluator=evaluator, eval_every=-1)
     strategy = build_strategy(name, cfg, info, common)
-    strategy.plugins.append(_nan_guard())
+    strategy.plugins.append(NaNGuard())
     if cfg.train.amp:
         from strategies.perf import AutocastPlugin
 
@@ -138,9 +95,11 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> di
         seconds += time.perf_counter() - t0
         if i == 0:
             first = snapshot(strategy.model, probe)
-        rows.append(_row(strategy.eval(bm.test_stream), n))
+        strategy.eval(bm.test_stream)
+        rows.append(accuracy.matrix()[-1])
         torch.save({"next_exp": i + 1, "model": strategy.model.state_dict(), "rows": torch.tensor(rows),
                     "train_seconds": seconds, "done": False}, ckpt_path)
+    close_loggers(evaluator)
     result = {**summarize(rows), "train_seconds": seconds}
     if first is not None and n > 1:
         last = snapshot(strategy.model, probe)
@@ -159,6 +118,7 @@ def run_cl(cfg) -> dict:
 
     check_choice("scenario", cfg.scenario, SCENARIOS)
     check_choice("model.arch", cfg.model.arch, ARCHS)
+    check_loggers(cfg.loggers)
     for name in cfg.strategies:
         check_choice("strategies", name, list(STRATEGIES))
     device = resolve_device(cfg.device)

@@ -272,16 +272,21 @@ def check_ddp_config(cfg, world_size: int) -> None:
 
 def train_strategy(name: str, cfg, info, seed: int, ctx: DistContext) -> tuple[dict, nn.Module]:
     """One strategy over all experiences on this rank: (accuracy matrix and metrics, trained model)."""
-    from modnet.jobs.cl import _evaluator, _nan_guard, _row, set_seed
+    from modnet.eval.metrics import build_evaluator, close_loggers
     from modnet.eval.results import summarize
+    from modnet.jobs.cl import set_seed
+    from modnet.runner.guards import NaNGuard
     from strategies.registry import build_strategy
 
     set_seed(seed)  # the same seed on every rank: identical initial models (DDP also broadcasts rank 0's)
+    # Loggers on rank 0 only: the ranks evaluate the same data, and Avalanche refuses loggers elsewhere.
+    evaluator, accuracy = build_evaluator(cfg.loggers if ctx.is_main else [],
+                                          Path(cfg.output_dir) / "logs" / f"{name}_seed{seed}", cfg.progress)
     common = dict(criterion=nn.CrossEntropyLoss(), train_mb_size=cfg.train.batch_size,
                   train_epochs=cfg.train.epochs, eval_mb_size=cfg.train.eval_batch_size, device=ctx.device,
-                  evaluator=_evaluator(cfg.progress and ctx.is_main), eval_every=-1)
+                  evaluator=evaluator, eval_every=-1)
     strategy = build_strategy(name, cfg, info, common)
-    strategy.plugins.append(_nan_guard())
+    strategy.plugins.append(NaNGuard())
     make_distributed(strategy, GRADIENT_SYNC[name])
     rows, seconds = [], 0.0
     for i, exp in enumerate(info.benchmark.train_stream):
@@ -293,7 +298,9 @@ def train_strategy(name: str, cfg, info, seed: int, ctx: DistContext) -> tuple[d
         if drift > 1e-6:
             raise RuntimeError(f"{name}: ranks' parameters diverged by {drift:.3g} after experience {i}; "
                                "a plugin edits gradients or parameters from rank-local data")
-        rows.append(_row(strategy.eval(info.benchmark.test_stream), info.n_experiences))
+        strategy.eval(info.benchmark.test_stream)
+        rows.append(accuracy.matrix()[-1])
+    close_loggers(evaluator)
     return {**summarize(rows), "train_seconds": seconds}, strategy.model
 
 
