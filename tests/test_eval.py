@@ -1,10 +1,12 @@
-"""The evaluation layer: the accuracy matrix metric and the evaluator's loggers.
+"""The evaluation layer: the accuracy matrix metric, the evaluator's loggers, and the mean/std tables.
 
 References independent of the code under test: accuracies computed here from the model's outputs (argmax
-vs label over each test experience), Avalanche's own forgetting and BWT metrics, TensorBoard's event reader.
+vs label over each test experience), Avalanche's own forgetting and BWT metrics, TensorBoard's event reader,
+hand-computed means and stds of planted numbers, and numpy's std.
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 
@@ -16,7 +18,8 @@ from torch.utils.data import TensorDataset
 
 from modnet.config import ConfigError
 from modnet.eval.metrics import LOGGERS, build_evaluator, close_loggers
-from modnet.eval.results import summarize
+from modnet.eval.results import aggregate_seeds, format_table, summarize
+from modnet.eval.tables import aggregate_runs, mean_std_cell
 
 N_CLASSES, DIM, N_EXP = 6, 10, 3
 
@@ -194,3 +197,80 @@ def test_progress_false_drops_the_interactive_logger_and_the_unshown_metrics(tmp
     assert evaluator.loggers == [] and evaluator.metrics == [accuracy]
     evaluator, accuracy = build_evaluator(["interactive"], tmp_path, progress=True)
     assert [type(lg) for lg in evaluator.loggers] == [InteractiveLogger] and len(evaluator.metrics) > 1
+
+
+# -- mean and std over runs --------------------------------------------------------------------------
+def _run(acc, forgetting, seconds, matrix=None):
+    return {"accuracy_matrix": matrix or [[acc]], "average_accuracy": acc, "forgetting": forgetting,
+            "bwt": -forgetting, "train_seconds": seconds}
+
+
+def test_aggregate_runs_matches_hand_computed_mean_and_std():
+    records = [{"benchmark": "digits", "strategy": "naive", "acc": a, "sec": s}
+               for a, s in ((0.6, 10.0), (0.8, 14.0), (1.0, 12.0))]
+    records.append({"benchmark": "digits", "strategy": "ewc", "acc": 0.5, "sec": math.nan})
+    stats = aggregate_runs(records, by=["benchmark", "strategy"], metrics=["acc", "sec"])
+    rows = {r["strategy"]: r for r in stats.to_dict("records")}
+    assert list(stats["strategy"]) == ["ewc", "naive"]  # sorted by setting
+    naive = rows["naive"]
+    # acc 0.6, 0.8, 1.0: mean 0.8, squared deviations 0.04, 0, 0.04 -> population variance 0.08 / 3
+    assert naive["n"] == 3 and naive["acc_mean"] == pytest.approx(0.8)
+    assert naive["acc_std"] == pytest.approx(math.sqrt(0.08 / 3))
+    # sec 10, 14, 12: mean 12, squared deviations 4, 4, 0 -> variance 8 / 3
+    assert naive["sec_mean"] == pytest.approx(12.0) and naive["sec_std"] == pytest.approx(math.sqrt(8 / 3))
+    ewc = rows["ewc"]
+    assert ewc["n"] == 1 and ewc["acc_mean"] == 0.5 and ewc["acc_std"] == 0.0
+    assert ewc["sec_count"] == 0 and math.isnan(ewc["sec_mean"])  # a NaN value is left out
+    sample = aggregate_runs(records, by=["strategy"], metrics=["acc"], ddof=1).set_index("strategy")
+    assert sample.loc["naive", "acc_std"] == pytest.approx(0.2)  # sqrt(0.08 / 2)
+    assert math.isnan(sample.loc["ewc", "acc_std"])  # one run has no sample std
+
+
+def test_ddof1_std_equals_numpys():
+    values = np.random.default_rng(3).normal(size=7)
+    stats = aggregate_runs([{"v": v} for v in values], by=(), metrics=["v"], ddof=1).iloc[0]
+    assert stats["v_std"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+    assert stats["v_mean"] == pytest.approx(np.mean(values), abs=1e-12)
+    population = aggregate_runs([{"v": v} for v in values], by=(), metrics=["v"]).iloc[0]
+    assert population["v_std"] == pytest.approx(np.std(values), abs=1e-12)
+
+
+def test_aggregate_seeds_means_the_matrices_and_the_scalars():
+    runs = [_run(0.6, 0.2, 10.0, [[0.9, 0.1], [0.7, 0.5]]), _run(0.8, 0.1, 14.0, [[0.8, 0.3], [0.7, 0.9]]),
+            _run(1.0, 0.0, 12.0, [[1.0, 0.2], [1.0, 1.0]])]
+    out = aggregate_seeds(runs)
+    np.testing.assert_allclose(out["accuracy_matrix"], [[0.9, 0.2], [0.8, 0.8]], atol=1e-12)
+    assert out["average_accuracy"] == pytest.approx(0.8)
+    assert out["average_accuracy_std"] == pytest.approx(math.sqrt(0.08 / 3))
+    assert out["forgetting"] == pytest.approx(0.1) and out["bwt_std"] == pytest.approx(math.sqrt(0.02 / 3))
+    assert out["per_seed"] == runs
+
+
+def test_single_seed_table_has_no_plus_minus():
+    one = format_table({"naive": aggregate_seeds([_run(0.6, 0.2, 10.0)])})
+    assert "±" not in one and "| naive | 0.6000 | 0.2000 | -0.2000 | 10.0 |" in one
+    two = format_table({"naive": aggregate_seeds([_run(0.6, 0.2, 10.0), _run(0.8, 0.0, 12.0)])})
+    assert "| naive | 0.7000 ± 0.1000 | 0.1000 ± 0.1000 | -0.1000 ± 0.1000 | 11.0 ± 1.0 |" in two
+    assert mean_std_cell(0.5, 0.0, 1) == "0.5000" and mean_std_cell(None, None, 0) == "n/a"
+
+
+def test_gzsl_aggregate_keeps_its_keys_and_single_seed_table_has_no_plus_minus():
+    from modnet.jobs.gzsl import _aggregate
+    from modnet.jobs.gzsl import format_table as gzsl_table
+
+    def seed(u, s, h, gamma):
+        metrics = {"U": u, "S": s, "H": h, "zsl_accuracy": u}
+        return {"niwt": {**metrics, "gamma": gamma, "uncalibrated": dict(metrics)}}
+
+    out = _aggregate([seed(0.2, 0.6, 0.3, 0.5), seed(0.4, 0.8, 0.5, 1.5)])
+    niwt = out["niwt"]
+    assert list(niwt) == ["U", "U_std", "S", "S_std", "H", "H_std", "zsl_accuracy", "zsl_accuracy_std", "gamma",
+                          "gamma_std", "uncalibrated"]
+    assert list(niwt["uncalibrated"]) == ["U", "S", "H", "zsl_accuracy", "U_std", "S_std", "H_std",
+                                          "zsl_accuracy_std"]
+    assert niwt["H"] == pytest.approx(0.4) and niwt["H_std"] == pytest.approx(0.1)
+    assert niwt["gamma"] == pytest.approx(1.0) and niwt["uncalibrated"]["S_std"] == pytest.approx(0.1)
+    json.dumps(out)  # plain floats
+    assert "±" in gzsl_table(out, 2)
+    single = gzsl_table(_aggregate([seed(0.2, 0.6, 0.3, 0.5)]), 1)
+    assert "±" not in single and "| niwt | 0.200 | 0.600 | 0.300 | 0.200 | 0.5 | 0.300 |" in single
