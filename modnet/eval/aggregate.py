@@ -9,27 +9,28 @@ train seconds): mean and standard deviation over the runs, std with ``ddof`` (de
 ``modnet.eval.results.aggregate_seeds``' convention; ddof=1 gives the sample std).
 
 Written into the folder (or ``out_dir``): aggregate.json, aggregate.md (markdown table), aggregate.csv and
-aggregate.png (bars with std error bars). numpy does the statistics, matplotlib the plot.
+aggregate.png (bars with std error bars). ``modnet.eval.tables`` does the statistics and tables, matplotlib
+the plot.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import sys
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-METRICS = ("average_accuracy", "forgetting", "bwt", "train_seconds")
-_LABELS = {"average_accuracy": "avg acc", "forgetting": "forgetting", "bwt": "BWT", "train_seconds": "train s"}
-_FORMATS = {"average_accuracy": "{:.4f}", "forgetting": "{:.4f}", "bwt": "{:.4f}", "train_seconds": "{:.1f}"}
+from modnet.eval.results import SEED_METRICS
+from modnet.eval.tables import aggregate_runs, markdown_table, mean_std_cell, write_csv
+
+METRICS = tuple(SEED_METRICS)
+SETTING = ("benchmark", "scenario", "strategy", "variant")
 # Overrides that say which run it is, not which setting: never part of a variant.
 _NOT_VARIANT = {"seed", "seeds", "strategies", "benchmark", "scenario", "output_dir", "progress", "threads",
-                "device", "resume"}
+                "device", "resume", "loggers"}
 
 
 def _overrides(results_file: Path) -> dict[str, str]:
@@ -92,15 +93,6 @@ def collect_runs(root: Path) -> list[dict]:
     return runs
 
 
-def _stats(values: Sequence[float], ddof: int) -> dict:
-    v = np.asarray(values, dtype=float)
-    v = v[~np.isnan(v)]
-    if v.size == 0:
-        return {"mean": None, "std": None, "values": []}
-    std = float(np.std(v, ddof=ddof)) if v.size > ddof else math.nan
-    return {"mean": float(np.mean(v)), "std": std, "values": v.tolist()}
-
-
 def aggregate(sweep_dir, out_dir=None, ddof: int = 0, plot: bool = True) -> dict:
     """Group the runs below ``sweep_dir`` by setting and write mean +- std tables; returns the summary.
 
@@ -111,58 +103,53 @@ def aggregate(sweep_dir, out_dir=None, ddof: int = 0, plot: bool = True) -> dict
         raise ValueError(f"ddof must be 0 (population std) or 1 (sample std), got {ddof!r}")
     sweep_dir = Path(sweep_dir)
     runs = collect_runs(sweep_dir)
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+    by_setting: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
-        groups[(r["benchmark"], r["scenario"], r["strategy"], r["variant"])].append(r)
+        by_setting[tuple(r[k] for k in SETTING)].append(r)
     summary_groups = []
-    for key in sorted(groups):
-        rs = sorted(groups[key], key=lambda r: r["seed"])
+    for stats in aggregate_runs(runs, by=SETTING, metrics=METRICS, ddof=ddof).to_dict("records"):
+        key = tuple(stats[k] for k in SETTING)
+        rs = sorted(by_setting[key], key=lambda r: r["seed"])
         seeds = [r["seed"] for r in rs]
         if len(set(seeds)) < len(seeds):
             warnings.warn(f"{'/'.join(k for k in key if k)}: seed(s) repeated across runs {seeds} "
                           f"({sorted({r['file'] for r in rs})}); they are averaged as separate runs")
-        summary_groups.append({
-            "benchmark": key[0], "scenario": key[1], "strategy": key[2], "variant": key[3], "n": len(rs),
-            "seeds": seeds, "metrics": {m: _stats([r[m] for r in rs], ddof) for m in METRICS}})
+        summary_groups.append({**dict(zip(SETTING, key)), "n": len(rs), "seeds": seeds,
+                               "metrics": {m: _metric(stats, m, [r[m] for r in rs]) for m in METRICS}})
     summary = {"sweep_dir": str(sweep_dir), "ddof": ddof, "n_files": len({r["file"] for r in runs}),
                "groups": summary_groups}
     write_aggregate(summary, Path(out_dir) if out_dir is not None else sweep_dir, plot=plot)
     return summary
 
 
-def _cell(stat: dict, metric: str) -> str:
-    if stat["mean"] is None:
-        return "n/a"
-    fmt = _FORMATS[metric]
-    return fmt.format(stat["mean"]) + ("" if math.isnan(stat["std"]) else " ± " + fmt.format(stat["std"]))
+def _metric(stats: dict, metric: str, values: list[float]) -> dict:
+    """One metric of a group: mean, std (NaN with fewer runs than ddof + 1) and the runs' values."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return {"mean": None, "std": None, "values": []}
+    return {"mean": float(stats[f"{metric}_mean"]), "std": float(stats[f"{metric}_std"]), "values": values}
 
 
 def format_markdown(summary: dict) -> str:
-    """Markdown table, one row per setting: mean ± std over its n runs."""
+    """Markdown table, one row per setting: mean ± std over its n runs (the value alone for one run)."""
     with_variant = any(g["variant"] for g in summary["groups"])
-    cols = ["benchmark", "scenario", "strategy"] + (["variant"] if with_variant else []) + ["n"] + \
-        [_LABELS[m] for m in METRICS]
-    lines = [f"mean ± std over seeds (std ddof={summary['ddof']})", "",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for g in summary["groups"]:
-        cells = [g["benchmark"], g["scenario"], g["strategy"]] + ([g["variant"]] if with_variant else []) + \
-            [str(g["n"])] + [_cell(g["metrics"][m], m) for m in METRICS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    settings = ["benchmark", "scenario", "strategy"] + (["variant"] if with_variant else [])
+    header = settings + ["n"] + [label for label, _ in SEED_METRICS.values()]
+    rows = [[g[k] for k in settings] + [g["n"]] +
+            [mean_std_cell(g["metrics"][m]["mean"], g["metrics"][m]["std"], len(g["metrics"][m]["values"]), fmt)
+             for m, (_, fmt) in SEED_METRICS.items()]
+            for g in summary["groups"]]
+    return f"mean ± std over seeds (std ddof={summary['ddof']})\n\n" + markdown_table(header, rows)
 
 
 def write_aggregate(summary: dict, out_dir: Path, plot: bool = True) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "aggregate.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "aggregate.md").write_text(format_markdown(summary) + "\n")
-    with open(out_dir / "aggregate.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["benchmark", "scenario", "strategy", "variant", "n", "seeds",
-                    *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")]])
-        for g in summary["groups"]:
-            w.writerow([g["benchmark"], g["scenario"], g["strategy"], g["variant"], g["n"],
-                        " ".join(map(str, g["seeds"])),
-                        *[g["metrics"][m][s] for m in METRICS for s in ("mean", "std")]])
+    write_csv(out_dir / "aggregate.csv", [
+        {**{k: g[k] for k in SETTING}, "n": g["n"], "seeds": " ".join(map(str, g["seeds"])),
+         **{f"{m}_{s}": g["metrics"][m][s] for m in METRICS for s in ("mean", "std")}}
+        for g in summary["groups"]])
     if plot:
         plot_aggregate(summary, out_dir / "aggregate.png")
 
@@ -189,8 +176,9 @@ def plot_aggregate(summary: dict, path: Path) -> None:
                     for st in stats]
             ax.bar(x + (i - (len(strategies) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=name)
         ax.set_xticks(x, settings, rotation=15 if len(settings) > 2 else 0, fontsize=8)
-        ax.set_ylabel(_LABELS[metric])
-        ax.set_title(f"{_LABELS[metric]} (mean ± std over seeds)")
+        label = SEED_METRICS[metric][0]
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} (mean ± std over seeds)")
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylim(0, 1.02)
     axes[0].legend(fontsize=8, ncol=2)

@@ -7,6 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
+from modnet.eval.tables import aggregate_runs, markdown_table, mean_matrix, mean_std_cell
+
+# The scalar results of a run that are averaged over seeds: name -> (table label, table cell format).
+SEED_METRICS = {"average_accuracy": ("avg acc", "{:.4f}"), "forgetting": ("forgetting", "{:.4f}"),
+                "bwt": ("BWT", "{:.4f}"), "train_seconds": ("train s", "{:.1f}")}
+
 
 def summarize(matrix) -> dict:
     """R[i][j] = accuracy on test experience j after training experience i (T = last row).
@@ -23,12 +29,13 @@ def summarize(matrix) -> dict:
 
 
 def aggregate_seeds(runs: list[dict]) -> dict:
-    """Mean over seeds of each field, plus the std of the scalar ones and the per-seed runs."""
-    out = summarize(np.mean([r["accuracy_matrix"] for r in runs], axis=0))
-    for key in ("average_accuracy", "forgetting", "bwt", "train_seconds"):
-        vals = [r[key] for r in runs]
-        out[key] = float(np.mean(vals))
-        out[f"{key}_std"] = float(np.std(vals))
+    """Mean over seeds of each field (``modnet.eval.tables``), plus the std of the scalar ones and the
+    per-seed runs."""
+    out = summarize(mean_matrix([r["accuracy_matrix"] for r in runs]))
+    stats = aggregate_runs(runs, by=(), metrics=SEED_METRICS).iloc[0]
+    for key in SEED_METRICS:
+        out[key] = float(stats[f"{key}_mean"])
+        out[f"{key}_std"] = float(stats[f"{key}_std"])
     if len(runs) > 1:
         out["per_seed"] = runs
     else:  # extra per-run fields (e.g. the module report) pass through
@@ -37,16 +44,12 @@ def aggregate_seeds(runs: list[dict]) -> dict:
 
 
 def format_table(strategies: dict) -> str:
-    multi = any("per_seed" in r for r in strategies.values())
-    head = "| strategy | avg acc | forgetting | BWT | train s |"
-    lines = [head, "|---|---|---|---|---|"]
+    """Markdown table of ``aggregate_seeds`` entries: mean ± std where a strategy ran on several seeds."""
+    rows = []
     for name, r in strategies.items():
-        def cell(k, fmt="{:.4f}"):
-            s = fmt.format(r[k])
-            return s + (" ± " + fmt.format(r[k + "_std"]) if multi and k + "_std" in r else "")
-        lines.append(f"| {name} | {cell('average_accuracy')} | {cell('forgetting')} | {cell('bwt')} | "
-                     f"{cell('train_seconds', '{:.1f}')} |")
-    return "\n".join(lines)
+        n = len(r.get("per_seed", [r]))
+        rows.append([name, *[mean_std_cell(r[k], r.get(f"{k}_std"), n, fmt) for k, (_, fmt) in SEED_METRICS.items()]])
+    return markdown_table(["strategy", *[label for label, _ in SEED_METRICS.values()]], rows)
 
 
 def write_results(out_dir: Path, results: dict) -> None:

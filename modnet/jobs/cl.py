@@ -1,7 +1,9 @@
 """``modnet cl``: every configured strategy on one benchmark, in one process, with checkpoints and results.
 
-Flow: scenario (``scenarios.build_benchmark``) -> model + strategy (``strategies.registry``) -> Avalanche's
-accuracy metric after every experience -> accuracy matrix -> results folder (``modnet.eval.results``).
+Flow: scenario (``scenarios.build_benchmark``) -> model + strategy (``strategies.registry``) -> the experience
+runner (``modnet.runner.runner``) with evaluation on the test stream after every experience
+(``modnet.eval.metrics``: accuracy matrix, Avalanche metrics, ``loggers``) -> results folder
+(``modnet.eval.results``).
 """
 from __future__ import annotations
 
@@ -36,8 +38,9 @@ class _DriftProbe:
 
 def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> dict:
     """Train ``name`` over the experiences; evaluate on the whole test stream after each one."""
+    from modnet.eval.metrics import build_evaluator, close_loggers
     from modnet.nets.record import describe_network, save_network
-    from modnet.runner.evaluation import make_evaluator, stream_evaluator
+    from modnet.runner.evaluation import stream_evaluator
     from modnet.runner.runner import (finished_result, load_checkpoint, make_strategy, run_experiences,
                                       save_finished, set_seed)
     from strategies.registry import get_strategy
@@ -48,7 +51,9 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> di
         print(f"[{name} seed {seed}] finished earlier: results taken from {ckpt_path}")
         return done
     set_seed(seed)
-    strategy = make_strategy(name, cfg, info, device, make_evaluator(cfg.progress))
+    evaluator, accuracy = build_evaluator(cfg.loggers, ckpt_path.parent.parent / "logs" / f"{name}_seed{seed}",
+                                          cfg.progress)
+    strategy = make_strategy(name, cfg, info, device, evaluator)
     bm = info.benchmark
     # whole state in the model (no plugin state, no optimiser momentum): continue at the next experience
     resumable = get_strategy(name).resumes_at_experience and cfg.train.momentum == 0
@@ -61,9 +66,10 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> di
     if state is None:  # the drift plot needs experience 0 trained in this run
         probe_ds = bm.test_stream[0].dataset
         hooks.append(_DriftProbe(torch.stack([probe_ds[i][0] for i in range(min(256, len(probe_ds)))]).to(device)))
-    record = run_experiences(strategy, bm.train_stream, stream_evaluator(bm.test_stream, n), seed=seed,
+    record = run_experiences(strategy, bm.train_stream, stream_evaluator(bm.test_stream, accuracy), seed=seed,
                              checkpoint=ckpt_path, resume_state=state, test_stream=bm.test_stream, hooks=hooks,
                              log=lambda msg: print(f"[{name} seed {seed}] {msg} from {ckpt_path}"))
+    close_loggers(evaluator)
     result = {**summarize(record.rows), "train_seconds": record.train_seconds,
               "network": describe_network(strategy.model)}
     if hooks and hooks[0].first is not None and n > 1:
@@ -83,6 +89,7 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> di
 
 
 def run_cl(cfg) -> dict:
+    from modnet.eval.metrics import check_loggers
     from modnet.nets.build import ARCHS
     from strategies.registry import strategy_names
 
@@ -90,6 +97,7 @@ def run_cl(cfg) -> dict:
     check_choice("model.arch", cfg.model.arch, ARCHS)
     for name in cfg.strategies:
         check_choice("strategies", name, strategy_names())
+    check_loggers(cfg.loggers)
     device = resolve_device(cfg.device)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from modnet.eval.tables import aggregate_runs, markdown_table, mean_std_cell
 from modnet.methods.gzsl import ALE, ESZSL, GZSLResult, gzsl_evaluate, predict_scores, select_calibration
 from modnet.methods.niwt import NIWT
 from scenarios.zsl import ZSLData, class_disjoint_validation, load_zsl_from_config
@@ -368,29 +369,32 @@ def run_continual(cfg: DictConfig, data: ZSLData, seed: int, device, progress: b
 # ----------------------------------------------------------------------------------------------------------
 def _aggregate(per_seed: list[dict]) -> dict:
     """Mean over seeds of every metric, with ``<metric>_std`` (population std) beside it."""
+    keys = (*METRICS, "gamma")
+    records = [{"method": name, **{k: r[k] for k in keys},
+                **{f"uncalibrated_{k}": r["uncalibrated"][k] for k in METRICS}}
+               for seed in per_seed for name, r in seed.items()]
+    stats = aggregate_runs(records, by=["method"], metrics=[*keys, *[f"uncalibrated_{k}" for k in METRICS]])
+    stats = stats.set_index("method")
     out = {}
     for name in per_seed[0]:
-        runs = [r[name] for r in per_seed]
+        s = stats.loc[name]
         entry = {}
-        for k in (*METRICS, "gamma"):
-            vals = [r[k] for r in runs]
-            entry[k] = float(np.mean(vals))
-            entry[f"{k}_std"] = float(np.std(vals))
-        entry["uncalibrated"] = {k: float(np.mean([r["uncalibrated"][k] for r in runs])) for k in METRICS}
-        entry["uncalibrated"].update({f"{k}_std": float(np.std([r["uncalibrated"][k] for r in runs]))
-                                      for k in METRICS})
+        for k in keys:
+            entry[k] = float(s[f"{k}_mean"])
+            entry[f"{k}_std"] = float(s[f"{k}_std"])
+        entry["uncalibrated"] = {k: float(s[f"uncalibrated_{k}_mean"]) for k in METRICS}
+        entry["uncalibrated"].update({f"{k}_std": float(s[f"uncalibrated_{k}_std"]) for k in METRICS})
         out[name] = entry
     return out
 
 
-def format_table(methods: dict) -> str:
-    lines = ["| method | U | S | H | ZSL acc | gamma | H (uncalibrated) |", "|---|---|---|---|---|---|---|"]
-    for name, r in methods.items():
-        cell = lambda k: f"{r[k]:.3f} ± {r[k + '_std']:.3f}"  # noqa: E731
-        unc = r["uncalibrated"]
-        lines.append(f"| {name} | {cell('U')} | {cell('S')} | {cell('H')} | {cell('zsl_accuracy')} | "
-                     f"{r['gamma']:.3g} | {unc['H']:.3f} ± {unc['H_std']:.3f} |")
-    return "\n".join(lines)
+def format_table(methods: dict, n_seeds: int) -> str:
+    def cell(r: dict, k: str) -> str:
+        return mean_std_cell(r[k], r[f"{k}_std"], n_seeds, "{:.3f}")
+
+    rows = [[name, *[cell(r, k) for k in METRICS], f"{r['gamma']:.3g}", cell(r["uncalibrated"], "H")]
+            for name, r in methods.items()]
+    return markdown_table(["method", "U", "S", "H", "ZSL acc", "gamma", "H (uncalibrated)"], rows)
 
 
 def _write_outputs(out_dir: Path, results: dict) -> None:
@@ -494,7 +498,7 @@ def run_gzsl(cfg: DictConfig, strategy_factory: Callable | None = None) -> dict:
     OmegaConf.save(cfg, out_dir / "config.yaml")
     print(f"GZSL on {data.name}: {len(data.seen_classes)} seen / {len(data.unseen_classes)} unseen classes, "
           f"seeds {seeds}, calibration={cfg.calibration.mode}, {results['seconds']:.1f}s")
-    print(format_table(results["methods"]))
+    print(format_table(results["methods"], len(seeds)))
     if continual:
         for run in continual:
             for rec in run["experiences"]:

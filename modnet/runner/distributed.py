@@ -286,18 +286,23 @@ class _SameParameters:
 
 def train_strategy(name: str, cfg, info, seed: int, ctx: DistContext) -> tuple[dict, nn.Module]:
     """One strategy over all experiences on this rank: (accuracy matrix and metrics, trained model)."""
+    from modnet.eval.metrics import build_evaluator, close_loggers
     from modnet.eval.results import summarize
     from modnet.nets.record import describe_network
-    from modnet.runner.evaluation import make_evaluator, stream_evaluator
+    from modnet.runner.evaluation import stream_evaluator
     from modnet.runner.runner import make_strategy, run_experiences, set_seed
     from strategies.registry import get_strategy
 
     set_seed(seed)  # the same seed on every rank: identical initial models (DDP also broadcasts rank 0's)
-    strategy = make_strategy(name, cfg, info, ctx.device, make_evaluator(cfg.progress and ctx.is_main))
+    # Loggers on rank 0 only: the ranks evaluate the same data, and Avalanche refuses loggers elsewhere.
+    evaluator, accuracy = build_evaluator(cfg.loggers if ctx.is_main else [],
+                                          Path(cfg.output_dir) / "logs" / f"{name}_seed{seed}", cfg.progress)
+    strategy = make_strategy(name, cfg, info, ctx.device, evaluator)
     make_distributed(strategy, get_strategy(name).gradient_sync)
     bm = info.benchmark
-    record = run_experiences(strategy, bm.train_stream, stream_evaluator(bm.test_stream, info.n_experiences),
+    record = run_experiences(strategy, bm.train_stream, stream_evaluator(bm.test_stream, accuracy),
                              seed=seed, hooks=[_SameParameters(name)])
+    close_loggers(evaluator)
     return ({**summarize(record.rows), "train_seconds": record.train_seconds,
              "network": describe_network(strategy.model)}, strategy.model)
 

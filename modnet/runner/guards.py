@@ -1,4 +1,10 @@
-"""Plugins that stop a run that has gone wrong, with one line saying what to do."""
+"""Guards that stop a training run as soon as it can no longer give meaningful numbers.
+
+``NaNGuard`` is an Avalanche plugin: once the loss is NaN or infinite every later step is wasted (and the
+accuracy matrix would be filled with chance-level numbers), so it raises ``NaNLossError`` at the end of the
+epoch that produced it. It keeps a flag on the device and reads it once per epoch: one host sync per epoch,
+not one per step.
+"""
 from __future__ import annotations
 
 import torch
@@ -6,7 +12,7 @@ from avalanche.core import SupervisedPlugin
 
 
 class NaNLossError(RuntimeError):
-    pass
+    """The training loss became NaN or infinite."""
 
 
 class NaNGuard(SupervisedPlugin):
@@ -22,4 +28,5 @@ class NaNGuard(SupervisedPlugin):
         if bool(self.bad):
             raise NaNLossError(
                 f"loss became NaN/inf in experience {strategy.experience.current_experience}, epoch "
-                f"{strategy.clock.train_exp_epochs}; lower train.lr or check the input data for extreme values")
+                f"{strategy.clock.train_exp_epochs}; lower train.lr or check the input data for "
+                "extreme values")

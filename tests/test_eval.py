@@ -1,0 +1,276 @@
+"""The evaluation layer: the accuracy matrix metric, the evaluator's loggers, and the mean/std tables.
+
+References independent of the code under test: accuracies computed here from the model's outputs (argmax
+vs label over each test experience), Avalanche's own forgetting and BWT metrics, TensorBoard's event reader,
+hand-computed means and stds of planted numbers, and numpy's std.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from modnet.config import ConfigError
+from modnet.eval.metrics import LOGGERS, build_evaluator, close_loggers
+from modnet.eval.results import aggregate_seeds, format_table, summarize
+from modnet.eval.tables import aggregate_runs, mean_std_cell
+
+N_CLASSES, DIM, N_EXP = 6, 10, 3
+
+
+def _benchmark(task_labels: bool):
+    """Six Gaussian blobs in 10-d, two classes per experience; 15 test samples per class."""
+    from avalanche.benchmarks import nc_benchmark
+
+    g = torch.Generator().manual_seed(0)
+    centers = 0.7 * torch.randn(N_CLASSES, DIM, generator=g)
+
+    def blobs(per_class):
+        y = torch.arange(N_CLASSES).repeat_interleave(per_class)
+        return TensorDataset(centers[y] + torch.randn(len(y), DIM, generator=g), y)
+
+    # task-incremental as in scenarios.split_benchmark: labels 0, 1 within each task, one head per task
+    return nc_benchmark(blobs(40), blobs(15), n_experiences=N_EXP, task_labels=task_labels,
+                        fixed_class_order=list(range(N_CLASSES)), class_ids_from_zero_in_each_exp=task_labels)
+
+
+def _model(multitask: bool) -> nn.Module:
+    from avalanche.models import MTSimpleMLP
+
+    torch.manual_seed(0)
+    if multitask:
+        return MTSimpleMLP(input_size=DIM, hidden_size=32)
+    return nn.Sequential(nn.Linear(DIM, 32), nn.ReLU(), nn.Linear(32, N_CLASSES))
+
+
+def _naive(model, evaluator):
+    from avalanche.training import Naive
+
+    # eval_mb_size 8: 30 test samples per experience arrive in 4 minibatches, the last one partial
+    return Naive(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), train_mb_size=16,
+                 train_epochs=2, eval_mb_size=8, device="cpu", evaluator=evaluator)
+
+
+@torch.no_grad()
+def _accuracy_by_hand(model, experience, multitask: bool) -> float:
+    """argmax of the model's outputs (the task's head) vs the labels, over the whole experience in one batch."""
+    x, y, t = (torch.stack([torch.as_tensor(item[k]) for item in experience.dataset]) for k in range(3))
+    model.eval()
+    out = model(x, t) if multitask else model(x)
+    return (out.argmax(1) == y).double().mean().item()
+
+
+@pytest.mark.parametrize("task_labels", [True, False], ids=["task-incremental", "class-incremental"])
+def test_accuracy_matrix_equals_accuracies_computed_by_hand(task_labels):
+    bm = _benchmark(task_labels)
+    model = _model(multitask=task_labels)
+    evaluator, accuracy = build_evaluator([], "unused", progress=False)
+    strategy = _naive(model, evaluator)
+    expected = []
+    for exp in bm.train_stream:
+        strategy.train(exp)
+        strategy.eval(bm.test_stream)
+        expected.append([_accuracy_by_hand(model, e, task_labels) for e in bm.test_stream])
+    R = accuracy.matrix()
+    np.testing.assert_allclose(R, expected, atol=1e-9)
+    assert 0.6 < R[0][0] < 1  # trained (chance 0.5 within a task), and no constant row of ones
+    if task_labels:
+        assert {e.task_label for e in bm.test_stream} == set(range(N_EXP))
+    accuracy.reset()
+    assert accuracy.matrix() == []
+
+
+def test_sliced_evaluation_leaves_nan_for_experiences_not_evaluated():
+    bm = _benchmark(task_labels=False)
+    model = _model(multitask=False)
+    evaluator, accuracy = build_evaluator([], "unused", progress=False)
+    strategy = _naive(model, evaluator)
+    for i, exp in enumerate(bm.train_stream):
+        strategy.train(exp)
+        strategy.eval(bm.test_stream[:i + 1])  # the experiences seen so far only
+        expected = [_accuracy_by_hand(model, e, False) for e in bm.test_stream[:i + 1]]
+        row = accuracy.matrix()[-1]
+        assert len(row) == N_EXP
+        np.testing.assert_allclose(row[:i + 1], expected, atol=1e-9)
+        assert all(math.isnan(v) for v in row[i + 1:])
+    strategy.eval(bm.train_stream)  # another stream: no row
+    assert len(accuracy.matrix()) == N_EXP
+
+
+def test_summarize_forgetting_and_bwt_equal_avalanches(tmp_path):
+    """Naive, class-incremental: summarize() of the matrix vs Avalanche's forgetting_metrics / bwt_metrics."""
+    bm = _benchmark(task_labels=False)
+    model = _model(multitask=False)
+    evaluator, accuracy = build_evaluator(["csv"], tmp_path, progress=False)
+    strategy = _naive(model, evaluator)
+    for exp in bm.train_stream:
+        strategy.train(exp)
+        metrics = strategy.eval(bm.test_stream)
+    close_loggers(evaluator)
+    s = summarize(accuracy.matrix())
+    assert s["forgetting"] > 0.3  # fine-tuning forgets: a non-trivial comparison
+    assert s["forgetting"] == pytest.approx(metrics["StreamForgetting/eval_phase/test_stream"], abs=1e-6)
+    assert s["bwt"] == pytest.approx(metrics["StreamBWT/eval_phase/test_stream"], abs=1e-6)
+    R = s["accuracy_matrix"]
+    for j in range(N_EXP - 1):
+        key = f"ExperienceForgetting/eval_phase/test_stream/Task000/Exp{j:03d}"
+        assert R[j][j] - R[-1][j] == pytest.approx(metrics[key], abs=1e-6)
+
+
+def test_tensorboard_logger_writes_event_file_offline(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    bm = _benchmark(task_labels=False)
+    evaluator, accuracy = build_evaluator(["tensorboard"], tmp_path, progress=False)
+    strategy = _naive(_model(multitask=False), evaluator)
+    for exp in list(bm.train_stream)[:2]:
+        strategy.train(exp)
+        strategy.eval(bm.test_stream)
+    close_loggers(evaluator)
+    files = list((tmp_path / "tb").glob("events.out.tfevents*"))
+    assert files
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    stream_acc = events.Scalars("Top1_Acc_Stream/eval_phase/test_stream/Task000")
+    assert len(stream_acc) == 2
+    # the stream accuracy over equal-sized experiences is the mean of the matrix's row
+    assert stream_acc[-1].value == pytest.approx(np.mean(accuracy.matrix()[-1]), abs=1e-6)
+    assert "Time_Epoch/train_phase/train_stream/Task000" in events.Tags()["scalars"]
+
+
+def test_csv_and_text_loggers_write_files(tmp_path, capsys):
+    bm = _benchmark(task_labels=False)
+    evaluator, _ = build_evaluator(["interactive", "csv", "text"], tmp_path, progress=True)
+    strategy = _naive(_model(multitask=False), evaluator)
+    for exp in list(bm.train_stream)[:2]:
+        strategy.train(exp)
+        strategy.eval(bm.test_stream)
+    close_loggers(evaluator)
+    eval_rows = (tmp_path / "csv" / "eval_results.csv").read_text().strip().splitlines()
+    assert eval_rows[0] == "eval_exp,training_exp,eval_accuracy,eval_loss,forgetting"
+    assert len(eval_rows) == 1 + 2 * N_EXP  # two evaluations of the three test experiences
+    train_rows = (tmp_path / "csv" / "training_results.csv").read_text().strip().splitlines()
+    assert len(train_rows) == 1 + 2 * 2  # two experiences of two epochs
+    assert "Top1_Acc_Stream/eval_phase/test_stream" in (tmp_path / "log.txt").read_text()
+    print("stdout stays open")  # close_loggers closed the files, not the interactive logger's stdout
+    assert "stdout stays open" in capsys.readouterr().out
+
+
+def test_wandb_logger_runs_offline_under_output_dir(tmp_path):
+    bm = _benchmark(task_labels=False)
+    evaluator, _ = build_evaluator(["wandb"], tmp_path / "run", progress=False)
+    strategy = _naive(_model(multitask=False), evaluator)
+    strategy.train(bm.train_stream[0])
+    strategy.eval(bm.test_stream)
+    close_loggers(evaluator)
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_wandb_missing_is_one_line_naming_pip_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
+    with pytest.raises(ConfigError, match="pip install wandb") as err:
+        build_evaluator(["wandb"], tmp_path, progress=False)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_logger_names_the_valid_choices(tmp_path, capsys):
+    with pytest.raises(ConfigError) as err:
+        build_evaluator(["interactive", "mlflow"], tmp_path, progress=True)
+    assert "mlflow" in str(err.value) and all(name in str(err.value) for name in LOGGERS)
+    from modnet.cli import main
+
+    assert main(["cl", "loggers=[tensorbord]", f"output_dir={tmp_path / 'o'}"]) == 2
+    msg = capsys.readouterr().err
+    assert "tensorbord" in msg and "tensorboard" in msg
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_progress_false_drops_the_interactive_logger_and_the_unshown_metrics(tmp_path):
+    from avalanche.logging import InteractiveLogger
+
+    evaluator, accuracy = build_evaluator(["interactive"], tmp_path, progress=False)
+    assert evaluator.loggers == [] and evaluator.metrics == [accuracy]
+    evaluator, accuracy = build_evaluator(["interactive"], tmp_path, progress=True)
+    assert [type(lg) for lg in evaluator.loggers] == [InteractiveLogger] and len(evaluator.metrics) > 1
+
+
+# -- mean and std over runs --------------------------------------------------------------------------
+def _run(acc, forgetting, seconds, matrix=None):
+    return {"accuracy_matrix": matrix or [[acc]], "average_accuracy": acc, "forgetting": forgetting,
+            "bwt": -forgetting, "train_seconds": seconds}
+
+
+def test_aggregate_runs_matches_hand_computed_mean_and_std():
+    records = [{"benchmark": "digits", "strategy": "naive", "acc": a, "sec": s}
+               for a, s in ((0.6, 10.0), (0.8, 14.0), (1.0, 12.0))]
+    records.append({"benchmark": "digits", "strategy": "ewc", "acc": 0.5, "sec": math.nan})
+    stats = aggregate_runs(records, by=["benchmark", "strategy"], metrics=["acc", "sec"])
+    rows = {r["strategy"]: r for r in stats.to_dict("records")}
+    assert list(stats["strategy"]) == ["ewc", "naive"]  # sorted by setting
+    naive = rows["naive"]
+    # acc 0.6, 0.8, 1.0: mean 0.8, squared deviations 0.04, 0, 0.04 -> population variance 0.08 / 3
+    assert naive["n"] == 3 and naive["acc_mean"] == pytest.approx(0.8)
+    assert naive["acc_std"] == pytest.approx(math.sqrt(0.08 / 3))
+    # sec 10, 14, 12: mean 12, squared deviations 4, 4, 0 -> variance 8 / 3
+    assert naive["sec_mean"] == pytest.approx(12.0) and naive["sec_std"] == pytest.approx(math.sqrt(8 / 3))
+    ewc = rows["ewc"]
+    assert ewc["n"] == 1 and ewc["acc_mean"] == 0.5 and ewc["acc_std"] == 0.0
+    assert ewc["sec_count"] == 0 and math.isnan(ewc["sec_mean"])  # a NaN value is left out
+    sample = aggregate_runs(records, by=["strategy"], metrics=["acc"], ddof=1).set_index("strategy")
+    assert sample.loc["naive", "acc_std"] == pytest.approx(0.2)  # sqrt(0.08 / 2)
+    assert math.isnan(sample.loc["ewc", "acc_std"])  # one run has no sample std
+
+
+def test_ddof1_std_equals_numpys():
+    values = np.random.default_rng(3).normal(size=7)
+    stats = aggregate_runs([{"v": v} for v in values], by=(), metrics=["v"], ddof=1).iloc[0]
+    assert stats["v_std"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+    assert stats["v_mean"] == pytest.approx(np.mean(values), abs=1e-12)
+    population = aggregate_runs([{"v": v} for v in values], by=(), metrics=["v"]).iloc[0]
+    assert population["v_std"] == pytest.approx(np.std(values), abs=1e-12)
+
+
+def test_aggregate_seeds_means_the_matrices_and_the_scalars():
+    runs = [_run(0.6, 0.2, 10.0, [[0.9, 0.1], [0.7, 0.5]]), _run(0.8, 0.1, 14.0, [[0.8, 0.3], [0.7, 0.9]]),
+            _run(1.0, 0.0, 12.0, [[1.0, 0.2], [1.0, 1.0]])]
+    out = aggregate_seeds(runs)
+    np.testing.assert_allclose(out["accuracy_matrix"], [[0.9, 0.2], [0.8, 0.8]], atol=1e-12)
+    assert out["average_accuracy"] == pytest.approx(0.8)
+    assert out["average_accuracy_std"] == pytest.approx(math.sqrt(0.08 / 3))
+    assert out["forgetting"] == pytest.approx(0.1) and out["bwt_std"] == pytest.approx(math.sqrt(0.02 / 3))
+    assert out["per_seed"] == runs
+
+
+def test_single_seed_table_has_no_plus_minus():
+    one = format_table({"naive": aggregate_seeds([_run(0.6, 0.2, 10.0)])})
+    assert "±" not in one and "| naive | 0.6000 | 0.2000 | -0.2000 | 10.0 |" in one
+    two = format_table({"naive": aggregate_seeds([_run(0.6, 0.2, 10.0), _run(0.8, 0.0, 12.0)])})
+    assert "| naive | 0.7000 ± 0.1000 | 0.1000 ± 0.1000 | -0.1000 ± 0.1000 | 11.0 ± 1.0 |" in two
+    assert mean_std_cell(0.5, 0.0, 1) == "0.5000" and mean_std_cell(None, None, 0) == "n/a"
+
+
+def test_gzsl_aggregate_keeps_its_keys_and_single_seed_table_has_no_plus_minus():
+    from modnet.jobs.gzsl import _aggregate
+    from modnet.jobs.gzsl import format_table as gzsl_table
+
+    def seed(u, s, h, gamma):
+        metrics = {"U": u, "S": s, "H": h, "zsl_accuracy": u}
+        return {"niwt": {**metrics, "gamma": gamma, "uncalibrated": dict(metrics)}}
+
+    out = _aggregate([seed(0.2, 0.6, 0.3, 0.5), seed(0.4, 0.8, 0.5, 1.5)])
+    niwt = out["niwt"]
+    assert list(niwt) == ["U", "U_std", "S", "S_std", "H", "H_std", "zsl_accuracy", "zsl_accuracy_std", "gamma",
+                          "gamma_std", "uncalibrated"]
+    assert list(niwt["uncalibrated"]) == ["U", "S", "H", "zsl_accuracy", "U_std", "S_std", "H_std",
+                                          "zsl_accuracy_std"]
+    assert niwt["H"] == pytest.approx(0.4) and niwt["H_std"] == pytest.approx(0.1)
+    assert niwt["gamma"] == pytest.approx(1.0) and niwt["uncalibrated"]["S_std"] == pytest.approx(0.1)
+    json.dumps(out)  # plain floats
+    assert "±" in gzsl_table(out, 2)
+    single = gzsl_table(_aggregate([seed(0.2, 0.6, 0.3, 0.5)]), 1)
+    assert "±" not in single and "| niwt | 0.200 | 0.600 | 0.300 | 0.200 | 0.5 | 0.300 |" in single
