@@ -27,7 +27,7 @@ class _DriftProbe:
         self.probe, self.first = probe, None
 
     def after_training_exp(self, index, strategy):
-        from modnet.methods.drift import snapshot
+        from modnet.eval.drift import snapshot
 
         if index == 0:
             self.first = snapshot(strategy.model, self.probe)
@@ -73,7 +73,7 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> di
     result = {**summarize(record.rows), "train_seconds": record.train_seconds,
               "network": describe_network(strategy.model)}
     if hooks and hooks[0].first is not None and n > 1:
-        from modnet.methods.drift import plot_drift, snapshot
+        from modnet.eval.drift import plot_drift, snapshot
 
         last = snapshot(strategy.model, hooks[0].probe)
         result["first_experience_cka"] = plot_drift(hooks[0].first, last, out_dir / f"cka_{name}_seed{seed}.png",
