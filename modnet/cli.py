@@ -35,7 +35,8 @@ def _call(job: str, overrides: list[str]):
 
 
 def run_default(overrides: list[str]) -> dict:
-    """``modnet run``: the continual-learning comparison, then GZSL and explanations, on embedded data."""
+    """``modnet run``: the continual-learning comparison, then GZSL and explanations (of the modular network
+    the comparison trained), on embedded data."""
     out = "outputs/run"
     for o in overrides:
         if o.startswith("output_dir="):
@@ -44,7 +45,10 @@ def run_default(overrides: list[str]) -> dict:
     results = {"cl": _call("cl", [f"output_dir={Path(out) / 'cl'}", *rest])}
     for job in ("gzsl", "explain"):
         if importlib.util.find_spec(JOBS[job][1].split(":")[0]) is not None:
-            results[job] = _call(job, [f"output_dir={Path(out) / job}"])
+            job_overrides = [f"output_dir={Path(out) / job}"]
+            if job == "explain" and any((Path(out) / "cl" / "checkpoints").glob("modnet_seed*_final.pt")):
+                job_overrides.append(f"run_dir={Path(out) / 'cl'}")  # the modular network the cl run trained
+            results[job] = _call(job, job_overrides)
     return results
 
 

@@ -1,11 +1,14 @@
-"""Explanations against planted structure: hand-built bar detectors, planted attribute maps, PNG sizes.
+"""Explanations against planted structure: hand-built bar detectors, planted attribute maps, PNG sizes, and
+``modnet explain`` on the modular networks of tiny ``modnet cl`` runs.
 
 The CNN below is built by hand: channels 0-1 detect horizontal bars, channels 2-3 vertical bars. For a
 score that is a linear function of globally pooled activations, Grad-CAM has a closed form (Selvaraju et al.
 2017, Sec. 3.1: it reduces to CAM of Zhou et al. 2016): alpha_k = w_k / (HW) and CAM = ReLU(sum_k w_k A_k)/(HW).
+For a fully connected modular network, a module's gradient x input has one too (``hand_input_x_gradient``).
 """
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -14,8 +17,9 @@ import torch
 from matplotlib import image as mpimg
 from torch import nn
 
-from modnet.explain.gradcam import (ClassGradCAM, ModuleGradCAM, explain_in_words, module_attributes, save_overlay,
-                            save_overlay_grid, write_explanations_md)
+from modnet.explain.gradcam import (ClassGradCAM, ModuleGradCAM, explain_in_words, module_attributes,
+                                    save_attribution_bars, save_map_figure, save_overlay, save_overlay_grid,
+                                    write_module_explanations_md)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 MODULES = {"horizontal": [0, 1], "vertical": [2, 3]}
@@ -232,60 +236,260 @@ def test_overlay_grid_png(tmp_path):
     assert png.shape[:2] == (200, 200)  # 2 x 2 panels (input + 3 maps) of 100 px
 
 
-# -- (5) explanations.md ---------------------------------------------------------------------------------------
-def test_explanations_md_names_attributes_per_class_and_module(tmp_path):
+# -- (5) gradient x input of a module at a layer without space -----------------------------------------------
+def test_module_input_x_gradient_equals_closed_form():
+    """score = sum_{u in m} ReLU(W x + b)_u  =>  gradient x input = x * sum_{u in m, active} W_u."""
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    x = torch.randn(4, 6)
+    modules = {"a": [0, 1, 2], "b": [3, 4]}
+    attribution = ModuleGradCAM(net, net[1], modules).input_x_gradient(x, ["a", "b", "b", "a"])
+    W, active = net[0].weight.detach(), (net[0](x) > 0).float().detach()
+    for i, name in enumerate(["a", "b", "b", "a"]):
+        units = modules[name]
+        expected = x[i] * (active[i, units, None] * W[units]).sum(0)
+        torch.testing.assert_close(attribution[i], expected)
+    with pytest.raises(ValueError, match="spatial"):
+        ModuleGradCAM(net, net[1], modules)(x, "a")  # no Grad-CAM without space
+
+
+def test_map_figure_and_attribution_bars(tmp_path):
+    heat = torch.zeros(8, 8)
+    heat[2, 3], heat[5, 5] = 1.0, -0.5
+    png = mpimg.imread(save_map_figure(torch.rand(1, 8, 8), heat, tmp_path / "map.png", "module m", signed=True,
+                                       panel_inches=2.0, dpi=50))
+    assert png.shape[0] == 125 and png.shape[1] == 330  # (3 x 2 + 0.6) x (2 + 0.5) inches at 50 dpi
+    bars = mpimg.imread(save_attribution_bars(torch.rand(10), torch.randn(10), tmp_path / "bars.png", "m",
+                                              width_inches=4.0, dpi=50))
+    assert bars.shape[:2] == (220, 200)
+    with pytest.raises(ValueError, match="attributions"):
+        save_attribution_bars(torch.rand(10), torch.randn(9), tmp_path / "bad.png", "m")
+
+
+# -- (6) explanations.md ---------------------------------------------------------------------------------------
+def test_explanations_md_names_attributes_per_module(tmp_path):
     importance, modules, W, K, names = planted_modules()
-    classes = {"zebra": 1, "otter": 2}
-    per_class = {c: explain_in_words(W[j], W, names, top_k=3) for c, j in classes.items()}
     per_module = module_attributes(importance, modules, W, names, top_k=3)
-    path = write_explanations_md(tmp_path / "explanations.md", per_class, per_module, module_units=modules,
-                                 class_images={"zebra": "zebra.png"})
-    text = path.read_text()
-    sections = dict(re.findall(r"### (?:Class|Module) `([^`]+)`\n(.*?)(?=\n### |\n## |\Z)", text, re.S))
-    assert set(sections) == {"zebra", "otter", "m0", "m1", "m2"}
-    expected_first = {"zebra": "striped", "otter": "aquatic", "m0": "furry", "m1": "striped", "m2": "aquatic"}
-    for name, attribute in expected_first.items():
+    entries = {"layer0": {m: {"units": modules[m], "attributes": per_module[m], "image": f"layer0_{m}.png"}
+                          for m in modules}}
+    per_class = {"layer0": {"zebra": explain_in_words(W[1], W, names, top_k=2)}}
+    text = write_module_explanations_md(tmp_path / "explanations.md", entries, per_class,
+                                        {"layer0": "30 units in 3 modules."}).read_text()
+    sections = dict(re.findall(r"### Module `([^`]+)` \(\d+ units\)\n(.*?)(?=\n### |\n## |\Z)", text, re.S))
+    assert set(sections) == {"m0", "m1", "m2"}
+    for name, attribute in {"m0": "furry", "m1": "striped", "m2": "aquatic"}.items():
         rows = re.findall(r"^\| 1 \| (\S+) \| ([+-][0-9.]+) \|$", sections[name], re.M)
         assert rows and rows[0][0] == attribute
-    assert "zebra.png" in sections["zebra"] and "Units: 0, 1, 2" in sections["m0"]
+        assert f"layer0_{name}.png" in sections[name]
+    assert "Units: 0, 1, 2" in sections["m0"] and "30 units in 3 modules." in text
+    assert re.search(r"^\| zebra \| striped \(", text, re.M)
 
 
-# -- the explain job end to end on the embedded digits ------------------------------------------------------
-def test_explain_job_on_digits(tmp_path):
+# -- (7) `modnet explain` on the networks of `modnet cl` runs ---------------------------------------------------
+# tiny runs: 2 experiences of digits, 1 epoch, small widths (the explanation, not the accuracy, is tested)
+CL_RUN = ["benchmark=digits", "benchmark.n_experiences=2", "scenario=task", "strategies=[modnet]", "train.epochs=1",
+          "progress=false", "threads=1", "model.hidden=32", "model.cnn_channels=[8,16]", "modules.cluster.steps=50",
+          "modules.profile_samples=128"]
+EXPLAIN = ["threads=1", "niwt.map_epochs=40", "explain.max_test_samples=200", "explain.module_grids=false"]
+
+
+@pytest.fixture(scope="module")
+def cl_runs(tmp_path_factory):
+    """{"image": run folder of a HATCNN on 1x8x8 digits, "vector": of a HATMLP on 64-d digit vectors}."""
+    from modnet.config import compose
+    from modnet.jobs.cl import run_cl
+
+    runs = {}
+    for kind, image in (("image", "true"), ("vector", "false")):
+        out = tmp_path_factory.mktemp(f"cl_{kind}")
+        run_cl(compose("cl", [*CL_RUN, f"benchmark.image={image}", f"output_dir={out}"]))
+        runs[kind] = out
+    return runs
+
+
+@pytest.fixture(scope="module")
+def explained(cl_runs, tmp_path_factory):
+    """kind -> (explain output folder, explanations.json) of ``modnet explain run_dir=<the cl run>``."""
     from modnet.config import compose
     from modnet.jobs.explain import run_explain
+
+    done = {}
+    for kind, run_dir in cl_runs.items():
+        out = tmp_path_factory.mktemp(f"explain_{kind}")
+        grids = "true" if kind == "image" else "false"
+        run_explain(compose("explain", [*EXPLAIN, f"run_dir={run_dir}", f"output_dir={out}",
+                                        f"explain.module_grids={grids}"]))
+        done[kind] = (out, json.loads((out / "explanations.json").read_text()))
+    return done
+
+
+def _recorded_network(run_dir):
+    return json.loads((run_dir / "results.json").read_text())["strategies"]["modnet"]["network"]
+
+
+@pytest.mark.parametrize("kind", ["image", "vector"])
+def test_explain_run_dir_explains_exactly_the_gated_modules(kind, cl_runs, explained):
     from scenarios.zsl import DIGIT_ATTRIBUTE_NAMES
 
-    cfg = compose("explain", [f"output_dir={tmp_path}", "threads=1", "train.epochs=10", "niwt.map_epochs=100",
-                              "niwt.max_iterations=60", "explain.module_grids=false"])
+    out, result = explained[kind]
+    network = _recorded_network(cl_runs[kind])
+    assert network["class"] == {"image": "HATCNN", "vector": "HATMLP"}[kind] == result["network"]
+    assert result["task"] == 1  # the latest task
+    assert list(result["modules"]) == [f"layer{i}" for i in range(len(network["layers"]))]
+    for i, layer in enumerate(network["layers"]):
+        explained_layer = result["modules"][f"layer{i}"]
+        assert list(explained_layer) == [f"module{m}" for m in range(len(layer["modules"]))]
+        assert [entry["units"] for entry in explained_layer.values()] == layer["modules"]
+        assert [entry["units"] for entry in explained_layer.values()] == network["modules_by_task"]["1"][i]
+        for entry in explained_layer.values():
+            assert set(entry) == {"units", "attributes", "image"}
+            assert mpimg.imread(out / entry["image"]).shape[0] > 100  # one PNG per module
+            assert len(entry["attributes"]) == 3 and {a for a, _ in entry["attributes"]} <= set(DIGIT_ATTRIBUTE_NAMES)
+    expected_kinds = (["grad_cam", "grad_cam", "input_x_gradient"] if kind == "image"
+                      else ["input_x_gradient", "input_x_gradient"])
+    assert list(result["maps"]["kind"].values()) == expected_kinds
+    text = (out / "explanations.md").read_text()
+    assert text.count("### Module `") == sum(len(layer["modules"]) for layer in network["layers"])
+    if kind == "image":
+        assert (out / "layer0_modules.png").is_file()
+
+
+def _loaded(run_dir):
+    from omegaconf import OmegaConf
+
+    from modnet.nets.record import load_network
+
+    return load_network(run_dir / "checkpoints" / "modnet_seed0_final.pt", OmegaConf.load(run_dir / "config.yaml"))
+
+
+def hand_input_x_gradient(model, task, layer, units, x):
+    """Gradient x input of sum_{u in units} h_layer(x)_u for a HATMLP, by the chain rule on its weights:
+    h_l = m_l * ReLU(W_l h_{l-1} + b_l), m_l the task's mask times the module gates for x (held fixed)."""
+    with torch.no_grad():
+        masks = [m.reshape(-1) for m in model.unit_masks(x[None], task)]
+        h, pre = x.reshape(-1), []
+        for linear, m in zip(model.masked[:layer + 1], masks):
+            z = linear.weight @ h + linear.bias
+            pre.append(z)
+            h = m * z.clamp_min(0)
+        grad = torch.zeros_like(pre[layer])
+        grad[units] = 1.0
+        for i in range(layer, -1, -1):  # d/dh_{i-1} of the sum, layer by layer
+            grad = model.masked[i].weight.T @ (grad * masks[i] * (pre[i] > 0).float())
+        return (grad * x.reshape(-1)).reshape(x.shape)
+
+
+def test_mlp_module_map_is_gradient_x_input_of_its_summed_units(cl_runs, explained):
+    out, result = explained["vector"]
+    model = _loaded(cl_runs["vector"])
+    maps = np.load(out / "module_maps.npz")
+    for layer, modules in result["modules"].items():
+        for module, entry in modules.items():
+            x = torch.as_tensor(maps[f"{layer}/{module}/input"])
+            expected = hand_input_x_gradient(model, result["task"], int(layer[5:]), entry["units"], x)
+            torch.testing.assert_close(torch.as_tensor(maps[f"{layer}/{module}/map"]), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["image", "vector"])
+def test_module_maps_differ_between_modules(kind, cl_runs, explained):
+    from modnet.explain.network import ModuleMaps, gated_modules
+
+    model = _loaded(cl_runs[kind])
+    task = explained[kind][1]["task"]
+    x = torch.as_tensor(np.load(explained[kind][0] / "module_maps.npz")["layer0/module0/input"])[None]
+    gates = model.gate.task_gate(task)
+    pairs = 0
+    for layer, modules in enumerate(gated_modules(model, task)):
+        on = [m for j, m in enumerate(modules) if gates.layer_module_gates(x.flatten(1), layer)[0, j] > 0]
+        maps = ModuleMaps(model, task, layer, modules)
+        scores = maps.scores(x)[0]
+        live = [m for m in on if scores[list(modules).index(m)] > 0]  # switched on, and some unit fires
+        drawn = maps(x.expand(len(live), *x.shape[1:]), live)
+        for a in range(len(live)):
+            for b in range(a + 1, len(live)):
+                assert not torch.allclose(drawn[a], drawn[b], atol=1e-6), (layer, live[a], live[b])
+                pairs += 1
+    assert pairs >= 1
+
+
+def test_explain_an_earlier_task(cl_runs, tmp_path):
+    from modnet.config import compose
+    from modnet.jobs.explain import run_explain
+
+    result = run_explain(compose("explain", [*EXPLAIN, f"run_dir={cl_runs['vector']}", f"output_dir={tmp_path}",
+                                             "explain.task=0", "explain.layers=[1]"]))
+    recorded = _recorded_network(cl_runs["vector"])["modules_by_task"]["0"][1]
+    assert result["task"] == 0 and list(result["modules"]) == ["layer1"]
+    assert [entry["units"] for entry in result["modules"]["layer1"].values()] == recorded
+
+
+def test_run_dir_errors_are_one_line(cl_runs, tmp_path, capsys):
+    from modnet.cli import main
+
+    assert main(["explain", f"run_dir={tmp_path / 'missing'}", f"output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not exist" in err
+    baseline = tmp_path / "baseline_run"
+    (baseline / "checkpoints").mkdir(parents=True)
+    for name in ("config.yaml", "results.json"):
+        (baseline / name).write_text((cl_runs["vector"] / name).read_text())
+    assert main(["explain", f"run_dir={baseline}", f"output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no modnet checkpoint" in err
+    assert main(["explain", f"run_dir={cl_runs['vector']}", f"output_dir={tmp_path / 'out'}", "explain.task=5"]) == 2
+    assert "tasks with module gates are [0, 1]" in capsys.readouterr().err
+
+
+def test_explain_a_zero_shot_run_folder(tmp_path):
+    """A ``modnet gzsl`` folder: a top-level ``network`` in results.json, a GZSL ``benchmark`` block, heads over
+    dataset class ids. Made here from a class-incremental cl run (its heads hold dataset class ids)."""
+    import shutil
+
+    import yaml
+
+    from modnet.config import compose
+    from modnet.jobs.cl import run_cl
+    from modnet.jobs.explain import run_explain
+
+    cl_dir, gzsl_dir = tmp_path / "cl", tmp_path / "gzsl"
+    run_cl(compose("cl", [*CL_RUN, "scenario=class", f"output_dir={cl_dir}"]))
+    shutil.copytree(cl_dir / "checkpoints", gzsl_dir / "checkpoints")
+    run_cfg = yaml.safe_load((cl_dir / "config.yaml").read_text())
+    run_cfg["benchmark"] = {"name": "digits", "path": None, "unseen_classes": [2, 7], "test_fraction": 0.3,
+                            "images": False}
+    (gzsl_dir / "config.yaml").write_text(yaml.safe_dump(run_cfg))
+    network = _recorded_network(cl_dir)
+    (gzsl_dir / "results.json").write_text(json.dumps({"seed": 0, "network": network}))
+    result = run_explain(compose("explain", [*EXPLAIN, f"run_dir={gzsl_dir}", f"output_dir={tmp_path / 'out'}"]))
+    for i, layer in enumerate(network["layers"]):
+        assert [entry["units"] for entry in result["modules"][f"layer{i}"].values()] == layer["modules"]
+    task_classes = json.loads((cl_dir / "results.json").read_text())["classes_per_experience"][result["task"]]
+    assert set(result["per_class"]["layer0"]) == {str(c) for c in task_classes}  # named by dataset class id
+
+
+# -- (8) without run_dir: a modular network trained here ------------------------------------------------------
+def test_explain_trains_a_modular_network_here(tmp_path):
+    from modnet.config import compose
+    from modnet.jobs.explain import run_explain
+
+    cfg = compose("explain", [*EXPLAIN, f"output_dir={tmp_path}", "train.epochs=1",
+                              "train.cl_overrides=['model.hidden=32','model.cnn_channels=[8,16]']"])
     result = run_explain(cfg)
-    assert result["gzsl"]["S"] > 0.8  # a CNN on 8x8 digits separates the seen classes
-
-    modules = result["modules"]
-    units = [u for members in modules.values() for u in members]
-    assert modules and len(units) == len(set(units)) and set(units) <= set(range(cfg.model.channels[-1]))
-
-    # Digit 1 is the two right-hand segments and nothing else: the inverse map must name exactly those first.
-    top_two = {name for name, _ in result["per_class"]["1 (seen)"][:2]}
-    assert top_two == {"segment_upper_right", "segment_lower_right"}
-
-    text = (tmp_path / "explanations.md").read_text()
-    sections = dict(re.findall(r"### (?:Class|Module) `([^`]+)`\n(.*?)(?=\n### |\n## |\Z)", text, re.S))
-    classes = [f"{d} ({'unseen' if d in (2, 7) else 'seen'})" for d in range(10)]
-    assert set(sections) == set(classes) | set(modules)
-    for section in sections.values():
-        named = re.findall(r"^\| \d+ \| (\S+) \| [+-][0-9.]+ \|$", section, re.M)
-        assert len(named) == cfg.explain.top_k and set(named) <= set(DIGIT_ATTRIBUTE_NAMES)
-    for png in [f"class_{d}.png" for d in range(10)] + [f"{m}.png" for m in modules]:
-        assert mpimg.imread(tmp_path / png).shape[:2] == (224, 224)
+    assert result["network"] == "HATCNN" and result["source"]["trained_here"]["classes"] == [0, 1, 3, 4, 5, 6, 8, 9]
+    for layer, units in zip(result["modules"].values(), (8, 16, 32)):
+        members = [u for entry in layer.values() for u in entry["units"]]
+        assert sorted(members) == list(range(units))  # the gate's modules partition the layer's units
+        assert all((tmp_path / entry["image"]).is_file() for entry in layer.values())
 
 
 def test_explain_job_rejects_bad_config(tmp_path):
     from modnet.config import ConfigError, compose
     from modnet.jobs.explain import run_explain
 
-    with pytest.raises(ConfigError, match="modules.method"):
-        run_explain(compose("explain", [f"output_dir={tmp_path}", "modules.method=kmeans"]))
+    with pytest.raises(ConfigError, match="explain.backend"):
+        run_explain(compose("explain", [f"output_dir={tmp_path}", "explain.backend=shap"]))
+    with pytest.raises(ConfigError, match="train.scenario"):
+        run_explain(compose("explain", [f"output_dir={tmp_path}", "train.scenario=domain"]))
     with pytest.raises(ConfigError, match="choose one of benchmark=digits, npz"):
         compose("explain", [f"output_dir={tmp_path}", "benchmark=awa2"])  # features: no images for Grad-CAM
 

@@ -14,7 +14,10 @@ style of pytorch-grad-cam's ``base_cam.py``):
   where the module's channels fire together.
 
 captum's ``LayerGradCam`` does the gradients and the weighting; pytorch-grad-cam (``grad-cam`` package) is
-an alternative backend. Overlays are drawn with matplotlib's Agg canvas (no pyplot state).
+an alternative backend. A layer without space (a fully connected layer: B x units) has no Grad-CAM; its
+score (for a module: the sum of its units' outputs) is attributed to the input instead, by gradient x input
+(``input_x_gradient``, captum's ``InputXGradient``): x * dy/dx, one value per input entry. Figures are drawn
+with matplotlib's Agg canvas (no pyplot state).
 
 Textual (NIWT, seed 003, Sec. 5 "Explaining NIWT"). NIWT learns a linear map from a class's domain knowledge
 k in R^A to its neuron importance a in R^N. Its inverse, importance -> knowledge, scores every attribute for
@@ -76,6 +79,20 @@ class TargetGradCAM:
     # -- scores through a hook on the layer -----------------------------------------------------------
     def scores(self, inputs: Tensor) -> Tensor:
         """Run the model once and return ``target_score`` of its logits and of the layer's activation."""
+        logits, activation = self._forward(inputs)
+        return self.target_score(logits, activation)
+
+    def _spatial_scores(self, inputs: Tensor) -> Tensor:
+        """``scores``, for Grad-CAM: the layer's output must have spatial dimensions."""
+        logits, activation = self._forward(inputs)
+        if activation.dim() < 3:
+            raise ValueError(f"Grad-CAM needs a layer with spatial output (B, C, H, W); this layer gives "
+                             f"{tuple(activation.shape)}. Use a convolutional layer (NIWT: one block before the "
+                             "global pooling), or input_x_gradient for a layer without space.")
+        return self.target_score(logits, activation)
+
+    def _forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """(the model's output, the layer's output) of one forward pass."""
         captured: list[Tensor] = []
         handle = self.layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
         try:
@@ -85,11 +102,9 @@ class TargetGradCAM:
         if not captured:
             raise ValueError("the layer was not called during model(inputs); pick a layer on the forward path")
         activation = captured[-1]
-        if not isinstance(activation, Tensor) or activation.dim() < 3:
-            shape = tuple(activation.shape) if isinstance(activation, Tensor) else type(activation).__name__
-            raise ValueError(f"Grad-CAM needs a layer with spatial output (B, C, H, W); this layer gives {shape}. "
-                             "Use a convolutional layer (NIWT: one block before the global pooling).")
-        return self.target_score(logits, activation)
+        if not isinstance(activation, Tensor):
+            raise ValueError(f"the layer must output one tensor, got {type(activation).__name__}")
+        return logits, activation
 
     @property
     def device(self) -> torch.device | None:
@@ -129,8 +144,20 @@ class TargetGradCAM:
         inputs = self._on_model_device(inputs)
         idx = self.target_indices(targets, inputs.shape[0], inputs.device)
         with _eval_mode(self.model):
-            cam = LayerGradCam(self.scores, self.layer).attribute(inputs, target=idx, relu_attributions=self.relu)
+            cam = LayerGradCam(self._spatial_scores, self.layer).attribute(inputs, target=idx,
+                                                                          relu_attributions=self.relu)
         return cam.squeeze(1).detach()
+
+    def input_x_gradient(self, inputs: Tensor, targets: Target) -> Tensor:
+        """Gradient x input of the target score: x * d y / d x, Tensor of the inputs' shape (captum's
+        ``InputXGradient``). Works at any layer, with or without space; signed (negative: the entry lowers
+        the score)."""
+        from captum.attr import InputXGradient
+
+        inputs = self._on_model_device(inputs).detach().requires_grad_(True)
+        idx = self.target_indices(targets, inputs.shape[0], inputs.device)
+        with _eval_mode(self.model):
+            return InputXGradient(self.scores).attribute(inputs, target=idx).detach()
 
     def __call__(self, inputs: Tensor, targets: Target, size: Sequence[int] | None = None,
                  normalize: bool = True) -> Tensor:
@@ -162,8 +189,9 @@ class TargetGradCAM:
         return torch.from_numpy(maps).to(inputs.device)
 
     def _on_model_device(self, inputs: Tensor) -> Tensor:
-        if not isinstance(inputs, Tensor) or inputs.dim() < 3:
-            raise ValueError("inputs must be a batch Tensor (B, C, H, W); add the batch dimension with x[None]")
+        if not isinstance(inputs, Tensor) or inputs.dim() < 2:
+            raise ValueError("inputs must be a batch Tensor (B, C, H, W) or (B, D); add the batch dimension "
+                             "with x[None]")
         return inputs if self.device is None else inputs.to(self.device)
 
 
@@ -183,6 +211,8 @@ class ModuleGradCAM(TargetGradCAM):
     """Grad-CAM of functional modules (channel groups of ``layer``): score = sum_{c in m} mean_space A_c.
 
     modules: name -> channel indices of the layer output. Targets: module name or position in ``modules``.
+    At a layer without space (B x units) the score is the sum of the module's unit outputs, explained by
+    ``input_x_gradient``.
     """
 
     def __init__(self, model: nn.Module, layer: nn.Module, modules: Mapping[str, Sequence[int]],
@@ -202,7 +232,7 @@ class ModuleGradCAM(TargetGradCAM):
         return member
 
     def target_score(self, logits: Tensor, activation: Tensor) -> Tensor:
-        pooled = activation.flatten(2).mean(dim=2)  # B x C, spatial mean per channel
+        pooled = activation.flatten(2).mean(dim=2) if activation.dim() > 2 else activation  # B x C
         return pooled @ self.membership(activation.shape[1], activation.device, activation.dtype)
 
 
@@ -212,7 +242,7 @@ class _ScoreModule(nn.Module):
     def __init__(self, cam: TargetGradCAM):
         super().__init__()
         self.inner = cam.model  # registered so that the library finds the parameters' device
-        self._scores = cam.scores
+        self._scores = cam._spatial_scores
 
     def forward(self, x: Tensor) -> Tensor:
         return self._scores(x)
@@ -318,15 +348,11 @@ def save_overlay_grid(image: Tensor, cams: Mapping[str, Tensor], path: str | Pat
     The PNG is ncols * panel_inches * dpi pixels wide and nrows * panel_inches * dpi high, with
     nrows = ceil((len(cams) + 1) / ncols).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if not cams:
         raise ValueError("cams is empty: give at least one {title: map}")
     ncols = max(1, min(int(ncols), len(cams) + 1))
     nrows = math.ceil((len(cams) + 1) / ncols)
-    fig = Figure(figsize=(ncols * panel_inches, nrows * panel_inches), dpi=dpi)
-    FigureCanvasAgg(fig)
+    fig = _figure(ncols * panel_inches, nrows * panel_inches, dpi)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     image = _as_chw(image)
     display = default_display_size(*image.shape[1:]) if size is None else tuple(size)
@@ -341,10 +367,80 @@ def save_overlay_grid(image: Tensor, cams: Mapping[str, Tensor], path: str | Pat
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
+    return _save(fig, path, dpi)
+
+
+def _figure(width_inches: float, height_inches: float, dpi: int):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_inches, height_inches), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | Path, dpi: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=dpi)
     return path
+
+
+def save_map_figure(image: Tensor, heat: Tensor, path: str | Path, title: str, signed: bool = False,
+                    cmap: str = "jet", signed_cmap: str = "RdBu_r", alpha: float = 0.6,
+                    size: Sequence[int] | None = None, panel_inches: float = 2.6, dpi: int = 100) -> Path:
+    """One map beside its input, as a PNG of three panels: the input, the map with a colour bar (its own
+    values), the map over the input (``overlay_rgb``).
+
+    image: [H, W], [1, H, W] or [3, H, W]. heat: [h, w] (any size). ``signed`` maps (gradient x input) are
+    drawn with ``signed_cmap`` centred on 0, and the overlay shows their positive part (what raises the score).
+    """
+    image = _as_chw(image).float().cpu()
+    heat = torch.as_tensor(heat).detach().float().cpu()
+    if heat.dim() != 2:
+        raise ValueError(f"heat must be one map [h, w], got shape {tuple(heat.shape)}")
+    fig = _figure(3 * panel_inches + 0.6, panel_inches + 0.5, dpi)
+    axes = fig.subplots(1, 3)
+    shown = image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)
+    axes[0].imshow(normalize_cam(shown.flatten()[None]).view_as(shown).numpy(), cmap="gray",
+                   interpolation="nearest")
+    axes[0].set_title("input", fontsize=8)
+    if signed:
+        bound = float(heat.abs().max().clamp_min(1e-12))
+        drawn = axes[1].imshow(heat.numpy(), cmap=signed_cmap, vmin=-bound, vmax=bound, interpolation="nearest")
+    else:
+        drawn = axes[1].imshow(heat.numpy(), cmap=cmap, interpolation="nearest")
+    fig.colorbar(drawn, ax=axes[1], fraction=0.046, pad=0.04)
+    axes[1].set_title("gradient x input" if signed else "Grad-CAM", fontsize=8)
+    axes[2].imshow(overlay_rgb(image, heat.clamp_min(0) if signed else heat, size, alpha, cmap))
+    axes[2].set_title("over the input", fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path, dpi)
+
+
+def save_attribution_bars(vector: Tensor, attribution: Tensor, path: str | Path, title: str,
+                          width_inches: float = 8.0, dpi: int = 100) -> Path:
+    """An attribution over the entries of an input without spatial layout (a feature vector), as a PNG of
+    two bar charts: the input's values above, the attribution per entry below (red raises the score,
+    blue lowers it)."""
+    vector = torch.as_tensor(vector).detach().float().cpu().flatten()
+    attribution = torch.as_tensor(attribution).detach().float().cpu().flatten()
+    if vector.numel() != attribution.numel():
+        raise ValueError(f"{vector.numel()} input entries but {attribution.numel()} attributions")
+    fig = _figure(width_inches, 4.4, dpi)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    entries = np.arange(vector.numel())
+    top.bar(entries, vector.numpy(), color="0.4", width=0.9)
+    top.set_ylabel("input", fontsize=8)
+    values = attribution.numpy()
+    bottom.bar(entries, values, color=np.where(values >= 0, "tab:red", "tab:blue"), width=0.9)
+    bottom.axhline(0.0, color="black", linewidth=0.5)
+    bottom.set_ylabel("gradient x input", fontsize=8)
+    bottom.set_xlabel("input entry", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path, dpi)
 
 
 def _as_chw(image: Tensor) -> Tensor:
@@ -455,36 +551,39 @@ def describe(ranked: RankedAttributes) -> str:
     return ", ".join(f"{name} ({score:+.3f})" for name, score in ranked)
 
 
-def write_explanations_md(path: str | Path, per_class: Mapping[str, RankedAttributes],
-                          per_module: Mapping[str, RankedAttributes],
-                          module_units: Mapping[str, Sequence[int]] | None = None,
-                          class_images: Mapping[str, str] | None = None,
-                          module_images: Mapping[str, str] | None = None,
-                          title: str = "Explanations", notes: Sequence[str] = ()) -> Path:
-    """Write a readable markdown report naming, per class and per module, the attributes with their scores.
+def write_module_explanations_md(path: str | Path, modules: Mapping[str, Mapping[str, Mapping]],
+                                 per_class: Mapping[str, Mapping[str, RankedAttributes]] | None = None,
+                                 layer_notes: Mapping[str, str] | None = None, title: str = "Explanations",
+                                 notes: Sequence[str] = ()) -> Path:
+    """Write a readable markdown report of a network's functional modules, layer by layer.
 
-    class_images / module_images: optional name -> PNG path (relative to the markdown file) shown inline.
+    modules: layer -> module -> {"units": [unit ids], "attributes": [(name, score)], "image": PNG path
+    relative to the markdown file}; per_class: layer -> class -> ranked attributes (optional);
+    layer_notes: layer -> one line shown under the layer's heading.
     """
     lines = [f"# {title}", ""]
     lines += [f"> {note}" for note in notes] + ([""] if notes else [])
     lines += ["Attribute scores come from the inverse of the knowledge -> importance map (NIWT): higher means "
-              "the attribute explains more of the importance behind the decision.", ""]
-    sections = [("Classes", "Class", per_class, class_images or {}, {}),
-                ("Functional modules", "Module", per_module, module_images or {}, module_units or {})]
-    for heading, kind, table, images, units in sections:
-        lines += [f"## {heading}", ""]
-        if not table:
-            lines += ["(none)", ""]
-        for name, ranked in table.items():
-            lines += [f"### {kind} `{name}`", ""]
-            if name in units:
-                lines += [f"Units: {', '.join(str(int(u)) for u in units[name])}", ""]
-            lines += [f"Explained by: {', '.join(a for a, _ in ranked)}", "",
-                      "| rank | attribute | score |", "|---:|---|---:|"]
-            lines += [f"| {r} | {a} | {s:+.4f} |" for r, (a, s) in enumerate(ranked, start=1)]
+              "the attribute explains more of the importance of the module's units.", ""]
+    for layer, layer_modules in modules.items():
+        lines += [f"## {layer}", ""]
+        if layer_notes and layer in layer_notes:
+            lines += [layer_notes[layer], ""]
+        for name, entry in layer_modules.items():
+            units = [int(u) for u in entry["units"]]
+            ranked = [(str(a), float(v)) for a, v in entry.get("attributes", [])]
+            lines += [f"### Module `{name}` ({len(units)} units)", "", f"Units: {', '.join(map(str, units))}", ""]
+            if ranked:
+                lines += [f"Explained by: {', '.join(a for a, _ in ranked)}", "",
+                          "| rank | attribute | score |", "|---:|---|---:|"]
+                lines += [f"| {r} | {a} | {v:+.4f} |" for r, (a, v) in enumerate(ranked, start=1)]
+                lines.append("")
+            if entry.get("image"):
+                lines += [f"![{layer} {name}]({entry['image']})", ""]
+        if per_class and per_class.get(layer):
+            lines += [f"### Classes at {layer}", "", "| class | attributes |", "|---|---|"]
+            lines += [f"| {c} | {describe(ranked)} |" for c, ranked in per_class[layer].items()]
             lines.append("")
-            if name in images:
-                lines += [f"![Grad-CAM of {kind.lower()} {name}]({images[name]})", ""]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
@@ -493,7 +592,8 @@ def write_explanations_md(path: str | Path, per_class: Mapping[str, RankedAttrib
 
 __all__ = [
     "TargetGradCAM", "ClassGradCAM", "ModuleGradCAM", "upsample_cam", "normalize_cam",
-    "default_display_size", "overlay_rgb", "save_overlay", "save_overlay_grid",
+    "default_display_size", "overlay_rgb", "save_overlay", "save_overlay_grid", "save_map_figure",
+    "save_attribution_bars",
     "ImportanceToKnowledge", "knowledge_scores", "rank_attributes", "explain_in_words", "module_attributes",
-    "describe", "write_explanations_md",
+    "describe", "write_module_explanations_md",
 ]

@@ -1,70 +1,83 @@
-"""``modnet explain``: Grad-CAM maps and textual explanations of classes and functional modules (NIWT step 4).
+"""``modnet explain``: Grad-CAM maps and attribute names of the functional modules of a trained modular network.
 
-Flow (configs/explain.yaml):
-1. GZSL data as images (default: scikit-learn's 8x8 digits with seven-segment attributes, ``scenarios.zsl``);
-   a small CNN is trained on the seen classes (torch).
-2. NIWT (``modnet.methods.niwt``) on a conv layer one block before the classifier's input: the knowledge -> importance
-   map and the unseen classes' output weights, giving a network that scores every class.
-3. Class importance of that network for every class (seen and unseen) on its test images
-   (``modnet.methods.niwt.class_importance``); the layer's channels are grouped into functional modules by clustering
-   their importance profiles (rows of importance^T) with SynC (``modnet.methods.sync``; scikit-learn's agglomerative
-   clustering when asked for, or when SynC finds fewer than ``modules.min_modules``).
-4. Grad-CAM overlays (``modnet.explain.gradcam``) of every class on one of its test images, of every module on the
-   test image that activates it most, and one grid per class with all modules; ``explanations.md`` naming,
-   per class and per module, the attributes through NIWT's inverse map importance -> knowledge.
+Where the network comes from (configs/explain.yaml):
+* ``run_dir=PATH``: the final network of a finished ``modnet cl`` run, or of a ``modnet gzsl`` run that
+  saves it the same way: ``PATH/checkpoints/modnet_seed{S}_final.pt`` rebuilt by
+  ``modnet.nets.record.load_network`` from the run's ``PATH/config.yaml``; its test inputs from the run's
+  benchmark, rebuilt with the same seed (a cl run: ``scenarios.build_benchmark``; a gzsl run:
+  ``scenarios.zsl.load_zsl_benchmark``).
+* no ``run_dir``: a modular network trained here with the ``modnet`` strategy (``make_strategy`` and
+  ``run_experiences``, the network and strategy settings of configs/cl.yaml) on the seen classes of ``data``.
+
+What is explained: the modules that one task's gates switch (``explain.task``, default the latest task),
+per masked layer (``modnet.explain.network``), exactly as the run's results.json records them (checked):
+1. a map per module, on the test input that drives the module most: Grad-CAM of its channels at a conv
+   layer, gradient x input of the sum of its unit outputs at a fully connected layer; drawn as a picture
+   when the input is an image (digit vectors are 8x8 images), as bars over the input's entries otherwise;
+2. words: NIWT's knowledge -> importance map, fitted at the layer's output on the run's classes (class
+   knowledge of the benchmark: digits' seven segments and loops, an npz's ``class_attributes``, xlsa17's
+   attributes); its inverse (importance -> knowledge) names the attributes of the module's share of the
+   class importance (``modnet.explain.gradcam.module_attributes``).
+Writes explanations.md, explanations.json, one PNG per module, module_maps.npz (each map and its input).
 """
 from __future__ import annotations
 
 import json
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
-from torch.nn import functional as F
+from torch import Tensor
 
-from modnet.config import ConfigError, check_choice, resolve_device
-from modnet.jobs.gzsl import fit_classifier
-from modnet.explain.gradcam import (BACKENDS, ClassGradCAM, ModuleGradCAM, explain_in_words, module_attributes, save_overlay,
-                            save_overlay_grid, write_explanations_md)
+from modnet.config import ConfigError, check_choice, compose, resolve_device
+from modnet.explain.gradcam import (BACKENDS, explain_in_words, module_attributes, save_attribution_bars,
+                                    save_map_figure, save_overlay_grid, write_module_explanations_md)
+from modnet.explain.network import (GRAD_CAM, INPUT_X_GRADIENT, ModuleMaps, TaskTest, gated_modules, gated_tasks,
+                                    tap_class_importance)
+from modnet.nets.models import HATNet
+from scenarios.base import SCENARIOS
 
-CLUSTERINGS = ("sync", "agglomerative")
+# the strategy whose final network a run folder holds (checkpoints/modnet_seed{S}_final.pt)
+RUN_STRATEGY = "modnet"
+# what a module's map is, at a conv layer (Grad-CAM) and at a fully connected one: (short name, description)
+MAP_NAMES = {GRAD_CAM: ("Grad-CAM", "Grad-CAM of the module's channels"),
+             INPUT_X_GRADIENT: ("gradient x input", "gradient x input of the sum of the module's unit outputs")}
 
 
-class SmallCNN(nn.Module):
-    """conv3x3-ReLU x len(channels) at full resolution (the last ReLU is the explained layer), maxpool 2,
-    a hidden fc layer (the penultimate features) and the linear classifier NIWT extends."""
+@dataclass
+class ClassKnowledge:
+    """Class-level domain knowledge: ``matrix`` [C, A] (row = dataset class id), names of its columns and rows."""
 
-    def __init__(self, in_shape: tuple[int, int, int], n_classes: int, channels=(16, 32), hidden: int = 64):
-        super().__init__()
-        c, h, w = in_shape
-        layers: list[nn.Module] = []
-        for ch in channels:
-            layers += [nn.Conv2d(c, ch, 3, padding=1), nn.ReLU()]
-            c = ch
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.MaxPool2d(2) if min(h, w) >= 2 else nn.Identity()
-        pooled = c * (h // 2) * (w // 2) if min(h, w) >= 2 else c * h * w
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(pooled, hidden), nn.ReLU())
-        self.classifier = nn.Linear(hidden, n_classes)
+    matrix: Tensor
+    attribute_names: list[str]
+    class_names: list[str]
 
-    @property
-    def explained_layer(self) -> nn.Module:
-        return self.features[-1]
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.fc(self.pool(self.features(x))))
+@dataclass
+class ExplainedNetwork:
+    """A trained modular network with what explaining it needs: test inputs per task (head), the class
+    knowledge (None: no words), the picture shape of an input (None: bar charts), the run's record of the
+    network (results.json's ``network``) and where it came from."""
+
+    model: HATNet
+    tests: list[TaskTest | None]
+    knowledge: ClassKnowledge | None
+    picture_shape: tuple[int, ...] | None
+    record: dict | None
+    source: dict
 
 
 def _check_config(cfg: DictConfig) -> None:
-    check_choice("modules.method", cfg.modules.method, CLUSTERINGS)
     check_choice("explain.backend", cfg.explain.backend, BACKENDS)
-    if cfg.explain.top_k < 1:
-        raise ConfigError(f"config explain.top_k must be >= 1, got {cfg.explain.top_k}")
-    if not cfg.model.channels:
-        raise ConfigError("config model.channels must name at least one conv layer, e.g. [16, 32]")
+    check_choice("niwt.inverse", cfg.niwt.inverse, ("lstsq", "pinv"))
+    check_choice("train.scenario", cfg.train.scenario, SCENARIOS)
+    for key in ("explain.top_k", "explain.max_test_samples", "train.experiences", "niwt.importance_batch_size"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"config {key} must be >= 1, got {OmegaConf.select(cfg, key)}")
 
 
 def _load_images(cfg: DictConfig):
@@ -77,138 +90,377 @@ def _load_images(cfg: DictConfig):
     return data
 
 
-def find_modules(importance: Tensor, cfg: DictConfig) -> tuple[dict[str, list[int]], str]:
-    """Functional modules of the layer: clusters of its units' importance profiles (importance^T, [N x C]).
+# ---------------------------------------------------------------------------------------------------------
+# The network: from a finished run, or trained here
+# ---------------------------------------------------------------------------------------------------------
+def load_run(cfg: DictConfig, device: torch.device) -> ExplainedNetwork:
+    """The final modular network of the run in ``cfg.run_dir``, with its benchmark's test inputs."""
+    from modnet.nets.record import load_network
 
-    Profiles are L2-normalised when ``modules.normalize`` (modules = units that matter for the same classes,
-    whatever their gradient scale). SynC outliers (-1) belong to no module. Returns (modules, method note).
-    """
-    profiles = importance.T.float()
-    if cfg.modules.normalize:
-        profiles = F.normalize(profiles, dim=1)
-    method = cfg.modules.method
-    labels = None
-    note = ""
-    if method == "sync":
-        from modnet.methods.sync import SynC
+    run_dir = Path(cfg.run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run_dir {run_dir} does not exist; give the output folder of a finished "
+                                "`modnet cl` (or `modnet gzsl`) run of the modnet strategy")
+    for name in ("config.yaml", "results.json"):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"run_dir {run_dir} has no {name}: not the output folder of a finished "
+                                    "`modnet cl` (or `modnet gzsl`) run")
+    run_cfg = OmegaConf.load(run_dir / "config.yaml")
+    results = json.loads((run_dir / "results.json").read_text())
+    seeds = results.get("seeds") or [results.get("seed", run_cfg.get("seed", 0))]
+    seed = int(seeds[0] if cfg.run_seed is None else cfg.run_seed)
+    checkpoint = run_dir / "checkpoints" / f"{RUN_STRATEGY}_seed{seed}_final.pt"
+    if not checkpoint.is_file():
+        found = sorted(p.name for p in (run_dir / "checkpoints").glob("*_final.pt"))
+        raise FileNotFoundError(f"run_dir {run_dir} has no modnet checkpoint checkpoints/{checkpoint.name} (final "
+                                f"networks there: {', '.join(found) or 'none'}); run the modnet strategy to the "
+                                "end, or choose run_seed")
+    model = load_network(checkpoint, run_cfg).to(device).eval()
+    record = _network_record(results, seeds, seed, run_dir)
+    limit, bcfg = cfg.explain.max_test_samples, run_cfg.benchmark
+    source = {"run_dir": str(run_dir), "checkpoint": str(checkpoint), "seed": seed}
+    if "strategies" in results:  # a continual-learning run: its Avalanche benchmark
+        from scenarios import build_benchmark
 
-        sync = SynC(eps=cfg.modules.eps, eps_rule=cfg.modules.eps_rule, k=cfg.modules.k)
-        labels = torch.as_tensor(sync.fit_predict(profiles))
-        note = f"SynC (eps={sync.eps_:.4g}, {int(sync.n_clusters_)} clusters, " \
-               f"{int((labels < 0).sum())} outlier units). "
-        if int(sync.n_clusters_) < cfg.modules.min_modules:
-            # one module explains nothing about a division of labour: fall back to a fixed count
-            note += f"Fewer than modules.min_modules={cfg.modules.min_modules}: "
-            labels = None
-    if labels is None:
-        from sklearn.cluster import AgglomerativeClustering
+        info = build_benchmark(bcfg, run_cfg.scenario, seed)
+        return ExplainedNetwork(model, stream_tests(info, model, limit, seed), benchmark_knowledge(bcfg),
+                                picture_shape(bcfg.name, info.input_shape), record, source)
+    data = zsl_run_data(bcfg, seed)  # a zero-shot run: its GZSL data, heads over dataset class ids
+    knowledge = ClassKnowledge(data.attributes, data.attribute_names or
+                               [f"attribute{a}" for a in range(data.attributes.shape[1])],
+                               data.class_names or [str(c) for c in range(data.n_classes)])
+    return ExplainedNetwork(model, zsl_tests(data, model, limit, seed), knowledge,
+                            picture_shape(bcfg.name, data.input_shape), record, source)
 
-        n_clusters = min(cfg.modules.n_clusters, profiles.shape[0])
-        labels = torch.as_tensor(AgglomerativeClustering(n_clusters=n_clusters).fit_predict(profiles.cpu().numpy()))
-        note += f"Agglomerative clustering (Ward, {n_clusters} clusters)."
-    modules = {f"module{m}": torch.nonzero(labels == m).flatten().tolist() for m in sorted(set(labels.tolist()))
-               if m >= 0}
-    return modules, note.strip()
+
+def _network_record(results: dict, seeds: list, seed: int, run_dir: Path) -> dict:
+    """results.json's record of the network of ``seed``: ``strategies.modnet.network`` (modnet cl) or a
+    top-level ``network`` (modnet gzsl); with several seeds, from the seed's ``per_seed`` entry."""
+    entry = results.get("strategies", {}).get(RUN_STRATEGY, results)
+    if "per_seed" in entry:
+        entry = entry["per_seed"][[int(s) for s in seeds].index(seed)]
+    if "network" not in entry:
+        raise ValueError(f"{run_dir / 'results.json'} records no network of the modnet strategy "
+                         "(strategies.modnet.network or network)")
+    return entry["network"]
+
+
+def train_here(cfg: DictConfig, device: torch.device) -> ExplainedNetwork:
+    """A modular network trained here with the modnet strategy on the seen classes of ``cfg.benchmark``, split into
+    ``train.experiences`` experiences; the network and strategy settings are configs/cl.yaml's, with
+    ``train.cl_overrides``."""
+    from modnet.eval.metrics import build_evaluator
+    from modnet.nets.record import describe_network
+    from modnet.runner.evaluation import stream_evaluator
+    from modnet.runner.runner import make_strategy, run_experiences, set_seed
+    from scenarios.base import split_benchmark
+
+    data = _load_images(cfg)
+    t = cfg.train
+    info = split_benchmark(f"{data.name}-seen", data.x_train, data.y_train, data.x_test_seen, data.y_test_seen,
+                           t.experiences, t.scenario, cfg.seed)
+    train_cfg = compose("cl", [f"scenario={t.scenario}", f"strategies=[{RUN_STRATEGY}]", f"seed={cfg.seed}",
+                               f"train.epochs={t.epochs}", "progress=false", *t.cl_overrides])
+    set_seed(cfg.seed)
+    evaluator, accuracy = build_evaluator([], Path(cfg.output_dir), progress=False)
+    strategy = make_strategy(RUN_STRATEGY, train_cfg, info, device, evaluator)
+    bm = info.benchmark
+    run = run_experiences(strategy, bm.train_stream, stream_evaluator(bm.test_stream, accuracy), seed=cfg.seed)
+    model = strategy.model.eval()
+    knowledge = ClassKnowledge(data.attributes, list(data.attribute_names), list(data.class_names))
+    source = {"trained_here": {"data": data.name, "classes": data.seen_classes, "experiences": t.experiences,
+                               "scenario": t.scenario, "epochs": t.epochs, "accuracy_matrix": run.rows,
+                               "train_seconds": run.train_seconds}}
+    return ExplainedNetwork(model, stream_tests(info, model, cfg.explain.max_test_samples, cfg.seed), knowledge,
+                            picture_shape(data.name, info.input_shape), describe_network(model), source)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Test inputs per task, class knowledge, picture shape
+# ---------------------------------------------------------------------------------------------------------
+def _subset(n: int, limit: int, seed: int) -> Tensor:
+    """All of n indices, or ``limit`` of them drawn without replacement (fixed by ``seed``)."""
+    if n <= limit:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+
+
+def stream_tests(info, model: HATNet, limit: int, seed: int) -> list[TaskTest | None]:
+    """Per head t, up to ``limit`` inputs of test experience t, each with its head output; head outputs are
+    mapped back to dataset class ids through Avalanche's class mapping (task-incremental heads count from 0)."""
+    bm = info.benchmark
+    tests: list[TaskTest | None] = []
+    for t, exp in enumerate(list(bm.test_stream)[:len(model.heads)]):
+        ds = exp.dataset
+        picked = _subset(len(ds), limit, seed).tolist()
+        samples = [ds[i] for i in picked]
+        x = torch.stack([s[0] for s in samples]).cpu()
+        head = [int(c) for c in model.task_classes[t]]
+        column_of = {c: j for j, c in enumerate(head)}
+        column = torch.tensor([column_of[int(s[1])] for s in samples], dtype=torch.long)
+        original = {}
+        if hasattr(bm, "class_mapping") and hasattr(bm, "original_classes_in_exp"):
+            original = {int(bm.class_mapping[c]): int(c) for c in bm.original_classes_in_exp[t]}
+        tests.append(TaskTest(x, column, [original.get(c, c) for c in head]))
+    return tests
+
+
+def zsl_run_data(bcfg, seed: int):
+    """The GZSL data of a zero-shot run, from its ``benchmark`` config (``scenarios.zsl.load_zsl_benchmark``)."""
+    from scenarios.zsl import load_zsl_benchmark
+
+    resnet = bcfg.get("resnet") or {}
+    return load_zsl_benchmark(bcfg.name, bcfg.get("path"), seed=seed,
+                              unseen_classes=list(bcfg.get("unseen_classes") or (2, 7)),
+                              test_fraction=bcfg.get("test_fraction", 0.3), images=bool(bcfg.get("images", False)),
+                              attributes=bcfg.get("attributes", "original_att"),
+                              resnet_arch=resnet.get("arch", "resnet101"), resnet_weights=resnet.get("weights"),
+                              allow_download=bool(resnet.get("allow_download", False)))
+
+
+def zsl_tests(data, model: HATNet, limit: int, seed: int) -> list[TaskTest | None]:
+    """Per head, up to ``limit`` test inputs (seen and unseen) of the dataset classes it scores."""
+    x = torch.cat([data.x_test_seen, data.x_test_unseen])
+    y = torch.cat([data.y_test_seen, data.y_test_unseen])
+    tests: list[TaskTest | None] = []
+    for head in model.task_classes:
+        head = [int(c) for c in head]
+        picked = torch.nonzero(torch.isin(y, torch.tensor(head))).flatten()
+        if picked.numel() == 0:
+            tests.append(None)
+            continue
+        picked = picked[_subset(picked.numel(), limit, seed)]
+        column_of = {c: j for j, c in enumerate(head)}
+        tests.append(TaskTest(x[picked], torch.tensor([column_of[int(c)] for c in y[picked]]), head))
+    return tests
+
+
+def benchmark_knowledge(bcfg) -> ClassKnowledge | None:
+    """Class knowledge of a continual-learning benchmark: digits' seven segments and closed loops, an npz's
+    ``class_attributes`` (optional ``attribute_names``, ``class_names``); None where there is none."""
+    from modnet.methods.knowledge import attribute_matrix
+    from scenarios.zsl import digit_attributes
+
+    if bcfg.name == "digits":
+        attributes, names = digit_attributes()
+        return ClassKnowledge(attribute_matrix(attributes, missing_value=None), names, [str(d) for d in range(10)])
+    if bcfg.name == "npz" and bcfg.get("path"):
+        with np.load(Path(bcfg.path).expanduser(), allow_pickle=False) as f:
+            if "class_attributes" not in f.files:
+                return None
+            attributes = attribute_matrix(np.asarray(f["class_attributes"], dtype=np.float64))
+            names = [str(a) for a in f["attribute_names"]] if "attribute_names" in f.files else \
+                [f"attribute{a}" for a in range(attributes.shape[1])]
+            classes = [str(c) for c in f["class_names"]] if "class_names" in f.files else \
+                [str(c) for c in range(attributes.shape[0])]
+        return ClassKnowledge(attributes, names, classes)
+    return None
+
+
+def picture_shape(benchmark: str, input_shape) -> tuple[int, ...] | None:
+    """The image shape (C, H, W) an input is drawn in: its own when it is an image; 1x8x8 for the digits'
+    64-d vectors (they are the 8x8 images flattened); None (bar charts) for other vectors."""
+    input_shape = tuple(int(s) for s in input_shape)
+    if len(input_shape) == 3:
+        return input_shape
+    if benchmark == "digits" and int(np.prod(input_shape)) == 64:
+        return (1, 8, 8)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Explaining the modules
+# ---------------------------------------------------------------------------------------------------------
+def _explained_task(model: HATNet, task: int | None) -> int:
+    tasks = gated_tasks(model)
+    if not tasks:
+        raise ValueError("the network has no module gates (trained with model.gate=none?): no modules to explain")
+    if task is None:
+        return tasks[-1]
+    if int(task) not in tasks:
+        raise ConfigError(f"config explain.task={task}: the tasks with module gates are {tasks}")
+    return int(task)
+
+
+def _explained_layers(layers, n_layers: int) -> list[int]:
+    if layers is None:
+        return list(range(n_layers))
+    chosen = [int(layer) for layer in layers]
+    if not chosen or any(not 0 <= layer < n_layers for layer in chosen):
+        raise ConfigError(f"config explain.layers={list(layers)}: give masked layer indices in [0, {n_layers}) "
+                          "or null for all")
+    return sorted(set(chosen))
+
+
+def _check_record(layer_modules: list[dict[str, list[int]]], record: dict | None, task: int, model: HATNet) -> None:
+    """The modules about to be explained must be those the run recorded for the task (results.json)."""
+    by_task = (record or {}).get("modules_by_task") or {}
+    if str(task) in by_task:
+        recorded = by_task[str(task)]
+    elif record is not None and task == gated_tasks(model)[-1]:
+        recorded = [layer["modules"] for layer in record["layers"]]
+    else:
+        return
+    gated = [list(modules.values()) for modules in layer_modules]
+    if recorded != gated:
+        raise ValueError(f"the loaded network's task-{task} gates hold other modules than results.json records; "
+                         "the checkpoint and results.json are from different runs")
+
+
+def _draw(path: Path, x: Tensor, module_map: Tensor, kind: str, shape, title: str, cfg: DictConfig) -> None:
+    """One module's PNG: a picture (input, map with colour bar, overlay) or, without an image shape, bars."""
+    e = cfg.explain
+    if shape is None:
+        save_attribution_bars(x, module_map, path, title)
+        return
+    heat = module_map if kind != INPUT_X_GRADIENT else module_map.reshape(shape).sum(0)  # channels summed
+    save_map_figure(x.reshape(shape), heat, path, title, signed=kind == INPUT_X_GRADIENT, cmap=e.cmap,
+                    signed_cmap=e.signed_cmap, alpha=e.alpha,
+                    size=tuple(e.display_size) if e.display_size else None)
+
+
+def _words(net: ExplainedNetwork, layer: int, task: int, modules: dict[str, list[int]], cfg: DictConfig):
+    """(per module, per class of the task) attributes through NIWT's inverse map at the layer's tap."""
+    from modnet.methods.niwt import KnowledgeToImportance
+
+    importance, classes, tasks = tap_class_importance(net.model, layer, net.tests, cfg.niwt.importance_batch_size)
+    knowledge = net.knowledge
+    if max(classes) >= knowledge.matrix.shape[0]:
+        raise ValueError(f"class {max(classes)} has no row in the class knowledge ({knowledge.matrix.shape[0]} rows)")
+    n = cfg.niwt
+    k_map = KnowledgeToImportance(knowledge.matrix.shape[1], importance.shape[1], inverse=n.inverse)
+    k_map = k_map.to(importance.device).fit(knowledge.matrix.to(importance.device)[classes], importance,
+                                            torch.tensor(classes, device=importance.device),
+                                            val_fraction=n.map_val_fraction, epochs=n.map_epochs, lr=n.map_lr,
+                                            refit_all=n.map_refit_all, seed=cfg.seed)
+    own = [i for i, t in enumerate(tasks) if t == task]
+    e = cfg.explain
+    per_module = module_attributes(importance[own], modules, k_map, knowledge.attribute_names, e.top_k,
+                                   positive_only=e.positive_only)
+    per_class = {knowledge.class_names[classes[i]]: explain_in_words(importance[i], k_map, knowledge.attribute_names,
+                                                                     e.top_k) for i in own}
+    return per_module, per_class
 
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def run_explain(cfg: DictConfig) -> dict:
-    from modnet.methods.gzsl import gzsl_evaluate, predict_scores
-    from modnet.methods.niwt import NIWT, class_importance
+@dataclass
+class LayerExplanation:
+    """One masked layer's explanation: per module its entry of explanations.json (units, attributes, PNG),
+    the share of the task's test inputs its gate lets through and its units with the task's HAT mask on;
+    the attributes of each class of the task; the kind of map; the maps and their inputs (module_maps.npz);
+    the layer's width."""
 
+    modules: dict[str, dict]
+    gate_on: dict[str, float]
+    units_on: dict[str, int]
+    per_class: dict[str, list]
+    kind: str
+    arrays: dict[str, np.ndarray]
+    n_units: int
+
+    @property
+    def note(self) -> str:
+        return (f"{self.n_units} units in {len(self.modules)} modules. Maps: {MAP_NAMES[self.kind][1]}, on the test "
+                "input that drives the module most. Gate on (share of the task's test inputs): "
+                + ", ".join(f"{m} {100 * v:.0f}%" for m, v in self.gate_on.items())
+                + ". Units whose HAT mask is on for the task: "
+                + ", ".join(f"{m} {self.units_on[m]}/{len(e['units'])}" for m, e in self.modules.items()) + ".")
+
+
+def explain_layer(net: ExplainedNetwork, task: int, layer: int, modules: dict[str, list[int]], cfg: DictConfig,
+                  out: Path) -> LayerExplanation:
+    """Maps (one PNG per module, and the grid) and words of one masked layer's modules of task ``task``."""
+    model, test, e = net.model, net.tests[task], cfg.explain
+    name = f"layer{layer}"
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        gates = model.gate.task_gate(task).layer_module_gates(test.x.flatten(1).to(device), layer).cpu()
+        hat_on = (model.masks(task)[layer] > 0.5).cpu()  # the task's HAT mask at s = smax
+    maps = ModuleMaps(model, task, layer, modules, e.backend)
+    examples = maps.scores(test.x).argmax(dim=0).cpu()  # per module, the test input driving it most
+    inputs = test.x[examples]
+    module_maps = maps(inputs, maps.names).cpu()
+    per_module, per_class = _words(net, layer, task, modules, cfg) if net.knowledge else ({}, {})
+    entries, arrays = {}, {}
+    for j, module in enumerate(maps.names):
+        png = f"{name}_{_slug(module)}.png"
+        title = f"task {task}, {name}, {module}: {len(modules[module])} units ({MAP_NAMES[maps.kind][0]})"
+        _draw(out / png, inputs[j], module_maps[j], maps.kind, net.picture_shape, title, cfg)
+        entries[module] = {"units": modules[module], "attributes": [[a, s] for a, s in per_module.get(module, [])],
+                           "image": png}
+        arrays[f"{name}/{module}/map"] = module_maps[j].numpy()
+        arrays[f"{name}/{module}/input"] = inputs[j].numpy()
+    if e.module_grids and net.picture_shape is not None:
+        # every module on the one test input on which most of them are switched on
+        index = int(gates.sum(1).argmax())
+        shared = test.x[index]
+        grid = maps(shared[None].expand(len(maps.names), *shared.shape), maps.names).cpu()
+        heat = {m + ("" if gates[index, j] else " (gate off)"):
+                g if maps.kind != INPUT_X_GRADIENT else g.reshape(net.picture_shape).sum(0).clamp_min(0)
+                for j, (m, g) in enumerate(zip(maps.names, grid))}
+        save_overlay_grid(shared.reshape(net.picture_shape), heat, out / f"{name}_modules.png",
+                          ncols=e.grid_columns, alpha=e.alpha, cmap=e.cmap,
+                          title=f"task {task}, {name}: every module on one test input")
+    return LayerExplanation(entries, {m: float(gates[:, j].mean()) for j, m in enumerate(maps.names)},
+                            {m: int(hat_on[modules[m]].sum()) for m in maps.names},
+                            {c: [[a, s] for a, s in ranked] for c, ranked in per_class.items()}, maps.kind, arrays,
+                            int(model.masked[layer].n_units))
+
+
+def explain_network(net: ExplainedNetwork, cfg: DictConfig, out: Path) -> dict:
+    """Maps and words of the modules of the explained task's gates, layer by layer; writes the outputs and
+    returns explanations.json's content."""
+    model = net.model
+    task = _explained_task(model, cfg.explain.task)
+    if task >= len(net.tests) or net.tests[task] is None:
+        raise ValueError(f"task {task} has no test inputs to explain its modules on")
+    layer_modules = gated_modules(model, task)
+    _check_record(layer_modules, net.record, task, model)
+    layers = {f"layer{i}": explain_layer(net, task, i, layer_modules[i], cfg, out)
+              for i in _explained_layers(cfg.explain.layers, len(layer_modules))}
+    np.savez_compressed(out / "module_maps.npz", **{k: v for x in layers.values() for k, v in x.arrays.items()})
+    notes = [_source_note(net.source), f"Modules of task {task}'s gates, as the network switches them."]
+    if net.knowledge is None:
+        notes.append("The benchmark has no class knowledge (attributes): modules are explained by maps only.")
+    modules = {name: x.modules for name, x in layers.items()}
+    per_class = {name: x.per_class for name, x in layers.items()}
+    write_module_explanations_md(out / "explanations.md", modules, per_class,
+                                 {name: x.note for name, x in layers.items()},
+                                 title=f"Modules of the {type(model).__name__}, task {task}", notes=notes)
+    return {"modules": modules, "task": task, "network": type(model).__name__, "source": net.source,
+            "maps": {"file": "module_maps.npz", "kind": {name: x.kind for name, x in layers.items()}},
+            "gate_on": {name: x.gate_on for name, x in layers.items()},
+            "units_on": {name: x.units_on for name, x in layers.items()}, "per_class": per_class, "notes": notes}
+
+
+def _source_note(source: dict) -> str:
+    if "run_dir" in source:
+        return f"Network of the run {source['run_dir']} (seed {source['seed']})."
+    trained = source["trained_here"]
+    final = trained["accuracy_matrix"][-1] if trained["accuracy_matrix"] else []
+    return (f"Network trained here on the seen classes of {trained['data']} ({trained['experiences']} "
+            f"experience(s), {trained['scenario']}-incremental, {trained['epochs']} epochs); test accuracy per "
+            f"experience: {', '.join(f'{a:.3f}' for a in final)}.")
+
+
+def run_explain(cfg: DictConfig) -> dict:
     _check_config(cfg)
     device = resolve_device(cfg.device)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    net = load_run(cfg, device) if cfg.run_dir else train_here(cfg, device)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    t0 = time.perf_counter()
-
-    data = _load_images(cfg)
-    seen, unseen = data.seen_classes, data.unseen_classes
-    class_names = data.class_names or [str(c) for c in range(data.n_classes)]
-    attribute_names = data.attribute_names or [f"attribute{a}" for a in range(data.attributes.shape[1])]
-    column_of = torch.full((data.n_classes,), -1, dtype=torch.long)
-    column_of[torch.tensor(seen)] = torch.arange(len(seen))
-
-    # 1. the seen-class network
-    model = SmallCNN(tuple(data.input_shape), len(seen), tuple(cfg.model.channels), cfg.model.hidden).to(device)
-    t = cfg.train
-    fit_classifier(model, data.x_train.to(device), column_of[data.y_train].to(device), epochs=t.epochs,
-                   batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay, seed=cfg.seed)
-    layer = model.explained_layer
-
-    # 2. NIWT: knowledge -> importance map and unseen weights; the extended network scores all classes
-    niwt = NIWT(model, layer, model.classifier, **OmegaConf.to_container(cfg.niwt, resolve=True), seed=cfg.seed)
-    niwt.fit(data.x_train, data.y_train, data.attributes, seen, unseen)
-    gzsl = niwt.gzsl_model().eval()
-    gzsl_result = gzsl_evaluate(predict_scores(gzsl, data.x_test_seen), data.y_test_seen,
-                                predict_scores(gzsl, data.x_test_unseen), data.y_test_unseen, seen, unseen)
-
-    # 3. importance of every class on its test images, and the layer's functional modules
-    x_test = torch.cat([data.x_test_seen, data.x_test_unseen])
-    y_test = torch.cat([data.y_test_seen, data.y_test_unseen])
-    importance = class_importance(gzsl, layer, x_test, y_test, data.n_classes)  # [C, N], column = class id
-    modules, clustering_note = find_modules(importance, cfg)
-
-    # 4a. textual explanations through NIWT's inverse map importance -> knowledge
-    kind = {c: "seen" for c in seen} | {c: "unseen" for c in unseen}
-    label = {c: f"{class_names[c]} ({kind[c]})" for c in seen + unseen}
-    per_class = {label[c]: explain_in_words(importance[c], niwt.knowledge_map, attribute_names, cfg.explain.top_k)
-                 for c in sorted(seen + unseen)}
-    per_module = module_attributes(importance, modules, niwt.knowledge_map, attribute_names, cfg.explain.top_k,
-                                   positive_only=cfg.explain.positive_only) if modules else {}
-
-    # 4b. Grad-CAM overlays: each class on its first test image, each module on its most activating image
-    class_cam = ClassGradCAM(gzsl, layer, backend=cfg.explain.backend)
-    # classes without a test image (possible with a user's .npz) get a text explanation but no map
-    examples = {c: x_test[y_test == c][0] for c in sorted(seen + unseen) if bool((y_test == c).any())}
-    example_batch = torch.stack(list(examples.values()))
-    class_maps = class_cam(example_batch, list(examples))
-    size = tuple(cfg.explain.display_size) if cfg.explain.display_size else None
-    class_images, module_images = {}, {}
-    for i, c in enumerate(examples):
-        name = f"class_{_slug(class_names[c])}.png"
-        save_overlay(example_batch[i, 0] if example_batch.shape[1] == 1 else example_batch[i], class_maps[i],
-                     out / name, size=size, alpha=cfg.explain.alpha, cmap=cfg.explain.cmap)
-        class_images[label[c]] = name
-    if modules:
-        module_cam = ModuleGradCAM(gzsl, layer, modules, backend=cfg.explain.backend)
-        with torch.no_grad():
-            module_scores = torch.cat([module_cam.scores(x_test[i:i + 512].to(device))
-                                       for i in range(0, x_test.shape[0], 512)])  # [n_test, M]
-        best = x_test[module_scores.argmax(dim=0).cpu()]
-        module_maps = module_cam(best, list(modules))
-        for m, name in enumerate(modules):
-            module_images[name] = f"{_slug(name)}.png"
-            save_overlay(best[m, 0] if best.shape[1] == 1 else best[m], module_maps[m], out / module_images[name],
-                         size=size, alpha=cfg.explain.alpha, cmap=cfg.explain.cmap)
-        if cfg.explain.module_grids:
-            for i, c in enumerate(examples):
-                maps = module_cam(example_batch[i:i + 1].expand(len(modules), *example_batch.shape[1:]),
-                                  list(modules))
-                save_overlay_grid(example_batch[i, 0] if example_batch.shape[1] == 1 else example_batch[i],
-                                  dict(zip(modules, maps)), out / f"modules_on_class_{_slug(class_names[c])}.png",
-                                  ncols=cfg.explain.grid_columns, alpha=cfg.explain.alpha, cmap=cfg.explain.cmap,
-                                  title=f"modules on a test image of class {label[c]}")
-
-    notes = [f"{data.name}: {len(seen)} seen, {len(unseen)} unseen classes; GZSL U={gzsl_result.U:.3f} "
-             f"S={gzsl_result.S:.3f} H={gzsl_result.H:.3f}.",
-             f"Modules: {clustering_note}",
-             "Class importance measured on each class's test images; unseen classes through their NIWT weights."]
-    write_explanations_md(out / "explanations.md", per_class, per_module, module_units=modules,
-                          class_images=class_images, module_images=module_images,
-                          title=f"Explanations ({data.name})", notes=notes)
-    results = {"benchmark": data.name, "device": str(device), "gzsl": gzsl_result.as_dict(),
-               "seen_classes": seen, "unseen_classes": unseen, "modules": modules,
-               "clustering": clustering_note, "per_class": per_class, "per_module": per_module,
-               "seconds": time.perf_counter() - t0}
+    results = explain_network(net, cfg, out)
+    results["seconds"] = time.perf_counter() - t0
     (out / "explanations.json").write_text(json.dumps(results, indent=2))
-    print(f"explanations written to {out}/explanations.md ({len(modules)} modules, "
-          f"GZSL H={gzsl_result.H:.3f})")
+    n_modules = sum(len(m) for m in results["modules"].values())
+    print(f"explanations written to {out}/explanations.md ({n_modules} modules in {len(results['modules'])} "
+          f"layers, task {results['task']})")
     return results
