@@ -1,14 +1,19 @@
 """The benchmark registry (scenarios/registry.py, one file per benchmark in scenarios/benchmarks/): the
-configs match it, the command tables come from it, a new benchmark is one file plus its yaml."""
+configs match it, the command tables come from it, a new benchmark is one file plus its yaml, and MNIST-1D."""
 from __future__ import annotations
 
 import importlib
+import json
+import random
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from modnet.cli import main
@@ -34,6 +39,8 @@ OLD_KEYS = {
 }
 OLD_LIMITS = {name: "zero-shot image features, no images" for name in ("awa2", "cub")} | \
     {name: "continual-learning images without class attributes" for name in ("mnist", "fmnist", "cifar10", "cifar100")}
+# what this branch added: MNIST-1D, for cl
+MNIST1D_KEYS = ("num_samples", "train_split", "seed")
 
 
 def _one_line(capsys) -> str:
@@ -60,12 +67,13 @@ def test_the_derived_tables_are_the_old_hand_kept_ones():
 
     derived = command_benchmarks()
     assert derived == config.BENCHMARK_CHOICES
-    assert derived == OLD_CHOICES
+    assert {job: tuple(n for n in names if n != "mnist1d") for job, names in derived.items()} == OLD_CHOICES
+    assert derived["cl"][-1] == "mnist1d"  # the only addition, last in cl's list
     keys = command_keys()
     assert keys == config.BENCHMARK_KEYS
     assert set(keys) == set(OLD_KEYS)
     for job, old in OLD_KEYS.items():
-        assert set(keys[job]) == set(old), job
+        assert set(keys[job]) == set(old) | (set(MNIST1D_KEYS) if job == "cl" else set()), job
     for name, what in OLD_LIMITS.items():  # what a command that cannot use them says (the same words)
         assert what in config.BENCHMARK_LIMITS[name]
 
@@ -177,3 +185,44 @@ def test_a_new_benchmark_is_refused_by_the_other_commands_in_one_line(toy, capsy
     assert "benchmark.size is for other commands, not gzsl" in _one_line(capsys)
     with pytest.raises(ConfigError, match="benchmark.unseen is for other commands, not cl"):
         compose("cl", ["benchmark=toy", "benchmark.unseen=[1]"])
+
+
+# -- MNIST-1D ----------------------------------------------------------------------------------------------
+def test_mnist1d_is_generated_offline_balanced_and_deterministic():
+    pytest.importorskip("mnist1d")
+    from scenarios.benchmarks.mnist1d import generate
+
+    random.seed(7)
+    np.random.seed(7)
+    before = random.random(), np.random.rand()
+    random.seed(7)
+    np.random.seed(7)
+    x, y, xt, yt = generate(600, 0.8, seed=3)
+    assert (random.random(), np.random.rand()) == before  # the global random state is left as it was
+    assert x.shape == (480, 40) and xt.shape == (120, 40) and x.dtype == torch.float32 and y.dtype == torch.long
+    assert torch.bincount(torch.cat([y, yt]), minlength=10).tolist() == [60] * 10  # num_samples // 10 each
+    assert set(y.tolist()) == set(yt.tolist()) == set(range(10))
+    again = generate(600, 0.8, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip((x, y, xt, yt), again))
+    assert not torch.equal(generate(600, 0.8, seed=4)[0], x)
+    with pytest.raises(ValueError, match="num_samples"):
+        generate(10)
+
+
+@pytest.mark.slow
+def test_cl_on_mnist1d(tmp_path):
+    pytest.importorskip("mnist1d")
+    cfg = compose("cl", ["benchmark=mnist1d", "benchmark.num_samples=600"])
+    assert dict(cfg.benchmark) == {"name": "mnist1d", "num_samples": 600, "train_split": 0.8, "seed": 42,
+                                   "n_experiences": 5, "class_order": None}
+    info = build_benchmark(cfg.benchmark, "class", 0)
+    assert info.input_shape == (40,) and info.n_classes == 10 and not info.is_image
+    assert [len(c) for c in info.global_task_classes] == [2] * 5
+    assert sorted(c for cs in info.global_task_classes for c in cs) == list(range(10))
+    assert main(["cl", "benchmark=mnist1d", "benchmark.num_samples=600", "strategies=[naive]", "train.epochs=1",
+                 "progress=false", f"output_dir={tmp_path}"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["benchmark"] == "split-mnist1d" and results["n_experiences"] == 5
+    assert [len(c) for c in results["classes_per_experience"]] == [2] * 5
+    layers = results["strategies"]["naive"]["network"]["layers"]
+    assert layers and re.search(r"^benchmark:\n  name: mnist1d\n", (tmp_path / "config.yaml").read_text(), re.M)
