@@ -6,7 +6,10 @@ against the type of its default (Hydra does not type-check plain YAML configs).
 
 The data of every command is the config group ``benchmark`` (``configs/benchmark/<name>.yaml``), chosen with
 ``benchmark=<name>``. A benchmark file holds the keys of every command that takes it (each key's comment names
-them); a command gets only the keys it reads, and an override of another command's key is an error.
+them); a command gets only the keys it reads, and an override of another command's key is an error. Which
+command takes which benchmark and which keys it reads are declared by the benchmark's own file
+(``scenarios/benchmarks/<name>.py``, ``scenarios.registry``), which imports nothing heavy: these checks run
+before torch is imported.
 """
 from __future__ import annotations
 
@@ -15,22 +18,20 @@ from typing import Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-# command (config name) -> the benchmarks it takes
-BENCHMARK_CHOICES = {
-    "cl": ("digits", "npz", "mnist", "fmnist", "cifar10", "cifar100"),
-    "gzsl": ("digits", "npz", "awa2", "cub"),
-    "explain": ("digits", "npz"),
-}
-# command -> the keys of a benchmark file it reads
-BENCHMARK_KEYS = {
-    "cl": ("name", "path", "root", "download", "variant", "n_experiences", "test_fraction", "image", "class_order",
-           "max_train_samples"),
-    "gzsl": ("name", "path", "unseen_classes", "test_fraction", "image", "attributes", "resnet"),
-    "explain": ("name", "path", "unseen_classes", "test_fraction"),
-}
-# what the benchmarks that some commands cannot use give (named in the error)
-BENCHMARK_LIMITS = {name: "zero-shot image features, no images" for name in ("awa2", "cub")} | \
-    {name: "continual-learning images without class attributes" for name in ("mnist", "fmnist", "cifar10", "cifar100")}
+
+def __getattr__(name: str):
+    """The tables derived from the benchmark registry (``scenarios/benchmarks/<name>.py``):
+    ``BENCHMARK_CHOICES`` (command -> the benchmarks it takes), ``BENCHMARK_KEYS`` (command -> the keys of a
+    benchmark file it reads), ``BENCHMARK_LIMITS`` (benchmark -> what it gives, named in errors)."""
+    from scenarios.registry import benchmark_entries, command_benchmarks, command_keys
+
+    if name == "BENCHMARK_CHOICES":
+        return command_benchmarks()
+    if name == "BENCHMARK_KEYS":
+        return command_keys()
+    if name == "BENCHMARK_LIMITS":
+        return {entry.name: entry.description for entry in benchmark_entries()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ConfigError(ValueError):
@@ -47,18 +48,27 @@ def compose(job: str, overrides: Sequence[str] = ()) -> DictConfig:
     overrides = list(overrides)
     _refuse_old_data_spelling(job, overrides)
     choice = _benchmark_choice(job, overrides)
+    search = _benchmark_search_path()
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="configs", version_base=None):
-        base = hydra_compose(config_name=job, overrides=[f"benchmark={choice}"] if choice else [])
+        base = hydra_compose(config_name=job, overrides=[*search, *([f"benchmark={choice}"] if choice else [])])
         keep_benchmark_keys(job, base)
         try:
-            cfg = hydra_compose(config_name=job, overrides=overrides)
+            cfg = hydra_compose(config_name=job, overrides=[*search, *overrides])
         except (HydraException, OmegaConfBaseException) as err:
             raise ConfigError(_explain(err, base)) from None
     OmegaConf.set_struct(cfg, True)
     check_types(cfg, base)
     _refuse_unread_benchmark_keys(job, overrides, base)
     return keep_benchmark_keys(job, cfg)
+
+
+def _benchmark_search_path() -> list[str]:
+    """A Hydra override adding the config folders of benchmarks registered from outside this repository."""
+    from scenarios.registry import config_dirs
+
+    dirs = config_dirs()
+    return [f"hydra.searchpath=[{','.join('file://' + d for d in dirs)}]"] if dirs else []
 
 
 def _override_key(override: str) -> str:
@@ -77,7 +87,7 @@ def _refuse_old_data_spelling(job: str, overrides: list[str]) -> None:
     new = [f"benchmark={name}"] if name else []
     new += [f"benchmark.{key.split('.', 1)[1]}={value}" for key, value in old.items()
             if key not in ("benchmark.name", "data.name")]
-    if name in ("npz", "awa2", "cub") and "data.path" not in old:
+    if _takes_path(name) and "data.path" not in old:
         new.append(next((o for o in overrides if _override_key(o) == "benchmark.path"), "benchmark.path=F"))
     choose = f"choose the data with benchmark={name} (a config group)" if name else \
         "the data's keys are benchmark.<key> (benchmark=<name> is a config group)"
@@ -85,20 +95,44 @@ def _refuse_old_data_spelling(job: str, overrides: list[str]) -> None:
                       f"`modnet {job} {' '.join(new)}`")
 
 
+def _takes_path(name: str | None) -> bool:
+    """Whether benchmark ``name`` reads ``benchmark.path`` in some command."""
+    from scenarios.registry import get_benchmark
+
+    entry = get_benchmark(name) if name else None
+    return entry is not None and any("path" in keys for keys in entry.keys.values())
+
+
 def _benchmark_choice(job: str, overrides: list[str]) -> str | None:
     """The ``benchmark=<name>`` the user chose, checked against the benchmarks of ``job``."""
+    from scenarios.registry import COMMANDS, benchmark_names, get_benchmark
+
     choice = next((o.partition("=")[2] for o in overrides if _override_key(o) == "benchmark"), None)
-    choices = BENCHMARK_CHOICES.get(job)
-    if choice is None or choices is None or choice in choices:
+    if choice is None or job not in COMMANDS:
         return choice
-    why = f" ({BENCHMARK_LIMITS[choice]})" if choice in BENCHMARK_LIMITS else ""
+    choices = benchmark_names(job)
+    if choice in choices:
+        return choice
+    entry = get_benchmark(choice)
+    why = f" ({entry.description})" if entry is not None else ""
     raise ConfigError(f"{job} cannot use benchmark={choice}{why}; choose one of benchmark="
                       f"{', '.join(choices)}")
 
 
+def _read_keys(job: str, name: str | None) -> tuple[str, ...] | None:
+    """The keys of benchmark ``name``'s file that ``job`` reads (registry), or None for a job without a
+    benchmark; a name the registry does not hold gets the keys ``job`` reads in any benchmark."""
+    from scenarios.registry import COMMANDS, command_keys, get_benchmark
+
+    if job not in COMMANDS:
+        return None
+    entry = get_benchmark(name) if name else None
+    return entry.reads(job) if entry is not None and job in entry.commands else command_keys()[job]
+
+
 def _refuse_unread_benchmark_keys(job: str, overrides: list[str], base: DictConfig) -> None:
     """An override of a benchmark key that ``job`` does not read would be ignored: stop instead."""
-    keys = BENCHMARK_KEYS.get(job, ())
+    keys = _read_keys(job, base.benchmark.get("name") if "benchmark" in base else None) or ()
     for override in overrides:
         key = _override_key(override)
         if key.startswith("benchmark.") and key.split(".")[1] not in keys:
@@ -108,9 +142,10 @@ def _refuse_unread_benchmark_keys(job: str, overrides: list[str], base: DictConf
 
 def keep_benchmark_keys(job: str, cfg: DictConfig) -> DictConfig:
     """Drop from ``cfg.benchmark`` the keys that ``job`` does not read (the benchmark file serves every command)."""
-    if job in BENCHMARK_KEYS and "benchmark" in cfg:
+    keys = _read_keys(job, cfg.benchmark.get("name")) if "benchmark" in cfg else None
+    if keys is not None:
         with open_dict(cfg.benchmark):
-            for key in [k for k in cfg.benchmark if k not in BENCHMARK_KEYS[job]]:
+            for key in [k for k in cfg.benchmark if k not in keys]:
                 del cfg.benchmark[key]
     return cfg
 

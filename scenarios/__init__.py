@@ -1,32 +1,39 @@
-"""Data sources turned into Avalanche benchmarks."""
+"""Data sources turned into Avalanche benchmarks.
+
+Every benchmark is a file ``scenarios/benchmarks/<name>.py`` registered in ``scenarios.registry`` with its
+config ``configs/benchmark/<name>.yaml``; ``build_benchmark`` builds the continual stream of the one a config
+names. This package imports nothing heavy itself (``modnet.config`` lists the benchmarks through it before
+torch is imported); the sources and the Avalanche builders load on first use.
+"""
 from __future__ import annotations
 
-from modnet.config import BENCHMARK_CHOICES
-from scenarios.base import BenchmarkInfo, permuted_benchmark, split_benchmark
-from scenarios.sources import load_digits_arrays, load_npz_arrays, load_torchvision_arrays
+import importlib
 
-BENCHMARKS = BENCHMARK_CHOICES["cl"]
 VARIANTS = ("split", "permuted")
 
+# public name -> module that defines it (imported on first use)
+_LAZY = {"BenchmarkInfo": "scenarios.base", "split_benchmark": "scenarios.base",
+         "permuted_benchmark": "scenarios.base", "load_digits_arrays": "scenarios.sources",
+         "load_npz_arrays": "scenarios.sources", "load_torchvision_arrays": "scenarios.sources"}
 
-def build_benchmark(bcfg, scenario: str, seed: int, device=None) -> BenchmarkInfo:
-    """Build the benchmark named by ``bcfg.name`` (config group ``benchmark``) in the given scenario.
+
+def build_benchmark(bcfg, scenario: str, seed: int, device=None):
+    """Build the benchmark named by ``bcfg.name`` (config group ``benchmark``) in the given scenario: its
+    registered ``arrays`` loader, then ``split_benchmark`` or ``permuted_benchmark`` (``bcfg.variant``).
+    Returns a ``scenarios.base.BenchmarkInfo``.
 
     With ``device`` the arrays move there once, before Avalanche splits them, so batches need no copies.
     """
+    from scenarios.base import permuted_benchmark, split_benchmark
+    from scenarios.registry import benchmark_names, get_benchmark
+
     name, variant = bcfg.name, bcfg.get("variant", "split")
-    if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; choose one of {BENCHMARKS}")
+    names = tuple(benchmark_names("cl"))
+    if name not in names:
+        raise ValueError(f"unknown benchmark {name!r}; choose one of {names}")
     if variant not in VARIANTS:
         raise ValueError(f"unknown benchmark.variant {variant!r}; choose one of {VARIANTS}")
-    if name == "digits":
-        arrays = load_digits_arrays(bcfg.test_fraction, image=bcfg.get("image", False))
-    elif name == "npz":
-        if not bcfg.get("path"):
-            raise ValueError("benchmark=npz needs benchmark.path=<file.npz>")
-        arrays = load_npz_arrays(bcfg.path)
-    else:
-        arrays = load_torchvision_arrays(name, bcfg.root, bcfg.download)
+    arrays = get_benchmark(name).arrays(bcfg)
     limit = bcfg.get("max_train_samples")
     if limit:
         arrays = (arrays[0][:limit], arrays[1][:limit], *arrays[2:])
@@ -38,5 +45,15 @@ def build_benchmark(bcfg, scenario: str, seed: int, device=None) -> BenchmarkInf
     return split_benchmark(label, *arrays, bcfg.n_experiences, scenario, seed, bcfg.get("class_order"))
 
 
+def __getattr__(name: str):
+    if name == "BENCHMARKS":  # the continual benchmarks, as before the registry
+        from scenarios.registry import benchmark_names
+
+        return tuple(benchmark_names("cl"))
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'scenarios' has no attribute {name!r}")
+
+
 __all__ = ["BenchmarkInfo", "build_benchmark", "split_benchmark", "permuted_benchmark", "load_digits_arrays",
-           "load_npz_arrays", "load_torchvision_arrays", "BENCHMARKS"]
+           "load_npz_arrays", "load_torchvision_arrays", "BENCHMARKS", "VARIANTS"]

@@ -40,8 +40,10 @@ __all__ = [
     "load_image_folder_zsl",
     "load_awa2_images",
     "load_cub_images",
+    "load_xlsa17_or_release",
     "load_zsl_benchmark",
     "load_zsl_from_config",
+    "zero_shot_names",
     "split_seen_test",
     "class_disjoint_validation",
 ]
@@ -500,32 +502,50 @@ def load_cub_images(root: str | Path, *, extractor: torch.nn.Module, split_dir: 
 # ----------------------------------------------------------------------------------------------------------
 # Dispatch from a config
 # ----------------------------------------------------------------------------------------------------------
+def load_xlsa17_or_release(name: str, path: str | None, release_loader, *, attributes: str = "original_att",
+                           resnet_arch: str = "resnet101", resnet_weights: str | None = None,
+                           allow_download: bool = False, seed: int = 0, device: str = "cpu", progress: bool = False,
+                           **_) -> ZSLData:
+    """AWA2 / CUB (``name``) from ``path``: an xlsa17 folder (res101.mat + att_splits.mat) or the raw image
+    release (JPEGImages/ or images/), embedded with a ResNet and read by ``release_loader``
+    (``load_awa2_images`` / ``load_cub_images``)."""
+    if not path:
+        raise ValueError(f"benchmark {name} needs benchmark.path=<xlsa17 folder or image release folder>")
+    root = Path(path).expanduser()
+    if (root / "res101.mat").exists() or (root / "att_splits.mat").exists():
+        return load_xlsa17(root, attributes=attributes, name=name.upper())
+    if (root / "JPEGImages").is_dir() or (root / "images").is_dir():
+        extractor = resnet_feature_extractor(resnet_arch, resnet_weights, allow_download)
+        return release_loader(root, extractor=extractor, seed=seed, device=device, progress=progress)
+    raise MissingFileError(f"{root} holds neither res101.mat/att_splits.mat (xlsa17) nor an image folder "
+                           "(JPEGImages/ for AwA2, images/ for CUB)")
+
+
+def zero_shot_names() -> list[str]:
+    """The benchmarks that give zero-shot data (``scenarios.registry``), in listing order."""
+    from scenarios.registry import benchmark_entries
+
+    return [entry.name for entry in benchmark_entries() if entry.zero_shot is not None]
+
+
 def load_zsl_benchmark(name: str, path: str | None = None, *, seed: int = 0, unseen_classes: Sequence[int] = (2, 7),
                        test_fraction: float = 0.3, images: bool = False, attributes: str = "original_att",
                        resnet_arch: str = "resnet101", resnet_weights: str | None = None,
                        allow_download: bool = False, device: str = "cpu", progress: bool = False) -> ZSLData:
-    """``name``: digits | npz | awa2 | cub. For awa2/cub, ``path`` is an xlsa17 folder (res101.mat +
+    """The zero-shot data of benchmark ``name`` (a ``scenarios/benchmarks/<name>.py`` with a ``zero_shot``
+    loader: digits | npz | awa2 | cub). For awa2/cub, ``path`` is an xlsa17 folder (res101.mat +
     att_splits.mat) or the raw image release (JPEGImages/ or images/), embedded with a ResNet."""
+    from scenarios.registry import get_benchmark
+
     name = name.lower()
-    if name == "digits":
-        return load_digits_zsl(unseen_classes, test_fraction, seed, images=images)
-    if name == "npz":
-        if not path:
-            raise ValueError("benchmark npz needs benchmark.path=<file.npz>")
-        return load_npz_zsl(path)
-    if name in ("awa2", "cub"):
-        if not path:
-            raise ValueError(f"benchmark {name} needs benchmark.path=<xlsa17 folder or image release folder>")
-        root = Path(path).expanduser()
-        if (root / "res101.mat").exists() or (root / "att_splits.mat").exists():
-            return load_xlsa17(root, attributes=attributes, name=name.upper())
-        if (root / "JPEGImages").is_dir() or (root / "images").is_dir():
-            extractor = resnet_feature_extractor(resnet_arch, resnet_weights, allow_download)
-            loader = load_awa2_images if name == "awa2" else load_cub_images
-            return loader(root, extractor=extractor, seed=seed, device=device, progress=progress)
-        raise MissingFileError(f"{root} holds neither res101.mat/att_splits.mat (xlsa17) nor an image folder "
-                               "(JPEGImages/ for AwA2, images/ for CUB)")
-    raise ValueError(f"unknown benchmark {name!r}: choose digits, npz, awa2 or cub")
+    entry = get_benchmark(name)
+    if entry is None or entry.zero_shot is None:
+        names = zero_shot_names()
+        raise ValueError(f"unknown benchmark {name!r}: choose {', '.join(names[:-1])} or {names[-1]}")
+    return entry.zero_shot(path, seed=seed, unseen_classes=unseen_classes, test_fraction=test_fraction,
+                           images=images, attributes=attributes, resnet_arch=resnet_arch,
+                           resnet_weights=resnet_weights, allow_download=allow_download, device=device,
+                           progress=progress)
 
 
 def load_zsl_from_config(benchmark, *, seed: int = 0, images: bool | None = None, device: str = "cpu",

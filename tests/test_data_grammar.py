@@ -139,7 +139,7 @@ def test_old_spellings_name_the_new_one(argv, new, capsys):
 
 
 @pytest.mark.parametrize("job, name, choices", [
-    ("cl", "awa2", "digits, npz, mnist, fmnist, cifar10, cifar100"),
+    ("cl", "awa2", "digits, npz, mnist, fmnist, cifar10, cifar100, mnist1d"),
     ("explain", "awa2", "digits, npz"),
     ("explain", "cub", "digits, npz"),
     ("explain", "mnist", "digits, npz"),

@@ -1,0 +1,19 @@
+"""``fmnist``: torchvision's Fashion-MNIST (modnet cl only), Split (classes over experiences) or Permuted
+(``benchmark.variant=permuted``). Downloaded only with ``benchmark.download=true`` on a machine that is online.
+"""
+from __future__ import annotations
+
+from scenarios.registry import register_benchmark
+
+NAME = "fmnist"
+
+
+@register_benchmark(NAME, commands=("cl",), order=11,
+                    description="torchvision Fashion-MNIST: continual-learning images without class attributes",
+                    keys={"cl": ("root", "download", "variant", "n_experiences", "class_order", "max_train_samples")})
+class Fmnist:
+    @staticmethod
+    def arrays(bcfg):
+        from scenarios.sources import load_torchvision_arrays
+
+        return load_torchvision_arrays(NAME, bcfg.root, bcfg.download)
