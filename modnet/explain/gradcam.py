@@ -311,6 +311,8 @@ def overlay_rgb(image: Tensor, cam: Tensor, size: Sequence[int] | None = None, a
     image: [H, W], [1, H, W] or [3, H, W] (any range; min-max scaled), upsampled with nearest neighbours so
     that pixels stay visible. cam: [h, w] (any size), bilinearly upsampled and min-max scaled to c in [0, 1].
     Each pixel is image * (1 - alpha c) + colour(c) * alpha c: cold regions show the image, hot ones the map.
+    (pytorch-grad-cam's ``show_cam_on_image`` blends the colour map with one weight everywhere, which tints the
+    cold regions too; weighting by the heat keeps the input readable where the map says nothing.)
     """
     from matplotlib import colormaps
 
