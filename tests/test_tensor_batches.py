@@ -54,7 +54,8 @@ def test_an_epoch_is_a_seeded_permutation_in_batches_of_the_configured_size():
 
 @pytest.mark.parametrize("kind,scenario", [("split", "task"), ("split", "class"), ("permuted", "task")])
 def test_same_batches_and_generator_state_as_avalanches_loaders(kind, scenario):
-    from avalanche.benchmarks.utils.data_loader import ReplayDataLoader, TaskBalancedDataLoader
+    from avalanche.benchmarks.utils.data_loader import (ReplayDataLoader, SingleDatasetDataLoader,
+                                                        TaskBalancedDataLoader)
 
     info = _benchmark(kind, scenario)
     exps = list(info.benchmark.train_stream)
@@ -64,7 +65,8 @@ def test_same_batches_and_generator_state_as_avalanches_loaders(kind, scenario):
              TaskBalancedDataLoader(ds.concat(exps[1].dataset.train()), batch_size=32,  # two task groups
                                     oversample_small_groups=True, shuffle=True),
              ReplayDataLoader(ds, memory, oversample_small_tasks=True, batch_size=32, batch_size_mem=24,
-                              shuffle=True)]
+                              shuffle=True),
+             SingleDatasetDataLoader(info.benchmark.test_stream[1].dataset.eval(), batch_size=50)]  # evaluation
     for avalanche_loader in cases:
         ours = convert_loader(avalanche_loader)
         assert ours is not None

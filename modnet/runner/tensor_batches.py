@@ -50,7 +50,7 @@ class TensorView:
     def __len__(self) -> int:
         return len(self.y)
 
-    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def take(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows = idx if self.rows is None else self.rows[idx]
         return self.x[rows], self.y[idx], self.t[idx]
 
@@ -206,8 +206,9 @@ class _Group:
             g = torch.Generator()
             g.manual_seed(_draw_seed())
             perm = torch.randperm(len(self.view), generator=g).to(device)
-        else:
-            perm = torch.arange(len(self.view), device=device)
+        else:  # in order: slices (views of the tensors when no row map)
+            yield from (slice(k * self.batch_size, (k + 1) * self.batch_size) for k in range(self.n_batches))
+            return
         b = self.batch_size
         for k in range(self.n_batches):
             yield perm[k * b:(k + 1) * b]
