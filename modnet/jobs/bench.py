@@ -2,7 +2,8 @@
 
 Training throughput (samples/s) and peak memory of three loops on the same backbone and data:
   plain    a hand-written PyTorch loop (forward, cross-entropy, backward, SGD step): the practical limit;
-  naive    Avalanche's ``Naive`` strategy (its template, callbacks and dataloader);
+  naive    Avalanche's ``Naive`` strategy (its template and callbacks; batches sliced from the tensors,
+           ``train.tensor_batches``; the ratio run also times it on Avalanche's own loader);
   modnet   our strategy: HAT masks + SynC modules + key-vector gates + sync regulariser, on Avalanche.
 Each loop runs in its own spawned process so that its peak memory (CUDA: max allocated; CPU: peak RSS
 above the process's baseline) is its own. The step-cost ratios come from a separate run in which all loops
@@ -157,10 +158,14 @@ def _run_avalanche(kind, arch, x, y, batch, epochs, device, options) -> list[flo
     return timer.times
 
 
-# The loops of the same-process comparison: name -> (strategy, config overrides).
+# The loops of the same-process comparison: name -> (strategy, config overrides). naive and modnet feed
+# batches sliced from the tensors (train.tensor_batches); the "(Avalanche loader)" loops are the same strategies
+# on Avalanche's per-sample loaders, the cost that data path removes.
 RATIO_LOOPS = {
     "plain": ("plain", ()),
     "naive": ("naive", ()),
+    "naive (Avalanche loader)": ("naive", ("train.tensor_batches=false",)),
+    "modnet (Avalanche loader)": ("modnet", ("train.tensor_batches=false",)),
     "modnet (HAT only)": ("modnet", ("model.gate=none", "model.modules=none", "modules.sync_reg=0")),
     "modnet (HAT + gates)": ("modnet", ("modules.sync_reg=0",)),
     "modnet": ("modnet", ()),

@@ -8,7 +8,9 @@ continual-learning loop; this module only changes how a strategy feeds and diffe
 
 - ``train.batch_size`` is the GLOBAL batch. Each of the W ranks draws ``batch_size / W`` samples per step
   from its ``DistributedSampler`` shard of the experience, so W ranks take the same steps, on the same
-  global batches, as one process with the same sampler (``world_size=1``) does. Plugins that read the batch
+  global batches, as one process with the same sampler (``world_size=1``) does. With ``train.tensor_batches``
+  (tensor-backed experiences) the shard is the same, sliced from the tensors
+  (``modnet.runner.tensor_batches.sharded_loader``). Plugins that read the batch
   size to go over unsharded data (EWC's Fisher, GEM's memory) still see the global one.
 - The strategy's ``model`` stays the plain module: plugins read it (masks, gates, heads) and the
   condition of its forward lives on the strategy. Gradients are averaged over the ranks at the end of the
@@ -163,11 +165,19 @@ def distributed_class(cls: type) -> type:
             from torch.utils.data import DataLoader, DistributedSampler
 
             rank, world = _rank_world()
+            seed = _shared_seed(self.device)
+            if getattr(self, "tensor_batches", False):  # the same shards, sliced from the tensors
+                from modnet.runner.tensor_batches import sharded_loader
+
+                loader, order = sharded_loader(self.adapted_dataset, self.train_mb_size, rank, world, seed,
+                                               shuffle=shuffle, drop_last=drop_last)
+                if loader is not None:
+                    self.dataloader, self._train_sampler = loader, order
+                    return
             # Avalanche's own loaders also shard when a process group exists, but their DistributedSampler
             # keeps seed 0 and epoch 0, i.e. one fixed order for every epoch and every run seed.
             self._train_sampler = DistributedSampler(self.adapted_dataset, num_replicas=world, rank=rank,
-                                                     shuffle=shuffle, seed=_shared_seed(self.device),
-                                                     drop_last=drop_last)
+                                                     shuffle=shuffle, seed=seed, drop_last=drop_last)
             args = dict(batch_size=self.train_mb_size, sampler=self._train_sampler, num_workers=num_workers,
                         pin_memory=self.device.type == "cuda" if pin_memory is None else pin_memory,
                         persistent_workers=persistent_workers and num_workers > 0, drop_last=drop_last)
@@ -178,6 +188,13 @@ def distributed_class(cls: type) -> type:
                                  **kwargs):
             from avalanche.benchmarks.utils.data_loader import SingleDatasetDataLoader, collate_from_data_or_kwargs
 
+            if getattr(self, "tensor_batches", False):  # unsharded, in order, sliced from the tensors
+                from modnet.runner.tensor_batches import resolve_tensors, TensorBatchLoader
+
+                view = resolve_tensors(self.adapted_dataset)
+                if view is not None:
+                    self.dataloader = TensorBatchLoader([view], [self.eval_mb_size], shuffle=False)
+                    return
             args = self._obtain_common_dataloader_parameters(
                 batch_size=self.eval_mb_size, num_workers=num_workers, shuffle=False, pin_memory=pin_memory,
                 persistent_workers=persistent_workers)

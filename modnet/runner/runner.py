@@ -33,11 +33,14 @@ def strategy_arguments(cfg, device, evaluator, train=None) -> dict:
 
 def make_strategy(name: str, cfg, info, device, evaluator, plugins: Sequence = ()):
     """Strategy ``name`` from the registry with the shared arguments, the NaN guard and the speed options of
-    ``cfg.train`` (bf16 autocast, channels_last), plus ``plugins``."""
+    ``cfg.train`` (bf16 autocast, channels_last, batches sliced from tensors: ``tensor_batches``), plus
+    ``plugins``."""
     from modnet.runner.guards import NaNGuard
+    from modnet.runner.tensor_batches import use_tensor_batches
     from strategies.registry import build_strategy
 
     strategy = build_strategy(name, cfg, info, strategy_arguments(cfg, device, evaluator))
+    use_tensor_batches(strategy, bool(cfg.train.get("tensor_batches", True)))
     strategy.plugins.append(NaNGuard())
     if cfg.train.amp:
         from strategies.plugins.perf import AutocastPlugin

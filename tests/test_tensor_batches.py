@@ -1,0 +1,186 @@
+"""Batches sliced from tensors (modnet/runner/tensor_batches.py): an epoch is a permutation in batches of the
+configured size, seeded; the same batches, and so the same training, as Avalanche's loaders; replay's batches
+hold buffer samples; data-parallel shards as torch's DistributedSampler; other datasets keep Avalanche's."""
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+from modnet.config import compose
+from modnet.runner.tensor_batches import (TensorBatchLoader, _ShardOrder, convert_loader, resolve_tensors,
+                                          use_tensor_batches)
+from scenarios.base import permuted_benchmark, split_benchmark
+
+
+def _data(n=600, d=12):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, d, generator=g)
+    x[:, 0] = torch.arange(n, dtype=torch.float32)  # every sample carries its id
+    return x, torch.arange(n) % 10
+
+
+def _benchmark(kind="split", scenario="task", n=600):
+    x, y = _data(n)
+    make = split_benchmark if kind == "split" else permuted_benchmark
+    return make("t", x, y, x.clone(), y.clone(), 5 if kind == "split" else 3, scenario, 0)
+
+
+def _epoch(loader, seed):
+    torch.manual_seed(seed)
+    return [b for b in loader]
+
+
+def test_an_epoch_is_a_seeded_permutation_in_batches_of_the_configured_size():
+    info = _benchmark()
+    ds = info.benchmark.train_stream[1].dataset.train()
+    view = resolve_tensors(ds)
+    assert view is not None
+    loader = TensorBatchLoader([view], [32])
+    batches = _epoch(loader, 0)
+    ids = torch.cat([b[0][:, 0] for b in batches]).long()
+    expected = torch.tensor(sorted(int(ds[i][0][0]) for i in range(len(ds))))
+    assert torch.equal(ids.sort().values, expected)  # every sample once
+    assert [len(b[0]) for b in batches[:-1]] == [32] * (len(batches) - 1)
+    assert 0 < len(batches[-1][0]) <= 32 and len(batches) == len(loader) == -(-len(ds) // 32)
+    for xb, yb, tb in batches:  # fields as Avalanche's mb_x, mb_y, mb_task_id
+        assert xb.shape[1:] == (12,) and yb.dtype == torch.long and tb.dtype == torch.long
+        assert set(tb.tolist()) == {1}
+    again, other = _epoch(loader, 0), _epoch(loader, 1)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+    assert not torch.equal(torch.cat([b[0] for b in batches]), torch.cat([b[0] for b in other]))
+    torch.manual_seed(0)
+    first, second = list(loader), list(loader)  # a new permutation every epoch
+    assert not torch.equal(first[0][0], second[0][0])
+
+
+@pytest.mark.parametrize("kind,scenario", [("split", "task"), ("split", "class"), ("permuted", "task")])
+def test_same_batches_and_generator_state_as_avalanches_loaders(kind, scenario):
+    from avalanche.benchmarks.utils.data_loader import (ReplayDataLoader, SingleDatasetDataLoader,
+                                                        TaskBalancedDataLoader)
+
+    info = _benchmark(kind, scenario)
+    exps = list(info.benchmark.train_stream)
+    ds = exps[2].dataset.train()
+    memory = exps[0].dataset.train().subset(range(0, 90, 3)).concat(exps[1].dataset.train().subset(range(5, 60, 2)))
+    cases = [TaskBalancedDataLoader(ds, batch_size=32, oversample_small_groups=True, shuffle=True),
+             TaskBalancedDataLoader(ds.concat(exps[1].dataset.train()), batch_size=32,  # two task groups
+                                    oversample_small_groups=True, shuffle=True),
+             ReplayDataLoader(ds, memory, oversample_small_tasks=True, batch_size=32, batch_size_mem=24,
+                              shuffle=True),
+             SingleDatasetDataLoader(info.benchmark.test_stream[1].dataset.eval(), batch_size=50)]  # evaluation
+    for avalanche_loader in cases:
+        ours = convert_loader(avalanche_loader)
+        assert ours is not None
+        torch.manual_seed(3)
+        theirs = [list(b) for b in avalanche_loader]
+        after_theirs = torch.rand(1)
+        torch.manual_seed(3)
+        mine = list(ours)
+        assert torch.equal(torch.rand(1), after_theirs)
+        assert len(mine) == len(theirs)
+        for a, b in zip(theirs, mine):
+            for u, v in zip(a, b):
+                assert u.dtype == v.dtype and torch.equal(u, v)
+
+
+def _strategy(name, tensor_batches, info, epochs=2, extra=()):
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from modnet.runner.runner import make_strategy
+
+    cfg = compose("cl", ["progress=false", f"train.epochs={epochs}", "train.batch_size=32", "model.hidden=32",
+                         f"train.tensor_batches={str(tensor_batches).lower()}", "gem.patterns_per_exp=32",
+                         "replay.mem_size=60", "modules.profile_samples=64", *extra])
+    return make_strategy(name, cfg, info, torch.device("cpu"), EvaluationPlugin(loggers=[]))
+
+
+class _Losses:
+    def __new__(cls):
+        from avalanche.core import SupervisedPlugin
+
+        class Losses(SupervisedPlugin):
+            def __init__(self):
+                super().__init__()
+                self.losses, self.loaders = [], []
+
+            def before_training_epoch(self, strategy, **kw):
+                self.loaders.append(type(strategy.dataloader).__name__)
+
+            def after_training_iteration(self, strategy, **kw):
+                self.losses.append(float(strategy.loss))
+
+        return Losses()
+
+
+@pytest.mark.parametrize("name", ["naive", "replay", "gem", "modnet"])
+def test_a_strategy_trains_and_evaluates_as_through_avalanches_loader(name):
+    from modnet.runner.runner import run_experiences
+
+    info = _benchmark(n=400)
+    results = {}
+    for tensor_batches in (True, False):
+        torch.manual_seed(0)
+        strategy = _strategy(name, tensor_batches, info)
+        losses = _Losses()
+        strategy.plugins.append(losses)
+        exps = list(info.benchmark.train_stream)[:3]
+
+        def evaluate(index, strategy):
+            res = strategy.eval(info.benchmark.test_stream[:3])
+            return [res[k] for k in sorted(res) if k.startswith("Top1_Acc_Exp")]
+
+        rec = run_experiences(strategy, exps, evaluate, seed=0, log=lambda s: None)
+        results[tensor_batches] = (losses.losses, rec.rows, losses.loaders)
+    (l1, r1, kinds), (l0, r0, kinds0) = results[True], results[False]
+    assert set(kinds) == {"TensorBatchLoader"} and "TensorBatchLoader" not in kinds0
+    assert l1 == l0 and r1 == r0  # the same batches in the same order: the same numbers
+
+
+def test_replay_batches_hold_buffer_samples_after_the_first_experience():
+    from avalanche.core import SupervisedPlugin
+
+    info = _benchmark(n=400)
+    strategy = _strategy("replay", True, info, epochs=1)
+    seen = []
+
+    class Tasks(SupervisedPlugin):
+        def before_forward(self, strategy, **kw):
+            seen.append((strategy.clock.train_exp_counter, type(strategy.dataloader).__name__,
+                         len(strategy.mb_x), set(strategy.mb_task_id.tolist())))
+
+    strategy.plugins.append(Tasks())
+    for exp in list(info.benchmark.train_stream)[:3]:
+        strategy.train(exp)
+    assert all(loader == "TensorBatchLoader" for _, loader, _, _ in seen)
+    assert all(tasks == {0} and n <= 32 for e, _, n, tasks in seen if e == 0)
+    later = [(e, n, tasks) for e, _, n, tasks in seen if e > 0]
+    assert later and all(e in tasks and len(tasks) > 1 and n > 32 for e, n, tasks in later)
+
+
+def test_an_input_transform_keeps_avalanches_loader():
+    from avalanche.benchmarks.utils.data_loader import SingleDatasetDataLoader
+
+    info = _benchmark(n=400)
+    exp = info.benchmark.test_stream[0]
+    transformed = exp.dataset.replace_current_transform_group(lambda x: x * 2).eval()
+    assert resolve_tensors(transformed) is None
+    assert resolve_tensors(exp.dataset.eval()) is not None
+    assert convert_loader(SingleDatasetDataLoader(transformed, batch_size=8)) is None
+    strategy = _strategy("naive", True, info, epochs=1)
+    assert type(strategy).__name__ == "TensorBatchesNaive"
+    strategy.experience, strategy.adapted_dataset = exp, transformed
+    strategy.make_eval_dataloader()
+    assert type(strategy.dataloader).__name__ == "SingleDatasetDataLoader"
+    strategy.adapted_dataset = exp.dataset.eval()
+    strategy.make_eval_dataloader()
+    assert type(strategy.dataloader).__name__ == "TensorBatchLoader"
+
+
+@pytest.mark.parametrize("n,world,drop_last", [(10, 3, False), (10, 3, True), (200, 4, False), (7, 2, False)])
+def test_data_parallel_shards_are_distributed_samplers(n, world, drop_last):
+    for rank in range(world):
+        sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, seed=11, drop_last=drop_last)
+        order = _ShardOrder(n, rank, world, 11, True, drop_last)
+        for epoch in (0, 2):
+            sampler.set_epoch(epoch)
+            order.set_epoch(epoch)
+            assert order().tolist() == list(sampler) and order.length == len(sampler)
