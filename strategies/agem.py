@@ -1,6 +1,6 @@
 """``agem``: Avalanche's ``AGEM`` (Chaudhry et al. 2019).
 
-Hyper-parameters, configs/cl.yaml ``agem``: patterns_per_exp (A-GEM: 250 per task), sample_size (A-GEM: 256).
+Hyper-parameters, configs/training.yaml ``agem``: patterns_per_exp (A-GEM: 250 per task), sample_size (A-GEM: 256).
 """
 from __future__ import annotations
 

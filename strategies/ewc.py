@@ -1,6 +1,6 @@
 """``ewc``: Avalanche's ``EWC`` (Kirkpatrick et al. 2017).
 
-Hyper-parameters, configs/cl.yaml ``ewc``: ewc_lambda (continual-learning-baselines Split-MNIST: 0.4 ... 10000 by
+Hyper-parameters, configs/training.yaml ``ewc``: ewc_lambda (continual-learning-baselines Split-MNIST: 0.4 ... 10000 by
 setup), mode separate | online, decay_factor (online only).
 """
 from __future__ import annotations

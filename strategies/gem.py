@@ -1,6 +1,6 @@
 """``gem``: Avalanche's ``GEM`` (Lopez-Paz & Ranzato 2017; needs quadprog).
 
-Hyper-parameters, configs/cl.yaml ``gem``: patterns_per_exp (continual-learning-baselines Permuted-MNIST: 1000),
+Hyper-parameters, configs/training.yaml ``gem``: patterns_per_exp (continual-learning-baselines Permuted-MNIST: 1000),
 memory_strength (paper: 0.5).
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``hnet``: task-conditioned hypernetwork (von Oswald et al., ICLR 2020) on hypnettorch.
 
-Hyper-parameters (configs/cl.yaml ``hnet``): beta 0.01 (output regulariser, paper Split-MNIST), Adam lr
+Hyper-parameters (configs/training.yaml ``hnet``): beta 0.01 (output regulariser, paper Split-MNIST), Adam lr
 0.001, task embedding 32, chunk size 4000, chunk embedding 32, hypernetwork layers [100, 100]; class-
 incremental task inference by lowest entropy (HNET+ENT). The main network is an MLP of ``model.hidden`` x
 ``model.n_layers``.

@@ -1,6 +1,6 @@
 """``lwf``: Avalanche's ``LwF`` (Li & Hoiem 2016).
 
-Hyper-parameters, configs/cl.yaml ``lwf``: alpha (continual-learning-baselines Split-MNIST: 1.0), temperature
+Hyper-parameters, configs/training.yaml ``lwf``: alpha (continual-learning-baselines Split-MNIST: 1.0), temperature
 (paper: 2).
 """
 from __future__ import annotations

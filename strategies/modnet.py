@@ -1,6 +1,6 @@
 """``modnet``: the modular network (HAT task masks, SynC functional modules, key-vector gates, task keys).
 
-Hyper-parameters (configs/cl.yaml): ``hat`` (Serra et al. 2018: smax 400, c 0.75, thres_cosh 50, thres_emb 6,
+Hyper-parameters (configs/training.yaml): ``hat`` (Serra et al. 2018: smax 400, c 0.75, thres_cosh 50, thres_emb 6,
 clipgrad 10000), ``modules`` (k, key_dim, tau, estimator, clustering; sync regulariser weight, eps, every,
 rows), ``model`` (widths, ``modules``/``gate``/``task_keys`` switches); plain SGD (``train.lr`` 0.05,
 momentum 0) as HAT's reference.

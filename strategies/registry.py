@@ -2,7 +2,7 @@
 
 A strategy is an Avalanche ``SupervisedTemplate`` (Avalanche runs the loop, evaluation and logging) with
 plugins. Each lives in its own file ``strategies/<name>.py`` with its hyper-parameters documented beside
-it and its config block in ``configs/cl.yaml``; the file registers a builder
+it and its config block in ``configs/training.yaml``; the file registers a builder
 ``build(cfg, info, common) -> SupervisedTemplate`` with ``@register_strategy(NAME, ...)``. ``common`` holds
 the arguments every strategy shares (criterion, batch sizes, epochs, device, evaluator), so all of them run
 with the same backbone widths, optimiser, epochs and batch sizes. What a data-parallel run and a resumed

@@ -1,6 +1,6 @@
 """``replay``: Avalanche's ``Replay``: a class-balanced buffer of stored samples.
 
-Hyper-parameters, configs/cl.yaml ``replay``: mem_size (stored samples in total).
+Hyper-parameters, configs/training.yaml ``replay``: mem_size (stored samples in total).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """``si``: Avalanche's ``SynapticIntelligence`` (Zenke et al. 2017).
 
-Hyper-parameters, configs/cl.yaml ``si``: si_lambda (continual-learning-baselines Split-MNIST: 1.0), eps (damping,
+Hyper-parameters, configs/training.yaml ``si``: si_lambda (continual-learning-baselines Split-MNIST: 1.0), eps (damping,
 paper 1e-3).
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from modnet.cli import main
-from modnet.config import BENCHMARK_CHOICES, BENCHMARK_KEYS, ConfigError, compose
+from modnet.config import BENCHMARK_CHOICES, BENCHMARK_KEYS, compose
 
 ROOT = Path(__file__).resolve().parents[1]
 GZSL_FAST = ["progress=false", "threads=1", "network.epochs=5", "niwt.map_epochs=30", "niwt.max_iterations=30",

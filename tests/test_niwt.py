@@ -299,7 +299,7 @@ def test_avalanche_plugin_metric_matches_the_direct_computation():
 # ----------------------------------------------------------------------------------------------------------
 # The job
 # ----------------------------------------------------------------------------------------------------------
-FAST = ["progress=false", "network.epochs=10", "niwt.max_iterations=150", "niwt.map_epochs=150", "ale.epochs=3",
+FAST = ["progress=false", "train.epochs=10", "niwt.max_iterations=150", "niwt.map_epochs=150", "ale.epochs=3",
         "eszsl.grid_log10=[-1,0,1]", "threads=1"]
 
 
@@ -308,7 +308,7 @@ def test_gzsl_job_writes_results_for_every_method_and_continual(tmp_path):
     from modnet.jobs.gzsl import run_gzsl
 
     cfg = compose("gzsl", [f"output_dir={tmp_path}", *FAST, "seeds=[0,1]", "continual.enabled=true",
-                           "continual.n_experiences=2", "continual.epochs=2"])
+                           "continual.n_experiences=2", "strategies=[modnet,naive]"])
     results = run_gzsl(cfg)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["benchmark"] == "digits" and saved["unseen_classes"] == [2, 7]
@@ -319,19 +319,28 @@ def test_gzsl_job_writes_results_for_every_method_and_continual(tmp_path):
         for seed_result in saved["per_seed"].values():
             s = seed_result[name]
             assert s["H"] == pytest.approx(harmonic_mean(s["U"], s["S"]))
-    assert len(saved["continual"]["per_seed"]) == 2
-    experiences = saved["continual"]["per_seed"][0]["experiences"]
-    assert len(experiences) == 2 and len(experiences[1]["seen_classes_so_far"]) == 8
+    for seed_result in saved["per_seed"].values():  # the setting validation chose among ESZSL's candidates
+        assert {seed_result["eszsl"]["eszsl_gamma"], seed_result["eszsl"]["eszsl_lambda"]} <= {0.1, 1.0, 10.0}
+    assert saved["network"]["class"] == "HATMLP" and len(saved["network_seen_accuracy"]) == 2
+    continual = saved["continual"]["strategies"]
+    assert set(continual) == {"modnet", "naive"}
+    for name, r in continual.items():
+        assert len(r["per_seed"]) == 2 and len(r["experiences"]) == 2
+        last = r["per_seed"][0]["experiences"][-1]
+        assert len(last["seen_classes_so_far"]) == 8
+        assert last["H"] == pytest.approx(harmonic_mean(last["U"], last["S"]))
+        for k in ("U", "S", "H", "seen_accuracy", "forgetting", "class_incremental_forgetting"):
+            assert k in r["experiences"][-1] and f"{k}_std" in r["experiences"][-1]
+    assert continual["modnet"]["network"]["class"] == "HATMLP"
     assert (tmp_path / "results.csv").read_text().startswith("method,U,S,H")
     assert (tmp_path / "gzsl.png").stat().st_size > 0
+    assert (tmp_path / "checkpoints" / "modnet_seed1_final.pt").exists()
     assert results["methods"]["niwt"]["U"] == saved["methods"]["niwt"]["U"]
 
 
-def test_gzsl_job_bad_config_is_reported_before_training(tmp_path):
+def test_gzsl_job_bad_data_is_reported_before_training(tmp_path):
     from modnet.config import compose
     from modnet.jobs.gzsl import run_gzsl
 
-    with pytest.raises(ValueError, match="choose among"):
-        run_gzsl(compose("gzsl", [f"output_dir={tmp_path}", "methods=[niwt,devise]"]))
     with pytest.raises(ValueError, match="benchmark npz needs benchmark.path"):
         run_gzsl(compose("gzsl", [f"output_dir={tmp_path}", "benchmark=npz"]))

@@ -6,8 +6,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from modnet.config import compose
-from modnet.runner.tensor_batches import (TensorBatchLoader, _ShardOrder, convert_loader, resolve_tensors,
-                                          use_tensor_batches)
+from modnet.runner.tensor_batches import TensorBatchLoader, _ShardOrder, convert_loader, resolve_tensors
 from scenarios.base import permuted_benchmark, split_benchmark
 
 

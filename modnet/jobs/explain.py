@@ -5,7 +5,7 @@ Where the network comes from (configs/explain.yaml):
   saves it the same way: ``PATH/checkpoints/modnet_seed{S}_final.pt`` rebuilt by
   ``modnet.nets.record.load_network`` from the run's ``PATH/config.yaml``; its test inputs from the run's
   benchmark, rebuilt with the same seed (a cl run: ``scenarios.build_benchmark``; a gzsl run:
-  ``scenarios.zsl.load_zsl_benchmark``).
+  ``scenarios.zsl.load_zsl_from_config``).
 * no ``run_dir``: a modular network trained here with the ``modnet`` strategy (``make_strategy`` and
   ``run_experiences``, the network and strategy settings of configs/cl.yaml) on the seen classes of ``data``.
 
@@ -206,16 +206,10 @@ def stream_tests(info, model: HATNet, limit: int, seed: int) -> list[TaskTest | 
 
 
 def zsl_run_data(bcfg, seed: int):
-    """The GZSL data of a zero-shot run, from its ``benchmark`` config (``scenarios.zsl.load_zsl_benchmark``)."""
-    from scenarios.zsl import load_zsl_benchmark
+    """The GZSL data of a zero-shot run, from its ``benchmark`` config (``scenarios.zsl.load_zsl_from_config``)."""
+    from scenarios.zsl import load_zsl_from_config
 
-    resnet = bcfg.get("resnet") or {}
-    return load_zsl_benchmark(bcfg.name, bcfg.get("path"), seed=seed,
-                              unseen_classes=list(bcfg.get("unseen_classes") or (2, 7)),
-                              test_fraction=bcfg.get("test_fraction", 0.3), images=bool(bcfg.get("images", False)),
-                              attributes=bcfg.get("attributes", "original_att"),
-                              resnet_arch=resnet.get("arch", "resnet101"), resnet_weights=resnet.get("weights"),
-                              allow_download=bool(resnet.get("allow_download", False)))
+    return load_zsl_from_config(bcfg, seed=seed)
 
 
 def zsl_tests(data, model: HATNet, limit: int, seed: int) -> list[TaskTest | None]:

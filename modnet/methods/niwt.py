@@ -27,7 +27,10 @@ weights would simply be regressed from knowledge. NIWT therefore takes the impor
 (VGG16: conv5_3, ResNet-101: layer4[0]; for an MLP the hidden layer before the penultimate one), where the
 induced importance J(x)^T w depends on the network between that layer and the classifier.
 
-``NIWT`` ties the steps together and returns a ``GZSLModel`` scoring every class (seen and unseen).
+``NIWT`` ties the steps together and returns a ``GZSLModel`` scoring every class (seen and unseen). On a
+network with one head per task (the HAT network, ``modnet.nets.models``) ``NIWT.fit_heads`` measures each seen
+class through its own head, fits one knowledge -> importance map for the shared layer and unseen weights for
+every head, which the network then takes as new rows of its heads (``HATNet.add_classes``).
 PyTorch autograd does the gradients (forward hooks + ``torch.autograd.grad``, double backward for step 3).
 """
 from __future__ import annotations
@@ -51,6 +54,7 @@ __all__ = [
     "fit_unseen_weights",
     "UnseenWeights",
     "NIWT",
+    "Head",
     "GZSLModel",
     "cosine_distance",
 ]
@@ -514,6 +518,22 @@ class GZSLModel(nn.Module):
         return scores
 
 
+@dataclass(frozen=True)
+class Head:
+    """One output head of a network and the forward pass that ends in it.
+
+    classifier  the nn.Linear producing the head's class scores (its input: the penultimate features f)
+    classes     the class (a row of the knowledge matrix) of each trained row of the head
+    rows        the classifier row of each of ``classes`` (None: 0, 1, ...)
+    forward_fn  x -> the head's scores (None: the model's own forward)
+    """
+
+    classifier: nn.Linear
+    classes: Sequence[int]
+    rows: Sequence[int] | None = None
+    forward_fn: ForwardFn | None = None
+
+
 class NIWT:
     """Neuron Importance-aware Weight Transfer on a trained seen-class network.
 
@@ -528,9 +548,15 @@ class NIWT:
     ``patience`` 40 iterations without a ``min_improvement`` of 1%.
     After ``fit``: ``seen_importance`` [S, N], ``knowledge_map`` (KnowledgeToImportance),
     ``unseen_importance`` [U, N] (predicted), ``unseen`` (UnseenWeights).
+
+    A network with several heads (a HAT network: one head and one masked path per task) is extended with
+    ``fit_heads`` (``classifier`` may then be None): every seen class's importance is measured through its
+    own head's forward, one knowledge -> importance map is fitted over all of them (the layer's units are
+    shared by the heads: the masks select units, they do not rename them), and unseen weights are fitted for
+    every head through that head's forward (``unseen_by_head``).
     """
 
-    def __init__(self, model: nn.Module, layer: nn.Module, classifier: nn.Linear, *,
+    def __init__(self, model: nn.Module, layer: nn.Module, classifier: nn.Linear | None, *,
                  forward_fn: ForwardFn | None = None, importance_batch_size: int = 256,
                  map_epochs: int = 500, map_lr: float = 1e-2, map_weight_decay: float = 0.0,
                  map_val_fraction: float = 0.2, map_refit_all: bool = False, map_bias: bool = True,
@@ -539,12 +565,8 @@ class NIWT:
                  importance_samples: str = "class",
                  patience: int = 40, min_improvement: float = 0.01, max_iterations: int = 5000,
                  seed: int = 0, progress: bool = False):
-        if not isinstance(classifier, nn.Linear):
-            raise ValueError(f"classifier must be the nn.Linear producing the class scores, got "
-                             f"{type(classifier).__name__}")
-        if layer is classifier:
-            raise ValueError("the importance layer must lie before the classifier (one block before the "
-                             "penultimate layer); at the classifier's input the importance is the weight itself.")
+        if classifier is not None:
+            _check_head_layer(classifier, layer)
         self.model, self.layer, self.classifier = model, layer, classifier
         self.forward_fn = forward_fn
         self.importance_batch_size = importance_batch_size
@@ -563,59 +585,95 @@ class NIWT:
         self.unseen_importance: Tensor | None = None
         self.knowledge_map: KnowledgeToImportance | None = None
         self.unseen: UnseenWeights | None = None
+        self.unseen_by_head: list[UnseenWeights] = []
 
     def fit(self, x_seen: Tensor, y_seen: Tensor, knowledge: Tensor, seen_classes: Sequence[int],
             unseen_classes: Sequence[int], seen_columns: Sequence[int] | None = None) -> "NIWT":
-        seen_classes, unseen_classes = [int(c) for c in seen_classes], [int(c) for c in unseen_classes]
-        seen_columns = list(range(len(seen_classes))) if seen_columns is None else [int(c) for c in seen_columns]
-        self._validate(y_seen, knowledge, seen_classes, unseen_classes, seen_columns)
-        self.seen_classes, self.unseen_classes, self.seen_columns = seen_classes, unseen_classes, seen_columns
+        """NIWT on the constructor's ``classifier`` (one head); ``gzsl_model()`` then scores every class."""
+        if self.classifier is None:
+            raise ValueError("this NIWT has no classifier: pass one to the constructor, or call fit_heads")
+        head = Head(self.classifier, seen_classes, seen_columns, self.forward_fn)
+        return self.fit_heads(x_seen, y_seen, knowledge, [head], unseen_classes)
+
+    def fit_heads(self, x_seen: Tensor, y_seen: Tensor, knowledge: Tensor, heads: Sequence[Head],
+                  unseen_classes: Sequence[int]) -> "NIWT":
+        """NIWT on a network with one or more heads; every seen class belongs to exactly one head.
+
+        ``seen_importance`` rows follow the heads' classes in order; ``unseen_by_head[h]`` holds the unseen
+        weights of head h (``unseen`` those of the first head).
+        """
+        heads = [Head(h.classifier, [int(c) for c in h.classes],
+                      list(range(len(h.classes))) if h.rows is None else [int(r) for r in h.rows], h.forward_fn)
+                 for h in heads]
+        unseen_classes = [int(c) for c in unseen_classes]
+        self._validate(y_seen, knowledge, heads, unseen_classes)
+        self.heads = heads
+        self.seen_classes = [c for h in heads for c in h.classes]
+        self.unseen_classes = unseen_classes
         self.n_classes = knowledge.shape[0]
         device = _model_device(self.model)
         knowledge = knowledge.to(device=device, dtype=torch.float32)
+        y_seen = torch.as_tensor(y_seen, dtype=torch.long)
+        y_cpu = y_seen.cpu()
+        head_of = torch.full((self.n_classes,), -1, dtype=torch.long)
+        row_of = torch.full((self.n_classes,), -1, dtype=torch.long)
+        for i, h in enumerate(heads):
+            head_of[torch.tensor(h.classes)] = i
+            row_of[torch.tensor(h.classes)] = torch.tensor(h.rows)
 
-        # Step 1: importance of each seen class, at its own output column.
-        to_column = torch.full((self.n_classes,), -1, dtype=torch.long)
-        to_column[torch.tensor(seen_classes)] = torch.tensor(seen_columns)
-        columns = to_column[torch.as_tensor(y_seen, dtype=torch.long).cpu()]
-        n_out = self.classifier.out_features
-        if self.importance_samples == "class":
-            importance = class_importance(self.model, self.layer, x_seen, columns, n_out,
-                                          self.importance_batch_size, self.forward_fn)
-            self.seen_importance = importance[torch.tensor(seen_columns, device=importance.device)]
-        else:  # every seen class scored on all seen samples: the same images step 3 measures unseen weights on
-            self.seen_importance = torch.stack([
-                class_importance(self.model, self.layer, x_seen, torch.full_like(columns, col), n_out,
-                                 self.importance_batch_size, self.forward_fn)[col] for col in seen_columns])
+        # Step 1: importance of each seen class at its own row, through its own head.
+        importance, pairs = [], []
+        for i, h in enumerate(heads):
+            mine = head_of[y_cpu] == i
+            x_mine, rows_mine = x_seen[mine.to(x_seen.device)], row_of[y_cpu[mine]]
+            n_out = h.classifier.out_features
+            if self.importance_samples == "class":
+                per_row = class_importance(self.model, self.layer, x_mine, rows_mine, n_out,
+                                           self.importance_batch_size, h.forward_fn)
+                importance.append(per_row[torch.tensor(h.rows, device=per_row.device)])
+            else:  # every seen class scored on all seen samples: the images step 3 measures unseen weights on
+                n = x_seen.shape[0]
+                importance.append(torch.stack([
+                    class_importance(self.model, self.layer, x_seen, torch.full((n,), r), n_out,
+                                     self.importance_batch_size, h.forward_fn)[r] for r in h.rows]))
+            if self.map_targets == "sample":  # every image's importance, as the official code
+                step = self.importance_batch_size
+                pairs.append((y_cpu[mine], torch.cat([
+                    sample_importance(self.model, self.layer, x_mine[s:s + step], rows_mine[s:s + step],
+                                      h.forward_fn) for s in range(0, x_mine.shape[0], step)])))
+        self.seen_importance = torch.cat(importance)
 
         # Step 2: knowledge -> importance on the seen classes (class means, or every sample as the official code).
         self.knowledge_map = KnowledgeToImportance(knowledge.shape[1], self.seen_importance.shape[1],
                                                    bias=self.map_bias, inverse=self.inverse,
                                                    init=self.map_init).to(device)
         if self.map_targets == "sample":
-            per_sample = torch.cat([
-                sample_importance(self.model, self.layer, x_seen[i:i + self.importance_batch_size],
-                                  columns[i:i + self.importance_batch_size], self.forward_fn)
-                for i in range(0, x_seen.shape[0], self.importance_batch_size)])
-            y_dev = torch.as_tensor(y_seen, device=device, dtype=torch.long)
-            self.knowledge_map.fit(knowledge[y_dev], per_sample, pair_classes=y_dev, **self.map_kwargs)
+            y_pairs = torch.cat([y for y, _ in pairs]).to(device)
+            self.knowledge_map.fit(knowledge[y_pairs], torch.cat([a for _, a in pairs]), pair_classes=y_pairs,
+                                   **self.map_kwargs)
         else:
-            self.knowledge_map.fit(knowledge[seen_classes], self.seen_importance, **self.map_kwargs)
+            self.knowledge_map.fit(knowledge[self.seen_classes], self.seen_importance, **self.map_kwargs)
 
-        # Step 3: unseen weights from the predicted importance.
+        # Step 3: unseen weights from the predicted importance, for every head through its own forward.
         with torch.no_grad():
             self.unseen_importance = self.knowledge_map(knowledge[unseen_classes])
-        self.unseen = fit_unseen_weights(self.model, self.layer, self.classifier, x_seen, self.unseen_importance,
-                                         seen_columns=seen_columns, forward_fn=self.forward_fn,
-                                         **self.weight_kwargs)
+        self.unseen_by_head = [
+            fit_unseen_weights(self.model, self.layer, h.classifier, x_seen, self.unseen_importance,
+                               seen_columns=h.rows, forward_fn=h.forward_fn, **self.weight_kwargs)
+            for h in heads]
+        self.unseen = self.unseen_by_head[0]
         return self
 
     def gzsl_model(self) -> GZSLModel:
         """The network extended with the unseen classes (scores for all classes, see ``GZSLModel``)."""
         if self.unseen is None:
             raise ValueError("call NIWT.fit(...) before gzsl_model()")
-        return GZSLModel(self.model, self.classifier, self.seen_classes, self.seen_columns, self.unseen_classes,
-                         self.unseen.weight, self.unseen.bias, self.n_classes, self.forward_fn)
+        if len(self.heads) > 1:
+            raise ValueError("NIWT was fitted on several heads: add unseen_by_head[h] to each head of the network "
+                             "(HATNet.add_classes) instead of wrapping it")
+        head = self.heads[0]
+        return GZSLModel(self.model, head.classifier, head.classes, head.rows, self.unseen_classes,
+                         self.unseen.weight, self.unseen.bias, self.n_classes, head.forward_fn)
 
     def importance_to_knowledge(self, importance: Tensor) -> Tensor:
         """Shortcut to ``knowledge_map.importance_to_knowledge`` (textual explanations)."""
@@ -623,12 +681,17 @@ class NIWT:
             raise ValueError("call NIWT.fit(...) before importance_to_knowledge()")
         return self.knowledge_map.importance_to_knowledge(importance)
 
-    def _validate(self, y_seen, knowledge, seen_classes, unseen_classes, seen_columns) -> None:
+    def _validate(self, y_seen, knowledge, heads: Sequence[Head], unseen_classes) -> None:
         if knowledge.dim() != 2:
             raise ValueError(f"knowledge must be [n_classes, A], got shape {tuple(knowledge.shape)}")
         if not torch.isfinite(knowledge).all():
             bad = torch.nonzero(~torch.isfinite(knowledge).all(1)).flatten().tolist()
             raise ValueError(f"knowledge has NaN/inf in the rows of classes {bad}; fill or drop them first.")
+        if not heads:
+            raise ValueError("NIWT needs at least one head")
+        seen_classes = [c for h in heads for c in h.classes]
+        if len(set(seen_classes)) != len(seen_classes):
+            raise ValueError("every seen class must belong to exactly one head")
         if set(seen_classes) & set(unseen_classes):
             raise ValueError(f"classes {sorted(set(seen_classes) & set(unseen_classes))} are both seen and unseen")
         if not unseen_classes:
@@ -637,12 +700,23 @@ class NIWT:
         if min(all_classes) < 0 or max(all_classes) >= knowledge.shape[0]:
             raise ValueError(f"class ids must index the {knowledge.shape[0]} knowledge rows; got ids in "
                              f"[{min(all_classes)}, {max(all_classes)}]")
-        if len(seen_columns) != len(seen_classes):
-            raise ValueError("seen_columns must give one classifier row per seen class")
-        if max(seen_columns) >= self.classifier.out_features:
-            raise ValueError(f"seen_columns go up to {max(seen_columns)} but the classifier has "
-                             f"{self.classifier.out_features} outputs")
+        for h in heads:
+            _check_head_layer(h.classifier, self.layer)
+            if len(h.rows) != len(h.classes):
+                raise ValueError("seen_columns must give one classifier row per seen class")
+            if max(h.rows) >= h.classifier.out_features:
+                raise ValueError(f"seen_columns go up to {max(h.rows)} but the classifier has "
+                                 f"{h.classifier.out_features} outputs")
         labels = set(torch.unique(torch.as_tensor(y_seen)).tolist())
         if not labels <= set(seen_classes):
             raise ValueError(f"y_seen holds classes {sorted(labels - set(seen_classes))} that are not in "
                              "seen_classes; NIWT trains on seen-class samples only.")
+
+
+def _check_head_layer(classifier: nn.Module, layer: nn.Module) -> None:
+    if not isinstance(classifier, nn.Linear):
+        raise ValueError(f"classifier must be the nn.Linear producing the class scores, got "
+                         f"{type(classifier).__name__}")
+    if layer is classifier:
+        raise ValueError("the importance layer must lie before the classifier (one block before the "
+                         "penultimate layer); at the classifier's input the importance is the weight itself.")

@@ -167,6 +167,10 @@ class HATNet(MultiHeadTaskNet):
         self.gate = gate
         # Closed-form task keys (modnet.nets.modules.TaskKeys) for class-incremental inference.
         self.task_keys = task_keys
+        # Per head, how many of its classes own task keys: the classes it was built for. Rows added later by
+        # ``add_classes`` (NIWT's unseen classes) have no samples, hence no keys: they are scored inside
+        # every head they join, weighted by that head's task posterior.
+        self.keyed_classes = [len(c) for c in self.task_classes]
 
     masked: nn.ModuleList
 
@@ -263,7 +267,9 @@ class HATNet(MultiHeadTaskNet):
 
     def add_classes(self, task: int, class_ids: Sequence[int], weight: Tensor, bias: Tensor | None = None) -> None:
         """Grow head ``task`` by one output row per new class (NIWT's unseen classes): ``weight`` is
-        (new classes x features), the bias 0 unless given (the official NIWT code keeps it at 0)."""
+        (new classes x features), the bias 0 unless given (the official NIWT code keeps it at 0). The new
+        classes get no task keys (``keyed_classes``); a class added to several heads is scored, without a
+        task label, by its best head as any class (``infer_task``)."""
         head = self.heads[task]
         new = nn.Linear(head.in_features, head.out_features + len(class_ids)).to(head.weight.device)
         with torch.no_grad():
@@ -289,13 +295,14 @@ class HATNet(MultiHeadTaskNet):
     def key_slots(self, task: int) -> Tensor:
         """The task keys' rows for task ``task``: one per (task, class) pair, so that tasks sharing class ids
         (permuted / domain-incremental benchmarks) still get keys of their own."""
-        start = sum(len(c) for c in self.task_classes[:task])
-        return torch.arange(start, start + len(self.task_classes[task]), device=self.heads[0].weight.device)
+        start = sum(self.keyed_classes[:task])
+        return torch.arange(start, start + self.keyed_classes[task], device=self.heads[0].weight.device)
 
     def slot_of(self, task: int, y: Tensor) -> Tensor:
         """Key row of each global label ``y`` of task ``task``."""
         lut = torch.full((self.n_classes,), -1, dtype=torch.long, device=y.device)
-        lut[getattr(self, f"class_index_{task}")] = self.key_slots(task).to(y.device)
+        keyed = getattr(self, f"class_index_{task}")[:self.keyed_classes[task]]
+        lut[keyed] = self.key_slots(task).to(y.device)
         slots = lut[y]
         if (slots < 0).any():
             raise ValueError(f"labels {y[slots < 0].unique().tolist()} are not classes of task {task}")
@@ -303,7 +310,7 @@ class HATNet(MultiHeadTaskNet):
 
     @property
     def n_key_slots(self) -> int:
-        return sum(len(c) for c in self.task_classes)
+        return sum(self.keyed_classes)
 
     def infer_task(self, x: Tensor, condition: Condition | None = None) -> tuple[Tensor, Tensor]:
         if self.task_keys is None or int(self.n_trained) == 0:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence

@@ -1,0 +1,54 @@
+"""``niwt``: Neuron Importance-aware Weight Transfer (Selvaraju et al., ECCV 2018; ``modnet.methods.niwt``).
+
+On the modular network itself: importance at ``unit_taps[niwt.layer]`` (a masked layer's output after its HAT
+mask and module gates; default -2, one block before the head's input, as the paper's "one block deeper":
+VGG16 conv5_3, ResNet-101 layer4[0]), classifier = the network's head, forward = the network's own in eval
+mode (masks at s = smax, gates on). The unseen classes become new rows of that head (``HATNet.add_classes``),
+so the GZSL scores are the extended network's outputs.
+
+Hyper-parameters (configs/gzsl.yaml ``niwt``): lr and lam of the unseen-weight fit (official: 1e-3 / 1e-3 on
+AWA2, 1e-4 / 1e-2 on CUB), batch_size (official grid 16, 32, 64), patience 40 iterations without a
+min_improvement of 1% (official), max_iterations; map_* for the knowledge -> importance map (full-batch Adam,
+best epoch on held-out seen classes); importance_samples, importance_match, map_targets choose where the
+importance is measured and how it is matched (the official code: per image).
+"""
+from __future__ import annotations
+
+from modnet.methods.zsl.registry import register_zsl_method
+
+NAME = "niwt"
+
+
+def importance_layer(model, index: int):
+    """``model.unit_taps[index]`` of a modular network, with one clear error for an index out of range."""
+    from modnet.config import ConfigError
+
+    n = len(model.unit_taps)
+    if not -n <= index < n:
+        raise ConfigError(f"niwt.layer={index} but the network has {n} masked layers; choose one of "
+                          f"{-n}..{n - 1} (-2 = one block before the head's input)")
+    return model.unit_taps[index]
+
+
+def niwt_arguments(cfg) -> dict:
+    """The ``niwt`` config block as keyword arguments of ``modnet.methods.niwt.NIWT`` (all but ``layer``)."""
+    from omegaconf import OmegaConf
+
+    kw = OmegaConf.to_container(cfg.niwt, resolve=True)
+    kw.pop("layer")
+    return kw
+
+
+@register_zsl_method(NAME)
+def score(cfg, net, params):
+    from modnet.methods.niwt import NIWT
+
+    data = net.data
+    if net.classes != list(data.seen_classes):
+        raise ValueError("NIWT extends a seen-class network once: its head already holds unseen classes")
+    x, y = net.split("train")
+    niwt = NIWT(net.model, importance_layer(net.model, cfg.niwt.layer), net.head, forward_fn=net.forward,
+                seed=net.seed, progress=net.progress, **niwt_arguments(cfg))
+    niwt.fit(x, y, data.attributes.to(net.device), data.seen_classes, data.unseen_classes)
+    net.add_classes(data.unseen_classes, niwt.unseen.weight, niwt.unseen.bias)
+    return net.scores(net.split("test_seen")[0]), net.scores(net.split("test_unseen")[0])

@@ -1,0 +1,97 @@
+"""The modular network trained on the seen classes of a GZSL split: what every GZSL method works from.
+
+``modnet gzsl`` trains the ``modnet`` strategy's network (HAT masks, SynC modules, key-vector gates; built by
+``modnet.nets.build.build_modular_network`` from the ``model``/``modules``/``hat`` blocks shared with ``modnet
+cl``) on one experience holding every seen class: one task, one head, whose row i predicts seen class
+``seen_classes[i]``. Its forward for scoring is ``model(x, 0)`` in eval mode with the default condition:
+masks at s = smax, module gates on. NIWT grows that head by the unseen classes (``add_classes``); ESZSL and
+ALE work on its penultimate features, the head's input.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from modnet.nets.models import HATNet
+from scenarios.zsl import ZSLData
+
+_BATCH = 1024
+
+
+@dataclass
+class SeenNetwork:
+    """``model`` trained on ``data``'s seen classes (task 0); ``classes[i]``: the dataset class of head row i.
+
+    ``seen_accuracy``: the network's accuracy on the test-seen samples over the seen classes (its own
+    evaluation after training).
+    """
+
+    model: HATNet
+    data: ZSLData
+    seed: int
+    device: torch.device
+    progress: bool = False
+    seen_accuracy: float = math.nan
+    classes: list[int] = field(default_factory=list)
+    _inputs: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.classes:
+            self.classes = list(self.data.seen_classes)
+
+    @property
+    def head(self) -> torch.nn.Linear:
+        return self.model.heads[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The head's scores (one column per head row): the path of task 0 at s = smax, gates on."""
+        return self.model(x, 0)
+
+    def split(self, name: str) -> tuple[Tensor, Tensor]:
+        """(x, y) of ``train``, ``test_seen`` or ``test_unseen`` on the network's device (y: dataset class ids)."""
+        if name not in self._inputs:
+            d = self.data
+            x, y = {"train": (d.x_train, d.y_train), "test_seen": (d.x_test_seen, d.y_test_seen),
+                    "test_unseen": (d.x_test_unseen, d.y_test_unseen)}[name]
+            self._inputs[name] = (x.to(self.device), y.to(self.device))
+        return self._inputs[name]
+
+    @torch.no_grad()
+    def scores(self, x: Tensor) -> Tensor:
+        """[n, C]: column c is dataset class c's score (its head row), -inf for classes the head lacks."""
+        self.model.eval()
+        logits = torch.cat([self.forward(x[i:i + _BATCH]) for i in range(0, x.shape[0], _BATCH)])
+        out = logits.new_full((x.shape[0], self.data.n_classes), -math.inf)
+        out[:, torch.as_tensor(self.classes, device=out.device)] = logits
+        return out
+
+    @torch.no_grad()
+    def penultimate(self, x: Tensor) -> Tensor:
+        """The head's input (the last masked layer's output, gated) for every row of x."""
+        self.model.eval()
+        return torch.cat([self.model.features(xb, self.model.unit_masks(xb, 0), 0)
+                          for xb in x.split(_BATCH)])
+
+    def add_classes(self, classes: Sequence[int], weight: Tensor, bias: Tensor | None = None) -> None:
+        """New rows of the head for dataset classes ``classes`` (NIWT's unseen classes)."""
+        start = len(self.classes)
+        self.model.add_classes(0, range(start, start + len(classes)), weight, bias)
+        self.classes += [int(c) for c in classes]
+
+    def baseline_inputs(self, kind: str, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """ESZSL's and ALE's inputs for train, test-seen, test-unseen: the penultimate features or the raw
+        inputs (``kind``), L2-normalised rows when ``normalize``; computed once per network."""
+        key = ("baseline", kind, normalize)
+        if key not in self._inputs:
+            feats = []
+            for name in ("train", "test_seen", "test_unseen"):
+                x = self.split(name)[0]
+                f = x.flatten(1) if kind == "input" else self.penultimate(x)
+                feats.append(F.normalize(f, dim=1) if normalize else f)
+            self._inputs[key] = tuple(feats)
+        return self._inputs[key]

@@ -1,0 +1,154 @@
+"""GZSL on THE modular network: the network `modnet gzsl` trains is `modnet cl`'s, NIWT extends that network
+itself (measured through its masks and gates), and continual GZSL runs the strategies of `modnet cl`'s registry."""
+import json
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from modnet.cli import main
+from modnet.config import ConfigError, compose
+
+TINY = ["progress=false", "train.epochs=2", "niwt.max_iterations=30", "niwt.map_epochs=30", "ale.epochs=1",
+        "eszsl.search=false", "calibration.mode=none"]
+
+
+@pytest.mark.parametrize("images", [False, True])
+def test_gzsl_records_the_network_class_that_cl_records_for_the_same_data(tmp_path, images):
+    cl_image = ["benchmark.image=true", "benchmark.n_experiences=2"] if images else ["benchmark.n_experiences=2"]
+    assert main(["cl", "strategies=[modnet]", "train.epochs=1", "progress=false", f"output_dir={tmp_path / 'cl'}",
+                 *cl_image]) == 0
+    assert main(["gzsl", *TINY, f"benchmark.image={str(images).lower()}", f"output_dir={tmp_path / 'gzsl'}"]) == 0
+    cl = json.loads((tmp_path / "cl" / "results.json").read_text())["strategies"]["modnet"]["network"]
+    gzsl = json.loads((tmp_path / "gzsl" / "results.json").read_text())["network"]
+    assert gzsl["class"] == cl["class"] == ("HATCNN" if images else "HATMLP")
+    assert [layer["units"] for layer in gzsl["layers"]] == [layer["units"] for layer in cl["layers"]]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    from modnet.jobs.gzsl import train_seen_network
+    from scenarios.zsl import load_zsl_benchmark
+
+    torch.set_num_threads(1)
+    cfg = compose("gzsl", [*TINY, "train.epochs=5"])
+    data = load_zsl_benchmark("digits", seed=0, unseen_classes=[2, 7])
+    return cfg, train_seen_network(cfg, data, 0, torch.device("cpu"), progress=False)
+
+
+def test_niwt_grows_the_trained_network_and_leaves_its_trained_weights_alone(trained):
+    from modnet.methods.zsl.registry import get_zsl_method
+
+    cfg, net = trained
+    model, data = net.model, net.data
+    n_seen, n_unseen = len(data.seen_classes), len(data.unseen_classes)
+    masked_before = [layer.weight.detach().clone() for layer in model.masked]
+    head_before = model.heads[0].weight.detach().clone()
+    x_test = data.x_test_seen[:50]
+    with torch.no_grad():
+        logits_before = model.eval()(x_test, 0)
+    scores_seen, scores_unseen = get_zsl_method("niwt").score(cfg, net, {})
+    assert net.model is model                                   # the trained network, no wrapper
+    assert model.heads[0].out_features == n_seen + n_unseen     # seen rows + NIWT's unseen rows
+    assert model.task_classes[0] == list(range(n_seen + n_unseen))
+    assert all(torch.equal(b, layer.weight) for b, layer in zip(masked_before, model.masked))
+    assert torch.equal(model.heads[0].weight[:n_seen], head_before)
+    # seen classes keep their logits; unseen classes score through the new rows; column = dataset class
+    assert torch.allclose(scores_seen[:50][:, data.seen_classes], logits_before, atol=1e-5)
+    with torch.no_grad():
+        features = model.features(x_test, model.unit_masks(x_test, 0), 0)
+    expected_unseen = features @ model.heads[0].weight[n_seen:].T + model.heads[0].bias[n_seen:]
+    assert torch.allclose(scores_seen[:50][:, data.unseen_classes], expected_unseen, atol=1e-5)
+    assert torch.isfinite(scores_unseen[:, data.unseen_classes]).all()
+
+
+def test_niwt_importance_is_measured_through_the_masks_at_smax_and_the_gates(trained):
+    """Importance at unit_taps[0] of the HAT MLP, from its formula: d (w_c . h1) / d h0 = W1^T (m1(x) * [z1 > 0] * w_c)
+    with z1 = W1 h0 + b1 and m1(x) = sigmoid(smax * e1) times the module gates of x (eval mode)."""
+    from modnet.methods.niwt import sample_importance
+
+    _, net = trained
+    model = net.model.eval()
+    x = net.data.x_train[:64]
+    c = torch.arange(64) % len(net.data.seen_classes)
+    measured = sample_importance(model, model.unit_taps[0], x, c, forward_fn=net.forward)
+    l0, l1 = model.masked
+    hat = [torch.sigmoid(model.smax * layer.task_embedding.weight[0]).detach() for layer in (l0, l1)]
+    with torch.no_grad():
+        gates = model.gate(x, 0, [torch.ones_like(h) for h in hat])  # the module gates of each input
+        h0 = F.relu(l0(x)) * hat[0] * gates[0]
+        z1 = l1(h0)
+        w = model.heads[0].weight[c]
+        expected = (hat[1] * gates[1] * (z1 > 0) * w) @ l1.weight
+    assert (gates[1] == 0).any()                                # the gates do switch modules off
+    assert torch.allclose(measured, expected, atol=1e-5)
+
+
+def test_niwt_on_every_head_of_a_class_incremental_network_keeps_its_task_keys():
+    """fit_heads gives each head of a multi-task HAT network unseen rows; the task keys still index the trained
+    classes only, so the task posterior is the one before the rows were added."""
+    from modnet.methods.niwt import NIWT, Head
+    from modnet.nets.build import build_modular_network
+
+    torch.manual_seed(0)
+    cfg = compose("cl", ["model.gate=none"])
+    model = build_modular_network(cfg, (6,), [[0, 1], [2, 3]], class_incremental=True)
+    x, y = torch.randn(80, 6), torch.arange(80) % 4
+    for t in (0, 1):
+        model.update_task_keys(x[y // 2 == t], t, y[y // 2 == t])
+        model.consolidate(t)
+    model.eval()
+    posterior = model.task_keys.task_log_posterior(x, [model.key_slots(t) for t in (0, 1)])
+    knowledge = F.normalize(torch.randn(6, 5), dim=1)
+    heads = [Head(model.heads[t], model.task_classes[t], forward_fn=lambda v, t=t: model.task_logits(v, t))
+             for t in (0, 1)]
+    niwt = NIWT(model, model.unit_taps[0], None, map_epochs=20, max_iterations=20).fit_heads(
+        x, y, knowledge, heads, [4, 5])
+    assert len(niwt.unseen_by_head) == 2 and niwt.seen_importance.shape[0] == 4
+    for t, unseen in enumerate(niwt.unseen_by_head):
+        model.add_classes(t, [4, 5], unseen.weight, unseen.bias)
+    assert [h.out_features for h in model.heads] == [4, 4] and model.n_key_slots == 4
+    assert torch.allclose(model.task_keys.task_log_posterior(x, [model.key_slots(t) for t in (0, 1)]), posterior)
+    with torch.no_grad():
+        scores = model(x)
+    assert scores.shape == (80, 6) and torch.isfinite(scores).all()
+    with pytest.raises(ValueError, match="several heads"):
+        niwt.gzsl_model()
+
+
+def test_continual_gzsl_modnet_forgets_nothing_and_fine_tuning_does(tmp_path):
+    """Digits, seen classes over 2 experiences: with the experience known (task j's head / the argmax over
+    experience j's classes) HAT keeps the first experience, fine-tuning does not."""
+    assert main(["gzsl", *TINY, "methods=[eszsl]", "train.epochs=10", "continual.enabled=true",
+                 "continual.n_experiences=2", "strategies=[modnet,naive]", f"output_dir={tmp_path}"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())["continual"]["strategies"]
+    modnet, naive = res["modnet"], res["naive"]
+    assert modnet["forgetting"] <= 0.02 < naive["forgetting"]
+    assert naive["class_incremental_forgetting"] > 0.5           # no task label: fine-tuning forgets everything
+    assert modnet["class_incremental_forgetting"] < naive["class_incremental_forgetting"]
+    matrix = modnet["per_seed"][0]["accuracy_matrix"]
+    assert matrix[1][0] == pytest.approx(matrix[0][0], abs=1e-6)  # the first experience's accuracy, unchanged
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["methods=[niwt,devise]"], ["methods", "devise", "niwt", "eszsl", "ale"]),
+    (["methods=[]"], ["methods", "empty"]),
+    (["continual.enabled=true", "strategies=[modnet,foo]"], ["strategies", "foo", "naive", "replay"]),
+    (["continual.enabled=true", "strategies=[hnet]"], ["hnet", "linear head"]),
+    (["continual.enabled=true", "continual.n_experiences=3"], ["continual.n_experiences=3", "8 seen classes"]),
+    (["niwt.layer=5"], ["niwt.layer=5", "2 masked layers"]),
+    (["calibration.mode=sometimes"], ["calibration.mode", "validate"]),
+])
+def test_bad_gzsl_config_is_one_config_error_line_before_training(tmp_path, monkeypatch, overrides, words):
+    import modnet.runner.runner as runner
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(runner, "run_experiences", no_training)
+    with pytest.raises(ConfigError) as err:
+        from modnet.jobs.gzsl import run_gzsl
+
+        run_gzsl(compose("gzsl", [*TINY, f"output_dir={tmp_path}", *overrides]))
+    msg = str(err.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
