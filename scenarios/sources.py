@@ -30,6 +30,27 @@ def _tensors(xtr, ytr, xte, yte):
             torch.as_tensor(xte, dtype=torch.float32), torch.as_tensor(yte, dtype=torch.long))
 
 
+def read_npz(path: str | Path) -> dict:
+    """Every array of a ``.npz`` (``numpy.savez``), never unpickling: an object array, or a file that is not an
+    .npz archive, is a ValueError saying to write plain numeric/string arrays with numpy.savez."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not hasattr(f, "files"):  # a bare .npy
+                raise ValueError(f"{path} is a single .npy array, not an .npz archive; write it with numpy.savez")
+            return {k: f[k] for k in f.files}
+    except ValueError as err:
+        if "Object arrays" in str(err):
+            raise ValueError(f"{path} holds an array of Python objects, which is never loaded (it would be "
+                             "unpickled); store numbers, or strings as a str array, with numpy.savez") from None
+        if "pickle" in str(err):  # not a zip nor .npy: numpy would read it as a pickle
+            raise ValueError(f"could not read {path}: not a readable .npz file; write it with numpy.savez") from None
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise ValueError(f"could not read {path}: not a readable .npz file ({type(err).__name__}: {err}); write it with "
+                         "numpy.savez") from None
+
+
 def load_npz_arrays(path: str | Path):
     """A user's arrays: ``x_train (N, D) or (N, C, H, W)``, ``y_train (N,)`` integer labels, same for test.
 
@@ -39,15 +60,12 @@ def load_npz_arrays(path: str | Path):
     if not path.is_file():
         raise FileNotFoundError(f"npz file not found: {path}; set benchmark.path to an existing .npz with "
                                 f"arrays {', '.join(NPZ_KEYS)}")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in NPZ_KEYS if k not in f.files]
-            if missing:
-                raise ValueError(f"{path}: missing array(s) {missing}; the file has {sorted(f.files)} and needs "
-                                 f"{list(NPZ_KEYS)}")
-            arrays = {k: f[k] for k in NPZ_KEYS}
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise ValueError(f"{path} is not a readable .npz file ({err}); write it with numpy.savez") from err
+    arrays = read_npz(path)
+    missing = [k for k in NPZ_KEYS if k not in arrays]
+    if missing:
+        raise ValueError(f"{path}: missing array(s) {missing}; the file has {sorted(arrays)} and needs "
+                         f"{list(NPZ_KEYS)}")
+    arrays = {k: arrays[k] for k in NPZ_KEYS}
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.ndim not in (2, 4):

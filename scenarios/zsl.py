@@ -206,11 +206,9 @@ def load_npz_zsl(path: str | Path, missing: str = "mean") -> ZSLData:
     path = Path(path).expanduser()
     if not path.exists():
         raise MissingFileError(f"GZSL .npz file not found: {path}. Pass benchmark.path=<file.npz>.")
-    try:
-        data = np.load(path, allow_pickle=False)
-        arrays = {k: data[k] for k in data.files}
-    except Exception as error:
-        raise ValueError(f"could not read {path} as a .npz archive: {error}") from error
+    from scenarios.sources import read_npz
+
+    arrays = read_npz(path)
     missing_keys = [k for k in _NPZ_KEYS if k not in arrays]
     if missing_keys:
         raise ValueError(f"{path} lacks the arrays {missing_keys}; it needs {list(_NPZ_KEYS)} "
