@@ -52,13 +52,16 @@ def format_table(strategies: dict) -> str:
     return markdown_table(["strategy", *[label for label, _ in SEED_METRICS.values()]], rows)
 
 
-def write_results(out_dir: Path, results: dict) -> None:
+def write_results(out_dir: Path, results: dict, plots: bool = True) -> None:
+    """results.json, results.csv and (``plots``) the PNGs, each written to a temporary file and renamed: a
+    crash never leaves a half-written file."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out_dir / "results.json")  # atomic: a crash never leaves a half-written file
-    with open(out_dir / "results.csv", "w", newline="") as f:
+    tmp.replace(out_dir / "results.json")
+    tmp = out_dir / "results.csv.tmp"
+    with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["strategy", "average_accuracy", "forgetting", "bwt", "train_seconds", "after_exp",
                     *[f"acc_exp{j}" for j in range(results["n_experiences"])]])
@@ -66,7 +69,17 @@ def write_results(out_dir: Path, results: dict) -> None:
             for i, row in enumerate(r["accuracy_matrix"]):
                 w.writerow([name, r["average_accuracy"], r["forgetting"], r["bwt"], r["train_seconds"], i,
                             *row])
-    plot_results(out_dir, results)
+    tmp.replace(out_dir / "results.csv")
+    if plots:
+        plot_results(out_dir, results)
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """``fig.savefig`` to a temporary file, then rename (atomic)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    tmp.replace(path)
 
 
 def plot_results(out_dir: Path, results: dict) -> None:
@@ -89,7 +102,7 @@ def plot_results(out_dir: Path, results: dict) -> None:
         ax.set_title(f"{name}: accuracy matrix")
         fig.colorbar(im, ax=ax, fraction=0.046)
         fig.tight_layout()
-        fig.savefig(out_dir / f"accuracy_matrix_{name}.png", dpi=120)
+        save_figure(fig, out_dir / f"accuracy_matrix_{name}.png")
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in strategies.items():
@@ -104,5 +117,5 @@ def plot_results(out_dir: Path, results: dict) -> None:
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_dir / "accuracy_curves.png", dpi=120)
+    save_figure(fig, out_dir / "accuracy_curves.png")
     plt.close(fig)
