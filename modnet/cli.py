@@ -30,6 +30,9 @@ USAGE = f"usage: modnet {{run,{','.join([*JOBS, *COMMANDS])}}} [key=value ...]  
 def _call(job: str, overrides: list[str]):
     config_name, target = JOBS[job]
     cfg = compose(config_name, overrides)
+    from modnet.validate import validate
+
+    validate(job, cfg)  # before the job's heavy imports: a bad value is one line in about a second
     module, func = target.split(":")
     return getattr(importlib.import_module(module), func)(cfg)
 
