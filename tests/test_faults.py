@@ -97,3 +97,22 @@ def test_choice_copies_match_their_modules():
     from scenarios.base import SCENARIOS
 
     assert (validate.SCENARIOS, validate.ARCHS, validate.LOGGERS) == (SCENARIOS, ARCHS, LOGGERS)
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+@pytest.mark.parametrize("job", ["cl", "gzsl", "explain", "bench"])
+def test_job_help_prints_its_options_with_their_comments(capsys, job, flag):
+    assert main([job, flag]) == 0
+    out = capsys.readouterr().out
+    config = (ROOT / "configs" / f"{job}.yaml").read_text()
+    assert out.startswith(f"usage: modnet {job}") and config.strip() in out
+
+
+def test_help_of_a_benchmark_and_version(capsys):
+    assert main(["cl", "--help", "benchmark=npz"]) == 0
+    out = capsys.readouterr().out
+    assert "benchmark=npz" in out and "n_experiences: 5" in out and "# cl: experiences" in out
+    assert main(["cl", "-h"]) == 0 and "mnist1d" in capsys.readouterr().out  # the benchmark list
+    from modnet import __version__
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"modnet {__version__}"
