@@ -116,3 +116,26 @@ def test_help_of_a_benchmark_and_version(capsys):
     from modnet import __version__
 
     assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"modnet {__version__}"
+
+
+def test_accuracy_curves_are_scaled_to_the_data_and_one_seed_has_no_std(tmp_path):
+    from modnet.eval.results import aggregate_seeds, curve_limits, format_table, summarize, write_results
+
+    lo, hi = curve_limits([[0.95, 0.97, 0.99], [0.93, 0.96, 1.0]])
+    assert 0.9 < lo < 0.93 and 1.0 < hi <= 1.02
+    assert curve_limits([[0.1, 0.9]]) == pytest.approx((0.02, 0.98))
+    R = [[0.99, 0.5], [0.97, 0.98]]
+    one = aggregate_seeds([{**summarize(R), "train_seconds": 1.0}])
+    assert "±" not in format_table({"naive": one})
+    write_results(tmp_path, {"benchmark": "b", "scenario": "task", "n_experiences": 2, "strategies": {"naive": one}})
+    assert (tmp_path / "accuracy_curves.png").stat().st_size > 1000
+    assert not list(tmp_path.glob("*.tmp"))  # written through temporary files, renamed
+
+
+def test_progress_bars_only_on_a_terminal(tmp_path, capsys):
+    """Not a terminal (pytest captures stdout): no tqdm, one line per experience."""
+    assert main(["cl", "strategies=[naive]", "train.epochs=1", "benchmark.n_experiences=2",
+                 f"output_dir={tmp_path}"]) == 0
+    out = capsys.readouterr()
+    lines = [line for line in out.out.splitlines() if "experience" in line and "trained" in line]
+    assert len(lines) == 2 and "it/s" not in out.out + out.err and "\r" not in out.out + out.err

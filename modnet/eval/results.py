@@ -82,6 +82,18 @@ def save_figure(fig, path: Path, dpi: int = 120) -> None:
     tmp.replace(path)
 
 
+def curve_limits(curves, pad: float = 0.1) -> tuple[float, float]:
+    """y-axis limits scaled to the data (lines in 0.93-1.0 stay apart), padded by ``pad`` of the range (at
+    least 0.01), kept inside [0, 1.02]."""
+    values = np.asarray([v for c in curves for v in c], dtype=float)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return 0.0, 1.02
+    lo, hi = float(values.min()), float(values.max())
+    margin = max(pad * (hi - lo), 0.01)
+    return max(0.0, lo - margin), min(1.02, hi + margin)
+
+
 def plot_results(out_dir: Path, results: dict) -> None:
     import matplotlib
 
@@ -105,14 +117,16 @@ def plot_results(out_dir: Path, results: dict) -> None:
         save_figure(fig, out_dir / f"accuracy_matrix_{name}.png")
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    curves = []
     for name, r in strategies.items():
         R = np.asarray(r["accuracy_matrix"])
         seen_avg = [R[i, : i + 1].mean() for i in range(R.shape[0])]
+        curves.append(seen_avg)
         ax.plot(range(1, len(seen_avg) + 1), seen_avg, marker="o", label=name)
     ax.set_xticks(range(1, results["n_experiences"] + 1))
     ax.set_xlabel("experiences trained")
     ax.set_ylabel("mean accuracy on experiences seen so far")
-    ax.set_ylim(0, 1.02)
+    ax.set_ylim(*curve_limits(curves))
     ax.set_title(f"{results['benchmark']} ({results['scenario']}-incremental)")
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)

@@ -36,6 +36,22 @@ class _DriftProbe:
         pass
 
 
+class _ExperienceLine:
+    """Runner hook: one line per experience (where no progress bar shows: a log file, a pipe)."""
+
+    def __init__(self, name: str, seed: int, n: int):
+        self.name, self.seed, self.n = name, seed, n
+
+    def after_training_exp(self, index, strategy):
+        pass
+
+    def after_eval_exp(self, index, strategy, row):
+        seen = [a for a in row[: index + 1] if a == a]
+        mean = sum(seen) / len(seen) if seen else float("nan")
+        print(f"[{self.name} seed {self.seed}] experience {index + 1}/{self.n} trained: mean accuracy on the "
+              f"{index + 1} seen {mean:.4f}", flush=True)
+
+
 def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path, run_fingerprint: dict | None = None
                  ) -> dict:
     """Train ``name`` over the experiences; evaluate on the whole test stream after each one.
@@ -75,7 +91,11 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path, run_f
         state = None
     n = info.n_experiences
     out_dir = ckpt_path.parent.parent
+    from modnet.eval.metrics import shows_progress_bars
+
     hooks = []
+    if not (shows_progress_bars(cfg.progress) and "interactive" in cfg.loggers):
+        hooks.append(_ExperienceLine(name, seed, n))
     if state is None:  # the drift plot needs experience 0 trained in this run
         probe_ds = bm.test_stream[0].dataset
         hooks.append(_DriftProbe(torch.stack([probe_ds[i][0] for i in range(min(256, len(probe_ds)))]).to(device)))
@@ -86,11 +106,12 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path, run_f
     close_loggers(evaluator)
     result = {**summarize(record.rows), "train_seconds": record.train_seconds,
               "network": describe_network(strategy.model)}
-    if hooks and hooks[0].first is not None and n > 1:
+    drift = next((h for h in hooks if isinstance(h, _DriftProbe)), None)
+    if drift is not None and drift.first is not None and n > 1:
         from modnet.eval.drift import plot_drift, snapshot
 
-        last = snapshot(strategy.model, hooks[0].probe)
-        result["first_experience_cka"] = plot_drift(hooks[0].first, last, out_dir / f"cka_{name}_seed{seed}.png",
+        last = snapshot(strategy.model, drift.probe)
+        result["first_experience_cka"] = plot_drift(drift.first, last, out_dir / f"cka_{name}_seed{seed}.png",
                                                     name)
     if getattr(strategy.model, "gate", None) is not None:
         from modnet.explain.module_plots import write_module_report
