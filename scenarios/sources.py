@@ -65,6 +65,21 @@ def load_npz_arrays(path: str | Path):
     return _tensors(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"])
 
 
+def integer_labels(path, name: str, y: np.ndarray) -> np.ndarray:
+    """``y`` as int64 when it holds whole numbers; strings, fractions, NaN are one ValueError line (a label is
+    never truncated)."""
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating) or y.dtype == np.bool_):
+        sample = ", ".join(repr(v) for v in y.ravel()[:3].tolist())
+        raise ValueError(f"{path}: {name} holds {'strings' if y.dtype.kind in 'US' else y.dtype} ({sample}, ...), "
+                         "not integer class ids; store ids 0..C-1 (e.g. np.unique(names, return_inverse=True)[1])")
+    if not np.issubdtype(y.dtype, np.integer):
+        bad = ~np.isfinite(y) | (np.mod(np.nan_to_num(y), 1) != 0)
+        if bad.any():
+            raise ValueError(f"{path}: {name} holds non-integer labels (e.g. {y[bad][:3].tolist()}); store class "
+                             "ids 0..C-1 as integers")
+    return y.astype(np.int64)
+
+
 def check_npz_arrays(path: str | Path, arrays: dict) -> dict:
     """The continual-learning arrays of a user's .npz, checked (numpy only, no torch: ``modnet.validate``
     runs this before any heavy import): one ValueError line per problem, naming the array and what to change.
@@ -84,17 +99,7 @@ def check_npz_arrays(path: str | Path, arrays: dict) -> dict:
         if y.ndim != 1 or len(y) != len(x):
             raise ValueError(f"{path}: y_{split} has shape {y.shape} but x_{split} has {len(x)} rows; "
                              f"labels must be a vector with one integer per row of x_{split}")
-        if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)
-                or y.dtype == np.bool_):
-            sample = ", ".join(repr(v) for v in y[:3].tolist())
-            raise ValueError(f"{path}: y_{split} holds {y.dtype.kind == 'U' and 'strings' or y.dtype} "
-                             f"({sample}, ...), not integer class ids; store ids 0..C-1 (e.g. "
-                             "np.unique(names, return_inverse=True)[1])")
-        if not np.issubdtype(y.dtype, np.integer):
-            if not np.isfinite(y).all() or not np.all(np.mod(y, 1) == 0):
-                bad = y[~np.isfinite(y) | (np.mod(np.nan_to_num(y), 1) != 0)][:3].tolist()
-                raise ValueError(f"{path}: y_{split} holds non-integer labels (e.g. {bad}); store class ids "
-                                 "0..C-1 as integers")
+        y = integer_labels(path, f"y_{split}", y)
         if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
             raise ValueError(f"{path}: x_{split} contains NaN or infinite values (or is not numeric); "
                              "clean or impute them before training")

@@ -139,3 +139,34 @@ def test_progress_bars_only_on_a_terminal(tmp_path, capsys):
     out = capsys.readouterr()
     lines = [line for line in out.out.splitlines() if "experience" in line and "trained" in line]
     assert len(lines) == 2 and "it/s" not in out.out + out.err and "\r" not in out.out + out.err
+
+
+def _zsl_npz(path, **change):
+    rng = np.random.default_rng(0)
+    arrays = dict(x_train=rng.normal(size=(30, 5)).astype(np.float32), y_train=np.arange(30) % 3,
+                  x_test=rng.normal(size=(20, 5)).astype(np.float32), y_test=np.arange(20) % 5,
+                  class_attributes=rng.random((5, 4)), unseen_classes=np.array([3, 4]))
+    arrays.update(change)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(class_attributes=np.random.default_rng(1).random((7, 4))), ["7 rows", "[5, 6]", "y_train"]),
+    (dict(y_test=np.arange(20) % 4), ["unseen classes [4]", "y_test"]),
+    (dict(y_train=(np.arange(30) % 3) + 0.25), ["y_train", "non-integer"]),
+    (dict(y_test=np.array(["a"] * 20)), ["y_test", "strings"]),
+    (dict(x_test=np.zeros((20, 6), np.float32)), ["x_test", "(6,)"]),
+])
+def test_bad_zero_shot_npz_is_one_line(tmp_path, change, words):
+    """Zero-shot .npz (scenarios.zsl.load_npz_zsl, what gzsl and explain load): attribute rows = classes,
+    every unseen class in the test set, integer labels, equal widths: otherwise one ValueError line."""
+    from scenarios.zsl import load_npz_zsl
+
+    assert load_npz_zsl(_zsl_npz(tmp_path / "good.npz")).unseen_classes == [3, 4]
+    with pytest.raises(ValueError) as err:
+        load_npz_zsl(_zsl_npz(tmp_path / "z.npz", **change))
+    msg = str(err.value)
+    assert "\n" not in msg and "z.npz" in msg
+    for w in words:
+        assert w in msg, msg
