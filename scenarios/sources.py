@@ -48,8 +48,8 @@ def read_npz(path: str | Path) -> dict:
             raise ValueError(f"could not read {path}: not a readable .npz file; write it with numpy.savez") from None
         raise
     except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise ValueError(f"could not read {path}: not a readable .npz file ({type(err).__name__}: {err}); write it with "
-                         "numpy.savez") from None
+        raise ValueError(f"could not read {path}: not a readable .npz file ({type(err).__name__}: {err}); "
+                         "write it with numpy.savez") from None
 
 
 def load_npz_arrays(path: str | Path):

@@ -63,9 +63,8 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path, run_f
     from modnet.runner.evaluation import stream_evaluator
     from modnet.runner.runner import (finished_result, load_checkpoint, make_strategy, run_experiences,
                                       save_finished, set_seed)
-    from strategies.registry import get_strategy
-
     from modnet.runner.rundir import describe_difference
+    from strategies.registry import get_strategy
 
     state = load_checkpoint(ckpt_path) if cfg.resume else None
     meta = {"fingerprint": json.dumps(run_fingerprint, sort_keys=True)} if run_fingerprint is not None else {}
@@ -149,11 +148,32 @@ def run_cl(cfg) -> dict:
     with RunLock(out):
         if cfg.resume:
             check_resume(out, run_fingerprint)
+            _check_checkpoint_fingerprints(out / "checkpoints", run_fingerprint)
         ckpt_dir = out / "checkpoints"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         write_fingerprint(out, run_fingerprint)
         return _run_all(cfg, out, ckpt_dir, device, run_fingerprint)
+
+
+def _check_checkpoint_fingerprints(ckpt_dir: Path, run_fingerprint: dict) -> None:
+    """resume=true: every checkpoint that holds a fingerprint must hold this run's (a folder without
+    fingerprint.json, or one replaced by hand), checked before anything is written; unreadable checkpoints
+    are left to ``load_checkpoint`` (a warning, that strategy restarts)."""
+    from modnet.runner.rundir import describe_difference
+
+    for path in sorted(ckpt_dir.glob("*_seed*.pt")) if ckpt_dir.is_dir() else []:
+        if path.name.endswith("_final.pt"):
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            stored = json.loads(state["fingerprint"]) if isinstance(state, dict) and "fingerprint" in state else None
+        except Exception:
+            continue
+        if stored is not None and stored != run_fingerprint:
+            raise ConfigError(f"resume=true but checkpoint {path} is of a different run; differing keys: "
+                              f"{describe_difference(stored, run_fingerprint)}. Run with the same settings, or "
+                              "choose another output_dir")
 
 
 def _run_all(cfg, out: Path, ckpt_dir: Path, device, run_fingerprint: dict) -> dict:
@@ -167,7 +187,8 @@ def _run_all(cfg, out: Path, ckpt_dir: Path, device, run_fingerprint: dict) -> d
                 "seed": seeds[0], "seeds": seeds, "device": str(device),
                 "classes_per_experience": info.global_task_classes,
                 "strategies": {name: aggregate_seeds(r) for name, r in done.items()},
-                "complete": complete, "finished": [[name, seed] for name, r in runs.items() for seed in seeds[:len(r)]]}
+                "complete": complete,
+                "finished": [[name, seed] for name, r in runs.items() for seed in seeds[:len(r)]]}
 
     for seed in seeds:
         info = build_benchmark(cfg.benchmark, cfg.scenario, seed,
