@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"modnet: unknown command {job!r}; choose one of run, {', '.join([*JOBS, *COMMANDS])}",
                   file=sys.stderr)
             return 2
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, ConnectionError) as err:  # ConnectionError: offline download
         print(f"modnet {job}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -177,3 +177,26 @@ def test_kill9_then_resume_gives_the_results_of_an_uninterrupted_run(tmp_path, k
     for name in resumed:
         np.testing.assert_array_equal(resumed[name], full[name])
     assert json.loads((tmp_path / "cut" / "results.json").read_text())["complete"] is True
+
+
+def test_empty_lock_file_is_stale_only_when_old(tmp_path):
+    from modnet.config import ConfigError
+    from modnet.runner.rundir import RunLock
+
+    (tmp_path / ".lock").write_text("")  # a run killed between creating and writing its lock
+    with pytest.raises(ConfigError, match="in use"):
+        RunLock(tmp_path).acquire()
+    os.utime(tmp_path / ".lock", (time.time() - 120, time.time() - 120))
+    with RunLock(tmp_path):
+        assert (tmp_path / ".lock").read_text().split()[1] == str(os.getpid())
+
+
+def test_offline_download_is_one_line(monkeypatch, capsys):
+    import modnet.cli as cli
+
+    def offline(job, overrides):
+        raise ConnectionError("could not download CIFAR10 to data (URLError); this machine seems offline")
+
+    monkeypatch.setattr(cli, "_call", offline)
+    assert main(["cl", "benchmark=cifar10", "benchmark.download=true"]) == 2
+    _one_error_line(capsys, "CIFAR10", "offline")

@@ -51,7 +51,7 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self._owner()
-                if owner is not None and not self._alive(*owner):
+                if owner is not None and not self._alive(*owner) or owner is None and self._abandoned():
                     self.path.unlink(missing_ok=True)  # stale: its run was killed
                     continue
                 who = f"pid {owner[1]} on {owner[0]}" if owner else "another run"
@@ -69,6 +69,15 @@ class RunLock:
             return host, int(pid)
         except (OSError, ValueError):
             return None  # being written, or not ours: treat as held
+
+    def _abandoned(self, seconds: float = 60.0) -> bool:
+        """An empty or unreadable lock file older than ``seconds``: its run died between creating and writing it."""
+        import time
+
+        try:
+            return time.time() - self.path.stat().st_mtime > seconds
+        except OSError:
+            return False
 
     @staticmethod
     def _alive(host: str, pid: int) -> bool:
