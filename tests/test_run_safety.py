@@ -151,12 +151,22 @@ def _wait_for(path: Path, proc, timeout: float = 240.0) -> None:
         time.sleep(0.02)
 
 
+KILL_ARGS = ["cl", "strategies=[modnet,naive]", "train.epochs=1", "benchmark.n_experiences=5", "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    assert main([*KILL_ARGS, f"output_dir={out}"]) == 0
+    return _matrices(out)
+
+
 @pytest.mark.parametrize("kill_after", ["modnet_seed0.pt", "naive_seed0.pt"])
-def test_kill9_then_resume_gives_the_results_of_an_uninterrupted_run(tmp_path, kill_after):
+def test_kill9_then_resume_gives_the_results_of_an_uninterrupted_run(tmp_path, kill_after, uninterrupted):
     """kill -9 after the first checkpoint of modnet (gated, default: mid-strategy) or of naive (modnet
     finished: its results are already in results.json); resume=true ends with the same accuracy matrices
     as an uninterrupted run, bit for bit."""
-    args = ["cl", "strategies=[modnet,naive]", "train.epochs=1", "benchmark.n_experiences=5", "progress=false"]
+    args = KILL_ARGS
     proc = subprocess.Popen([sys.executable, "-m", "modnet.cli", *args, f"output_dir={tmp_path / 'cut'}"],
                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -170,9 +180,8 @@ def test_kill9_then_resume_gives_the_results_of_an_uninterrupted_run(tmp_path, k
     if kill_after == "naive_seed0.pt":
         partial = json.loads((tmp_path / "cut" / "results.json").read_text())
         assert partial["complete"] is False and "modnet" in partial["strategies"]
-    assert main([*args, f"output_dir={tmp_path / 'full'}"]) == 0
     assert main([*args, f"output_dir={tmp_path / 'cut'}", "resume=true"]) == 0
-    resumed, full = _matrices(tmp_path / "cut"), _matrices(tmp_path / "full")
+    resumed, full = _matrices(tmp_path / "cut"), uninterrupted
     assert set(resumed) == {"modnet", "naive"}
     for name in resumed:
         np.testing.assert_array_equal(resumed[name], full[name])
