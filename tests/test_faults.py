@@ -170,3 +170,9 @@ def test_bad_zero_shot_npz_is_one_line(tmp_path, change, words):
     assert "\n" not in msg and "z.npz" in msg
     for w in words:
         assert w in msg, msg
+
+
+def test_sweep_with_one_bad_job_runs_no_job(tmp_path, capsys):
+    """The bad value is in the second combination: nothing is launched, nothing written."""
+    _rejected(capsys, ["sweep", "strategies=[naive],[naive,naive]", f"hydra.sweep.dir={tmp_path / 's'}"],
+              "naive", "more than once", out=tmp_path / "s")
