@@ -5,6 +5,8 @@ zero-shot evaluation), explain (Grad-CAM and textual explanations), bench (speed
 its config in ``configs/<job>.yaml``; overrides use Hydra's syntax (``key=value``,
 ``strategies=[modnet,naive]``). Commands: sweep (Hydra multi-run of cl), aggregate DIR (mean +- std tables
 of a sweep folder), ddp (data-parallel cl under torchrun).
+
+``modnet <job> --help`` (or ``-h``) prints the job's options with their comments; ``modnet --version``.
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ USAGE = f"usage: modnet {{run,{','.join([*JOBS, *COMMANDS])}}} [key=value ...]  
 def _call(job: str, overrides: list[str]):
     config_name, target = JOBS[job]
     cfg = compose(config_name, overrides)
+    from modnet.validate import validate
+
+    validate(job, cfg)  # before the job's heavy imports: a bad value is one line in about a second
     module, func = target.split(":")
     return getattr(importlib.import_module(module), func)(cfg)
 
@@ -52,12 +57,46 @@ def run_default(overrides: list[str]) -> dict:
     return results
 
 
+def job_help(job: str, overrides: list[str]) -> str:
+    """``modnet <job> --help``: the job's config file (every option with its comment: the configs are the
+    documentation), then the benchmarks it takes, or the chosen benchmark's file with ``benchmark=<name>``."""
+    import configs
+    from scenarios.registry import benchmark_entries, get_benchmark
+
+    folder = Path(configs.__file__).parent
+    text = [f"usage: modnet {job} [key=value ...]   (Hydra override syntax; the options below, from "
+            f"configs/{JOBS[job][0]}.yaml)", "", (folder / f"{JOBS[job][0]}.yaml").read_text().rstrip()]
+    choice = next((o.partition("=")[2] for o in overrides if o.partition("=")[0] == "benchmark"), None)
+    entry = get_benchmark(choice) if choice else None
+    if entry is not None:
+        path = Path(entry.config_dir) / "benchmark" if entry.config_dir else folder / "benchmark"
+        text += ["", f"# benchmark={choice}: its keys are benchmark.<key>",
+                 (path / f"{choice}.yaml").read_text().rstrip()]
+    elif job in ("cl", "gzsl", "explain"):
+        text += ["", f"# benchmarks of {job} (benchmark=<name>; `modnet {job} --help benchmark=<name>` shows its "
+                 "keys):"]
+        text += [f"#   {e.name:10s} {e.description}" for e in benchmark_entries(job)]
+    return "\n".join(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
+    if argv[0] in ("--version", "-V", "version"):
+        from modnet import __version__
+
+        print(f"modnet {__version__}")
+        return 0
     job, overrides = argv[0], argv[1:]
+    if job in JOBS and any(o in ("-h", "--help") for o in overrides):
+        print(job_help(job, overrides))
+        return 0
+    if job == "run" and any(o in ("-h", "--help") for o in overrides):
+        print(f"usage: modnet run [key=value ...]\n{run_default.__doc__}\nThe overrides go to cl "
+              "(`modnet cl --help`); output_dir=<folder> holds cl/, gzsl/, explain/.")
+        return 0
     try:
         if job == "run":
             run_default(overrides)
@@ -70,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"modnet: unknown command {job!r}; choose one of run, {', '.join([*JOBS, *COMMANDS])}",
                   file=sys.stderr)
             return 2
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, ConnectionError) as err:  # ConnectionError: offline download
         print(f"modnet {job}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -5,7 +5,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -26,8 +25,31 @@ def load_digits_arrays(test_fraction: float = 0.3, image: bool = False, split_se
 
 
 def _tensors(xtr, ytr, xte, yte):
+    import torch
+
     return (torch.as_tensor(xtr, dtype=torch.float32), torch.as_tensor(ytr, dtype=torch.long),
             torch.as_tensor(xte, dtype=torch.float32), torch.as_tensor(yte, dtype=torch.long))
+
+
+def read_npz(path: str | Path) -> dict:
+    """Every array of a ``.npz`` (``numpy.savez``), never unpickling: an object array, or a file that is not an
+    .npz archive, is a ValueError saying to write plain numeric/string arrays with numpy.savez."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not hasattr(f, "files"):  # a bare .npy
+                raise ValueError(f"{path} is a single .npy array, not an .npz archive; write it with numpy.savez")
+            return {k: f[k] for k in f.files}
+    except ValueError as err:
+        if "Object arrays" in str(err):
+            raise ValueError(f"{path} holds an array of Python objects, which is never loaded (it would be "
+                             "unpickled); store numbers, or strings as a str array, with numpy.savez") from None
+        if "pickle" in str(err):  # not a zip nor .npy: numpy would read it as a pickle
+            raise ValueError(f"could not read {path}: not a readable .npz file; write it with numpy.savez") from None
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise ValueError(f"could not read {path}: not a readable .npz file ({type(err).__name__}: {err}); "
+                         "write it with numpy.savez") from None
 
 
 def load_npz_arrays(path: str | Path):
@@ -39,15 +61,37 @@ def load_npz_arrays(path: str | Path):
     if not path.is_file():
         raise FileNotFoundError(f"npz file not found: {path}; set benchmark.path to an existing .npz with "
                                 f"arrays {', '.join(NPZ_KEYS)}")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in NPZ_KEYS if k not in f.files]
-            if missing:
-                raise ValueError(f"{path}: missing array(s) {missing}; the file has {sorted(f.files)} and needs "
-                                 f"{list(NPZ_KEYS)}")
-            arrays = {k: f[k] for k in NPZ_KEYS}
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise ValueError(f"{path} is not a readable .npz file ({err}); write it with numpy.savez") from err
+    arrays = check_npz_arrays(path, read_npz(path))
+    return _tensors(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"])
+
+
+def integer_labels(path, name: str, y: np.ndarray) -> np.ndarray:
+    """``y`` as int64 when it holds whole numbers; strings, fractions, NaN are one ValueError line (a label is
+    never truncated)."""
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating) or y.dtype == np.bool_):
+        sample = ", ".join(repr(v) for v in y.ravel()[:3].tolist())
+        raise ValueError(f"{path}: {name} holds {'strings' if y.dtype.kind in 'US' else y.dtype} ({sample}, ...), "
+                         "not integer class ids; store ids 0..C-1 (e.g. np.unique(names, return_inverse=True)[1])")
+    if not np.issubdtype(y.dtype, np.integer):
+        bad = ~np.isfinite(y) | (np.mod(np.nan_to_num(y), 1) != 0)
+        if bad.any():
+            raise ValueError(f"{path}: {name} holds non-integer labels (e.g. {y[bad][:3].tolist()}); store class "
+                             "ids 0..C-1 as integers")
+    return y.astype(np.int64)
+
+
+def check_npz_arrays(path: str | Path, arrays: dict) -> dict:
+    """The continual-learning arrays of a user's .npz, checked (numpy only, no torch: ``modnet.validate``
+    runs this before any heavy import): one ValueError line per problem, naming the array and what to change.
+
+    Labels must be integers (integer dtype, or floats with whole values) and the class ids 0..C-1 with C the
+    number of classes of y_train (no remapping: ids like [3, 7, 9] are an error that says how to remap).
+    Returns the four arrays, labels as int64."""
+    missing = [k for k in NPZ_KEYS if k not in arrays]
+    if missing:
+        raise ValueError(f"{path}: missing array(s) {missing}; the file has {sorted(arrays)} and needs "
+                         f"{list(NPZ_KEYS)}")
+    arrays = {k: arrays[k] for k in NPZ_KEYS}
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.ndim not in (2, 4):
@@ -55,23 +99,29 @@ def load_npz_arrays(path: str | Path):
         if y.ndim != 1 or len(y) != len(x):
             raise ValueError(f"{path}: y_{split} has shape {y.shape} but x_{split} has {len(x)} rows; "
                              f"labels must be a vector with one integer per row of x_{split}")
-        if not np.issubdtype(y.dtype, np.integer):
-            if not np.all(np.mod(y, 1) == 0):
-                raise ValueError(f"{path}: y_{split} holds non-integer labels; store class ids 0..C-1")
+        y = integer_labels(path, f"y_{split}", y)
         if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
             raise ValueError(f"{path}: x_{split} contains NaN or infinite values (or is not numeric); "
                              "clean or impute them before training")
         if len(y) and y.min() < 0:
             raise ValueError(f"{path}: y_{split} has negative labels; use class ids 0..C-1")
+        arrays[f"y_{split}"] = y.astype(np.int64)
     if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
         raise ValueError(f"{path}: x_train samples have shape {arrays['x_train'].shape[1:]} but x_test "
                          f"{arrays['x_test'].shape[1:]}; both must match")
-    unseen = set(np.unique(arrays["y_test"])) - set(np.unique(arrays["y_train"]))
+    if not len(arrays["y_train"]):
+        raise ValueError(f"{path}: y_train is empty; continual learning needs training samples")
+    ids = np.unique(arrays["y_train"])
+    if not np.array_equal(ids, np.arange(len(ids))):
+        shown = ids[:8].tolist()
+        raise ValueError(f"{path}: y_train class ids must be 0..C-1 ({len(ids)} classes: 0..{len(ids) - 1}), got "
+                         f"{shown}{' ...' if len(ids) > 8 else ''}; remap them, e.g. "
+                         "y = np.unique(y_train, return_inverse=True)[1] (and the same mapping for y_test)")
+    unseen = set(np.unique(arrays["y_test"])) - set(ids)
     if unseen:
         raise ValueError(f"{path}: y_test has classes {sorted(int(c) for c in unseen)} that y_train lacks; "
                          "every test class needs training samples in continual learning")
-    return _tensors(arrays["x_train"], arrays["y_train"].astype(np.int64), arrays["x_test"],
-                    arrays["y_test"].astype(np.int64))
+    return arrays
 
 
 TORCHVISION = {"mnist": "MNIST", "fmnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
@@ -83,6 +133,7 @@ def load_torchvision_arrays(name: str, root: str | Path, download: bool):
     Files are downloaded only when ``download`` is true; otherwise (or offline) a missing data set is an
     error that says where the files are expected and how to allow the download.
     """
+    import torch
     import torchvision
 
     if name not in TORCHVISION:

@@ -166,7 +166,6 @@ def test_cl_refuses_awa2_before_importing_the_job():
     (["cl", "benchmark.unseen_classes=[1]"], ["benchmark.unseen_classes", "for other commands, not cl"]),
     (["gzsl", "benchmark.images=true"], ["Did you mean 'benchmark.image'"]),
     (["gzsl", "benchmark=npz", "benchmark.pth=z.npz"], ["Did you mean 'benchmark.path'"]),
-    (["gzsl", "--help"], ["bad override", "--help"]),
 ])
 def test_keys_a_command_does_not_read_stop_in_one_line(argv, words, capsys):
     assert main(argv) == 2

@@ -190,11 +190,17 @@ def test_unknown_logger_names_the_valid_choices(tmp_path, capsys):
     assert not (tmp_path / "o" / "results.json").exists()
 
 
-def test_progress_false_drops_the_interactive_logger_and_the_unshown_metrics(tmp_path):
+def test_progress_false_drops_the_interactive_logger_and_the_unshown_metrics(tmp_path, monkeypatch):
+    import sys
+
     from avalanche.logging import InteractiveLogger
 
     evaluator, accuracy = build_evaluator(["interactive"], tmp_path, progress=False)
     assert evaluator.loggers == [] and evaluator.metrics == [accuracy]
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)  # a log file or a pipe: no tqdm bars
+    evaluator, accuracy = build_evaluator(["interactive"], tmp_path, progress=True)
+    assert evaluator.loggers == [] and evaluator.metrics == [accuracy]
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # a terminal
     evaluator, accuracy = build_evaluator(["interactive"], tmp_path, progress=True)
     assert [type(lg) for lg in evaluator.loggers] == [InteractiveLogger] and len(evaluator.metrics) > 1
 

@@ -91,11 +91,19 @@ def check_loggers(loggers: Sequence[str]) -> None:
                           f"{', '.join(LOGGERS)}")
 
 
+def shows_progress_bars(progress: bool) -> bool:
+    """tqdm bars only when asked and stdout is a terminal; elsewhere the runner prints a line per experience."""
+    import sys
+
+    return bool(progress) and sys.stdout.isatty()
+
+
 def build_evaluator(loggers: Sequence[str], output_dir, progress: bool, extra_metrics: bool = True):
     """An ``EvaluationPlugin`` with an ``AccuracyMatrix`` and the ``loggers`` named (see ``LOGGERS``);
     returns ``(evaluator, accuracy_matrix)``.
 
-    ``interactive`` is dropped when ``progress`` is false. File loggers write below ``output_dir`` (one
+    ``interactive`` is dropped when ``progress`` is false or stdout is not a terminal (a log file would get
+    every tqdm redraw; ``shows_progress_bars``). File loggers write below ``output_dir`` (one
     folder per run: two runs in one folder would overwrite each other's CSV files). With ``extra_metrics``
     and at least one logger, Avalanche's accuracy and loss (epoch, experience, stream), forgetting and BWT
     (experience, stream) and timing (epoch, experience) metrics are added for the loggers.
@@ -105,6 +113,7 @@ def build_evaluator(loggers: Sequence[str], output_dir, progress: bool, extra_me
     from avalanche.training.plugins import EvaluationPlugin
 
     check_loggers(loggers)
+    progress = shows_progress_bars(progress)
     names = [name for name in dict.fromkeys(loggers) if name != "interactive" or progress]
     made = [_make_logger(name, Path(output_dir)) for name in names]
     accuracy = AccuracyMatrix()

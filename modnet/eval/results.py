@@ -52,13 +52,16 @@ def format_table(strategies: dict) -> str:
     return markdown_table(["strategy", *[label for label, _ in SEED_METRICS.values()]], rows)
 
 
-def write_results(out_dir: Path, results: dict) -> None:
+def write_results(out_dir: Path, results: dict, plots: bool = True) -> None:
+    """results.json, results.csv and (``plots``) the PNGs, each written to a temporary file and renamed: a
+    crash never leaves a half-written file."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out_dir / "results.json")  # atomic: a crash never leaves a half-written file
-    with open(out_dir / "results.csv", "w", newline="") as f:
+    tmp.replace(out_dir / "results.json")
+    tmp = out_dir / "results.csv.tmp"
+    with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["strategy", "average_accuracy", "forgetting", "bwt", "train_seconds", "after_exp",
                     *[f"acc_exp{j}" for j in range(results["n_experiences"])]])
@@ -66,7 +69,29 @@ def write_results(out_dir: Path, results: dict) -> None:
             for i, row in enumerate(r["accuracy_matrix"]):
                 w.writerow([name, r["average_accuracy"], r["forgetting"], r["bwt"], r["train_seconds"], i,
                             *row])
-    plot_results(out_dir, results)
+    tmp.replace(out_dir / "results.csv")
+    if plots:
+        plot_results(out_dir, results)
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """``fig.savefig`` to a temporary file, then rename (atomic)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    tmp.replace(path)
+
+
+def curve_limits(curves, pad: float = 0.1) -> tuple[float, float]:
+    """y-axis limits scaled to the data (lines in 0.93-1.0 stay apart), padded by ``pad`` of the range (at
+    least 0.01), kept inside [0, 1.02]."""
+    values = np.asarray([v for c in curves for v in c], dtype=float)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return 0.0, 1.02
+    lo, hi = float(values.min()), float(values.max())
+    margin = max(pad * (hi - lo), 0.01)
+    return max(0.0, lo - margin), min(1.02, hi + margin)
 
 
 def plot_results(out_dir: Path, results: dict) -> None:
@@ -89,20 +114,22 @@ def plot_results(out_dir: Path, results: dict) -> None:
         ax.set_title(f"{name}: accuracy matrix")
         fig.colorbar(im, ax=ax, fraction=0.046)
         fig.tight_layout()
-        fig.savefig(out_dir / f"accuracy_matrix_{name}.png", dpi=120)
+        save_figure(fig, out_dir / f"accuracy_matrix_{name}.png")
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    curves = []
     for name, r in strategies.items():
         R = np.asarray(r["accuracy_matrix"])
         seen_avg = [R[i, : i + 1].mean() for i in range(R.shape[0])]
+        curves.append(seen_avg)
         ax.plot(range(1, len(seen_avg) + 1), seen_avg, marker="o", label=name)
     ax.set_xticks(range(1, results["n_experiences"] + 1))
     ax.set_xlabel("experiences trained")
     ax.set_ylabel("mean accuracy on experiences seen so far")
-    ax.set_ylim(0, 1.02)
+    ax.set_ylim(*curve_limits(curves))
     ax.set_title(f"{results['benchmark']} ({results['scenario']}-incremental)")
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_dir / "accuracy_curves.png", dpi=120)
+    save_figure(fig, out_dir / "accuracy_curves.png")
     plt.close(fig)

@@ -23,6 +23,7 @@ def _figure(w: float, h: float):
 def plot_module_maps(net, out_dir: Path) -> list[Path]:
     """Per task: every masked layer's units in 2-D (PCA of their semantic vectors), coloured by module,
     hollow where the task's HAT mask is off; beside it the module sizes."""
+    from matplotlib import colormaps
     from sklearn.decomposition import PCA
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -41,10 +42,16 @@ def plot_module_maps(net, out_dir: Path) -> list[Path]:
             lab = gate.assignment(i).cpu().numpy()
             on = (mask.detach().cpu().numpy() > 0.5)
             ax = fig.add_subplot(2, n_layers, i + 1)
-            cmap = "tab10" if n_modules <= 10 else "tab20"
-            ax.scatter(xy[on, 0], xy[on, 1], c=lab[on], cmap=cmap, vmin=0, vmax=max(n_modules - 1, 1), s=14)
-            ax.scatter(xy[~on, 0], xy[~on, 1], facecolors="none", edgecolors="0.6", s=14, linewidths=0.6)
+            colours = colormaps["tab10" if n_modules <= 10 else "tab20"]
+            for m in range(n_modules):
+                pick = on & (lab == m)
+                ax.scatter(xy[pick, 0], xy[pick, 1], color=colours(m % colours.N), s=14, label=f"module {m}")
+            ax.scatter(xy[~on, 0], xy[~on, 1], facecolors="none", edgecolors="0.6", s=14, linewidths=0.6,
+                       label="off in task mask")
+            ax.legend(fontsize=6, loc="best", markerscale=0.8)
             ax.set_title(f"layer {i}: {n_modules} modules, {on.sum()} units on")
+            ax.set_xlabel("semantic PC 1")
+            ax.set_ylabel("semantic PC 2")
             ax.set_xticks([])
             ax.set_yticks([])
             ax2 = fig.add_subplot(2, n_layers, n_layers + i + 1)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from modnet.config import check_choice, resolve_device
+from modnet.config import ConfigError, check_choice, resolve_device
 from modnet.eval.results import aggregate_seeds, format_table, summarize, write_results
 from scenarios import build_benchmark
 from scenarios.base import SCENARIOS
@@ -35,16 +35,44 @@ class _DriftProbe:
         pass
 
 
-def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> dict:
-    """Train ``name`` over the experiences; evaluate on the whole test stream after each one."""
+class _ExperienceLine:
+    """Runner hook: one line per experience (where no progress bar shows: a log file, a pipe)."""
+
+    def __init__(self, name: str, seed: int, n: int):
+        self.name, self.seed, self.n = name, seed, n
+
+    def after_training_exp(self, index, strategy):
+        pass
+
+    def after_eval_exp(self, index, strategy, row):
+        seen = [a for a in row[: index + 1] if a == a]
+        mean = sum(seen) / len(seen) if seen else float("nan")
+        print(f"[{self.name} seed {self.seed}] experience {index + 1}/{self.n} trained: mean accuracy on the "
+              f"{index + 1} seen {mean:.4f}", flush=True)
+
+
+def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path, run_fingerprint: dict | None = None
+                 ) -> dict:
+    """Train ``name`` over the experiences; evaluate on the whole test stream after each one.
+
+    ``run_fingerprint`` (``modnet.runner.rundir.fingerprint``) is stored in every checkpoint; a checkpoint
+    with another one is not resumed from (one line naming the keys that differ)."""
     from modnet.eval.metrics import build_evaluator, close_loggers
     from modnet.nets.record import describe_network, save_network
     from modnet.runner.evaluation import stream_evaluator
     from modnet.runner.runner import (finished_result, load_checkpoint, make_strategy, run_experiences,
                                       save_finished, set_seed)
+    from modnet.runner.rundir import describe_difference
     from strategies.registry import get_strategy
 
     state = load_checkpoint(ckpt_path) if cfg.resume else None
+    meta = {"fingerprint": json.dumps(run_fingerprint, sort_keys=True)} if run_fingerprint is not None else {}
+    if state is not None and run_fingerprint is not None and "fingerprint" in state:
+        stored = json.loads(state["fingerprint"])
+        if stored != run_fingerprint:
+            raise ConfigError(f"resume=true but checkpoint {ckpt_path} is of a different run; differing keys: "
+                              f"{describe_difference(stored, run_fingerprint)}. Run with the same settings, or "
+                              "choose another output_dir")
     done = finished_result(state)
     if done is not None:
         print(f"[{name} seed {seed}] finished earlier: results taken from {ckpt_path}")
@@ -61,21 +89,27 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> di
         state = None
     n = info.n_experiences
     out_dir = ckpt_path.parent.parent
+    from modnet.eval.metrics import shows_progress_bars
+
     hooks = []
+    if not (shows_progress_bars(cfg.progress) and "interactive" in cfg.loggers):
+        hooks.append(_ExperienceLine(name, seed, n))
     if state is None:  # the drift plot needs experience 0 trained in this run
         probe_ds = bm.test_stream[0].dataset
         hooks.append(_DriftProbe(torch.stack([probe_ds[i][0] for i in range(min(256, len(probe_ds)))]).to(device)))
     record = run_experiences(strategy, bm.train_stream, stream_evaluator(bm.test_stream, accuracy), seed=seed,
                              checkpoint=ckpt_path, resume_state=state, test_stream=bm.test_stream, hooks=hooks,
-                             log=lambda msg: print(f"[{name} seed {seed}] {msg} from {ckpt_path}"))
+                             log=lambda msg: print(f"[{name} seed {seed}] {msg} from {ckpt_path}"),
+                             checkpoint_meta=meta)
     close_loggers(evaluator)
     result = {**summarize(record.rows), "train_seconds": record.train_seconds,
               "network": describe_network(strategy.model)}
-    if hooks and hooks[0].first is not None and n > 1:
+    drift = next((h for h in hooks if isinstance(h, _DriftProbe)), None)
+    if drift is not None and drift.first is not None and n > 1:
         from modnet.eval.drift import plot_drift, snapshot
 
-        last = snapshot(strategy.model, hooks[0].probe)
-        result["first_experience_cka"] = plot_drift(hooks[0].first, last, out_dir / f"cka_{name}_seed{seed}.png",
+        last = snapshot(strategy.model, drift.probe)
+        result["first_experience_cka"] = plot_drift(drift.first, last, out_dir / f"cka_{name}_seed{seed}.png",
                                                     name)
     if getattr(strategy.model, "gate", None) is not None:
         from modnet.explain.module_plots import write_module_report
@@ -83,13 +117,20 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path) -> di
         report = write_module_report(strategy.model, bm.test_stream, out_dir / f"modules_seed{seed}")
         result["modules"] = {"folder": f"modules_seed{seed}", "sizes": report["module_sizes"]}
     save_network(strategy.model, out_dir / "checkpoints" / f"{name}_seed{seed}_final.pt", info.input_shape)
-    save_finished(ckpt_path, result)
+    save_finished(ckpt_path, result, meta)
     return result
 
 
 def run_cl(cfg) -> dict:
+    """Every strategy of ``cfg.strategies`` on every seed, into ``cfg.output_dir``.
+
+    The folder is locked for the run (``modnet.runner.rundir.RunLock``); ``resume=true`` first checks the
+    run fingerprint stored there (nothing in the folder is written before); results.json is rewritten after
+    every finished strategy (``"complete": false`` until the last), so a crash loses no finished result."""
     from modnet.eval.metrics import check_loggers
     from modnet.nets.build import ARCHS
+    from modnet.runner.rundir import RunLock, check_output_dir, check_resume, fingerprint, write_fingerprint
+    from modnet.runner.rundir import write_text_atomic
     from strategies.registry import strategy_names
 
     check_choice("scenario", cfg.scenario, SCENARIOS)
@@ -101,22 +142,63 @@ def run_cl(cfg) -> dict:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.output_dir)
-    ckpt_dir = out / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    check_output_dir(out)
+    run_fingerprint = fingerprint(cfg)
+    with RunLock(out):
+        if cfg.resume:
+            check_resume(out, run_fingerprint)
+            _check_checkpoint_fingerprints(out / "checkpoints", run_fingerprint)
+        ckpt_dir = out / "checkpoints"
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        write_fingerprint(out, run_fingerprint)
+        return _run_all(cfg, out, ckpt_dir, device, run_fingerprint)
+
+
+def _check_checkpoint_fingerprints(ckpt_dir: Path, run_fingerprint: dict) -> None:
+    """resume=true: every checkpoint that holds a fingerprint must hold this run's (a folder without
+    fingerprint.json, or one replaced by hand), checked before anything is written; unreadable checkpoints
+    are left to ``load_checkpoint`` (a warning, that strategy restarts)."""
+    from modnet.runner.rundir import describe_difference
+
+    for path in sorted(ckpt_dir.glob("*_seed*.pt")) if ckpt_dir.is_dir() else []:
+        if path.name.endswith("_final.pt"):
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            stored = json.loads(state["fingerprint"]) if isinstance(state, dict) and "fingerprint" in state else None
+        except Exception:
+            continue
+        if stored is not None and stored != run_fingerprint:
+            raise ConfigError(f"resume=true but checkpoint {path} is of a different run; differing keys: "
+                              f"{describe_difference(stored, run_fingerprint)}. Run with the same settings, or "
+                              "choose another output_dir")
+
+
+def _run_all(cfg, out: Path, ckpt_dir: Path, device, run_fingerprint: dict) -> dict:
     seeds = list(cfg.seeds) if cfg.get("seeds") else [cfg.seed]
     runs: dict[str, list[dict]] = {name: [] for name in cfg.strategies}
     info = None
+
+    def results_so_far(complete: bool) -> dict:
+        done = {name: r for name, r in runs.items() if len(r) == len(seeds)}
+        return {"benchmark": info.name, "scenario": cfg.scenario, "n_experiences": info.n_experiences,
+                "seed": seeds[0], "seeds": seeds, "device": str(device),
+                "classes_per_experience": info.global_task_classes,
+                "strategies": {name: aggregate_seeds(r) for name, r in done.items()},
+                "complete": complete,
+                "finished": [[name, seed] for name, r in runs.items() for seed in seeds[:len(r)]]}
+
     for seed in seeds:
         info = build_benchmark(cfg.benchmark, cfg.scenario, seed,
                                device=device if cfg.train.data_on_device else None)
         for name in cfg.strategies:
             print(f"=== {name} | {info.name} | {cfg.scenario}-incremental | seed {seed} ===")
-            runs[name].append(run_strategy(name, cfg, info, seed, device, ckpt_dir / f"{name}_seed{seed}.pt"))
-    results = {"benchmark": info.name, "scenario": cfg.scenario, "n_experiences": info.n_experiences,
-               "seed": seeds[0], "seeds": seeds, "device": str(device),
-               "classes_per_experience": info.global_task_classes,
-               "strategies": {name: aggregate_seeds(r) for name, r in runs.items()}}
+            runs[name].append(run_strategy(name, cfg, info, seed, device, ckpt_dir / f"{name}_seed{seed}.pt",
+                                           run_fingerprint))
+            if not (seed == seeds[-1] and name == cfg.strategies[-1]):
+                write_results(out, results_so_far(False), plots=False)  # a later crash loses nothing
+    results = results_so_far(True)
     write_results(out, results)
     print(f"\n{info.name}, {cfg.scenario}-incremental, seeds {seeds}\n{format_table(results['strategies'])}")
     print(f"results written to {out}/results.json")

@@ -73,9 +73,11 @@ def validate_sweep(overrides: Sequence[str]) -> int:
         if key.lstrip("+") == "output_dir":
             raise ConfigError("output_dir is set per job by the sweep (its Hydra job folder); choose the "
                               "sweep's folder with hydra.sweep.dir=PATH instead")
+    from modnet.validate import validate
+
     jobs = expand_sweep(overrides)
     for job in jobs:
-        compose("cl", job)  # raises ConfigError naming the bad key/value and the valid ones
+        validate("cl", compose("cl", job))  # raises ConfigError naming the bad key/value and the valid ones
     return len(jobs)
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "MissingFileError",
     "attribute_matrix",
     "load_word_vectors",
+    "save_word_vectors",
     "train_word2vec",
     "tokenize",
     "class_word_embeddings",
@@ -89,19 +90,41 @@ def attribute_matrix(attributes: np.ndarray | Tensor, *, classes_by_attributes: 
 # ----------------------------------------------------------------------------------------------------------
 # word2vec
 # ----------------------------------------------------------------------------------------------------------
-def load_word_vectors(path: str | Path, binary: bool | None = None):
-    """gensim ``KeyedVectors`` from a word2vec file (text or binary; ``binary=None`` guesses by trying text first).
+PICKLED_SUFFIXES = (".kv", ".model", ".pkl", ".pickle")
 
-    Also accepts a gensim native ``.kv``/``.model`` file (``KeyedVectors.load`` / ``Word2Vec.load``).
+
+def load_word_vectors(path: str | Path, binary: bool | None = None, *, trust_pickle: bool = False):
+    """gensim ``KeyedVectors`` from a file that cannot run code when read.
+
+    * word2vec text or binary format (``binary=None`` guesses: text first, then binary), read by gensim's
+      ``load_word2vec_format``, which parses numbers and words and never unpickles;
+    * ``.npz`` written by ``save_word_vectors`` (arrays ``words`` (V,) strings and ``vectors`` (V, D)), read
+      with ``allow_pickle=False``.
+
+    A gensim native ``.kv``/``.model`` file is a pickle: unpickling a file runs whatever code its author put
+    in it. It is read only with ``trust_pickle=True`` (a warning is issued); convert it once, on a file you
+    trust, with ``save_word_vectors(load_word_vectors(f, trust_pickle=True), "vectors.npz")``.
     """
-    from gensim.models import KeyedVectors, Word2Vec
+    from gensim.models import KeyedVectors
 
     path = _require_file(path, "word-vector file", "Pass the path of a word2vec .txt/.bin file, or train one "
                          "with modnet.methods.knowledge.train_word2vec on your corpus.")
-    if path.suffix in (".kv",):
+    if path.suffix in PICKLED_SUFFIXES or _looks_pickled(path):
+        if not trust_pickle:
+            raise ValueError(f"{path} is a pickled gensim file (.kv/.model): reading it could run code, so it is "
+                             "not read by default; use word2vec text/binary (KeyedVectors.save_word2vec_format) "
+                             "or .npz (modnet.methods.knowledge.save_word_vectors), or pass trust_pickle=True "
+                             "only for a file you made yourself")
+        import warnings
+
+        from gensim.models import Word2Vec
+
+        warnings.warn(f"unpickling {path} (trust_pickle=True): only do this with files you trust", stacklevel=2)
+        if path.suffix == ".model":
+            return Word2Vec.load(str(path)).wv
         return KeyedVectors.load(str(path))
-    if path.suffix in (".model",):
-        return Word2Vec.load(str(path)).wv
+    if path.suffix == ".npz":
+        return _load_npz_vectors(path)
     if binary is None:
         binary = path.suffix == ".bin"
         try:
@@ -113,6 +136,50 @@ def load_word_vectors(path: str | Path, binary: bool | None = None):
     except Exception as error:  # gensim raises assorted errors on a corrupt file
         raise ValueError(f"could not read word vectors from {path} as word2vec "
                          f"{'binary' if binary else 'text'} format: {error}") from error
+
+
+def _looks_pickled(path: Path) -> bool:
+    """A pickle (protocol 2+) starts with byte 0x80 then the protocol number; word2vec files start with
+    the digits of their header."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def save_word_vectors(vectors, path: str | Path) -> Path:
+    """Write gensim ``KeyedVectors`` as a pickle-free ``.npz`` (``words``, ``vectors``) that
+    ``load_word_vectors`` reads."""
+    path = Path(path)
+    words = np.asarray([str(w) for w in vectors.index_to_key], dtype=str)
+    np.savez(path, words=words, vectors=np.asarray(vectors.vectors, dtype=np.float32))
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
+def _load_npz_vectors(path: Path):
+    from gensim.models import KeyedVectors
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "words" not in f.files or "vectors" not in f.files:
+                raise ValueError(f"{path}: a word-vector .npz needs arrays 'words' and 'vectors', it has "
+                                 f"{sorted(f.files)}")
+            words, vectors = f["words"], f["vectors"]
+    except ValueError as error:
+        if "Object arrays" in str(error):  # never unpickled
+            raise ValueError(f"{path}: 'words' must be a string array (dtype str), not Python objects; write the "
+                             "file with modnet.methods.knowledge.save_word_vectors") from None
+        if "pickle" in str(error):  # not an .npz at all (numpy would try it as a pickle)
+            raise ValueError(f"{path} is not a readable .npz file; write it with "
+                             "modnet.methods.knowledge.save_word_vectors") from None
+        raise
+    except Exception as error:
+        raise ValueError(f"{path} is not a readable .npz file ({type(error).__name__}); write it with "
+                         "modnet.methods.knowledge.save_word_vectors") from None
+    if words.ndim != 1 or vectors.ndim != 2 or len(words) != len(vectors):
+        raise ValueError(f"{path}: 'words' must be (V,) and 'vectors' (V, D), got {words.shape} and {vectors.shape}")
+    kv = KeyedVectors(vector_size=vectors.shape[1])
+    kv.add_vectors([str(w) for w in words], vectors.astype(np.float32))
+    return kv
 
 
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")

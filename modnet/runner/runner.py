@@ -80,11 +80,31 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict | None:
-    """A checkpoint written by the runner (tensors only: ``weights_only=True``), or None when absent."""
+def load_checkpoint(path: Path, warn: Callable[[str], None] | None = None) -> dict | None:
+    """A checkpoint written by the runner (tensors only: ``weights_only=True``), or None when absent.
+
+    An unreadable one (truncated, 0 bytes, not written by the runner) is named in one warning line, moved
+    aside to ``<name>.corrupt`` (kept, not overwritten) and None is returned: that strategy starts over."""
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or "done" not in state:
+            raise ValueError("not a runner checkpoint")
+        return state
+    except Exception as err:  # torch raises assorted errors on a damaged file
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        reason = str(err).strip().splitlines()[0][:80] if str(err).strip() else type(err).__name__
+        (warn or _warn_line)(f"warning: checkpoint {path} is unreadable ({reason}); moved to {aside.name}, "
+                             "this strategy restarts from its first experience")
+        return None
+
+
+def _warn_line(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
 
 
 def finished_result(state: dict | None) -> dict | None:
@@ -94,14 +114,14 @@ def finished_result(state: dict | None) -> dict | None:
     return None
 
 
-def save_finished(path: Path, result: dict) -> None:
-    save_atomic({"done": True, "result": json.dumps(result)}, path)
+def save_finished(path: Path, result: dict, meta: dict | None = None) -> None:
+    save_atomic({"done": True, "result": json.dumps(result), **(meta or {})}, path)
 
 
 def run_experiences(strategy, train_stream, evaluate: Callable[[int, object], list[float]], *, seed: int,
                     checkpoint: Path | None = None, resume_state: dict | None = None,
-                    test_stream=None, hooks: Sequence[RunnerHook] = (), log: Callable[[str], None] = print
-                    ) -> RunRecord:
+                    test_stream=None, hooks: Sequence[RunnerHook] = (), log: Callable[[str], None] = print,
+                    checkpoint_meta: dict | None = None) -> RunRecord:
     """Train ``strategy`` on each experience of ``train_stream``; after each, ``evaluate(index, strategy)``
     gives the accuracy-matrix row.
 
@@ -109,7 +129,8 @@ def run_experiences(strategy, train_stream, evaluate: Callable[[int, object], li
     ``rows``, ``train_seconds``): training continues at ``next_exp`` with the saved model. The model is first
     given the structure it had grown: the gates the checkpoint holds (a modular network's gates are made per
     task), and the adaptation (heads grown) to the training experiences so far and, when given,
-    ``test_stream`` (evaluation adapts multi-head models to every test experience).
+    ``test_stream`` (evaluation adapts multi-head models to every test experience). ``checkpoint_meta``: extra
+    entries (strings, e.g. the run fingerprint) stored in every checkpoint.
     """
     record = RunRecord()
     start = 0
@@ -145,6 +166,9 @@ def run_experiences(strategy, train_stream, evaluate: Callable[[int, object], li
         for hook in hooks:
             hook.after_eval_exp(i, strategy, row)
         if checkpoint is not None:
-            save_atomic({"next_exp": i + 1, "model": strategy.model.state_dict(), "rows": torch.tensor(record.rows),
-                         "train_seconds": record.train_seconds, "done": False}, checkpoint)
+            # rows in float64: a resumed run's matrix is the uninterrupted run's, bit for bit
+            save_atomic({"next_exp": i + 1, "model": strategy.model.state_dict(),
+                         "rows": torch.tensor(record.rows, dtype=torch.float64),
+                         "train_seconds": record.train_seconds, "done": False, **(checkpoint_meta or {})},
+                        checkpoint)
     return record

@@ -1,0 +1,196 @@
+"""A run's folder is one run's: a lock while a run writes into it, and a fingerprint of what the run is.
+
+* ``RunLock``: ``output_dir/.lock`` made with ``O_CREAT | O_EXCL`` (atomic on every local file system), holding
+  the host and pid of the run. A second run into the folder stops at once (``ConfigError`` naming the pid); a
+  lock whose process is gone (same host, pid not alive: the run was killed) is stale and taken over.
+* ``fingerprint(cfg)``: what decides a run's numbers: the resolved config without the keys that only say
+  where and how loudly it runs (``IGNORED_KEYS``), the sha256 of every data file the config names
+  (``benchmark.path``), and the versions of torch, Avalanche and modnet. It is written to
+  ``output_dir/fingerprint.json`` and into every checkpoint; ``resume=true`` with another fingerprint stops
+  with one line listing the keys that differ (``check_resume``), before anything in the folder is written.
+
+Nothing here imports torch: the checks run before any training is set up.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from pathlib import Path
+
+from modnet.config import ConfigError
+
+#: top-level config keys that do not change a run's numbers
+IGNORED_KEYS = ("output_dir", "progress", "resume", "loggers", "threads")
+LOCK_NAME = ".lock"
+FINGERPRINT_NAME = "fingerprint.json"
+
+
+def check_output_dir(out: Path) -> None:
+    """``output_dir`` must be a folder (or not exist yet): a file there is one clear line."""
+    for parent in (out, *out.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"output_dir={out}: {parent} is a file, not a folder; choose another output_dir")
+        if parent.exists():
+            break
+
+
+class RunLock:
+    """``with RunLock(out):`` holds ``out/.lock`` for the run (see the module docstring)."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = f"{socket.gethostname()} {os.getpid()}\n"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and not self._alive(*owner) or owner is None and self._abandoned():
+                    self.path.unlink(missing_ok=True)  # stale: its run was killed
+                    continue
+                who = f"pid {owner[1]} on {owner[0]}" if owner else "another run"
+                raise ConfigError(f"output_dir={self.path.parent} is in use by {who} (lock file {self.path}); "
+                                  "wait for that run to end or choose another output_dir") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self.held = True
+            return
+        raise ConfigError(f"could not take the lock {self.path}; remove it if no run uses {self.path.parent}")
+
+    def _owner(self) -> tuple[str, int] | None:
+        try:
+            host, pid = self.path.read_text().split()
+            return host, int(pid)
+        except (OSError, ValueError):
+            return None  # being written, or not ours: treat as held
+
+    def _abandoned(self, seconds: float = 60.0) -> bool:
+        """An empty or unreadable lock file older than ``seconds``: its run died between creating and writing it."""
+        import time
+
+        try:
+            return time.time() - self.path.stat().st_mtime > seconds
+        except OSError:
+            return False
+
+    @staticmethod
+    def _alive(host: str, pid: int) -> bool:
+        if host != socket.gethostname():
+            return True  # another machine's run: cannot tell, so it holds the folder
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def package_versions() -> dict:
+    from importlib import metadata
+
+    import modnet
+
+    versions = {"modnet": modnet.__version__}
+    for name, dist in (("torch", "torch"), ("avalanche", "avalanche-lib")):
+        try:
+            versions[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def fingerprint(cfg) -> dict:
+    """Flat ``{dotted key: value}`` of what decides a run's numbers (module docstring)."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for key in IGNORED_KEYS:
+        config.pop(key, None)
+    flat = {f"config.{k}": v for k, v in _flatten(config).items()}
+    path = (config.get("benchmark") or {}).get("path")
+    if path and Path(path).expanduser().is_file():
+        flat["data.benchmark.path.sha256"] = file_sha256(Path(path).expanduser())
+    flat.update({f"version.{k}": v for k, v in package_versions().items()})
+    return json.loads(json.dumps(flat))  # what a JSON round trip gives (tuples -> lists)
+
+
+def differing_keys(old: dict, new: dict) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
+
+
+def describe_difference(old: dict, new: dict, limit: int = 6) -> str:
+    keys = differing_keys(old, new)
+    shown = [f"{k.split('.', 1)[1] if k.startswith('config.') else k} ({_short(old.get(k, '<absent>'))} -> "
+             f"{_short(new.get(k, '<absent>'))})" for k in keys[:limit]]
+    return ", ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 24 else text[:12] + "..."
+
+
+def check_resume(out: Path, current: dict) -> None:
+    """``resume=true``: the folder's fingerprint must be ``current``; else one line naming the keys that differ."""
+    stored = read_fingerprint(out)
+    if stored is not None and stored != current:
+        raise ConfigError(f"resume=true but {out} holds a different run; differing keys: "
+                          f"{describe_difference(stored, current)}. Run with the same settings, or choose "
+                          "another output_dir (or resume=false to start over there)")
+
+
+def read_fingerprint(out: Path) -> dict | None:
+    path = Path(out) / FINGERPRINT_NAME
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"{path} is unreadable (corrupt); remove it to resume without the check, or choose "
+                          "another output_dir") from None
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_fingerprint(out: Path, current: dict) -> None:
+    write_text_atomic(Path(out) / FINGERPRINT_NAME, json.dumps(current, indent=1, sort_keys=True))

@@ -1,0 +1,97 @@
+"""Checks of a composed config that run before any job module (torch, Avalanche) is imported.
+
+``modnet.cli`` calls ``validate(job, cfg)`` between composing the config and importing the job, so that a
+typo or an impossible value is one line (``ConfigError`` / ``ValueError``, exit code 2) in about a second,
+not after 10-30 s of imports or, worse, after training has started. Only numpy and the light registries
+(``strategies.registry``, ``scenarios.registry``) are imported here.
+
+What is checked (where the config has the key):
+* ``strategies``: non-empty, no repeats, every name registered; ``seeds``: null or a non-empty list of
+  distinct integers; ``scenario``, ``model.arch``, ``loggers``: among their choices;
+* ``train.epochs``, ``train.batch_size``, ``train.eval_batch_size``, ``benchmark.n_experiences``: positive;
+* ``output_dir``: not a file (nor below one);
+* ``benchmark=npz`` in ``cl``: the file's arrays (``scenarios.sources.check_npz_arrays``: integer labels,
+  class ids 0..C-1, equal feature widths, ...) and that its classes split into ``n_experiences``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from modnet.config import ConfigError, check_choice
+
+# copies of the choices whose modules import torch / Avalanche (tests/test_faults.py checks they agree)
+SCENARIOS = ("task", "class")                                       # scenarios.base.SCENARIOS
+ARCHS = ("auto", "mlp", "cnn", "resnet18")                           # modnet.nets.build.ARCHS
+LOGGERS = ("interactive", "text", "csv", "tensorboard", "wandb")     # modnet.eval.metrics.LOGGERS
+
+POSITIVE = ("train.epochs", "train.batch_size", "train.eval_batch_size", "benchmark.n_experiences")
+
+
+def validate(job: str, cfg: DictConfig) -> None:
+    """Every check of the module docstring that applies to ``cfg``; the first problem is raised."""
+    for key in POSITIVE:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, int) and value <= 0:
+            raise ConfigError(f"config {key}={value} must be a positive integer")
+    if "strategies" in cfg:
+        _check_strategies(cfg.strategies)
+    if "seeds" in cfg:
+        _check_seeds(cfg.seeds)
+    if job == "cl":
+        check_choice("scenario", cfg.scenario, SCENARIOS)
+        check_choice("model.arch", cfg.model.arch, ARCHS)
+    if "loggers" in cfg and isinstance(cfg.loggers, ListConfig):
+        unknown = [name for name in cfg.loggers if name not in LOGGERS]
+        if unknown:
+            raise ConfigError(f"config loggers: unknown logger(s) {', '.join(map(repr, unknown))}; choose among "
+                              f"{', '.join(LOGGERS)}")
+    if cfg.get("output_dir"):
+        from modnet.runner.rundir import check_output_dir
+
+        check_output_dir(Path(cfg.output_dir))
+    if job == "cl" and "benchmark" in cfg and cfg.benchmark.get("name") == "npz" and cfg.benchmark.get("path"):
+        _check_cl_npz(cfg.benchmark)
+
+
+def _check_strategies(names) -> None:
+    from strategies.registry import strategy_names
+
+    names = list(names)
+    if not names:
+        raise ConfigError("config strategies=[] is empty; name at least one, e.g. strategies=[modnet,naive]")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"config strategies lists {', '.join(repeated)} more than once; each strategy runs once "
+                          "per seed (for repeats use seeds=[0,1,2])")
+    for name in names:
+        check_choice("strategies", name, strategy_names())
+
+
+def _check_seeds(seeds) -> None:
+    if seeds is None:
+        return
+    values = list(seeds)
+    if not values:
+        raise ConfigError("config seeds=[] is empty; give seeds=[0,1,2], or seeds=null to run the one `seed`")
+    if any(not isinstance(s, int) or isinstance(s, bool) for s in values):
+        raise ConfigError(f"config seeds must be integers, got {values}")
+    repeated = sorted({s for s in values if values.count(s) > 1})
+    if repeated:
+        raise ConfigError(f"config seeds lists {repeated} more than once; a repeated seed gives the same run twice "
+                          "and a false standard deviation")
+
+
+def _check_cl_npz(bcfg) -> None:
+    from scenarios.sources import check_npz_arrays, read_npz
+
+    path = Path(bcfg.path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"npz file not found: {path}; set benchmark.path to an existing .npz")
+    arrays = check_npz_arrays(path, read_npz(path))
+    n_classes = len(set(arrays["y_train"].tolist()))
+    n_exp = bcfg.get("n_experiences")
+    if bcfg.get("variant", "split") == "split" and isinstance(n_exp, int) and n_classes % n_exp:
+        raise ConfigError(f"{path} has {n_classes} classes, which do not split evenly into benchmark.n_experiences="
+                          f"{n_exp}; choose a divisor of {n_classes}")

@@ -1,0 +1,178 @@
+"""Fault injection (issue 14): every bad input is one clear line before any work: exit code 2, one stderr
+line, no traceback, the key or file named, nothing written."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modnet.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rejected(capsys, argv, *words, out: Path | None = None):
+    capsys.readouterr()
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err + captured.out, captured.err
+    for w in words:
+        assert w in lines[0], lines[0]
+    if out is not None:
+        assert not out.exists() or not any(out.iterdir())  # nothing written
+    return lines[0]
+
+
+@pytest.mark.parametrize("override, words", [
+    ("strategies=[]", ["strategies", "empty"]),
+    ("strategies=[naive,naive]", ["strategies", "naive", "more than once"]),
+    ("seeds=[]", ["seeds", "empty"]),
+    ("seeds=[0,0]", ["seeds", "more than once"]),
+    ("train.epochs=0", ["train.epochs", "positive"]),
+    ("train.epochs=-1", ["train.epochs", "positive"]),
+    ("train.batch_size=0", ["train.batch_size", "positive"]),
+    ("train.eval_batch_size=-4", ["train.eval_batch_size", "positive"]),
+    ("benchmark.n_experiences=0", ["benchmark.n_experiences", "positive"]),
+    ("loggers=[txt]", ["loggers", "txt", "text"]),
+    ("model.arch=vgg", ["model.arch", "mlp"]),
+])
+def test_bad_cl_values_are_one_line_before_work(tmp_path, capsys, override, words):
+    _rejected(capsys, ["cl", override, f"output_dir={tmp_path / 'o'}"], *words, out=tmp_path / "o")
+
+
+def _npz(path, **change):
+    rng = np.random.default_rng(0)
+    arrays = dict(x_train=rng.normal(size=(40, 5)).astype(np.float32), y_train=np.arange(40) % 4,
+                  x_test=rng.normal(size=(8, 5)).astype(np.float32), y_test=np.arange(8) % 4)
+    arrays.update(change)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(y_train=(np.arange(40) % 4) + 0.5), ["y_train", "non-integer", "0.5"]),
+    (dict(y_train=np.array(["cat", "dog", "owl", "elk"] * 10)), ["y_train", "strings", "'cat'"]),
+    (dict(y_train=np.array([3, 7, 9, 3] * 10), y_test=np.array([3, 7, 9, 3] * 2)), ["y_train", "0..C-1", "[3, 7, 9]"]),
+    (dict(x_test=np.zeros((8, 6), np.float32)), ["x_test", "(6,)", "(5,)"]),
+    (dict(y_test=np.array([0, 1, 2, 3, 4, 0, 1, 2])), ["y_test", "[4]"]),
+])
+def test_bad_npz_is_one_line_before_work(tmp_path, capsys, change, words):
+    path = _npz(tmp_path / "d.npz", **change)
+    _rejected(capsys, ["cl", "benchmark=npz", f"benchmark.path={path}", "benchmark.n_experiences=2",
+                       f"output_dir={tmp_path / 'o'}"], "d.npz", *words, out=tmp_path / "o")
+
+
+def test_npz_classes_that_do_not_split_into_the_experiences(tmp_path, capsys):
+    path = _npz(tmp_path / "d.npz")
+    _rejected(capsys, ["cl", "benchmark=npz", f"benchmark.path={path}", "benchmark.n_experiences=3",
+                       f"output_dir={tmp_path / 'o'}"], "4 classes", "n_experiences=3", out=tmp_path / "o")
+
+
+def test_typo_rejected_fast_without_heavy_imports(tmp_path):
+    """`modnet cl strategies=[nope]`: exit 2 in well under 2 s of work (bound: 5 s wall, a shared CI machine),
+    torch and Avalanche never imported."""
+    code = ("import sys, time; t = time.perf_counter(); from modnet.cli import main; "
+            "rc = main(['cl', 'strategies=[nope]']); "
+            "print(rc, 'torch' in sys.modules, 'avalanche' in sys.modules, time.perf_counter() - t)")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    wall = time.perf_counter() - t0
+    rc, torch_loaded, avalanche_loaded, seconds = proc.stdout.split()
+    assert (rc, torch_loaded, avalanche_loaded) == ("2", "False", "False"), proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nope" in lines[0] and "naive" in lines[0]
+    assert wall < 5, wall
+    print(f"strategies=[nope] rejected in {float(seconds):.2f} s in-process, {wall:.2f} s wall")
+
+
+def test_choice_copies_match_their_modules():
+    from modnet import validate
+    from modnet.eval.metrics import LOGGERS
+    from modnet.nets.build import ARCHS
+    from scenarios.base import SCENARIOS
+
+    assert (validate.SCENARIOS, validate.ARCHS, validate.LOGGERS) == (SCENARIOS, ARCHS, LOGGERS)
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+@pytest.mark.parametrize("job", ["cl", "gzsl", "explain", "bench"])
+def test_job_help_prints_its_options_with_their_comments(capsys, job, flag):
+    assert main([job, flag]) == 0
+    out = capsys.readouterr().out
+    config = (ROOT / "configs" / f"{job}.yaml").read_text()
+    assert out.startswith(f"usage: modnet {job}") and config.strip() in out
+
+
+def test_help_of_a_benchmark_and_version(capsys):
+    assert main(["cl", "--help", "benchmark=npz"]) == 0
+    out = capsys.readouterr().out
+    assert "benchmark=npz" in out and "n_experiences: 5" in out and "# cl: experiences" in out
+    assert main(["cl", "-h"]) == 0 and "mnist1d" in capsys.readouterr().out  # the benchmark list
+    from modnet import __version__
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"modnet {__version__}"
+
+
+def test_accuracy_curves_are_scaled_to_the_data_and_one_seed_has_no_std(tmp_path):
+    from modnet.eval.results import aggregate_seeds, curve_limits, format_table, summarize, write_results
+
+    lo, hi = curve_limits([[0.95, 0.97, 0.99], [0.93, 0.96, 1.0]])
+    assert 0.9 < lo < 0.93 and 1.0 < hi <= 1.02
+    assert curve_limits([[0.1, 0.9]]) == pytest.approx((0.02, 0.98))
+    R = [[0.99, 0.5], [0.97, 0.98]]
+    one = aggregate_seeds([{**summarize(R), "train_seconds": 1.0}])
+    assert "±" not in format_table({"naive": one})
+    write_results(tmp_path, {"benchmark": "b", "scenario": "task", "n_experiences": 2, "strategies": {"naive": one}})
+    assert (tmp_path / "accuracy_curves.png").stat().st_size > 1000
+    assert not list(tmp_path.glob("*.tmp"))  # written through temporary files, renamed
+
+
+def test_progress_bars_only_on_a_terminal(tmp_path, capsys):
+    """Not a terminal (pytest captures stdout): no tqdm, one line per experience."""
+    assert main(["cl", "strategies=[naive]", "train.epochs=1", "benchmark.n_experiences=2",
+                 f"output_dir={tmp_path}"]) == 0
+    out = capsys.readouterr()
+    lines = [line for line in out.out.splitlines() if "experience" in line and "trained" in line]
+    assert len(lines) == 2 and "it/s" not in out.out + out.err and "\r" not in out.out + out.err
+
+
+def _zsl_npz(path, **change):
+    rng = np.random.default_rng(0)
+    arrays = dict(x_train=rng.normal(size=(30, 5)).astype(np.float32), y_train=np.arange(30) % 3,
+                  x_test=rng.normal(size=(20, 5)).astype(np.float32), y_test=np.arange(20) % 5,
+                  class_attributes=rng.random((5, 4)), unseen_classes=np.array([3, 4]))
+    arrays.update(change)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(class_attributes=np.random.default_rng(1).random((7, 4))), ["7 rows", "[5, 6]", "y_train"]),
+    (dict(y_test=np.arange(20) % 4), ["unseen classes [4]", "y_test"]),
+    (dict(y_train=(np.arange(30) % 3) + 0.25), ["y_train", "non-integer"]),
+    (dict(y_test=np.array(["a"] * 20)), ["y_test", "strings"]),
+    (dict(x_test=np.zeros((20, 6), np.float32)), ["x_test", "(6,)"]),
+])
+def test_bad_zero_shot_npz_is_one_line(tmp_path, change, words):
+    """Zero-shot .npz (scenarios.zsl.load_npz_zsl, what gzsl and explain load): attribute rows = classes,
+    every unseen class in the test set, integer labels, equal widths: otherwise one ValueError line."""
+    from scenarios.zsl import load_npz_zsl
+
+    assert load_npz_zsl(_zsl_npz(tmp_path / "good.npz")).unseen_classes == [3, 4]
+    with pytest.raises(ValueError) as err:
+        load_npz_zsl(_zsl_npz(tmp_path / "z.npz", **change))
+    msg = str(err.value)
+    assert "\n" not in msg and "z.npz" in msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_sweep_with_one_bad_job_runs_no_job(tmp_path, capsys):
+    """The bad value is in the second combination: nothing is launched, nothing written."""
+    _rejected(capsys, ["sweep", "strategies=[naive],[naive,naive]", f"hydra.sweep.dir={tmp_path / 's'}"],
+              "naive", "more than once", out=tmp_path / "s")

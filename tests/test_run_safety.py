@@ -1,0 +1,211 @@
+"""Runs are never mixed or lost (issue 14): fingerprint checked on resume, a lock on output_dir, corrupt
+checkpoints named and restarted, finished results written as they finish, kill -9 then resume = the
+uninterrupted run."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modnet.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["cl", "strategies=[modnet,naive]", "train.epochs=1", "benchmark.n_experiences=2", "progress=false"]
+
+
+def _one_error_line(capsys, *words):
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _matrices(folder: Path) -> dict:
+    res = json.loads((folder / "results.json").read_text())
+    return {name: r["accuracy_matrix"] for name, r in res["strategies"].items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    assert main([*TINY, f"output_dir={out}"]) == 0
+    return out
+
+
+def test_fingerprint_stored_in_folder_and_every_checkpoint(tiny_run):
+    import torch
+
+    stored = json.loads((tiny_run / "fingerprint.json").read_text())
+    assert stored["config.train.epochs"] == 1 and stored["config.strategies"] == ["modnet", "naive"]
+    assert {"version.torch", "version.avalanche", "version.modnet"} <= set(stored)
+    assert not any(k.startswith(("config.output_dir", "config.progress", "config.resume", "config.loggers",
+                                 "config.threads")) for k in stored)
+    for name in ("modnet", "naive"):
+        state = torch.load(tiny_run / "checkpoints" / f"{name}_seed0.pt", weights_only=True)
+        assert json.loads(state["fingerprint"]) == stored
+    assert not (tiny_run / ".lock").exists()  # released at the end
+
+
+@pytest.mark.parametrize("change, key", [("train.epochs=2", "train.epochs"),
+                                         ("strategies=[modnet]", "strategies"),
+                                         ("benchmark.n_experiences=3", "benchmark.n_experiences")])
+def test_resume_with_another_fingerprint_stops_and_overwrites_nothing(tiny_run, tmp_path, capsys, change, key):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    before = _snapshot(out)
+    capsys.readouterr()
+    args = [a for a in TINY if a.split("=")[0] != change.split("=")[0]]
+    assert main([*args, change, f"output_dir={out}", "resume=true"]) == 2
+    _one_error_line(capsys, key, "resume=true")
+    assert _snapshot(out) == before  # config.yaml, results, checkpoints: untouched
+
+
+def test_resume_with_the_same_settings_but_other_output_keys_is_allowed(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    assert main([*TINY, f"output_dir={out}", "resume=true", "threads=2", "loggers=[]"]) == 0
+    assert _matrices(out) == _matrices(tiny_run)
+
+
+def test_checkpoint_of_another_run_is_refused(tiny_run, tmp_path, capsys):
+    """fingerprint.json missing (an older folder): each checkpoint's own fingerprint is checked."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    (out / "fingerprint.json").unlink()
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main([*TINY, "train.lr=0.01", f"output_dir={out}", "resume=true"]) == 2
+    _one_error_line(capsys, "modnet_seed0.pt", "train.lr")
+    assert _snapshot(out) == before
+
+
+def test_second_run_into_a_folder_in_use_stops_at_once(tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    import socket
+
+    (out / ".lock").write_text(f"{socket.gethostname()} {os.getpid()}\n")  # a live process holds it
+    t0 = time.perf_counter()
+    assert main([*TINY, f"output_dir={out}"]) == 2
+    assert time.perf_counter() - t0 < 5
+    _one_error_line(capsys, "in use", str(os.getpid()), ".lock")
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    import socket
+
+    from modnet.runner.rundir import RunLock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(f"{socket.gethostname()} {dead.pid}\n")
+    with RunLock(tmp_path) as lock:
+        assert (tmp_path / ".lock").read_text().split()[1] == str(os.getpid()) and lock.held
+        with pytest.raises(Exception, match="in use"):
+            RunLock(tmp_path).acquire()
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "f").write_text("mine")
+    assert main([*TINY, f"output_dir={tmp_path / 'f'}"]) == 2
+    _one_error_line(capsys, "is a file", "output_dir")
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "pickle"])
+def test_corrupt_checkpoint_is_named_and_its_strategy_restarts(tiny_run, tmp_path, capsys, damage):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    ckpt = out / "checkpoints" / "modnet_seed0.pt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes({"empty": b"", "truncated": data[: len(data) // 2],
+                      "pickle": b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x01."}[damage])
+    capsys.readouterr()
+    assert main([*TINY, f"output_dir={out}", "resume=true"]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "modnet_seed0.pt" in warnings[0] and "Traceback" not in err, err
+    assert (out / "checkpoints" / "modnet_seed0.pt.corrupt").exists()  # kept aside, not overwritten
+    assert _matrices(out) == _matrices(tiny_run)  # restarted cleanly: the numbers of the first run
+
+
+def _wait_for(path: Path, proc, timeout: float = 240.0) -> None:
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() - t0 < timeout
+        time.sleep(0.02)
+
+
+KILL_ARGS = ["cl", "strategies=[modnet,naive]", "train.epochs=1", "benchmark.n_experiences=5", "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    assert main([*KILL_ARGS, f"output_dir={out}"]) == 0
+    return _matrices(out)
+
+
+@pytest.mark.parametrize("kill_after", ["modnet_seed0.pt", "naive_seed0.pt"])
+def test_kill9_then_resume_gives_the_results_of_an_uninterrupted_run(tmp_path, kill_after, uninterrupted):
+    """kill -9 after the first checkpoint of modnet (gated, default: mid-strategy) or of naive (modnet
+    finished: its results are already in results.json); resume=true ends with the same accuracy matrices
+    as an uninterrupted run, bit for bit."""
+    args = KILL_ARGS
+    proc = subprocess.Popen([sys.executable, "-m", "modnet.cli", *args, f"output_dir={tmp_path / 'cut'}"],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(tmp_path / "cut" / "checkpoints" / kill_after, proc)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (tmp_path / "cut" / ".lock").exists()  # left by the killed run: stale
+    if kill_after == "naive_seed0.pt":
+        partial = json.loads((tmp_path / "cut" / "results.json").read_text())
+        assert partial["complete"] is False and "modnet" in partial["strategies"]
+    assert main([*args, f"output_dir={tmp_path / 'cut'}", "resume=true"]) == 0
+    resumed, full = _matrices(tmp_path / "cut"), uninterrupted
+    assert set(resumed) == {"modnet", "naive"}
+    for name in resumed:
+        np.testing.assert_array_equal(resumed[name], full[name])
+    assert json.loads((tmp_path / "cut" / "results.json").read_text())["complete"] is True
+
+
+def test_empty_lock_file_is_stale_only_when_old(tmp_path):
+    from modnet.config import ConfigError
+    from modnet.runner.rundir import RunLock
+
+    (tmp_path / ".lock").write_text("")  # a run killed between creating and writing its lock
+    with pytest.raises(ConfigError, match="in use"):
+        RunLock(tmp_path).acquire()
+    os.utime(tmp_path / ".lock", (time.time() - 120, time.time() - 120))
+    with RunLock(tmp_path):
+        assert (tmp_path / ".lock").read_text().split()[1] == str(os.getpid())
+
+
+def test_offline_download_is_one_line(monkeypatch, capsys):
+    import modnet.cli as cli
+
+    def offline(job, overrides):
+        raise ConnectionError("could not download CIFAR10 to data (URLError); this machine seems offline")
+
+    monkeypatch.setattr(cli, "_call", offline)
+    assert main(["cl", "benchmark=cifar10", "benchmark.download=true"]) == 2
+    _one_error_line(capsys, "CIFAR10", "offline")
