@@ -7,6 +7,7 @@ runner (``modnet.runner.runner``) with evaluation on the test stream after every
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
