@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from modnet.config import ConfigError, check_choice
+from modnet.eval.metrics import shows_progress_bars
 from modnet.eval.tables import aggregate_runs, markdown_table, mean_std_cell
 from modnet.methods.gzsl import GZSLResult, gzsl_evaluate, select_calibration
 from modnet.methods.zsl.registry import get_zsl_method, zsl_method_names
@@ -277,7 +278,7 @@ def run_gzsl(cfg: DictConfig) -> dict:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     seeds = [int(s) for s in cfg.seeds] if cfg.get("seeds") else [int(cfg.seed)]
-    progress = bool(cfg.progress)
+    progress = shows_progress_bars(cfg.progress)  # tqdm bars only on a terminal (logs stay readable)
     out_dir = Path(cfg.output_dir)
     t0 = time.perf_counter()
     b = cfg.benchmark
