@@ -152,3 +152,17 @@ def test_bad_gzsl_config_is_one_config_error_line_before_training(tmp_path, monk
         run_gzsl(compose("gzsl", [*TINY, f"output_dir={tmp_path}", *overrides]))
     msg = str(err.value)
     assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_explain_run_dir_of_a_gzsl_run_explains_that_seeds_network(tmp_path):
+    """`modnet explain run_dir=` on a `modnet gzsl` folder: the modules explained are those the second seed's
+    network gates, as its results.json records them (not the first seed's)."""
+    assert main(["gzsl", *TINY, "seeds=[0,1]", f"output_dir={tmp_path / 'gzsl'}"]) == 0
+    assert main(["explain", f"run_dir={tmp_path / 'gzsl'}", "run_seed=1", "explain.module_grids=false",
+                 f"output_dir={tmp_path / 'explain'}"]) == 0
+    recorded = json.loads((tmp_path / "gzsl" / "results.json").read_text())["network_per_seed"]["1"]
+    explained = json.loads((tmp_path / "explain" / "explanations.json").read_text())["modules"]
+    expected = {f"layer{i}": {f"module{m}": units for m, units in enumerate(layer["modules"])}
+                for i, layer in enumerate(recorded["layers"]) if layer["modules"]}
+    assert {layer: {m: v["units"] for m, v in modules.items()} for layer, modules in explained.items()} == expected
+    assert all((tmp_path / "explain" / v["image"]).exists() for modules in explained.values() for v in modules.values())

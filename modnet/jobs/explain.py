@@ -135,9 +135,13 @@ def load_run(cfg: DictConfig, device: torch.device) -> ExplainedNetwork:
 
 def _network_record(results: dict, seeds: list, seed: int, run_dir: Path) -> dict:
     """results.json's record of the network of ``seed``: ``strategies.modnet.network`` (modnet cl) or a
-    top-level ``network`` (modnet gzsl); with several seeds, from the seed's ``per_seed`` entry."""
-    entry = results.get("strategies", {}).get(RUN_STRATEGY, results)
-    if "per_seed" in entry:
+    top-level ``network`` / ``network_per_seed`` (modnet gzsl); with several seeds, the seed's own record."""
+    entry = results.get("strategies", {}).get(RUN_STRATEGY)
+    if entry is None:  # modnet gzsl: one network per seed, the first seed's also at the top level
+        entry = {"network": (results.get("network_per_seed") or {}).get(str(seed), results.get("network"))}
+        if entry["network"] is None:
+            del entry["network"]
+    elif "per_seed" in entry:
         entry = entry["per_seed"][[int(s) for s in seeds].index(seed)]
     if "network" not in entry:
         raise ValueError(f"{run_dir / 'results.json'} records no network of the modnet strategy "

@@ -308,6 +308,7 @@ def run_gzsl(cfg: DictConfig) -> dict:
                "calibration": cfg.calibration.mode, "methods": _aggregate(per_seed),
                "per_seed": {str(s): r for s, r in zip(seeds, per_seed)},
                "network": describe_network(networks[0].model),
+               "network_per_seed": {str(s): describe_network(net.model) for s, net in zip(seeds, networks)},
                "network_seen_accuracy": [net.seen_accuracy for net in networks]}
     if continual:
         results["continual"] = continual_gzsl.aggregate(continual, cfg)
