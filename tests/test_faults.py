@@ -73,8 +73,8 @@ def test_npz_classes_that_do_not_split_into_the_experiences(tmp_path, capsys):
 
 
 def test_typo_rejected_fast_without_heavy_imports(tmp_path):
-    """`modnet cl strategies=[nope]`: exit 2 in well under 2 s of work (bound: 5 s wall, a shared CI machine),
-    torch and Avalanche never imported."""
+    """`modnet cl strategies=[nope]`: exit 2 with one line, torch and Avalanche never imported (what makes the
+    rejection fast; its time is printed, not asserted: timings belong in benchmarks, not tests)."""
     code = ("import sys, time; t = time.perf_counter(); from modnet.cli import main; "
             "rc = main(['cl', 'strategies=[nope]']); "
             "print(rc, 'torch' in sys.modules, 'avalanche' in sys.modules, time.perf_counter() - t)")
@@ -86,7 +86,6 @@ def test_typo_rejected_fast_without_heavy_imports(tmp_path):
     assert (rc, torch_loaded, avalanche_loaded) == ("2", "False", "False"), proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "nope" in lines[0] and "naive" in lines[0]
-    assert wall < 5, wall
     print(f"strategies=[nope] rejected in {float(seconds):.2f} s in-process, {wall:.2f} s wall")
 
 

@@ -398,7 +398,9 @@ def _split_nproc(argv: list[str]) -> tuple[int | None, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Under torchrun: one rank of the run. Otherwise (``modnet ddp [--nproc N] overrides``): check the
-    config, then start torchrun with N processes (default: one per GPU, or 2 on CPU)."""
+    config, lock ``output_dir`` and record the run's fingerprint there (``modnet.runner.rundir``), then start
+    torchrun with N processes (default: one per GPU, or 2 on CPU). A run started by hand with torchrun is not
+    locked."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print("usage: modnet ddp [--nproc N] [key=value ...]   (the keys of `modnet cl`)\n" + (__doc__ or ""))
@@ -421,12 +423,19 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    try:
-        torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "modnet.runner.distributed", *overrides])
-    except ChildFailedError as err:  # the ranks' tracebacks are already on stderr
-        print(f"modnet ddp: {len(err.failures)} of {nproc} processes failed (see their errors above)",
-              file=sys.stderr)
-        return 1
+    from modnet.runner.rundir import RunLock, check_output_dir, fingerprint, write_fingerprint
+
+    out = Path(cfg.output_dir)
+    check_output_dir(out)
+    # the folder is held for the whole run, as `modnet cl` holds it: a second run into it stops at once
+    with RunLock(out):
+        write_fingerprint(out, fingerprint(cfg))
+        try:
+            torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "modnet.runner.distributed", *overrides])
+        except ChildFailedError as err:  # the ranks' tracebacks are already on stderr
+            print(f"modnet ddp: {len(err.failures)} of {nproc} processes failed (see their errors above)",
+                  file=sys.stderr)
+            return 1
     return 0
 
 
