@@ -11,7 +11,10 @@ What is checked (where the config has the key):
 * ``train.epochs``, ``train.batch_size``, ``train.eval_batch_size``, ``benchmark.n_experiences``: positive;
 * ``output_dir``: not a file (nor below one);
 * ``benchmark=npz`` in ``cl``: the file's arrays (``scenarios.sources.check_npz_arrays``: integer labels,
-  class ids 0..C-1, equal feature widths, ...) and that its classes split into ``n_experiences``.
+  class ids 0..C-1, equal feature widths, ...) and that its classes split into ``n_experiences``;
+* ``benchmark=npz`` in ``gzsl`` / ``explain`` (without ``run_dir``): the zero-shot arrays
+  (``scenarios.sources.check_zsl_npz``: one attribute row per class with samples, unseen classes absent from
+  training and present in the test set, integer labels, equal feature widths).
 """
 from __future__ import annotations
 
@@ -53,6 +56,9 @@ def validate(job: str, cfg: DictConfig) -> None:
         check_output_dir(Path(cfg.output_dir))
     if job == "cl" and "benchmark" in cfg and cfg.benchmark.get("name") == "npz" and cfg.benchmark.get("path"):
         _check_cl_npz(cfg.benchmark)
+    if job in ("gzsl", "explain") and "benchmark" in cfg and cfg.benchmark.get("name") == "npz" \
+            and cfg.benchmark.get("path") and not cfg.get("run_dir"):
+        _check_zsl_npz(cfg.benchmark)
 
 
 def _check_strategies(names) -> None:
@@ -81,6 +87,15 @@ def _check_seeds(seeds) -> None:
     if repeated:
         raise ConfigError(f"config seeds lists {repeated} more than once; a repeated seed gives the same run twice "
                           "and a false standard deviation")
+
+
+def _check_zsl_npz(bcfg) -> None:
+    from scenarios.sources import check_zsl_npz, read_npz
+
+    path = Path(bcfg.path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"GZSL .npz file not found: {path}; set benchmark.path to an existing .npz")
+    check_zsl_npz(path, read_npz(path))
 
 
 def _check_cl_npz(bcfg) -> None:

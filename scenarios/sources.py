@@ -156,3 +156,57 @@ def load_torchvision_arrays(name: str, root: str | Path, download: bool):
         return x, torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)
 
     return (*arrays(train), *arrays(test))
+
+
+ZSL_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test", "class_attributes", "unseen_classes")
+
+
+def check_zsl_npz(path, arrays) -> tuple:
+    """The zero-shot arrays of a user's .npz, checked with numpy only (``modnet.validate`` runs this before any
+    heavy import; ``scenarios.zsl.load_npz_zsl`` before building the data): one ValueError line per problem.
+    Returns (x_train, y_train, x_test, y_test, class_attributes as float64, seen class ids, unseen class ids)."""
+    missing_keys = [k for k in ZSL_NPZ_KEYS if k not in arrays]
+    if missing_keys:
+        raise ValueError(f"{path} lacks the arrays {missing_keys}; it needs {list(ZSL_NPZ_KEYS)} "
+                         "(+ optional attribute_names, class_names).")
+    att_raw = np.asarray(arrays["class_attributes"], dtype=np.float64)
+    if att_raw.ndim != 2:
+        raise ValueError(f"class_attributes must be [n_classes, n_attributes], got shape {att_raw.shape}")
+    nan_rows = np.nonzero(~np.isfinite(att_raw).all(1))[0].tolist()
+    if nan_rows:
+        raise ValueError(f"class_attributes rows {nan_rows} contain NaN/inf: every class needs a complete "
+                         "attribute vector (mark unknown entries with -1 to have them filled).")
+    n_classes = att_raw.shape[0]
+    y_train = integer_labels(path, "y_train", np.asarray(arrays["y_train"])).ravel()
+    y_test = integer_labels(path, "y_test", np.asarray(arrays["y_test"])).ravel()
+    if not len(y_train) or not len(y_test):
+        raise ValueError(f"{path}: y_train and y_test need samples (got {len(y_train)} and {len(y_test)})")
+    labels = np.concatenate([y_train, y_test])
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise ValueError(f"labels span [{labels.min()}, {labels.max()}] but class_attributes has {n_classes} rows; "
+                         "labels must be class ids 0..n_classes-1 with one attribute row per class.")
+    unseen = sorted(int(c) for c in np.asarray(arrays["unseen_classes"]).ravel())
+    if not unseen or min(unseen) < 0 or max(unseen) >= n_classes:
+        raise ValueError(f"unseen_classes {unseen} must be non-empty class ids in [0, {n_classes})")
+    leaked = sorted(set(y_train.tolist()) & set(unseen))
+    if leaked:
+        raise ValueError(f"unseen classes {leaked} have samples in x_train/y_train; zero-shot training uses "
+                         "seen classes only: move those samples to x_test or drop the classes from unseen_classes.")
+    x_train, x_test = np.asarray(arrays["x_train"], dtype=np.float32), np.asarray(arrays["x_test"], dtype=np.float32)
+    if x_train.shape[0] != len(y_train) or x_test.shape[0] != len(y_test):
+        raise ValueError(f"x_train/y_train ({x_train.shape[0]}/{len(y_train)}) or x_test/y_test "
+                         f"({x_test.shape[0]}/{len(y_test)}) differ in length")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise ValueError(f"{path}: x_train samples have shape {x_train.shape[1:]} but x_test {x_test.shape[1:]}; "
+                         "both must match")
+    seen = sorted(set(range(n_classes)) - set(unseen))
+    phantom = sorted(set(seen) - set(y_train.tolist()))
+    if phantom:
+        raise ValueError(f"{path}: class_attributes has {n_classes} rows but seen classes {phantom[:10]} have no "
+                         "sample in y_train; one attribute row per class that has samples (drop the extra rows, "
+                         "or list those classes in unseen_classes)")
+    absent = sorted(set(unseen) - set(y_test.tolist()))
+    if absent:
+        raise ValueError(f"{path}: unseen classes {absent[:10]} have no sample in y_test; every unseen class must be "
+                         "in the test set (or drop it from unseen_classes and class_attributes)")
+    return x_train, y_train, x_test, y_test, att_raw, seen, unseen

@@ -175,3 +175,19 @@ def test_sweep_with_one_bad_job_runs_no_job(tmp_path, capsys):
     """The bad value is in the second combination: nothing is launched, nothing written."""
     _rejected(capsys, ["sweep", "strategies=[naive],[naive,naive]", f"hydra.sweep.dir={tmp_path / 's'}"],
               "naive", "more than once", out=tmp_path / "s")
+
+
+@pytest.mark.parametrize("job", ["gzsl", "explain"])
+def test_bad_zero_shot_npz_stops_the_command_before_heavy_imports(tmp_path, job):
+    """`modnet gzsl|explain benchmark=npz` with phantom attribute rows: exit 2, one line naming the file, and
+    neither torch nor Avalanche imported (the check runs in modnet.validate, before the job)."""
+    bad = _zsl_npz(tmp_path / "phantom.npz", class_attributes=np.random.default_rng(1).random((7, 4)))
+    code = (f"import sys; from modnet.cli import main; rc = main([{job!r}, 'benchmark=npz', "
+            f"'benchmark.path={bad}', 'output_dir={tmp_path / 'out'}']); "
+            "print(rc, 'torch' in sys.modules, 'avalanche' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.split() == ["2", "False", "False"], proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "phantom.npz" in lines[0] and "7 rows" in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()
