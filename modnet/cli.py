@@ -11,6 +11,7 @@ of a sweep folder), ddp (data-parallel cl under torchrun).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -64,8 +65,14 @@ def job_help(job: str, overrides: list[str]) -> str:
     from scenarios.registry import benchmark_entries, get_benchmark
 
     folder = Path(configs.__file__).parent
+    own = (folder / f"{JOBS[job][0]}.yaml").read_text().rstrip()
+    # the shared config files the job's defaults list pulls in (e.g. training.yaml: network, loop, strategies)
+    shared = [line.strip()[2:].strip().split()[0] for line in own.splitlines()
+              if line.startswith("  - ") and ":" not in line.split("#")[0] and "_self_" not in line]
     text = [f"usage: modnet {job} [key=value ...]   (Hydra override syntax; the options below, from "
-            f"configs/{JOBS[job][0]}.yaml)", "", (folder / f"{JOBS[job][0]}.yaml").read_text().rstrip()]
+            f"configs/{JOBS[job][0]}.yaml{''.join(f' and configs/{name}.yaml' for name in shared)})", "", own]
+    for name in shared:
+        text += ["", f"# configs/{name}.yaml (shared):", (folder / f"{name}.yaml").read_text().rstrip()]
     choice = next((o.partition("=")[2] for o in overrides if o.partition("=")[0] == "benchmark"), None)
     entry = get_benchmark(choice) if choice else None
     if entry is not None:
@@ -91,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     job, overrides = argv[0], argv[1:]
     if job in JOBS and any(o in ("-h", "--help") for o in overrides):
-        print(job_help(job, overrides))
+        try:
+            print(job_help(job, overrides))
+        except BrokenPipeError:  # `modnet cl --help | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if job == "run" and any(o in ("-h", "--help") for o in overrides):
         print(f"usage: modnet run [key=value ...]\n{run_default.__doc__}\nThe overrides go to cl "

@@ -105,6 +105,8 @@ def test_job_help_prints_its_options_with_their_comments(capsys, job, flag):
     out = capsys.readouterr().out
     config = (ROOT / "configs" / f"{job}.yaml").read_text()
     assert out.startswith(f"usage: modnet {job}") and config.strip() in out
+    if "  - training" in config:  # the shared network / loop / strategy options are documented too
+        assert (ROOT / "configs" / "training.yaml").read_text().strip() in out
 
 
 def test_help_of_a_benchmark_and_version(capsys):
