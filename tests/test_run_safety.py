@@ -221,3 +221,17 @@ def test_ddp_into_a_folder_in_use_stops_before_starting_processes(tmp_path, caps
                  f"output_dir={out}"]) == 2
     _one_error_line(capsys, "in use", str(os.getpid()), ".lock")
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_a_new_run_never_writes_over_another_runs_results(tmp_path, capsys):
+    """resume=false into a folder holding another run's results (other settings): one line, the finished
+    results untouched; the same run started again may recompute them (the same numbers)."""
+    out = tmp_path / "run"
+    assert main([*TINY, "strategies=[naive]", f"output_dir={out}"]) == 0
+    before = (out / "results.json").read_bytes()
+    capsys.readouterr()
+    assert main([*TINY, "strategies=[naive]", "train.epochs=2", f"output_dir={out}"]) == 2
+    _one_error_line(capsys, "another run", "train.epochs")
+    assert (out / "results.json").read_bytes() == before
+    assert main([*TINY, "strategies=[naive]", f"output_dir={out}"]) == 0  # the same run again
+    assert _matrices(out) == {"naive": json.loads(before)["strategies"]["naive"]["accuracy_matrix"]}

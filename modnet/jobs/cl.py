@@ -126,11 +126,13 @@ def run_cl(cfg) -> dict:
     """Every strategy of ``cfg.strategies`` on every seed, into ``cfg.output_dir``.
 
     The folder is locked for the run (``modnet.runner.rundir.RunLock``); ``resume=true`` first checks the
-    run fingerprint stored there (nothing in the folder is written before); results.json is rewritten after
+    run fingerprint stored there (nothing in the folder is written before), and without resume a folder
+    holding another run's results is refused; results.json is rewritten after
     every finished strategy (``"complete": false`` until the last), so a crash loses no finished result."""
     from modnet.eval.metrics import check_loggers
     from modnet.nets.build import ARCHS
-    from modnet.runner.rundir import RunLock, check_output_dir, check_resume, fingerprint, write_fingerprint
+    from modnet.runner.rundir import (RunLock, check_fresh_start, check_output_dir, check_resume, fingerprint,
+                                      write_fingerprint)
     from modnet.runner.rundir import write_text_atomic
     from strategies.registry import strategy_names
 
@@ -149,6 +151,8 @@ def run_cl(cfg) -> dict:
         if cfg.resume:
             check_resume(out, run_fingerprint)
             _check_checkpoint_fingerprints(out / "checkpoints", run_fingerprint)
+        else:
+            check_fresh_start(out, run_fingerprint)
         ckpt_dir = out / "checkpoints"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

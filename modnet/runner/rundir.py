@@ -7,7 +7,8 @@
   where and how loudly it runs (``IGNORED_KEYS``), the sha256 of every data file the config names
   (``benchmark.path``), and the versions of torch, Avalanche and modnet. It is written to
   ``output_dir/fingerprint.json`` and into every checkpoint; ``resume=true`` with another fingerprint stops
-  with one line listing the keys that differ (``check_resume``), before anything in the folder is written.
+  with one line listing the keys that differ (``check_resume``), before anything in the folder is written;
+  without resume, a folder holding another run's results is not written over (``check_fresh_start``).
 
 Nothing here imports torch: the checks run before any training is set up.
 """
@@ -173,6 +174,16 @@ def check_resume(out: Path, current: dict) -> None:
         raise ConfigError(f"resume=true but {out} holds a different run; differing keys: "
                           f"{describe_difference(stored, current)}. Run with the same settings, or choose "
                           "another output_dir (or resume=false to start over there)")
+
+
+def check_fresh_start(out: Path, current: dict) -> None:
+    """``resume=false``: a folder that holds the results of another run (another fingerprint) is not written
+    over, so that no finished result is lost; the same run started again recomputes the same numbers and may."""
+    stored = read_fingerprint(out)
+    if stored is not None and stored != current and (Path(out) / "results.json").exists():
+        raise ConfigError(f"{out} holds the results of another run (differing keys: "
+                          f"{describe_difference(stored, current)}); choose another output_dir, or remove that "
+                          "folder to start over there")
 
 
 def read_fingerprint(out: Path) -> dict | None:
