@@ -37,7 +37,7 @@ def trained():
 
 
 def test_niwt_grows_the_trained_network_and_leaves_its_trained_weights_alone(trained):
-    from modnet.methods.zsl.registry import get_zsl_method
+    from modnet.zsl.registry import get_zsl_method
 
     cfg, net = trained
     model, data = net.model, net.data

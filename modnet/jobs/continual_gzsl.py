@@ -139,7 +139,7 @@ def check_strategies(cfg, data: ZSLData, seed: int, device) -> None:
 def importance_layer_of(model: nn.Module, index: int) -> nn.Module:
     """Where NIWT measures importance in a strategy's network: the modular network's ``unit_taps[index]``, a
     baseline backbone's ReLU ``index`` (ResNet-18: residual block ``index``)."""
-    from modnet.methods.zsl.niwt import importance_layer
+    from modnet.zsl.niwt import importance_layer
     from modnet.nets.models import HATNet, ResNet18Backbone, SingleHeadNet
 
     if isinstance(model, HATNet):
@@ -160,7 +160,7 @@ def zero_shot_network(model: nn.Module, cfg, space: ColumnSpace, learned: list[i
     """The current network with the unseen classes added by NIWT: a module whose eval forward scores every
     column (seen columns not learned yet excluded by the evaluation). The strategy's network is not changed."""
     from modnet.methods.niwt import NIWT, Head
-    from modnet.methods.zsl.niwt import niwt_arguments
+    from modnet.zsl.niwt import niwt_arguments
     from modnet.nets.models import HATNet
 
     knowledge = space.knowledge.to(x_seen.device)

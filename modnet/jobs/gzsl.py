@@ -3,7 +3,7 @@
 Per seed: load the GZSL data (scenarios.zsl); train THE modular network of ``modnet cl`` (``build_modular_network``
 from the shared ``model``/``modules``/``hat`` blocks, configs/training.yaml) with the ``modnet`` strategy through
 the one runner (``make_strategy`` + ``run_experiences``) on one experience holding every seen class (one task,
-one head, task label 0); then every method of ``methods`` (registry: ``modnet.methods.zsl``) scores all classes:
+one head, task label 0); then every method of ``methods`` (registry: ``modnet.zsl``) scores all classes:
 * niwt:  NIWT measures importance at one of the network's masked layers (``unit_taps[niwt.layer]``) and
          adds the unseen classes as new rows of the network's head (``HATNet.add_classes``);
 * eszsl: ESZSL closed form, ale: ALE ranking, on the network's penultimate features (the head's input).
@@ -37,8 +37,8 @@ from modnet.config import ConfigError, check_choice
 from modnet.eval.metrics import shows_progress_bars
 from modnet.eval.tables import aggregate_runs, markdown_table, mean_std_cell
 from modnet.methods.gzsl import GZSLResult, gzsl_evaluate, select_calibration
-from modnet.methods.zsl.registry import get_zsl_method, zsl_method_names
-from modnet.methods.zsl.seen_network import SeenNetwork
+from modnet.zsl.registry import get_zsl_method, zsl_method_names
+from modnet.zsl.seen_network import SeenNetwork
 from scenarios.zsl import ZSLData, class_disjoint_validation, load_zsl_from_config
 
 METRICS = ("U", "S", "H", "zsl_accuracy")
@@ -69,7 +69,7 @@ def train_seen_network(cfg: DictConfig, data: ZSLData, seed: int, device, progre
     evaluator, accuracy = build_evaluator([], Path(cfg.output_dir), progress)
     strategy = make_strategy("modnet", cfg, info, device, evaluator)
     if "niwt" in cfg.methods:  # a niwt.layer the network lacks is a config error, reported before training
-        from modnet.methods.zsl.niwt import importance_layer
+        from modnet.zsl.niwt import importance_layer
 
         importance_layer(strategy.model, cfg.niwt.layer)
     bm = info.benchmark

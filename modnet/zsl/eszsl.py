@@ -8,7 +8,7 @@ pair as eszsl_gamma, eszsl_lambda.
 """
 from __future__ import annotations
 
-from modnet.methods.zsl.registry import register_zsl_method
+from modnet.zsl.registry import register_zsl_method
 
 NAME = "eszsl"
 

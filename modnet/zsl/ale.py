@@ -7,7 +7,7 @@ in the paper), weight_decay.
 """
 from __future__ import annotations
 
-from modnet.methods.zsl.registry import register_zsl_method
+from modnet.zsl.registry import register_zsl_method
 
 NAME = "ale"
 

@@ -14,7 +14,7 @@ importance is measured and how it is matched (the official code: per image).
 """
 from __future__ import annotations
 
-from modnet.methods.zsl.registry import register_zsl_method
+from modnet.zsl.registry import register_zsl_method
 
 NAME = "niwt"
 

@@ -2,7 +2,7 @@
 
 A method turns the modular network trained on the seen classes (``SeenNetwork``) into class scores over all
 classes, seen and unseen, for the test-seen and the test-unseen samples. Each lives in its own file
-``modnet/methods/zsl/<name>.py`` with its hyper-parameters documented beside it and its config block in
+``modnet/zsl/<name>.py`` with its hyper-parameters documented beside it and its config block in
 ``configs/gzsl.yaml``; the file registers its scoring function
 
     @register_zsl_method(NAME, candidates=...)
@@ -57,11 +57,11 @@ def register_zsl_method(name: str, *, candidates: Callable = _one_setting) -> Ca
 
 
 def _load_entries() -> None:
-    from modnet.methods import zsl
+    import modnet.zsl as zsl
 
     for info in pkgutil.iter_modules(zsl.__path__):
         if info.name not in _NOT_ENTRIES and not info.name.startswith("_"):
-            importlib.import_module(f"modnet.methods.zsl.{info.name}")
+            importlib.import_module(f"modnet.zsl.{info.name}")
 
 
 def zsl_method_names() -> list[str]:
