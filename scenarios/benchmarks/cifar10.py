@@ -3,17 +3,8 @@
 """
 from __future__ import annotations
 
-from scenarios.registry import register_benchmark
+from scenarios.benchmarks._torchvision import register_torchvision
 
 NAME = "cifar10"
 
-
-@register_benchmark(NAME, commands=("cl",), order=12,
-                    description="torchvision CIFAR-10: continual-learning images without class attributes",
-                    keys={"cl": ("root", "download", "variant", "n_experiences", "class_order", "max_train_samples")})
-class Cifar10:
-    @staticmethod
-    def arrays(bcfg):
-        from scenarios.sources import load_torchvision_arrays
-
-        return load_torchvision_arrays(NAME, bcfg.root, bcfg.download)
+register_torchvision(NAME, "CIFAR-10", order=12, module=__name__)

@@ -3,17 +3,8 @@
 """
 from __future__ import annotations
 
-from scenarios.registry import register_benchmark
+from scenarios.benchmarks._torchvision import register_torchvision
 
 NAME = "cifar100"
 
-
-@register_benchmark(NAME, commands=("cl",), order=13,
-                    description="torchvision CIFAR-100: continual-learning images without class attributes",
-                    keys={"cl": ("root", "download", "variant", "n_experiences", "class_order", "max_train_samples")})
-class Cifar100:
-    @staticmethod
-    def arrays(bcfg):
-        from scenarios.sources import load_torchvision_arrays
-
-        return load_torchvision_arrays(NAME, bcfg.root, bcfg.download)
+register_torchvision(NAME, "CIFAR-100", order=13, module=__name__)

@@ -3,17 +3,8 @@
 """
 from __future__ import annotations
 
-from scenarios.registry import register_benchmark
+from scenarios.benchmarks._torchvision import register_torchvision
 
 NAME = "fmnist"
 
-
-@register_benchmark(NAME, commands=("cl",), order=11,
-                    description="torchvision Fashion-MNIST: continual-learning images without class attributes",
-                    keys={"cl": ("root", "download", "variant", "n_experiences", "class_order", "max_train_samples")})
-class Fmnist:
-    @staticmethod
-    def arrays(bcfg):
-        from scenarios.sources import load_torchvision_arrays
-
-        return load_torchvision_arrays(NAME, bcfg.root, bcfg.download)
+register_torchvision(NAME, "Fashion-MNIST", order=11, module=__name__)
