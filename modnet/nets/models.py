@@ -53,7 +53,8 @@ class ForwardTrace:
 class Condition:
     """How one forward of a modular network runs (hypnettorch's ``condition``), set by its caller.
 
-    task     class-incremental training: the task whose head and masks train (None: infer the task)
+    task     training: the task whose head and masks train, one experience at a time (class-incremental: no
+             label tells it; task-incremental: the rows are not split by label). None: infer the task
     s        HAT's mask slope (None: the network's smax, i.e. evaluation)
     hat      HAT's training settings (None: plain masks, no compensation, no regulariser)
     record   keep every masked layer's unit outputs in ``trace.activations`` (sync regulariser, analysis)
@@ -104,6 +105,10 @@ class MultiHeadTaskNet(MultiTaskModule):
         if not self.class_incremental:
             if task_labels is None:
                 raise ValueError(f"a task-incremental {type(self).__name__} needs task labels")
+            if self.training and condition.task is not None:
+                # training one experience: every row belongs to the task being trained (the HAT plugin sets
+                # it), so no torch.unique over the labels, which would read them back to the host every step
+                return self.forward_single_task(x, condition.task, condition)
             return self._forward_by_task(x, task_labels, condition)
         if self.training and condition.task is not None:
             return self._scatter(self.task_logits(x, condition.task, condition), condition.task)
