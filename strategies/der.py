@@ -5,7 +5,7 @@ stored at the step a sample is seen, as the paper and its code Mammoth; Avalanch
 after the experience and calls the model without task labels).
 
 Hyper-parameters, configs/training.yaml ``der``: mem_size (samples, or ``match``: as many as fit in modnet's
-stored bytes with their logits), alpha (paper, Seq-MNIST buffer 200: 0.2).
+stored bytes with their logits), alpha (paper, Seq-MNIST buffer 500: 1.0; 200: 0.2).
 """
 from __future__ import annotations
 

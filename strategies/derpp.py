@@ -2,7 +2,7 @@
 L = ℓ(y, f(x)) + α ||z' - h(x')||² + β ℓ(y'', f(x'')) (``strategies.plugins.der``).
 
 Hyper-parameters, configs/training.yaml ``derpp``: mem_size (samples, or ``match``), alpha and beta (paper,
-Seq-MNIST buffer 200: 0.2 and 1.0).
+Seq-MNIST buffer 500: 1.0 and 0.5; 200: 0.2 and 1.0).
 """
 from __future__ import annotations
 
