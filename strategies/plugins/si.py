@@ -59,8 +59,8 @@ class SynapticIntelligence(SupervisedPlugin):
 
     def surrogate_loss(self, model: nn.Module) -> Tensor | None:
         """c Σ_k Ω_k (θ_k - θ̃_k)², None before the first consolidation."""
-        terms = [(self.importance[n] * (p - self.anchor[n]) ** 2).sum()
-                 for n, p in self._params(model).items() if n in self.importance and self.importance[n].shape == p.shape]
+        terms = [(self.importance[n] * (p - self.anchor[n]) ** 2).sum() for n, p in self._params(model).items()
+                 if n in self.importance and self.importance[n].shape == p.shape]
         if not terms or self.c == 0:
             return None
         return self.c * torch.stack(terms).sum()
