@@ -190,6 +190,9 @@ def with_matched_memory(cfg, name: str, info, modnet_stored_bytes: float | None)
 
     if name not in matching(cfg):
         return cfg
+    if modnet_stored_bytes is None:
+        raise ConfigError(f"{MATCHABLE[name][0]}.mem_size=match: modnet's result has no stored_bytes (finished by an "
+                          "older version); run modnet again in a fresh output_dir")
     block, with_logits = MATCHABLE[name]
     per_sample = sample_bytes(info, output_width(info) if with_logits else 0)
     resolved = OmegaConf.create(OmegaConf.to_container(cfg))
