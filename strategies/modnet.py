@@ -7,6 +7,7 @@ momentum 0) as HAT's reference.
 """
 from __future__ import annotations
 
+from strategies.memory import modnet_bytes
 from strategies.registry import register_strategy
 
 NAME = "modnet"
@@ -31,7 +32,7 @@ def modnet_strategy(model, optimizer, *, smax: float = 400.0, c: float = 0.75, t
     return ConditionedTemplate(model=model, optimizer=optimizer, plugins=[*ours, *plugins], **template_args)
 
 
-@register_strategy(NAME, gradient_sync="ddp", resumes_at_experience=True)
+@register_strategy(NAME, stored_bytes=modnet_bytes, gradient_sync="ddp", resumes_at_experience=True)
 def build(cfg, info, common):
     from strategies.common import modular_network, sgd
 
