@@ -10,7 +10,9 @@ from modnet.cli import main
 from modnet.config import ConfigError, compose
 
 TINY = ["progress=false", "train.epochs=2", "niwt.max_iterations=30", "niwt.map_epochs=30", "ale.epochs=1",
-        "eszsl.search=false", "calibration.mode=none"]
+        "eszsl.search=false", "calibration.mode=none",
+        "clswgan.hidden=64", "clswgan.critic_hidden=64", "clswgan.epochs=1", "clswgan.syn_num=20",
+        "clswgan.classifier_epochs=2", "clswgan.pretrain_epochs=2"]
 
 
 @pytest.mark.parametrize("images", [False, True])
