@@ -410,3 +410,21 @@ def test_sync_regulariser_is_the_mean_over_layers_of_any_widths():
     plugin.before_backward(strat)
     want = sum(float(sync_loss(a.T, 0.9)) for a in acts) / 3
     assert float(strat.loss) == pytest.approx(want, rel=1e-6)
+
+
+def test_modules_cluster_algorithm_reaches_sync():
+    """modules.cluster.algorithm (configs/training.yaml) goes through cluster_layers to SynC: the grid variant
+    finds the planted modules the exact one finds, and an unknown name stops."""
+    from modnet.config import compose
+    from modnet.nets.modules import cluster_layers
+
+    assert compose("cl").modules.cluster.algorithm == "auto"
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(3, 120, generator=g)
+    planted = torch.arange(30) % 3
+    profiles = [latent[planted] + 0.2 * torch.randn(30, 120, generator=g)]
+    (exact, _), = cluster_layers(profiles, steps=60, min_modules=2, max_modules=8, algorithm="exact")
+    (grid, _), = cluster_layers(profiles, steps=60, min_modules=2, max_modules=8, algorithm="grid")
+    assert torch.equal(exact, grid) and adjusted_rand_score(planted.numpy(), grid.numpy()) == 1.0
+    with pytest.raises(ValueError, match="algorithm"):
+        cluster_layers(profiles, steps=1, algorithm="kdtree")
