@@ -25,7 +25,6 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 __all__ = [
     "GZSLResult",

@@ -29,6 +29,10 @@ Implementation notes (why it looks the way it does):
   mean-(k+1)-NN - mean-k-NN distance (at least ``eps_growth`` relative) until all points synchronise into one
   cluster, and the clustering with the lowest MDL coding cost (``mdl_cost``) wins.
 
+* ``SynC(algorithm="grid")`` (``"auto"`` from ``AUTO_GRID_MIN_N`` points): the same dynamics over the leaves of a
+  k-d partition, after EGG-SynC's grid (Jakob et al.): leaf pairs farther than eps apart are skipped, leaf pairs
+  wholly within eps are added as summaries, the rest pair by pair (section "Beyond n^2" below).
+
 Connected components, neighbour graphs and KDEs are likewise torch; scikit-learn only supplies the
 estimator protocol (``BaseEstimator``/``ClusterMixin``: ``get_params``, ``fit_predict``, cloning).
 """
@@ -221,7 +225,12 @@ def _synchronize(X: Tensor, eps: float, tol: float, max_iter: int, chunk_element
 #   * mindist(box A, box B) > eps: no pair interacts, B is skipped;
 #   * maxdist(box A, box B) <= eps: every pair interacts: B adds its sums of [sin | cos | 1] to every row of A
 #     (exact: sum_y sin(y - x) = cos x sum sin y - sin x sum cos y), and the order parameter gets bounds;
-#   * otherwise the pairs are computed one by one, exactly as in the exact variant.
+#   * otherwise the pairs are computed one by one: the neighbour mask from one matmul of centred coordinates
+#     (eps^2 - ||x - y||^2 as a dot product; a distance kernel costs ~20x more per pair on the CPU), entries
+#     within float32 rounding of the threshold recomputed directly, then one matmul with
+#     [sin | cos | 1 | y | ||y||^2], whose last columns give each row's sum of squared neighbour distances
+#     (the order parameter's bounds below: exp(-t) <= 1 - t^2 (1 - e^-eps) / eps^2 on [0, eps], Jensen).
+# Leaves are independent: a thread pool runs them, each leaf's torch ops on one thread (``_leaf_workers``).
 # Before the dynamics starts, neighbourhoods are about a cluster wide and most leaf pairs are partial (cost
 # ~ n^2 / #clusters instead of n^2); once clusters contract, whole leaves are summaries and an iteration costs
 # ~ n * #leaves. The positions are those of the exact variant up to the order of float additions.
@@ -599,7 +608,8 @@ class SynC(ClusterMixin, BaseEstimator):
     labels_ : np.ndarray (n,)  cluster id, -1 for outliers.
     X_sync_ : torch.Tensor (n, d)  synchronised positions, scaled space, on the compute device.
     cluster_centers_ : np.ndarray (K, d)  mean of each cluster's members in the original space.
-    n_clusters_, n_iter_, order_parameter_, eps_ : results of the kept run.
+    n_clusters_, n_iter_, order_parameter_, eps_ : results of the kept run ("grid": order_parameter_ is the
+        lower bound of r_c that passed 1 - tol, or r_c itself where the bounds straddled it).
     eps_candidates_, mdl_costs_ : lists, "mdl" rule only.
     """
 
