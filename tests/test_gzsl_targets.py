@@ -40,6 +40,7 @@ def _npz(tmp_path):
     return path
 
 
+@pytest.mark.slow  # 3 seeds x 2 networks x 40 epochs, every method: minutes on 2 cores
 @pytest.mark.parametrize("source", ["digits", "npz"])
 def test_niwt_beats_eszsl_with_unseen_accuracy_well_above_chance(tmp_path, source):
     extra = [] if source == "digits" else ["benchmark=npz", f"benchmark.path={_npz(tmp_path)}"]

@@ -23,6 +23,7 @@ Writes output_dir/results.json, results.csv and gzsl.png; prints a table.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import time
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 
 from modnet.config import ConfigError, check_choice
@@ -75,6 +76,20 @@ def train_seen_network(cfg: DictConfig, data: ZSLData, seed: int, device, progre
     bm = info.benchmark
     record = run_experiences(strategy, bm.train_stream, stream_evaluator(bm.test_stream, accuracy), seed=seed)
     return SeenNetwork(strategy.model.eval(), data, seed, device, progress, seen_accuracy=record.rows[-1][0])
+
+
+def with_large_train(cfg: DictConfig, data: ZSLData) -> DictConfig:
+    """``cfg`` with ``large_train``'s batch_size / epochs / lr in its ``train`` block when ``data`` has at least
+    ``large_train.min_samples`` training samples (configs/gzsl.yaml says why); ``cfg`` itself otherwise."""
+    large = cfg.get("large_train")
+    if large is None or large.get("min_samples") is None or data.x_train.shape[0] < int(large.min_samples):
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        for key in ("batch_size", "epochs", "lr"):
+            if large.get(key) is not None:
+                cfg.train[key] = large[key]
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -294,6 +309,7 @@ def run_gzsl(cfg: DictConfig) -> dict:
         # are extracted once (split drawn with the first seed): those are loaded once.
         if data is None or b.name.lower() == "digits":
             data = load_zsl_from_config(b, seed=seed, device=str(device), progress=progress)
+            cfg = with_large_train(cfg, data)
         if cfg.continual.enabled and not per_seed:  # every strategy's network can take NIWT's rows
             continual_gzsl.check_strategies(cfg, data, seed, device)
         methods, net = run_seed(cfg, data, seed, device, progress)

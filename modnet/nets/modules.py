@@ -42,13 +42,13 @@ def cluster_units(profiles: Tensor, dim: int = 16, steps: int = 200, lr: float =
 
 def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, lr: float = 0.05, k: int = 3,
                    min_modules: int = 2, max_modules: int = 16, seed: int = 0,
-                   with_method: bool = False) -> list[tuple]:
+                   with_method: bool = False, algorithm: str = "auto") -> list[tuple]:
     """``cluster_units`` for every layer (units x samples each): the same result per layer, but the semantic
     vectors of layers of equal width are fitted in one batched Adam loop (their losses are summed, so each
     layer's gradient, and Adam's elementwise step, are its own), and each layer's fixed target is normalised
     once, not at every step. ``with_method``: each layer's tuple also holds how its modules were decided
     ("sync", or "kmeans" when SynC's count was out of bounds) and how many of SynC's outliers were assigned to
-    the nearest module."""
+    the nearest module. ``algorithm``: SynC's neighbourhood search (``SynC(algorithm=...)``)."""
     from modnet.methods.embedding import NeuronEmbedding, cosine_matrix, similarity_cross_entropy
 
     for p in profiles:
@@ -75,18 +75,20 @@ def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, 
             vectors[i] = F.normalize(emb[j].detach(), dim=1)
     out = []
     for S in vectors:
-        labels, method, outliers = _sync_modules(S, min(k, S.shape[0] - 1), min_modules, max_modules, seed)
+        labels, method, outliers = _sync_modules(S, min(k, S.shape[0] - 1), min_modules, max_modules, seed,
+                                                 algorithm)
         out.append((labels, S, method, outliers) if with_method else (labels, S))
     return out
 
 
-def _sync_modules(S: Tensor, k: int, min_modules: int, max_modules: int, seed: int) -> tuple[Tensor, str, int]:
+def _sync_modules(S: Tensor, k: int, min_modules: int, max_modules: int, seed: int,
+                  algorithm: str = "auto") -> tuple[Tensor, str, int]:
     """(module id per unit from its semantic vector (rows of S), "sync" or "kmeans", SynC's outlier count):
     SynC, outliers to the nearest module centre, k-means (scikit-learn) when SynC's count is out of
     [min_modules, max_modules]."""
     from modnet.methods.sync import SynC
 
-    labels = torch.as_tensor(SynC(k=k).fit_predict(S.cpu().numpy()), device=S.device)
+    labels = torch.as_tensor(SynC(k=k, algorithm=algorithm).fit_predict(S.cpu().numpy()), device=S.device)
     n_found = int(labels.max()) + 1 if (labels >= 0).any() else 0
     outliers = int((labels < 0).sum())
     if not min_modules <= n_found <= max_modules:
