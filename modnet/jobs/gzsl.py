@@ -258,6 +258,12 @@ def _check(cfg: DictConfig) -> None:
         check_choice("methods", name, names)
     check_choice("calibration.mode", cfg.calibration.mode, CALIBRATION_MODES)
     check_choice("baseline_features", cfg.baseline_features, BASELINE_FEATURES)
+    if "niwt" in cfg.methods:
+        from modnet.methods.niwt import UNSEEN_BIASES, UNSEEN_INITS, UNSEEN_SCALES
+
+        check_choice("niwt.init", cfg.niwt.init, UNSEEN_INITS)
+        check_choice("niwt.bias", cfg.niwt.bias, UNSEEN_BIASES)
+        check_choice("niwt.scale", cfg.niwt.scale, UNSEEN_SCALES)
     check_choice("model.arch", cfg.model.arch, ARCHS)
     if cfg.continual.enabled:
         from modnet.jobs.continual_gzsl import check_strategy_names

@@ -653,8 +653,10 @@ class NIWT:
             raise ValueError(f"importance_samples must be 'class' or 'all', got {importance_samples!r}")
         self.map_bias, self.map_init, self.map_targets, self.inverse = map_bias, map_init, map_targets, inverse
         self.importance_samples = importance_samples
-        if scale not in UNSEEN_SCALES:
-            raise ValueError(f"scale must be one of {', '.join(UNSEEN_SCALES)}, got {scale!r}")
+        for name, value, choices in (("init", init, UNSEEN_INITS), ("bias", bias, UNSEEN_BIASES),
+                                     ("scale", scale, UNSEEN_SCALES)):
+            if value not in choices:  # before any step runs
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         self.scale = scale
         self.weight_kwargs = dict(lr=lr, lam=lam, batch_size=batch_size, patience=patience,
                                   min_improvement=min_improvement, max_iterations=max_iterations, seed=seed,
