@@ -140,6 +140,7 @@ def test_continual_gzsl_modnet_forgets_nothing_and_fine_tuning_does(tmp_path):
     (["continual.enabled=true", "continual.n_experiences=3"], ["continual.n_experiences=3", "8 seen classes"]),
     (["niwt.layer=5"], ["niwt.layer=5", "2 masked layers"]),
     (["calibration.mode=sometimes"], ["calibration.mode", "validate"]),
+    (["niwt.scale=softmax"], ["niwt.scale", "negatives"]),
 ])
 def test_bad_gzsl_config_is_one_config_error_line_before_training(tmp_path, monkeypatch, overrides, words):
     import modnet.runner.runner as runner
