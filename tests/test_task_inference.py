@@ -177,3 +177,37 @@ def test_default_class_incremental_network_uses_class_gaussians_and_keys_stay_an
     # task-incremental: the label picks the task, no predictor is built
     net = build_modular_network(compose("cl", ["model.gate=none"]), (6,), [[0, 1], [2, 3]], False)
     assert net.task_keys is None and net.task_ood is None
+
+
+def test_gauss_over_its_memory_budget_falls_back_to_the_lda_keys(capsys):
+    from modnet.config import compose
+    from modnet.nets.build import build_modular_network
+
+    cfg = compose("cl", ["model.gate=none", "task_inference.gauss_max_mb=1"])
+    net = build_modular_network(cfg, (3, 32, 32), [[0, 1], [2, 3]], True)  # 4 x 3072^2 float64 = 288 MB
+    assert isinstance(net.task_keys, TaskKeys)
+    assert "task_inference.method=keys" in capsys.readouterr().out
+
+
+def test_extra_class_labels_score_the_probability_of_not_being_transformed():
+    """labels=extra: n + 1 outputs, every transformed copy labelled n; score log p(in | x) = logsumexp of the
+    classes' log-probabilities; calibration stores the score's mean and std on the given data."""
+    from modnet.nets.models import HATMLP
+
+    torch.manual_seed(0)
+    net = HATMLP(6, [[0, 1], [2, 3]], hidden=5, class_incremental=True).eval()
+    ood = TaskOOD([2, 2], 5, transforms=["negate", "shift"], score="energy", labels="extra")
+    assert ood.heads[1].out_features == 3
+    x = torch.randn(7, 6)
+    out = ood.blocks(net, x, 1)
+    assert out.shape == (1, 7, 1, 3)
+    logits = ood.heads[1](net.features(x, net.masks(1), 1))
+    expected = torch.log_softmax(logits, 1)[:, :2].logsumexp(1)
+    assert torch.allclose(ood.raw_score(out), expected, atol=1e-6)
+    loss = ood.loss(net, x, torch.zeros(7, dtype=torch.long), 1)
+    all_logits = ood.heads[1](net.features(ood.expand(x), net.masks(1), 1))
+    labels = torch.tensor([0] * 7 + [2] * 14)
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(all_logits, labels), atol=1e-6)
+    ood.calibrate(net, x, 1)
+    assert torch.allclose(ood.score_mean[1], expected.mean(), atol=1e-6)
+    assert torch.allclose(ood.score_std[1], expected.std(), atol=1e-6)

@@ -49,11 +49,13 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
     ti = cfg.task_inference
     check_choice("task_inference.method", ti.method, TASK_INFERENCE)
     method = ti.method
-    if class_incremental and m.task_keys and method == "gauss" and query_dim > ti.gauss_max_dim:
-        print(f"task_inference.method=gauss keeps a {query_dim} x {query_dim} covariance per class (over "
-              f"task_inference.gauss_max_dim={ti.gauss_max_dim}): the task is picked by the LDA keys (keys)")
-        method = "keys"
     n_slots = sum(len(c) for c in task_classes)
+    gauss_mb = n_slots * query_dim ** 2 * 8 / 2 ** 20  # one float64 d x d scatter per (task, class)
+    if class_incremental and m.task_keys and method == "gauss" and gauss_mb > ti.gauss_max_mb:
+        print(f"task_inference.method=gauss would keep {n_slots} covariances of {query_dim} x {query_dim} "
+              f"({gauss_mb:.0f} MB > task_inference.gauss_max_mb={ti.gauss_max_mb}): the task is picked by the "
+              "LDA keys (task_inference.method=keys)")
+        method = "keys"
     if class_incremental and m.task_keys and method == "keys":
         task_keys = TaskKeys(n_slots, query_dim, shrinkage=cfg.modules.key_shrinkage)
     elif class_incremental and m.task_keys and method == "gauss":
