@@ -382,7 +382,7 @@ def test_avalanche_plugin_metric_matches_the_direct_computation():
 # The job
 # ----------------------------------------------------------------------------------------------------------
 FAST = ["progress=false", "train.epochs=10", "niwt.max_iterations=150", "niwt.map_epochs=150", "ale.epochs=3",
-        "eszsl.grid_log10=[-1,0,1]", "threads=1"]
+        "eszsl.grid_log10=[-1,0,1]", "threads=1", "methods=[niwt,eszsl,ale]"]
 
 
 def test_gzsl_job_writes_results_for_every_method_and_continual(tmp_path):
