@@ -27,28 +27,37 @@ from modnet.nets.hat import TrainingMasks, compensated_sigmoid
 
 
 # -- modules from synchronization ----------------------------------------------------------------------
-def cluster_units(profiles: Tensor, dim: int = 16, steps: int = 200, lr: float = 0.05, k: int = 3,
-                  min_modules: int = 2, max_modules: int = 16, seed: int = 0) -> tuple[Tensor, Tensor]:
+def cluster_units(profiles: Tensor, dim: int = 16, steps: int = 200, lr: float = 0.05, k: int | None = None,
+                  min_modules: int = 2, max_modules: int = 16, seed: int = 0, sync_dims: int | None = 3,
+                  min_module_size: int | None = None) -> tuple[Tensor, Tensor]:
     """Group units into functional modules: semantic vectors from activation profiles, then SynC.
 
     ``profiles`` is units x samples. Returns (module id per unit (0..M-1), the units' semantic vectors,
-    L2-normalised). SynC's outliers join the module
-    whose centre is nearest, so every unit belongs to one module. When SynC finds fewer than
-    ``min_modules`` or more than ``max_modules`` groups, k-means (scikit-learn) on the same semantic vectors
-    sets the count to the nearest bound, so the gate always has a choice to make.
+    L2-normalised). See ``cluster_layers`` for the space SynC runs in, its eps rule and its outliers.
     """
-    return cluster_layers([profiles], dim, steps, lr, k, min_modules, max_modules, seed)[0]
+    return cluster_layers([profiles], dim, steps, lr, k, min_modules, max_modules, seed, sync_dims=sync_dims,
+                          min_module_size=min_module_size)[0]
 
 
-def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, lr: float = 0.05, k: int = 3,
-                   min_modules: int = 2, max_modules: int = 16, seed: int = 0,
-                   with_method: bool = False) -> list[tuple]:
-    """``cluster_units`` for every layer (units x samples each): the same result per layer, but the semantic
-    vectors of layers of equal width are fitted in one batched Adam loop (their losses are summed, so each
-    layer's gradient, and Adam's elementwise step, are its own), and each layer's fixed target is normalised
-    once, not at every step. ``with_method``: each layer's tuple also holds how its modules were decided
-    ("sync", or "kmeans" when SynC's count was out of bounds) and how many of SynC's outliers were assigned to
-    the nearest module."""
+def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, lr: float = 0.05,
+                   k: int | None = None, min_modules: int = 2, max_modules: int = 16, seed: int = 0,
+                   with_method: bool = False, sync_dims: int | None = 3,
+                   min_module_size: int | None = None) -> list[tuple]:
+    """``cluster_units`` for every layer (units x samples each): the semantic vectors of layers of equal width
+    are fitted in one batched Adam loop (their losses are summed, so each layer's gradient, and Adam's
+    elementwise step, are its own), and each layer's fixed target is normalised once, not at every step.
+
+    SynC runs on the semantic vectors' first ``sync_dims`` principal components (None: the vectors as they
+    are). The units' semantic vectors spread over the 16-d sphere without gaps; in so many dimensions every
+    k-NN radius is about the same and SynC leaves one large cluster, small fragments and many outliers
+    (9-17 groups, ~35% outliers on 256 units). In 3 principal dimensions the same dynamics splits the units
+    into a handful of groups with few outliers. eps rule: the mean distance to the k-th neighbour
+    (``k`` None: max(10, n // 10), the ``SynC`` default), k growing by half until SynC's count is at most
+    ``max_modules`` (shrinking when it is under ``min_modules``): SynC decides the modules at the smallest
+    such eps. Groups under ``min_module_size`` units (None: max(3, n // 32)) are outliers, as are units
+    that synchronised with nobody; outliers join the module whose centre is nearest. k-means (scikit-learn)
+    on the same vectors stays as the fallback when no eps gives a count in range; ``with_method``: each
+    layer's tuple also holds how its modules were decided ("sync" or "kmeans") and SynC's outlier count."""
     from modnet.methods.embedding import NeuronEmbedding, cosine_matrix, similarity_cross_entropy
 
     for p in profiles:
@@ -75,29 +84,53 @@ def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, 
             vectors[i] = F.normalize(emb[j].detach(), dim=1)
     out = []
     for S in vectors:
-        labels, method, outliers = _sync_modules(S, min(k, S.shape[0] - 1), min_modules, max_modules, seed)
+        labels, method, outliers = sync_modules(S, k, min_modules, max_modules, seed, sync_dims, min_module_size)
         out.append((labels, S, method, outliers) if with_method else (labels, S))
     return out
 
 
-def _sync_modules(S: Tensor, k: int, min_modules: int, max_modules: int, seed: int) -> tuple[Tensor, str, int]:
-    """(module id per unit from its semantic vector (rows of S), "sync" or "kmeans", SynC's outlier count):
-    SynC, outliers to the nearest module centre, k-means (scikit-learn) when SynC's count is out of
-    [min_modules, max_modules]."""
+def sync_space(S: Tensor, sync_dims: int | None) -> Tensor:
+    """The space SynC clusters units in: the first ``sync_dims`` principal components of their vectors."""
+    if sync_dims is None or sync_dims >= S.shape[1]:
+        return S
+    X = S.double() - S.double().mean(0)
+    _, _, V = torch.linalg.svd(X, full_matrices=False)
+    return (X @ V[:sync_dims].T).float()
+
+
+def sync_modules(S: Tensor, k: int | None, min_modules: int, max_modules: int, seed: int = 0,
+                 sync_dims: int | None = 3, min_module_size: int | None = None) -> tuple[Tensor, str, int]:
+    """(module id per unit from its vector (rows of S), "sync" or "kmeans", SynC's outlier count): see
+    ``cluster_layers``."""
     from modnet.methods.sync import SynC
 
-    labels = torch.as_tensor(SynC(k=k).fit_predict(S.cpu().numpy()), device=S.device)
-    n_found = int(labels.max()) + 1 if (labels >= 0).any() else 0
-    outliers = int((labels < 0).sum())
-    if not min_modules <= n_found <= max_modules:
+    n = S.shape[0]
+    P = sync_space(S, sync_dims).cpu().numpy()
+    min_size = max(3, n // 32) if min_module_size is None else int(min_module_size)
+    rank = min(max(10, n // 10), n - 2) if k is None else int(k)
+    tried: dict[int, tuple] = {}
+    while 1 <= rank <= n - 2 and rank not in tried:
+        labels = torch.as_tensor(SynC(k=rank, scale="global", min_cluster_size=min_size).fit_predict(P),
+                                 device=S.device)
+        found = int(labels.max()) + 1 if (labels >= 0).any() else 0
+        tried[rank] = (labels, found)
+        if min_modules <= found <= max_modules:
+            break
+        # too many groups: a larger neighbourhood (eps); too few: a smaller one
+        rank = min(n - 2, max(rank + 1, rank * 3 // 2)) if found > max_modules else max(1, rank * 2 // 3)
+        if rank in tried and tried[rank][1] == found:
+            break
+    labels, found = tried[rank] if rank in tried else (None, 0)
+    outliers = int((labels < 0).sum()) if labels is not None else n
+    if labels is None or not min_modules <= found <= max_modules:
         from sklearn.cluster import KMeans
 
-        n = min(max(n_found, min_modules), max_modules)
-        labels = torch.as_tensor(KMeans(n, n_init=4, random_state=seed).fit_predict(S.cpu().numpy()),
+        n_km = min(max(found, min_modules), max_modules)
+        labels = torch.as_tensor(KMeans(n_km, n_init=4, random_state=seed).fit_predict(S.cpu().numpy()),
                                  device=S.device)
         return labels.long(), "kmeans", outliers
     if outliers:
-        centres = torch.stack([S[labels == m].mean(0) for m in range(n_found)])
+        centres = torch.stack([S[labels == m].mean(0) for m in range(found)])
         out = labels < 0
         labels[out] = (S[out] @ centres.T).argmax(1)
     return labels.long(), "sync", outliers
