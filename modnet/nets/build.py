@@ -55,7 +55,8 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
     if arch == "cnn":
         return HATCNN(input_shape, task_classes, channels=list(m.cnn_channels), hidden=m.hidden, dropout=m.dropout,
                       **common)
-    return HATMLP(query_dim, task_classes, hidden=m.hidden, n_layers=m.n_layers, dropout=m.dropout, **common)
+    return HATMLP(query_dim, task_classes, hidden=m.hidden, n_layers=m.n_layers, dropout=m.dropout,
+                  input_dropout=m.get("input_dropout", 0.0), **common)
 
 
 def build_baseline_network(cfg, input_shape: Sequence[int], n_classes: int, class_incremental: bool) -> nn.Module:
@@ -67,5 +68,6 @@ def build_baseline_network(cfg, input_shape: Sequence[int], n_classes: int, clas
     elif arch == "cnn":
         backbone = CNNBackbone(input_shape, list(m.cnn_channels), m.hidden, m.dropout)
     else:
-        backbone = MLPBackbone(int(np.prod(input_shape)), m.hidden, m.n_layers, m.dropout)
+        backbone = MLPBackbone(int(np.prod(input_shape)), m.hidden, m.n_layers, m.dropout,
+                               m.get("input_dropout", 0.0))
     return SingleHeadNet(backbone, n_classes) if class_incremental else MultiHeadNet(backbone)
