@@ -26,6 +26,11 @@ from torch.nn import functional as F
 from modnet.nets.hat import TrainingMasks, compensated_sigmoid
 
 
+# how a module was made, as stored in a gate's ``module_method_<l>`` buffer: SynC, the k-means fallback, or
+# "rest": the few free units (under 3) left for a task, one module without clustering
+MODULE_METHODS = ("sync", "kmeans", "rest")
+
+
 # -- modules from synchronization ----------------------------------------------------------------------
 def cluster_units(profiles: Tensor, dim: int = 16, steps: int = 200, lr: float = 0.05, k: int | None = None,
                   min_modules: int = 2, max_modules: int = 16, seed: int = 0, sync_dims: int | None = 3,
@@ -42,7 +47,7 @@ def cluster_units(profiles: Tensor, dim: int = 16, steps: int = 200, lr: float =
 def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, lr: float = 0.05,
                    k: int | None = None, min_modules: int = 2, max_modules: int = 16, seed: int = 0,
                    with_method: bool = False, sync_dims: int | None = 3,
-                   min_module_size: int | None = None) -> list[tuple]:
+                   min_module_size: int | None = None, select: Sequence[Tensor | None] | None = None) -> list[tuple]:
     """``cluster_units`` for every layer (units x samples each): the semantic vectors of layers of equal width
     are fitted in one batched Adam loop (their losses are summed, so each layer's gradient, and Adam's
     elementwise step, are its own), and each layer's fixed target is normalised once, not at every step.
@@ -57,7 +62,10 @@ def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, 
     such eps. Groups under ``min_module_size`` units (None: max(3, n // 32)) are outliers, as are units
     that synchronised with nobody; outliers join the module whose centre is nearest. k-means (scikit-learn)
     on the same vectors stays as the fallback when no eps gives a count in range; ``with_method``: each
-    layer's tuple also holds how its modules were decided ("sync" or "kmeans") and SynC's outlier count."""
+    layer's tuple also holds how its modules were decided ("sync" or "kmeans") and SynC's outlier count.
+    ``select``: per layer, a boolean mask of the units to cluster (None: all); the semantic vectors are
+    fitted on every unit, the labels cover the selected units only ("none" and no labels when fewer than
+    ``min_modules`` units are selected)."""
     from modnet.methods.embedding import NeuronEmbedding, cosine_matrix, similarity_cross_entropy
 
     for p in profiles:
@@ -83,8 +91,14 @@ def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, 
         for j, i in enumerate(layers):
             vectors[i] = F.normalize(emb[j].detach(), dim=1)
     out = []
-    for S in vectors:
-        labels, method, outliers = sync_modules(S, k, min_modules, max_modules, seed, sync_dims, min_module_size)
+    for i, S in enumerate(vectors):
+        rows = None if select is None or select[i] is None else select[i]
+        S_sel = S if rows is None else S[rows]
+        if S_sel.shape[0] < max(min_modules, 3):
+            labels, method, outliers = torch.zeros(S_sel.shape[0], dtype=torch.long, device=S.device), "none", 0
+        else:
+            labels, method, outliers = sync_modules(S_sel, k, min_modules, max_modules, seed, sync_dims,
+                                                    min_module_size)
         out.append((labels, S, method, outliers) if with_method else (labels, S))
     return out
 
@@ -154,7 +168,7 @@ class ModuleGate(nn.Module):
     """
 
     def __init__(self, assignment: Tensor | Sequence[Tensor], query_dim: int, key_dim: int = 16, k: int = 1,
-                 tau: float = 1.0, estimator: str = "st"):
+                 tau: float = 1.0, estimator: str = "st", k_share: float = 0.0):
         super().__init__()
         if estimator not in ("st", "gumbel"):
             raise ValueError(f"gate estimator must be 'st' or 'gumbel', got {estimator!r}")
@@ -166,7 +180,8 @@ class ModuleGate(nn.Module):
             raise ValueError(f"top-k gate needs k >= 1 modules on per input, got k={k}")
         L, m_max = len(assignments), max(n_modules)
         self.n_layers, self.n_modules, self.tau, self.estimator = L, n_modules, tau, estimator
-        self.k = [min(k, m) for m in n_modules]
+        # k_share: at least that share of a layer's modules on (persistent modules grow in number over tasks)
+        self.k = [min(m, max(k, math.ceil(k_share * m))) for m in n_modules]
         self.k_max = max(self.k)
         # rank r of the top-k_max switches its module on in layer l iff r < k_l (None: all layers alike)
         self.register_buffer("rank_on", None if min(self.k) == self.k_max else
@@ -200,6 +215,39 @@ class ModuleGate(nn.Module):
 
     def assignment(self, layer: int = 0) -> Tensor:
         return getattr(self, f"assignment_{layer}")
+
+    def module_ids(self, layer: int = 0) -> Tensor:
+        """Global id of each of the layer's modules (persistent across tasks; 0..M-1 when never recorded)."""
+        ids = getattr(self, f"module_ids_{layer}", None)
+        return torch.arange(self.n_modules[layer]) if ids is None else ids
+
+    def module_methods(self, layer: int = 0) -> Tensor:
+        """How each module was made: an index into ``MODULE_METHODS`` (0 SynC, 1 the k-means fallback)."""
+        codes = getattr(self, f"module_method_{layer}", None)
+        if codes is None:
+            fallback = getattr(self, f"kmeans_fallback_{layer}", None)
+            return torch.full((self.n_modules[layer],), int(fallback is not None and bool(fallback)))
+        return codes
+
+    @torch.no_grad()
+    def fit_query_to_keys(self, q_in: Tensor, unit_acts: Sequence[Tensor]) -> None:
+        """The query map solved in least squares for the current keys (inherited ones included), so that
+        each input's scores follow the standardised responses of the modules' units, as
+        ``init_keys_from_responses`` does for the keys."""
+        x1 = torch.cat([q_in, q_in.new_ones(q_in.shape[0], 1)], 1)
+        d = self.keys.shape[-1]
+        W = self.query.weight.view(self.n_layers, d, -1).clone()
+        b = self.query.bias.view(self.n_layers, d).clone()
+        for i, a in enumerate(unit_acts):
+            onehot = F.one_hot(self.assignment(i), self.n_modules[i]).to(a.dtype)
+            R = a @ onehot / onehot.sum(0).clamp_min(1)
+            R = (R - R.mean(0)) / R.std(0).clamp_min(1e-6)
+            K = self.keys[i, :self.n_modules[i]]  # M x d
+            Z = torch.linalg.lstsq(K, R.T * math.sqrt(d)).solution.T  # B x d: queries giving scores ~ R
+            sol = torch.linalg.lstsq(x1, Z).solution  # (D+1) x d
+            W[i], b[i] = sol[:-1].T, sol[-1]
+        self.query.weight.copy_(W.view_as(self.query.weight))
+        self.query.bias.copy_(b.view_as(self.query.bias))
 
     @property
     def to_units(self) -> Tensor:
@@ -398,8 +446,10 @@ class ModularGating(nn.Module):
     """
 
     def __init__(self, query_dim: int, key_dim: int = 16, k: int = 1, tau: float = 1.0, estimator: str = "st",
-                 cluster: dict | None = None, profile_samples: int = 256):
+                 cluster: dict | None = None, profile_samples: int = 256, persistent: bool = True,
+                 k_share: float = 0.0):
         super().__init__()
+        self.persistent, self.k_share = persistent, k_share
         self.query_dim, self.key_dim, self.k, self.tau, self.estimator = query_dim, key_dim, k, tau, estimator
         self.cluster = dict(cluster or {})
         self.profile_samples = profile_samples
@@ -412,22 +462,93 @@ class ModularGating(nn.Module):
         return self.gates[f"t{task}"] if self.has_task(task) else None
 
     def add_task(self, net, task: int, x: Tensor) -> None:
-        """Cluster each masked layer's units on their responses to ``x`` and create the task's gates."""
+        """Create task ``task``'s gate from its units' responses to ``x``.
+
+        ``persistent`` (default): the modules of the latest earlier gate stay, with their keys (copied and
+        frozen: ``key_frozen``), restricted to the units earlier tasks claimed (cumulative HAT mask >= 0.5;
+        HAT keeps their weights safe); SynC groups the remaining, free units into new modules. The task's
+        query scores old and new modules, so it can switch earlier modules on. Each module has a global id
+        per layer (``module_ids_<l>``), kept by every gate that holds it; ``module_method_<l>`` says how each
+        was made (0 SynC, 1 k-means fallback). Without ``persistent`` (or for the first task) every unit is
+        clustered afresh. Earlier gates are never changed."""
         ones = [torch.ones(layer.n_units, device=x.device) for layer in net.masked]
         with torch.no_grad():
             profiles = net.unit_activations(x, ones, task)
-        clustered = cluster_layers([acts.T.contiguous() for acts in profiles], **self.cluster, with_method=True)
-        gate = self._new_gate([a for a, *_ in clustered], x.device)
-        for i, (_, semantic, method, outliers) in enumerate(clustered):
+        prev = self._latest_gate(task)
+        profiles_t = [acts.T.contiguous() for acts in profiles]
+        if prev is None or not self.persistent:
+            clustered = cluster_layers(profiles_t, **self.cluster, with_method=True)
+            assignments = [a for a, *_ in clustered]
+            inherited = [torch.zeros(0, dtype=torch.long, device=x.device) for _ in clustered]
+            old_ids = [torch.zeros(0, dtype=torch.long, device=x.device) for _ in clustered]
+            old_methods = [torch.zeros(0, dtype=torch.long, device=x.device) for _ in clustered]
+            next_ids = [0] * len(clustered)
+        else:
+            claimed = [m.to(x.device) >= 0.5 for m in net.cumulative_masks()]
+            clustered = cluster_layers(profiles_t, **self.cluster, with_method=True, select=[~c for c in claimed])
+            assignments, inherited, old_ids, old_methods, next_ids = [], [], [], [], []
+            for i, (labels, _, method, _) in enumerate(clustered):
+                a_prev = prev.assignment(i).to(x.device)
+                ids_prev = prev.module_ids(i).to(x.device)
+                kept = [m for m in range(prev.n_modules[i]) if bool(((a_prev == m) & claimed[i]).any())]
+                a = torch.full_like(a_prev, -1)
+                for new_id, m in enumerate(kept):
+                    a[(a_prev == m) & claimed[i]] = new_id
+                free = ~claimed[i]
+                if int(free.sum()):
+                    a[free] = len(kept) + labels
+                assignments.append(a)
+                inherited.append(torch.tensor(kept, dtype=torch.long, device=x.device))
+                old_ids.append(ids_prev[kept])
+                old_methods.append(prev.module_methods(i).to(x.device)[kept])
+                next_ids.append(int(max(int(g.module_ids(i).max()) for g in self.gates.values())) + 1)
+        gate = self._new_gate(assignments, x.device)
+        gate.init_keys_from_responses(x.flatten(1), profiles)
+        frozen = torch.zeros(gate.keys.shape[:2] + (1,), device=x.device)
+        for i, (a, (_, semantic, method, outliers)) in enumerate(zip(assignments, clustered)):
+            n_old, n_mod = len(inherited[i]), gate.n_modules[i]
+            code = MODULE_METHODS.index(method)
+            ids = torch.cat([old_ids[i], torch.arange(next_ids[i], next_ids[i] + n_mod - n_old, device=x.device)])
+            methods = torch.cat([old_methods[i], torch.full((n_mod - n_old,), code, device=x.device)])
             # kept with the gate (saved in its state dict) for module maps, explanations and the results' record
             gate.register_buffer(f"semantic_{i}", semantic)
-            gate.register_buffer(f"kmeans_fallback_{i}", torch.tensor(method == "kmeans"))
+            gate.register_buffer(f"kmeans_fallback_{i}", torch.tensor(bool((methods == 1).any())))
             gate.register_buffer(f"outliers_{i}", torch.tensor(outliers))
-        gate.init_keys_from_responses(x.flatten(1), profiles)
+            gate.register_buffer(f"module_ids_{i}", ids.long())
+            gate.register_buffer(f"module_method_{i}", methods.long())
+            if n_old:
+                with torch.no_grad():
+                    gate.keys[i, :n_old] = prev.keys[i, inherited[i]].to(x.device)
+                frozen[i, :n_old] = 1
+        gate.register_buffer("key_frozen", frozen)
+        if prev is not None and self.persistent:
+            gate.fit_query_to_keys(x.flatten(1), profiles)
         self.gates[f"t{task}"] = gate
 
+    def _latest_gate(self, task: int) -> ModuleGate | None:
+        earlier = [int(k[1:]) for k in self.gates.keys() if int(k[1:]) < task]
+        return self.gates[f"t{max(earlier)}"] if earlier else None
+
+    @torch.no_grad()
+    def record_usage(self, net, task: int, x: Tensor) -> None:
+        """After task ``task`` is trained: per module, the share of ``x`` (the task's inputs) that switch it
+        on, and how many of its units the task's mask keeps (>= 0.5 at s = smax); kept as the gate's
+        ``usage_<l>`` and ``kept_<l>`` buffers (the results' record of which tasks use which module)."""
+        gate = self.task_gate(task)
+        if gate is None:
+            return
+        was = gate.training
+        gate.eval()
+        on = gate.module_gates(x.flatten(1)).mean(0)  # L x M_max
+        gate.train(was)
+        for i, m in enumerate(net.masks(task)):
+            onehot = F.one_hot(gate.assignment(i), gate.n_modules[i]).to(m.dtype)
+            gate.register_buffer(f"usage_{i}", on[i, :gate.n_modules[i]].detach().clone())
+            gate.register_buffer(f"kept_{i}", ((m >= 0.5).to(m.dtype) @ onehot).long())
+
     def _new_gate(self, assignments: Sequence[Tensor], device) -> ModuleGate:
-        return ModuleGate(assignments, self.query_dim, self.key_dim, self.k, self.tau, self.estimator).to(device)
+        return ModuleGate(assignments, self.query_dim, self.key_dim, self.k, self.tau, self.estimator,
+                          self.k_share).to(device)
 
     def rebuild_from_state(self, state: dict, prefix: str, device=None) -> None:
         """Re-create the gates a saved state dict holds (``prefix``: this module's key prefix, e.g. "gate."):
@@ -440,9 +561,12 @@ class ModularGating(nn.Module):
             n_layers = len([k for k in state if k.startswith(head + "assignment_")])
             gate = self._new_gate([state[f"{head}assignment_{i}"] for i in range(n_layers)], device or "cpu")
             for i in range(n_layers):
-                for extra in ("semantic", "kmeans_fallback", "outliers"):
+                for extra in ("semantic", "kmeans_fallback", "outliers", "module_ids", "module_method", "usage",
+                              "kept"):
                     if f"{head}{extra}_{i}" in state:
                         gate.register_buffer(f"{extra}_{i}", state[f"{head}{extra}_{i}"].to(device or "cpu"))
+            if f"{head}key_frozen" in state:
+                gate.register_buffer("key_frozen", state[f"{head}key_frozen"].to(device or "cpu"))
             self.gates[name] = gate
 
     def forward(self, x: Tensor, task: int, masks: list[Tensor] | TrainingMasks) -> list[Tensor]:
