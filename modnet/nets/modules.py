@@ -168,7 +168,8 @@ class ModuleGate(nn.Module):
     """
 
     def __init__(self, assignment: Tensor | Sequence[Tensor], query_dim: int, key_dim: int = 16, k: int = 1,
-                 tau: float = 1.0, estimator: str = "st", k_share: float = 0.0):
+                 tau: float = 1.0, estimator: str = "st", k_share: float = 0.5,
+                 n_inherited: Sequence[int] | None = None):
         super().__init__()
         if estimator not in ("st", "gumbel"):
             raise ValueError(f"gate estimator must be 'st' or 'gumbel', got {estimator!r}")
@@ -180,8 +181,7 @@ class ModuleGate(nn.Module):
             raise ValueError(f"top-k gate needs k >= 1 modules on per input, got k={k}")
         L, m_max = len(assignments), max(n_modules)
         self.n_layers, self.n_modules, self.tau, self.estimator = L, n_modules, tau, estimator
-        # k_share: at least that share of a layer's modules on (persistent modules grow in number over tasks)
-        self.k = [min(m, max(k, math.ceil(k_share * m))) for m in n_modules]
+        self.k = [min(k, m) for m in n_modules]
         self.k_max = max(self.k)
         # rank r of the top-k_max switches its module on in layer l iff r < k_l (None: all layers alike)
         self.register_buffer("rank_on", None if min(self.k) == self.k_max else
@@ -197,8 +197,40 @@ class ModuleGate(nn.Module):
             self.register_buffer(f"to_units_{i}", F.one_hot(a.long(), m_max).T.float().contiguous())
         self.keys = nn.Parameter(torch.randn(L, m_max, key_dim) / math.sqrt(key_dim))
         self.query = nn.Linear(query_dim, L * key_dim)
+        self._set_pools(n_inherited, k, k_share)
         self._pad_layers()
         self.register_load_state_dict_post_hook(_repad_after_load)
+
+    def _set_pools(self, n_inherited: Sequence[int] | None, k: int, k_share: float) -> None:
+        """Modules inherited from earlier tasks (the first ``n_inherited[l]`` of layer l) and the task's own
+        are chosen in two pools: top-k (``k``) of its own modules and top-ceil(``k_share`` x count) of the
+        inherited ones, per input. Without inherited modules: one pool, top-k of all (``pools`` None)."""
+        self.n_inherited = [0] * self.n_layers if n_inherited is None else [int(n) for n in n_inherited]
+        self.pools = None
+        if not any(self.n_inherited):
+            return
+        m_max = self.keys.shape[1]
+        idx = torch.arange(m_max)
+        pools = []
+        for own in (True, False):
+            ks, pads = [], []
+            for m, n_old in zip(self.n_modules, self.n_inherited):
+                inside = (idx >= n_old) & (idx < m) if own else idx < n_old
+                count = m - n_old if own else n_old
+                ks.append(min(k, count) if own else min(count, math.ceil(k_share * count)))
+                pads.append(torch.zeros(m_max).masked_fill(~inside, -torch.inf))
+            k_p = max(ks)
+            if k_p:
+                rank_on = (torch.arange(k_p) < torch.tensor(ks).unsqueeze(1)).float()
+                pools.append((torch.stack(pads).to(self.keys.device), rank_on.to(self.keys.device), k_p))
+        self.pools = tuple(pools)
+        self.k = [min(k, m - n) + min(n, math.ceil(k_share * n)) for m, n in zip(self.n_modules, self.n_inherited)]
+
+    def _apply(self, fn, *args, **kwargs):  # .to(device) moves the pools' tensors too
+        out = super()._apply(fn, *args, **kwargs)
+        if self.pools is not None:
+            self.pools = tuple((fn(pad), fn(rank), k) for pad, rank, k in self.pools)
+        return out
 
     def _pad_layers(self) -> None:
         """The per-layer expansions and assignments padded to the widest layer and stacked (derived, not
@@ -282,9 +314,7 @@ class ModuleGate(nn.Module):
         if noise is not None:
             scores = scores + noise.transpose(0, 1)
         soft = F.softmax(scores / self.tau, dim=-1)
-        top = scores.topk(self.k_max, dim=-1).indices
-        on = 1.0 if self.rank_on is None else self.rank_on.to(scores.dtype).expand(top.shape)
-        hard = torch.zeros_like(scores).scatter_(-1, top, on)
+        hard = _hard_choice(scores, self.k_max, self.rank_on, self.pools, modules_first=False)
         # straight-through: the value is exactly `hard` (soft - soft.detach() is exactly 0 in floating point;
         # the parentheses matter), the gradient is the softmax's
         return hard + (soft - soft.detach())
@@ -314,7 +344,7 @@ class ModuleGate(nn.Module):
                              f"{[tuple(m.shape) for m in vectors]}")
         out = _GateFunction.apply(q_in, self.query.weight, self.query.bias, self.keys, self.score_pad,
                                   self.expand_padded, self.units_module_padded, self.sizes, self.k_max,
-                                  self.rank_on, self.tau, self._gumbel(q_in), hat, *vectors)
+                                  self.rank_on, self.pools, self.tau, self._gumbel(q_in), hat, *vectors)
         if hat is not None:
             *out, masks.capacity = out
         return list(out)
@@ -349,6 +379,26 @@ def _unstack_padded(stacked: Tensor, sizes: Sequence[int]) -> list[Tensor]:
     return [stacked[i, ..., :sz] for i, sz in enumerate(sizes)]
 
 
+def _hard_choice(scores: Tensor, k_max: int, rank_on: Tensor | None, pools, modules_first: bool) -> Tensor:
+    """The 0/1 module choice: the top-k_l modules of each layer (ranks switched on by ``rank_on``), or, given
+    ``pools`` ((pad, rank_on, k) per pool: -inf outside the pool), the top-k of each pool. ``scores`` is
+    L x M x B (``modules_first``) or B x L x M."""
+    dim = 1 if modules_first else -1
+    if pools is None:
+        top = scores.topk(k_max, dim=dim).indices
+        if rank_on is None:
+            on = 1.0
+        else:
+            on = (rank_on.unsqueeze(-1) if modules_first else rank_on).to(scores.dtype).expand(top.shape)
+        return torch.zeros_like(scores).scatter_(dim, top, on)
+    hard = torch.zeros_like(scores)
+    for pad, rank, k in pools:
+        top = (scores + (pad.unsqueeze(-1) if modules_first else pad)).topk(k, dim=dim).indices
+        on = (rank.unsqueeze(-1) if modules_first else rank).to(scores.dtype).expand(top.shape)
+        hard = hard + torch.zeros_like(scores).scatter_(dim, top, on)
+    return hard
+
+
 class _GateFunction(torch.autograd.Function):
     """Scores, top-k, expansion to units and product with each layer's mask (optionally HAT's training masks
     computed from their embedding rows), with the straight-through gradient d(value)/d(scores) := softmax
@@ -363,16 +413,17 @@ class _GateFunction(torch.autograd.Function):
     small and its top-k must not flip on rounding."""
 
     @staticmethod
-    def forward(ctx, q_in, w, b, keys, pad, expand, units_module, sizes, k_max, rank_on, tau, noise, hat,
+    def forward(ctx, q_in, w, b, keys, pad, expand, units_module, sizes, k_max, rank_on, pools, tau, noise, hat,
                 *vectors):
-        args = (ctx, q_in, w, b, keys, pad, expand, units_module, sizes, k_max, rank_on, tau, noise, hat, vectors)
+        args = (ctx, q_in, w, b, keys, pad, expand, units_module, sizes, k_max, rank_on, pools, tau, noise, hat,
+                vectors)
         if torch.is_autocast_enabled(q_in.device.type):
             with torch.autocast(q_in.device.type, enabled=False):
                 return _GateFunction._forward(*args)
         return _GateFunction._forward(*args)
 
     @staticmethod
-    def _forward(ctx, q_in, w, b, keys, pad, expand, units_module, sizes, k_max, rank_on, tau, noise, hat,
+    def _forward(ctx, q_in, w, b, keys, pad, expand, units_module, sizes, k_max, rank_on, pools, tau, noise, hat,
                  vectors):
         # Layout: scores and module gates are L x M x B (modules before the batch): the softmax over the
         # modules then runs along an inner dimension, ~7x faster than over a last dimension of 4 modules,
@@ -395,9 +446,7 @@ class _GateFunction(torch.autograd.Function):
         scores = torch.addmm(kb, kw, x.t(), beta=r, alpha=r).view(L, M, n)
         if noise is not None:
             scores = scores + noise.transpose(1, 2)
-        top = scores.topk(k_max, dim=1).indices  # L x k x B
-        on = 1.0 if rank_on is None else rank_on.unsqueeze(-1).expand(top.shape)
-        hard = torch.zeros_like(scores).scatter_(1, top, on)  # L x M x B
+        hard = _hard_choice(scores, k_max, rank_on, pools, modules_first=True)  # L x M x B
         units = torch.bmm(hard.transpose(1, 2), masked)  # L x B x width
         outs = tuple(_unstack_padded(units, sizes))
         ctx.hat = hat is not None
@@ -433,7 +482,7 @@ class _GateFunction(torch.autograd.Function):
         g_b = torch.bmm(keys_t, g_kb).view(L * d)
         g_keys = torch.baddbmm(torch.bmm(g_kb, b.view(L, 1, d)), g_kw, w_l.transpose(1, 2))
         g_x = (g_s.t() @ kw).to(ctx.in_dtype) if ctx.needs_input_grad[0] else None
-        return (g_x, g_w, g_b, g_keys, *([None] * 9), *g_vectors)
+        return (g_x, g_w, g_b, g_keys, *([None] * 10), *g_vectors)
 
 
 class ModularGating(nn.Module):
@@ -447,7 +496,7 @@ class ModularGating(nn.Module):
 
     def __init__(self, query_dim: int, key_dim: int = 16, k: int = 1, tau: float = 1.0, estimator: str = "st",
                  cluster: dict | None = None, profile_samples: int = 256, persistent: bool = True,
-                 k_share: float = 0.0):
+                 k_share: float = 0.5):
         super().__init__()
         self.persistent, self.k_share = persistent, k_share
         self.query_dim, self.key_dim, self.k, self.tau, self.estimator = query_dim, key_dim, k, tau, estimator
@@ -502,7 +551,7 @@ class ModularGating(nn.Module):
                 old_ids.append(ids_prev[kept])
                 old_methods.append(prev.module_methods(i).to(x.device)[kept])
                 next_ids.append(int(max(int(g.module_ids(i).max()) for g in self.gates.values())) + 1)
-        gate = self._new_gate(assignments, x.device)
+        gate = self._new_gate(assignments, x.device, [len(i) for i in inherited])
         gate.init_keys_from_responses(x.flatten(1), profiles)
         frozen = torch.zeros(gate.keys.shape[:2] + (1,), device=x.device)
         for i, (a, (_, semantic, method, outliers)) in enumerate(zip(assignments, clustered)):
@@ -546,9 +595,9 @@ class ModularGating(nn.Module):
             gate.register_buffer(f"usage_{i}", on[i, :gate.n_modules[i]].detach().clone())
             gate.register_buffer(f"kept_{i}", ((m >= 0.5).to(m.dtype) @ onehot).long())
 
-    def _new_gate(self, assignments: Sequence[Tensor], device) -> ModuleGate:
+    def _new_gate(self, assignments: Sequence[Tensor], device, n_inherited=None) -> ModuleGate:
         return ModuleGate(assignments, self.query_dim, self.key_dim, self.k, self.tau, self.estimator,
-                          self.k_share).to(device)
+                          self.k_share, n_inherited).to(device)
 
     def rebuild_from_state(self, state: dict, prefix: str, device=None) -> None:
         """Re-create the gates a saved state dict holds (``prefix``: this module's key prefix, e.g. "gate."):
@@ -559,7 +608,10 @@ class ModularGating(nn.Module):
         for name in tasks:
             head = f"{prefix}gates.{name}."
             n_layers = len([k for k in state if k.startswith(head + "assignment_")])
-            gate = self._new_gate([state[f"{head}assignment_{i}"] for i in range(n_layers)], device or "cpu")
+            frozen = state.get(f"{head}key_frozen")  # the inherited modules come first, their keys frozen
+            inherited = None if frozen is None else frozen.flatten(1).sum(1).long().tolist()
+            gate = self._new_gate([state[f"{head}assignment_{i}"] for i in range(n_layers)], device or "cpu",
+                                  inherited)
             for i in range(n_layers):
                 for extra in ("semantic", "kmeans_fallback", "outliers", "module_ids", "module_method", "usage",
                               "kept"):
