@@ -45,7 +45,7 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
         g = cfg.modules
         gate = ModularGating(query_dim, key_dim=g.key_dim, k=g.k, tau=g.tau, estimator=g.estimator,
                              cluster=dict(g.cluster), profile_samples=g.profile_samples,
-                             persistent=bool(g.get("persistent", True)), k_share=float(g.get("k_share", 0.5)))
+                             persistent=bool(g.get("persistent", True)), k_share=float(g.get("k_share", 0.75)))
     if class_incremental and m.task_keys:
         task_keys = TaskKeys(sum(len(c) for c in task_classes), query_dim, shrinkage=cfg.modules.key_shrinkage)
     common = dict(class_incremental=class_incremental, smax=cfg.hat.smax, task_inference=cfg.hat.task_inference,
