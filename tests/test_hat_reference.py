@@ -82,8 +82,8 @@ def test_validation_split_is_a_disjoint_tenth():
 def test_the_reference_loop_runs_in_a_cl_run_and_holds_out_data(tmp_path):
     from modnet.cli import main
 
-    assert main(["cl", "strategies=[modnet]", "train.epochs=10",
-                 "train.valid_fraction=0.1", "train.lr_patience=2", "train.restore_best=true",
+    assert main(["cl", "strategies=[modnet]", "train.epochs=30",
+                 "train.valid_fraction=0.1", "train.lr_patience=5", "train.restore_best=true",
                  "modules.profile_samples=64", f"output_dir={tmp_path}", "progress=false"]) == 0
     import json
 

@@ -168,7 +168,7 @@ class ModuleGate(nn.Module):
     """
 
     def __init__(self, assignment: Tensor | Sequence[Tensor], query_dim: int, key_dim: int = 16, k: int = 1,
-                 tau: float = 1.0, estimator: str = "st", k_share: float = 0.5,
+                 tau: float = 1.0, estimator: str = "st", k_share: float = 0.75,
                  n_inherited: Sequence[int] | None = None):
         super().__init__()
         if estimator not in ("st", "gumbel"):
@@ -496,7 +496,7 @@ class ModularGating(nn.Module):
 
     def __init__(self, query_dim: int, key_dim: int = 16, k: int = 1, tau: float = 1.0, estimator: str = "st",
                  cluster: dict | None = None, profile_samples: int = 256, persistent: bool = True,
-                 k_share: float = 0.5):
+                 k_share: float = 0.75):
         super().__init__()
         self.persistent, self.k_share = persistent, k_share
         self.query_dim, self.key_dim, self.k, self.tau, self.estimator = query_dim, key_dim, k, tau, estimator
