@@ -531,7 +531,9 @@ class ModularGating(nn.Module):
             inherited = [torch.zeros(0, dtype=torch.long, device=x.device) for _ in clustered]
             old_ids = [torch.zeros(0, dtype=torch.long, device=x.device) for _ in clustered]
             old_methods = [torch.zeros(0, dtype=torch.long, device=x.device) for _ in clustered]
-            next_ids = [0] * len(clustered)
+            # fresh modules get fresh global ids (re-clustered modules are not the earlier tasks' modules)
+            next_ids = [max([int(g.module_ids(i).max()) + 1 for g in self.gates.values()] or [0])
+                        for i in range(len(clustered))]
         else:
             claimed = [m.to(x.device) >= 0.5 for m in net.cumulative_masks()]
             clustered = cluster_layers(profiles_t, **self.cluster, with_method=True, select=[~c for c in claimed])
