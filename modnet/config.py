@@ -175,8 +175,13 @@ def _quoted(text: str) -> str:
     return text
 
 
+# keys (by their last name) that also take a word besides a value of their default's type
+NAMED_VALUES = {"mem_size": ("match",)}  # a buffer sized to modnet's stored bytes (strategies/memory.py)
+
+
 def check_types(cfg: DictConfig, base: DictConfig, path: str = "") -> None:
-    """Each value must have its default's type (ints are accepted where a float is expected)."""
+    """Each value must have its default's type (ints are accepted where a float is expected), or be one of
+    the words ``NAMED_VALUES`` allows for its key."""
     for key in cfg.keys():
         where = f"{path}{key}"
         if key not in base:
@@ -185,7 +190,7 @@ def check_types(cfg: DictConfig, base: DictConfig, path: str = "") -> None:
         if isinstance(old, DictConfig) and isinstance(new, DictConfig):
             check_types(new, old, where + ".")
             continue
-        if old is None or new is None:
+        if old is None or new is None or new in NAMED_VALUES.get(str(key), ()):
             continue
         if isinstance(old, ListConfig):
             if not isinstance(new, ListConfig):

@@ -10,6 +10,8 @@ What is checked (where the config has the key):
   distinct integers; ``scenario``, ``model.arch``, ``loggers``: among their choices;
 * ``train.epochs``, ``train.batch_size``, ``train.eval_batch_size``, ``benchmark.n_experiences``: positive;
 * ``output_dir``: not a file (nor below one);
+* ``replay.mem_size`` / ``der.mem_size`` / ``derpp.mem_size`` = ``match`` in ``cl``: modnet among the
+  strategies (the buffer is sized to its stored bytes, ``strategies.memory``);
 * ``benchmark=npz`` in ``cl``: the file's arrays (``scenarios.sources.check_npz_arrays``: integer labels,
   class ids 0..C-1, equal feature widths, ...) and that its classes split into ``n_experiences``;
 * ``benchmark=npz`` in ``gzsl`` / ``explain`` (without ``run_dir``): the zero-shot arrays
@@ -45,6 +47,9 @@ def validate(job: str, cfg: DictConfig) -> None:
     if job == "cl":
         check_choice("scenario", cfg.scenario, SCENARIOS)
         check_choice("model.arch", cfg.model.arch, ARCHS)
+        from strategies.memory import run_order
+
+        run_order(cfg)
     if "loggers" in cfg and isinstance(cfg.loggers, ListConfig):
         unknown = [name for name in cfg.loggers if name not in LOGGERS]
         if unknown:

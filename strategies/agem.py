@@ -4,12 +4,13 @@ Hyper-parameters, configs/training.yaml ``agem``: patterns_per_exp (A-GEM: 250 p
 """
 from __future__ import annotations
 
+from strategies.memory import agem_buffer_bytes
 from strategies.registry import register_strategy
 
 NAME = "agem"
 
 
-@register_strategy(NAME, gradient_sync=None,
+@register_strategy(NAME, stored_bytes=agem_buffer_bytes, gradient_sync=None,
                    no_ddp_reason="A-GEM samples its reference gradient from memory independently on every rank")
 def build(cfg, info, common):
     from strategies.common import avalanche_baseline

@@ -5,12 +5,13 @@ setup), mode separate | online, decay_factor (online only).
 """
 from __future__ import annotations
 
+from strategies.memory import ewc_bytes
 from strategies.registry import register_strategy
 
 NAME = "ewc"
 
 
-@register_strategy(NAME, gradient_sync="allreduce")
+@register_strategy(NAME, stored_bytes=ewc_bytes, gradient_sync="allreduce")
 def build(cfg, info, common):
     from strategies.common import avalanche_baseline
 

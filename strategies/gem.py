@@ -5,12 +5,13 @@ memory_strength (paper: 0.5).
 """
 from __future__ import annotations
 
+from strategies.memory import gem_memory_bytes
 from strategies.registry import register_strategy
 
 NAME = "gem"
 
 
-@register_strategy(NAME, gradient_sync="allreduce")
+@register_strategy(NAME, stored_bytes=gem_memory_bytes, gradient_sync="allreduce")
 def build(cfg, info, common):
     from strategies.common import avalanche_baseline
 

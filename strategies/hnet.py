@@ -12,7 +12,17 @@ from strategies.registry import register_strategy
 NAME = "hnet"
 
 
-@register_strategy(NAME, gradient_sync="allreduce")
+def hnet_bytes(strategy, info) -> int:
+    """The task embeddings (inference reads one per task) and the regulariser's targets: the hypernetwork's
+    outputs for earlier tasks, stored before the last experience."""
+    from strategies.memory import plugin_of, tensor_bytes
+    from strategies.plugins.hnet import HNetPlugin
+
+    targets = plugin_of(strategy, HNetPlugin).targets or []
+    return tensor_bytes([*strategy.model.hnet.conditional_params, *(t for task in targets for t in task)])
+
+
+@register_strategy(NAME, stored_bytes=hnet_bytes, gradient_sync="allreduce")
 def build(cfg, info, common):
     import numpy as np
     import torch

@@ -5,12 +5,13 @@ Hyper-parameters, configs/training.yaml ``lwf``: alpha (continual-learning-basel
 """
 from __future__ import annotations
 
+from strategies.memory import lwf_bytes
 from strategies.registry import register_strategy
 
 NAME = "lwf"
 
 
-@register_strategy(NAME, gradient_sync="allreduce")
+@register_strategy(NAME, stored_bytes=lwf_bytes, gradient_sync="allreduce")
 def build(cfg, info, common):
     from strategies.common import avalanche_baseline
 

@@ -7,6 +7,7 @@ momentum 0) as HAT's reference.
 """
 from __future__ import annotations
 
+from strategies.memory import modnet_bytes
 from strategies.registry import register_strategy
 
 NAME = "modnet"
@@ -14,10 +15,12 @@ NAME = "modnet"
 
 def modnet_strategy(model, optimizer, *, smax: float = 400.0, c: float = 0.75, thres_cosh: float = 50.0,
                     thres_emb: float = 6.0, clipgrad: float = 10000.0, sync_reg: float = 0.0, sync_eps: float = 0.3,
-                    sync_rows: int | None = None, sync_every: int = 1, plugins=(), **template_args):
+                    sync_rows: int | None = None, sync_every: int = 1, ood_weight: float = 1.0, plugins=(),
+                    **template_args):
     """The ``modnet`` strategy on a modular network (``modnet.nets.models.HATNet``): an Avalanche template
     whose forward passes the network its condition, with HAT's plugin, the task keys' plugin when the network
-    has task keys, and the sync regulariser when ``sync_reg`` > 0. ``template_args`` are Avalanche's
+    has task keys, the OOD heads' plugin when it has
+    per-task OOD heads (class-incremental, ``task_inference.method=ood``), and the sync regulariser when ``sync_reg`` > 0. ``template_args`` are Avalanche's
     (criterion, train_mb_size, train_epochs, eval_mb_size, device, evaluator, ...)."""
     from strategies.plugins.hat import HATPlugin
     from strategies.plugins.modular import ModulesPlugin, SyncRegPlugin, TaskKeysPlugin
@@ -28,12 +31,16 @@ def modnet_strategy(model, optimizer, *, smax: float = 400.0, c: float = 0.75, t
         ours.append(ModulesPlugin())
     if model.task_keys is not None:
         ours.append(TaskKeysPlugin())
+    if getattr(model, "task_ood", None) is not None:
+        from strategies.plugins.ood import TaskOODPlugin
+
+        ours.append(TaskOODPlugin(ood_weight))
     if sync_reg > 0:
         ours.append(SyncRegPlugin(sync_reg, sync_eps, sync_rows, sync_every))
     return ConditionedTemplate(model=model, optimizer=optimizer, plugins=[*ours, *plugins], **template_args)
 
 
-@register_strategy(NAME, gradient_sync="ddp", resumes_at_experience=True)
+@register_strategy(NAME, stored_bytes=modnet_bytes, gradient_sync="ddp", resumes_at_experience=True)
 def build(cfg, info, common):
     from strategies.common import modular_network, sgd
 
@@ -41,4 +48,5 @@ def build(cfg, info, common):
     h, m = cfg.hat, cfg.modules
     return modnet_strategy(model, sgd(cfg, model), smax=h.smax, c=h.c, thres_cosh=h.thres_cosh,
                            thres_emb=h.thres_emb, clipgrad=h.clipgrad, sync_reg=m.sync_reg, sync_eps=m.sync_eps,
-                           sync_rows=m.sync_rows, sync_every=m.sync_every, **common)
+                           sync_rows=m.sync_rows, sync_every=m.sync_every,
+                           ood_weight=cfg.task_inference.weight, **common)

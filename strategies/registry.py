@@ -21,7 +21,7 @@ from typing import Callable
 from modnet.config import check_choice
 
 # files of this package that are not strategies
-_NOT_ENTRIES = {"registry", "template", "plugins", "common"}
+_NOT_ENTRIES = {"registry", "template", "plugins", "common", "memory"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class StrategyEntry:
     no_ddp_reason           why not, when gradient_sync is None
     resumes_at_experience   the whole state is the model's state dict (plain SGD, no plugin state): a resumed
                             run continues at the next experience; the others re-run from their first one
+    stored_bytes            ``f(strategy, info) -> int``: the bytes it keeps for inference or replay besides a
+                            baseline network's weights, read after the last experience (``strategies.memory``)
     """
 
     name: str
@@ -41,21 +43,23 @@ class StrategyEntry:
     gradient_sync: str | None = "ddp"
     no_ddp_reason: str | None = None
     resumes_at_experience: bool = False
+    stored_bytes: Callable | None = None
 
 
 STRATEGIES: dict[str, StrategyEntry] = {}
 
 
-def register_strategy(name: str, *, gradient_sync: str | None = "ddp", no_ddp_reason: str | None = None,
-                      resumes_at_experience: bool = False) -> Callable:
-    """Decorator of a strategy file's builder: ``@register_strategy("mine")``."""
+def register_strategy(name: str, *, stored_bytes: Callable, gradient_sync: str | None = "ddp",
+                      no_ddp_reason: str | None = None, resumes_at_experience: bool = False) -> Callable:
+    """Decorator of a strategy file's builder: ``@register_strategy("mine", stored_bytes=...)``."""
     if gradient_sync not in ("ddp", "allreduce", None):
         raise ValueError(f"gradient_sync must be 'ddp', 'allreduce' or None, got {gradient_sync!r}")
 
     def register(build: Callable) -> Callable:
         if name in STRATEGIES and STRATEGIES[name].build is not build:
             raise ValueError(f"strategy {name!r} is registered twice")
-        STRATEGIES[name] = StrategyEntry(name, build, gradient_sync, no_ddp_reason, resumes_at_experience)
+        STRATEGIES[name] = StrategyEntry(name, build, gradient_sync, no_ddp_reason, resumes_at_experience,
+                                         stored_bytes)
         return build
 
     return register

@@ -17,8 +17,10 @@ from modnet.config import BENCHMARK_CHOICES, BENCHMARK_KEYS, compose
 
 ROOT = Path(__file__).resolve().parents[1]
 GZSL_FAST = ["progress=false", "threads=1", "train.epochs=5", "niwt.map_epochs=30", "niwt.max_iterations=30",
-             "ale.epochs=1", "eszsl.grid_log10=[0]", "calibration.mode=none"]
-EXPLAIN_FAST = ["threads=1", "train.epochs=3", "niwt.map_epochs=30", "explain.module_grids=false",
+             "ale.epochs=1", "eszsl.grid_log10=[0]", "calibration.mode=none",
+             "clswgan.hidden=64", "clswgan.critic_hidden=64", "clswgan.epochs=1", "clswgan.syn_num=20",
+             "clswgan.classifier_epochs=2", "clswgan.pretrain_epochs=2"]
+EXPLAIN_FAST = ["train.epochs=3", "niwt.map_epochs=30", "explain.module_grids=false",
                 "train.cl_overrides=['model.hidden=16','model.cnn_channels=[4,8]']"]
 
 

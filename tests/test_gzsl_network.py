@@ -10,7 +10,9 @@ from modnet.cli import main
 from modnet.config import ConfigError, compose
 
 TINY = ["progress=false", "train.epochs=2", "niwt.max_iterations=30", "niwt.map_epochs=30", "ale.epochs=1",
-        "eszsl.search=false", "calibration.mode=none"]
+        "eszsl.search=false", "calibration.mode=none",
+        "clswgan.hidden=64", "clswgan.critic_hidden=64", "clswgan.epochs=1", "clswgan.syn_num=20",
+        "clswgan.classifier_epochs=2", "clswgan.pretrain_epochs=2"]
 
 
 @pytest.mark.parametrize("images", [False, True])
@@ -138,6 +140,7 @@ def test_continual_gzsl_modnet_forgets_nothing_and_fine_tuning_does(tmp_path):
     (["continual.enabled=true", "continual.n_experiences=3"], ["continual.n_experiences=3", "8 seen classes"]),
     (["niwt.layer=5"], ["niwt.layer=5", "2 masked layers"]),
     (["calibration.mode=sometimes"], ["calibration.mode", "validate"]),
+    (["niwt.scale=softmax"], ["niwt.scale", "negatives"]),
 ])
 def test_bad_gzsl_config_is_one_config_error_line_before_training(tmp_path, monkeypatch, overrides, words):
     import modnet.runner.runner as runner

@@ -1,11 +1,14 @@
-"""The issue's zero-shot target, in the same command: NIWT's H above ESZSL's, U well above chance (3 seeds).
+"""The issue's zero-shot targets, in the same command (3 seeds, means): NIWT's calibrated H above ESZSL's and
+ALE's, its uncalibrated S at least 0.9 x the seen-only accuracy of the same network, U well above chance.
 
-Since GZSL runs on the modular network (HAT masks + module gates, the network of `modnet cl`) instead of a plain
-MLP, the target is checked on the median seed. On digits, seed 2 NIWT's calibration gamma, chosen on the class-
-disjoint validation split, collapses (the validation network's NIWT swaps the pseudo-unseen digits 6 and 9): H 0.08
-against 0.66 at the gamma that would be best on test, while NIWT beats ESZSL on seeds 0 and 1 (H 0.54 vs 0.34,
-0.55 vs 0.36). The mean over the three seeds is then NIWT 0.389 vs ESZSL 0.399 (U 0.333); the median is NIWT
-0.543 vs ESZSL 0.357 (U 0.455). On npz the means hold as well (NIWT H 0.523 vs ESZSL 0.337, U 0.457).
+With the unseen rows on the seen scale (``niwt.scale=negatives``, configs/gzsl.yaml) digits gives NIWT calibrated
+H 0.642 +- 0.050 (ESZSL 0.399, ALE 0.576; as fitted, before the scale: 0.389 +- 0.222) and uncalibrated S 0.945
+(seen-only 0.945). Uncalibrated, NIWT's U and H are 0 on digits (ALE's too; ESZSL 0.416 at S 0.706, its seen
+classes scored by its own bilinear map instead of the network's head): not asserted, because no row on the seen
+scale gets there on this network. Rows fitted by cross-entropy on the unseen test images themselves (seen rows
+fixed) reach uncalibrated H 0.78-0.83, but with norms 3-7 x the seen rows'; put on the seen scale (norm or
+negatives) they give U 0.00-0.19 on the three seeds: the head trained on the seen classes scores the unseen
+digits as high as its own. Calibrated stacking, chosen on a class-disjoint validation split, is what closes it.
 """
 import json
 
@@ -15,11 +18,9 @@ import pytest
 from modnet.cli import main
 
 
-def _medians(path):
-    per_seed = json.loads(path.read_text())["per_seed"].values()
-    methods = next(iter(per_seed))
-    return {m: (float(np.median([r[m]["H"] for r in per_seed])), float(np.median([r[m]["U"] for r in per_seed])))
-            for m in methods}
+def _means(path):
+    results = json.loads(path.read_text())
+    return results["methods"], results["seen_only_accuracy"]
 
 
 def _npz(tmp_path):
@@ -40,10 +41,14 @@ def _npz(tmp_path):
     return path
 
 
+@pytest.mark.slow  # 3 seeds x 2 networks x 40 epochs, every method: minutes on 2 cores
 @pytest.mark.parametrize("source", ["digits", "npz"])
-def test_niwt_beats_eszsl_with_unseen_accuracy_well_above_chance(tmp_path, source):
+def test_niwt_calibrated_beats_eszsl_and_ale_and_keeps_the_seen_accuracy(tmp_path, source):
     extra = [] if source == "digits" else ["benchmark=npz", f"benchmark.path={_npz(tmp_path)}"]
-    assert main(["gzsl", "seeds=[0,1,2]", "progress=false", f"output_dir={tmp_path / 'o'}", *extra]) == 0
-    m = _medians(tmp_path / "o" / "results.json")
-    assert m["niwt"][0] > m["eszsl"][0]
-    assert m["niwt"][1] > 0.3  # chance over 10 classes is 0.1
+    assert main(["gzsl", "seeds=[0,1,2]", "progress=false", "methods=[niwt,eszsl,ale]", f"output_dir={tmp_path / 'o'}",
+                 *extra]) == 0
+    methods, seen_only = _means(tmp_path / "o" / "results.json")
+    niwt = methods["niwt"]
+    assert niwt["H"] > methods["eszsl"]["H"] and niwt["H"] > methods["ale"]["H"]
+    assert niwt["uncalibrated"]["S"] >= 0.9 * seen_only
+    assert niwt["U"] > 0.3  # chance over 10 classes is 0.1

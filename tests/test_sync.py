@@ -131,7 +131,7 @@ def test_mdl_cost_prefers_the_planted_partition():
 
 
 @pytest.mark.parametrize("kwargs", [dict(eps=-1.0), dict(eps_rule="dbscan"), dict(scale="zscore"),
-                                    dict(tol=0.0), dict(dtype="float16")])
+                                    dict(tol=0.0), dict(dtype="float16"), dict(algorithm="kdtree")])
 def test_bad_parameters_raise(kwargs):
     with pytest.raises(ValueError):
         SynC(**kwargs).fit(np.random.default_rng(0).random((20, 2)))
@@ -166,6 +166,91 @@ def test_benchmark_8k_points_dim16_cpu(capsys):
         print(f"\n[bench] SynC knn 8000 x 16 on CPU ({torch.get_num_threads()} threads, 4M-entry blocks): "
               f"{seconds:.2f} s, {model.n_iter_} iterations, {model.n_clusters_} clusters")
     assert adjusted_rand_score(y, model.labels_) >= 0.95
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The grid variant (SynC(algorithm="grid")): the exact variant's dynamics on k-d leaves
+# ----------------------------------------------------------------------------------------------------------
+
+def _lonely_blobs():
+    X, _ = make_blobs(n_samples=300, centers=CENTERS[:3], cluster_std=1.0, random_state=3)
+    return np.vstack([X, [[30.0, -20.0], [-25.0, 30.0], [35.0, 35.0]]])
+
+
+@pytest.mark.parametrize("case", ["five_blobs", "lonely", "fixed_eps", "mdl", "16d_k5", "noise_16d"])
+def test_grid_gives_the_exact_labels_on_small_cases(case):
+    X, kwargs = {
+        "five_blobs": (five_blobs(seed=0, n=500)[0], {}),
+        "lonely": (_lonely_blobs(), {}),
+        "fixed_eps": (five_blobs(seed=2, n=300)[0], dict(eps=0.1)),
+        "mdl": (five_blobs(seed=3, n=300)[0], dict(eps_rule="mdl")),
+        "16d_k5": (make_blobs(n_samples=400, n_features=16, centers=8, cluster_std=2.0, random_state=0)[0],
+                   dict(k=5)),
+        "noise_16d": (np.random.default_rng(0).normal(size=(500, 16)), dict(k=5)),
+    }[case]
+    exact = SynC(algorithm="exact", device="cpu", **kwargs).fit(X)
+    grid = SynC(algorithm="grid", device="cpu", **kwargs).fit(X)
+    np.testing.assert_array_equal(grid.labels_, exact.labels_)
+    assert grid.eps_ == exact.eps_ and grid.n_iter_ == exact.n_iter_
+    np.testing.assert_allclose(grid.X_sync_.numpy(), exact.X_sync_.numpy(), atol=1e-5)
+
+
+def test_grid_iteration_is_the_sync_step_and_brackets_the_order_parameter():
+    """Along a run on planted 16-d blobs (spread-out start, contracting, collapsed), the grid step equals the
+    exact step, and its bounds of r_c contain the exact r_c; exact_r gives r_c itself."""
+    from modnet.methods.sync import _grid_iteration
+
+    X, _ = make_blobs(n_samples=1500, n_features=16, centers=6, cluster_std=1.0, random_state=7)
+    X = torch.as_tensor((X - X.min(0)) / (X.max(0) - X.min(0)), dtype=torch.float32)
+    eps = 0.3
+    for _ in range(3):
+        step, lo, hi = _grid_iteration(X, eps)
+        r = float(order_parameter(X, eps))
+        assert lo - 1e-6 <= r <= hi + 1e-6
+        assert _grid_iteration(X, eps, exact_r=True)[1] == pytest.approx(r, abs=1e-6)
+        torch.testing.assert_close(step, sync_step(X, eps), atol=1e-5, rtol=0)
+        X = step
+
+
+def test_grid_and_exact_agree_on_planted_16d_blobs():
+    X, y = make_blobs(n_samples=2000, n_features=16, centers=8, cluster_std=1.0, random_state=0)
+    exact = SynC(algorithm="exact", device="cpu").fit_predict(X)
+    grid = SynC(algorithm="grid", device="cpu").fit_predict(X)
+    assert adjusted_rand_score(y, exact) == adjusted_rand_score(y, grid) == pytest.approx(1.0)
+
+
+def _timed_planted_fit(n, algorithm):
+    """(seconds, ARI against the planted labels, iterations) of SynC on n planted 16-d points in 8 blobs."""
+    X, y = make_blobs(n_samples=n, n_features=16, centers=8, cluster_std=1.0, random_state=0)
+    start = time.perf_counter()
+    model = SynC(algorithm=algorithm, device="cpu").fit(X)
+    return time.perf_counter() - start, adjusted_rand_score(y, model.labels_), model.n_iter_
+
+
+def test_grid_recovers_16k_planted_points_dim16(capsys):
+    """The size the exact variant cannot afford on the CPU (16x the pairs of 4k points); timing printed only."""
+    seconds, ari, n_iter = _timed_planted_fit(16000, "grid")
+    with capsys.disabled():
+        print(f"\n[bench] SynC grid 16000 x 16 on CPU ({torch.get_num_threads()} threads): {seconds:.2f} s, "
+              f"{n_iter} iterations")
+    assert ari == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(not os.environ.get("MODNET_BENCH"), reason="set MODNET_BENCH=1 for the exact 4k / grid 16k run")
+def test_benchmark_grid_16k_against_exact_4k(capsys):
+    """Same-process ratio (printed, not asserted): the grid variant on 16k points against the exact one on 4k."""
+    t_exact, ari_exact, _ = _timed_planted_fit(4000, "exact")
+    t_grid, ari_grid, _ = _timed_planted_fit(16000, "grid")
+    with capsys.disabled():
+        print(f"\n[bench] SynC exact 4000 x 16: {t_exact:.2f} s; grid 16000 x 16: {t_grid:.2f} s; "
+              f"ratio {t_grid / t_exact:.2f} ({torch.get_num_threads()} threads)")
+    assert ari_exact == ari_grid == pytest.approx(1.0)
+
+
+def test_auto_picks_the_grid_by_size():
+    small, large = torch.zeros(2999, 2), torch.zeros(3000, 2)
+    assert not SynC()._use_grid(small) and SynC()._use_grid(large)
+    assert SynC(algorithm="grid")._use_grid(small) and not SynC(algorithm="exact")._use_grid(large)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -325,3 +410,21 @@ def test_sync_regulariser_is_the_mean_over_layers_of_any_widths():
     plugin.before_backward(strat)
     want = sum(float(sync_loss(a.T, 0.9)) for a in acts) / 3
     assert float(strat.loss) == pytest.approx(want, rel=1e-6)
+
+
+def test_modules_cluster_algorithm_reaches_sync():
+    """modules.cluster.algorithm (configs/training.yaml) goes through cluster_layers to SynC: the grid variant
+    finds the planted modules the exact one finds, and an unknown name stops."""
+    from modnet.config import compose
+    from modnet.nets.modules import cluster_layers
+
+    assert compose("cl").modules.cluster.algorithm == "auto"
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(3, 120, generator=g)
+    planted = torch.arange(30) % 3
+    profiles = [latent[planted] + 0.2 * torch.randn(30, 120, generator=g)]
+    (exact, _), = cluster_layers(profiles, steps=60, min_modules=2, max_modules=8, algorithm="exact")
+    (grid, _), = cluster_layers(profiles, steps=60, min_modules=2, max_modules=8, algorithm="grid")
+    assert torch.equal(exact, grid) and adjusted_rand_score(planted.numpy(), grid.numpy()) == 1.0
+    with pytest.raises(ValueError, match="algorithm"):
+        cluster_layers(profiles, steps=1, algorithm="kdtree")

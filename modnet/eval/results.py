@@ -10,8 +10,11 @@ import numpy as np
 from modnet.eval.tables import aggregate_runs, markdown_table, mean_matrix, mean_std_cell
 
 # The scalar results of a run that are averaged over seeds: name -> (table label, table cell format).
+# stored_bytes: what the strategy keeps for inference or replay besides a baseline network's weights
+# (strategies/memory.py).
 SEED_METRICS = {"average_accuracy": ("avg acc", "{:.4f}"), "forgetting": ("forgetting", "{:.4f}"),
-                "bwt": ("BWT", "{:.4f}"), "train_seconds": ("train s", "{:.1f}")}
+                "bwt": ("BWT", "{:.4f}"), "train_seconds": ("train s", "{:.1f}"),
+                "stored_bytes": ("stored bytes", "{:.0f}")}
 
 
 def summarize(matrix) -> dict:
@@ -94,12 +97,12 @@ def write_results(out_dir: Path, results: dict, plots: bool = True) -> None:
     tmp = out_dir / "results.csv.tmp"
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["strategy", "average_accuracy", "forgetting", "bwt", "train_seconds", "after_exp",
+        w.writerow(["strategy", "average_accuracy", "forgetting", "bwt", "train_seconds", "stored_bytes", "after_exp",
                     *[f"acc_exp{j}" for j in range(results["n_experiences"])]])
         for name, r in results["strategies"].items():
             for i, row in enumerate(r["accuracy_matrix"]):
-                w.writerow([name, r["average_accuracy"], r["forgetting"], r["bwt"], r["train_seconds"], i,
-                            *row])
+                w.writerow([name, r["average_accuracy"], r["forgetting"], r["bwt"], r["train_seconds"],
+                            r.get("stored_bytes"), i, *row])
     tmp.replace(out_dir / "results.csv")
     if plots:
         plot_results(out_dir, results)

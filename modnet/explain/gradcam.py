@@ -345,7 +345,8 @@ def save_overlay(image: Tensor, cam: Tensor, path: str | Path, size: Sequence[in
 def save_overlay_grid(image: Tensor, cams: Mapping[str, Tensor], path: str | Path, ncols: int = 4,
                       size: Sequence[int] | None = None, alpha: float = 0.6, cmap: str = "jet",
                       panel_inches: float = 2.0, dpi: int = 100, title: str | None = None) -> Path:
-    """One figure: the input, then one titled overlay per map in ``cams`` (classes or modules).
+    """One figure: the input, then one titled overlay per map in ``cams`` (classes or modules), and a colour
+    bar of the overlays' scale.
 
     The PNG is ncols * panel_inches * dpi pixels wide and nrows * panel_inches * dpi high, with
     nrows = ceil((len(cams) + 1) / ncols).
@@ -367,6 +368,13 @@ def save_overlay_grid(image: Tensor, cams: Mapping[str, Tensor], path: str | Pat
         ax.set_title(str(name), fontsize=8)
     for ax in axes:
         ax.axis("off")
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    # every overlay scales its own map to [0, 1] (normalize_cam): one colour bar reads them all
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap), ax=list(axes), fraction=0.025, pad=0.02)
+    bar.set_label("map, scaled to [0, 1] per panel", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path, dpi)
@@ -499,32 +507,51 @@ def knowledge_scores(importance: Tensor, knowledge_of_importance: KnowledgeMap) 
     return importance.to(dtype) @ inverse.T
 
 
-def rank_attributes(scores: Tensor, attribute_names: Sequence[str], top_k: int = 5) -> RankedAttributes:
-    """The ``top_k`` highest scores as [(attribute name, score)], best first."""
+TIE = " = "  # joins the names of attributes reported as one entry (``tied_attribute_groups``)
+
+
+def rank_attributes(scores: Tensor, attribute_names: Sequence[str], top_k: int = 5,
+                    tied: Sequence[Sequence[int]] = ()) -> RankedAttributes:
+    """The ``top_k`` highest scores as [(attribute name, score)], best first.
+
+    ``tied``: groups of attribute indices the fitted classes cannot tell apart
+    (``modnet.methods.knowledge.tied_attribute_groups``); each group is one entry named by its members joined
+    with " = " (e.g. ``"segment_top = segment_bottom"``), scored by its best member."""
     if scores.dim() != 1 or scores.numel() != len(attribute_names):
         raise ValueError(f"got {scores.numel()} attribute scores but {len(attribute_names)} attribute names")
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    values, idx = scores.topk(min(int(top_k), scores.numel()))
-    return [(str(attribute_names[i]), float(v)) for v, i in zip(values.tolist(), idx.tolist())]
+    group_of = {int(i): tuple(int(j) for j in g) for g in tied for i in g}
+    ranked: RankedAttributes = []
+    reported: set[tuple[int, ...]] = set()
+    for i in torch.argsort(scores.detach().cpu(), descending=True, stable=True).tolist():
+        group = group_of.get(i, (i,))
+        if group in reported:
+            continue
+        reported.add(group)
+        ranked.append((TIE.join(str(attribute_names[j]) for j in group), float(scores[i])))
+        if len(ranked) == top_k:
+            break
+    return ranked
 
 
 def explain_in_words(importance: Tensor, knowledge_of_importance: KnowledgeMap, attribute_names: Sequence[str],
-                     top_k: int = 5) -> RankedAttributes:
+                     top_k: int = 5, tied: Sequence[Sequence[int]] = ()) -> RankedAttributes:
     """Name the attributes behind a decision: the inverse map importance -> knowledge, best ``top_k`` first.
 
     importance: Tensor[N], a class's neuron importance (NIWT step 1, or predicted for an unseen class).
-    See ``knowledge_scores`` for the accepted maps. Returns [(attribute name, score)], highest score first.
+    See ``knowledge_scores`` for the accepted maps; ``tied`` as in ``rank_attributes``. Returns [(attribute name,
+    score)], highest score first.
     """
     importance = torch.as_tensor(importance)
     if importance.dim() != 1:
         raise ValueError(f"importance must be one vector [N], got shape {tuple(importance.shape)}")
-    return rank_attributes(knowledge_scores(importance, knowledge_of_importance), attribute_names, top_k)
+    return rank_attributes(knowledge_scores(importance, knowledge_of_importance), attribute_names, top_k, tied)
 
 
 def module_attributes(importance_matrix: Tensor, modules: Mapping[str, Sequence[int]],
                       knowledge_of_importance: KnowledgeMap, attribute_names: Sequence[str], top_k: int = 5,
-                      positive_only: bool = True) -> dict[str, RankedAttributes]:
+                      positive_only: bool = True, tied: Sequence[Sequence[int]] = ()) -> dict[str, RankedAttributes]:
     """Per functional module, the attributes its units' importance maps back to.
 
     importance_matrix: [C x N], class importance of the layer's N units. A module's importance profile is
@@ -545,7 +572,7 @@ def module_attributes(importance_matrix: Tensor, modules: Mapping[str, Sequence[
             raise ValueError(f"module {name!r} names unit {max(units)} but the importance has {n_units} units")
         masks[m, torch.as_tensor(units, device=profile.device)] = 1.0
     scores = knowledge_scores(masks * profile, knowledge_of_importance)  # M x A
-    return {name: rank_attributes(scores[m], attribute_names, top_k) for m, name in enumerate(modules)}
+    return {name: rank_attributes(scores[m], attribute_names, top_k, tied) for m, name in enumerate(modules)}
 
 
 def describe(ranked: RankedAttributes) -> str:

@@ -342,8 +342,51 @@ def bench_niwt_gzsl(device: str = "cpu") -> dict:
     return times
 
 
+def bench_niwt_features(device: str = "cpu", samples: int = 23527, dim: int = 2048, classes: int = 40,
+                        attributes: int = 85, hidden: int = 1024, batch_size: int = 4096) -> dict:
+    """NIWT's steps 1 and 2 at the xlsa17 scale: class importance at the hidden layer of a 2048-d feature MLP
+    (AWA2: 23,527 trainval features of 40 seen classes, 85 attributes) and the knowledge -> importance map fit.
+    Synthetic features (class means a random linear map of random attributes): only the time is reported."""
+    from modnet.methods.niwt import KnowledgeToImportance, class_importance
+
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    knowledge = torch.rand(classes, attributes, generator=g)
+    y = torch.arange(samples) % classes
+    x = knowledge[y] @ torch.randn(attributes, dim, generator=g) + torch.randn(samples, dim, generator=g)
+    x, y, knowledge = x.to(dev), y.to(dev), knowledge.to(dev)  # data moves to the device once
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, classes))
+    model = model.to(dev)
+    class_importance(model, model[1], x[:batch_size], y[:batch_size], classes, batch_size)  # warm-up
+    _sync(dev)
+    t0 = time.perf_counter()
+    imp = class_importance(model, model[1], x, y, classes, batch_size)
+    _sync(dev)
+    importance_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    KnowledgeToImportance(attributes, hidden).to(dev).fit(knowledge, imp)
+    _sync(dev)
+    return {"samples": samples, "dim": dim, "classes": classes, "hidden_units": hidden,
+            "class_importance_s": importance_s, "class_importance_samples_per_s": samples / importance_s,
+            "knowledge_map_fit_s": time.perf_counter() - t0}
+
+
+def _device_facts(device: torch.device) -> dict:
+    facts = {"torch": torch.__version__}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        facts.update(device_name=props.name, device_memory_gb=round(props.total_memory / 2**30, 1),
+                     cuda=torch.version.cuda)
+    else:
+        import platform
+
+        facts["device_name"] = platform.processor() or platform.machine()
+    return facts
+
+
 def _markdown(res: dict) -> str:
-    lines = [f"# modnet bench ({res['device']}, {res['threads']} CPU threads)", ""]
+    lines = [f"# modnet bench ({res['device']}: {res.get('device_name', '')}, {res['threads']} CPU threads)", ""]
     for arch, r in res["training"].items():
         lines += [f"## training, {arch} backbone ({r['config']})", "",
                   "Separate processes (throughput and memory of each loop on its own):", "",
@@ -378,6 +421,12 @@ def _markdown(res: dict) -> str:
     if "niwt_gzsl" in res:
         lines += ["## NIWT and GZSL (digits default)", "", "| step | figure |", "|---|---|"]
         lines += [f"| {k} | {v:.3g} |" for k, v in res["niwt_gzsl"].items()]
+    if "niwt_features" in res:
+        f = res["niwt_features"]
+        lines += ["", f"## NIWT at the xlsa17 scale ({f['samples']} x {f['dim']} features, {f['classes']} classes, "
+                  f"{f['hidden_units']} hidden units)", "", "| step | figure |", "|---|---|"]
+        lines += [f"| {k} | {f[k]:.3g} |" for k in ("class_importance_s", "class_importance_samples_per_s",
+                                                   "knowledge_map_fit_s")]
     return "\n".join(lines) + "\n"
 
 
@@ -389,7 +438,7 @@ def run_bench(cfg) -> dict:
         torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    res = {"device": str(device), "threads": torch.get_num_threads(), "training": {}}
+    res = {"device": str(device), **_device_facts(device), "threads": torch.get_num_threads(), "training": {}}
     opts = {"threads": cfg.threads, "amp": cfg.amp, "channels_last": cfg.channels_last,
             "sync_reg": cfg.sync_reg, "image_shape": list(cfg.image_shape),
             "mlp_shapes": {a: dict(cfg[a]) for a in MLP_ARCHS if a in cfg}, "resnet_width": cfg.resnet_width}
@@ -417,6 +466,11 @@ def run_bench(cfg) -> dict:
     if cfg.niwt:
         print("[bench] NIWT and GZSL ...", flush=True)
         res["niwt_gzsl"] = bench_niwt_gzsl(str(device))
+    if cfg.niwt_features.enabled:
+        print("[bench] NIWT importance on xlsa17-sized features ...", flush=True)
+        f = cfg.niwt_features
+        res["niwt_features"] = bench_niwt_features(str(device), f.samples, f.dim, f.classes, f.attributes, f.hidden,
+                                                   f.batch_size)
     (out / "bench.json").write_text(json.dumps(res, indent=2))
     md = _markdown(res)
     (out / "bench.md").write_text(md)

@@ -14,9 +14,10 @@ import torch
 from omegaconf import OmegaConf
 
 from modnet.config import ConfigError, check_choice, resolve_device
-from modnet.eval.results import add_forgetting_ratio, aggregate_seeds, format_table, summarize, write_results
+from modnet.eval.results import add_forgetting_ratio, aggregate_seeds, format_table, write_results
 from scenarios import build_benchmark
 from scenarios.base import SCENARIOS
+from strategies.memory import run_order, with_matched_memory
 
 
 class _DriftProbe:
@@ -59,10 +60,10 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path, run_f
     ``run_fingerprint`` (``modnet.runner.rundir.fingerprint``) is stored in every checkpoint; a checkpoint
     with another one is not resumed from (one line naming the keys that differ)."""
     from modnet.eval.metrics import build_evaluator, close_loggers
-    from modnet.nets.record import describe_network, save_network
+    from modnet.nets.record import save_network
     from modnet.runner.evaluation import stream_evaluator
     from modnet.runner.runner import (finished_result, load_checkpoint, make_strategy, run_experiences,
-                                      save_finished, set_seed)
+                                      save_finished, set_seed, strategy_result)
     from modnet.runner.rundir import describe_difference
     from strategies.registry import get_strategy
 
@@ -103,8 +104,7 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path, run_f
                              log=lambda msg: print(f"[{name} seed {seed}] {msg} from {ckpt_path}"),
                              checkpoint_meta=meta)
     close_loggers(evaluator)
-    result = {**summarize(record.rows), "train_seconds": record.train_seconds,
-              "network": describe_network(strategy.model)}
+    result = strategy_result(name, strategy, info, record)
     drift = next((h for h in hooks if isinstance(h, _DriftProbe)), None)
     if drift is not None and drift.first is not None and n > 1:
         from modnet.eval.drift import plot_drift, snapshot
@@ -197,14 +197,16 @@ def _run_all(cfg, out: Path, ckpt_dir: Path, device, run_fingerprint: dict) -> d
                 "complete": complete,
                 "finished": [[name, seed] for name, r in runs.items() for seed in seeds[:len(r)]]}
 
+    order = run_order(cfg)  # modnet first when a buffer is sized to its stored bytes (mem_size=match)
     for seed in seeds:
         info = build_benchmark(cfg.benchmark, cfg.scenario, seed,
                                device=device if cfg.train.data_on_device else None)
-        for name in cfg.strategies:
+        for name in order:
             print(f"=== {name} | {info.name} | {cfg.scenario}-incremental | seed {seed} ===")
-            runs[name].append(run_strategy(name, cfg, info, seed, device, ckpt_dir / f"{name}_seed{seed}.pt",
-                                           run_fingerprint))
-            if not (seed == seeds[-1] and name == cfg.strategies[-1]):
+            modnet_bytes = runs["modnet"][-1].get("stored_bytes") if "modnet" in runs and runs["modnet"] else None
+            runs[name].append(run_strategy(name, with_matched_memory(cfg, name, info, modnet_bytes), info, seed,
+                                           device, ckpt_dir / f"{name}_seed{seed}.pt", run_fingerprint))
+            if not (seed == seeds[-1] and name == order[-1]):
                 write_results(out, results_so_far(False), plots=False)  # a later crash loses nothing
     results = results_so_far(True)
     write_results(out, results)

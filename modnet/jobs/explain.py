@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from modnet.config import ConfigError, check_choice, compose, resolve_device
-from modnet.explain.gradcam import (BACKENDS, explain_in_words, module_attributes, save_attribution_bars,
+from modnet.explain.gradcam import (BACKENDS, TIE, explain_in_words, module_attributes, save_attribution_bars,
                                     save_map_figure, save_overlay_grid, write_module_explanations_md)
 from modnet.explain.network import (GRAD_CAM, INPUT_X_GRADIENT, ModuleMaps, TaskTest, gated_modules, gated_tasks,
                                     tap_class_importance)
@@ -318,7 +319,9 @@ def _draw(path: Path, x: Tensor, module_map: Tensor, kind: str, shape, title: st
 
 
 def _words(net: ExplainedNetwork, layer: int, task: int, modules: dict[str, list[int]], cfg: DictConfig):
-    """(per module, per class of the task) attributes through NIWT's inverse map at the layer's tap."""
+    """(per module, per class of the task) attributes through NIWT's inverse map at the layer's tap, and the
+    groups of attribute names the map's classes cannot tell apart (reported as one entry each)."""
+    from modnet.methods.knowledge import tied_attribute_groups
     from modnet.methods.niwt import KnowledgeToImportance
 
     importance, classes, tasks = tap_class_importance(net.model, layer, net.tests, cfg.niwt.importance_batch_size)
@@ -333,11 +336,13 @@ def _words(net: ExplainedNetwork, layer: int, task: int, modules: dict[str, list
                                             refit_all=n.map_refit_all, seed=cfg.seed)
     own = [i for i, t in enumerate(tasks) if t == task]
     e = cfg.explain
+    # attributes the map's classes cannot tell apart: one entry each, named together (not one picked at random)
+    tied = tied_attribute_groups(knowledge.matrix[classes])
     per_module = module_attributes(importance[own], modules, k_map, knowledge.attribute_names, e.top_k,
-                                   positive_only=e.positive_only)
+                                   positive_only=e.positive_only, tied=tied)
     per_class = {knowledge.class_names[classes[i]]: explain_in_words(importance[i], k_map, knowledge.attribute_names,
-                                                                     e.top_k) for i in own}
-    return per_module, per_class
+                                                                     e.top_k, tied) for i in own}
+    return per_module, per_class, [[knowledge.attribute_names[j] for j in g] for g in tied]
 
 
 def _slug(name: str) -> str:
@@ -358,6 +363,7 @@ class LayerExplanation:
     kind: str
     arrays: dict[str, np.ndarray]
     n_units: int
+    tied: list[list[str]]
 
     @property
     def note(self) -> str:
@@ -381,7 +387,7 @@ def explain_layer(net: ExplainedNetwork, task: int, layer: int, modules: dict[st
     examples = maps.scores(test.x).argmax(dim=0).cpu()  # per module, the test input driving it most
     inputs = test.x[examples]
     module_maps = maps(inputs, maps.names).cpu()
-    per_module, per_class = _words(net, layer, task, modules, cfg) if net.knowledge else ({}, {})
+    per_module, per_class, tied = _words(net, layer, task, modules, cfg) if net.knowledge else ({}, {}, [])
     entries, arrays = {}, {}
     for j, module in enumerate(maps.names):
         png = f"{name}_{_slug(module)}.png"
@@ -405,12 +411,30 @@ def explain_layer(net: ExplainedNetwork, task: int, layer: int, modules: dict[st
     return LayerExplanation(entries, {m: float(gates[:, j].mean()) for j, m in enumerate(maps.names)},
                             {m: int(hat_on[modules[m]].sum()) for m in maps.names},
                             {c: [[a, s] for a, s in ranked] for c, ranked in per_class.items()}, maps.kind, arrays,
-                            int(model.masked[layer].n_units))
+                            int(model.masked[layer].n_units), tied)
+
+
+@contextmanager
+def one_cpu_thread():
+    """Run the block on one CPU thread, then restore the caller's count. A multi-threaded BLAS sums in an order
+    that depends on the thread count; training and the map's Adam epochs carry those last-bit differences into
+    every score. On one thread a network and its explanations are the same whatever the caller's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def explain_network(net: ExplainedNetwork, cfg: DictConfig, out: Path) -> dict:
     """Maps and words of the modules of the explained task's gates, layer by layer; writes the outputs and
-    returns explanations.json's content."""
+    returns explanations.json's content. Runs on one CPU thread (``one_cpu_thread``)."""
+    with one_cpu_thread():
+        return _explain_network(net, cfg, out)
+
+
+def _explain_network(net: ExplainedNetwork, cfg: DictConfig, out: Path) -> dict:
     model = net.model
     task = _explained_task(model, cfg.explain.task)
     if task >= len(net.tests) or net.tests[task] is None:
@@ -423,6 +447,11 @@ def explain_network(net: ExplainedNetwork, cfg: DictConfig, out: Path) -> dict:
     notes = [_source_note(net.source), f"Modules of task {task}'s gates, as the network switches them."]
     if net.knowledge is None:
         notes.append("The benchmark has no class knowledge (attributes): modules are explained by maps only.")
+    tied = next((x.tied for x in layers.values()), [])  # the same classes fit every layer's map
+    for group in tied:
+        notes.append(f"Tied attributes: {', '.join(group)} take the same values (up to scale and offset) on every "
+                     f"class the map was fitted on, so no explanation can tell them apart; they are reported as "
+                     f"one entry, '{TIE.join(group)}'.")
     modules = {name: x.modules for name, x in layers.items()}
     per_class = {name: x.per_class for name, x in layers.items()}
     write_module_explanations_md(out / "explanations.md", modules, per_class,
@@ -431,7 +460,8 @@ def explain_network(net: ExplainedNetwork, cfg: DictConfig, out: Path) -> dict:
     return {"modules": modules, "task": task, "network": type(model).__name__, "source": net.source,
             "maps": {"file": "module_maps.npz", "kind": {name: x.kind for name, x in layers.items()}},
             "gate_on": {name: x.gate_on for name, x in layers.items()},
-            "units_on": {name: x.units_on for name, x in layers.items()}, "per_class": per_class, "notes": notes}
+            "units_on": {name: x.units_on for name, x in layers.items()}, "per_class": per_class,
+            "tied_attributes": tied, "notes": notes}
 
 
 def _source_note(source: dict) -> str:
@@ -446,9 +476,12 @@ def _source_note(source: dict) -> str:
 
 def run_explain(cfg: DictConfig) -> dict:
     _check_config(cfg)
+    with one_cpu_thread():  # the network trained here and its explanations, the same for any thread count
+        return _run_explain(cfg)
+
+
+def _run_explain(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     net = load_run(cfg, device) if cfg.run_dir else train_here(cfg, device)

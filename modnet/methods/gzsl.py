@@ -25,7 +25,6 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 __all__ = [
     "GZSLResult",
@@ -243,23 +242,28 @@ class ALE(_Bilinear):
         position = torch.full((class_knowledge.shape[0],), -1, dtype=torch.long, device=device)
         position[seen] = torch.arange(len(seen), device=device)
         target = position[y.to(device)]
-        W = (0.01 * torch.randn(x.shape[1], s.shape[1], generator=generator)).to(device).requires_grad_(True)
-        optimizer = torch.optim.SGD([W], lr=self.lr, weight_decay=self.weight_decay)
+        W = (0.01 * torch.randn(x.shape[1], s.shape[1], generator=generator)).to(device)
         harmonic = torch.cumsum(1.0 / torch.arange(1, len(seen) + 1, device=device, dtype=torch.float32), 0)
+        x = x.float()
+        # The loss' gradient written out (SGD, as torch.optim.SGD with weight_decay): with f = x W s^T,
+        # dloss/df_bc = w_b / B for the violating classes c, -w_b r_b / B for the true class (w_b held fixed,
+        # as the paper's rank weight); dloss/dW = x^T (dloss/df) s. A step of a 64-sample batch is a few
+        # small products, where autograd's graph cost several times more.
         for _ in range(self.epochs):
             order = torch.randperm(x.shape[0], generator=generator).to(device)
+            x_epoch, t_epoch = x[order], target[order]            # one gather per epoch; batches are views
             for start in range(0, x.shape[0], self.batch_size):
-                idx = order[start:start + self.batch_size]
-                f = x[idx].float() @ W @ s.T                                    # [b, z]
-                true = f.gather(1, target[idx, None])
-                violation = F.relu(self.margin + f - true)
-                violation = violation.scatter(1, target[idx, None], 0.0)
-                rank = (violation > 0).sum(1)
-                weight = torch.where(rank > 0, harmonic[(rank - 1).clamp(min=0)] / rank.clamp(min=1), 0.0)
-                loss = (weight.detach() * violation.sum(1)).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                xb, tb = x_epoch[start:start + self.batch_size], t_epoch[start:start + self.batch_size, None]
+                f = xb @ W @ s.T                                                # [b, z]
+                violation = (self.margin + f - f.gather(1, tb)).scatter_(1, tb, 0.0)
+                active = (violation > 0).to(f.dtype)
+                rank = active.sum(1, keepdim=True)
+                weight = harmonic[(rank.long() - 1).clamp(min=0)] / rank.clamp(min=1) / xb.shape[0]
+                grad_f = (active * weight).scatter_(1, tb, -(weight * rank))  # rank 0: weight irrelevant, all 0
+                grad = xb.T @ (grad_f @ s)
+                if self.weight_decay:
+                    grad += self.weight_decay * W
+                W -= self.lr * grad
         self.W = W.detach()
         self.class_knowledge = class_knowledge.to(device).float()
         return self

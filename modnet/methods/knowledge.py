@@ -30,7 +30,46 @@ __all__ = [
     "class_word_embeddings",
     "sentence_embeddings",
     "bundled_minilm_dir",
+    "tied_attribute_groups",
 ]
+
+
+def tied_attribute_groups(knowledge: Tensor | np.ndarray, tol: float = 1e-6) -> list[list[int]]:
+    """Attributes that these classes cannot tell apart: groups (of 2 or more column indices, each group sorted,
+    groups by their first index) of the class knowledge [C x A] whose columns are increasing affine images of
+    one another on these C classes, k_j = alpha k_i + beta with alpha > 0 (Pearson correlation 1, within
+    ``tol``).
+
+    Any map fitted on these classes (NIWT's knowledge -> importance map and its inverse) sees such columns only
+    through that affine relation: the inverse map gives them scores in the same order for every importance
+    vector (equal scores for equal columns), so naming one of them instead of the other is not backed by the
+    data. Explanations report a group as one entry. Columns constant on the classes carry no information and
+    are left out (they tie with the map's bias, not with each other)."""
+    k = torch.as_tensor(knowledge, dtype=torch.float64)
+    if k.dim() != 2:
+        raise ValueError(f"knowledge must be [classes x attributes], got shape {tuple(k.shape)}")
+    centred = k - k.mean(dim=0, keepdim=True)
+    norms = centred.norm(dim=0)
+    varying = norms > 1e-12 * max(float(k.abs().max()), 1.0)
+    z = centred / norms.clamp_min(1e-300)
+    corr = z.T @ z  # A x A Pearson correlations of the varying columns
+    parent = list(range(k.shape[1]))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    idx = torch.nonzero(varying).flatten().tolist()
+    for a_pos, i in enumerate(idx):
+        for j in idx[a_pos + 1:]:
+            if float(corr[i, j]) >= 1.0 - tol:
+                parent[root(j)] = root(i)
+    groups: dict[int, list[int]] = {}
+    for i in idx:
+        groups.setdefault(root(i), []).append(i)
+    return sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: g[0])
 
 
 class MissingFileError(FileNotFoundError, ValueError):

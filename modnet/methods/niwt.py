@@ -20,6 +20,9 @@ any device:
        L(w) = mean_b [1 - cos(d (w_{u_b} . f(x_b)) / d A(x_b), a*_{u_b})] + lambda * 0.5 * ||W_U - mean(w_S)||^2
    with f the classifier's input (penultimate features), Adam, stopped when the loss has not improved by 1%
    in 40 iterations. Defaults of the official code: lr 1e-3 / lambda 1e-3 (AWA2), lr 1e-4 / lambda 1e-2 (CUB).
+   The loss fixes the direction of w_u only (cosine) and no loss reaches b_u (official: 0). ``match_seen_scale``
+   then sets length and bias from seen images: ``negatives`` makes a new row score the images of other
+   classes as the trained rows score theirs (mean and std of w_c . f(x) + b_c over x not of class c).
 
 Which layer: at the last layer before a linear classifier o = W f + b, the importance is d o_c / d f = w_c,
 the class weight vector itself (after global average pooling, the same for every spatial position), so the
@@ -375,6 +378,23 @@ class _InputCapture:
         self.features = inputs[0]
 
 
+@torch.no_grad()
+def _classifier_inputs(model: nn.Module, classifier: nn.Linear, x: Tensor, batch_size: int,
+                       forward_fn: ForwardFn | None = None) -> Tensor:
+    """The classifier's input f(x) [n, D] for every row of x (eval mode, batch by batch, on the model's device)."""
+    forward, device, features = forward_fn or model, _model_device(model), _InputCapture()
+    out = []
+    with _eval_mode(model):
+        handle = classifier.register_forward_pre_hook(features)
+        try:
+            for start in range(0, x.shape[0], batch_size):
+                forward(x[start:start + batch_size].to(device))
+                out.append(features.features)
+        finally:
+            handle.remove()
+    return torch.cat(out)
+
+
 def _seen_weight_statistics(classifier: nn.Linear, seen_columns: Sequence[int] | None):
     weight = classifier.weight.detach()
     bias = classifier.bias.detach() if classifier.bias is not None else torch.zeros_like(weight[:, 0])
@@ -385,12 +405,16 @@ def _seen_weight_statistics(classifier: nn.Linear, seen_columns: Sequence[int] |
     return weight.mean(0), std, bias.mean()
 
 
+UNSEEN_INITS = ("seen_centered", "seen_mean")
+UNSEEN_BIASES = ("zero", "seen_mean")
+
+
 def fit_unseen_weights(model: nn.Module, layer: nn.Module, classifier: nn.Linear, x_seen: Tensor,
                        target_importance: Tensor, *, seen_columns: Sequence[int] | None = None,
                        lr: float = 1e-3, lam: float = 1e-3, batch_size: int = 64, patience: int = 40,
                        min_improvement: float = 0.01, max_iterations: int = 5000,
                        forward_fn: ForwardFn | None = None, seed: int = 0, match: str = "sample",
-                       progress: bool = False) -> UnseenWeights:
+                       init: str = "seen_centered", bias: str = "zero", progress: bool = False) -> UnseenWeights:
     """NIWT step 3: new output weights whose induced importance matches ``target_importance`` [U, N].
 
     Each iteration draws ``batch_size`` seen images and pairs each with one unseen class u_b (the classes in
@@ -398,8 +422,10 @@ def fit_unseen_weights(model: nn.Module, layer: nn.Module, classifier: nn.Linear
     alpha_b = d (w_{u_b} . f(x_b)) / d A(x_b) (one backward for the batch, kept differentiable w.r.t. W_U),
     and the loss is mean_b [1 - cos(alpha_b, target[u_b])] + lam * 0.5 * ||W_U - mean(w_seen)||^2.
     Adam on W_U; stops when the loss has not improved by ``min_improvement`` (relative, 1%) for ``patience``
-    (40) iterations, or after ``max_iterations``. The unseen biases stay at the mean seen bias (the
-    importance does not depend on them). The network and the seen weights are not modified.
+    (40) iterations, or after ``max_iterations``. The importance does not depend on the biases, so they are
+    set, not fitted: ``bias="zero"`` b_u = 0 (the official code: its new head's biases start at 0 and no loss
+    reaches them), ``"seen_mean"`` b_u = mean(b_seen). The network and the seen weights are not modified.
+    The loss is blind to the scale of w_u too (cosine); ``match_seen_scale`` puts the rows on the seen scale.
 
     ``seen_columns``: the classifier rows that hold trained seen classes (default: all rows).
     ``match="batch"`` compares each class's importance averaged over its samples in the batch with the target
@@ -407,6 +433,10 @@ def fit_unseen_weights(model: nn.Module, layer: nn.Module, classifier: nn.Linear
     """
     if match not in ("sample", "batch"):
         raise ValueError(f"match must be 'sample' or 'batch', got {match!r}")
+    if init not in UNSEEN_INITS:
+        raise ValueError(f"init must be one of {', '.join(UNSEEN_INITS)}, got {init!r}")
+    if bias not in UNSEEN_BIASES:
+        raise ValueError(f"bias must be one of {', '.join(UNSEEN_BIASES)}, got {bias!r}")
     device = _model_device(model)
     if target_importance.dim() != 2:
         raise ValueError(f"target_importance must be [n_unseen, n_units], got {tuple(target_importance.shape)}")
@@ -421,8 +451,10 @@ def fit_unseen_weights(model: nn.Module, layer: nn.Module, classifier: nn.Linear
 
     w_mean, w_std, b_mean = _seen_weight_statistics(classifier, seen_columns)
     noise = torch.randn(n_unseen, w_mean.shape[0], generator=generator).to(device)
+    if init == "seen_mean":
+        noise.zero_()  # drawn all the same, so that the batches below do not depend on the init
     weight = (w_mean + w_std * noise).requires_grad_(True)
-    bias = b_mean.expand(n_unseen).clone()
+    unseen_bias = (b_mean if bias == "seen_mean" else torch.zeros_like(b_mean)).expand(n_unseen).clone()
     optimizer = torch.optim.Adam([weight], lr=lr)
 
     # The stopping rule runs on the device; the host looks at it every iteration on CPU and every 10 on an
@@ -477,7 +509,48 @@ def fit_unseen_weights(model: nn.Module, layer: nn.Module, classifier: nn.Linear
         finally:
             handle.remove()
     history = torch.stack(losses).tolist() if losses else []
-    return UnseenWeights(weight=weight.detach(), bias=bias.detach(), n_iterations=n_done, losses=history)
+    return UnseenWeights(weight=weight.detach(), bias=unseen_bias, n_iterations=n_done, losses=history)
+
+
+UNSEEN_SCALES = ("none", "norm", "negatives")
+
+
+def match_seen_scale(weight: Tensor, bias: Tensor, seen_weight: Tensor, seen_bias: Tensor, features: Tensor,
+                     own: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+    """Unseen rows (``weight`` [U, D], ``bias`` [U]) put on the scale of the seen rows, from seen images only.
+
+    Step 3's loss is a cosine: it fixes the direction of w_u, never its length, and no loss reaches b_u; how
+    an unseen score compares with the seen scores is whatever the start and the lambda pull left. ``mode``:
+
+    * ``none``: as fitted (the official code: the seen-centred start, the pull toward mean(w_seen), b_u = 0);
+    * ``norm``: ||w_u|| = mean_c ||w_c|| (each unseen row as long as a seen row on average); b_u kept;
+    * ``negatives``: w_u <- s_u w_u, b_u <- t_u so that over the seen training images (none of them of class u)
+      the unseen scores s_u w_u . f(x) + t_u have the mean and the std that a seen row's scores have over the
+      training images of the other seen classes,
+          mean_c mean_{x: y(x) != c} (w_c . f(x) + b_c),   mean_c std_{x: y(x) != c} (w_c . f(x) + b_c),
+      i.e. a row answers images of classes that are not its own as the trained rows do; what lifts it on its
+      own class is only its direction.
+
+    ``features`` [n, D]: the classifier's input on seen training images; ``own`` [n, S] bool: image i is of seen
+    row c (``seen_weight`` [S, D], ``seen_bias`` [S]). Returns (weight, bias); nothing is measured on test data.
+    """
+    if mode not in UNSEEN_SCALES:
+        raise ValueError(f"scale must be one of {', '.join(UNSEEN_SCALES)}, got {mode!r}")
+    if mode == "none":
+        return weight, bias
+    if mode == "norm":
+        length = seen_weight.norm(dim=1).mean()
+        return weight * (length / weight.norm(dim=1).clamp(min=1e-12))[:, None], bias
+    if not (~own).any(0).all():
+        raise ValueError("scale=negatives needs, for every seen row, training images of other classes")
+    seen_scores = features @ seen_weight.T + seen_bias
+    others = (~own).to(seen_scores.dtype)
+    count = others.sum(0)
+    mean = (seen_scores * others).sum(0) / count
+    std = (((seen_scores - mean) ** 2 * others).sum(0) / count).sqrt()
+    unseen_scores = features @ weight.T
+    factor = std.mean() / unseen_scores.std(0, unbiased=False).clamp(min=1e-12)
+    return weight * factor[:, None], mean.mean() - factor * unseen_scores.mean(0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -545,7 +618,8 @@ class NIWT:
     vectors, sentence embeddings; see modnet.methods.knowledge). ``y_seen`` are dataset class ids of seen classes;
     seen class ``seen_classes[i]`` is the classifier's row ``seen_columns[i]`` (default i).
     Hyper-parameters (defaults of the official code for AWA2): ``lr`` 1e-3, ``lam`` 1e-3 (CUB 1e-4, 1e-2),
-    ``patience`` 40 iterations without a ``min_improvement`` of 1%.
+    ``patience`` 40 iterations without a ``min_improvement`` of 1%, ``init`` seen_centered, ``bias`` zero,
+    ``scale`` none (the rows as fitted; ``match_seen_scale`` for the others).
     After ``fit``: ``seen_importance`` [S, N], ``knowledge_map`` (KnowledgeToImportance),
     ``unseen_importance`` [U, N] (predicted), ``unseen`` (UnseenWeights).
 
@@ -562,7 +636,8 @@ class NIWT:
                  map_val_fraction: float = 0.2, map_refit_all: bool = False, map_bias: bool = True,
                  map_init: str = "zero", map_targets: str = "class", inverse: str = "lstsq",
                  lr: float = 1e-3, lam: float = 1e-3, batch_size: int = 64, importance_match: str = "sample",
-                 importance_samples: str = "class",
+                 importance_samples: str = "class", init: str = "seen_centered", bias: str = "zero",
+                 scale: str = "none",
                  patience: int = 40, min_improvement: float = 0.01, max_iterations: int = 5000,
                  seed: int = 0, progress: bool = False):
         if classifier is not None:
@@ -578,9 +653,14 @@ class NIWT:
             raise ValueError(f"importance_samples must be 'class' or 'all', got {importance_samples!r}")
         self.map_bias, self.map_init, self.map_targets, self.inverse = map_bias, map_init, map_targets, inverse
         self.importance_samples = importance_samples
+        for name, value, choices in (("init", init, UNSEEN_INITS), ("bias", bias, UNSEEN_BIASES),
+                                     ("scale", scale, UNSEEN_SCALES)):
+            if value not in choices:  # before any step runs
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        self.scale = scale
         self.weight_kwargs = dict(lr=lr, lam=lam, batch_size=batch_size, patience=patience,
                                   min_improvement=min_improvement, max_iterations=max_iterations, seed=seed,
-                                  match=importance_match, progress=progress)
+                                  match=importance_match, init=init, bias=bias, progress=progress)
         self.seen_importance: Tensor | None = None
         self.unseen_importance: Tensor | None = None
         self.knowledge_map: KnowledgeToImportance | None = None
@@ -657,10 +737,22 @@ class NIWT:
         # Step 3: unseen weights from the predicted importance, for every head through its own forward.
         with torch.no_grad():
             self.unseen_importance = self.knowledge_map(knowledge[unseen_classes])
-        self.unseen_by_head = [
-            fit_unseen_weights(self.model, self.layer, h.classifier, x_seen, self.unseen_importance,
-                               seen_columns=h.rows, forward_fn=h.forward_fn, **self.weight_kwargs)
-            for h in heads]
+        self.unseen_by_head = []
+        for i, h in enumerate(heads):
+            fitted = fit_unseen_weights(self.model, self.layer, h.classifier, x_seen, self.unseen_importance,
+                                        seen_columns=h.rows, forward_fn=h.forward_fn, **self.weight_kwargs)
+            if self.scale != "none":  # on the head's scale, over the seen training images
+                rows = torch.tensor(h.rows, device=device)
+                features = _classifier_inputs(self.model, h.classifier, x_seen, self.importance_batch_size,
+                                              h.forward_fn)
+                own = row_of[y_cpu].to(device)[:, None] == rows[None]
+                own[head_of[y_cpu].to(device) != i] = False
+                seen_weight = h.classifier.weight.detach()
+                seen_bias = h.classifier.bias.detach() if h.classifier.bias is not None else seen_weight[:, 0] * 0
+                weight, bias = match_seen_scale(fitted.weight, fitted.bias, seen_weight[rows], seen_bias[rows],
+                                                features, own, self.scale)
+                fitted = UnseenWeights(weight, bias, fitted.n_iterations, fitted.losses)
+            self.unseen_by_head.append(fitted)
         self.unseen = self.unseen_by_head[0]
         return self
 

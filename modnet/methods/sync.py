@@ -29,11 +29,17 @@ Implementation notes (why it looks the way it does):
   mean-(k+1)-NN - mean-k-NN distance (at least ``eps_growth`` relative) until all points synchronise into one
   cluster, and the clustering with the lowest MDL coding cost (``mdl_cost``) wins.
 
+* ``SynC(algorithm="grid")`` (``"auto"`` from ``AUTO_GRID_MIN_N`` points): the same dynamics over the leaves of a
+  k-d partition, after EGG-SynC's grid (Jakob et al.): leaf pairs farther than eps apart are skipped, leaf pairs
+  wholly within eps are added as summaries, the rest pair by pair (section "Beyond n^2" below).
+
 Connected components, neighbour graphs and KDEs are likewise torch; scikit-learn only supplies the
 estimator protocol (``BaseEstimator``/``ClusterMixin``: ``get_params``, ``fit_predict``, cloning).
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import math
 import numbers
 import warnings
@@ -209,6 +215,278 @@ def _synchronize(X: Tensor, eps: float, tol: float, max_iter: int, chunk_element
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Beyond n^2: the grid / neighbour-list variant (SynC(algorithm="grid"))
+# ----------------------------------------------------------------------------------------------------------
+# EGG-SynC (Jakob et al.) puts the points in a grid of cells of side eps, so that a point meets only the points
+# of neighbouring cells, and adds a cell whose every point is within eps as one summary (its sums of sin and
+# cos) instead of point by point. A full grid over 16 dimensions has 3^16 neighbour cells, so the cells here
+# are the leaves of a k-d partition (median splits of the widest coordinate), each with the bounding box of
+# its members in all d dimensions. For a row leaf A and a column leaf B:
+#   * mindist(box A, box B) > eps: no pair interacts, B is skipped;
+#   * maxdist(box A, box B) <= eps: every pair interacts: B adds its sums of [sin | cos | 1] to every row of A
+#     (exact: sum_y sin(y - x) = cos x sum sin y - sin x sum cos y), and the order parameter gets bounds;
+#   * otherwise the pairs are computed one by one: the neighbour mask from one matmul of centred coordinates
+#     (eps^2 - ||x - y||^2 as a dot product; a distance kernel costs ~20x more per pair on the CPU), entries
+#     within float32 rounding of the threshold recomputed directly, then one matmul with
+#     [sin | cos | 1 | y | ||y||^2], whose last columns give each row's sum of squared neighbour distances
+#     (the order parameter's bounds below: exp(-t) <= 1 - t^2 (1 - e^-eps) / eps^2 on [0, eps], Jensen).
+# Leaves are independent: a thread pool runs them, each leaf's torch ops on one thread (``_leaf_workers``).
+# Before the dynamics starts, neighbourhoods are about a cluster wide and most leaf pairs are partial (cost
+# ~ n^2 / #clusters instead of n^2); once clusters contract, whole leaves are summaries and an iteration costs
+# ~ n * #leaves. The positions are those of the exact variant up to the order of float additions.
+#
+# Order parameter on summarised pairs: with t = ||y - x|| over the members y of B, c_B their mean and
+# s_B = mean ||y - c_B||^2, sum_y t^2 = n_B (||x - c_B||^2 + s_B) exactly, and exp(-t) is convex, so
+#   lower: sum_y exp(-t) >= n_B exp(-sqrt(mean t^2))                         (Jensen, twice)
+#   upper: sum_y exp(-t) <= min(n_B exp(-mindist(x, box B)), n_B - sum t + sum t^2 / 2),
+#          sum t >= max(n_B ||c_B - x||, sum t^2 / maxdist(x, box B)).
+# Points in high dimension are nearly equidistant, so the lower bound is within a few per cent of 1 - r_c.
+# The stopping test r_c >= 1 - tol is taken on the bounds; only when they straddle 1 - tol is r_c computed
+# pair by pair (the stopping decision, hence the clustering, is the exact variant's).
+
+_GRID_MARGIN = 1e-5           # relative: a leaf pair this close to eps is computed pair by pair
+GRID_LEAF_SIZE = 512          # largest leaf
+GRID_MIN_SPLIT = 256          # a leaf wider than eps / 2 is split down to this size
+GRID_KNN_ROWS = 512           # eps rule on n > this many points: mean k-NN distance of this many rows
+AUTO_GRID_MIN_N = {"cpu": 3000, "cuda": 50000}   # algorithm="auto": grid from this many points on
+
+
+def _kd_leaves(X: Tensor, split_diag: float) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Leaves of a k-d partition of X: (index set of each, lower and upper corner of each box, (L, d)). A node
+    is halved at the median of its widest coordinate while it holds more than GRID_LEAF_SIZE points, or more
+    than GRID_MIN_SPLIT points spread wider than ``split_diag`` (bounding-box diagonal). Built in numpy on the
+    host (torch's column reductions of small blocks cost milliseconds each on the CPU)."""
+    P = X.detach().cpu().numpy()
+    leaves, lows, highs, stack = [], [], [], [np.arange(P.shape[0])]
+    while stack:
+        idx = stack.pop()
+        pts = P[idx]
+        low, high = pts.min(0), pts.max(0)
+        span = high - low
+        diag = float(np.sqrt((span.astype(np.float64) ** 2).sum()))
+        m = idx.size
+        if diag > 0 and (m > GRID_LEAF_SIZE or (m > GRID_MIN_SPLIT and diag > split_diag)):
+            order = np.argpartition(pts[:, int(span.argmax())], m // 2)
+            stack += [idx[order[m // 2:]], idx[order[:m // 2]]]
+        else:
+            leaves.append(idx)
+            lows.append(low)
+            highs.append(high)
+    return ([torch.from_numpy(leaf).to(X.device) for leaf in leaves], torch.from_numpy(np.stack(lows)).to(X.device),
+            torch.from_numpy(np.stack(highs)).to(X.device))
+
+
+class _Leaves:
+    """The points reordered leaf by leaf (leaf j = rows offsets[j]:offsets[j+1]) and the leaf-pair classes."""
+
+    def __init__(self, X: Tensor, eps: float):
+        leaves, self.lo, self.hi = _kd_leaves(X, eps / 2)
+        self.perm = torch.cat(leaves)
+        self.X = X[self.perm]
+        self.sizes = torch.tensor([len(leaf) for leaf in leaves], device=X.device)
+        self.offsets = [0] + torch.cumsum(self.sizes, 0).tolist()
+        self.leaf_of = torch.repeat_interleave(torch.arange(len(leaves), device=X.device), self.sizes)
+        # leaf-pair distance bounds over the boxes: (L, L)
+        gap = (self.lo[None] - self.hi[:, None]).clamp_min(0) + (self.lo[:, None] - self.hi[None]).clamp_min(0)
+        far = torch.maximum((self.hi[None] - self.lo[:, None]).abs(), (self.hi[:, None] - self.lo[None]).abs())
+        mindist, maxdist = gap.norm(dim=-1), far.norm(dim=-1)
+        self.full = maxdist <= eps * (1 - _GRID_MARGIN)
+        self.partial = ~self.full & (mindist <= eps * (1 + _GRID_MARGIN))
+
+    def rows(self, a: int) -> slice:
+        return slice(self.offsets[a], self.offsets[a + 1])
+
+    def members(self, leaves: Tensor) -> Tensor:
+        """Row indices (reordered) of the given leaves, concatenated."""
+        starts = torch.tensor(self.offsets[:-1], device=self.X.device)[leaves]
+        sizes = self.sizes[leaves]
+        shift = torch.repeat_interleave(starts - (torch.cumsum(sizes, 0) - sizes), sizes)
+        return torch.arange(int(sizes.sum()), device=self.X.device) + shift
+
+
+@contextlib.contextmanager
+def _leaf_workers():
+    """A thread pool over leaves whose torch ops run single-threaded: leaf blocks are mid-sized, and intra-op
+    parallel regions on a shared CPU wait at every barrier for a descheduled thread (several times slower
+    than the work itself when the cores are busy), while independent leaves need no barrier at all."""
+    threads = torch.get_num_threads()
+    if threads <= 1:
+        yield map
+        return
+    torch.set_num_threads(1)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            yield pool.map
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _neighbour_mask(ya: Tensor, yc: Tensor, eps: float) -> Tensor:
+    """Float 0/1 mask ||ya_i - yc_j|| <= eps of centred rows and candidates from one matmul, eps^2 - ||ya_i -
+    yc_j||^2 = [ya, 1, eps^2 - ||ya||^2] . [2 yc, -||yc||^2, 1] (a pairwise-distance kernel costs ~20x more per
+    pair on the CPU). Rows holding an entry within the matmul's worst-case rounding of 0 are recomputed
+    directly, so the mask is the exact variant's."""
+    na, nc = ya.square().sum(1, keepdim=True), yc.square().sum(1, keepdim=True)
+    diff = torch.cat([ya, torch.ones_like(na), eps * eps - na], 1) @ torch.cat([2 * yc, -nc, torch.ones_like(nc)], 1).T
+    # float32 rounding of an 18-term dot product: at most 18 * 2^-24 * (sum of |terms|) <= 2e-6 * slack_scale
+    slack = 2e-6 * (2 * float(na.max()) + 2 * float(nc.max()) + eps * eps)
+    gap = diff.abs()
+    rows = torch.nonzero(gap.amin(1) <= slack).squeeze(1)
+    mask = diff.clamp_(min=0).sign_()          # diff > 0 -> 1; diff = 0 is a border entry, set below
+    if rows.numel():
+        i, j = torch.nonzero(gap[rows] <= slack).unbind(1)
+        i = rows[i]
+        mask[i, j] = ((ya[i] - yc[j]).square().sum(1).sqrt() <= eps).to(mask.dtype)
+    return mask
+
+
+def _grid_iteration(X: Tensor, eps: float, exact_r: bool = False) -> tuple[Tensor, float, float]:
+    """``_sync_iteration`` over the k-d leaves: (next positions, lower and upper bound of r_c). With
+    ``exact_r`` only r_c is computed, pair by pair on every leaf pair that may interact (lower = upper)."""
+    n, d = X.shape
+    T = _Leaves(X, eps)
+    Xp = T.X
+    sin_x, cos_x = torch.sin(Xp), torch.cos(Xp)
+    trig = torch.cat([sin_x, cos_x, torch.ones_like(Xp[:, :1])], dim=1)
+    n_leaves = len(T.sizes)
+    leaf_trig = Xp.new_zeros(n_leaves, 2 * d + 1).index_add_(0, T.leaf_of, trig)
+    count_leaf = T.sizes.to(X.dtype)
+    centre = Xp.new_zeros(n_leaves, d).index_add_(0, T.leaf_of, Xp) / count_leaf[:, None]
+    spread = (Xp - centre[T.leaf_of]).double().square().sum(1)
+    spread = spread.new_zeros(n_leaves).index_add_(0, T.leaf_of, spread) / count_leaf.double()
+    # chord of exp(-t) on [0, eps] and t >= t^2 / eps: exp(-t) <= 1 - k_eps t^2 for a neighbour
+    k_eps = (1.0 - math.exp(-eps)) / (eps * eps)
+
+    def leaf(a: int) -> tuple[Tensor | None, float, float]:
+        rows = T.rows(a)
+        xa = Xp[rows]
+        part = torch.nonzero(T.partial[a]).squeeze(1)
+        full = torch.nonzero(T.full[a]).squeeze(1)
+        if exact_r:
+            cand = T.members(torch.cat([part, full]))
+            dist = _euclidean(xa, Xp[cand])
+            nb = dist.le(eps)
+            close = dist.neg_().exp_().mul_(nb).sum(1)
+            r = float((close / nb.sum(1)).sum())
+            return None, r, r
+        sums = xa.new_zeros(xa.shape[0], 2 * d + 1)
+        close_lo = xa.new_zeros(xa.shape[0], dtype=torch.float64)
+        close_hi = close_lo.clone()
+        if part.numel():
+            # pair by pair: the mask, then one matmul with [sin | cos | 1 | y | ||y||^2] (y centred on the
+            # leaf) gives the sums and, per row, the count and sum of squared distances to its neighbours
+            cand = T.members(part)
+            ya, yc = xa - centre[a], Xp[cand] - centre[a]
+            ext = torch.cat([trig[cand], yc, yc.square().sum(1, keepdim=True)], dim=1)
+            moments = _neighbour_mask(ya, yc, eps) @ ext
+            sums += moments[:, :2 * d + 1]
+            c = moments[:, 2 * d].double()
+            s_y, s_n = moments[:, 2 * d + 1:3 * d + 1].double(), moments[:, 3 * d + 1].double()
+            ya64 = ya.double()
+            n_a = ya64.square().sum(1)
+            m2 = s_n - 2 * (ya64 * s_y).sum(1) + c * n_a                 # sum of t^2 over the neighbours
+            slack = 2e-4 * (s_n + c * n_a + 2 * n_a.sqrt() * s_y.norm(dim=1))  # float32 sums, conservative
+            close_lo += c * torch.exp(-((m2 + slack).clamp_min(0) / c).sqrt())
+            close_hi += c - k_eps * (m2 - slack).clamp_min(0)
+        if full.numel():
+            sums += leaf_trig[full].sum(0)
+            nB = count_leaf[full].double()
+            dc = _euclidean(xa, centre[full]).double()                 # ||x - c_B||
+            t2 = dc.square() + spread[full]                             # mean_y ||y - x||^2 (exact)
+            close_lo += (nB * torch.exp(-t2.sqrt())).sum(1)
+            lo_b, hi_b = T.lo[full][None], T.hi[full][None]
+            xx = xa[:, None]
+            mind = ((lo_b - xx).clamp_min(0) + (xx - hi_b).clamp_min(0)).double().norm(dim=-1)
+            maxd = torch.maximum((xx - lo_b).abs(), (hi_b - xx).abs()).double().norm(dim=-1)
+            sum_t = torch.maximum(nB * dc, nB * t2 / maxd.clamp_min(1e-30))
+            close_hi += torch.minimum(nB * torch.exp(-mind), nB - sum_t + nB * t2 / 2).sum(1)
+        count = sums[:, 2 * d:]
+        x_next = xa + (cos_x[rows] * sums[:, :d] - sin_x[rows] * sums[:, d:2 * d]) / count
+        return (x_next, float((close_lo / count.squeeze(1).double()).sum()),
+                float((close_hi / count.squeeze(1).double()).sum()))
+
+    with _leaf_workers() as run:
+        results = list(run(leaf, range(n_leaves)))
+    r_lo = sum(r[1] for r in results)   # in leaf order: the same sum whatever the threads
+    r_hi = sum(r[2] for r in results)
+    if exact_r:
+        return X, r_lo / n, r_lo / n
+    X_next = torch.cat([r[0] for r in results])
+    out = torch.empty_like(X)
+    out[T.perm] = X_next
+    return out, r_lo / n, min(r_hi / n, 1.0)
+
+
+def _synchronize_grid(X: Tensor, eps: float, tol: float, max_iter: int) -> tuple[Tensor, int, float]:
+    """``_synchronize`` with ``_grid_iteration``; the stopping test is decided by the bounds of r_c, or by the
+    exact r_c where they straddle 1 - tol. The r_c returned is a lower bound (exact where computed)."""
+    r = 0.0
+    for n_iter in range(max_iter + 1):
+        X_next, r, r_hi = _grid_iteration(X, eps)
+        if r < 1.0 - tol <= r_hi:
+            r = _grid_iteration(X, eps, exact_r=True)[1]
+        if r >= 1.0 - tol:
+            return X, n_iter, r
+        if n_iter == max_iter:
+            break
+        X = X_next
+    warnings.warn(f"SynC did not reach r_c >= {1 - tol} within max_iter={max_iter} (r_c = {r:.5f}); "
+                  "increase max_iter or eps", RuntimeWarning, stacklevel=3)
+    return X, max_iter, r
+
+
+def _grid_components(X: Tensor, radius: float) -> Tensor:
+    """``_connected_components`` (Euclidean) over the k-d leaves: a leaf pair within ``radius`` box to box
+    joins wholesale. Component id = smallest member index, as there."""
+    n = X.shape[0]
+    T = _Leaves(X, radius)
+    n_leaves = len(T.sizes)
+    labels = torch.arange(n, device=X.device)   # in leaf order
+    while True:
+        leaf_min = torch.full((n_leaves,), n, device=X.device).scatter_reduce_(0, T.leaf_of, labels, "amin")
+
+        def leaf(a: int) -> Tensor:
+            rows = T.rows(a)
+            low = labels[rows]
+            full = torch.nonzero(T.full[a]).squeeze(1)
+            if full.numel():
+                low = torch.minimum(low, leaf_min[full].min())
+            part = torch.nonzero(T.partial[a]).squeeze(1)
+            if part.numel():
+                cand = T.members(part)
+                adjacent = _euclidean(T.X[rows], T.X[cand]) <= radius
+                low = torch.minimum(low, torch.where(adjacent, labels[cand][None], n).min(dim=1).values)
+            return low
+
+        with _leaf_workers() as run:
+            new = torch.cat(list(run(leaf, range(n_leaves))))
+        new = new[new]
+        if torch.equal(new, labels):
+            break
+        labels = new
+    # back to the input order, each component named by its smallest original index
+    first = torch.full((n,), n, device=X.device).scatter_reduce_(0, labels, T.perm, "amin")
+    out = torch.empty_like(labels)
+    out[T.perm] = first[labels]
+    return out
+
+
+def _sampled_knn_mean(X: Tensor, k: int, chunk_elements: int) -> float:
+    """Mean k-NN distance (the eps rules' statistic): exact up to GRID_KNN_ROWS points, else the mean over
+    GRID_KNN_ROWS evenly spaced rows (each against all points; a relative standard error of well under 1%
+    when k-NN distances vary by tens of per cent)."""
+    n = X.shape[0]
+    if n <= GRID_KNN_ROWS:
+        return float(knn_distance(X, k, chunk_elements).mean())
+    rows = torch.linspace(0, n - 1, GRID_KNN_ROWS, device=X.device).long()
+    total = 0.0
+    for block in _row_blocks(GRID_KNN_ROWS, n, chunk_elements):
+        dist = _euclidean(X[rows[block]], X)
+        total += float(dist.topk(k + 1, dim=1, largest=False).values[:, k].sum())
+    return total / GRID_KNN_ROWS
+
+
+# ----------------------------------------------------------------------------------------------------------
 # MDL coding cost (Böhm et al. 2010, Sec. "Finding the natural clustering")
 # ----------------------------------------------------------------------------------------------------------
 
@@ -318,13 +596,20 @@ class SynC(ClusterMixin, BaseEstimator):
         Where to compute. None: the tensor's own device; numpy input -> CUDA when available, else CPU.
     dtype : str
         "float32" or "float64" computation dtype.
+    algorithm : "auto" | "exact" | "grid"
+        How the eps-neighbourhoods are found. "exact": all n^2 pairs per iteration (O(n^2 d)). "grid": the
+        EGG-SynC idea on a k-d partition (see ``_grid_iteration``): only leaf pairs whose boxes are within eps
+        are visited, leaves wholly within eps are added as summaries; same dynamics and stopping decision, so
+        the same clusters; the eps rules' mean k-NN distance comes from ``GRID_KNN_ROWS`` rows when n is
+        larger. "auto": "grid" from ``AUTO_GRID_MIN_N`` points on (per device type), else "exact".
 
     Attributes
     ----------
     labels_ : np.ndarray (n,)  cluster id, -1 for outliers.
     X_sync_ : torch.Tensor (n, d)  synchronised positions, scaled space, on the compute device.
     cluster_centers_ : np.ndarray (K, d)  mean of each cluster's members in the original space.
-    n_clusters_, n_iter_, order_parameter_, eps_ : results of the kept run.
+    n_clusters_, n_iter_, order_parameter_, eps_ : results of the kept run ("grid": order_parameter_ is the
+        lower bound of r_c that passed 1 - tol, or r_c itself where the bounds straddled it).
     eps_candidates_, mdl_costs_ : lists, "mdl" rule only.
     """
 
@@ -332,7 +617,8 @@ class SynC(ClusterMixin, BaseEstimator):
                  max_iter: int = 300, tol: float = 1e-3, scale: str | None = "minmax",
                  min_cluster_size: int = 2, merge_radius: float | None = None, max_eps_candidates: int = 64,
                  eps_growth: float = 0.1,
-                 chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, device=None, dtype: str = "float32"):
+                 chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, device=None, dtype: str = "float32",
+                 algorithm: str = "auto"):
         self.eps = eps
         self.eps_rule = eps_rule
         self.k = k
@@ -346,6 +632,7 @@ class SynC(ClusterMixin, BaseEstimator):
         self.chunk_elements = chunk_elements
         self.device = device
         self.dtype = dtype
+        self.algorithm = algorithm
 
     # -- validation and preprocessing ---------------------------------------------------------------------
     def _check_params(self) -> None:
@@ -355,6 +642,8 @@ class SynC(ClusterMixin, BaseEstimator):
             raise ValueError(f"eps_rule must be 'knn' or 'mdl', got {self.eps_rule!r}")
         if self.scale not in ("minmax", "global", None):
             raise ValueError(f"scale must be 'minmax', 'global' or None, got {self.scale!r}")
+        if self.algorithm not in ("auto", "exact", "grid"):
+            raise ValueError(f"algorithm must be 'auto', 'exact' or 'grid', got {self.algorithm!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if not (0 < self.tol < 1):
@@ -397,10 +686,24 @@ class SynC(ClusterMixin, BaseEstimator):
         return int(min(k, n - 2)) if n > 2 else 1
 
     # -- one clustering at a fixed eps -----------------------------------------------------------------------
+    def _use_grid(self, X: Tensor) -> bool:
+        if self.algorithm != "auto":
+            return self.algorithm == "grid"
+        return X.shape[0] >= AUTO_GRID_MIN_N.get(X.device.type, AUTO_GRID_MIN_N["cuda"])
+
+    def _mean_knn(self, Xs: Tensor, k: int) -> float:
+        if self._use_grid(Xs):
+            return _sampled_knn_mean(Xs, k, self.chunk_elements)
+        return float(knn_distance(Xs, k, self.chunk_elements).mean())
+
     def _cluster_at(self, Xs: Tensor, eps: float) -> dict:
-        X_sync, n_iter, r = _synchronize(Xs, eps, self.tol, self.max_iter, self.chunk_elements)
         radius = self.merge_radius if self.merge_radius is not None else eps / 2
-        components = _connected_components(X_sync, radius, _euclidean, self.chunk_elements)
+        if self._use_grid(Xs):
+            X_sync, n_iter, r = _synchronize_grid(Xs, eps, self.tol, self.max_iter)
+            components = _grid_components(X_sync, radius)
+        else:
+            X_sync, n_iter, r = _synchronize(Xs, eps, self.tol, self.max_iter, self.chunk_elements)
+            components = _connected_components(X_sync, radius, _euclidean, self.chunk_elements)
         labels = _labels_from_components(components, self.min_cluster_size)
         return {"eps": eps, "X_sync": X_sync, "n_iter": n_iter, "r": r, "labels": labels}
 
@@ -415,7 +718,7 @@ class SynC(ClusterMixin, BaseEstimator):
         if self.eps is not None:
             best = self._cluster_at(Xs, float(self.eps))
         elif self.eps_rule == "knn":
-            eps = float(knn_distance(Xs, self._k(n), self.chunk_elements).mean())
+            eps = self._mean_knn(Xs, self._k(n))
             best = self._cluster_at(Xs, max(eps, 1e-12))
         else:
             best = self._mdl_search(Xs)
@@ -439,8 +742,8 @@ class SynC(ClusterMixin, BaseEstimator):
     def _mdl_search(self, Xs: Tensor) -> dict:
         n = Xs.shape[0]
         k = self._k(n)
-        eps = float(knn_distance(Xs, k, self.chunk_elements).mean())
-        paper_step = float(knn_distance(Xs, min(k + 1, n - 1), self.chunk_elements).mean()) - eps
+        eps = self._mean_knn(Xs, k)
+        paper_step = self._mean_knn(Xs, min(k + 1, n - 1)) - eps
         self.eps_candidates_, self.mdl_costs_ = [], []
         best, best_cost = None, math.inf
         for _ in range(self.max_eps_candidates):

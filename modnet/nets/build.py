@@ -16,6 +16,7 @@ from modnet.nets.models import (CNNBackbone, HATCNN, HATMLP, HATNet, HATResNet18
                                 ResNet18Backbone, SingleHeadNet)
 
 ARCHS = ("auto", "mlp", "cnn", "resnet18")
+TASK_INFERENCE = ("gauss", "keys", "ood", "heads")
 
 
 def resolve_arch(arch: str, input_shape: Sequence[int]) -> str:
@@ -46,18 +47,40 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
         gate = ModularGating(query_dim, key_dim=g.key_dim, k=g.k, tau=g.tau, estimator=g.estimator,
                              cluster=dict(g.cluster), profile_samples=g.profile_samples,
                              persistent=bool(g.get("persistent", True)), k_share=float(g.get("k_share", 0.75)))
-    if class_incremental and m.task_keys:
-        task_keys = TaskKeys(sum(len(c) for c in task_classes), query_dim, shrinkage=cfg.modules.key_shrinkage)
+    ti = cfg.task_inference
+    check_choice("task_inference.method", ti.method, TASK_INFERENCE)
+    method = ti.method
+    n_slots = sum(len(c) for c in task_classes)
+    gauss_mb = n_slots * query_dim ** 2 * 8 / 2 ** 20  # one float64 d x d scatter per (task, class)
+    if class_incremental and m.task_keys and method == "gauss" and gauss_mb > ti.gauss_max_mb:
+        print(f"task_inference.method=gauss would keep {n_slots} covariances of {query_dim} x {query_dim} "
+              f"({gauss_mb:.0f} MB > task_inference.gauss_max_mb={ti.gauss_max_mb}): the task is picked by the "
+              "LDA keys (task_inference.method=keys)")
+        method = "keys"
+    if class_incremental and m.task_keys and method == "keys":
+        task_keys = TaskKeys(n_slots, query_dim, shrinkage=cfg.modules.key_shrinkage)
+    elif class_incremental and m.task_keys and method == "gauss":
+        from modnet.nets.task_inference import ClassGaussians
+
+        task_keys = ClassGaussians(n_slots, query_dim, shrinkage=ti.shrinkage)
     common = dict(class_incremental=class_incremental, smax=cfg.hat.smax, task_inference=cfg.hat.task_inference,
                   gate=gate, task_keys=task_keys)
     arch = resolve_arch(m.arch, input_shape)
     if arch == "resnet18":
-        return HATResNet18(input_shape, task_classes, width=m.resnet_width, **common)
-    if arch == "cnn":
-        return HATCNN(input_shape, task_classes, channels=list(m.cnn_channels), hidden=m.hidden, dropout=m.dropout,
-                      **common)
-    return HATMLP(query_dim, task_classes, hidden=m.hidden, n_layers=m.n_layers, dropout=m.dropout,
-                  input_dropout=m.get("input_dropout", 0.0), **common)
+        net = HATResNet18(input_shape, task_classes, width=m.resnet_width, **common)
+    elif arch == "cnn":
+        net = HATCNN(input_shape, task_classes, channels=list(m.cnn_channels), hidden=m.hidden, dropout=m.dropout,
+                     **common)
+    else:
+        net = HATMLP(query_dim, task_classes, hidden=m.hidden, n_layers=m.n_layers, dropout=m.dropout,
+                     input_dropout=m.get("input_dropout", 0.0), **common)
+    if class_incremental and m.task_keys and method == "ood":
+        from modnet.nets.task_inference import TaskOOD
+
+        net.task_ood = TaskOOD([len(c) for c in task_classes], net.heads[0].in_features,
+                               transforms=list(ti.transforms), score=ti.score, calibrate=ti.calibrate,
+                               classify=ti.classify, labels=ti.labels)
+    return net
 
 
 def build_baseline_network(cfg, input_shape: Sequence[int], n_classes: int, class_incremental: bool) -> nn.Module:

@@ -53,7 +53,8 @@ class ForwardTrace:
 class Condition:
     """How one forward of a modular network runs (hypnettorch's ``condition``), set by its caller.
 
-    task     class-incremental training: the task whose head and masks train (None: infer the task)
+    task     training: the task whose head and masks train, one experience at a time (class-incremental: no
+             label tells it; task-incremental: the rows are not split by label). None: infer the task
     s        HAT's mask slope (None: the network's smax, i.e. evaluation)
     hat      HAT's training settings (None: plain masks, no compensation, no regulariser)
     record   keep every masked layer's unit outputs in ``trace.activations`` (sync regulariser, analysis)
@@ -104,6 +105,10 @@ class MultiHeadTaskNet(MultiTaskModule):
         if not self.class_incremental:
             if task_labels is None:
                 raise ValueError(f"a task-incremental {type(self).__name__} needs task labels")
+            if self.training and condition.task is not None:
+                # training one experience: every row belongs to the task being trained (the HAT plugin sets
+                # it), so no torch.unique over the labels, which would read them back to the host every step
+                return self.forward_single_task(x, condition.task, condition)
             return self._forward_by_task(x, task_labels, condition)
         if self.training and condition.task is not None:
             return self._scatter(self.task_logits(x, condition.task, condition), condition.task)
@@ -171,6 +176,9 @@ class HATNet(MultiHeadTaskNet):
         # ``add_classes`` (NIWT's unseen classes) have no samples, hence no keys: they are scored inside
         # every head they join, weighted by that head's task posterior.
         self.keyed_classes = [len(c) for c in self.task_classes]
+        # Network-based task prediction (modnet.nets.task_inference.TaskOOD): per-task OOD heads on the masked
+        # sub-networks; set by build_modular_network, takes precedence over the task keys.
+        self.task_ood: nn.Module | None = None
 
     masked: nn.ModuleList
 
@@ -313,6 +321,8 @@ class HATNet(MultiHeadTaskNet):
         return sum(self.keyed_classes)
 
     def infer_task(self, x: Tensor, condition: Condition | None = None) -> tuple[Tensor, Tensor]:
+        if self.task_ood is not None and int(self.n_trained) > 0:
+            return self._infer_task_ood(x, condition)
         if self.task_keys is None or int(self.n_trained) == 0:
             return super().infer_task(x, condition)
         # p(c | x) = p(t | x) p(c | x, t): task posterior from the keys, class from the task's masked head.
@@ -324,6 +334,29 @@ class HATNet(MultiHeadTaskNet):
             logp = F.log_softmax(self.task_logits(x, t, condition), dim=1) + log_pt[:, t:t + 1]
             out[:, idx[t]] = torch.maximum(out[:, idx[t]], logp)
         return out, log_pt.argmax(1)
+
+
+    def _infer_task_ood(self, x: Tensor, condition: Condition | None = None) -> tuple[Tensor, Tensor]:
+        """The task of the highest calibrated OOD score z_t(x) answers (modnet.nets.task_inference): its
+        classes get their log-probabilities (classification head, or the transforms' ensemble), the others
+        stay off."""
+        n = int(self.n_trained)
+        z, gs = self.task_ood.task_scores(self, x, n, condition)
+        chosen = z.argmax(1)
+        out = x.new_full((x.shape[0], self.n_classes), _OFF_HEAD_LOGIT, dtype=torch.float32)
+        for t in range(n):
+            rows = chosen == t
+            if not rows.any():
+                continue
+            # a head that gained classes later (NIWT's unseen classes) has no joint outputs for them: its
+            # classification head scores it
+            if self.task_ood.classify == "joint" and gs[t].shape[1] == len(self.task_classes[t]):
+                logits = gs[t][rows]
+            else:
+                logits = self.task_logits(x[rows], t, condition).float()
+            idx = getattr(self, f"class_index_{t}")
+            out[rows.nonzero().squeeze(1).unsqueeze(1), idx.unsqueeze(0)] = F.log_softmax(logits, dim=1)
+        return out, chosen
 
 
 class HATMLP(HATNet):

@@ -47,7 +47,8 @@ def cluster_units(profiles: Tensor, dim: int = 16, steps: int = 200, lr: float =
 def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, lr: float = 0.05,
                    k: int | None = None, min_modules: int = 2, max_modules: int = 16, seed: int = 0,
                    with_method: bool = False, sync_dims: int | None = 3,
-                   min_module_size: int | None = None, select: Sequence[Tensor | None] | None = None) -> list[tuple]:
+                   min_module_size: int | None = None, select: Sequence[Tensor | None] | None = None,
+                   algorithm: str = "auto") -> list[tuple]:
     """``cluster_units`` for every layer (units x samples each): the semantic vectors of layers of equal width
     are fitted in one batched Adam loop (their losses are summed, so each layer's gradient, and Adam's
     elementwise step, are its own), and each layer's fixed target is normalised once, not at every step.
@@ -65,7 +66,7 @@ def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, 
     layer's tuple also holds how its modules were decided ("sync" or "kmeans") and SynC's outlier count.
     ``select``: per layer, a boolean mask of the units to cluster (None: all); the semantic vectors are
     fitted on every unit, the labels cover the selected units only ("none" and no labels when fewer than
-    ``min_modules`` units are selected)."""
+    ``min_modules`` units are selected). ``algorithm``: SynC's neighbourhood search (``SynC(algorithm=...)``)."""
     from modnet.methods.embedding import NeuronEmbedding, cosine_matrix, similarity_cross_entropy
 
     for p in profiles:
@@ -98,7 +99,7 @@ def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, 
             labels, method, outliers = torch.zeros(S_sel.shape[0], dtype=torch.long, device=S.device), "none", 0
         else:
             labels, method, outliers = sync_modules(S_sel, k, min_modules, max_modules, seed, sync_dims,
-                                                    min_module_size)
+                                                    min_module_size, algorithm)
         out.append((labels, S, method, outliers) if with_method else (labels, S))
     return out
 
@@ -113,7 +114,8 @@ def sync_space(S: Tensor, sync_dims: int | None) -> Tensor:
 
 
 def sync_modules(S: Tensor, k: int | None, min_modules: int, max_modules: int, seed: int = 0,
-                 sync_dims: int | None = 3, min_module_size: int | None = None) -> tuple[Tensor, str, int]:
+                 sync_dims: int | None = 3, min_module_size: int | None = None,
+                 algorithm: str = "auto") -> tuple[Tensor, str, int]:
     """(module id per unit from its vector (rows of S), "sync" or "kmeans", SynC's outlier count): see
     ``cluster_layers``."""
     from modnet.methods.sync import SynC
@@ -124,7 +126,7 @@ def sync_modules(S: Tensor, k: int | None, min_modules: int, max_modules: int, s
     rank = min(max(10, n // 10), n - 2) if k is None else int(k)
     tried: dict[int, tuple] = {}
     while 1 <= rank <= n - 2 and rank not in tried:
-        labels = torch.as_tensor(SynC(k=rank, scale="global", min_cluster_size=min_size).fit_predict(P),
+        labels = torch.as_tensor(SynC(k=rank, scale="global", min_cluster_size=min_size, algorithm=algorithm).fit_predict(P),
                                  device=S.device)
         found = int(labels.max()) + 1 if (labels >= 0).any() else 0
         tried[rank] = (labels, found)

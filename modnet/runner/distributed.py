@@ -303,10 +303,8 @@ class _SameParameters:
 def train_strategy(name: str, cfg, info, seed: int, ctx: DistContext) -> tuple[dict, nn.Module]:
     """One strategy over all experiences on this rank: (accuracy matrix and metrics, trained model)."""
     from modnet.eval.metrics import build_evaluator, close_loggers
-    from modnet.eval.results import summarize
-    from modnet.nets.record import describe_network
     from modnet.runner.evaluation import stream_evaluator
-    from modnet.runner.runner import make_strategy, run_experiences, set_seed
+    from modnet.runner.runner import make_strategy, run_experiences, set_seed, strategy_result
     from strategies.registry import get_strategy
 
     set_seed(seed)  # the same seed on every rank: identical initial models (DDP also broadcasts rank 0's)
@@ -319,8 +317,7 @@ def train_strategy(name: str, cfg, info, seed: int, ctx: DistContext) -> tuple[d
     record = run_experiences(strategy, bm.train_stream, stream_evaluator(bm.test_stream, accuracy),
                              seed=seed, hooks=[_SameParameters(name)])
     close_loggers(evaluator)
-    return ({**summarize(record.rows), "train_seconds": record.train_seconds,
-             "network": describe_network(strategy.model)}, strategy.model)
+    return strategy_result(name, strategy, info, record), strategy.model
 
 
 def run_ddp(cfg, ctx: DistContext | None = None) -> dict:
@@ -330,6 +327,7 @@ def run_ddp(cfg, ctx: DistContext | None = None) -> dict:
     from modnet.eval.results import aggregate_seeds, format_table, write_results
     from scenarios import build_benchmark
     from scenarios.base import SCENARIOS
+    from strategies.memory import run_order, with_matched_memory
 
     ctx = ctx or init_distributed(cfg.device)
     check_choice("scenario", cfg.scenario, SCENARIOS)
@@ -339,13 +337,16 @@ def run_ddp(cfg, ctx: DistContext | None = None) -> dict:
     seeds = list(cfg.seeds) if cfg.get("seeds") else [cfg.seed]
     runs: dict[str, list[dict]] = {name: [] for name in cfg.strategies}
     info = None
+    order = run_order(cfg)  # modnet first when a buffer is sized to its stored bytes (mem_size=match)
     for seed in seeds:
         info = _build_main_first(build_benchmark, cfg, seed, ctx)
-        for name in cfg.strategies:
+        for name in order:
             if ctx.is_main:
                 print(f"=== {name} | {info.name} | {cfg.scenario}-incremental | seed {seed} | "
                       f"{ctx.world_size} x {ctx.backend or 'single'} on {ctx.device} ===")
-            runs[name].append(train_strategy(name, cfg, info, seed, ctx)[0])
+            modnet_bytes = runs["modnet"][-1]["stored_bytes"] if "modnet" in runs and runs["modnet"] else None
+            runs[name].append(train_strategy(name, with_matched_memory(cfg, name, info, modnet_bytes), info, seed,
+                                             ctx)[0])
     results = {"benchmark": info.name, "scenario": cfg.scenario, "n_experiences": info.n_experiences,
                "seed": seeds[0], "seeds": seeds, "device": str(ctx.device), "world_size": ctx.world_size,
                "backend": ctx.backend, "per_rank_batch_size": cfg.train.batch_size // ctx.world_size,

@@ -71,6 +71,20 @@ def validation_schedule(train):
                                     float(train.get("lr_min", 1e-4)), restore, int(train.eval_batch_size))
 
 
+def strategy_result(name: str, strategy, info, record: "RunRecord") -> dict:
+    """What a strategy's run reports: the accuracy matrix and its summary (``modnet.eval.results``), the
+    training time, the bytes it stores for inference or replay (its registry entry's ``stored_bytes``) and
+    its network's description."""
+    from modnet.eval.results import summarize
+    from modnet.nets.record import describe_network
+    from strategies.registry import get_strategy
+
+    count = get_strategy(name).stored_bytes
+    return {**summarize(record.rows), "train_seconds": record.train_seconds,
+            "stored_bytes": None if count is None else int(count(strategy, info)),
+            "network": describe_network(strategy.model)}
+
+
 class RunnerHook:
     """Called by ``run_experiences`` around each experience (override what you need)."""
 

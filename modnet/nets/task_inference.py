@@ -1,0 +1,273 @@
+"""Class-incremental task prediction (issue 12): which task's masked sub-network should answer an input
+that comes without a task label. Two predictors, beside the input-space LDA keys of
+``modnet.nets.modules.TaskKeys``:
+
+* ``ClassGaussians``: one Gaussian per (task, class) with its own covariance in the query space (quadratic
+  discriminant analysis), from running sums (no sample is kept).
+* ``TaskOOD``: from the network itself, a per-task out-of-distribution (OOD) head on distribution-shifting
+  transforms, inside HAT's masked sub-networks.
+
+``ClassGaussians``
+------------------
+Class c (a (task, class) slot) keeps n_c, sum x and sum x x' of its queries q(x) (the flattened input);
+mu_c = sum x / n_c, Sigma_c = (sum x x' - n_c mu_c mu_c') / (n_c - 1), shrunk towards a scaled identity
+(Ledoit-Wolf-style target): Sigma_c <- (1 - lambda) Sigma_c + lambda tr(Sigma_c)/d I. The task score is the
+log-likelihood pooled over the task's classes, log p(x | t) = logsumexp_c log N(q(x); mu_c, Sigma_c), and
+p(t | x) its softmax over the trained tasks (equal task priors). The LDA keys share one pooled covariance
+over all classes of all tasks: a linear boundary, which MNIST-1D is built to defeat (Greydanus 2020); a
+covariance per class gives quadratic boundaries. Storage: d + d (d + 1) / 2 floats per class (MNIST-1D,
+d = 40: 860 floats per class, 8,600 for 10 classes, the size of 215 stored samples).
+
+``TaskOOD``
+-----------
+
+CSI (Tack et al., NeurIPS 2020) trains a classifier on (class, transform) pairs: every input x of a task with
+n classes and its K - 1 transformed copies T_k(x) (rotations for images) are labelled y + n k, so the head has
+n K outputs. A transformed copy is a sample of a shifted distribution; the features learn what the task's own
+data look like, and the head's confidence on an input of another task is low. CLOM (Kim et al., 2022,
+k-gyuhak/CLOM) puts one such head per task behind HAT's task masks: task t's features and its head are frozen
+once t is trained, so its OOD score never drifts; class-incremental prediction then is within-task prediction
+x task prediction (Kim et al., NeurIPS 2022).
+
+Here each task t owns a joint head h_t (features of t's masked sub-network -> n_t K logits) next to its
+classification head. Training task t adds weight * CE(h_t(f_t(T_k x)), y + n_t k) over all k (k = 0 the
+identity) to the loss (``strategies.plugins.ood.TaskOODPlugin``). At test time the transforms are ensembled
+(CSI's "ensemble" score):
+
+    g_t(x)[c] = 1/K sum_k h_t(f_t(T_k x))[c + n_t k]          (B x n_t)
+    s_t(x)    = max_c g_t(x)[c]    (score=maxlogit)   or   logsumexp_c g_t(x)[c]   (score=energy)
+
+and, since tasks' scores live on different scales, calibrated with two floats per task measured on the task's
+own training data once it is trained (no sample is kept): z_t(x) = (s_t(x) - mean_t) / std_t. The task is
+argmax_t z_t(x); its classes are scored by its classification head (classify=head) or by g_t (classify=joint).
+
+Transforms (``TRANSFORMS``; identity is always k = 0): ``reverse`` (time reversal of a vector; a 180 degree
+rotation of an image), ``negate`` (sign flip), ``reverse_negate``, ``rot90`` / ``rot180`` / ``rot270`` (images;
+a vector of square length is read as a square image), ``shift`` (circular shift by half the length),
+``permute`` (a fixed random permutation of the flattened input).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+SCORES = ("maxlogit", "energy", "transform")
+CLASSIFY = ("head", "joint")
+LABELS = ("joint", "extra")
+
+
+def _square(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """x as (B, C, H, W) and the map back to x's shape (vectors of square length become 1 x n x n)."""
+    if x.dim() == 4:
+        return x, lambda y: y
+    d = x[0].numel()
+    n = math.isqrt(d)
+    if n * n != d:
+        raise ValueError(f"image transforms need images or vectors of square length, got shape {tuple(x.shape)}")
+    shape = x.shape
+    return x.reshape(x.shape[0], 1, n, n), lambda y: y.reshape(shape)
+
+
+def _rot(k: int) -> Callable[[Tensor], Tensor]:
+    def f(x: Tensor) -> Tensor:
+        img, back = _square(x)
+        return back(torch.rot90(img, k, dims=(2, 3)))
+    return f
+
+
+def _reverse(x: Tensor) -> Tensor:
+    return x.flip(dims=(2, 3)) if x.dim() == 4 else x.flip(dims=(-1,))
+
+
+def _shift(x: Tensor) -> Tensor:
+    flat = x.flatten(1)
+    return flat.roll(flat.shape[1] // 2, dims=1).reshape(x.shape)
+
+
+def _permute(x: Tensor) -> Tensor:
+    flat = x.flatten(1)
+    g = torch.Generator().manual_seed(12)  # fixed: the same permutation in training and at test time
+    perm = torch.randperm(flat.shape[1], generator=g).to(x.device)
+    return flat[:, perm].reshape(x.shape)
+
+
+TRANSFORMS: dict[str, Callable[[Tensor], Tensor]] = {
+    "reverse": _reverse,
+    "negate": lambda x: -x,
+    "reverse_negate": lambda x: -_reverse(x),
+    "rot90": _rot(1),
+    "rot180": _rot(2),
+    "rot270": _rot(3),
+    "shift": _shift,
+    "permute": _permute,
+}
+
+
+class TaskOOD(nn.Module):
+    """Per-task joint (class x transform) heads and their calibration: p(task | x) from the network.
+
+    ``task_sizes[t]``: classes of task t; ``feature_dim``: the width of the heads' input (the masked
+    sub-network's output); ``transforms``: names in ``TRANSFORMS`` (identity is added as k = 0).
+    The network passes itself to every call (``net.features`` of a task's masked sub-network): this module
+    keeps only the heads and two floats per task.
+    """
+
+    def __init__(self, task_sizes: Sequence[int], feature_dim: int, transforms: Sequence[str] = ("reverse",),
+                 score: str = "maxlogit", calibrate: bool = True, classify: str = "head", labels: str = "joint"):
+        super().__init__()
+        unknown = [t for t in transforms if t not in TRANSFORMS]
+        if unknown:
+            raise ValueError(f"unknown transforms {unknown}; choose from {', '.join(TRANSFORMS)}")
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        if classify not in CLASSIFY:
+            raise ValueError(f"classify must be one of {CLASSIFY}, got {classify!r}")
+        self.transforms = list(transforms)
+        self.n_transforms = len(self.transforms) + 1
+        self.task_sizes = [int(n) for n in task_sizes]
+        self.score, self.calibrate_scores, self.classify = score, calibrate, classify
+        if labels not in LABELS:
+            raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
+        self.labels = labels
+        width = (lambda n: n * self.n_transforms) if labels == "joint" else (lambda n: n + 1)
+        self.heads = nn.ModuleList(nn.Linear(feature_dim, width(n)) for n in self.task_sizes)
+        # calibration of each task's score on its own training data: z = (s - mean) / std
+        self.register_buffer("score_mean", torch.zeros(len(self.task_sizes)))
+        self.register_buffer("score_std", torch.ones(len(self.task_sizes)))
+
+    def expand(self, x: Tensor) -> Tensor:
+        """[x; T_1 x; ...; T_{K-1} x]: (K B, ...)."""
+        return torch.cat([x] + [TRANSFORMS[name](x) for name in self.transforms])
+
+    def joint_logits(self, net, x: Tensor, task: int, condition=None) -> Tensor:
+        """h_t(f_t(x)): B x n_t K logits of (class, transform) pairs, label c + n_t k."""
+        masks = net.unit_masks(x, task, condition)
+        feature = net.forward_units(x, masks, task, False)[1]
+        return self.heads[task](feature)
+
+    def loss(self, net, x: Tensor, y_local: Tensor, task: int, condition=None) -> Tensor:
+        """CE over (class, transform) labels of x and its transformed copies (CSI's joint labels)."""
+        n, b = self.task_sizes[task], x.shape[0]
+        if self.labels == "extra":  # every transformed copy is class n ("not this task")
+            labels = torch.cat([y_local] + [torch.full_like(y_local, n)] * (self.n_transforms - 1))
+        else:
+            labels = torch.cat([y_local + n * k for k in range(self.n_transforms)])
+        return F.cross_entropy(self.joint_logits(net, self.expand(x), task, condition).float(), labels)
+
+    def blocks(self, net, x: Tensor, task: int, condition=None) -> Tensor:
+        """h_t(f_t(T_k x)) for every k: K x B x K x n_t (transform applied, joint block); labels=extra:
+        1 x B x 1 x (n_t + 1), the untransformed input only."""
+        n, b, k = self.task_sizes[task], x.shape[0], self.n_transforms
+        if self.labels == "extra":
+            return self.joint_logits(net, x, task, condition).float().reshape(1, b, 1, n + 1)
+        return self.joint_logits(net, self.expand(x), task, condition).float().reshape(k, b, k, n)
+
+    def ensemble(self, net, x: Tensor, task: int, condition=None) -> Tensor:
+        """g_t(x) = 1/K sum_k h_t(f_t(T_k x))[., block k]: B x n_t."""
+        return self._ensemble(self.blocks(net, x, task, condition))
+
+    def _ensemble(self, out: Tensor) -> Tensor:
+        if self.labels == "extra":  # log p(c, in | x): the classes' log-probabilities, the extra class left out
+            return torch.log_softmax(out[0, :, 0], 1)[:, :-1]
+        k = self.n_transforms
+        return out[torch.arange(k), :, torch.arange(k)].mean(0)
+
+    def raw_score(self, out: Tensor) -> Tensor:
+        """A task's score from its joint logits ``out`` (K x B x K x n_t, ``blocks``)."""
+        if self.labels == "extra":
+            # log p(in | x) = logsumexp_c log p(c | x) over the task's classes
+            return self._ensemble(out).logsumexp(1) if self.score != "maxlogit" else self._ensemble(out).max(1).values
+        if self.score == "transform":
+            # sum_k log p(transform k | T_k x) (self-supervised OOD: Golan & El-Yaniv 2018, Hendrycks et al. 2019)
+            k = self.n_transforms
+            logp = torch.log_softmax(out.flatten(2), 2).reshape(out.shape).logsumexp(3)  # K x B x K
+            return logp[torch.arange(k), :, torch.arange(k)].mean(0)
+        g = self._ensemble(out)
+        return g.max(1).values if self.score == "maxlogit" else torch.logsumexp(g, 1)
+
+    @torch.no_grad()
+    def calibrate(self, net, x: Tensor, task: int, batch_size: int = 512) -> None:
+        """mean_t, std_t of task t's score on its own (training) data x."""
+        s = torch.cat([self.raw_score(self.blocks(net, x[i:i + batch_size], task))
+                       for i in range(0, x.shape[0], batch_size)])
+        self.score_mean[task] = s.mean()
+        self.score_std[task] = s.std().clamp_min(1e-6) if s.numel() > 1 else 1.0
+
+    def task_scores(self, net, x: Tensor, n_tasks: int, condition=None) -> tuple[Tensor, list[Tensor]]:
+        """(z: B x n_tasks calibrated scores, the ensembled logits g_t of every task)."""
+        outs = [self.blocks(net, x, t, condition) for t in range(n_tasks)]
+        gs = [self._ensemble(o) for o in outs]
+        s = torch.stack([self.raw_score(o) for o in outs], 1)
+        if self.calibrate_scores:
+            s = (s - self.score_mean[:n_tasks]) / self.score_std[:n_tasks]
+        return s, gs
+
+
+class ClassGaussians(nn.Module):
+    """Per-(task, class) Gaussians with their own covariance in the query space (QDA), for picking the task
+    without a label; the same interface as ``modnet.nets.modules.TaskKeys`` (``update``,
+    ``task_log_posterior``), so a ``HATNet`` uses either as its ``task_keys``."""
+
+    def __init__(self, n_classes: int, query_dim: int, shrinkage: float = 0.05):
+        super().__init__()
+        if not 0.0 < shrinkage <= 1.0:
+            raise ValueError(f"shrinkage must be in (0, 1] (it keeps every covariance invertible), got {shrinkage}")
+        self.shrinkage = shrinkage
+        self.register_buffer("sums", torch.zeros(n_classes, query_dim, dtype=torch.float64))
+        self.register_buffer("counts", torch.zeros(n_classes, dtype=torch.float64))
+        self.register_buffer("scatters", torch.zeros(n_classes, query_dim, query_dim, dtype=torch.float64))
+        self._cache: tuple | None = None
+
+    @torch.no_grad()
+    def update(self, q: Tensor, y: Tensor) -> None:
+        q = q.flatten(1).double()
+        self.sums.index_add_(0, y, q)
+        self.counts.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+        self.scatters.index_add_(0, y, q.unsqueeze(2) * q.unsqueeze(1))
+        self._cache = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def gaussians(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(mu: C x d, Cholesky factors L_c of the shrunk Sigma_c: C x d x d, seen: C) of the classes."""
+        key = (self.counts.sum().item(), self.sums.device)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        seen = self.counts > 0
+        if not seen.any():
+            raise RuntimeError("ClassGaussians has no statistics yet: update() it with each trained experience")
+        n = self.counts.clamp_min(1).view(-1, 1, 1)
+        mu = self.sums / n.view(-1, 1)
+        cov = (self.scatters - n * mu.unsqueeze(2) * mu.unsqueeze(1)) / (n - 1).clamp_min(1)
+        d = cov.shape[-1]
+        scale = torch.diagonal(cov, dim1=1, dim2=2).mean(1).clamp_min(1e-8).view(-1, 1, 1)
+        eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+        cov = (1 - self.shrinkage) * cov + self.shrinkage * scale * eye
+        cov[~seen] = eye
+        out = (mu, torch.linalg.cholesky(cov), seen)
+        self._cache = (key, out)
+        return out
+
+    def class_log_likelihood(self, q: Tensor) -> Tensor:
+        """log N(q; mu_c, Sigma_c) for every class (B x C; -inf for classes without samples)."""
+        mu, chol, seen = self.gaussians()
+        q = q.flatten(1).double()
+        diff = (q.unsqueeze(0) - mu.unsqueeze(1)).transpose(1, 2)  # C x d x B
+        z = torch.linalg.solve_triangular(chol, diff, upper=False)
+        logdet = torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1)  # 1/2 log det Sigma_c
+        d = mu.shape[1]
+        ll = -0.5 * (z ** 2).sum(1) - logdet.unsqueeze(1) - 0.5 * d * math.log(2 * math.pi)  # C x B
+        ll[~seen] = -torch.inf
+        return ll.T
+
+    def task_log_posterior(self, q: Tensor, task_classes: Sequence[Tensor]) -> Tensor:
+        """log p(task | x) over the given tasks (B x T): the classes' likelihoods pooled per task."""
+        ll = self.class_log_likelihood(q)
+        per_task = torch.stack([torch.logsumexp(ll[:, idx], dim=1) for idx in task_classes], dim=1)
+        return F.log_softmax(per_task, dim=1).to(q.dtype)

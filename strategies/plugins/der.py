@@ -1,0 +1,117 @@
+"""Dark Experience Replay, DER and DER++ (Buzzega, Boschini, Porrello, Abati & Calderara, NeurIPS 2020).
+
+A buffer M of at most ``mem_size`` samples of the stream, filled by reservoir sampling (every sample seen so
+far has the same chance mem_size / seen to be in it), keeps each sample's input x, label y, task label t and
+the network's logits z = h_θ(x) at the step it was stored. Each training step adds
+
+    DER     L = ℓ(y, f(x)) + α ||z' - h_θ(x')||²            (x', z') ~ M
+    DER++   L = ℓ(y, f(x)) + α ||z' - h_θ(x')||² + β ℓ(y'', f(x''))     (x'', y'') ~ M, a second batch
+
+(Algorithm 1 of the paper; ||·||² is the mean squared error of ``F.mse_loss``, as the reference code
+Mammoth). Buffer batches are as large as the training batch. The stored logits are those of the forward of
+the step, before its update (Mammoth's ``buffer.add_data(..., logits=outputs.data)``), not recomputed after
+the experience as Avalanche 0.6.0's ``DER`` does (which also calls the model without task labels, so it
+cannot run task-incremental). The buffer lives on the strategy's device as plain tensors.
+"""
+from __future__ import annotations
+
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.models.utils import avalanche_forward
+from torch import Tensor
+from torch.nn import functional as F
+
+
+class ReservoirBuffer:
+    """At most ``size`` samples (x, y, t, logits), reservoir sampling over every sample offered (Vitter's
+    algorithm R): the n-th sample offered goes in while the buffer is not full, and afterwards replaces a
+    uniformly drawn slot j < size when j = randint(0, n) falls inside the buffer."""
+
+    def __init__(self, size: int):
+        if size < 0:
+            raise ValueError(f"buffer size must be >= 0, got {size}")
+        self.size = int(size)
+        self.seen = 0
+        self.x: Tensor | None = None
+        self.y: Tensor | None = None
+        self.t: Tensor | None = None
+        self.logits: Tensor | None = None
+        self.n = 0  # samples held
+
+    def _allocate(self, x: Tensor, y: Tensor, t: Tensor, logits: Tensor) -> None:
+        self.x = x.new_empty((self.size, *x.shape[1:]))
+        self.y = y.new_empty((self.size,))
+        self.t = t.new_empty((self.size,))
+        self.logits = logits.new_zeros((self.size, logits.shape[1]))
+
+    @torch.no_grad()
+    def add(self, x: Tensor, y: Tensor, t: Tensor, logits: Tensor) -> None:
+        if self.size == 0:
+            self.seen += len(y)
+            return
+        if self.x is None:
+            self._allocate(x, y, t, logits)
+        if logits.shape[1] > self.logits.shape[1]:  # a wider head: pad the stored logits with zeros
+            self.logits = F.pad(self.logits, (0, logits.shape[1] - self.logits.shape[1]))
+        for i in range(len(y)):
+            if self.n < self.size:
+                slot = self.n
+                self.n += 1
+            else:
+                slot = int(torch.randint(0, self.seen + 1, ()).item())
+            self.seen += 1
+            if slot < self.size:
+                self.x[slot], self.y[slot], self.t[slot] = x[i], y[i], t[i]
+                self.logits[slot].zero_()
+                self.logits[slot, :logits.shape[1]] = logits[i]
+
+    def sample(self, batch_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``min(batch_size, held)`` distinct samples, uniformly (Mammoth's ``get_data``)."""
+        idx = torch.randperm(self.n, device=self.y.device)[:batch_size]
+        return self.x[idx], self.y[idx], self.t[idx], self.logits[idx]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def stored_tensors(self) -> list[Tensor]:
+        """What the buffer holds: the first ``n`` rows of x, y, t and logits."""
+        if self.x is None:
+            return []
+        return [b[:self.n] for b in (self.x, self.y, self.t, self.logits)]
+
+
+class DarkExperienceReplay(SupervisedPlugin):
+    """DER (``beta`` = 0) or DER++ (``beta`` > 0): adds α MSE(h(x'), z') + β CE(f(x''), y'') to
+    ``strategy.loss`` and stores the current batch with its logits after the update."""
+
+    def __init__(self, mem_size: int, alpha: float, beta: float = 0.0):
+        super().__init__()
+        if alpha < 0 or beta < 0:
+            raise ValueError(f"DER needs alpha >= 0 and beta >= 0, got alpha={alpha}, beta={beta}")
+        self.buffer = ReservoirBuffer(mem_size)
+        self.alpha, self.beta = float(alpha), float(beta)
+
+    def _buffer_logits(self, strategy, x: Tensor, t: Tensor) -> Tensor:
+        """The logits of buffer samples, through the strategy's model with their task labels."""
+        return avalanche_forward(strategy.model, x, t)
+
+    def before_backward(self, strategy, **kwargs):
+        if len(self.buffer) == 0:
+            return
+        batch = len(strategy.mb_y)
+        x, _, t, z = self.buffer.sample(batch)
+        out = self._buffer_logits(strategy, x, t)
+        width = min(out.shape[1], z.shape[1])
+        strategy.loss = strategy.loss + self.alpha * F.mse_loss(out[:, :width], z[:, :width])
+        if self.beta > 0:
+            x, y, t, _ = self.buffer.sample(batch)
+            strategy.loss = strategy.loss + self.beta * F.cross_entropy(self._buffer_logits(strategy, x, t), y)
+
+    @torch.no_grad()
+    def after_training_iteration(self, strategy, **kwargs):
+        # the inputs as read (no augmentation here) and the logits of this step's forward, before its update
+        self.buffer.add(strategy.mb_x.detach(), strategy.mb_y.detach(), strategy.mb_task_id.detach(),
+                        strategy.mb_output.detach().float())
+
+    def stored_tensors(self) -> list[Tensor]:
+        return self.buffer.stored_tensors()

@@ -1,0 +1,52 @@
+"""``TaskOODPlugin``: trains and calibrates the per-task OOD heads of a class-incremental modular network
+(``modnet.nets.task_inference.TaskOOD``; CSI's joint (class, transform) labels inside HAT's masks, as CLOM).
+
+before_backward     + weight * CE(h_t(f_t(T_k x)), y + n_t k) over the batch and its K - 1 transformed copies,
+                    through task t's masked sub-network (HAT's training masks at the step's s, so HAT's
+                    gradient conditioning protects earlier tasks' units from this loss as from the task's own)
+after_training_exp  mean and std of the task's ensembled score on its own training data (two floats per task;
+                    no sample is kept)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from avalanche.core import SupervisedPlugin
+from torch.utils.data import DataLoader
+
+from modnet.nets.models import ForwardTrace
+from strategies.template import train_condition
+
+
+class TaskOODPlugin(SupervisedPlugin):
+    def __init__(self, weight: float = 1.0, batch_size: int = 512):
+        super().__init__()
+        self.weight, self.batch_size = weight, batch_size
+
+    def before_backward(self, strategy, **kw):
+        model = strategy.model
+        condition = train_condition(strategy)
+        task = condition.task
+        # the task's local labels: position of each global label in the task's head
+        idx = getattr(model, f"class_index_{task}")
+        lut = torch.full((model.n_classes,), -1, dtype=torch.long, device=idx.device)
+        lut[idx] = torch.arange(len(idx), device=idx.device)
+        y = lut[strategy.mb_y.to(idx.device)]
+        # own trace: HAT's plugin has read this step's capacity regulariser from the main forward
+        cond = dataclasses.replace(condition, record=False, trace=ForwardTrace())
+        loss = model.task_ood.loss(model, strategy.mb_x, y, task, cond)
+        strategy.loss = strategy.loss + self.weight * loss
+
+    @torch.no_grad()
+    def after_training_exp(self, strategy, **kw):
+        model = strategy.model
+        task = train_condition(strategy).task
+        loader = DataLoader(strategy.experience.dataset, batch_size=self.batch_size, shuffle=False)
+        x = torch.cat([batch[0] for batch in loader]).to(strategy.device)
+        was_training = model.training
+        model.eval()
+        try:
+            model.task_ood.calibrate(model, x, task, self.batch_size)
+        finally:
+            model.train(was_training)

@@ -1,0 +1,213 @@
+"""Class-incremental task prediction (modnet/nets/task_inference.py): per-(task, class) Gaussians (QDA) and
+per-task OOD heads on transformed copies inside HAT's masks (CSI / CLOM)."""
+import numpy as np
+import pytest
+import torch
+
+from modnet.nets.modules import TaskKeys
+from modnet.nets.task_inference import TRANSFORMS, ClassGaussians, TaskOOD
+
+
+def _same_means_different_covariances(n=400, d=5, seed=0):
+    """Two tasks of two classes, all four of mean 0: task 0's classes are thin along different axes, task
+    1's classes are wide. A shared covariance (LDA) cannot tell them apart; per-class covariances can."""
+    rng = np.random.default_rng(seed)
+    scales = [np.r_[0.3, np.ones(d - 1)], np.r_[np.ones(d - 1), 0.3], np.full(d, 2.0), np.r_[3.0, np.full(d - 1, 1.5)]]
+    y = np.repeat(np.arange(4), n)
+    x = rng.normal(size=(4 * n, d)) * np.stack(scales)[y]
+    return torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+
+
+def test_class_gaussians_match_quadratic_discriminant_analysis_and_ignore_batching():
+    from sklearn.discriminant_analysis import QuadraticDiscriminantAnalysis
+
+    x, y = _same_means_different_covariances()
+    one, streamed = ClassGaussians(4, 5, shrinkage=1e-9), ClassGaussians(4, 5, shrinkage=1e-9)
+    one.update(x, y)
+    for i in range(0, len(y), 113):  # running sums: any batching gives the same Gaussians
+        streamed.update(x[i:i + 113], y[i:i + 113])
+    for a, b in zip(one.gaussians(), streamed.gaussians()):
+        assert torch.allclose(a.double(), b.double(), atol=1e-8)
+    qda = QuadraticDiscriminantAnalysis(priors=np.full(4, 0.25)).fit(x.numpy(), y.numpy())
+    ll = one.class_log_likelihood(x)
+    assert (ll.argmax(1).numpy() == qda.predict(x.numpy())).mean() >= 0.995
+    # the log-likelihood itself, against torch's Gaussian with the same sample mean and covariance
+    xc = x[y == 2].double()
+    ref = torch.distributions.MultivariateNormal(xc.mean(0), torch.cov(xc.T)).log_prob(x.double())
+    assert torch.allclose(ll[:, 2].double(), ref, atol=1e-6)
+
+
+def test_class_gaussians_pick_the_task_where_the_shared_covariance_keys_cannot():
+    x, y = _same_means_different_covariances()
+    tasks = [torch.tensor([0, 1]), torch.tensor([2, 3])]
+    gauss, keys = ClassGaussians(4, 5), TaskKeys(4, 5)
+    gauss.update(x, y)
+    keys.update(x, y)
+    truth = y // 2
+    tp_gauss = (gauss.task_log_posterior(x, tasks).argmax(1) == truth).float().mean()
+    tp_keys = (keys.task_log_posterior(x, tasks).argmax(1) == truth).float().mean()
+    assert tp_gauss >= 0.85
+    assert tp_keys <= 0.65
+    post = gauss.task_log_posterior(x, tasks)
+    assert torch.allclose(post.exp().sum(1), torch.ones(len(y)), atol=1e-5)
+
+
+def test_class_gaussians_refuse_no_statistics_and_bad_shrinkage():
+    with pytest.raises(RuntimeError, match="no statistics"):
+        ClassGaussians(2, 3).class_log_likelihood(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="shrinkage"):
+        ClassGaussians(2, 3, shrinkage=0.0)
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_transforms_keep_shape_and_are_fixed_maps(name):
+    g = torch.Generator().manual_seed(0)
+    for x in (torch.randn(3, 16, generator=g), torch.randn(3, 1, 4, 4, generator=g)):
+        y = TRANSFORMS[name](x)
+        assert y.shape == x.shape and not torch.equal(y, x)
+        assert torch.equal(TRANSFORMS[name](x), y)  # the same map at training and test time
+    assert torch.equal(TRANSFORMS["reverse"](torch.arange(4.0).view(1, 4)), torch.tensor([[3.0, 2, 1, 0]]))
+    img = torch.arange(4.0).view(1, 1, 2, 2)
+    assert torch.equal(TRANSFORMS["rot180"](img), TRANSFORMS["reverse"](img))
+
+
+def test_joint_labels_and_ensemble_pick_each_transform_block():
+    """Label of (class c, transform k) is c + n k; the ensemble reads block k on the k-th transformed copy."""
+    ood = TaskOOD([2], feature_dim=3, transforms=["negate", "reverse"])
+    assert ood.n_transforms == 3 and ood.heads[0].out_features == 6
+    x = torch.randn(4, 3)
+    out = torch.arange(3 * 4 * 6, dtype=torch.float32).reshape(3, 4, 3, 2)  # K x B x K x n
+    g = ood._ensemble(out)
+    expected = (out[0, :, 0] + out[1, :, 1] + out[2, :, 2]) / 3
+    assert torch.equal(g, expected)
+    assert ood.expand(x).shape == (12, 3)
+    assert torch.equal(ood.expand(x)[4:8], -x)
+
+
+def _ramps(n, d=16, seed=0):
+    """Two tasks whose inputs differ only in their direction: task 0 rising ramps of amplitude 1 (class 0) or
+    2 (class 1), task 1 the same ramps falling (classes 2, 3). Time reversal maps one task onto the other."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.linspace(-1, 1, d)
+    y = torch.arange(4).repeat_interleave(n)
+    amp = torch.tensor([1.0, 2.0, 1.0, 2.0])[y] * (1 + 0.1 * torch.randn(4 * n, generator=g))
+    direction = torch.where(y < 2, 1.0, -1.0)
+    x = (amp * direction).unsqueeze(1) * r + 0.3 * torch.randn(4 * n, d, generator=g)
+    return x, y
+
+
+def _train_modnet(tmp_path, overrides, snapshot=None):
+    """Train the modnet strategy class-incrementally on the planted ramps (an npz benchmark, 2 experiences)."""
+    from modnet.config import compose
+    from modnet.eval.metrics import build_evaluator
+    from modnet.runner.runner import make_strategy, set_seed
+    from scenarios import build_benchmark
+
+    xtr, ytr = _ramps(150)
+    xte, yte = _ramps(100, seed=1)
+    np.savez(tmp_path / "ramps.npz", x_train=xtr.numpy(), y_train=ytr.numpy(), x_test=xte.numpy(),
+             y_test=yte.numpy())
+    cfg = compose("cl", ["scenario=class", "benchmark=npz", f"benchmark.path={tmp_path / 'ramps.npz'}",
+                         "benchmark.n_experiences=2", "benchmark.class_order=[0,1,2,3]", "device=cpu",
+                         "train.epochs=10", "hat.smax=100", "model.hidden=32", "progress=false", *overrides])
+    set_seed(0)
+    info = build_benchmark(cfg.benchmark, cfg.scenario, 0, device=None)
+    strategy = make_strategy("modnet", cfg, info, torch.device("cpu"), build_evaluator([], tmp_path / "logs", False)[0])
+    seen = []
+    for exp in info.benchmark.train_stream:
+        strategy.train(exp)
+        if snapshot is not None:
+            seen.append(snapshot(strategy.model))
+    return strategy.model.eval(), xte, yte, seen
+
+
+def test_ood_heads_find_the_task_that_the_heads_confidence_cannot(tmp_path):
+    """Task 1's inputs are task 0's reversed: task 0's classifier is confident on them (amplitude), its OOD
+    head, trained to call reversed copies 'transformed', is not. Task prediction: well above chance."""
+    from modnet.nets.task_inference import TaskOOD as OOD
+
+    model, x, y, _ = _train_modnet(tmp_path, ["task_inference.method=ood", "task_inference.transforms=[reverse]"])
+    assert isinstance(model.task_ood, OOD) and model.task_keys is None
+    truth = y // 2
+    with torch.no_grad():
+        _, chosen = model.infer_task(x)
+        tp = (chosen == truth).float().mean()
+        acc = (model(x).argmax(1) == y).float().mean()
+        # the heads' own confidence (max softmax over each head) for comparison
+        model.task_ood = None
+        _, by_heads = model.infer_task(x)
+    assert tp >= 0.9
+    assert acc >= 0.6  # chance: 0.25
+    assert (by_heads == truth).float().mean() <= tp - 0.2
+
+
+def test_hat_keeps_an_earlier_tasks_ood_scores_after_a_later_task(tmp_path):
+    """The OOD head of task 0 reads task 0's masked sub-network: training task 1 leaves its outputs as
+    they were (HAT's gradient conditioning on the shared units; the head itself is task 0's own)."""
+    probe = _ramps(20, seed=2)[0]
+
+    def snapshot(model):
+        model.eval()
+        with torch.no_grad():
+            out = model.task_ood.blocks(model, probe, 0).clone()
+        model.train()
+        return out
+
+    model, _, _, seen = _train_modnet(tmp_path, ["task_inference.method=ood", "task_inference.transforms=[reverse]"],
+                                      snapshot)
+    assert len(seen) == 2
+    assert torch.allclose(seen[0], seen[1], atol=1e-4)
+    # calibration: two floats per trained task, measured on the task's own training data
+    assert model.task_ood.score_std[:2].gt(0).all() and not torch.equal(model.task_ood.score_mean[:2],
+                                                                         torch.zeros(2))
+
+
+def test_default_class_incremental_network_uses_class_gaussians_and_keys_stay_an_option():
+    from modnet.config import compose
+    from modnet.nets.build import build_modular_network
+
+    net = build_modular_network(compose("cl", ["model.gate=none"]), (6,), [[0, 1], [2, 3]], True)
+    assert isinstance(net.task_keys, ClassGaussians) and net.task_ood is None
+    net = build_modular_network(compose("cl", ["model.gate=none", "task_inference.method=keys"]), (6,),
+                                [[0, 1], [2, 3]], True)
+    assert isinstance(net.task_keys, TaskKeys)
+    net = build_modular_network(compose("cl", ["model.gate=none", "task_inference.method=heads"]), (6,),
+                                [[0, 1], [2, 3]], True)
+    assert net.task_keys is None and net.task_ood is None
+    # task-incremental: the label picks the task, no predictor is built
+    net = build_modular_network(compose("cl", ["model.gate=none"]), (6,), [[0, 1], [2, 3]], False)
+    assert net.task_keys is None and net.task_ood is None
+
+
+def test_gauss_over_its_memory_budget_falls_back_to_the_lda_keys(capsys):
+    from modnet.config import compose
+    from modnet.nets.build import build_modular_network
+
+    cfg = compose("cl", ["model.gate=none", "task_inference.gauss_max_mb=1"])
+    net = build_modular_network(cfg, (3, 32, 32), [[0, 1], [2, 3]], True)  # 4 x 3072^2 float64 = 288 MB
+    assert isinstance(net.task_keys, TaskKeys)
+    assert "task_inference.method=keys" in capsys.readouterr().out
+
+
+def test_extra_class_labels_score_the_probability_of_not_being_transformed():
+    """labels=extra: n + 1 outputs, every transformed copy labelled n; score log p(in | x) = logsumexp of the
+    classes' log-probabilities; calibration stores the score's mean and std on the given data."""
+    from modnet.nets.models import HATMLP
+
+    torch.manual_seed(0)
+    net = HATMLP(6, [[0, 1], [2, 3]], hidden=5, class_incremental=True).eval()
+    ood = TaskOOD([2, 2], 5, transforms=["negate", "shift"], score="energy", labels="extra")
+    assert ood.heads[1].out_features == 3
+    x = torch.randn(7, 6)
+    out = ood.blocks(net, x, 1)
+    assert out.shape == (1, 7, 1, 3)
+    logits = ood.heads[1](net.features(x, net.masks(1), 1))
+    expected = torch.log_softmax(logits, 1)[:, :2].logsumexp(1)
+    assert torch.allclose(ood.raw_score(out), expected, atol=1e-6)
+    loss = ood.loss(net, x, torch.zeros(7, dtype=torch.long), 1)
+    all_logits = ood.heads[1](net.features(ood.expand(x), net.masks(1), 1))
+    labels = torch.tensor([0] * 7 + [2] * 14)
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(all_logits, labels), atol=1e-6)
+    ood.calibrate(net, x, 1)
+    assert torch.allclose(ood.score_mean[1], expected.mean(), atol=1e-6)
+    assert torch.allclose(ood.score_std[1], expected.std(), atol=1e-6)
