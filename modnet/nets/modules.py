@@ -58,9 +58,9 @@ def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, 
     k-NN radius is about the same and SynC leaves one large cluster, small fragments and many outliers
     (9-17 groups, ~35% outliers on 256 units). In 3 principal dimensions the same dynamics splits the units
     into a handful of groups with few outliers. eps rule: the mean distance to the k-th neighbour
-    (``k`` None: max(10, n // 10), the ``SynC`` default), k growing by half until SynC's count is at most
-    ``max_modules`` (shrinking when it is under ``min_modules``): SynC decides the modules at the smallest
-    such eps. Groups under ``min_module_size`` units (None: max(3, n // 32)) are outliers, as are units
+    (``k`` None: max(10, n // 10), the ``SynC`` default), k growing by half while SynC finds more than
+    ``max_modules`` groups, shrinking by a third while it finds fewer than ``min_modules``, bisected once
+    both are seen: SynC decides the modules at the first eps whose count is in range. Groups under ``min_module_size`` units (None: max(3, n // 32)) are outliers, as are units
     that synchronised with nobody; outliers join the module whose centre is nearest. k-means (scikit-learn)
     on the same vectors stays as the fallback when no eps gives a count in range; ``with_method``: each
     layer's tuple also holds how its modules were decided ("sync" or "kmeans") and SynC's outlier count.
@@ -125,17 +125,24 @@ def sync_modules(S: Tensor, k: int | None, min_modules: int, max_modules: int, s
     min_size = max(3, n // 32) if min_module_size is None else int(min_module_size)
     rank = min(max(10, n // 10), n - 2) if k is None else int(k)
     tried: dict[int, tuple] = {}
+    lo, hi = 0, n - 1  # ranks known to give too many groups (<= lo) and too few (>= hi)
     while 1 <= rank <= n - 2 and rank not in tried:
-        labels = torch.as_tensor(SynC(k=rank, scale="global", min_cluster_size=min_size, algorithm=algorithm).fit_predict(P),
-                                 device=S.device)
+        labels = torch.as_tensor(SynC(k=rank, scale="global", min_cluster_size=min_size,
+                                      algorithm=algorithm).fit_predict(P), device=S.device)
         found = int(labels.max()) + 1 if (labels >= 0).any() else 0
         tried[rank] = (labels, found)
         if min_modules <= found <= max_modules:
             break
-        # too many groups: a larger neighbourhood (eps); too few: a smaller one
-        rank = min(n - 2, max(rank + 1, rank * 3 // 2)) if found > max_modules else max(1, rank * 2 // 3)
-        if rank in tried and tried[rank][1] == found:
+        # too many groups: a larger neighbourhood (eps); too few: a smaller one; bisect once both are known
+        if found > max_modules:
+            lo = rank
+            nxt = max(rank + 1, rank * 3 // 2) if hi == n - 1 else (rank + hi) // 2
+        else:
+            hi = rank
+            nxt = max(1, rank * 2 // 3) if lo == 0 else (lo + rank) // 2
+        if not lo < nxt < hi:
             break
+        rank = min(nxt, n - 2)
     labels, found = tried[rank] if rank in tried else (None, 0)
     outliers = int((labels < 0).sum()) if labels is not None else n
     if labels is None or not min_modules <= found <= max_modules:
@@ -517,7 +524,8 @@ class ModularGating(nn.Module):
 
         ``persistent`` (default): the modules of the latest earlier gate stay, with their keys (copied and
         frozen: ``key_frozen``), restricted to the units earlier tasks claimed (cumulative HAT mask >= 0.5;
-        HAT keeps their weights safe); SynC groups the remaining, free units into new modules. The task's
+        HAT keeps their weights safe); SynC groups the remaining, free units into new modules (one or more:
+        SynC may find them one group). The task's
         query scores old and new modules, so it can switch earlier modules on. Each module has a global id
         per layer (``module_ids_<l>``), kept by every gate that holds it; ``module_method_<l>`` says how each
         was made (0 SynC, 1 k-means fallback). Without ``persistent`` (or for the first task) every unit is
@@ -538,7 +546,9 @@ class ModularGating(nn.Module):
                         for i in range(len(clustered))]
         else:
             claimed = [m.to(x.device) >= 0.5 for m in net.cumulative_masks()]
-            clustered = cluster_layers(profiles_t, **self.cluster, with_method=True, select=[~c for c in claimed])
+            # the free units may form one module (the inherited ones already give the gate a choice)
+            clustered = cluster_layers(profiles_t, **{**self.cluster, "min_modules": 1}, with_method=True,
+                                       select=[~c for c in claimed])
             assignments, inherited, old_ids, old_methods, next_ids = [], [], [], [], []
             for i, (labels, _, method, _) in enumerate(clustered):
                 a_prev = prev.assignment(i).to(x.device)
