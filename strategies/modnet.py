@@ -23,10 +23,12 @@ def modnet_strategy(model, optimizer, *, smax: float = 400.0, c: float = 0.75, t
     per-task OOD heads (class-incremental, ``task_inference.method=ood``), and the sync regulariser when ``sync_reg`` > 0. ``template_args`` are Avalanche's
     (criterion, train_mb_size, train_epochs, eval_mb_size, device, evaluator, ...)."""
     from strategies.plugins.hat import HATPlugin
-    from strategies.plugins.modular import SyncRegPlugin, TaskKeysPlugin
+    from strategies.plugins.modular import ModulesPlugin, SyncRegPlugin, TaskKeysPlugin
     from strategies.template import ConditionedTemplate
 
     ours = [HATPlugin(smax=smax, c=c, thres_cosh=thres_cosh, thres_emb=thres_emb, clipgrad=clipgrad)]
+    if getattr(model, "gate", None) is not None:
+        ours.append(ModulesPlugin())
     if model.task_keys is not None:
         ours.append(TaskKeysPlugin())
     if getattr(model, "task_ood", None) is not None:

@@ -1,5 +1,6 @@
 """Functional modules: SynC grouping of units, key-vector hard attention, task keys (MISSION.md 1.4)."""
 import json
+import types
 
 import numpy as np
 import pytest
@@ -210,7 +211,12 @@ def test_task_incremental_with_modules_and_gates_forgets_nothing(tmp_path):
     pictures = tmp_path / m["modules"]["folder"]
     assert (pictures / "gate_usage.png").stat().st_size > 1000
     assert len(list(pictures.glob("module_map_task*.png"))) == 5
-    assert all(2 <= len(sizes) <= 4 for task in m["modules"]["sizes"].values() for sizes in task)
+    # the first task's modules: SynC's count within [min_modules, max_modules]; later tasks keep them
+    # (the units earlier tasks claimed) and add SynC modules of the free units
+    assert all(2 <= len(sizes) <= 4 for sizes in m["modules"]["sizes"]["task0"])
+    sharing = m["network"]["module_sharing"]
+    assert [layer["module_method"] for layer in sharing] == ["sync", "sync"]  # no k-means fallback
+    assert sum(layer["shared"] for layer in sharing) >= 1  # a module used by two or more tasks
 
 
 def test_class_incremental_modnet_beats_naive_lwf_and_replay(tmp_path):
@@ -245,3 +251,73 @@ def test_domain_incremental_permuted_digits_task_is_found_without_label(tmp_path
                  "strategies=[modnet,naive]", f"output_dir={tmp_path}", "progress=false"]) == 0
     s = json.loads((tmp_path / "results.json").read_text())["strategies"]
     assert s["modnet"]["average_accuracy"] >= s["naive"]["average_accuracy"] + 0.1
+
+
+def _planted_net(hidden=48, groups=3, seed=0):
+    """One masked layer whose units are noisy copies of ``groups`` planted directions (unit i: group i // 16):
+    units of a group respond alike, so SynC must find the groups as modules."""
+    from modnet.nets.models import HATMLP
+
+    g = torch.Generator().manual_seed(seed)
+    net = HATMLP(8, [[0, 1], [2, 3]], hidden=hidden, n_layers=1)
+    planted = torch.arange(hidden) // (hidden // groups)
+    directions = torch.randn(groups, 8, generator=g)
+    with torch.no_grad():
+        net.masked[0].weight.copy_(directions[planted] + 0.05 * torch.randn(hidden, 8, generator=g))
+        net.masked[0].bias.zero_()
+    net.gate = ModularGating(query_dim=8, k=3, cluster=dict(steps=100, min_modules=2, max_modules=4))
+    return net, planted, torch.randn(256, 8, generator=g)
+
+
+def test_modules_persist_across_tasks_and_a_module_is_shared_by_two_tasks():
+    """Planted groups: SynC recovers them for task 0; once task 0 has claimed group 0's units, task 1's gate
+    keeps that module (same global id, same key, frozen) and SynC makes new modules of the free units only;
+    both tasks keep group 0's units and switch its module on, so it is shared; the gates round-trip through a
+    state dict."""
+    from modnet.nets.record import describe_network, module_sharing
+    from strategies.plugins.modular import ModulesPlugin
+
+    net, planted, x = _planted_net()
+    net.gate.add_task(net, 0, x)
+    g0 = net.gate.task_gate(0)
+    assert adjusted_rand_score(planted.numpy(), g0.assignment(0).numpy()) == 1.0
+    assert g0.module_methods(0).tolist() == [0, 0, 0]  # all made by SynC
+    group0 = planted == 0
+    with torch.no_grad():
+        net.mask_pre_0.copy_(group0.float())  # task 0 claimed group 0's units
+        net.masked[0].task_embedding.weight[:, :] = -6.0
+        net.masked[0].task_embedding.weight[:, group0] = 6.0  # both tasks keep group 0's units
+    net.gate.add_task(net, 1, x)
+    g1 = net.gate.task_gate(1)
+    m0 = int(g0.assignment(0)[group0][0])
+    assert g1.n_inherited == [1]
+    assert torch.equal(g1.assignment(0)[group0], torch.zeros(16, dtype=torch.long))  # the inherited module
+    assert int(g1.module_ids(0)[0]) == int(g0.module_ids(0)[m0])
+    assert torch.equal(g1.keys[0, 0], g0.keys[0, m0]) and g1.key_frozen[0, 0].item() == 1
+    free = ~group0
+    assert adjusted_rand_score(planted[free].numpy(), g1.assignment(0)[free].numpy()) == 1.0
+    assert set(g1.module_ids(0)[1:].tolist()).isdisjoint(g0.module_ids(0).tolist())  # new modules, new ids
+    # the inherited key gets no update while task 1 trains
+    plugin, strategy = ModulesPlugin(), types.SimpleNamespace(model=net, experience=types.SimpleNamespace(
+        current_experience=1))
+    plugin.before_training_exp(strategy)
+    net.train()
+    sum(o.sum() for o in net.gate(x, 1, net.masks(1))).backward()
+    plugin.before_update(strategy)
+    assert torch.all(g1.keys.grad[0, 0] == 0) and g1.keys.grad[0, 1:].abs().sum() > 0
+    net.eval()
+    for t in (0, 1):
+        net.gate.record_usage(net, t, x)
+    sharing = module_sharing(net)[0]
+    assert sharing["shared"] >= 1 and sharing["used_by"][str(int(g0.module_ids(0)[m0]))] == [0, 1]
+    assert sharing["module_method"] == "sync"
+    assert describe_network(net)["module_sharing"] == [sharing]
+    # round trip: a fresh network rebuilt from the state dict gates exactly as this one
+    fresh, _, _ = _planted_net()
+    fresh.gate.rebuild_from_state(net.state_dict(), "gate.")
+    fresh.load_state_dict(net.state_dict())
+    fresh.eval()
+    for t in (0, 1):
+        assert all(torch.equal(a, b) for a, b in zip(fresh.gate(x, t, fresh.masks(t)), net.gate(x, t, net.masks(t))))
+    assert fresh.gate.task_gate(1).n_inherited == [1]
+    assert module_sharing(fresh) == module_sharing(net)

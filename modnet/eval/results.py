@@ -31,6 +31,37 @@ def summarize(matrix) -> dict:
             "forgetting": forgetting, "bwt": -forgetting}
 
 
+def forgetting_ratio(matrix, joint_row, n_classes) -> float:
+    """HAT's forgetting ratio (Serra et al. 2018, sec. 4.1; MISSION.md 1.1) after the last experience T:
+    rho = mean_tau [(A^{tau<=T} - A_R^tau) / (A_J^{tau<=T} - A_R^tau)] - 1, with A^{tau<=T} = R[T][tau] the
+    accuracy on task tau after training T, A_R^tau = 1 / n_classes[tau] a random stratified classifier's and
+    A_J^{tau<=T} the accuracy on tau of joint training on tasks <= T (``joint_row``: the last row of the
+    ``cumulative`` strategy, which trains on every experience so far). 0 = as good as joint training, -1 = as
+    good as chance."""
+    R, J = np.asarray(matrix, dtype=float), np.asarray(joint_row, dtype=float)
+    chance = 1.0 / np.asarray(n_classes, dtype=float)
+    return float(np.mean((R[-1] - chance) / np.maximum(J - chance, 1e-12)) - 1.0)
+
+
+def add_forgetting_ratio(strategies: dict, n_classes, joint: str = "cumulative") -> None:
+    """Every strategy's ``rho`` (``forgetting_ratio``) against ``joint``'s last row, seed by seed when both
+    ran on several seeds (``rho`` the mean, ``rho_std``); nothing when ``joint`` did not run."""
+    if joint not in strategies:
+        return
+    ref = strategies[joint]
+    ref_runs = ref.get("per_seed", [ref])
+    for r in strategies.values():
+        runs = r.get("per_seed", [r])
+        if len(runs) == len(ref_runs):
+            rhos = [forgetting_ratio(a["accuracy_matrix"], b["accuracy_matrix"][-1], n_classes)
+                    for a, b in zip(runs, ref_runs)]
+        else:
+            rhos = [forgetting_ratio(r["accuracy_matrix"], ref["accuracy_matrix"][-1], n_classes)]
+        r["rho"] = float(np.mean(rhos))
+        if len(rhos) > 1:
+            r["rho_std"] = float(np.std(rhos, ddof=1))
+
+
 def aggregate_seeds(runs: list[dict]) -> dict:
     """Mean over seeds of each field (``modnet.eval.tables``), plus the std of the scalar ones and the
     per-seed runs."""

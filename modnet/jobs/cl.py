@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from modnet.config import ConfigError, check_choice, resolve_device
-from modnet.eval.results import aggregate_seeds, format_table, write_results
+from modnet.eval.results import add_forgetting_ratio, aggregate_seeds, format_table, write_results
 from scenarios import build_benchmark
 from scenarios.base import SCENARIOS
 from strategies.memory import run_order, with_matched_memory
@@ -187,10 +187,13 @@ def _run_all(cfg, out: Path, ckpt_dir: Path, device, run_fingerprint: dict) -> d
 
     def results_so_far(complete: bool) -> dict:
         done = {name: r for name, r in runs.items() if len(r) == len(seeds)}
+        strategies = {name: aggregate_seeds(r) for name, r in done.items()}
+        sizes = [len(c) for c in info.global_task_classes]  # chance: 1 / the classes a prediction picks from
+        add_forgetting_ratio(strategies, sizes if cfg.scenario == "task" else [sum(sizes)] * len(sizes))
         return {"benchmark": info.name, "scenario": cfg.scenario, "n_experiences": info.n_experiences,
                 "seed": seeds[0], "seeds": seeds, "device": str(device),
                 "classes_per_experience": info.global_task_classes,
-                "strategies": {name: aggregate_seeds(r) for name, r in done.items()},
+                "strategies": strategies,
                 "complete": complete,
                 "finished": [[name, seed] for name, r in runs.items() for seed in seeds[:len(r)]]}
 

@@ -45,7 +45,8 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
             raise ConfigError("model.gate=topk switches functional modules on and off: it needs model.modules=sync")
         g = cfg.modules
         gate = ModularGating(query_dim, key_dim=g.key_dim, k=g.k, tau=g.tau, estimator=g.estimator,
-                             cluster=dict(g.cluster), profile_samples=g.profile_samples)
+                             cluster=dict(g.cluster), profile_samples=g.profile_samples,
+                             persistent=bool(g.get("persistent", True)), k_share=float(g.get("k_share", 0.75)))
     ti = cfg.task_inference
     check_choice("task_inference.method", ti.method, TASK_INFERENCE)
     method = ti.method
@@ -71,7 +72,8 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
         net = HATCNN(input_shape, task_classes, channels=list(m.cnn_channels), hidden=m.hidden, dropout=m.dropout,
                      **common)
     else:
-        net = HATMLP(query_dim, task_classes, hidden=m.hidden, n_layers=m.n_layers, dropout=m.dropout, **common)
+        net = HATMLP(query_dim, task_classes, hidden=m.hidden, n_layers=m.n_layers, dropout=m.dropout,
+                     input_dropout=m.get("input_dropout", 0.0), **common)
     if class_incremental and m.task_keys and method == "ood":
         from modnet.nets.task_inference import TaskOOD
 
@@ -90,5 +92,6 @@ def build_baseline_network(cfg, input_shape: Sequence[int], n_classes: int, clas
     elif arch == "cnn":
         backbone = CNNBackbone(input_shape, list(m.cnn_channels), m.hidden, m.dropout)
     else:
-        backbone = MLPBackbone(int(np.prod(input_shape)), m.hidden, m.n_layers, m.dropout)
+        backbone = MLPBackbone(int(np.prod(input_shape)), m.hidden, m.n_layers, m.dropout,
+                               m.get("input_dropout", 0.0))
     return SingleHeadNet(backbone, n_classes) if class_incremental else MultiHeadNet(backbone)

@@ -364,16 +364,17 @@ class HATMLP(HATNet):
 
     def __init__(self, in_dim: int, task_classes, hidden: int = 256, n_layers: int = 2, dropout: float = 0.0,
                  class_incremental: bool = False, smax: float = 400.0, task_inference: str = "maxprob",
-                 gate: nn.Module | None = None, task_keys: nn.Module | None = None):
+                 gate: nn.Module | None = None, task_keys: nn.Module | None = None, input_dropout: float = 0.0):
         super().__init__(task_classes, hidden, class_incremental, smax, task_inference, gate, task_keys)
         n_tasks = len(task_classes)
         dims = [in_dim] + [hidden] * n_layers
         self.masked = nn.ModuleList(HATLinear(a, b, n_tasks) for a, b in zip(dims[:-1], dims[1:]))
         self.drop = nn.Dropout(dropout)
+        self.drop_in = nn.Dropout(input_dropout)  # HAT's reference MLP: 0.2 on the input, 0.5 on hidden layers
         self._init_cumulative_masks()
 
     def unit_activations(self, x: Tensor, masks: list[Tensor], task: int = 0) -> list[Tensor]:
-        h, acts = x.flatten(1), []
+        h, acts = self.drop_in(x.flatten(1)), []
         for layer, tap, m in zip(self.masked, self.unit_taps, masks):
             # HAT's reference order: ReLU (and dropout), then the mask. With hard module gates the order
             # matters: an off module's gate then gets the gradient of switching it on (the ReLU output),
@@ -435,8 +436,9 @@ class HATCNN(HATNet):
 
 # -- the same backbones without masks, for the baselines -----------------------------------------------
 class MLPBackbone(nn.Sequential):
-    def __init__(self, in_dim: int, hidden: int = 256, n_layers: int = 2, dropout: float = 0.0):
-        layers: list[nn.Module] = [nn.Flatten()]
+    def __init__(self, in_dim: int, hidden: int = 256, n_layers: int = 2, dropout: float = 0.0,
+                 input_dropout: float = 0.0):
+        layers: list[nn.Module] = [nn.Flatten()] + ([nn.Dropout(input_dropout)] if input_dropout > 0 else [])
         d = in_dim
         for _ in range(n_layers):
             layers += [nn.Linear(d, hidden), nn.ReLU(), nn.Dropout(dropout)]

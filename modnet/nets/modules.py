@@ -26,29 +26,47 @@ from torch.nn import functional as F
 from modnet.nets.hat import TrainingMasks, compensated_sigmoid
 
 
+# how a module was made, as stored in a gate's ``module_method_<l>`` buffer: SynC, the k-means fallback, or
+# "rest": the few free units (under 3) left for a task, one module without clustering
+MODULE_METHODS = ("sync", "kmeans", "rest")
+
+
 # -- modules from synchronization ----------------------------------------------------------------------
-def cluster_units(profiles: Tensor, dim: int = 16, steps: int = 200, lr: float = 0.05, k: int = 3,
-                  min_modules: int = 2, max_modules: int = 16, seed: int = 0) -> tuple[Tensor, Tensor]:
+def cluster_units(profiles: Tensor, dim: int = 16, steps: int = 200, lr: float = 0.05, k: int | None = None,
+                  min_modules: int = 2, max_modules: int = 16, seed: int = 0, sync_dims: int | None = 3,
+                  min_module_size: int | None = None) -> tuple[Tensor, Tensor]:
     """Group units into functional modules: semantic vectors from activation profiles, then SynC.
 
     ``profiles`` is units x samples. Returns (module id per unit (0..M-1), the units' semantic vectors,
-    L2-normalised). SynC's outliers join the module
-    whose centre is nearest, so every unit belongs to one module. When SynC finds fewer than
-    ``min_modules`` or more than ``max_modules`` groups, k-means (scikit-learn) on the same semantic vectors
-    sets the count to the nearest bound, so the gate always has a choice to make.
+    L2-normalised). See ``cluster_layers`` for the space SynC runs in, its eps rule and its outliers.
     """
-    return cluster_layers([profiles], dim, steps, lr, k, min_modules, max_modules, seed)[0]
+    return cluster_layers([profiles], dim, steps, lr, k, min_modules, max_modules, seed, sync_dims=sync_dims,
+                          min_module_size=min_module_size)[0]
 
 
-def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, lr: float = 0.05, k: int = 3,
-                   min_modules: int = 2, max_modules: int = 16, seed: int = 0,
-                   with_method: bool = False, algorithm: str = "auto") -> list[tuple]:
-    """``cluster_units`` for every layer (units x samples each): the same result per layer, but the semantic
-    vectors of layers of equal width are fitted in one batched Adam loop (their losses are summed, so each
-    layer's gradient, and Adam's elementwise step, are its own), and each layer's fixed target is normalised
-    once, not at every step. ``with_method``: each layer's tuple also holds how its modules were decided
-    ("sync", or "kmeans" when SynC's count was out of bounds) and how many of SynC's outliers were assigned to
-    the nearest module. ``algorithm``: SynC's neighbourhood search (``SynC(algorithm=...)``)."""
+def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, lr: float = 0.05,
+                   k: int | None = None, min_modules: int = 2, max_modules: int = 16, seed: int = 0,
+                   with_method: bool = False, sync_dims: int | None = 3,
+                   min_module_size: int | None = None, select: Sequence[Tensor | None] | None = None,
+                   algorithm: str = "auto") -> list[tuple]:
+    """``cluster_units`` for every layer (units x samples each): the semantic vectors of layers of equal width
+    are fitted in one batched Adam loop (their losses are summed, so each layer's gradient, and Adam's
+    elementwise step, are its own), and each layer's fixed target is normalised once, not at every step.
+
+    SynC runs on the semantic vectors' first ``sync_dims`` principal components (None: the vectors as they
+    are). The units' semantic vectors spread over the 16-d sphere without gaps; in so many dimensions every
+    k-NN radius is about the same and SynC leaves one large cluster, small fragments and many outliers
+    (9-17 groups, ~35% outliers on 256 units). In 3 principal dimensions the same dynamics splits the units
+    into a handful of groups with few outliers. eps rule: the mean distance to the k-th neighbour
+    (``k`` None: max(10, n // 10), the ``SynC`` default), k growing by half while SynC finds more than
+    ``max_modules`` groups, shrinking by a third while it finds fewer than ``min_modules``, bisected once
+    both are seen: SynC decides the modules at the first eps whose count is in range. Groups under ``min_module_size`` units (None: max(3, n // 32)) are outliers, as are units
+    that synchronised with nobody; outliers join the module whose centre is nearest. k-means (scikit-learn)
+    on the same vectors stays as the fallback when no eps gives a count in range; ``with_method``: each
+    layer's tuple also holds how its modules were decided ("sync" or "kmeans") and SynC's outlier count.
+    ``select``: per layer, a boolean mask of the units to cluster (None: all); the semantic vectors are
+    fitted on every unit, the labels cover the selected units only ("none" and no labels when fewer than
+    ``min_modules`` units are selected). ``algorithm``: SynC's neighbourhood search (``SynC(algorithm=...)``)."""
     from modnet.methods.embedding import NeuronEmbedding, cosine_matrix, similarity_cross_entropy
 
     for p in profiles:
@@ -74,32 +92,68 @@ def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, 
         for j, i in enumerate(layers):
             vectors[i] = F.normalize(emb[j].detach(), dim=1)
     out = []
-    for S in vectors:
-        labels, method, outliers = _sync_modules(S, min(k, S.shape[0] - 1), min_modules, max_modules, seed,
-                                                 algorithm)
+    for i, S in enumerate(vectors):
+        rows = None if select is None or select[i] is None else select[i]
+        S_sel = S if rows is None else S[rows]
+        if S_sel.shape[0] < max(min_modules, 3):
+            labels, method, outliers = torch.zeros(S_sel.shape[0], dtype=torch.long, device=S.device), "none", 0
+        else:
+            labels, method, outliers = sync_modules(S_sel, k, min_modules, max_modules, seed, sync_dims,
+                                                    min_module_size, algorithm)
         out.append((labels, S, method, outliers) if with_method else (labels, S))
     return out
 
 
-def _sync_modules(S: Tensor, k: int, min_modules: int, max_modules: int, seed: int,
-                  algorithm: str = "auto") -> tuple[Tensor, str, int]:
-    """(module id per unit from its semantic vector (rows of S), "sync" or "kmeans", SynC's outlier count):
-    SynC, outliers to the nearest module centre, k-means (scikit-learn) when SynC's count is out of
-    [min_modules, max_modules]."""
+def sync_space(S: Tensor, sync_dims: int | None) -> Tensor:
+    """The space SynC clusters units in: the first ``sync_dims`` principal components of their vectors."""
+    if sync_dims is None or sync_dims >= S.shape[1]:
+        return S
+    X = S.double() - S.double().mean(0)
+    _, _, V = torch.linalg.svd(X, full_matrices=False)
+    return (X @ V[:sync_dims].T).float()
+
+
+def sync_modules(S: Tensor, k: int | None, min_modules: int, max_modules: int, seed: int = 0,
+                 sync_dims: int | None = 3, min_module_size: int | None = None,
+                 algorithm: str = "auto") -> tuple[Tensor, str, int]:
+    """(module id per unit from its vector (rows of S), "sync" or "kmeans", SynC's outlier count): see
+    ``cluster_layers``."""
     from modnet.methods.sync import SynC
 
-    labels = torch.as_tensor(SynC(k=k, algorithm=algorithm).fit_predict(S.cpu().numpy()), device=S.device)
-    n_found = int(labels.max()) + 1 if (labels >= 0).any() else 0
-    outliers = int((labels < 0).sum())
-    if not min_modules <= n_found <= max_modules:
+    n = S.shape[0]
+    P = sync_space(S, sync_dims).cpu().numpy()
+    min_size = max(3, n // 32) if min_module_size is None else int(min_module_size)
+    rank = min(max(10, n // 10), n - 2) if k is None else int(k)
+    tried: dict[int, tuple] = {}
+    lo, hi = 0, n - 1  # ranks known to give too many groups (<= lo) and too few (>= hi)
+    while 1 <= rank <= n - 2 and rank not in tried:
+        labels = torch.as_tensor(SynC(k=rank, scale="global", min_cluster_size=min_size,
+                                      algorithm=algorithm).fit_predict(P), device=S.device)
+        found = int(labels.max()) + 1 if (labels >= 0).any() else 0
+        tried[rank] = (labels, found)
+        if min_modules <= found <= max_modules:
+            break
+        # too many groups: a larger neighbourhood (eps); too few: a smaller one; bisect once both are known
+        if found > max_modules:
+            lo = rank
+            nxt = max(rank + 1, rank * 3 // 2) if hi == n - 1 else (rank + hi) // 2
+        else:
+            hi = rank
+            nxt = max(1, rank * 2 // 3) if lo == 0 else (lo + rank) // 2
+        if not lo < nxt < hi:
+            break
+        rank = min(nxt, n - 2)
+    labels, found = tried[rank] if rank in tried else (None, 0)
+    outliers = int((labels < 0).sum()) if labels is not None else n
+    if labels is None or not min_modules <= found <= max_modules:
         from sklearn.cluster import KMeans
 
-        n = min(max(n_found, min_modules), max_modules)
-        labels = torch.as_tensor(KMeans(n, n_init=4, random_state=seed).fit_predict(S.cpu().numpy()),
+        n_km = min(max(found, min_modules), max_modules)
+        labels = torch.as_tensor(KMeans(n_km, n_init=4, random_state=seed).fit_predict(S.cpu().numpy()),
                                  device=S.device)
         return labels.long(), "kmeans", outliers
     if outliers:
-        centres = torch.stack([S[labels == m].mean(0) for m in range(n_found)])
+        centres = torch.stack([S[labels == m].mean(0) for m in range(found)])
         out = labels < 0
         labels[out] = (S[out] @ centres.T).argmax(1)
     return labels.long(), "sync", outliers
@@ -123,7 +177,8 @@ class ModuleGate(nn.Module):
     """
 
     def __init__(self, assignment: Tensor | Sequence[Tensor], query_dim: int, key_dim: int = 16, k: int = 1,
-                 tau: float = 1.0, estimator: str = "st"):
+                 tau: float = 1.0, estimator: str = "st", k_share: float = 0.75,
+                 n_inherited: Sequence[int] | None = None):
         super().__init__()
         if estimator not in ("st", "gumbel"):
             raise ValueError(f"gate estimator must be 'st' or 'gumbel', got {estimator!r}")
@@ -151,8 +206,40 @@ class ModuleGate(nn.Module):
             self.register_buffer(f"to_units_{i}", F.one_hot(a.long(), m_max).T.float().contiguous())
         self.keys = nn.Parameter(torch.randn(L, m_max, key_dim) / math.sqrt(key_dim))
         self.query = nn.Linear(query_dim, L * key_dim)
+        self._set_pools(n_inherited, k, k_share)
         self._pad_layers()
         self.register_load_state_dict_post_hook(_repad_after_load)
+
+    def _set_pools(self, n_inherited: Sequence[int] | None, k: int, k_share: float) -> None:
+        """Modules inherited from earlier tasks (the first ``n_inherited[l]`` of layer l) and the task's own
+        are chosen in two pools: top-k (``k``) of its own modules and top-ceil(``k_share`` x count) of the
+        inherited ones, per input. Without inherited modules: one pool, top-k of all (``pools`` None)."""
+        self.n_inherited = [0] * self.n_layers if n_inherited is None else [int(n) for n in n_inherited]
+        self.pools = None
+        if not any(self.n_inherited):
+            return
+        m_max = self.keys.shape[1]
+        idx = torch.arange(m_max)
+        pools = []
+        for own in (True, False):
+            ks, pads = [], []
+            for m, n_old in zip(self.n_modules, self.n_inherited):
+                inside = (idx >= n_old) & (idx < m) if own else idx < n_old
+                count = m - n_old if own else n_old
+                ks.append(min(k, count) if own else min(count, math.ceil(k_share * count)))
+                pads.append(torch.zeros(m_max).masked_fill(~inside, -torch.inf))
+            k_p = max(ks)
+            if k_p:
+                rank_on = (torch.arange(k_p) < torch.tensor(ks).unsqueeze(1)).float()
+                pools.append((torch.stack(pads).to(self.keys.device), rank_on.to(self.keys.device), k_p))
+        self.pools = tuple(pools)
+        self.k = [min(k, m - n) + min(n, math.ceil(k_share * n)) for m, n in zip(self.n_modules, self.n_inherited)]
+
+    def _apply(self, fn, *args, **kwargs):  # .to(device) moves the pools' tensors too
+        out = super()._apply(fn, *args, **kwargs)
+        if self.pools is not None:
+            self.pools = tuple((fn(pad), fn(rank), k) for pad, rank, k in self.pools)
+        return out
 
     def _pad_layers(self) -> None:
         """The per-layer expansions and assignments padded to the widest layer and stacked (derived, not
@@ -169,6 +256,39 @@ class ModuleGate(nn.Module):
 
     def assignment(self, layer: int = 0) -> Tensor:
         return getattr(self, f"assignment_{layer}")
+
+    def module_ids(self, layer: int = 0) -> Tensor:
+        """Global id of each of the layer's modules (persistent across tasks; 0..M-1 when never recorded)."""
+        ids = getattr(self, f"module_ids_{layer}", None)
+        return torch.arange(self.n_modules[layer]) if ids is None else ids
+
+    def module_methods(self, layer: int = 0) -> Tensor:
+        """How each module was made: an index into ``MODULE_METHODS`` (0 SynC, 1 the k-means fallback)."""
+        codes = getattr(self, f"module_method_{layer}", None)
+        if codes is None:
+            fallback = getattr(self, f"kmeans_fallback_{layer}", None)
+            return torch.full((self.n_modules[layer],), int(fallback is not None and bool(fallback)))
+        return codes
+
+    @torch.no_grad()
+    def fit_query_to_keys(self, q_in: Tensor, unit_acts: Sequence[Tensor]) -> None:
+        """The query map solved in least squares for the current keys (inherited ones included), so that
+        each input's scores follow the standardised responses of the modules' units, as
+        ``init_keys_from_responses`` does for the keys."""
+        x1 = torch.cat([q_in, q_in.new_ones(q_in.shape[0], 1)], 1)
+        d = self.keys.shape[-1]
+        W = self.query.weight.view(self.n_layers, d, -1).clone()
+        b = self.query.bias.view(self.n_layers, d).clone()
+        for i, a in enumerate(unit_acts):
+            onehot = F.one_hot(self.assignment(i), self.n_modules[i]).to(a.dtype)
+            R = a @ onehot / onehot.sum(0).clamp_min(1)
+            R = (R - R.mean(0)) / R.std(0).clamp_min(1e-6)
+            K = self.keys[i, :self.n_modules[i]]  # M x d
+            Z = torch.linalg.lstsq(K, R.T * math.sqrt(d)).solution.T  # B x d: queries giving scores ~ R
+            sol = torch.linalg.lstsq(x1, Z).solution  # (D+1) x d
+            W[i], b[i] = sol[:-1].T, sol[-1]
+        self.query.weight.copy_(W.view_as(self.query.weight))
+        self.query.bias.copy_(b.view_as(self.query.bias))
 
     @property
     def to_units(self) -> Tensor:
@@ -203,9 +323,7 @@ class ModuleGate(nn.Module):
         if noise is not None:
             scores = scores + noise.transpose(0, 1)
         soft = F.softmax(scores / self.tau, dim=-1)
-        top = scores.topk(self.k_max, dim=-1).indices
-        on = 1.0 if self.rank_on is None else self.rank_on.to(scores.dtype).expand(top.shape)
-        hard = torch.zeros_like(scores).scatter_(-1, top, on)
+        hard = _hard_choice(scores, self.k_max, self.rank_on, self.pools, modules_first=False)
         # straight-through: the value is exactly `hard` (soft - soft.detach() is exactly 0 in floating point;
         # the parentheses matter), the gradient is the softmax's
         return hard + (soft - soft.detach())
@@ -235,7 +353,7 @@ class ModuleGate(nn.Module):
                              f"{[tuple(m.shape) for m in vectors]}")
         out = _GateFunction.apply(q_in, self.query.weight, self.query.bias, self.keys, self.score_pad,
                                   self.expand_padded, self.units_module_padded, self.sizes, self.k_max,
-                                  self.rank_on, self.tau, self._gumbel(q_in), hat, *vectors)
+                                  self.rank_on, self.pools, self.tau, self._gumbel(q_in), hat, *vectors)
         if hat is not None:
             *out, masks.capacity = out
         return list(out)
@@ -270,6 +388,26 @@ def _unstack_padded(stacked: Tensor, sizes: Sequence[int]) -> list[Tensor]:
     return [stacked[i, ..., :sz] for i, sz in enumerate(sizes)]
 
 
+def _hard_choice(scores: Tensor, k_max: int, rank_on: Tensor | None, pools, modules_first: bool) -> Tensor:
+    """The 0/1 module choice: the top-k_l modules of each layer (ranks switched on by ``rank_on``), or, given
+    ``pools`` ((pad, rank_on, k) per pool: -inf outside the pool), the top-k of each pool. ``scores`` is
+    L x M x B (``modules_first``) or B x L x M."""
+    dim = 1 if modules_first else -1
+    if pools is None:
+        top = scores.topk(k_max, dim=dim).indices
+        if rank_on is None:
+            on = 1.0
+        else:
+            on = (rank_on.unsqueeze(-1) if modules_first else rank_on).to(scores.dtype).expand(top.shape)
+        return torch.zeros_like(scores).scatter_(dim, top, on)
+    hard = torch.zeros_like(scores)
+    for pad, rank, k in pools:
+        top = (scores + (pad.unsqueeze(-1) if modules_first else pad)).topk(k, dim=dim).indices
+        on = (rank.unsqueeze(-1) if modules_first else rank).to(scores.dtype).expand(top.shape)
+        hard = hard + torch.zeros_like(scores).scatter_(dim, top, on)
+    return hard
+
+
 class _GateFunction(torch.autograd.Function):
     """Scores, top-k, expansion to units and product with each layer's mask (optionally HAT's training masks
     computed from their embedding rows), with the straight-through gradient d(value)/d(scores) := softmax
@@ -284,16 +422,17 @@ class _GateFunction(torch.autograd.Function):
     small and its top-k must not flip on rounding."""
 
     @staticmethod
-    def forward(ctx, q_in, w, b, keys, pad, expand, units_module, sizes, k_max, rank_on, tau, noise, hat,
+    def forward(ctx, q_in, w, b, keys, pad, expand, units_module, sizes, k_max, rank_on, pools, tau, noise, hat,
                 *vectors):
-        args = (ctx, q_in, w, b, keys, pad, expand, units_module, sizes, k_max, rank_on, tau, noise, hat, vectors)
+        args = (ctx, q_in, w, b, keys, pad, expand, units_module, sizes, k_max, rank_on, pools, tau, noise, hat,
+                vectors)
         if torch.is_autocast_enabled(q_in.device.type):
             with torch.autocast(q_in.device.type, enabled=False):
                 return _GateFunction._forward(*args)
         return _GateFunction._forward(*args)
 
     @staticmethod
-    def _forward(ctx, q_in, w, b, keys, pad, expand, units_module, sizes, k_max, rank_on, tau, noise, hat,
+    def _forward(ctx, q_in, w, b, keys, pad, expand, units_module, sizes, k_max, rank_on, pools, tau, noise, hat,
                  vectors):
         # Layout: scores and module gates are L x M x B (modules before the batch): the softmax over the
         # modules then runs along an inner dimension, ~7x faster than over a last dimension of 4 modules,
@@ -316,9 +455,7 @@ class _GateFunction(torch.autograd.Function):
         scores = torch.addmm(kb, kw, x.t(), beta=r, alpha=r).view(L, M, n)
         if noise is not None:
             scores = scores + noise.transpose(1, 2)
-        top = scores.topk(k_max, dim=1).indices  # L x k x B
-        on = 1.0 if rank_on is None else rank_on.unsqueeze(-1).expand(top.shape)
-        hard = torch.zeros_like(scores).scatter_(1, top, on)  # L x M x B
+        hard = _hard_choice(scores, k_max, rank_on, pools, modules_first=True)  # L x M x B
         units = torch.bmm(hard.transpose(1, 2), masked)  # L x B x width
         outs = tuple(_unstack_padded(units, sizes))
         ctx.hat = hat is not None
@@ -354,7 +491,7 @@ class _GateFunction(torch.autograd.Function):
         g_b = torch.bmm(keys_t, g_kb).view(L * d)
         g_keys = torch.baddbmm(torch.bmm(g_kb, b.view(L, 1, d)), g_kw, w_l.transpose(1, 2))
         g_x = (g_s.t() @ kw).to(ctx.in_dtype) if ctx.needs_input_grad[0] else None
-        return (g_x, g_w, g_b, g_keys, *([None] * 9), *g_vectors)
+        return (g_x, g_w, g_b, g_keys, *([None] * 10), *g_vectors)
 
 
 class ModularGating(nn.Module):
@@ -367,8 +504,10 @@ class ModularGating(nn.Module):
     """
 
     def __init__(self, query_dim: int, key_dim: int = 16, k: int = 1, tau: float = 1.0, estimator: str = "st",
-                 cluster: dict | None = None, profile_samples: int = 256):
+                 cluster: dict | None = None, profile_samples: int = 256, persistent: bool = True,
+                 k_share: float = 0.75):
         super().__init__()
+        self.persistent, self.k_share = persistent, k_share
         self.query_dim, self.key_dim, self.k, self.tau, self.estimator = query_dim, key_dim, k, tau, estimator
         self.cluster = dict(cluster or {})
         self.profile_samples = profile_samples
@@ -381,22 +520,98 @@ class ModularGating(nn.Module):
         return self.gates[f"t{task}"] if self.has_task(task) else None
 
     def add_task(self, net, task: int, x: Tensor) -> None:
-        """Cluster each masked layer's units on their responses to ``x`` and create the task's gates."""
+        """Create task ``task``'s gate from its units' responses to ``x``.
+
+        ``persistent`` (default): the modules of the latest earlier gate stay, with their keys (copied and
+        frozen: ``key_frozen``), restricted to the units earlier tasks claimed (cumulative HAT mask >= 0.5;
+        HAT keeps their weights safe); SynC groups the remaining, free units into new modules (one or more:
+        SynC may find them one group). The task's
+        query scores old and new modules, so it can switch earlier modules on. Each module has a global id
+        per layer (``module_ids_<l>``), kept by every gate that holds it; ``module_method_<l>`` says how each
+        was made (0 SynC, 1 k-means fallback). Without ``persistent`` (or for the first task) every unit is
+        clustered afresh. Earlier gates are never changed."""
         ones = [torch.ones(layer.n_units, device=x.device) for layer in net.masked]
         with torch.no_grad():
             profiles = net.unit_activations(x, ones, task)
-        clustered = cluster_layers([acts.T.contiguous() for acts in profiles], **self.cluster, with_method=True)
-        gate = self._new_gate([a for a, *_ in clustered], x.device)
-        for i, (_, semantic, method, outliers) in enumerate(clustered):
+        prev = self._latest_gate(task)
+        profiles_t = [acts.T.contiguous() for acts in profiles]
+        if prev is None or not self.persistent:
+            clustered = cluster_layers(profiles_t, **self.cluster, with_method=True)
+            assignments = [a for a, *_ in clustered]
+            inherited = [torch.zeros(0, dtype=torch.long, device=x.device) for _ in clustered]
+            old_ids = [torch.zeros(0, dtype=torch.long, device=x.device) for _ in clustered]
+            old_methods = [torch.zeros(0, dtype=torch.long, device=x.device) for _ in clustered]
+            # fresh modules get fresh global ids (re-clustered modules are not the earlier tasks' modules)
+            next_ids = [max([int(g.module_ids(i).max()) + 1 for g in self.gates.values()] or [0])
+                        for i in range(len(clustered))]
+        else:
+            claimed = [m.to(x.device) >= 0.5 for m in net.cumulative_masks()]
+            # the free units may form one module (the inherited ones already give the gate a choice)
+            clustered = cluster_layers(profiles_t, **{**self.cluster, "min_modules": 1}, with_method=True,
+                                       select=[~c for c in claimed])
+            assignments, inherited, old_ids, old_methods, next_ids = [], [], [], [], []
+            for i, (labels, _, method, _) in enumerate(clustered):
+                a_prev = prev.assignment(i).to(x.device)
+                ids_prev = prev.module_ids(i).to(x.device)
+                kept = [m for m in range(prev.n_modules[i]) if bool(((a_prev == m) & claimed[i]).any())]
+                a = torch.full_like(a_prev, -1)
+                for new_id, m in enumerate(kept):
+                    a[(a_prev == m) & claimed[i]] = new_id
+                free = ~claimed[i]
+                if int(free.sum()):
+                    a[free] = len(kept) + labels
+                assignments.append(a)
+                inherited.append(torch.tensor(kept, dtype=torch.long, device=x.device))
+                old_ids.append(ids_prev[kept])
+                old_methods.append(prev.module_methods(i).to(x.device)[kept])
+                next_ids.append(int(max(int(g.module_ids(i).max()) for g in self.gates.values())) + 1)
+        gate = self._new_gate(assignments, x.device, [len(i) for i in inherited])
+        gate.init_keys_from_responses(x.flatten(1), profiles)
+        frozen = torch.zeros(gate.keys.shape[:2] + (1,), device=x.device)
+        for i, (a, (_, semantic, method, outliers)) in enumerate(zip(assignments, clustered)):
+            n_old, n_mod = len(inherited[i]), gate.n_modules[i]
+            code = MODULE_METHODS.index(method)
+            ids = torch.cat([old_ids[i], torch.arange(next_ids[i], next_ids[i] + n_mod - n_old, device=x.device)])
+            methods = torch.cat([old_methods[i], torch.full((n_mod - n_old,), code, device=x.device)])
             # kept with the gate (saved in its state dict) for module maps, explanations and the results' record
             gate.register_buffer(f"semantic_{i}", semantic)
-            gate.register_buffer(f"kmeans_fallback_{i}", torch.tensor(method == "kmeans"))
+            gate.register_buffer(f"kmeans_fallback_{i}", torch.tensor(bool((methods == 1).any())))
             gate.register_buffer(f"outliers_{i}", torch.tensor(outliers))
-        gate.init_keys_from_responses(x.flatten(1), profiles)
+            gate.register_buffer(f"module_ids_{i}", ids.long())
+            gate.register_buffer(f"module_method_{i}", methods.long())
+            if n_old:
+                with torch.no_grad():
+                    gate.keys[i, :n_old] = prev.keys[i, inherited[i]].to(x.device)
+                frozen[i, :n_old] = 1
+        gate.register_buffer("key_frozen", frozen)
+        if prev is not None and self.persistent:
+            gate.fit_query_to_keys(x.flatten(1), profiles)
         self.gates[f"t{task}"] = gate
 
-    def _new_gate(self, assignments: Sequence[Tensor], device) -> ModuleGate:
-        return ModuleGate(assignments, self.query_dim, self.key_dim, self.k, self.tau, self.estimator).to(device)
+    def _latest_gate(self, task: int) -> ModuleGate | None:
+        earlier = [int(k[1:]) for k in self.gates.keys() if int(k[1:]) < task]
+        return self.gates[f"t{max(earlier)}"] if earlier else None
+
+    @torch.no_grad()
+    def record_usage(self, net, task: int, x: Tensor) -> None:
+        """After task ``task`` is trained: per module, the share of ``x`` (the task's inputs) that switch it
+        on, and how many of its units the task's mask keeps (>= 0.5 at s = smax); kept as the gate's
+        ``usage_<l>`` and ``kept_<l>`` buffers (the results' record of which tasks use which module)."""
+        gate = self.task_gate(task)
+        if gate is None:
+            return
+        was = gate.training
+        gate.eval()
+        on = gate.module_gates(x.flatten(1)).mean(0)  # L x M_max
+        gate.train(was)
+        for i, m in enumerate(net.masks(task)):
+            onehot = F.one_hot(gate.assignment(i), gate.n_modules[i]).to(m.dtype)
+            gate.register_buffer(f"usage_{i}", on[i, :gate.n_modules[i]].detach().clone())
+            gate.register_buffer(f"kept_{i}", ((m >= 0.5).to(m.dtype) @ onehot).long())
+
+    def _new_gate(self, assignments: Sequence[Tensor], device, n_inherited=None) -> ModuleGate:
+        return ModuleGate(assignments, self.query_dim, self.key_dim, self.k, self.tau, self.estimator,
+                          self.k_share, n_inherited).to(device)
 
     def rebuild_from_state(self, state: dict, prefix: str, device=None) -> None:
         """Re-create the gates a saved state dict holds (``prefix``: this module's key prefix, e.g. "gate."):
@@ -407,11 +622,17 @@ class ModularGating(nn.Module):
         for name in tasks:
             head = f"{prefix}gates.{name}."
             n_layers = len([k for k in state if k.startswith(head + "assignment_")])
-            gate = self._new_gate([state[f"{head}assignment_{i}"] for i in range(n_layers)], device or "cpu")
+            frozen = state.get(f"{head}key_frozen")  # the inherited modules come first, their keys frozen
+            inherited = None if frozen is None else frozen.flatten(1).sum(1).long().tolist()
+            gate = self._new_gate([state[f"{head}assignment_{i}"] for i in range(n_layers)], device or "cpu",
+                                  inherited)
             for i in range(n_layers):
-                for extra in ("semantic", "kmeans_fallback", "outliers"):
+                for extra in ("semantic", "kmeans_fallback", "outliers", "module_ids", "module_method", "usage",
+                              "kept"):
                     if f"{head}{extra}_{i}" in state:
                         gate.register_buffer(f"{extra}_{i}", state[f"{head}{extra}_{i}"].to(device or "cpu"))
+            if f"{head}key_frozen" in state:
+                gate.register_buffer("key_frozen", state[f"{head}key_frozen"].to(device or "cpu"))
             self.gates[name] = gate
 
     def forward(self, x: Tensor, task: int, masks: list[Tensor] | TrainingMasks) -> list[Tensor]:

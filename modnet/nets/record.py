@@ -18,7 +18,12 @@ from torch import nn
 from modnet.nets.models import HATNet
 
 
+USED_SHARE = 0.05  # a task uses a module it switches on for at least 5% of its inputs and keeps units of
+
+
 def _layer_modules(model: HATNet, task: int | None) -> list[dict]:
+    from modnet.nets.modules import MODULE_METHODS
+
     gate = None
     if model.gate is not None:
         tasks = sorted(int(k[1:]) for k in model.gate.gates.keys())
@@ -30,25 +35,61 @@ def _layer_modules(model: HATNet, task: int | None) -> list[dict]:
         if gate is not None:
             a = gate.assignment(i).cpu()
             entry["modules"] = [torch.nonzero(a == m).flatten().tolist() for m in range(int(a.max()) + 1)]
-            fallback = getattr(gate, f"kmeans_fallback_{i}", None)
-            entry["module_method"] = "kmeans" if fallback is not None and bool(fallback) else "sync"
+            methods = sorted({MODULE_METHODS[int(c)] for c in gate.module_methods(i).tolist()})
+            entry["module_method"] = "+".join(methods)
+            entry["module_ids"] = gate.module_ids(i).cpu().tolist()
             outliers = getattr(gate, f"outliers_{i}", None)
             entry["outliers"] = int(outliers) if outliers is not None else 0
         layers.append(entry)
     return layers
 
 
+def module_sharing(model: HATNet) -> list[dict]:
+    """Per masked layer: how many distinct modules the tasks' gates hold (``modules_total``), how many of
+    them more than one task uses (``shared``: switched on for >= 5% of a task's inputs with units its mask
+    keeps, as recorded after the task; a gate without that record counts its modules as used), which tasks
+    use each module (``used_by``: global module id -> tasks), and how the modules were made
+    (``module_method``: SynC, the k-means fallback or the few units left, with counts)."""
+    from modnet.nets.modules import MODULE_METHODS
+
+    out = []
+    if model.gate is None or not len(model.gate.gates):
+        return out
+    for i in range(len(model.masked)):
+        used_by: dict[int, list[int]] = {}
+        made: dict[int, str] = {}
+        for name, gate in model.gate.gates.items():
+            task = int(name[1:])
+            ids = gate.module_ids(i).cpu().tolist()
+            usage, kept = getattr(gate, f"usage_{i}", None), getattr(gate, f"kept_{i}", None)
+            for m, gid in enumerate(ids):
+                made.setdefault(gid, MODULE_METHODS[int(gate.module_methods(i)[m])])
+                used = usage is None or (float(usage[m]) >= USED_SHARE and int(kept[m]) > 0)
+                if used:
+                    used_by.setdefault(gid, []).append(task)
+        counts = {meth: sum(1 for v in made.values() if v == meth) for meth in MODULE_METHODS}
+        out.append({"modules_total": len(made), "shared": sum(1 for t in used_by.values() if len(t) > 1),
+                    "used_by": {str(k): v for k, v in sorted(used_by.items())},
+                    "module_method": "+".join(m for m in MODULE_METHODS if counts[m]),
+                    "made_by": {m: c for m, c in counts.items() if c}})
+    return out
+
+
 def describe_network(model: nn.Module) -> dict:
-    """``{"class", "layers": [{"units", "modules": [[unit ids], ...], "module_method", "outliers"}],
-    "parameters"}``. For a modular network the layers are its masked layers and the modules those of the
-    latest task's gate (``modules_by_task`` holds every task's); for a plain network its hidden linear and
-    conv layers, without modules."""
+    """``{"class", "layers": [{"units", "modules": [[unit ids], ...], "module_method", "outliers",
+    "module_ids"}], "parameters", "module_sharing"}``. For a modular network the layers are its masked
+    layers and the modules those of the latest task's gate (``modules_by_task`` holds every task's;
+    ``module_sharing`` per layer the modules of all tasks, how many are shared, which method made them);
+    for a plain network its hidden linear and conv layers, without modules."""
     out: dict = {"class": type(model).__name__, "parameters": int(sum(p.numel() for p in model.parameters()))}
     if isinstance(model, HATNet):
         out["layers"] = _layer_modules(model, None)
         if model.gate is not None and len(model.gate.gates) > 1:
             out["modules_by_task"] = {k[1:]: [layer["modules"] for layer in _layer_modules(model, int(k[1:]))]
                                       for k in model.gate.gates.keys()}
+        sharing = module_sharing(model)
+        if sharing:
+            out["module_sharing"] = sharing
     else:
         hidden = [m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
                   and "classifier" not in name and "head" not in name]

@@ -32,15 +32,18 @@ def strategy_arguments(cfg, device, evaluator, train=None) -> dict:
 
 
 def make_strategy(name: str, cfg, info, device, evaluator, plugins: Sequence = ()):
-    """Strategy ``name`` from the registry with the shared arguments, the NaN guard and the speed options of
-    ``cfg.train`` (bf16 autocast, channels_last, batches sliced from tensors: ``tensor_batches``), plus
-    ``plugins``."""
+    """Strategy ``name`` from the registry with the shared arguments, HAT's reference loop when configured
+    (``validation_schedule``), the NaN guard and the speed options of ``cfg.train`` (bf16 autocast,
+    channels_last, batches sliced from tensors: ``tensor_batches``), plus ``plugins``."""
     from modnet.runner.guards import NaNGuard
     from modnet.runner.tensor_batches import use_tensor_batches
     from strategies.registry import build_strategy
 
     strategy = build_strategy(name, cfg, info, strategy_arguments(cfg, device, evaluator))
     use_tensor_batches(strategy, bool(cfg.train.get("tensor_batches", True)))
+    schedule = validation_schedule(cfg.train)
+    if schedule is not None:  # first: its restore-best runs before any plugin consolidates the task
+        strategy.plugins.insert(0, schedule)
     strategy.plugins.append(NaNGuard())
     if cfg.train.amp:
         from strategies.plugins.perf import AutocastPlugin
@@ -52,6 +55,20 @@ def make_strategy(name: str, cfg, info, device, evaluator, plugins: Sequence = (
         strategy.plugins.append(ChannelsLastPlugin())
     strategy.plugins.extend(plugins)
     return strategy
+
+
+def validation_schedule(train):
+    """HAT's reference loop (``strategies.plugins.validation``) from the ``train`` block, or None when its
+    options are all off (``valid_fraction`` 0, ``lr_patience`` null, ``restore_best`` false: today's loop)."""
+    fraction = float(train.get("valid_fraction", 0.0) or 0.0)
+    patience = train.get("lr_patience", None)
+    restore = bool(train.get("restore_best", False))
+    if fraction == 0 and patience is None and not restore:
+        return None
+    from strategies.plugins.validation import ValidationSchedulePlugin
+
+    return ValidationSchedulePlugin(fraction, patience, float(train.get("lr_factor", 3.0)),
+                                    float(train.get("lr_min", 1e-4)), restore, int(train.eval_batch_size))
 
 
 def strategy_result(name: str, strategy, info, record: "RunRecord") -> dict:

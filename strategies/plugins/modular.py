@@ -1,5 +1,6 @@
 """Plugins of the functional-module part of ``modnet`` (see ``modnet/modules.py``).
 
+``ModulesPlugin``    inherited module keys stay as they are; records which modules each task uses.
 ``TaskKeysPlugin``   after each experience, adds its samples to the running statistics of the keys of its
                      (task, class) pairs (the samples themselves are not kept).
 ``SyncRegPlugin``    + weight * L_sync on the units' activation profiles of the batch (seed 000, "Sync in
@@ -13,6 +14,31 @@ from torch.utils.data import DataLoader
 
 from modnet.methods.sync import sync_loss
 from strategies.template import train_condition
+
+
+class ModulesPlugin(SupervisedPlugin):
+    """The persistent functional modules of a gated ``HATNet`` (``modnet.nets.modules.ModularGating``):
+    before_update    the keys a task's gate inherited from earlier tasks' modules get no update (their
+                     gradient rows zeroed: ``key_frozen``), so a module keeps its key across tasks
+    after_training_exp  which modules the task switches on and keeps units of (``record_usage``), from the
+                     same samples its modules were profiled on"""
+
+    def before_training_exp(self, strategy, **kw):
+        gate = strategy.model.gate.task_gate(strategy.experience.current_experience)
+        frozen = getattr(gate, "key_frozen", None) if gate is not None else None
+        self._keys, self._free = (None, None) if frozen is None or not bool(frozen.any()) else \
+            (gate.keys, 1 - frozen)
+
+    def before_update(self, strategy, **kw):
+        if self._keys is not None and self._keys.grad is not None:
+            self._keys.grad.mul_(self._free)
+
+    def after_training_exp(self, strategy, **kw):
+        model = strategy.model
+        ds = strategy.experience.dataset
+        n = min(len(ds), model.gate.profile_samples)
+        x = torch.stack([ds[i][0] for i in range(n)]).to(strategy.device)
+        model.gate.record_usage(model, strategy.experience.current_experience, x)
 
 
 class TaskKeysPlugin(SupervisedPlugin):
