@@ -4,7 +4,9 @@ Hyper-parameters (configs/training.yaml ``hnet``), the reference code's Split-MN
 mnist/train_args_default.py ``_set_default_split`` and mnist/train_args.py): main MLP 400-400 (ReLU), chunked
 hypernetwork with chunks of 42000 weights, hidden layers [10, 10], task and chunk embeddings of 96, Xavier
 init with N(0, 1) embeddings; beta 0.01 with look-ahead, targets of all earlier tasks; Adam lr 0.001
-(betas 0.9, 0.999), 2000 iterations per task at batch 128 (its own loop length, not ``train.epochs``).
+(betas 0.9, 0.999) at batch 128 for a fixed number of steps per task (its own loop length, not
+``train.epochs``): the paper's 2000 are ~21 epochs of Split-MNIST's ~12k samples a task; Split-Digits has ~250
+a task, so ``hnet.iterations`` defaults to 300 (150 epochs).
 Class-incremental task inference by lowest entropy (HNET+ENT). ``hnet.main_layers: null`` uses the shared
 backbone's ``model.hidden`` x ``model.n_layers`` instead.
 """

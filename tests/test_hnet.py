@@ -83,8 +83,8 @@ def test_regulariser_keeps_the_earlier_tasks_generated_weights(tmp_path):
 
 
 def test_hnet_forgets_little_on_split_digits_task_incremental(tmp_path):
-    """Split-Digits, 5 tasks of 2 digits, the paper's configuration with a shorter loop (300 steps a task)."""
-    assert main(["cl", "strategies=[hnet]", "hnet.iterations=300", f"output_dir={tmp_path}",
+    """Split-Digits, 5 tasks of 2 digits, the paper's configuration with a shorter loop (100 steps a task)."""
+    assert main(["cl", "strategies=[hnet]", "hnet.iterations=100", f"output_dir={tmp_path}",
                  "progress=false"]) == 0
     r = json.loads((tmp_path / "results.json").read_text())["strategies"]["hnet"]
     assert r["forgetting"] < 0.02
