@@ -1,7 +1,16 @@
 """``ewc``: Avalanche's ``EWC`` (Kirkpatrick et al. 2017).
 
 Hyper-parameters, configs/training.yaml ``ewc``: ewc_lambda (continual-learning-baselines Split-MNIST: 0.4 ... 10000 by
-setup), mode separate | online, decay_factor (online only).
+setup), class_ewc_lambda (class-incremental; null = ewc_lambda), mode separate | online, decay_factor (online
+only).
+
+Avalanche's penalty is λ Σ_e Σ_i F_i^e (θ_i - θ*_i^e)², F = mean over mini-batches of the squared gradient. Its
+curvature along θ_i is 2 λ Σ_e F_i^e, so plain SGD (the shared optimiser, lr 0.05) on it alone is stable only
+while lr · 2 λ Σ_e F_i^e < 2, i.e. λ < 1 / (lr · max_i Σ_e F_i). Class-incremental, the single head's bias has
+F ≈ 0.2 after the first experience on Split-Digits: λ = 1000 gives lr 2 λ F ≈ 23, the old head oscillates with
+growing amplitude and the loss is NaN within the next experience. Task-incremental the old heads receive no
+task gradient and stay at θ*, so λ = 1000 is stable there. Hence a class-incremental λ of its own
+(``strategies/ewc.py`` picks it by ``scenario``).
 """
 from __future__ import annotations
 
@@ -15,5 +24,12 @@ NAME = "ewc"
 def build(cfg, info, common):
     from strategies.common import avalanche_baseline
 
-    return avalanche_baseline("EWC", cfg, info, common,
-                              ewc_lambda=cfg.ewc.ewc_lambda, mode=cfg.ewc.mode, decay_factor=cfg.ewc.decay_factor)
+    return avalanche_baseline("EWC", cfg, info, common, ewc_lambda=scenario_ewc_lambda(cfg.ewc, info.scenario),
+                              mode=cfg.ewc.mode, decay_factor=cfg.ewc.decay_factor)
+
+
+def scenario_ewc_lambda(ewc_cfg, scenario: str) -> float:
+    """``class_ewc_lambda`` class-incremental (when set), ``ewc_lambda`` otherwise."""
+    if scenario == "class" and ewc_cfg.get("class_ewc_lambda") is not None:
+        return float(ewc_cfg.class_ewc_lambda)
+    return float(ewc_cfg.ewc_lambda)

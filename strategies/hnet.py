@@ -1,9 +1,14 @@
 """``hnet``: task-conditioned hypernetwork (von Oswald et al., ICLR 2020) on hypnettorch.
 
-Hyper-parameters (configs/training.yaml ``hnet``): beta 0.01 (output regulariser, paper Split-MNIST), Adam lr
-0.001, task embedding 32, chunk size 4000, chunk embedding 32, hypernetwork layers [100, 100]; class-
-incremental task inference by lowest entropy (HNET+ENT). The main network is an MLP of ``model.hidden`` x
-``model.n_layers``.
+Hyper-parameters (configs/training.yaml ``hnet``), the reference code's Split-MNIST classifier (chrhenning/hypercl,
+mnist/train_args_default.py ``_set_default_split`` and mnist/train_args.py): main MLP 400-400 (ReLU), chunked
+hypernetwork with chunks of 42000 weights, hidden layers [10, 10], task and chunk embeddings of 96, Xavier
+init with N(0, 1) embeddings; beta 0.01 with look-ahead, targets of all earlier tasks; Adam lr 0.001
+(betas 0.9, 0.999) at batch 128 for a fixed number of steps per task (its own loop length, not
+``train.epochs``): the paper's 2000 are ~21 epochs of Split-MNIST's ~12k samples a task; Split-Digits has ~250
+a task, so ``hnet.iterations`` defaults to 300 (150 epochs).
+Class-incremental task inference by lowest entropy (HNET+ENT). ``hnet.main_layers: null`` uses the shared
+backbone's ``model.hidden`` x ``model.n_layers`` instead.
 """
 from __future__ import annotations
 
@@ -34,10 +39,15 @@ def build(cfg, info, common):
     if info.is_image and cfg.model.arch in ("cnn", "resnet18"):
         raise ConfigError("strategy hnet builds an MLP main network; use model.arch=mlp or auto with vectors")
     h = cfg.hnet
-    model = HNetModel(int(np.prod(info.input_shape)), info.task_classes, hidden=cfg.model.hidden,
-                      n_layers=cfg.model.n_layers, class_incremental=info.scenario == "class",
-                      task_inference=h.task_inference, chunk_size=h.chunk_size, hnet_layers=list(h.layers),
-                      emb_size=h.emb_size, chunk_emb_size=h.chunk_emb_size)
-    # hypnettorch's recipe: Adam on the hypernetwork (its output regulariser assumes small steps).
-    opt = torch.optim.Adam(model.parameters(), lr=h.lr)
-    return ConditionedTemplate(model=model, optimizer=opt, plugins=[HNetPlugin(beta=h.beta)], **common)
+    main_layers = [cfg.model.hidden] * cfg.model.n_layers if h.main_layers is None else list(h.main_layers)
+    model = HNetModel(int(np.prod(info.input_shape)), info.task_classes, main_layers=main_layers,
+                      class_incremental=info.scenario == "class", task_inference=h.task_inference,
+                      chunk_size=h.chunk_size, hnet_layers=list(h.layers), emb_size=h.emb_size,
+                      chunk_emb_size=h.chunk_emb_size, init=h.init)
+    # the reference's optimisers: Adam (0.9, 0.999) on θ and on the current task embedding, same lr; one Adam
+    # over both is the same per-parameter update (the plugin keeps earlier embeddings without gradient)
+    opt = torch.optim.Adam(model.parameters(), lr=h.lr, betas=(0.9, 0.999))
+    if h.batch_size is not None:
+        common = {**common, "train_mb_size": int(h.batch_size)}
+    plugin = HNetPlugin(beta=h.beta, lookahead=h.lookahead, iterations=h.iterations)
+    return ConditionedTemplate(model=model, optimizer=opt, plugins=[plugin], **common)

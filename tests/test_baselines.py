@@ -165,3 +165,48 @@ def test_match_needs_modnet_and_other_words_are_refused():
         validate("cl", compose("cl", ["strategies=[naive,replay]", "replay.mem_size=match"]))
     with pytest.raises(ConfigError, match="replay.mem_size must be int"):
         compose("cl", ["replay.mem_size=all"])
+
+
+def _ewc_class_run(overrides):
+    """Avalanche's EWC through make_strategy on Split-Digits class-incremental, 2 epochs an experience."""
+    from avalanche.training.plugins import EWCPlugin
+
+    from modnet.eval.metrics import build_evaluator
+    from modnet.runner.runner import make_strategy, set_seed
+    from scenarios import build_benchmark
+
+    cfg = compose("cl", ["strategies=[ewc]", "scenario=class", "train.epochs=2", "progress=false", *overrides])
+    info = build_benchmark(cfg.benchmark, cfg.scenario, 0)
+    set_seed(0)
+    evaluator, _ = build_evaluator([], None, False)
+    strategy = make_strategy("ewc", cfg, info, torch.device("cpu"), evaluator)
+    return cfg, strategy, next(p for p in strategy.plugins if isinstance(p, EWCPlugin)), info
+
+
+def test_ewc_class_incremental_completes_within_the_sgd_stability_bound():
+    """Penalty λ Σ_e F^e (θ - θ*)²: plain SGD on it is stable while lr · 2 λ Σ_e F_i^e < 2. The class-incremental
+    λ trains all five experiences with a finite loss and ends inside that bound; λ = 1000 (the task-incremental
+    value) is outside it after the first experience and stops on a NaN loss."""
+    from modnet.runner.guards import NaNLossError
+    from strategies.ewc import scenario_ewc_lambda
+
+    cfg, strategy, ewc, info = _ewc_class_run([])
+    lam = scenario_ewc_lambda(cfg.ewc, "class")
+    assert lam == cfg.ewc.class_ewc_lambda != cfg.ewc.ewc_lambda
+    for exp in info.benchmark.train_stream:
+        strategy.train(exp)
+        assert torch.isfinite(strategy.loss)
+    summed = {}
+    for per_exp in ewc.importances.values():
+        for name, imp in per_exp.items():
+            summed[name] = summed.get(name, 0) + imp.data
+    max_f = max(float(f.max()) for f in summed.values())
+    assert cfg.train.lr * 2 * lam * max_f < 2
+
+    cfg, strategy, ewc, info = _ewc_class_run(["ewc.class_ewc_lambda=1000"])
+    strategy.train(info.benchmark.train_stream[0])
+    max_f = max(float(imp.data.max()) for imp in ewc.importances[0].values())
+    assert cfg.train.lr * 2 * 1000 * max_f > 2
+    with pytest.raises(NaNLossError):
+        for exp in info.benchmark.train_stream[1:]:
+            strategy.train(exp)
