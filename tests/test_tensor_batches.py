@@ -183,3 +183,13 @@ def test_data_parallel_shards_are_distributed_samplers(n, world, drop_last):
             sampler.set_epoch(epoch)
             order.set_epoch(epoch)
             assert order().tolist() == list(sampler) and order.length == len(sampler)
+
+
+def test_pin_memory_follows_avalanche_except_for_data_already_on_the_gpu():
+    from modnet.runner.tensor_batches import pin_memory_for
+
+    host = [(torch.zeros(3), 0)]
+    assert pin_memory_for("cpu", host) is False  # Avalanche: pinned on CUDA only
+    assert pin_memory_for(torch.device("cuda"), host) is True
+    assert pin_memory_for("cuda", host, pin_memory=False) is False  # a value given is kept
+    assert pin_memory_for("cpu", host, pin_memory=True) is True

@@ -163,6 +163,8 @@ def distributed_class(cls: type) -> type:
             from avalanche.benchmarks.utils.data_loader import collate_from_data_or_kwargs
             from torch.utils.data import DataLoader, DistributedSampler
 
+            from modnet.runner.tensor_batches import pin_memory_for
+
             rank, world = _rank_world()
             seed = _shared_seed(self.device)
             if getattr(self, "tensor_batches", False):  # the same shards, sliced from the tensors
@@ -178,7 +180,7 @@ def distributed_class(cls: type) -> type:
             self._train_sampler = DistributedSampler(self.adapted_dataset, num_replicas=world, rank=rank,
                                                      shuffle=shuffle, seed=seed, drop_last=drop_last)
             args = dict(batch_size=self.train_mb_size, sampler=self._train_sampler, num_workers=num_workers,
-                        pin_memory=self.device.type == "cuda" if pin_memory is None else pin_memory,
+                        pin_memory=pin_memory_for(self.device, self.adapted_dataset, pin_memory),
                         persistent_workers=persistent_workers and num_workers > 0, drop_last=drop_last)
             collate_from_data_or_kwargs(self.adapted_dataset, args)
             self.dataloader = DataLoader(self.adapted_dataset, **args)
@@ -186,6 +188,8 @@ def distributed_class(cls: type) -> type:
         def make_eval_dataloader(self, num_workers=0, shuffle=False, pin_memory=None, persistent_workers=False,
                                  **kwargs):
             from avalanche.benchmarks.utils.data_loader import SingleDatasetDataLoader, collate_from_data_or_kwargs
+
+            from modnet.runner.tensor_batches import pin_memory_for
 
             if getattr(self, "tensor_batches", False):  # unsharded, in order, sliced from the tensors
                 from modnet.runner.tensor_batches import resolve_tensors, TensorBatchLoader
@@ -195,7 +199,8 @@ def distributed_class(cls: type) -> type:
                     self.dataloader = TensorBatchLoader([view], [self.eval_mb_size], shuffle=False)
                     return
             args = self._obtain_common_dataloader_parameters(
-                batch_size=self.eval_mb_size, num_workers=num_workers, shuffle=False, pin_memory=pin_memory,
+                batch_size=self.eval_mb_size, num_workers=num_workers, shuffle=False,
+                pin_memory=pin_memory_for(self.device, self.adapted_dataset, pin_memory),
                 persistent_workers=persistent_workers)
             collate_from_data_or_kwargs(self.adapted_dataset, args)
             self.dataloader = SingleDatasetDataLoader(self.adapted_dataset, distributed_sampling=False, **args)

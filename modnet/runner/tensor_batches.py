@@ -345,11 +345,18 @@ def convert_loader(loader):
     return None
 
 
-def _first_input_on_cuda(dataset) -> bool:
-    if dataset is None or len(dataset) == 0:
+def pin_memory_for(device, dataset, pin_memory: bool | None = None) -> bool:
+    """A data loader's ``pin_memory``: as given, else pinned on CUDA (Avalanche's default) unless the data
+    already live on the GPU (``train.data_on_device``), which cannot be pinned ("cannot pin
+    'torch.cuda.FloatTensor'")."""
+    if pin_memory is not None:
+        return bool(pin_memory)
+    if device is None or torch.device(device).type != "cuda":
         return False
+    if dataset is None or len(dataset) == 0:
+        return True
     first = dataset[0][0]
-    return isinstance(first, torch.Tensor) and first.is_cuda
+    return not (isinstance(first, torch.Tensor) and first.is_cuda)
 
 
 @functools.cache
@@ -365,20 +372,14 @@ def tensor_batches_class(cls: type) -> type:
                 if converted is not None:
                     self.dataloader = converted
 
-        def _no_pinning_on_device(self, kwargs):
-            # Avalanche pins host memory when training on CUDA; data already on the GPU (train.data_on_device)
-            # cannot be pinned ("cannot pin 'torch.cuda.FloatTensor'"), so its loaders must not ask to
-            if kwargs.get("pin_memory") is None and getattr(self, "device", None) is not None \
-                    and torch.device(self.device).type == "cuda" and _first_input_on_cuda(self.adapted_dataset):
-                kwargs["pin_memory"] = False
-            return kwargs
-
         def make_train_dataloader(self, *args, **kwargs):
-            super().make_train_dataloader(*args, **self._no_pinning_on_device(kwargs))
+            kwargs["pin_memory"] = pin_memory_for(self.device, self.adapted_dataset, kwargs.get("pin_memory"))
+            super().make_train_dataloader(*args, **kwargs)
             self._tensor_loader()
 
         def make_eval_dataloader(self, *args, **kwargs):
-            super().make_eval_dataloader(*args, **self._no_pinning_on_device(kwargs))
+            kwargs["pin_memory"] = pin_memory_for(self.device, self.adapted_dataset, kwargs.get("pin_memory"))
+            super().make_eval_dataloader(*args, **kwargs)
             self._tensor_loader()
 
         def _before_training_exp(self, **kwargs):
