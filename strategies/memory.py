@@ -9,7 +9,8 @@ info) -> int``), read after its last experience:
     regularisers        Σ numel · element size of what they keep (EWC: F and θ* per experience; SI: Ω, θ̃;
                         LwF: the previous model)
     modnet              the state its inference needs beyond the backbone and heads every baseline has: HAT
-                        task embeddings, the module gates (keys, queries, unit assignments), the task keys
+                        task embeddings, the module gates (keys, queries, unit assignments), what predicts
+                        the task without a label (task keys, class Gaussians or task-prediction heads)
 
 ``replay.mem_size=match`` (and ``der``'s, ``derpp``'s) sizes a buffer to modnet's stored bytes:
 mem_size = floor(B_modnet / b_sample), so the buffer's bytes are within one sample of modnet's
@@ -149,13 +150,15 @@ _MODNET_NOT_FOR_INFERENCE = ("semantic_", "kmeans_fallback_", "outliers_")
 
 def modnet_bytes(strategy, info) -> int:
     """The modular network's state beyond a baseline's backbone and heads: HAT task embeddings (one mask
-    per task and layer), the gates of every task (keys, query maps, unit assignments), the task keys (class
-    sums and counts, the pooled scatter) and, on a ResNet, the batch norms of tasks after the first."""
+    per task and layer), the gates of every task (keys, query maps, unit assignments), what predicts the task
+    without a label (task keys or class Gaussians: sums, counts, scatters; or the task-prediction heads and
+    their calibration, ``task_ood``) and, on a ResNet, the batch norms of tasks after the first."""
     total = 0
     for name, t in strategy.model.state_dict().items():
         leaf = name.rsplit(".", 1)[-1]
         per_task_bn = name.startswith("bn.") and name.split(".")[2] != "0"
-        if ".task_embedding." in name or name.startswith("task_keys.") or per_task_bn or \
+        task_prediction = name.startswith(("task_keys.", "task_ood."))
+        if ".task_embedding." in name or task_prediction or per_task_bn or \
                 (name.startswith("gate.") and not leaf.startswith(_MODNET_NOT_FOR_INFERENCE)):
             total += t.numel() * t.element_size()
     return int(total)

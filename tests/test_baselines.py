@@ -118,6 +118,30 @@ def test_reservoir_buffer_keeps_at_most_its_size_with_the_logits_given():
     assert sum(b.numel() * b.element_size() for b in buf.stored_tensors()) == 5 * (2 * 4 + 8 + 8 + 4 * 4)
 
 
+def test_reservoir_buffer_matches_algorithm_r_written_sample_by_sample():
+    """Vitter's algorithm R written out one sample at a time, with the same draws: the buffer holds the same
+    rows (a slot drawn twice in one batch keeps the later sample), the logits zero-padded to the widest head."""
+    buf, size = ReservoirBuffer(4), 4
+    ref_x, ref_z, seen = [None] * size, [None] * size, 0
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    for step in range(12):
+        width = 2 if step < 6 else 3  # the head grows after step 6
+        x = torch.rand(5, 3, generator=g)
+        z = torch.rand(5, width, generator=g)
+        state = torch.get_rng_state()
+        buf.add(x, torch.arange(5), torch.zeros(5, dtype=torch.long), z)
+        torch.set_rng_state(state)  # the reference draws the same slots
+        for i in range(5):
+            slot = seen if seen < size else int(torch.randint(0, seen + 1, ()).item())
+            seen += 1
+            if slot < size:
+                ref_x[slot], ref_z[slot] = x[i], torch.nn.functional.pad(z[i], (0, 3 - width))
+    assert buf.seen == seen == 60
+    torch.testing.assert_close(buf.x, torch.stack(ref_x), rtol=0, atol=0)
+    torch.testing.assert_close(buf.logits, torch.stack(ref_z), rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module")
 def class_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("baselines_class")
@@ -210,3 +234,19 @@ def test_ewc_class_incremental_completes_within_the_sgd_stability_bound():
     with pytest.raises(NaNLossError):
         for exp in info.benchmark.train_stream[1:]:
             strategy.train(exp)
+
+
+def test_modnet_bytes_count_what_predicts_the_task_and_not_the_backbone():
+    """The state label-free inference reads (task keys / Gaussians, or the task-prediction heads and their
+    calibration) counts; the backbone and heads every baseline also has do not."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from strategies.memory import modnet_bytes
+
+    net = nn.Module()
+    net.backbone = nn.Linear(10, 10)  # not counted
+    net.task_ood = nn.Linear(4, 3)  # 12 weights + 3 biases, float32
+    net.task_keys = nn.Linear(2, 2)  # 4 + 2
+    assert modnet_bytes(SimpleNamespace(model=net), None) == (15 + 6) * 4

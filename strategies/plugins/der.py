@@ -53,6 +53,10 @@ class ReservoirBuffer:
             self._allocate(x, y, t, logits)
         if logits.shape[1] > self.logits.shape[1]:  # a wider head: pad the stored logits with zeros
             self.logits = F.pad(self.logits, (0, logits.shape[1] - self.logits.shape[1]))
+        # the slots are drawn sample by sample (on the CPU generator); the rows are then written in one indexed
+        # copy per tensor instead of four small copies per sample. A slot drawn twice in one batch keeps the
+        # later sample, as writing in order would.
+        row_of_slot: dict[int, int] = {}
         for i in range(len(y)):
             if self.n < self.size:
                 slot = self.n
@@ -61,9 +65,15 @@ class ReservoirBuffer:
                 slot = int(torch.randint(0, self.seen + 1, ()).item())
             self.seen += 1
             if slot < self.size:
-                self.x[slot], self.y[slot], self.t[slot] = x[i], y[i], t[i]
-                self.logits[slot].zero_()
-                self.logits[slot, :logits.shape[1]] = logits[i]
+                row_of_slot[slot] = i
+        if not row_of_slot:
+            return
+        slots = torch.tensor(list(row_of_slot), device=self.y.device)
+        rows = torch.tensor(list(row_of_slot.values()), device=y.device)
+        self.x[slots], self.y[slots], self.t[slots] = x[rows], y[rows], t[rows]
+        padded = self.logits.new_zeros((len(rows), self.logits.shape[1]))
+        padded[:, :logits.shape[1]] = logits[rows]
+        self.logits[slots] = padded
 
     def sample(self, batch_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``min(batch_size, held)`` distinct samples, uniformly (Mammoth's ``get_data``)."""
