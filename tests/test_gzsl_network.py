@@ -86,6 +86,40 @@ def test_niwt_importance_is_measured_through_the_masks_at_smax_and_the_gates(tra
     assert torch.allclose(measured, expected, atol=1e-5)
 
 
+def test_niwt_routed_extends_a_copy_of_the_seen_network_and_predicts_no_importance_where_no_module_fires(trained):
+    """Routing-informed NIWT runs beside plain NIWT on the same trained network: it extends a copy made before
+    any unseen row was added, whatever ran first, and units that no seen class switches on (HAT mask off or
+    module never gated on) get no predicted importance for the unseen classes."""
+    from modnet.methods.niwt import NIWT
+    from modnet.zsl.niwt import importance_layer, niwt_arguments
+    from modnet.zsl.registry import get_zsl_method
+
+    cfg, net = trained
+    data = net.data
+    if net.classes == list(data.seen_classes):
+        get_zsl_method("niwt").score(cfg, net, {})             # the run's network already holds unseen rows
+    head_rows, classes = net.model.heads[0].out_features, list(net.classes)
+    scores_seen, scores_unseen = get_zsl_method("niwt_routed").score(cfg, net, {})
+    assert net.model.heads[0].out_features == head_rows and net.classes == classes   # left alone
+    n_seen = len(data.seen_classes)
+    with torch.no_grad():
+        seen_logits = net.model.eval()(data.x_test_seen[:20], 0)[:, :n_seen]
+    assert torch.allclose(scores_seen[:20][:, data.seen_classes], seen_logits, atol=1e-5)
+    assert torch.isfinite(scores_unseen[:, data.unseen_classes]).all()
+
+    copy = net.seen_copy()
+    assert copy.model.heads[0].out_features == n_seen
+    routing = copy.unit_routing(0)
+    dead = routing.sum(0) == 0
+    assert dead.any() and (~dead).any()
+    x, y = copy.split("train")
+    niwt = NIWT(copy.model, importance_layer(copy.model, -2), copy.head, forward_fn=copy.forward,
+                **{**niwt_arguments(cfg), "max_iterations": 2})
+    niwt.fit(x, y, data.attributes, data.seen_classes, data.unseen_classes, seen_routing=routing)
+    assert torch.all(niwt.unseen_importance[:, dead] == 0)
+    assert niwt.unseen_importance[:, ~dead].abs().sum() > 0
+
+
 def test_niwt_on_every_head_of_a_class_incremental_network_keeps_its_task_keys():
     """fit_heads gives each head of a multi-task HAT network unseen rows; the task keys still index the trained
     classes only, so the task posterior is the one before the rows were added."""

@@ -137,6 +137,25 @@ def planted():
     return x, y, knowledge, seen, unseen, train, test_seen, test_unseen, model
 
 
+def test_routing_map_recovers_planted_module_routing_of_unseen_classes():
+    """Routing linear in the knowledge (inside [0, 1], so the clip is idle): fitted on 8 classes, the map
+    predicts the routing of 2 held-out classes; a unit no class switches on is predicted off for every class."""
+    from modnet.methods.niwt import RoutingMap
+
+    g = torch.Generator().manual_seed(0)
+    knowledge = torch.rand(10, 4, generator=g)
+    coef = torch.rand(4, 30, generator=g) * 0.2
+    routing = 0.1 + knowledge @ coef                       # in [0.1, 0.9]
+    routing[:, 5] = 0.0                                    # a unit of a module no class switches on
+    fitted = RoutingMap(ridge=1e-8).fit(knowledge[:8], routing[:8])
+    assert torch.allclose(fitted(knowledge[8:]), routing[8:], atol=1e-4)
+    assert torch.all(fitted(torch.rand(5, 4, generator=g))[:, 5] == 0)
+    shrunk = RoutingMap(ridge=10.0).fit(knowledge[:8], routing[:8])(knowledge[8:])
+    assert (shrunk - routing[:8].mean(0)).abs().mean() < (routing[8:] - routing[:8].mean(0)).abs().mean()
+    with pytest.raises(ValueError, match="one routing row per class"):
+        RoutingMap().fit(knowledge[:8], routing[:7])
+
+
 def test_unseen_weights_recover_a_class_weight_from_its_importance(planted):
     """Step 3 inverts step 1: the importance a known class weight induces on the seen images gives it back."""
     x, y, knowledge, seen, unseen, train, *_, model = planted

@@ -59,6 +59,7 @@ __all__ = [
     "NIWT",
     "Head",
     "GZSLModel",
+    "RoutingMap",
     "cosine_distance",
 ]
 
@@ -553,6 +554,40 @@ def match_seen_scale(weight: Tensor, bias: Tensor, seen_weight: Tensor, seen_bia
     return weight * factor[:, None], mean.mean() - factor * unseen_scores.mean(0)
 
 
+class RoutingMap:
+    """Knowledge -> module routing: which units of a layer a class's images switch on (module gate x mask).
+
+    Module keys in the knowledge space: the routing of seen class c, r_c in [0, 1]^N (the share of c's images
+    for which each unit is on), is regressed on its knowledge k_c by ridge least squares (bias unpenalised),
+        r(k) = clip(mean_c r_c + (k - mean_c k_c) B, 0, 1),
+        B = argmin sum_c ||(k_c - mean k) B - (r_c - mean r)||^2 + lam ||B||^2,
+    lam = ``ridge`` x the mean squared norm of the centred k_c (scale-free; strong ridge -> the mean routing).
+    Units of one module share their gate, so the map predicts, for an unseen class's knowledge, which modules
+    should fire for it; a unit that no seen class switches on is predicted off.
+    """
+
+    def __init__(self, ridge: float = 0.1):
+        self.ridge = ridge
+        self.coef: Tensor | None = None
+
+    def fit(self, knowledge: Tensor, routing: Tensor) -> "RoutingMap":
+        if knowledge.shape[0] != routing.shape[0]:
+            raise ValueError(f"one routing row per class: {knowledge.shape[0]} classes, {routing.shape[0]} rows")
+        k, r = knowledge.float(), routing.float()
+        self.k_mean, self.r_mean = k.mean(0), r.mean(0)
+        kc = k - self.k_mean
+        gram = kc @ kc.T
+        lam = self.ridge * gram.trace() / gram.shape[0]
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        self.coef = kc.T @ torch.linalg.solve(gram + lam * eye, r - self.r_mean)  # dual form: few classes
+        return self
+
+    def __call__(self, knowledge: Tensor) -> Tensor:
+        if self.coef is None:
+            raise RuntimeError("RoutingMap.fit first")
+        return (self.r_mean + (knowledge.float() - self.k_mean) @ self.coef).clamp(0.0, 1.0)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The whole method
 # ----------------------------------------------------------------------------------------------------------
@@ -668,19 +703,25 @@ class NIWT:
         self.unseen_by_head: list[UnseenWeights] = []
 
     def fit(self, x_seen: Tensor, y_seen: Tensor, knowledge: Tensor, seen_classes: Sequence[int],
-            unseen_classes: Sequence[int], seen_columns: Sequence[int] | None = None) -> "NIWT":
+            unseen_classes: Sequence[int], seen_columns: Sequence[int] | None = None,
+            seen_routing: Tensor | None = None) -> "NIWT":
         """NIWT on the constructor's ``classifier`` (one head); ``gzsl_model()`` then scores every class."""
         if self.classifier is None:
             raise ValueError("this NIWT has no classifier: pass one to the constructor, or call fit_heads")
         head = Head(self.classifier, seen_classes, seen_columns, self.forward_fn)
-        return self.fit_heads(x_seen, y_seen, knowledge, [head], unseen_classes)
+        return self.fit_heads(x_seen, y_seen, knowledge, [head], unseen_classes, seen_routing=seen_routing)
 
     def fit_heads(self, x_seen: Tensor, y_seen: Tensor, knowledge: Tensor, heads: Sequence[Head],
-                  unseen_classes: Sequence[int]) -> "NIWT":
+                  unseen_classes: Sequence[int], seen_routing: Tensor | None = None) -> "NIWT":
         """NIWT on a network with one or more heads; every seen class belongs to exactly one head.
 
         ``seen_importance`` rows follow the heads' classes in order; ``unseen_by_head[h]`` holds the unseen
         weights of head h (``unseen`` those of the first head).
+
+        ``seen_routing`` [S, N] (rows in the heads' class order, like ``seen_importance``): how often each unit
+        of the importance layer is switched on (module gate x mask) for the images of each seen class. Given,
+        the unseen importance is predicted per module (``RoutingMap``): a*_u <- a*_u * r_u with r_u the
+        routing predicted from u's knowledge, so that units of modules that should not fire for u get none.
         """
         heads = [Head(h.classifier, [int(c) for c in h.classes],
                       list(range(len(h.classes))) if h.rows is None else [int(r) for r in h.rows], h.forward_fn)
@@ -737,6 +778,10 @@ class NIWT:
         # Step 3: unseen weights from the predicted importance, for every head through its own forward.
         with torch.no_grad():
             self.unseen_importance = self.knowledge_map(knowledge[unseen_classes])
+        self.routing_map = None
+        if seen_routing is not None:  # routing-informed: importance only where u's modules should fire
+            self.routing_map = RoutingMap().fit(knowledge[self.seen_classes], seen_routing.to(device))
+            self.unseen_importance = self.unseen_importance * self.routing_map(knowledge[unseen_classes])
         self.unseen_by_head = []
         for i, h in enumerate(heads):
             fitted = fit_unseen_weights(self.model, self.layer, h.classifier, x_seen, self.unseen_importance,

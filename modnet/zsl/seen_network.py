@@ -9,6 +9,7 @@ ALE work on its penultimate features, the head's input.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -79,9 +80,30 @@ class SeenNetwork:
 
     def add_classes(self, classes: Sequence[int], weight: Tensor, bias: Tensor | None = None) -> None:
         """New rows of the head for dataset classes ``classes`` (NIWT's unseen classes)."""
+        if "seen_model" not in self._inputs:  # the seen-class network, for methods that extend a copy of it
+            self._inputs["seen_model"] = copy.deepcopy(self.model)
         start = len(self.classes)
         self.model.add_classes(0, range(start, start + len(classes)), weight, bias)
         self.classes += [int(c) for c in classes]
+
+    def seen_copy(self) -> "SeenNetwork":
+        """A copy of this network as trained on the seen classes (before any method added unseen rows), for a
+        method that extends the network without touching the one the run keeps (e.g. ``niwt_routed``)."""
+        model = copy.deepcopy(self._inputs.get("seen_model", self.model))
+        inputs = {k: v for k, v in self._inputs.items() if k != "seen_model"}
+        return SeenNetwork(model, self.data, self.seed, self.device, self.progress, self.seen_accuracy,
+                           list(self.data.seen_classes), inputs)
+
+    @torch.no_grad()
+    def unit_routing(self, layer: int) -> Tensor:
+        """[S, N]: for each seen class (``data.seen_classes`` order), the share of its training images for which
+        each unit of masked layer ``layer`` is on (its module's gate times its mask, at s = smax)."""
+        self.model.eval()
+        x, y = self.split("train")
+        on = torch.cat([(self.model.unit_masks(xb, 0)[layer] > 0.5).float() for xb in x.split(_BATCH)])
+        seen = torch.as_tensor(list(self.data.seen_classes), device=y.device)
+        member = (y[None, :] == seen[:, None]).float()            # S x n
+        return (member @ on) / member.sum(1, keepdim=True).clamp(min=1)
 
     def baseline_inputs(self, kind: str, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
         """ESZSL's and ALE's inputs for train, test-seen, test-unseen: the penultimate features or the raw
