@@ -531,6 +531,11 @@ def load_zsl_from_config(benchmark, *, seed: int = 0, images: bool | None = None
                               **{key: value for key, value in options.items() if value is not None})
 
 
+def pseudo_unseen_count(n_seen: int, unseen_fraction: float = 0.25) -> int:
+    """How many seen classes ``class_disjoint_validation`` holds out as pseudo-unseen."""
+    return min(max(1, int(round(unseen_fraction * n_seen))), n_seen - 2)
+
+
 def class_disjoint_validation(data: ZSLData, unseen_fraction: float = 0.25, test_fraction: float = 0.2,
                               seed: int = 0) -> ZSLData:
     """A validation benchmark made from the training set only (Xian et al.'s class-disjoint train/val).
@@ -544,7 +549,7 @@ def class_disjoint_validation(data: ZSLData, unseen_fraction: float = 0.25, test
     if len(seen) < 3:
         raise ValueError(f"{data.name}: a class-disjoint validation split needs at least 3 seen classes, got "
                          f"{len(seen)}; use calibration.mode=none or fixed.")
-    n_val = min(max(1, int(round(unseen_fraction * len(seen)))), len(seen) - 2)
+    n_val = pseudo_unseen_count(len(seen), unseen_fraction)
     rng = np.random.default_rng(seed)
     pseudo_unseen = sorted(rng.choice(seen, size=n_val, replace=False).tolist())
     pseudo_seen = [c for c in seen if c not in pseudo_unseen]

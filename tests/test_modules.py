@@ -22,6 +22,33 @@ def test_cluster_units_recovers_planted_modules():
     assert adjusted_rand_score(planted.numpy(), labels.numpy()) == 1.0
 
 
+def test_sync_tries_the_fallback_space_before_kmeans(monkeypatch):
+    """Modules from SynC in the paper's space when it finds a count in range; else from SynC in the fallback
+    principal components; k-means only after both (or after the one space when no fallback is set)."""
+    import modnet.nets.modules as modules
+
+    S = torch.nn.functional.normalize(torch.randn(60, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    calls = []
+    real = modules._sync_in_space
+
+    def fake(S, k, lo, hi, seed, dims, size, algorithm, kmeans):
+        calls.append((dims, kmeans))
+        if dims is None:  # the first space finds no count in range
+            return (real(S, k, lo, hi, seed, dims, size, algorithm, kmeans) if kmeans else (None, "none", 60))
+        return torch.arange(60) % 3, "sync", 0
+
+    monkeypatch.setattr(modules, "_sync_in_space", fake)
+    labels, method, _ = modules.sync_modules(S, None, 2, 4, sync_dims=None, sync_dims_fallback=3)
+    assert calls == [(None, False), (3, True)] and method == "sync" and torch.equal(labels, torch.arange(60) % 3)
+    calls.clear()
+    labels, method, _ = modules.sync_modules(S, None, 2, 4, sync_dims=None, sync_dims_fallback=None)
+    assert calls == [(None, True)]
+    monkeypatch.setattr(modules, "_sync_in_space", real)
+    # the real search: a count in range, or k-means in range
+    labels, method, _ = modules.sync_modules(S, None, 2, 4, sync_dims=None, sync_dims_fallback=3)
+    assert method in ("sync", "kmeans") and 2 <= int(labels.max()) + 1 <= 4
+
+
 def test_layers_clustered_together_equal_each_layer_clustered_alone():
     """cluster_layers fits equal-width layers in one batched loop: each layer's modules and semantic vectors are
     those cluster_units finds for it alone (planted modules, three layers, two of one width)."""

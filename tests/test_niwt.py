@@ -327,6 +327,23 @@ def test_gzsl_metrics_by_hand():
     assert gzsl_evaluate(scores, torch.tensor([1]), scores, torch.tensor([2]), [0, 1], [2]).S == 1.0
 
 
+def test_validation_splits_hold_out_enough_pseudo_unseen_classes():
+    """val_splits null: ceil(val_min_classes / pseudo-unseen per split) splits: 8 seen classes hold out 2 a
+    split -> 3 splits for 6 classes; AWA2's 40 hold out 10 -> 1; an explicit count is kept."""
+    import types
+
+    from modnet.config import compose
+    from modnet.jobs.gzsl import validation_splits
+
+    cfg = compose("gzsl", [])
+    assert cfg.calibration.val_splits is None
+    assert validation_splits(cfg, types.SimpleNamespace(seen_classes=list(range(8)))) == 3
+    assert validation_splits(cfg, types.SimpleNamespace(seen_classes=list(range(40)))) == 1
+    assert validation_splits(cfg, types.SimpleNamespace(seen_classes=list(range(150)))) == 1
+    cfg = compose("gzsl", ["calibration.val_splits=2"])
+    assert validation_splits(cfg, types.SimpleNamespace(seen_classes=list(range(40)))) == 2
+
+
 def test_select_calibration_finds_the_separating_gamma():
     # seen samples: the true seen class leads the unseen class by 3; unseen samples: seen leads by 1
     seen_scores = torch.tensor([[4.0, 0.0, 1.0], [0.0, 4.0, 1.0]])

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
 import time
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from modnet.eval.tables import aggregate_runs, markdown_table, mean_std_cell
 from modnet.methods.gzsl import GZSLResult, gzsl_evaluate, select_calibration
 from modnet.zsl.registry import get_zsl_method, zsl_method_names
 from modnet.zsl.seen_network import SeenNetwork
-from scenarios.zsl import ZSLData, class_disjoint_validation, load_zsl_from_config
+from scenarios.zsl import ZSLData, class_disjoint_validation, load_zsl_from_config, pseudo_unseen_count
 
 METRICS = ("U", "S", "H", "zsl_accuracy")
 Scores = tuple[Tensor, Tensor]  # (scores on test-seen, scores on test-unseen), [n, C], column = dataset class
@@ -120,6 +121,16 @@ def _evaluate(scores: Scores, data: ZSLData, gamma: float) -> GZSLResult:
                          data.unseen_classes, calibration=gamma)
 
 
+def validation_splits(cfg: DictConfig, data: ZSLData) -> int:
+    """``calibration.val_splits``, or when null as many splits as it takes to hold out at least
+    ``calibration.val_min_classes`` pseudo-unseen classes in all (digits: 2 a split -> 3 splits; AWA2's 40 seen
+    classes: 10 a split -> 1): a gamma chosen on two held-out classes is noisy, on ten it is not."""
+    if cfg.calibration.val_splits is not None:
+        return int(cfg.calibration.val_splits)
+    per_split = pseudo_unseen_count(len(data.seen_classes), cfg.calibration.val_unseen_fraction)
+    return max(1, math.ceil(int(cfg.calibration.val_min_classes) / per_split))
+
+
 def validate(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) -> dict[str, dict]:
     """Each method's setting and calibration gamma, chosen on class-disjoint validation splits.
 
@@ -129,7 +140,7 @@ def validate(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
     """
     found: dict[str, list[list[tuple[float, float]]]] = {}  # method -> candidate -> [(gamma, H) per split]
     settings: dict[str, list[dict]] = {}
-    for split in range(cfg.calibration.val_splits):
+    for split in range(validation_splits(cfg, data)):
         val = class_disjoint_validation(data, cfg.calibration.val_unseen_fraction, cfg.calibration.val_test_fraction,
                                         seed=seed * 1000 + split)
         for name, candidates in score_methods(cfg, val, seed, device, progress)[1].items():
@@ -273,7 +284,12 @@ def _check(cfg: DictConfig) -> None:
         check_choice("methods", name, names)
     check_choice("calibration.mode", cfg.calibration.mode, CALIBRATION_MODES)
     check_choice("baseline_features", cfg.baseline_features, BASELINE_FEATURES)
-    if "niwt" in cfg.methods:
+    for key in ("val_splits", "val_min_classes"):
+        value = cfg.calibration[key]
+        if value is not None and int(value) < 1:
+            raise ConfigError(f"calibration.{key}={value} must be at least 1" +
+                              (" (null = enough splits for val_min_classes)" if key == "val_splits" else ""))
+    if "niwt" in cfg.methods or "niwt_routed" in cfg.methods:
         from modnet.methods.niwt import UNSEEN_BIASES, UNSEEN_INITS, UNSEEN_SCALES
 
         check_choice("niwt.init", cfg.niwt.init, UNSEEN_INITS)

@@ -33,31 +33,32 @@ MODULE_METHODS = ("sync", "kmeans", "rest")
 
 # -- modules from synchronization ----------------------------------------------------------------------
 def cluster_units(profiles: Tensor, dim: int = 16, steps: int = 200, lr: float = 0.05, k: int | None = None,
-                  min_modules: int = 2, max_modules: int = 16, seed: int = 0, sync_dims: int | None = 3,
-                  min_module_size: int | None = None) -> tuple[Tensor, Tensor]:
+                  min_modules: int = 2, max_modules: int = 16, seed: int = 0, sync_dims: int | None = None,
+                  min_module_size: int | None = None, sync_dims_fallback: int | None = 3) -> tuple[Tensor, Tensor]:
     """Group units into functional modules: semantic vectors from activation profiles, then SynC.
 
     ``profiles`` is units x samples. Returns (module id per unit (0..M-1), the units' semantic vectors,
     L2-normalised). See ``cluster_layers`` for the space SynC runs in, its eps rule and its outliers.
     """
     return cluster_layers([profiles], dim, steps, lr, k, min_modules, max_modules, seed, sync_dims=sync_dims,
-                          min_module_size=min_module_size)[0]
+                          min_module_size=min_module_size, sync_dims_fallback=sync_dims_fallback)[0]
 
 
 def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, lr: float = 0.05,
                    k: int | None = None, min_modules: int = 2, max_modules: int = 16, seed: int = 0,
-                   with_method: bool = False, sync_dims: int | None = 3,
+                   with_method: bool = False, sync_dims: int | None = None,
                    min_module_size: int | None = None, select: Sequence[Tensor | None] | None = None,
-                   algorithm: str = "auto") -> list[tuple]:
+                   algorithm: str = "auto", sync_dims_fallback: int | None = 3) -> list[tuple]:
     """``cluster_units`` for every layer (units x samples each): the semantic vectors of layers of equal width
     are fitted in one batched Adam loop (their losses are summed, so each layer's gradient, and Adam's
     elementwise step, are its own), and each layer's fixed target is normalised once, not at every step.
 
     SynC runs on the semantic vectors' first ``sync_dims`` principal components (None: the vectors as they
-    are). The units' semantic vectors spread over the 16-d sphere without gaps; in so many dimensions every
-    k-NN radius is about the same and SynC leaves one large cluster, small fragments and many outliers
-    (9-17 groups, ~35% outliers on 256 units). In 3 principal dimensions the same dynamics splits the units
-    into a handful of groups with few outliers. eps rule: the mean distance to the k-th neighbour
+    are, the paper's K = 16 space); when no eps there gives a module count in range, it runs again on the
+    first ``sync_dims_fallback`` components (None: no second space), then k-means decides. With a fixed
+    eps the units' vectors, spread over the 16-d sphere, leave one large cluster, small fragments and many
+    outliers (9-17 groups, ~35% outliers on 256 units); with the eps rule below SynC finds 2-4 modules there
+    on digits (every layer), and on MNIST-1D's second layer only in 3 principal dimensions. eps rule: the mean distance to the k-th neighbour
     (``k`` None: max(10, n // 10), the ``SynC`` default), k growing by half while SynC finds more than
     ``max_modules`` groups, shrinking by a third while it finds fewer than ``min_modules``, bisected once
     both are seen: SynC decides the modules at the first eps whose count is in range. Groups under ``min_module_size`` units (None: max(3, n // 32)) are outliers, as are units
@@ -99,7 +100,7 @@ def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, 
             labels, method, outliers = torch.zeros(S_sel.shape[0], dtype=torch.long, device=S.device), "none", 0
         else:
             labels, method, outliers = sync_modules(S_sel, k, min_modules, max_modules, seed, sync_dims,
-                                                    min_module_size, algorithm)
+                                                    min_module_size, algorithm, sync_dims_fallback)
         out.append((labels, S, method, outliers) if with_method else (labels, S))
     return out
 
@@ -114,10 +115,25 @@ def sync_space(S: Tensor, sync_dims: int | None) -> Tensor:
 
 
 def sync_modules(S: Tensor, k: int | None, min_modules: int, max_modules: int, seed: int = 0,
-                 sync_dims: int | None = 3, min_module_size: int | None = None,
-                 algorithm: str = "auto") -> tuple[Tensor, str, int]:
+                 sync_dims: int | None = None, min_module_size: int | None = None,
+                 algorithm: str = "auto", sync_dims_fallback: int | None = 3) -> tuple[Tensor, str, int]:
     """(module id per unit from its vector (rows of S), "sync" or "kmeans", SynC's outlier count): see
     ``cluster_layers``."""
+    spaces = [sync_dims] + ([sync_dims_fallback] if sync_dims_fallback != sync_dims
+                            and sync_dims_fallback is not None else [])
+    for i, dims in enumerate(spaces):
+        labels, method, outliers = _sync_in_space(S, k, min_modules, max_modules, seed, dims, min_module_size,
+                                                  algorithm, kmeans=i == len(spaces) - 1)
+        if method == "sync" or i == len(spaces) - 1:
+            return labels, method, outliers
+    raise AssertionError("unreachable")
+
+
+def _sync_in_space(S: Tensor, k: int | None, min_modules: int, max_modules: int, seed: int,
+                   sync_dims: int | None, min_module_size: int | None, algorithm: str,
+                   kmeans: bool) -> tuple[Tensor | None, str, int]:
+    """SynC with the eps rule in one space; k-means on S when it finds no count in range and ``kmeans``
+    (else (None, "none", outliers))."""
     from modnet.methods.sync import SynC
 
     n = S.shape[0]
@@ -146,6 +162,8 @@ def sync_modules(S: Tensor, k: int | None, min_modules: int, max_modules: int, s
     labels, found = tried[rank] if rank in tried else (None, 0)
     outliers = int((labels < 0).sum()) if labels is not None else n
     if labels is None or not min_modules <= found <= max_modules:
+        if not kmeans:
+            return None, "none", outliers
         from sklearn.cluster import KMeans
 
         n_km = min(max(found, min_modules), max_modules)
