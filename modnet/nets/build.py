@@ -51,9 +51,11 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
     check_choice("task_inference.method", ti.method, TASK_INFERENCE)
     method = ti.method
     n_slots = sum(len(c) for c in task_classes)
-    gauss_mb = n_slots * query_dim ** 2 * 8 / 2 ** 20  # one float64 d x d scatter per (task, class)
+    # what inference works with: one float64 d x d Cholesky factor per (task, class); what is stored is a
+    # packed float32 triangle, a quarter of it (ClassGaussians)
+    gauss_mb = n_slots * query_dim ** 2 * 8 / 2 ** 20
     if class_incremental and m.task_keys and method == "gauss" and gauss_mb > ti.gauss_max_mb:
-        print(f"task_inference.method=gauss would keep {n_slots} covariances of {query_dim} x {query_dim} "
+        print(f"task_inference.method=gauss would factor {n_slots} covariances of {query_dim} x {query_dim} "
               f"({gauss_mb:.0f} MB > task_inference.gauss_max_mb={ti.gauss_max_mb}): the task is picked by the "
               "LDA keys (task_inference.method=keys)")
         method = "keys"
