@@ -249,3 +249,36 @@ def test_extra_class_labels_score_the_probability_of_not_being_transformed():
     ood.calibrate(net, x, 1)
     assert torch.allclose(ood.score_mean[1], expected.mean(), atol=1e-6)
     assert torch.allclose(ood.score_std[1], expected.std(), atol=1e-6)
+
+
+def test_task_prediction_splits_class_incremental_accuracy_into_its_two_factors():
+    """Planted: two tasks whose inputs sit in far-apart clusters, Gaussians fitted on them. Experience 1's test
+    inputs are drawn from task 0's cluster instead, so its task accuracy is 0 and experience 0's is 1. Every
+    head is set to answer its first class: within-task accuracy is the share of that class (1/2)."""
+    from types import SimpleNamespace
+
+    from modnet.eval.task_prediction import task_prediction
+    from modnet.nets.models import HATMLP
+
+    torch.manual_seed(0)
+    d = 4
+    gauss = ClassGaussians(4, d)
+    net = HATMLP(d, [[0, 1], [2, 3]], hidden=8, class_incremental=True, task_keys=gauss)
+    centres = torch.tensor([0.0, 0.0, 20.0, 20.0])  # classes 0, 1 near 0; classes 2, 3 near 20
+    y_fit = torch.arange(4).repeat_interleave(50)
+    gauss.update(centres[y_fit].unsqueeze(1) + torch.randn(200, d), y_fit)
+    with torch.no_grad():
+        for head in net.heads:
+            head.weight.zero_()
+            head.bias.copy_(torch.tensor([5.0, 0.0]))
+    net.mark_trained(1)
+
+    def exp(labels, centre):
+        x = centre + torch.randn(len(labels), d)
+        return SimpleNamespace(dataset=[(x[i], int(labels[i]), 0) for i in range(len(labels))])
+
+    stream = [exp([0, 1] * 10, 0.0), exp([2, 3] * 10, 0.0)]
+    out = task_prediction(net, stream, torch.device("cpu"), batch_size=7)
+    assert out["task_accuracy_per_experience"] == [1.0, 0.0]
+    assert out["task_accuracy"] == 0.5
+    assert out["within_task_accuracy_per_experience"] == [0.5, 0.5]
