@@ -287,3 +287,69 @@ def test_task_prediction_splits_class_incremental_accuracy_into_its_two_factors(
     assert out["task_accuracy_per_experience"] == [1.0, 0.0]
     assert out["task_accuracy"] == 0.5
     assert out["within_task_accuracy_per_experience"] == [0.5, 0.5]
+
+
+class _LinearFeatures:
+    """Stands for a masked network: task t's 'layer 0 features' are x @ A_t, zero-padded to ``width`` units."""
+
+    def __init__(self, maps, width):
+        self.maps, self.width = maps, width
+
+    def task_units(self, x, task):
+        f = x @ self.maps[task]
+        return [torch.cat([f, f.new_zeros(f.shape[0], self.width - f.shape[1])], 1)]
+
+
+def test_feature_gaussians_standardise_scores_of_spaces_of_different_dimension():
+    """Planted: task 0's inputs near 0, task 1's near 3 (4-d, two classes each). Task 0 sees 2 features,
+    task 1 all 4 plus 4 copies (8): raw log-likelihoods of different dimension are on different scales;
+    standardised by each task's own training scores they pick the right task."""
+    from modnet.nets.task_inference import TaskFeatureGaussians
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 300, 4
+    def data(seed_shift):
+        y = torch.arange(4).repeat_interleave(n)
+        centre = torch.tensor([0.0, 0.0, 3.0, 3.0])[y].unsqueeze(1) + torch.tensor([0.0, 0.6, 0.0, 0.6])[y].unsqueeze(1)
+        return centre + torch.randn(4 * n, d, generator=g), y
+    x, y = data(0)
+    x_test, y_test = data(1)
+    eye = torch.eye(d)
+    net = _LinearFeatures([eye[:, :2], torch.cat([eye, eye], 1)], width=10)
+    tf = TaskFeatureGaussians([2, 2], 10, layer=0, shrinkage=0.05)
+    for t in range(2):
+        rows = y // 2 == t
+        tf.fit(net, x[rows], y[rows] % 2, t, batch_size=97)
+    truth = y_test // 2
+    z = tf.task_scores(net, x_test, 2)
+    raw = torch.stack([tf.raw_score(net, x_test, t) for t in range(2)], 1)
+    assert (z.argmax(1) == truth).float().mean() >= 0.95
+    assert (raw.argmax(1) == truth).float().mean() <= (z.argmax(1) == truth).float().mean() - 0.1
+    # each task's own training scores have mean 0 and std 1 after standardisation
+    own = tf.task_scores(net, x[y // 2 == 1], 2)[:, 1]
+    assert abs(own.mean().item()) < 1e-3 and abs(own.std().item() - 1) < 1e-3
+
+
+def test_feature_gaussians_find_the_task_that_the_heads_confidence_cannot(tmp_path):
+    """The ramps (task 1 = task 0 reversed): task prediction by feature Gaussians in each task's masked
+    first layer, well above the heads' confidence; stored bytes count them."""
+    from types import SimpleNamespace
+
+    from strategies.memory import modnet_bytes
+
+    model, x, y, _ = _train_modnet(tmp_path, ["task_inference.method=features"])
+    assert model.task_features is not None and model.task_keys is None and model.task_ood is None
+    truth = y // 2
+    with torch.no_grad():
+        _, chosen = model.infer_task(x)
+        tp = (chosen == truth).float().mean()
+        acc = (model(x).argmax(1) == y).float().mean()
+        model_features, model.task_features = model.task_features, None
+        _, by_heads = model.infer_task(x)
+        model.task_features = model_features
+    assert tp >= 0.9
+    assert acc >= 0.6
+    assert (by_heads == truth).float().mean() <= tp - 0.2
+    w = 32  # model.hidden in _train_modnet
+    per_class = 1 + w + w * (w + 1) // 2
+    assert modnet_bytes(SimpleNamespace(model=model), None) >= 4 * (4 * per_class + 2 * 2)

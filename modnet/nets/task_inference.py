@@ -325,3 +325,50 @@ class ClassGaussians(nn.Module):
         ll = self.class_log_likelihood(q)
         per_task = torch.stack([torch.logsumexp(ll[:, idx], dim=1) for idx in task_classes], dim=1)
         return F.log_softmax(per_task, dim=1).to(q.dtype)
+
+
+class TaskFeatureGaussians(nn.Module):
+    """From the network itself: per task t, one Gaussian per class of t over h_t(x), the output of masked layer
+    ``layer`` under t's mask and gates (``HATNet.task_units``; HAT keeps those units from drifting once t is
+    trained), with its own shrunk covariance (``ClassGaussians``, packed float32):
+
+        s_t(x) = logsumexp_{c in t} log N(h_t(x); mu_tc, Sigma_tc)
+        z_t(x) = (s_t(x) - mean_t) / std_t        mean_t, std_t: of s_t on t's own training data
+
+    The task is argmax_t z_t(x). Each task's features live in a space of their own (other units, other
+    dimension), so raw likelihoods do not compare; the standardisation puts every task's score in units of
+    its own training spread. Units off for a task (mask 0) are 0 on every input and add a constant, which the
+    standardisation removes. Storage per task: its classes' Gaussians over the layer's full width
+    (1 + w + w (w + 1) / 2 float32 per class) and two floats.
+    """
+
+    def __init__(self, task_sizes: Sequence[int], width: int, layer: int = 0, shrinkage: float = 0.1):
+        super().__init__()
+        self.layer = int(layer)
+        self.task_sizes = [int(n) for n in task_sizes]
+        self.gaussians = nn.ModuleList(ClassGaussians(n, width, shrinkage) for n in self.task_sizes)
+        self.register_buffer("score_mean", torch.zeros(len(self.task_sizes)))
+        self.register_buffer("score_std", torch.ones(len(self.task_sizes)))
+
+    def features(self, net, x: Tensor, task: int) -> Tensor:
+        return net.task_units(x, task)[self.layer]
+
+    def raw_score(self, net, x: Tensor, task: int) -> Tensor:
+        """s_t(x): B."""
+        return self.gaussians[task].class_log_likelihood(self.features(net, x, task)).logsumexp(1)
+
+    @torch.no_grad()
+    def fit(self, net, x: Tensor, y_local: Tensor, task: int, batch_size: int = 512) -> None:
+        """Task t's class Gaussians from its training data (labels local to its head), then mean_t and std_t
+        of its score on the same data."""
+        for i in range(0, x.shape[0], batch_size):
+            self.gaussians[task].update(self.features(net, x[i:i + batch_size], task), y_local[i:i + batch_size])
+        s = torch.cat([self.raw_score(net, x[i:i + batch_size], task) for i in range(0, x.shape[0], batch_size)])
+        self.score_mean[task] = s.mean()
+        self.score_std[task] = s.std().clamp_min(1e-6) if s.numel() > 1 else 1.0
+
+    @torch.no_grad()
+    def task_scores(self, net, x: Tensor, n_tasks: int) -> Tensor:
+        """z: B x n_tasks."""
+        s = torch.stack([self.raw_score(net, x, t) for t in range(n_tasks)], 1).float()
+        return (s - self.score_mean[:n_tasks]) / self.score_std[:n_tasks]
