@@ -302,8 +302,9 @@ class _LinearFeatures:
 
 def test_feature_gaussians_standardise_scores_of_spaces_of_different_dimension():
     """Planted: task 0's inputs near 0, task 1's near 3 (4-d, two classes each). Task 0 sees 2 features,
-    task 1 all 4 plus 4 copies (8): raw log-likelihoods of different dimension are on different scales;
-    standardised by each task's own training scores they pick the right task."""
+    task 1 all 4 plus 4 copies, 10 times larger (8 units; the zero-padded rest is off): raw log-likelihoods
+    of different dimension and scale do not compare (task 1's log-det is 8 log 10 lower); standardised by
+    each task's own training scores they pick the right task."""
     from modnet.nets.task_inference import TaskFeatureGaussians
 
     g = torch.Generator().manual_seed(0)
@@ -315,7 +316,7 @@ def test_feature_gaussians_standardise_scores_of_spaces_of_different_dimension()
     x, y = data(0)
     x_test, y_test = data(1)
     eye = torch.eye(d)
-    net = _LinearFeatures([eye[:, :2], torch.cat([eye, eye], 1)], width=10)
+    net = _LinearFeatures([eye[:, :2], 10 * torch.cat([eye, eye], 1)], width=10)
     tf = TaskFeatureGaussians([2, 2], 10, layer=0, shrinkage=0.05)
     for t in range(2):
         rows = y // 2 == t

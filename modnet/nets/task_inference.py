@@ -338,24 +338,58 @@ class TaskFeatureGaussians(nn.Module):
     The task is argmax_t z_t(x). Each task's features live in a space of their own (other units, other
     dimension), so raw likelihoods do not compare; the standardisation puts every task's score in units of
     its own training spread. Units off for a task (mask 0) are 0 on every input and add a constant, which the
-    standardisation removes. Storage per task: its classes' Gaussians over the layer's full width
-    (1 + w + w (w + 1) / 2 float32 per class) and two floats.
+    standardisation removes: the Gaussians are taken over the units active on t's training data (marginals of
+    the stored ones). Storage per task: its classes' Gaussians over the layer's full width (1 + w + w (w + 1) / 2 float32 per class) and two
+    floats.
     """
 
     def __init__(self, task_sizes: Sequence[int], width: int, layer: int = 0, shrinkage: float = 0.1):
         super().__init__()
         self.layer = int(layer)
         self.task_sizes = [int(n) for n in task_sizes]
+        self.shrinkage = float(shrinkage)
         self.gaussians = nn.ModuleList(ClassGaussians(n, width, shrinkage) for n in self.task_sizes)
         self.register_buffer("score_mean", torch.zeros(len(self.task_sizes)))
         self.register_buffer("score_std", torch.ones(len(self.task_sizes)))
+        self._cache: dict = {}
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache = {}
+        super()._load_from_state_dict(*args, **kwargs)
 
     def features(self, net, x: Tensor, task: int) -> Tensor:
         return net.task_units(x, task)[self.layer]
 
+    def _task_gaussians(self, task: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(active units, mu: n_t x a, Cholesky factors: n_t x a x a) of task t's classes over the a units
+        with a non-zero variance on t's training data (the marginal Gaussians over those units; a unit off on
+        all of them carries no evidence, and a tiny shrunk variance there would punish any input that turns it
+        on, t's own included); shrunk per class towards tr(Sigma_c)/a I."""
+        g = self.gaussians[task]
+        key = (g._version, g.means.device)
+        if task in self._cache and self._cache[task][0] == key:
+            return self._cache[task][1]
+        n = g.counts.double().view(-1, 1, 1)
+        cov = g._unpack(g.packed_cov) * (n / (n - 1).clamp_min(1))
+        active = torch.diagonal(cov, dim1=1, dim2=2).amax(0) > 1e-12
+        if not active.any():
+            active[0] = True
+        cov = cov[:, active][:, :, active]
+        a = cov.shape[-1]
+        scale = torch.diagonal(cov, dim1=1, dim2=2).mean(1).clamp_min(1e-8).view(-1, 1, 1)
+        cov = (1 - self.shrinkage) * cov + self.shrinkage * scale * torch.eye(a, dtype=cov.dtype, device=cov.device)
+        out = (active, g.means.double()[:, active], torch.linalg.cholesky(cov))
+        self._cache[task] = (key, out)
+        return out
+
     def raw_score(self, net, x: Tensor, task: int) -> Tensor:
-        """s_t(x): B."""
-        return self.gaussians[task].class_log_likelihood(self.features(net, x, task)).logsumexp(1)
+        """s_t(x) = logsumexp_c log N(h_t(x); mu_tc, Sigma_tc) over the active units (``_task_gaussians``): B."""
+        active, mu, chol = self._task_gaussians(task)
+        q = self.features(net, x, task).double()[:, active]
+        z = torch.linalg.solve_triangular(chol, (q.unsqueeze(0) - mu.unsqueeze(1)).transpose(1, 2), upper=False)
+        logdet = torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1)
+        ll = -0.5 * (z ** 2).sum(1) - logdet.unsqueeze(1) - 0.5 * mu.shape[1] * math.log(2 * math.pi)
+        return ll.logsumexp(0)
 
     @torch.no_grad()
     def fit(self, net, x: Tensor, y_local: Tensor, task: int, batch_size: int = 512) -> None:
