@@ -157,7 +157,7 @@ def modnet_bytes(strategy, info) -> int:
     for name, t in strategy.model.state_dict().items():
         leaf = name.rsplit(".", 1)[-1]
         per_task_bn = name.startswith("bn.") and name.split(".")[2] != "0"
-        task_prediction = name.startswith(("task_keys.", "task_ood."))
+        task_prediction = name.startswith(("task_keys.", "task_ood.", "task_features."))
         if ".task_embedding." in name or task_prediction or per_task_bn or \
                 (name.startswith("gate.") and not leaf.startswith(_MODNET_NOT_FOR_INFERENCE)):
             total += t.numel() * t.element_size()

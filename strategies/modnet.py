@@ -35,6 +35,10 @@ def modnet_strategy(model, optimizer, *, smax: float = 400.0, c: float = 0.75, t
         from strategies.plugins.ood import TaskOODPlugin
 
         ours.append(TaskOODPlugin(ood_weight))
+    if getattr(model, "task_features", None) is not None:
+        from strategies.plugins.features import TaskFeaturesPlugin
+
+        ours.append(TaskFeaturesPlugin())
     if sync_reg > 0:
         ours.append(SyncRegPlugin(sync_reg, sync_eps, sync_rows, sync_every))
     return ConditionedTemplate(model=model, optimizer=optimizer, plugins=[*ours, *plugins], **template_args)

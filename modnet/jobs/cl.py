@@ -117,6 +117,15 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path, run_f
 
         report = write_module_report(strategy.model, bm.test_stream, out_dir / f"modules_seed{seed}")
         result["modules"] = {"folder": f"modules_seed{seed}", "sizes": report["module_sizes"]}
+    from modnet.nets.models import HATNet
+
+    if isinstance(strategy.model, HATNet) and strategy.model.class_incremental:
+        from modnet.eval.task_prediction import task_prediction
+
+        result["task_prediction"] = task_prediction(strategy.model, bm.test_stream, device)
+        tp = result["task_prediction"]
+        print(f"[{name} seed {seed}] task prediction {tp['task_accuracy']:.4f}, within-task accuracy "
+              f"{tp['within_task_accuracy']:.4f} (class-incremental accuracy ~ their product)")
     save_network(strategy.model, out_dir / "checkpoints" / f"{name}_seed{seed}_final.pt", info.input_shape)
     save_finished(ckpt_path, result, meta)
     return result

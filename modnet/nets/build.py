@@ -16,7 +16,7 @@ from modnet.nets.models import (CNNBackbone, HATCNN, HATMLP, HATNet, HATResNet18
                                 ResNet18Backbone, SingleHeadNet)
 
 ARCHS = ("auto", "mlp", "cnn", "resnet18")
-TASK_INFERENCE = ("gauss", "keys", "ood", "heads")
+TASK_INFERENCE = ("gauss", "keys", "ood", "features", "heads")
 
 
 def resolve_arch(arch: str, input_shape: Sequence[int]) -> str:
@@ -51,9 +51,11 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
     check_choice("task_inference.method", ti.method, TASK_INFERENCE)
     method = ti.method
     n_slots = sum(len(c) for c in task_classes)
-    gauss_mb = n_slots * query_dim ** 2 * 8 / 2 ** 20  # one float64 d x d scatter per (task, class)
+    # what inference works with: one float64 d x d Cholesky factor per (task, class); what is stored is a
+    # packed float32 triangle, a quarter of it (ClassGaussians)
+    gauss_mb = n_slots * query_dim ** 2 * 8 / 2 ** 20
     if class_incremental and m.task_keys and method == "gauss" and gauss_mb > ti.gauss_max_mb:
-        print(f"task_inference.method=gauss would keep {n_slots} covariances of {query_dim} x {query_dim} "
+        print(f"task_inference.method=gauss would factor {n_slots} covariances of {query_dim} x {query_dim} "
               f"({gauss_mb:.0f} MB > task_inference.gauss_max_mb={ti.gauss_max_mb}): the task is picked by the "
               "LDA keys (task_inference.method=keys)")
         method = "keys"
@@ -80,6 +82,15 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
         net.task_ood = TaskOOD([len(c) for c in task_classes], net.heads[0].in_features,
                                transforms=list(ti.transforms), score=ti.score, calibrate=ti.calibrate,
                                classify=ti.classify, labels=ti.labels)
+    if class_incremental and m.task_keys and method == "features":
+        from modnet.nets.task_inference import TaskFeatureGaussians
+
+        layer = int(ti.get("feature_layer", 0))
+        if not 0 <= layer < len(net.masked):
+            raise ConfigError(f"task_inference.feature_layer={layer}: the network has {len(net.masked)} masked "
+                              f"layers; choose 0..{len(net.masked) - 1}")
+        net.task_features = TaskFeatureGaussians([len(c) for c in task_classes], net.masked[layer].n_units,
+                                                 layer=layer, shrinkage=float(ti.get("feature_shrinkage", 0.1)))
     return net
 
 

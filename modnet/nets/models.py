@@ -179,6 +179,9 @@ class HATNet(MultiHeadTaskNet):
         # Network-based task prediction (modnet.nets.task_inference.TaskOOD): per-task OOD heads on the masked
         # sub-networks; set by build_modular_network, takes precedence over the task keys.
         self.task_ood: nn.Module | None = None
+        # Network-based task prediction by per-task class Gaussians over masked features
+        # (modnet.nets.task_inference.TaskFeatureGaussians); set by build_modular_network
+        self.task_features: nn.Module | None = None
 
     masked: nn.ModuleList
 
@@ -323,6 +326,8 @@ class HATNet(MultiHeadTaskNet):
     def infer_task(self, x: Tensor, condition: Condition | None = None) -> tuple[Tensor, Tensor]:
         if self.task_ood is not None and int(self.n_trained) > 0:
             return self._infer_task_ood(x, condition)
+        if self.task_features is not None and int(self.n_trained) > 0:
+            return self._infer_task_features(x, condition)
         if self.task_keys is None or int(self.n_trained) == 0:
             return super().infer_task(x, condition)
         # p(c | x) = p(t | x) p(c | x, t): task posterior from the keys, class from the task's masked head.
@@ -335,6 +340,21 @@ class HATNet(MultiHeadTaskNet):
             out[:, idx[t]] = torch.maximum(out[:, idx[t]], logp)
         return out, log_pt.argmax(1)
 
+
+    def _infer_task_features(self, x: Tensor, condition: Condition | None = None) -> tuple[Tensor, Tensor]:
+        """The task of the highest standardised feature likelihood z_t(x) (TaskFeatureGaussians) answers with
+        its classification head's log-probabilities; the other classes stay off."""
+        n = int(self.n_trained)
+        chosen = self.task_features.task_scores(self, x, n).argmax(1)
+        out = x.new_full((x.shape[0], self.n_classes), _OFF_HEAD_LOGIT, dtype=torch.float32)
+        for t in range(n):
+            rows = chosen == t
+            if not rows.any():
+                continue
+            logits = self.task_logits(x[rows], t, condition).float()
+            idx = getattr(self, f"class_index_{t}")
+            out[rows.nonzero().squeeze(1).unsqueeze(1), idx.unsqueeze(0)] = F.log_softmax(logits, dim=1)
+        return out, chosen
 
     def _infer_task_ood(self, x: Tensor, condition: Condition | None = None) -> tuple[Tensor, Tensor]:
         """The task of the highest calibrated OOD score z_t(x) answers (modnet.nets.task_inference): its

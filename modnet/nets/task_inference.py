@@ -9,14 +9,15 @@ that comes without a task label. Two predictors, beside the input-space LDA keys
 
 ``ClassGaussians``
 ------------------
-Class c (a (task, class) slot) keeps n_c, sum x and sum x x' of its queries q(x) (the flattened input);
-mu_c = sum x / n_c, Sigma_c = (sum x x' - n_c mu_c mu_c') / (n_c - 1), shrunk towards a scaled identity
-(Ledoit-Wolf-style target): Sigma_c <- (1 - lambda) Sigma_c + lambda tr(Sigma_c)/d I. The task score is the
+Class c (a (task, class) slot) keeps n_c, mu_c and the packed covariance of its queries q(x) (the
+flattened input), merged batch by batch (Chan et al.); Sigma_c = sum (x - mu_c)(x - mu_c)' / (n_c - 1),
+shrunk towards a scaled identity (Ledoit-Wolf-style target): Sigma_c <- (1 - lambda) Sigma_c + lambda tr(Sigma_c)/d I. The task score is the
 log-likelihood pooled over the task's classes, log p(x | t) = logsumexp_c log N(q(x); mu_c, Sigma_c), and
 p(t | x) its softmax over the trained tasks (equal task priors). The LDA keys share one pooled covariance
 over all classes of all tasks: a linear boundary, which MNIST-1D is built to defeat (Greydanus 2020); a
-covariance per class gives quadratic boundaries. Storage: d + d (d + 1) / 2 floats per class (MNIST-1D,
-d = 40: 860 floats per class, 8,600 for 10 classes, the size of 215 stored samples).
+covariance per class gives quadratic boundaries. Storage: 1 + d + d (d + 1) / 2 float32 per class (count,
+mean, packed covariance; MNIST-1D, d = 40: 861 floats, 3,444 bytes per class, 34,440 for 10 classes, the size
+of 195 stored samples of 176 bytes).
 
 ``TaskOOD``
 -----------
@@ -37,9 +38,10 @@ identity) to the loss (``strategies.plugins.ood.TaskOODPlugin``). At test time t
     g_t(x)[c] = 1/K sum_k h_t(f_t(T_k x))[c + n_t k]          (B x n_t)
     s_t(x)    = max_c g_t(x)[c]    (score=maxlogit)   or   logsumexp_c g_t(x)[c]   (score=energy)
 
-and, since tasks' scores live on different scales, calibrated with two floats per task measured on the task's
-own training data once it is trained (no sample is kept): z_t(x) = (s_t(x) - mean_t) / std_t. The task is
-argmax_t z_t(x); its classes are scored by its classification head (classify=head) or by g_t (classify=joint).
+and optionally (``calibrate``), since tasks' scores live on different scales, calibrated with two floats per
+task measured on the task's own training data once it is trained (no sample is kept): z_t(x) = (s_t(x) -
+mean_t) / std_t. On MNIST-1D the raw score picks the task better (0.402 vs 0.346, seed 0), so calibration is
+off by default; the two floats are recorded either way. The task is argmax_t z_t(x) (or s_t(x)); its classes are scored by its classification head (classify=head) or by g_t (classify=joint).
 
 Transforms (``TRANSFORMS``; identity is always k = 0): ``reverse`` (time reversal of a vector; a 180 degree
 rotation of an image), ``negate`` (sign flip), ``reverse_negate``, ``rot90`` / ``rot180`` / ``rot270`` (images;
@@ -210,41 +212,93 @@ class TaskOOD(nn.Module):
 class ClassGaussians(nn.Module):
     """Per-(task, class) Gaussians with their own covariance in the query space (QDA), for picking the task
     without a label; the same interface as ``modnet.nets.modules.TaskKeys`` (``update``,
-    ``task_log_posterior``), so a ``HATNet`` uses either as its ``task_keys``."""
+    ``task_log_posterior``), so a ``HATNet`` uses either as its ``task_keys``.
+
+    Stored per class, float32: n_c, mu_c (d) and the upper triangle of the biased covariance
+    P_c = 1/n_c sum (x - mu_c)(x - mu_c)' (d (d + 1) / 2), row-major (``torch.triu_indices``): 1 + d + d (d + 1)
+    / 2 floats, a quarter of full float64 d x d sums. A batch b (n_b, mu_b, P_b computed in float64) merges
+    as Chan et al. (1979): n = n_c + n_b, delta = mu_b - mu_c, mu = mu_c + delta n_b / n,
+    n P = n_c P_c + n_b P_b + delta delta' n_c n_b / n, so any batching gives the same Gaussians (to float32
+    rounding) and no raw scatter sum x x' (whose cancellation against n mu mu' would need float64) is kept.
+    """
 
     def __init__(self, n_classes: int, query_dim: int, shrinkage: float = 0.05):
         super().__init__()
         if not 0.0 < shrinkage <= 1.0:
             raise ValueError(f"shrinkage must be in (0, 1] (it keeps every covariance invertible), got {shrinkage}")
         self.shrinkage = shrinkage
-        self.register_buffer("sums", torch.zeros(n_classes, query_dim, dtype=torch.float64))
-        self.register_buffer("counts", torch.zeros(n_classes, dtype=torch.float64))
-        self.register_buffer("scatters", torch.zeros(n_classes, query_dim, query_dim, dtype=torch.float64))
+        self.query_dim = int(query_dim)
+        n_packed = self.query_dim * (self.query_dim + 1) // 2
+        self.register_buffer("counts", torch.zeros(n_classes))
+        self.register_buffer("means", torch.zeros(n_classes, query_dim))
+        self.register_buffer("packed_cov", torch.zeros(n_classes, n_packed))
         self._cache: tuple | None = None
+        self._version = 0
+
+    def _triu(self, device) -> tuple[Tensor, Tensor]:
+        return tuple(torch.triu_indices(self.query_dim, self.query_dim, device=device))
+
+    def _unpack(self, packed: Tensor) -> Tensor:
+        """C x d(d+1)/2 upper triangles -> C x d x d symmetric matrices (float64)."""
+        d = self.query_dim
+        i, j = self._triu(packed.device)
+        full = packed.new_zeros(packed.shape[0], d, d, dtype=torch.float64)
+        full[:, i, j] = packed.double()
+        full[:, j, i] = packed.double()
+        return full
 
     @torch.no_grad()
     def update(self, q: Tensor, y: Tensor) -> None:
         q = q.flatten(1).double()
-        self.sums.index_add_(0, y, q)
-        self.counts.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
-        self.scatters.index_add_(0, y, q.unsqueeze(2) * q.unsqueeze(1))
+        d = self.query_dim
+        i, j = self._triu(q.device)
+        for c in y.unique().tolist():
+            qc = q[y == c]
+            n_b = float(qc.shape[0])
+            mu_b = qc.mean(0)
+            diff = qc - mu_b
+            p_b = (diff.T @ diff) / n_b
+            n_a = float(self.counts[c])
+            mu_a = self.means[c].double()
+            p_a = self._unpack(self.packed_cov[c:c + 1])[0]
+            n = n_a + n_b
+            delta = mu_b - mu_a
+            mu = mu_a + delta * (n_b / n)
+            p = (n_a * p_a + n_b * p_b + torch.outer(delta, delta) * (n_a * n_b / n)) / n
+            self.counts[c] = n
+            self.means[c] = mu.to(self.means.dtype)
+            self.packed_cov[c] = p[i, j].to(self.packed_cov.dtype)
         self._cache = None
+        self._version += 1
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._cache = None
-        super()._load_from_state_dict(*args, **kwargs)
+        self._version += 1
+        # checkpoints of the earlier layout (float64 running sums and full scatters): converted on load
+        if prefix + "scatters" in state_dict and prefix + "packed_cov" not in state_dict:
+            sums = state_dict.pop(prefix + "sums").double()
+            scat = state_dict.pop(prefix + "scatters").double()
+            n = state_dict[prefix + "counts"].double()
+            mu = sums / n.clamp_min(1).unsqueeze(1)
+            pop = scat / n.clamp_min(1).view(-1, 1, 1) - mu.unsqueeze(2) * mu.unsqueeze(1)
+            i, j = self._triu(pop.device)
+            state_dict[prefix + "counts"] = n.float()
+            state_dict[prefix + "means"] = mu.float()
+            state_dict[prefix + "packed_cov"] = pop[:, i, j].float()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def gaussians(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(mu: C x d, Cholesky factors L_c of the shrunk Sigma_c: C x d x d, seen: C) of the classes."""
-        key = (self.counts.sum().item(), self.sums.device)
+        """(mu: C x d, Cholesky factors L_c of the shrunk Sigma_c: C x d x d, seen: C) of the classes (float64):
+        Sigma_c = n_c / (n_c - 1) P_c, shrunk towards tr(Sigma_c)/d I."""
+        key = (self._version, self.means.device)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         seen = self.counts > 0
         if not seen.any():
             raise RuntimeError("ClassGaussians has no statistics yet: update() it with each trained experience")
-        n = self.counts.clamp_min(1).view(-1, 1, 1)
-        mu = self.sums / n.view(-1, 1)
-        cov = (self.scatters - n * mu.unsqueeze(2) * mu.unsqueeze(1)) / (n - 1).clamp_min(1)
+        n = self.counts.double().view(-1, 1, 1)
+        mu = self.means.double()
+        cov = self._unpack(self.packed_cov) * (n / (n - 1).clamp_min(1))
         d = cov.shape[-1]
         scale = torch.diagonal(cov, dim1=1, dim2=2).mean(1).clamp_min(1e-8).view(-1, 1, 1)
         eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
@@ -271,3 +325,84 @@ class ClassGaussians(nn.Module):
         ll = self.class_log_likelihood(q)
         per_task = torch.stack([torch.logsumexp(ll[:, idx], dim=1) for idx in task_classes], dim=1)
         return F.log_softmax(per_task, dim=1).to(q.dtype)
+
+
+class TaskFeatureGaussians(nn.Module):
+    """From the network itself: per task t, one Gaussian per class of t over h_t(x), the output of masked layer
+    ``layer`` under t's mask and gates (``HATNet.task_units``; HAT keeps those units from drifting once t is
+    trained), with its own shrunk covariance (``ClassGaussians``, packed float32):
+
+        s_t(x) = logsumexp_{c in t} log N(h_t(x); mu_tc, Sigma_tc)
+        z_t(x) = (s_t(x) - mean_t) / std_t        mean_t, std_t: of s_t on t's own training data
+
+    The task is argmax_t z_t(x). Each task's features live in a space of their own (other units, other
+    dimension), so raw likelihoods do not compare; the standardisation puts every task's score in units of
+    its own training spread. Units off for a task (mask 0) are 0 on every input and add a constant, which the
+    standardisation removes: the Gaussians are taken over the units active on t's training data (marginals of
+    the stored ones). Storage per task: its classes' Gaussians over the layer's full width (1 + w + w (w + 1) / 2 float32 per class) and two
+    floats.
+    """
+
+    def __init__(self, task_sizes: Sequence[int], width: int, layer: int = 0, shrinkage: float = 0.1):
+        super().__init__()
+        self.layer = int(layer)
+        self.task_sizes = [int(n) for n in task_sizes]
+        self.shrinkage = float(shrinkage)
+        self.gaussians = nn.ModuleList(ClassGaussians(n, width, shrinkage) for n in self.task_sizes)
+        self.register_buffer("score_mean", torch.zeros(len(self.task_sizes)))
+        self.register_buffer("score_std", torch.ones(len(self.task_sizes)))
+        self._cache: dict = {}
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache = {}
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def features(self, net, x: Tensor, task: int) -> Tensor:
+        return net.task_units(x, task)[self.layer]
+
+    def _task_gaussians(self, task: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(active units, mu: n_t x a, Cholesky factors: n_t x a x a) of task t's classes over the a units
+        with a non-zero variance on t's training data (the marginal Gaussians over those units; a unit off on
+        all of them carries no evidence, and a tiny shrunk variance there would punish any input that turns it
+        on, t's own included); shrunk per class towards tr(Sigma_c)/a I."""
+        g = self.gaussians[task]
+        key = (g._version, g.means.device)
+        if task in self._cache and self._cache[task][0] == key:
+            return self._cache[task][1]
+        n = g.counts.double().view(-1, 1, 1)
+        cov = g._unpack(g.packed_cov) * (n / (n - 1).clamp_min(1))
+        active = torch.diagonal(cov, dim1=1, dim2=2).amax(0) > 1e-12
+        if not active.any():
+            active[0] = True
+        cov = cov[:, active][:, :, active]
+        a = cov.shape[-1]
+        scale = torch.diagonal(cov, dim1=1, dim2=2).mean(1).clamp_min(1e-8).view(-1, 1, 1)
+        cov = (1 - self.shrinkage) * cov + self.shrinkage * scale * torch.eye(a, dtype=cov.dtype, device=cov.device)
+        out = (active, g.means.double()[:, active], torch.linalg.cholesky(cov))
+        self._cache[task] = (key, out)
+        return out
+
+    def raw_score(self, net, x: Tensor, task: int) -> Tensor:
+        """s_t(x) = logsumexp_c log N(h_t(x); mu_tc, Sigma_tc) over the active units (``_task_gaussians``): B."""
+        active, mu, chol = self._task_gaussians(task)
+        q = self.features(net, x, task).double()[:, active]
+        z = torch.linalg.solve_triangular(chol, (q.unsqueeze(0) - mu.unsqueeze(1)).transpose(1, 2), upper=False)
+        logdet = torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1)
+        ll = -0.5 * (z ** 2).sum(1) - logdet.unsqueeze(1) - 0.5 * mu.shape[1] * math.log(2 * math.pi)
+        return ll.logsumexp(0)
+
+    @torch.no_grad()
+    def fit(self, net, x: Tensor, y_local: Tensor, task: int, batch_size: int = 512) -> None:
+        """Task t's class Gaussians from its training data (labels local to its head), then mean_t and std_t
+        of its score on the same data."""
+        for i in range(0, x.shape[0], batch_size):
+            self.gaussians[task].update(self.features(net, x[i:i + batch_size], task), y_local[i:i + batch_size])
+        s = torch.cat([self.raw_score(net, x[i:i + batch_size], task) for i in range(0, x.shape[0], batch_size)])
+        self.score_mean[task] = s.mean()
+        self.score_std[task] = s.std().clamp_min(1e-6) if s.numel() > 1 else 1.0
+
+    @torch.no_grad()
+    def task_scores(self, net, x: Tensor, n_tasks: int) -> Tensor:
+        """z: B x n_tasks."""
+        s = torch.stack([self.raw_score(net, x, t) for t in range(n_tasks)], 1).float()
+        return (s - self.score_mean[:n_tasks]) / self.score_std[:n_tasks]

@@ -1,0 +1,34 @@
+"""``TaskFeaturesPlugin``: fits a class-incremental modular network's per-task feature Gaussians
+(``modnet.nets.task_inference.TaskFeatureGaussians``, ``task_inference.method=features``).
+
+after_training_exp  task t's class Gaussians over its masked layer's features (eval mode, s = smax) on its
+                    training data, and the mean and std of its score there (no sample is kept)
+"""
+from __future__ import annotations
+
+import torch
+from avalanche.core import SupervisedPlugin
+from torch.utils.data import DataLoader
+
+
+class TaskFeaturesPlugin(SupervisedPlugin):
+    def __init__(self, batch_size: int = 512):
+        super().__init__()
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def after_training_exp(self, strategy, **kw):
+        model = strategy.model
+        task = strategy.experience.current_experience
+        loader = DataLoader(strategy.experience.dataset, batch_size=self.batch_size, shuffle=False)
+        xs, ys = zip(*[(b[0], b[1]) for b in loader])
+        x, y = torch.cat(xs).to(strategy.device), torch.cat(ys).to(strategy.device)
+        idx = getattr(model, f"class_index_{task}")
+        lut = torch.full((model.n_classes,), -1, dtype=torch.long, device=idx.device)
+        lut[idx] = torch.arange(len(idx), device=idx.device)
+        was_training = model.training
+        model.eval()
+        try:
+            model.task_features.fit(model, x, lut[y.to(idx.device)], task, self.batch_size)
+        finally:
+            model.train(was_training)
