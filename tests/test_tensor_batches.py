@@ -245,3 +245,21 @@ def test_lean_evaluation_skips_only_callbacks_nobody_listens_to():
     import io
     logged = lean(loggers=[TextLogger(io.StringIO())])
     assert hasattr(logged, "before_backward")
+
+
+def test_task_keys_gather_the_same_statistics_from_the_tensors():
+    """Class-incremental modnet: the task keys' running statistics after two experiences are the same whether
+    the plugin slices the experience's tensors or runs Avalanche's loader over it (same batches, same order)."""
+    info = _benchmark(scenario="class", n=300)
+    stats = {}
+    for tensor_batches in (True, False):
+        torch.manual_seed(0)
+        strategy = _strategy("modnet", tensor_batches, info, epochs=1)
+        assert strategy.model.task_keys is not None
+        for exp in list(info.benchmark.train_stream)[:2]:
+            strategy.train(exp)
+        keys = strategy.model.task_keys
+        stats[tensor_batches] = [t.clone() for _, t in sorted(keys.named_buffers())]  # sums, counts, scatter(s)
+    assert all(torch.equal(a, b) for a, b in zip(stats[True], stats[False]))
+    counts = dict(strategy.model.task_keys.named_buffers())["counts"]
+    assert int(counts.sum()) == sum(len(e.dataset) for e in list(info.benchmark.train_stream)[:2])
