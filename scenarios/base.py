@@ -48,6 +48,10 @@ def split_benchmark(name: str, x_train: torch.Tensor, y_train: torch.Tensor, x_t
     if len(classes) % n_experiences:
         raise ValueError(f"{len(classes)} classes cannot be split evenly into {n_experiences} experiences; "
                          f"set benchmark.n_experiences to a divisor of {len(classes)}")
+    untested = sorted(set(classes) - set(y_test.tolist()))
+    if untested:  # nc_benchmark would stop with a bare KeyError on the first of them
+        raise ValueError(f"{name}: classes {untested[:10]}{' ...' if len(untested) > 10 else ''} have training but "
+                         "no test samples; give every class test samples (or drop its training samples).")
     task = scenario == "task"
     bm = nc_benchmark(TensorDataset(x_train, y_train), TensorDataset(x_test, y_test),
                       n_experiences=n_experiences, task_labels=task, seed=seed,

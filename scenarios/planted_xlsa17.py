@@ -75,10 +75,23 @@ def write_planted_xlsa17(split_file: str | Path, out_dir: str | Path, *, n_featu
     labels[locations["test_unseen_loc"]] = shares(locations["test_unseen_loc"].size, unseen_ids)
 
     if per_class is not None:  # keep per_class images of each class, renumber the locations
+        if per_class < 2:
+            raise ValueError(f"--per-class must be >= 2 (a seen class needs a training and a test-seen image), "
+                             f"got {per_class}")
         keep = np.zeros(n, dtype=bool)
+        in_trainval = np.zeros(n, dtype=bool)
+        in_trainval[locations["trainval_loc"]] = True
         for c in range(len(names)):
             members = np.flatnonzero(labels == c)
-            keep[members[:per_class]] = True
+            if c in unseen_ids:
+                keep[members[:per_class]] = True
+                continue
+            # a seen class keeps trainval and test-seen images in the split's proportion, at least one of each
+            # (the first per_class images alone could all fall in trainval: a seen class nothing scores)
+            tv, ts = members[in_trainval[members]], members[~in_trainval[members]]
+            n_ts = min(max(1, int(round(per_class * ts.size / max(members.size, 1)))), ts.size, per_class - 1)
+            keep[ts[:n_ts]] = True
+            keep[tv[:per_class - n_ts]] = True
         new_index = np.cumsum(keep) - 1
         split = dict(split)
         for k in SPLIT_KEYS:

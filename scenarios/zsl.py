@@ -108,6 +108,15 @@ class ZSLData:
             raise ValueError(f"{self.name}: test_unseen holds seen-class samples")
         if not set(self.y_test_seen.tolist()) <= seen:
             raise ValueError(f"{self.name}: test_seen holds classes outside seen_classes")
+        # every seen class is trained and scored (per-class mean accuracy; Avalanche's nc_benchmark needs test
+        # samples of every class it trains, a KeyError deep inside it otherwise)
+        for split, y in (("train", self.y_train), ("test_seen", self.y_test_seen)):
+            empty = sorted(seen - set(y.tolist()))
+            if empty:
+                raise ValueError(f"{self.name}: seen classes {empty[:10]}{' ...' if len(empty) > 10 else ''} have "
+                                 f"no {split} samples; every seen class needs training and test-seen samples "
+                                 "(give the split more samples of them, e.g. a larger --per-class for "
+                                 "scenarios.planted_xlsa17, or drop them from the seen classes).")
         if self.class_names and len(self.class_names) != c:
             raise ValueError(f"{self.name}: {len(self.class_names)} class names for {c} attribute rows")
         if self.attribute_names and len(self.attribute_names) != self.attributes.shape[1]:

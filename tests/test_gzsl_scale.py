@@ -41,6 +41,26 @@ def test_planted_folder_follows_the_real_split(planted):
     assert not set(data.y_train.tolist()) & set(unseen) and not set(data.y_test_seen.tolist()) & set(unseen)
     counts = np.bincount(np.concatenate([data.y_train, data.y_test_seen, data.y_test_unseen]), minlength=50)
     assert counts.tolist() == [30] * 50
+    # every seen class keeps training and test-seen images (the first 30 images of a class could all be trainval)
+    assert set(data.y_train.tolist()) == set(data.y_test_seen.tolist()) == set(data.seen_classes)
+
+
+def test_a_seen_class_without_test_samples_stops_in_one_line(planted):
+    """A split where a seen class has no test-seen image: one ValueError naming the class (it used to be a
+    KeyError inside Avalanche's nc_benchmark), from the data and from split_benchmark alike."""
+    from dataclasses import replace
+
+    from scenarios.base import split_benchmark
+
+    data = load_xlsa17(planted[0])
+    gone = data.seen_classes[3]
+    keep = data.y_test_seen != gone
+    with pytest.raises(ValueError, match=rf"seen classes \[{gone}\] have no test_seen samples") as error:
+        replace(data, x_test_seen=data.x_test_seen[keep], y_test_seen=data.y_test_seen[keep]).validate()
+    assert "\n" not in str(error.value)
+    x, y = torch.zeros(6, 2), torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.raises(ValueError, match=r"classes \[2\] have training but no test samples"):
+        split_benchmark("toy", x, y, x[:4], y[:4], 1, "task", 0)
 
 
 def test_planted_class_means_are_a_linear_map_of_the_attributes(planted):

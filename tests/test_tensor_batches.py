@@ -193,3 +193,73 @@ def test_pin_memory_follows_avalanche_except_for_data_already_on_the_gpu():
     assert pin_memory_for(torch.device("cuda"), host) is True
     assert pin_memory_for("cuda", host, pin_memory=False) is False  # a value given is kept
     assert pin_memory_for("cpu", host, pin_memory=True) is True
+
+
+def test_a_single_task_batch_gives_what_avalanches_split_by_task_forward_gives():
+    """A multi-head model on a batch whose labels are all one task: the single-task path (no torch.unique,
+    no masks) returns Avalanche's split-by-task output, zero-padded to the widest head, gradients included."""
+    from modnet.nets.models import MLPBackbone, MultiHeadNet
+    from modnet.runner.tensor_batches import single_task_forward
+
+    torch.manual_seed(0)
+    model = MultiHeadNet(MLPBackbone(6, 8, 1))
+    exps = split_benchmark("t", *(_data(90, 6) * 2), 1, "task", 0).benchmark.train_stream  # 10 classes
+    model.adaptation(exps[0])  # head 0: 10 outputs
+    model.classifier.classifiers["1"] = torch.nn.Linear(8, 3)  # head 1: 3 (pads to 10 columns)
+    model.classifier.register_buffer("active_units_T1", torch.ones(3, dtype=torch.int8))
+    x = torch.randn(5, 6)
+    for task in (0, 1):
+        labels = torch.full((5,), task)
+        ref = model(x, labels)  # Avalanche's MultiTaskModule.forward: unique, masks, scatter into zeros
+        out = single_task_forward(model, x, task)
+        assert out.shape == ref.shape == (5, model.max_class_label) and torch.equal(out, ref)
+        g_ref = torch.autograd.grad(ref.square().sum(), list(model.backbone.parameters()))
+        g = torch.autograd.grad(single_task_forward(model, x, task).square().sum(), list(model.backbone.parameters()))
+        assert all(torch.equal(a, b) for a, b in zip(g, g_ref))
+    view = resolve_tensors(exps[0].dataset.train())
+    assert TensorBatchLoader([view], [8]).single_task == 0
+
+
+def test_lean_evaluation_skips_only_callbacks_nobody_listens_to():
+    """The evaluator is skipped for a training-step callback when no metric implements it and no logger is
+    attached; a metric that listens (minibatch accuracy), or a logger, keeps it answering."""
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.logging import TextLogger
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from modnet.eval.metrics import AccuracyMatrix
+    from modnet.runner.evaluation import lean_evaluation_class
+
+    def lean(*metrics, loggers=()):
+        ev = EvaluationPlugin(*metrics, loggers=list(loggers))
+        ev.__class__ = lean_evaluation_class(EvaluationPlugin)
+        return ev
+
+    quiet = lean(AccuracyMatrix())
+    assert not hasattr(quiet, "before_forward") and not hasattr(quiet, "after_training_iteration")
+    assert hasattr(quiet, "after_eval_iteration") and not hasattr(quiet, "after_eval_exp")  # AccuracyMatrix's
+    assert hasattr(quiet, "before_eval")  # defined by EvaluationPlugin itself: always answered
+    assert hasattr(EvaluationPlugin(AccuracyMatrix(), loggers=[]), "before_forward")  # Avalanche's answers all
+    listening = lean(*accuracy_metrics(minibatch=True))
+    assert hasattr(listening, "after_training_iteration") and not hasattr(listening, "before_backward")
+    import io
+    logged = lean(loggers=[TextLogger(io.StringIO())])
+    assert hasattr(logged, "before_backward")
+
+
+def test_task_keys_gather_the_same_statistics_from_the_tensors():
+    """Class-incremental modnet: the task keys' running statistics after two experiences are the same whether
+    the plugin slices the experience's tensors or runs Avalanche's loader over it (same batches, same order)."""
+    info = _benchmark(scenario="class", n=300)
+    stats = {}
+    for tensor_batches in (True, False):
+        torch.manual_seed(0)
+        strategy = _strategy("modnet", tensor_batches, info, epochs=1)
+        assert strategy.model.task_keys is not None
+        for exp in list(info.benchmark.train_stream)[:2]:
+            strategy.train(exp)
+        keys = strategy.model.task_keys
+        stats[tensor_batches] = [t.clone() for _, t in sorted(keys.named_buffers())]  # sums, counts, scatter(s)
+    assert all(torch.equal(a, b) for a, b in zip(stats[True], stats[False]))
+    counts = dict(strategy.model.task_keys.named_buffers())["counts"]
+    assert int(counts.sum()) == sum(len(e.dataset) for e in list(info.benchmark.train_stream)[:2])

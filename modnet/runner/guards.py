@@ -19,13 +19,15 @@ class NaNGuard(SupervisedPlugin):
     """Stops a run whose loss is NaN/inf; one host sync per epoch, not per step."""
 
     def before_training_epoch(self, strategy, **kw):
-        self.bad = torch.zeros((), dtype=torch.bool, device=strategy.device)
+        self.total = torch.zeros(1, dtype=torch.float64, device=strategy.device)
 
     def after_backward(self, strategy, **kw):
-        self.bad |= ~torch.isfinite(strategy.loss.detach()).all()
+        # one op per step: a running float64 sum of the losses is non-finite iff some loss was (NaN and inf
+        # propagate; float64 cannot overflow on a sum of float32 values over any feasible number of steps)
+        self.total += strategy.loss.detach()  # a scalar or Avalanche's one-element loss
 
     def after_training_epoch(self, strategy, **kw):
-        if bool(self.bad):
+        if not bool(torch.isfinite(self.total).all()):
             raise NaNLossError(
                 f"loss became NaN/inf in experience {strategy.experience.current_experience}, epoch "
                 f"{strategy.clock.train_exp_epochs}; lower train.lr or check the input data for "

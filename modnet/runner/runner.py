@@ -35,12 +35,14 @@ def make_strategy(name: str, cfg, info, device, evaluator, plugins: Sequence = (
     """Strategy ``name`` from the registry with the shared arguments, HAT's reference loop when configured
     (``validation_schedule``), the NaN guard and the speed options of ``cfg.train`` (bf16 autocast,
     channels_last, batches sliced from tensors: ``tensor_batches``), plus ``plugins``."""
+    from modnet.runner.evaluation import use_lean_evaluation
     from modnet.runner.guards import NaNGuard
     from modnet.runner.tensor_batches import use_tensor_batches
     from strategies.registry import build_strategy
 
     strategy = build_strategy(name, cfg, info, strategy_arguments(cfg, device, evaluator))
     use_tensor_batches(strategy, bool(cfg.train.get("tensor_batches", True)))
+    use_lean_evaluation(strategy)  # callbacks no metric or logger listens to are not forwarded each step
     schedule = validation_schedule(cfg.train)
     if schedule is not None:  # first: its restore-best runs before any plugin consolidates the task
         strategy.plugins.insert(0, schedule)

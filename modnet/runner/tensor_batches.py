@@ -232,6 +232,10 @@ class TensorBatchLoader:
             termination = int(np.argmax(lengths))
         self.termination, self.oversample = termination, oversample
         self.n_iterations = lengths[termination]
+        # the task label every batch carries when all samples share one (read once, here): lets a multi-head
+        # model take its single-task path without reading the batch's labels back (``single_task_forward``)
+        labels = {int(v) for g in self.groups if len(g.view) for v in (g.view.t.min(), g.view.t.max())}
+        self.single_task = labels.pop() if len(labels) == 1 else None
 
     def __len__(self) -> int:
         return self.n_iterations
@@ -359,12 +363,37 @@ def pin_memory_for(device, dataset, pin_memory: bool | None = None) -> bool:
     return not (isinstance(first, torch.Tensor) and first.is_cuda)
 
 
+def single_task_forward(model, x: torch.Tensor, task: int) -> torch.Tensor:
+    """What Avalanche's ``MultiTaskModule.forward(x, task_labels)`` returns when every label is ``task``,
+    without its per-step ``torch.unique`` (a host read), boolean masks and scatter: the task's head on the
+    whole batch (``forward`` with an int label, Avalanche's own fast path), padded with zero logits to
+    ``max_class_label`` columns and in the default float dtype, as the split-by-task path writes it."""
+    out = model(x, int(task))
+    width = int(getattr(getattr(model, "module", model), "max_class_label", out.shape[1]))  # DDP: its module
+    if out.shape[1] < width:
+        out = torch.nn.functional.pad(out, (0, width - out.shape[1]))
+    return out.to(torch.get_default_dtype())
+
+
 @functools.cache
 def tensor_batches_class(cls: type) -> type:
     """A subclass of an Avalanche template's class whose data loaders slice tensors where they can."""
+    from avalanche.models.utils import is_multi_task_module
+    from avalanche.training.templates.problem_type.supervised_problem import SupervisedProblem
+
+    # only a strategy that keeps Avalanche's forward (Naive, EWC, LwF, GEM, ...; not one with its own)
+    avalanche_forward = getattr(cls, "forward", None) is SupervisedProblem.forward
 
     class TensorBatches(cls):
         tensor_batches = True
+
+        if avalanche_forward:
+            def forward(self):
+                task = getattr(self.dataloader, "single_task", None)
+                if task is not None and hasattr(self.experience, "task_labels") and \
+                        is_multi_task_module(self.model):
+                    return single_task_forward(self.model, self.mb_x, task)
+                return super().forward()
 
         def _tensor_loader(self):
             if self.tensor_batches:

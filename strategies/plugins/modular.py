@@ -47,12 +47,20 @@ class TaskKeysPlugin(SupervisedPlugin):
         self.batch_size = batch_size
 
     def after_training_exp(self, strategy, **kw):
+        from modnet.runner.tensor_batches import resolve_tensors
+
         model = strategy.model
         task = strategy.experience.current_experience
-        loader = DataLoader(strategy.experience.dataset, batch_size=self.batch_size, shuffle=False)
-        for batch in loader:
-            x, y = batch[0].to(strategy.device), batch[1].to(strategy.device)
-            model.update_task_keys(x, task, y)
+        dataset = strategy.experience.dataset
+        # a tensor-backed experience: the same batches in the same order sliced from its tensors (Avalanche's
+        # loader fetches and collates every sample, a pass as long as a training epoch's on a small network)
+        view = resolve_tensors(dataset) if getattr(strategy, "tensor_batches", False) else None
+        if view is not None:
+            batches = (view.take(slice(i, i + self.batch_size))[:2] for i in range(0, len(view), self.batch_size))
+        else:
+            batches = (batch[:2] for batch in DataLoader(dataset, batch_size=self.batch_size, shuffle=False))
+        for x, y in batches:
+            model.update_task_keys(x.to(strategy.device), task, y.to(strategy.device))
 
 
 class SyncRegPlugin(SupervisedPlugin):
