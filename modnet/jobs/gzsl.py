@@ -81,9 +81,19 @@ def train_seen_network(cfg: DictConfig, data: ZSLData, seed: int, device, progre
     return SeenNetwork(strategy.model.eval(), data, seed, device, progress, seen_accuracy=record.rows[-1][0])
 
 
+def _check_large_clswgan(cfg: DictConfig) -> None:
+    """Every key of ``large_train.clswgan`` must be a key of the ``clswgan`` block (one ConfigError line)."""
+    for key in (cfg.get("large_train") or {}).get("clswgan") or {}:
+        if key not in cfg.clswgan:
+            raise ConfigError(f"large_train.clswgan.{key} is not a key of the clswgan block; use one of "
+                              f"{', '.join(cfg.clswgan)}")
+
+
 def with_large_train(cfg: DictConfig, data: ZSLData) -> DictConfig:
-    """``cfg`` with ``large_train``'s batch_size / epochs / lr in its ``train`` block when ``data`` has at least
-    ``large_train.min_samples`` training samples (configs/gzsl.yaml says why); ``cfg`` itself otherwise."""
+    """``cfg`` with ``large_train``'s batch_size / epochs / lr in its ``train`` block, and the keys of its
+    ``clswgan`` sub-block in the ``clswgan`` block, when ``data`` has at least ``large_train.min_samples``
+    training samples (configs/gzsl.yaml says why); ``cfg`` itself otherwise. Decided once on the full data, so
+    the class-disjoint validation split (fewer samples) runs with the same settings as the final fit."""
     large = cfg.get("large_train")
     if large is None or large.get("min_samples") is None or data.x_train.shape[0] < int(large.min_samples):
         return cfg
@@ -92,6 +102,10 @@ def with_large_train(cfg: DictConfig, data: ZSLData) -> DictConfig:
         for key in ("batch_size", "epochs", "lr"):
             if large.get(key) is not None:
                 cfg.train[key] = large[key]
+        _check_large_clswgan(cfg)
+        for key, value in (large.get("clswgan") or {}).items():
+            if value is not None:
+                cfg.clswgan[key] = value
     return cfg
 
 
@@ -273,6 +287,7 @@ def _check(cfg: DictConfig) -> None:
         check_choice("methods", name, names)
     check_choice("calibration.mode", cfg.calibration.mode, CALIBRATION_MODES)
     check_choice("baseline_features", cfg.baseline_features, BASELINE_FEATURES)
+    _check_large_clswgan(cfg)
     if "niwt" in cfg.methods:
         from modnet.methods.niwt import UNSEEN_BIASES, UNSEEN_INITS, UNSEEN_SCALES
 
