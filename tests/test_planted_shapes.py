@@ -44,19 +44,23 @@ def test_unseen_classes_are_new_combinations_of_measured_attributes():
         assert on.mean() - off.mean() > (0.1 if k < len(STROKES) else 0.5), name
 
 
-@pytest.mark.slow  # two small CNNs and four methods: ~1 min on 2 shared cores
+@pytest.mark.slow  # two small CNNs and four methods: 1-2 min on 2 shared cores
 def test_gzsl_on_planted_shapes_recovers_unseen_classes_with_every_method(tmp_path):
+    """Every method places the unseen combinations among themselves (ZSL accuracy well above the chance of 1/4)
+    and finds some of them among all 16 classes (calibrated GZSL U above the chance of 1/16). f-CLSWGAN runs at
+    test size with lr 1e-3 (paper 1e-4): a few hundred generator steps at 1e-4 leave it at chance.
+    Measured (seed 0): ZSL accuracy NIWT 0.533, ESZSL 0.908, ALE 0.850, f-CLSWGAN 0.708; calibrated U 0.533,
+    0.783, 0.400, 0.708 (uncalibrated NIWT U is 0 here, as on digits: tests/test_gzsl_targets.py)."""
     path = tmp_path / "shapes.npz"
-    write_planted_shapes(path, n_classes=12, n_unseen=3, train_per_class=80, test_per_class=30, seed=1)
+    write_planted_shapes(path, n_classes=16, n_unseen=4, train_per_class=60, test_per_class=30, seed=1)
     out = tmp_path / "out"
     assert main(["gzsl", "benchmark=npz", f"benchmark.path={path}", "progress=false", "threads=1",
-                 "train.epochs=15", "niwt.map_epochs=200", "niwt.max_iterations=300", "ale.epochs=10",
-                 "eszsl.grid_log10=[-2,0,2]", "clswgan.hidden=256", "clswgan.critic_hidden=256",
-                 "clswgan.epochs=20", "clswgan.pretrain_epochs=20", "clswgan.classifier_epochs=10",
-                 f"output_dir={out}"]) == 0
+                 "train.epochs=12", "train.batch_size=16", "niwt.map_epochs=200", "niwt.max_iterations=300",
+                 "ale.epochs=10", "eszsl.grid_log10=[-2,0,2]", "clswgan.hidden=256", "clswgan.critic_hidden=256",
+                 "clswgan.lr=0.001", "clswgan.epochs=30", "clswgan.syn_num=100", "clswgan.pretrain_epochs=20",
+                 "clswgan.classifier_epochs=10", f"output_dir={out}"]) == 0
     methods = json.loads((out / "results.json").read_text())["methods"]
     assert set(methods) == {"niwt", "eszsl", "ale", "clswgan"}
-    chance = 1 / 3
     for name, r in methods.items():
-        assert r["zsl_accuracy"] > chance + 0.2, (name, r["zsl_accuracy"])
-        assert r["U"] > chance, (name, r["U"])  # calibrated GZSL: unseen images among all 12 classes
+        assert r["zsl_accuracy"] > 0.25 + 0.15, (name, r["zsl_accuracy"])
+        assert r["U"] > 1 / 16, (name, r["U"])
