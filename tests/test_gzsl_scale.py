@@ -72,7 +72,7 @@ def test_large_train_applies_from_min_samples_on():
     assert with_large_train(compose("gzsl", ["large_train.min_samples=null"]), Data(10 ** 6)).train == cfg.train
 
 
-def test_large_train_sets_clswgan_sizes_and_rejects_unknown_keys():
+def test_large_train_sets_clswgan_sizes_and_ale_search():
     cfg = compose("gzsl", ["large_train.min_samples=100", "large_train.clswgan.hidden=32",
                            "large_train.clswgan.epochs=null"])
 
@@ -85,6 +85,12 @@ def test_large_train_sets_clswgan_sizes_and_rejects_unknown_keys():
     assert large.hidden == 32 != cfg.clswgan.hidden
     assert large.epochs == cfg.clswgan.epochs  # null keeps the clswgan block's value
     assert large.syn_num == cfg.large_train.clswgan.syn_num
+    ale = with_large_train(cfg, Data(100)).ale
+    assert ale.search is True and cfg.ale.search is False  # large sets pick ALE's lr on the validation split
+    from modnet.zsl.ale import candidates
+
+    assert candidates(cfg) == [{"ale_lr": cfg.ale.lr}]
+    assert candidates(with_large_train(cfg, Data(100))) == [{"ale_lr": lr} for lr in cfg.ale.lr_grid]
 
 
 def _ale_by_autograd(ale: ALE, x, y, knowledge, seen):
