@@ -21,6 +21,14 @@ seen classes can place the unseen ones.
 
     python -m scenarios.planted_shapes OUT.npz [--classes 20] [--unseen 5] [--train-per-class 200] ...
     modnet gzsl benchmark=npz benchmark.path=OUT.npz
+
+Measured (``--train-per-class 100 --test-per-class 40``, 15 seen / 5 unseen, HATCNN at gzsl's defaults,
+f-CLSWGAN at width 1024; seeds 0-2, mean +- std): uncalibrated H NIWT .007 +- .005, ESZSL .764 +- .080,
+ALE .762 +- .028, f-CLSWGAN .710 +- .016; calibrated H .325 +- .046, .760 +- .097, .699 +- .031,
+.675 +- .062; ZSL accuracy .325 +- .067, .910 +- .039, .885 +- .106, .888 +- .096 (chance .2). NIWT's
+importance at the default layer (-2: the last conv block) is the Grad-CAM channel weight, a gradient averaged
+over space, which cannot tell a bar at the top from the same bar at the bottom: five of the six stroke
+attributes are positions.
 """
 from __future__ import annotations
 
