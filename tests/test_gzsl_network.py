@@ -176,6 +176,7 @@ def test_continual_gzsl_modnet_forgets_nothing_and_fine_tuning_does(tmp_path):
     (["calibration.mode=sometimes"], ["calibration.mode", "validate"]),
     (["niwt.scale=softmax"], ["niwt.scale", "negatives"]),
     (["calibration.val_splits=0"], ["calibration.val_splits=0", "at least 1"]),
+    (["+large_train.clswgan.width=8"], ["large_train.clswgan.width", "hidden", "syn_num"]),
 ])
 def test_bad_gzsl_config_is_one_config_error_line_before_training(tmp_path, monkeypatch, overrides, words):
     import modnet.runner.runner as runner

@@ -92,6 +92,27 @@ def test_large_train_applies_from_min_samples_on():
     assert with_large_train(compose("gzsl", ["large_train.min_samples=null"]), Data(10 ** 6)).train == cfg.train
 
 
+def test_large_train_sets_clswgan_sizes_and_ale_search():
+    cfg = compose("gzsl", ["large_train.min_samples=100", "large_train.clswgan.hidden=32",
+                           "large_train.clswgan.epochs=null"])
+
+    class Data:
+        def __init__(self, n):
+            self.x_train = torch.zeros(n, 3)
+
+    assert with_large_train(cfg, Data(99)).clswgan == cfg.clswgan
+    large = with_large_train(cfg, Data(100)).clswgan
+    assert large.hidden == 32 != cfg.clswgan.hidden
+    assert large.epochs == cfg.clswgan.epochs  # null keeps the clswgan block's value
+    assert large.syn_num == cfg.large_train.clswgan.syn_num
+    ale = with_large_train(cfg, Data(100)).ale
+    assert ale.search is True and cfg.ale.search is False  # large sets pick ALE's lr on the validation split
+    from modnet.zsl.ale import candidates
+
+    assert candidates(cfg) == [{"ale_lr": cfg.ale.lr}]
+    assert candidates(with_large_train(cfg, Data(100))) == [{"ale_lr": lr} for lr in cfg.ale.lr_grid]
+
+
 def _ale_by_autograd(ale: ALE, x, y, knowledge, seen):
     """ALE's minibatch SGD on its loss as the class documents it, gradients by autograd."""
     generator = torch.Generator().manual_seed(ale.seed)

@@ -82,9 +82,23 @@ def train_seen_network(cfg: DictConfig, data: ZSLData, seed: int, device, progre
     return SeenNetwork(strategy.model.eval(), data, seed, device, progress, seen_accuracy=record.rows[-1][0])
 
 
+LARGE_METHOD_BLOCKS = ("clswgan", "ale")  # method blocks that large_train may override key by key
+
+
+def _check_large_clswgan(cfg: DictConfig) -> None:
+    """Every key of ``large_train.<block>`` (clswgan, ale) must be a key of that block (one ConfigError line)."""
+    for block in LARGE_METHOD_BLOCKS:
+        for key in (cfg.get("large_train") or {}).get(block) or {}:
+            if key not in cfg[block]:
+                raise ConfigError(f"large_train.{block}.{key} is not a key of the {block} block; use one of "
+                                  f"{', '.join(cfg[block])}")
+
+
 def with_large_train(cfg: DictConfig, data: ZSLData) -> DictConfig:
-    """``cfg`` with ``large_train``'s batch_size / epochs / lr in its ``train`` block when ``data`` has at least
-    ``large_train.min_samples`` training samples (configs/gzsl.yaml says why); ``cfg`` itself otherwise."""
+    """``cfg`` with ``large_train``'s batch_size / epochs / lr in its ``train`` block, and the keys of its
+    ``clswgan`` and ``ale`` sub-blocks in those method blocks, when ``data`` has at least ``large_train.min_samples``
+    training samples (configs/gzsl.yaml says why); ``cfg`` itself otherwise. Decided once on the full data, so
+    the class-disjoint validation split (fewer samples) runs with the same settings as the final fit."""
     large = cfg.get("large_train")
     if large is None or large.get("min_samples") is None or data.x_train.shape[0] < int(large.min_samples):
         return cfg
@@ -93,6 +107,11 @@ def with_large_train(cfg: DictConfig, data: ZSLData) -> DictConfig:
         for key in ("batch_size", "epochs", "lr"):
             if large.get(key) is not None:
                 cfg.train[key] = large[key]
+        _check_large_clswgan(cfg)
+        for block in LARGE_METHOD_BLOCKS:
+            for key, value in (large.get(block) or {}).items():
+                if value is not None:
+                    cfg[block][key] = value
     return cfg
 
 
@@ -284,6 +303,7 @@ def _check(cfg: DictConfig) -> None:
         check_choice("methods", name, names)
     check_choice("calibration.mode", cfg.calibration.mode, CALIBRATION_MODES)
     check_choice("baseline_features", cfg.baseline_features, BASELINE_FEATURES)
+    _check_large_clswgan(cfg)
     for key in ("val_splits", "val_min_classes"):
         value = cfg.calibration[key]
         if value is not None and int(value) < 1:
