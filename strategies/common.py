@@ -19,9 +19,21 @@ def baseline_network(cfg, info) -> nn.Module:
     return build_baseline_network(cfg, info.input_shape, info.n_classes, info.scenario == "class")
 
 
-def sgd(cfg, model: nn.Module) -> torch.optim.Optimizer:
+def learning_rate(cfg, info) -> float:
+    """SGD's lr for every strategy on ``info``'s data: ``train.cnn_lr`` when the backbone is the small CNN
+    (``model.arch=cnn``, or ``auto`` on images) and it is set, else ``train.lr``."""
+    from modnet.nets.build import resolve_arch
+
+    cnn_lr = cfg.train.get("cnn_lr")
+    if cnn_lr is not None and resolve_arch(cfg.model.arch, info.input_shape) == "cnn":
+        return float(cnn_lr)
+    return float(cfg.train.lr)
+
+
+def sgd(cfg, info, model: nn.Module) -> torch.optim.Optimizer:
     # foreach: one multi-tensor update for all parameters (torch only defaults to it on CUDA)
-    return torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum, foreach=True)
+    return torch.optim.SGD(model.parameters(), lr=learning_rate(cfg, info), momentum=cfg.train.momentum,
+                           foreach=True)
 
 
 def avalanche_baseline(class_name: str, cfg, info, common: dict, **hyper):
@@ -29,4 +41,4 @@ def avalanche_baseline(class_name: str, cfg, info, common: dict, **hyper):
     import avalanche.training as at
 
     model = baseline_network(cfg, info)
-    return getattr(at, class_name)(model=model, optimizer=sgd(cfg, model), **hyper, **common)
+    return getattr(at, class_name)(model=model, optimizer=sgd(cfg, info, model), **hyper, **common)

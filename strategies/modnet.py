@@ -50,7 +50,7 @@ def build(cfg, info, common):
 
     model = modular_network(cfg, info)
     h, m = cfg.hat, cfg.modules
-    return modnet_strategy(model, sgd(cfg, model), smax=h.smax, c=h.c, thres_cosh=h.thres_cosh,
+    return modnet_strategy(model, sgd(cfg, info, model), smax=h.smax, c=h.c, thres_cosh=h.thres_cosh,
                            thres_emb=h.thres_emb, clipgrad=h.clipgrad, sync_reg=m.sync_reg, sync_eps=m.sync_eps,
                            sync_rows=m.sync_rows, sync_every=m.sync_every,
                            ood_weight=cfg.task_inference.weight, **common)

@@ -30,5 +30,5 @@ class NaNGuard(SupervisedPlugin):
         if not bool(torch.isfinite(self.total).all()):
             raise NaNLossError(
                 f"loss became NaN/inf in experience {strategy.experience.current_experience}, epoch "
-                f"{strategy.clock.train_exp_epochs}; lower train.lr or check the input data for "
-                "extreme values")
+                f"{strategy.clock.train_exp_epochs}; lower train.lr (train.cnn_lr for the CNN) or check the input "
+                "data for extreme values")
