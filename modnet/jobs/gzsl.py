@@ -77,6 +77,9 @@ def train_seen_network(cfg: DictConfig, data: ZSLData, seed: int, device, progre
         from modnet.zsl.niwt import importance_layer
 
         importance_layer(strategy.model, cfg.niwt.layer)
+        if cfg.model.get("head", "linear") == "cosine" and cfg.niwt.scale != "none":
+            raise ConfigError(f"model.head=cosine scores rows by direction (no bias): niwt.scale={cfg.niwt.scale} "
+                              "has nothing to set; use niwt.scale=none")
     bm = info.benchmark
     record = run_experiences(strategy, bm.train_stream, stream_evaluator(bm.test_stream, accuracy), seed=seed)
     return SeenNetwork(strategy.model.eval(), data, seed, device, progress, seen_accuracy=record.rows[-1][0])

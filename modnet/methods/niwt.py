@@ -406,6 +406,14 @@ def _seen_weight_statistics(classifier: nn.Linear, seen_columns: Sequence[int] |
     return weight.mean(0), std, bias.mean()
 
 
+def _pair_scores(classifier: nn.Linear, features: Tensor, weight: Tensor) -> Tensor:
+    """[B]: the score row ``weight[b]`` gives feature vector b through ``classifier``'s own scoring (w . f for a
+    linear head, a cosine head's tau * cos(w, f)), without bias (no importance depends on it)."""
+    if hasattr(classifier, "pair_scores"):
+        return classifier.pair_scores(features, weight)
+    return (features * weight).sum(-1)
+
+
 UNSEEN_INITS = ("seen_centered", "seen_mean")
 UNSEEN_BIASES = ("zero", "seen_mean")
 
@@ -483,7 +491,7 @@ def fit_unseen_weights(model: nn.Module, layer: nn.Module, classifier: nn.Linear
                 if features.features is None:
                     raise ValueError("the classifier was not called by the model's forward; pass the nn.Linear "
                                      "that produces the class scores.")
-                score = (features.features * weight[classes]).sum()
+                score = _pair_scores(classifier, features.features, weight[classes]).sum()
                 (alpha,) = torch.autograd.grad(score, activation, create_graph=True)
                 alpha = _pool_units(alpha)
                 if match == "sample":
@@ -622,7 +630,10 @@ class GZSLModel(nn.Module):
             handle.remove()
         scores = logits.new_full((logits.shape[0], self.n_classes), -math.inf)
         scores[:, self.seen_classes] = logits[:, self.seen_columns]
-        scores[:, self.unseen_classes] = features.features @ self.unseen_weight.T + self.unseen_bias
+        if hasattr(self.classifier, "row_scores"):  # a cosine head (modnet.nets.models.CosineHead): no bias
+            scores[:, self.unseen_classes] = self.classifier.row_scores(features.features, self.unseen_weight)
+        else:
+            scores[:, self.unseen_classes] = features.features @ self.unseen_weight.T + self.unseen_bias
         return scores
 
 
@@ -677,6 +688,7 @@ class NIWT:
                  seed: int = 0, progress: bool = False):
         if classifier is not None:
             _check_head_layer(classifier, layer)
+            _check_head_scale(classifier, scale)
         self.model, self.layer, self.classifier = model, layer, classifier
         self.forward_fn = forward_fn
         self.importance_batch_size = importance_batch_size
@@ -839,6 +851,7 @@ class NIWT:
                              f"[{min(all_classes)}, {max(all_classes)}]")
         for h in heads:
             _check_head_layer(h.classifier, self.layer)
+            _check_head_scale(h.classifier, self.scale)
             if len(h.rows) != len(h.classes):
                 raise ValueError("seen_columns must give one classifier row per seen class")
             if max(h.rows) >= h.classifier.out_features:
@@ -848,6 +861,12 @@ class NIWT:
         if not labels <= set(seen_classes):
             raise ValueError(f"y_seen holds classes {sorted(labels - set(seen_classes))} that are not in "
                              "seen_classes; NIWT trains on seen-class samples only.")
+
+
+def _check_head_scale(classifier: nn.Module, scale: str) -> None:
+    if hasattr(classifier, "row_scores") and scale != "none":
+        raise ValueError(f"scale={scale!r} rescales and shifts linear rows; a cosine head has no bias and ignores "
+                         "row lengths, so its new rows are on the seen scale as fitted: use scale='none'")
 
 
 def _check_head_layer(classifier: nn.Module, layer: nn.Module) -> None:
