@@ -529,3 +529,33 @@ def test_label_smoothing_is_the_smoothed_cross_entropy_by_hand():
     plain = OmegaConf.create({"train": {"batch_size": 8, "epochs": 1, "eval_batch_size": 8}})
     assert torch.allclose(strategy_arguments(plain, torch.device("cpu"), None)["criterion"](logits, y),
                           F.cross_entropy(logits, y))
+
+
+def test_centered_map_predicts_the_deviation_from_the_seen_mean_by_its_normal_equations():
+    """``fit_centered``: the class-mean knowledge maps to 0 (the shared importance is left out), each class's
+    importance counts by its direction only, B solves the ridge normal equations on the centred, L2-normalised
+    targets, and with no ridge and fewer classes than knowledge dimensions + 1 it interpolates them; a planted
+    shared part that every class's importance carries does not reach an unseen class's prediction."""
+    g = torch.Generator().manual_seed(0)
+    k, a = torch.rand(6, 9, generator=g), torch.randn(6, 20, generator=g)
+    fitted = KnowledgeToImportance(9, 20).fit_centered(k, a, ridge=0.1)
+    with torch.no_grad():
+        assert fitted(k.mean(0, keepdim=True)).abs().max() < 1e-5
+        scaled = KnowledgeToImportance(9, 20).fit_centered(k, a * (torch.rand(6, 1, generator=g) * 5 + 0.1), 0.1)
+        assert torch.allclose(scaled(k), fitted(k), atol=1e-5)
+        kc, ac = k - k.mean(0), F.normalize(a, dim=1) - F.normalize(a, dim=1).mean(0)
+        coef = fitted.matrix
+        lam = 0.1 * (kc ** 2).sum() / 6
+        assert torch.allclose(kc.T @ (kc @ coef - ac) + lam * coef, torch.zeros_like(coef), atol=1e-4)
+        exact = KnowledgeToImportance(9, 20).fit_centered(k, a, ridge=0.0)
+        assert torch.allclose(exact(k), ac, atol=1e-4)
+        # planted: a_c = shared + (k_c - mean k) B; an unseen class's prediction points along its own deviation
+        shared, b_true = 10.0 * torch.randn(20, generator=g), torch.randn(9, 20, generator=g)
+        k_all = torch.rand(12, 9, generator=g)
+        a_all = shared + (k_all - k_all[:10].mean(0)) @ b_true
+        pred = KnowledgeToImportance(9, 20).fit_centered(k_all[:10], a_all[:10], ridge=1e-4)(k_all[10:])
+        deviation = (k_all[10:] - k_all[:10].mean(0)) @ b_true
+        assert F.cosine_similarity(pred, deviation, dim=1).min() > 0.9
+        assert F.cosine_similarity(pred, shared[None], dim=1).abs().max() < 0.3
+    with pytest.raises(ValueError, match="map_bias=True"):
+        NIWT(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), None, None, map_fit="centered", map_bias=False)

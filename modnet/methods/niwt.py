@@ -196,6 +196,9 @@ def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
     return 1.0 - F.cosine_similarity(a, b, dim=-1, eps=1e-12)
 
 
+MAP_FITS = ("adam", "centered")
+
+
 class KnowledgeToImportance(nn.Module):
     """Linear map knowledge [A] -> importance [N], a = k W + b (NIWT step 2), with an inverse map.
 
@@ -286,6 +289,32 @@ class KnowledgeToImportance(nn.Module):
         self.history = {k: [float(v) for v in torch.stack(vals).tolist()] if vals else []
                         for k, vals in self.history.items()}  # one host transfer after training
         self._fit_inverse(knowledge, importance)
+        return self
+
+    def fit_centered(self, knowledge: Tensor, importance: Tensor, ridge: float = 0.01) -> "KnowledgeToImportance":
+        """Closed-form map of class DEVIATIONS: a(k) = (k - mean k) B with
+            B = argmin sum_i ||(k_i - mean k) B - (a_i - mean a)||^2 + lam ||B||^2,   a_i L2-normalised,
+        lam = ``ridge`` x the mean squared norm of the centred k_i (scale-free). The importance every seen class
+        shares (mean a) is left out of the prediction: a softmax head's rows sum to little, so each class's
+        importance points away from the mean of the others (digits: cos -0.5..-0.7) and a map that keeps the
+        mean (the Adam fit's bias) predicts, for a class it has not seen, mostly that shared part. What tells
+        classes apart is the deviation, which the deviation of the knowledge predicts. Needs the map's bias."""
+        if self.linear.bias is None:
+            raise ValueError("fit_centered needs a map with a bias (bias=True): a(k) = (k - mean k) B")
+        device = self.linear.weight.device
+        k = knowledge.to(device=device, dtype=torch.float32)
+        a = F.normalize(importance.to(device=device, dtype=torch.float32), dim=1)
+        k_mean = k.mean(0)
+        kc, ac = k - k_mean, a - a.mean(0)
+        gram = kc.T @ kc
+        lam = ridge * gram.trace() / kc.shape[0]
+        coef = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], device=device), kc.T @ ac)  # [A, N]
+        with torch.no_grad():
+            self.linear.weight.copy_(coef.T)
+            self.linear.bias.copy_(-k_mean @ coef)
+        self.best_epoch, self.history = 0, {"train": [], "val": []}
+        self._fit_inverse(knowledge.to(device=device, dtype=torch.float32), importance.to(device=device,
+                                                                                        dtype=torch.float32))
         return self
 
     def _train(self, k_train: Tensor, a_train: Tensor, k_val: Tensor, a_val: Tensor, epochs: int, lr: float,
@@ -681,6 +710,7 @@ class NIWT:
                  map_epochs: int = 500, map_lr: float = 1e-2, map_weight_decay: float = 0.0,
                  map_val_fraction: float = 0.2, map_refit_all: bool = False, map_bias: bool = True,
                  map_init: str = "zero", map_targets: str = "class", inverse: str = "lstsq",
+                 map_fit: str = "adam", map_ridge: float = 0.01,
                  lr: float = 1e-3, lam: float = 1e-3, batch_size: int = 64, importance_match: str = "sample",
                  importance_samples: str = "class", init: str = "seen_centered", bias: str = "zero",
                  scale: str = "none",
@@ -699,6 +729,13 @@ class NIWT:
         if importance_samples not in ("class", "all"):
             raise ValueError(f"importance_samples must be 'class' or 'all', got {importance_samples!r}")
         self.map_bias, self.map_init, self.map_targets, self.inverse = map_bias, map_init, map_targets, inverse
+        if map_fit not in MAP_FITS:
+            raise ValueError(f"map_fit must be one of {', '.join(MAP_FITS)}, got {map_fit!r}")
+        if map_fit == "centered" and not map_bias:
+            raise ValueError("map_fit='centered' predicts (k - mean k) B: it needs map_bias=True")
+        if not map_ridge >= 0:
+            raise ValueError(f"map_ridge must be >= 0, got {map_ridge}")
+        self.map_fit, self.map_ridge = map_fit, float(map_ridge)
         self.importance_samples = importance_samples
         for name, value, choices in (("init", init, UNSEEN_INITS), ("bias", bias, UNSEEN_BIASES),
                                      ("scale", scale, UNSEEN_SCALES)):
@@ -780,7 +817,13 @@ class NIWT:
         self.knowledge_map = KnowledgeToImportance(knowledge.shape[1], self.seen_importance.shape[1],
                                                    bias=self.map_bias, inverse=self.inverse,
                                                    init=self.map_init).to(device)
-        if self.map_targets == "sample":
+        if self.map_fit == "centered":
+            if self.map_targets == "sample":
+                y_pairs = torch.cat([y for y, _ in pairs]).to(device)
+                self.knowledge_map.fit_centered(knowledge[y_pairs], torch.cat([a for _, a in pairs]), self.map_ridge)
+            else:
+                self.knowledge_map.fit_centered(knowledge[self.seen_classes], self.seen_importance, self.map_ridge)
+        elif self.map_targets == "sample":
             y_pairs = torch.cat([y for y, _ in pairs]).to(device)
             self.knowledge_map.fit(knowledge[y_pairs], torch.cat([a for _, a in pairs]), pair_classes=y_pairs,
                                    **self.map_kwargs)
