@@ -32,8 +32,8 @@ def strategy_arguments(cfg, device, evaluator, train=None) -> dict:
         from modnet.config import ConfigError
 
         raise ConfigError(f"train.label_smoothing={smoothing} must lie in [0, 1)")
-    return dict(criterion=torch.nn.CrossEntropyLoss(label_smoothing=smoothing), train_mb_size=t.batch_size, train_epochs=t.epochs,
-                eval_mb_size=t.eval_batch_size, device=device, evaluator=evaluator, eval_every=-1)
+    return dict(criterion=torch.nn.CrossEntropyLoss(label_smoothing=smoothing), train_mb_size=t.batch_size,
+                train_epochs=t.epochs, eval_mb_size=t.eval_batch_size, device=device, evaluator=evaluator, eval_every=-1)
 
 
 def make_strategy(name: str, cfg, info, device, evaluator, plugins: Sequence = ()):
