@@ -14,7 +14,8 @@ any device:
    embeddings) -> importance, trained with the cosine loss 1 - cos(W k_c + b, a_c); the epoch that scores
    best on held-out seen classes is kept (``fit_centered``: a closed-form ridge map of the classes' deviations
    from the seen mean instead, the importance all seen classes share left out of the prediction). Its inverse
-   (importance -> knowledge) names the attributes behind an importance vector: ``importance_to_knowledge`` (textual explanations, modnet/explain.py).
+   (importance -> knowledge) names the attributes behind an importance vector: ``importance_to_knowledge``
+   (textual explanations, modnet/explain.py).
 3. ``fit_unseen_weights``: for each unseen class u the predicted importance a*_u = W k_u + b; a new output
    weight vector w_u (initialised from a Gaussian with the seen weights' per-dimension mean and std) is
    optimised so that the importance it induces on seen images matches a*_u:
