@@ -175,6 +175,13 @@ def test_continual_gzsl_modnet_forgets_nothing_and_fine_tuning_does(tmp_path):
     (["niwt.layer=5"], ["niwt.layer=5", "2 masked layers"]),
     (["calibration.mode=sometimes"], ["calibration.mode", "validate"]),
     (["niwt.scale=softmax"], ["niwt.scale", "negatives"]),
+    (["model.head=dense"], ["model.head", "cosine"]),
+    (["model.head=cosine", "niwt.scale=none", "model.head_tau=0"], ["model.head_tau=0", "> 0"]),
+    (["model.head=cosine"], ["model.head=cosine", "niwt.scale=none"]),
+    (["train.label_smoothing=1.5"], ["train.label_smoothing=1.5", "[0, 1)"]),
+    (["niwt.map_fit=lstsq"], ["niwt.map_fit", "centered"]),
+    (["niwt.map_fit=centered", "niwt.map_bias=false"], ["niwt.map_fit=centered", "map_bias=true"]),
+    (["niwt.map_ridge=-1"], ["niwt.map_ridge=-1", ">= 0"]),
     (["calibration.val_splits=0"], ["calibration.val_splits=0", "at least 1"]),
     (["+large_train.clswgan.width=8"], ["large_train.clswgan.width", "hidden", "syn_num"]),
 ])

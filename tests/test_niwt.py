@@ -5,6 +5,7 @@ importance structure that must be recovered, hand-computed GZSL figures, ESZSL's
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -462,3 +463,99 @@ def test_gzsl_job_bad_data_is_reported_before_training(tmp_path):
 
     with pytest.raises(ValueError, match="benchmark npz needs benchmark.path"):
         run_gzsl(compose("gzsl", [f"output_dir={tmp_path}", "benchmark=npz"]))
+
+
+def test_cosine_head_scores_by_direction_and_keeps_its_kind_when_it_grows():
+    """``CosineHead``: tau * cos(w_c, f) by hand, blind to the length of a row and of f; rows added by
+    ``HATNet.add_classes`` score the same way (a row of any length), with no bias."""
+    from modnet.config import compose
+    from modnet.nets.build import build_modular_network
+    from modnet.nets.models import CosineHead
+
+    g = torch.Generator().manual_seed(0)
+    head = CosineHead(5, 3, tau=10.0)
+    f = torch.randn(4, 5, generator=g)
+    w = head.weight.detach()
+    by_hand = torch.tensor([[10.0 * float(fi @ wc / (fi.norm() * wc.norm())) for wc in w] for fi in f])
+    assert torch.allclose(head(f), by_hand, atol=1e-5) and head.bias is None
+    with torch.no_grad():
+        head.weight[1] *= 7.0
+    assert torch.allclose(head(3.0 * f), by_hand, atol=1e-5)
+    assert torch.allclose(head.pair_scores(f, w[[0, 2, 1, 0]]), by_hand[torch.arange(4), [0, 2, 1, 0]], atol=1e-5)
+
+    cfg = compose("gzsl", ["model.head=cosine", "model.head_tau=4", "niwt.scale=none"])
+    net = build_modular_network(cfg, (64,), [list(range(3))], class_incremental=False).eval()
+    assert isinstance(net.heads[0], CosineHead) and net.heads[0].tau == 4.0
+    new = torch.randn(2, net.heads[0].in_features, generator=g)
+    net.add_classes(0, [3, 4], 100.0 * new, torch.tensor([5.0, -5.0]))        # length and bias do not count
+    x = torch.rand(6, 64, generator=g)
+    feats = net.features(x, net.unit_masks(x, 0), 0)
+    assert isinstance(net.heads[0], CosineHead) and net.heads[0].out_features == 5
+    assert torch.allclose(net(x, 0)[:, 3:], 4.0 * F.cosine_similarity(feats[:, None], new[None], dim=-1), atol=1e-5)
+
+
+def test_unseen_weights_recover_a_class_direction_through_a_cosine_head(planted):
+    """Step 3 through a cosine head: the importance of tau * cos(w_c, f) (not of w_c . f) is matched, so a known
+    row's induced importance gives its direction back; scale='negatives' is refused (no bias to set)."""
+    from modnet.nets.models import CosineHead
+
+    x, y, knowledge, seen, unseen, train, *_, model = planted
+    cosine = copy.deepcopy(model)
+    cosine[4] = CosineHead(model[4].in_features, model[4].out_features, tau=8.0)
+    with torch.no_grad():
+        cosine[4].weight.copy_(model[4].weight)
+    target_classes, n = [3, 11], int(train.sum())
+    target = torch.stack([class_importance(cosine, cosine[1], x[train], torch.full((n,), c), len(seen))[c]
+                          for c in target_classes])
+    true_w = cosine[4].weight.detach()[target_classes]
+    fitted = fit_unseen_weights(cosine, cosine[1], cosine[4], x[train], target, lr=1e-2, lam=0.0, patience=100,
+                                max_iterations=1500, match="batch")
+    assert F.cosine_similarity(fitted.weight, true_w, dim=1).min() > 0.9
+    with pytest.raises(ValueError, match="scale='none'"):
+        NIWT(cosine, cosine[1], cosine[4], scale="negatives")
+
+
+def test_label_smoothing_is_the_smoothed_cross_entropy_by_hand():
+    from omegaconf import OmegaConf
+
+    from modnet.runner.runner import strategy_arguments
+
+    cfg = OmegaConf.create({"train": {"batch_size": 8, "epochs": 1, "eval_batch_size": 8, "label_smoothing": 0.2}})
+    criterion = strategy_arguments(cfg, torch.device("cpu"), None)["criterion"]
+    logits, y = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]]), torch.tensor([0, 1])
+    logp = logits.log_softmax(1)
+    by_hand = (0.8 * -logp[torch.arange(2), y] + 0.2 * -logp.mean(1)).mean()
+    assert torch.allclose(criterion(logits, y), by_hand)
+    plain = OmegaConf.create({"train": {"batch_size": 8, "epochs": 1, "eval_batch_size": 8}})
+    assert torch.allclose(strategy_arguments(plain, torch.device("cpu"), None)["criterion"](logits, y),
+                          F.cross_entropy(logits, y))
+
+
+def test_centered_map_predicts_the_deviation_from_the_seen_mean_by_its_normal_equations():
+    """``fit_centered``: the class-mean knowledge maps to 0 (the shared importance is left out), each class's
+    importance counts by its direction only, B solves the ridge normal equations on the centred, L2-normalised
+    targets, and with no ridge and fewer classes than knowledge dimensions + 1 it interpolates them; a planted
+    shared part that every class's importance carries does not reach an unseen class's prediction."""
+    g = torch.Generator().manual_seed(0)
+    k, a = torch.rand(6, 9, generator=g), torch.randn(6, 20, generator=g)
+    fitted = KnowledgeToImportance(9, 20).fit_centered(k, a, ridge=0.1)
+    with torch.no_grad():
+        assert fitted(k.mean(0, keepdim=True)).abs().max() < 1e-5
+        scaled = KnowledgeToImportance(9, 20).fit_centered(k, a * (torch.rand(6, 1, generator=g) * 5 + 0.1), 0.1)
+        assert torch.allclose(scaled(k), fitted(k), atol=1e-5)
+        kc, ac = k - k.mean(0), F.normalize(a, dim=1) - F.normalize(a, dim=1).mean(0)
+        coef = fitted.matrix
+        lam = 0.1 * (kc ** 2).sum() / 6
+        assert torch.allclose(kc.T @ (kc @ coef - ac) + lam * coef, torch.zeros_like(coef), atol=1e-4)
+        exact = KnowledgeToImportance(9, 20).fit_centered(k, a, ridge=0.0)
+        assert torch.allclose(exact(k), ac, atol=1e-4)
+        # planted: a_c = shared + (k_c - mean k) B; an unseen class's prediction points along its own deviation
+        shared, b_true = 10.0 * torch.randn(20, generator=g), torch.randn(9, 20, generator=g)
+        k_all = torch.rand(12, 9, generator=g)
+        a_all = shared + (k_all - k_all[:10].mean(0)) @ b_true
+        pred = KnowledgeToImportance(9, 20).fit_centered(k_all[:10], a_all[:10], ridge=1e-4)(k_all[10:])
+        deviation = (k_all[10:] - k_all[:10].mean(0)) @ b_true
+        assert F.cosine_similarity(pred, deviation, dim=1).min() > 0.9
+        assert F.cosine_similarity(pred, shared[None], dim=1).abs().max() < 0.3
+    with pytest.raises(ValueError, match="map_bias=True"):
+        NIWT(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), None, None, map_fit="centered", map_bias=False)

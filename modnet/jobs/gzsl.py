@@ -310,11 +310,19 @@ def _check(cfg: DictConfig) -> None:
             raise ConfigError(f"calibration.{key}={value} must be at least 1" +
                               (" (null = enough splits for val_min_classes)" if key == "val_splits" else ""))
     if "niwt" in cfg.methods or "niwt_routed" in cfg.methods:
-        from modnet.methods.niwt import UNSEEN_BIASES, UNSEEN_INITS, UNSEEN_SCALES
+        from modnet.methods.niwt import MAP_FITS, UNSEEN_BIASES, UNSEEN_INITS, UNSEEN_SCALES
 
         check_choice("niwt.init", cfg.niwt.init, UNSEEN_INITS)
         check_choice("niwt.bias", cfg.niwt.bias, UNSEEN_BIASES)
         check_choice("niwt.scale", cfg.niwt.scale, UNSEEN_SCALES)
+        check_choice("niwt.map_fit", cfg.niwt.map_fit, MAP_FITS)
+        if not float(cfg.niwt.map_ridge) >= 0:
+            raise ConfigError(f"niwt.map_ridge={cfg.niwt.map_ridge} must be >= 0")
+        if cfg.niwt.map_fit == "centered" and not cfg.niwt.map_bias:
+            raise ConfigError("niwt.map_fit=centered predicts (k - mean k) B, which needs niwt.map_bias=true")
+        if cfg.model.get("head", "linear") == "cosine" and cfg.niwt.scale != "none":
+            raise ConfigError(f"model.head=cosine scores rows by direction (no bias): niwt.scale={cfg.niwt.scale} "
+                              "has nothing to set; use niwt.scale=none")
     check_choice("model.arch", cfg.model.arch, ARCHS)
     if cfg.continual.enabled:
         from modnet.jobs.continual_gzsl import check_strategy_names

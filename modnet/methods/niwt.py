@@ -12,8 +12,10 @@ any device:
    conv maps, channels are the units), then averaged over the samples of the class.
 2. ``KnowledgeToImportance``: a linear map W_{K->a}: knowledge (attributes, averaged word2vec, sentence
    embeddings) -> importance, trained with the cosine loss 1 - cos(W k_c + b, a_c); the epoch that scores
-   best on held-out seen classes is kept. Its inverse (importance -> knowledge) names the attributes behind
-   an importance vector: ``importance_to_knowledge`` (textual explanations, modnet/explain.py).
+   best on held-out seen classes is kept (``fit_centered``: a closed-form ridge map of the classes' deviations
+   from the seen mean instead, the importance all seen classes share left out of the prediction). Its inverse
+   (importance -> knowledge) names the attributes behind an importance vector: ``importance_to_knowledge``
+   (textual explanations, modnet/explain.py).
 3. ``fit_unseen_weights``: for each unseen class u the predicted importance a*_u = W k_u + b; a new output
    weight vector w_u (initialised from a Gaussian with the seen weights' per-dimension mean and std) is
    optimised so that the importance it induces on seen images matches a*_u:
@@ -196,6 +198,9 @@ def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
     return 1.0 - F.cosine_similarity(a, b, dim=-1, eps=1e-12)
 
 
+MAP_FITS = ("adam", "centered")
+
+
 class KnowledgeToImportance(nn.Module):
     """Linear map knowledge [A] -> importance [N], a = k W + b (NIWT step 2), with an inverse map.
 
@@ -286,6 +291,32 @@ class KnowledgeToImportance(nn.Module):
         self.history = {k: [float(v) for v in torch.stack(vals).tolist()] if vals else []
                         for k, vals in self.history.items()}  # one host transfer after training
         self._fit_inverse(knowledge, importance)
+        return self
+
+    def fit_centered(self, knowledge: Tensor, importance: Tensor, ridge: float = 0.01) -> "KnowledgeToImportance":
+        """Closed-form map of class DEVIATIONS: a(k) = (k - mean k) B with
+            B = argmin sum_i ||(k_i - mean k) B - (a_i - mean a)||^2 + lam ||B||^2,   a_i L2-normalised,
+        lam = ``ridge`` x the mean squared norm of the centred k_i (scale-free). The importance every seen class
+        shares (mean a) is left out of the prediction: a softmax head's rows sum to little, so each class's
+        importance points away from the mean of the others (digits: cos -0.5..-0.7) and a map that keeps the
+        mean (the Adam fit's bias) predicts, for a class it has not seen, mostly that shared part. What tells
+        classes apart is the deviation, which the deviation of the knowledge predicts. Needs the map's bias."""
+        if self.linear.bias is None:
+            raise ValueError("fit_centered needs a map with a bias (bias=True): a(k) = (k - mean k) B")
+        device = self.linear.weight.device
+        k = knowledge.to(device=device, dtype=torch.float32)
+        a = F.normalize(importance.to(device=device, dtype=torch.float32), dim=1)
+        k_mean = k.mean(0)
+        kc, ac = k - k_mean, a - a.mean(0)
+        gram = kc.T @ kc
+        lam = ridge * gram.trace() / kc.shape[0]
+        coef = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], device=device), kc.T @ ac)  # [A, N]
+        with torch.no_grad():
+            self.linear.weight.copy_(coef.T)
+            self.linear.bias.copy_(-k_mean @ coef)
+        self.best_epoch, self.history = 0, {"train": [], "val": []}
+        self._fit_inverse(knowledge.to(device=device, dtype=torch.float32), importance.to(device=device,
+                                                                                        dtype=torch.float32))
         return self
 
     def _train(self, k_train: Tensor, a_train: Tensor, k_val: Tensor, a_val: Tensor, epochs: int, lr: float,
@@ -406,6 +437,14 @@ def _seen_weight_statistics(classifier: nn.Linear, seen_columns: Sequence[int] |
     return weight.mean(0), std, bias.mean()
 
 
+def _pair_scores(classifier: nn.Linear, features: Tensor, weight: Tensor) -> Tensor:
+    """[B]: the score row ``weight[b]`` gives feature vector b through ``classifier``'s own scoring (w . f for a
+    linear head, a cosine head's tau * cos(w, f)), without bias (no importance depends on it)."""
+    if hasattr(classifier, "pair_scores"):
+        return classifier.pair_scores(features, weight)
+    return (features * weight).sum(-1)
+
+
 UNSEEN_INITS = ("seen_centered", "seen_mean")
 UNSEEN_BIASES = ("zero", "seen_mean")
 
@@ -483,7 +522,7 @@ def fit_unseen_weights(model: nn.Module, layer: nn.Module, classifier: nn.Linear
                 if features.features is None:
                     raise ValueError("the classifier was not called by the model's forward; pass the nn.Linear "
                                      "that produces the class scores.")
-                score = (features.features * weight[classes]).sum()
+                score = _pair_scores(classifier, features.features, weight[classes]).sum()
                 (alpha,) = torch.autograd.grad(score, activation, create_graph=True)
                 alpha = _pool_units(alpha)
                 if match == "sample":
@@ -622,7 +661,10 @@ class GZSLModel(nn.Module):
             handle.remove()
         scores = logits.new_full((logits.shape[0], self.n_classes), -math.inf)
         scores[:, self.seen_classes] = logits[:, self.seen_columns]
-        scores[:, self.unseen_classes] = features.features @ self.unseen_weight.T + self.unseen_bias
+        if hasattr(self.classifier, "row_scores"):  # a cosine head (modnet.nets.models.CosineHead): no bias
+            scores[:, self.unseen_classes] = self.classifier.row_scores(features.features, self.unseen_weight)
+        else:
+            scores[:, self.unseen_classes] = features.features @ self.unseen_weight.T + self.unseen_bias
         return scores
 
 
@@ -670,6 +712,7 @@ class NIWT:
                  map_epochs: int = 500, map_lr: float = 1e-2, map_weight_decay: float = 0.0,
                  map_val_fraction: float = 0.2, map_refit_all: bool = False, map_bias: bool = True,
                  map_init: str = "zero", map_targets: str = "class", inverse: str = "lstsq",
+                 map_fit: str = "adam", map_ridge: float = 0.01,
                  lr: float = 1e-3, lam: float = 1e-3, batch_size: int = 64, importance_match: str = "sample",
                  importance_samples: str = "class", init: str = "seen_centered", bias: str = "zero",
                  scale: str = "none",
@@ -677,6 +720,7 @@ class NIWT:
                  seed: int = 0, progress: bool = False):
         if classifier is not None:
             _check_head_layer(classifier, layer)
+            _check_head_scale(classifier, scale)
         self.model, self.layer, self.classifier = model, layer, classifier
         self.forward_fn = forward_fn
         self.importance_batch_size = importance_batch_size
@@ -687,6 +731,13 @@ class NIWT:
         if importance_samples not in ("class", "all"):
             raise ValueError(f"importance_samples must be 'class' or 'all', got {importance_samples!r}")
         self.map_bias, self.map_init, self.map_targets, self.inverse = map_bias, map_init, map_targets, inverse
+        if map_fit not in MAP_FITS:
+            raise ValueError(f"map_fit must be one of {', '.join(MAP_FITS)}, got {map_fit!r}")
+        if map_fit == "centered" and not map_bias:
+            raise ValueError("map_fit='centered' predicts (k - mean k) B: it needs map_bias=True")
+        if not map_ridge >= 0:
+            raise ValueError(f"map_ridge must be >= 0, got {map_ridge}")
+        self.map_fit, self.map_ridge = map_fit, float(map_ridge)
         self.importance_samples = importance_samples
         for name, value, choices in (("init", init, UNSEEN_INITS), ("bias", bias, UNSEEN_BIASES),
                                      ("scale", scale, UNSEEN_SCALES)):
@@ -768,7 +819,13 @@ class NIWT:
         self.knowledge_map = KnowledgeToImportance(knowledge.shape[1], self.seen_importance.shape[1],
                                                    bias=self.map_bias, inverse=self.inverse,
                                                    init=self.map_init).to(device)
-        if self.map_targets == "sample":
+        if self.map_fit == "centered":
+            if self.map_targets == "sample":
+                y_pairs = torch.cat([y for y, _ in pairs]).to(device)
+                self.knowledge_map.fit_centered(knowledge[y_pairs], torch.cat([a for _, a in pairs]), self.map_ridge)
+            else:
+                self.knowledge_map.fit_centered(knowledge[self.seen_classes], self.seen_importance, self.map_ridge)
+        elif self.map_targets == "sample":
             y_pairs = torch.cat([y for y, _ in pairs]).to(device)
             self.knowledge_map.fit(knowledge[y_pairs], torch.cat([a for _, a in pairs]), pair_classes=y_pairs,
                                    **self.map_kwargs)
@@ -839,6 +896,7 @@ class NIWT:
                              f"[{min(all_classes)}, {max(all_classes)}]")
         for h in heads:
             _check_head_layer(h.classifier, self.layer)
+            _check_head_scale(h.classifier, self.scale)
             if len(h.rows) != len(h.classes):
                 raise ValueError("seen_columns must give one classifier row per seen class")
             if max(h.rows) >= h.classifier.out_features:
@@ -848,6 +906,12 @@ class NIWT:
         if not labels <= set(seen_classes):
             raise ValueError(f"y_seen holds classes {sorted(labels - set(seen_classes))} that are not in "
                              "seen_classes; NIWT trains on seen-class samples only.")
+
+
+def _check_head_scale(classifier: nn.Module, scale: str) -> None:
+    if hasattr(classifier, "row_scores") and scale != "none":
+        raise ValueError(f"scale={scale!r} rescales and shifts linear rows; a cosine head has no bias and ignores "
+                         "row lengths, so its new rows are on the seen scale as fitted: use scale='none'")
 
 
 def _check_head_layer(classifier: nn.Module, layer: nn.Module) -> None:

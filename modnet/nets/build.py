@@ -13,9 +13,10 @@ from torch import nn
 
 from modnet.config import ConfigError, check_choice
 from modnet.nets.models import (CNNBackbone, HATCNN, HATMLP, HATNet, HATResNet18, MLPBackbone, MultiHeadNet,
-                                ResNet18Backbone, SingleHeadNet)
+                                ResNet18Backbone, SingleHeadNet, use_cosine_heads)
 
 ARCHS = ("auto", "mlp", "cnn", "resnet18")
+HEADS = ("linear", "cosine")
 TASK_INFERENCE = ("gauss", "keys", "ood", "features", "heads")
 
 
@@ -76,6 +77,12 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
     else:
         net = HATMLP(query_dim, task_classes, hidden=m.hidden, n_layers=m.n_layers, dropout=m.dropout,
                      input_dropout=m.get("input_dropout", 0.0), **common)
+    check_choice("model.head", m.get("head", "linear"), HEADS)
+    if m.get("head", "linear") == "cosine":
+        tau = float(m.get("head_tau", 16.0))
+        if not tau > 0:
+            raise ConfigError(f"model.head_tau={tau} must be > 0 (the cosine head's scale, logits in [-tau, tau])")
+        use_cosine_heads(net, tau)
     if class_incremental and m.task_keys and method == "ood":
         from modnet.nets.task_inference import TaskOOD
 

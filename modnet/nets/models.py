@@ -29,6 +29,32 @@ from modnet.nets.hat import HATConv2d, HATLinear, TrainingMasks, apply_unit_mask
 _OFF_HEAD_LOGIT = -1e4
 
 
+class CosineHead(nn.Linear):
+    """Cosine-normalised head, no bias: score_c(f) = tau * cos(w_c, f) (Gidaris & Komodakis, CVPR 2018; a common
+    remedy for the seen-class bias in GZSL). Every row scores on the same bounded scale whatever its length, so a
+    row added later (NIWT's unseen classes) is comparable with the trained ones by construction."""
+
+    def __init__(self, in_features: int, out_features: int, tau: float = 16.0):
+        super().__init__(in_features, out_features, bias=False)
+        self.tau = float(tau)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.row_scores(x, self.weight)
+
+    def row_scores(self, features: Tensor, weight: Tensor) -> Tensor:
+        """[B, R]: every row of ``weight`` [R, D] on every feature vector [B, D]."""
+        return self.tau * F.normalize(features, dim=-1) @ F.normalize(weight, dim=-1).T
+
+    def pair_scores(self, features: Tensor, weight: Tensor) -> Tensor:
+        """[B]: row b of ``weight`` on feature vector b."""
+        return self.tau * F.cosine_similarity(features, weight, dim=-1, eps=1e-12)
+
+
+def use_cosine_heads(net: "HATNet", tau: float) -> None:
+    """Replace every head of a freshly built network by a ``CosineHead`` of the same shape (before training)."""
+    net.heads = nn.ModuleList(CosineHead(h.in_features, h.out_features, tau).to(h.weight.device) for h in net.heads)
+
+
 @dataclass(frozen=True)
 class HATTraining:
     """HAT's training settings for a forward (Serra et al. 2018): the masks then carry the compensated
@@ -282,11 +308,13 @@ class HATNet(MultiHeadTaskNet):
         classes get no task keys (``keyed_classes``); a class added to several heads is scored, without a
         task label, by its best head as any class (``infer_task``)."""
         head = self.heads[task]
-        new = nn.Linear(head.in_features, head.out_features + len(class_ids)).to(head.weight.device)
-        with torch.no_grad():
+        size = (head.in_features, head.out_features + len(class_ids))
+        new = (CosineHead(*size, head.tau) if isinstance(head, CosineHead) else nn.Linear(*size)).to(head.weight.device)
+        with torch.no_grad():  # a cosine head has no bias: its rows are compared by direction only
             new.weight.copy_(torch.cat([head.weight, weight.to(head.weight)]))
-            new.bias.copy_(torch.cat([head.bias, (bias if bias is not None else
-                                                   torch.zeros(len(class_ids))).to(head.bias)]))
+            if new.bias is not None:
+                new.bias.copy_(torch.cat([head.bias, (bias if bias is not None else
+                                                       torch.zeros(len(class_ids))).to(head.bias)]))
         self.heads[task] = new
         self.task_classes[task] = self.task_classes[task] + [int(c) for c in class_ids]
         self.n_classes = max(self.n_classes, max(int(c) for c in class_ids) + 1)

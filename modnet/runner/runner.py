@@ -27,8 +27,14 @@ def set_seed(seed: int) -> None:
 def strategy_arguments(cfg, device, evaluator, train=None) -> dict:
     """The arguments every strategy shares (Avalanche template keywords), from the ``train`` config block."""
     t = cfg.train if train is None else train
-    return dict(criterion=torch.nn.CrossEntropyLoss(), train_mb_size=t.batch_size, train_epochs=t.epochs,
-                eval_mb_size=t.eval_batch_size, device=device, evaluator=evaluator, eval_every=-1)
+    smoothing = float(t.get("label_smoothing", 0.0))  # configs/gzsl.yaml train block only
+    if not 0.0 <= smoothing < 1.0:
+        from modnet.config import ConfigError
+
+        raise ConfigError(f"train.label_smoothing={smoothing} must lie in [0, 1)")
+    return dict(criterion=torch.nn.CrossEntropyLoss(label_smoothing=smoothing), train_mb_size=t.batch_size,
+                train_epochs=t.epochs, eval_mb_size=t.eval_batch_size, device=device, evaluator=evaluator,
+                eval_every=-1)
 
 
 def make_strategy(name: str, cfg, info, device, evaluator, plugins: Sequence = ()):

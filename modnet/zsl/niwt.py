@@ -9,7 +9,8 @@ so the GZSL scores are the extended network's outputs.
 Hyper-parameters (configs/gzsl.yaml ``niwt``): lr and lam of the unseen-weight fit (official: 1e-3 / 1e-3 on
 AWA2, 1e-4 / 1e-2 on CUB), batch_size (official grid 16, 32, 64), patience 40 iterations without a
 min_improvement of 1% (official), max_iterations; map_* for the knowledge -> importance map (full-batch Adam,
-best epoch on held-out seen classes); importance_samples, importance_match, map_targets choose where the
+best epoch on held-out seen classes; or ``map_fit=centered``, a closed-form ridge map of the class deviations from
+the seen mean); importance_samples, importance_match, map_targets choose where the
 importance is measured and how it is matched (the official code: per image); init, bias (official: b_u = 0) and
 scale put the new rows beside the trained ones: step 3's cosine loss fixes only the direction of w_u, so
 ``scale=negatives`` (``modnet.methods.niwt.match_seen_scale``) gives each new row the mean and spread of a seen
