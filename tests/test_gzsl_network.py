@@ -167,7 +167,7 @@ def test_continual_gzsl_modnet_forgets_nothing_and_fine_tuning_does(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["methods=[niwt,devise]"], ["methods", "devise", "niwt", "eszsl", "ale"]),
+    (["methods=[niwt,cada_vae]"], ["methods", "cada_vae", "niwt", "eszsl", "ale", "devise"]),
     (["methods=[]"], ["methods", "empty"]),
     (["continual.enabled=true", "strategies=[modnet,foo]"], ["strategies", "foo", "naive", "replay"]),
     (["continual.enabled=true", "strategies=[hnet]"], ["hnet", "linear head"]),

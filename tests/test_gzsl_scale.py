@@ -113,8 +113,9 @@ def test_large_train_sets_clswgan_sizes_and_ale_search():
     assert candidates(with_large_train(cfg, Data(100))) == [{"ale_lr": lr} for lr in cfg.ale.lr_grid]
 
 
-def _ale_by_autograd(ale: ALE, x, y, knowledge, seen):
-    """ALE's minibatch SGD on its loss as the class documents it, gradients by autograd."""
+def _ale_by_autograd(ale: ALE, x, y, knowledge, seen, uniform: bool = False):
+    """ALE's minibatch SGD on its loss as the class documents it, gradients by autograd; ``uniform``: every
+    violation weighted 1 (DeViSE's hinge rank loss, as its docstring states)."""
     generator = torch.Generator().manual_seed(ale.seed)
     s = knowledge.float()[seen]
     position = torch.full((knowledge.shape[0],), -1, dtype=torch.long)
@@ -131,6 +132,8 @@ def _ale_by_autograd(ale: ALE, x, y, knowledge, seen):
             violation = F.relu(ale.margin + f - f.gather(1, target[idx, None])).scatter(1, target[idx, None], 0.0)
             rank = (violation > 0).sum(1)
             weight = torch.where(rank > 0, harmonic[(rank - 1).clamp(min=0)] / rank.clamp(min=1), 0.0)
+            if uniform:
+                weight = torch.ones_like(weight)
             loss = (weight.detach() * violation.sum(1)).mean()
             optimizer.zero_grad()
             loss.backward()
@@ -162,3 +165,37 @@ def test_gzsl_on_a_planted_awa2_folder_uses_large_train(planted, tmp_path):
         assert results["methods"][name]["U"] > 0.3, name
     saved = (out / "config.yaml").read_text()
     assert "batch_size: 32" in saved and "epochs: 10" in saved
+
+
+def test_devise_gradient_matches_autograd_of_the_hinge_rank_loss():
+    from modnet.methods.gzsl import DeViSE
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 20, generator=g), torch.randint(0, 6, (300,), generator=g)
+    knowledge = DeViSE.unit_knowledge(torch.randn(8, 5, generator=g))
+    assert torch.allclose(knowledge.norm(dim=1), torch.ones(8))
+    model = DeViSE(lr=0.5, epochs=3, batch_size=32, margin=0.1, seed=1).fit(x, y, knowledge, range(6))
+    torch.testing.assert_close(model.W, _ale_by_autograd(model, x, y, knowledge, list(range(6)), uniform=True),
+                               atol=1e-6, rtol=0)
+    # and it is not ALE: the rank weights differ once a sample violates more than one class
+    ale = ALE(lr=0.5, epochs=3, batch_size=32, margin=0.1, seed=1).fit(x, y, knowledge, range(6))
+    assert (model.W - ale.W).abs().max() > 1e-3
+
+
+def test_devise_places_unseen_classes_of_a_planted_compatibility():
+    """Features whose class means are a fixed linear map of the classes' knowledge: DeViSE fitted on 6 seen
+    classes ranks the 4 unseen ones well above chance (0.25) over the unseen classes."""
+    from modnet.methods.gzsl import DeViSE
+
+    g = torch.Generator().manual_seed(3)
+    n_seen, n_unseen, a, d = 6, 4, 8, 30
+    knowledge = torch.randn(n_seen + n_unseen, a, generator=g)
+    A = torch.randn(a, d, generator=g)
+    y = torch.arange(n_seen + n_unseen).repeat_interleave(60)
+    x = DeViSE.unit_knowledge(knowledge)[y] @ A + 0.3 * torch.randn(len(y), d, generator=g)
+    seen, unseen = list(range(n_seen)), list(range(n_seen, n_seen + n_unseen))
+    train = y < n_seen
+    model = DeViSE(lr=0.5, epochs=30, margin=0.1, seed=0).fit(x[train], y[train], DeViSE.unit_knowledge(knowledge),
+                                                             seen)
+    zsl = (model.scores(x[~train])[:, unseen].argmax(1) + n_seen == y[~train]).float().mean()
+    assert zsl > 0.6, zsl

@@ -13,6 +13,8 @@ Baselines (fitted on seen classes, scoring a class by the compatibility of x wit
   score(x, c) = x^T V s_c, Y in {-1, 1}.
 * ``ALE`` (Akata et al., TPAMI 2016): bilinear F(x, c) = x^T W s_c trained by SGD on the weighted approximate
   ranking loss sum_{c'} beta_{r} / r * [Delta + F(x, c') - F(x, y)]_+ with beta_r = sum_{k<=r} 1/k.
+* ``DeViSE`` (Frome et al., NIPS 2013, in Xian et al.'s bilinear form): ALE's compatibility on the plain hinge
+  rank loss sum_{c'} [Delta + F(x, c') - F(x, y)]_+, unit-norm class knowledge.
 
 ``GZSLPluginMetric`` wraps the metric for Avalanche's EvaluationPlugin (imported lazily: Avalanche is slow
 to import and only needed there).
@@ -36,6 +38,7 @@ __all__ = [
     "predict_scores",
     "ESZSL",
     "ALE",
+    "DeViSE",
 ]  # + GZSLPluginMetric, built on first access (module __getattr__)
 
 
@@ -258,7 +261,7 @@ class ALE(_Bilinear):
                 violation = (self.margin + f - f.gather(1, tb)).scatter_(1, tb, 0.0)
                 active = (violation > 0).to(f.dtype)
                 rank = active.sum(1, keepdim=True)
-                weight = harmonic[(rank.long() - 1).clamp(min=0)] / rank.clamp(min=1) / xb.shape[0]
+                weight = self._rank_weight(rank, harmonic) / xb.shape[0]
                 grad_f = (active * weight).scatter_(1, tb, -(weight * rank))  # rank 0: weight irrelevant, all 0
                 grad = xb.T @ (grad_f @ s)
                 if self.weight_decay:
@@ -268,8 +271,31 @@ class ALE(_Bilinear):
         self.class_knowledge = class_knowledge.to(device).float()
         return self
 
+    @staticmethod
+    def _rank_weight(rank: Tensor, harmonic: Tensor) -> Tensor:
+        """Weight of each violation of a sample with ``rank`` violations: beta_r / r (``harmonic[k-1]`` =
+        sum_{i<=k} 1/i); the one override point of the ranking losses."""
+        return harmonic[(rank.long() - 1).clamp(min=0)] / rank.clamp(min=1)
+
     def scores(self, x: Tensor, class_knowledge: Tensor | None = None) -> Tensor:
         return self._bilinear_scores(self.W, x, class_knowledge)
+
+
+class DeViSE(ALE):
+    """DeViSE (Frome et al., NIPS 2013), as Xian et al. 2018 evaluate it: the bilinear compatibility
+    F(x, c) = x^T W s_c of ALE trained on the pairwise hinge rank loss
+        loss(x, y) = sum_{c != y} [margin + F(x, c) - F(x, y)]_+,
+    every violation weighted 1 (ALE weights them beta_r / r by the rank). The paper's margin is 0.1 and its
+    label vectors have unit norm (``DeViSE.unit_knowledge``)."""
+
+    @staticmethod
+    def _rank_weight(rank: Tensor, harmonic: Tensor) -> Tensor:
+        return torch.ones_like(rank)
+
+    @staticmethod
+    def unit_knowledge(class_knowledge: Tensor) -> Tensor:
+        """Rows scaled to unit L2 norm (DeViSE's normalised label embeddings); zero rows stay zero."""
+        return torch.nn.functional.normalize(class_knowledge.float(), dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
