@@ -394,16 +394,63 @@ def _embed_images(files: Sequence[Path], extractor: torch.nn.Module, image_size:
     return torch.cat(chunks).numpy()
 
 
+def finetune_extractor(extractor: torch.nn.Module, files: Sequence[Path], labels: Sequence[int], *, epochs: int,
+                       lr: float = 0.001, batch_size: int = 32, momentum: float = 0.9, image_size: int = 224,
+                       seed: int = 0, device: str | torch.device = "cpu", progress: bool = False) -> torch.nn.Module:
+    """Fine-tune a feature extractor (a torchvision ResNet with ``fc = Identity``) on labelled images: a new
+    linear classifier over the classes of ``labels`` on its pooled features, cross-entropy, SGD with momentum, the
+    standard training augmentation (random resized crop, horizontal flip) and ImageNet normalisation; the
+    classifier is dropped afterwards and the extractor returned in eval mode.
+
+    Xian et al. 2018 report GZSL on such features as their fine-tuned variant (the backbone trained on the seen
+    classes' training images only: the test-seen and unseen images must never reach this function)."""
+    from PIL import Image
+    from torchvision import transforms
+
+    device = torch.device(device)
+    classes = sorted(set(int(c) for c in labels))
+    target = torch.as_tensor([classes.index(int(c)) for c in labels])
+    prep = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
+                               transforms.ToTensor(),
+                               transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the augmentation draws from the global generator
+    extractor = extractor.to(device).eval()
+    with torch.no_grad():
+        dim = extractor(torch.zeros(1, 3, image_size, image_size, device=device)).flatten(1).shape[1]
+    extractor.train()
+    classifier = torch.nn.Linear(dim, len(classes)).to(device)
+    optimizer = torch.optim.SGD([*extractor.parameters(), *classifier.parameters()], lr=lr, momentum=momentum)
+    epochs_iter = range(int(epochs))
+    if progress:
+        from tqdm.auto import tqdm
+        epochs_iter = tqdm(epochs_iter, desc="fine-tuning the ResNet")
+    for _ in epochs_iter:
+        order = torch.randperm(len(files), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            if len(idx) < 2:  # batch norm cannot train on one image: it joins the next epoch's order
+                continue
+            batch = torch.stack([prep(Image.open(files[i]).convert("RGB")) for i in idx]).to(device)
+            loss = torch.nn.functional.cross_entropy(classifier(extractor(batch).flatten(1)), target[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return extractor.eval()
+
+
 def load_image_folder_zsl(image_root: str | Path, class_names: Sequence[str], attributes: np.ndarray,
                           seen_class_names: Sequence[str], unseen_class_names: Sequence[str], *,
                           extractor: torch.nn.Module, attribute_names: Sequence[str] = (),
                           test_seen_fraction: float = 0.2, seed: int = 0, image_size: int = 224,
                           batch_size: int = 64, device: str | torch.device = "cpu", name: str = "images",
-                          missing: str = "mean", progress: bool = False) -> ZSLData:
+                          missing: str = "mean", progress: bool = False, finetune: dict | None = None) -> ZSLData:
     """Images in ``image_root/<class name>/*`` embedded by ``extractor`` -> ZSLData of features.
 
     ``attributes`` [C, A] rows follow ``class_names``. Seen-class images split into train / test-seen
     (stratified, ``test_seen_fraction`` as xlsa17's 20%); all unseen-class images are test-unseen.
+    ``finetune`` ({epochs, lr, batch_size}; epochs 0 or None = off): the extractor is first fine-tuned on the
+    seen classes' training images of that split (``finetune_extractor``), then embeds every image.
     """
     image_root = Path(image_root).expanduser()
     if not image_root.is_dir():
@@ -426,9 +473,18 @@ def load_image_folder_zsl(image_root: str | Path, class_names: Sequence[str], at
         labels += [index[cname]] * len(found)
     if empty:
         raise ValueError(f"no images for classes {empty[:10]}{' ...' if len(empty) > 10 else ''} under {image_root}")
-    features = _embed_images(files, extractor, image_size, batch_size, torch.device(device), progress)
     seen = [index[c] for c in seen_class_names]
     unseen = [index[c] for c in unseen_class_names]
+    if finetune and int(finetune.get("epochs") or 0) > 0:
+        # the training images of exactly the split _make draws below (same labels, fraction and seed)
+        y = np.asarray(labels, dtype=np.int64)
+        seen_idx = np.nonzero(np.isin(y, seen))[0]
+        train = seen_idx[split_seen_test(y[seen_idx], test_seen_fraction, seed)[0]]
+        extractor = finetune_extractor(extractor, [files[i] for i in train], y[train].tolist(),
+                                       epochs=int(finetune["epochs"]), lr=float(finetune.get("lr", 0.001)),
+                                       batch_size=int(finetune.get("batch_size", 32)), image_size=image_size,
+                                       seed=seed, device=device, progress=progress)
+    features = _embed_images(files, extractor, image_size, batch_size, torch.device(device), progress)
     return _make(name, features, np.asarray(labels), seen, unseen, att, test_seen_fraction, seed, class_names,
                  list(attribute_names))
 
@@ -483,7 +539,7 @@ def load_cub_images(root: str | Path, *, extractor: torch.nn.Module, split_dir: 
 def load_xlsa17_or_release(name: str, path: str | None, release_loader, *, attributes: str = "original_att",
                            resnet_arch: str = "resnet101", resnet_weights: str | None = None,
                            allow_download: bool = False, seed: int = 0, device: str = "cpu", progress: bool = False,
-                           **_) -> ZSLData:
+                           resnet_finetune: dict | None = None, **_) -> ZSLData:
     """AWA2 / CUB (``name``) from ``path``: an xlsa17 folder (res101.mat + att_splits.mat) or the raw image
     release (JPEGImages/ or images/), embedded with a ResNet and read by ``release_loader``
     (``load_awa2_images`` / ``load_cub_images``)."""
@@ -491,10 +547,15 @@ def load_xlsa17_or_release(name: str, path: str | None, release_loader, *, attri
         raise ValueError(f"benchmark {name} needs benchmark.path=<xlsa17 folder or image release folder>")
     root = Path(path).expanduser()
     if (root / "res101.mat").exists() or (root / "att_splits.mat").exists():
+        if resnet_finetune and int(resnet_finetune.get("epochs") or 0) > 0:
+            raise ValueError(f"benchmark.resnet.finetune.epochs={resnet_finetune['epochs']} needs the image release, "
+                             f"but {root} is an xlsa17 folder (features only): set it to 0 or point "
+                             "benchmark.path at the images")
         return load_xlsa17(root, attributes=attributes, name=name.upper())
     if (root / "JPEGImages").is_dir() or (root / "images").is_dir():
         extractor = resnet_feature_extractor(resnet_arch, resnet_weights, allow_download)
-        return release_loader(root, extractor=extractor, seed=seed, device=device, progress=progress)
+        return release_loader(root, extractor=extractor, seed=seed, device=device, progress=progress,
+                              finetune=resnet_finetune)
     raise MissingFileError(f"{root} holds neither res101.mat/att_splits.mat (xlsa17) nor an image folder "
                            "(JPEGImages/ for AwA2, images/ for CUB)")
 
@@ -509,7 +570,8 @@ def zero_shot_names() -> list[str]:
 def load_zsl_benchmark(name: str, path: str | None = None, *, seed: int = 0, unseen_classes: Sequence[int] = (2, 7),
                        test_fraction: float = 0.3, images: bool = False, attributes: str = "original_att",
                        resnet_arch: str = "resnet101", resnet_weights: str | None = None,
-                       allow_download: bool = False, device: str = "cpu", progress: bool = False) -> ZSLData:
+                       allow_download: bool = False, device: str = "cpu", progress: bool = False,
+                       resnet_finetune: dict | None = None) -> ZSLData:
     """The zero-shot data of benchmark ``name`` (a ``scenarios/benchmarks/<name>.py`` with a ``zero_shot``
     loader: digits | npz | awa2 | cub). For awa2/cub, ``path`` is an xlsa17 folder (res101.mat +
     att_splits.mat) or the raw image release (JPEGImages/ or images/), embedded with a ResNet."""
@@ -523,7 +585,7 @@ def load_zsl_benchmark(name: str, path: str | None = None, *, seed: int = 0, uns
     return entry.zero_shot(path, seed=seed, unseen_classes=unseen_classes, test_fraction=test_fraction,
                            images=images, attributes=attributes, resnet_arch=resnet_arch,
                            resnet_weights=resnet_weights, allow_download=allow_download, device=device,
-                           progress=progress)
+                           progress=progress, resnet_finetune=resnet_finetune)
 
 
 def load_zsl_from_config(benchmark, *, seed: int = 0, images: bool | None = None, device: str = "cpu",
@@ -535,7 +597,8 @@ def load_zsl_from_config(benchmark, *, seed: int = 0, images: bool | None = None
     options = {"unseen_classes": benchmark.get("unseen_classes"), "test_fraction": benchmark.get("test_fraction"),
                "images": benchmark.get("image") if images is None else images,
                "attributes": benchmark.get("attributes"), "resnet_arch": resnet.get("arch"),
-               "resnet_weights": resnet.get("weights"), "allow_download": resnet.get("allow_download")}
+               "resnet_weights": resnet.get("weights"), "allow_download": resnet.get("allow_download"),
+               "resnet_finetune": dict(resnet["finetune"]) if resnet.get("finetune") else None}
     return load_zsl_benchmark(benchmark.name, benchmark.get("path"), seed=seed, device=device, progress=progress,
                               **{key: value for key, value in options.items() if value is not None})
 

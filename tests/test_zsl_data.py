@@ -216,3 +216,60 @@ def test_raw_image_folder_through_a_local_resnet(tmp_path):
     (root / "testclasses.txt").write_text("lion\n")
     with pytest.raises(ValueError, match=r"\['lion'\] are not in the class list"):
         load_awa2_images(root, extractor=extractor, image_size=32)
+
+
+def test_resnet_finetuning_sees_only_the_seen_training_images(tmp_path, monkeypatch):
+    """benchmark.resnet.finetune: the ResNet is fine-tuned on exactly the training images of the split the data
+    then uses (no test-seen image, no unseen class), and the features change; on an xlsa17 folder (features
+    only) it is one clear error."""
+    from PIL import Image
+    from torchvision.models import resnet18
+
+    import scenarios.zsl as zsl
+
+    root = tmp_path / "AwA2"
+    classes = ["zebra", "horse", "tiger"]
+    rng = np.random.default_rng(0)
+    for k, c in enumerate(classes):
+        (root / "JPEGImages" / c).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 80, (40, 48, 3), dtype=np.uint8)
+            pixels[..., k] += 150  # a colour per class
+            Image.fromarray(pixels).save(root / "JPEGImages" / c / f"{i}.jpg")
+    (root / "classes.txt").write_text("".join(f"{i + 1}\t{c}\n" for i, c in enumerate(classes)))
+    (root / "predicate-matrix-continuous.txt").write_text("90 80\n5 95\n85 10\n")
+    (root / "trainvalclasses.txt").write_text("zebra\nhorse\n")
+    (root / "testclasses.txt").write_text("tiger\n")
+    torch.manual_seed(0)
+    torch.save(resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+
+    seen_by_finetuning = []
+    real = zsl.finetune_extractor
+
+    def spy(extractor, files, labels, **kw):
+        seen_by_finetuning.append((list(files), list(labels), kw))
+        return real(extractor, files, labels, **kw)
+
+    monkeypatch.setattr(zsl, "finetune_extractor", spy)
+    plain = load_awa2_images(root, extractor=resnet_feature_extractor("resnet18", tmp_path / "r18.pth"),
+                             image_size=32, test_seen_fraction=0.25)
+    assert not seen_by_finetuning  # off unless asked
+    extractor = resnet_feature_extractor("resnet18", tmp_path / "r18.pth")
+    before = [p.detach().clone() for p in extractor.parameters()]
+    tuned = load_awa2_images(root, extractor=extractor, image_size=32, test_seen_fraction=0.25,
+                             finetune={"epochs": 2, "lr": 0.01, "batch_size": 4})
+    (files, labels, kw), = seen_by_finetuning
+    assert kw["epochs"] == 2 and kw["lr"] == 0.01 and kw["batch_size"] == 4
+    # exactly the training split: its size and class counts, seen classes only, no tiger image
+    assert len(files) == tuned.x_train.shape[0] == plain.x_train.shape[0]
+    assert np.bincount(labels, minlength=3).tolist() == torch.bincount(tuned.y_train, minlength=3).tolist()
+    assert all("tiger" not in str(f) for f in files) and set(labels) == {0, 1}
+    assert torch.equal(tuned.y_test_seen, plain.y_test_seen)
+    assert any(not torch.equal(a, b) for a, b in zip(before, extractor.parameters()))
+    assert not torch.allclose(tuned.x_train, plain.x_train) and torch.isfinite(tuned.x_test_unseen).all()
+
+    xlsa = tmp_path / "xlsa"
+    xlsa.mkdir()
+    (xlsa / "res101.mat").write_bytes(b"")
+    with pytest.raises(ValueError, match="needs the image release"):
+        zsl.load_xlsa17_or_release("awa2", str(xlsa), load_awa2_images, resnet_finetune={"epochs": 1})
