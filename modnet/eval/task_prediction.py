@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from modnet.runner.tensor_batches import dataset_batches
+
 
 @torch.no_grad()
 def task_prediction(model, test_stream, device, batch_size: int = 512) -> dict:
@@ -27,10 +29,8 @@ def task_prediction(model, test_stream, device, batch_size: int = 512) -> dict:
             ds = exp.dataset
             hits_t = hits_w = 0
             idx = getattr(model, f"class_index_{t}")
-            for i in range(0, len(ds), batch_size):
-                batch = [ds[j] for j in range(i, min(i + batch_size, len(ds)))]
-                x = torch.stack([torch.as_tensor(b[0]) for b in batch]).to(device)
-                y = torch.as_tensor([int(b[1]) for b in batch], device=device)
+            for x, y in dataset_batches(ds, batch_size):
+                x, y = x.to(device), y.to(device)
                 chosen = model.infer_task(x)[1]
                 hits_t += int((chosen == t).sum())
                 hits_w += int((idx[model.task_logits(x, t).argmax(1)] == y).sum())

@@ -85,7 +85,7 @@ def train_seen_network(cfg: DictConfig, data: ZSLData, seed: int, device, progre
 LARGE_METHOD_BLOCKS = ("clswgan", "ale")  # method blocks that large_train may override key by key
 
 
-def _check_large_clswgan(cfg: DictConfig) -> None:
+def _check_large_method_blocks(cfg: DictConfig) -> None:
     """Every key of ``large_train.<block>`` (clswgan, ale) must be a key of that block (one ConfigError line)."""
     for block in LARGE_METHOD_BLOCKS:
         for key in (cfg.get("large_train") or {}).get(block) or {}:
@@ -107,7 +107,7 @@ def with_large_train(cfg: DictConfig, data: ZSLData) -> DictConfig:
         for key in ("batch_size", "epochs", "lr"):
             if large.get(key) is not None:
                 cfg.train[key] = large[key]
-        _check_large_clswgan(cfg)
+        _check_large_method_blocks(cfg)
         for block in LARGE_METHOD_BLOCKS:
             for key, value in (large.get(block) or {}).items():
                 if value is not None:
@@ -303,7 +303,7 @@ def _check(cfg: DictConfig) -> None:
         check_choice("methods", name, names)
     check_choice("calibration.mode", cfg.calibration.mode, CALIBRATION_MODES)
     check_choice("baseline_features", cfg.baseline_features, BASELINE_FEATURES)
-    _check_large_clswgan(cfg)
+    _check_large_method_blocks(cfg)
     for key in ("val_splits", "val_min_classes"):
         value = cfg.calibration[key]
         if value is not None and int(value) < 1:

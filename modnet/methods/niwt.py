@@ -201,6 +201,21 @@ def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
 MAP_FITS = ("adam", "centered")
 
 
+def centered_ridge(k: Tensor, y: Tensor, ridge: float, dual: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean k, mean y, B) of the ridge regression of the centred targets on the centred inputs,
+        B = argmin ||(k - mean k) B - (y - mean y)||^2 + lam ||B||^2,   lam = ridge x mean_i ||k_i - mean k||^2
+    (scale-free; the bias, mean y - mean k B, unpenalised). ``dual``: B = kc' (kc kc' + lam I)^-1 yc, the
+    cheaper form when there are fewer rows than input dimensions; else the primal (kc' kc + lam I)^-1 kc' yc."""
+    k_mean, y_mean = k.mean(0), y.mean(0)
+    kc, yc = k - k_mean, y - y_mean
+    gram = kc @ kc.T if dual else kc.T @ kc
+    lam = ridge * gram.trace() / kc.shape[0]
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    coef = kc.T @ torch.linalg.solve(gram + lam * eye, yc) if dual else torch.linalg.solve(gram + lam * eye,
+                                                                                              kc.T @ yc)
+    return k_mean, y_mean, coef
+
+
 class KnowledgeToImportance(nn.Module):
     """Linear map knowledge [A] -> importance [N], a = k W + b (NIWT step 2), with an inverse map.
 
@@ -306,11 +321,7 @@ class KnowledgeToImportance(nn.Module):
         device = self.linear.weight.device
         k = knowledge.to(device=device, dtype=torch.float32)
         a = F.normalize(importance.to(device=device, dtype=torch.float32), dim=1)
-        k_mean = k.mean(0)
-        kc, ac = k - k_mean, a - a.mean(0)
-        gram = kc.T @ kc
-        lam = ridge * gram.trace() / kc.shape[0]
-        coef = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], device=device), kc.T @ ac)  # [A, N]
+        k_mean, _, coef = centered_ridge(k, a, ridge)  # [A, N]
         with torch.no_grad():
             self.linear.weight.copy_(coef.T)
             self.linear.bias.copy_(-k_mean @ coef)
@@ -612,13 +623,8 @@ class RoutingMap:
     def fit(self, knowledge: Tensor, routing: Tensor) -> "RoutingMap":
         if knowledge.shape[0] != routing.shape[0]:
             raise ValueError(f"one routing row per class: {knowledge.shape[0]} classes, {routing.shape[0]} rows")
-        k, r = knowledge.float(), routing.float()
-        self.k_mean, self.r_mean = k.mean(0), r.mean(0)
-        kc = k - self.k_mean
-        gram = kc @ kc.T
-        lam = self.ridge * gram.trace() / gram.shape[0]
-        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        self.coef = kc.T @ torch.linalg.solve(gram + lam * eye, r - self.r_mean)  # dual form: few classes
+        # dual form: few classes
+        self.k_mean, self.r_mean, self.coef = centered_ridge(knowledge.float(), routing.float(), self.ridge, dual=True)
         return self
 
     def __call__(self, knowledge: Tensor) -> Tensor:

@@ -209,6 +209,14 @@ class TaskOOD(nn.Module):
         return s, gs
 
 
+def shrunk(cov: Tensor, shrinkage: float) -> Tensor:
+    """(1 - shrinkage) Sigma_c + shrinkage tr(Sigma_c)/d I for every C x d x d covariance (Ledoit-Wolf-style
+    target; keeps each invertible)."""
+    scale = torch.diagonal(cov, dim1=1, dim2=2).mean(1).clamp_min(1e-8).view(-1, 1, 1)
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    return (1 - shrinkage) * cov + shrinkage * scale * eye
+
+
 class ClassGaussians(nn.Module):
     """Per-(task, class) Gaussians with their own covariance in the query space (QDA), for picking the task
     without a label; the same interface as ``modnet.nets.modules.TaskKeys`` (``update``,
@@ -287,6 +295,11 @@ class ClassGaussians(nn.Module):
             state_dict[prefix + "packed_cov"] = pop[:, i, j].float()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def covariances(self) -> Tensor:
+        """Sigma_c = n_c / (n_c - 1) P_c of every class, unshrunk: C x d x d, float64."""
+        n = self.counts.double().view(-1, 1, 1)
+        return self._unpack(self.packed_cov) * (n / (n - 1).clamp_min(1))
+
     def gaussians(self) -> tuple[Tensor, Tensor, Tensor]:
         """(mu: C x d, Cholesky factors L_c of the shrunk Sigma_c: C x d x d, seen: C) of the classes (float64):
         Sigma_c = n_c / (n_c - 1) P_c, shrunk towards tr(Sigma_c)/d I."""
@@ -296,14 +309,9 @@ class ClassGaussians(nn.Module):
         seen = self.counts > 0
         if not seen.any():
             raise RuntimeError("ClassGaussians has no statistics yet: update() it with each trained experience")
-        n = self.counts.double().view(-1, 1, 1)
         mu = self.means.double()
-        cov = self._unpack(self.packed_cov) * (n / (n - 1).clamp_min(1))
-        d = cov.shape[-1]
-        scale = torch.diagonal(cov, dim1=1, dim2=2).mean(1).clamp_min(1e-8).view(-1, 1, 1)
-        eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
-        cov = (1 - self.shrinkage) * cov + self.shrinkage * scale * eye
-        cov[~seen] = eye
+        cov = shrunk(self.covariances(), self.shrinkage)
+        cov[~seen] = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
         out = (mu, torch.linalg.cholesky(cov), seen)
         self._cache = (key, out)
         return out
@@ -369,15 +377,11 @@ class TaskFeatureGaussians(nn.Module):
         key = (g._version, g.means.device)
         if task in self._cache and self._cache[task][0] == key:
             return self._cache[task][1]
-        n = g.counts.double().view(-1, 1, 1)
-        cov = g._unpack(g.packed_cov) * (n / (n - 1).clamp_min(1))
+        cov = g.covariances()
         active = torch.diagonal(cov, dim1=1, dim2=2).amax(0) > 1e-12
         if not active.any():
             active[0] = True
-        cov = cov[:, active][:, :, active]
-        a = cov.shape[-1]
-        scale = torch.diagonal(cov, dim1=1, dim2=2).mean(1).clamp_min(1e-8).view(-1, 1, 1)
-        cov = (1 - self.shrinkage) * cov + self.shrinkage * scale * torch.eye(a, dtype=cov.dtype, device=cov.device)
+        cov = shrunk(cov[:, active][:, :, active], self.shrinkage)
         out = (active, g.means.double()[:, active], torch.linalg.cholesky(cov))
         self._cache[task] = (key, out)
         return out

@@ -188,6 +188,19 @@ def resolve_tensors(dataset) -> TensorView | None:
         return None
 
 
+def dataset_batches(dataset, batch_size: int, tensors: bool = True):
+    """(x, y) of ``dataset`` in order, ``batch_size`` at a time, for one pass over an experience outside
+    training (statistics, evaluation): slices of its tensors when it is tensor-backed and ``tensors``, else
+    Avalanche's per-sample loader (the same batches in the same order; it fetches and collates every sample,
+    a pass as long as a training epoch's on a small network, and draws a seed from the global generator)."""
+    view = resolve_tensors(dataset) if tensors else None
+    if view is not None:
+        return (view.take(slice(i, i + batch_size))[:2] for i in range(0, len(view), batch_size))
+    from torch.utils.data import DataLoader
+
+    return (tuple(batch[:2]) for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False))
+
+
 def _draw_seed() -> int:
     return int(torch.empty((), dtype=torch.int64).random_().item())
 

@@ -10,24 +10,19 @@ as devise_lr.
 """
 from __future__ import annotations
 
+from modnet.zsl.ale import lr_candidates, ranking_scores
 from modnet.zsl.registry import register_zsl_method
 
 NAME = "devise"
 
 
 def candidates(cfg) -> list[dict]:
-    d = cfg.devise
-    return [{"devise_lr": float(lr)} for lr in d.lr_grid] if d.search else [{"devise_lr": float(d.lr)}]
+    return lr_candidates(cfg.devise, NAME)
 
 
 @register_zsl_method(NAME, candidates=candidates)
 def score(cfg, net, params):
     from modnet.methods.gzsl import DeViSE
 
-    d = cfg.devise
-    f_train, f_test_seen, f_test_unseen = net.baseline_inputs(cfg.baseline_features, cfg.baseline_normalize)
     knowledge = DeViSE.unit_knowledge(net.data.attributes.to(net.device))
-    model = DeViSE(lr=params["devise_lr"], epochs=d.epochs, batch_size=d.batch_size, margin=d.margin,
-                   weight_decay=d.weight_decay, seed=net.seed).fit(f_train, net.split("train")[1], knowledge,
-                                                                   net.data.seen_classes)
-    return model.scores(f_test_seen), model.scores(f_test_unseen)
+    return ranking_scores(DeViSE, cfg, cfg.devise, params["devise_lr"], knowledge, net)

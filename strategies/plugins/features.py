@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 from avalanche.core import SupervisedPlugin
-from torch.utils.data import DataLoader
 
 
 class TaskFeaturesPlugin(SupervisedPlugin):
@@ -20,8 +19,10 @@ class TaskFeaturesPlugin(SupervisedPlugin):
     def after_training_exp(self, strategy, **kw):
         model = strategy.model
         task = strategy.experience.current_experience
-        loader = DataLoader(strategy.experience.dataset, batch_size=self.batch_size, shuffle=False)
-        xs, ys = zip(*[(b[0], b[1]) for b in loader])
+        from modnet.runner.tensor_batches import dataset_batches
+
+        xs, ys = zip(*dataset_batches(strategy.experience.dataset, self.batch_size,
+                                      tensors=getattr(strategy, "tensor_batches", False)))
         x, y = torch.cat(xs).to(strategy.device), torch.cat(ys).to(strategy.device)
         idx = getattr(model, f"class_index_{task}")
         lut = torch.full((model.n_classes,), -1, dtype=torch.long, device=idx.device)

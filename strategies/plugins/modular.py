@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 from avalanche.core import SupervisedPlugin
-from torch.utils.data import DataLoader
 
 from modnet.methods.sync import sync_loss
 from strategies.template import train_condition
@@ -47,18 +46,12 @@ class TaskKeysPlugin(SupervisedPlugin):
         self.batch_size = batch_size
 
     def after_training_exp(self, strategy, **kw):
-        from modnet.runner.tensor_batches import resolve_tensors
+        from modnet.runner.tensor_batches import dataset_batches
 
         model = strategy.model
         task = strategy.experience.current_experience
-        dataset = strategy.experience.dataset
-        # a tensor-backed experience: the same batches in the same order sliced from its tensors (Avalanche's
-        # loader fetches and collates every sample, a pass as long as a training epoch's on a small network)
-        view = resolve_tensors(dataset) if getattr(strategy, "tensor_batches", False) else None
-        if view is not None:
-            batches = (view.take(slice(i, i + self.batch_size))[:2] for i in range(0, len(view), self.batch_size))
-        else:
-            batches = (batch[:2] for batch in DataLoader(dataset, batch_size=self.batch_size, shuffle=False))
+        batches = dataset_batches(strategy.experience.dataset, self.batch_size,
+                                  tensors=getattr(strategy, "tensor_batches", False))
         for x, y in batches:
             model.update_task_keys(x.to(strategy.device), task, y.to(strategy.device))
 
