@@ -148,6 +148,7 @@ def _train_modnet(tmp_path, overrides, snapshot=None):
     cfg = compose("cl", ["scenario=class", "benchmark=npz", f"benchmark.path={tmp_path / 'ramps.npz'}",
                          "benchmark.n_experiences=2", "benchmark.class_order=[0,1,2,3]", "device=cpu",
                          "train.epochs=10", "hat.smax=100", "model.hidden=32", "progress=false", *overrides])
+    _train_modnet.last_cfg = cfg
     set_seed(0)
     info = build_benchmark(cfg.benchmark, cfg.scenario, 0, device=None)
     strategy = make_strategy("modnet", cfg, info, torch.device("cpu"), build_evaluator([], tmp_path / "logs", False)[0])
@@ -355,6 +356,111 @@ def test_feature_gaussians_find_the_task_that_the_heads_confidence_cannot(tmp_pa
     # inputs against the true task given (the within-task figure of this tiny network varies with the draw)
     assert acc >= within - (1 - tp) - 1e-6 and acc > 0.5
     assert (by_heads == truth).float().mean() <= tp - 0.2
-    w = 32  # model.hidden in _train_modnet
-    per_class = 1 + w + w * (w + 1) // 2
-    assert modnet_bytes(SimpleNamespace(model=model), None) >= 4 * (4 * per_class + 2 * 2)
+    # stored: each task's Gaussians over the units active on its data only (1 + a + a (a + 1) / 2 float32 per
+    # class), their indices and two floats per task
+    per_task = [len(getattr(model.task_features, f"units_{t}")) for t in range(2)]
+    assert all(0 < a <= 32 for a in per_task)  # model.hidden in _train_modnet
+    floats = sum(2 * (1 + a + a * (a + 1) // 2) for a in per_task) + 2 * 2
+    assert modnet_bytes(SimpleNamespace(model=model), None) >= 4 * floats + 8 * sum(per_task)
+
+
+def test_ungated_feature_gaussians_model_relu_of_the_first_layer_under_the_hat_mask(tmp_path):
+    """feature_gates=false: task t's features are relu(W x + b) * a_t on the first layer (computed here by
+    hand from the weights and the embedding, whatever the module gates pick), and they find the ramps' task;
+    the fitted state reloads into a fresh network (its sizes are the tasks' active units) with the same scores."""
+    from torch.nn import functional as F
+
+    from modnet.nets.build import build_modular_network
+
+    model, x, y, _ = _train_modnet(tmp_path, ["task_inference.method=features", "task_inference.feature_gates=false"])
+    tf = model.task_features
+    assert not tf.gates
+    layer = model.masked[0]
+    for t in range(2):
+        a_t = torch.sigmoid(model.smax * layer.task_embedding.weight[t])
+        by_hand = F.relu(F.linear(x, layer.weight, layer.bias)) * a_t
+        assert torch.allclose(tf.features(model, x, t), by_hand, atol=1e-6)
+        units = getattr(tf, f"units_{t}")
+        assert (a_t[units] > 0.5).all()  # only units of the task's mask carry a variance
+    with torch.no_grad():
+        _, chosen = model.infer_task(x)
+        z = tf.task_scores(model, x, 2)
+    assert (chosen == y // 2).float().mean() >= 0.9
+    cfg = _train_modnet.last_cfg
+    fresh = build_modular_network(cfg, [x.shape[1]], model.task_classes, True)
+    if fresh.gate is not None:
+        fresh.gate.rebuild_from_state(model.state_dict(), "gate.")
+    fresh.load_state_dict(model.state_dict())
+    fresh.eval()
+    assert torch.allclose(fresh.task_features.task_scores(fresh, x, 2), z, atol=1e-5)
+
+
+def test_full_width_feature_gaussians_of_earlier_checkpoints_load_as_their_active_units():
+    """The earlier layout kept every task's Gaussians over the layer's full width: loading keeps the units
+    with a variance, and the scores are those of Gaussians fitted on those units alone."""
+    from modnet.nets.task_inference import TaskFeatureGaussians
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 4, generator=g)
+    y = torch.arange(2).repeat(200)
+    net = _LinearFeatures([torch.eye(4)[:, :3], torch.eye(4)], width=6)
+    fitted = TaskFeatureGaussians([2, 2], 6, shrinkage=0.05)
+    for t in range(2):
+        fitted.fit(net, x, y, t)
+    old = {k: v for k, v in fitted.state_dict().items() if not k.startswith("units_")}
+    for t in range(2):  # back to full width: zero rows / columns for the units without a variance
+        units = getattr(fitted, f"units_{t}")
+        full = ClassGaussians(2, 6, 0.05)
+        full.counts.copy_(fitted.gaussians[t].counts)
+        full.means[:, units] = fitted.gaussians[t].means
+        cov = torch.zeros(2, 6, 6, dtype=torch.float64)
+        cov[:, units.unsqueeze(1), units.unsqueeze(0)] = fitted.gaussians[t]._unpack(fitted.gaussians[t].packed_cov)
+        i, j = torch.triu_indices(6, 6)
+        old[f"gaussians.{t}.means"], old[f"gaussians.{t}.packed_cov"] = full.means, cov[:, i, j].float()
+    loaded = TaskFeatureGaussians([2, 2], 6, shrinkage=0.05)
+    loaded.load_state_dict(old)
+    assert getattr(loaded, "units_0").tolist() == [0, 1, 2] and getattr(loaded, "units_1").tolist() == [0, 1, 2, 3]
+    assert torch.allclose(loaded.task_scores(net, x, 2), fitted.task_scores(net, x, 2), atol=1e-5)
+
+
+def test_decoder_reconstruction_finds_tasks_whose_features_have_the_same_distribution():
+    """Planted: both tasks see only x's first two coordinates (features x[:, :2]), drawn alike; task 0's
+    inputs repeat them (x = (a, b, a, b)), task 1's negate them (x = (a, b, -a, -b)). The feature Gaussians
+    cannot tell the tasks apart (chance); each task's ridge decoder (Expert Gate) learns its own copy rule
+    and reconstructs only its own inputs, so with it the task is found. The decoder is the least-squares map
+    (checked against numpy's lstsq at ridge ~0)."""
+    from modnet.nets.task_inference import TaskFeatureGaussians
+
+    g = torch.Generator().manual_seed(0)
+
+    def data(n):
+        ab = torch.randn(2 * n, 2, generator=g)
+        sign = torch.cat([torch.ones(n), -torch.ones(n)]).unsqueeze(1)
+        x = torch.cat([ab, sign * ab], 1) + 0.05 * torch.randn(2 * n, 4, generator=g)
+        y = (ab[:, 0] > 0).long()  # two classes per task
+        return x, y, torch.cat([torch.zeros(n), torch.ones(n)]).long()
+
+    x, y, task = data(300)
+    x_test, _, truth = data(300)
+    net = _LinearFeatures([torch.eye(4)[:, :2], torch.eye(4)[:, :2]], width=2)
+    plain = TaskFeatureGaussians([2, 2], 2, shrinkage=0.05)
+    with_decoder = TaskFeatureGaussians([2, 2], 2, shrinkage=0.05, decoder_weight=1.0, decoder_ridge=1e-9)
+    for t in range(2):
+        plain.fit(net, x[task == t], y[task == t], t, batch_size=77)
+        with_decoder.fit(net, x[task == t], y[task == t], t, batch_size=77)
+    acc = lambda tf: (tf.task_scores(net, x_test, 2).argmax(1) == truth).float().mean().item()  # noqa: E731
+    assert abs(acc(plain) - 0.5) < 0.1
+    assert acc(with_decoder) >= 0.95
+    for t in range(2):
+        h, xt = x[task == t][:, :2].double().numpy(), x[task == t].double().numpy()
+        a = np.c_[h - h.mean(0)]
+        w_np = np.linalg.lstsq(a, xt - xt.mean(0), rcond=None)[0]
+        assert np.allclose(getattr(with_decoder, f"decoder_{t}").numpy(), w_np, atol=1e-4)
+        assert np.sign(w_np[0, 2]) == (1 if t == 0 else -1)
+
+
+def test_feature_gaussians_decoder_refuses_a_negative_weight():
+    from modnet.nets.task_inference import TaskFeatureGaussians
+
+    with pytest.raises(ValueError, match="decoder_weight"):
+        TaskFeatureGaussians([2], 4, decoder_weight=-1.0)

@@ -97,7 +97,10 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
             raise ConfigError(f"task_inference.feature_layer={layer}: the network has {len(net.masked)} masked "
                               f"layers; choose 0..{len(net.masked) - 1}")
         net.task_features = TaskFeatureGaussians([len(c) for c in task_classes], net.masked[layer].n_units,
-                                                 layer=layer, shrinkage=float(ti.get("feature_shrinkage", 0.1)))
+                                                 layer=layer, shrinkage=float(ti.get("feature_shrinkage", 0.1)),
+                                                 gates=bool(ti.get("feature_gates", True)),
+                                                 decoder_weight=float(ti.get("decoder_weight", 0.0)),
+                                                 decoder_ridge=float(ti.get("decoder_ridge", 1e-3)))
     return net
 
 
