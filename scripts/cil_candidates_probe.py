@@ -241,6 +241,106 @@ def main() -> None:
                 chosen = sc.argmax(1)
                 rows[f"xf combo ungated relu + {w} x [{extra}]"] = ((chosen == truth).float().mean().item(),
                     (head_pred[torch.arange(len(truth)), chosen] == y_test).float().mean().item())
+    # ungated first layer + decoder variants: residual Gaussian, ridge, weights, the ungated second layer, GMM
+    if want("more"):
+        with torch.no_grad():
+            hm = [net.masks(t)[0].double() for t in range(T)]
+            hm1 = [net.masks(t)[1].double() for t in range(T)]
+        H_tr, H_te, L1_tr, L1_te = [], [], [], []
+        for t in range(T):
+            on = hm[t] > 0.5
+            f, q = pre_tr[t][:, on].clamp_min(0), pre_te[t][:, on].clamp_min(0)
+            act = f.std(0) > 1e-6
+            H_tr.append(f[:, act]); H_te.append(q[:, act])
+            with torch.no_grad():
+                l1 = lambda h0: F.linear((h0 * hm[t]).float(), net.masked[1].weight, net.masked[1].bias).double().relu() * hm1[t]  # noqa: E731
+                a, b = l1(pre_tr[t].clamp_min(0)), l1(pre_te[t].clamp_min(0))
+            act1 = a.std(0) > 1e-6
+            L1_tr.append(a[:, act1]); L1_te.append(b[:, act1])
+
+        def gauss_scores(Ftr, Fte, lam, comps=1):
+            s_te, s_tr = [], []
+            for t, (x, y) in enumerate(train):
+                f, q = Ftr[t], Fte[t]
+                if comps == 1:
+                    mus, chols = gauss_fit(f, y, lam)
+                else:  # k-means sub-clusters per class
+                    lab = torch.zeros(len(f), dtype=torch.long)
+                    for c in y.unique():
+                        idx = (y == c).nonzero().squeeze(1)
+                        fc = f[idx]
+                        cent = fc[torch.randperm(len(fc), generator=torch.Generator().manual_seed(0))[:comps]]
+                        for _ in range(20):
+                            a = torch.cdist(fc, cent).argmin(1)
+                            cent = torch.stack([fc[a == k].mean(0) if (a == k).sum() > 0 else cent[k] for k in range(comps)])
+                        lab[idx] = int(c) * comps + a
+                    mus, chols = gauss_fit(f, lab, lam)
+                s_te.append(gauss_ll(q, mus, chols)); s_tr.append(gauss_ll(f, mus, chols))
+            return s_te, s_tr
+
+        def decoder_scores(Ftr, Fte, ridge, resid=False):
+            s_te, s_tr = [], []
+            for t, (x, y) in enumerate(train):
+                f, q = Ftr[t], Fte[t]
+                mu_f, mu_x = f.mean(0), x.double().mean(0)
+                A = f - mu_f
+                W = torch.linalg.solve(A.T @ A + ridge * len(f) * torch.eye(A.shape[1], dtype=A.dtype), A.T @ (x.double() - mu_x))
+                r_tr = x.double() - (A @ W + mu_x)
+                r_te = x_test.double() - ((q - mu_f) @ W + mu_x)
+                if resid:
+                    cov = torch.cov(r_tr.T)
+                    cov = 0.95 * cov + 0.05 * torch.diagonal(cov).mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
+                    ch = torch.linalg.cholesky(cov)
+                    s_tr.append(-(torch.linalg.solve_triangular(ch, r_tr.T, upper=False) ** 2).sum(0))
+                    s_te.append(-(torch.linalg.solve_triangular(ch, r_te.T, upper=False) ** 2).sum(0))
+                else:
+                    s_tr.append(-(r_tr ** 2).sum(1)); s_te.append(-(r_te ** 2).sum(1))
+            return s_te, s_tr
+
+        report("more G0", *gauss_scores(H_tr, H_te, 0.01), variants=False)
+        report("more G0 gmm2", *gauss_scores(H_tr, H_te, 0.01, 2), variants=False)
+        report("more G1", *gauss_scores(L1_tr, L1_te, 0.01), variants=False)
+        for ridge in (1e-4, 1e-3, 1e-2):
+            report(f"more D0 ridge {ridge}", *decoder_scores(H_tr, H_te, ridge), variants=False)
+        report("more D0 resid", *decoder_scores(H_tr, H_te, 1e-3, True), variants=False)
+        report("more D1", *decoder_scores(L1_tr, L1_te, 1e-3), variants=False)
+        combos = {"G0+.3D0": [("more G0", 1), ("more D0 ridge 0.001", .3)],
+                  "G0+.5D0": [("more G0", 1), ("more D0 ridge 0.001", .5)],
+                  "G0+.2D0": [("more G0", 1), ("more D0 ridge 0.001", .2)],
+                  "G0+.3D0(1e-4)": [("more G0", 1), ("more D0 ridge 0.0001", .3)],
+                  "G0+.3D0(1e-2)": [("more G0", 1), ("more D0 ridge 0.01", .3)],
+                  "G0+.3Dresid": [("more G0", 1), ("more D0 resid", .3)],
+                  "G0+.5Dresid": [("more G0", 1), ("more D0 resid", .5)],
+                  "G0+1Dresid": [("more G0", 1), ("more D0 resid", 1)],
+                  "G0+.3D0+.3G1": [("more G0", 1), ("more D0 ridge 0.001", .3), ("more G1", .3)],
+                  "G0+.3D0+.3D1": [("more G0", 1), ("more D0 ridge 0.001", .3), ("more D1", .3)],
+                  "gmm2+.3D0": [("more G0 gmm2", 1), ("more D0 ridge 0.001", .3)]}
+        for name, parts in combos.items():
+            sc = sum(w * zs[n] for n, w in parts)
+            chosen = sc.argmax(1)
+            rows[f"more combo {name}"] = ((chosen == truth).float().mean().item(),
+                                          (head_pred[torch.arange(len(truth)), chosen] == y_test).float().mean().item())
+    # the units frozen once task t is trained (union of the masks of tasks 0..t), and pre-activation halves
+    if want("union"):
+        with torch.no_grad():
+            hm = [net.masks(t)[0].double() for t in range(T)]
+        for kind in ("union", "halves", "union-halves"):
+            for lam in (0.01, 0.03):
+                s_te, s_tr = [], []
+                n_units = []
+                for t, (x, y) in enumerate(train):
+                    on = (torch.stack(hm[:t + 1]).amax(0) if kind.startswith("union") else hm[t]) > 0.5
+                    a, b = pre_tr[t][:, on], pre_te[t][:, on]
+                    if kind.endswith("halves"):
+                        f, q = torch.cat([a.clamp_min(0), (-a).clamp_min(0)], 1), torch.cat([b.clamp_min(0), (-b).clamp_min(0)], 1)
+                    else:
+                        f, q = a.clamp_min(0), b.clamp_min(0)
+                    act = f.std(0) > 1e-6
+                    f, q = f[:, act], q[:, act]
+                    n_units.append(f.shape[1])
+                    mus, chols = gauss_fit(f, y, lam)
+                    s_te.append(gauss_ll(q, mus, chols)); s_tr.append(gauss_ll(f, mus, chols))
+                report(f"{kind} L0 lam {lam} units {n_units}", s_te, s_tr, variants=False)
     # per-task PCA of the task's masked features, QDA in the first k components (+ PPCA residual term)
     if want("pca"):
         for layer in ("0", "cat"):

@@ -100,7 +100,8 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
                                                  layer=layer, shrinkage=float(ti.get("feature_shrinkage", 0.1)),
                                                  gates=bool(ti.get("feature_gates", True)),
                                                  decoder_weight=float(ti.get("decoder_weight", 0.0)),
-                                                 decoder_ridge=float(ti.get("decoder_ridge", 1e-3)))
+                                                 decoder_ridge=float(ti.get("decoder_ridge", 1e-3)),
+                                                 dtype=str(ti.get("feature_dtype", "float32")))
     return net
 
 
