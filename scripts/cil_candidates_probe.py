@@ -315,6 +315,31 @@ def main() -> None:
                   "G0+.3D0+.3G1": [("more G0", 1), ("more D0 ridge 0.001", .3), ("more G1", .3)],
                   "G0+.3D0+.3D1": [("more G0", 1), ("more D0 ridge 0.001", .3), ("more D1", .3)],
                   "gmm2+.3D0": [("more G0 gmm2", 1), ("more D0 ridge 0.001", .3)]}
+        # soft task posterior: class score log softmax(beta z)_t + log p(c | x, t) over every task's classes
+        logp_heads = torch.stack([F.log_softmax(l.double(), 1) for l in head_logits], 1)  # B x T x n
+        zc = zs["more G0"] + 0.3 * zs["more D0 ridge 0.001"]
+        for beta in (0.5, 1.0, 2.0, 4.0):
+            post = torch.log_softmax(beta * zc, 1).unsqueeze(2) + logp_heads
+            flat = post.flatten(1).argmax(1)
+            t_hat, c_hat = flat // post.shape[2], flat % post.shape[2]
+            cls = torch.stack([getattr(net, f"class_index_{t}") for t in range(T)])[t_hat, c_hat]
+            rows[f"more soft G0+.3D0 beta {beta}"] = ((t_hat == truth).float().mean().item(), (cls == y_test).float().mean().item())
+        if net.task_ood is not None:  # the run trained CSI heads: their energy score, standardised on own data
+            ood = net.task_ood
+            ood.score = "energy"
+            with torch.no_grad():
+                report("more OOD energy", [ood.raw_score(ood.blocks(net, x_test, t)) for t in range(T)],
+                       [ood.raw_score(ood.blocks(net, x, t)) for t, (x, _) in enumerate(train)], variants=False)
+                ood.score = "maxlogit"
+                report("more OOD maxlogit", [ood.raw_score(ood.blocks(net, x_test, t)) for t in range(T)],
+                       [ood.raw_score(ood.blocks(net, x, t)) for t, (x, _) in enumerate(train)], variants=False)
+            for w in (0.3, 0.5, 1.0):
+                combos[f"G0+.3D0+{w}OOD"] = [("more G0", 1), ("more D0 ridge 0.001", .3), ("more OOD energy", w)]
+                combos[f"G0+.3D0+.3G1+{w}OOD"] = [("more G0", 1), ("more D0 ridge 0.001", .3), ("more G1", .3),
+                                                  ("more OOD energy", w)]
+                combos[f"G0+{w}OOD"] = [("more G0", 1), ("more OOD energy", w)]
+            combos["G0+.3D0+.5G1"] = [("more G0", 1), ("more D0 ridge 0.001", .3), ("more G1", .5)]
+            combos["G0+.3D0+1G1"] = [("more G0", 1), ("more D0 ridge 0.001", .3), ("more G1", 1)]
         for name, parts in combos.items():
             sc = sum(w * zs[n] for n, w in parts)
             chosen = sc.argmax(1)

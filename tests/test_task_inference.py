@@ -492,6 +492,71 @@ def test_feature_gaussians_stored_in_float16_take_half_the_bytes_and_keep_the_sc
         TaskFeatureGaussians([2], 4, dtype="int8")
 
 
+class _TwoLayerFeatures(_LinearFeatures):
+    """Two 'layers': layer 0 is x @ A_t as _LinearFeatures, layer 1 is x @ B_t."""
+
+    def __init__(self, maps, maps1, width):
+        super().__init__(maps, width)
+        self.maps1 = maps1
+
+    def task_units(self, x, task):
+        f = x @ self.maps1[task]
+        return super().task_units(x, task) + [torch.cat([f, f.new_zeros(f.shape[0], self.width - f.shape[1])], 1)]
+
+
+def test_extra_layer_gaussians_add_their_weighted_standardised_score_and_find_what_layer_0_cannot():
+    """Planted: tasks differ only in x's last two coordinates (task 1 shifted by 3 there); layer 0 sees the first
+    two (the tasks look alike: chance), layer 1 the last two. With layer 1 as an extra layer at weight 1 the task
+    is found, and the score is exactly layer 0's z plus the weight times layer 1's own z."""
+    from modnet.nets.task_inference import TaskFeatureGaussians
+
+    g = torch.Generator().manual_seed(0)
+
+    def data(n):
+        task = torch.arange(2).repeat_interleave(n)
+        x = torch.randn(2 * n, 4, generator=g)
+        x[:, 2:] += 3.0 * task.unsqueeze(1)
+        return x, (x[:, 0] > 0).long(), task
+
+    x, y, task = data(300)
+    x_test, _, truth = data(300)
+    eye = torch.eye(4)
+    net = _TwoLayerFeatures([eye[:, :2], eye[:, :2]], [eye[:, 2:], eye[:, 2:]], width=3)
+    tf = TaskFeatureGaussians([2, 2], 3, layer=0, shrinkage=0.05, extra_layers=[(1, 3, 1.0)])
+    alone = TaskFeatureGaussians([2, 2], 3, layer=1, shrinkage=0.05)
+    for t in range(2):
+        tf.fit(net, x[task == t], y[task == t], t)
+        alone.fit(net, x[task == t], y[task == t], t)
+    base = TaskFeatureGaussians([2, 2], 3, layer=0, shrinkage=0.05)
+    for t in range(2):
+        base.fit(net, x[task == t], y[task == t], t)
+    z, z0, z1 = (m.task_scores(net, x_test, 2) for m in (tf, base, alone))
+    assert torch.allclose(z, z0 + z1, atol=1e-5)
+    assert abs((z0.argmax(1) == truth).float().mean().item() - 0.5) < 0.1
+    assert (z.argmax(1) == truth).float().mean() >= 0.95
+
+
+def test_feature_ood_weight_trains_the_csi_heads_and_adds_their_standardised_score(tmp_path):
+    """feature_ood_weight > 0: the network has CSI heads (trained: their weights moved from the initial ones,
+    calibrated on each task's data), infer_task goes through the features, and the score is the features' own
+    z plus the weight times the heads' standardised score."""
+    model, x, y, _ = _train_modnet(tmp_path, ["task_inference.method=features", "task_inference.feature_ood_weight=0.5",
+                                              "task_inference.transforms=[reverse]"])
+    tf, ood = model.task_features, model.task_ood
+    assert tf is not None and ood is not None and tf.ood_weight == 0.5
+    assert (ood.score_std != 1).all() and (ood.score_mean != 0).all()  # calibrated on both tasks' data
+    with torch.no_grad():
+        z = tf.task_scores(model, x, 2)
+        tf.ood_weight = 0.0
+        z_features = tf.task_scores(model, x, 2)
+        tf.ood_weight = 0.5
+        s = torch.stack([ood.raw_score(ood.blocks(model, x, t)) for t in range(2)], 1)
+        _, chosen = model.infer_task(x)
+    assert torch.allclose(z, z_features + 0.5 * (s - ood.score_mean) / ood.score_std, atol=1e-4)
+    assert torch.equal(chosen, z.argmax(1))
+    assert (chosen == y // 2).float().mean() >= 0.9
+
+
 def test_feature_gaussians_decoder_refuses_a_negative_weight():
     from modnet.nets.task_inference import TaskFeatureGaussians
 

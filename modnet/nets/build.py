@@ -83,7 +83,8 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
         if not tau > 0:
             raise ConfigError(f"model.head_tau={tau} must be > 0 (the cosine head's scale, logits in [-tau, tau])")
         use_cosine_heads(net, tau)
-    if class_incremental and m.task_keys and method == "ood":
+    ood_in_features = method == "features" and float(ti.get("feature_ood_weight", 0.0)) > 0
+    if class_incremental and m.task_keys and (method == "ood" or ood_in_features):
         from modnet.nets.task_inference import TaskOOD
 
         net.task_ood = TaskOOD([len(c) for c in task_classes], net.heads[0].in_features,
@@ -93,15 +94,19 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
         from modnet.nets.task_inference import TaskFeatureGaussians
 
         layer = int(ti.get("feature_layer", 0))
-        if not 0 <= layer < len(net.masked):
-            raise ConfigError(f"task_inference.feature_layer={layer}: the network has {len(net.masked)} masked "
-                              f"layers; choose 0..{len(net.masked) - 1}")
+        extra = [(int(k), float(w)) for k, w in (ti.get("feature_extra_layers", None) or [])]
+        for k in [layer] + [k for k, _ in extra]:
+            if not 0 <= k < len(net.masked):
+                raise ConfigError(f"task_inference.feature_layer / feature_extra_layers: layer {k}, but the network "
+                                  f"has {len(net.masked)} masked layers; choose 0..{len(net.masked) - 1}")
         net.task_features = TaskFeatureGaussians([len(c) for c in task_classes], net.masked[layer].n_units,
                                                  layer=layer, shrinkage=float(ti.get("feature_shrinkage", 0.1)),
                                                  gates=bool(ti.get("feature_gates", True)),
                                                  decoder_weight=float(ti.get("decoder_weight", 0.0)),
                                                  decoder_ridge=float(ti.get("decoder_ridge", 1e-3)),
-                                                 dtype=str(ti.get("feature_dtype", "float32")))
+                                                 dtype=str(ti.get("feature_dtype", "float32")),
+                                                 extra_layers=[(k, net.masked[k].n_units, w) for k, w in extra],
+                                                 ood_weight=float(ti.get("feature_ood_weight", 0.0)))
     return net
 
 

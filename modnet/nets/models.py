@@ -352,10 +352,11 @@ class HATNet(MultiHeadTaskNet):
         return sum(self.keyed_classes)
 
     def infer_task(self, x: Tensor, condition: Condition | None = None) -> tuple[Tensor, Tensor]:
-        if self.task_ood is not None and int(self.n_trained) > 0:
-            return self._infer_task_ood(x, condition)
+        # features first: with task_inference.feature_ood_weight the CSI heads (task_ood) are one of its scores
         if self.task_features is not None and int(self.n_trained) > 0:
             return self._infer_task_features(x, condition)
+        if self.task_ood is not None and int(self.n_trained) > 0:
+            return self._infer_task_ood(x, condition)
         if self.task_keys is None or int(self.n_trained) == 0:
             return super().infer_task(x, condition)
         # p(c | x) = p(t | x) p(c | x, t): task posterior from the keys, class from the task's masked head.

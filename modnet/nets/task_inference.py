@@ -387,8 +387,14 @@ class TaskFeatureGaussians(nn.Module):
 
     def __init__(self, task_sizes: Sequence[int], width: int, layer: int = 0, shrinkage: float = 0.1,
                  gates: bool = True, decoder_weight: float = 0.0, decoder_ridge: float = 1e-3,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", extra_layers: Sequence[tuple[int, int, float]] = (), ood_weight: float = 0.0):
         super().__init__()
+        # more masked layers' Gaussians, (layer, width, weight) each: z_t += weight z_t^(layer); and the CSI
+        # heads' standardised score (the network's ``task_ood``, trained alongside): z_t += ood_weight z_t^ood
+        self.extra = nn.ModuleList(TaskFeatureGaussians(task_sizes, w, layer=l, shrinkage=shrinkage, gates=gates,
+                                                        dtype=dtype) for l, w, _ in extra_layers)
+        self.extra_weights = [float(wt) for _, _, wt in extra_layers]
+        self.ood_weight = float(ood_weight)
         if dtype not in STORED_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(STORED_DTYPES)}, got {dtype!r}")
         self.dtype = STORED_DTYPES[dtype]
@@ -526,6 +532,8 @@ class TaskFeatureGaussians(nn.Module):
             sb, rb = self._raw_scores(self.features(net, xb, task), xb, task)
             s.append(sb)
             r.append(rb)
+        for part in self.extra:
+            part.fit(net, x, y_local, task, batch_size)
         s = torch.cat(s)
         self.score_mean[task] = s.mean()
         self.score_std[task] = s.std().clamp_min(1e-6) if s.numel() > 1 else 1.0
@@ -544,4 +552,11 @@ class TaskFeatureGaussians(nn.Module):
             if r is not None:
                 z = z + self.decoder_weight * (r.float() - self.recon_mean[t]) / self.recon_std[t]
             zs.append(z)
-        return torch.stack(zs, 1)
+        z = torch.stack(zs, 1)
+        for part, weight in zip(self.extra, self.extra_weights):
+            z = z + weight * part.task_scores(net, x, n_tasks)
+        if self.ood_weight > 0:
+            ood = net.task_ood  # its score on each task's own training data: score_mean, score_std (calibrate)
+            s = torch.stack([ood.raw_score(ood.blocks(net, x, t)) for t in range(n_tasks)], 1)
+            z = z + self.ood_weight * (s - ood.score_mean[:n_tasks]) / ood.score_std[:n_tasks]
+        return z
