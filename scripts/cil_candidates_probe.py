@@ -258,12 +258,12 @@ def main() -> None:
             act1 = a.std(0) > 1e-6
             L1_tr.append(a[:, act1]); L1_te.append(b[:, act1])
 
-        def gauss_scores(Ftr, Fte, lam, comps=1):
+        def gauss_scores(Ftr, Fte, lam, comps=1, tied=False):
             s_te, s_tr = [], []
             for t, (x, y) in enumerate(train):
                 f, q = Ftr[t], Fte[t]
                 if comps == 1:
-                    mus, chols = gauss_fit(f, y, lam)
+                    mus, chols = gauss_fit(f, y, lam, tied)
                 else:  # k-means sub-clusters per class
                     lab = torch.zeros(len(f), dtype=torch.long)
                     for c in y.unique():
@@ -299,6 +299,8 @@ def main() -> None:
 
         report("more G0", *gauss_scores(H_tr, H_te, 0.01), variants=False)
         report("more G0 gmm2", *gauss_scores(H_tr, H_te, 0.01, 2), variants=False)
+        report("more G0 tied", *gauss_scores(H_tr, H_te, 0.01, tied=True), variants=False)
+        report("more G0 tied 0.03", *gauss_scores(H_tr, H_te, 0.03, tied=True), variants=False)
         report("more G1", *gauss_scores(L1_tr, L1_te, 0.01), variants=False)
         for ridge in (1e-4, 1e-3, 1e-2):
             report(f"more D0 ridge {ridge}", *decoder_scores(H_tr, H_te, ridge), variants=False)
@@ -338,6 +340,10 @@ def main() -> None:
                 combos[f"G0+.3D0+.3G1+{w}OOD"] = [("more G0", 1), ("more D0 ridge 0.001", .3), ("more G1", .3),
                                                   ("more OOD energy", w)]
                 combos[f"G0+{w}OOD"] = [("more G0", 1), ("more OOD energy", w)]
+            combos["G0tied+.3D0+1OOD"] = [("more G0 tied", 1), ("more D0 ridge 0.001", .3), ("more OOD energy", 1)]
+            combos["G0tied+1OOD"] = [("more G0 tied", 1), ("more OOD energy", 1)]
+            combos["G0tied.03+.3D0+1OOD"] = [("more G0 tied 0.03", 1), ("more D0 ridge 0.001", .3), ("more OOD energy", 1)]
+            combos["G0+1OOD"] = [("more G0", 1), ("more OOD energy", 1)]
             combos["G0+.3D0+.5G1"] = [("more G0", 1), ("more D0 ridge 0.001", .3), ("more G1", .5)]
             combos["G0+.3D0+1G1"] = [("more G0", 1), ("more D0 ridge 0.001", .3), ("more G1", 1)]
         for name, parts in combos.items():

@@ -557,6 +557,34 @@ def test_feature_ood_weight_trains_the_csi_heads_and_adds_their_standardised_sco
     assert (chosen == y // 2).float().mean() >= 0.9
 
 
+def test_tied_feature_gaussians_store_the_pooled_covariance_once_per_task():
+    """covariance=tied: one covariance per task, the pooled unbiased one sum_c (n_c - 1) S_c / (N - C) (numpy's
+    per-class covariances, computed here), one packed row instead of one per class; the scores are the
+    class Gaussians' with that covariance; it reloads into a fresh instance."""
+    from modnet.nets.task_inference import TaskFeatureGaussians
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 3, generator=g) @ torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 0.7]])
+    y = (torch.arange(500) % 2 == 0).long()
+    x[y == 1] += 2.0
+    net = _LinearFeatures([torch.eye(3)], width=3)
+    tf = TaskFeatureGaussians([2], 3, shrinkage=1e-9, covariance="tied")
+    tf.fit(net, x, y, 0, batch_size=123)
+    xs = [x[y == c].double().numpy() for c in (0, 1)]
+    pooled = sum((len(a) - 1) * np.cov(a.T) for a in xs) / (len(x) - 2)
+    assert tf.gaussians[0].packed_cov.shape[0] == 1
+    chol = tf._task_gaussians(0)[2]
+    assert np.allclose((chol @ chol.transpose(1, 2))[0].numpy(), pooled, atol=1e-4)
+    from scipy.stats import multivariate_normal
+    ll = np.logaddexp(*[multivariate_normal(a.mean(0), pooled).logpdf(x.double().numpy()) for a in xs])
+    assert np.allclose(tf.raw_score(net, x, 0).numpy(), ll, atol=1e-3)
+    fresh = TaskFeatureGaussians([2], 3, shrinkage=1e-9, covariance="tied")
+    fresh.load_state_dict(tf.state_dict())
+    assert torch.allclose(fresh.task_scores(net, x, 1), tf.task_scores(net, x, 1), atol=1e-5)
+    with pytest.raises(ValueError, match="covariance"):
+        TaskFeatureGaussians([2], 3, covariance="full")
+
+
 def test_feature_gaussians_decoder_refuses_a_negative_weight():
     from modnet.nets.task_inference import TaskFeatureGaussians
 

@@ -106,7 +106,8 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
                                                  decoder_ridge=float(ti.get("decoder_ridge", 1e-3)),
                                                  dtype=str(ti.get("feature_dtype", "float32")),
                                                  extra_layers=[(k, net.masked[k].n_units, w) for k, w in extra],
-                                                 ood_weight=float(ti.get("feature_ood_weight", 0.0)))
+                                                 ood_weight=float(ti.get("feature_ood_weight", 0.0)),
+                                                 covariance=str(ti.get("feature_covariance", "class")))
     return net
 
 

@@ -379,7 +379,8 @@ class TaskFeatureGaussians(nn.Module):
     added: z_t(x) += decoder_weight (-(r_t(x) - mean^r_t) / std^r_t). Seeds 0-2 as above, ungated, weight 0.3:
     0.628 / 0.539 / 0.586. Stored per task: its classes' Gaussians over its a_t units (1 + a + a (a + 1) / 2
     float32 per class), the unit indices, two floats, and with the decoder a_t x d + a_t + d + 2 floats;
-    ``dtype`` float16 (or bfloat16) halves the means, covariances and decoder (the scores are computed in
+    ``covariance="tied"`` keeps one covariance per task, pooled over its classes (within-task LDA, as Lee et
+    al.'s 2018 Mahalanobis OOD detector): 1 / n_t of the covariance bytes. ``dtype`` float16 (or bfloat16) halves the means, covariances and decoder (the scores are computed in
     float64 from them; a tensor float16 would overflow stays float32). MNIST-1D seeds 0-2, ungated with the
     decoder: task prediction float32 0.628 / 0.539 / 0.587, float16 0.629 / 0.538 / 0.586, bfloat16 0.629 /
     0.536 / 0.585.
@@ -387,12 +388,18 @@ class TaskFeatureGaussians(nn.Module):
 
     def __init__(self, task_sizes: Sequence[int], width: int, layer: int = 0, shrinkage: float = 0.1,
                  gates: bool = True, decoder_weight: float = 0.0, decoder_ridge: float = 1e-3,
-                 dtype: str = "float32", extra_layers: Sequence[tuple[int, int, float]] = (), ood_weight: float = 0.0):
+                 dtype: str = "float32", extra_layers: Sequence[tuple[int, int, float]] = (), ood_weight: float = 0.0,
+                 covariance: str = "class"):
         super().__init__()
+        if covariance not in ("class", "tied"):
+            raise ValueError(f"covariance must be 'class' or 'tied', got {covariance!r}")
+        # tied: one covariance per task, pooled over its classes (LDA inside the task; Lee et al. 2018's
+        # Mahalanobis OOD score uses the same tied form), stored once instead of once per class
+        self.tied = covariance == "tied"
         # more masked layers' Gaussians, (layer, width, weight) each: z_t += weight z_t^(layer); and the CSI
         # heads' standardised score (the network's ``task_ood``, trained alongside): z_t += ood_weight z_t^ood
         self.extra = nn.ModuleList(TaskFeatureGaussians(task_sizes, w, layer=l, shrinkage=shrinkage, gates=gates,
-                                                        dtype=dtype) for l, w, _ in extra_layers)
+                                                        dtype=dtype, covariance=covariance) for l, w, _ in extra_layers)
         self.extra_weights = [float(wt) for _, _, wt in extra_layers]
         self.ood_weight = float(ood_weight)
         if dtype not in STORED_DTYPES:
@@ -441,8 +448,9 @@ class TaskFeatureGaussians(nn.Module):
                 state_dict[f"{prefix}gaussians.{t}.packed_cov"] = full[:, units][:, :, units][:, ii, jj].float()
             if key in state_dict and state_dict[key].shape[1] != self.gaussians[t].query_dim:
                 g = ClassGaussians(n, state_dict[key].shape[1], self.shrinkage).to(self.score_mean.device)
-                for name in ("means", "packed_cov"):  # stored in the checkpoint's dtype (float16 and the like)
-                    g._buffers[name] = g._buffers[name].to(state_dict[f"{prefix}gaussians.{t}.{name}"].dtype)
+                for name in ("means", "packed_cov"):  # the checkpoint's dtype (float16 ...) and rows (tied: 1)
+                    g._buffers[name] = torch.empty_like(state_dict[f"{prefix}gaussians.{t}.{name}"],
+                                                        device=self.score_mean.device)
                 self.gaussians[t] = g
             for name in (f"units_{t}", f"decoder_{t}", f"decoder_mean_h_{t}", f"decoder_mean_x_{t}"):
                 if prefix + name in state_dict and name in self._buffers:
@@ -470,7 +478,8 @@ class TaskFeatureGaussians(nn.Module):
             return self._cache[task][1]
         if g.query_dim == 0:
             raise RuntimeError(f"task {task}'s feature Gaussians are not fitted yet")
-        cov = shrunk(g.covariances(), self.shrinkage)
+        # tied: the one pooled (unbiased) covariance of the task, 1 x a x a, shared by its classes
+        cov = shrunk(g._unpack(g.packed_cov) if self.tied else g.covariances(), self.shrinkage)
         out = (getattr(self, f"units_{task}"), g.means.double(), torch.linalg.cholesky(cov))
         self._cache[task] = (key, out)
         return out
@@ -509,7 +518,12 @@ class TaskFeatureGaussians(nn.Module):
         ii, jj = g._triu(x.device)
         g.counts.copy_(full.counts)
         g.means.copy_(full.means[:, units])
-        g.packed_cov.copy_(cov[:, ii, jj].to(g.packed_cov.dtype))
+        if self.tied:  # pooled: sum_c n_c P_c / (N - C) over the classes with samples
+            n = full.counts.double().view(-1, 1, 1)
+            cov = ((n * cov).sum(0, keepdim=True) / (n.sum() - (n > 0).sum()).clamp_min(1))
+            g._buffers["packed_cov"] = cov[:, ii, jj].float()
+        else:
+            g.packed_cov.copy_(cov[:, ii, jj].to(g.packed_cov.dtype))
         g._buffers["means"] = _stored(g.means, self.dtype)
         g._buffers["packed_cov"] = _stored(g.packed_cov, self.dtype)
         self.gaussians[task] = g
