@@ -6,7 +6,17 @@ candidate.
 
 A probe, not a method: every statistic is fitted on each task's own training data only (what a method
 could fit right after training that task, since HAT freezes the task's masked units), and scored on the test
-stream.
+stream. ``--only`` picks sections: input (the input-space QDA reference), head, feat (gated layers, tied,
+pre-activations), eg (Expert Gate decoders, linear and MLP), ungated, cv (out-of-fold calibration), xf
+(transforms of the ReLU outputs), union, pca, more (ungated layer 0 + decoder + layer 1 + the CSI heads of a
+method=ood run, tied covariances, soft posteriors).
+
+Split-MNIST-1D task prediction, seeds 0 / 1 / 2 (issue 12; gauss-trained nets of `modnet cl benchmark=mnist1d
+scenario=class`, unless said): input QDA 0.618 / 0.608 / 0.587; gated layer-0 Gaussians 0.531 / 0.497 / 0.459;
+ungated 0.597 / 0.524 / 0.557; Expert Gate decoder alone 0.463 / 0.412 / 0.453, MLP decoder 0.475 (seed 0);
+ungated + 0.3 decoder 0.628 / 0.539 / 0.586; heads' max softmax / energy 0.15-0.27; PCA, GMM, second layer,
+unit unions, out-of-fold calibration: no gain. On CSI-trained nets (method=ood, 3 transforms): ungated + 0.3
+decoder + 1.0 CSI energy 0.632 / 0.592 / 0.598, with a tied covariance (0.03) 0.623 / 0.591 / 0.634.
 """
 from __future__ import annotations
 

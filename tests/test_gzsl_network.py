@@ -127,7 +127,7 @@ def test_niwt_on_every_head_of_a_class_incremental_network_keeps_its_task_keys()
     from modnet.nets.build import build_modular_network
 
     torch.manual_seed(0)
-    cfg = compose("cl", ["model.gate=none"])
+    cfg = compose("cl", ["model.gate=none", "task_inference.method=gauss"])  # the input-space task keys
     model = build_modular_network(cfg, (6,), [[0, 1], [2, 3]], class_incremental=True)
     x, y = torch.randn(80, 6), torch.arange(80) % 4
     for t in (0, 1):

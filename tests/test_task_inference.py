@@ -206,12 +206,20 @@ def test_hat_keeps_an_earlier_tasks_ood_scores_after_a_later_task(tmp_path):
                                                                          torch.zeros(2))
 
 
-def test_default_class_incremental_network_uses_class_gaussians_and_keys_stay_an_option():
+def test_default_class_incremental_network_predicts_the_task_from_itself_and_input_gaussians_stay_an_option():
+    """Default (issue 12): the network's own predictor (ungated tied feature Gaussians, the Expert-Gate decoder
+    and the CSI heads it trains), no input-space statistics; gauss (input QDA), keys and heads stay options."""
     from modnet.config import compose
     from modnet.nets.build import build_modular_network
+    from modnet.nets.task_inference import TaskFeatureGaussians
 
     net = build_modular_network(compose("cl", ["model.gate=none"]), (6,), [[0, 1], [2, 3]], True)
-    assert isinstance(net.task_keys, ClassGaussians) and net.task_ood is None
+    tf = net.task_features
+    assert isinstance(tf, TaskFeatureGaussians) and net.task_keys is None and isinstance(net.task_ood, TaskOOD)
+    assert tf.tied and not tf.gates and tf.decoder_weight > 0 and tf.ood_weight > 0 and net.task_ood.score == "energy"
+    net = build_modular_network(compose("cl", ["model.gate=none", "task_inference.method=gauss"]), (6,),
+                                [[0, 1], [2, 3]], True)
+    assert isinstance(net.task_keys, ClassGaussians) and net.task_ood is None and net.task_features is None
     net = build_modular_network(compose("cl", ["model.gate=none", "task_inference.method=keys"]), (6,),
                                 [[0, 1], [2, 3]], True)
     assert isinstance(net.task_keys, TaskKeys)
@@ -220,14 +228,14 @@ def test_default_class_incremental_network_uses_class_gaussians_and_keys_stay_an
     assert net.task_keys is None and net.task_ood is None
     # task-incremental: the label picks the task, no predictor is built
     net = build_modular_network(compose("cl", ["model.gate=none"]), (6,), [[0, 1], [2, 3]], False)
-    assert net.task_keys is None and net.task_ood is None
+    assert net.task_keys is None and net.task_ood is None and net.task_features is None
 
 
 def test_gauss_over_its_memory_budget_falls_back_to_the_lda_keys(capsys):
     from modnet.config import compose
     from modnet.nets.build import build_modular_network
 
-    cfg = compose("cl", ["model.gate=none", "task_inference.gauss_max_mb=1"])
+    cfg = compose("cl", ["model.gate=none", "task_inference.method=gauss", "task_inference.gauss_max_mb=1"])
     net = build_modular_network(cfg, (3, 32, 32), [[0, 1], [2, 3]], True)  # 4 x 3072^2 float64 = 288 MB
     assert isinstance(net.task_keys, TaskKeys)
     assert "task_inference.method=keys" in capsys.readouterr().out
@@ -341,7 +349,8 @@ def test_feature_gaussians_find_the_task_that_the_heads_confidence_cannot(tmp_pa
 
     model, x, y, _ = _train_modnet(tmp_path, ["task_inference.method=features", "task_inference.feature_gates=true",
                                               "task_inference.decoder_weight=0", "task_inference.feature_dtype=float32",
-                                              "task_inference.feature_shrinkage=0.1"])
+                                              "task_inference.feature_shrinkage=0.1", "task_inference.feature_ood_weight=0",
+                                              "task_inference.feature_covariance=class"])
     assert model.task_features is not None and model.task_keys is None and model.task_ood is None
     truth = y // 2
     with torch.no_grad():
@@ -385,7 +394,11 @@ def test_ungated_feature_gaussians_model_relu_of_the_first_layer_under_the_hat_m
         by_hand = F.relu(F.linear(x, layer.weight, layer.bias)) * a_t
         assert torch.allclose(tf.features(model, x, t), by_hand, atol=1e-6)
         units = getattr(tf, f"units_{t}")
-        assert (a_t[units] > 0.5).all()  # only units of the task's mask carry a variance
+        # the units kept are those varying on the task's data: units off in its mask (a_t ~ 0, not exactly 0)
+        # vary by a factor a_t^2 less than those on
+        var = by_hand.var(0)
+        on, off = units[a_t[units] > 0.5], units[a_t[units] <= 0.5]
+        assert len(on) > 0 and (len(off) == 0 or var[off].max() < 1e-4 * var[on].mean())
     with torch.no_grad():
         _, chosen = model.infer_task(x)
         z = tf.task_scores(model, x, 2)
@@ -555,6 +568,15 @@ def test_feature_ood_weight_trains_the_csi_heads_and_adds_their_standardised_sco
     assert torch.allclose(z, z_features + 0.5 * (s - ood.score_mean) / ood.score_std, atol=1e-4)
     assert torch.equal(chosen, z.argmax(1))
     assert (chosen == y // 2).float().mean() >= 0.9
+    # the output: the chosen head's classes win; over one task's classes the argmax is that task's head's
+    # (accuracy with the task known), whichever task was chosen
+    with torch.no_grad():
+        out = model(x)
+        for t in range(2):
+            idx = getattr(model, f"class_index_{t}")
+            assert torch.equal(idx[out[:, idx].argmax(1)], idx[model.task_logits(x, t).argmax(1)])
+        picked = torch.stack([getattr(model, f"class_index_{t}") for t in range(2)])[chosen]
+        assert torch.equal(out.argmax(1), picked.gather(1, out.gather(1, picked).argmax(1, keepdim=True)).squeeze(1))
 
 
 def test_tied_feature_gaussians_store_the_pooled_covariance_once_per_task():

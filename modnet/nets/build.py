@@ -87,8 +87,11 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
     if class_incremental and m.task_keys and (method == "ood" or ood_in_features):
         from modnet.nets.task_inference import TaskOOD
 
+        # inside the features' combination the heads' score is task_inference.feature_ood_score (their own
+        # method=ood keeps task_inference.score)
+        score = str(ti.get("feature_ood_score", "energy")) if ood_in_features else ti.score
         net.task_ood = TaskOOD([len(c) for c in task_classes], net.heads[0].in_features,
-                               transforms=list(ti.transforms), score=ti.score, calibrate=ti.calibrate,
+                               transforms=list(ti.transforms), score=score, calibrate=ti.calibrate,
                                classify=ti.classify, labels=ti.labels)
     if class_incremental and m.task_keys and method == "features":
         from modnet.nets.task_inference import TaskFeatureGaussians

@@ -371,18 +371,19 @@ class HATNet(MultiHeadTaskNet):
 
 
     def _infer_task_features(self, x: Tensor, condition: Condition | None = None) -> tuple[Tensor, Tensor]:
-        """The task of the highest standardised feature likelihood z_t(x) (TaskFeatureGaussians) answers with
-        its classification head's log-probabilities; the other classes stay off."""
+        """The task of the highest standardised score z_t(x) (TaskFeatureGaussians) answers with its
+        classification head's log-probabilities; every other task's classes get their own head's
+        log-probabilities lowered by the off-head logit (-1e4): the argmax over all classes is the chosen head's,
+        and the argmax over one task's classes is that task's head's (accuracy with the task known)."""
         n = int(self.n_trained)
         chosen = self.task_features.task_scores(self, x, n).argmax(1)
-        out = x.new_full((x.shape[0], self.n_classes), _OFF_HEAD_LOGIT, dtype=torch.float32)
+        # below every head's lowered log-probabilities: classes of no trained head
+        out = x.new_full((x.shape[0], self.n_classes), 2 * _OFF_HEAD_LOGIT, dtype=torch.float32)
         for t in range(n):
-            rows = chosen == t
-            if not rows.any():
-                continue
-            logits = self.task_logits(x[rows], t, condition).float()
+            logp = F.log_softmax(self.task_logits(x, t, condition).float(), dim=1)
+            off = torch.where(chosen == t, 0.0, _OFF_HEAD_LOGIT).to(logp).unsqueeze(1)
             idx = getattr(self, f"class_index_{t}")
-            out[rows.nonzero().squeeze(1).unsqueeze(1), idx.unsqueeze(0)] = F.log_softmax(logits, dim=1)
+            out[:, idx] = torch.maximum(out[:, idx], logp + off)
         return out, chosen
 
     def _infer_task_ood(self, x: Tensor, condition: Condition | None = None) -> tuple[Tensor, Tensor]:
