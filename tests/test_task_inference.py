@@ -220,6 +220,11 @@ def test_default_class_incremental_network_predicts_the_task_from_itself_and_inp
     net = build_modular_network(compose("cl", ["model.gate=none", "task_inference.method=gauss"]), (6,),
                                 [[0, 1], [2, 3]], True)
     assert isinstance(net.task_keys, ClassGaussians) and net.task_ood is None and net.task_features is None
+    # method=auto (modnet cl's default): the input Gaussians on a CNN (images), the network's own on an MLP;
+    # modnet gzsl keeps gauss
+    net = build_modular_network(compose("cl", ["model.gate=none"]), (1, 8, 8), [[0, 1], [2, 3]], True)
+    assert isinstance(net.task_keys, ClassGaussians) and net.task_features is None
+    assert compose("cl", []).task_inference.method == "auto" and compose("gzsl", []).task_inference.method == "gauss"
     net = build_modular_network(compose("cl", ["model.gate=none", "task_inference.method=keys"]), (6,),
                                 [[0, 1], [2, 3]], True)
     assert isinstance(net.task_keys, TaskKeys)

@@ -17,7 +17,7 @@ from modnet.nets.models import (CNNBackbone, HATCNN, HATMLP, HATNet, HATResNet18
 
 ARCHS = ("auto", "mlp", "cnn", "resnet18")
 HEADS = ("linear", "cosine")
-TASK_INFERENCE = ("gauss", "keys", "ood", "features", "heads")
+TASK_INFERENCE = ("auto", "gauss", "keys", "ood", "features", "heads")
 
 
 def resolve_arch(arch: str, input_shape: Sequence[int]) -> str:
@@ -51,6 +51,8 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
     ti = cfg.task_inference
     check_choice("task_inference.method", ti.method, TASK_INFERENCE)
     method = ti.method
+    if method == "auto":  # the network's own predictor where it was measured at least as good: MLPs (issue 12)
+        method = "features" if resolve_arch(m.arch, input_shape) == "mlp" else "gauss"
     n_slots = sum(len(c) for c in task_classes)
     # what inference works with: one float64 d x d Cholesky factor per (task, class); what is stored is a
     # packed float32 triangle, a quarter of it (ClassGaussians)

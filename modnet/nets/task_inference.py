@@ -479,8 +479,13 @@ class TaskFeatureGaussians(nn.Module):
         if g.query_dim == 0:
             raise RuntimeError(f"task {task}'s feature Gaussians are not fitted yet")
         # tied: the one pooled (unbiased) covariance of the task, 1 x a x a, shared by its classes
-        cov = shrunk(g._unpack(g.packed_cov) if self.tied else g.covariances(), self.shrinkage)
-        out = (getattr(self, f"units_{task}"), g.means.double(), torch.linalg.cholesky(cov))
+        raw = g._unpack(g.packed_cov) if self.tied else g.covariances()
+        shrinkage = self.shrinkage
+        chol, info = torch.linalg.cholesky_ex(shrunk(raw, shrinkage))
+        while bool(info.any()) and shrinkage < 1.0:  # rounding (float16 storage) left a matrix indefinite:
+            shrinkage = min(1.0, shrinkage * 2)  # more shrinkage until it factors (1: the scaled identity)
+            chol, info = torch.linalg.cholesky_ex(shrunk(raw, shrinkage))
+        out = (getattr(self, f"units_{task}"), g.means.double(), chol)
         self._cache[task] = (key, out)
         return out
 
