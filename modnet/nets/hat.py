@@ -151,6 +151,10 @@ class TrainingMasks:
 _SMALL = 1 << 16  # CPU clip: gradients with fewer elements share one concatenated dot
 
 
+def _flat(g: Tensor) -> Tensor:
+    return g if g.dim() == 1 else g.reshape(-1)
+
+
 def clip_grad_norm(grads: list[Tensor], max_norm: float) -> None:
     """``torch.nn.utils.clip_grad_norm_`` on a list of gradients, without its per-call parameter filtering.
 
@@ -165,8 +169,8 @@ def clip_grad_norm(grads: list[Tensor], max_norm: float) -> None:
     if grads[0].device.type == "cpu":
         # large gradients one dot each; the many small ones (biases, embeddings, gate) in one concatenated dot,
         # where one call per tensor would cost more than its arithmetic
-        small = [g.reshape(-1) for g in grads if g.numel() < _SMALL]
-        sq = sum(float(torch.dot(f, f)) for f in (g.reshape(-1) for g in grads if g.numel() >= _SMALL))
+        small = [_flat(g) for g in grads if g.numel() < _SMALL]
+        sq = sum(float(torch.dot(f, f)) for f in (_flat(g) for g in grads if g.numel() >= _SMALL))
         if small:
             f = small[0] if len(small) == 1 else torch.cat(small)
             sq += float(torch.dot(f, f))  # a float64 sum of the dots

@@ -429,7 +429,7 @@ class HATMLP(HATNet):
 
     def unit_activations(self, x: Tensor, masks: list[Tensor], task: int = 0) -> list[Tensor]:
         # dropout of rate 0 is the identity: not called (a module call and an op per layer on every step)
-        h, acts = _dropout(self.drop_in, x.flatten(1)), []
+        h, acts = _dropout(self.drop_in, x if x.dim() == 2 else x.flatten(1)), []
         for layer, tap, m in zip(self.masked, self.unit_taps, masks):
             # HAT's reference order: ReLU (and dropout), then the mask. With hard module gates the order
             # matters: an off module's gate then gets the gradient of switching it on (the ReLU output),

@@ -465,8 +465,8 @@ class _GateFunction(torch.autograd.Function):
         v = _stack_padded([t if t.dtype == torch.float32 else t.float() for t in vectors], width)  # L x width
         if hat is not None:  # v holds the embedding rows: the masks and their compensation factor from them
             s, smax, thres_cosh, free, _ = hat
-            free = free.float().view(L, width) if width * L == free.numel() else \
-                _stack_padded(free.float().split(sizes), width)
+            free = free if free.dtype == torch.float32 else free.float()
+            free = free.view(L, width) if width * L == free.numel() else _stack_padded(free.split(sizes), width)
             v, factor = compensated_sigmoid(v, s, smax, thres_cosh)
             capacity = torch.dot(v.view(-1), free.view(-1))  # padding: sigmoid(0) * 0
         masked = expand * v.unsqueeze(1)  # L x M x width; padding columns are 0
@@ -491,7 +491,8 @@ class _GateFunction(torch.autograd.Function):
         x, w_l, b, keys, kw, scores, hard, masked, units_module, *hat = ctx.saved_tensors
         sizes = ctx.sizes
         (n, D), (L, M, d), width = x.shape, keys.shape, masked.shape[-1]
-        G = _stack_padded([hard.new_zeros(n, sz) if g is None else g.float() for g, sz in zip(grads, sizes)],
+        G = _stack_padded([hard.new_zeros(n, sz) if g is None else g if g.dtype == torch.float32 else g.float()
+                           for g, sz in zip(grads, sizes)],
                           width)  # L x B x width
         g_mod = torch.bmm(masked, G.transpose(1, 2))  # L x M x B: d out / d module gate = its masked units
         # d out[b, j] / d mask[j] = hard[module(j), b]: (hard G) read at each unit's module
@@ -662,7 +663,7 @@ class ModularGating(nn.Module):
         gate = self.task_gate(task)
         if gate is None:
             return masks.compute() if isinstance(masks, TrainingMasks) else masks
-        return gate(x.flatten(1), masks)
+        return gate(x if x.dim() == 2 else x.flatten(1), masks)
 
 
 class TaskKeys(nn.Module):
