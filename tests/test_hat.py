@@ -49,11 +49,12 @@ def test_compensation_formula():
                                                          rel=1e-5)
 
 
+@pytest.mark.parametrize("given", ["rows", "tables"])
 @pytest.mark.parametrize("s", [1 / 400, 2.0, 37.0, 400.0])
-def test_compensated_masks_equal_autograd_then_compensation(s):
+def test_compensated_masks_equal_autograd_then_compensation(s, given):
     """The fused masks (one autograd node, compensation in its backward, capacity regulariser beside) =
     sigmoid and regulariser through autograd followed by the compensation pass (the reference code's order),
-    for every layer and only on the task's row."""
+    for every layer and only on the task's row; given the task's rows, or the whole tables and the task."""
     from modnet.nets.hat import CompensatedMasks, free_capacity
 
     torch.manual_seed(0)
@@ -62,7 +63,8 @@ def test_compensated_masks_equal_autograd_then_compensation(s):
         emb.weight.data.mul_(2.0)
     prev = [torch.rand(7).round(), torch.rand(4)]
     g = [torch.randn(7), torch.randn(4)]
-    *masks, reg = CompensatedMasks.apply(s, 400.0, 50.0, free_capacity(prev), *[e.weight[1] for e in embs])
+    args = (None, *[e.weight[1] for e in embs]) if given == "rows" else (1, *[e.weight for e in embs])
+    *masks, reg = CompensatedMasks.apply(s, 400.0, 50.0, free_capacity(prev), *args)
     (sum((m * gi).sum() for m, gi in zip(masks, g)) + 0.75 * reg).backward()
     fused = [e.weight.grad.clone() for e in embs]
     for e in embs:

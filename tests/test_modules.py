@@ -140,13 +140,15 @@ def test_fused_gate_function_equals_the_autograd_reference(estimator):
         gate(x, [torch.rand(20, 8), masks[1]])  # per-input masks belong in the gate's output, not its input
 
 
+@pytest.mark.parametrize("given", ["rows", "tables"])
 @pytest.mark.parametrize("widths", [(8, 5), (6, 6)])
 @pytest.mark.parametrize("s", [1 / 400, 3.0, 400.0])
-def test_gate_given_training_masks_equals_hat_then_gate_reference(widths, s):
+def test_gate_given_training_masks_equals_hat_then_gate_reference(widths, s, given):
     """Gates given a task's HAT ``TrainingMasks`` (masks computed inside the gate's autograd function) =
     the reference chain: sigmoid masks and capacity regulariser through autograd, module gates expanded to
     units (``module_gates``), then HAT's compensation pass on the embedding gradient. Values, the
-    regulariser and all gradients, with layers of unequal (padded) and equal widths."""
+    regulariser and all gradients, with layers of unequal (padded) and equal widths; the masks given as the
+    task's embedding rows or as the whole tables and the task."""
     from modnet.nets.hat import TrainingMasks, capacity_regulariser, compensate_embedding_grad, free_capacity
 
     torch.manual_seed(0)
@@ -159,7 +161,8 @@ def test_gate_given_training_masks_equals_hat_then_gate_reference(widths, s):
     x = torch.randn(20, 6)
     w = [torch.randn(20, n) for n in widths]
     c = 0.75
-    training = TrainingMasks([e.weight[1] for e in embs], s, 400.0, 50.0, c * free_capacity(prev))
+    rows, task = ([e.weight[1] for e in embs], None) if given == "rows" else ([e.weight for e in embs], 1)
+    training = TrainingMasks(rows, s, 400.0, 50.0, c * free_capacity(prev), task=task)
     units = gate(x, training)
     (sum((u * wi).sum() for u, wi in zip(units, w)) + training.capacity).backward()
     leaves = [gate.keys, gate.query.weight, gate.query.bias, *[e.weight for e in embs]]

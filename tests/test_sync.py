@@ -371,7 +371,8 @@ def test_sync_loss_rows_and_layers_by_hand():
 
 def test_lazy_sync_regulariser_adds_every_kth_step_with_weight_times_k_and_cycles_rows():
     """SyncRegPlugin(every=2, rows=3) on two 7-unit layers: steps 0 and 2 add 2 * weight * L_sync of the
-    stacked layers' profiles on rows offset::3 (offset 0, then 1); steps 1 and 3 add nothing."""
+    stacked layers' profiles on rows offset::3 (offset 0, then 1); steps 1 and 3 add nothing, and their
+    forwards are not asked to record the units' activations."""
     from types import SimpleNamespace
 
     from modnet.nets.models import Condition, ForwardTrace
@@ -383,13 +384,15 @@ def test_lazy_sync_regulariser_adds_every_kth_step_with_weight_times_k_and_cycle
     condition = Condition(trace=ForwardTrace(activations=acts))
     strat = SimpleNamespace(model=None, loss=torch.zeros(()), train_condition=condition)
     plugin.before_training_exp(strat)
-    assert condition.record  # the plugin asks the training forwards to record the units' activations
     profiles = torch.stack([a.T for a in acts])
-    added = []
+    added, recorded = [], []
     for _ in range(4):
         before = float(strat.loss)
+        plugin.before_forward(strat)
+        recorded.append(condition.record)  # the forward of an evaluated step records the units' activations
         plugin.before_backward(strat)
         added.append(float(strat.loss) - before)
+    assert recorded == [True, False, True, False]
     assert added[1] == 0.0 and added[3] == 0.0
     assert added[0] == pytest.approx(2 * 0.5 * float(sync_loss(profiles, 0.9, 3, 0)), rel=1e-6)
     assert added[2] == pytest.approx(2 * 0.5 * float(sync_loss(profiles, 0.9, 3, 1)), rel=1e-6)
@@ -407,6 +410,7 @@ def test_sync_regulariser_is_the_mean_over_layers_of_any_widths():
                             train_condition=Condition(trace=ForwardTrace(activations=acts)))
     plugin = SyncRegPlugin(weight=1.0, eps=0.9)
     plugin.before_training_exp(strat)
+    plugin.before_forward(strat)
     plugin.before_backward(strat)
     want = sum(float(sync_loss(a.T, 0.9)) for a in acts) / 3
     assert float(strat.loss) == pytest.approx(want, rel=1e-6)

@@ -77,17 +77,39 @@ def compensated_sigmoid(e: Tensor, s: float, smax: float, thres_cosh: float) -> 
     return a, factor
 
 
+def task_rows(vectors, task: int | None) -> list[Tensor]:
+    """The vectors themselves (``task`` None), or row ``task`` of each (task x units) embedding table."""
+    return list(vectors) if task is None else [t[task] for t in vectors]
+
+
+def rows_into_tables(grads, tables_shapes, task: int | None) -> list[Tensor]:
+    """The gradients of ``task_rows``' rows as gradients of what it was given: the rows' own (``task`` None),
+    or each table's (zeros but row ``task``, as autograd's select backward writes it)."""
+    if task is None:
+        return list(grads)
+    out = []
+    for g, shape in zip(grads, tables_shapes):
+        full = g.new_zeros(shape)
+        full[task] = g
+        out.append(full)
+    return out
+
+
 class CompensatedMasks(torch.autograd.Function):
     """HAT's training-time masks of every layer in one autograd node: a_l = sigmoid(s * e_l) for the task's
     embedding rows e_l, plus the capacity regulariser R = sum a . free (``capacity_regulariser`` with
     ``free = free_capacity(a^{<t})``, times its weight c if ``free`` carries it), whose backward returns
     HAT's compensated embedding gradient (``compensated_sigmoid``) directly. The factor is computed in the
     forward on all layers' units at once; the backward is one product.
-    ``apply(s, smax, thres_cosh, free, *rows)`` returns (*masks, R).
+    ``apply(s, smax, thres_cosh, free, task, *rows)`` returns (*masks, R). With ``task`` None the rows are
+    given; with a task, the layers' whole embedding tables are, and their gradients are the tables' (the rows
+    are picked inside: no select node per layer in the graph).
     """
 
     @staticmethod
-    def forward(ctx, s, smax, thres_cosh, free, *rows):
+    def forward(ctx, s, smax, thres_cosh, free, task, *rows):
+        ctx.task, ctx.shapes = task, [r.shape for r in rows]
+        rows = task_rows(rows, task)
         a, factor = compensated_sigmoid(torch.cat(rows), s, smax, thres_cosh)
         ctx.save_for_backward(factor, free)
         ctx.sizes = [r.numel() for r in rows]
@@ -100,16 +122,17 @@ class CompensatedMasks(torch.autograd.Function):
         g = torch.cat([factor.new_zeros(n) if gm is None else gm for gm, n in zip(g_masks, ctx.sizes)])
         if g_reg is not None:
             g = g + g_reg * free
-        return (None, None, None, None, *(g * factor).split(ctx.sizes))
+        return (None, None, None, None, None, *rows_into_tables((g * factor).split(ctx.sizes), ctx.shapes, ctx.task))
 
 
 @dataclass
 class TrainingMasks:
     """A task's HAT masks during training, before they are computed: its embedding rows e_l (one per masked
-    layer), the annealed s, and the compensation settings; ``free`` is the capacity regulariser's weight
-    times ``free_capacity(a^{<t})``. ``compute()`` gives the masks through ``CompensatedMasks``; a
-    ``ModuleGate`` computes them inside its own autograd function instead (one node for masks and gates).
-    Whoever computes them leaves the weighted capacity regulariser c R in ``capacity``."""
+    layer; or, with ``task``, the layers' whole embedding tables, whose row ``task`` is used), the annealed s,
+    and the compensation settings; ``free`` is the capacity regulariser's weight times
+    ``free_capacity(a^{<t})``. ``compute()`` gives the masks through ``CompensatedMasks``; a ``ModuleGate``
+    computes them inside its own autograd function instead (one node for masks and gates). Whoever computes
+    them leaves the weighted capacity regulariser c R in ``capacity``."""
 
     rows: list[Tensor]
     s: float
@@ -117,13 +140,19 @@ class TrainingMasks:
     thres_cosh: float
     free: Tensor
     capacity: Tensor | None = None
+    task: int | None = None
 
     def compute(self) -> list[Tensor]:
-        *masks, self.capacity = CompensatedMasks.apply(self.s, self.smax, self.thres_cosh, self.free, *self.rows)
+        *masks, self.capacity = CompensatedMasks.apply(self.s, self.smax, self.thres_cosh, self.free, self.task,
+                                                       *self.rows)
         return masks
 
 
 _SMALL = 1 << 16  # CPU clip: gradients with fewer elements share one concatenated dot
+
+
+def _flat(g: Tensor) -> Tensor:
+    return g if g.dim() == 1 else g.reshape(-1)
 
 
 def clip_grad_norm(grads: list[Tensor], max_norm: float) -> None:
@@ -140,8 +169,8 @@ def clip_grad_norm(grads: list[Tensor], max_norm: float) -> None:
     if grads[0].device.type == "cpu":
         # large gradients one dot each; the many small ones (biases, embeddings, gate) in one concatenated dot,
         # where one call per tensor would cost more than its arithmetic
-        small = [g.reshape(-1) for g in grads if g.numel() < _SMALL]
-        sq = sum(float(torch.dot(f, f)) for f in (g.reshape(-1) for g in grads if g.numel() >= _SMALL))
+        small = [_flat(g) for g in grads if g.numel() < _SMALL]
+        sq = sum(float(torch.dot(f, f)) for f in (_flat(g) for g in grads if g.numel() >= _SMALL))
         if small:
             f = small[0] if len(small) == 1 else torch.cat(small)
             sq += float(torch.dot(f, f))  # a float64 sum of the dots

@@ -229,8 +229,10 @@ class HATNet(MultiHeadTaskNet):
         hat = condition.hat
         if hat is None or not self.training or not torch.is_grad_enabled():
             return None
-        return TrainingMasks([layer.task_embedding.weight[task] for layer in self.masked],
-                             self.smax if condition.s is None else condition.s, hat.smax, hat.thres_cosh, hat.free)
+        # the whole embedding tables: the autograd function picks the task's rows (no select node per layer)
+        return TrainingMasks([layer.task_embedding.weight for layer in self.masked],
+                             self.smax if condition.s is None else condition.s, hat.smax, hat.thres_cosh, hat.free,
+                             task=task)
 
     def cumulative_masks(self) -> list[Tensor]:
         return [getattr(self, f"mask_pre_{i}") for i in range(len(self.masked))]
@@ -409,6 +411,10 @@ class HATNet(MultiHeadTaskNet):
         return out, chosen
 
 
+def _dropout(drop: nn.Dropout, h: Tensor) -> Tensor:
+    return drop(h) if drop.p else h
+
+
 class HATMLP(HATNet):
     """MLP of ``n_layers`` HAT-masked hidden layers (ReLU), then one head per task."""
 
@@ -424,12 +430,13 @@ class HATMLP(HATNet):
         self._init_cumulative_masks()
 
     def unit_activations(self, x: Tensor, masks: list[Tensor], task: int = 0) -> list[Tensor]:
-        h, acts = self.drop_in(x.flatten(1)), []
+        # dropout of rate 0 is the identity: not called (a module call and an op per layer on every step)
+        h, acts = _dropout(self.drop_in, x if x.dim() == 2 else x.flatten(1)), []
         for layer, tap, m in zip(self.masked, self.unit_taps, masks):
             # HAT's reference order: ReLU (and dropout), then the mask. With hard module gates the order
             # matters: an off module's gate then gets the gradient of switching it on (the ReLU output),
             # which masking before the ReLU would zero.
-            h = tap(apply_unit_mask(self.drop(F.relu(layer(h))), m))
+            h = tap(apply_unit_mask(_dropout(self.drop, F.relu(layer(h))), m))
             acts.append(h)
         return acts
 
@@ -480,7 +487,8 @@ class HATCNN(HATNet):
             h = tap(apply_unit_mask(F.max_pool2d(F.relu(conv(h)), 2), m))
             if conv_profiles:
                 acts.append(h.mean(dim=(2, 3)))
-        acts.append(self.unit_taps[-1](apply_unit_mask(self.drop(F.relu(self.masked[-1](h.flatten(1)))), masks[-1])))
+        acts.append(self.unit_taps[-1](apply_unit_mask(_dropout(self.drop, F.relu(self.masked[-1](h.flatten(1)))),
+                                                       masks[-1])))
         return acts, acts[-1]
 
 

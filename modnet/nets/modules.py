@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from modnet.nets.hat import TrainingMasks, compensated_sigmoid
+from modnet.nets.hat import TrainingMasks, compensated_sigmoid, rows_into_tables, task_rows
 
 
 # how a module was made, as stored in a gate's ``module_method_<l>`` buffer: SynC, the k-means fallback, or
@@ -359,14 +359,16 @@ class ModuleGate(nn.Module):
         it), through one autograd function with the straight-through backward written out: the reference path
         is ~40 small autograd ops per step, which on a small network cost more than its layers.
         """
-        hat = None
+        hat, rows = None, 0  # rows: how many leading dims a vector has (1: embedding tables, task given)
         if isinstance(masks, TrainingMasks):
-            hat, vectors = (masks.s, masks.smax, masks.thres_cosh, masks.free), masks.rows
+            hat, vectors = (masks.s, masks.smax, masks.thres_cosh, masks.free, masks.task), masks.rows
+            rows = int(masks.task is not None)
         elif masks is None:
             vectors = [q_in.new_ones(n) for n in self.sizes]
         else:
             vectors = list(masks)
-        if [tuple(m.shape) for m in vectors] != [(n,) for n in self.sizes]:
+        if [tuple(m.shape[rows:]) for m in vectors] != [(n,) for n in self.sizes] or \
+                any(m.dim() != rows + 1 for m in vectors):
             raise ValueError(f"masks must be one vector per layer of sizes {self.sizes}, got "
                              f"{[tuple(m.shape) for m in vectors]}")
         out = _GateFunction.apply(q_in, self.query.weight, self.query.bias, self.keys, self.score_pad,
@@ -458,11 +460,13 @@ class _GateFunction(torch.autograd.Function):
         x = q_in if q_in.dtype == torch.float32 else q_in.float()
         (n, D), (L, M, d), width = x.shape, keys.shape, expand.shape[-1]
         ctx.vector_dtypes = [v.dtype for v in vectors]
+        ctx.task, ctx.shapes = (hat[4], [t.shape for t in vectors]) if hat is not None else (None, None)
+        vectors = task_rows(vectors, ctx.task)  # HAT training: the task's rows of the embedding tables
         v = _stack_padded([t if t.dtype == torch.float32 else t.float() for t in vectors], width)  # L x width
         if hat is not None:  # v holds the embedding rows: the masks and their compensation factor from them
-            s, smax, thres_cosh, free = hat
-            free = free.float().view(L, width) if width * L == free.numel() else \
-                _stack_padded(free.float().split(sizes), width)
+            s, smax, thres_cosh, free, _ = hat
+            free = free if free.dtype == torch.float32 else free.float()
+            free = free.view(L, width) if width * L == free.numel() else _stack_padded(free.split(sizes), width)
             v, factor = compensated_sigmoid(v, s, smax, thres_cosh)
             capacity = torch.dot(v.view(-1), free.view(-1))  # padding: sigmoid(0) * 0
         masked = expand * v.unsqueeze(1)  # L x M x width; padding columns are 0
@@ -487,7 +491,8 @@ class _GateFunction(torch.autograd.Function):
         x, w_l, b, keys, kw, scores, hard, masked, units_module, *hat = ctx.saved_tensors
         sizes = ctx.sizes
         (n, D), (L, M, d), width = x.shape, keys.shape, masked.shape[-1]
-        G = _stack_padded([hard.new_zeros(n, sz) if g is None else g.float() for g, sz in zip(grads, sizes)],
+        G = _stack_padded([hard.new_zeros(n, sz) if g is None else g if g.dtype == torch.float32 else g.float()
+                           for g, sz in zip(grads, sizes)],
                           width)  # L x B x width
         g_mod = torch.bmm(masked, G.transpose(1, 2))  # L x M x B: d out / d module gate = its masked units
         # d out[b, j] / d mask[j] = hard[module(j), b]: (hard G) read at each unit's module
@@ -496,8 +501,9 @@ class _GateFunction(torch.autograd.Function):
             factor, free = hat
             g_cap = grads[L]
             g_v = (g_v if g_cap is None else g_v + g_cap * free) * factor  # compensated embedding gradient
-        g_vectors = [g if g.dtype == dt else g.to(dt)
-                     for g, dt in zip(_unstack_padded(g_v, sizes), ctx.vector_dtypes)]
+        g_vectors = rows_into_tables([g if g.dtype == dt else g.to(dt)
+                                      for g, dt in zip(_unstack_padded(g_v, sizes), ctx.vector_dtypes)],
+                                     ctx.shapes, ctx.task)
         tau = ctx.tau
         soft = torch.softmax(scores if tau == 1.0 else scores / tau, dim=1)
         g_s = soft * (g_mod - (soft * g_mod).sum(1, keepdim=True))
@@ -657,7 +663,7 @@ class ModularGating(nn.Module):
         gate = self.task_gate(task)
         if gate is None:
             return masks.compute() if isinstance(masks, TrainingMasks) else masks
-        return gate(x.flatten(1), masks)
+        return gate(x if x.dim() == 2 else x.flatten(1), masks)
 
 
 class TaskKeys(nn.Module):

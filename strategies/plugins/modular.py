@@ -76,8 +76,12 @@ class SyncRegPlugin(SupervisedPlugin):
         self._step = 0
 
     def before_training_exp(self, strategy, **kw):
-        train_condition(strategy).record = True  # the training forwards record the units' activations
         self._step = 0
+
+    def before_forward(self, strategy, **kw):
+        # the training forward records the units' activations on the steps whose L_sync is evaluated only:
+        # recording costs a pass over every conv map (its spatial means), wasted on the other every - 1 steps
+        train_condition(strategy).record = self._step % self.every == 0
 
     def before_backward(self, strategy, **kw):
         acts = train_condition(strategy).trace.activations
