@@ -379,36 +379,33 @@ class HATNet(MultiHeadTaskNet):
         and the argmax over one task's classes is that task's head's (accuracy with the task known)."""
         n = int(self.n_trained)
         chosen = self.task_features.task_scores(self, x, n).argmax(1)
+        return self._chosen_head_log_probs(chosen, [self.task_logits(x, t, condition) for t in range(n)]), chosen
+
+    def _chosen_head_log_probs(self, chosen: Tensor, logits: list[Tensor]) -> Tensor:
+        """Every trained task's classes get its ``logits[t]``'s log-probabilities, lowered by the off-head logit
+        (-1e4) where ``chosen`` is another task: the argmax over all classes is the chosen head's, and the
+        argmax over one task's classes is that task's head's (accuracy with the task known)."""
         # below every head's lowered log-probabilities: classes of no trained head
-        out = x.new_full((x.shape[0], self.n_classes), 2 * _OFF_HEAD_LOGIT, dtype=torch.float32)
-        for t in range(n):
-            logp = F.log_softmax(self.task_logits(x, t, condition).float(), dim=1)
+        out = logits[0].new_full((logits[0].shape[0], self.n_classes), 2 * _OFF_HEAD_LOGIT, dtype=torch.float32)
+        for t, z in enumerate(logits):
+            logp = F.log_softmax(z.float(), dim=1)
             off = torch.where(chosen == t, 0.0, _OFF_HEAD_LOGIT).to(logp).unsqueeze(1)
             idx = getattr(self, f"class_index_{t}")
             out[:, idx] = torch.maximum(out[:, idx], logp + off)
-        return out, chosen
+        return out
 
     def _infer_task_ood(self, x: Tensor, condition: Condition | None = None) -> tuple[Tensor, Tensor]:
-        """The task of the highest calibrated OOD score z_t(x) answers (modnet.nets.task_inference): its
-        classes get their log-probabilities (classification head, or the transforms' ensemble), the others
-        stay off."""
+        """The task of the highest calibrated OOD score z_t(x) answers (modnet.nets.task_inference) with its
+        log-probabilities (classification head, or the transforms' ensemble); every other task's classes get
+        theirs lowered by the off-head logit, as in ``_infer_task_features``."""
         n = int(self.n_trained)
         z, gs = self.task_ood.task_scores(self, x, n, condition)
         chosen = z.argmax(1)
-        out = x.new_full((x.shape[0], self.n_classes), _OFF_HEAD_LOGIT, dtype=torch.float32)
-        for t in range(n):
-            rows = chosen == t
-            if not rows.any():
-                continue
-            # a head that gained classes later (NIWT's unseen classes) has no joint outputs for them: its
-            # classification head scores it
-            if self.task_ood.classify == "joint" and gs[t].shape[1] == len(self.task_classes[t]):
-                logits = gs[t][rows]
-            else:
-                logits = self.task_logits(x[rows], t, condition).float()
-            idx = getattr(self, f"class_index_{t}")
-            out[rows.nonzero().squeeze(1).unsqueeze(1), idx.unsqueeze(0)] = F.log_softmax(logits, dim=1)
-        return out, chosen
+        # a head that gained classes later (NIWT's unseen classes) has no joint outputs for them: its
+        # classification head scores it
+        joint = [self.task_ood.classify == "joint" and gs[t].shape[1] == len(self.task_classes[t]) for t in range(n)]
+        logits = [gs[t] if joint[t] else self.task_logits(x, t, condition) for t in range(n)]
+        return self._chosen_head_log_probs(chosen, logits), chosen
 
 
 def _dropout(drop: nn.Dropout, h: Tensor) -> Tensor:
