@@ -512,8 +512,11 @@ class TaskFeatureGaussians(nn.Module):
         """Task t's class Gaussians over its active units from its training data (labels local to its head),
         the decoder when there is one, then the mean and std of its score(s) on the same data."""
         full = ClassGaussians(self.task_sizes[task], self.width, self.shrinkage).to(x.device)
-        for i in range(0, x.shape[0], batch_size):
-            full.update(self.features(net, x[i:i + batch_size], task), y_local[i:i + batch_size])
+        # the features of t's training data, once: the Gaussians, the decoder and the score statistics use them
+        starts = range(0, x.shape[0], batch_size)
+        hs = [self.features(net, x[i:i + batch_size], task) for i in starts]
+        for i, h in zip(starts, hs):
+            full.update(h, y_local[i:i + batch_size])
         active = torch.diagonal(full.covariances(), dim1=1, dim2=2).amax(0) > 1e-12
         if not active.any():
             active[0] = True
@@ -535,8 +538,7 @@ class TaskFeatureGaussians(nn.Module):
         self._buffers[f"units_{task}"] = units.to(self.score_mean.device)
         self._cache.pop(task, None)
         if self.decoder_weight > 0:
-            h = torch.cat([self.features(net, x[k:k + batch_size], task)
-                           for k in range(0, x.shape[0], batch_size)]).double()[:, units]
+            h = torch.cat(hs).double()[:, units]
             target = x.flatten(1).double()
             mu_h, mu_x = h.mean(0), target.mean(0)
             a = h - mu_h
@@ -546,9 +548,8 @@ class TaskFeatureGaussians(nn.Module):
             self._buffers[f"decoder_mean_h_{task}"] = _stored(mu_h, self.dtype)
             self._buffers[f"decoder_mean_x_{task}"] = _stored(mu_x, self.dtype)
         s, r = [], []
-        for k in range(0, x.shape[0], batch_size):
-            xb = x[k:k + batch_size]
-            sb, rb = self._raw_scores(self.features(net, xb, task), xb, task)
+        for k, hb in zip(starts, hs):
+            sb, rb = self._raw_scores(hb, x[k:k + batch_size], task)
             s.append(sb)
             r.append(rb)
         for part in self.extra:
