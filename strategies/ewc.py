@@ -10,7 +10,10 @@ while lr · 2 λ Σ_e F_i^e < 2, i.e. λ < 1 / (lr · max_i Σ_e F_i). Class-inc
 F ≈ 0.2 after the first experience on Split-Digits: λ = 1000 gives lr 2 λ F ≈ 23, the old head oscillates with
 growing amplitude and the loss is NaN within the next experience. Task-incremental the old heads receive no
 task gradient and stay at θ*, so λ = 1000 is stable there. Hence a class-incremental λ of its own
-(``strategies/ewc.py`` picks it by ``scenario``).
+(``strategies/ewc.py`` picks it by ``scenario``). The shared layers' Σ F grows with the experiences too (Split-MNIST-1D
+task-incremental, λ 1000: NaN in the fourth experience), so the plugin (``strategies.plugins.ewc.StableEWCPlugin``,
+Avalanche's ``EWCPlugin`` plus this) lowers λ to margin / (2 lr · max Σ F) after an experience where λ would pass
+the bound (``ewc.stability_margin``, default 1; null = Avalanche's behaviour).
 """
 from __future__ import annotations
 
@@ -23,9 +26,12 @@ NAME = "ewc"
 @register_strategy(NAME, stored_bytes=ewc_bytes, gradient_sync="allreduce")
 def build(cfg, info, common):
     from strategies.common import avalanche_baseline
+    from strategies.plugins.ewc import StableEWCPlugin
 
-    return avalanche_baseline("EWC", cfg, info, common, ewc_lambda=scenario_ewc_lambda(cfg.ewc, info.scenario),
-                              mode=cfg.ewc.mode, decay_factor=cfg.ewc.decay_factor)
+    margin = cfg.ewc.get("stability_margin", 1.0)
+    ewc = StableEWCPlugin(scenario_ewc_lambda(cfg.ewc, info.scenario), mode=cfg.ewc.mode,
+                          decay_factor=cfg.ewc.decay_factor, margin=None if margin is None else float(margin))
+    return avalanche_baseline("Naive", cfg, info, common, plugins=[ewc])
 
 
 def scenario_ewc_lambda(ewc_cfg, scenario: str) -> float:

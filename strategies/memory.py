@@ -152,12 +152,14 @@ def modnet_bytes(strategy, info) -> int:
     """The modular network's state beyond a baseline's backbone and heads: HAT task embeddings (one mask
     per task and layer), the gates of every task (keys, query maps, unit assignments), what predicts the task
     without a label (task keys or class Gaussians: sums, counts, scatters; or the task-prediction heads and
-    their calibration, ``task_ood``) and, on a ResNet, the batch norms of tasks after the first."""
+    their calibration, ``task_ood``, where inference reads them: transform heads trained only as an
+    auxiliary loss are not counted) and, on a ResNet, the batch norms of tasks after the first."""
     total = 0
     for name, t in strategy.model.state_dict().items():
         leaf = name.rsplit(".", 1)[-1]
         per_task_bn = name.startswith("bn.") and name.split(".")[2] != "0"
-        task_prediction = name.startswith(("task_keys.", "task_ood.", "task_features."))
+        task_prediction = name.startswith(("task_keys.", "task_features.")) or \
+            (name.startswith("task_ood.") and strategy.model.task_ood_read_at_inference())
         if ".task_embedding." in name or task_prediction or per_task_bn or \
                 (name.startswith("gate.") and not leaf.startswith(_MODNET_NOT_FOR_INFERENCE)):
             total += t.numel() * t.element_size()

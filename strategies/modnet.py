@@ -44,7 +44,13 @@ def modnet_strategy(model, optimizer, *, smax: float = 400.0, c: float = 0.75, t
     return ConditionedTemplate(model=model, optimizer=optimizer, plugins=[*ours, *plugins], **template_args)
 
 
-@register_strategy(NAME, stored_bytes=modnet_bytes, gradient_sync="ddp", resumes_at_experience=True)
+def modnet_gradient_sync(strategy) -> str:
+    """DDP's hooks, unless the network has transform heads: TaskOODPlugin's loss runs a second forward of the
+    backbone outside DDP's, and DDP's reducer fails on parameters reached twice in one backward."""
+    return "allreduce" if getattr(strategy.model, "task_ood", None) is not None else "ddp"
+
+
+@register_strategy(NAME, stored_bytes=modnet_bytes, gradient_sync=modnet_gradient_sync, resumes_at_experience=True)
 def build(cfg, info, common):
     from strategies.common import modular_network, sgd
 

@@ -30,7 +30,8 @@ class StrategyEntry:
 
     gradient_sync           data-parallel runs: "ddp" (gradients averaged in the DDP backward), "allreduce"
                             (one all-reduce after the backward, for plugins that backpropagate through
-                            parameters the DDP forward did not use), or None (cannot run data-parallel)
+                            parameters the DDP forward did not use), None (cannot run data-parallel), or
+                            ``f(strategy) -> "ddp" | "allreduce"`` where it depends on the built model
     no_ddp_reason           why not, when gradient_sync is None
     resumes_at_experience   the whole state is the model's state dict (plain SGD, no plugin state): a resumed
                             run continues at the next experience; the others re-run from their first one
@@ -40,7 +41,7 @@ class StrategyEntry:
 
     name: str
     build: Callable
-    gradient_sync: str | None = "ddp"
+    gradient_sync: str | Callable | None = "ddp"
     no_ddp_reason: str | None = None
     resumes_at_experience: bool = False
     stored_bytes: Callable | None = None
@@ -49,11 +50,12 @@ class StrategyEntry:
 STRATEGIES: dict[str, StrategyEntry] = {}
 
 
-def register_strategy(name: str, *, stored_bytes: Callable, gradient_sync: str | None = "ddp",
+def register_strategy(name: str, *, stored_bytes: Callable, gradient_sync: str | Callable | None = "ddp",
                       no_ddp_reason: str | None = None, resumes_at_experience: bool = False) -> Callable:
     """Decorator of a strategy file's builder: ``@register_strategy("mine", stored_bytes=...)``."""
-    if gradient_sync not in ("ddp", "allreduce", None):
-        raise ValueError(f"gradient_sync must be 'ddp', 'allreduce' or None, got {gradient_sync!r}")
+    if gradient_sync not in ("ddp", "allreduce", None) and not callable(gradient_sync):
+        raise ValueError(f"gradient_sync must be 'ddp', 'allreduce', None or a function of the strategy, "
+                         f"got {gradient_sync!r}")
 
     def register(build: Callable) -> Callable:
         if name in STRATEGIES and STRATEGIES[name].build is not build:

@@ -207,33 +207,44 @@ def _ewc_class_run(overrides):
     return cfg, strategy, next(p for p in strategy.plugins if isinstance(p, EWCPlugin)), info
 
 
-def test_ewc_class_incremental_completes_within_the_sgd_stability_bound():
-    """Penalty λ Σ_e F^e (θ - θ*)²: plain SGD on it is stable while lr · 2 λ Σ_e F_i^e < 2. The class-incremental
-    λ trains all five experiences with a finite loss and ends inside that bound; λ = 1000 (the task-incremental
-    value) is outside it after the first experience and stops on a NaN loss."""
-    from modnet.runner.guards import NaNLossError
-    from strategies.ewc import scenario_ewc_lambda
-
-    cfg, strategy, ewc, info = _ewc_class_run([])
-    lam = scenario_ewc_lambda(cfg.ewc, "class")
-    assert lam == cfg.ewc.class_ewc_lambda != cfg.ewc.ewc_lambda
-    for exp in info.benchmark.train_stream:
-        strategy.train(exp)
-        assert torch.isfinite(strategy.loss)
+def _summed_max_importance(ewc) -> float:
     summed = {}
     for per_exp in ewc.importances.values():
         for name, imp in per_exp.items():
             summed[name] = summed.get(name, 0) + imp.data
-    max_f = max(float(f.max()) for f in summed.values())
-    assert cfg.train.lr * 2 * lam * max_f < 2
+    return max(float(f.max()) for f in summed.values())
 
-    cfg, strategy, ewc, info = _ewc_class_run(["ewc.class_ewc_lambda=1000"])
+
+def test_ewc_class_incremental_completes_within_the_sgd_stability_bound():
+    """Penalty λ Σ_e F^e (θ - θ*)²: plain SGD on it is stable while lr · 2 λ Σ_e F_i^e < 2. Without the
+    stability margin, λ = 1000 (the task-incremental value) is outside that bound after the first experience
+    and stops on a NaN loss; with it (the default) the same λ trains all five experiences with a finite loss and
+    the weight the penalty ends with satisfies lr · 2 λ_eff max Σ F <= margin, as does the class-incremental λ."""
+    from modnet.runner.guards import NaNLossError
+    from strategies.ewc import scenario_ewc_lambda
+
+    cfg, strategy, ewc, info = _ewc_class_run(["ewc.class_ewc_lambda=1000", "ewc.stability_margin=null"])
     strategy.train(info.benchmark.train_stream[0])
     max_f = max(float(imp.data.max()) for imp in ewc.importances[0].values())
     assert cfg.train.lr * 2 * 1000 * max_f > 2
+    assert ewc.ewc_lambda == 1000
     with pytest.raises(NaNLossError):
         for exp in info.benchmark.train_stream[1:]:
             strategy.train(exp)
+
+    for overrides in (["ewc.class_ewc_lambda=1000"], []):
+        cfg, strategy, ewc, info = _ewc_class_run(overrides)
+        lam = scenario_ewc_lambda(cfg.ewc, "class")
+        assert lam == cfg.ewc.class_ewc_lambda
+        for exp in info.benchmark.train_stream:
+            strategy.train(exp)
+            assert torch.isfinite(strategy.loss)
+        lr_curvature = cfg.train.lr * 2 * ewc.ewc_lambda * _summed_max_importance(ewc)
+        assert lr_curvature <= cfg.ewc.stability_margin * (1 + 1e-6)
+        assert ewc.ewc_lambda <= lam and len(ewc.lambda_history) == len(info.benchmark.train_stream)
+        if lam == 1000:
+            assert ewc.ewc_lambda < 100  # lowered by more than an order of magnitude
+    assert cfg.ewc.class_ewc_lambda != cfg.ewc.ewc_lambda  # the default run: class-incremental λ of its own
 
 
 def test_modnet_bytes_count_what_predicts_the_task_and_not_the_backbone():
@@ -249,4 +260,8 @@ def test_modnet_bytes_count_what_predicts_the_task_and_not_the_backbone():
     net.backbone = nn.Linear(10, 10)  # not counted
     net.task_ood = nn.Linear(4, 3)  # 12 weights + 3 biases, float32
     net.task_keys = nn.Linear(2, 2)  # 4 + 2
+    net.task_ood_read_at_inference = lambda: True
     assert modnet_bytes(SimpleNamespace(model=net), None) == (15 + 6) * 4
+    # transform heads trained only as an auxiliary loss (model.transform_heads=always, task known): not stored
+    net.task_ood_read_at_inference = lambda: False
+    assert modnet_bytes(SimpleNamespace(model=net), None) == 6 * 4

@@ -351,3 +351,20 @@ def test_modules_persist_across_tasks_and_a_module_is_shared_by_two_tasks():
         assert all(torch.equal(a, b) for a, b in zip(fresh.gate(x, t, fresh.masks(t)), net.gate(x, t, net.masks(t))))
     assert fresh.gate.task_gate(1).n_inherited == [1]
     assert module_sharing(fresh) == module_sharing(net)
+
+
+def test_a_layer_with_two_free_units_gets_one_rest_module_that_the_record_can_name():
+    """A later task on a layer whose units earlier tasks have (almost) all claimed: the two free units form one
+    module made by no clustering ("rest", one of MODULE_METHODS, which the gate stores as a code and the results'
+    record names). The small CNN's 32-channel first layer reached this on Split-Digits images (a crash before)."""
+    from modnet.nets.modules import MODULE_METHODS, cluster_layers
+
+    g = torch.Generator().manual_seed(0)
+    profiles = [torch.randn(32, 50, generator=g), torch.randn(16, 50, generator=g)]
+    free = [torch.zeros(32, dtype=torch.bool), torch.ones(16, dtype=torch.bool)]
+    free[0][[3, 17]] = True
+    (labels0, _, method0, _), (labels1, _, method1, _) = cluster_layers(
+        profiles, steps=20, min_modules=1, max_modules=8, with_method=True, select=free)
+    assert method0 == "rest" and method0 in MODULE_METHODS
+    assert labels0.tolist() == [0, 0]  # one module of both free units
+    assert method1 in MODULE_METHODS and labels1.shape == (16,)

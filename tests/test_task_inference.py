@@ -223,9 +223,11 @@ def test_default_class_incremental_network_predicts_the_task_from_itself_and_inp
     tf = net.task_features
     assert isinstance(tf, TaskFeatureGaussians) and net.task_keys is None and isinstance(net.task_ood, TaskOOD)
     assert tf.tied and not tf.gates and tf.decoder_weight > 0 and tf.ood_weight > 0 and net.task_ood.score == "energy"
+    assert net.task_ood_read_at_inference()  # their score is one of the features'
     net = build_modular_network(compose("cl", ["model.gate=none", "task_inference.method=gauss"]), (6,),
                                 [[0, 1], [2, 3]], True)
-    assert isinstance(net.task_keys, ClassGaussians) and net.task_ood is None and net.task_features is None
+    # (the MLP trains the transform heads beside each task, model.transform_heads=auto; they pick no task here)
+    assert isinstance(net.task_keys, ClassGaussians) and not net.task_ood_predicts_task and net.task_features is None
     # method=auto (modnet cl's default): the input Gaussians on a CNN (images), the network's own on an MLP;
     # modnet gzsl keeps gauss
     net = build_modular_network(compose("cl", ["model.gate=none"]), (1, 8, 8), [[0, 1], [2, 3]], True)
@@ -236,10 +238,10 @@ def test_default_class_incremental_network_predicts_the_task_from_itself_and_inp
     assert isinstance(net.task_keys, TaskKeys)
     net = build_modular_network(compose("cl", ["model.gate=none", "task_inference.method=heads"]), (6,),
                                 [[0, 1], [2, 3]], True)
-    assert net.task_keys is None and net.task_ood is None
+    assert net.task_keys is None and not net.task_ood_predicts_task
     # task-incremental: the label picks the task, no predictor is built
     net = build_modular_network(compose("cl", ["model.gate=none"]), (6,), [[0, 1], [2, 3]], False)
-    assert net.task_keys is None and net.task_ood is None and net.task_features is None
+    assert net.task_keys is None and not net.task_ood_predicts_task and net.task_features is None
 
 
 def test_gauss_over_its_memory_budget_falls_back_to_the_lda_keys(capsys):
@@ -361,7 +363,8 @@ def test_feature_gaussians_find_the_task_that_the_heads_confidence_cannot(tmp_pa
     model, x, y, _ = _train_modnet(tmp_path, ["task_inference.method=features", "task_inference.feature_gates=true",
                                               "task_inference.decoder_weight=0", "task_inference.feature_dtype=float32",
                                               "task_inference.feature_shrinkage=0.1", "task_inference.feature_ood_weight=0",
-                                              "task_inference.feature_covariance=class"])
+                                              "task_inference.feature_covariance=class",
+                                              "model.transform_heads=inference"])
     assert model.task_features is not None and model.task_keys is None and model.task_ood is None
     truth = y // 2
     with torch.no_grad():
@@ -623,3 +626,40 @@ def test_feature_gaussians_decoder_refuses_a_negative_weight():
 
     with pytest.raises(ValueError, match="decoder_weight"):
         TaskFeatureGaussians([2], 4, decoder_weight=-1.0)
+
+
+def test_task_incremental_mlp_trains_the_transform_heads_beside_each_task_without_predicting_tasks_with_them(
+        tmp_path):
+    """model.transform_heads=auto on an MLP, task-incremental: CSI's joint (class, transform) heads are trained
+    beside every task as self-supervision (the task label still picks the head). Planted check: on held-out
+    inputs of task 0, the heads name which transform was applied (identity or time-reversed) far above
+    chance (1/2; reversal only: on these odd-symmetric ramps reverse + negate is the identity); the transforms
+    are not in task 0's data, so only the auxiliary loss can have taught them."""
+    from modnet.config import ConfigError, compose
+    from modnet.nets.build import build_modular_network
+
+    model, x, y, _ = _train_modnet(tmp_path, ["scenario=task", "task_inference.transforms=[reverse]"])
+    assert isinstance(model.task_ood, TaskOOD) and not model.task_ood_predicts_task
+    assert model.task_keys is None and model.task_features is None
+    assert not model.task_ood_read_at_inference()  # an auxiliary loss: not counted in stored_bytes
+    k = model.task_ood.n_transforms
+    xs = x[y < 2]
+    with torch.no_grad():
+        blocks = model.task_ood.blocks(model, xs, 0)  # K (applied) x B x K (block) x n_t
+    named = blocks.logsumexp(3).argmax(2)  # K x B: the block with the most mass for each applied transform
+    truth = torch.arange(k).unsqueeze(1).expand_as(named)
+    assert (named == truth).float().mean() >= 0.9
+    # not on the small CNN (measured to hurt its conv features), and never where asked
+    cnn = build_modular_network(compose("cl", ["model.gate=none"]), (1, 8, 8), [[0, 1], [2, 3]], False)
+    assert cnn.task_ood is None
+    off = build_modular_network(compose("cl", ["model.gate=none", "model.transform_heads=never"]), (6,),
+                                [[0, 1], [2, 3]], False)
+    assert off.task_ood is None
+    # class-incremental input Gaussians with the heads trained too: the Gaussians still pick the task
+    both = build_modular_network(compose("cl", ["model.gate=none", "task_inference.method=gauss",
+                                               "model.transform_heads=always"]), (6,), [[0, 1], [2, 3]], True)
+    assert isinstance(both.task_keys, ClassGaussians) and both.task_ood is not None
+    assert not both.task_ood_predicts_task and not both.task_ood_read_at_inference()
+    with pytest.raises(ConfigError, match="transform_heads"):
+        build_modular_network(compose("cl", ["task_inference.method=ood", "model.transform_heads=never"]), (6,),
+                              [[0, 1], [2, 3]], True)

@@ -32,6 +32,10 @@ def resolve_arch(arch: str, input_shape: Sequence[int]) -> str:
     return arch
 
 
+# model.transform_heads: where CSI's joint (class, transform) heads are trained beside every task
+TRANSFORM_HEADS = ("auto", "inference", "always", "never")
+
+
 def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequence[Sequence[int]],
                           class_incremental: bool) -> HATNet:
     """The modular network: HAT masks, plus SynC modules with key-vector gates and task keys as configured
@@ -86,7 +90,15 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
             raise ConfigError(f"model.head_tau={tau} must be > 0 (the cosine head's scale, logits in [-tau, tau])")
         use_cosine_heads(net, tau)
     ood_in_features = method == "features" and float(ti.get("feature_ood_weight", 0.0)) > 0
-    if class_incremental and m.task_keys and (method == "ood" or ood_in_features):
+    transform_heads = str(m.get("transform_heads", "auto"))
+    check_choice("model.transform_heads", transform_heads, TRANSFORM_HEADS)
+    heads_for_inference = class_incremental and m.task_keys and (method == "ood" or ood_in_features)
+    if transform_heads == "never" and class_incremental and m.task_keys and method == "ood":
+        raise ConfigError("task_inference.method=ood picks the task with the transform heads: it needs "
+                          "model.transform_heads=auto, inference or always")
+    if transform_heads == "auto":  # measured to help MLPs (issue 12), to hurt the small CNN's conv features
+        transform_heads = "always" if arch == "mlp" else "inference"
+    if transform_heads == "always" or (transform_heads == "inference" and heads_for_inference):
         from modnet.nets.task_inference import TaskOOD
 
         # inside the features' combination the heads' score is task_inference.feature_ood_score (their own
@@ -95,6 +107,7 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
         net.task_ood = TaskOOD([len(c) for c in task_classes], net.heads[0].in_features,
                                transforms=list(ti.transforms), score=score, calibrate=ti.calibrate,
                                classify=ti.classify, labels=ti.labels)
+        net.task_ood_predicts_task = class_incremental and m.task_keys and method == "ood"
     if class_incremental and m.task_keys and method == "features":
         from modnet.nets.task_inference import TaskFeatureGaussians
 
@@ -111,7 +124,8 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
                                                  decoder_ridge=float(ti.get("decoder_ridge", 1e-3)),
                                                  dtype=str(ti.get("feature_dtype", "float32")),
                                                  extra_layers=[(k, net.masked[k].n_units, w) for k, w in extra],
-                                                 ood_weight=float(ti.get("feature_ood_weight", 0.0)),
+                                                 ood_weight=float(ti.get("feature_ood_weight", 0.0))
+                                                 if net.task_ood is not None else 0.0,
                                                  covariance=str(ti.get("feature_covariance", "class")))
     return net
 

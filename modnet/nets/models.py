@@ -205,6 +205,9 @@ class HATNet(MultiHeadTaskNet):
         # Network-based task prediction (modnet.nets.task_inference.TaskOOD): per-task OOD heads on the masked
         # sub-networks; set by build_modular_network, takes precedence over the task keys.
         self.task_ood: nn.Module | None = None
+        # whether task_ood picks the task (task_inference.method=ood); false where its transform heads are only
+        # trained beside the task (model.transform_heads=always) or scored inside task_features
+        self.task_ood_predicts_task = True
         # Network-based task prediction by per-task class Gaussians over masked features
         # (modnet.nets.task_inference.TaskFeatureGaussians); set by build_modular_network
         self.task_features: nn.Module | None = None
@@ -353,11 +356,19 @@ class HATNet(MultiHeadTaskNet):
     def n_key_slots(self) -> int:
         return sum(self.keyed_classes)
 
+    def task_ood_read_at_inference(self) -> bool:
+        """Whether inference reads the transform heads (``task_ood``): they pick the task, or their score is
+        one of the feature Gaussians'; otherwise they were only an auxiliary loss while training."""
+        if self.task_ood is None:
+            return False
+        return bool(self.task_ood_predicts_task or
+                    (self.task_features is not None and getattr(self.task_features, "ood_weight", 0.0) > 0))
+
     def infer_task(self, x: Tensor, condition: Condition | None = None) -> tuple[Tensor, Tensor]:
         # features first: with task_inference.feature_ood_weight the CSI heads (task_ood) are one of its scores
         if self.task_features is not None and int(self.n_trained) > 0:
             return self._infer_task_features(x, condition)
-        if self.task_ood is not None and int(self.n_trained) > 0:
+        if self.task_ood is not None and self.task_ood_predicts_task and int(self.n_trained) > 0:
             return self._infer_task_ood(x, condition)
         if self.task_keys is None or int(self.n_trained) == 0:
             return super().infer_task(x, condition)

@@ -66,8 +66,8 @@ def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, 
     on the same vectors stays as the fallback when no eps gives a count in range; ``with_method``: each
     layer's tuple also holds how its modules were decided ("sync" or "kmeans") and SynC's outlier count.
     ``select``: per layer, a boolean mask of the units to cluster (None: all); the semantic vectors are
-    fitted on every unit, the labels cover the selected units only ("none" and no labels when fewer than
-    ``min_modules`` units are selected). ``algorithm``: SynC's neighbourhood search (``SynC(algorithm=...)``)."""
+    fitted on every unit, the labels cover the selected units only ("rest": one module, when fewer than max(3,
+    ``min_modules``) units are selected). ``algorithm``: SynC's neighbourhood search (``SynC(algorithm=...)``)."""
     from modnet.methods.embedding import NeuronEmbedding, cosine_matrix, similarity_cross_entropy
 
     for p in profiles:
@@ -97,7 +97,7 @@ def cluster_layers(profiles: Sequence[Tensor], dim: int = 16, steps: int = 200, 
         rows = None if select is None or select[i] is None else select[i]
         S_sel = S if rows is None else S[rows]
         if S_sel.shape[0] < max(min_modules, 3):
-            labels, method, outliers = torch.zeros(S_sel.shape[0], dtype=torch.long, device=S.device), "none", 0
+            labels, method, outliers = torch.zeros(S_sel.shape[0], dtype=torch.long, device=S.device), "rest", 0
         else:
             labels, method, outliers = sync_modules(S_sel, k, min_modules, max_modules, seed, sync_dims,
                                                     min_module_size, algorithm, sync_dims_fallback)

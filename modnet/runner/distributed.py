@@ -317,7 +317,8 @@ def train_strategy(name: str, cfg, info, seed: int, ctx: DistContext) -> tuple[d
     evaluator, accuracy = build_evaluator(cfg.loggers if ctx.is_main else [],
                                           Path(cfg.output_dir) / "logs" / f"{name}_seed{seed}", cfg.progress)
     strategy = make_strategy(name, cfg, info, ctx.device, evaluator)
-    make_distributed(strategy, get_strategy(name).gradient_sync)
+    sync = get_strategy(name).gradient_sync
+    make_distributed(strategy, sync(strategy) if callable(sync) else sync)
     bm = info.benchmark
     record = run_experiences(strategy, bm.train_stream, stream_evaluator(bm.test_stream, accuracy),
                              seed=seed, hooks=[_SameParameters(name)])
