@@ -224,6 +224,7 @@ def test_default_class_incremental_network_predicts_the_task_from_itself_and_inp
     assert isinstance(tf, TaskFeatureGaussians) and net.task_keys is None and isinstance(net.task_ood, TaskOOD)
     assert tf.tied and not tf.gates and tf.decoder_weight > 0 and tf.ood_weight > 0 and net.task_ood.score == "energy"
     assert net.task_ood_read_at_inference()  # their score is one of the features'
+    assert net.task_ood.copies == "all"  # CSI's full batch where the heads score the task
     net = build_modular_network(compose("cl", ["model.gate=none", "task_inference.method=gauss"]), (6,),
                                 [[0, 1], [2, 3]], True)
     # (the MLP trains the transform heads beside each task, model.transform_heads=auto; they pick no task here)
@@ -642,6 +643,7 @@ def test_task_incremental_mlp_trains_the_transform_heads_beside_each_task_withou
     assert isinstance(model.task_ood, TaskOOD) and not model.task_ood_predicts_task
     assert model.task_keys is None and model.task_features is None
     assert not model.task_ood_read_at_inference()  # an auxiliary loss: not counted in stored_bytes
+    assert model.task_ood.copies == "one"  # transform_copies=auto: one copy per input where the heads only train
     k = model.task_ood.n_transforms
     xs = x[y < 2]
     with torch.no_grad():
@@ -663,3 +665,31 @@ def test_task_incremental_mlp_trains_the_transform_heads_beside_each_task_withou
     with pytest.raises(ConfigError, match="transform_heads"):
         build_modular_network(compose("cl", ["task_inference.method=ood", "model.transform_heads=never"]), (6,),
                               [[0, 1], [2, 3]], True)
+
+
+@pytest.mark.parametrize("labels", ["joint", "extra"])
+def test_one_copy_per_input_is_the_cross_entropy_of_input_i_under_transform_i_mod_k(labels):
+    """transform_copies=one: row i of the batch enters as transform i mod K (identity, reverse, negate here),
+    labelled c + n k (joint) or n for every transformed row (extra); checked against a loop by hand over a
+    stand-in network whose joint logits are a fixed linear map of the input."""
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    n, d, b = 3, 6, 7
+    for copies in ("one", "all"):
+        ood = TaskOOD([n], d, transforms=["reverse", "negate"], labels=labels, copies=copies)
+        k = ood.n_transforms
+        width = n * k if labels == "joint" else n + 1
+        w = torch.randn(width, d)
+        ood.joint_logits = lambda net, x, task, condition=None: x @ w.T
+        x, y = torch.randn(b, d), torch.randint(0, n, (b,))
+        rows, targets = [], []
+        for i in range(b):
+            for t in ([i % k] if copies == "one" else range(k)):
+                rows.append(x[i] if t == 0 else (x[i].flip(0) if t == 1 else -x[i]))
+                targets.append(int(y[i]) + n * t if labels == "joint" else (int(y[i]) if t == 0 else n))
+        # "all" orders rows transform-major ([x; T1 x; T2 x]); the mean CE does not depend on the order
+        expected = F.cross_entropy(torch.stack(rows) @ w.T, torch.tensor(targets))
+        assert ood.loss(None, x, y, 0).item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="copies"):
+        TaskOOD([n], d, copies="two")

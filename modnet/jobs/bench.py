@@ -7,7 +7,7 @@ Training throughput (samples/s) and peak memory of three loops on the same backb
   modnet   our strategy: HAT masks + SynC modules + key-vector gates + sync regulariser, on Avalanche.
 Each loop runs in its own spawned process so that its peak memory (CUDA: max allocated; CPU: peak RSS
 above the process's baseline) is its own. The step-cost ratios come from a separate run in which all loops
-(and modnet with parts switched off: HAT only, HAT + gates) live in one process and train one epoch each in
+(and modnet with parts switched off: HAT only, HAT + gates, no transform heads) live in one process and train one epoch each in
 turn, round after round: adjacent epochs share the machine's state, so the median of the per-round ratios
 holds on a noisy shared machine where separate runs drift by tens of percent.
 Then SynC time for n = 1k..8k units (and the fitted growth exponent), NIWT step times and GZSL
@@ -166,8 +166,12 @@ RATIO_LOOPS = {
     "naive": ("naive", ()),
     "naive (Avalanche loader)": ("naive", ("train.tensor_batches=false",)),
     "modnet (Avalanche loader)": ("modnet", ("train.tensor_batches=false",)),
-    "modnet (HAT only)": ("modnet", ("model.gate=none", "model.modules=none", "modules.sync_reg=0")),
-    "modnet (HAT + gates)": ("modnet", ("modules.sync_reg=0",)),
+    "modnet (HAT only)": ("modnet", ("model.gate=none", "model.modules=none", "modules.sync_reg=0",
+                                     "model.transform_heads=never")),
+    "modnet (HAT + gates)": ("modnet", ("modules.sync_reg=0", "model.transform_heads=never")),
+    # + the sync regulariser; the transform heads (model.transform_heads, on MLPs by default) run the batch
+    # and its K - 1 transformed copies through the masked network a second time
+    "modnet (no transform heads)": ("modnet", ("model.transform_heads=never",)),
     "modnet": ("modnet", ()),
 }
 

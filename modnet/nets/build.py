@@ -34,6 +34,8 @@ def resolve_arch(arch: str, input_shape: Sequence[int]) -> str:
 
 # model.transform_heads: where CSI's joint (class, transform) heads are trained beside every task
 TRANSFORM_HEADS = ("auto", "inference", "always", "never")
+# task_inference.transform_copies: the heads' training batch (modnet.nets.task_inference.TaskOOD copies)
+TRANSFORM_COPIES = ("auto", "all", "one")
 
 
 def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequence[Sequence[int]],
@@ -104,9 +106,14 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
         # inside the features' combination the heads' score is task_inference.feature_ood_score (their own
         # method=ood keeps task_inference.score)
         score = str(ti.get("feature_ood_score", "energy")) if ood_in_features else ti.score
+        copies = str(ti.get("transform_copies", "auto"))
+        check_choice("task_inference.transform_copies", copies, TRANSFORM_COPIES)
+        if copies == "auto":  # measured: CSI's full batch where the heads pick the task, one copy where they only train
+            copies = "all" if heads_for_inference else "one"
         net.task_ood = TaskOOD([len(c) for c in task_classes], net.heads[0].in_features,
                                transforms=list(ti.transforms), score=score, calibrate=ti.calibrate,
-                               classify=ti.classify, labels=ti.labels)
+                               classify=ti.classify, labels=ti.labels,
+                               copies=copies)
         net.task_ood_predicts_task = class_incremental and m.task_keys and method == "ood"
     if class_incremental and m.task_keys and method == "features":
         from modnet.nets.task_inference import TaskFeatureGaussians

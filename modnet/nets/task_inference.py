@@ -63,6 +63,7 @@ from torch.nn import functional as F
 SCORES = ("maxlogit", "energy", "transform")
 CLASSIFY = ("head", "joint")
 LABELS = ("joint", "extra")
+COPIES = ("all", "one")  # the training loss: every transformed copy of each input, or one (i mod K) per input
 
 
 def _square(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
@@ -122,8 +123,12 @@ class TaskOOD(nn.Module):
     """
 
     def __init__(self, task_sizes: Sequence[int], feature_dim: int, transforms: Sequence[str] = ("reverse",),
-                 score: str = "maxlogit", calibrate: bool = True, classify: str = "head", labels: str = "joint"):
+                 score: str = "maxlogit", calibrate: bool = True, classify: str = "head", labels: str = "joint",
+                 copies: str = "all"):
         super().__init__()
+        if copies not in COPIES:
+            raise ValueError(f"copies must be one of {COPIES}, got {copies!r}")
+        self.copies = copies
         unknown = [t for t in transforms if t not in TRANSFORMS]
         if unknown:
             raise ValueError(f"unknown transforms {unknown}; choose from {', '.join(TRANSFORMS)}")
@@ -155,8 +160,19 @@ class TaskOOD(nn.Module):
         return self.heads[task](feature)
 
     def loss(self, net, x: Tensor, y_local: Tensor, task: int, condition=None) -> Tensor:
-        """CE over (class, transform) labels of x and its transformed copies (CSI's joint labels)."""
+        """CE over (class, transform) labels of x and its transformed copies (CSI's joint labels).
+
+        ``copies=all``: every input and its K - 1 copies (K B rows, CSI's batch); ``one``: input i as
+        transform k_i = i mod K, B rows, a K-th of the cost (the loader's per-epoch shuffle varies k_i)."""
         n, b = self.task_sizes[task], x.shape[0]
+        if self.copies == "one":
+            k_i = torch.arange(b, device=x.device) % self.n_transforms
+            xt = x.clone()
+            for k, name in enumerate(self.transforms, 1):
+                rows = torch.arange(k, b, self.n_transforms, device=x.device)
+                xt[rows] = TRANSFORMS[name](x[rows])
+            labels = torch.where(k_i == 0, y_local, n) if self.labels == "extra" else y_local + n * k_i
+            return F.cross_entropy(self.joint_logits(net, xt, task, condition).float(), labels)
         if self.labels == "extra":  # every transformed copy is class n ("not this task")
             labels = torch.cat([y_local] + [torch.full_like(y_local, n)] * (self.n_transforms - 1))
         else:
