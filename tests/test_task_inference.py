@@ -691,5 +691,9 @@ def test_one_copy_per_input_is_the_cross_entropy_of_input_i_under_transform_i_mo
         # "all" orders rows transform-major ([x; T1 x; T2 x]); the mean CE does not depend on the order
         expected = F.cross_entropy(torch.stack(rows) @ w.T, torch.tensor(targets))
         assert ood.loss(None, x, y, 0).item() == pytest.approx(expected.item(), rel=1e-6)
+        if copies == "one":  # a batch smaller than K (the last of an epoch): its rows are identity, reverse
+            one = ood.loss(None, x[:2], y[:2], 0).item()
+            expected = F.cross_entropy(torch.stack([x[0], x[1].flip(0)]) @ w.T, torch.tensor(targets[:2]))
+            assert one == pytest.approx(expected.item(), rel=1e-6)
     with pytest.raises(ValueError, match="copies"):
         TaskOOD([n], d, copies="two")

@@ -168,7 +168,7 @@ class TaskOOD(nn.Module):
         if self.copies == "one":
             k_i = torch.arange(b, device=x.device) % self.n_transforms
             xt = x.clone()
-            for k, name in enumerate(self.transforms, 1):
+            for k, name in enumerate(self.transforms[:b - 1], 1):  # a last batch smaller than K has fewer
                 rows = torch.arange(k, b, self.n_transforms, device=x.device)
                 xt[rows] = TRANSFORMS[name](x[rows])
             labels = torch.where(k_i == 0, y_local, n) if self.labels == "extra" else y_local + n * k_i
