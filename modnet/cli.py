@@ -122,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, ConnectionError) as err:  # ConnectionError: offline download
         print(f"modnet {job}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from modnet.runner.guards import NaNLossError, StrategyFailed  # StrategyFailed: the rest is written
+
+        if not isinstance(err, (StrategyFailed, NaNLossError)):
+            raise
+        print(f"modnet {job}: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

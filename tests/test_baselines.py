@@ -265,3 +265,19 @@ def test_modnet_bytes_count_what_predicts_the_task_and_not_the_backbone():
     # transform heads trained only as an auxiliary loss (model.transform_heads=always, task known): not stored
     net.task_ood_read_at_inference = lambda: False
     assert modnet_bytes(SimpleNamespace(model=net), None) == 6 * 4
+
+
+def test_a_diverging_strategy_is_left_out_and_the_others_finish(tmp_path, capsys):
+    """EWC at lambda 1000 without the stability margin diverges on Split-Digits class-incremental (the test
+    above): the comparison records it under "failed", skips it on the later seed, finishes naive on both seeds,
+    writes results.json and exits 1 with one line naming the strategy, the seed and the fix."""
+    rc = main(["cl", "strategies=[ewc,naive]", "scenario=class", "train.epochs=2", "seeds=[0,1]",
+               "ewc.class_ewc_lambda=1000", "ewc.stability_margin=null", "progress=false", f"output_dir={tmp_path}"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "ewc failed on seed 0" in err and "NaN" in err and "lower train.lr" in err
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert set(res["strategies"]) == {"naive"} and res["complete"] is False
+    assert len(res["strategies"]["naive"]["per_seed"]) == 2
+    assert res["failed"]["ewc"]["seed"] == 0
+    assert ["ewc", 1] not in res["finished"] and ["naive", 1] in res["finished"]

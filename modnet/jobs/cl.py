@@ -17,7 +17,7 @@ from modnet.config import ConfigError, check_choice, resolve_device
 from modnet.eval.results import add_forgetting_ratio, aggregate_seeds, format_table, write_results
 from scenarios import build_benchmark
 from scenarios.base import SCENARIOS
-from strategies.memory import run_order, with_matched_memory
+from strategies.memory import MATCHABLE, matching, run_order, with_matched_memory
 
 
 class _DriftProbe:
@@ -206,19 +206,38 @@ def _run_all(cfg, out: Path, ckpt_dir: Path, device, run_fingerprint: dict) -> d
                 "complete": complete,
                 "finished": [[name, seed] for name, r in runs.items() for seed in seeds[:len(r)]]}
 
+    from modnet.runner.guards import NaNLossError, StrategyFailed
+
+    # a strategy whose training diverges (NaNLossError) is recorded and left out; the others still run
+    failed: dict[str, dict] = {}
     order = run_order(cfg)  # modnet first when a buffer is sized to its stored bytes (mem_size=match)
     for seed in seeds:
         info = build_benchmark(cfg.benchmark, cfg.scenario, seed,
                                device=device if cfg.train.data_on_device else None)
         for name in order:
+            if name in failed:
+                continue
+            if name in matching(cfg) and "modnet" in failed:
+                failed[name] = {"seed": seed, "error": f"{MATCHABLE[name][0]}.mem_size=match needs modnet's "
+                                                       "stored bytes, and modnet failed"}
+                continue
             print(f"=== {name} | {info.name} | {cfg.scenario}-incremental | seed {seed} ===")
             modnet_bytes = runs["modnet"][-1].get("stored_bytes") if "modnet" in runs and runs["modnet"] else None
-            runs[name].append(run_strategy(name, with_matched_memory(cfg, name, info, modnet_bytes), info, seed,
-                                           device, ckpt_dir / f"{name}_seed{seed}.pt", run_fingerprint))
+            try:
+                runs[name].append(run_strategy(name, with_matched_memory(cfg, name, info, modnet_bytes), info,
+                                               seed, device, ckpt_dir / f"{name}_seed{seed}.pt", run_fingerprint))
+            except NaNLossError as err:
+                failed[name] = {"seed": seed, "error": str(err)}
+                print(f"[{name} seed {seed}] failed: {err}; left out of the comparison, the other strategies go on")
             if not (seed == seeds[-1] and name == order[-1]):
-                write_results(out, results_so_far(False), plots=False)  # a later crash loses nothing
-    results = results_so_far(True)
-    write_results(out, results)
-    print(f"\n{info.name}, {cfg.scenario}-incremental, seeds {seeds}\n{format_table(results['strategies'])}")
+                write_results(out, {**results_so_far(False), "failed": failed}, plots=False)  # a crash loses nothing
+    results = {**results_so_far(not failed), "failed": failed}
+    write_results(out, results, plots=bool(results["strategies"]))
+    if results["strategies"]:
+        print(f"\n{info.name}, {cfg.scenario}-incremental, seeds {seeds}\n{format_table(results['strategies'])}")
     print(f"results written to {out}/results.json")
+    if failed:
+        raise StrategyFailed("; ".join(f"{name} failed on seed {f['seed']}: {f['error']}" for name, f in failed.items())
+                             + f". The other strategies' results are in {out}/results.json")
     return results
+

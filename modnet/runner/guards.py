@@ -15,6 +15,11 @@ class NaNLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+class StrategyFailed(RuntimeError):
+    """Strategies of a comparison that could not finish (their training diverged); the others did, and their
+    results are written."""
+
+
 class NaNGuard(SupervisedPlugin):
     """Stops a run whose loss is NaN/inf; one host sync per epoch, not per step."""
 
