@@ -12,7 +12,10 @@ gets its calibrated-stacking gamma (and its hyper-parameters among its candidate
 from a class-disjoint validation split of the training set (pseudo-unseen seen classes, a second modular
 network trained without them), never from the test data. The table's headline is Xian et al.'s protocol
 (uncalibrated: every class scored as the network scores it), the calibrated figures stand beside it; results.json
-keeps both (``methods.<name>.{U,S,H}`` calibrated, ``methods.<name>.uncalibrated.{U,S,H}``).
+keeps both (``methods.<name>.{U,S,H}`` calibrated, ``methods.<name>.uncalibrated.{U,S,H}``), and with ``gate.enabled``
+a third reading: ``methods.<name>.gated`` (``modnet.methods.novelty``: the network's own features call each test
+image seen or unseen, the method predicts among those classes; the gate's quantile chosen on the same validation
+splits).
 
 results.json records ``network`` (``describe_network`` of the first seed's extended network: its class is the
 one ``modnet cl`` records for the same data), ``network_seen_accuracy`` (per seed, the network's own
@@ -158,14 +161,21 @@ def validate(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
     maximising H on each split; ``fixed`` / ``none``: the configured gamma / 0) and that mean H.
     """
     found: dict[str, list[list[tuple[float, float]]]] = {}  # method -> candidate -> [(gamma, H) per split]
+    gated: dict[str, list[list[list[float]]]] = {}  # method -> candidate -> [H at each gate quantile, per split]
     settings: dict[str, list[dict]] = {}
     for split in range(validation_splits(cfg, data)):
         val = class_disjoint_validation(data, cfg.calibration.val_unseen_fraction, cfg.calibration.val_test_fraction,
                                         seed=seed * 1000 + split)
-        for name, candidates in score_methods(cfg, val, seed, device, progress)[1].items():
+        val_net, per_method = score_methods(cfg, val, seed, device, progress)
+        novelty = novelty_of_tests(cfg, val_net) if cfg.gate.enabled and cfg.gate.quantile is None else None
+        for name, candidates in per_method.items():
             settings[name] = [setting for setting, _ in candidates]
             found.setdefault(name, [[] for _ in candidates])
+            gated.setdefault(name, [[] for _ in candidates])
             for i, (_, scores) in enumerate(candidates):
+                if novelty is not None:
+                    gated[name][i].append([_evaluate_gated(scores, val, novelty, q).H
+                                           for q in cfg.gate.quantiles])
                 if cfg.calibration.mode == "validate":
                     g, h = select_calibration(scores[0], val.y_test_seen, scores[1], val.y_test_unseen,
                                               val.seen_classes, val.unseen_classes)
@@ -179,7 +189,33 @@ def validate(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
         chosen[name] = {"params": settings[name][best],
                         "gamma": float(np.mean([g for g, _ in per_candidate[best]])),
                         "validation_H": float(np.mean([h for _, h in per_candidate[best]]))}
+        if gated[name][best]:
+            mean_h = np.mean(np.asarray(gated[name][best]), axis=0)  # per quantile, over the splits
+            chosen[name]["gate_quantile"] = float(cfg.gate.quantiles[int(np.argmax(mean_h))])
+            chosen[name]["gate_validation_H"] = float(mean_h.max())
     return chosen
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The novelty gate (modnet.methods.novelty): seen or unseen from the network's own features
+# ----------------------------------------------------------------------------------------------------------
+def novelty_of_tests(cfg: DictConfig, net: SeenNetwork):
+    """(gate fitted on the seen training images' penultimate features, novelty of test-seen, of test-unseen)."""
+    from modnet.methods.novelty import SeenNoveltyGate
+
+    x, y = net.split("train")
+    gate = SeenNoveltyGate(float(cfg.gate.shrinkage)).fit(net.penultimate(x), y, net.data.seen_classes)
+    return (gate, gate.novelty(net.penultimate(net.split("test_seen")[0])),
+            gate.novelty(net.penultimate(net.split("test_unseen")[0])))
+
+
+def _evaluate_gated(scores: Scores, data: ZSLData, novelty, quantile: float) -> GZSLResult:
+    from modnet.methods.novelty import gated_scores
+
+    gate, nu_seen, nu_unseen = novelty
+    s, u = (gated_scores(sc, gate.is_unseen(nu, quantile), data.seen_classes, data.unseen_classes)
+            for sc, nu in ((scores[0], nu_seen), (scores[1], nu_unseen)))
+    return gzsl_evaluate(s, data.y_test_seen, u, data.y_test_unseen, data.seen_classes, data.unseen_classes)
 
 
 def run_seed(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) -> tuple[dict, SeenNetwork]:
@@ -187,7 +223,8 @@ def run_seed(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
     extended network)."""
     mode = cfg.calibration.mode
     searched = any(len(get_zsl_method(m).candidates(cfg)) > 1 for m in cfg.methods)
-    if mode == "validate" or searched:
+    gate_validated = cfg.gate.enabled and cfg.gate.quantile is None
+    if mode == "validate" or searched or gate_validated:
         chosen = validate(cfg, data, seed, device, progress)
     else:
         chosen = {m: {"params": get_zsl_method(m).candidates(cfg)[0], "gamma": 0.0} for m in cfg.methods}
@@ -198,6 +235,7 @@ def run_seed(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
             chosen[m]["gamma"] = 0.0
     net, scored = score_methods(cfg, data, seed, device, progress,
                                 params={m: chosen[m]["params"] for m in cfg.methods})
+    novelty = novelty_of_tests(cfg, net) if cfg.gate.enabled else None
     results = {}
     for name in cfg.methods:
         (setting, scores), = scored[name]
@@ -206,6 +244,12 @@ def run_seed(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
                          "uncalibrated": _evaluate(scores, data, 0.0).as_dict(), **setting}
         if "validation_H" in c:
             results[name]["validation_H"] = c["validation_H"]
+        if novelty is not None:
+            q = cfg.gate.quantile if cfg.gate.quantile is not None else c["gate_quantile"]
+            gate, nu_seen, nu_unseen = novelty
+            results[name]["gated"] = {**_evaluate_gated(scores, data, novelty, float(q)).as_dict(), "quantile": float(q),
+                                      "seen_called_unseen": float(gate.is_unseen(nu_seen, float(q)).float().mean()),
+                                      "unseen_called_unseen": float(gate.is_unseen(nu_unseen, float(q)).float().mean())}
     return results, net
 
 
@@ -215,10 +259,14 @@ def run_seed(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
 def _aggregate(per_seed: list[dict]) -> dict:
     """Mean over seeds of every metric, with ``<metric>_std`` (population std) beside it."""
     keys = (*METRICS, "gamma")
+    gated_keys = (*METRICS, "quantile", "seen_called_unseen", "unseen_called_unseen")
+    gated = all("gated" in r for seed in per_seed for r in seed.values())
     records = [{"method": name, **{k: r[k] for k in keys},
-                **{f"uncalibrated_{k}": r["uncalibrated"][k] for k in METRICS}}
+                **{f"uncalibrated_{k}": r["uncalibrated"][k] for k in METRICS},
+                **({f"gated_{k}": r["gated"][k] for k in gated_keys} if gated else {})}
                for seed in per_seed for name, r in seed.items()]
-    stats = aggregate_runs(records, by=["method"], metrics=[*keys, *[f"uncalibrated_{k}" for k in METRICS]])
+    stats = aggregate_runs(records, by=["method"], metrics=[*keys, *[f"uncalibrated_{k}" for k in METRICS],
+                                                           *([f"gated_{k}" for k in gated_keys] if gated else [])])
     stats = stats.set_index("method")
     out = {}
     for name in per_seed[0]:
@@ -229,6 +277,9 @@ def _aggregate(per_seed: list[dict]) -> dict:
             entry[f"{k}_std"] = float(s[f"{k}_std"])
         entry["uncalibrated"] = {k: float(s[f"uncalibrated_{k}_mean"]) for k in METRICS}
         entry["uncalibrated"].update({f"{k}_std": float(s[f"uncalibrated_{k}_std"]) for k in METRICS})
+        if gated:
+            entry["gated"] = {k: float(s[f"gated_{k}_mean"]) for k in gated_keys}
+            entry["gated"].update({f"{k}_std": float(s[f"gated_{k}_std"]) for k in gated_keys})
         out[name] = entry
     return out
 
@@ -238,10 +289,12 @@ def format_table(methods: dict, n_seeds: int) -> str:
     def cell(r: dict, k: str) -> str:
         return mean_std_cell(r[k], r[f"{k}_std"], n_seeds, "{:.3f}")
 
+    gated = all("gated" in r for r in methods.values())
     rows = [[name, *[cell(r["uncalibrated"], k) for k in METRICS], *[cell(r, k) for k in ("U", "S", "H")],
-             f"{r['gamma']:.3g}"] for name, r in methods.items()]
+             f"{r['gamma']:.3g}", *([cell(r["gated"], k) for k in ("U", "S", "H")] + [f"{r['gated']['quantile']:.2g}"]
+                                    if gated else [])] for name, r in methods.items()]
     return markdown_table(["method", "U", "S", "H", "ZSL acc", "U (calibrated)", "S (calibrated)", "H (calibrated)",
-                           "gamma"], rows)
+                           "gamma", *(["U (gated)", "S (gated)", "H (gated)", "gate q"] if gated else [])], rows)
 
 
 def _write_outputs(out_dir: Path, results: dict) -> None:
@@ -304,6 +357,7 @@ def _check(cfg: DictConfig) -> None:
     check_choice("calibration.mode", cfg.calibration.mode, CALIBRATION_MODES)
     check_choice("baseline_features", cfg.baseline_features, BASELINE_FEATURES)
     _check_large_method_blocks(cfg)
+    _check_gate(cfg.gate)
     for key in ("val_splits", "val_min_classes"):
         value = cfg.calibration[key]
         if value is not None and int(value) < 1:
@@ -328,6 +382,22 @@ def _check(cfg: DictConfig) -> None:
         from modnet.jobs.continual_gzsl import check_strategy_names
 
         check_strategy_names(cfg.strategies)
+
+
+def _check_gate(gate) -> None:
+    def fraction(v) -> bool:
+        try:
+            return 0.0 < float(v) <= 1.0
+        except (TypeError, ValueError):
+            return False
+
+    if gate.quantile is not None and not fraction(gate.quantile):
+        raise ConfigError(f"gate.quantile={gate.quantile} must be a number in (0, 1], or null (chosen on the "
+                          "validation splits)")
+    if not gate.quantiles or not all(fraction(q) for q in gate.quantiles):
+        raise ConfigError(f"gate.quantiles={list(gate.quantiles)} must be a non-empty list of numbers in (0, 1]")
+    if not 0.0 <= float(gate.shrinkage) <= 1.0:
+        raise ConfigError(f"gate.shrinkage={gate.shrinkage} must be in [0, 1]")
 
 
 def _device(name: str) -> torch.device:

@@ -1,0 +1,84 @@
+"""The seen / unseen novelty gate (modnet/methods/novelty.py): Mahalanobis distances by hand, a planted
+unseen cluster found, a perfect gate giving Socher et al.'s two-expert figures, and `modnet gzsl`'s columns."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from modnet.cli import main
+from modnet.methods.gzsl import gzsl_evaluate, per_class_accuracy
+from modnet.methods.novelty import SeenNoveltyGate, gated_scores
+
+
+def test_novelty_is_the_smallest_mahalanobis_distance_under_the_pooled_covariance():
+    """shrinkage 0: nu(x) = min_c (x - mu_c)' S^-1 (x - mu_c), S the unbiased pooled within-class covariance,
+    computed here with numpy from the definition."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3)) @ np.array([[2.0, 0.3, 0.0], [0.0, 1.0, 0.5], [0.0, 0.0, 0.7]])
+    y = np.repeat([4, 7], 20)
+    x[y == 7] += 3.0
+    gate = SeenNoveltyGate(shrinkage=0.0).fit(torch.tensor(x), torch.tensor(y), [4, 7])
+    mus = np.stack([x[y == c].mean(0) for c in (4, 7)])
+    resid = x - mus[(y == 7).astype(int)]
+    prec = np.linalg.inv(resid.T @ resid / (40 - 2))
+    q = rng.normal(size=(5, 3)) * 3
+    expected = np.min([np.einsum("bi,ij,bj->b", q - m, prec, q - m) for m in mus], axis=0)
+    np.testing.assert_allclose(gate.novelty(torch.tensor(q)).numpy(), expected, rtol=1e-9)
+    # the threshold is the quantile of the training images' own novelty
+    train = np.min([np.einsum("bi,ij,bj->b", x - m, prec, x - m) for m in mus], axis=0)
+    assert gate.threshold(0.9) == pytest.approx(float(np.quantile(train, 0.9)))
+
+
+def test_a_planted_unseen_cluster_is_called_unseen_and_seen_test_points_at_the_quantile_rate():
+    """Three seen classes as anisotropic Gaussians with one covariance; the unseen class sits off their span
+    along a low-variance direction. At q = 0.95, fresh seen points are called unseen about 5% of the time and
+    unseen points nearly always."""
+    g = torch.Generator().manual_seed(1)
+    d = 8
+    mix = torch.randn(d, d, generator=g) * torch.linspace(0.2, 2.0, d)
+    means = torch.randn(3, d, generator=g) * 4
+
+    def draw(mu, n):
+        return mu + torch.randn(n, d, generator=g) @ mix.T
+
+    x = torch.cat([draw(means[c], 300) for c in range(3)])
+    y = torch.arange(3).repeat_interleave(300)
+    gate = SeenNoveltyGate(shrinkage=0.01).fit(x, y, [0, 1, 2])
+    seen_test = torch.cat([draw(means[c], 300) for c in range(3)])
+    unseen = draw(means[0] + 4 * torch.linalg.svd(mix).U[:, -1] * 3, 300)
+    seen_rate = gate.is_unseen(gate.novelty(seen_test), 0.95).float().mean().item()
+    unseen_rate = gate.is_unseen(gate.novelty(unseen), 0.95).float().mean().item()
+    assert 0.02 <= seen_rate <= 0.10
+    assert unseen_rate >= 0.95
+
+
+def test_a_perfect_gate_gives_the_zsl_accuracy_as_u_and_the_seen_only_accuracy_as_s():
+    """Socher et al.'s two experts: with every test image sent to its own side, U is the method's accuracy
+    among unseen classes (the ZSL accuracy) and S its accuracy among seen classes, whatever the scales."""
+    g = torch.Generator().manual_seed(0)
+    seen, unseen = [0, 1, 2], [3, 4]
+    ys, yu = torch.tensor([0, 1, 2] * 10), torch.tensor([3, 4] * 10)
+    ss = torch.randn(30, 5, generator=g)
+    su = torch.randn(20, 5, generator=g)
+    su[:, seen] += 10.0  # badly scaled: uncalibrated, the seen classes take every unseen image
+    assert gzsl_evaluate(ss, ys, su, yu, seen, unseen).U == 0.0
+    r = gzsl_evaluate(gated_scores(ss, torch.zeros(30, dtype=torch.bool), seen, unseen), ys,
+                      gated_scores(su, torch.ones(20, dtype=torch.bool), seen, unseen), yu, seen, unseen)
+    zsl = float(per_class_accuracy(su[:, unseen].argmax(1) + 3, yu, unseen))
+    s_only = float(per_class_accuracy(ss[:, seen].argmax(1), ys, seen))
+    assert r.U == pytest.approx(zsl) and r.S == pytest.approx(s_only)
+
+
+def test_gzsl_reports_gated_columns_with_a_quantile_chosen_on_validation(tmp_path, capsys):
+    assert main(["gzsl", "methods=[eszsl]", "progress=false", f"output_dir={tmp_path}", "train.epochs=5",
+                 "gate.quantiles=[0.5,0.9]"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    g = res["methods"]["eszsl"]["gated"]
+    assert g["quantile"] in (0.5, 0.9) and 0 <= g["U"] <= 1 and 0 <= g["S"] <= 1
+    assert 0 <= g["seen_called_unseen"] <= 1 and 0 <= g["unseen_called_unseen"] <= 1
+    assert "H (gated)" in capsys.readouterr().out
+    assert main(["gzsl", "gate.quantile=1.5", f"output_dir={tmp_path / 'x'}"]) == 2
+    assert "gate.quantile=1.5 must be a number in (0, 1], or null" in capsys.readouterr().err
