@@ -78,7 +78,10 @@ def test_gzsl_reports_gated_columns_with_a_quantile_chosen_on_validation(tmp_pat
     res = json.loads((tmp_path / "results.json").read_text())
     g = res["methods"]["eszsl"]["gated"]
     assert g["quantile"] in (0.5, 0.9) and 0 <= g["U"] <= 1 and 0 <= g["S"] <= 1
+    assert res["per_seed"]["0"]["eszsl"]["gated"]["layer"] in (0, -1)  # chosen with q on validation
     assert 0 <= g["seen_called_unseen"] <= 1 and 0 <= g["unseen_called_unseen"] <= 1
     assert "H (gated)" in capsys.readouterr().out
     assert main(["gzsl", "gate.quantile=1.5", f"output_dir={tmp_path / 'x'}"]) == 2
     assert "gate.quantile=1.5 must be a number in (0, 1], or null" in capsys.readouterr().err
+    assert main(["gzsl", "model.arch=mlp", "gate.layer=5", f"output_dir={tmp_path / 'y'}"]) == 2
+    assert "gate layer 5 but model.n_layers=2" in capsys.readouterr().err

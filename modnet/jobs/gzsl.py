@@ -14,8 +14,8 @@ network trained without them), never from the test data. The table's headline is
 (uncalibrated: every class scored as the network scores it), the calibrated figures stand beside it; results.json
 keeps both (``methods.<name>.{U,S,H}`` calibrated, ``methods.<name>.uncalibrated.{U,S,H}``), and with ``gate.enabled``
 a third reading: ``methods.<name>.gated`` (``modnet.methods.novelty``: the network's own features call each test
-image seen or unseen, the method predicts among those classes; the gate's quantile chosen on the same validation
-splits).
+image seen or unseen, the method predicts among those classes; the gate's layer and quantile chosen on the same
+validation splits).
 
 results.json records ``network`` (``describe_network`` of the first seed's extended network: its class is the
 one ``modnet cl`` records for the same data), ``network_seen_accuracy`` (per seed, the network's own
@@ -167,15 +167,16 @@ def validate(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
         val = class_disjoint_validation(data, cfg.calibration.val_unseen_fraction, cfg.calibration.val_test_fraction,
                                         seed=seed * 1000 + split)
         val_net, per_method = score_methods(cfg, val, seed, device, progress)
-        novelty = novelty_of_tests(cfg, val_net) if cfg.gate.enabled and cfg.gate.quantile is None else None
+        novelty = ({layer: novelty_of_tests(cfg, val_net, layer) for layer in _gate_layers(cfg.gate)}
+                   if gate_validated(cfg.gate) else None)
         for name, candidates in per_method.items():
             settings[name] = [setting for setting, _ in candidates]
             found.setdefault(name, [[] for _ in candidates])
             gated.setdefault(name, [[] for _ in candidates])
             for i, (_, scores) in enumerate(candidates):
                 if novelty is not None:
-                    gated[name][i].append([_evaluate_gated(scores, val, novelty, q).H
-                                           for q in cfg.gate.quantiles])
+                    gated[name][i].append([_evaluate_gated(scores, val, novelty[layer], q).H
+                                           for layer, q in gate_settings(cfg.gate)])
                 if cfg.calibration.mode == "validate":
                     g, h = select_calibration(scores[0], val.y_test_seen, scores[1], val.y_test_unseen,
                                               val.seen_classes, val.unseen_classes)
@@ -190,8 +191,8 @@ def validate(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
                         "gamma": float(np.mean([g for g, _ in per_candidate[best]])),
                         "validation_H": float(np.mean([h for _, h in per_candidate[best]]))}
         if gated[name][best]:
-            mean_h = np.mean(np.asarray(gated[name][best]), axis=0)  # per quantile, over the splits
-            chosen[name]["gate_quantile"] = float(cfg.gate.quantiles[int(np.argmax(mean_h))])
+            mean_h = np.mean(np.asarray(gated[name][best]), axis=0)  # per (layer, quantile), over the splits
+            chosen[name]["gate"] = gate_settings(cfg.gate)[int(np.argmax(mean_h))]
             chosen[name]["gate_validation_H"] = float(mean_h.max())
     return chosen
 
@@ -199,14 +200,36 @@ def validate(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
 # ----------------------------------------------------------------------------------------------------------
 # The novelty gate (modnet.methods.novelty): seen or unseen from the network's own features
 # ----------------------------------------------------------------------------------------------------------
-def novelty_of_tests(cfg: DictConfig, net: SeenNetwork):
-    """(gate fitted on the seen training images' penultimate features, novelty of test-seen, of test-unseen)."""
+def _gate_layers(gate) -> list[int]:
+    return [int(gate.layer)] if gate.layer is not None else [int(v) for v in gate.layers]
+
+
+def gate_settings(gate) -> list[tuple[int, float]]:
+    """The (layer, quantile) pairs the gate may take: the configured ones, or every pair of ``layers`` x
+    ``quantiles`` where ``layer`` / ``quantile`` is null (chosen on the validation splits)."""
+    quantiles = [float(gate.quantile)] if gate.quantile is not None else [float(q) for q in gate.quantiles]
+    return [(layer, q) for layer in _gate_layers(gate) for q in quantiles]
+
+
+def gate_validated(gate) -> bool:
+    return bool(gate.enabled) and len(gate_settings(gate)) > 1
+
+
+def novelty_of_tests(cfg: DictConfig, net: SeenNetwork, layer: int):
+    """(gate fitted on the seen training images' units of masked layer ``layer``, novelty of test-seen, of
+    test-unseen)."""
     from modnet.methods.novelty import SeenNoveltyGate
 
-    x, y = net.split("train")
-    gate = SeenNoveltyGate(float(cfg.gate.shrinkage)).fit(net.penultimate(x), y, net.data.seen_classes)
-    return (gate, gate.novelty(net.penultimate(net.split("test_seen")[0])),
-            gate.novelty(net.penultimate(net.split("test_unseen")[0])))
+    n = len(net.model.unit_taps)
+    if not -n <= layer < n:
+        raise ConfigError(f"gate.layer={layer} but the network has {n} masked layers; choose one of {-n}..{n - 1}")
+
+    def units(split: str) -> Tensor:
+        return net.layer_units(net.split(split)[0], layer)
+
+    gate = SeenNoveltyGate(float(cfg.gate.shrinkage)).fit(units("train"), net.split("train")[1],
+                                                          net.data.seen_classes)
+    return gate, gate.novelty(units("test_seen")), gate.novelty(units("test_unseen"))
 
 
 def _evaluate_gated(scores: Scores, data: ZSLData, novelty, quantile: float) -> GZSLResult:
@@ -223,8 +246,7 @@ def run_seed(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
     extended network)."""
     mode = cfg.calibration.mode
     searched = any(len(get_zsl_method(m).candidates(cfg)) > 1 for m in cfg.methods)
-    gate_validated = cfg.gate.enabled and cfg.gate.quantile is None
-    if mode == "validate" or searched or gate_validated:
+    if mode == "validate" or searched or gate_validated(cfg.gate):
         chosen = validate(cfg, data, seed, device, progress)
     else:
         chosen = {m: {"params": get_zsl_method(m).candidates(cfg)[0], "gamma": 0.0} for m in cfg.methods}
@@ -235,7 +257,7 @@ def run_seed(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
             chosen[m]["gamma"] = 0.0
     net, scored = score_methods(cfg, data, seed, device, progress,
                                 params={m: chosen[m]["params"] for m in cfg.methods})
-    novelty = novelty_of_tests(cfg, net) if cfg.gate.enabled else None
+    novelty: dict[int, tuple] = {}  # layer -> the gate fitted there, test novelties (fitted once per layer)
     results = {}
     for name in cfg.methods:
         (setting, scores), = scored[name]
@@ -244,12 +266,14 @@ def run_seed(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
                          "uncalibrated": _evaluate(scores, data, 0.0).as_dict(), **setting}
         if "validation_H" in c:
             results[name]["validation_H"] = c["validation_H"]
-        if novelty is not None:
-            q = cfg.gate.quantile if cfg.gate.quantile is not None else c["gate_quantile"]
-            gate, nu_seen, nu_unseen = novelty
-            results[name]["gated"] = {**_evaluate_gated(scores, data, novelty, float(q)).as_dict(), "quantile": float(q),
-                                      "seen_called_unseen": float(gate.is_unseen(nu_seen, float(q)).float().mean()),
-                                      "unseen_called_unseen": float(gate.is_unseen(nu_unseen, float(q)).float().mean())}
+        if cfg.gate.enabled:
+            layer, q = c["gate"] if gate_validated(cfg.gate) else gate_settings(cfg.gate)[0]
+            if layer not in novelty:
+                novelty[layer] = novelty_of_tests(cfg, net, layer)
+            gate, nu_seen, nu_unseen = novelty[layer]
+            results[name]["gated"] = {**_evaluate_gated(scores, data, novelty[layer], q).as_dict(), "layer": layer,
+                                      "quantile": q, "seen_called_unseen": float(gate.is_unseen(nu_seen, q).float().mean()),
+                                      "unseen_called_unseen": float(gate.is_unseen(nu_unseen, q).float().mean())}
     return results, net
 
 
@@ -280,6 +304,7 @@ def _aggregate(per_seed: list[dict]) -> dict:
         if gated:
             entry["gated"] = {k: float(s[f"gated_{k}_mean"]) for k in gated_keys}
             entry["gated"].update({f"{k}_std": float(s[f"gated_{k}_std"]) for k in gated_keys})
+            entry["gated"]["layer_per_seed"] = [seed[name]["gated"]["layer"] for seed in per_seed]
         out[name] = entry
     return out
 
@@ -358,6 +383,7 @@ def _check(cfg: DictConfig) -> None:
     check_choice("baseline_features", cfg.baseline_features, BASELINE_FEATURES)
     _check_large_method_blocks(cfg)
     _check_gate(cfg.gate)
+    _check_gate_layer(cfg)
     for key in ("val_splits", "val_min_classes"):
         value = cfg.calibration[key]
         if value is not None and int(value) < 1:
@@ -396,8 +422,21 @@ def _check_gate(gate) -> None:
                           "validation splits)")
     if not gate.quantiles or not all(fraction(q) for q in gate.quantiles):
         raise ConfigError(f"gate.quantiles={list(gate.quantiles)} must be a non-empty list of numbers in (0, 1]")
+    for value in ([gate.layer] if gate.layer is not None else list(gate.layers)) or [None]:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"gate.layer / gate.layers must be masked-layer indices (0 = the first, -1 = the "
+                              f"head's input), got {value!r}")
     if not 0.0 <= float(gate.shrinkage) <= 1.0:
         raise ConfigError(f"gate.shrinkage={gate.shrinkage} must be in [0, 1]")
+
+
+def _check_gate_layer(cfg: DictConfig) -> None:
+    """gate.layer against an MLP's masked layers (model.n_layers) before anything trains; other networks are
+    checked when the gate is fitted."""
+    n = int(cfg.model.n_layers)
+    for layer in _gate_layers(cfg.gate) if cfg.gate.enabled and cfg.model.arch == "mlp" else []:
+        if not -n <= layer < n:
+            raise ConfigError(f"gate layer {layer} but model.n_layers={n}: choose among {-n}..{n - 1}")
 
 
 def _device(name: str) -> torch.device:

@@ -78,6 +78,13 @@ class SeenNetwork:
         return torch.cat([self.model.features(xb, self.model.unit_masks(xb, 0), 0)
                           for xb in x.split(_BATCH)])
 
+    @torch.no_grad()
+    def layer_units(self, x: Tensor, layer: int) -> Tensor:
+        """Masked layer ``layer``'s output (``unit_taps`` order; conv maps as their spatial means) for every row."""
+        self.model.eval()
+        return torch.cat([self.model.forward_units(xb, self.model.unit_masks(xb, 0), 0)[0][layer]
+                          for xb in x.split(_BATCH)])
+
     def add_classes(self, classes: Sequence[int], weight: Tensor, bias: Tensor | None = None) -> None:
         """New rows of the head for dataset classes ``classes`` (NIWT's unseen classes)."""
         if "seen_model" not in self._inputs:  # the seen-class network, for methods that extend a copy of it
