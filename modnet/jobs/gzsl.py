@@ -272,7 +272,8 @@ def run_seed(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
                 novelty[layer] = novelty_of_tests(cfg, net, layer)
             gate, nu_seen, nu_unseen = novelty[layer]
             results[name]["gated"] = {**_evaluate_gated(scores, data, novelty[layer], q).as_dict(), "layer": layer,
-                                      "quantile": q, "seen_called_unseen": float(gate.is_unseen(nu_seen, q).float().mean()),
+                                      "quantile": q,
+                                      "seen_called_unseen": float(gate.is_unseen(nu_seen, q).float().mean()),
                                       "unseen_called_unseen": float(gate.is_unseen(nu_unseen, q).float().mean())}
     return results, net
 
