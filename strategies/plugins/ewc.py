@@ -49,8 +49,8 @@ class StableEWCPlugin(EWCPlugin):
         self.ewc_lambda = min(self.requested_lambda, bound)
         if self.ewc_lambda < self.requested_lambda and (not self.lambda_history
                                                         or self.lambda_history[-1] >= self.requested_lambda):
-            print(f"[ewc] λ {self.requested_lambda:g} is past plain SGD's stability bound: lr {lr:g} x 2 λ x max Σ F "
-                  f"{f_max:.3g} = {2 * lr * self.requested_lambda * f_max:.3g} > margin {self.margin:g} (diverges "
+            print(f"[ewc] λ {self.requested_lambda:g} is past plain SGD's stability bound: lr {lr:g} x 2 λ x "
+                  f"max Σ F {f_max:.3g} = {2 * lr * self.requested_lambda * f_max:.3g} > margin {self.margin:g} (diverges "
                   f"from 2): the penalty is weighted {self.ewc_lambda:.3g} from here (ewc.stability_margin=null "
                   "keeps λ)")
         self.lambda_history.append(self.ewc_lambda)
