@@ -84,4 +84,4 @@ def test_gzsl_reports_gated_columns_with_a_quantile_chosen_on_validation(tmp_pat
     assert main(["gzsl", "gate.quantile=1.5", f"output_dir={tmp_path / 'x'}"]) == 2
     assert "gate.quantile=1.5 must be a number in (0, 1], or null" in capsys.readouterr().err
     assert main(["gzsl", "model.arch=mlp", "gate.layer=5", f"output_dir={tmp_path / 'y'}"]) == 2
-    assert "gate layer 5 but model.n_layers=2" in capsys.readouterr().err
+    assert "gate layer 5 but the network has 2 masked layers" in capsys.readouterr().err

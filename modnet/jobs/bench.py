@@ -8,8 +8,8 @@ Training throughput (samples/s) and peak memory of three loops on the same backb
 Each loop runs in its own spawned process so that its peak memory (CUDA: max allocated; CPU: peak RSS
 above the process's baseline) is its own. The step-cost ratios come from a separate run in which all loops
 (and modnet with parts switched off: HAT only, HAT + gates, no transform heads) live in one process and train
-one epoch each in turn, round after round: adjacent epochs share the machine's state, so the median of the per-round ratios
-holds on a noisy shared machine where separate runs drift by tens of percent.
+one epoch each in turn, round after round: adjacent epochs share the machine's state, so the median of the
+per-round ratios holds on a noisy shared machine where separate runs drift by tens of percent.
 Then SynC time for n = 1k..8k units (and the fitted growth exponent), NIWT step times and GZSL
 evaluation throughput. Writes ``bench.json`` and ``bench.md``.
 """

@@ -169,14 +169,16 @@ def validate(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
         val_net, per_method = score_methods(cfg, val, seed, device, progress)
         novelty = ({layer: novelty_of_tests(cfg, val_net, layer) for layer in _gate_layers(cfg.gate)}
                    if gate_validated(cfg.gate) else None)
+        # per gate setting, the side each test image goes to: the same for every method
+        sides = [novelty[layer][0].sides(novelty[layer][1:], q) for layer, q in gate_settings(cfg.gate)] \
+            if novelty is not None else None
         for name, candidates in per_method.items():
             settings[name] = [setting for setting, _ in candidates]
             found.setdefault(name, [[] for _ in candidates])
             gated.setdefault(name, [[] for _ in candidates])
             for i, (_, scores) in enumerate(candidates):
-                if novelty is not None:
-                    gated[name][i].append([_evaluate_gated(scores, val, novelty[layer], q).H
-                                           for layer, q in gate_settings(cfg.gate)])
+                if sides is not None:
+                    gated[name][i].append([_evaluate_gated(scores, val, side).H for side in sides])
                 if cfg.calibration.mode == "validate":
                     g, h = select_calibration(scores[0], val.y_test_seen, scores[1], val.y_test_unseen,
                                               val.seen_classes, val.unseen_classes)
@@ -215,14 +217,17 @@ def gate_validated(gate) -> bool:
     return bool(gate.enabled) and len(gate_settings(gate)) > 1
 
 
+def _check_gate_layer_index(layer: int, n: int) -> None:
+    if not -n <= layer < n:
+        raise ConfigError(f"gate layer {layer} but the network has {n} masked layers: choose among {-n}..{n - 1}")
+
+
 def novelty_of_tests(cfg: DictConfig, net: SeenNetwork, layer: int):
     """(gate fitted on the seen training images' units of masked layer ``layer``, novelty of test-seen, of
     test-unseen)."""
     from modnet.methods.novelty import SeenNoveltyGate
 
-    n = len(net.model.unit_taps)
-    if not -n <= layer < n:
-        raise ConfigError(f"gate.layer={layer} but the network has {n} masked layers; choose one of {-n}..{n - 1}")
+    _check_gate_layer_index(layer, len(net.model.unit_taps))
 
     def units(split: str) -> Tensor:
         return net.layer_units(net.split(split)[0], layer)
@@ -232,12 +237,12 @@ def novelty_of_tests(cfg: DictConfig, net: SeenNetwork, layer: int):
     return gate, gate.novelty(units("test_seen")), gate.novelty(units("test_unseen"))
 
 
-def _evaluate_gated(scores: Scores, data: ZSLData, novelty, quantile: float) -> GZSLResult:
+def _evaluate_gated(scores: Scores, data: ZSLData, sides: list[Tensor]) -> GZSLResult:
+    """U, S, H with each test image's classes restricted to the side the gate sent it to (``sides``: unseen
+    flags of test-seen, of test-unseen)."""
     from modnet.methods.novelty import gated_scores
 
-    gate, nu_seen, nu_unseen = novelty
-    s, u = (gated_scores(sc, gate.is_unseen(nu, quantile), data.seen_classes, data.unseen_classes)
-            for sc, nu in ((scores[0], nu_seen), (scores[1], nu_unseen)))
+    s, u = (gated_scores(sc, side, data.seen_classes, data.unseen_classes) for sc, side in zip(scores, sides))
     return gzsl_evaluate(s, data.y_test_seen, u, data.y_test_unseen, data.seen_classes, data.unseen_classes)
 
 
@@ -271,10 +276,10 @@ def run_seed(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
             if layer not in novelty:
                 novelty[layer] = novelty_of_tests(cfg, net, layer)
             gate, nu_seen, nu_unseen = novelty[layer]
-            results[name]["gated"] = {**_evaluate_gated(scores, data, novelty[layer], q).as_dict(), "layer": layer,
-                                      "quantile": q,
-                                      "seen_called_unseen": float(gate.is_unseen(nu_seen, q).float().mean()),
-                                      "unseen_called_unseen": float(gate.is_unseen(nu_unseen, q).float().mean())}
+            sides = gate.sides((nu_seen, nu_unseen), q)
+            results[name]["gated"] = {**_evaluate_gated(scores, data, sides).as_dict(), "layer": layer,
+                                      "quantile": q, "seen_called_unseen": float(sides[0].float().mean()),
+                                      "unseen_called_unseen": float(sides[1].float().mean())}
     return results, net
 
 
@@ -423,10 +428,10 @@ def _check_gate(gate) -> None:
                           "validation splits)")
     if not gate.quantiles or not all(fraction(q) for q in gate.quantiles):
         raise ConfigError(f"gate.quantiles={list(gate.quantiles)} must be a non-empty list of numbers in (0, 1]")
-    for value in ([gate.layer] if gate.layer is not None else list(gate.layers)) or [None]:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"gate.layer / gate.layers must be masked-layer indices (0 = the first, -1 = the "
-                              f"head's input), got {value!r}")
+    layers = [gate.layer] if gate.layer is not None else list(gate.layers)
+    if not layers or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
+        raise ConfigError(f"gate.layer / gate.layers must be masked-layer indices (0 = the first, -1 = the head's "
+                          f"input), got {layers!r}")
     if not 0.0 <= float(gate.shrinkage) <= 1.0:
         raise ConfigError(f"gate.shrinkage={gate.shrinkage} must be in [0, 1]")
 
@@ -434,10 +439,8 @@ def _check_gate(gate) -> None:
 def _check_gate_layer(cfg: DictConfig) -> None:
     """gate.layer against an MLP's masked layers (model.n_layers) before anything trains; other networks are
     checked when the gate is fitted."""
-    n = int(cfg.model.n_layers)
     for layer in _gate_layers(cfg.gate) if cfg.gate.enabled and cfg.model.arch == "mlp" else []:
-        if not -n <= layer < n:
-            raise ConfigError(f"gate layer {layer} but model.n_layers={n}: choose among {-n}..{n - 1}")
+        _check_gate_layer_index(layer, int(cfg.model.n_layers))
 
 
 def _device(name: str) -> torch.device:

@@ -1,10 +1,10 @@
 """A seen / unseen novelty gate for GZSL from the seen network's own features (Socher et al., NIPS 2013,
 "Zero-shot learning through cross-modal transfer"; the detector of Lee et al., NeurIPS 2018).
 
-The seen network's penultimate features f(x) (the head's input) of the seen training images give one Gaussian
-per seen class with a tied covariance: mu_c = mean of class c, Sigma = the pooled within-class covariance,
-shrunk towards tr(Sigma)/d I. The novelty of an input is its smallest squared Mahalanobis distance to a seen
-class mean,
+The units f(x) of one masked layer of the seen network (``modnet gzsl``'s ``gate.layer``: the first, or
+the head's input) on the seen training images give one Gaussian per seen class with a tied covariance:
+mu_c = mean of class c, Sigma = the pooled within-class covariance, shrunk towards tr(Sigma)/d I. The
+novelty of an input is its smallest squared Mahalanobis distance to a seen class mean,
 
     nu(x) = min_c (f(x) - mu_c)' Sigma^-1 (f(x) - mu_c),
 
@@ -12,8 +12,11 @@ and an input is called unseen when nu(x) > tau_q, the q-quantile of nu over the 
 method predicts among the unseen classes when the gate says unseen and among the seen classes otherwise
 (Socher et al.'s two experts): its U is the share of unseen images the gate passes times the method's accuracy
 among unseen classes, its S the share of seen images it keeps times the accuracy among seen classes. The gate
-needs no unseen image: mu, Sigma and tau come from the seen training data; q is a hyper-parameter (``modnet
-gzsl`` chooses it on the class-disjoint validation split, like calibrated stacking's gamma).
+needs no unseen image: mu, Sigma and tau come from the seen training data; q (and the layer) are
+hyper-parameters (``modnet gzsl`` chooses them on the class-disjoint validation split, like calibrated stacking's
+gamma).
+
+``shrunk`` is also the covariance shrinkage of the task-prediction Gaussians (``modnet.nets.task_inference``).
 """
 from __future__ import annotations
 
@@ -22,6 +25,14 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+
+
+def shrunk(cov: Tensor, shrinkage: float) -> Tensor:
+    """(1 - shrinkage) Sigma_c + shrinkage tr(Sigma_c)/d I for every C x d x d covariance (Ledoit-Wolf-style
+    target; keeps each invertible)."""
+    scale = torch.diagonal(cov, dim1=1, dim2=2).mean(1).clamp_min(1e-8).view(-1, 1, 1)
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    return (1 - shrinkage) * cov + shrinkage * scale * eye
 
 
 class SeenNoveltyGate:
@@ -47,11 +58,8 @@ class SeenNoveltyGate:
         self.means = (member.double().T @ f) / counts.clamp_min(1).unsqueeze(1)
         resid = f - self.means[member.double().argmax(1)]
         cov = resid.T @ resid / max(f.shape[0] - len(cls), 1)
-        d = cov.shape[0]
-        scale = torch.diagonal(cov).mean().clamp_min(1e-12)
-        cov = (1 - self.shrinkage) * cov + self.shrinkage * scale * torch.eye(d, dtype=cov.dtype, device=cov.device)
         # Sigma^-1 = L^-T L^-1: distances as ||L^-1 (f - mu)||^2
-        self.precision_factor = torch.linalg.cholesky(cov)
+        self.precision_factor = torch.linalg.cholesky(shrunk(cov.unsqueeze(0), self.shrinkage)[0])
         self.train_novelty = self.novelty(f)
         return self
 
@@ -75,6 +83,11 @@ class SeenNoveltyGate:
 
     def is_unseen(self, novelty: Tensor, quantile: float) -> Tensor:
         return novelty > self.threshold(quantile)
+
+    def sides(self, novelties: Sequence[Tensor], quantile: float) -> list[Tensor]:
+        """``is_unseen`` of each novelty tensor at one threshold (computed once)."""
+        tau = self.threshold(quantile)
+        return [nu > tau for nu in novelties]
 
 
 def gated_scores(scores: Tensor, unseen: Tensor, seen_classes: Sequence[int],

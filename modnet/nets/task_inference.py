@@ -60,6 +60,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from modnet.methods.novelty import shrunk
+
 SCORES = ("maxlogit", "energy", "transform")
 CLASSIFY = ("head", "joint")
 LABELS = ("joint", "extra")
@@ -226,14 +228,6 @@ class TaskOOD(nn.Module):
         if self.calibrate_scores:
             s = (s - self.score_mean[:n_tasks]) / self.score_std[:n_tasks]
         return s, gs
-
-
-def shrunk(cov: Tensor, shrinkage: float) -> Tensor:
-    """(1 - shrinkage) Sigma_c + shrinkage tr(Sigma_c)/d I for every C x d x d covariance (Ledoit-Wolf-style
-    target; keeps each invertible)."""
-    scale = torch.diagonal(cov, dim1=1, dim2=2).mean(1).clamp_min(1e-8).view(-1, 1, 1)
-    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-    return (1 - shrinkage) * cov + shrinkage * scale * eye
 
 
 class ClassGaussians(nn.Module):
