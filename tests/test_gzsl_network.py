@@ -173,6 +173,9 @@ def test_continual_gzsl_modnet_forgets_nothing_and_fine_tuning_does(tmp_path):
     (["continual.enabled=true", "strategies=[hnet]"], ["hnet", "linear head"]),
     (["continual.enabled=true", "continual.n_experiences=3"], ["continual.n_experiences=3", "8 seen classes"]),
     (["niwt.layer=5"], ["niwt.layer=5", "2 masked layers"]),
+    (["niwt.layers=[-2,9]"], ["niwt.layer=9", "niwt.layers", "2 masked layers"]),
+    (["niwt.layers=[]"], ["niwt.layer / niwt.layers", "indices"]),
+    (["gate.min_seen_ratio=1.5"], ["gate.min_seen_ratio=1.5", "(0, 1]"]),
     (["calibration.mode=sometimes"], ["calibration.mode", "validate"]),
     (["niwt.scale=softmax"], ["niwt.scale", "negatives"]),
     (["model.head=dense"], ["model.head", "cosine"]),
@@ -212,3 +215,36 @@ def test_explain_run_dir_of_a_gzsl_run_explains_that_seeds_network(tmp_path):
                 for i, layer in enumerate(recorded["layers"]) if layer["modules"]}
     assert {layer: {m: v["units"] for m, v in modules.items()} for layer, modules in explained.items()} == expected
     assert all((tmp_path / "explain" / v["image"]).exists() for modules in explained.values() for v in modules.values())
+
+
+def test_niwt_layer_null_fits_every_candidate_layer_on_the_validation_network_and_extends_the_run_network_once(
+        tmp_path):
+    """niwt.layer=null: each of niwt.layers is fitted on the same validation network (the second on a seen-class
+    copy of it), the validation's choice is recorded per seed, and the kept network gets the unseen rows once."""
+    from modnet.jobs.gzsl import run_gzsl
+
+    cfg = compose("gzsl", [*TINY, "methods=[niwt]", f"output_dir={tmp_path}", "niwt.layer=null",
+                           "niwt.layers=[-2,-1]", "gate.enabled=false", "calibration.val_splits=1"])
+    run_gzsl(cfg)
+    res = json.loads((tmp_path / "results.json").read_text())
+    chosen = res["per_seed"]["0"]["niwt"]
+    assert chosen["setting"] == {"niwt_layer": chosen["niwt_layer"]} and chosen["niwt_layer"] in (-2, -1)
+    assert res["methods"]["niwt"]["setting_per_seed"] == [chosen["setting"]]
+    assert 0 <= chosen["uncalibrated"]["U"] <= 1
+
+
+def test_a_second_niwt_layer_candidate_fits_on_the_seen_class_network_not_on_the_first_ones_rows(trained):
+    from modnet.zsl.registry import get_zsl_method
+
+    cfg, net = trained
+    net = net.seen_copy()
+    n_seen, n_unseen = len(net.data.seen_classes), len(net.data.unseen_classes)
+    niwt = get_zsl_method("niwt")
+    first = niwt.score(cfg, net, {"niwt_layer": -2})
+    second = niwt.score(cfg, net, {"niwt_layer": -1})
+    assert net.model.heads[0].out_features == n_seen + n_unseen  # extended by the first candidate only
+    unseen = net.data.unseen_classes
+    assert torch.isfinite(second[1][:, unseen]).all()
+    # the seen columns of both candidates are the trained network's; the unseen columns come from each layer
+    assert torch.allclose(first[0][:, net.data.seen_classes], second[0][:, net.data.seen_classes], atol=1e-5)
+    assert not torch.allclose(first[1][:, unseen], second[1][:, unseen])

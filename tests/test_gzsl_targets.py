@@ -58,7 +58,10 @@ def test_niwt_calibrated_beats_eszsl_and_ale_and_keeps_the_seen_accuracy(tmp_pat
     assert niwt["H"] > methods["eszsl"]["H"] and niwt["H"] > methods["ale"]["H"]
     assert niwt["uncalibrated"]["S"] >= 0.9 * seen_only
     assert niwt["U"] > 0.3  # chance over 10 classes is 0.1
-    # the novelty gate (gate.*): NIWT gated above every method's gated and uncalibrated H. Digits, seeds 0-2:
-    # NIWT 0.730, ALE 0.643, ESZSL 0.564 gated; ESZSL 0.371 uncalibrated
+    # the novelty gate (gate.*): NIWT gated above every method's gated and uncalibrated H, and the gate's setting
+    # (chosen on validation to keep gate.min_seen_ratio 0.9 of the seen-only accuracy there) keeps it on test.
+    # Digits, seeds 0-2: NIWT 0.671 (S 0.892, seen-only 0.948), ALE 0.491, ESZSL 0.529 gated; ESZSL 0.371
+    # uncalibrated
     others = [methods[m][k]["H"] for m in ("eszsl", "ale") for k in ("gated", "uncalibrated")]
     assert niwt["gated"]["H"] > max(others)
+    assert niwt["gated"]["S"] >= 0.9 * seen_only

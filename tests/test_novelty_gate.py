@@ -85,3 +85,16 @@ def test_gzsl_reports_gated_columns_with_a_quantile_chosen_on_validation(tmp_pat
     assert "gate.quantile=1.5 must be a number in (0, 1], or null" in capsys.readouterr().err
     assert main(["gzsl", "model.arch=mlp", "gate.layer=5", f"output_dir={tmp_path / 'y'}"]) == 2
     assert "gate layer 5 but the network has 2 masked layers" in capsys.readouterr().err
+
+
+def test_the_gate_setting_is_the_best_h_among_those_that_keep_the_seen_share_else_the_one_that_keeps_most():
+    import numpy as np
+
+    from modnet.jobs.gzsl import choose_gate_setting
+
+    h = np.array([0.70, 0.65, 0.60, 0.40])
+    kept = np.array([0.80, 0.91, 0.95, 0.99])
+    assert choose_gate_setting(h, kept, None) == 0        # no bar: the best H
+    assert choose_gate_setting(h, kept, 0.9) == 1         # best H of settings 1..3
+    assert choose_gate_setting(h, kept, 0.97) == 3        # only setting 3 keeps 97%
+    assert choose_gate_setting(h, kept * 0.5, 0.9) == 3   # none keeps 90%: the one that keeps most

@@ -64,6 +64,7 @@ from torch import Tensor, nn
 from modnet.config import ConfigError, check_choice
 from modnet.methods.gzsl import gzsl_evaluate, predict_scores
 from modnet.runner.runner import RunnerHook
+from modnet.zsl.niwt import fixed_layer
 from scenarios.zsl import ZSLData
 
 FIGURES = ("U", "S", "H", "zsl_accuracy", "seen_accuracy", "forgetting", "class_incremental_seen_accuracy",
@@ -128,7 +129,7 @@ def check_strategies(cfg, data: ZSLData, seed: int, device) -> None:
     for name in cfg.strategies:
         model = make_strategy(name, cfg, info, device, build_evaluator([], None, False)[0]).model
         try:
-            importance_layer_of(model, cfg.niwt.layer)
+            importance_layer_of(model, fixed_layer(cfg))
         except TypeError as err:
             raise ConfigError(f"strategy {name} cannot take part in continual GZSL: {err}") from None
 
@@ -169,12 +170,12 @@ def zero_shot_network(model: nn.Module, cfg, space: ColumnSpace, learned: list[i
         tasks = range(int(net.n_trained))
         heads = [Head(net.heads[t], net.task_classes[t], forward_fn=functools.partial(net.task_logits, task=t))
                  for t in tasks]
-        niwt = NIWT(net, importance_layer_of(net, cfg.niwt.layer), None, seed=seed, **niwt_arguments(cfg))
+        niwt = NIWT(net, importance_layer_of(net, fixed_layer(cfg)), None, seed=seed, **niwt_arguments(cfg))
         niwt.fit_heads(x_seen, y_seen, knowledge, heads, space.unseen)
         for t, unseen in zip(tasks, niwt.unseen_by_head):
             net.add_classes(t, space.unseen, unseen.weight, unseen.bias)
         return net
-    niwt = NIWT(model, importance_layer_of(model, cfg.niwt.layer), model.classifier, seed=seed,
+    niwt = NIWT(model, importance_layer_of(model, fixed_layer(cfg)), model.classifier, seed=seed,
                 **niwt_arguments(cfg))
     niwt.fit(x_seen, y_seen, knowledge, learned, space.unseen, seen_columns=learned)
     return niwt.gzsl_model().eval()

@@ -4,8 +4,9 @@ Per seed: load the GZSL data (scenarios.zsl); train THE modular network of ``mod
 from the shared ``model``/``modules``/``hat`` blocks, configs/training.yaml) with the ``modnet`` strategy through
 the one runner (``make_strategy`` + ``run_experiences``) on one experience holding every seen class (one task,
 one head, task label 0); then every method of ``methods`` (registry: ``modnet.zsl``) scores all classes:
-* niwt:  NIWT measures importance at one of the network's masked layers (``unit_taps[niwt.layer]``) and
-         adds the unseen classes as new rows of the network's head (``HATNet.add_classes``);
+* niwt:  NIWT measures importance at one of the network's masked layers (``unit_taps[niwt.layer]``; null = the
+         one of ``niwt.layers`` with the best validation H) and adds the unseen classes as new rows of the
+         network's head (``HATNet.add_classes``);
 * eszsl: ESZSL closed form, ale: ALE ranking, on the network's penultimate features (the head's input).
 U, S, H and ZSL accuracy come from ``modnet.methods.gzsl``. With ``calibration.mode=validate`` every method
 gets its calibrated-stacking gamma (and its hyper-parameters among its candidates, e.g. ESZSL's regularisers)
@@ -44,7 +45,7 @@ from torch import Tensor
 from modnet.config import ConfigError, check_choice
 from modnet.eval.metrics import shows_progress_bars
 from modnet.eval.tables import aggregate_runs, markdown_table, mean_std_cell
-from modnet.methods.gzsl import GZSLResult, gzsl_evaluate, select_calibration
+from modnet.methods.gzsl import GZSLResult, gzsl_evaluate, per_class_accuracy, select_calibration
 from modnet.zsl.registry import get_zsl_method, zsl_method_names
 from modnet.zsl.seen_network import SeenNetwork
 from scenarios.zsl import ZSLData, class_disjoint_validation, load_zsl_from_config, pseudo_unseen_count
@@ -77,9 +78,10 @@ def train_seen_network(cfg: DictConfig, data: ZSLData, seed: int, device, progre
     evaluator, accuracy = build_evaluator([], Path(cfg.output_dir), progress)
     strategy = make_strategy("modnet", cfg, info, device, evaluator)
     if "niwt" in cfg.methods:  # a niwt.layer the network lacks is a config error, reported before training
-        from modnet.zsl.niwt import importance_layer
+        from modnet.zsl.niwt import candidates, importance_layer
 
-        importance_layer(strategy.model, cfg.niwt.layer)
+        for setting in candidates(cfg):
+            importance_layer(strategy.model, setting["niwt_layer"])
     bm = info.benchmark
     record = run_experiences(strategy, bm.train_stream, stream_evaluator(bm.test_stream, accuracy), seed=seed)
     return SeenNetwork(strategy.model.eval(), data, seed, device, progress, seen_accuracy=record.rows[-1][0])
@@ -161,7 +163,8 @@ def validate(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
     maximising H on each split; ``fixed`` / ``none``: the configured gamma / 0) and that mean H.
     """
     found: dict[str, list[list[tuple[float, float]]]] = {}  # method -> candidate -> [(gamma, H) per split]
-    gated: dict[str, list[list[list[float]]]] = {}  # method -> candidate -> [H at each gate quantile, per split]
+    # method -> candidate -> per split: [(H, S / the method's seen-only S) at each gate setting]
+    gated: dict[str, list[list[list[tuple[float, float]]]]] = {}
     settings: dict[str, list[dict]] = {}
     for split in range(validation_splits(cfg, data)):
         val = class_disjoint_validation(data, cfg.calibration.val_unseen_fraction, cfg.calibration.val_test_fraction,
@@ -178,7 +181,9 @@ def validate(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
             gated.setdefault(name, [[] for _ in candidates])
             for i, (_, scores) in enumerate(candidates):
                 if sides is not None:
-                    gated[name][i].append([_evaluate_gated(scores, val, side).H for side in sides])
+                    seen_only = seen_only_accuracy(scores[0], val)
+                    gated[name][i].append([_gated_h_and_kept(_evaluate_gated(scores, val, side), seen_only)
+                                           for side in sides])
                 if cfg.calibration.mode == "validate":
                     g, h = select_calibration(scores[0], val.y_test_seen, scores[1], val.y_test_unseen,
                                               val.seen_classes, val.unseen_classes)
@@ -193,10 +198,36 @@ def validate(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
                         "gamma": float(np.mean([g for g, _ in per_candidate[best]])),
                         "validation_H": float(np.mean([h for _, h in per_candidate[best]]))}
         if gated[name][best]:
-            mean_h = np.mean(np.asarray(gated[name][best]), axis=0)  # per (layer, quantile), over the splits
-            chosen[name]["gate"] = gate_settings(cfg.gate)[int(np.argmax(mean_h))]
-            chosen[name]["gate_validation_H"] = float(mean_h.max())
+            mean = np.mean(np.asarray(gated[name][best]), axis=0)  # per (layer, quantile): (H, kept), over splits
+            pick = choose_gate_setting(mean[:, 0], mean[:, 1], cfg.gate.get("min_seen_ratio"))
+            chosen[name]["gate"] = gate_settings(cfg.gate)[pick]
+            chosen[name]["gate_validation_H"] = float(mean[pick, 0])
+            chosen[name]["gate_validation_seen_kept"] = float(mean[pick, 1])
     return chosen
+
+
+def seen_only_accuracy(scores_test_seen: Tensor, data: ZSLData) -> float:
+    """S of a method that knows every test image is seen: its argmax among the seen classes."""
+    seen = torch.as_tensor(list(data.seen_classes), device=scores_test_seen.device, dtype=torch.long)
+    pred = seen[scores_test_seen[:, seen].argmax(1)]
+    return float(per_class_accuracy(pred, data.y_test_seen, data.seen_classes))
+
+
+def _gated_h_and_kept(result: GZSLResult, seen_only: float) -> tuple[float, float]:
+    return result.H, result.S / seen_only if seen_only > 0 else 0.0
+
+
+def choose_gate_setting(h: np.ndarray, kept: np.ndarray, min_seen_ratio: float | None) -> int:
+    """Index of the gate setting with the best validation H among those that keep ``min_seen_ratio`` of the
+    method's seen-only accuracy (``kept`` = gated S / seen-only S on the validation split); none keeps it ->
+    the setting that keeps the most (the gate's cost to the seen classes is bounded first, H second).
+    ``min_seen_ratio`` null: the best H."""
+    if min_seen_ratio is None:
+        return int(np.argmax(h))
+    ok = kept >= float(min_seen_ratio)
+    if not ok.any():
+        return int(np.argmax(kept))
+    return int(np.argmax(np.where(ok, h, -np.inf)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -268,7 +299,7 @@ def run_seed(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
         (setting, scores), = scored[name]
         c = chosen[name]
         results[name] = {**_evaluate(scores, data, c["gamma"]).as_dict(), "gamma": c["gamma"],
-                         "uncalibrated": _evaluate(scores, data, 0.0).as_dict(), **setting}
+                         "uncalibrated": _evaluate(scores, data, 0.0).as_dict(), **setting, "setting": dict(setting)}
         if "validation_H" in c:
             results[name]["validation_H"] = c["validation_H"]
         if cfg.gate.enabled:
@@ -279,7 +310,10 @@ def run_seed(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
             sides = gate.sides((nu_seen, nu_unseen), q)
             results[name]["gated"] = {**_evaluate_gated(scores, data, sides).as_dict(), "layer": layer,
                                       "quantile": q, "seen_called_unseen": float(sides[0].float().mean()),
-                                      "unseen_called_unseen": float(sides[1].float().mean())}
+                                      "unseen_called_unseen": float(sides[1].float().mean()),
+                                      **({"validation_H": c["gate_validation_H"],
+                                          "validation_seen_kept": c["gate_validation_seen_kept"]}
+                                         if "gate" in c else {})}
     return results, net
 
 
@@ -311,6 +345,7 @@ def _aggregate(per_seed: list[dict]) -> dict:
             entry["gated"] = {k: float(s[f"gated_{k}_mean"]) for k in gated_keys}
             entry["gated"].update({f"{k}_std": float(s[f"gated_{k}_std"]) for k in gated_keys})
             entry["gated"]["layer_per_seed"] = [seed[name]["gated"]["layer"] for seed in per_seed]
+        entry["setting_per_seed"] = [seed[name].get("setting", {}) for seed in per_seed]  # chosen on validation
         out[name] = entry
     return out
 
@@ -402,6 +437,10 @@ def _check(cfg: DictConfig) -> None:
         check_choice("niwt.bias", cfg.niwt.bias, UNSEEN_BIASES)
         check_choice("niwt.scale", cfg.niwt.scale, UNSEEN_SCALES)
         check_choice("niwt.map_fit", cfg.niwt.map_fit, MAP_FITS)
+        layers = [cfg.niwt.layer] if cfg.niwt.layer is not None else list(cfg.niwt.get("layers") or [])
+        if not layers or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
+            raise ConfigError(f"niwt.layer / niwt.layers must be masked-layer indices (-2 = one block before the "
+                              f"head's input, -1 = its input), got {layers!r}")
         if not float(cfg.niwt.map_ridge) >= 0:
             raise ConfigError(f"niwt.map_ridge={cfg.niwt.map_ridge} must be >= 0")
         if cfg.niwt.map_fit == "centered" and not cfg.niwt.map_bias:
@@ -434,6 +473,9 @@ def _check_gate(gate) -> None:
                           f"input), got {layers!r}")
     if not 0.0 <= float(gate.shrinkage) <= 1.0:
         raise ConfigError(f"gate.shrinkage={gate.shrinkage} must be in [0, 1]")
+    if gate.get("min_seen_ratio") is not None and not fraction(gate.min_seen_ratio):
+        raise ConfigError(f"gate.min_seen_ratio={gate.min_seen_ratio} must be a number in (0, 1], or null (the best "
+                          "validation H whatever the seen classes lose)")
 
 
 def _check_gate_layer(cfg: DictConfig) -> None:

@@ -112,8 +112,11 @@ def _locate(node, idx: torch.Tensor, group_name) -> list:
 
 def _values(node) -> torch.Tensor:
     """The values of a data attribute's FlatData tree (lists, tensors, arrays, ConstantSequence leaves)."""
+    from avalanche.benchmarks.utils.data_attribute import DataAttribute
     from avalanche.benchmarks.utils.flat_data import ConstantSequence, FlatData
 
+    if isinstance(node, DataAttribute):  # a nested attribute: its FlatData (np.asarray would iterate per sample)
+        return _values(node.data)
     if isinstance(node, ConstantSequence):
         return torch.full((len(node),), int(node._constant_value), dtype=torch.long)
     if isinstance(node, FlatData):

@@ -29,29 +29,46 @@ def importance_layer(model, index: int):
 
     n = len(model.unit_taps)
     if not -n <= index < n:
-        raise ConfigError(f"niwt.layer={index} but the network has {n} masked layers; choose one of "
+        raise ConfigError(f"niwt.layer={index} (niwt.layer or an entry of niwt.layers) but the network has {n} "
+                          f"masked layers; choose among "
                           f"{-n}..{n - 1} (-2 = one block before the head's input)")
     return model.unit_taps[index]
 
 
 def niwt_arguments(cfg) -> dict:
-    """The ``niwt`` config block as keyword arguments of ``modnet.methods.niwt.NIWT`` (all but ``layer``)."""
+    """The ``niwt`` config block as keyword arguments of ``modnet.methods.niwt.NIWT`` (all but the layer)."""
     from omegaconf import OmegaConf
 
     kw = OmegaConf.to_container(cfg.niwt, resolve=True)
-    kw.pop("layer")
+    for key in ("layer", "layers"):
+        kw.pop(key, None)
     return kw
 
 
-@register_zsl_method(NAME)
+def candidates(cfg) -> list[dict]:
+    """``{"niwt_layer": index}`` for ``niwt.layer``, or when it is null for every index of ``niwt.layers`` (chosen
+    on the class-disjoint validation splits like the other methods' settings)."""
+    grid = [cfg.niwt.layer] if cfg.niwt.layer is not None else list(cfg.niwt.layers)
+    return [{"niwt_layer": int(index)} for index in grid]
+
+
+def fixed_layer(cfg) -> int:
+    """The importance layer where nothing is validated (continual GZSL, niwt_routed): ``niwt.layer``, or the
+    first of ``niwt.layers`` when it is null."""
+    return int(cfg.niwt.layer if cfg.niwt.layer is not None else cfg.niwt.layers[0])
+
+
+@register_zsl_method(NAME, candidates=candidates)
 def score(cfg, net, params):
     from modnet.methods.niwt import NIWT
 
     data = net.data
     if net.classes != list(data.seen_classes):
-        raise ValueError("NIWT extends a seen-class network once: its head already holds unseen classes")
+        # an earlier candidate setting (validation) extended this network: fit on the seen-class network again
+        net = net.seen_copy()
     x, y = net.split("train")
-    niwt = NIWT(net.model, importance_layer(net.model, cfg.niwt.layer), net.head, forward_fn=net.forward,
+    layer = int(params.get("niwt_layer", fixed_layer(cfg)))
+    niwt = NIWT(net.model, importance_layer(net.model, layer), net.head, forward_fn=net.forward,
                 seed=net.seed, progress=net.progress, **niwt_arguments(cfg))
     niwt.fit(x, y, data.attributes.to(net.device), data.seen_classes, data.unseen_classes)
     net.add_classes(data.unseen_classes, niwt.unseen.weight, niwt.unseen.bias)

@@ -12,7 +12,7 @@ table on the very same trained network.
 """
 from __future__ import annotations
 
-from modnet.zsl.niwt import importance_layer, niwt_arguments
+from modnet.zsl.niwt import fixed_layer, importance_layer, niwt_arguments
 from modnet.zsl.registry import register_zsl_method
 
 NAME = "niwt_routed"
@@ -24,8 +24,8 @@ def score(cfg, net, params):
 
     copy = net.seen_copy()
     data = copy.data
-    layer = importance_layer(copy.model, cfg.niwt.layer)
-    index = cfg.niwt.layer % len(copy.model.unit_taps)
+    layer = importance_layer(copy.model, fixed_layer(cfg))
+    index = fixed_layer(cfg) % len(copy.model.unit_taps)
     x, y = copy.split("train")
     niwt = NIWT(copy.model, layer, copy.head, forward_fn=copy.forward, seed=copy.seed, progress=copy.progress,
                 **niwt_arguments(cfg))
