@@ -345,7 +345,8 @@ def _aggregate(per_seed: list[dict]) -> dict:
             entry["gated"] = {k: float(s[f"gated_{k}_mean"]) for k in gated_keys}
             entry["gated"].update({f"{k}_std": float(s[f"gated_{k}_std"]) for k in gated_keys})
             entry["gated"]["layer_per_seed"] = [seed[name]["gated"]["layer"] for seed in per_seed]
-        entry["setting_per_seed"] = [seed[name].get("setting", {}) for seed in per_seed]  # chosen on validation
+        if any("setting" in seed[name] for seed in per_seed):  # the settings chosen on validation, per seed
+            entry["setting_per_seed"] = [seed[name].get("setting", {}) for seed in per_seed]
         out[name] = entry
     return out
 
