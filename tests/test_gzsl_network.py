@@ -217,10 +217,9 @@ def test_explain_run_dir_of_a_gzsl_run_explains_that_seeds_network(tmp_path):
     assert all((tmp_path / "explain" / v["image"]).exists() for modules in explained.values() for v in modules.values())
 
 
-def test_niwt_layer_null_fits_every_candidate_layer_on_the_validation_network_and_extends_the_run_network_once(
-        tmp_path):
+def test_niwt_layer_null_runs_every_candidate_layer_through_validation_and_records_the_choice_per_seed(tmp_path):
     """niwt.layer=null: each of niwt.layers is fitted on the same validation network (the second on a seen-class
-    copy of it), the validation's choice is recorded per seed, and the kept network gets the unseen rows once."""
+    copy of it, next test) and the layer validation chose is recorded per seed."""
     from modnet.jobs.gzsl import run_gzsl
 
     cfg = compose("gzsl", [*TINY, "methods=[niwt]", f"output_dir={tmp_path}", "niwt.layer=null",
