@@ -45,7 +45,7 @@ from torch import Tensor
 from modnet.config import ConfigError, check_choice
 from modnet.eval.metrics import shows_progress_bars
 from modnet.eval.tables import aggregate_runs, markdown_table, mean_std_cell
-from modnet.methods.gzsl import GZSLResult, gzsl_evaluate, per_class_accuracy, select_calibration
+from modnet.methods.gzsl import GZSLResult, gzsl_evaluate, restricted_accuracy, select_calibration
 from modnet.zsl.registry import get_zsl_method, zsl_method_names
 from modnet.zsl.seen_network import SeenNetwork
 from scenarios.zsl import ZSLData, class_disjoint_validation, load_zsl_from_config, pseudo_unseen_count
@@ -181,7 +181,7 @@ def validate(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
             gated.setdefault(name, [[] for _ in candidates])
             for i, (_, scores) in enumerate(candidates):
                 if sides is not None:
-                    seen_only = seen_only_accuracy(scores[0], val)
+                    seen_only = restricted_accuracy(scores[0], val.y_test_seen, val.seen_classes)
                     gated[name][i].append([_gated_h_and_kept(_evaluate_gated(scores, val, side), seen_only)
                                            for side in sides])
                 if cfg.calibration.mode == "validate":
@@ -204,13 +204,6 @@ def validate(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
             chosen[name]["gate_validation_H"] = float(mean[pick, 0])
             chosen[name]["gate_validation_seen_kept"] = float(mean[pick, 1])
     return chosen
-
-
-def seen_only_accuracy(scores_test_seen: Tensor, data: ZSLData) -> float:
-    """S of a method that knows every test image is seen: its argmax among the seen classes."""
-    seen = torch.as_tensor(list(data.seen_classes), device=scores_test_seen.device, dtype=torch.long)
-    pred = seen[scores_test_seen[:, seen].argmax(1)]
-    return float(per_class_accuracy(pred, data.y_test_seen, data.seen_classes))
 
 
 def _gated_h_and_kept(result: GZSLResult, seen_only: float) -> tuple[float, float]:

@@ -31,6 +31,7 @@ from torch import Tensor
 __all__ = [
     "GZSLResult",
     "per_class_accuracy",
+    "restricted_accuracy",
     "harmonic_mean",
     "calibrated_stacking",
     "gzsl_evaluate",
@@ -94,6 +95,12 @@ def _restrict(scores: Tensor, classes: Sequence[int]) -> Tensor:
     return scores + mask
 
 
+def restricted_accuracy(scores: Tensor, y: Tensor, classes: Sequence[int]) -> float:
+    """Per-class accuracy of the argmax among ``classes`` only: the ZSL accuracy (unseen classes on unseen
+    images), or the seen-only accuracy (seen classes on seen images, a perfect seen/unseen gate)."""
+    return float(per_class_accuracy(_restrict(scores, classes).argmax(1), y, classes))
+
+
 def gzsl_evaluate(scores_test_seen: Tensor, y_test_seen: Tensor, scores_test_unseen: Tensor,
                   y_test_unseen: Tensor, seen_classes: Sequence[int], unseen_classes: Sequence[int],
                   calibration: float = 0.0) -> GZSLResult:
@@ -106,8 +113,7 @@ def gzsl_evaluate(scores_test_seen: Tensor, y_test_seen: Tensor, scores_test_uns
     pred_u = _restrict(calibrated_stacking(scores_test_unseen, seen_classes, calibration), all_classes).argmax(1)
     s = float(per_class_accuracy(pred_s, y_test_seen, seen_classes))
     u = float(per_class_accuracy(pred_u, y_test_unseen, unseen_classes))
-    zsl = float(per_class_accuracy(_restrict(scores_test_unseen, unseen_classes).argmax(1), y_test_unseen,
-                                   unseen_classes))
+    zsl = restricted_accuracy(scores_test_unseen, y_test_unseen, unseen_classes)
     return GZSLResult(U=u, S=s, H=harmonic_mean(u, s), zsl_accuracy=zsl)
 
 

@@ -55,7 +55,7 @@ def candidates(cfg) -> list[dict]:
 def fixed_layer(cfg) -> int:
     """The importance layer where nothing is validated (continual GZSL, niwt_routed): ``niwt.layer``, or the
     first of ``niwt.layers`` when it is null."""
-    return int(cfg.niwt.layer if cfg.niwt.layer is not None else cfg.niwt.layers[0])
+    return candidates(cfg)[0]["niwt_layer"]
 
 
 @register_zsl_method(NAME, candidates=candidates)
