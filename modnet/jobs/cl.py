@@ -240,4 +240,3 @@ def _run_all(cfg, out: Path, ckpt_dir: Path, device, run_fingerprint: dict) -> d
         raise StrategyFailed("; ".join(f"{name} failed on seed {f['seed']}: {f['error']}" for name, f in failed.items())
                              + f". The other strategies' results are in {out}/results.json")
     return results
-
