@@ -110,15 +110,22 @@ class _Losses:
         return Losses()
 
 
-@pytest.mark.parametrize("name", ["naive", "replay", "gem", "modnet"])
-def test_a_strategy_trains_and_evaluates_as_through_avalanches_loader(name):
+# modnet with HAT's reference validation loop: the held-out samples' loss every epoch, sliced from the tensors
+VALIDATION = ("train.valid_fraction=0.2", "train.lr_patience=1", "train.restore_best=true")
+
+
+@pytest.mark.parametrize("name,extra", [("naive", ()), ("replay", ()), ("gem", ()), ("modnet", ()),
+                                        ("modnet", VALIDATION)])
+def test_a_strategy_trains_and_evaluates_as_through_avalanches_loader(name, extra):
+    """Every strategy on the tensor data path gives the numbers of Avalanche's loaders; modnet's plugins read
+    their experience (task-OOD calibration, module profiles, validation loss) from the tensors too."""
     from modnet.runner.runner import run_experiences
 
     info = _benchmark(n=400)
     results = {}
     for tensor_batches in (True, False):
         torch.manual_seed(0)
-        strategy = _strategy(name, tensor_batches, info)
+        strategy = _strategy(name, tensor_batches, info, extra=extra)
         losses = _Losses()
         strategy.plugins.append(losses)
         exps = list(info.benchmark.train_stream)[:3]
@@ -128,10 +135,12 @@ def test_a_strategy_trains_and_evaluates_as_through_avalanches_loader(name):
             return [res[k] for k in sorted(res) if k.startswith("Top1_Acc_Exp")]
 
         rec = run_experiences(strategy, exps, evaluate, seed=0, log=lambda s: None)
-        results[tensor_batches] = (losses.losses, rec.rows, losses.loaders)
-    (l1, r1, kinds), (l0, r0, kinds0) = results[True], results[False]
+        # every weight and buffer: the plugins' statistics too (task-OOD score calibration, module usage)
+        results[tensor_batches] = (losses.losses, rec.rows, losses.loaders, strategy.model.state_dict())
+    (l1, r1, kinds, w1), (l0, r0, kinds0, w0) = results[True], results[False]
     assert set(kinds) == {"TensorBatchLoader"} and "TensorBatchLoader" not in kinds0
     assert l1 == l0 and r1 == r0  # the same batches in the same order: the same numbers
+    assert w1.keys() == w0.keys() and all(torch.equal(w1[k], w0[k]) for k in w1)
 
 
 def test_replay_batches_hold_buffer_samples_after_the_first_experience():

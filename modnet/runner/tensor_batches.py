@@ -191,17 +191,32 @@ def resolve_tensors(dataset) -> TensorView | None:
         return None
 
 
-def dataset_batches(dataset, batch_size: int, tensors: bool = True):
+def dataset_batches(dataset, batch_size: int, tensors: bool = True, loader_rng: bool = False,
+                    task_labels: bool = False):
     """(x, y) of ``dataset`` in order, ``batch_size`` at a time, for one pass over an experience outside
     training (statistics, evaluation): slices of its tensors when it is tensor-backed and ``tensors``, else
     Avalanche's per-sample loader (the same batches in the same order; it fetches and collates every sample,
-    a pass as long as a training epoch's on a small network, and draws a seed from the global generator)."""
+    a pass as long as a training epoch's on a small network, and draws a seed from the global generator).
+    ``loader_rng``: the tensor path draws that seed too, so that what follows (the next epoch's shuffle, a
+    plugin's random draws) gets the same numbers on either path. ``task_labels``: (x, y, t)."""
+    fields = 3 if task_labels else 2
     view = resolve_tensors(dataset) if tensors else None
     if view is not None:
-        return (view.take(slice(i, i + batch_size))[:2] for i in range(0, len(view), batch_size))
+        if loader_rng:
+            _draw_seed()
+        return (view.take(slice(i, i + batch_size))[:fields] for i in range(0, len(view), batch_size))
     from torch.utils.data import DataLoader
 
-    return (tuple(batch[:2]) for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False))
+    return (tuple(batch[:fields]) for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False))
+
+
+def dataset_head(dataset, n: int, tensors: bool = True) -> torch.Tensor:
+    """The inputs of ``dataset``'s first ``n`` samples, stacked: a slice of its tensors when it is tensor-backed
+    and ``tensors``, else one ``dataset[i]`` per sample (neither draws from a random generator)."""
+    view = resolve_tensors(dataset) if tensors else None
+    if view is not None:
+        return view.take(slice(0, n))[0]
+    return torch.stack([dataset[i][0] for i in range(n)])
 
 
 def _draw_seed() -> int:

@@ -34,9 +34,11 @@ class ModulesPlugin(SupervisedPlugin):
 
     def after_training_exp(self, strategy, **kw):
         model = strategy.model
+        from modnet.runner.tensor_batches import dataset_head
+
         ds = strategy.experience.dataset
         n = min(len(ds), model.gate.profile_samples)
-        x = torch.stack([ds[i][0] for i in range(n)]).to(strategy.device)
+        x = dataset_head(ds, n, tensors=getattr(strategy, "tensor_batches", False)).to(strategy.device)
         model.gate.record_usage(model, strategy.experience.current_experience, x)
 
 

@@ -13,9 +13,9 @@ import dataclasses
 
 import torch
 from avalanche.core import SupervisedPlugin
-from torch.utils.data import DataLoader
 
 from modnet.nets.models import ForwardTrace
+from modnet.runner.tensor_batches import dataset_batches
 from strategies.template import train_condition
 
 
@@ -42,8 +42,11 @@ class TaskOODPlugin(SupervisedPlugin):
     def after_training_exp(self, strategy, **kw):
         model = strategy.model
         task = train_condition(strategy).task
-        loader = DataLoader(strategy.experience.dataset, batch_size=self.batch_size, shuffle=False)
-        x = torch.cat([batch[0] for batch in loader]).to(strategy.device)
+        # sliced from the experience's tensors where it has them (the loader's seed drawn all the same: the
+        # same numbers after it as through Avalanche's per-sample loader)
+        batches = dataset_batches(strategy.experience.dataset, self.batch_size,
+                                  tensors=getattr(strategy, "tensor_batches", False), loader_rng=True)
+        x = torch.cat([batch[0] for batch in batches]).to(strategy.device)
         was_training = model.training
         model.eval()
         try:

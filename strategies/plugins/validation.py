@@ -71,8 +71,11 @@ class ValidationSchedulePlugin(SupervisedPlugin):
             self._val = ds
 
     def _val_batches(self, strategy):
-        loader = torch.utils.data.DataLoader(self._val, batch_size=self.batch_size, shuffle=False)
-        for batch in loader:
+        from modnet.runner.tensor_batches import dataset_batches
+
+        # slices of the held-out samples' tensors where they have them (the loader's seed drawn all the same)
+        for batch in dataset_batches(self._val, self.batch_size, tensors=getattr(strategy, "tensor_batches", False),
+                                     loader_rng=True, task_labels=True):
             x, y = batch[0].to(strategy.device), batch[1].to(strategy.device)
             t = batch[2].to(strategy.device) if len(batch) > 2 else torch.zeros_like(y)
             yield x, y, t
