@@ -69,10 +69,14 @@ class HATTraining:
 @dataclass
 class ForwardTrace:
     """What a forward recorded, on request of its condition: every masked layer's unit outputs
-    (``record=True``) and HAT's weighted capacity regulariser (under ``HATTraining``)."""
+    (``record=True``) and HAT's weighted capacity regulariser (under ``HATTraining``); always the heads' input
+    of its last task forward and that task (a reference, no copy: the transform heads' loss reuses the
+    untransformed rows instead of running them through the network again)."""
 
     activations: list[Tensor] = field(default_factory=list)
     capacity: Tensor | None = None
+    feature: Tensor | None = None
+    feature_task: int | None = None
 
 
 @dataclass
@@ -300,6 +304,7 @@ class HATNet(MultiHeadTaskNet):
         acts, feature = self.forward_units(x, self.unit_masks(x, task, condition), task, condition.record)
         if condition.record:
             condition.trace.activations = acts
+        condition.trace.feature, condition.trace.feature_task = feature, task
         return self.heads[task](feature)
 
     def update_task_keys(self, x: Tensor, task: int, y: Tensor) -> None:

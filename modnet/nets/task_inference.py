@@ -157,29 +157,50 @@ class TaskOOD(nn.Module):
 
     def joint_logits(self, net, x: Tensor, task: int, condition=None) -> Tensor:
         """h_t(f_t(x)): B x n_t K logits of (class, transform) pairs, label c + n_t k."""
-        masks = net.unit_masks(x, task, condition)
-        feature = net.forward_units(x, masks, task, False)[1]
-        return self.heads[task](feature)
+        return self.heads[task](self._features(net, x, task, condition))
 
-    def loss(self, net, x: Tensor, y_local: Tensor, task: int, condition=None) -> Tensor:
+    def loss(self, net, x: Tensor, y_local: Tensor, task: int, condition=None, feature: Tensor | None = None) -> Tensor:
         """CE over (class, transform) labels of x and its transformed copies (CSI's joint labels).
 
         ``copies=all``: every input and its K - 1 copies (K B rows, CSI's batch); ``one``: input i as
-        transform k_i = i mod K, B rows, a K-th of the cost (the loader's per-epoch shuffle varies k_i)."""
+        transform k_i = i mod K, B rows, a K-th of the cost (the loader's per-epoch shuffle varies k_i).
+        ``feature``: the heads' input f_t(x) of the untransformed batch from the training forward of the same
+        step (same masks and slope); then only the transformed rows go through the network, (K - 1) B rows
+        (all) or B (K - 1) / K (one) instead of K B or B: the same loss up to float rounding."""
         n, b = self.task_sizes[task], x.shape[0]
         if self.copies == "one":
             k_i = torch.arange(b, device=x.device) % self.n_transforms
+            labels = torch.where(k_i == 0, y_local, n) if self.labels == "extra" else y_local + n * k_i
+            if feature is not None:
+                # the rows i with i mod K != 0, in order: the j-th is j + j // (K - 1) + 1 (no host sync)
+                j = torch.arange(b - (b + self.n_transforms - 1) // self.n_transforms, device=x.device)
+                rows = j + j // (self.n_transforms - 1) + 1
+                xt = torch.empty_like(x[rows])
+                for k, name in enumerate(self.transforms[:b - 1], 1):
+                    sel = torch.arange(k - 1, rows.shape[0], self.n_transforms - 1, device=x.device)
+                    xt[sel] = TRANSFORMS[name](x[rows[sel]])
+                transformed = self._features(net, xt, task, condition)
+                logits = self.heads[task](feature.index_copy(0, rows, transformed.to(feature.dtype)))
+                return F.cross_entropy(logits.float(), labels)
             xt = x.clone()
             for k, name in enumerate(self.transforms[:b - 1], 1):  # a last batch smaller than K has fewer
                 rows = torch.arange(k, b, self.n_transforms, device=x.device)
                 xt[rows] = TRANSFORMS[name](x[rows])
-            labels = torch.where(k_i == 0, y_local, n) if self.labels == "extra" else y_local + n * k_i
             return F.cross_entropy(self.joint_logits(net, xt, task, condition).float(), labels)
         if self.labels == "extra":  # every transformed copy is class n ("not this task")
             labels = torch.cat([y_local] + [torch.full_like(y_local, n)] * (self.n_transforms - 1))
         else:
             labels = torch.cat([y_local + n * k for k in range(self.n_transforms)])
+        if feature is not None and self.transforms:
+            copies = torch.cat([TRANSFORMS[name](x) for name in self.transforms])
+            joint = torch.cat([feature, self._features(net, copies, task, condition).to(feature.dtype)])
+            return F.cross_entropy(self.heads[task](joint).float(), labels)
         return F.cross_entropy(self.joint_logits(net, self.expand(x), task, condition).float(), labels)
+
+    @staticmethod
+    def _features(net, x: Tensor, task: int, condition=None) -> Tensor:
+        """f_t(x): the heads' input on task t's masked sub-network."""
+        return net.forward_units(x, net.unit_masks(x, task, condition), task, False)[1]
 
     def blocks(self, net, x: Tensor, task: int, condition=None) -> Tensor:
         """h_t(f_t(T_k x)) for every k: K x B x K x n_t (transform applied, joint block); labels=extra:

@@ -33,9 +33,14 @@ class TaskOODPlugin(SupervisedPlugin):
         lut = torch.full((model.n_classes,), -1, dtype=torch.long, device=idx.device)
         lut[idx] = torch.arange(len(idx), device=idx.device)
         y = lut[strategy.mb_y.to(idx.device)]
+        # the main forward's heads' input, where it is this batch's on this task: its untransformed rows are
+        # the transform heads' identity rows (the same masks, gates and slope s)
+        trace = condition.trace
+        feature = trace.feature if (trace.feature_task == task and trace.feature is not None
+                                    and trace.feature.shape[0] == strategy.mb_x.shape[0]) else None
         # own trace: HAT's plugin has read this step's capacity regulariser from the main forward
         cond = dataclasses.replace(condition, record=False, trace=ForwardTrace())
-        loss = model.task_ood.loss(model, strategy.mb_x, y, task, cond)
+        loss = model.task_ood.loss(model, strategy.mb_x, y, task, cond, feature=feature)
         strategy.loss = strategy.loss + self.weight * loss
 
     @torch.no_grad()
