@@ -559,3 +559,32 @@ def test_centered_map_predicts_the_deviation_from_the_seen_mean_by_its_normal_eq
         assert F.cosine_similarity(pred, shared[None], dim=1).abs().max() < 0.3
     with pytest.raises(ValueError, match="map_bias=True"):
         NIWT(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), None, None, map_fit="centered", map_bias=False)
+
+
+def test_positives_scale_scores_an_unseen_class_mean_as_the_seen_rows_score_their_own():
+    """scale=positives, planted: the class means are an exact affine map of the knowledge (m_c = m0 + k_c M), so
+    the ridge map (tiny ridge) predicts an unseen class's mean exactly; each unseen row must then score its own
+    class's true mean at the seen rows' average own-class-mean score (hand-computed here), keep the direction
+    and the spread that ``negatives`` gives it, and raise ValueError without the knowledge."""
+    g = torch.Generator().manual_seed(0)
+    n_seen, n_unseen, a_dim, d = 6, 2, 3, 5
+    knowledge = torch.randn(n_seen + n_unseen, a_dim, generator=g, dtype=torch.float64)
+    m0, m_map = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(a_dim, d, generator=g, dtype=torch.float64)
+    class_means = m0 + knowledge @ m_map
+    y = torch.arange(n_seen).repeat_interleave(40)
+    noise = torch.randn(len(y), d, generator=g, dtype=torch.float64)
+    noise -= torch.stack([noise[y == c].mean(0) for c in range(n_seen)])[y]  # each class's sample mean exact
+    features = class_means[y] + noise
+    own = y[:, None] == torch.arange(n_seen)[None]
+    w_s, b_s = torch.randn(n_seen, d, generator=g, dtype=torch.float64), torch.randn(n_seen, generator=g, dtype=torch.float64)
+    direction = torch.randn(n_unseen, d, generator=g, dtype=torch.float64)
+    w, b = match_seen_scale(direction, torch.zeros(n_unseen, dtype=torch.float64), w_s, b_s, features, own,
+                            "positives", knowledge[:n_seen], knowledge[n_seen:], mean_ridge=1e-9)
+    target = float(sum(w_s[c] @ class_means[c] + b_s[c] for c in range(n_seen)) / n_seen)
+    unseen_at_own_mean = (w * class_means[n_seen:]).sum(1) + b
+    assert torch.allclose(unseen_at_own_mean, torch.full((n_unseen,), target, dtype=torch.float64), atol=1e-6)
+    w_neg, _ = match_seen_scale(direction, torch.zeros(n_unseen, dtype=torch.float64), w_s, b_s, features, own,
+                                "negatives")
+    assert torch.allclose(w, w_neg)
+    with pytest.raises(ValueError, match="knowledge"):
+        match_seen_scale(direction, torch.zeros(n_unseen), w_s, b_s, features, own, "positives")

@@ -563,11 +563,12 @@ def fit_unseen_weights(model: nn.Module, layer: nn.Module, classifier: nn.Linear
     return UnseenWeights(weight=weight.detach(), bias=unseen_bias, n_iterations=n_done, losses=history)
 
 
-UNSEEN_SCALES = ("none", "norm", "negatives")
+UNSEEN_SCALES = ("none", "norm", "negatives", "positives")
 
 
 def match_seen_scale(weight: Tensor, bias: Tensor, seen_weight: Tensor, seen_bias: Tensor, features: Tensor,
-                     own: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+                     own: Tensor, mode: str, seen_knowledge: Tensor | None = None,
+                     unseen_knowledge: Tensor | None = None, mean_ridge: float = 0.01) -> tuple[Tensor, Tensor]:
     """Unseen rows (``weight`` [U, D], ``bias`` [U]) put on the scale of the seen rows, from seen images only.
 
     Step 3's loss is a cosine: it fixes the direction of w_u, never its length, and no loss reaches b_u; how
@@ -580,7 +581,13 @@ def match_seen_scale(weight: Tensor, bias: Tensor, seen_weight: Tensor, seen_bia
       training images of the other seen classes,
           mean_c mean_{x: y(x) != c} (w_c . f(x) + b_c),   mean_c std_{x: y(x) != c} (w_c . f(x) + b_c),
       i.e. a row answers images of classes that are not its own as the trained rows do; what lifts it on its
-      own class is only its direction.
+      own class is only its direction;
+    * ``positives``: w_u as ``negatives``, b_u so that the row scores its class's predicted mean feature as the
+      trained rows score their own classes' means,
+          s_u w_u . mu_u + b_u = mean_c (w_c . m_c + b_c),   mu_u = mean_c m_c + (k_u - mean_c k_c) B,
+      with m_c the mean feature of seen class c's training images and B the ridge map from the centred seen
+      knowledge to the centred class means (bias unpenalised; lam = ``mean_ridge`` x the mean squared norm of
+      the centred k_c). Needs ``seen_knowledge`` [S, A] (rows of ``seen_weight``) and ``unseen_knowledge`` [U, A].
 
     ``features`` [n, D]: the classifier's input on seen training images; ``own`` [n, S] bool: image i is of seen
     row c (``seen_weight`` [S, D], ``seen_bias`` [S]). Returns (weight, bias); nothing is measured on test data.
@@ -601,7 +608,22 @@ def match_seen_scale(weight: Tensor, bias: Tensor, seen_weight: Tensor, seen_bia
     std = (((seen_scores - mean) ** 2 * others).sum(0) / count).sqrt()
     unseen_scores = features @ weight.T
     factor = std.mean() / unseen_scores.std(0, unbiased=False).clamp(min=1e-12)
-    return weight * factor[:, None], mean.mean() - factor * unseen_scores.mean(0)
+    weight = weight * factor[:, None]
+    if mode == "negatives":
+        return weight, mean.mean() - factor * unseen_scores.mean(0)
+    if seen_knowledge is None or unseen_knowledge is None:
+        raise ValueError("scale=positives needs the seen and the unseen classes' knowledge")
+    if not own.any(0).all():
+        raise ValueError("scale=positives needs training images of every seen row")
+    ownf = own.to(features.dtype)
+    means = (ownf.T @ features) / ownf.sum(0)[:, None]  # m_c [S, D]
+    own_score = ((means * seen_weight).sum(1) + seen_bias).mean()
+    k = seen_knowledge.to(features.dtype)
+    kc, mc = k - k.mean(0), means - means.mean(0)
+    lam = mean_ridge * float((kc ** 2).sum(1).mean())
+    b_map = torch.linalg.solve(kc.T @ kc + lam * torch.eye(kc.shape[1], dtype=kc.dtype, device=kc.device), kc.T @ mc)
+    predicted = means.mean(0) + (unseen_knowledge.to(features.dtype) - k.mean(0)) @ b_map  # mu_u [U, D]
+    return weight, own_score - (weight * predicted).sum(1)
 
 
 class RoutingMap:
@@ -858,7 +880,8 @@ class NIWT:
                 seen_weight = h.classifier.weight.detach()
                 seen_bias = h.classifier.bias.detach() if h.classifier.bias is not None else seen_weight[:, 0] * 0
                 weight, bias = match_seen_scale(fitted.weight, fitted.bias, seen_weight[rows], seen_bias[rows],
-                                                features, own, self.scale)
+                                                features, own, self.scale, knowledge[torch.tensor(h.classes)],
+                                                knowledge[torch.tensor(unseen_classes)])
                 fitted = UnseenWeights(weight, bias, fitted.n_iterations, fitted.losses)
             self.unseen_by_head.append(fitted)
         self.unseen = self.unseen_by_head[0]
