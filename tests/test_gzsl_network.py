@@ -120,6 +120,25 @@ def test_niwt_routed_extends_a_copy_of_the_seen_network_and_predicts_no_importan
     assert niwt.unseen_importance[:, ~dead].abs().sum() > 0
 
 
+def test_niwt_positives_differs_from_niwt_by_one_bias_per_unseen_row_on_the_same_network(trained):
+    """niwt_positives runs beside niwt on the same trained network (a copy): the same fitted directions and
+    lengths, so on every image its unseen scores are niwt's plus a constant per unseen row (the bias that
+    scale=positives sets instead of negatives'), and its seen scores are the network's own."""
+    from modnet.zsl.registry import get_zsl_method
+
+    cfg, net = trained
+    data = net.data
+    base = net.seen_copy()
+    neg_seen, neg_unseen = get_zsl_method("niwt").score(cfg, base, {})
+    pos_seen, pos_unseen = get_zsl_method("niwt_positives").score(cfg, base, {})
+    unseen = data.unseen_classes
+    shift = pos_unseen[:, unseen] - neg_unseen[:, unseen]
+    assert torch.allclose(shift, shift[:1].expand_as(shift), atol=1e-4)
+    assert torch.allclose(pos_seen[:, unseen] - neg_seen[:, unseen], shift[:1].expand(len(pos_seen), -1), atol=1e-4)
+    assert torch.allclose(pos_seen[:, data.seen_classes], neg_seen[:, data.seen_classes], atol=1e-5)
+    assert shift.abs().max() > 1e-3  # the two rules do differ
+
+
 def test_niwt_on_every_head_of_a_class_incremental_network_keeps_its_task_keys():
     """fit_heads gives each head of a multi-task HAT network unseen rows; the task keys still index the trained
     classes only, so the task posterior is the one before the rows were added."""

@@ -424,7 +424,7 @@ def _check(cfg: DictConfig) -> None:
         if value is not None and int(value) < 1:
             raise ConfigError(f"calibration.{key}={value} must be at least 1" +
                               (" (null = enough splits for val_min_classes)" if key == "val_splits" else ""))
-    if "niwt" in cfg.methods or "niwt_routed" in cfg.methods:
+    if any(str(m).startswith("niwt") for m in cfg.methods):  # niwt, niwt_routed, niwt_positives
         from modnet.methods.niwt import MAP_FITS, UNSEEN_BIASES, UNSEEN_INITS, UNSEEN_SCALES
 
         check_choice("niwt.init", cfg.niwt.init, UNSEEN_INITS)
@@ -439,7 +439,8 @@ def _check(cfg: DictConfig) -> None:
             raise ConfigError(f"niwt.map_ridge={cfg.niwt.map_ridge} must be >= 0")
         if cfg.niwt.map_fit == "centered" and not cfg.niwt.map_bias:
             raise ConfigError("niwt.map_fit=centered predicts (k - mean k) B, which needs niwt.map_bias=true")
-        if cfg.model.get("head", "linear") == "cosine" and cfg.niwt.scale != "none":
+        scaled = cfg.niwt.scale != "none" or "niwt_positives" in cfg.methods
+        if cfg.model.get("head", "linear") == "cosine" and scaled:
             raise ConfigError(f"model.head=cosine scores rows by direction (no bias): niwt.scale={cfg.niwt.scale} "
                               "has nothing to set; use niwt.scale=none")
     check_choice("model.arch", cfg.model.arch, ARCHS)
