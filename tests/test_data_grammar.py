@@ -58,7 +58,7 @@ def test_gzsl_on_a_zero_shot_npz_reports_its_classes(tmp_path, capsys):
     assert results["benchmark"] == "animals"
     assert (results["seen_classes"], results["unseen_classes"]) == ([0, 1, 2, 3], [4, 5])
     assert results["class_names"] == ["ant", "bee", "cat", "dog", "antbee", "catdog"]
-    assert set(results["methods"]) == {"niwt", "eszsl", "ale", "clswgan"}
+    assert set(results["methods"]) == {"niwt", "niwt_positives", "eszsl", "ale", "clswgan"}
     assert "GZSL on animals: 4 seen / 2 unseen classes" in capsys.readouterr().out
     saved = (tmp_path / "out" / "config.yaml").read_text()
     assert re.search(r"^benchmark:\n  name: npz\n  path: \S+animals.npz\n(?!  )", saved, re.M)  # gzsl's keys only
