@@ -439,8 +439,10 @@ def _check(cfg: DictConfig) -> None:
             raise ConfigError(f"niwt.map_ridge={cfg.niwt.map_ridge} must be >= 0")
         if cfg.niwt.map_fit == "centered" and not cfg.niwt.map_bias:
             raise ConfigError("niwt.map_fit=centered predicts (k - mean k) B, which needs niwt.map_bias=true")
-        scaled = cfg.niwt.scale != "none" or "niwt_positives" in cfg.methods
-        if cfg.model.get("head", "linear") == "cosine" and scaled:
+        if cfg.model.get("head", "linear") == "cosine" and "niwt_positives" in cfg.methods:
+            raise ConfigError("model.head=cosine scores rows by direction (no bias): niwt_positives sets one bias "
+                              "per unseen row; leave it out of methods, e.g. methods=[niwt,eszsl,ale,clswgan]")
+        if cfg.model.get("head", "linear") == "cosine" and cfg.niwt.scale != "none":
             raise ConfigError(f"model.head=cosine scores rows by direction (no bias): niwt.scale={cfg.niwt.scale} "
                               "has nothing to set; use niwt.scale=none")
     check_choice("model.arch", cfg.model.arch, ARCHS)
