@@ -171,22 +171,12 @@ class TaskOOD(nn.Module):
         if self.copies == "one":
             k_i = torch.arange(b, device=x.device) % self.n_transforms
             labels = torch.where(k_i == 0, y_local, n) if self.labels == "extra" else y_local + n * k_i
-            if feature is not None:
-                # the rows i with i mod K != 0, in order: the j-th is j + j // (K - 1) + 1 (no host sync)
-                j = torch.arange(b - (b + self.n_transforms - 1) // self.n_transforms, device=x.device)
-                rows = j + j // (self.n_transforms - 1) + 1
-                xt = torch.empty_like(x[rows])
-                for k, name in enumerate(self.transforms[:b - 1], 1):
-                    sel = torch.arange(k - 1, rows.shape[0], self.n_transforms - 1, device=x.device)
-                    xt[sel] = TRANSFORMS[name](x[rows[sel]])
-                transformed = self._features(net, xt, task, condition)
-                logits = self.heads[task](feature.index_copy(0, rows, transformed.to(feature.dtype)))
-                return F.cross_entropy(logits.float(), labels)
-            xt = x.clone()
-            for k, name in enumerate(self.transforms[:b - 1], 1):  # a last batch smaller than K has fewer
-                rows = torch.arange(k, b, self.n_transforms, device=x.device)
-                xt[rows] = TRANSFORMS[name](x[rows])
-            return F.cross_entropy(self.joint_logits(net, xt, task, condition).float(), labels)
+            rows, transformed = self._one_copy(x)
+            if feature is None:
+                return F.cross_entropy(self.joint_logits(net, x.index_copy(0, rows, transformed), task,
+                                                         condition).float(), labels)
+            copies = self._features(net, transformed, task, condition).to(feature.dtype)
+            return F.cross_entropy(self.heads[task](feature.index_copy(0, rows, copies)).float(), labels)
         if self.labels == "extra":  # every transformed copy is class n ("not this task")
             labels = torch.cat([y_local] + [torch.full_like(y_local, n)] * (self.n_transforms - 1))
         else:
@@ -196,6 +186,19 @@ class TaskOOD(nn.Module):
             joint = torch.cat([feature, self._features(net, copies, task, condition).to(feature.dtype)])
             return F.cross_entropy(self.heads[task](joint).float(), labels)
         return F.cross_entropy(self.joint_logits(net, self.expand(x), task, condition).float(), labels)
+
+    def _one_copy(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(rows, T_{k_i}(x_i) for those rows): the rows i with k_i = i mod K != 0, in order (the j-th is
+        j + j // (K - 1) + 1, no host sync), each with its transform applied; a last batch smaller than K has
+        fewer transforms."""
+        b, k_all = x.shape[0], self.n_transforms
+        j = torch.arange(b - (b + k_all - 1) // k_all, device=x.device)
+        rows = j + j // (k_all - 1) + 1
+        transformed = torch.empty_like(x[rows])
+        for k, name in enumerate(self.transforms[:b - 1], 1):
+            sel = torch.arange(k - 1, rows.shape[0], k_all - 1, device=x.device)
+            transformed[sel] = TRANSFORMS[name](x[rows[sel]])
+        return rows, transformed
 
     @staticmethod
     def _features(net, x: Tensor, task: int, condition=None) -> Tensor:
