@@ -424,7 +424,7 @@ def _check(cfg: DictConfig) -> None:
         if value is not None and int(value) < 1:
             raise ConfigError(f"calibration.{key}={value} must be at least 1" +
                               (" (null = enough splits for val_min_classes)" if key == "val_splits" else ""))
-    if any(str(m).startswith("niwt") for m in cfg.methods):  # niwt, niwt_routed, niwt_positives
+    if set(cfg.methods) & {"niwt", "niwt_routed", "niwt_positives"}:  # the methods that read the niwt block
         from modnet.methods.niwt import MAP_FITS, UNSEEN_BIASES, UNSEEN_INITS, UNSEEN_SCALES
 
         check_choice("niwt.init", cfg.niwt.init, UNSEEN_INITS)

@@ -21,9 +21,6 @@ NAME = "niwt_positives"
 
 @register_zsl_method(NAME, candidates=niwt.candidates)
 def score(cfg, net, params):
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import OmegaConf
 
-    positives = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    with open_dict(positives):
-        positives.niwt.scale = "positives"
-    return niwt.score(positives, net.seen_copy(), params)
+    return niwt.score(OmegaConf.merge(cfg, {"niwt": {"scale": "positives"}}), net.seen_copy(), params)

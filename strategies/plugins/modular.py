@@ -33,9 +33,9 @@ class ModulesPlugin(SupervisedPlugin):
             self._keys.grad.mul_(self._free)
 
     def after_training_exp(self, strategy, **kw):
-        model = strategy.model
         from modnet.runner.tensor_batches import dataset_head
 
+        model = strategy.model
         ds = strategy.experience.dataset
         n = min(len(ds), model.gate.profile_samples)
         x = dataset_head(ds, n, tensors=getattr(strategy, "tensor_batches", False)).to(strategy.device)
