@@ -198,3 +198,23 @@ def test_masks_act_after_relu_and_pooling_as_in_the_reference_code():
     got = cnn.unit_activations(xi, [m, torch.ones(4)])[0]
     want = F.max_pool2d(F.relu(cnn.masked[0](xi) * m.view(1, -1, 1, 1)), 2).mean(dim=(2, 3))
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_max_pool2_without_a_gradient_is_max_pool2d_and_with_one_keeps_its_gradient():
+    """The HAT CNN's pooling: the strided-slice maximum it takes where no gradient flows must give max_pool2d's
+    values exactly (odd sizes floored as max_pool2d does), and the gradient path is max_pool2d itself."""
+    import torch.nn.functional as F
+
+    from modnet.nets.models import max_pool2
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(3, 4, 8, 8), (2, 5, 7, 9), (1, 1, 2, 2)]:
+        x = torch.relu(torch.randn(*shape, generator=g))
+        with torch.no_grad():
+            assert torch.equal(max_pool2(x), F.max_pool2d(x, 2))
+        assert torch.equal(max_pool2(x), F.max_pool2d(x, 2))  # x needs no gradient: the same path
+        leaf = torch.randn(*shape, generator=g).requires_grad_()
+        weight = torch.randn(F.max_pool2d(leaf, 2).shape, generator=g)
+        (grad,) = torch.autograd.grad((max_pool2(leaf) * weight).sum(), leaf)
+        (expected,) = torch.autograd.grad((F.max_pool2d(leaf, 2) * weight).sum(), leaf)
+        assert torch.equal(grad, expected)

@@ -252,6 +252,36 @@ def test_unseen_rows_are_put_on_the_seen_scale_whatever_scale_they_were_fitted_a
         match_seen_scale(direction, bias, w_s, b_s, features, own, "softmax")
 
 
+def test_seen_budget_scale_sends_the_stated_share_of_seen_images_to_unseen_rows_and_no_more(planted):
+    """scale=seen_budget: the rows of ``negatives`` moved by one shared shift, the largest after which at most
+    ``seen_budget`` of the seen training images score highest on an unseen row (counted here by argmax over all
+    rows); a hair more shift sends one more image over, and budget 0 sends none."""
+    x, y, knowledge, seen, unseen, train, *_, model = planted
+    head = model[4]
+    with torch.no_grad():
+        features = model[:4](x[train])
+    w_s, b_s = head.weight.detach(), head.bias.detach()
+    own = y[train][:, None] == torch.tensor(seen)[None]
+    direction = torch.randn(len(unseen), w_s.shape[1], generator=torch.Generator().manual_seed(5))
+    w_neg, b_neg = match_seen_scale(direction, torch.zeros(len(unseen)), w_s, b_s, features, own, "negatives")
+    n = features.shape[0]
+
+    def sent_to_unseen(w, b):
+        scores = torch.cat([features @ w_s.T + b_s, features @ w.T + b], 1)
+        return int((scores.argmax(1) >= len(seen)).sum())
+
+    for budget in (0.0, 0.1, 0.3):
+        w, b = match_seen_scale(direction, torch.zeros(len(unseen)), w_s, b_s, features, own, "seen_budget",
+                                seen_budget=budget)
+        assert torch.equal(w, w_neg)
+        shift = b - b_neg
+        assert torch.allclose(shift, shift[0].expand_as(shift))  # one shift for every unseen row
+        assert sent_to_unseen(w, b) <= budget * n
+        assert sent_to_unseen(w, b + 1e-4) >= math.floor(budget * n) + 1  # the largest such shift
+    with pytest.raises(ValueError, match="seen_budget"):
+        match_seen_scale(direction, torch.zeros(len(unseen)), w_s, b_s, features, own, "seen_budget", seen_budget=1.0)
+
+
 def test_unseen_bias_is_zero_as_the_official_code_or_the_mean_seen_bias(planted):
     x, y, knowledge, seen, unseen, train, *_, model = planted
     target = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))

@@ -112,6 +112,20 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    # Only d score / d activation (and d / d W_U) are taken: with the network's parameters frozen, the layers
+    # below the captured one build no graph (their outputs need none), which is most of a CNN's forward cost.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -147,7 +161,7 @@ def sample_importance(model: nn.Module, layer: nn.Module, x: Tensor, class_index
     device = _model_device(model)
     x = x.to(device)
     class_index = class_index.to(device=device, dtype=torch.long)
-    with _eval_mode(model), torch.enable_grad(), _capture(layer) as capture:
+    with _eval_mode(model), _frozen(model), torch.enable_grad(), _capture(layer) as capture:
         logits = forward(x)
         activation = _checked_activation(capture, layer)
         score = logits.gather(1, class_index[:, None]).sum()
@@ -520,7 +534,7 @@ def fit_unseen_weights(model: nn.Module, layer: nn.Module, classifier: nn.Linear
         iterator = tqdm(iterator, desc="NIWT unseen weights", leave=False)
     features = _InputCapture()
     n_done = 0
-    with _eval_mode(model), torch.enable_grad(), _capture(layer) as capture:
+    with _eval_mode(model), _frozen(model), torch.enable_grad(), _capture(layer) as capture:
         handle = classifier.register_forward_pre_hook(features)
         try:
             for it in iterator:
@@ -563,12 +577,13 @@ def fit_unseen_weights(model: nn.Module, layer: nn.Module, classifier: nn.Linear
     return UnseenWeights(weight=weight.detach(), bias=unseen_bias, n_iterations=n_done, losses=history)
 
 
-UNSEEN_SCALES = ("none", "norm", "negatives", "positives")
+UNSEEN_SCALES = ("none", "norm", "negatives", "positives", "seen_budget")
 
 
 def match_seen_scale(weight: Tensor, bias: Tensor, seen_weight: Tensor, seen_bias: Tensor, features: Tensor,
                      own: Tensor, mode: str, seen_knowledge: Tensor | None = None,
-                     unseen_knowledge: Tensor | None = None, mean_ridge: float = 0.01) -> tuple[Tensor, Tensor]:
+                     unseen_knowledge: Tensor | None = None, mean_ridge: float = 0.01,
+                     seen_budget: float = 0.05) -> tuple[Tensor, Tensor]:
     """Unseen rows (``weight`` [U, D], ``bias`` [U]) put on the scale of the seen rows, from seen images only.
 
     Step 3's loss is a cosine: it fixes the direction of w_u, never its length, and no loss reaches b_u; how
@@ -587,7 +602,15 @@ def match_seen_scale(weight: Tensor, bias: Tensor, seen_weight: Tensor, seen_bia
           s_u w_u . mu_u + b_u = mean_c (w_c . m_c + b_c),   mu_u = mean_c m_c + (k_u - mean_c k_c) B,
       with m_c the mean feature of seen class c's training images and B the ridge map from the centred seen
       knowledge to the centred class means (bias unpenalised; lam = ``mean_ridge`` x the mean squared norm of
-      the centred k_c). Needs ``seen_knowledge`` [S, A] (rows of ``seen_weight``) and ``unseen_knowledge`` [U, A].
+      the centred k_c). Needs ``seen_knowledge`` [S, A] (rows of ``seen_weight``) and ``unseen_knowledge`` [U, A];
+    * ``seen_budget``: w_u, b_u as ``negatives``, then one shift delta shared by every unseen row, the largest
+      that sends at most a share ``seen_budget`` of the seen training images to an unseen row:
+          m_i = max_c s_c(x_i) - max_u s_u(x_i),   delta = the floor(seen_budget n)-th smallest m_i,
+      so that #{i: m_i < delta} <= seen_budget n (image i goes to an unseen row when s_u + delta > max_c s_c).
+      ``negatives`` leaves every unseen score below the seen maximum on nearly every image (uncalibrated U ~ 0:
+      the head trained on the seen classes is sure of itself on any digit); this spends a stated share of the
+      seen classes' images on the unseen rows, the trade Xian et al.'s uncalibrated protocol scores, chosen
+      on seen training images, not on a test or validation split. Over images of the head's seen rows only.
 
     ``features`` [n, D]: the classifier's input on seen training images; ``own`` [n, S] bool: image i is of seen
     row c (``seen_weight`` [S, D], ``seen_bias`` [S]). Returns (weight, bias); nothing is measured on test data.
@@ -609,8 +632,17 @@ def match_seen_scale(weight: Tensor, bias: Tensor, seen_weight: Tensor, seen_bia
     unseen_scores = features @ weight.T
     factor = std.mean() / unseen_scores.std(0, unbiased=False).clamp(min=1e-12)
     weight = weight * factor[:, None]
+    bias = mean.mean() - factor * unseen_scores.mean(0)
     if mode == "negatives":
-        return weight, mean.mean() - factor * unseen_scores.mean(0)
+        return weight, bias
+    if mode == "seen_budget":
+        if not 0.0 <= seen_budget < 1.0:
+            raise ValueError(f"seen_budget is a share of the seen training images in [0, 1), got {seen_budget}")
+        mine = own.any(1)
+        if not mine.any():
+            raise ValueError("scale=seen_budget needs training images of the head's seen rows")
+        margin = (seen_scores[mine].max(1).values - (features[mine] @ weight.T + bias).max(1).values).sort().values
+        return weight, bias + margin[int(math.floor(seen_budget * margin.numel()))]
     if seen_knowledge is None or unseen_knowledge is None:
         raise ValueError("scale=positives needs the seen and the unseen classes' knowledge")
     if not own.any(0).all():
@@ -724,7 +756,8 @@ class NIWT:
     seen class ``seen_classes[i]`` is the classifier's row ``seen_columns[i]`` (default i).
     Hyper-parameters (defaults of the official code for AWA2): ``lr`` 1e-3, ``lam`` 1e-3 (CUB 1e-4, 1e-2),
     ``patience`` 40 iterations without a ``min_improvement`` of 1%, ``init`` seen_centered, ``bias`` zero,
-    ``scale`` none (the rows as fitted; ``match_seen_scale`` for the others).
+    ``scale`` none (the rows as fitted; ``match_seen_scale`` for the others; ``seen_budget`` its share for
+    ``scale='seen_budget'``).
     After ``fit``: ``seen_importance`` [S, N], ``knowledge_map`` (KnowledgeToImportance),
     ``unseen_importance`` [U, N] (predicted), ``unseen`` (UnseenWeights).
 
@@ -743,7 +776,7 @@ class NIWT:
                  map_fit: str = "adam", map_ridge: float = 0.01,
                  lr: float = 1e-3, lam: float = 1e-3, batch_size: int = 64, importance_match: str = "sample",
                  importance_samples: str = "class", init: str = "seen_centered", bias: str = "zero",
-                 scale: str = "none",
+                 scale: str = "none", seen_budget: float = 0.05,
                  patience: int = 40, min_improvement: float = 0.01, max_iterations: int = 5000,
                  seed: int = 0, progress: bool = False):
         if classifier is not None:
@@ -771,7 +804,9 @@ class NIWT:
                                      ("scale", scale, UNSEEN_SCALES)):
             if value not in choices:  # before any step runs
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-        self.scale = scale
+        if not 0.0 <= seen_budget < 1.0:
+            raise ValueError(f"seen_budget is a share of the seen training images in [0, 1), got {seen_budget}")
+        self.scale, self.seen_budget = scale, float(seen_budget)
         self.weight_kwargs = dict(lr=lr, lam=lam, batch_size=batch_size, patience=patience,
                                   min_improvement=min_improvement, max_iterations=max_iterations, seed=seed,
                                   match=importance_match, init=init, bias=bias, progress=progress)
@@ -881,7 +916,8 @@ class NIWT:
                 seen_bias = h.classifier.bias.detach() if h.classifier.bias is not None else seen_weight[:, 0] * 0
                 weight, bias = match_seen_scale(fitted.weight, fitted.bias, seen_weight[rows], seen_bias[rows],
                                                 features, own, self.scale, knowledge[torch.tensor(h.classes)],
-                                                knowledge[torch.tensor(unseen_classes)])
+                                                knowledge[torch.tensor(unseen_classes)],
+                                                seen_budget=self.seen_budget)
                 fitted = UnseenWeights(weight, bias, fitted.n_iterations, fitted.losses)
             self.unseen_by_head.append(fitted)
         self.unseen = self.unseen_by_head[0]
