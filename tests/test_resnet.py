@@ -61,10 +61,12 @@ def test_hat_resnet18_forgets_nothing_in_task_incremental(tmp_path):
 
 
 def test_bench_runs_the_resnet18_comparison(tmp_path):
-    """The GPU check of the bench (modnet vs plain on a ResNet-18), tiny and on the CPU."""
+    """The GPU check of the bench (modnet vs plain on a ResNet-18), tiny and on the CPU, its loops in this process
+    (isolate=false: no process start per loop, and no memory figure that would be this process's)."""
     assert main(["bench", "archs=[resnet18]", "samples.resnet18=64", "batch_size.resnet18=16", "resnet_width=4",
                  "image_shape=[3,16,16]", "epochs=2", "repeats=1", "ratio_rounds=1", "sync_sizes=[]", "niwt=false",
-                 f"output_dir={tmp_path}"]) == 0
+                 "isolate=false", f"output_dir={tmp_path}"]) == 0
     r = json.loads((tmp_path / "bench.json").read_text())["training"]["resnet18"]
-    assert all(r[k]["samples_per_s"] > 0 for k in ("plain", "naive", "modnet"))
+    assert all(r[k]["samples_per_s"] > 0 and r[k]["peak_memory_mb"] is None for k in ("plain", "naive", "modnet"))
+    assert "n/a (isolate=false)" in (tmp_path / "bench.md").read_text()
     assert r["modnet_time_ratio_vs_plain"] > 0

@@ -235,22 +235,30 @@ def step_cost_ratios(times: dict[str, list[float]], reference: str) -> dict[str,
     return out
 
 
-def _in_process(fn, *args):
-    """Run ``fn(*args)`` in a fresh spawned process (its own peak memory), return its result."""
+def _in_process(fn, *args, isolate: bool = True):
+    """Run ``fn(*args)`` in a fresh spawned process (its own peak memory), return its result. ``isolate=False``
+    runs it here instead: no process start (each imports torch and Avalanche again, ~10 s on these CPUs), and
+    no peak memory of its own (``peak_memory_mb`` is then None)."""
+    if not isolate:
+        out = fn(*args)
+        if isinstance(out, dict) and "peak_memory_mb" in out:
+            out["peak_memory_mb"] = None  # this process's peak, not the loop's
+        return out
     ctx = mp.get_context("spawn")
     with ctx.Pool(1) as pool:
         return pool.apply(fn, args)
 
 
 def bench_training(arch: str, n: int, batch: int, epochs: int, device: str, options: dict,
-                   kinds=("plain", "naive", "modnet"), repeats: int = 1, rounds: int = 0) -> dict:
+                   kinds=("plain", "naive", "modnet"), repeats: int = 1, rounds: int = 0,
+                   isolate: bool = True) -> dict:
     """Samples/s and peak memory: each loop ``repeats`` times in its own process, interleaved (plain, naive,
     modnet, plain, ...), the best run of each kept (as timeit does). Step-cost ratios: ``rounds`` rounds of
     one epoch per loop in one process (``RATIO_LOOPS``), the median per-round ratio."""
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
     for _ in range(max(repeats, 1)):
         for k in kinds:
-            runs[k].append(_in_process(_run_loop, k, arch, n, batch, epochs, device, options))
+            runs[k].append(_in_process(_run_loop, k, arch, n, batch, epochs, device, options, isolate=isolate))
     res: dict = {}
     for k, rs in runs.items():
         best = max(rs, key=lambda r: r["samples_per_s"])
@@ -261,7 +269,7 @@ def bench_training(arch: str, n: int, batch: int, epochs: int, device: str, opti
                 res[f"separate_runs_time_ratio_vs_{ref}"] = res[ref]["samples_per_s"] / res["modnet"]["samples_per_s"]
     if rounds > 0:
         loops = {k: v for k, v in RATIO_LOOPS.items() if v[0] in kinds}
-        times = _in_process(_interleaved_epochs, arch, n, batch, rounds, device, options, loops)
+        times = _in_process(_interleaved_epochs, arch, n, batch, rounds, device, options, loops, isolate=isolate)
         res["interleaved_epoch_seconds"] = times
         for ref in ("naive", "plain"):
             if ref in times:
@@ -397,7 +405,9 @@ def _markdown(res: dict) -> str:
                   "| loop | samples/s | peak memory (MB) |", "|---|---|---|"]
         for kind in ("plain", "naive", "modnet"):
             if kind in r:
-                lines.append(f"| {kind} | {r[kind]['samples_per_s']:.0f} | {r[kind]['peak_memory_mb']:.1f} |")
+                memory = r[kind]["peak_memory_mb"]
+                lines.append(f"| {kind} | {r[kind]['samples_per_s']:.0f} | "
+                             f"{'n/a (isolate=false)' if memory is None else f'{memory:.1f}'} |")
         if "step_cost_vs_naive" in r or "step_cost_vs_plain" in r:
             refs = [ref for ref in ("naive", "plain") if f"step_cost_vs_{ref}" in r]
             rounds = next(iter(r[f"step_cost_vs_{refs[0]}"].values()))["rounds"]
@@ -456,7 +466,7 @@ def run_bench(cfg) -> dict:
         print(f"[bench] training loops, {arch}, {n} samples, batch {batch} ...", flush=True)
         r = bench_training(arch, n, batch, cfg.epochs, str(device), opts,
                            kinds=("plain", "naive", "modnet"),
-                           repeats=cfg.repeats, rounds=cfg.ratio_rounds)
+                           repeats=cfg.repeats, rounds=cfg.ratio_rounds, isolate=bool(cfg.get("isolate", True)))
         shape = ""
         if arch in MLP_ARCHS:
             m = opts["mlp_shapes"][arch]

@@ -13,8 +13,10 @@ best epoch on held-out seen classes; or ``map_fit=centered``, a closed-form ridg
 the seen mean); importance_samples, importance_match, map_targets choose where the
 importance is measured and how it is matched (the official code: per image); init, bias (official: b_u = 0) and
 scale put the new rows beside the trained ones: step 3's cosine loss fixes only the direction of w_u, so
-``scale=negatives`` (``modnet.methods.niwt.match_seen_scale``) gives each new row the mean and spread of a seen
-row's scores on images of other classes, measured on the seen training images, never on test data.
+``scale=seen_budget`` (the default; ``modnet.methods.niwt.match_seen_scale``) gives each new row the mean and spread
+of a seen row's scores on images of other classes (``negatives``), then lifts all of them by one shift, the largest
+that sends at most ``niwt.seen_budget`` of the seen training images to an unseen row; measured on the seen
+training images, never on test data.
 """
 from __future__ import annotations
 
