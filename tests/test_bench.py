@@ -6,6 +6,7 @@ import pytest
 from modnet.cli import main
 
 
+@pytest.mark.slow  # four spawned processes (each imports torch and Avalanche) and SynC: ~50 s
 def test_bench_writes_ratios_that_agree_with_its_throughputs(tmp_path):
     rc = main(["bench", "archs=[mlp]", "samples.mlp=512", "epochs=2", "sync_sizes=[200,400]", "niwt=false", "repeats=1",
                "ratio_rounds=3", f"output_dir={tmp_path}"])
