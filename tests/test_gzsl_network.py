@@ -205,6 +205,7 @@ def test_continual_gzsl_modnet_forgets_nothing_and_fine_tuning_does(tmp_path):
     (["niwt.map_fit=lstsq"], ["niwt.map_fit", "centered"]),
     (["niwt.map_fit=centered", "niwt.map_bias=false"], ["niwt.map_fit=centered", "map_bias=true"]),
     (["niwt.map_ridge=-1"], ["niwt.map_ridge=-1", ">= 0"]),
+    (["niwt.seen_budget=1.0"], ["niwt.seen_budget=1.0", "[0, 1)"]),
     (["calibration.val_splits=0"], ["calibration.val_splits=0", "at least 1"]),
     (["+large_train.clswgan.width=8"], ["large_train.clswgan.width", "hidden", "syn_num"]),
 ])

@@ -437,6 +437,9 @@ def _check(cfg: DictConfig) -> None:
                               f"head's input, -1 = its input), got {layers!r}")
         if not float(cfg.niwt.map_ridge) >= 0:
             raise ConfigError(f"niwt.map_ridge={cfg.niwt.map_ridge} must be >= 0")
+        if not 0.0 <= float(cfg.niwt.get("seen_budget", 0.0)) < 1.0:
+            raise ConfigError(f"niwt.seen_budget={cfg.niwt.seen_budget} is the share of seen training images the "
+                              "unseen rows may take: choose it in [0, 1), e.g. niwt.seen_budget=0.075")
         if cfg.niwt.map_fit == "centered" and not cfg.niwt.map_bias:
             raise ConfigError("niwt.map_fit=centered predicts (k - mean k) B, which needs niwt.map_bias=true")
         if cfg.model.get("head", "linear") == "cosine" and "niwt_positives" in cfg.methods:

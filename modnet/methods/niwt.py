@@ -583,7 +583,7 @@ UNSEEN_SCALES = ("none", "norm", "negatives", "positives", "seen_budget")
 def match_seen_scale(weight: Tensor, bias: Tensor, seen_weight: Tensor, seen_bias: Tensor, features: Tensor,
                      own: Tensor, mode: str, seen_knowledge: Tensor | None = None,
                      unseen_knowledge: Tensor | None = None, mean_ridge: float = 0.01,
-                     seen_budget: float = 0.05) -> tuple[Tensor, Tensor]:
+                     seen_budget: float = 0.075) -> tuple[Tensor, Tensor]:
     """Unseen rows (``weight`` [U, D], ``bias`` [U]) put on the scale of the seen rows, from seen images only.
 
     Step 3's loss is a cosine: it fixes the direction of w_u, never its length, and no loss reaches b_u; how
@@ -776,7 +776,7 @@ class NIWT:
                  map_fit: str = "adam", map_ridge: float = 0.01,
                  lr: float = 1e-3, lam: float = 1e-3, batch_size: int = 64, importance_match: str = "sample",
                  importance_samples: str = "class", init: str = "seen_centered", bias: str = "zero",
-                 scale: str = "none", seen_budget: float = 0.05,
+                 scale: str = "none", seen_budget: float = 0.075,
                  patience: int = 40, min_improvement: float = 0.01, max_iterations: int = 5000,
                  seed: int = 0, progress: bool = False):
         if classifier is not None:
