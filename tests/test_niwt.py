@@ -282,6 +282,34 @@ def test_seen_budget_scale_sends_the_stated_share_of_seen_images_to_unseen_rows_
         match_seen_scale(direction, torch.zeros(len(unseen)), w_s, b_s, features, own, "seen_budget", seen_budget=1.0)
 
 
+def test_unseen_weights_at_the_head_input_skip_the_forward_and_change_nothing(planted, monkeypatch):
+    """At the head's input the induced importance is the row itself (d (w . f) / d f = w): after one checking pass
+    the fit runs no forward, and its weights, biases and loss history are those of the full loop, bit for bit. At a
+    deeper layer every iteration runs the network."""
+    import modnet.methods.niwt as niwt_module
+
+    x, y, knowledge, seen, unseen, train, *_, model = planted
+    target = torch.randn(len(unseen), 32, generator=torch.Generator().manual_seed(1))
+    calls = []
+    handle = model[0].register_forward_hook(lambda *args: calls.append(1))
+    try:
+        def fit(layer, target):
+            calls.clear()
+            fitted = fit_unseen_weights(model, layer, model[4], x[train], target, max_iterations=60, patience=1000)
+            return fitted, len(calls)
+
+        fast, fast_calls = fit(model[3], target)
+        monkeypatch.setattr(niwt_module, "_SKIP_HEAD_INPUT_FORWARD", False)
+        full, full_calls = fit(model[3], target)
+        assert torch.equal(fast.weight, full.weight) and torch.equal(fast.bias, full.bias)
+        assert fast.losses == full.losses and fast.n_iterations == full.n_iterations == 60
+        assert (fast_calls, full_calls) == (1, 60)
+        monkeypatch.setattr(niwt_module, "_SKIP_HEAD_INPUT_FORWARD", True)
+        assert fit(model[1], torch.randn(len(unseen), 64, generator=torch.Generator().manual_seed(2)))[1] == 60
+    finally:
+        handle.remove()
+
+
 def test_unseen_bias_is_zero_as_the_official_code_or_the_mean_seen_bias(planted):
     x, y, knowledge, seen, unseen, train, *_, model = planted
     target = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))

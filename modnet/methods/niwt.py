@@ -470,6 +470,8 @@ def _pair_scores(classifier: nn.Linear, features: Tensor, weight: Tensor) -> Ten
     return (features * weight).sum(-1)
 
 
+_SKIP_HEAD_INPUT_FORWARD = True  # fit_unseen_weights at the head's input: no forward after the first (False: A/B)
+
 UNSEEN_INITS = ("seen_centered", "seen_mean")
 UNSEEN_BIASES = ("zero", "seen_mean")
 
@@ -534,6 +536,11 @@ def fit_unseen_weights(model: nn.Module, layer: nn.Module, classifier: nn.Linear
         iterator = tqdm(iterator, desc="NIWT unseen weights", leave=False)
     features = _InputCapture()
     n_done = 0
+    # When the captured layer is the linear head's input itself (niwt.layer=-1 on a modular network), the induced
+    # importance is the row: d (w_u . f) / d f = w_u for every image, so after the first pass (which checks that
+    # it is) no forward is run; the batches are still drawn, so the generator's stream and every value are those
+    # of the full loop.
+    head_input = None
     with _eval_mode(model), _frozen(model), torch.enable_grad(), _capture(layer) as capture:
         handle = classifier.register_forward_pre_hook(features)
         try:
@@ -541,15 +548,21 @@ def fit_unseen_weights(model: nn.Module, layer: nn.Module, classifier: nn.Linear
                 idx = torch.randint(0, x_seen.shape[0], (batch_size,), generator=generator)
                 classes = torch.randperm(n_unseen, generator=generator).repeat(batch_size // n_unseen + 1)
                 classes = classes[:batch_size].to(device)
-                capture.calls = 0
-                forward(x_seen[idx].to(device))
-                activation = _checked_activation(capture, layer)
-                if features.features is None:
-                    raise ValueError("the classifier was not called by the model's forward; pass the nn.Linear "
-                                     "that produces the class scores.")
-                score = _pair_scores(classifier, features.features, weight[classes]).sum()
-                (alpha,) = torch.autograd.grad(score, activation, create_graph=True)
-                alpha = _pool_units(alpha)
+                if head_input:
+                    alpha = weight[classes]
+                else:
+                    capture.calls = 0
+                    forward(x_seen[idx].to(device))
+                    activation = _checked_activation(capture, layer)
+                    if features.features is None:
+                        raise ValueError("the classifier was not called by the model's forward; pass the nn.Linear "
+                                         "that produces the class scores.")
+                    if head_input is None:
+                        head_input = (_SKIP_HEAD_INPUT_FORWARD and features.features is activation
+                                      and activation.dim() == 2 and not hasattr(classifier, "pair_scores"))
+                    score = _pair_scores(classifier, features.features, weight[classes]).sum()
+                    (alpha,) = torch.autograd.grad(score, activation, create_graph=True)
+                    alpha = _pool_units(alpha)
                 if match == "sample":
                     match_loss = cosine_distance(alpha, targets[classes]).mean()
                 else:  # the batch mean of each class's induced importance against its target
