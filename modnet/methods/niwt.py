@@ -24,7 +24,9 @@ any device:
    in 40 iterations. Defaults of the official code: lr 1e-3 / lambda 1e-3 (AWA2), lr 1e-4 / lambda 1e-2 (CUB).
    The loss fixes the direction of w_u only (cosine) and no loss reaches b_u (official: 0). ``match_seen_scale``
    then sets length and bias from seen images: ``negatives`` makes a new row score the images of other
-   classes as the trained rows score theirs (mean and std of w_c . f(x) + b_c over x not of class c).
+   classes as the trained rows score theirs (mean and std of w_c . f(x) + b_c over x not of class c);
+   ``seen_budget`` (configs/gzsl.yaml's default) then shifts every unseen row by one constant, the largest that
+   sends at most a stated share of the seen training images to an unseen row.
 
 Which layer: at the last layer before a linear classifier o = W f + b, the importance is d o_c / d f = w_c,
 the class weight vector itself (after global average pooling, the same for every spatial position), so the
