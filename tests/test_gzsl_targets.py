@@ -3,9 +3,10 @@ uncalibrated (Xian et al.'s headline) and calibrated, its uncalibrated S at leas
 the same network, U well above chance.
 
 The default ``niwt.scale=seen_budget`` (configs/gzsl.yaml) puts the unseen rows on the seen scale as
-``negatives`` does, then shifts them by one constant, the largest that sends at most ``niwt.seen_budget`` (0.075) of the seen *training* images to an unseen
-row (modnet.methods.niwt.match_seen_scale). Without the shift the head trained on the seen
-classes scores every unseen digit below a seen row: uncalibrated U and H 0.000 on every seed (stop 23). Digits,
+``negatives`` does, then shifts them by one constant, the largest that sends at most ``niwt.seen_budget``
+(0.075) of the seen *training* images to an unseen row (modnet.methods.niwt.match_seen_scale). Without the shift
+the head trained on the seen classes scores every unseen digit below a seen row: uncalibrated U and H 0.000 on
+every seed (stop 23). Digits,
 seeds 0-2, stop 24 (torch 2.14), H uncalibrated / calibrated / gated: NIWT .463 +- .064 / .601 +- .017 / .698 +-
 .040 at uncalibrated S .884 (seen-only .948), ESZSL .344 +- .114 / .437 / .515, ALE .002 / .518 / .503. Budgets
 0.05 / 0.1 gave NIWT .352 / .549 uncalibrated at S .904 / .860. Per seed ESZSL's uncalibrated H beats NIWT's on
