@@ -595,6 +595,11 @@ def fit_unseen_weights(model: nn.Module, layer: nn.Module, classifier: nn.Linear
 UNSEEN_SCALES = ("none", "norm", "negatives", "positives", "seen_budget")
 
 
+def _check_seen_budget(seen_budget: float) -> None:
+    if not 0.0 <= seen_budget < 1.0:
+        raise ValueError(f"seen_budget is a share of the seen training images in [0, 1), got {seen_budget}")
+
+
 def match_seen_scale(weight: Tensor, bias: Tensor, seen_weight: Tensor, seen_bias: Tensor, features: Tensor,
                      own: Tensor, mode: str, seen_knowledge: Tensor | None = None,
                      unseen_knowledge: Tensor | None = None, mean_ridge: float = 0.01,
@@ -651,8 +656,7 @@ def match_seen_scale(weight: Tensor, bias: Tensor, seen_weight: Tensor, seen_bia
     if mode == "negatives":
         return weight, bias
     if mode == "seen_budget":
-        if not 0.0 <= seen_budget < 1.0:
-            raise ValueError(f"seen_budget is a share of the seen training images in [0, 1), got {seen_budget}")
+        _check_seen_budget(seen_budget)
         mine = own.any(1)
         if not mine.any():
             raise ValueError("scale=seen_budget needs training images of the head's seen rows")
@@ -819,8 +823,7 @@ class NIWT:
                                      ("scale", scale, UNSEEN_SCALES)):
             if value not in choices:  # before any step runs
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-        if not 0.0 <= seen_budget < 1.0:
-            raise ValueError(f"seen_budget is a share of the seen training images in [0, 1), got {seen_budget}")
+        _check_seen_budget(seen_budget)
         self.scale, self.seen_budget = scale, float(seen_budget)
         self.weight_kwargs = dict(lr=lr, lam=lam, batch_size=batch_size, patience=patience,
                                   min_improvement=min_improvement, max_iterations=max_iterations, seed=seed,
