@@ -210,6 +210,13 @@ def check_choice(name: str, value, choices: Sequence) -> None:
         raise ConfigError(f"config {name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
 
 
+def check_share(name: str, value, meaning: str) -> float:
+    """A config share in (0, 1]: the value as a float, else one ConfigError line naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+        raise ConfigError(f"config {name}={value!r} must be a number in (0, 1] ({meaning})")
+    return float(value)
+
+
 def resolve_device(name: str):
     import torch
 

@@ -9,7 +9,7 @@ What is checked (where the config has the key):
 * ``strategies``: non-empty, no repeats, every name registered; ``seeds``: null or a non-empty list of
   distinct integers; ``scenario``, ``model.arch``, ``loggers``: among their choices;
 * ``train.epochs``, ``train.batch_size``, ``train.eval_batch_size``, ``benchmark.n_experiences``: positive;
-* ``output_dir``: not a file (nor below one);
+* ``output_dir``: not a file (nor below one); ``task_inference.transform_rows``: in (0, 1];
 * ``replay.mem_size`` / ``der.mem_size`` / ``derpp.mem_size`` = ``match`` in ``cl``: modnet among the
   strategies (the buffer is sized to its stored bytes, ``strategies.memory``);
 * ``benchmark=npz`` in ``cl``: the file's arrays (``scenarios.sources.check_npz_arrays``: integer labels,
@@ -24,12 +24,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from modnet.config import ConfigError, check_choice
+from modnet.config import ConfigError, check_choice, check_share
 
 # copies of the choices whose modules import torch / Avalanche (tests/test_faults.py checks they agree)
 SCENARIOS = ("task", "class")                                       # scenarios.base.SCENARIOS
 ARCHS = ("auto", "mlp", "cnn", "resnet18")                           # modnet.nets.build.ARCHS
 LOGGERS = ("interactive", "text", "csv", "tensorboard", "wandb")     # modnet.eval.metrics.LOGGERS
+
+TRANSFORM_ROWS = "the share of each batch in the transform heads' loss; 1 = all"   # modnet.nets.build
 
 POSITIVE = ("train.epochs", "train.batch_size", "train.eval_batch_size", "benchmark.n_experiences")
 
@@ -44,6 +46,8 @@ def validate(job: str, cfg: DictConfig) -> None:
         _check_strategies(cfg.strategies)
     if "seeds" in cfg:
         _check_seeds(cfg.seeds)
+    if OmegaConf.select(cfg, "task_inference.transform_rows") is not None:
+        check_share("task_inference.transform_rows", cfg.task_inference.transform_rows, TRANSFORM_ROWS)
     if job == "cl":
         check_choice("scenario", cfg.scenario, SCENARIOS)
         check_choice("model.arch", cfg.model.arch, ARCHS)

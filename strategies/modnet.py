@@ -45,8 +45,9 @@ def modnet_strategy(model, optimizer, *, smax: float = 400.0, c: float = 0.75, t
 
 
 def modnet_gradient_sync(strategy) -> str:
-    """DDP's hooks, unless the network has transform heads: TaskOODPlugin's loss runs a second forward of the
-    backbone outside DDP's, and DDP's reducer fails on parameters reached twice in one backward."""
+    """DDP's hooks, unless the network has transform heads: TaskOODPlugin's loss runs the heads (and, on a
+    network with batch norm, a second forward of the backbone) outside DDP's forward, and DDP's reducer fails
+    on parameters its forward did not reach or reached twice in one backward."""
     return "allreduce" if getattr(strategy.model, "task_ood", None) is not None else "ddp"
 
 

@@ -20,7 +20,7 @@ def test_bench_writes_ratios_that_agree_with_its_throughputs(tmp_path):
     # the headline ratio is the median over rounds of same-round epoch-time ratios, recomputed here by hand
     t = r["interleaved_epoch_seconds"]
     assert set(t) == {"plain", "naive", "naive (Avalanche loader)", "modnet (Avalanche loader)", "modnet (HAT only)",
-                      "modnet (HAT + gates)", "modnet (no transform heads)", "modnet"}
+                      "modnet (HAT + gates)", "modnet (no transform heads)", "modnet", "modnet + sync regulariser"}
     assert all(len(v) == 3 for v in t.values())
     per_round = sorted(m / n for m, n in zip(t["modnet"], t["naive"]))
     assert r["modnet_time_ratio_vs_naive"] == pytest.approx(per_round[1])

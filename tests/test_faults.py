@@ -39,6 +39,8 @@ def _rejected(capsys, argv, *words, out: Path | None = None):
     ("benchmark.n_experiences=0", ["benchmark.n_experiences", "positive"]),
     ("loggers=[txt]", ["loggers", "txt", "text"]),
     ("model.arch=vgg", ["model.arch", "mlp"]),
+    ("task_inference.transform_rows=0", ["task_inference.transform_rows", "(0, 1]"]),
+    ("task_inference.transform_rows=1.5", ["task_inference.transform_rows", "(0, 1]"]),
 ])
 def test_bad_cl_values_are_one_line_before_work(tmp_path, capsys, override, words):
     _rejected(capsys, ["cl", override, f"output_dir={tmp_path / 'o'}"], *words, out=tmp_path / "o")
@@ -92,10 +94,11 @@ def test_typo_rejected_fast_without_heavy_imports(tmp_path):
 def test_choice_copies_match_their_modules():
     from modnet import validate
     from modnet.eval.metrics import LOGGERS
-    from modnet.nets.build import ARCHS
+    from modnet.nets.build import ARCHS, TRANSFORM_ROWS
     from scenarios.base import SCENARIOS
 
     assert (validate.SCENARIOS, validate.ARCHS, validate.LOGGERS) == (SCENARIOS, ARCHS, LOGGERS)
+    assert validate.TRANSFORM_ROWS == TRANSFORM_ROWS
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])

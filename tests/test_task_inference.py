@@ -640,16 +640,26 @@ def test_feature_gaussians_decoder_refuses_a_negative_weight():
 
 
 def test_task_incremental_mlp_trains_the_transform_heads_beside_each_task_without_predicting_tasks_with_them(
-        tmp_path):
+        tmp_path, monkeypatch):
     """model.transform_heads=auto on an MLP, task-incremental: CSI's joint (class, transform) heads are trained
     beside every task as self-supervision (the task label still picks the head). Planted check: on held-out
     inputs of task 0, the heads name which transform was applied (identity or time-reversed) far above
     chance (1/2; reversal only: on these odd-symmetric ramps reverse + negate is the identity); the transforms
-    are not in task 0's data, so only the auxiliary loss can have taught them."""
+    are not in task 0's data, so only the auxiliary loss can have taught them. Every step's copies went
+    through the training forward's own pass (no second forward)."""
     from modnet.config import ConfigError, compose
     from modnet.nets.build import build_modular_network
 
+    passes = []
+    loss = TaskOOD.loss
+
+    def recording_loss(self, net, x, y_local, task, condition=None, feature=None, copy_features=None):
+        passes.append(feature is not None and copy_features is not None)
+        return loss(self, net, x, y_local, task, condition, feature, copy_features)
+
+    monkeypatch.setattr(TaskOOD, "loss", recording_loss)
     model, x, y, _ = _train_modnet(tmp_path, ["scenario=task", "task_inference.transforms=[reverse]"])
+    assert passes and all(passes)
     assert isinstance(model.task_ood, TaskOOD) and not model.task_ood_predicts_task
     assert model.task_keys is None and model.task_features is None
     assert not model.task_ood_read_at_inference()  # an auxiliary loss: not counted in stored_bytes
@@ -713,8 +723,10 @@ def test_one_copy_per_input_is_the_cross_entropy_of_input_i_under_transform_i_mo
 @pytest.mark.parametrize("copies", ["one", "all"])
 def test_the_transform_loss_on_the_training_forwards_features_is_the_loss_of_a_second_full_pass(transforms, copies):
     """The OOD plugin hands TaskOOD.loss the untransformed batch's heads' input from the training forward; only
-    the transformed rows then go through the network. The loss and its gradients must be those of running the
-    whole (class, transform) batch through the network, for batches smaller than K too (a last batch)."""
+    the transformed rows then go through the network, in a second forward or inside the training forward's own
+    pass (``Condition.extra``, whose logits must stay the batch's alone). The loss and its gradients must be
+    those of running the whole (class, transform) batch through the network, for batches smaller than K too (a
+    last batch)."""
     from modnet.config import compose
     from modnet.nets.build import build_modular_network
     from modnet.nets.models import Condition
@@ -726,14 +738,48 @@ def test_the_transform_loss_on_the_training_forwards_features_is_the_loss_of_a_s
         net.train()
         x, y = torch.randn(b, 16), torch.randint(0, 3, (b,))
         grads = []
-        for reuse in (False, True):
+        for mode in ("second full pass", "reuse", "one pass"):
             net.zero_grad(), ood.zero_grad()
-            feature = ood._features(net, x, 0, Condition(task=0)) if reuse else None
-            loss = ood.loss(net, x, y, 0, Condition(task=0), feature=feature)
+            feature, copy_features = None, None
+            if mode == "reuse":
+                feature = ood._features(net, x, 0, Condition(task=0))
+            elif mode == "one pass":
+                condition = Condition(task=0, extra=ood.copies_of(x))
+                logits = net.task_logits(x, 0, condition)
+                assert logits.shape[0] == b and torch.allclose(logits, net.task_logits(x, 0), atol=1e-6)
+                feature, copy_features = condition.trace.feature, condition.trace.extra_feature
+            loss = ood.loss(net, x, y, 0, Condition(task=0), feature=feature, copy_features=copy_features)
             loss.backward()
             grads.append((float(loss), [p.grad.clone() if p.grad is not None else None
                                         for p in [*net.parameters(), *ood.parameters()]]))
-        (l0, g0), (l1, g1) = grads
-        assert l1 == pytest.approx(l0, rel=1e-6)
-        assert all((a is None) == (c is None) and (a is None or torch.allclose(a, c, atol=1e-6))
-                   for a, c in zip(g0, g1))
+        (l0, g0), *others = grads
+        for l1, g1 in others:
+            assert l1 == pytest.approx(l0, rel=1e-6)
+            assert all((a is None) == (c is None) and (a is None or torch.allclose(a, c, atol=1e-6))
+                       for a, c in zip(g0, g1))
+
+
+def test_a_row_share_of_the_transform_loss_is_the_full_loss_of_the_batchs_first_rows():
+    """task_inference.transform_rows = r: the heads' loss of a batch of B is the loss (rows = 1) of its first
+    ceil(r B) inputs, r = 1 is the whole batch, and r outside (0, 1] is refused."""
+    from modnet.config import compose
+    from modnet.nets.build import build_modular_network
+    from modnet.nets.models import Condition
+
+    torch.manual_seed(0)
+    net = build_modular_network(compose("cl", ["model.hidden=16"]), (16,), [[0, 1, 2], [3, 4]], False)
+    net.train()
+    x, y = torch.randn(10, 16), torch.randint(0, 3, (10,))
+    for copies in ("one", "all"):
+        full = TaskOOD([3, 2], 16, ["reverse", "negate"], copies=copies)
+        for r, m in ((0.25, 3), (0.5, 5), (1.0, 10), (0.01, 1)):
+            share = TaskOOD([3, 2], 16, ["reverse", "negate"], copies=copies, rows=r)
+            share.load_state_dict(full.state_dict())
+            assert share.loss_rows(10) == m
+            torch.manual_seed(1)  # the same gate noise, were there any
+            got = share.loss(net, x, y, 0, Condition(task=0))
+            torch.manual_seed(1)
+            assert float(got) == pytest.approx(float(full.loss(net, x[:m], y[:m], 0, Condition(task=0))), rel=1e-6)
+    for bad in (0.0, 1.5, -1):
+        with pytest.raises(ValueError, match="rows"):
+            TaskOOD([3], 16, rows=bad)

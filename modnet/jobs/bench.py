@@ -4,10 +4,12 @@ Training throughput (samples/s) and peak memory of three loops on the same backb
   plain    a hand-written PyTorch loop (forward, cross-entropy, backward, SGD step): the practical limit;
   naive    Avalanche's ``Naive`` strategy (its template and callbacks; batches sliced from the tensors,
            ``train.tensor_batches``; the ratio run also times it on Avalanche's own loader);
-  modnet   our strategy: HAT masks + SynC modules + key-vector gates + sync regulariser, on Avalanche.
+  modnet   our strategy as configured by default (configs/training.yaml): HAT masks + SynC modules +
+           key-vector gates (+ the transform heads on MLPs), on Avalanche.
 Each loop runs in its own spawned process so that its peak memory (CUDA: max allocated; CPU: peak RSS
 above the process's baseline) is its own. The step-cost ratios come from a separate run in which all loops
-(and modnet with parts switched off: HAT only, HAT + gates, no transform heads) live in one process and train
+(and modnet with parts switched off: HAT only, HAT + gates, no transform heads; and with the sync regulariser
+on) live in one process and train
 one epoch each in turn, round after round: adjacent epochs share the machine's state, so the median of the
 per-round ratios holds on a noisy shared machine where separate runs drift by tens of percent.
 Then SynC time for n = 1k..8k units (and the fitted growth exponent), NIWT step times and GZSL
@@ -57,8 +59,9 @@ def _data(arch: str, n: int, n_classes: int, device, image_shape=(3, 32, 32), op
 def _cfg(arch: str, options: dict):
     from modnet.config import compose
 
-    overrides = ["progress=false", "model.arch=" + ("mlp" if arch in MLP_ARCHS else arch),
-                 f"modules.sync_reg={options.get('sync_reg', 0.01)}"]
+    overrides = ["progress=false", "model.arch=" + ("mlp" if arch in MLP_ARCHS else arch)]
+    if options.get("sync_reg") is not None:  # else the training config's (modules.sync_reg)
+        overrides.append(f"modules.sync_reg={options['sync_reg']}")
     if arch == "resnet18":
         overrides.append(f"model.resnet_width={options.get('resnet_width', 64)}")
     if arch in MLP_ARCHS:
@@ -169,10 +172,13 @@ RATIO_LOOPS = {
     "modnet (HAT only)": ("modnet", ("model.gate=none", "model.modules=none", "modules.sync_reg=0",
                                      "model.transform_heads=never")),
     "modnet (HAT + gates)": ("modnet", ("modules.sync_reg=0", "model.transform_heads=never")),
-    # + the sync regulariser; the transform heads (model.transform_heads, on MLPs by default) run the batch
-    # and its K - 1 transformed copies through the masked network a second time
+    # + the sync regulariser where the bench's config has one (bench.sync_reg; the training default is off)
     "modnet (no transform heads)": ("modnet", ("model.transform_heads=never",)),
+    # the default: the transform heads (model.transform_heads, on MLPs by default) add the batch's transformed
+    # copies to the training pass (task_inference.transform_rows of its rows, one copy each)
     "modnet": ("modnet", ()),
+    # the sync regulariser at the weight the modules' experiments used (seed 000's "Sync in mini-batch")
+    "modnet + sync regulariser": ("modnet", ("modules.sync_reg=0.01",)),
 }
 
 

@@ -11,13 +11,14 @@ from typing import Sequence
 import numpy as np
 from torch import nn
 
-from modnet.config import ConfigError, check_choice
+from modnet.config import ConfigError, check_choice, check_share
 from modnet.nets.models import (CNNBackbone, HATCNN, HATMLP, HATNet, HATResNet18, MLPBackbone, MultiHeadNet,
                                 ResNet18Backbone, SingleHeadNet, use_cosine_heads)
 
 ARCHS = ("auto", "mlp", "cnn", "resnet18")
 HEADS = ("linear", "cosine")
 TASK_INFERENCE = ("auto", "gauss", "keys", "ood", "features", "heads")
+
 
 
 def resolve_arch(arch: str, input_shape: Sequence[int]) -> str:
@@ -36,6 +37,7 @@ def resolve_arch(arch: str, input_shape: Sequence[int]) -> str:
 TRANSFORM_HEADS = ("auto", "inference", "always", "never")
 # task_inference.transform_copies: the heads' training batch (modnet.nets.task_inference.TaskOOD copies)
 TRANSFORM_COPIES = ("auto", "all", "one")
+TRANSFORM_ROWS = "the share of each batch in the transform heads' loss; 1 = all"
 
 
 def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequence[Sequence[int]],
@@ -113,7 +115,9 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
         net.task_ood = TaskOOD([len(c) for c in task_classes], net.heads[0].in_features,
                                transforms=list(ti.transforms), score=score, calibrate=ti.calibrate,
                                classify=ti.classify, labels=ti.labels,
-                               copies=copies)
+                               copies=copies,
+                               rows=check_share("task_inference.transform_rows", ti.get("transform_rows", 1.0),
+                                                TRANSFORM_ROWS))
         net.task_ood_predicts_task = class_incremental and m.task_keys and method == "ood"
     if class_incremental and m.task_keys and method == "features":
         from modnet.nets.task_inference import TaskFeatureGaussians

@@ -71,12 +71,14 @@ class ForwardTrace:
     """What a forward recorded, on request of its condition: every masked layer's unit outputs
     (``record=True``) and HAT's weighted capacity regulariser (under ``HATTraining``); always the heads' input
     of its last task forward and that task (a reference, no copy: the transform heads' loss reuses the
-    untransformed rows instead of running them through the network again)."""
+    untransformed rows instead of running them through the network again), and the heads' input of the
+    condition's ``extra`` rows."""
 
     activations: list[Tensor] = field(default_factory=list)
     capacity: Tensor | None = None
     feature: Tensor | None = None
     feature_task: int | None = None
+    extra_feature: Tensor | None = None
 
 
 @dataclass
@@ -88,6 +90,11 @@ class Condition:
     s        HAT's mask slope (None: the network's smax, i.e. evaluation)
     hat      HAT's training settings (None: plain masks, no compensation, no regulariser)
     record   keep every masked layer's unit outputs in ``trace.activations`` (sync regulariser, analysis)
+    extra    more inputs for the task's masked sub-network, run in the same pass as the batch (a network
+             without batch norm: its rows are independent); their heads' input goes to
+             ``trace.extra_feature``, the logits and the recorded activations are the batch's only. The
+             transform heads' copies take this path: one pass instead of a second forward, its gate and its
+             masks (``TaskOODPlugin``)
     trace    written by the forward
     """
 
@@ -95,6 +102,7 @@ class Condition:
     s: float | None = None
     hat: HATTraining | None = None
     record: bool = False
+    extra: Tensor | None = None
     trace: ForwardTrace = field(default_factory=ForwardTrace)
 
 
@@ -218,6 +226,11 @@ class HATNet(MultiHeadTaskNet):
 
     masked: nn.ModuleList
 
+    @property
+    def rows_coupled(self) -> bool:
+        """Whether a training pass mixes its rows (batch norm): then extra inputs cannot share the batch's pass."""
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
+
     def _init_cumulative_masks(self) -> None:
         for i, layer in enumerate(self.masked):
             self.register_buffer(f"mask_pre_{i}", torch.zeros(layer.n_units))
@@ -301,7 +314,16 @@ class HATNet(MultiHeadTaskNet):
 
     def task_logits(self, x: Tensor, task: int, condition: Condition | None = None) -> Tensor:
         condition = Condition() if condition is None else condition
+        n, extra = x.shape[0], condition.extra
+        if extra is not None:
+            if self.rows_coupled:
+                raise ValueError(f"{type(self).__name__} has batch norm: rows of one pass are not independent, "
+                                 "so condition.extra cannot share the batch's pass")
+            x = torch.cat([x, extra.to(x.dtype)])
         acts, feature = self.forward_units(x, self.unit_masks(x, task, condition), task, condition.record)
+        if extra is not None:
+            condition.trace.extra_feature, feature = feature[n:], feature[:n]
+            acts = [a[:n] for a in acts]
         if condition.record:
             condition.trace.activations = acts
         condition.trace.feature, condition.trace.feature_task = feature, task

@@ -126,11 +126,13 @@ class TaskOOD(nn.Module):
 
     def __init__(self, task_sizes: Sequence[int], feature_dim: int, transforms: Sequence[str] = ("reverse",),
                  score: str = "maxlogit", calibrate: bool = True, classify: str = "head", labels: str = "joint",
-                 copies: str = "all"):
+                 copies: str = "all", rows: float = 1.0):
         super().__init__()
         if copies not in COPIES:
             raise ValueError(f"copies must be one of {COPIES}, got {copies!r}")
-        self.copies = copies
+        if not 0.0 < rows <= 1.0:
+            raise ValueError(f"rows (the share of each batch in the heads' loss) must be in (0, 1], got {rows}")
+        self.copies, self.rows = copies, float(rows)
         unknown = [t for t in transforms if t not in TRANSFORMS]
         if unknown:
             raise ValueError(f"unknown transforms {unknown}; choose from {', '.join(TRANSFORMS)}")
@@ -159,41 +161,85 @@ class TaskOOD(nn.Module):
         """h_t(f_t(x)): B x n_t K logits of (class, transform) pairs, label c + n_t k."""
         return self.heads[task](self._features(net, x, task, condition))
 
-    def loss(self, net, x: Tensor, y_local: Tensor, task: int, condition=None, feature: Tensor | None = None) -> Tensor:
+    def loss(self, net, x: Tensor, y_local: Tensor, task: int, condition=None, feature: Tensor | None = None,
+             copy_features: Tensor | None = None) -> Tensor:
         """CE over (class, transform) labels of x and its transformed copies (CSI's joint labels).
 
         ``copies=all``: every input and its K - 1 copies (K B rows, CSI's batch); ``one``: input i as
         transform k_i = i mod K, B rows, a K-th of the cost (the loader's per-epoch shuffle varies k_i).
+        ``rows`` < 1: only the batch's first ceil(rows B) inputs enter the loss (the loader shuffles every
+        epoch, so each input takes part in a ``rows`` share of the steps): the same expected loss at a
+        ``rows`` share of the copies' cost.
         ``feature``: the heads' input f_t(x) of the untransformed batch from the training forward of the same
-        step (same masks and slope); then only the transformed rows go through the network, (K - 1) B rows
-        (all) or B (K - 1) / K (one) instead of K B or B: the same loss up to float rounding."""
-        n, b = self.task_sizes[task], x.shape[0]
+        step (same masks and slope); then only the transformed rows (``copies_of(x)``) go through the
+        network, or none when ``copy_features`` (f_t of those rows, computed in the training forward's own
+        pass: ``Condition.extra``) is given too. All give the same loss up to float rounding."""
+        m = self.loss_rows(x.shape[0])
+        x, y_local = x[:m], y_local[:m]
+        if feature is None:
+            if self.copies == "one":
+                rows, transformed = self._one_copy(x)
+                x = x.index_copy(0, rows, transformed)
+            else:
+                x = self.expand(x)
+            return F.cross_entropy(self.joint_logits(net, x, task, condition).float(),
+                                   self._labels(y_local, self.task_sizes[task]))
+        if copy_features is None:
+            copies = self.copies_of(x)
+            copy_features = None if copies is None else self._features(net, copies, task, condition)
+        return self.loss_from_features(feature[:m], copy_features, y_local, task)
+
+    def loss_rows(self, batch: int) -> int:
+        """How many of a batch's first inputs enter the loss: ceil(rows * batch), at least one."""
+        return batch if self.rows >= 1.0 else max(1, math.ceil(self.rows * batch))
+
+    def copies_of(self, x: Tensor) -> Tensor | None:
+        """The transformed rows the loss needs for inputs ``x`` (already cut to ``loss_rows``): ``one``,
+        T_{k_i}(x_i) for the rows with k_i != 0, in order; ``all``, [T_1 x; ...; T_{K-1} x]; None without
+        transforms."""
+        if not self.transforms:
+            return None
         if self.copies == "one":
-            k_i = torch.arange(b, device=x.device) % self.n_transforms
-            labels = torch.where(k_i == 0, y_local, n) if self.labels == "extra" else y_local + n * k_i
-            rows, transformed = self._one_copy(x)
-            if feature is None:
-                return F.cross_entropy(self.joint_logits(net, x.index_copy(0, rows, transformed), task,
-                                                         condition).float(), labels)
-            copies = self._features(net, transformed, task, condition).to(feature.dtype)
-            return F.cross_entropy(self.heads[task](feature.index_copy(0, rows, copies)).float(), labels)
+            return self._one_copy(x)[1]
+        return torch.cat([TRANSFORMS[name](x) for name in self.transforms])
+
+    def _labels(self, y_local: Tensor, task_n: int) -> Tensor:
+        """The joint labels of the loss's rows: c + n_t k (``labels=joint``), or n_t for every transformed
+        row (``extra``); ``one``: input i as transform i mod K."""
+        b = y_local.shape[0]
+        if self.copies == "one":
+            k_i = torch.arange(b, device=y_local.device) % self.n_transforms
+            return torch.where(k_i == 0, y_local, task_n) if self.labels == "extra" else y_local + task_n * k_i
         if self.labels == "extra":  # every transformed copy is class n ("not this task")
-            labels = torch.cat([y_local] + [torch.full_like(y_local, n)] * (self.n_transforms - 1))
+            return torch.cat([y_local] + [torch.full_like(y_local, task_n)] * (self.n_transforms - 1))
+        return torch.cat([y_local + task_n * k for k in range(self.n_transforms)])
+
+    def loss_from_features(self, feature: Tensor, copy_features: Tensor | None, y_local: Tensor,
+                           task: int) -> Tensor:
+        """The loss from the heads' inputs: ``feature`` of the untransformed inputs (B' rows) and
+        ``copy_features`` of ``copies_of`` them."""
+        labels = self._labels(y_local, self.task_sizes[task])
+        if copy_features is None:
+            joint = feature
+        elif self.copies == "one":
+            rows = self._one_copy_rows(feature.shape[0], feature.device)
+            joint = feature.index_copy(0, rows, copy_features.to(feature.dtype))
         else:
-            labels = torch.cat([y_local + n * k for k in range(self.n_transforms)])
-        if feature is not None and self.transforms:
-            copies = torch.cat([TRANSFORMS[name](x) for name in self.transforms])
-            joint = torch.cat([feature, self._features(net, copies, task, condition).to(feature.dtype)])
-            return F.cross_entropy(self.heads[task](joint).float(), labels)
-        return F.cross_entropy(self.joint_logits(net, self.expand(x), task, condition).float(), labels)
+            joint = torch.cat([feature, copy_features.to(feature.dtype)])
+        return F.cross_entropy(self.heads[task](joint).float(), labels)
+
+    def _one_copy_rows(self, b: int, device) -> Tensor:
+        """The rows i < b with k_i = i mod K != 0, in order: the j-th is j + j // (K - 1) + 1 (no host sync)."""
+        k_all = self.n_transforms
+        j = torch.arange(b - (b + k_all - 1) // k_all, device=device)
+        return j + j // (k_all - 1) + 1
 
     def _one_copy(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(rows, T_{k_i}(x_i) for those rows): the rows i with k_i = i mod K != 0, in order (the j-th is
         j + j // (K - 1) + 1, no host sync), each with its transform applied; a last batch smaller than K has
         fewer transforms."""
         b, k_all = x.shape[0], self.n_transforms
-        j = torch.arange(b - (b + k_all - 1) // k_all, device=x.device)
-        rows = j + j // (k_all - 1) + 1
+        rows = self._one_copy_rows(b, x.device)
         transformed = torch.empty_like(x[rows])
         for k, name in enumerate(self.transforms[:b - 1], 1):
             sel = torch.arange(k - 1, rows.shape[0], k_all - 1, device=x.device)

@@ -1,6 +1,10 @@
 """``TaskOODPlugin``: trains and calibrates the per-task OOD heads of a class-incremental modular network
 (``modnet.nets.task_inference.TaskOOD``; CSI's joint (class, transform) labels inside HAT's masks, as CLOM).
 
+before_forward      the transformed copies the loss needs go into the training forward's condition
+                    (``Condition.extra``): they run through task t's masked sub-network in the batch's own
+                    pass (one gate and mask computation, larger products), where the network has no batch
+                    norm (its rows are then independent); with batch norm, a second forward in before_backward
 before_backward     + weight * CE(h_t(f_t(T_k x)), y + n_t k) over the batch and its K - 1 transformed copies,
                     through task t's masked sub-network (HAT's training masks at the step's s, so HAT's
                     gradient conditioning protects earlier tasks' units from this loss as from the task's own)
@@ -24,6 +28,19 @@ class TaskOODPlugin(SupervisedPlugin):
         super().__init__()
         self.weight, self.batch_size = weight, batch_size
 
+    def before_training_exp(self, strategy, **kw):
+        self._share_pass = not strategy.model.rows_coupled
+
+    def before_forward(self, strategy, **kw):
+        if strategy.is_training and getattr(self, "_share_pass", False):
+            ood = strategy.model.task_ood
+            x = strategy.mb_x
+            train_condition(strategy).extra = ood.copies_of(x[:ood.loss_rows(x.shape[0])])
+
+    def after_forward(self, strategy, **kw):
+        if strategy.is_training:
+            train_condition(strategy).extra = None
+
     def before_backward(self, strategy, **kw):
         model = strategy.model
         condition = train_condition(strategy)
@@ -38,9 +55,12 @@ class TaskOODPlugin(SupervisedPlugin):
         trace = condition.trace
         feature = trace.feature if (trace.feature_task == task and trace.feature is not None
                                     and trace.feature.shape[0] == strategy.mb_x.shape[0]) else None
+        # the copies' heads' input from the same pass (before_forward), else a forward of their own
+        copy_features = trace.extra_feature if feature is not None else None
         # own trace: HAT's plugin has read this step's capacity regulariser from the main forward
-        cond = dataclasses.replace(condition, record=False, trace=ForwardTrace())
-        loss = model.task_ood.loss(model, strategy.mb_x, y, task, cond, feature=feature)
+        cond = dataclasses.replace(condition, record=False, extra=None, trace=ForwardTrace())
+        loss = model.task_ood.loss(model, strategy.mb_x, y, task, cond, feature=feature,
+                                   copy_features=copy_features)
         strategy.loss = strategy.loss + self.weight * loss
 
     @torch.no_grad()
