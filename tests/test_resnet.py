@@ -19,6 +19,41 @@ def test_resnet18_has_the_paper_layout_and_matches_its_plain_twin():
     assert net.task_logits(x, 1).shape == (2, 2)
 
 
+def test_masked_maps_keep_the_autocast_dtype_and_unread_means_are_not_computed():
+    """Under bf16 autocast every masked map stays bf16 (a float32 mask would promote it, and each layer after
+    it, to float32), the features agree with the float32 forward to bf16 rounding (eval mode), and the mask's
+    gradient is float32 as its embedding. Without ``record`` the per-conv spatial means are not computed (a pass each);
+    with it, there is one per masked conv."""
+    torch.manual_seed(0)
+    net = HATResNet18((3, 8, 8), [[0, 1], [2, 3]], width=4).train()
+    x = torch.rand(4, 3, 8, 8)
+    dtypes, maps = [], {}
+
+    def seen(module, inputs, out):
+        dtypes.append(out.dtype)
+        maps[module] = out
+
+    hooks = [tap.register_forward_hook(seen) for tap in net.unit_taps]
+    masks = [m.detach().requires_grad_() for m in net.masks(0, 50.0)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        acts, feature = net.forward_units(x, masks, 0, record=False)
+    assert acts == [] and dtypes == [torch.bfloat16] * 20 and feature.dtype == torch.bfloat16
+    feature.float().sum().backward()
+    assert all(m.grad is not None and m.grad.dtype == torch.float32 for m in masks)
+    dtypes.clear(), maps.clear()
+    acts, _ = net.forward_units(x, [m.detach() for m in masks], 0, record=True)
+    assert dtypes == [torch.float32] * 20 and len(acts) == 20
+    assert [tuple(a.shape) for a in acts] == [(4, maps[tap].shape[1]) for tap in net.unit_taps]
+    net.eval()  # batch norm over 4 inputs at 1 x 1 (the last stage of 8 x 8 inputs) amplifies any rounding
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = net.forward_units(x, masks, 0, record=False)[1]
+    with torch.no_grad():
+        reference = net.forward_units(x, masks, 0, record=False)[1]
+    assert low.dtype == torch.bfloat16 and torch.allclose(low.float(), reference, rtol=0.03, atol=0.03)
+    for h in hooks:
+        h.remove()
+
+
 def test_input_masks_follow_the_residual_sums():
     """The units feeding a conv after a residual sum are on where either summand is on: hand-written for the
     first stage (identity shortcuts) and the first block of stage 2 (1x1 projection shortcut)."""

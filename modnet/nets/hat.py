@@ -51,9 +51,13 @@ class HATConv2d(nn.Conv2d, HATMaskedLayer):
 
 def apply_unit_mask(h: Tensor, mask: Tensor | None) -> Tensor:
     """h * mask over the units (dim 1) of h (B, C) or (B, C, H, W): a task mask (C,), or a task mask composed
-    with per-input module gates (B, C)."""
+    with per-input module gates (B, C). In h's dtype: under bf16 autocast the float32 mask would otherwise
+    promote every masked map to float32 (twice the memory traffic of each layer after it, and a cast back
+    before each conv); the mask's gradient is cast back to float32 by autograd."""
     if mask is None:
         return h
+    if mask.dtype != h.dtype:
+        mask = mask.to(h.dtype)
     if h.dim() == 2:
         return h * mask
     shape = (1, -1) if mask.dim() == 1 else tuple(mask.shape)

@@ -662,7 +662,8 @@ class HATResNet18(HATNet):
     def forward_units(self, x: Tensor, masks: list[Tensor], task: int = 0,
                       record: bool = True) -> tuple[list[Tensor], Tensor]:
         """Every masked conv's output (after its task's batch norm and its mask, averaged over space) and the
-        pooled output of the last block (the heads' input)."""
+        pooled output of the last block (the heads' input). Without ``record`` the per-conv means are left out
+        (an empty list): each is a pass over a whole feature map, ~20 per step that nothing reads."""
         conv = self.masked
 
         def masked_bn(i, h):
@@ -670,16 +671,19 @@ class HATResNet18(HATNet):
 
         acts: list[Tensor] = [x] * len(conv)
         h = F.relu(masked_bn(0, x))
-        acts[0] = h.mean(dim=(2, 3))
+        if record:
+            acts[0] = h.mean(dim=(2, 3))
         for i1, i2, sc in self._blocks:
             a = F.relu(masked_bn(i1, h))
             b = masked_bn(i2, a)
-            acts[i1], acts[i2] = a.mean(dim=(2, 3)), b.mean(dim=(2, 3))
+            if record:
+                acts[i1], acts[i2] = a.mean(dim=(2, 3)), b.mean(dim=(2, 3))
             if sc is not None:
                 h = masked_bn(sc, h)
-                acts[sc] = h.mean(dim=(2, 3))
+                if record:
+                    acts[sc] = h.mean(dim=(2, 3))
             h = F.relu(b + h)
-        return acts, h.mean(dim=(2, 3))
+        return (acts if record else []), h.mean(dim=(2, 3))
 
 
 class ResNet18Backbone(nn.Module):
