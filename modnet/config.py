@@ -177,6 +177,8 @@ def _quoted(text: str) -> str:
 
 # keys (by their last name) that also take a word besides a value of their default's type
 NAMED_VALUES = {"mem_size": ("match",)}  # a buffer sized to modnet's stored bytes (strategies/memory.py)
+# keys whose default is the word "auto" that also take true / false
+AUTO_OR_BOOL = ("channels_last",)
 
 
 def check_types(cfg: DictConfig, base: DictConfig, path: str = "") -> None:
@@ -191,6 +193,8 @@ def check_types(cfg: DictConfig, base: DictConfig, path: str = "") -> None:
             check_types(new, old, where + ".")
             continue
         if old is None or new is None or new in NAMED_VALUES.get(str(key), ()):
+            continue
+        if str(key) in AUTO_OR_BOOL and isinstance(new, bool):
             continue
         if isinstance(old, ListConfig):
             if not isinstance(new, ListConfig):

@@ -46,6 +46,8 @@ def validate(job: str, cfg: DictConfig) -> None:
         _check_strategies(cfg.strategies)
     if "seeds" in cfg:
         _check_seeds(cfg.seeds)
+    if OmegaConf.select(cfg, "train.channels_last") not in (None, True, False, "auto"):
+        raise ConfigError(f"config train.channels_last={cfg.train.channels_last!r} must be true, false or auto")
     if OmegaConf.select(cfg, "task_inference.transform_rows") is not None:
         check_share("task_inference.transform_rows", cfg.task_inference.transform_rows, TRANSFORM_ROWS)
     if job == "cl":

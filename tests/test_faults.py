@@ -40,6 +40,7 @@ def _rejected(capsys, argv, *words, out: Path | None = None):
     ("loggers=[txt]", ["loggers", "txt", "text"]),
     ("model.arch=vgg", ["model.arch", "mlp"]),
     ("task_inference.transform_rows=0", ["task_inference.transform_rows", "(0, 1]"]),
+    ("train.channels_last=yes", ["train.channels_last", "auto"]),
     ("task_inference.transform_rows=1.5", ["task_inference.transform_rows", "(0, 1]"]),
 ])
 def test_bad_cl_values_are_one_line_before_work(tmp_path, capsys, override, words):

@@ -57,12 +57,22 @@ def make_strategy(name: str, cfg, info, device, evaluator, plugins: Sequence = (
         from strategies.plugins.perf import AutocastPlugin
 
         strategy.plugins.append(AutocastPlugin(device.type))
-    if cfg.train.channels_last and info.is_image:
+    if channels_last(cfg.train.channels_last, device) and info.is_image:
         from strategies.plugins.perf import ChannelsLastPlugin
 
         strategy.plugins.append(ChannelsLastPlugin())
     strategy.plugins.extend(plugins)
     return strategy
+
+
+def channels_last(option, device) -> bool:
+    """``train.channels_last``: true / false, or auto = on the CPU. There max_pool2d runs ~10x faster on a
+    channels_last map (torch 2.14, one thread: 1.0 vs 12.3 ms on 64 x 32 x 32 x 32) and the small CNN's
+    training epoch took 0.88 s instead of 1.25 s (bench CNN, 1024 images); on CUDA it pays under bf16
+    autocast (tensor cores), so it stays a choice there."""
+    if option == "auto":
+        return device.type == "cpu"
+    return bool(option)
 
 
 def validation_schedule(train):
