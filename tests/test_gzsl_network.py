@@ -208,6 +208,7 @@ def test_continual_gzsl_modnet_forgets_nothing_and_fine_tuning_does(tmp_path):
     (["niwt.seen_budget=1.0"], ["niwt.seen_budget=1.0", "[0, 1)"]),
     (["calibration.val_splits=0"], ["calibration.val_splits=0", "at least 1"]),
     (["+large_train.clswgan.width=8"], ["large_train.clswgan.width", "hidden", "syn_num"]),
+    (["seen_network.hat_c=-1"], ["seen_network.hat_c=-1", ">= 0"]),
 ])
 def test_bad_gzsl_config_is_one_config_error_line_before_training(tmp_path, monkeypatch, overrides, words):
     import modnet.runner.runner as runner
@@ -268,3 +269,25 @@ def test_a_second_niwt_layer_candidate_fits_on_the_seen_class_network_not_on_the
     # the seen columns of both candidates are the trained network's; the unseen columns come from each layer
     assert torch.allclose(first[0][:, net.data.seen_classes], second[0][:, net.data.seen_classes], atol=1e-5)
     assert not torch.allclose(first[1][:, unseen], second[1][:, unseen])
+
+
+def test_the_seen_network_takes_its_own_capacity_weight_and_continual_gzsl_keeps_hats():
+    """seen_network.hat_c replaces hat.c for the one-experience seen-class network only (null keeps hat.c), on a
+    copy: the config continual GZSL reads still has hat.c. A network trained at c = 0 keeps more units on than
+    at HAT's 0.75 (the regulariser's job is to free them for later experiences, which this network has none of)."""
+    from modnet.jobs.gzsl import with_seen_network_hat
+
+    cfg = compose("gzsl", ["hat.c=0.75", "seen_network.hat_c=0.0"])
+    own = with_seen_network_hat(cfg)
+    assert own.hat.c == 0.0 and cfg.hat.c == 0.75
+    assert with_seen_network_hat(compose("gzsl", ["hat.c=0.5", "seen_network.hat_c=null"])).hat.c == 0.5
+    from modnet.jobs.gzsl import train_seen_network
+    from scenarios.zsl import load_digits_zsl
+
+    data = load_digits_zsl()
+    units_on = {}
+    for c in (0.0, 0.75):
+        net = train_seen_network(compose("gzsl", [*TINY, "train.epochs=5", f"seen_network.hat_c={c}"]), data, 0,
+                                 torch.device("cpu"), False)
+        units_on[c] = sum(int((m > 0.5).sum()) for m in net.model.masks(0))
+    assert units_on[0.0] > units_on[0.75], units_on

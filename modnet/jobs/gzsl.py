@@ -66,6 +66,7 @@ def train_seen_network(cfg: DictConfig, data: ZSLData, seed: int, device, progre
     from modnet.runner.runner import make_strategy, run_experiences, set_seed
     from scenarios.base import split_benchmark
 
+    cfg = with_seen_network_hat(cfg)
     seen = list(data.seen_classes)
     row = torch.full((data.n_classes,), -1, dtype=torch.long)
     row[torch.tensor(seen)] = torch.arange(len(seen))
@@ -85,6 +86,19 @@ def train_seen_network(cfg: DictConfig, data: ZSLData, seed: int, device, progre
     bm = info.benchmark
     record = run_experiences(strategy, bm.train_stream, stream_evaluator(bm.test_stream, accuracy), seed=seed)
     return SeenNetwork(strategy.model.eval(), data, seed, device, progress, seen_accuracy=record.rows[-1][0])
+
+
+def with_seen_network_hat(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with ``seen_network.hat_c`` as HAT's capacity regulariser weight (``hat.c``) where it is set: the
+    seen-class network is one experience, and the regulariser only keeps units free for later experiences
+    (configs/gzsl.yaml has the figures). Continual GZSL, whose experiences do follow, keeps ``hat.c``."""
+    c = (cfg.get("seen_network") or {}).get("hat_c")
+    if c is None or float(c) == float(cfg.hat.c):
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.hat.c = float(c)
+    return cfg
 
 
 LARGE_METHOD_BLOCKS = ("clswgan", "ale")  # method blocks that large_train may override key by key
@@ -416,6 +430,10 @@ def _check(cfg: DictConfig) -> None:
         check_choice("methods", name, names)
     check_choice("calibration.mode", cfg.calibration.mode, CALIBRATION_MODES)
     check_choice("baseline_features", cfg.baseline_features, BASELINE_FEATURES)
+    c = (cfg.get("seen_network") or {}).get("hat_c")
+    if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or c < 0):
+        raise ConfigError(f"seen_network.hat_c={c!r} must be a number >= 0 (HAT's capacity regulariser weight of the "
+                          "seen-class network) or null (= hat.c)")
     _check_large_method_blocks(cfg)
     _check_gate(cfg.gate)
     _check_gate_layer(cfg)
