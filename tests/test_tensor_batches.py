@@ -256,6 +256,27 @@ def test_lean_evaluation_skips_only_callbacks_nobody_listens_to():
     assert hasattr(logged, "before_backward")
 
 
+@pytest.mark.parametrize("method", ["features", "gauss"])
+def test_class_incremental_modnet_trains_as_through_avalanches_loader(method):
+    """Class-incremental modnet, whose plugins read each experience again after training it (task keys, the
+    features' Gaussians, the transform heads' calibration): the same losses, the same weights and statistics on
+    either data path, so the passes draw the loader's seed on the tensor path too (the next experience's
+    shuffles come from the same generator state)."""
+    info = _benchmark(scenario="class", n=300)
+    results = {}
+    for tensor_batches in (True, False):
+        torch.manual_seed(0)
+        strategy = _strategy("modnet", tensor_batches, info, epochs=1, extra=(f"task_inference.method={method}",))
+        losses = _Losses()
+        strategy.plugins.append(losses)
+        for exp in list(info.benchmark.train_stream)[:3]:
+            strategy.train(exp)
+        results[tensor_batches] = (losses.losses, strategy.model.state_dict())
+    (l1, w1), (l0, w0) = results[True], results[False]
+    assert l1 == l0
+    assert w1.keys() == w0.keys() and all(torch.equal(w1[k], w0[k]) for k in w1)
+
+
 def test_task_keys_gather_the_same_statistics_from_the_tensors():
     """Class-incremental modnet: the task keys' running statistics after two experiences are the same whether
     the plugin slices the experience's tensors or runs Avalanche's loader over it (same batches, same order)."""

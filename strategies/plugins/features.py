@@ -21,8 +21,9 @@ class TaskFeaturesPlugin(SupervisedPlugin):
         task = strategy.experience.current_experience
         from modnet.runner.tensor_batches import dataset_batches
 
+        # the loader's seed drawn on the tensor path too: the same numbers after it as through Avalanche's loader
         xs, ys = zip(*dataset_batches(strategy.experience.dataset, self.batch_size,
-                                      tensors=getattr(strategy, "tensor_batches", False)))
+                                      tensors=getattr(strategy, "tensor_batches", False), loader_rng=True))
         x, y = torch.cat(xs).to(strategy.device), torch.cat(ys).to(strategy.device)
         idx = getattr(model, f"class_index_{task}")
         lut = torch.full((model.n_classes,), -1, dtype=torch.long, device=idx.device)

@@ -52,8 +52,9 @@ class TaskKeysPlugin(SupervisedPlugin):
 
         model = strategy.model
         task = strategy.experience.current_experience
+        # the loader's seed drawn on the tensor path too: the same numbers after it as through Avalanche's loader
         batches = dataset_batches(strategy.experience.dataset, self.batch_size,
-                                  tensors=getattr(strategy, "tensor_batches", False))
+                                  tensors=getattr(strategy, "tensor_batches", False), loader_rng=True)
         for x, y in batches:
             model.update_task_keys(x.to(strategy.device), task, y.to(strategy.device))
 
