@@ -10,6 +10,7 @@ What is checked (where the config has the key):
   distinct integers; ``scenario``, ``model.arch``, ``loggers``: among their choices;
 * ``train.epochs``, ``train.batch_size``, ``train.eval_batch_size``, ``benchmark.n_experiences``: positive;
 * ``output_dir``: not a file (nor below one); ``task_inference.transform_rows``: in (0, 1];
+  ``train.channels_last``: true, false or auto;
 * ``replay.mem_size`` / ``der.mem_size`` / ``derpp.mem_size`` = ``match`` in ``cl``: modnet among the
   strategies (the buffer is sized to its stored bytes, ``strategies.memory``);
 * ``benchmark=npz`` in ``cl``: the file's arrays (``scenarios.sources.check_npz_arrays``: integer labels,

@@ -177,7 +177,7 @@ RATIO_LOOPS = {
     # the default: the transform heads (model.transform_heads, on MLPs by default) add the batch's transformed
     # copies to the training pass (task_inference.transform_rows of its rows, one copy each)
     "modnet": ("modnet", ()),
-    # the sync regulariser at the weight the modules' experiments used (seed 000's "Sync in mini-batch")
+    # the sync regulariser (seed 000's "Sync in mini-batch") at the weight this bench timed by default until stop 24
     "modnet + sync regulariser": ("modnet", ("modules.sync_reg=0.01",)),
 }
 
