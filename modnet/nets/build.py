@@ -20,7 +20,6 @@ HEADS = ("linear", "cosine")
 TASK_INFERENCE = ("auto", "gauss", "keys", "ood", "features", "heads")
 
 
-
 def resolve_arch(arch: str, input_shape: Sequence[int]) -> str:
     """``model.arch`` for data of ``input_shape``: auto = cnn for images (C, H, W), mlp for vectors."""
     check_choice("model.arch", arch, ARCHS)

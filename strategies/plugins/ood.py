@@ -27,19 +27,20 @@ class TaskOODPlugin(SupervisedPlugin):
     def __init__(self, weight: float = 1.0, batch_size: int = 512):
         super().__init__()
         self.weight, self.batch_size = weight, batch_size
+        self._share_pass = False  # set per experience: whether the copies can join the training pass
 
     def before_training_exp(self, strategy, **kw):
         self._share_pass = not strategy.model.rows_coupled
 
+    # training forwards only (evaluation calls before_eval_forward / after_eval_forward)
     def before_forward(self, strategy, **kw):
-        if strategy.is_training and getattr(self, "_share_pass", False):
+        if self._share_pass:
             ood = strategy.model.task_ood
             x = strategy.mb_x
             train_condition(strategy).extra = ood.copies_of(x[:ood.loss_rows(x.shape[0])])
 
     def after_forward(self, strategy, **kw):
-        if strategy.is_training:
-            train_condition(strategy).extra = None
+        train_condition(strategy).extra = None
 
     def before_backward(self, strategy, **kw):
         model = strategy.model
