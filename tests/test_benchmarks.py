@@ -38,8 +38,9 @@ OLD_KEYS = {
 }
 OLD_LIMITS = {name: "zero-shot image features, no images" for name in ("awa2", "cub")} | \
     {name: "continual-learning images without class attributes" for name in ("mnist", "fmnist", "cifar10", "cifar100")}
-# what this branch added: MNIST-1D, for cl
+# what was added since: MNIST-1D, for cl; gzsl's backbone_features (baseline_features=auto)
 MNIST1D_KEYS = ("num_samples", "train_split", "seed")
+ADDED_KEYS = {"cl": MNIST1D_KEYS, "gzsl": ("backbone_features",)}
 
 
 def _one_line(capsys) -> str:
@@ -72,7 +73,7 @@ def test_the_derived_tables_are_the_old_hand_kept_ones():
     assert keys == config.BENCHMARK_KEYS
     assert set(keys) == set(OLD_KEYS)
     for job, old in OLD_KEYS.items():
-        assert set(keys[job]) == set(old) | (set(MNIST1D_KEYS) if job == "cl" else set()), job
+        assert set(keys[job]) == set(old) | set(ADDED_KEYS.get(job, ())), job
     for name, what in OLD_LIMITS.items():  # what a command that cannot use them says (the same words)
         assert what in config.BENCHMARK_LIMITS[name]
 

@@ -105,6 +105,7 @@ def test_large_train_sets_clswgan_sizes_and_ale_search():
     assert large.hidden == 32 != cfg.clswgan.hidden
     assert large.epochs == cfg.clswgan.epochs  # null keeps the clswgan block's value
     assert large.syn_num == cfg.large_train.clswgan.syn_num
+    assert cfg.clswgan.features is None and large.features == "penultimate"  # CPU sizes: the network's features
     ale = with_large_train(cfg, Data(100)).ale
     assert ale.search is True and cfg.ale.search is False  # large sets pick ALE's lr on the validation split
     from modnet.zsl.ale import candidates
@@ -165,6 +166,31 @@ def test_gzsl_on_a_planted_awa2_folder_uses_large_train(planted, tmp_path):
         assert results["methods"][name]["U"] > 0.3, name
     saved = (out / "config.yaml").read_text()
     assert "batch_size: 32" in saved and "epochs: 10" in saved
+    # baseline_features=auto: on awa2 ESZSL reads the res101 features themselves (Xian et al.): its figures are
+    # those of ESZSL fitted here on the raw training features with the pair validation chose
+    from modnet.methods.gzsl import ESZSL, gzsl_evaluate
+
+    data = load_xlsa17(planted[0])
+    chosen = results["methods"]["eszsl"]["setting_per_seed"][0]
+    eszsl = ESZSL(chosen["eszsl_gamma"], chosen["eszsl_lambda"]).fit(data.x_train, data.y_train, data.attributes,
+                                                                     data.seen_classes)
+    direct = gzsl_evaluate(eszsl.scores(data.x_test_seen), data.y_test_seen, eszsl.scores(data.x_test_unseen),
+                           data.y_test_unseen, data.seen_classes, data.unseen_classes)
+    assert results["methods"]["eszsl"]["uncalibrated"]["H"] == pytest.approx(direct.H, abs=1e-6)
+
+
+def test_baseline_features_auto_reads_backbone_features_and_pixels_through_the_network():
+    from modnet.zsl.seen_network import baseline_feature_kind
+
+    assert baseline_feature_kind(compose("gzsl", ["benchmark=awa2"])) == "input"
+    assert baseline_feature_kind(compose("gzsl", ["benchmark=cub"])) == "input"
+    assert baseline_feature_kind(compose("gzsl")) == "penultimate"                       # digits: pixels
+    assert baseline_feature_kind(compose("gzsl", ["benchmark=npz"])) == "penultimate"
+    assert baseline_feature_kind(compose("gzsl", ["benchmark=npz", "benchmark.backbone_features=true"])) == "input"
+    assert baseline_feature_kind(compose("gzsl", ["benchmark=awa2", "baseline_features=penultimate"])) == "penultimate"
+    cfg = compose("gzsl", ["benchmark=awa2"])
+    assert baseline_feature_kind(cfg, cfg.clswgan.features) == "input"                  # null: baseline_features
+    assert baseline_feature_kind(cfg, "penultimate") == "penultimate"
 
 
 def test_devise_gradient_matches_autograd_of_the_hinge_rank_loss():

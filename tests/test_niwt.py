@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from modnet.methods.gzsl import (ALE, ESZSL, gzsl_evaluate, harmonic_mean, per_class_accuracy, predict_scores,
-                         select_calibration)
+from modnet.methods.gzsl import (ALE, ESZSL, ESZSLPath, gzsl_evaluate, harmonic_mean, per_class_accuracy,
+                                 predict_scores, select_calibration)
 from modnet.methods.niwt import (KnowledgeToImportance, NIWT, class_importance, fit_unseen_weights, match_seen_scale,
                                  sample_importance)
 
@@ -440,6 +440,28 @@ def test_eszsl_closed_form_solves_its_normal_equations_and_recovers_a_planted_co
     x_test = torch.randn(1000, d, generator=g)
     planted_unseen = (x_test @ V_true @ S[unseen].T).argmax(1)
     assert (model.scores(x_test)[:, unseen].argmax(1) == planted_unseen).float().mean() > 3 / n_unseen
+
+
+def test_eszsl_path_solves_the_normal_equations_at_every_grid_point():
+    """ESZSLPath (one eigendecomposition per side) against the paper's normal equations at each (gamma, lam) of a
+    grid spanning 10^-3..10^3 on both sides, with uneven class sizes and seen classes that are not 0..z-1."""
+    g = torch.Generator().manual_seed(1)
+    d, a, m = 12, 7, 400
+    S = torch.rand(20, a, generator=g)
+    seen = [1, 4, 5, 9, 12, 17]
+    x = torch.randn(m, d, generator=g) * torch.linspace(0.1, 5, d)   # badly conditioned on purpose
+    y = torch.as_tensor(seen)[torch.multinomial(torch.tensor([1., 2., 3., 4., 5., 6.]), m, True, generator=g)]
+    path = ESZSLPath(x, y, S, seen)
+    X, Y = x.double().T, -torch.ones(m, len(seen), dtype=torch.float64)
+    Y[torch.arange(m), torch.searchsorted(torch.as_tensor(seen), y)] = 1.0
+    Ss = S[seen].double().T
+    rhs = X @ Y @ Ss.T
+    for gamma in (1e-3, 1.0, 1e3):
+        for lam in (1e-3, 1e-1, 1e3):
+            V = path.model(gamma, lam).V.double()
+            lhs = (X @ X.T + gamma * torch.eye(d, dtype=torch.float64)) @ V @ (
+                Ss @ Ss.T + lam * torch.eye(a, dtype=torch.float64))
+            assert torch.allclose(lhs, rhs, rtol=1e-4, atol=1e-4 * float(rhs.abs().max())), (gamma, lam)
 
 
 def test_ale_beats_chance_on_the_planted_problem(planted):

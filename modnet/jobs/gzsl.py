@@ -47,7 +47,7 @@ from modnet.eval.metrics import shows_progress_bars
 from modnet.eval.tables import aggregate_runs, markdown_table, mean_std_cell
 from modnet.methods.gzsl import GZSLResult, gzsl_evaluate, restricted_accuracy, select_calibration
 from modnet.zsl.registry import get_zsl_method, zsl_method_names
-from modnet.zsl.seen_network import SeenNetwork
+from modnet.zsl.seen_network import BASELINE_FEATURES, SeenNetwork
 from scenarios.zsl import ZSLData, class_disjoint_validation, load_zsl_from_config, pseudo_unseen_count
 
 METRICS = ("U", "S", "H", "zsl_accuracy")
@@ -416,7 +416,6 @@ def _plot(path: Path, results: dict) -> None:
 # Entry point
 # ----------------------------------------------------------------------------------------------------------
 CALIBRATION_MODES = ("none", "fixed", "validate")
-BASELINE_FEATURES = ("penultimate", "input")
 
 
 def _check(cfg: DictConfig) -> None:
@@ -430,6 +429,12 @@ def _check(cfg: DictConfig) -> None:
         check_choice("methods", name, names)
     check_choice("calibration.mode", cfg.calibration.mode, CALIBRATION_MODES)
     check_choice("baseline_features", cfg.baseline_features, BASELINE_FEATURES)
+    features = cfg.clswgan.get("features")
+    if features is not None:
+        check_choice("clswgan.features", features, BASELINE_FEATURES)
+    large_features = ((cfg.get("large_train") or {}).get("clswgan") or {}).get("features")
+    if large_features is not None:
+        check_choice("large_train.clswgan.features", large_features, BASELINE_FEATURES)
     c = (cfg.get("seen_network") or {}).get("hat_c")
     if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or c < 0):
         raise ConfigError(f"seen_network.hat_c={c!r} must be a number >= 0 (HAT's capacity regulariser weight of the "

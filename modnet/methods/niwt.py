@@ -625,7 +625,8 @@ def match_seen_scale(weight: Tensor, bias: Tensor, seen_weight: Tensor, seen_bia
       the centred k_c). Needs ``seen_knowledge`` [S, A] (rows of ``seen_weight``) and ``unseen_knowledge`` [U, A];
     * ``seen_budget``: w_u, b_u as ``negatives``, then one shift delta shared by every unseen row, the largest
       that sends at most a share ``seen_budget`` of the seen training images to an unseen row:
-          m_i = max_c s_c(x_i) - max_u s_u(x_i),   delta = the floor(seen_budget n)-th smallest m_i,
+          m_i = max_c s_c(x_i) - max_u s_u(x_i),   delta = the floor(seen_budget n)-th smallest m_i (less a
+          rounding hair, 1e-6 (1 + max |s_c|), so that the image at the boundary stays seen),
       so that #{i: m_i < delta} <= seen_budget n (image i goes to an unseen row when s_u + delta > max_c s_c).
       ``negatives`` leaves every unseen score below the seen maximum on nearly every image (uncalibrated U ~ 0:
       the head trained on the seen classes is sure of itself on any digit); this spends a stated share of the
@@ -661,7 +662,10 @@ def match_seen_scale(weight: Tensor, bias: Tensor, seen_weight: Tensor, seen_bia
         if not mine.any():
             raise ValueError("scale=seen_budget needs training images of the head's seen rows")
         margin = (seen_scores[mine].max(1).values - (features[mine] @ weight.T + bias).max(1).values).sort().values
-        return weight, bias + margin[int(math.floor(seen_budget * margin.numel()))]
+        # a hair below the boundary image's margin (a few float32 roundings of the scores): at the margin itself
+        # that image's unseen and seen scores tie, and rounding sent it to either side (budget 0 sent one image)
+        hair = 1e-6 * (1.0 + seen_scores[mine].abs().max())
+        return weight, bias + margin[int(math.floor(seen_budget * margin.numel()))] - hair
     if seen_knowledge is None or unseen_knowledge is None:
         raise ValueError("scale=positives needs the seen and the unseen classes' knowledge")
     if not own.any(0).all():

@@ -1,6 +1,6 @@
 """``ale``: attribute label embedding (Akata et al., TPAMI 2016; bilinear compatibility trained by SGD on the
-weighted approximate ranking loss, ``modnet.methods.gzsl.ALE``) on the modular network's penultimate features
-(``baseline_features``).
+weighted approximate ranking loss, ``modnet.methods.gzsl.ALE``) on ``baseline_features``: the res101 features on
+awa2/cub (Xian et al.), the modular network's penultimate features on pixels.
 
 Hyper-parameters (configs/gzsl.yaml ``ale``): lr (SGD), epochs, batch_size, margin (Delta(y, y') = 1 for y' != y
 in the paper), weight_decay. With ``search`` every lr of ``lr_grid`` is a candidate and the class-disjoint
@@ -24,7 +24,9 @@ def ranking_scores(model_class, cfg, block, lr: float, knowledge, net):
     """``model_class`` (``ALE`` or a subclass) with ``block``'s epochs, batch_size, margin and weight_decay and
     learning rate ``lr``, fitted on the network's baseline features of the training set against ``knowledge``;
     its scores on test-seen and test-unseen."""
-    f_train, f_test_seen, f_test_unseen = net.baseline_inputs(cfg.baseline_features, cfg.baseline_normalize)
+    from modnet.zsl.seen_network import baseline_feature_kind
+
+    f_train, f_test_seen, f_test_unseen = net.baseline_inputs(baseline_feature_kind(cfg), cfg.baseline_normalize)
     model = model_class(lr=lr, epochs=block.epochs, batch_size=block.batch_size, margin=block.margin,
                         weight_decay=block.weight_decay, seed=net.seed).fit(f_train, net.split("train")[1],
                                                                             knowledge, net.data.seen_classes)

@@ -1,7 +1,8 @@
 """``clswgan``: f-CLSWGAN (Xian et al., CVPR 2018; ``modnet.methods.clswgan.FCLSWGAN``), the feature-generating
 baseline: a conditional WGAN generates features of the unseen classes from their knowledge, a softmax
-classifier learns seen (real) and unseen (generated) classes together. On the same features as ESZSL and ALE
-(``baseline_features``: the modular network's penultimate features, or the xlsa17 res101 features).
+classifier learns seen (real) and unseen (generated) classes together. On ``clswgan.features`` (null: the same
+features as ESZSL and ALE, ``baseline_features``); at CPU sizes on large training sets (``large_train.clswgan``) on
+the modular network's penultimate features, its fine-tuned-feature variant (configs/gzsl.yaml says why).
 
 Hyper-parameters (configs/gzsl.yaml ``clswgan``), the paper's defaults beside each: generator and critic width
 4096, gradient-penalty weight 10, classification-loss weight 0.01, 5 critic steps, batch 64, Adam lr and epochs
@@ -18,8 +19,11 @@ NAME = "clswgan"
 def score(cfg, net, params):
     from modnet.methods.clswgan import FCLSWGAN
 
+    from modnet.zsl.seen_network import baseline_feature_kind
+
     c = cfg.clswgan
-    f_train, f_test_seen, f_test_unseen = net.baseline_inputs(cfg.baseline_features, cfg.baseline_normalize)
+    kind = baseline_feature_kind(cfg, c.get("features"))
+    f_train, f_test_seen, f_test_unseen = net.baseline_inputs(kind, cfg.baseline_normalize)
     model = FCLSWGAN(hidden=c.hidden, critic_hidden=c.critic_hidden, lr=c.lr, beta1=c.beta1, gp_lambda=c.gp_lambda,
                      cls_weight=c.cls_weight, critic_iter=c.critic_iter, batch_size=c.batch_size, epochs=c.epochs,
                      syn_num=c.syn_num, classifier_lr=c.classifier_lr, classifier_epochs=c.classifier_epochs,

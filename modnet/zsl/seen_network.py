@@ -22,6 +22,18 @@ from modnet.nets.models import HATNet
 from scenarios.zsl import ZSLData
 
 _BATCH = 1024
+BASELINE_FEATURES = ("auto", "penultimate", "input")
+
+
+def baseline_feature_kind(cfg, override: str | None = None) -> str:
+    """What the feature-based methods (ESZSL, ALE, DeViSE, f-CLSWGAN) read: ``override`` (a method block's
+    ``features``) when set, else ``baseline_features``; ``auto`` is ``input`` on a benchmark whose inputs are a
+    pre-trained backbone's features (``benchmark.backbone_features``: awa2, cub; Xian et al.'s protocol scores
+    every method on those res101 features) and ``penultimate`` (the modular network's head input) on pixels."""
+    kind = override if override is not None else cfg.baseline_features
+    if kind == "auto":
+        return "input" if cfg.benchmark.get("backbone_features", False) else "penultimate"
+    return str(kind)
 
 
 @dataclass
@@ -112,9 +124,19 @@ class SeenNetwork:
         member = (y[None, :] == seen[:, None]).float()            # S x n
         return (member @ on) / member.sum(1, keepdim=True).clamp(min=1)
 
+    def cached(self, key: tuple, make):
+        """``make()``, computed once per network for ``key`` (a method's work shared by its candidate settings,
+        e.g. ESZSL's eigendecompositions)."""
+        if key not in self._inputs:
+            self._inputs[key] = make()
+        return self._inputs[key]
+
     def baseline_inputs(self, kind: str, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
         """ESZSL's and ALE's inputs for train, test-seen, test-unseen: the penultimate features or the raw
-        inputs (``kind``), L2-normalised rows when ``normalize``; computed once per network."""
+        inputs (``kind``, as ``baseline_feature_kind`` resolves it), L2-normalised rows when ``normalize``; computed
+        once per network."""
+        if kind not in ("penultimate", "input"):
+            raise ValueError(f"baseline inputs are 'penultimate' or 'input', got {kind!r}")
         key = ("baseline", kind, normalize)
         if key not in self._inputs:
             feats = []
