@@ -7,10 +7,9 @@ The default ``niwt.scale=seen_budget`` (configs/gzsl.yaml) puts the unseen rows 
 (0.075) of the seen *training* images to an unseen row (modnet.methods.niwt.match_seen_scale). Without the shift
 the head trained on the seen classes scores every unseen digit below a seen row: uncalibrated U and H 0.000 on
 every seed (stop 23). Digits,
-seeds 0-2, stop 24 (torch 2.14), H uncalibrated / calibrated / gated: NIWT .463 +- .064 / .601 +- .017 / .698 +-
-.040 at uncalibrated S .884 (seen-only .948), ESZSL .344 +- .114 / .437 / .515, ALE .002 / .518 / .503. Budgets
-0.05 / 0.1 gave NIWT .352 / .549 uncalibrated at S .904 / .860. Per seed ESZSL's uncalibrated H beats NIWT's on
-seed 1 (.475 vs .414): the target is the mean.
+seeds 0-2, stop 26 (niwt.map_fit=centered), H uncalibrated / calibrated / gated: NIWT .556 +- .069 / .632 / .725 at
+uncalibrated S .879 (seen-only .946), ESZSL .374 +- .078 / .443 / .528, ALE .004 / .549 / .524 (stop 24, the adam
+map: NIWT .463 / .601 / .698). Budgets 0.05 / 0.1 gave NIWT .352 / .549 uncalibrated at S .904 / .860 (stop 24).
 """
 import json
 
@@ -48,13 +47,11 @@ def test_niwt_on_pixel_grounded_shapes_transfers_and_keeps_the_seen_accuracy(tmp
     its defaults: 20 classes of coloured strokes, 5 unseen), seed 0. NIWT's layer is chosen on validation (-1,
     the CNN's fc layer: the last conv block's channel importance is pooled over space and misses where a stroke
     is). The issue's target is on 3 seeds (``modnet gzsl seeds=[0,1,2] methods=[niwt,eszsl,ale] benchmark=npz``,
-    9 min on a core; stop 24, torch 2.14, niwt.scale=seen_budget): H uncalibrated / calibrated / gated NIWT .859 +-
-    .067 / .832 +- .070 / .944 +- .019 at uncalibrated S .917 (seen-only 1.000), ESZSL .858 +- .055 / .825 +- .099 /
-    .930 +- .020, ALE .778 / .736 / .876 (at scale=negatives NIWT was .510 / .871 / .944: the shift changes from
-    network to network, so a gamma averaged over the validation networks transfers less well). Per seed NIWT is
-    not always first: seed 0 ESZSL .934 / .934 / .954 against NIWT .935 / .913 / .952, seed 1 ESZSL uncalibrated
-    .829 against .773. Asserted on seed 0: what holds on every seed with a margin, ALE behind NIWT in every column,
-    NIWT's gated H within 0.05 of the best, its unseen rows well above chance, the seen accuracy kept."""
+    4 min on a core; stop 26, niwt.map_fit=centered): H uncalibrated / calibrated / gated NIWT .888 +- .012 / .845 /
+    .929 at uncalibrated S .922 (seen-only 1.000), ESZSL .833 +- .018 / .802 / .912, ALE .762 / .730 / .859 (stop 24,
+    the adam map: NIWT .859 +- .067 / .832 / .944). Asserted on seed 0: what holds on every seed with a margin, ALE
+    behind NIWT in every column, NIWT's gated H within 0.05 of the best, its unseen rows well above chance, the
+    seen accuracy kept."""
     from scenarios.planted_shapes import write_planted_shapes
 
     path = tmp_path / "shapes.npz"
