@@ -18,7 +18,6 @@ NAME = "clswgan"
 @register_zsl_method(NAME)
 def score(cfg, net, params):
     from modnet.methods.clswgan import FCLSWGAN
-
     from modnet.zsl.seen_network import baseline_feature_kind
 
     c = cfg.clswgan

@@ -137,12 +137,11 @@ class SeenNetwork:
         once per network."""
         if kind not in ("penultimate", "input"):
             raise ValueError(f"baseline inputs are 'penultimate' or 'input', got {kind!r}")
-        key = ("baseline", kind, normalize)
-        if key not in self._inputs:
-            feats = []
-            for name in ("train", "test_seen", "test_unseen"):
-                x = self.split(name)[0]
-                f = x.flatten(1) if kind == "input" else self.penultimate(x)
-                feats.append(F.normalize(f, dim=1) if normalize else f)
-            self._inputs[key] = tuple(feats)
-        return self._inputs[key]
+
+        def features(name: str) -> Tensor:
+            x = self.split(name)[0]
+            f = x.flatten(1) if kind == "input" else self.penultimate(x)
+            return F.normalize(f, dim=1) if normalize else f
+
+        return self.cached(("baseline", kind, normalize),
+                           lambda: tuple(features(name) for name in ("train", "test_seen", "test_unseen")))
