@@ -38,9 +38,10 @@ OLD_KEYS = {
 }
 OLD_LIMITS = {name: "zero-shot image features, no images" for name in ("awa2", "cub")} | \
     {name: "continual-learning images without class attributes" for name in ("mnist", "fmnist", "cifar10", "cifar100")}
-# what was added since: MNIST-1D, for cl; gzsl's backbone_features (baseline_features=auto)
+# what was added since: MNIST-1D, for cl; gzsl's backbone_features (baseline_features=auto) and hidden (the
+# networks' width on the benchmark's inputs)
 MNIST1D_KEYS = ("num_samples", "train_split", "seed")
-ADDED_KEYS = {"cl": MNIST1D_KEYS, "gzsl": ("backbone_features",)}
+ADDED_KEYS = {"cl": MNIST1D_KEYS, "gzsl": ("backbone_features", "hidden")}
 
 
 def _one_line(capsys) -> str:

@@ -154,9 +154,11 @@ def test_ale_gradient_matches_autograd_of_its_loss(weight_decay):
 def test_gzsl_on_a_planted_awa2_folder_uses_large_train(planted, tmp_path):
     """End to end on a small planted AWA2 folder (960 training images) with large_train switched on: every
     method reports, the linear ones place the unseen classes (U well above chance, 0.1; NIWT needs the
-    real size, see configs/gzsl.yaml), and the saved config holds large_train's batches and epochs."""
+    real size, see configs/gzsl.yaml), the saved config holds large_train's batches and epochs, and the network
+    has the benchmark's width (benchmark.hidden, here small for speed)."""
     out = tmp_path / "out"
     assert main(["gzsl", "benchmark=awa2", f"benchmark.path={planted[0]}", "progress=false", "threads=1",
+                 "benchmark.hidden=48",
                  "large_train.min_samples=500", "large_train.batch_size=32", "large_train.epochs=10",
                  "niwt.map_epochs=100", "niwt.max_iterations=100", "ale.epochs=5", "eszsl.grid_log10=[-1,0]",
                  "calibration.mode=validate", "methods=[niwt,eszsl,ale]", f"output_dir={out}"]) == 0
@@ -166,6 +168,7 @@ def test_gzsl_on_a_planted_awa2_folder_uses_large_train(planted, tmp_path):
         assert results["methods"][name]["U"] > 0.3, name
     saved = (out / "config.yaml").read_text()
     assert "batch_size: 32" in saved and "epochs: 10" in saved
+    assert [layer["units"] for layer in results["network"]["layers"]] == [48, 48]
     # baseline_features=auto: on awa2 ESZSL reads the res101 features themselves (Xian et al.): its figures are
     # those of ESZSL fitted here on the raw training features with the pair validation chose
     from modnet.methods.gzsl import ESZSL, gzsl_evaluate
@@ -177,6 +180,22 @@ def test_gzsl_on_a_planted_awa2_folder_uses_large_train(planted, tmp_path):
     direct = gzsl_evaluate(eszsl.scores(data.x_test_seen), data.y_test_seen, eszsl.scores(data.x_test_unseen),
                            data.y_test_unseen, data.seen_classes, data.unseen_classes)
     assert results["methods"]["eszsl"]["uncalibrated"]["H"] == pytest.approx(direct.H, abs=1e-6)
+
+
+def test_benchmark_hidden_sets_the_width_of_the_runs_networks_where_the_benchmark_names_one(capsys):
+    from modnet.jobs.gzsl import with_benchmark_width
+
+    awa2 = compose("gzsl", ["benchmark=awa2"])
+    assert awa2.benchmark.hidden == 1024 and with_benchmark_width(awa2).model.hidden == 1024
+    assert awa2.model.hidden == 256                                                    # on a copy
+    assert with_benchmark_width(compose("gzsl", ["benchmark=cub"])).model.hidden == 1024
+    assert with_benchmark_width(compose("gzsl", ["benchmark=awa2", "benchmark.hidden=null",
+                                                 "model.hidden=128"])).model.hidden == 128
+    assert with_benchmark_width(compose("gzsl", ["benchmark=npz"])).model.hidden == 256  # npz: null
+    assert "hidden" not in compose("gzsl").benchmark                                    # digits: model.hidden
+    assert main(["gzsl", "benchmark=awa2", "benchmark.path=nowhere", "benchmark.hidden=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "benchmark.hidden=0 must be a positive integer" in err[0], err
 
 
 def test_baseline_features_auto_reads_backbone_features_and_pixels_through_the_network():

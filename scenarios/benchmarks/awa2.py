@@ -11,7 +11,7 @@ NAME = "awa2"
 
 @register_benchmark(NAME, commands=("gzsl",), order=20,
                     description="AwA2: zero-shot image features, no images",
-                    keys={"gzsl": ("path", "backbone_features", "attributes", "resnet")})
+                    keys={"gzsl": ("path", "backbone_features", "hidden", "attributes", "resnet")})
 class Awa2:
     @staticmethod
     def zero_shot(path=None, **options):

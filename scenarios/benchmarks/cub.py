@@ -11,7 +11,7 @@ NAME = "cub"
 
 @register_benchmark(NAME, commands=("gzsl",), order=21,
                     description="CUB: zero-shot image features, no images",
-                    keys={"gzsl": ("path", "backbone_features", "attributes", "resnet")})
+                    keys={"gzsl": ("path", "backbone_features", "hidden", "attributes", "resnet")})
 class Cub:
     @staticmethod
     def zero_shot(path=None, **options):

@@ -14,7 +14,7 @@ NAME = "npz"
 @register_benchmark(NAME, commands=("cl", "gzsl", "explain"), order=1,
                     description="a user's arrays in one .npz file",
                     keys={"cl": ("path", "variant", "n_experiences", "class_order", "max_train_samples"),
-                          "gzsl": ("path", "backbone_features"),
+                          "gzsl": ("path", "backbone_features", "hidden"),
                           "explain": ("path",)})
 class Npz:
     @staticmethod
