@@ -88,17 +88,22 @@ def train_seen_network(cfg: DictConfig, data: ZSLData, seed: int, device, progre
     return SeenNetwork(strategy.model.eval(), data, seed, device, progress, seen_accuracy=record.rows[-1][0])
 
 
+def _with_value(cfg: DictConfig, block: str, key: str, value) -> DictConfig:
+    """``cfg`` itself where ``value`` is None or already ``cfg[block][key]``; else a copy holding ``value`` there."""
+    if value is None or value == cfg[block][key]:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg[block][key] = value
+    return cfg
+
+
 def with_seen_network_hat(cfg: DictConfig) -> DictConfig:
     """``cfg`` with ``seen_network.hat_c`` as HAT's capacity regulariser weight (``hat.c``) where it is set: the
     seen-class network is one experience, and the regulariser only keeps units free for later experiences
     (configs/gzsl.yaml has the figures). Continual GZSL, whose experiences do follow, keeps ``hat.c``."""
     c = (cfg.get("seen_network") or {}).get("hat_c")
-    if c is None or float(c) == float(cfg.hat.c):
-        return cfg
-    cfg = copy.deepcopy(cfg)
-    with open_dict(cfg):
-        cfg.hat.c = float(c)
-    return cfg
+    return _with_value(cfg, "hat", "c", None if c is None else float(c))
 
 
 def with_benchmark_width(cfg: DictConfig) -> DictConfig:
@@ -106,12 +111,7 @@ def with_benchmark_width(cfg: DictConfig) -> DictConfig:
     benchmark sets one: awa2 and cub's 2048-d features need more than the 256 units sized for the 64-d digits
     (configs/benchmark/awa2.yaml has the figures)."""
     width = cfg.benchmark.get("hidden")
-    if width is None or int(width) == int(cfg.model.hidden):
-        return cfg
-    cfg = copy.deepcopy(cfg)
-    with open_dict(cfg):
-        cfg.model.hidden = int(width)
-    return cfg
+    return _with_value(cfg, "model", "hidden", None if width is None else int(width))
 
 
 LARGE_METHOD_BLOCKS = ("clswgan", "ale")  # method blocks that large_train may override key by key
