@@ -8,9 +8,9 @@ Training throughput (samples/s) and peak memory of three loops on the same backb
            key-vector gates (+ the transform heads on MLPs), on Avalanche.
 Each loop runs in its own spawned process so that its peak memory (CUDA: max allocated; CPU: peak RSS
 above the process's baseline) is its own. The step-cost ratios come from a separate run in which all loops
-(and modnet with parts switched off: HAT only, HAT + gates, no transform heads; and with the sync regulariser
-on) live in one process and train
-one epoch each in turn, round after round: adjacent epochs share the machine's state, so the median of the
+(and modnet with parts switched off: HAT only, HAT + gates, no transform heads; with the sync regulariser
+on; and the plain loop on as many rows per step as modnet's default trains, its batch and the transform
+heads' copies) live in one process and train one epoch each in turn, round after round: adjacent epochs share the machine's state, so the median of the
 per-round ratios holds on a noisy shared machine where separate runs drift by tens of percent.
 Then SynC time for n = 1k..8k units (and the fitted growth exponent), NIWT step times and GZSL
 evaluation throughput. Writes ``bench.json`` and ``bench.md``.
@@ -179,16 +179,25 @@ RATIO_LOOPS = {
     "modnet": ("modnet", ()),
     # the sync regulariser (seed 000's "Sync in mini-batch") at the weight this bench timed by default until stop 24
     "modnet + sync regulariser": ("modnet", ("modules.sync_reg=0.01",)),
+    # the plain loop on as many rows per step as modnet's default trains (its batch and the transform heads'
+    # copies, counted at its first masked layer in the warm-up epoch): modnet / this is the method's cost per
+    # row, the rest of modnet / plain is the heads' extra arithmetic
+    "plain (modnet's rows)": ("plain_rows", ()),
 }
 
 
-def _plain_epoch(model, opt, x, y, batch, device, amp):
+def _plain_epoch(model, opt, x, y, batch, device, amp, rows_per_step: int | None = None):
+    """One epoch of the plain loop; ``rows_per_step`` > batch: each step also trains on the first
+    rows_per_step - batch rows of its batch again (the same arithmetic as a batch grown by copies)."""
     _sync(device)
     t0 = time.perf_counter()
     n = x.shape[0]
     perm = torch.randperm(n, device=device)
+    extra = max((rows_per_step or batch) - batch, 0)
     for i in range(0, n, batch):
         idx = perm[i:i + batch]
+        if extra:
+            idx = torch.cat([idx, idx[:extra]])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
@@ -199,9 +208,10 @@ def _plain_epoch(model, opt, x, y, batch, device, amp):
 
 
 def _interleaved_epochs(arch: str, n: int, batch: int, rounds: int, device_name: str, options: dict,
-                        loops: dict) -> dict[str, list[float]]:
+                        loops: dict) -> tuple[dict[str, list[float]], int | None]:
     """Every loop in this one process, one training epoch each in turn (order rotated every round);
-    returns each loop's epoch times after one warm-up epoch (gate creation, allocator warm-up)."""
+    returns each loop's epoch times after one warm-up epoch (gate creation, allocator warm-up), and the rows
+    per step modnet's default trained on in its warm-up (None without the "modnet" loop)."""
     torch.set_num_threads(options.get("threads", 1) or torch.get_num_threads())
     device = torch.device(device_name)
     torch.manual_seed(0)
@@ -209,10 +219,17 @@ def _interleaved_epochs(arch: str, n: int, batch: int, rounds: int, device_name:
     amp = options.get("amp", False) and device.type == "cuda"
     channels_last = options.get("channels_last", False) and x.dim() == 4
     run = {}
+    rows_per_step = None
     for name, (kind, overrides) in loops.items():
         if kind == "plain":
             model, opt, xp = _plain_setup(arch, x, options, device, channels_last)
             run[name] = (lambda model=model, opt=opt, xp=xp: _plain_epoch(model, opt, xp, y, batch, device, amp))
+        elif kind == "plain_rows":
+            if "modnet" not in loops:
+                raise ValueError("the bench loop 'plain (modnet's rows)' needs the 'modnet' loop beside it")
+            model, opt, xp = _plain_setup(arch, x, options, device, channels_last)
+            run[name] = (lambda model=model, opt=opt, xp=xp: _plain_epoch(model, opt, xp, y, batch, device, amp,
+                                                                          rows_per_step))
         else:
             strategy, exp, timer = _build_avalanche(kind, arch, x, y, batch, 1, device, options, overrides)
 
@@ -220,14 +237,22 @@ def _interleaved_epochs(arch: str, n: int, batch: int, rounds: int, device_name:
                 strategy.train(exp)
                 return timer.times[-1]
             run[name] = one_epoch
-    for f in run.values():
-        f()
+            if name == "modnet":  # its warm-up epoch, counting the rows its first masked layer trains on
+                rows = []  # (forwards with a gradient: not the gate's clustering pass, which runs without)
+                hook = strategy.model.masked[0].register_forward_pre_hook(
+                    lambda m, a: rows.append(a[0].shape[0]) if torch.is_grad_enabled() else None)
+                one_epoch()
+                hook.remove()
+                rows_per_step = round(sum(rows) / -(-n // batch))
+    for name, f in run.items():
+        if name != "modnet":  # modnet warmed up above
+            f()
     names = list(run)
     times: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
         for k in names[r % len(names):] + names[:r % len(names)]:
             times[k].append(run[k]())
-    return times
+    return times, rows_per_step
 
 
 def step_cost_ratios(times: dict[str, list[float]], reference: str) -> dict[str, dict]:
@@ -274,9 +299,13 @@ def bench_training(arch: str, n: int, batch: int, epochs: int, device: str, opti
             if ref in res:
                 res[f"separate_runs_time_ratio_vs_{ref}"] = res[ref]["samples_per_s"] / res["modnet"]["samples_per_s"]
     if rounds > 0:
-        loops = {k: v for k, v in RATIO_LOOPS.items() if v[0] in kinds}
-        times = _in_process(_interleaved_epochs, arch, n, batch, rounds, device, options, loops, isolate=isolate)
+        loops = {k: v for k, v in RATIO_LOOPS.items()
+                 if v[0] in kinds or (v[0] == "plain_rows" and {"plain", "modnet"} <= set(kinds))}
+        times, rows = _in_process(_interleaved_epochs, arch, n, batch, rounds, device, options, loops,
+                                  isolate=isolate)
         res["interleaved_epoch_seconds"] = times
+        if rows is not None:
+            res["modnet_rows_per_step"] = rows
         for ref in ("naive", "plain"):
             if ref in times:
                 res[f"step_cost_vs_{ref}"] = step_cost_ratios(times, ref)

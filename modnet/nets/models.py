@@ -322,7 +322,9 @@ class HATNet(MultiHeadTaskNet):
             x = torch.cat([x, extra.to(x.dtype)])
         acts, feature = self.forward_units(x, self.unit_masks(x, task, condition), task, condition.record)
         if extra is not None:
-            condition.trace.extra_feature, feature = feature[n:], feature[:n]
+            # split, not two slices: its backward is one cat of the two gradients, where each slice's would
+            # zero a full-size gradient and copy its part in
+            feature, condition.trace.extra_feature = feature.split([n, feature.shape[0] - n])
             acts = [a[:n] for a in acts]
         if condition.record:
             condition.trace.activations = acts

@@ -166,7 +166,9 @@ class TaskOOD(nn.Module):
         """CE over (class, transform) labels of x and its transformed copies (CSI's joint labels).
 
         ``copies=all``: every input and its K - 1 copies (K B rows, CSI's batch); ``one``: input i as
-        transform k_i = i mod K, B rows, a K-th of the cost (the loader's per-epoch shuffle varies k_i).
+        transform k_i = i mod K, B rows, a K-th of the cost (the loader's per-epoch shuffle varies k_i); the
+        rows are taken grouped by transform (inputs 0, K, 2K, ..., then T_1 of inputs 1, K + 1, ..., and so
+        on: strided slices, no gather), which the mean cross-entropy does not see.
         ``rows`` < 1: only the batch's first ceil(rows B) inputs enter the loss (the loader shuffles every
         epoch, so each input takes part in a ``rows`` share of the steps): the same expected loss at a
         ``rows`` share of the copies' cost.
@@ -178,8 +180,7 @@ class TaskOOD(nn.Module):
         x, y_local = x[:m], y_local[:m]
         if feature is None:
             if self.copies == "one":
-                rows, transformed = self._one_copy(x)
-                x = x.index_copy(0, rows, transformed)
+                x = torch.cat([x[::self.n_transforms], *self._one_copy(x)])
             else:
                 x = self.expand(x)
             return F.cross_entropy(self.joint_logits(net, x, task, condition).float(),
@@ -195,21 +196,24 @@ class TaskOOD(nn.Module):
 
     def copies_of(self, x: Tensor) -> Tensor | None:
         """The transformed rows the loss needs for inputs ``x`` (already cut to ``loss_rows``): ``one``,
-        T_{k_i}(x_i) for the rows with k_i != 0, in order; ``all``, [T_1 x; ...; T_{K-1} x]; None without
-        transforms."""
+        T_k(x_i) for the rows with k = i mod K != 0, grouped by k ([T_1 x[1::K]; T_2 x[2::K]; ...]); ``all``,
+        [T_1 x; ...; T_{K-1} x]; None without transforms."""
         if not self.transforms:
             return None
         if self.copies == "one":
-            return self._one_copy(x)[1]
+            parts = self._one_copy(x)
+            return x[:0] if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)  # b = 1: none
         return torch.cat([TRANSFORMS[name](x) for name in self.transforms])
 
     def _labels(self, y_local: Tensor, task_n: int) -> Tensor:
         """The joint labels of the loss's rows: c + n_t k (``labels=joint``), or n_t for every transformed
-        row (``extra``); ``one``: input i as transform i mod K."""
+        row (``extra``); ``one``: input i as transform i mod K, in ``copies_of``'s order (grouped by k)."""
         b = y_local.shape[0]
         if self.copies == "one":
-            k_i = torch.arange(b, device=y_local.device) % self.n_transforms
-            return torch.where(k_i == 0, y_local, task_n) if self.labels == "extra" else y_local + task_n * k_i
+            k_all = self.n_transforms
+            if self.labels == "extra":
+                return torch.cat([y_local[::k_all], y_local.new_full((b - (b + k_all - 1) // k_all,), task_n)])
+            return torch.cat([y_local[::k_all]] + [y_local[k::k_all] + task_n * k for k in range(1, min(k_all, b))])
         if self.labels == "extra":  # every transformed copy is class n ("not this task")
             return torch.cat([y_local] + [torch.full_like(y_local, task_n)] * (self.n_transforms - 1))
         return torch.cat([y_local + task_n * k for k in range(self.n_transforms)])
@@ -222,29 +226,16 @@ class TaskOOD(nn.Module):
         if copy_features is None:
             joint = feature
         elif self.copies == "one":
-            rows = self._one_copy_rows(feature.shape[0], feature.device)
-            joint = feature.index_copy(0, rows, copy_features.to(feature.dtype))
+            joint = torch.cat([feature[::self.n_transforms], copy_features.to(feature.dtype)])
         else:
             joint = torch.cat([feature, copy_features.to(feature.dtype)])
         return F.cross_entropy(self.heads[task](joint).float(), labels)
 
-    def _one_copy_rows(self, b: int, device) -> Tensor:
-        """The rows i < b with k_i = i mod K != 0, in order: the j-th is j + j // (K - 1) + 1 (no host sync)."""
+    def _one_copy(self, x: Tensor) -> list[Tensor]:
+        """[T_1(x[1::K]), T_2(x[2::K]), ...]: each input i with k = i mod K != 0 under its transform, grouped
+        by k (strided slices: no gather, no host sync); a last batch smaller than K has fewer transforms."""
         k_all = self.n_transforms
-        j = torch.arange(b - (b + k_all - 1) // k_all, device=device)
-        return j + j // (k_all - 1) + 1
-
-    def _one_copy(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(rows, T_{k_i}(x_i) for those rows): the rows i with k_i = i mod K != 0, in order (the j-th is
-        j + j // (K - 1) + 1, no host sync), each with its transform applied; a last batch smaller than K has
-        fewer transforms."""
-        b, k_all = x.shape[0], self.n_transforms
-        rows = self._one_copy_rows(b, x.device)
-        transformed = torch.empty_like(x[rows])
-        for k, name in enumerate(self.transforms[:b - 1], 1):
-            sel = torch.arange(k - 1, rows.shape[0], k_all - 1, device=x.device)
-            transformed[sel] = TRANSFORMS[name](x[rows[sel]])
-        return rows, transformed
+        return [TRANSFORMS[name](x[k::k_all]) for k, name in enumerate(self.transforms[:x.shape[0] - 1], 1)]
 
     @staticmethod
     def _features(net, x: Tensor, task: int, condition=None) -> Tensor:
