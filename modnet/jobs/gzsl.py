@@ -42,7 +42,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 
-from modnet.config import ConfigError, check_choice
+from modnet.config import ConfigError, check_choice, resolve_device
 from modnet.eval.metrics import shows_progress_bars
 from modnet.eval.tables import aggregate_runs, markdown_table, mean_std_cell
 from modnet.methods.gzsl import GZSLResult, gzsl_evaluate, restricted_accuracy, select_calibration
@@ -525,14 +525,6 @@ def _check_gate_layer(cfg: DictConfig) -> None:
         _check_gate_layer_index(layer, int(cfg.model.n_layers))
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name} but no CUDA device is available; use device=auto or device=cpu")
-    return torch.device(name)
-
-
 def run_gzsl(cfg: DictConfig) -> dict:
     """Run the GZSL comparison described by ``cfg`` (configs/gzsl.yaml) and write its outputs."""
     from modnet.jobs import continual_gzsl
@@ -540,7 +532,7 @@ def run_gzsl(cfg: DictConfig) -> dict:
 
     _check(cfg)
     cfg = with_benchmark_width(cfg)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     seeds = [int(s) for s in cfg.seeds] if cfg.get("seeds") else [int(cfg.seed)]
