@@ -10,8 +10,9 @@ Each loop runs in its own spawned process so that its peak memory (CUDA: max all
 above the process's baseline) is its own. The step-cost ratios come from a separate run in which all loops
 (and modnet with parts switched off: HAT only, HAT + gates, no transform heads; with the sync regulariser
 on; and the plain loop on as many rows per step as modnet's default trains, its batch and the transform
-heads' copies) live in one process and train one epoch each in turn, round after round: adjacent epochs share the machine's state, so the median of the
-per-round ratios holds on a noisy shared machine where separate runs drift by tens of percent.
+heads' copies) live in one process and train one epoch each in turn, round after round: adjacent epochs
+share the machine's state, so the median of the per-round ratios holds on a noisy shared machine where
+separate runs drift by tens of percent.
 Then SynC time for n = 1k..8k units (and the fitted growth exponent), NIWT step times and GZSL
 evaluation throughput. Writes ``bench.json`` and ``bench.md``.
 """
