@@ -95,6 +95,9 @@ class _EpochTimer:
 
 
 def _run_loop(kind: str, arch: str, n: int, batch: int, epochs: int, device_name: str, options: dict) -> dict:
+    from modnet.nets.hat import flush_subnormals
+
+    flush_subnormals()  # a spawned process: before its first parallel op, for every loop alike
     torch.set_num_threads(options.get("threads", 1) or torch.get_num_threads())
     device = torch.device(device_name)
     torch.manual_seed(0)
@@ -213,6 +216,9 @@ def _interleaved_epochs(arch: str, n: int, batch: int, rounds: int, device_name:
     """Every loop in this one process, one training epoch each in turn (order rotated every round);
     returns each loop's epoch times after one warm-up epoch (gate creation, allocator warm-up), and the rows
     per step modnet's default trained on in its warm-up (None without the "modnet" loop)."""
+    from modnet.nets.hat import flush_subnormals
+
+    flush_subnormals()  # a spawned process: before its first parallel op, for every loop alike
     torch.set_num_threads(options.get("threads", 1) or torch.get_num_threads())
     device = torch.device(device_name)
     torch.manual_seed(0)

@@ -335,6 +335,9 @@ def run_ddp(cfg, ctx: DistContext | None = None) -> dict:
     from scenarios.base import SCENARIOS
     from strategies.memory import run_order, with_matched_memory
 
+    from modnet.nets.hat import flush_subnormals
+
+    flush_subnormals()  # every rank, before its first parallel op (torch's threads inherit the mode)
     ctx = ctx or init_distributed(cfg.device)
     check_choice("scenario", cfg.scenario, SCENARIOS)
     check_ddp_config(cfg, ctx.world_size)

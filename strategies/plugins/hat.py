@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from avalanche.core import SupervisedPlugin
 
-from modnet.nets.hat import annealed_s, capacity_regulariser, clip_grad_norm, free_capacity, weight_protection
+from modnet.nets.hat import (annealed_s, capacity_regulariser, clip_grad_norm, flush_subnormals, free_capacity,
+                             weight_protection)
 from modnet.nets.models import HATNet, HATTraining
 from strategies.template import train_condition
 
@@ -40,8 +41,9 @@ class HATPlugin(SupervisedPlugin):
         return strategy.model
 
     def before_training(self, strategy, **kw):
-        # sigmoid(s*e) at s=400 produces subnormal floats, which are ~100x slower on x86 CPUs.
-        torch.set_flush_denormal(True)
+        # sigmoid(s*e) at s=400 produces subnormal floats, which are ~100x slower on x86 CPUs: flushed to zero
+        # (this thread; torch's OpenMP workers inherit the mode only when started after it: flush_subnormals)
+        flush_subnormals()
 
     def before_training_exp(self, strategy, **kw):
         # Avalanche has adapted the model (new gates) and rebuilt the optimiser before this callback.
