@@ -36,9 +36,6 @@ def _call(job: str, overrides: list[str]):
     from modnet.validate import validate
 
     validate(job, cfg)  # before the job's heavy imports: a bad value is one line in about a second
-    from modnet.nets.hat import flush_subnormals
-
-    flush_subnormals()  # before the job's first parallel op starts torch's threads (they inherit the mode)
     module, func = target.split(":")
     return getattr(importlib.import_module(module), func)(cfg)
 

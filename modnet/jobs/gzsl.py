@@ -528,11 +528,13 @@ def _check_gate_layer(cfg: DictConfig) -> None:
 def run_gzsl(cfg: DictConfig) -> dict:
     """Run the GZSL comparison described by ``cfg`` (configs/gzsl.yaml) and write its outputs."""
     from modnet.jobs import continual_gzsl
+    from modnet.nets.hat import flush_subnormals
     from modnet.nets.record import describe_network, save_network
 
     _check(cfg)
     cfg = with_benchmark_width(cfg)
     device = resolve_device(cfg.device)
+    flush_subnormals()  # before the first parallel op starts torch's CPU threads (they inherit the mode)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     seeds = [int(s) for s in cfg.seeds] if cfg.get("seeds") else [int(cfg.seed)]
