@@ -218,3 +218,42 @@ def test_max_pool2_without_a_gradient_is_max_pool2d_and_with_one_keeps_its_gradi
         (grad,) = torch.autograd.grad((max_pool2(leaf) * weight).sum(), leaf)
         (expected,) = torch.autograd.grad((F.max_pool2d(leaf, 2) * weight).sum(), leaf)
         assert torch.equal(grad, expected)
+
+
+
+_SUBNORMALS_SCRIPT = """
+import torch
+{prelude}
+torch.set_num_threads(2)
+(torch.randn(512, 512) @ torch.randn(512, 512)).sum()  # the first parallel op: torch's OpenMP workers start
+{flush}
+# the largest subnormal float32 from its bits (a float literal would itself be flushed to 0 under FTZ)
+x = torch.full((1024, 1024), 0x007FFFFF, dtype=torch.int32).view(torch.float32)
+y = x @ torch.ones(1024, 1024)  # two threads, each a block of rows: 1024 subnormals each, a normal sum
+print(int((y != 0).sum()))
+"""
+
+
+def _nonzero_products(prelude: str, flush: str) -> int:
+    import os
+    import subprocess
+    import sys
+
+    script = _SUBNORMALS_SCRIPT.format(prelude=prelude, flush=flush)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "2", "MKL_DYNAMIC": "FALSE"})  # both threads work
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not torch.set_flush_denormal(True), reason="this CPU has no flush-to-zero mode (not x86)")
+def test_importing_the_hat_module_flushes_subnormals_on_every_thread_torch_starts():
+    """HAT's masks make subnormal floats, which x86 computes on ~100x slower, and torch's OpenMP workers keep
+    the float mode they were started with. With modnet.nets.hat imported before the first parallel op, every
+    thread reads a subnormal input as zero: all 2^20 entries of a two-thread product are 0. Controls: without
+    the flush every entry is non-zero, and with the flush set after the workers started (what the HAT plugin
+    alone did) the workers' rows still are."""
+    n = 1024 * 1024
+    assert _nonzero_products("", "") == n
+    assert 0 < _nonzero_products("", "torch.set_flush_denormal(True)") < n
+    assert _nonzero_products("import modnet.nets.hat", "") == 0
