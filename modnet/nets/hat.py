@@ -22,7 +22,7 @@ def flush_subnormals() -> None:
     9 ms). ``torch.set_flush_denormal`` sets the mode of the calling thread only; a thread inherits it when it
     is started, and torch's OpenMP workers are started at the first parallel op and then live as long as the
     process. Set after that op, the workers keep computing on subnormals and every multi-threaded op waits for
-    them (a ResNet-18 step at 2 threads: 2.6-3.2x a plain step instead of 1.17x, measured in one process). So it
+    them (a HAT ResNet-18 step at 2 threads: 2.6-3.2x a plain step instead of 1.17x, in one process). So it
     is set when this module is imported, again by ``modnet cl`` / ``gzsl`` (and a sweep's jobs, ddp's ranks, the
     bench's processes) before their data, and by the HAT plugin."""
     torch.set_flush_denormal(True)
