@@ -228,15 +228,13 @@ def _interleaved_epochs(arch: str, n: int, batch: int, rounds: int, device_name:
     run = {}
     rows_per_step = None
     for name, (kind, overrides) in loops.items():
-        if kind == "plain":
-            model, opt, xp = _plain_setup(arch, x, options, device, channels_last)
-            run[name] = (lambda model=model, opt=opt, xp=xp: _plain_epoch(model, opt, xp, y, batch, device, amp))
-        elif kind == "plain_rows":
-            if "modnet" not in loops:
+        if kind in ("plain", "plain_rows"):
+            if kind == "plain_rows" and "modnet" not in loops:
                 raise ValueError("the bench loop 'plain (modnet's rows)' needs the 'modnet' loop beside it")
             model, opt, xp = _plain_setup(arch, x, options, device, channels_last)
-            run[name] = (lambda model=model, opt=opt, xp=xp: _plain_epoch(model, opt, xp, y, batch, device, amp,
-                                                                          rows_per_step))
+            # rows_per_step is read when the epoch runs: it is counted in modnet's warm-up below
+            run[name] = (lambda model=model, opt=opt, xp=xp, matched=kind == "plain_rows":
+                         _plain_epoch(model, opt, xp, y, batch, device, amp, rows_per_step if matched else None))
         else:
             strategy, exp, timer = _build_avalanche(kind, arch, x, y, batch, 1, device, options, overrides)
 

@@ -202,7 +202,7 @@ class TaskOOD(nn.Module):
             return None
         if self.copies == "one":
             parts = self._one_copy(x)
-            return x[:0] if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)  # b = 1: none
+            return torch.cat(parts) if parts else x[:0]  # a batch of one input has no copy
         return torch.cat([TRANSFORMS[name](x) for name in self.transforms])
 
     def _labels(self, y_local: Tensor, task_n: int) -> Tensor:

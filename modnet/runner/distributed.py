@@ -331,11 +331,10 @@ def run_ddp(cfg, ctx: DistContext | None = None) -> dict:
     from omegaconf import OmegaConf
 
     from modnet.eval.results import aggregate_seeds, format_table, write_results
+    from modnet.nets.hat import flush_subnormals
     from scenarios import build_benchmark
     from scenarios.base import SCENARIOS
     from strategies.memory import run_order, with_matched_memory
-
-    from modnet.nets.hat import flush_subnormals
 
     flush_subnormals()  # every rank, before its first parallel op (torch's threads inherit the mode)
     ctx = ctx or init_distributed(cfg.device)
