@@ -179,6 +179,8 @@ def _quoted(text: str) -> str:
 NAMED_VALUES = {"mem_size": ("match",)}  # a buffer sized to modnet's stored bytes (strategies/memory.py)
 # keys whose default is the word "auto" that also take true / false
 AUTO_OR_BOOL = ("channels_last",)
+# keys whose default is a bool that also take a name (train.compile: a torch.compile backend)
+BOOL_OR_NAME = ("compile",)
 
 
 def check_types(cfg: DictConfig, base: DictConfig, path: str = "") -> None:
@@ -195,6 +197,8 @@ def check_types(cfg: DictConfig, base: DictConfig, path: str = "") -> None:
         if old is None or new is None or new in NAMED_VALUES.get(str(key), ()):
             continue
         if str(key) in AUTO_OR_BOOL and isinstance(new, bool):
+            continue
+        if str(key) in BOOL_OR_NAME and isinstance(new, str):
             continue
         if isinstance(old, ListConfig):
             if not isinstance(new, ListConfig):

@@ -10,7 +10,8 @@ What is checked (where the config has the key):
   distinct integers; ``scenario``, ``model.arch``, ``loggers``: among their choices;
 * ``train.epochs``, ``train.batch_size``, ``train.eval_batch_size``, ``benchmark.n_experiences``: positive;
 * ``output_dir``: not a file (nor below one); ``task_inference.transform_rows``: in (0, 1];
-  ``train.channels_last``: true, false or auto;
+  ``train.channels_last``: true, false or auto; ``train.compile``: a bool or a backend's name, and a C++
+  compiler on the PATH for inductor;
 * ``replay.mem_size`` / ``der.mem_size`` / ``derpp.mem_size`` = ``match`` in ``cl``: modnet among the
   strategies (the buffer is sized to its stored bytes, ``strategies.memory``);
 * ``benchmark=npz`` in ``cl``: the file's arrays (``scenarios.sources.check_npz_arrays``: integer labels,
@@ -49,6 +50,8 @@ def validate(job: str, cfg: DictConfig) -> None:
         _check_seeds(cfg.seeds)
     if OmegaConf.select(cfg, "train.channels_last") not in (None, True, False, "auto"):
         raise ConfigError(f"config train.channels_last={cfg.train.channels_last!r} must be true, false or auto")
+    if OmegaConf.select(cfg, "train.compile") is not None:
+        _check_compile(cfg.train.compile)
     if OmegaConf.select(cfg, "task_inference.transform_rows") is not None:
         check_share("task_inference.transform_rows", cfg.task_inference.transform_rows, TRANSFORM_ROWS)
     if job == "cl":
@@ -71,6 +74,21 @@ def validate(job: str, cfg: DictConfig) -> None:
     if job in ("gzsl", "explain") and "benchmark" in cfg and cfg.benchmark.get("name") == "npz" \
             and cfg.benchmark.get("path") and not cfg.get("run_dir"):
         _check_zsl_npz(cfg.benchmark)
+
+
+def _check_compile(option) -> None:
+    """``train.compile``: a bool or a backend's name (``modnet.runner.runner.compile_backend`` checks the name);
+    inductor, the default backend, builds its kernels with a C++ compiler (the CPU's) or Triton, whose
+    launchers a C compiler builds (CUDA): without one it fails at the first training step."""
+    if not isinstance(option, (bool, str)):
+        raise ConfigError(f"config train.compile={option!r} must be true, false or a torch.compile backend's name")
+    if option is True or option == "inductor":
+        import os
+        import shutil
+
+        if not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if c):
+            raise ConfigError("config train.compile=true: torch.compile's inductor backend needs a C++ compiler "
+                              "and none was found (set CXX or install g++), or set train.compile=false")
 
 
 def _check_strategies(names) -> None:

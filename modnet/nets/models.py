@@ -90,6 +90,8 @@ class Condition:
     s        HAT's mask slope (None: the network's smax, i.e. evaluation)
     hat      HAT's training settings (None: plain masks, no compensation, no regulariser)
     record   keep every masked layer's unit outputs in ``trace.activations`` (sync regulariser, analysis)
+    compiled the ``torch.compile`` backend of the masked pass in training forwards (``train.compile``;
+             ``HATNet.masked_pass``), None: eager
     extra    more inputs for the task's masked sub-network, run in the same pass as the batch (a network
              without batch norm: its rows are independent); their heads' input goes to
              ``trace.extra_feature``, the logits and the recorded activations are the batch's only. The
@@ -102,6 +104,7 @@ class Condition:
     s: float | None = None
     hat: HATTraining | None = None
     record: bool = False
+    compiled: str | None = None
     extra: Tensor | None = None
     trace: ForwardTrace = field(default_factory=ForwardTrace)
 
@@ -301,6 +304,18 @@ class HATNet(MultiHeadTaskNet):
             condition.trace.capacity = training.capacity
         return masks
 
+    def masked_pass(self, x: Tensor, task: int, condition: Condition | None = None,
+                    record: bool | None = None) -> tuple[list[Tensor], Tensor]:
+        """``forward_units`` under the task's ``unit_masks``: (every masked layer's output, the heads' input)
+        on task ``task``'s masked sub-network (``record`` None: the condition's). A training forward with
+        ``condition.compiled`` runs it through ``torch.compile`` (``compiled_masked_pass``): the masks, the
+        gates, HAT's compensation and the layers, forward and backward, are then one compiled graph."""
+        condition = Condition() if condition is None else condition
+        record = condition.record if record is None else record
+        if condition.compiled is not None and self.training and torch.is_grad_enabled():
+            return compiled_masked_pass(condition.compiled)(self, x, task, condition, record)
+        return _masked_pass(self, x, task, condition, record)
+
     @torch.no_grad()
     def task_units(self, x: Tensor, task: int) -> list[Tensor]:
         """Every masked layer's output on task ``task``'s path at s = smax (its mask and its module gates
@@ -320,7 +335,7 @@ class HATNet(MultiHeadTaskNet):
                 raise ValueError(f"{type(self).__name__} has batch norm: rows of one pass are not independent, "
                                  "so condition.extra cannot share the batch's pass")
             x = torch.cat([x, extra.to(x.dtype)])
-        acts, feature = self.forward_units(x, self.unit_masks(x, task, condition), task, condition.record)
+        acts, feature = self.masked_pass(x, task, condition)
         if extra is not None:
             # split, not two slices: its backward is one cat of the two gradients, where each slice's would
             # zero a full-size gradient and copy its part in
@@ -446,6 +461,33 @@ class HATNet(MultiHeadTaskNet):
         joint = [self.task_ood.classify == "joint" and gs[t].shape[1] == len(self.task_classes[t]) for t in range(n)]
         logits = [gs[t] if joint[t] else self.task_logits(x, t, condition) for t in range(n)]
         return self._chosen_head_log_probs(chosen, logits), chosen
+
+
+def _masked_pass(net: HATNet, x: Tensor, task: int, condition: Condition, record: bool):
+    return net.forward_units(x, net.unit_masks(x, task, condition), task, record)
+
+
+# torch.compile keeps a graph per task (its embedding rows and its gate are picked by the task's index); past
+# dynamo's default limit of 8 graphs per function, later tasks would silently run eager
+RECOMPILE_LIMIT = 256
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_masked_pass(backend: str):
+    """``_masked_pass`` through ``torch.compile(backend=backend, dynamic=True)``: one compiled function per
+    backend for every network; dynamo guards on the network's modules, the task and the condition's fields.
+    Dynamic from the first graph: the batch size (a last smaller batch, the transform heads' copies) and the
+    slope s (annealed every step) are symbolic, so a task compiles once; with automatic dynamic shapes its
+    first batch size and s would be specialised and compiled twice more. Same numbers as eager to rounding
+    (inductor reorders float sums; dropout and Gumbel noise draw from its own generator). Raises dynamo's
+    recompile limit to ``RECOMPILE_LIMIT`` for this process."""
+    fn = _COMPILED.get(backend)
+    if fn is None:
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        fn = _COMPILED[backend] = torch.compile(_masked_pass, backend=backend, dynamic=True)
+    return fn
 
 
 def _dropout(drop: nn.Dropout, h: Tensor) -> Tensor:

@@ -240,7 +240,7 @@ class TaskOOD(nn.Module):
     @staticmethod
     def _features(net, x: Tensor, task: int, condition=None) -> Tensor:
         """f_t(x): the heads' input on task t's masked sub-network."""
-        return net.forward_units(x, net.unit_masks(x, task, condition), task, False)[1]
+        return net.masked_pass(x, task, condition, record=False)[1]
 
     def blocks(self, net, x: Tensor, task: int, condition=None) -> Tensor:
         """h_t(f_t(T_k x)) for every k: K x B x K x n_t (transform applied, joint block); labels=extra:

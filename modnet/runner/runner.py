@@ -40,7 +40,7 @@ def strategy_arguments(cfg, device, evaluator, train=None) -> dict:
 def make_strategy(name: str, cfg, info, device, evaluator, plugins: Sequence = ()):
     """Strategy ``name`` from the registry with the shared arguments, HAT's reference loop when configured
     (``validation_schedule``), the NaN guard and the speed options of ``cfg.train`` (bf16 autocast,
-    channels_last, batches sliced from tensors: ``tensor_batches``), plus ``plugins``."""
+    channels_last, batches sliced from tensors: ``tensor_batches``, ``compile``), plus ``plugins``."""
     from modnet.runner.evaluation import use_lean_evaluation
     from modnet.runner.guards import NaNGuard
     from modnet.runner.tensor_batches import use_tensor_batches
@@ -61,8 +61,29 @@ def make_strategy(name: str, cfg, info, device, evaluator, plugins: Sequence = (
         from strategies.plugins.perf import ChannelsLastPlugin
 
         strategy.plugins.append(ChannelsLastPlugin())
+    backend = compile_backend(cfg.train.get("compile", False))
+    if backend is not None and hasattr(strategy, "train_condition"):  # the modular networks' strategies
+        strategy.train_condition.compiled = backend
     strategy.plugins.extend(plugins)
     return strategy
+
+
+def compile_backend(option) -> str | None:
+    """``train.compile``: false (eager), true (inductor) or a ``torch.compile`` backend's name. It compiles
+    the masked pass of the modular networks' training forwards (``modnet.nets.models.compiled_masked_pass``:
+    masks, gates, HAT's compensation, the layers); the baselines and every evaluation run eager."""
+    if option is None or option is False:
+        return None
+    backend = "inductor" if option is True else str(option)
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        from modnet.config import ConfigError
+
+        raise ConfigError(f"train.compile={option!r} is not a torch.compile backend; use true (inductor), false, "
+                          f"or one of {', '.join(known)}")
+    return backend
 
 
 def channels_last(option, device) -> bool:

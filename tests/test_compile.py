@@ -1,0 +1,74 @@
+"""``train.compile``: the modular network's training pass through ``torch.compile``
+(``modnet.nets.models.compiled_masked_pass``: masks, gates, HAT's compensation and the layers).
+
+The reference is the eager run of the same config. With the ``aot_eager`` backend (dynamo's capture and AOT
+autograd's forward and backward graphs, each op then run as eager runs it) training is the eager training to
+the bit; inductor fuses the ops and reorders float sums, so its trained weights match the eager ones to
+rounding. A graph is compiled per task, not per step: their number does not grow with the epochs (the batch
+size and the slope s, annealed every step, are symbolic)."""
+import pytest
+import torch
+from avalanche.training.plugins import EvaluationPlugin
+
+from modnet.config import ConfigError, compose
+from modnet.runner.runner import make_strategy
+from scenarios.base import split_benchmark
+
+RUN = ["progress=false", "threads=1", "model.arch=mlp", "model.hidden=32", "modules.cluster.steps=50",
+       "modules.profile_samples=64", "train.batch_size=32"]
+
+
+def _train(compile_option, epochs: int = 1, n_experiences: int = 2):
+    """A modnet (HAT masks, SynC modules, gates, transform heads: the MLP default) trained on planted data:
+    4 classes in 2 experiences of 150 samples each, batches of 32 (a last batch of 22)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(150 * n_experiences) % (2 * n_experiences)
+    x = torch.randn(len(y), 20, generator=g) + torch.nn.functional.one_hot(y, 20).float() * 3
+    cfg = compose("cl", [*RUN, f"train.epochs={epochs}", f"train.compile={compile_option}"])
+    info = split_benchmark("planted", x, y, x, y, n_experiences, "task", 0)
+    torch.manual_seed(0)
+    strategy = make_strategy("modnet", cfg, info, torch.device("cpu"), EvaluationPlugin(loggers=[]))
+    for exp in info.benchmark.train_stream:
+        strategy.train(exp)
+    return strategy.model, int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def test_the_aot_eager_compiled_training_is_the_eager_training_and_compiles_per_task_not_per_step():
+    eager, graphs = _train("false")
+    assert graphs == 0
+    compiled, graphs_1 = _train("aot_eager")
+    for (name, p), q in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        assert torch.equal(p, q), name
+    _, graphs_3 = _train("aot_eager", epochs=3)
+    # one graph per task (its rows and gate are picked by its index), whatever the batch size (the last batch,
+    # the transform heads' copies) and the annealed slope s: three times the steps, the same two graphs
+    assert graphs_1 == graphs_3 == 2
+
+
+@pytest.mark.slow  # inductor builds its C++ kernels: ~30 s with a cold cache
+def test_the_inductor_compiled_training_matches_the_eager_training_to_rounding():
+    eager, _ = _train("false", n_experiences=1)
+    compiled, graphs = _train("true", n_experiences=1)
+    assert graphs == 1
+    for (name, p), q in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        if p.is_floating_point():
+            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-4, msg=name)
+        else:
+            assert torch.equal(p, q), name
+
+
+def test_a_bad_compile_option_is_one_config_error_line(monkeypatch):
+    from modnet.runner.runner import compile_backend
+    from modnet.validate import validate
+
+    with pytest.raises(ConfigError, match="train.compile must be bool"):
+        compose("cl", ["train.compile=3"])
+    with pytest.raises(ConfigError, match="not a torch.compile backend"):
+        compile_backend("no_such_backend")
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler"):
+        validate("cl", compose("cl", ["train.compile=true"]))
+    validate("cl", compose("cl", ["train.compile=aot_eager"]))  # no C++: the ops run as eager's
