@@ -4,6 +4,8 @@
 #   2. the Split-MNIST MLP loops (plain / naive / modnet) through the tensor data path;
 #   3. ResNet-18 on Split-CIFAR-100-shaped data (50,000 x 3x32x32, batch 128), bf16 autocast and channels_last:
 #      modnet vs plain and naive, samples/s, peak memory, same-process step-cost ratios.
+#   Parts 2 and 3 add "modnet (compiled)" (train.compile=true, Triton kernels): compile seconds, time saved per
+#   step and the steps after which the compile pays back.
 # Each part writes its own bench.json (with the device name) under OUT_DIR/<part>/, so a part that runs out of
 # time loses only itself. Usage: scripts/gpu_checks.sh [OUT_DIR] [extra overrides for every part]
 #   e.g. a CPU dry run at toy size: scripts/gpu_checks.sh /tmp/gpu_dry device=cpu samples.resnet18=256 \
@@ -17,7 +19,8 @@ echo "[gpu_checks] 1/3 SynC and NIWT at scale"
 "$PY" -m modnet.cli bench "${common[@]}" archs=[] sync_sizes=[8000,16000,32000] niwt_features.enabled=true \
     output_dir="$OUT_DIR/scale" "$@"
 echo "[gpu_checks] 2/3 MLP loops"
-"$PY" -m modnet.cli bench "${common[@]}" archs=[mlp] ratio_rounds=5 sync_sizes=[] output_dir="$OUT_DIR/mlp" "$@"
+"$PY" -m modnet.cli bench "${common[@]}" archs=[mlp] ratio_rounds=5 compile=true sync_sizes=[] output_dir="$OUT_DIR/mlp" \
+    "$@"
 echo "[gpu_checks] 3/3 ResNet-18, CIFAR-100 shape, bf16 + channels_last"
 "$PY" -m modnet.cli bench "${common[@]}" archs=[resnet18] samples.resnet18=50000 batch_size.resnet18=128 \
-    amp=true channels_last=true ratio_rounds=3 sync_sizes=[] output_dir="$OUT_DIR/resnet18" "$@"
+    amp=true channels_last=true ratio_rounds=3 compile=true sync_sizes=[] output_dir="$OUT_DIR/resnet18" "$@"

@@ -14,19 +14,22 @@ from modnet.config import ConfigError, compose
 from modnet.runner.runner import make_strategy
 from scenarios.base import split_benchmark
 
-RUN = ["progress=false", "threads=1", "model.arch=mlp", "model.hidden=32", "modules.cluster.steps=50",
+RUN = ["progress=false", "threads=1", "model.hidden=32", "model.cnn_channels=[4,8]", "modules.cluster.steps=50",
        "modules.profile_samples=64", "train.batch_size=32"]
 
 
-def _train(compile_option, epochs: int = 1, n_experiences: int = 2):
-    """A modnet (HAT masks, SynC modules, gates, transform heads: the MLP default) trained on planted data:
-    4 classes in 2 experiences of 150 samples each, batches of 32 (a last batch of 22)."""
+def _train(compile_option, epochs: int = 1, n_experiences: int = 2, arch: str = "mlp"):
+    """A modnet (HAT masks, SynC modules, gates; on the MLP the transform heads too: the defaults) trained on
+    planted data: 4 classes in 2 experiences of 150 samples each (20 features, or 1 x 8 x 8 images for the
+    CNN), batches of 32 (a last batch of 22)."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     g = torch.Generator().manual_seed(0)
     y = torch.arange(150 * n_experiences) % (2 * n_experiences)
-    x = torch.randn(len(y), 20, generator=g) + torch.nn.functional.one_hot(y, 20).float() * 3
-    cfg = compose("cl", [*RUN, f"train.epochs={epochs}", f"train.compile={compile_option}"])
+    x = torch.randn(len(y), 64, generator=g) + torch.nn.functional.one_hot(y, 64).float() * 3
+    if arch == "cnn":
+        x = x.view(-1, 1, 8, 8)
+    cfg = compose("cl", [*RUN, f"model.arch={arch}", f"train.epochs={epochs}", f"train.compile={compile_option}"])
     info = split_benchmark("planted", x, y, x, y, n_experiences, "task", 0)
     torch.manual_seed(0)
     strategy = make_strategy("modnet", cfg, info, torch.device("cpu"), EvaluationPlugin(loggers=[]))
@@ -35,13 +38,22 @@ def _train(compile_option, epochs: int = 1, n_experiences: int = 2):
     return strategy.model, int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
-def test_the_aot_eager_compiled_training_is_the_eager_training_and_compiles_per_task_not_per_step():
-    eager, graphs = _train("false")
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_the_aot_eager_compiled_training_is_the_eager_training_and_compiles_per_task_not_per_step(arch):
+    eager, graphs = _train("false", arch=arch)
     assert graphs == 0
-    compiled, graphs_1 = _train("aot_eager")
+    compiled, graphs_1 = _train("aot_eager", arch=arch)
     for (name, p), q in zip(eager.state_dict().items(), compiled.state_dict().values()):
-        assert torch.equal(p, q), name
-    _, graphs_3 = _train("aot_eager", epochs=3)
+        if arch == "cnn" and name.endswith("task_embedding.weight"):
+            # the CNN's compiled graph pools by strided slices (modnet.nets.models.max_pool2): the same gradients,
+            # but a mask's gradient is summed over the pooled map in another order, and HAT's compensation
+            # (up to smax / s (cosh + 1) / (cosh + 1)) scales that rounding up in the embeddings alone; the
+            # masks at smax, what the network uses, are the same
+            torch.testing.assert_close(q, p, rtol=0, atol=1e-2, msg=name)
+            assert torch.equal(p > 0, q > 0), name  # sigmoid(smax e) > 0.5: the same units on
+        else:
+            assert torch.equal(p, q), name
+    _, graphs_3 = _train("aot_eager", epochs=3, arch=arch)
     # one graph per task (its rows and gate are picked by its index), whatever the batch size (the last batch,
     # the transform heads' copies) and the annealed slope s: three times the steps, the same two graphs
     assert graphs_1 == graphs_3 == 2

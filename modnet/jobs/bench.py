@@ -19,6 +19,7 @@ evaluation throughput. Writes ``bench.json`` and ``bench.md``.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 import resource
 import time
@@ -187,7 +188,14 @@ RATIO_LOOPS = {
     # copies, counted at its first masked layer in the warm-up epoch): modnet / this is the method's cost per
     # row, the rest of modnet / plain is the heads' extra arithmetic
     "plain (modnet's rows)": ("plain_rows", ()),
+    # the default with its training pass through torch.compile (train.compile; bench.compile adds this loop): its
+    # warm-up epoch holds the compile, reported as compile seconds and the steps after which it pays back
+    "modnet (compiled)": ("modnet", ("train.compile=true",)),
+    # the plain loop's model through torch.compile (inductor), the reference a compiled modnet meets
+    "plain (compiled)": ("plain_compiled", ()),
 }
+COMPILED_LOOP = "modnet (compiled)"
+COMPILED_LOOPS = (COMPILED_LOOP, "plain (compiled)")
 
 
 def _plain_epoch(model, opt, x, y, batch, device, amp, rows_per_step: int | None = None):
@@ -212,10 +220,11 @@ def _plain_epoch(model, opt, x, y, batch, device, amp, rows_per_step: int | None
 
 
 def _interleaved_epochs(arch: str, n: int, batch: int, rounds: int, device_name: str, options: dict,
-                        loops: dict) -> tuple[dict[str, list[float]], int | None]:
+                        loops: dict) -> tuple[dict[str, list[float]], int | None, dict[str, float]]:
     """Every loop in this one process, one training epoch each in turn (order rotated every round);
-    returns each loop's epoch times after one warm-up epoch (gate creation, allocator warm-up), and the rows
-    per step modnet's default trained on in its warm-up (None without the "modnet" loop)."""
+    returns each loop's epoch times after one warm-up epoch (gate creation, allocator warm-up, compile), the
+    rows per step modnet's default trained on in its warm-up (None without the "modnet" loop), and each loop's
+    warm-up epoch time."""
     from modnet.nets.hat import flush_subnormals
 
     flush_subnormals()  # a spawned process: before its first parallel op, for every loop alike
@@ -225,13 +234,15 @@ def _interleaved_epochs(arch: str, n: int, batch: int, rounds: int, device_name:
     x, y = _data(arch, n, 10, device, tuple(options.get("image_shape", (3, 32, 32))), options)
     amp = options.get("amp", False) and device.type == "cuda"
     channels_last = options.get("channels_last", False) and x.dim() == 4
-    run = {}
+    run, warmup = {}, {}
     rows_per_step = None
     for name, (kind, overrides) in loops.items():
-        if kind in ("plain", "plain_rows"):
+        if kind in ("plain", "plain_rows", "plain_compiled"):
             if kind == "plain_rows" and "modnet" not in loops:
                 raise ValueError("the bench loop 'plain (modnet's rows)' needs the 'modnet' loop beside it")
             model, opt, xp = _plain_setup(arch, x, options, device, channels_last)
+            if kind == "plain_compiled":
+                model = torch.compile(model)
             # rows_per_step is read when the epoch runs: it is counted in modnet's warm-up below
             run[name] = (lambda model=model, opt=opt, xp=xp, matched=kind == "plain_rows":
                          _plain_epoch(model, opt, xp, y, batch, device, amp, rows_per_step if matched else None))
@@ -246,18 +257,42 @@ def _interleaved_epochs(arch: str, n: int, batch: int, rounds: int, device_name:
                 rows = []  # (forwards with a gradient: not the gate's clustering pass, which runs without)
                 hook = strategy.model.masked[0].register_forward_pre_hook(
                     lambda m, a: rows.append(a[0].shape[0]) if torch.is_grad_enabled() else None)
-                one_epoch()
+                warmup[name] = _timed(one_epoch, device)
                 hook.remove()
                 rows_per_step = round(sum(rows) / -(-n // batch))
     for name, f in run.items():
         if name != "modnet":  # modnet warmed up above
-            f()
+            warmup[name] = _timed(f, device)
     names = list(run)
     times: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
         for k in names[r % len(names):] + names[:r % len(names)]:
             times[k].append(run[k]())
-    return times, rows_per_step
+    return times, rows_per_step, {k: warmup[k] for k in names}
+
+
+def _timed(fn, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def compile_payback(times: dict[str, list[float]], warmup: dict[str, float], steps_per_epoch: int) -> dict:
+    """What ``train.compile`` costs and saves, from the same-process loops "modnet" and "modnet (compiled)":
+    the compile seconds (the compiled loop's warm-up epoch beyond its median epoch, less the same excess of the
+    eager loop's warm-up: gate creation, allocator), the seconds saved per step (median epochs), and the
+    training steps after which the compile has paid for itself (None: it does not, the compiled step is not
+    faster). One graph per task: a run pays it once per experience."""
+    eager, compiled = float(np.median(times["modnet"])), float(np.median(times[COMPILED_LOOP]))
+    compile_s = (warmup[COMPILED_LOOP] - compiled) - (warmup["modnet"] - eager)
+    saved = (eager - compiled) / steps_per_epoch
+    out = {"compile_seconds": compile_s, "seconds_saved_per_step": saved,
+           "pays_after_steps": math.ceil(max(compile_s, 0.0) / saved) if saved > 0 else None}
+    if "plain (compiled)" in times:  # compiled against compiled: what fusing leaves of the method's cost
+        out["step_cost_vs_plain_compiled"] = step_cost_ratios(times, "plain (compiled)")[COMPILED_LOOP]["median"]
+    return out
 
 
 def step_cost_ratios(times: dict[str, list[float]], reference: str) -> dict[str, dict]:
@@ -304,13 +339,18 @@ def bench_training(arch: str, n: int, batch: int, epochs: int, device: str, opti
             if ref in res:
                 res[f"separate_runs_time_ratio_vs_{ref}"] = res[ref]["samples_per_s"] / res["modnet"]["samples_per_s"]
     if rounds > 0:
+        beside = {"plain", "modnet"} <= set(kinds)  # the loops that only make sense beside plain and modnet
         loops = {k: v for k, v in RATIO_LOOPS.items()
-                 if v[0] in kinds or (v[0] == "plain_rows" and {"plain", "modnet"} <= set(kinds))}
-        times, rows = _in_process(_interleaved_epochs, arch, n, batch, rounds, device, options, loops,
-                                  isolate=isolate)
+                 if (v[0] in kinds or (v[0] in ("plain_rows", "plain_compiled") and beside))
+                 and (k not in COMPILED_LOOPS or options.get("compile", False))}
+        times, rows, warmup = _in_process(_interleaved_epochs, arch, n, batch, rounds, device, options, loops,
+                                          isolate=isolate)
         res["interleaved_epoch_seconds"] = times
+        res["warmup_epoch_seconds"] = warmup
         if rows is not None:
             res["modnet_rows_per_step"] = rows
+        if COMPILED_LOOP in times and "modnet" in times:
+            res["compile"] = compile_payback(times, warmup, -(-n // batch))
         for ref in ("naive", "plain"):
             if ref in times:
                 res[f"step_cost_vs_{ref}"] = step_cost_ratios(times, ref)
@@ -471,6 +511,15 @@ def _markdown(res: dict) -> str:
             key = f"modnet_time_ratio_vs_{ref}"
             if key in r:
                 lines.append(f"\nmodnet step cost / {ref} step cost: **{r[key]:.2f}x**")
+        if "compile" in r:
+            c = r["compile"]
+            pays = "never (the compiled step is not faster)" if c["pays_after_steps"] is None else \
+                f"after {c['pays_after_steps']} steps"
+            lines.append(f"\ntrain.compile: {c['compile_seconds']:.1f} s to compile (per task), "
+                         f"{1000 * c['seconds_saved_per_step']:.3f} ms saved per step: pays {pays}")
+            if "step_cost_vs_plain_compiled" in c:
+                lines.append(f"\nmodnet (compiled) step cost / plain (compiled) step cost: "
+                             f"{c['step_cost_vs_plain_compiled']:.2f}x")
         lines.append("")
     if "sync" in res:
         s = res["sync"]
@@ -499,7 +548,7 @@ def run_bench(cfg) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     res = {"device": str(device), **_device_facts(device), "threads": torch.get_num_threads(), "training": {}}
-    opts = {"threads": cfg.threads, "amp": cfg.amp, "channels_last": cfg.channels_last,
+    opts = {"threads": cfg.threads, "amp": cfg.amp, "channels_last": cfg.channels_last, "compile": cfg.compile,
             "sync_reg": cfg.sync_reg, "image_shape": list(cfg.image_shape),
             "mlp_shapes": {a: dict(cfg[a]) for a in MLP_ARCHS if a in cfg}, "resnet_width": cfg.resnet_width}
     known = set(MLP_ARCHS) | {"cnn", "resnet18"}

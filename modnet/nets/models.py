@@ -524,12 +524,22 @@ def max_pool2(x: Tensor) -> Tensor:
     """``F.max_pool2d(x, 2)``, the same values. Where no gradient is taken (evaluation, NIWT's frozen prefix) it is
     the elementwise maximum of the four strided slices: on CPU (torch 2.14, one thread) max_pool2d's kernel takes
     3.2 ms for a 64 x 32 x 16 x 16 map, the slices 0.34 ms; with a gradient max_pool2d's backward is the faster
-    (fwd + bwd 4.5 ms vs 11 ms), so it stays there."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    (fwd + bwd 4.5 ms vs 11 ms), so it stays there, except in a graph torch.compile traces: inductor fuses the
+    slices and their backward with the ReLU and the mask, where its CPU lowering of max_pool2d's backward is
+    slow (the small CNN's compiled step, 1 thread: 0.67x a plain eager step with the slices, 1.65x with
+    max_pool2d). The gradients differ only where two positive inputs of a window tie (split, not first)."""
+    if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
         return F.max_pool2d(x, 2)
     x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
     return torch.maximum(torch.maximum(x[..., ::2, ::2], x[..., 1::2, ::2]),
                          torch.maximum(x[..., ::2, 1::2], x[..., 1::2, 1::2]))
+
+
+class MaxPool2(nn.Module):
+    """``nn.MaxPool2d(2)`` through ``max_pool2``: the baselines' CNN pools as the modular network does."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return max_pool2(x)
 
 
 class HATCNN(HATNet):
@@ -602,7 +612,7 @@ class CNNBackbone(nn.Sequential):
         c, h, w = in_shape
         layers: list[nn.Module] = []
         for ch in channels:
-            layers += [nn.Conv2d(c, ch, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            layers += [nn.Conv2d(c, ch, 3, padding=1), nn.ReLU(), MaxPool2()]
             c, h, w = ch, h // 2, w // 2
         if h < 1 or w < 1:
             raise ValueError(f"input {tuple(in_shape)} is too small for {len(channels)} pooling blocks; "
