@@ -40,9 +40,10 @@ def _train(compile_option, epochs: int = 1, n_experiences: int = 2, arch: str = 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 def test_the_aot_eager_compiled_training_is_the_eager_training_and_compiles_per_task_not_per_step(arch):
-    eager, graphs = _train("false", arch=arch)
+    tasks = 2 if arch == "mlp" else 1  # the CNN's dynamic graph takes ~8 s to trace: one task
+    eager, graphs = _train("false", arch=arch, n_experiences=tasks)
     assert graphs == 0
-    compiled, graphs_1 = _train("aot_eager", arch=arch)
+    compiled, graphs_1 = _train("aot_eager", arch=arch, n_experiences=tasks)
     for (name, p), q in zip(eager.state_dict().items(), compiled.state_dict().values()):
         if arch == "cnn" and name.endswith("task_embedding.weight"):
             # the CNN's compiled graph pools by strided slices (modnet.nets.models.max_pool2): the same gradients,
@@ -53,10 +54,11 @@ def test_the_aot_eager_compiled_training_is_the_eager_training_and_compiles_per_
             assert torch.equal(p > 0, q > 0), name  # sigmoid(smax e) > 0.5: the same units on
         else:
             assert torch.equal(p, q), name
-    _, graphs_3 = _train("aot_eager", epochs=3, arch=arch)
     # one graph per task (its rows and gate are picked by its index), whatever the batch size (the last batch,
-    # the transform heads' copies) and the annealed slope s: three times the steps, the same two graphs
-    assert graphs_1 == graphs_3 == 2
+    # the transform heads' copies) and the annealed slope s
+    assert graphs_1 == tasks
+    if arch == "mlp":  # three times the steps, the same two graphs
+        assert _train("aot_eager", epochs=3, arch=arch)[1] == tasks
 
 
 @pytest.mark.slow  # inductor builds its C++ kernels: ~30 s with a cold cache
