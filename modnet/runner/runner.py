@@ -62,8 +62,11 @@ def make_strategy(name: str, cfg, info, device, evaluator, plugins: Sequence = (
 
         strategy.plugins.append(ChannelsLastPlugin())
     backend = compile_backend(cfg.train.get("compile", False))
-    if backend is not None and hasattr(strategy, "train_condition"):  # the modular networks' strategies
+    if backend is not None and hasattr(strategy.model, "masked_pass"):  # the modular networks (HATNet)
         strategy.train_condition.compiled = backend
+        # the first step of each experience waits for its graph: said before, not mistaken for a hang
+        print(f"[{name}] train.compile={backend}: each experience's first training step compiles its graph "
+              "(seconds to minutes)", flush=True)
     strategy.plugins.extend(plugins)
     return strategy
 
