@@ -230,10 +230,11 @@ def test_offline_torchvision_gives_clear_error(tmp_path):
         load_torchvision_arrays("mnist", tmp_path, download=False)
 
 
-def test_bf16_autocast_and_channels_last_keep_hat_protection(tmp_path):
-    assert main(["cl", "strategies=[modnet,naive]", "train.epochs=2", "train.amp=true", "train.channels_last=true",
-                 "benchmark.image=true", "benchmark.n_experiences=2", f"output_dir={tmp_path}",
-                 "progress=false"]) == 0
+@pytest.mark.parametrize("image", [True, False])  # the CNN on channels_last maps; the MLP with its transform heads
+def test_bf16_autocast_and_channels_last_keep_hat_protection(tmp_path, image):
+    layout = ["train.channels_last=true", "benchmark.image=true"] if image else []
+    assert main(["cl", "strategies=[modnet,naive]", "train.epochs=2", "train.amp=true", *layout,
+                 "benchmark.n_experiences=2", f"output_dir={tmp_path}", "progress=false"]) == 0
     s = json.loads((tmp_path / "results.json").read_text())["strategies"]
     assert np.isfinite(np.asarray(s["modnet"]["accuracy_matrix"])).all()
     assert s["modnet"]["forgetting"] <= 0.01

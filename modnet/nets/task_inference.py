@@ -229,7 +229,9 @@ class TaskOOD(nn.Module):
             joint = torch.cat([feature[::self.n_transforms], copy_features.to(feature.dtype)])
         else:
             joint = torch.cat([feature, copy_features.to(feature.dtype)])
-        return F.cross_entropy(self.heads[task](joint).float(), labels)
+        head = self.heads[task]
+        # the loss runs after the forward, outside bf16 autocast: features from it are cast to the head's dtype
+        return F.cross_entropy(head(joint.to(head.weight.dtype)).float(), labels)
 
     def _one_copy(self, x: Tensor) -> list[Tensor]:
         """[T_1(x[1::K]), T_2(x[2::K]), ...]: each input i with k = i mod K != 0 under its transform, grouped
