@@ -20,7 +20,7 @@ RUN = ["progress=false", "threads=1", "model.hidden=32", "model.cnn_channels=[4,
 
 def _train(compile_option, epochs: int = 1, n_experiences: int = 2, arch: str = "mlp"):
     """A modnet (HAT masks, SynC modules, gates; on the MLP the transform heads too: the defaults) trained on
-    planted data: 4 classes in 2 experiences of 150 samples each (20 features, or 1 x 8 x 8 images for the
+    planted data: 2 classes per experience, 150 samples each (64 features, or the same as 1 x 8 x 8 images for the
     CNN), batches of 32 (a last batch of 22)."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
