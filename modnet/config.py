@@ -209,8 +209,10 @@ def check_types(cfg: DictConfig, base: DictConfig, path: str = "") -> None:
         if expected is float and isinstance(new, int) and not isinstance(new, bool):
             ok = True
         if not ok:
-            raise ConfigError(f"config {where} must be {expected.__name__} (default {old!r}), got "
-                              f"{type(new).__name__} {new!r}")
+            forms = ("true, false or auto" if str(key) in AUTO_OR_BOOL else
+                     "true, false or a torch.compile backend's name" if str(key) in BOOL_OR_NAME else
+                     expected.__name__)
+            raise ConfigError(f"config {where} must be {forms} (default {old!r}), got {type(new).__name__} {new!r}")
 
 
 def check_choice(name: str, value, choices: Sequence) -> None:

@@ -71,8 +71,10 @@ def test_a_bad_compile_option_is_one_config_error_line(monkeypatch):
     from modnet.runner.runner import compile_backend
     from modnet.validate import validate
 
-    with pytest.raises(ConfigError, match="train.compile must be bool"):
+    with pytest.raises(ConfigError, match="train.compile must be true, false or a torch.compile backend's name"):
         compose("cl", ["train.compile=3"])
+    with pytest.raises(ConfigError, match="train.channels_last must be true, false or auto"):
+        compose("cl", ["train.channels_last=3"])
     with pytest.raises(ConfigError, match="not a torch.compile backend"):
         compile_backend("no_such_backend")
     monkeypatch.setattr("shutil.which", lambda name: None)
