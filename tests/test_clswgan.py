@@ -71,3 +71,29 @@ def pytest_approx(v):
     import pytest
 
     return pytest.approx(v, abs=1e-5)
+
+
+def test_its_adam_is_torchs_per_tensor_adam_to_rounding():
+    """``adam`` fuses the update where torch has a kernel for the device (the CPU since torch 2.4): the same
+    parameters as torch's default per-tensor Adam after many steps of a critic-shaped network, to rounding."""
+    from modnet.methods.clswgan import adam
+
+    def train(make):
+        torch.manual_seed(0)
+        critic = Critic(24, 6, hidden=256)
+        opt = make(critic.parameters())
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(100):
+            x, a = torch.rand(32, 24, generator=gen), torch.rand(32, 6, generator=gen)
+            loss = critic(x, a).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return [p.detach() for p in critic.parameters()], opt
+
+    reference, _ = train(lambda ps: torch.optim.Adam(ps, lr=1e-3, betas=(0.5, 0.999)))
+    ours, opt = train(lambda ps: adam(ps, 1e-3, (0.5, 0.999)))
+    moved = max((r - p).abs().max().item() for r, p in zip(reference, ours))
+    assert moved < 1e-5
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4):
+        assert opt.defaults["fused"]
