@@ -12,7 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from modnet.cli import main
-from modnet.config import compose
+from modnet.config import ConfigError, compose
 from modnet.jobs.gzsl import with_large_train
 from modnet.methods.gzsl import ALE
 from scenarios.planted_xlsa17 import write_planted_xlsa17
@@ -161,13 +161,19 @@ def test_gzsl_on_a_planted_awa2_folder_uses_large_train(planted, tmp_path):
                  "benchmark.hidden=48",
                  "large_train.min_samples=500", "large_train.batch_size=32", "large_train.epochs=10",
                  "niwt.map_epochs=100", "niwt.max_iterations=100", "ale.epochs=5", "eszsl.grid_log10=[-1,0]",
-                 "calibration.mode=validate", "methods=[niwt,eszsl,ale]", f"output_dir={out}"]) == 0
+                 "calibration.mode=validate", "methods=[niwt,eszsl,ale]", "large_train.threads=2",
+                 f"output_dir={out}"]) == 0
+    import torch
+
+    ran_on = torch.get_num_threads()  # the job leaves torch as it set it: large_train's threads, not threads=1
+    torch.set_num_threads(1)
+    assert ran_on == 2
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"niwt", "eszsl", "ale"}
     for name in ("eszsl", "ale"):
         assert results["methods"][name]["U"] > 0.3, name
     saved = (out / "config.yaml").read_text()
-    assert "batch_size: 32" in saved and "epochs: 10" in saved
+    assert "batch_size: 32" in saved and "epochs: 10" in saved and "\nthreads: 2\n" in saved
     assert [layer["units"] for layer in results["network"]["layers"]] == [48, 48]
     # baseline_features=auto: on awa2 ESZSL reads the res101 features themselves (Xian et al.): its figures are
     # those of ESZSL fitted here on the raw training features with the pair validation chose
@@ -180,6 +186,28 @@ def test_gzsl_on_a_planted_awa2_folder_uses_large_train(planted, tmp_path):
     direct = gzsl_evaluate(eszsl.scores(data.x_test_seen), data.y_test_seen, eszsl.scores(data.x_test_unseen),
                            data.y_test_unseen, data.seen_classes, data.unseen_classes)
     assert results["methods"]["eszsl"]["uncalibrated"]["H"] == pytest.approx(direct.H, abs=1e-6)
+
+
+def test_large_train_sets_the_threads_of_large_runs_only():
+    """large_train.threads (default null: torch's default, every core) replaces threads on a training set of
+    min_samples or more; a smaller one keeps threads (1: small networks run fastest on one core)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from modnet.jobs.gzsl import with_large_train
+
+    cfg = compose("gzsl", [])
+    at = int(cfg.large_train.min_samples)
+    assert with_large_train(cfg, SimpleNamespace(x_train=torch.zeros(at, 1))).threads is None
+    assert with_large_train(cfg, SimpleNamespace(x_train=torch.zeros(at - 1, 1))).threads == 1
+    assert cfg.threads == 1  # on a copy
+    two = compose("gzsl", ["large_train.threads=2"])
+    assert with_large_train(two, SimpleNamespace(x_train=torch.zeros(at, 1))).threads == 2
+    with pytest.raises(ConfigError, match="large_train.threads"):
+        from modnet.jobs.gzsl import _check
+
+        _check(compose("gzsl", ["large_train.threads=0"]))
 
 
 def test_benchmark_hidden_sets_the_width_of_the_runs_networks_where_the_benchmark_names_one(capsys):

@@ -127,7 +127,8 @@ def _check_large_method_blocks(cfg: DictConfig) -> None:
 
 
 def with_large_train(cfg: DictConfig, data: ZSLData) -> DictConfig:
-    """``cfg`` with ``large_train``'s batch_size / epochs / lr in its ``train`` block, and the keys of its
+    """``cfg`` with ``large_train``'s batch_size / epochs / lr in its ``train`` block, its threads as ``threads``
+    (null: torch's default, every core), and the keys of its
     ``clswgan`` and ``ale`` sub-blocks in those method blocks, when ``data`` has at least ``large_train.min_samples``
     training samples (configs/gzsl.yaml says why); ``cfg`` itself otherwise. Decided once on the full data, so
     the class-disjoint validation split (fewer samples) runs with the same settings as the final fit."""
@@ -136,6 +137,8 @@ def with_large_train(cfg: DictConfig, data: ZSLData) -> DictConfig:
         return cfg
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
+        if "threads" in large:
+            cfg.threads = large.threads
         for key in ("batch_size", "epochs", "lr"):
             if large.get(key) is not None:
                 cfg.train[key] = large[key]
@@ -442,6 +445,10 @@ def _check(cfg: DictConfig) -> None:
         check_choice("methods", name, names)
     check_choice("calibration.mode", cfg.calibration.mode, CALIBRATION_MODES)
     check_choice("baseline_features", cfg.baseline_features, BASELINE_FEATURES)
+    for key in ("threads", "large_train.threads"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"config {key}={value!r} must be a positive integer or null (torch's default: every core)")
     features = cfg.clswgan.get("features")
     if features is not None:
         check_choice("clswgan.features", features, BASELINE_FEATURES)
@@ -535,6 +542,7 @@ def run_gzsl(cfg: DictConfig) -> dict:
     cfg = with_benchmark_width(cfg)
     device = resolve_device(cfg.device)
     flush_subnormals()  # before the first parallel op starts torch's CPU threads (they inherit the mode)
+    all_threads = torch.get_num_threads()  # torch's default (OMP_NUM_THREADS, else the cores), for threads=null
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     seeds = [int(s) for s in cfg.seeds] if cfg.get("seeds") else [int(cfg.seed)]
@@ -555,6 +563,8 @@ def run_gzsl(cfg: DictConfig) -> dict:
         if data is None or b.name.lower() == "digits":
             data = load_zsl_from_config(b, seed=seed, device=str(device), progress=progress)
             cfg = with_large_train(cfg, data)
+            # large_train may change threads (threads started now inherit the flushed float mode)
+            torch.set_num_threads(int(cfg.threads) if cfg.get("threads") else all_threads)
         if cfg.continual.enabled and not per_seed:  # every strategy's network can take NIWT's rows
             continual_gzsl.check_strategies(cfg, data, seed, device)
         methods, net = run_seed(cfg, data, seed, device, progress)
