@@ -9,6 +9,7 @@ What is checked (where the config has the key):
 * ``strategies``: non-empty, no repeats, every name registered; ``seeds``: null or a non-empty list of
   distinct integers; ``scenario``, ``model.arch``, ``loggers``: among their choices;
 * ``train.epochs``, ``train.batch_size``, ``train.eval_batch_size``, ``benchmark.n_experiences``: positive;
+  in ``gzsl``, ``threads`` and ``large_train.threads``: a positive integer or null;
 * ``output_dir``: not a file (nor below one); ``task_inference.transform_rows``: in (0, 1];
   ``train.channels_last``: true, false or auto; ``train.compile``: a bool or a backend's name, and a C++
   compiler on the PATH for inductor;
@@ -36,6 +37,7 @@ LOGGERS = ("interactive", "text", "csv", "tensorboard", "wandb")     # modnet.ev
 TRANSFORM_ROWS = "the share of each batch in the transform heads' loss; 1 = all"   # modnet.nets.build
 
 POSITIVE = ("train.epochs", "train.batch_size", "train.eval_batch_size", "benchmark.n_experiences")
+POSITIVE_OR_NULL = {"gzsl": ("threads", "large_train.threads")}  # null: torch's default (every core)
 
 
 def validate(job: str, cfg: DictConfig) -> None:
@@ -44,6 +46,10 @@ def validate(job: str, cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, int) and value <= 0:
             raise ConfigError(f"config {key}={value} must be a positive integer")
+    for key in POSITIVE_OR_NULL.get(job, ()):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"config {key}={value!r} must be a positive integer or null (torch's default: every core)")
     if "strategies" in cfg:
         _check_strategies(cfg.strategies)
     if "seeds" in cfg:

@@ -204,10 +204,10 @@ def test_large_train_sets_the_threads_of_large_runs_only():
     assert cfg.threads == 1  # on a copy
     two = compose("gzsl", ["large_train.threads=2"])
     assert with_large_train(two, SimpleNamespace(x_train=torch.zeros(at, 1))).threads == 2
-    with pytest.raises(ConfigError, match="large_train.threads"):
-        from modnet.jobs.gzsl import _check
+    from modnet.validate import validate
 
-        _check(compose("gzsl", ["large_train.threads=0"]))
+    with pytest.raises(ConfigError, match="large_train.threads"):
+        validate("gzsl", compose("gzsl", ["large_train.threads=0"]))
 
 
 def test_benchmark_hidden_sets_the_width_of_the_runs_networks_where_the_benchmark_names_one(capsys):

@@ -445,10 +445,6 @@ def _check(cfg: DictConfig) -> None:
         check_choice("methods", name, names)
     check_choice("calibration.mode", cfg.calibration.mode, CALIBRATION_MODES)
     check_choice("baseline_features", cfg.baseline_features, BASELINE_FEATURES)
-    for key in ("threads", "large_train.threads"):
-        value = OmegaConf.select(cfg, key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"config {key}={value!r} must be a positive integer or null (torch's default: every core)")
     features = cfg.clswgan.get("features")
     if features is not None:
         check_choice("clswgan.features", features, BASELINE_FEATURES)
