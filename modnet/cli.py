@@ -37,7 +37,15 @@ def _call(job: str, overrides: list[str]):
 
     validate(job, cfg)  # before the job's heavy imports: a bad value is one line in about a second
     module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)(cfg)
+    import torch
+
+    # a job sets torch's threads for itself (cl: one); the next job of `modnet run` (gzsl's threads=null:
+    # torch's default) and a caller in the same process find them as they were
+    threads = torch.get_num_threads()
+    try:
+        return getattr(importlib.import_module(module), func)(cfg)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_default(overrides: list[str]) -> dict:

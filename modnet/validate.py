@@ -9,7 +9,7 @@ What is checked (where the config has the key):
 * ``strategies``: non-empty, no repeats, every name registered; ``seeds``: null or a non-empty list of
   distinct integers; ``scenario``, ``model.arch``, ``loggers``: among their choices;
 * ``train.epochs``, ``train.batch_size``, ``train.eval_batch_size``, ``benchmark.n_experiences``: positive;
-  in ``gzsl``, ``threads`` and ``large_train.threads``: a positive integer or null;
+  ``threads`` (and in ``gzsl`` ``large_train.threads``): a positive integer or null (torch's default);
 * ``output_dir``: not a file (nor below one); ``task_inference.transform_rows``: in (0, 1];
   ``train.channels_last``: true, false or auto; ``train.compile``: a bool or a backend's name, and a C++
   compiler on the PATH for inductor;
@@ -37,7 +37,8 @@ LOGGERS = ("interactive", "text", "csv", "tensorboard", "wandb")     # modnet.ev
 TRANSFORM_ROWS = "the share of each batch in the transform heads' loss; 1 = all"   # modnet.nets.build
 
 POSITIVE = ("train.epochs", "train.batch_size", "train.eval_batch_size", "benchmark.n_experiences")
-POSITIVE_OR_NULL = {"gzsl": ("threads", "large_train.threads")}  # null: torch's default (every core)
+# null: torch's default (every core, or OMP_NUM_THREADS); 0, which cl and bench once read as that, is refused
+POSITIVE_OR_NULL = {"gzsl": ("threads", "large_train.threads"), "cl": ("threads",), "bench": ("threads",)}
 
 
 def validate(job: str, cfg: DictConfig) -> None:

@@ -42,9 +42,14 @@ def _rejected(capsys, argv, *words, out: Path | None = None):
     ("task_inference.transform_rows=0", ["task_inference.transform_rows", "(0, 1]"]),
     ("train.channels_last=yes", ["train.channels_last", "auto"]),
     ("task_inference.transform_rows=1.5", ["task_inference.transform_rows", "(0, 1]"]),
+    ("threads=0", ["threads=0", "positive integer or null"]),  # 0 once meant "torch's default" silently
 ])
 def test_bad_cl_values_are_one_line_before_work(tmp_path, capsys, override, words):
     _rejected(capsys, ["cl", override, f"output_dir={tmp_path / 'o'}"], *words, out=tmp_path / "o")
+
+
+def test_bench_threads_zero_is_one_line_before_work(capsys):
+    _rejected(capsys, ["bench", "threads=0"], "threads=0", "positive integer or null")
 
 
 def _npz(path, **change):

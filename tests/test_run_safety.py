@@ -209,6 +209,39 @@ def test_offline_download_is_one_line(monkeypatch, capsys):
     _one_error_line(capsys, "CIFAR10", "offline")
 
 
+def test_a_job_leaves_torchs_threads_as_it_found_them(monkeypatch):
+    """`modnet run` calls cl (threads=1), then gzsl, whose threads=null means torch's default as the process
+    had it: each job's thread count ends with the job, also when it fails."""
+    import torch
+
+    import modnet.jobs.cl as cl_job
+    from modnet.cli import _call
+
+    seen = []
+
+    def job(cfg):
+        torch.set_num_threads(int(cfg.threads))
+        seen.append(torch.get_num_threads())
+        return {}
+
+    def failing(cfg):
+        torch.set_num_threads(1)
+        raise RuntimeError("the job failed")
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # the caller's count, other than the job's 1
+        monkeypatch.setattr(cl_job, "run_cl", job)
+        assert _call("cl", ["threads=1"]) == {} and seen == [1]
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(cl_job, "run_cl", failing)
+        with pytest.raises(RuntimeError, match="the job failed"):
+            _call("cl", [])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_ddp_into_a_folder_in_use_stops_before_starting_processes(tmp_path, capsys):
     """`modnet ddp` holds output_dir as `modnet cl` does: a folder in use stops the launcher at once, before
     torchrun starts any process, and nothing is written there."""
