@@ -11,7 +11,9 @@ knowledge's size. Critic D(x, a): [x, a] -> Linear(ndh) -> LeakyReLU(0.2) -> Lin
 
 (WGAN-GP, Gulrajani et al. 2017; the second term of L_G is the classification loss of a softmax classifier
 theta pre-trained on the real seen features and kept fixed). ``critic_iter`` critic steps per generator step,
-Adam (lr, beta1 = 0.5, beta2 = 0.999) for both. As the official code: features min-max scaled to [0, 1] per
+Adam (lr, beta1 = 0.5, beta2 = 0.999) for both. The critic's step computes grad L_D in closed form
+(``critic_gradients``: the penalty's double backward written out for this two-layer critic, one product for
+its three row blocks), the generator's through autograd. As the official code: features min-max scaled to [0, 1] per
 dimension with the training features' range (the generator's ReLU output lives there), knowledge rows as
 given (xlsa17's are L2-normalised).
 
@@ -63,6 +65,47 @@ def gradient_penalty(critic: Critic, real: Tensor, fake: Tensor, knowledge: Tens
     mixed = (eps * real + (1 - eps) * fake).requires_grad_(True)
     grad, = torch.autograd.grad(critic(mixed, knowledge).sum(), mixed, create_graph=True)
     return ((grad.norm(2, dim=1) - 1) ** 2).mean()
+
+
+def critic_gradients(critic: Critic, real: Tensor, fake: Tensor, knowledge: Tensor, gp_lambda: float,
+                     eps: Tensor) -> None:
+    """Set ``.grad`` of the critic's parameters to those of its loss L_D (module doc; ``eps``: B x 1, the
+    interpolation weights of x^), in closed form: the same values as autograd's double backward through
+    ``gradient_penalty`` (tests check it), at about half the time of a critic step on the CPU.
+
+    Write z = W_1 [x; a] + b_1, m = LeakyReLU'(z) (1 where z > 0, else 0.2: constant almost everywhere),
+    D = w_2 . (m * z) + b_2, and u = w_2 * m(x^). Then grad_x^ D = W_x' u with W_x the columns of W_1 that
+    read x, and with g = W_x' u, r = lambda 2 (||g|| - 1) g / (B ||g||) (0 where g = 0, as torch's norm):
+
+      dL/dW_1 = sum_rows G' [X; R],  G = [m * w_2 / B (x~ rows); -m * w_2 / B (x rows); u (x^ rows)],
+                                      X the rows' [x; a], R = [r, 0] (the penalty reads only W_x)
+      dL/dw_2 = sum_rows of [(m z) / B; -(m z) / B; m * (r W_x')],  dL/db_1 = sum over the x~ and x rows of G,
+      dL/db_2 = 1 - 1 (the two means).
+
+    The three row blocks share one forward product and one weight-gradient product; autograd runs three
+    forwards, a double backward whose weight gradients come in two layouts, and sums them (two ~4 MB adds at
+    the paper's width 4096)."""
+    lin1, act, lin2 = critic.net
+    slope = act.negative_slope
+    b, d = real.shape
+    mixed = eps * real + (1 - eps) * fake
+    x = torch.cat([torch.cat([fake, real, mixed]), knowledge.repeat(3, 1)], dim=1)  # 3B x (d + A)
+    z = F.linear(x, lin1.weight, lin1.bias)                                            # 3B x H
+    # m * w_2 and m * (r W_x') in one op each: LeakyReLU's backward of a gradient, read at z
+    u = torch.ops.aten.leaky_relu_backward(lin2.weight.expand_as(z), z, slope, False)  # dD/dz per row
+    w_x = lin1.weight[:, :d]
+    g = u[2 * b:] @ w_x                                                                # B x d: grad_x^ D
+    norm = g.norm(dim=1, keepdim=True)
+    r = torch.where(norm > 0, (2 * gp_lambda / b) * (norm - 1) / norm, 0.0) * g       # dL/dg
+    sign = torch.cat([z.new_full((b, 1), 1.0 / b), z.new_full((b, 1), -1.0 / b)])
+    lin2.weight.grad = sign.t() @ F.leaky_relu(z[:2 * b], slope) + \
+        torch.ops.aten.leaky_relu_backward(r @ w_x.t(), z[2 * b:], slope, False).sum(0, keepdim=True)
+    lin2.bias.grad = sign.sum(0)
+    u[:2 * b] *= sign                                                                  # G, in place
+    x[2 * b:, :d] = r                                                                  # [X; R], in place
+    x[2 * b:, d:] = 0
+    lin1.weight.grad = u.t() @ x
+    lin1.bias.grad = u[:2 * b].sum(0)
 
 
 def adam(params, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
@@ -144,18 +187,17 @@ class FCLSWGAN:
             idx = torch.randint(n, (self.batch_size,), generator=gen).to(device)
             return x[idx], knowledge[labels[idx]], seen_index[labels[idx]]
 
+        # the critic's gradients are set in closed form (critic_gradients); autograd only carries L_G through it
+        critic.requires_grad_(False)
         for _ in range(self.epochs):
             for _ in range(steps):
-                critic.requires_grad_(True)
                 for _ in range(self.critic_iter):
                     real, a, _ = batch()
-                    fake = self.generator(a, generator=None).detach()
-                    loss_d = critic(fake, a).mean() - critic(real, a).mean() \
-                        + self.gp_lambda * gradient_penalty(critic, real, fake, a)
-                    opt_d.zero_grad(set_to_none=True)
-                    loss_d.backward()
+                    with torch.no_grad():
+                        fake = self.generator(a, generator=None)
+                        eps = torch.rand(real.shape[0], 1, device=device)  # gradient_penalty's draw
+                        critic_gradients(critic, real, fake, a, self.gp_lambda, eps)
                     opt_d.step()
-                critic.requires_grad_(False)
                 _, a, y = batch()
                 fake = self.generator(a)
                 loss_g = -critic(fake, a).mean() + self.cls_weight * F.cross_entropy(pretrained(fake), y)
