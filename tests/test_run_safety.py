@@ -256,6 +256,16 @@ def test_ddp_into_a_folder_in_use_stops_before_starting_processes(tmp_path, caps
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
 
 
+def test_ddp_launcher_checks_what_modnet_cl_checks(tmp_path, capsys):
+    """`modnet ddp` is `modnet cl` under torchrun: a value `modnet cl` refuses stops the launcher with the same
+    line, before any process starts and before anything is written."""
+    for override, words in (("train.epochs=0", ("train.epochs", "positive")),
+                             ("threads=0", ("threads=0", "positive integer or null"))):
+        assert main(["ddp", "--nproc", "2", "strategies=[naive]", override, f"output_dir={tmp_path / 'o'}"]) == 2
+        _one_error_line(capsys, *words)
+        assert not (tmp_path / "o").exists()
+
+
 def test_a_new_run_never_writes_over_another_runs_results(tmp_path, capsys):
     """resume=false into a folder holding another run's results (other settings): one line, the finished
     results untouched; the same run started again may recompute them (the same numbers)."""

@@ -426,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
                 dist.destroy_process_group()
         return 0
     cfg = compose("cl", overrides)
+    from modnet.validate import validate
+
+    validate("cl", cfg)  # the launcher checks what `modnet cl` checks, before torchrun starts any process
     if nproc is None:
         nproc = torch.cuda.device_count() if cfg.device != "cpu" and torch.cuda.is_available() else 2
     check_ddp_config(cfg, nproc)
