@@ -82,3 +82,16 @@ def test_a_bad_compile_option_is_one_config_error_line(monkeypatch):
     with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler"):
         validate("cl", compose("cl", ["train.compile=true"]))
     validate("cl", compose("cl", ["train.compile=aot_eager"]))  # no C++: the ops run as eager's
+
+
+def test_a_backend_torch_lacks_stops_cl_before_any_strategy_trains(tmp_path, capsys):
+    """train.compile names a backend only torch can list (after its import): `modnet cl` checks it before the
+    first strategy, so a baseline listed before modnet does not train first; one line, nothing written."""
+    from modnet.cli import main
+
+    out = tmp_path / "o"
+    assert main(["cl", "strategies=[naive,modnet]", "train.compile=no_such_backend", "train.epochs=1",
+                 f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_such_backend" in err[0] and "not a torch.compile backend" in err[0], err
+    assert not out.exists()

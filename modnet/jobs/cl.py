@@ -151,6 +151,9 @@ def run_cl(cfg) -> dict:
     for name in cfg.strategies:
         check_choice("strategies", name, strategy_names())
     check_loggers(cfg.loggers)
+    from modnet.runner.runner import compile_backend
+
+    compile_backend(cfg.train.get("compile", False))  # a backend torch lacks: one line before any strategy trains
     device = resolve_device(cfg.device)
     flush_subnormals()  # before the first parallel op starts torch's CPU threads (they inherit the mode)
     if cfg.get("threads"):
