@@ -1,6 +1,7 @@
 """Checks of a composed config that run before any job module (torch, Avalanche) is imported.
 
-``modnet.cli`` calls ``validate(job, cfg)`` between composing the config and importing the job, so that a
+``modnet.cli`` calls ``validate(job, cfg)`` between composing the config and importing the job (``modnet ddp``'s
+launcher and ``modnet sweep`` call it with ``cl`` before starting any process), so that a
 typo or an impossible value is one line (``ConfigError`` / ``ValueError``, exit code 2) in about a second,
 not after 10-30 s of imports or, worse, after training has started. Only numpy and the light registries
 (``strategies.registry``, ``scenarios.registry``) are imported here.
