@@ -95,3 +95,17 @@ def test_a_backend_torch_lacks_stops_cl_before_any_strategy_trains(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no_such_backend" in err[0] and "not a torch.compile backend" in err[0], err
     assert not out.exists()
+
+
+def test_a_compiled_cl_run_says_its_train_seconds_compare_compiled_modnet_with_eager_baselines(tmp_path, capsys):
+    """train.compile reaches the modular networks only (configs/training.yaml): the table's "train s" column then
+    compares a compiled loop (its compile included) with eager ones, and the run says so under the table; an
+    eager run does not."""
+    from modnet.cli import main
+
+    line = "ran through torch.compile (eager), their compile included; the baselines ran eager"
+    common = ["cl", "strategies=[naive,modnet]", "train.epochs=1", "benchmark.n_experiences=2", *RUN]
+    assert main([*common, "train.compile=eager", f"output_dir={tmp_path / 'compiled'}"]) == 0
+    assert line in capsys.readouterr().out
+    assert main([*common, f"output_dir={tmp_path / 'eager'}"]) == 0
+    assert "torch.compile" not in capsys.readouterr().out

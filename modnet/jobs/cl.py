@@ -240,6 +240,12 @@ def _run_all(cfg, out: Path, ckpt_dir: Path, device, run_fingerprint: dict) -> d
     write_results(out, results, plots=bool(results["strategies"]))
     if results["strategies"]:
         print(f"\n{info.name}, {cfg.scenario}-incremental, seeds {seeds}\n{format_table(results['strategies'])}")
+        from modnet.runner.runner import compile_backend
+
+        backend = compile_backend(cfg.train.get("compile", False))
+        if backend is not None:  # the train s column compares unlike loops: say so under the table
+            print(f"train s: the modular networks' training passes ran through torch.compile ({backend}), their "
+                  "compile included; the baselines ran eager")
     print(f"results written to {out}/results.json")
     if failed:
         raise StrategyFailed("; ".join(f"{name} failed on seed {f['seed']}: {f['error']}" for name, f in failed.items())
