@@ -121,7 +121,7 @@ def test_critic_gradients_are_autograds_through_the_gradient_penalty():
     with torch.no_grad():
         critic_gradients(critic, real, fake, a, lam, eps)
     ours = [p.grad for p in critic.parameters()]
-    for name, r, o, n in zip(("W1", "b1", "w2", "b2"), reference, ours, no_penalty):
+    for name, r, o in zip(("W1", "b1", "w2", "b2"), reference, ours):
         assert o.shape == r.shape and o.dtype == r.dtype, name
         assert torch.allclose(o, r, rtol=1e-9, atol=1e-12), (name, (o - r).abs().max())
     assert (ours[0] - no_penalty[0]).abs().max() > 1e-3 and (ours[2] - no_penalty[2]).abs().max() > 1e-3

@@ -156,8 +156,6 @@ def test_gzsl_on_a_planted_awa2_folder_uses_large_train(planted, tmp_path, monke
     method reports, the linear ones place the unseen classes (U well above chance, 0.1; NIWT needs the
     real size, see configs/gzsl.yaml), the saved config holds large_train's batches and epochs, and the network
     has the benchmark's width (benchmark.hidden, here small for speed)."""
-    import torch
-
     import modnet.jobs.gzsl as gzsl_job
 
     ran_on, run_seed = [], gzsl_job.run_seed
@@ -201,10 +199,6 @@ def test_large_train_sets_the_threads_of_large_runs_only():
     """large_train.threads (default null: torch's default, every core) replaces threads on a training set of
     min_samples or more; a smaller one keeps threads (1: small networks run fastest on one core)."""
     from types import SimpleNamespace
-
-    import torch
-
-    from modnet.jobs.gzsl import with_large_train
 
     cfg = compose("gzsl", [])
     at = int(cfg.large_train.min_samples)

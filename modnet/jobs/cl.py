@@ -144,6 +144,7 @@ def run_cl(cfg) -> dict:
     from modnet.runner.rundir import (RunLock, check_fresh_start, check_output_dir, check_resume, fingerprint,
                                       write_fingerprint)
     from modnet.runner.rundir import write_text_atomic
+    from modnet.runner.runner import compile_backend
     from strategies.registry import strategy_names
 
     check_choice("scenario", cfg.scenario, SCENARIOS)
@@ -151,9 +152,7 @@ def run_cl(cfg) -> dict:
     for name in cfg.strategies:
         check_choice("strategies", name, strategy_names())
     check_loggers(cfg.loggers)
-    from modnet.runner.runner import compile_backend
-
-    compile_backend(cfg.train.get("compile", False))  # a backend torch lacks: one line before any strategy trains
+    backend = compile_backend(cfg.train.get("compile", False))  # one line before any strategy trains
     device = resolve_device(cfg.device)
     flush_subnormals()  # before the first parallel op starts torch's CPU threads (they inherit the mode)
     if cfg.get("threads"):
@@ -171,7 +170,7 @@ def run_cl(cfg) -> dict:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         write_fingerprint(out, run_fingerprint)
-        return _run_all(cfg, out, ckpt_dir, device, run_fingerprint)
+        return _run_all(cfg, out, ckpt_dir, device, run_fingerprint, backend)
 
 
 def _check_checkpoint_fingerprints(ckpt_dir: Path, run_fingerprint: dict) -> None:
@@ -194,7 +193,8 @@ def _check_checkpoint_fingerprints(ckpt_dir: Path, run_fingerprint: dict) -> Non
                               "choose another output_dir")
 
 
-def _run_all(cfg, out: Path, ckpt_dir: Path, device, run_fingerprint: dict) -> dict:
+def _run_all(cfg, out: Path, ckpt_dir: Path, device, run_fingerprint: dict, backend: str | None) -> dict:
+    """``backend``: train.compile's torch.compile backend (``compile_backend``), None for eager."""
     seeds = list(cfg.seeds) if cfg.get("seeds") else [cfg.seed]
     runs: dict[str, list[dict]] = {name: [] for name in cfg.strategies}
     info = None
@@ -240,9 +240,6 @@ def _run_all(cfg, out: Path, ckpt_dir: Path, device, run_fingerprint: dict) -> d
     write_results(out, results, plots=bool(results["strategies"]))
     if results["strategies"]:
         print(f"\n{info.name}, {cfg.scenario}-incremental, seeds {seeds}\n{format_table(results['strategies'])}")
-        from modnet.runner.runner import compile_backend
-
-        backend = compile_backend(cfg.train.get("compile", False))
         if backend is not None:  # the train s column compares unlike loops: say so under the table
             print(f"train s: the modular networks' training passes ran through torch.compile ({backend}), their "
                   "compile included; the baselines ran eager")
