@@ -81,8 +81,9 @@ def test_compensated_masks_equal_autograd_then_compensation(s, given):
     assert all(torch.equal(m, r) for m, r in zip(masks, ref_masks))
 
 
+@pytest.mark.parametrize("read_norm", [None, False])  # the CPU's read norm, the device's scale without a read
 @pytest.mark.parametrize("max_norm", [0.5, 1e4])
-def test_clip_grad_norm_matches_torch(max_norm):
+def test_clip_grad_norm_matches_torch(max_norm, read_norm):
     from modnet.nets.hat import clip_grad_norm
 
     torch.manual_seed(0)
@@ -93,7 +94,7 @@ def test_clip_grad_norm_matches_torch(max_norm):
         p.grad = g.clone()
     torch.nn.utils.clip_grad_norm_(ps, max_norm)
     ours = [g.clone() for g in grads]
-    clip_grad_norm(ours, max_norm)
+    clip_grad_norm(ours, max_norm, read_norm)
     assert all(torch.allclose(o, p.grad, rtol=1e-6) for o, p in zip(ours, ps))
     norm = float(torch.linalg.vector_norm(torch.cat([o.reshape(-1) for o in ours])))
     assert norm == pytest.approx(0.5, rel=1e-5) if max_norm == 0.5 else norm < 1e4

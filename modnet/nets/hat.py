@@ -176,18 +176,19 @@ def _flat(g: Tensor) -> Tensor:
     return g if g.dim() == 1 else g.reshape(-1)
 
 
-def clip_grad_norm(grads: list[Tensor], max_norm: float) -> None:
+def clip_grad_norm(grads: list[Tensor], max_norm: float, read_norm: bool | None = None) -> None:
     """``torch.nn.utils.clip_grad_norm_`` on a list of gradients, without its per-call parameter filtering.
 
     On the GPU the scale is applied unconditionally (min(1, max_norm / norm), no host sync). On the CPU,
     where reading the norm costs no device sync, the multiply is skipped when the norm is within bounds:
     with HAT's bound of 10000 that is nearly always, and the multiply is a full pass over every gradient.
     The CPU reads the squared norm as BLAS dot products, which run at memory speed where ``_foreach_norm``
-    falls back to one slower reduction per tensor.
+    falls back to one slower reduction per tensor. ``read_norm``: None, the CPU's way on the CPU and the
+    device's elsewhere; False, the device's way on any device (what a GPU step runs, without a host read).
     """
     if not grads:
         return
-    if grads[0].device.type == "cpu":
+    if grads[0].device.type == "cpu" if read_norm is None else read_norm:
         # large gradients one dot each; the many small ones (biases, embeddings, gate) in one concatenated dot,
         # where one call per tensor would cost more than its arithmetic
         small = [_flat(g) for g in grads if g.numel() < _SMALL]

@@ -1,0 +1,176 @@
+"""No host reads in a training step: what would be a host sync per step on a GPU, checked on the CPU.
+
+On a GPU every read of a tensor's value by the host (``.item()``, ``float(t)``, ``bool(t)``, ``.tolist()``,
+``.cpu()``) and every op whose output size depends on the data (``nonzero``, ``unique``, boolean indexing,
+``masked_select``) waits for the queued kernels: the host can no longer run ahead, and a small step pays the
+device's time and the host's one after the other. CI has no GPU, so the step's ops are recorded on the CPU
+(a ``TorchDispatchMode`` sees every aten op; the Python-level reads are wrapped) from
+``before_training_iteration`` to ``after_training_iteration``: the forward, the losses every plugin adds, the
+backward, HAT's gradient conditioning and clipping, the optimiser step.
+
+HAT's clipping reads the gradient norm on the CPU on purpose (no device to wait for; it skips a pass over
+the gradients when the norm is within bounds): the step is recorded with ``clip_grad_norm``'s device path,
+the one a GPU runs. Left out, with their reads: Avalanche's multi-task forward on a batch of several task
+labels (task-incremental replay, DER, cumulative: ``torch.unique`` and a split per task), A-GEM's projection
+test, and hnet's Adam (its step counter is a CPU tensor on any device: not a device sync).
+"""
+import functools
+
+import pytest
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.training.plugins import EvaluationPlugin
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from modnet.config import compose
+from modnet.runner.runner import make_strategy
+from scenarios.base import split_benchmark
+
+aten = torch.ops.aten
+# ops whose result the host reads, or whose output size depends on the data
+READ_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+            aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default, aten.equal.default,
+            aten.is_nonzero.default, aten.repeat_interleave.Tensor}
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ops of its span that read a tensor's value on the host (``READ_OPS``, indexing by a
+    boolean mask); ``python_reads`` adds the Python-level reads (``tolist``, ``numpy``, ``cpu``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        boolean_index = func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default) and any(
+            i is not None and i.dtype == torch.bool for i in args[1])
+        if func in READ_OPS or boolean_index:
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class RecordSteps:
+    """``HostReads`` over every training iteration, from the first plugin's ``before_training_iteration``
+    (``start``, placed first) to the last plugin's ``after_training_iteration`` (``stop``, placed last);
+    ``steps`` counts them."""
+
+    def __init__(self):
+        self.mode, self.reads, self.steps = None, [], 0
+        record = self
+
+        class Start(SupervisedPlugin):
+            def before_training_iteration(self, strategy, **kw):
+                record.mode = HostReads()
+                record.mode.__enter__()
+
+        class Stop(SupervisedPlugin):
+            def after_training_iteration(self, strategy, **kw):
+                record.mode.__exit__(None, None, None)
+                record.reads += record.mode.reads
+                record.steps += 1
+
+        self.start, self.stop = Start(), Stop()
+
+
+@pytest.fixture
+def python_reads(monkeypatch):
+    """Wraps Tensor.tolist / numpy / cpu: while a HostReads mode is active, a call is recorded in it."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    def wrap(name):
+        original = getattr(torch.Tensor, name)
+
+        @functools.wraps(original)
+        def recorded(self, *args, **kwargs):
+            for mode in _get_current_dispatch_mode_stack():
+                if isinstance(mode, HostReads):
+                    mode.reads.append(f"Tensor.{name}")
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, recorded)
+
+    for name in ("tolist", "numpy", "cpu"):
+        wrap(name)
+
+
+RUN = ["progress=false", "threads=1", "model.hidden=32", "model.cnn_channels=[4,8]", "model.resnet_width=4",
+       "modules.cluster.steps=50", "modules.profile_samples=64", "train.batch_size=32", "train.epochs=1"]
+
+
+def _steps(strategy_name: str, scenario: str, overrides=(), extra_plugins=()) -> RecordSteps:
+    """Two experiences (the second trains under HAT's protection of the first) of 2 planted classes, 150
+    samples each; 64 features, or 1 x 8 x 8 images for the CNN and the ResNet."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(300) % 4
+    x = torch.randn(len(y), 64, generator=g) + torch.nn.functional.one_hot(y, 64).float() * 3
+    if any(o in overrides for o in ("model.arch=cnn", "model.arch=resnet18")):
+        x = x.view(-1, 1, 8, 8)
+    cfg = compose("cl", [*RUN, *overrides])
+    info = split_benchmark("planted", x, y, x, y, 2, scenario, 0)
+    record = RecordSteps()
+    strategy = make_strategy(strategy_name, cfg, info, torch.device("cpu"), EvaluationPlugin(loggers=[]),
+                             plugins=list(extra_plugins))
+    strategy.plugins.insert(0, record.start)
+    strategy.plugins.append(record.stop)
+    for exp in info.benchmark.train_stream:
+        strategy.train(exp)
+    return record
+
+
+@pytest.fixture
+def device_clip(monkeypatch):
+    """HAT's plugin clips as on a GPU: the scale applied on the device, the norm never read."""
+    from modnet.nets.hat import clip_grad_norm
+
+    monkeypatch.setattr("strategies.plugins.hat.clip_grad_norm", functools.partial(clip_grad_norm, read_norm=False))
+
+
+class _ReadsTheLoss(SupervisedPlugin):
+    def before_backward(self, strategy, **kw):
+        if float(strategy.loss) > 1e9:  # a logging-style read: the host waits for the forward
+            raise AssertionError
+
+
+class _SplitsByLabel(SupervisedPlugin):
+    def before_backward(self, strategy, **kw):
+        strategy.loss = strategy.loss + 0 * strategy.mb_x[strategy.mb_y == strategy.mb_y[0]].sum()
+
+
+class _ListsLabels(SupervisedPlugin):
+    def before_backward(self, strategy, **kw):
+        strategy.mb_y.tolist()
+
+
+@pytest.mark.parametrize("plugin", [_ReadsTheLoss(), _SplitsByLabel(), _ListsLabels()],
+                         ids=["item", "boolean index", "tolist"])
+def test_the_recorder_sees_a_planted_read_in_every_step(plugin, python_reads, device_clip):
+    record = _steps("naive", "class", extra_plugins=[plugin])
+    assert record.steps == 10  # 2 experiences x 150 samples / batches of 32
+    assert len(record.reads) >= record.steps
+
+
+def test_hats_cpu_clip_reads_the_norm_and_its_device_clip_does_not(python_reads):
+    """The CPU path is the one exception the other tests remove: without ``device_clip`` it is seen."""
+    assert len(_steps("modnet", "task").reads) >= 10
+
+
+@pytest.mark.parametrize("scenario,overrides", [
+    ("task", ()),  # the MLP default: SynC modules, gates, transform heads in the batch's pass
+    ("class", ()),  # + task keys, the class Gaussians' features, the heads over every copy
+    ("task", ("modules.sync_reg=0.01",)),
+    ("task", ("train.amp=true",)),
+    ("class", ("model.arch=cnn", "task_inference.method=ood")),  # the heads' own forward (batch norm)
+    ("task", ("model.arch=resnet18",)),
+    ("task", ("train.valid_fraction=0.2", "train.lr_patience=1")),  # HAT's reference loop
+], ids=["mlp-task", "mlp-class", "sync-reg", "bf16", "cnn-class-ood", "resnet18", "reference-loop"])
+def test_a_modnet_training_step_reads_nothing_on_the_host(scenario, overrides, python_reads, device_clip):
+    record = _steps("modnet", scenario, overrides)
+    assert record.steps >= 8
+    assert record.reads == []
+
+
+@pytest.mark.parametrize("name", ["naive", "ewc", "si", "lwf", "replay", "der", "derpp"])
+def test_a_single_head_baseline_step_reads_nothing_on_the_host(name, python_reads):
+    """Class-incremental: one head, so Avalanche's forward takes no split by task label."""
+    record = _steps(name, "class")
+    assert record.steps >= 8
+    assert record.reads == []
