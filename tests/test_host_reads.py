@@ -10,9 +10,10 @@ backward, HAT's gradient conditioning and clipping, the optimiser step.
 
 HAT's clipping reads the gradient norm on the CPU on purpose (no device to wait for; it skips a pass over
 the gradients when the norm is within bounds): the step is recorded with ``clip_grad_norm``'s device path,
-the one a GPU runs. Left out, with their reads: Avalanche's multi-task forward on a batch of several task
-labels (task-incremental replay, DER, cumulative: ``torch.unique`` and a split per task), A-GEM's projection
-test, and hnet's Adam (its step counter is a CPU tensor on any device: not a device sync).
+the one a GPU runs. Left out, with their reads: GEM's and A-GEM's projection tests, hnet's Adam (its step
+counter is a CPU tensor on any device: not a device sync), and task-incremental replay, DER and cumulative,
+whose batches mix task labels (``MultiHeadNet`` keeps Avalanche's split by task label there: see its
+docstring).
 """
 import functools
 
@@ -168,9 +169,66 @@ def test_a_modnet_training_step_reads_nothing_on_the_host(scenario, overrides, p
     assert record.reads == []
 
 
-@pytest.mark.parametrize("name", ["naive", "ewc", "si", "lwf", "replay", "der", "derpp"])
-def test_a_single_head_baseline_step_reads_nothing_on_the_host(name, python_reads):
-    """Class-incremental: one head, so Avalanche's forward takes no split by task label."""
-    record = _steps(name, "class")
+@pytest.mark.parametrize("name,scenario", [
+    *[(name, "class") for name in ("naive", "ewc", "si", "lwf", "replay", "der", "derpp", "cumulative")],
+    *[(name, "task") for name in ("naive", "ewc", "si", "lwf")],  # a head per task, batches of one task label
+])
+def test_a_baseline_step_reads_nothing_on_the_host(name, scenario, python_reads):
+    record = _steps(name, scenario)
     assert record.steps >= 8
     assert record.reads == []
+
+
+def test_the_multi_head_net_masks_a_heads_inactive_units_as_avalanche_does():
+    """``MultiHeadNet.forward_single_task`` against Avalanche's ``MultiHeadClassifier.forward_single_task``
+    (inactive units written through a boolean index): the same logits and gradients. Task 1's head has 4
+    outputs of which its classes use 2 (the others answer Avalanche's mask value, -1000), task 2's 6. Through
+    Avalanche's ``MultiTaskModule.forward`` too, on a batch of task-1 labels and on one mixing three tasks."""
+    from avalanche.benchmarks import nc_benchmark
+    from avalanche.models import MultiTaskModule
+    from avalanche.models.utils import avalanche_model_adaptation
+    from torch.utils.data import TensorDataset
+
+    from modnet.nets.models import MLPBackbone, MultiHeadNet
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(180) % 6
+    x = torch.randn(len(y), 8, generator=g)
+    data = TensorDataset(x, y)
+    data.targets = y  # global class ids in every task (not renumbered from 0): heads wider than their classes
+    stream = nc_benchmark(data, data, 3, task_labels=True, fixed_class_order=list(range(6)), seed=0).train_stream
+    torch.manual_seed(0)
+    model = MultiHeadNet(MLPBackbone(8, 16, 1))
+    for exp in stream:
+        avalanche_model_adaptation(model, exp)
+    heads = model.classifier
+    assert [heads.classifiers[str(t)].classifier.out_features for t in range(3)] == [2, 4, 6]
+
+    def avalanches(batch, labels):
+        model.forward_single_task = lambda xs, t: heads.forward_single_task(model.backbone(xs), t).float()
+        try:
+            return MultiTaskModule.forward(model, batch, labels)
+        finally:
+            del model.forward_single_task
+
+    def logits_and_grads(forward, batch, labels, targets):
+        model.zero_grad()
+        out = forward(batch, labels)
+        torch.nn.functional.cross_entropy(out, targets).backward()
+        return out.detach(), [p.grad for p in model.parameters()]
+
+    batch = torch.randn(40, 8, generator=g)
+    mixed = torch.randint(0, 3, (40,), generator=g)
+    for labels in (1, torch.ones(40, dtype=torch.long), mixed):
+        targets = 2 * labels + torch.randint(0, 2, (40,), generator=g)  # task t's classes: 2t, 2t + 1
+        ref, ref_grads = logits_and_grads(avalanches, batch, labels, targets)
+        ours, grads = logits_and_grads(model, batch, labels, targets)
+        if isinstance(labels, int):
+            assert ours.shape == (40, 4) and (ours[:, :2] == -1000).all()  # masked
+        else:
+            assert ours.shape == (40, 6) and (ours[labels == 1, :2] == -1000).all()
+        torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+        for a, b in zip(grads, ref_grads):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -636,7 +636,15 @@ class SingleHeadNet(nn.Module):
 
 class MultiHeadNet(MultiTaskModule):
     """Backbone + one head per task: the baselines' task-incremental model (Avalanche's
-    ``MultiHeadClassifier`` grows a head for each new task label)."""
+    ``MultiHeadClassifier`` grows a head for each new task label and its adaptation keeps which units of a
+    head its task has trained, ``active_units_T<t>``; the others answer ``mask_value``).
+
+    A head's inactive units are filled by ``masked_fill``, where Avalanche writes them through a boolean
+    index (a ``nonzero``: on a GPU, a host sync in every step of every task-incremental baseline); the same
+    logits and gradients. A batch of several task labels (replay, DER, cumulative) still takes Avalanche's
+    split (``torch.unique``, the backbone once per task): one pass with every head would give the heads
+    absent from a batch a zero gradient where the split leaves it None, which GEM's projection (it writes the
+    projected gradient back only into parameters that have one) and momentum would turn into steps."""
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
@@ -646,7 +654,14 @@ class MultiHeadNet(MultiTaskModule):
         self.classifier = MultiHeadClassifier(backbone.out_dim, initial_out_features=2)
 
     def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
-        return self.classifier.forward_single_task(self.backbone(x), task_label).float()
+        heads, features = self.classifier, self.backbone(x)
+        out = heads.classifiers[str(task_label)](features)
+        if heads.masking:
+            active = heads._buffers[f"active_units_T{task_label}"]
+            if active.shape[0] != out.shape[-1]:  # Avalanche grows the mask in its forward: its path does it
+                return heads.forward_single_task(features, task_label).float()
+            out = out.masked_fill(active == 0, heads.mask_value)
+        return out.float()
 
 
 # -- ResNet-18 (CIFAR layout: 3x3 stem, no max-pool) -----------------------------------------------------
