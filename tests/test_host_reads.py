@@ -11,9 +11,8 @@ backward, HAT's gradient conditioning and clipping, the optimiser step.
 HAT's clipping reads the gradient norm on the CPU on purpose (no device to wait for; it skips a pass over
 the gradients when the norm is within bounds): the step is recorded with ``clip_grad_norm``'s device path,
 the one a GPU runs. Left out, with their reads: GEM's and A-GEM's projection tests, hnet's Adam (its step
-counter is a CPU tensor on any device: not a device sync), and task-incremental replay, DER and cumulative,
-whose batches mix task labels (``MultiHeadNet`` keeps Avalanche's split by task label there: see its
-docstring).
+counter is a CPU tensor on any device: not a device sync), and task-incremental DER (its buffer's logits go
+through ``MultiHeadNet.forward``, which reads the buffer sample's task labels with ``torch.unique``).
 """
 import functools
 
@@ -171,7 +170,8 @@ def test_a_modnet_training_step_reads_nothing_on_the_host(scenario, overrides, p
 
 @pytest.mark.parametrize("name,scenario", [
     *[(name, "class") for name in ("naive", "ewc", "si", "lwf", "replay", "der", "derpp", "cumulative")],
-    *[(name, "task") for name in ("naive", "ewc", "si", "lwf")],  # a head per task, batches of one task label
+    # a head per task; batches of one task label, or mixing tasks (replay, cumulative: the loader reads which)
+    *[(name, "task") for name in ("naive", "ewc", "si", "lwf", "replay", "cumulative")],
 ])
 def test_a_baseline_step_reads_nothing_on_the_host(name, scenario, python_reads):
     record = _steps(name, scenario)
@@ -179,11 +179,15 @@ def test_a_baseline_step_reads_nothing_on_the_host(name, scenario, python_reads)
     assert record.reads == []
 
 
-def test_the_multi_head_net_masks_a_heads_inactive_units_as_avalanche_does():
-    """``MultiHeadNet.forward_single_task`` against Avalanche's ``MultiHeadClassifier.forward_single_task``
-    (inactive units written through a boolean index): the same logits and gradients. Task 1's head has 4
-    outputs of which its classes use 2 (the others answer Avalanche's mask value, -1000), task 2's 6. Through
-    Avalanche's ``MultiTaskModule.forward`` too, on a batch of task-1 labels and on one mixing three tasks."""
+def test_the_multi_head_net_answers_as_avalanches_split_by_task():
+    """``MultiHeadNet`` against Avalanche's own path (``MultiTaskModule.forward``: the batch split by
+    ``torch.unique`` of its task labels, each part through the backbone and ``MultiHeadClassifier``'s head,
+    whose inactive units are written through a boolean index): the same logits and gradients, to the bit on a
+    batch of one task label (an int, or a tensor), to float rounding on batches mixing tasks (the backbone runs
+    once over all rows); a head with no row in the batch gets no gradient in both. Task 1's head has 4 outputs
+    of which its classes use 2 (the others answer Avalanche's mask value, -1000), task 2's 6; past a head's
+    width the logits are zeros. ``forward_tasks`` with the batch's task labels given (as the tensor loader
+    reads them on the host) is ``forward``."""
     from avalanche.benchmarks import nc_benchmark
     from avalanche.models import MultiTaskModule
     from avalanche.models.utils import avalanche_model_adaptation
@@ -218,17 +222,23 @@ def test_the_multi_head_net_masks_a_heads_inactive_units_as_avalanche_does():
         return out.detach(), [p.grad for p in model.parameters()]
 
     batch = torch.randn(40, 8, generator=g)
-    mixed = torch.randint(0, 3, (40,), generator=g)
-    for labels in (1, torch.ones(40, dtype=torch.long), mixed):
+    two_tasks = 2 * torch.randint(0, 2, (40,), generator=g)  # tasks 0 and 2: head 1 has no row
+    cases = [(1, 0), (torch.ones(40, dtype=torch.long), 0), (torch.randint(0, 3, (40,), generator=g), 1e-6),
+             (two_tasks, 1e-6)]
+    for labels, tol in cases:
         targets = 2 * labels + torch.randint(0, 2, (40,), generator=g)  # task t's classes: 2t, 2t + 1
         ref, ref_grads = logits_and_grads(avalanches, batch, labels, targets)
-        ours, grads = logits_and_grads(model, batch, labels, targets)
-        if isinstance(labels, int):
-            assert ours.shape == (40, 4) and (ours[:, :2] == -1000).all()  # masked
-        else:
-            assert ours.shape == (40, 6) and (ours[labels == 1, :2] == -1000).all()
-        torch.testing.assert_close(ours, ref, rtol=0, atol=0)
-        for a, b in zip(grads, ref_grads):
-            assert (a is None) == (b is None)
-            if a is not None:
-                torch.testing.assert_close(a, b, rtol=0, atol=0)
+        forwards = [model] if isinstance(labels, int) else \
+            [model, lambda b, t: model.forward_tasks(b, t, sorted(set(t.tolist())))]
+        for forward in forwards:
+            ours, grads = logits_and_grads(forward, batch, labels, targets)
+            if isinstance(labels, int):
+                assert ours.shape == (40, 4) and (ours[:, :2] == -1000).all()  # masked
+            else:
+                assert ours.shape == (40, 6) and (ours[labels == 0, 2:] == 0).all()  # zeros past head 0
+            torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
+            for a, b in zip(grads, ref_grads):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert heads.classifiers["1"].classifier.weight.grad is None  # the last case: no row of task 1

@@ -641,10 +641,10 @@ class MultiHeadNet(MultiTaskModule):
 
     A head's inactive units are filled by ``masked_fill``, where Avalanche writes them through a boolean
     index (a ``nonzero``: on a GPU, a host sync in every step of every task-incremental baseline); the same
-    logits and gradients. A batch of several task labels (replay, DER, cumulative) still takes Avalanche's
-    split (``torch.unique``, the backbone once per task): one pass with every head would give the heads
-    absent from a batch a zero gradient where the split leaves it None, which GEM's projection (it writes the
-    projected gradient back only into parameters that have one) and momentum would turn into steps."""
+    logits and gradients. A batch of a tensor of task labels goes through the backbone once
+    (``forward_tasks``; Avalanche's split ran it once per task label on that task's rows), over the task labels
+    the loader read on the host (``modnet.runner.tensor_batches``: replay's and cumulative's batches mix
+    tasks) or, when nobody did, those ``torch.unique`` reads (a host read, as Avalanche's)."""
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
@@ -652,16 +652,49 @@ class MultiHeadNet(MultiTaskModule):
 
         self.backbone = backbone
         self.classifier = MultiHeadClassifier(backbone.out_dim, initial_out_features=2)
+        # batch norm couples the rows of a pass (per-task batches give other statistics): Avalanche's split
+        self._rows_coupled = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules())
+
+    def forward_tasks(self, x: Tensor, task_labels: Tensor, tasks: Sequence[int]) -> Tensor:
+        """``forward(x, task_labels)`` given ``tasks``, the task labels the batch holds (the loader read them
+        on the host): the backbone once on the whole batch, each of those tasks' heads on every row, each row
+        keeping its own task's (``torch.where``: a head takes no gradient from other tasks' rows, and the
+        heads of tasks not in the batch none at all, as in Avalanche's split), zero logits past a head's
+        width. No host read. Avalanche's split's numbers to float rounding (one product over the batch's rows
+        instead of one per task) where the rows of a pass are independent; with batch norm the split runs; with
+        dropout, other draws of the same distribution."""
+        if self._rows_coupled:
+            return super().forward(x, task_labels)
+        features = self.backbone(x)
+        heads = []
+        for task in tasks:
+            h = self.classifier.classifiers[str(task)](features)
+            heads.append((task, self._masked(h, features, task)))
+        width = max([self.max_class_label] + [h.shape[1] for _, h in heads])
+        out = features.new_zeros(x.shape[0], width, dtype=torch.get_default_dtype())
+        for task, h in heads:
+            out = torch.where((task_labels == task).unsqueeze(1), F.pad(h.to(out.dtype), (0, width - h.shape[1])),
+                              out)
+        return out
+
+    def _masked(self, out: Tensor, features: Tensor, task_label: int) -> Tensor:
+        """Head ``task_label``'s output ``out`` with its inactive units at Avalanche's mask value."""
+        heads = self.classifier
+        if not heads.masking:
+            return out
+        active = heads._buffers[f"active_units_T{task_label}"]
+        if active.shape[0] != out.shape[-1]:  # Avalanche grows the mask in its forward: its path does it
+            return heads.forward_single_task(features, task_label)
+        return out.masked_fill(active == 0, heads.mask_value)
+
+    def forward(self, x: Tensor, task_labels: Tensor | int | None = None) -> Tensor:  # type: ignore[override]
+        if task_labels is None or isinstance(task_labels, int) or self._rows_coupled:
+            return super().forward(x, task_labels)
+        return self.forward_tasks(x, task_labels, torch.unique(task_labels).tolist())
 
     def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
-        heads, features = self.classifier, self.backbone(x)
-        out = heads.classifiers[str(task_label)](features)
-        if heads.masking:
-            active = heads._buffers[f"active_units_T{task_label}"]
-            if active.shape[0] != out.shape[-1]:  # Avalanche grows the mask in its forward: its path does it
-                return heads.forward_single_task(features, task_label).float()
-            out = out.masked_fill(active == 0, heads.mask_value)
-        return out.float()
+        features = self.backbone(x)
+        return self._masked(self.classifier.classifiers[str(task_label)](features), features, task_label).float()
 
 
 # -- ResNet-18 (CIFAR layout: 3x3 stem, no max-pool) -----------------------------------------------------

@@ -231,22 +231,38 @@ class _Group:
         self.order = order  # callable() -> index tensor of an epoch (a data-parallel shard), else None
         n = order.length if order is not None else len(view)
         self.n_batches = n // batch_size if drop_last else -(-n // batch_size)
+        # the task labels, on the host (read once, here): which tasks a batch holds is then known without
+        # reading the batch (a group of one task label, as most are, needs no copy)
+        t = view.t
+        self.task_labels = None if len(t) == 0 else \
+            {int(t.min())} if int(t.min()) == int(t.max()) else t.cpu().numpy()
+
+    def tasks(self, host_idx) -> set[int]:
+        """The task labels of the batch at host indices ``host_idx`` (a CPU index tensor or a slice)."""
+        labels = self.task_labels
+        if labels is None or isinstance(labels, set):
+            return set() if labels is None else labels
+        return set(np.unique(labels[host_idx if isinstance(host_idx, slice) else host_idx.numpy()]).tolist())
 
     def batches(self):
-        """Index tensors of one pass (the permutation is drawn at the first batch, as RandomSampler does)."""
+        """(index tensor on the data's device, the same indices on the host) of one pass (the permutation is
+        drawn at the first batch, as RandomSampler does)."""
         device = self.view.x.device
         if self.order is not None:
-            perm = self.order().to(device)
+            perm = self.order()
         elif self.shuffle:
             g = torch.Generator()
             g.manual_seed(_draw_seed())
-            perm = torch.randperm(len(self.view), generator=g).to(device)
+            perm = torch.randperm(len(self.view), generator=g)
         else:  # in order: slices (views of the tensors when no row map)
-            yield from (slice(k * self.batch_size, (k + 1) * self.batch_size) for k in range(self.n_batches))
+            for k in range(self.n_batches):
+                cut = slice(k * self.batch_size, (k + 1) * self.batch_size)
+                yield cut, cut
             return
+        on_device = perm.to(device)
         b = self.batch_size
         for k in range(self.n_batches):
-            yield perm[k * b:(k + 1) * b]
+            yield on_device[k * b:(k + 1) * b], perm[k * b:(k + 1) * b]
 
 
 class TensorBatchLoader:
@@ -267,6 +283,8 @@ class TensorBatchLoader:
         # model take its single-task path without reading the batch's labels back (``single_task_forward``)
         labels = {int(v) for g in self.groups if len(g.view) for v in (g.view.t.min(), g.view.t.max())}
         self.single_task = labels.pop() if len(labels) == 1 else None
+        # the task labels of the batch last yielded, from the host's copy (``multi_task_forward``)
+        self.batch_tasks: list[int] | None = None
 
     def __len__(self) -> int:
         return self.n_iterations
@@ -279,7 +297,8 @@ class TensorBatchLoader:
             if g.n_batches == 0:
                 return
             view = g.view
-            for idx in g.batches():
+            for idx, host_idx in g.batches():
+                self.batch_tasks = sorted(g.tasks(host_idx))
                 yield list(view.take(idx))
             return
         iters: list = [None] * len(groups)
@@ -289,6 +308,7 @@ class TensorBatchLoader:
             return
         while True:
             taken: list = [None] * len(groups)
+            tasks: set[int] = set()
             for k in order:
                 g = groups[k]
                 if not alive[k]:
@@ -304,8 +324,10 @@ class TensorBatchLoader:
                         continue
                     iters[k] = g.batches()
                     idx = next(iters[k])
-                taken[k] = g.view.take(idx)
+                taken[k] = g.view.take(idx[0])
+                tasks |= g.tasks(idx[1])
             parts = [p for p in taken if p is not None]
+            self.batch_tasks = sorted(tasks)
             yield [torch.cat([p[j] for p in parts]) for j in range(3)]
 
 
@@ -420,10 +442,15 @@ def tensor_batches_class(cls: type) -> type:
 
         if avalanche_forward:
             def forward(self):
-                task = getattr(self.dataloader, "single_task", None)
-                if task is not None and hasattr(self.experience, "task_labels") and \
-                        is_multi_task_module(self.model):
-                    return single_task_forward(self.model, self.mb_x, task)
+                if hasattr(self.experience, "task_labels") and is_multi_task_module(self.model):
+                    task = getattr(self.dataloader, "single_task", None)
+                    if task is not None:
+                        return single_task_forward(self.model, self.mb_x, task)
+                    # a batch of several task labels the loader has read on the host (replay, cumulative)
+                    tasks = getattr(self.dataloader, "batch_tasks", None)
+                    forward_tasks = getattr(self.model, "forward_tasks", None)  # not through a DDP wrapper
+                    if tasks and forward_tasks is not None:
+                        return forward_tasks(self.mb_x, self.mb_task_id, tasks)
                 return super().forward()
 
         def _tensor_loader(self):
