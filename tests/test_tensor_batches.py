@@ -293,3 +293,22 @@ def test_task_keys_gather_the_same_statistics_from_the_tensors():
     assert all(torch.equal(a, b) for a, b in zip(stats[True], stats[False]))
     counts = dict(strategy.model.task_keys.named_buffers())["counts"]
     assert int(counts.sum()) == sum(len(e.dataset) for e in list(info.benchmark.train_stream)[:2])
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_the_loader_names_the_task_labels_of_every_batch_it_yields(shuffle):
+    """``batch_tasks`` (read from the host's copy of the labels) is the set of the batch's own task labels:
+    a current task's group (one label) with a memory of three earlier tasks, oversampled as Replay's loader."""
+    from modnet.runner.tensor_batches import TensorView
+
+    g = torch.Generator().manual_seed(0)
+    current = TensorView(torch.randn(50, 3), None, torch.zeros(50, dtype=torch.long), torch.full((50,), 3))
+    t_memory = torch.randint(0, 3, (20,), generator=g)
+    memory = TensorView(torch.randn(20, 3), None, torch.zeros(20, dtype=torch.long), t_memory)
+    loader = TensorBatchLoader([current, memory], [8, 4], termination=0, oversample=True, shuffle=shuffle)
+    assert loader.single_task is None
+    seen = 0
+    for x, y, t in loader:
+        assert loader.batch_tasks == sorted(set(t.tolist()))
+        seen += 1
+    assert seen == 7 and TensorBatchLoader([current], [8]).single_task == 3

@@ -244,6 +244,10 @@ class _Group:
             return set() if labels is None else labels
         return set(np.unique(labels[host_idx if isinstance(host_idx, slice) else host_idx.numpy()]).tolist())
 
+    def all_tasks(self) -> set[int]:
+        """Every task label of the group."""
+        return self.tasks(slice(None))
+
     def batches(self):
         """(index tensor on the data's device, the same indices on the host) of one pass (the permutation is
         drawn at the first batch, as RandomSampler does)."""
@@ -281,9 +285,10 @@ class TensorBatchLoader:
         self.n_iterations = lengths[termination]
         # the task label every batch carries when all samples share one (read once, here): lets a multi-head
         # model take its single-task path without reading the batch's labels back (``single_task_forward``)
-        labels = {int(v) for g in self.groups if len(g.view) for v in (g.view.t.min(), g.view.t.max())}
+        labels = set().union(*(g.all_tasks() for g in self.groups))
         self.single_task = labels.pop() if len(labels) == 1 else None
-        # the task labels of the batch last yielded, from the host's copy (``multi_task_forward``)
+        # the task labels of the batch last yielded, read from the groups' host copies: a multi-head model's
+        # ``forward_tasks`` takes them (replay's and cumulative's batches mix tasks)
         self.batch_tasks: list[int] | None = None
 
     def __len__(self) -> int:
