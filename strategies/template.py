@@ -28,7 +28,10 @@ class ConditionedTemplate(SupervisedTemplate):
             condition.trace = ForwardTrace()  # this step's records only
         else:
             condition = Condition()
-        return model(self.mb_x, self.mb_task_id, condition=condition)
+        # a batch whose task label the tensor loader knows (every label the same: evaluation of one experience)
+        # goes as an int, so a task-incremental network needs no torch.unique of the labels (a host read)
+        single = getattr(self.dataloader, "single_task", None)
+        return model(self.mb_x, self.mb_task_id if single is None else int(single), condition=condition)
 
     def forward(self):
         return self.forward_through(self.model)

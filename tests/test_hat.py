@@ -161,7 +161,12 @@ def test_cumulative_mask_is_elementwise_max():
     assert torch.allclose(model.cumulative_masks()[0], torch.tensor([1.0, 0.0, 1.0]), atol=1e-6)
     model.consolidate(1)
     assert torch.allclose(model.cumulative_masks()[0], torch.ones(3), atol=1e-6)
-    assert int(model.n_trained) == 2
+    assert int(model.n_trained) == 2 and model.trained == 2
+    # the host's count follows a loaded state dict (a resumed run): evaluation reads it, not the buffer
+    fresh = HATMLP(4, [[0, 1], [2, 3]], hidden=3, n_layers=1, smax=400)
+    assert fresh.trained == 0
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.trained == 2
 
 
 def test_clip_grad_norm_spreads_a_nan_norm_like_torch():

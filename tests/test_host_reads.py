@@ -19,10 +19,10 @@ import functools
 import pytest
 import torch
 from avalanche.core import SupervisedPlugin
-from avalanche.training.plugins import EvaluationPlugin
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from modnet.config import compose
+from modnet.eval.metrics import build_evaluator
 from modnet.runner.runner import make_strategy
 from scenarios.base import split_benchmark
 
@@ -51,23 +51,32 @@ class HostReads(TorchDispatchMode):
 
 class RecordSteps:
     """``HostReads`` over every training iteration, from the first plugin's ``before_training_iteration``
-    (``start``, placed first) to the last plugin's ``after_training_iteration`` (``stop``, placed last);
-    ``steps`` counts them."""
+    (``start``, placed first) to the last plugin's ``after_training_iteration`` (``stop``, placed last, after
+    the evaluator); ``steps`` counts them. The same over evaluation iterations: ``eval_reads``, ``eval_steps``
+    (the accuracy matrix's update included)."""
 
     def __init__(self):
-        self.mode, self.reads, self.steps = None, [], 0
+        self.mode, self.reads, self.steps, self.eval_reads, self.eval_steps = None, [], 0, [], 0
         record = self
 
-        class Start(SupervisedPlugin):
-            def before_training_iteration(self, strategy, **kw):
-                record.mode = HostReads()
-                record.mode.__enter__()
+        def start(strategy, **kw):
+            record.mode = HostReads()
+            record.mode.__enter__()
 
-        class Stop(SupervisedPlugin):
-            def after_training_iteration(self, strategy, **kw):
-                record.mode.__exit__(None, None, None)
+        def stop(strategy, **kw):
+            record.mode.__exit__(None, None, None)
+            if strategy.is_training:
                 record.reads += record.mode.reads
                 record.steps += 1
+            else:
+                record.eval_reads += record.mode.reads
+                record.eval_steps += 1
+
+        class Start(SupervisedPlugin):
+            before_training_iteration = before_eval_iteration = staticmethod(start)
+
+        class Stop(SupervisedPlugin):
+            after_training_iteration = after_eval_iteration = staticmethod(stop)
 
         self.start, self.stop = Start(), Stop()
 
@@ -107,12 +116,14 @@ def _steps(strategy_name: str, scenario: str, overrides=(), extra_plugins=()) ->
     cfg = compose("cl", [*RUN, *overrides])
     info = split_benchmark("planted", x, y, x, y, 2, scenario, 0)
     record = RecordSteps()
-    strategy = make_strategy(strategy_name, cfg, info, torch.device("cpu"), EvaluationPlugin(loggers=[]),
-                             plugins=list(extra_plugins))
+    evaluator, accuracy = build_evaluator([], "unused", progress=False)  # the runner's: the accuracy matrix
+    strategy = make_strategy(strategy_name, cfg, info, torch.device("cpu"), evaluator, plugins=list(extra_plugins))
     strategy.plugins.insert(0, record.start)
     strategy.plugins.append(record.stop)
     for exp in info.benchmark.train_stream:
         strategy.train(exp)
+        strategy.eval(info.benchmark.test_stream)  # every experience, trained or not, as the runner evaluates
+    record.accuracy = accuracy.matrix()
     return record
 
 
@@ -163,9 +174,11 @@ def test_hats_cpu_clip_reads_the_norm_and_its_device_clip_does_not(python_reads)
     ("task", ("train.valid_fraction=0.2", "train.lr_patience=1")),  # HAT's reference loop
 ], ids=["mlp-task", "mlp-class", "sync-reg", "bf16", "cnn-class-ood", "resnet18", "reference-loop"])
 def test_a_modnet_training_step_reads_nothing_on_the_host(scenario, overrides, python_reads, device_clip):
+    """Evaluation batches neither (the accuracy matrix counts on the device and reads once per experience)."""
     record = _steps("modnet", scenario, overrides)
-    assert record.steps >= 8
-    assert record.reads == []
+    assert record.steps >= 8 and record.eval_steps >= 4
+    assert record.reads == [] and record.eval_reads == []
+    assert len(record.accuracy) == 2 and all(0 <= a <= 1 for row in record.accuracy for a in row)  # counted
 
 
 @pytest.mark.parametrize("name,scenario", [
@@ -175,8 +188,8 @@ def test_a_modnet_training_step_reads_nothing_on_the_host(scenario, overrides, p
 ])
 def test_a_baseline_step_reads_nothing_on_the_host(name, scenario, python_reads):
     record = _steps(name, scenario)
-    assert record.steps >= 8
-    assert record.reads == []
+    assert record.steps >= 8 and record.eval_steps >= 4
+    assert record.reads == [] and record.eval_reads == []
 
 
 def test_the_multi_head_net_answers_as_avalanches_split_by_task():

@@ -1,7 +1,8 @@
 """The evaluation layer of ``modnet cl``: the accuracy matrix as an Avalanche metric, and the evaluator.
 
-``AccuracyMatrix`` is a ``PluginMetric``: during every evaluation phase it keeps one Avalanche ``Accuracy``
-per test experience (fed the strategy's minibatch outputs and labels) and, when the phase ends, appends the
+``AccuracyMatrix`` is a ``PluginMetric``: during every evaluation phase it counts, per test experience, the
+correct predictions of the strategy's minibatch outputs (Avalanche's ``Accuracy``, with the count kept on the
+device until the phase ends) and, when the phase ends, appends the
 row R[i][j] = accuracy on test experience j after training experience i (NaN for experiences the phase did
 not evaluate). Keying by the experience itself, not by a metric name, makes it the same for task-incremental
 benchmarks (a task label per experience) and class-incremental ones (one label for all).
@@ -20,9 +21,9 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from avalanche.evaluation import PluginMetric
 from avalanche.evaluation.metric_utils import stream_type
-from avalanche.evaluation.metrics import Accuracy
 
 from modnet.config import ConfigError
 
@@ -49,7 +50,11 @@ class AccuracyMatrix(PluginMetric[list]):
         """Forget every row: a fresh matrix for a fresh strategy."""
         self._rows: list[dict[int, float]] = []
         self._width = 0
-        self._phase: dict[int, Accuracy] = {}
+        # per experience of the phase: (correct predictions, a tensor on the outputs' device; samples). Avalanche's
+        # Accuracy reads each batch's count on the host (a device sync per evaluation batch on a GPU); these
+        # are read once per experience, at the end of the phase. The same accuracy: its mean of batch
+        # accuracies weighted by batch size is correct / samples.
+        self._phase: dict[int, tuple[torch.Tensor, int]] = {}
 
     def result(self) -> list[list[float]]:
         return self.matrix()
@@ -65,13 +70,29 @@ class AccuracyMatrix(PluginMetric[list]):
         super().after_eval_iteration(strategy)
         exp = strategy.experience
         if stream_type(exp) == self.stream:
-            self._phase.setdefault(exp.current_experience, Accuracy()).update(strategy.mb_output, strategy.mb_y)
+            correct = _correct(strategy.mb_output, strategy.mb_y)
+            j = exp.current_experience
+            if j in self._phase:
+                total, n = self._phase[j]
+                self._phase[j] = (total + correct, n + len(strategy.mb_y))
+            else:
+                self._phase[j] = (correct, len(strategy.mb_y))
             self._width = max(self._width, _stream_length(exp), exp.current_experience + 1)
 
     def after_eval(self, strategy) -> None:
         if self._phase:
-            self._rows.append({j: acc.result() for j, acc in self._phase.items()})
+            self._rows.append({j: int(correct) / n if n else 0.0 for j, (correct, n) in self._phase.items()})
         self._phase = {}
+
+
+def _correct(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """How many predictions are right, on the outputs' device (as Avalanche's ``Accuracy``: logits or
+    one-hot rows are read by their argmax)."""
+    predicted = output.argmax(1) if output.dim() > 1 else output
+    true = y.argmax(1) if y.dim() > 1 else y
+    if len(predicted) != len(true):
+        raise ValueError("Size mismatch for true and predicted tensors")
+    return (predicted == true).sum()
 
 
 def _stream_length(experience) -> int:

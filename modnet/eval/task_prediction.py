@@ -23,7 +23,7 @@ def task_prediction(model, test_stream, device, batch_size: int = 512) -> dict:
     was_training = model.training
     model.eval()
     try:
-        n = int(model.n_trained)
+        n = model.trained
         task_hits, within_hits, counts = [], [], []
         for t, exp in enumerate(list(test_stream)[:n]):
             ds = exp.dataset

@@ -28,7 +28,7 @@ def plot_module_maps(net, out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for t in range(int(net.n_trained)):
+    for t in range(net.trained):
         gate = net.gate.task_gate(t)
         if gate is None:
             continue
@@ -76,7 +76,7 @@ def gate_usage(net, xs: list[torch.Tensor]) -> list[np.ndarray]:
     was = net.training
     net.eval()
     usage: list[list[np.ndarray]] = []
-    for t, x in enumerate(xs[: int(net.n_trained)]):
+    for t, x in enumerate(xs[: net.trained]):
         gate = net.gate.task_gate(t)
         if gate is None:
             continue
@@ -116,7 +116,7 @@ def write_module_report(net, test_stream, out_dir: Path, samples: int = 256) -> 
     usage = gate_usage(net, xs)
     plot_gate_usage(usage, out_dir / "gate_usage.png")
     sizes = {}
-    for t in range(int(net.n_trained)):
+    for t in range(net.trained):
         gate = net.gate.task_gate(t)
         if gate is not None:
             sizes[f"task{t}"] = [np.bincount(gate.assignment(i).cpu().numpy()).tolist() for i in range(gate.n_layers)]

@@ -167,7 +167,7 @@ def zero_shot_network(model: nn.Module, cfg, space: ColumnSpace, learned: list[i
     knowledge = space.knowledge.to(x_seen.device)
     if isinstance(model, HATNet):
         net = copy.deepcopy(model).eval()
-        tasks = range(int(net.n_trained))
+        tasks = range(net.trained)
         heads = [Head(net.heads[t], net.task_classes[t], forward_fn=functools.partial(net.task_logits, task=t))
                  for t in tasks]
         niwt = NIWT(net, importance_layer_of(net, fixed_layer(cfg)), None, seed=seed, **niwt_arguments(cfg))

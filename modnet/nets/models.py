@@ -109,6 +109,10 @@ class Condition:
     trace: ForwardTrace = field(default_factory=ForwardTrace)
 
 
+def _reread_trained(net: "MultiHeadTaskNet", incompatible_keys) -> None:
+    net._trained = int(net.n_trained)
+
+
 class MultiHeadTaskNet(MultiTaskModule):
     """One output head per task (experience), with task inference when no task label is given.
 
@@ -132,6 +136,10 @@ class MultiHeadTaskNet(MultiTaskModule):
         for t, c in enumerate(self.task_classes):
             self.register_buffer(f"class_index_{t}", torch.tensor(c, dtype=torch.long))
         self.register_buffer("n_trained", torch.zeros((), dtype=torch.long))
+        # the same count on the host, read by every evaluation batch (the buffer would be a device sync each
+        # time); kept by mark_trained and re-read once when a state dict is loaded (a resumed run)
+        self._trained = 0
+        self.register_load_state_dict_post_hook(_reread_trained)
 
     def task_logits(self, x: Tensor, task: int, condition: Condition | None = None) -> Tensor:
         raise NotImplementedError
@@ -178,7 +186,7 @@ class MultiHeadTaskNet(MultiTaskModule):
 
     def infer_task(self, x: Tensor, condition: Condition | None = None) -> tuple[Tensor, Tensor]:
         """Every trained task's head scores x, the most confident wins: (logits over all classes, task)."""
-        n = max(int(self.n_trained), 1)
+        n = max(self.trained, 1)
         outs, scores = [], []
         for t in range(n):
             logp = F.log_softmax(self.task_logits(x, t, condition), dim=1)
@@ -193,8 +201,14 @@ class MultiHeadTaskNet(MultiTaskModule):
         logits = stacked.gather(0, chosen.view(1, -1, 1).expand(1, *stacked.shape[1:])).squeeze(0)
         return logits, chosen
 
+    @property
+    def trained(self) -> int:
+        """How many tasks are trained (``n_trained``, the buffer checkpoints keep), without reading the device."""
+        return self._trained
+
     def mark_trained(self, task: int) -> None:
-        self.n_trained.fill_(max(int(self.n_trained), task + 1))
+        self._trained = max(self._trained, task + 1)
+        self.n_trained.fill_(self._trained)
 
 
 class HATNet(MultiHeadTaskNet):
@@ -410,14 +424,14 @@ class HATNet(MultiHeadTaskNet):
 
     def infer_task(self, x: Tensor, condition: Condition | None = None) -> tuple[Tensor, Tensor]:
         # features first: with task_inference.feature_ood_weight the CSI heads (task_ood) are one of its scores
-        if self.task_features is not None and int(self.n_trained) > 0:
+        if self.task_features is not None and self.trained > 0:
             return self._infer_task_features(x, condition)
-        if self.task_ood is not None and self.task_ood_predicts_task and int(self.n_trained) > 0:
+        if self.task_ood is not None and self.task_ood_predicts_task and self.trained > 0:
             return self._infer_task_ood(x, condition)
-        if self.task_keys is None or int(self.n_trained) == 0:
+        if self.task_keys is None or self.trained == 0:
             return super().infer_task(x, condition)
         # p(c | x) = p(t | x) p(c | x, t): task posterior from the keys, class from the task's masked head.
-        n = int(self.n_trained)
+        n = self.trained
         idx = [getattr(self, f"class_index_{t}") for t in range(n)]
         log_pt = self.task_keys.task_log_posterior(x, [self.key_slots(t) for t in range(n)])
         out = x.new_full((x.shape[0], self.n_classes), _OFF_HEAD_LOGIT)
@@ -432,7 +446,7 @@ class HATNet(MultiHeadTaskNet):
         classification head's log-probabilities; every other task's classes get their own head's
         log-probabilities lowered by the off-head logit (-1e4): the argmax over all classes is the chosen head's,
         and the argmax over one task's classes is that task's head's (accuracy with the task known)."""
-        n = int(self.n_trained)
+        n = self.trained
         chosen = self.task_features.task_scores(self, x, n).argmax(1)
         return self._chosen_head_log_probs(chosen, [self.task_logits(x, t, condition) for t in range(n)]), chosen
 
@@ -453,7 +467,7 @@ class HATNet(MultiHeadTaskNet):
         """The task of the highest calibrated OOD score z_t(x) answers (modnet.nets.task_inference) with its
         log-probabilities (classification head, or the transforms' ensemble); every other task's classes get
         theirs lowered by the off-head logit, as in ``_infer_task_features``."""
-        n = int(self.n_trained)
+        n = self.trained
         z, gs = self.task_ood.task_scores(self, x, n, condition)
         chosen = z.argmax(1)
         # a head that gained classes later (NIWT's unseen classes) has no joint outputs for them: its
