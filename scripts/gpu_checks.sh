@@ -6,6 +6,9 @@
 #      modnet vs plain and naive, samples/s, peak memory, same-process step-cost ratios.
 #   Parts 2 and 3 add "modnet (compiled)" (train.compile=true, Triton kernels): compile seconds, time saved per
 #   step and the steps after which the compile pays back.
+#   4. no host sync in a training or evaluation step, on the GPU: tests/test_host_reads.py with
+#      MODNET_TEST_DEVICE=cuda (reads of device tensors, and torch.cuda.set_sync_debug_mode over the same
+#      spans), its report in OUT_DIR/host_reads.txt (needs the test extras: pip install -e ".[test]").
 # Each part writes its own bench.json (with the device name) under OUT_DIR/<part>/, so a part that runs out of
 # time loses only itself. Usage: scripts/gpu_checks.sh [OUT_DIR] [extra overrides for every part]
 #   e.g. a CPU dry run at toy size: scripts/gpu_checks.sh /tmp/gpu_dry device=cpu samples.resnet18=256 \
@@ -15,12 +18,21 @@ OUT_DIR=${1:-outputs/bench_gpu}
 shift || true
 PY=${PYTHON:-python3}
 common=(device=cuda threads=null epochs=2 repeats=1 niwt=false)
-echo "[gpu_checks] 1/3 SynC and NIWT at scale"
+echo "[gpu_checks] 1/4 SynC and NIWT at scale"
 "$PY" -m modnet.cli bench "${common[@]}" archs=[] sync_sizes=[8000,16000,32000] niwt_features.enabled=true \
     output_dir="$OUT_DIR/scale" "$@"
-echo "[gpu_checks] 2/3 MLP loops"
+echo "[gpu_checks] 2/4 MLP loops"
 "$PY" -m modnet.cli bench "${common[@]}" archs=[mlp] ratio_rounds=5 compile=true sync_sizes=[] output_dir="$OUT_DIR/mlp" \
     "$@"
-echo "[gpu_checks] 3/3 ResNet-18, CIFAR-100 shape, bf16 + channels_last"
+echo "[gpu_checks] 3/4 ResNet-18, CIFAR-100 shape, bf16 + channels_last"
 "$PY" -m modnet.cli bench "${common[@]}" archs=[resnet18] samples.resnet18=50000 batch_size.resnet18=128 \
     amp=true channels_last=true ratio_rounds=3 compile=true sync_sizes=[] output_dir="$OUT_DIR/resnet18" "$@"
+echo "[gpu_checks] 4/4 host syncs in the training and evaluation steps"
+if [[ " $* " == *" device=cpu "* ]]; then
+    echo "[gpu_checks] skipped on device=cpu (the suite runs the CPU version)"
+else
+    mkdir -p "$OUT_DIR"
+    MODNET_TEST_DEVICE=cuda "$PY" -m pytest tests/test_host_reads.py -q -n 0 > "$OUT_DIR/host_reads.txt" 2>&1 \
+        && echo "[gpu_checks] no host sync found" \
+        || echo "[gpu_checks] host syncs found or the test failed: see $OUT_DIR/host_reads.txt"
+fi

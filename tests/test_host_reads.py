@@ -8,6 +8,10 @@ device's time and the host's one after the other. CI has no GPU, so the step's o
 ``before_training_iteration`` to ``after_training_iteration``: the forward, the losses every plugin adds, the
 backward, HAT's gradient conditioning and clipping, the optimiser step.
 
+On a CUDA machine (``MODNET_TEST_DEVICE=cuda``, as ``scripts/gpu_checks.sh`` runs it) the same tests train on
+the GPU and count only reads of tensors on the device (a CPU tensor's read waits for nothing), and CUDA's own
+sync detector (``torch.cuda.set_sync_debug_mode``) watches the same spans, catching syncs inside kernels too.
+
 HAT's clipping reads the gradient norm on the CPU on purpose (no device to wait for; it skips a pass over
 the gradients when the norm is within bounds): the step is recorded with ``clip_grad_norm``'s device path,
 the one a GPU runs. Left out, with their reads: GEM's and A-GEM's projection tests, hnet's Adam (its step
@@ -15,16 +19,24 @@ counter is a CPU tensor on any device: not a device sync), and task-incremental 
 through ``MultiHeadNet.forward``, which reads the buffer sample's task labels with ``torch.unique``).
 """
 import functools
+import os
+import warnings
 
 import pytest
 import torch
 from avalanche.core import SupervisedPlugin
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from modnet.config import compose
 from modnet.eval.metrics import build_evaluator
 from modnet.runner.runner import make_strategy
 from scenarios.base import split_benchmark
+
+DEVICE = torch.device(os.environ.get("MODNET_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda" and not torch.cuda.is_available():
+    pytest.skip("MODNET_TEST_DEVICE=cuda without a CUDA device", allow_module_level=True)
+ON_DEVICE = DEVICE.type != "cpu"  # then only reads of tensors on the device count
 
 aten = torch.ops.aten
 # ops whose result the host reads, or whose output size depends on the data
@@ -44,9 +56,14 @@ class HostReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         boolean_index = func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default) and any(
             i is not None and i.dtype == torch.bool for i in args[1])
-        if func in READ_OPS or boolean_index:
+        if (func in READ_OPS or boolean_index) and _reads_the_device(args):
             self.reads.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+def _reads_the_device(args) -> bool:
+    """On the CPU every read counts (it stands for the GPU run's); on a GPU, reads of device tensors."""
+    return not ON_DEVICE or any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in tree_leaves(args))
 
 
 class RecordSteps:
@@ -60,11 +77,21 @@ class RecordSteps:
         record = self
 
         def start(strategy, **kw):
+            if ON_DEVICE:  # CUDA's own detector: a warning per synchronizing call, recorded as a read
+                record.caught = warnings.catch_warnings(record=True)
+                record.warned = record.caught.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
             record.mode = HostReads()
             record.mode.__enter__()
 
         def stop(strategy, **kw):
             record.mode.__exit__(None, None, None)
+            if ON_DEVICE:
+                torch.cuda.set_sync_debug_mode("default")
+                record.caught.__exit__(None, None, None)
+                record.mode.reads += [f"cuda sync: {w.message}" for w in record.warned
+                                      if "synchroniz" in str(w.message)]
             if strategy.is_training:
                 record.reads += record.mode.reads
                 record.steps += 1
@@ -92,7 +119,7 @@ def python_reads(monkeypatch):
         @functools.wraps(original)
         def recorded(self, *args, **kwargs):
             for mode in _get_current_dispatch_mode_stack():
-                if isinstance(mode, HostReads):
+                if isinstance(mode, HostReads) and _reads_the_device([self]):
                     mode.reads.append(f"Tensor.{name}")
             return original(self, *args, **kwargs)
         monkeypatch.setattr(torch.Tensor, name, recorded)
@@ -114,10 +141,11 @@ def _steps(strategy_name: str, scenario: str, overrides=(), extra_plugins=()) ->
     if any(o in overrides for o in ("model.arch=cnn", "model.arch=resnet18")):
         x = x.view(-1, 1, 8, 8)
     cfg = compose("cl", [*RUN, *overrides])
-    info = split_benchmark("planted", x, y, x, y, 2, scenario, 0)
+    # the data on the device before the split, as the runner moves them (train.data_on_device)
+    info = split_benchmark("planted", x.to(DEVICE), y.to(DEVICE), x.to(DEVICE), y.to(DEVICE), 2, scenario, 0)
     record = RecordSteps()
     evaluator, accuracy = build_evaluator([], "unused", progress=False)  # the runner's: the accuracy matrix
-    strategy = make_strategy(strategy_name, cfg, info, torch.device("cpu"), evaluator, plugins=list(extra_plugins))
+    strategy = make_strategy(strategy_name, cfg, info, DEVICE, evaluator, plugins=list(extra_plugins))
     strategy.plugins.insert(0, record.start)
     strategy.plugins.append(record.stop)
     for exp in info.benchmark.train_stream:
