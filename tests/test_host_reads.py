@@ -25,7 +25,7 @@ import warnings
 import pytest
 import torch
 from avalanche.core import SupervisedPlugin
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 from torch.utils._pytree import tree_leaves
 
 from modnet.config import compose
@@ -86,7 +86,7 @@ class RecordSteps:
             record.mode.__enter__()
 
         def stop(strategy, **kw):
-            record.mode.__exit__(None, None, None)
+            record.close()
             if ON_DEVICE:
                 torch.cuda.set_sync_debug_mode("default")
                 record.caught.__exit__(None, None, None)
@@ -107,12 +107,15 @@ class RecordSteps:
 
         self.start, self.stop = Start(), Stop()
 
+    def close(self) -> None:
+        """Leave the recording (an iteration that raised leaves it open: the test then closes it)."""
+        if self.mode is not None and self.mode in _get_current_dispatch_mode_stack():
+            self.mode.__exit__(None, None, None)
+
 
 @pytest.fixture
 def python_reads(monkeypatch):
     """Wraps Tensor.tolist / numpy / cpu: while a HostReads mode is active, a call is recorded in it."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-
     def wrap(name):
         original = getattr(torch.Tensor, name)
 
@@ -148,9 +151,14 @@ def _steps(strategy_name: str, scenario: str, overrides=(), extra_plugins=()) ->
     strategy = make_strategy(strategy_name, cfg, info, DEVICE, evaluator, plugins=list(extra_plugins))
     strategy.plugins.insert(0, record.start)
     strategy.plugins.append(record.stop)
-    for exp in info.benchmark.train_stream:
-        strategy.train(exp)
-        strategy.eval(info.benchmark.test_stream)  # every experience, trained or not, as the runner evaluates
+    try:
+        for exp in info.benchmark.train_stream:
+            strategy.train(exp)
+            strategy.eval(info.benchmark.test_stream)  # every experience, trained or not, as the runner evaluates
+    finally:
+        record.close()
+        if ON_DEVICE:
+            torch.cuda.set_sync_debug_mode("default")
     record.accuracy = accuracy.matrix()
     return record
 
