@@ -31,7 +31,7 @@ class ConditionedTemplate(SupervisedTemplate):
         # a batch whose task label the tensor loader knows (every label the same: evaluation of one experience)
         # goes as an int, so a task-incremental network needs no torch.unique of the labels (a host read)
         single = getattr(self.dataloader, "single_task", None)
-        return model(self.mb_x, self.mb_task_id if single is None else int(single), condition=condition)
+        return model(self.mb_x, self.mb_task_id if single is None else single, condition=condition)
 
     def forward(self):
         return self.forward_through(self.model)

@@ -109,6 +109,11 @@ class Condition:
     trace: ForwardTrace = field(default_factory=ForwardTrace)
 
 
+def has_batch_norm(module: nn.Module) -> bool:
+    """Whether a batch norm couples the rows of a forward pass through ``module``."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
 def _reread_trained(net: "MultiHeadTaskNet", incompatible_keys) -> None:
     net._trained = int(net.n_trained)
 
@@ -246,7 +251,7 @@ class HATNet(MultiHeadTaskNet):
     @property
     def rows_coupled(self) -> bool:
         """Whether a training pass mixes its rows (batch norm): then extra inputs cannot share the batch's pass."""
-        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
+        return has_batch_norm(self)
 
     def _init_cumulative_masks(self) -> None:
         for i, layer in enumerate(self.masked):
@@ -667,7 +672,7 @@ class MultiHeadNet(MultiTaskModule):
         self.backbone = backbone
         self.classifier = MultiHeadClassifier(backbone.out_dim, initial_out_features=2)
         # batch norm couples the rows of a pass (per-task batches give other statistics): Avalanche's split
-        self._rows_coupled = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules())
+        self._rows_coupled = has_batch_norm(backbone)
 
     def forward_tasks(self, x: Tensor, task_labels: Tensor, tasks: Sequence[int]) -> Tensor:
         """``forward(x, task_labels)`` given ``tasks``, the task labels the batch holds (the loader read them

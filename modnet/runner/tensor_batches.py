@@ -234,17 +234,17 @@ class _Group:
         # the task labels, on the host (read once, here): which tasks a batch holds is then known without
         # reading the batch (a group of one task label, as most are, needs no copy)
         t = view.t
-        self.task_labels = None if len(t) == 0 else \
-            {int(t.min())} if int(t.min()) == int(t.max()) else t.cpu().numpy()
+        lo, hi = (int(t.min()), int(t.max())) if len(t) else (None, None)
+        self.task_labels = frozenset() if lo is None else frozenset({lo}) if lo == hi else t.cpu().numpy()
 
-    def tasks(self, host_idx) -> set[int]:
+    def tasks(self, host_idx) -> frozenset[int]:
         """The task labels of the batch at host indices ``host_idx`` (a CPU index tensor or a slice)."""
         labels = self.task_labels
-        if labels is None or isinstance(labels, set):
-            return set() if labels is None else labels
-        return set(np.unique(labels[host_idx if isinstance(host_idx, slice) else host_idx.numpy()]).tolist())
+        if isinstance(labels, frozenset):
+            return labels
+        return frozenset(np.unique(labels[host_idx if isinstance(host_idx, slice) else host_idx.numpy()]).tolist())
 
-    def all_tasks(self) -> set[int]:
+    def all_tasks(self) -> frozenset[int]:
         """Every task label of the group."""
         return self.tasks(slice(None))
 
