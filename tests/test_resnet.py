@@ -105,3 +105,33 @@ def test_bench_runs_the_resnet18_comparison(tmp_path):
     assert all(r[k]["samples_per_s"] > 0 and r[k]["peak_memory_mb"] is None for k in ("plain", "naive", "modnet"))
     assert "n/a (isolate=false)" in (tmp_path / "bench.md").read_text()
     assert r["modnet_time_ratio_vs_plain"] > 0
+
+
+def test_strided_pointwise_conv_is_the_strided_kernel_and_trains_on_small_channels_last_maps():
+    """``Conv2d``'s CPU path for strided 1 x 1 convolutions (the shortcut's) gives nn.Conv2d's outputs and
+    gradients (a contiguous-map reference), odd sizes included, and its backward runs on the channels_last
+    shapes that crash torch's oneDNN kernel on AVX2 machines (fewer than 8 input channels: a crash there takes
+    the test process down)."""
+    from modnet.nets.hat import Conv2d
+
+    torch.manual_seed(0)
+    for n, c_in, c_out, size, stride in [(32, 4, 8, 8, 2), (8, 2, 4, 7, 2), (4, 3, 5, 9, 3)]:
+        ours = Conv2d(c_in, c_out, 1, stride=stride, bias=True)
+        ref = torch.nn.Conv2d(c_in, c_out, 1, stride=stride, bias=True)
+        ref.load_state_dict(ours.state_dict())
+        x = torch.randn(n, c_in, size, size)
+        x_ours = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+        x_ref = x.clone().requires_grad_()
+        out, out_ref = ours.to(memory_format=torch.channels_last)(x_ours), ref(x_ref)
+        assert out.shape == out_ref.shape == (n, c_out, -(-size // stride), -(-size // stride))
+        torch.testing.assert_close(out, out_ref)
+        g = torch.randn_like(out_ref)
+        out.backward(g)
+        out_ref.backward(g)
+        torch.testing.assert_close(x_ours.grad, x_ref.grad)
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+        torch.testing.assert_close(ours.bias.grad, ref.bias.grad)
+    # the non-strided and padded cases are nn.Conv2d's own forward
+    conv = Conv2d(4, 8, 3, stride=2, padding=1)
+    x = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, 2, 1))

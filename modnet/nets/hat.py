@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -56,13 +57,34 @@ class HATLinear(nn.Linear, HATMaskedLayer):
         self._init_task_embedding(n_tasks, out_features)
 
 
-class HATConv2d(nn.Conv2d, HATMaskedLayer):
-    """``nn.Conv2d`` whose output channels are gated by a per-task HAT mask. Its forward is nn.Conv2d's: the
-    network applies the mask where the architecture puts it (``apply_unit_mask``; after ReLU and pooling in
-    HATCNN, after batch norm in HATResNet18)."""
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d``, except that on the CPU a strided 1 x 1 convolution without padding (ResNet's shortcut) is
+    the stride-1 convolution of the input's strided slice: the same outputs (a 1 x 1 kernel reads only the
+    pixels the stride lands on) and gradients.
+
+    Why: oneDNN's strided 1 x 1 weight-gradient kernels write past their workspace on channels_last maps with
+    fewer input channels than their block, 8 with AVX2 and 16 with AVX-512 (uxlfoundation/oneDNN#6035, open).
+    Measured with torch 2.14.1 on an AVX2 machine: ``aten.convolution_backward`` of a (32, 4, 8, 8) channels_last
+    input and an (8, 4, 1, 1) weight at stride 2 ends in "double free or corruption" or a segmentation fault
+    (HATResNet18 at width 4, the tests' size; contiguous maps were not hit). The slice goes through the
+    stride-1 kernel, which does not take that path (tests/test_resnet.py compares the two on the shapes that
+    crashed). Other devices keep the strided kernel."""
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if (input.device.type == "cpu" and self.stride != (1, 1) and self.kernel_size == (1, 1)
+                and self.padding == (0, 0) and self.padding_mode == "zeros" and input.dim() == 4):
+            sh, sw = self.stride
+            return F.conv2d(input[:, :, ::sh, ::sw], weight, bias, 1, 0, self.dilation, self.groups)
+        return super()._conv_forward(input, weight, bias)
+
+
+class HATConv2d(Conv2d, HATMaskedLayer):
+    """``nn.Conv2d`` whose output channels are gated by a per-task HAT mask. Its forward is nn.Conv2d's (but for
+    ``Conv2d``'s strided 1 x 1 case on the CPU): the network applies the mask where the architecture puts it
+    (``apply_unit_mask``; after ReLU and pooling in HATCNN, after batch norm in HATResNet18)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, n_tasks: int, **kw):
-        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, **kw)
+        Conv2d.__init__(self, in_channels, out_channels, kernel_size, **kw)
         self._init_task_embedding(n_tasks, out_channels)
 
 
@@ -91,8 +113,8 @@ def compensated_sigmoid(e: Tensor, s: float, smax: float, thres_cosh: float) -> 
     implementation (autograd through the sigmoid, then the compensation pass) to rounding (tests check it)."""
     se = e * s
     a = torch.sigmoid(se)
-    factor = a * (1.0 - a)  # sigmoid'(s e) / s
-    factor *= torch.cosh(se.clamp_(-thres_cosh, thres_cosh)).add_(1.0)
+    # (cosh(clamp(s e)) + 1) a (1 - a) in one op: the sigmoid's own backward kernel, as autograd runs it
+    factor = torch.ops.aten.sigmoid_backward(torch.cosh(se.clamp_(-thres_cosh, thres_cosh)).add_(1.0), a)
     factor /= torch.cosh(e).add_(1.0)
     factor *= smax  # s * smax / s
     return a, factor
@@ -142,8 +164,8 @@ class CompensatedMasks(torch.autograd.Function):
         g_masks, g_reg = grads[:-1], grads[-1]
         g = torch.cat([factor.new_zeros(n) if gm is None else gm for gm, n in zip(g_masks, ctx.sizes)])
         if g_reg is not None:
-            g = g + g_reg * free
-        return (None, None, None, None, None, *rows_into_tables((g * factor).split(ctx.sizes), ctx.shapes, ctx.task))
+            g.addcmul_(free, g_reg)  # g is the cat's own tensor: written in place
+        return (None, None, None, None, None, *rows_into_tables(g.mul_(factor).split(ctx.sizes), ctx.shapes, ctx.task))
 
 
 @dataclass

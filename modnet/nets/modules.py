@@ -500,13 +500,16 @@ class _GateFunction(torch.autograd.Function):
         if ctx.hat:
             factor, free = hat
             g_cap = grads[L]
-            g_v = (g_v if g_cap is None else g_v + g_cap * free) * factor  # compensated embedding gradient
+            if g_cap is not None:  # g_v is the gather's own tensor: updated in place
+                g_v.addcmul_(free, g_cap)
+            g_v.mul_(factor)  # compensated embedding gradient
         g_vectors = rows_into_tables([g if g.dtype == dt else g.to(dt)
                                       for g, dt in zip(_unstack_padded(g_v, sizes), ctx.vector_dtypes)],
                                      ctx.shapes, ctx.task)
         tau = ctx.tau
         soft = torch.softmax(scores if tau == 1.0 else scores / tau, dim=1)
-        g_s = soft * (g_mod - (soft * g_mod).sum(1, keepdim=True))
+        # soft * (g_mod - sum_m soft g_mod): the softmax's own backward kernel, one op where written out it is four
+        g_s = torch._softmax_backward_data(g_mod, soft, 1, soft.dtype)
         g_s = g_s.mul_(d ** -0.5 / tau).view(L * M, n)  # d loss / d (K_l (W_l x + b_l)), per score
         g_kw = (g_s @ x).view(L, M, D)
         g_kb = g_s.sum(1).view(L, M, 1)
