@@ -479,12 +479,25 @@ def _device_facts(device: torch.device) -> dict:
     else:
         import platform
 
-        facts["device_name"] = platform.processor() or platform.machine()
+        facts["device_name"] = _cpu_model() or platform.processor() or platform.machine()
+    # the vector kernels torch's CPU ops ran (DEFAULT / AVX2 / AVX512): the same code's ratios differ between an AVX2
+    # and an AVX-512 machine (stop 33: MLP HAT only 1.31x on AVX2 against 1.20x at stop 32), and so do some bugs
+    # (nets.hat.Conv2d)
+    facts["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     return facts
 
 
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:  # not Linux
+        return None
+
+
 def _markdown(res: dict) -> str:
-    lines = [f"# modnet bench ({res['device']}: {res.get('device_name', '')}, {res['threads']} CPU threads)", ""]
+    lines = [f"# modnet bench ({res['device']}: {res.get('device_name', '')}, {res['threads']} CPU threads, CPU kernels "
+             f"{res.get('cpu_capability', '?')})", ""]
     for arch, r in res["training"].items():
         lines += [f"## training, {arch} backbone ({r['config']})", "",
                   "Separate processes (throughput and memory of each loop on its own):", "",
