@@ -43,6 +43,6 @@ def test_bench_writes_ratios_that_agree_with_its_throughputs(tmp_path):
     assert set(sync) == {"200", "400"} and all(v["clusters"] >= 1 for v in sync.values())
     md = (tmp_path / "bench.md").read_text()
     assert "modnet step cost / naive step cost" in md and "| 400 |" in md
-    # which CPU kernels ran, in torch's own names (ratios and some bugs differ between AVX2 and AVX-512 machines)
+    # which CPU kernels ran, in torch's own names (ratios and some bugs differ between machines)
     assert res["cpu_capability"] in ("DEFAULT", "VSX", "Z VECTOR", "NO AVX", "AVX2", "AVX512", "SVE256", "SVE")
     assert f"CPU kernels {res['cpu_capability']}" in md

@@ -53,7 +53,7 @@ def test_niwt_on_pixel_grounded_shapes_transfers_and_keeps_the_seen_accuracy(tmp
     behind NIWT uncalibrated (the protocol's headline) and gated, NIWT's calibrated and gated H within 0.05 of the
     best, its unseen rows well above chance, the seen accuracy kept. Calibrated, ALE's H moves with the machine:
     on an AVX2 machine (stop 33) seed 0 gave ALE .890 against NIWT .871 (.909 / .878 after that stop's rounding
-    changes in HAT's masks), where the AVX-512 machines of earlier stops had ALE well behind: calibrated stacking's
+    changes in HAT's masks), where the faster machines of earlier stops had ALE well behind: calibrated stacking's
     gamma, chosen on validation, lands elsewhere (.81-.97 there) when the scores round differently."""
     from scenarios.planted_shapes import write_planted_shapes
 

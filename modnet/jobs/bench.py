@@ -480,9 +480,9 @@ def _device_facts(device: torch.device) -> dict:
         import platform
 
         facts["device_name"] = _cpu_model() or platform.processor() or platform.machine()
-    # the vector kernels torch's CPU ops ran (DEFAULT / AVX2 / AVX512): the same code's ratios differ between an AVX2
-    # and an AVX-512 machine (stop 33: MLP HAT only 1.31x on AVX2 against 1.20x at stop 32), and so do some bugs
-    # (nets.hat.Conv2d)
+    # the vector kernels torch's CPU ops ran (DEFAULT / AVX2 / AVX512): the same code's ratios differ between machines
+    # (stop 33, AVX2: MLP HAT only 1.31x, against 1.20x on stop 32's faster machine, kernels not recorded), and so do
+    # some bugs (nets.hat.Conv2d)
     facts["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     return facts
 
