@@ -108,15 +108,15 @@ def test_bench_runs_the_resnet18_comparison(tmp_path):
 
 
 def test_strided_pointwise_conv_is_the_strided_kernel_and_trains_on_small_channels_last_maps():
-    """``Conv2d``'s CPU path for strided 1 x 1 convolutions (the shortcut's) gives nn.Conv2d's outputs and
-    gradients (a contiguous-map reference), odd sizes included, and its backward runs on the channels_last
+    """``SlicedStrideConv2d``'s CPU path for strided 1 x 1 convolutions (the shortcut's) gives nn.Conv2d's outputs
+    and gradients (a contiguous-map reference), odd sizes included, and its backward runs on the channels_last
     shapes that crash torch's oneDNN kernel on AVX2 machines (fewer than 8 input channels: a crash there takes
     the test process down)."""
-    from modnet.nets.hat import Conv2d
+    from modnet.nets.hat import SlicedStrideConv2d
 
     torch.manual_seed(0)
     for n, c_in, c_out, size, stride in [(32, 4, 8, 8, 2), (8, 2, 4, 7, 2), (4, 3, 5, 9, 3)]:
-        ours = Conv2d(c_in, c_out, 1, stride=stride, bias=True)
+        ours = SlicedStrideConv2d(c_in, c_out, 1, stride=stride, bias=True)
         ref = torch.nn.Conv2d(c_in, c_out, 1, stride=stride, bias=True)
         ref.load_state_dict(ours.state_dict())
         x = torch.randn(n, c_in, size, size)
@@ -132,6 +132,6 @@ def test_strided_pointwise_conv_is_the_strided_kernel_and_trains_on_small_channe
         torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
         torch.testing.assert_close(ours.bias.grad, ref.bias.grad)
     # the non-strided and padded cases are nn.Conv2d's own forward
-    conv = Conv2d(4, 8, 3, stride=2, padding=1)
+    conv = SlicedStrideConv2d(4, 8, 3, stride=2, padding=1)
     x = torch.randn(2, 4, 8, 8)
     torch.testing.assert_close(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, 2, 1))

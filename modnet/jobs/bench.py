@@ -482,7 +482,7 @@ def _device_facts(device: torch.device) -> dict:
         facts["device_name"] = _cpu_model() or platform.processor() or platform.machine()
     # the vector kernels torch's CPU ops ran (DEFAULT / AVX2 / AVX512): the same code's ratios differ between machines
     # (stop 33, AVX2: MLP HAT only 1.31x, against 1.20x on stop 32's faster machine, kernels not recorded), and so do
-    # some bugs (nets.hat.Conv2d)
+    # some bugs (nets.hat.SlicedStrideConv2d)
     facts["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     return facts
 
@@ -496,8 +496,8 @@ def _cpu_model() -> str | None:
 
 
 def _markdown(res: dict) -> str:
-    lines = [f"# modnet bench ({res['device']}: {res.get('device_name', '')}, {res['threads']} CPU threads, CPU kernels "
-             f"{res.get('cpu_capability', '?')})", ""]
+    lines = [f"# modnet bench ({res['device']}: {res.get('device_name', '')}, {res['threads']} CPU threads, "
+             f"CPU kernels {res.get('cpu_capability', '?')})", ""]
     for arch, r in res["training"].items():
         lines += [f"## training, {arch} backbone ({r['config']})", "",
                   "Separate processes (throughput and memory of each loop on its own):", "",

@@ -57,7 +57,7 @@ class HATLinear(nn.Linear, HATMaskedLayer):
         self._init_task_embedding(n_tasks, out_features)
 
 
-class Conv2d(nn.Conv2d):
+class SlicedStrideConv2d(nn.Conv2d):
     """``nn.Conv2d``, except that on the CPU a strided 1 x 1 convolution without padding (ResNet's shortcut) is
     the stride-1 convolution of the input's strided slice: the same outputs (a 1 x 1 kernel reads only the
     pixels the stride lands on) and gradients.
@@ -78,13 +78,13 @@ class Conv2d(nn.Conv2d):
         return super()._conv_forward(input, weight, bias)
 
 
-class HATConv2d(Conv2d, HATMaskedLayer):
+class HATConv2d(SlicedStrideConv2d, HATMaskedLayer):
     """``nn.Conv2d`` whose output channels are gated by a per-task HAT mask. Its forward is nn.Conv2d's (but for
-    ``Conv2d``'s strided 1 x 1 case on the CPU): the network applies the mask where the architecture puts it
-    (``apply_unit_mask``; after ReLU and pooling in HATCNN, after batch norm in HATResNet18)."""
+    ``SlicedStrideConv2d``'s strided 1 x 1 case on the CPU): the network applies the mask where the architecture
+    puts it (``apply_unit_mask``; after ReLU and pooling in HATCNN, after batch norm in HATResNet18)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, n_tasks: int, **kw):
-        Conv2d.__init__(self, in_channels, out_channels, kernel_size, **kw)
+        SlicedStrideConv2d.__init__(self, in_channels, out_channels, kernel_size, **kw)
         self._init_task_embedding(n_tasks, out_channels)
 
 

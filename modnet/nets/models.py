@@ -23,7 +23,7 @@ from avalanche.models import MultiTaskModule
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from modnet.nets.hat import Conv2d, HATConv2d, HATLinear, TrainingMasks, apply_unit_mask
+from modnet.nets.hat import HATConv2d, HATLinear, SlicedStrideConv2d, TrainingMasks, apply_unit_mask
 
 # Logit given to classes outside the chosen head: finite so that cross-entropy and softmax stay finite.
 _OFF_HEAD_LOGIT = -1e4
@@ -836,7 +836,8 @@ class _BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Identity()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(Conv2d(c_in, c_out, 1, stride=stride, bias=False),  # see Conv2d
+            # SlicedStrideConv2d: the CPU's strided 1x1 backward corrupts memory on small channels_last maps
+            self.shortcut = nn.Sequential(SlicedStrideConv2d(c_in, c_out, 1, stride=stride, bias=False),
                                           nn.BatchNorm2d(c_out))
 
     def forward(self, x: Tensor) -> Tensor:
