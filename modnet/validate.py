@@ -20,7 +20,8 @@ What is checked (where the config has the key):
   class ids 0..C-1, equal feature widths, ...) and that its classes split into ``n_experiences``;
 * ``benchmark=npz`` in ``gzsl`` / ``explain`` (without ``run_dir``): the zero-shot arrays
   (``scenarios.sources.check_zsl_npz``: one attribute row per class with samples, unseen classes absent from
-  training and present in the test set, integer labels, equal feature widths).
+  training and present in the test set, integer labels, equal feature widths);
+* ``ratio_clock`` in ``bench``: auto, wall or thread_cpu, the last only with ``threads=1`` on the CPU.
 """
 from __future__ import annotations
 
@@ -40,6 +41,17 @@ TRANSFORM_ROWS = "the share of each batch in the transform heads' loss; 1 = all"
 POSITIVE = ("train.epochs", "train.batch_size", "train.eval_batch_size", "benchmark.n_experiences")
 # null: torch's default (every core, or OMP_NUM_THREADS); 0, which cl and bench once read as that, is refused
 POSITIVE_OR_NULL = {"gzsl": ("threads", "large_train.threads"), "cl": ("threads",), "bench": ("threads",)}
+
+
+RATIO_CLOCKS = ("auto", "wall", "thread_cpu")
+
+
+def _check_ratio_clock(cfg: DictConfig) -> None:
+    clock = cfg.get("ratio_clock", "auto")
+    check_choice("ratio_clock", clock, RATIO_CLOCKS)
+    if clock == "thread_cpu" and (cfg.get("threads") != 1 or cfg.get("device") == "cuda"):
+        raise ConfigError("config ratio_clock=thread_cpu times one thread's CPU: it needs threads=1 on the CPU "
+                          "(device=cpu); use ratio_clock=wall, or auto")
 
 
 def validate(job: str, cfg: DictConfig) -> None:
@@ -62,6 +74,8 @@ def validate(job: str, cfg: DictConfig) -> None:
         _check_compile(cfg.train.compile)
     if OmegaConf.select(cfg, "task_inference.transform_rows") is not None:
         check_share("task_inference.transform_rows", cfg.task_inference.transform_rows, TRANSFORM_ROWS)
+    if job == "bench":
+        _check_ratio_clock(cfg)
     if job == "cl":
         check_choice("scenario", cfg.scenario, SCENARIOS)
         check_choice("model.arch", cfg.model.arch, ARCHS)

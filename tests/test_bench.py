@@ -39,6 +39,7 @@ def test_bench_writes_ratios_that_agree_with_its_throughputs(tmp_path):
     per_round = sorted(m / n for m, n in zip(t["modnet"], t["naive"]))
     assert r["modnet_time_ratio_vs_naive"] == pytest.approx(per_round[1])
     assert r["step_cost_vs_naive"]["naive"]["median"] == pytest.approx(1.0)
+    assert res["ratio_clock"] == "thread_cpu"  # auto, on the CPU at one thread: lockstep rounds
     sync = res["sync"]["sizes"]
     assert set(sync) == {"200", "400"} and all(v["clusters"] >= 1 for v in sync.values())
     md = (tmp_path / "bench.md").read_text()
@@ -46,3 +47,64 @@ def test_bench_writes_ratios_that_agree_with_its_throughputs(tmp_path):
     # which CPU kernels ran, in torch's own names (ratios and some bugs differ between machines)
     assert res["cpu_capability"] in ("DEFAULT", "VSX", "Z VECTOR", "NO AVX", "AVX2", "AVX512", "SVE256", "SVE")
     assert f"CPU kernels {res['cpu_capability']}" in md
+
+
+def _matmul_epoch(log, name, steps, products, size=192):
+    """A fake training epoch: ``steps`` steps of ``products`` (size x size) matrix products each, logging when
+    each step starts and ends (bench._lockstep_round's loop interface: epoch(clock, on_step) -> seconds)."""
+    import time
+
+    import torch
+
+    a = torch.randn(size, size)
+
+    def epoch(clock, on_step):
+        t0 = clock()
+        for _ in range(steps):
+            log.append((name, "start", time.perf_counter()))
+            for _ in range(products):
+                a @ a
+            log.append((name, "end", time.perf_counter()))
+            on_step()
+        return clock() - t0
+    return epoch
+
+
+def test_lockstep_round_takes_one_step_of_each_loop_in_turn_and_times_each_on_its_own_cpu_clock():
+    """Three loops in lockstep: the steps never overlap, they come round-robin in the given order (a loop that
+    has finished leaves the round), and each epoch's thread CPU time is its own arithmetic: a loop planted with
+    twice the products per step measures ~2x the other, the third loop's steps in between not counted."""
+    import torch
+
+    from modnet.jobs.bench import _lockstep_round
+
+    torch.set_num_threads(1)
+    log = []
+    run = {"one": _matmul_epoch(log, "one", 6, 10), "two": _matmul_epoch(log, "two", 6, 20),
+           "short": _matmul_epoch(log, "short", 2, 40)}
+    out = _lockstep_round(run, ["two", "short", "one"])
+    starts = [name for name, what, _ in log if what == "start"]
+    assert starts == ["two", "short", "one"] * 2 + ["two", "one"] * 4
+    for (n1, w1, t1), (n2, w2, t2) in zip(log[::2], log[1::2]):  # each start is followed by its own end
+        assert (n1, w1, n2, w2) == (n1, "start", n1, "end") and t2 >= t1
+    assert set(out) == {"one", "two", "short"}
+    assert 1.6 < out["two"] / out["one"] < 2.4  # 120 products against 60: the clocks count each loop's own work
+
+
+def test_lockstep_round_raises_a_loops_error_after_the_others_finish():
+    from modnet.jobs.bench import _lockstep_round
+
+    log = []
+
+    def broken(clock, on_step):
+        on_step()
+        raise RuntimeError("loop failed")
+    with pytest.raises(RuntimeError, match="loop failed"):
+        _lockstep_round({"ok": _matmul_epoch(log, "ok", 3, 1), "broken": broken}, ["ok", "broken"])
+    assert [name for name, what, _ in log if what == "end"] == ["ok"] * 3  # the other loop was not left waiting
+
+
+def test_thread_cpu_ratios_need_one_cpu_thread(capsys):
+    assert main(["bench", "ratio_clock=thread_cpu", "threads=2", "archs=[mlp]"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ratio_clock=thread_cpu" in err[0] and "threads=1" in err[0]

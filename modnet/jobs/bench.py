@@ -10,9 +10,11 @@ Each loop runs in its own spawned process so that its peak memory (CUDA: max all
 above the process's baseline) is its own. The step-cost ratios come from a separate run in which all loops
 (and modnet with parts switched off: HAT only, HAT + gates, no transform heads; with the sync regulariser
 on; and the plain loop on as many rows per step as modnet's default trains, its batch and the transform
-heads' copies) live in one process and train one epoch each in turn, round after round: adjacent epochs
-share the machine's state, so the median of the per-round ratios holds on a noisy shared machine where
-separate runs drift by tens of percent.
+heads' copies) live in one process and train one epoch each per round, the median of the per-round ratios
+reported. On the CPU at one thread (``ratio_clock=auto``) a round's epochs run side by side, one training step of
+each loop in turn, each timed on its own thread's CPU clock: the loops' steps share the machine's state step by
+step, where epochs run one after another scattered by +-15% on these shared machines (wall clock, the choice on
+a GPU).
 Then SynC time for n = 1k..8k units (and the fitted growth exponent), NIWT step times and GZSL
 evaluation throughput. Writes ``bench.json`` and ``bench.md``.
 """
@@ -22,6 +24,7 @@ import json
 import math
 import multiprocessing as mp
 import resource
+import threading
 import time
 from pathlib import Path
 
@@ -73,32 +76,38 @@ def _cfg(arch: str, options: dict):
 
 
 class _EpochTimer:
-    """Avalanche plugin: wall time of every training epoch but the first (warm-up, gate creation)."""
+    """Avalanche plugin: the time of every training epoch on ``clock`` (wall by default; ``time.thread_time``:
+    this thread's CPU time), and ``on_step`` called after every training step (the lockstep rounds' turn)."""
 
-    def __new__(cls, device):
+    def __new__(cls, device, clock=time.perf_counter, on_step=None):
         from avalanche.core import SupervisedPlugin
 
         class EpochTimer(SupervisedPlugin):
             def __init__(self):
                 super().__init__()
                 self.times, self.samples, self._t = [], [], 0.0
+                self.clock, self.on_step = clock, on_step
 
             def before_training_epoch(self, strategy, **kw):
                 _sync(device)
-                self._t = time.perf_counter()
+                self._t = self.clock()
+
+            def after_training_iteration(self, strategy, **kw):
+                if self.on_step is not None:
+                    self.on_step()
 
             def after_training_epoch(self, strategy, **kw):
                 _sync(device)
-                self.times.append(time.perf_counter() - self._t)
+                self.times.append(self.clock() - self._t)
                 self.samples.append(len(strategy.experience.dataset))
 
         return EpochTimer()
 
 
 def _run_loop(kind: str, arch: str, n: int, batch: int, epochs: int, device_name: str, options: dict) -> dict:
-    from modnet.nets.hat import flush_subnormals
+    from modnet.runner.cpu import prepare_cpu
 
-    flush_subnormals()  # a spawned process: before its first parallel op, for every loop alike
+    prepare_cpu()  # a spawned process: before its first parallel op, for every loop alike
     torch.set_num_threads(options.get("threads", 1) or torch.get_num_threads())
     device = torch.device(device_name)
     torch.manual_seed(0)
@@ -198,11 +207,13 @@ COMPILED_LOOP, PLAIN_COMPILED_LOOP = "modnet (compiled)", "plain (compiled)"
 COMPILED_LOOPS = (COMPILED_LOOP, PLAIN_COMPILED_LOOP)
 
 
-def _plain_epoch(model, opt, x, y, batch, device, amp, rows_per_step: int | None = None):
-    """One epoch of the plain loop; ``rows_per_step`` > batch: each step also trains on the first
-    rows_per_step - batch rows of its batch again (the same arithmetic as a batch grown by copies)."""
+def _plain_epoch(model, opt, x, y, batch, device, amp, rows_per_step: int | None = None, clock=time.perf_counter,
+                 on_step=None):
+    """One epoch of the plain loop, its time on ``clock``; ``rows_per_step`` > batch: each step also trains on
+    the first rows_per_step - batch rows of its batch again (the same arithmetic as a batch grown by copies);
+    ``on_step`` is called after every step."""
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     n = x.shape[0]
     perm = torch.randperm(n, device=device)
     extra = max((rows_per_step or batch) - batch, 0)
@@ -215,21 +226,34 @@ def _plain_epoch(model, opt, x, y, batch, device, amp, rows_per_step: int | None
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if on_step is not None:
+            on_step()
     _sync(device)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def _interleaved_epochs(arch: str, n: int, batch: int, rounds: int, device_name: str, options: dict,
                         loops: dict) -> tuple[dict[str, list[float]], int | None, dict[str, float]]:
-    """Every loop in this one process, one training epoch each in turn (order rotated every round);
-    returns each loop's epoch times after one warm-up epoch (gate creation, allocator warm-up, compile), the
-    rows per step modnet's default trained on in its warm-up (None without the "modnet" loop), and each loop's
-    warm-up epoch time."""
-    from modnet.nets.hat import flush_subnormals
+    """Every loop in this one process, one training epoch each per round; returns each loop's epoch times after
+    one warm-up epoch (gate creation, allocator warm-up, compile), the rows per step modnet's default trained on
+    in its warm-up (None without the "modnet" loop), and each loop's warm-up epoch time (wall).
 
-    flush_subnormals()  # a spawned process: before its first parallel op, for every loop alike
+    ``options["ratio_clock"]``: ``wall`` runs the loops' epochs one after another (order rotated every round),
+    timed on the wall clock (with a device sync); ``thread_cpu`` (the CPU on one thread) runs each round's
+    epochs side by side in lockstep, one training step of each loop in turn (``_lockstep_round``), each epoch
+    timed on its own thread's CPU clock: a step's cost is compared with the other loops' steps of the same
+    moment, not with their epochs seconds apart, and time the process is not running is not counted."""
+    from modnet.runner.cpu import prepare_cpu
+
+    prepare_cpu()  # a spawned process: before its first parallel op, for every loop alike
     torch.set_num_threads(options.get("threads", 1) or torch.get_num_threads())
     device = torch.device(device_name)
+    clock = options.get("ratio_clock", "wall")
+    if clock not in ("wall", "thread_cpu"):
+        raise ValueError(f"bench ratio_clock={clock!r}: choose auto, wall or thread_cpu")
+    if clock == "thread_cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        raise ValueError("bench ratio_clock=thread_cpu times one thread's CPU: it needs device=cpu and threads=1 "
+                         "(or ratio_clock=wall)")
     torch.manual_seed(0)
     x, y = _data(arch, n, 10, device, tuple(options.get("image_shape", (3, 32, 32))), options)
     amp = options.get("amp", False) and device.type == "cuda"
@@ -244,12 +268,15 @@ def _interleaved_epochs(arch: str, n: int, batch: int, rounds: int, device_name:
             if kind == "plain_compiled":
                 model = torch.compile(model)
             # rows_per_step is read when the epoch runs: it is counted in modnet's warm-up below
-            run[name] = (lambda model=model, opt=opt, xp=xp, matched=kind == "plain_rows":
-                         _plain_epoch(model, opt, xp, y, batch, device, amp, rows_per_step if matched else None))
+            run[name] = (lambda clock=time.perf_counter, on_step=None, model=model, opt=opt, xp=xp,
+                         matched=kind == "plain_rows":
+                         _plain_epoch(model, opt, xp, y, batch, device, amp, rows_per_step if matched else None,
+                                      clock, on_step))
         else:
             strategy, exp, timer = _build_avalanche(kind, arch, x, y, batch, 1, device, options, overrides)
 
-            def one_epoch(strategy=strategy, exp=exp, timer=timer):
+            def one_epoch(clock=time.perf_counter, on_step=None, strategy=strategy, exp=exp, timer=timer):
+                timer.clock, timer.on_step = clock, on_step
                 strategy.train(exp)
                 return timer.times[-1]
             run[name] = one_epoch
@@ -266,9 +293,82 @@ def _interleaved_epochs(arch: str, n: int, batch: int, rounds: int, device_name:
     names = list(run)
     times: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            times[k].append(run[k]())
+        order = names[r % len(names):] + names[:r % len(names)]
+        if clock == "thread_cpu":
+            for k, t in _lockstep_round(run, order).items():
+                times[k].append(t)
+        else:
+            for k in order:
+                times[k].append(run[k]())
     return times, rows_per_step, {k: warmup[k] for k in names}
+
+
+class _Turns:
+    """One turn handed round the loops in a fixed order; a loop that has finished its epoch leaves the round."""
+
+    def __init__(self, order: list[str]):
+        self._order = list(order)
+        self._events = {k: threading.Event() for k in order}
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self._events[self._order[0]].set()
+
+    def wait(self, name: str) -> None:
+        self._events[name].wait()
+
+    def pass_on(self, name: str) -> None:
+        """After a step of ``name``: the turn to the next loop, and back here when the round comes back."""
+        with self._lock:
+            nxt = self._order[(self._order.index(name) + 1) % len(self._order)]
+            if nxt == name:  # the last loop still training keeps the turn
+                return
+            self._events[name].clear()
+            self._events[nxt].set()
+        self._events[name].wait()
+
+    def leave(self, name: str) -> None:
+        with self._lock:
+            if name not in self._order:
+                return
+            nxt = self._order[(self._order.index(name) + 1) % len(self._order)]
+            self._order.remove(name)
+            self._events[name].clear()
+            if nxt != name:
+                self._events[nxt].set()
+
+
+def _lockstep_round(run: dict, order: list[str]) -> dict[str, float]:
+    """One epoch of each loop of ``run`` ({name: epoch(clock, on_step) -> seconds}), side by side: every loop in
+    a thread of its own that holds the one turn for one training step, then hands it to the next loop in
+    ``order`` (so no two steps overlap, and a loop's steps alternate with the others' through the epoch).
+    Returns each loop's epoch time on its own thread's CPU clock (``time.thread_time``: its forward, backward
+    and callbacks, including the kernel's time for its page faults; not the other loops' steps, nor the time the
+    process waits for the machine). For the CPU on one torch thread, where the thread does all the step's work."""
+    turns = _Turns(order)
+    threads_n = torch.get_num_threads()
+    out: dict[str, float] = {}
+    errors: list[BaseException] = []
+
+    def loop(name: str) -> None:
+        try:
+            torch.set_num_threads(threads_n)
+            turns.wait(name)
+            out[name] = run[name](time.thread_time, lambda: turns.pass_on(name))
+        except BaseException as e:  # raised below, in the calling thread, once every loop has stopped
+            errors.append(e)
+        finally:
+            turns.leave(name)
+
+    workers = [threading.Thread(target=loop, args=(k,), name=f"bench loop {k}") for k in order]
+    for w in workers:
+        w.start()
+    turns.start()
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]
+    return out
 
 
 def _timed(fn, device) -> float:
@@ -510,8 +610,10 @@ def _markdown(res: dict) -> str:
         if "step_cost_vs_naive" in r or "step_cost_vs_plain" in r:
             refs = [ref for ref in ("naive", "plain") if f"step_cost_vs_{ref}" in r]
             rounds = next(iter(r[f"step_cost_vs_{refs[0]}"].values()))["rounds"]
+            how = ("one epoch per loop side by side, one step of each in turn, timed on each loop's thread CPU "
+                   "clock" if res.get("ratio_clock") == "thread_cpu" else "one epoch per loop in turn, wall clock")
             lines += ["", f"Step cost relative to a reference, same process, median [quartiles] over {rounds} "
-                      "rounds of one epoch per loop:", "",
+                      f"rounds ({how}):", "",
                       "| loop | " + " | ".join(f"step cost / {ref}" for ref in refs) + " |",
                       "|---|" + "---|" * len(refs)]
             for name in r[f"step_cost_vs_{refs[0]}"]:
@@ -552,6 +654,18 @@ def _markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ratio_clock(setting: str, device: torch.device, threads: int) -> str:
+    """The clock of the step-cost ratios: ``auto`` = ``thread_cpu`` (lockstep rounds, each loop's thread CPU
+    time) on the CPU with one torch thread, where a step is all one thread's work, else ``wall``."""
+    one_cpu_thread = device.type == "cpu" and threads == 1
+    if setting == "auto":
+        return "thread_cpu" if one_cpu_thread else "wall"
+    if setting == "thread_cpu" and not one_cpu_thread:
+        raise ValueError(f"bench ratio_clock=thread_cpu times one thread's CPU, but the loops run on {device} with "
+                         f"{threads} threads: set threads=1 and device=cpu, or ratio_clock=wall")
+    return setting
+
+
 def run_bench(cfg) -> dict:
     from modnet.config import resolve_device
 
@@ -561,8 +675,10 @@ def run_bench(cfg) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     res = {"device": str(device), **_device_facts(device), "threads": torch.get_num_threads(), "training": {}}
+    clock = ratio_clock(cfg.get("ratio_clock", "auto"), device, torch.get_num_threads())
+    res["ratio_clock"] = clock
     opts = {"threads": cfg.threads, "amp": cfg.amp, "channels_last": cfg.channels_last, "compile": cfg.compile,
-            "sync_reg": cfg.sync_reg, "image_shape": list(cfg.image_shape),
+            "ratio_clock": clock, "sync_reg": cfg.sync_reg, "image_shape": list(cfg.image_shape),
             "mlp_shapes": {a: dict(cfg[a]) for a in MLP_ARCHS if a in cfg}, "resnet_width": cfg.resnet_width}
     known = set(MLP_ARCHS) | {"cnn", "resnet18"}
     for arch in cfg.archs:

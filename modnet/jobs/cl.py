@@ -140,7 +140,7 @@ def run_cl(cfg) -> dict:
     every finished strategy (``"complete": false`` until the last), so a crash loses no finished result."""
     from modnet.eval.metrics import check_loggers
     from modnet.nets.build import ARCHS
-    from modnet.nets.hat import flush_subnormals
+    from modnet.runner.cpu import prepare_cpu
     from modnet.runner.rundir import (RunLock, check_fresh_start, check_output_dir, check_resume, fingerprint,
                                       write_fingerprint)
     from modnet.runner.rundir import write_text_atomic
@@ -154,7 +154,7 @@ def run_cl(cfg) -> dict:
     check_loggers(cfg.loggers)
     backend = compile_backend(cfg.train.get("compile", False))  # one line before any strategy trains
     device = resolve_device(cfg.device)
-    flush_subnormals()  # before the first parallel op starts torch's CPU threads (they inherit the mode)
+    prepare_cpu()  # before the first parallel op starts torch's CPU threads (they inherit the mode)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     out = Path(cfg.output_dir)

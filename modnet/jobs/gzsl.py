@@ -531,13 +531,13 @@ def _check_gate_layer(cfg: DictConfig) -> None:
 def run_gzsl(cfg: DictConfig) -> dict:
     """Run the GZSL comparison described by ``cfg`` (configs/gzsl.yaml) and write its outputs."""
     from modnet.jobs import continual_gzsl
-    from modnet.nets.hat import flush_subnormals
+    from modnet.runner.cpu import prepare_cpu
     from modnet.nets.record import describe_network, save_network
 
     _check(cfg)
     cfg = with_benchmark_width(cfg)
     device = resolve_device(cfg.device)
-    flush_subnormals()  # before the first parallel op starts torch's CPU threads (they inherit the mode)
+    prepare_cpu()  # before the first parallel op starts torch's CPU threads (they inherit the mode)
     all_threads = torch.get_num_threads()  # torch's default (OMP_NUM_THREADS, else the cores), for threads=null
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))

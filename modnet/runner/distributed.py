@@ -331,12 +331,12 @@ def run_ddp(cfg, ctx: DistContext | None = None) -> dict:
     from omegaconf import OmegaConf
 
     from modnet.eval.results import aggregate_seeds, format_table, write_results
-    from modnet.nets.hat import flush_subnormals
+    from modnet.runner.cpu import prepare_cpu
     from scenarios import build_benchmark
     from scenarios.base import SCENARIOS
     from strategies.memory import run_order, with_matched_memory
 
-    flush_subnormals()  # every rank, before its first parallel op (torch's threads inherit the mode)
+    prepare_cpu()  # every rank, before its first parallel op (torch's threads inherit the mode)
     ctx = ctx or init_distributed(cfg.device)
     check_choice("scenario", cfg.scenario, SCENARIOS)
     check_ddp_config(cfg, ctx.world_size)
