@@ -44,6 +44,7 @@ def test_bench_writes_ratios_that_agree_with_its_throughputs(tmp_path):
     assert set(sync) == {"200", "400"} and all(v["clusters"] >= 1 for v in sync.values())
     md = (tmp_path / "bench.md").read_text()
     assert "modnet step cost / naive step cost" in md and "| 400 |" in md
+    assert set(r["page_faults_per_epoch"]) == set(t) and "page faults / epoch" in md  # lockstep, Linux
     # which CPU kernels ran, in torch's own names (ratios and some bugs differ between machines)
     assert res["cpu_capability"] in ("DEFAULT", "VSX", "Z VECTOR", "NO AVX", "AVX2", "AVX512", "SVE256", "SVE")
     assert f"CPU kernels {res['cpu_capability']}" in md
@@ -82,13 +83,14 @@ def test_lockstep_round_takes_one_step_of_each_loop_in_turn_and_times_each_on_it
     log = []
     run = {"one": _matmul_epoch(log, "one", 6, 10), "two": _matmul_epoch(log, "two", 6, 20),
            "short": _matmul_epoch(log, "short", 2, 40)}
-    out = _lockstep_round(run, ["two", "short", "one"])
+    out, faults = _lockstep_round(run, ["two", "short", "one"])
     starts = [name for name, what, _ in log if what == "start"]
     assert starts == ["two", "short", "one"] * 2 + ["two", "one"] * 4
     for (n1, w1, t1), (n2, w2, t2) in zip(log[::2], log[1::2]):  # each start is followed by its own end
         assert (n1, w1, n2, w2) == (n1, "start", n1, "end") and t2 >= t1
     assert set(out) == {"one", "two", "short"}
     assert 1.6 < out["two"] / out["one"] < 2.4  # 120 products against 60: the clocks count each loop's own work
+    assert set(faults) in ({"one", "two", "short"}, set())  # per loop on Linux, none elsewhere
 
 
 def test_lockstep_round_raises_a_loops_error_after_the_others_finish():

@@ -233,10 +233,11 @@ def _plain_epoch(model, opt, x, y, batch, device, amp, rows_per_step: int | None
 
 
 def _interleaved_epochs(arch: str, n: int, batch: int, rounds: int, device_name: str, options: dict,
-                        loops: dict) -> tuple[dict[str, list[float]], int | None, dict[str, float]]:
+                        loops: dict) -> tuple[dict[str, list[float]], int | None, dict[str, float], dict[str, list[int]]]:
     """Every loop in this one process, one training epoch each per round; returns each loop's epoch times after
     one warm-up epoch (gate creation, allocator warm-up, compile), the rows per step modnet's default trained on
-    in its warm-up (None without the "modnet" loop), and each loop's warm-up epoch time (wall).
+    in its warm-up (None without the "modnet" loop), each loop's warm-up epoch time (wall), and the minor page
+    faults of each loop's epochs (its own thread's; lockstep rounds on Linux only, else empty).
 
     ``options["ratio_clock"]``: ``wall`` runs the loops' epochs one after another (order rotated every round),
     timed on the wall clock (with a device sync); ``thread_cpu`` (the CPU on one thread) runs each round's
@@ -292,15 +293,19 @@ def _interleaved_epochs(arch: str, n: int, batch: int, rounds: int, device_name:
             warmup[name] = _timed(f, device)
     names = list(run)
     times: dict[str, list[float]] = {k: [] for k in names}
+    faults: dict[str, list[int]] = {}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         if clock == "thread_cpu":
-            for k, t in _lockstep_round(run, order).items():
-                times[k].append(t)
+            seconds, round_faults = _lockstep_round(run, order)
+            for k in names:
+                times[k].append(seconds[k])
+                if k in round_faults:
+                    faults.setdefault(k, []).append(round_faults[k])
         else:
             for k in order:
                 times[k].append(run[k]())
-    return times, rows_per_step, {k: warmup[k] for k in names}
+    return times, rows_per_step, {k: warmup[k] for k in names}, faults
 
 
 class _Turns:
@@ -338,23 +343,29 @@ class _Turns:
                 self._events[nxt].set()
 
 
-def _lockstep_round(run: dict, order: list[str]) -> dict[str, float]:
+def _lockstep_round(run: dict, order: list[str]) -> tuple[dict[str, float], dict[str, int]]:
     """One epoch of each loop of ``run`` ({name: epoch(clock, on_step) -> seconds}), side by side: every loop in
     a thread of its own that holds the one turn for one training step, then hands it to the next loop in
     ``order`` (so no two steps overlap, and a loop's steps alternate with the others' through the epoch).
     Returns each loop's epoch time on its own thread's CPU clock (``time.thread_time``: its forward, backward
     and callbacks, including the kernel's time for its page faults; not the other loops' steps, nor the time the
-    process waits for the machine). For the CPU on one torch thread, where the thread does all the step's work."""
+    process waits for the machine), and the minor page faults its thread took in the epoch (Linux; else {}).
+    For the CPU on one torch thread, where the thread does all the step's work."""
     turns = _Turns(order)
     threads_n = torch.get_num_threads()
     out: dict[str, float] = {}
+    faults: dict[str, int] = {}
     errors: list[BaseException] = []
+    per_thread = getattr(resource, "RUSAGE_THREAD", None)  # Linux
 
     def loop(name: str) -> None:
         try:
             torch.set_num_threads(threads_n)
             turns.wait(name)
+            before = resource.getrusage(per_thread).ru_minflt if per_thread is not None else 0
             out[name] = run[name](time.thread_time, lambda: turns.pass_on(name))
+            if per_thread is not None:
+                faults[name] = resource.getrusage(per_thread).ru_minflt - before
         except BaseException as e:  # raised below, in the calling thread, once every loop has stopped
             errors.append(e)
         finally:
@@ -368,7 +379,7 @@ def _lockstep_round(run: dict, order: list[str]) -> dict[str, float]:
         w.join()
     if errors:
         raise errors[0]
-    return out
+    return out, faults
 
 
 def _timed(fn, device) -> float:
@@ -443,9 +454,11 @@ def bench_training(arch: str, n: int, batch: int, epochs: int, device: str, opti
         loops = {k: v for k, v in RATIO_LOOPS.items()
                  if (v[0] in kinds or (v[0] in ("plain_rows", "plain_compiled") and beside))
                  and (k not in COMPILED_LOOPS or options.get("compile", False))}
-        times, rows, warmup = _in_process(_interleaved_epochs, arch, n, batch, rounds, device, options, loops,
-                                          isolate=isolate)
+        times, rows, warmup, faults = _in_process(_interleaved_epochs, arch, n, batch, rounds, device, options,
+                                                  loops, isolate=isolate)
         res["interleaved_epoch_seconds"] = times
+        if faults:  # median minor page faults per epoch (glibc's trimmed heap showed here: modnet.runner.cpu)
+            res["page_faults_per_epoch"] = {k: int(np.median(v)) for k, v in faults.items()}
         res["warmup_epoch_seconds"] = warmup
         if rows is not None:
             res["modnet_rows_per_step"] = rows
@@ -612,15 +625,19 @@ def _markdown(res: dict) -> str:
             rounds = next(iter(r[f"step_cost_vs_{refs[0]}"].values()))["rounds"]
             how = ("one epoch per loop side by side, one step of each in turn, timed on each loop's thread CPU "
                    "clock" if res.get("ratio_clock") == "thread_cpu" else "one epoch per loop in turn, wall clock")
+            faults = r.get("page_faults_per_epoch", {})
             lines += ["", f"Step cost relative to a reference, same process, median [quartiles] over {rounds} "
                       f"rounds ({how}):", "",
-                      "| loop | " + " | ".join(f"step cost / {ref}" for ref in refs) + " |",
-                      "|---|" + "---|" * len(refs)]
+                      "| loop | " + " | ".join(f"step cost / {ref}" for ref in refs)
+                      + (" | page faults / epoch" if faults else "") + " |",
+                      "|---|" + "---|" * (len(refs) + bool(faults))]
             for name in r[f"step_cost_vs_{refs[0]}"]:
                 cells = []
                 for ref in refs:
                     q = r[f"step_cost_vs_{ref}"][name]
                     cells.append(f"{q['median']:.2f}x [{q['q25']:.2f}, {q['q75']:.2f}]")
+                if faults:
+                    cells.append(str(faults.get(name, "")))
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
         for ref in ("naive", "plain"):
             key = f"modnet_time_ratio_vs_{ref}"
