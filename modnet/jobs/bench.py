@@ -233,7 +233,8 @@ def _plain_epoch(model, opt, x, y, batch, device, amp, rows_per_step: int | None
 
 
 def _interleaved_epochs(arch: str, n: int, batch: int, rounds: int, device_name: str, options: dict,
-                        loops: dict) -> tuple[dict[str, list[float]], int | None, dict[str, float], dict[str, list[int]]]:
+                        loops: dict) -> tuple[dict[str, list[float]], int | None, dict[str, float],
+                                              dict[str, list[int]]]:
     """Every loop in this one process, one training epoch each per round; returns each loop's epoch times after
     one warm-up epoch (gate creation, allocator warm-up, compile), the rows per step modnet's default trained on
     in its warm-up (None without the "modnet" loop), each loop's warm-up epoch time (wall), and the minor page

@@ -24,12 +24,13 @@ def keep_freed_memory() -> bool:
     e.g. macOS or musl: nothing changes there).
 
     torch's CPU tensors come from malloc with no cache of torch's own. With glibc's defaults (its mmap threshold
-    adapts to the sizes freed, and the heap top is trimmed beyond twice that) a step's large maps are handed back
-    and faulted in again, page by page, depending on how the step's other allocations fragment the heap: the
-    small CNN on CIFAR-shaped batches (64 x 32 x 32 x 32 float maps, 8 MiB) with HAT's masks took 89k-151k minor
-    page faults and 0.33-0.49 s of system time per 32-step epoch (of ~3.4 s), the same epoch of Avalanche's naive
-    strategy 43k and 0.14-0.18 s, so modnet's step cost 1.15x a plain PyTorch step instead of 1.05x
-    (``modnet bench``, stop 34). The memory kept is at most the process's own peak heap, which it reached anyway.
+    adapts to the sizes freed, and the heap top is trimmed beyond twice that) a step's large maps may be handed
+    back and faulted in again, page by page, every step, depending on the history of the process's allocations:
+    the small CNN on CIFAR-shaped batches (64 x 32 x 32 x 32 float maps, 8 MiB), each loop in a process of its own
+    (stop 34): the plain PyTorch loop took 175k-261k minor page faults and 0.6-0.95 s of system time per 32-step
+    epoch of 3.9-4.4 s, modnet's none; in the bench's threads it was modnet's epochs (89k-151k faults, 0.33-0.49 s).
+    With the memory kept, neither faults after its first epoch (the plain epoch 3.0-3.6 s). The memory kept is at
+    most the process's own peak heap, which it reached anyway.
     """
     if not sys.platform.startswith("linux"):
         return False
