@@ -55,3 +55,28 @@ def test_jobs_prepare_the_cpu_before_their_data(tmp_path, monkeypatch):
     assert main(["cl", "strategies=[naive]", "train.epochs=1", "progress=false",
                  f"output_dir={tmp_path / 'o'}"]) == 0
     assert calls and calls[0] == "prepare_cpu" and "data" in calls
+
+
+_THREAD_ALLOCATES = """
+import ctypes, sys, threading, torch
+if sys.argv[1] == "one":
+    from modnet.runner.cpu import one_malloc_arena
+    assert one_malloc_arena()
+kept = []
+t = threading.Thread(target=lambda: kept.append(torch.ones(2**20)))
+t.start()
+t.join()
+ctypes.CDLL(None).malloc_stats()  # glibc's own report, on stderr: one "Arena i:" block per arena
+"""
+
+
+@pytest.mark.skipif(not keep_freed_memory(), reason="glibc's mallopt only (Linux with glibc)")
+def test_one_malloc_arena_keeps_a_threads_allocations_in_the_main_arena():
+    """glibc's malloc_stats lists the arenas: a thread's tensor gets an arena of its own by default, and none
+    with ``one_malloc_arena`` (what the bench's lockstep threads need to allocate as a job's main thread)."""
+    def arenas(mode):
+        err = subprocess.run([sys.executable, "-c", _THREAD_ALLOCATES, mode], capture_output=True, text=True,
+                             timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": ""}, check=True).stderr
+        return [line for line in err.splitlines() if line.startswith("Arena ")]
+    assert len(arenas("default")) >= 2
+    assert arenas("one") == ["Arena 0:"]

@@ -256,6 +256,10 @@ def _interleaved_epochs(arch: str, n: int, batch: int, rounds: int, device_name:
     if clock == "thread_cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):
         raise ValueError("bench ratio_clock=thread_cpu times one thread's CPU: it needs device=cpu and threads=1 "
                          "(or ratio_clock=wall)")
+    if clock == "thread_cpu":  # the loops' threads allocate as a job's main thread does
+        from modnet.runner.cpu import one_malloc_arena
+
+        one_malloc_arena()
     torch.manual_seed(0)
     x, y = _data(arch, n, 10, device, tuple(options.get("image_shape", (3, 32, 32))), options)
     amp = options.get("amp", False) and device.type == "cuda"

@@ -11,10 +11,24 @@ import ctypes
 import sys
 
 # glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 # glibc's largest mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX = 4 MiB * sizeof(long)): blocks below it
 # come from the heap, larger ones stay mmapped (a fresh mapping, and its page faults, every time)
 MMAP_THRESHOLD_BYTES = 32 << 20
+
+
+def _glibc_mallopt():
+    """glibc's mallopt(param, value), or None off glibc (macOS; musl has a mallopt that does nothing)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # glibc only
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
 
 
 def keep_freed_memory() -> bool:
@@ -32,17 +46,20 @@ def keep_freed_memory() -> bool:
     With the memory kept, neither faults after its first epoch (the plain epoch 3.0-3.6 s). The memory kept is at
     most the process's own peak heap, which it reached anyway.
     """
-    if not sys.platform.startswith("linux"):
+    mallopt = _glibc_mallopt()
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-        gnu_version = libc.gnu_get_libc_version  # glibc only (musl has a mallopt that does nothing)
-    except (OSError, AttributeError):
-        return False
-    del gnu_version
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))
+
+
+def one_malloc_arena() -> bool:
+    """Every thread allocates from glibc's main arena, as a job's main thread does (M_ARENA_MAX 1). For the
+    bench's lockstep rounds, whose loops run in threads of their own one at a time (no contention for the
+    arena's lock): a thread's own arena lives in 64 MiB heaps that glibc unmaps whenever they empty, which the
+    trim setting does not hold back, and its pages fault in again (modnet's MLP loop: ~11k faults an epoch in its
+    own arena, a few with one arena). Returns whether it was set."""
+    mallopt = _glibc_mallopt()
+    return mallopt is not None and bool(mallopt(_M_ARENA_MAX, 1))
 
 
 def prepare_cpu() -> None:
