@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from modnet.runner.cpu import keep_freed_memory
+from modnet.runner.cpu import _glibc_mallopt
 
 # 50 steps, each allocating a map of 8 MiB + i x 64 KiB (a step's conv output, one a little larger every step, so
 # that glibc's mmap threshold, which adapts to the largest block freed, never covers the next one) and freeing it
@@ -29,7 +29,7 @@ def _minor_faults(mode: str) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not keep_freed_memory(), reason="glibc's mallopt only (Linux with glibc)")
+@pytest.mark.skipif(_glibc_mallopt() is None, reason="glibc's mallopt only (Linux with glibc)")
 def test_kept_memory_is_reused_without_page_faults():
     """The kernel's own count of minor page faults over the last 25 of 50 steps that each allocate, fill and
     free a map of 8 MiB or a little more: with glibc's defaults every map is a fresh mapping whose pages fault in
@@ -70,7 +70,7 @@ ctypes.CDLL(None).malloc_stats()  # glibc's own report, on stderr: one "Arena i:
 """
 
 
-@pytest.mark.skipif(not keep_freed_memory(), reason="glibc's mallopt only (Linux with glibc)")
+@pytest.mark.skipif(_glibc_mallopt() is None, reason="glibc's mallopt only (Linux with glibc)")
 def test_one_malloc_arena_keeps_a_threads_allocations_in_the_main_arena():
     """glibc's malloc_stats lists the arenas: a thread's tensor gets an arena of its own by default, and none
     with ``one_malloc_arena`` (what the bench's lockstep threads need to allocate as a job's main thread)."""

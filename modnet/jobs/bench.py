@@ -250,12 +250,7 @@ def _interleaved_epochs(arch: str, n: int, batch: int, rounds: int, device_name:
     prepare_cpu()  # a spawned process: before its first parallel op, for every loop alike
     torch.set_num_threads(options.get("threads", 1) or torch.get_num_threads())
     device = torch.device(device_name)
-    clock = options.get("ratio_clock", "wall")
-    if clock not in ("wall", "thread_cpu"):
-        raise ValueError(f"bench ratio_clock={clock!r}: choose auto, wall or thread_cpu")
-    if clock == "thread_cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):
-        raise ValueError("bench ratio_clock=thread_cpu times one thread's CPU: it needs device=cpu and threads=1 "
-                         "(or ratio_clock=wall)")
+    clock = ratio_clock(options.get("ratio_clock", "wall"), device, torch.get_num_threads())
     if clock == "thread_cpu":  # the loops' threads allocate as a job's main thread does
         from modnet.runner.cpu import one_malloc_arena
 
@@ -679,6 +674,10 @@ def _markdown(res: dict) -> str:
 def ratio_clock(setting: str, device: torch.device, threads: int) -> str:
     """The clock of the step-cost ratios: ``auto`` = ``thread_cpu`` (lockstep rounds, each loop's thread CPU
     time) on the CPU with one torch thread, where a step is all one thread's work, else ``wall``."""
+    from modnet.validate import RATIO_CLOCKS
+
+    if setting not in RATIO_CLOCKS:
+        raise ValueError(f"bench ratio_clock={setting!r}: choose among {', '.join(RATIO_CLOCKS)}")
     one_cpu_thread = device.type == "cpu" and threads == 1
     if setting == "auto":
         return "thread_cpu" if one_cpu_thread else "wall"
