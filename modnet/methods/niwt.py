@@ -474,6 +474,28 @@ def _pair_scores(classifier: nn.Linear, features: Tensor, weight: Tensor) -> Ten
 
 _SKIP_HEAD_INPUT_FORWARD = True  # fit_unseen_weights at the head's input: no forward after the first (False: A/B)
 
+
+def _head_input_loss(weight: Tensor, target_directions: Tensor, share: Tensor, w_mean: Tensor,
+                     lam: float) -> tuple[Tensor, Tensor]:
+    """Step 3's loss and its gradient at the head's input, where image b's induced importance is the row w_{u_b}
+    itself: the batch's mean_b [1 - cos(w_{u_b}, t_{u_b})] is sum_u p_u (1 - cos(w_u, t_u)) with p_u the share of
+    the batch paired with class u (``share``; match="batch": 1 / #present for each present class), so
+
+        L = sum_u p_u (1 - c_u) + lam / 2 ||W - w_mean||^2,   c_u = w_u . t^_u / |w_u|,   t^_u = t_u / |t_u|
+        dL/dw_u = p_u / |w_u| (c_u w_u / |w_u| - t^_u) + lam (w_u - w_mean)
+
+    U rows instead of B and no autograd graph (no input requires a gradient): ~70 us against ~400 us for the batch's
+    rows through autograd (a CPU core, U = 3, D = 256). ``target_directions``: t^ [U, N] (zero rows for zero targets,
+    whose cosine is 0 as F.cosine_similarity's)."""
+    norm = weight.norm(dim=1).clamp_min(1e-12)
+    cos = (weight * target_directions).sum(1).div_(norm)
+    coef = share / norm
+    diff = weight - w_mean
+    grad = weight * (coef * cos / norm)[:, None] - target_directions * coef[:, None]
+    grad.add_(diff, alpha=lam)
+    loss = (share * (1.0 - cos)).sum() + lam * 0.5 * diff.pow(2).sum()
+    return loss, grad
+
 UNSEEN_INITS = ("seen_centered", "seen_mean")
 UNSEEN_BIASES = ("zero", "seen_mean")
 
@@ -500,6 +522,8 @@ def fit_unseen_weights(model: nn.Module, layer: nn.Module, classifier: nn.Linear
     ``match="batch"`` compares each class's importance averaged over its samples in the batch with the target
     instead (the class importance of step 1 is such an average); ``"sample"`` is the official per-image loss.
     """
+    from torch.optim.adam import adam
+
     if match not in ("sample", "batch"):
         raise ValueError(f"match must be 'sample' or 'batch', got {match!r}")
     if init not in UNSEEN_INITS:
@@ -524,7 +548,9 @@ def fit_unseen_weights(model: nn.Module, layer: nn.Module, classifier: nn.Linear
         noise.zero_()  # drawn all the same, so that the batches below do not depend on the init
     weight = (w_mean + w_std * noise).requires_grad_(True)
     unseen_bias = (b_mean if bias == "seen_mean" else torch.zeros_like(b_mean)).expand(n_unseen).clone()
-    optimizer = torch.optim.Adam([weight], lr=lr)
+    # torch.optim.Adam's own update (torch.optim.adam.adam, the function its step() calls, on the state its step()
+    # would create), without step()'s per-call bookkeeping: ~55 us against ~110 us an iteration on a CPU core
+    adam_state = ([torch.zeros_like(weight)], [torch.zeros_like(weight)], [torch.tensor(0.0)])
 
     # The stopping rule runs on the device; the host looks at it every iteration on CPU and every 10 on an
     # accelerator (one sync per 10 steps; the loop then stops at most 9 iterations after the rule fired).
@@ -540,19 +566,25 @@ def fit_unseen_weights(model: nn.Module, layer: nn.Module, classifier: nn.Linear
     n_done = 0
     # When the captured layer is the linear head's input itself (niwt.layer=-1 on a modular network), the induced
     # importance is the row: d (w_u . f) / d f = w_u for every image, so after the first pass (which checks that
-    # it is) no forward is run; the batches are still drawn, so the generator's stream and every value are those
-    # of the full loop.
+    # it is) no forward is run and the loss is the U rows' (_head_input_loss); the batches are still drawn, so the
+    # generator's stream is the full loop's and every value is its value to rounding.
     head_input = None
+    target_directions = targets / targets.norm(dim=1, keepdim=True).clamp_min(1e-12)
     with _eval_mode(model), _frozen(model), torch.enable_grad(), _capture(layer) as capture:
         handle = classifier.register_forward_pre_hook(features)
         try:
             for it in iterator:
                 idx = torch.randint(0, x_seen.shape[0], (batch_size,), generator=generator)
                 classes = torch.randperm(n_unseen, generator=generator).repeat(batch_size // n_unseen + 1)
-                classes = classes[:batch_size].to(device)
+                classes = classes[:batch_size]
                 if head_input:
-                    alpha = weight[classes]
+                    # the loss over the batch's rows w_{u_b} is a weighted loss over the U rows (each class's
+                    # share of the batch), its gradient written out (_head_input_loss): the same values to rounding
+                    counts = torch.bincount(classes, minlength=n_unseen).to(torch.float32)
+                    share = counts / batch_size if match == "sample" else (counts > 0).float() / (counts > 0).sum()
+                    loss, grad = _head_input_loss(weight.detach(), target_directions, share.to(device), w_mean, lam)
                 else:
+                    classes = classes.to(device)
                     capture.calls = 0
                     forward(x_seen[idx].to(device))
                     activation = _checked_activation(capture, layer)
@@ -565,19 +597,19 @@ def fit_unseen_weights(model: nn.Module, layer: nn.Module, classifier: nn.Linear
                     score = _pair_scores(classifier, features.features, weight[classes]).sum()
                     (alpha,) = torch.autograd.grad(score, activation, create_graph=True)
                     alpha = _pool_units(alpha)
-                if match == "sample":
-                    match_loss = cosine_distance(alpha, targets[classes]).mean()
-                else:  # the batch mean of each class's induced importance against its target
-                    sums = torch.zeros_like(targets).index_add(0, classes, alpha)
-                    counts = torch.bincount(classes, minlength=n_unseen)
-                    present = (counts > 0).to(sums.dtype)   # classes absent from this batch do not count
-                    distance = cosine_distance(sums / counts.clamp(min=1)[:, None], targets)
-                    match_loss = (distance * present).sum() / present.sum()
-                loss = match_loss + lam * 0.5 * (weight - w_mean).pow(2).sum()
-                (grad,) = torch.autograd.grad(loss, weight)
-                optimizer.zero_grad(set_to_none=True)
-                weight.grad = grad
-                optimizer.step()
+                    if match == "sample":
+                        match_loss = cosine_distance(alpha, targets[classes]).mean()
+                    else:  # the batch mean of each class's induced importance against its target
+                        sums = torch.zeros_like(targets).index_add(0, classes, alpha)
+                        counts = torch.bincount(classes, minlength=n_unseen)
+                        present = (counts > 0).to(sums.dtype)   # classes absent from this batch do not count
+                        distance = cosine_distance(sums / counts.clamp(min=1)[:, None], targets)
+                        match_loss = (distance * present).sum() / present.sum()
+                    loss = match_loss + lam * 0.5 * (weight - w_mean).pow(2).sum()
+                    (grad,) = torch.autograd.grad(loss, weight)
+                with torch.no_grad():
+                    adam([weight], [grad], *adam_state[:2], [], adam_state[2], amsgrad=False,
+                         beta1=0.9, beta2=0.999, lr=lr, weight_decay=0.0, eps=1e-8, maximize=False)
                 value = loss.detach()
                 losses.append(value)
                 n_done = it + 1
