@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: modnet run [key=value ...]\n{run_default.__doc__}\nThe overrides go to cl "
               "(`modnet cl --help`); output_dir=<folder> holds cl/, gzsl/, explain/.")
         return 0
+    from modnet.imports import defer_unused_imports
+
+    defer_unused_imports()  # wandb and qpsolvers run at their first use, not at Avalanche's import (~2 s)
     try:
         if job == "run":
             run_default(overrides)

@@ -426,8 +426,10 @@ def _in_process(fn, *args, isolate: bool = True):
         if isinstance(out, dict) and "peak_memory_mb" in out:
             out["peak_memory_mb"] = None  # this process's peak, not the loop's
         return out
+    from modnet.imports import defer_unused_imports
+
     ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
+    with ctx.Pool(1, initializer=defer_unused_imports) as pool:  # the process imports as `modnet bench` does
         return pool.apply(fn, args)
 
 

@@ -102,6 +102,9 @@ class AggregateCallback(Callback):
 @hydra.main(config_path="pkg://configs", config_name="sweep", version_base=None)
 def sweep_app(cfg: DictConfig) -> dict:
     """One sweep job: a ``modnet cl`` run in the job's folder (Hydra sets ``output_dir`` to it)."""
+    from modnet.imports import defer_unused_imports
+
+    defer_unused_imports()  # a launcher's worker process imports Avalanche here, as `modnet cl` would
     from modnet.jobs.cl import run_cl
 
     return run_cl(keep_benchmark_keys("cl", cfg))  # as compose("cl") gives it

@@ -417,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     nproc, overrides = _split_nproc(argv)
     overrides = _with_default_output(overrides)
     if "LOCAL_RANK" in os.environ:  # started by torchrun
+        from modnet.imports import defer_unused_imports
+
+        defer_unused_imports()  # a rank's process is the command's, as `modnet cl`'s
         cfg = compose("cl", overrides)
         ctx = init_distributed(cfg.device)
         try:
