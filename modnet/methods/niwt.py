@@ -496,6 +496,7 @@ def _head_input_loss(weight: Tensor, target_directions: Tensor, share: Tensor, w
     loss = (share * (1.0 - cos)).sum() + lam * 0.5 * diff.pow(2).sum()
     return loss, grad
 
+
 UNSEEN_INITS = ("seen_centered", "seen_mean")
 UNSEEN_BIASES = ("zero", "seen_mean")
 
