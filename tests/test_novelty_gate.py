@@ -98,3 +98,17 @@ def test_the_gate_setting_is_the_best_h_among_those_that_keep_the_seen_share_els
     assert choose_gate_setting(h, kept, 0.9) == 1         # best H of settings 1..3
     assert choose_gate_setting(h, kept, 0.97) == 3        # only setting 3 keeps 97%
     assert choose_gate_setting(h, kept * 0.5, 0.9) == 3   # none keeps 90%: the one that keeps most
+
+
+def test_gzsl_without_progress_bars_logs_one_line_per_network_and_method(tmp_path, capsys):
+    """In a log (progress=false): a line for each validation split's network and the test network, and for each
+    method on it, in order; the test network's line carries the seen accuracy results.json records."""
+    assert main(["gzsl", "methods=[eszsl,ale]", "progress=false", f"output_dir={tmp_path}", "train.epochs=5"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[gzsl seed 0, ")]
+    stages = [f"validation split {k}/3" for k in (1, 2, 3)] + ["test"]  # digits: 3 splits of 2 pseudo-unseen
+    expected = [(stage, what) for stage in stages for what in ("network trained", "eszsl scored", "ale scored")]
+    assert [(ln.split(", ", 1)[1].split("]")[0], ln.split("] ")[1].split(" on ")[0].split(" (")[0].split(",")[0])
+            for ln in lines] == expected
+    assert f"seen accuracy {res['network_seen_accuracy'][0]:.3f}" in lines[-3]
+    assert all(ln.endswith(" s)") for ln in lines)

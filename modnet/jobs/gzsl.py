@@ -154,19 +154,29 @@ def with_large_train(cfg: DictConfig, data: ZSLData) -> DictConfig:
 # Every method on one data split
 # ----------------------------------------------------------------------------------------------------------
 def score_methods(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool,
-                  params: dict[str, dict] | None = None) -> tuple[SeenNetwork, dict[str, list[tuple[dict, Scores]]]]:
+                  params: dict[str, dict] | None = None, stage: str = "test"
+                  ) -> tuple[SeenNetwork, dict[str, list[tuple[dict, Scores]]]]:
     """Train the modular network on ``data``'s seen classes, then score every method of ``cfg.methods``.
 
     Returns the network (extended by NIWT when it ran) and {method: [(setting, scores), ...]}: one entry per
-    candidate setting of the method (validation), or only ``params[method]`` when given.
+    candidate setting of the method (validation), or only ``params[method]`` when given. Without progress bars
+    (a log file, a pipe) one line per network and per method, prefixed with the seed and ``stage``.
     """
+    def line(text: str, since: float) -> None:
+        if not progress:
+            print(f"[gzsl seed {seed}, {stage}] {text} ({time.perf_counter() - since:.1f} s)", flush=True)
+
     torch.manual_seed(seed)
+    start = time.perf_counter()
     net = train_seen_network(cfg, data, seed, device, progress)
+    line(f"network trained on {len(data.seen_classes)} seen classes: seen accuracy {net.seen_accuracy:.3f}", start)
     out: dict[str, list[tuple[dict, Scores]]] = {}
     for name in cfg.methods:
+        start = time.perf_counter()
         method = get_zsl_method(name)
         settings = [params[name]] if params is not None else method.candidates(cfg)
         out[name] = [(setting, method.score(cfg, net, setting)) for setting in settings]
+        line(f"{name} scored" + (f", {len(settings)} settings" if len(settings) > 1 else ""), start)
     return net, out
 
 
@@ -196,10 +206,12 @@ def validate(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) 
     # method -> candidate -> per split: [(H, S / the method's seen-only S) at each gate setting]
     gated: dict[str, list[list[list[tuple[float, float]]]]] = {}
     settings: dict[str, list[dict]] = {}
-    for split in range(validation_splits(cfg, data)):
+    n_splits = validation_splits(cfg, data)
+    for split in range(n_splits):
         val = class_disjoint_validation(data, cfg.calibration.val_unseen_fraction, cfg.calibration.val_test_fraction,
                                         seed=seed * 1000 + split)
-        val_net, per_method = score_methods(cfg, val, seed, device, progress)
+        val_net, per_method = score_methods(cfg, val, seed, device, progress,
+                                            stage=f"validation split {split + 1}/{n_splits}")
         novelty = ({layer: novelty_of_tests(cfg, val_net, layer) for layer in _gate_layers(cfg.gate)}
                    if gate_validated(cfg.gate) else None)
         # per gate setting, the side each test image goes to: the same for every method
