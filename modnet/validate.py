@@ -12,6 +12,7 @@ What is checked (where the config has the key):
 * ``train.epochs``, ``train.batch_size``, ``train.eval_batch_size``, ``benchmark.n_experiences``: positive;
   ``threads`` (and in ``gzsl`` ``large_train.threads``): a positive integer or null (torch's default);
 * ``output_dir``: not a file (nor below one); ``task_inference.transform_rows``: in (0, 1];
+  ``task_inference.transform_copies``: among its choices, ``replace`` only with transform_rows 1;
   ``train.channels_last``: true, false or auto; ``train.compile``: a bool or a backend's name, and a C++
   compiler on the PATH for inductor;
 * ``replay.mem_size`` / ``der.mem_size`` / ``derpp.mem_size`` = ``match`` in ``cl``: modnet among the
@@ -37,6 +38,7 @@ ARCHS = ("auto", "mlp", "cnn", "resnet18")                           # modnet.ne
 LOGGERS = ("interactive", "text", "csv", "tensorboard", "wandb")     # modnet.eval.metrics.LOGGERS
 
 TRANSFORM_ROWS = "the share of each batch in the transform heads' loss; 1 = all"   # modnet.nets.build
+TRANSFORM_COPIES = ("auto", "all", "one", "replace")                 # modnet.nets.build
 
 POSITIVE = ("train.epochs", "train.batch_size", "train.eval_batch_size", "benchmark.n_experiences")
 # null: torch's default (every core, or OMP_NUM_THREADS); 0, which cl and bench once read as that, is refused
@@ -73,7 +75,13 @@ def validate(job: str, cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "train.compile") is not None:
         _check_compile(cfg.train.compile)
     if OmegaConf.select(cfg, "task_inference.transform_rows") is not None:
-        check_share("task_inference.transform_rows", cfg.task_inference.transform_rows, TRANSFORM_ROWS)
+        rows = check_share("task_inference.transform_rows", cfg.task_inference.transform_rows, TRANSFORM_ROWS)
+        copies = OmegaConf.select(cfg, "task_inference.transform_copies", default="auto")
+        check_choice("task_inference.transform_copies", str(copies), TRANSFORM_COPIES)
+        if copies == "replace" and rows < 1.0:  # as modnet.nets.build.transform_copies says it
+            raise ConfigError(f"task_inference.transform_copies=replace feeds every row of the batch to the "
+                              f"transform heads: it needs task_inference.transform_rows=1 (got {rows}), or "
+                              f"transform_copies=one")
     if job == "bench":
         _check_ratio_clock(cfg)
     if job == "cl":

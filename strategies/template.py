@@ -20,6 +20,16 @@ class ConditionedTemplate(SupervisedTemplate):
     def __init__(self, **kwargs):  # keywords only, as Avalanche's templates are moving to
         super().__init__(**kwargs)
         self.train_condition = Condition()
+        # the rows of a training batch the classification loss reads (None: all); a plugin that turns some of
+        # the batch's rows into inputs for another loss sets it every step (the transform heads' replaced
+        # rows, strategies.plugins.ood)
+        self.classification_rows: slice | None = None
+
+    def criterion(self):
+        rows = self.classification_rows if self.is_training else None
+        if rows is None:
+            return super().criterion()
+        return self._criterion(self.mb_output[rows], self.mb_y[rows])
 
     def forward_through(self, model: nn.Module):
         """The current mini-batch through ``model`` (the strategy's model, or a data-parallel wrapper of it)."""

@@ -43,9 +43,13 @@ def _rejected(capsys, argv, *words, out: Path | None = None):
     ("train.channels_last=yes", ["train.channels_last", "auto"]),
     ("task_inference.transform_rows=1.5", ["task_inference.transform_rows", "(0, 1]"]),
     ("threads=0", ["threads=0", "positive integer or null"]),  # 0 once meant "torch's default" silently
+    ("task_inference.transform_copies=two", ["task_inference.transform_copies", "replace"]),
+    # replace transforms every row of the batch: a share of the rows cannot be left out
+    ("task_inference.transform_copies=replace task_inference.transform_rows=0.5",
+     ["transform_copies=replace", "transform_rows=1", "0.5"]),
 ])
 def test_bad_cl_values_are_one_line_before_work(tmp_path, capsys, override, words):
-    _rejected(capsys, ["cl", override, f"output_dir={tmp_path / 'o'}"], *words, out=tmp_path / "o")
+    _rejected(capsys, ["cl", *override.split(" "), f"output_dir={tmp_path / 'o'}"], *words, out=tmp_path / "o")
 
 
 def test_bench_threads_zero_is_one_line_before_work(capsys):
@@ -100,11 +104,11 @@ def test_typo_rejected_fast_without_heavy_imports(tmp_path):
 def test_choice_copies_match_their_modules():
     from modnet import validate
     from modnet.eval.metrics import LOGGERS
-    from modnet.nets.build import ARCHS, TRANSFORM_ROWS
+    from modnet.nets.build import ARCHS, TRANSFORM_COPIES, TRANSFORM_ROWS
     from scenarios.base import SCENARIOS
 
     assert (validate.SCENARIOS, validate.ARCHS, validate.LOGGERS) == (SCENARIOS, ARCHS, LOGGERS)
-    assert validate.TRANSFORM_ROWS == TRANSFORM_ROWS
+    assert (validate.TRANSFORM_ROWS, validate.TRANSFORM_COPIES) == (TRANSFORM_ROWS, TRANSFORM_COPIES)
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])

@@ -134,7 +134,7 @@ def _ramps(n, d=16, seed=0):
     return x, y
 
 
-def _train_modnet(tmp_path, overrides, snapshot=None):
+def _train_modnet(tmp_path, overrides, snapshot=None, plugins=()):
     """Train the modnet strategy class-incrementally on the planted ramps (an npz benchmark, 2 experiences)."""
     from modnet.config import compose
     from modnet.eval.metrics import build_evaluator
@@ -152,6 +152,8 @@ def _train_modnet(tmp_path, overrides, snapshot=None):
     set_seed(0)
     info = build_benchmark(cfg.benchmark, cfg.scenario, 0, device=None)
     strategy = make_strategy("modnet", cfg, info, torch.device("cpu"), build_evaluator([], tmp_path / "logs", False)[0])
+    strategy.plugins.extend(plugins)
+    _train_modnet.last_run = strategy, info
     seen = []
     for exp in info.benchmark.train_stream:
         strategy.train(exp)
@@ -646,7 +648,8 @@ def test_task_incremental_mlp_trains_the_transform_heads_beside_each_task_withou
     inputs of task 0, the heads name which transform was applied (identity or time-reversed) far above
     chance (1/2; reversal only: on these odd-symmetric ramps reverse + negate is the identity); the transforms
     are not in task 0's data, so only the auxiliary loss can have taught them. Every step's copies went
-    through the training forward's own pass (no second forward)."""
+    through the training forward's own pass (no second forward): with transform_copies=auto (replace) they are
+    the batch's own rows."""
     from modnet.config import ConfigError, compose
     from modnet.nets.build import build_modular_network
 
@@ -654,23 +657,28 @@ def test_task_incremental_mlp_trains_the_transform_heads_beside_each_task_withou
     loss = TaskOOD.loss
 
     def recording_loss(self, net, x, y_local, task, condition=None, feature=None, copy_features=None):
-        passes.append(feature is not None and copy_features is not None)
+        passes.append((feature is not None, copy_features is not None))
         return loss(self, net, x, y_local, task, condition, feature, copy_features)
 
     monkeypatch.setattr(TaskOOD, "loss", recording_loss)
-    model, x, y, _ = _train_modnet(tmp_path, ["scenario=task", "task_inference.transforms=[reverse]"])
-    assert passes and all(passes)
-    assert isinstance(model.task_ood, TaskOOD) and not model.task_ood_predicts_task
-    assert model.task_keys is None and model.task_features is None
-    assert not model.task_ood_read_at_inference()  # an auxiliary loss: not counted in stored_bytes
-    assert model.task_ood.copies == "one"  # transform_copies=auto: one copy per input where the heads only train
-    k = model.task_ood.n_transforms
-    xs = x[y < 2]
-    with torch.no_grad():
-        blocks = model.task_ood.blocks(model, xs, 0)  # K (applied) x B x K (block) x n_t
-    named = blocks.logsumexp(3).argmax(2)  # K x B: the block with the most mass for each applied transform
-    truth = torch.arange(k).unsqueeze(1).expand_as(named)
-    assert (named == truth).float().mean() >= 0.9
+    for copies in ("auto", "one"):
+        passes.clear()
+        model, x, y, _ = _train_modnet(tmp_path, ["scenario=task", "task_inference.transforms=[reverse]",
+                                                  f"task_inference.transform_copies={copies}"])
+        assert isinstance(model.task_ood, TaskOOD) and not model.task_ood_predicts_task
+        assert model.task_keys is None and model.task_features is None
+        assert not model.task_ood_read_at_inference()  # an auxiliary loss: not counted in stored_bytes
+        # transform_copies=auto: the batch's own rows where the heads only train
+        assert model.task_ood.copies == ("replace" if copies == "auto" else "one")
+        # every step: the heads' input from the training forward; copies of their own with one, none with replace
+        assert passes and set(passes) == {(True, copies == "one")}
+        k = model.task_ood.n_transforms
+        xs = x[y < 2]
+        with torch.no_grad():
+            blocks = model.task_ood.blocks(model, xs, 0)  # K (applied) x B x K (block) x n_t
+        named = blocks.logsumexp(3).argmax(2)  # K x B: the block with the most mass for each applied transform
+        truth = torch.arange(k).unsqueeze(1).expand_as(named)
+        assert (named == truth).float().mean() >= 0.9, copies
     # not on the small CNN (measured to hurt its conv features), and never where asked
     cnn = build_modular_network(compose("cl", ["model.gate=none"]), (1, 8, 8), [[0, 1], [2, 3]], False)
     assert cnn.task_ood is None
@@ -717,6 +725,84 @@ def test_one_copy_per_input_is_the_cross_entropy_of_input_i_under_transform_i_mo
             assert one == pytest.approx(expected.item(), rel=1e-6)
     with pytest.raises(ValueError, match="copies"):
         TaskOOD([n], d, copies="two")
+
+
+@pytest.mark.parametrize("labels", ["joint", "extra"])
+def test_replaced_rows_are_input_i_under_transform_i_mod_k_in_row_i(labels):
+    """transform_copies=replace: the batch keeps its B rows, row i holding T_{i mod K}(x_i) (identity, reverse,
+    negate here; the input batch itself untouched), and the loss is the cross-entropy of every row with label
+    c + n k (joint) or n for a transformed row (extra): checked by hand over a stand-in network whose joint
+    logits are a fixed linear map of the input, for a batch smaller than K too. No copy is added, and a share
+    of the rows cannot be asked for (every row is transformed or the classification loss's)."""
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    n, d = 3, 6
+    ood = TaskOOD([n], d, transforms=["reverse", "negate"], labels=labels, copies="replace")
+    k = ood.n_transforms
+    w = torch.randn(n * k if labels == "joint" else n + 1, d)
+    ood.joint_logits = lambda net, x, task, condition=None: x @ w.T
+    for b in (7, 2):
+        x, y = torch.randn(b, d), torch.randint(0, n, (b,))
+        before = x.clone()
+        replaced = ood.replace_rows(x)
+        assert torch.equal(x, before)
+        by_hand = torch.stack([x[i] if i % k == 0 else x[i].flip(0) if i % k == 1 else -x[i] for i in range(b)])
+        assert torch.equal(replaced, by_hand)
+        assert torch.equal(replaced[ood.identity_rows], x[::k])
+        targets = [int(y[i]) + n * (i % k) if labels == "joint" else (int(y[i]) if i % k == 0 else n)
+                   for i in range(b)]
+        expected = F.cross_entropy(by_hand @ w.T, torch.tensor(targets))
+        assert ood.loss(None, replaced, y, 0).item() == pytest.approx(expected.item(), rel=1e-6)
+        assert ood.copies_of(replaced) is None
+    with pytest.raises(ValueError, match="rows must be 1"):
+        TaskOOD([n], d, copies="replace", rows=0.5)
+
+
+def test_with_replaced_rows_the_classification_loss_reads_the_identity_rows_and_evaluation_the_inputs(tmp_path):
+    """A task-incremental modnet step with transform_copies=replace: the forward sees the loader's batch with
+    row i as T_{i mod K}(x_i), the classification loss (the strategy's criterion) is the cross-entropy of the
+    untransformed rows alone, computed here by hand from the step's logits; evaluation batches go in as they
+    are and their loss reads every row."""
+    from avalanche.core import SupervisedPlugin
+    from torch.nn import functional as F
+
+    class Record(SupervisedPlugin):
+        def __init__(self):
+            super().__init__()
+            self.steps, self.evals, self.loader_x = [], [], None
+
+        def before_training_iteration(self, strategy, **kw):  # before any plugin's before_forward
+            self.loader_x = strategy.mb_x.clone()
+
+        def after_forward(self, strategy, **kw):
+            self.steps.append((self.loader_x, strategy.mb_x.clone(), strategy.mb_output.detach(),
+                               strategy.mb_y.clone(), strategy.criterion().detach()))
+
+        def after_eval_forward(self, strategy, **kw):
+            self.evals.append((strategy.mb_x.clone(), strategy.mb_output.detach(), strategy.mb_y.clone(),
+                               strategy.criterion().detach()))
+
+    record = Record()
+    model, xte, _, _ = _train_modnet(tmp_path, ["scenario=task", "task_inference.transform_copies=replace",
+                                                "train.epochs=2"], plugins=[record])
+    strategy, info = _train_modnet.last_run
+    strategy.eval(info.benchmark.test_stream)
+    k = model.task_ood.n_transforms
+    assert k == 4  # identity, reverse, negate, reverse_negate (the default transforms)
+    assert record.steps and record.evals
+    for loader_x, x, out, y, loss in record.steps:
+        i = torch.arange(x.shape[0])
+        flip = (i % k == 1) | (i % k == 3)
+        sign = torch.where((i % k) >= 2, -1.0, 1.0).unsqueeze(1)
+        by_hand = torch.where(flip.unsqueeze(1), loader_x.flip(1), loader_x) * sign
+        assert torch.equal(x, by_hand)
+        assert float(loss) == pytest.approx(float(F.cross_entropy(out[::k], y[::k])), rel=1e-6)
+        assert float(loss) != pytest.approx(float(F.cross_entropy(out, y)), rel=1e-3)  # the rows matter
+    test_x = set(map(tuple, xte.tolist()))
+    for x, out, y, loss in record.evals:
+        assert all(tuple(row) in test_x for row in x.tolist())  # untransformed test inputs
+        assert float(loss) == pytest.approx(float(F.cross_entropy(out, y)), rel=1e-6)
 
 
 @pytest.mark.parametrize("transforms", [("reverse",), ("reverse", "negate")])

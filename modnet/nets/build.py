@@ -35,8 +35,23 @@ def resolve_arch(arch: str, input_shape: Sequence[int]) -> str:
 # model.transform_heads: where CSI's joint (class, transform) heads are trained beside every task
 TRANSFORM_HEADS = ("auto", "inference", "always", "never")
 # task_inference.transform_copies: the heads' training batch (modnet.nets.task_inference.TaskOOD copies)
-TRANSFORM_COPIES = ("auto", "all", "one")
+TRANSFORM_COPIES = ("auto", "all", "one", "replace")
 TRANSFORM_ROWS = "the share of each batch in the transform heads' loss; 1 = all"
+
+
+def transform_copies(copies, rows: float, heads_for_inference: bool) -> str:
+    """``task_inference.transform_copies`` checked and resolved: ``auto`` is CSI's full batch (``all``) where
+    the heads pick the task, else ``replace`` (the batch's own rows; measured: the accuracy of ``one`` at
+    the batch's size, configs/training.yaml), or ``one`` where ``transform_rows`` < 1 (``replace`` transforms
+    every row of the batch, so it takes rows = 1 only)."""
+    copies = str(copies)
+    check_choice("task_inference.transform_copies", copies, TRANSFORM_COPIES)
+    if copies == "replace" and rows < 1.0:
+        raise ConfigError(f"task_inference.transform_copies=replace feeds every row of the batch to the transform "
+                          f"heads: it needs task_inference.transform_rows=1 (got {rows}), or transform_copies=one")
+    if copies == "auto":
+        return "all" if heads_for_inference else "replace" if rows >= 1.0 else "one"
+    return copies
 
 
 def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequence[Sequence[int]],
@@ -107,16 +122,11 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
         # inside the features' combination the heads' score is task_inference.feature_ood_score (their own
         # method=ood keeps task_inference.score)
         score = str(ti.get("feature_ood_score", "energy")) if ood_in_features else ti.score
-        copies = str(ti.get("transform_copies", "auto"))
-        check_choice("task_inference.transform_copies", copies, TRANSFORM_COPIES)
-        if copies == "auto":  # measured: CSI's full batch where the heads pick the task, one copy where they only train
-            copies = "all" if heads_for_inference else "one"
+        rows = check_share("task_inference.transform_rows", ti.get("transform_rows", 1.0), TRANSFORM_ROWS)
+        copies = transform_copies(ti.get("transform_copies", "auto"), rows, heads_for_inference)
         net.task_ood = TaskOOD([len(c) for c in task_classes], net.heads[0].in_features,
                                transforms=list(ti.transforms), score=score, calibrate=ti.calibrate,
-                               classify=ti.classify, labels=ti.labels,
-                               copies=copies,
-                               rows=check_share("task_inference.transform_rows", ti.get("transform_rows", 1.0),
-                                                TRANSFORM_ROWS))
+                               classify=ti.classify, labels=ti.labels, copies=copies, rows=rows)
         net.task_ood_predicts_task = class_incremental and m.task_keys and method == "ood"
     if class_incremental and m.task_keys and method == "features":
         from modnet.nets.task_inference import TaskFeatureGaussians

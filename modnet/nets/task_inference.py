@@ -35,7 +35,9 @@ x task prediction (Kim et al., NeurIPS 2022).
 
 Here each task t owns a joint head h_t (features of t's masked sub-network -> n_t K logits) next to its
 classification head. Training task t adds weight * CE(h_t(f_t(T_k x)), y + n_t k) over all k (k = 0 the
-identity) to the loss (``strategies.plugins.ood.TaskOODPlugin``). At test time the transforms are ensembled
+identity) to the loss (``strategies.plugins.ood.TaskOODPlugin``). Where the heads only train (they pick no
+task), the batch can carry them without growing: ``copies=replace`` puts T_{i mod K}(x_i) in row i, the joint
+head reads every row and the task's classification head the identity rows (i mod K = 0) only. At test time the transforms are ensembled
 (CSI's "ensemble" score):
 
     g_t(x)[c] = 1/K sum_k h_t(f_t(T_k x))[c + n_t k]          (B x n_t)
@@ -65,7 +67,9 @@ from modnet.methods.novelty import shrunk
 SCORES = ("maxlogit", "energy", "transform")
 CLASSIFY = ("head", "joint")
 LABELS = ("joint", "extra")
-COPIES = ("all", "one")  # the training loss: every transformed copy of each input, or one (i mod K) per input
+# the training loss: every transformed copy of each input beside it (all), one copy (i mod K) beside it (one),
+# or input i as T_{i mod K}(x_i) in its own row (replace: the batch keeps its B rows)
+COPIES = ("all", "one", "replace")
 
 
 def _square(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
@@ -132,6 +136,9 @@ class TaskOOD(nn.Module):
             raise ValueError(f"copies must be one of {COPIES}, got {copies!r}")
         if not 0.0 < rows <= 1.0:
             raise ValueError(f"rows (the share of each batch in the heads' loss) must be in (0, 1], got {rows}")
+        if copies == "replace" and rows < 1.0:
+            raise ValueError(f"copies='replace' transforms the batch's own rows, every one of them enters the "
+                             f"heads' loss: rows must be 1, got {rows} (rows < 1 takes copies 'one' or 'all')")
         self.copies, self.rows = copies, float(rows)
         unknown = [t for t in transforms if t not in TRANSFORMS]
         if unknown:
@@ -168,7 +175,9 @@ class TaskOOD(nn.Module):
         ``copies=all``: every input and its K - 1 copies (K B rows, CSI's batch); ``one``: input i as
         transform k_i = i mod K, B rows, a K-th of the cost (the loader's per-epoch shuffle varies k_i); the
         rows are taken grouped by transform (inputs 0, K, 2K, ..., then T_1 of inputs 1, K + 1, ..., and so
-        on: strided slices, no gather), which the mean cross-entropy does not see.
+        on: strided slices, no gather), which the mean cross-entropy does not see. ``replace``: ``x`` is
+        already the batch of ``replace_rows`` (row i holds T_{i mod K}(x_i)), every row enters with the
+        label y_i + n_t (i mod K); no row is added.
         ``rows`` < 1: only the batch's first ceil(rows B) inputs enter the loss (the loader shuffles every
         epoch, so each input takes part in a ``rows`` share of the steps): the same expected loss at a
         ``rows`` share of the copies' cost.
@@ -179,7 +188,9 @@ class TaskOOD(nn.Module):
         m = self.loss_rows(x.shape[0])
         x, y_local = x[:m], y_local[:m]
         if feature is None:
-            if self.copies == "one":
+            if self.copies == "replace":
+                pass  # the batch's rows are the loss's rows
+            elif self.copies == "one":
                 x = torch.cat([x[::self.n_transforms], *self._one_copy(x)])
             else:
                 x = self.expand(x)
@@ -197,18 +208,38 @@ class TaskOOD(nn.Module):
     def copies_of(self, x: Tensor) -> Tensor | None:
         """The transformed rows the loss needs for inputs ``x`` (already cut to ``loss_rows``): ``one``,
         T_k(x_i) for the rows with k = i mod K != 0, grouped by k ([T_1 x[1::K]; T_2 x[2::K]; ...]); ``all``,
-        [T_1 x; ...; T_{K-1} x]; None without transforms."""
-        if not self.transforms:
+        [T_1 x; ...; T_{K-1} x]; None without transforms or with ``replace`` (no row is added)."""
+        if not self.transforms or self.copies == "replace":
             return None
         if self.copies == "one":
             parts = self._one_copy(x)
             return torch.cat(parts) if parts else x[:0]  # a batch of one input has no copy
         return torch.cat([TRANSFORMS[name](x) for name in self.transforms])
 
+    def replace_rows(self, x: Tensor) -> Tensor:
+        """``copies=replace``: the batch with row i as T_{i mod K}(x_i) (a new tensor; the rows with
+        i mod K = 0, ``identity_rows``, stay as they are). Strided slices: no gather, no host read."""
+        k_all = self.n_transforms
+        out = x.clone()
+        for k, name in enumerate(self.transforms[:x.shape[0] - 1], 1):
+            out[k::k_all] = TRANSFORMS[name](x[k::k_all])
+        return out
+
+    @property
+    def identity_rows(self) -> slice:
+        """The rows of a ``replace_rows`` batch that hold their input untransformed: i mod K = 0."""
+        return slice(None, None, self.n_transforms)
+
     def _labels(self, y_local: Tensor, task_n: int) -> Tensor:
         """The joint labels of the loss's rows: c + n_t k (``labels=joint``), or n_t for every transformed
-        row (``extra``); ``one``: input i as transform i mod K, in ``copies_of``'s order (grouped by k)."""
+        row (``extra``); ``one``: input i as transform i mod K, in ``copies_of``'s order (grouped by k);
+        ``replace``: row i as transform i mod K, in the batch's order."""
         b = y_local.shape[0]
+        if self.copies == "replace":
+            k = torch.arange(b, device=y_local.device) % self.n_transforms
+            if self.labels == "extra":
+                return torch.where(k == 0, y_local, task_n)
+            return y_local + task_n * k
         if self.copies == "one":
             k_all = self.n_transforms
             if self.labels == "extra":
@@ -223,7 +254,7 @@ class TaskOOD(nn.Module):
         """The loss from the heads' inputs: ``feature`` of the untransformed inputs (B' rows) and
         ``copy_features`` of ``copies_of`` them."""
         labels = self._labels(y_local, self.task_sizes[task])
-        if copy_features is None:
+        if copy_features is None:  # replace (every row in ``feature``), or no transforms
             joint = feature
         elif self.copies == "one":
             joint = torch.cat([feature[::self.n_transforms], copy_features.to(feature.dtype)])

@@ -4,7 +4,9 @@
 before_forward      the transformed copies the loss needs go into the training forward's condition
                     (``Condition.extra``): they run through task t's masked sub-network in the batch's own
                     pass (one gate and mask computation, larger products), where the network has no batch
-                    norm (its rows are then independent); with batch norm, a second forward in before_backward
+                    norm (its rows are then independent); with batch norm, a second forward in before_backward.
+                    ``copies=replace``: the batch's row i becomes T_{i mod K}(x_i) (``strategy.mbatch``) and
+                    the classification loss reads the identity rows only (``strategy.classification_rows``)
 before_backward     + weight * CE(h_t(f_t(T_k x)), y + n_t k) over the batch and its K - 1 transformed copies,
                     through task t's masked sub-network (HAT's training masks at the step's s, so HAT's
                     gradient conditioning protects earlier tasks' units from this loss as from the task's own)
@@ -30,12 +32,16 @@ class TaskOODPlugin(SupervisedPlugin):
         self._share_pass = False  # set per experience: whether the copies can join the training pass
 
     def before_training_exp(self, strategy, **kw):
+        train_condition(strategy)  # the template whose criterion reads classification_rows (clear error if not)
         self._share_pass = not strategy.model.rows_coupled
 
     # training forwards only (evaluation calls before_eval_forward / after_eval_forward)
     def before_forward(self, strategy, **kw):
-        if self._share_pass:
-            ood = strategy.model.task_ood
+        ood = strategy.model.task_ood
+        if ood.copies == "replace":
+            strategy.mbatch[0] = ood.replace_rows(strategy.mbatch[0])
+            strategy.classification_rows = ood.identity_rows
+        elif self._share_pass:
             x = strategy.mb_x
             train_condition(strategy).extra = ood.copies_of(x[:ood.loss_rows(x.shape[0])])
 
@@ -66,6 +72,7 @@ class TaskOODPlugin(SupervisedPlugin):
 
     @torch.no_grad()
     def after_training_exp(self, strategy, **kw):
+        strategy.classification_rows = None
         model = strategy.model
         task = train_condition(strategy).task
         # sliced from the experience's tensors where it has them (the loader's seed drawn all the same: the
