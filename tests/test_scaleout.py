@@ -30,7 +30,7 @@ SMALL = ["benchmark.n_experiences=2", "benchmark.max_train_samples=1256",
 # EWC rides along: its penalty reaches the old heads outside the forward, so its ranks average .grad with one
 # all-reduce after backward instead of DDP's hooks (declared per strategy: register_strategy(gradient_sync=...)): both paths are checked.
 # modnet without transform heads goes through DDP's hooks; the default one (MODNET: transform heads, whose loss
-# runs a second forward outside DDP's) through the all-reduce
+# runs outside DDP's forward) through the all-reduce
 HAT_ONLY = [*SMALL, "strategies=[modnet,ewc]", "train.epochs=2", "model.modules=none", "model.gate=none",
             "model.task_keys=false", "model.transform_heads=never"]
 # the default modnet: modules, gates, task keys (hard gates learn more slowly than HAT alone at lr 0.2 on 628
