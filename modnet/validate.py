@@ -10,7 +10,8 @@ What is checked (where the config has the key):
 * ``strategies``: non-empty, no repeats, every name registered; ``seeds``: null or a non-empty list of
   distinct integers; ``scenario``, ``model.arch``, ``loggers``: among their choices;
 * ``train.epochs``, ``train.batch_size``, ``train.eval_batch_size``, ``benchmark.n_experiences``: positive;
-  ``threads`` (and in ``gzsl`` ``large_train.threads``): a positive integer or null (torch's default);
+  ``threads`` (and in ``gzsl`` ``large_train.threads``, ``clswgan.threads``): a positive integer or null (torch's
+  default);
 * ``output_dir``: not a file (nor below one); ``task_inference.transform_rows``: in (0, 1];
   ``task_inference.transform_copies``: among its choices, ``replace`` only with transform_rows 1;
   ``train.channels_last``: true, false or auto; ``train.compile``: a bool or a backend's name, and a C++
@@ -42,7 +43,8 @@ TRANSFORM_COPIES = ("auto", "all", "one", "replace")                 # modnet.ne
 
 POSITIVE = ("train.epochs", "train.batch_size", "train.eval_batch_size", "benchmark.n_experiences")
 # null: torch's default (every core, or OMP_NUM_THREADS); 0, which cl and bench once read as that, is refused
-POSITIVE_OR_NULL = {"gzsl": ("threads", "large_train.threads"), "cl": ("threads",), "bench": ("threads",)}
+POSITIVE_OR_NULL = {"gzsl": ("threads", "large_train.threads", "clswgan.threads"), "cl": ("threads",),
+                    "bench": ("threads",)}
 
 
 RATIO_CLOCKS = ("auto", "wall", "thread_cpu")

@@ -291,3 +291,34 @@ def test_the_seen_network_takes_its_own_capacity_weight_and_continual_gzsl_keeps
                                  torch.device("cpu"), False)
         units_on[c] = sum(int((m > 0.5).sum()) for m in net.model.masks(0))
     assert units_on[0.0] > units_on[0.75], units_on
+
+
+def test_clswgan_trains_on_its_own_threads_and_gives_the_job_its_threads_back(tmp_path, monkeypatch):
+    """clswgan.threads: f-CLSWGAN's fit and scores run on that many torch threads, the rest of the job on
+    ``threads``; null (the default) is torch's default as the job found it when it started (here 2, set by
+    the caller). After the method, and after the job, the threads are as they were. 0 is one config line."""
+    from modnet.methods.clswgan import FCLSWGAN
+    from modnet.validate import validate
+
+    ran_on, fit = [], FCLSWGAN.fit
+
+    def recording_fit(self, *args, **kwargs):
+        ran_on.append(torch.get_num_threads())
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(FCLSWGAN, "fit", recording_fit)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the process's default, as the job finds it
+    try:
+        for extra, expected in ((["clswgan.threads=null"], 2), (["clswgan.threads=1"], 1)):
+            ran_on.clear()
+            assert main(["gzsl", *TINY, "methods=[clswgan,eszsl]", "threads=1", *extra,
+                         f"output_dir={tmp_path / str(expected)}"]) == 0
+            assert ran_on and set(ran_on) == {expected}  # each fit (validation splits, test)
+            assert torch.get_num_threads() == 2
+            saved = (tmp_path / str(expected) / "config.yaml").read_text()
+            assert f"  threads: {expected}\n" in saved  # the count it ran on, null resolved
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match="clswgan.threads"):
+        validate("gzsl", compose("gzsl", ["clswgan.threads=0"]))

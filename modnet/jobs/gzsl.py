@@ -553,6 +553,10 @@ def run_gzsl(cfg: DictConfig) -> dict:
     all_threads = torch.get_num_threads()  # torch's default (OMP_NUM_THREADS, else the cores), for threads=null
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    if "clswgan" in cfg and cfg.clswgan.get("threads") is None:  # null: torch's default, as counted above
+        cfg = copy.deepcopy(cfg)
+        with open_dict(cfg):
+            cfg.clswgan.threads = all_threads
     seeds = [int(s) for s in cfg.seeds] if cfg.get("seeds") else [int(cfg.seed)]
     progress = shows_progress_bars(cfg.progress)  # tqdm bars only on a terminal (logs stay readable)
     out_dir = Path(cfg.output_dir)

@@ -17,6 +17,8 @@ NAME = "clswgan"
 
 @register_zsl_method(NAME)
 def score(cfg, net, params):
+    import torch
+
     from modnet.methods.clswgan import FCLSWGAN
     from modnet.zsl.seen_network import baseline_feature_kind
 
@@ -27,6 +29,14 @@ def score(cfg, net, params):
                      cls_weight=c.cls_weight, critic_iter=c.critic_iter, batch_size=c.batch_size, epochs=c.epochs,
                      syn_num=c.syn_num, classifier_lr=c.classifier_lr, classifier_epochs=c.classifier_epochs,
                      pretrain_epochs=c.pretrain_epochs, seed=net.seed)
-    model.fit(f_train, net.split("train")[1], net.data.attributes.to(net.device), net.data.seen_classes,
-              net.data.unseen_classes)
-    return model.scores(f_test_seen), model.scores(f_test_unseen)
+    # its own CPU threads (clswgan.threads; the gzsl job resolves null to torch's default): its 4096-wide
+    # products gain from every core where the job's small networks run fastest on one
+    threads, job_threads = c.get("threads"), torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        model.fit(f_train, net.split("train")[1], net.data.attributes.to(net.device), net.data.seen_classes,
+                  net.data.unseen_classes)
+        return model.scores(f_test_seen), model.scores(f_test_unseen)
+    finally:
+        torch.set_num_threads(job_threads)
