@@ -652,6 +652,7 @@ def test_task_incremental_mlp_trains_the_transform_heads_beside_each_task_withou
     the batch's own rows."""
     from modnet.config import ConfigError, compose
     from modnet.nets.build import build_modular_network
+    from modnet.nets.record import describe_network
 
     passes = []
     loss = TaskOOD.loss
@@ -668,8 +669,11 @@ def test_task_incremental_mlp_trains_the_transform_heads_beside_each_task_withou
         assert isinstance(model.task_ood, TaskOOD) and not model.task_ood_predicts_task
         assert model.task_keys is None and model.task_features is None
         assert not model.task_ood_read_at_inference()  # an auxiliary loss: not counted in stored_bytes
-        # transform_copies=auto: the batch's own rows where the heads only train
+        # transform_copies=auto: the batch's own rows where the heads only train; results.json's network says so
         assert model.task_ood.copies == ("replace" if copies == "auto" else "one")
+        assert describe_network(model)["transform_heads"] == {
+            "copies": model.task_ood.copies, "transforms": ["reverse"], "labels": "joint", "rows": 1.0,
+            "predicts_task": False}
         # every step: the heads' input from the training forward; copies of their own with one, none with replace
         assert passes and set(passes) == {(True, copies == "one")}
         k = model.task_ood.n_transforms

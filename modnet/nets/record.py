@@ -79,8 +79,10 @@ def describe_network(model: nn.Module) -> dict:
     """``{"class", "layers": [{"units", "modules": [[unit ids], ...], "module_method", "outliers",
     "module_ids"}], "parameters", "module_sharing"}``. For a modular network the layers are its masked
     layers and the modules those of the latest task's gate (``modules_by_task`` holds every task's;
-    ``module_sharing`` per layer the modules of all tasks, how many are shared, which method made them);
-    for a plain network its hidden linear and conv layers, without modules."""
+    ``module_sharing`` per layer the modules of all tasks, how many are shared, which method made them;
+    ``transform_heads``, where it trains CSI's heads: how their batch was made, ``transform_copies`` as
+    resolved, and whether they pick the task); for a plain network its hidden linear and conv layers, without
+    modules."""
     out: dict = {"class": type(model).__name__, "parameters": int(sum(p.numel() for p in model.parameters()))}
     if isinstance(model, HATNet):
         out["layers"] = _layer_modules(model, None)
@@ -90,6 +92,10 @@ def describe_network(model: nn.Module) -> dict:
         sharing = module_sharing(model)
         if sharing:
             out["module_sharing"] = sharing
+        ood = getattr(model, "task_ood", None)
+        if ood is not None:
+            out["transform_heads"] = {"copies": ood.copies, "transforms": list(ood.transforms), "labels": ood.labels,
+                                      "rows": ood.rows, "predicts_task": bool(model.task_ood_predicts_task)}
     else:
         hidden = [m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
                   and "classifier" not in name and "head" not in name]
