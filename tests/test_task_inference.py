@@ -766,15 +766,16 @@ def test_replaced_rows_are_input_i_under_transform_i_mod_k_in_row_i(labels):
 def test_with_replaced_rows_the_classification_loss_reads_the_identity_rows_and_evaluation_the_inputs(tmp_path):
     """A task-incremental modnet step with transform_copies=replace: the forward sees the loader's batch with
     row i as T_{i mod K}(x_i), the classification loss (the strategy's criterion) is the cross-entropy of the
-    untransformed rows alone, computed here by hand from the step's logits; evaluation batches go in as they
-    are and their loss reads every row."""
+    untransformed rows alone, computed here by hand from the step's logits, and what reads the step after its
+    update (Avalanche's training accuracy) sees those rows; evaluation batches go in as they are and their loss
+    reads every row."""
     from avalanche.core import SupervisedPlugin
     from torch.nn import functional as F
 
     class Record(SupervisedPlugin):
         def __init__(self):
             super().__init__()
-            self.steps, self.evals, self.loader_x = [], [], None
+            self.steps, self.evals, self.after, self.loader_x = [], [], [], None
 
         def before_training_iteration(self, strategy, **kw):  # before any plugin's before_forward
             self.loader_x = strategy.mb_x.clone()
@@ -782,6 +783,10 @@ def test_with_replaced_rows_the_classification_loss_reads_the_identity_rows_and_
         def after_forward(self, strategy, **kw):
             self.steps.append((self.loader_x, strategy.mb_x.clone(), strategy.mb_output.detach(),
                                strategy.mb_y.clone(), strategy.criterion().detach()))
+
+        def after_training_iteration(self, strategy, **kw):  # where Avalanche's training accuracy reads
+            self.after.append((strategy.mb_x.clone(), strategy.mb_output.detach().clone(), strategy.mb_y.clone(),
+                               strategy.mb_task_id.clone()))
 
         def after_eval_forward(self, strategy, **kw):
             self.evals.append((strategy.mb_x.clone(), strategy.mb_output.detach(), strategy.mb_y.clone(),
@@ -803,6 +808,11 @@ def test_with_replaced_rows_the_classification_loss_reads_the_identity_rows_and_
         assert torch.equal(x, by_hand)
         assert float(loss) == pytest.approx(float(F.cross_entropy(out[::k], y[::k])), rel=1e-6)
         assert float(loss) != pytest.approx(float(F.cross_entropy(out, y)), rel=1e-3)  # the rows matter
+    # the training metrics see the untransformed rows the classification loss read: inputs, logits, labels
+    assert len(record.after) == len(record.steps)
+    for (loader_x, _, out, y, _), (x_after, out_after, y_after, t_after) in zip(record.steps, record.after):
+        assert torch.equal(x_after, loader_x[::k]) and torch.equal(out_after, out[::k])
+        assert torch.equal(y_after, y[::k]) and t_after.shape == y_after.shape
     test_x = set(map(tuple, xte.tolist()))
     for x, out, y, loss in record.evals:
         assert all(tuple(row) in test_x for row in x.tolist())  # untransformed test inputs

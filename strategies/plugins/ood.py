@@ -7,6 +7,7 @@ before_forward      the transformed copies the loss needs go into the training f
                     norm (its rows are then independent); with batch norm, a second forward in before_backward.
                     ``copies=replace``: the batch's row i becomes T_{i mod K}(x_i) (``strategy.mbatch``) and
                     the classification loss reads the identity rows only (``strategy.classification_rows``)
+after_update        replace: the step's batch and logits cut to those rows, for the training metrics after it
 before_backward     + weight * CE(h_t(f_t(T_k x)), y + n_t k) over the batch and its K - 1 transformed copies,
                     through task t's masked sub-network (HAT's training masks at the step's s, so HAT's
                     gradient conditioning protects earlier tasks' units from this loss as from the task's own)
@@ -47,6 +48,14 @@ class TaskOODPlugin(SupervisedPlugin):
 
     def after_forward(self, strategy, **kw):
         train_condition(strategy).extra = None
+
+    def after_update(self, strategy, **kw):
+        # replace: what reads the step after it (Avalanche's training accuracy, after_training_iteration) sees
+        # the rows the classification loss read, the untransformed inputs with their logits (views, no copy)
+        rows = strategy.classification_rows
+        if rows is not None:
+            strategy.mbatch = [t[rows] for t in strategy.mbatch]
+            strategy.mb_output = strategy.mb_output[rows]
 
     def before_backward(self, strategy, **kw):
         model = strategy.model
