@@ -39,7 +39,8 @@ ARCHS = ("auto", "mlp", "cnn", "resnet18")                           # modnet.ne
 LOGGERS = ("interactive", "text", "csv", "tensorboard", "wandb")     # modnet.eval.metrics.LOGGERS
 
 TRANSFORM_ROWS = "the share of each batch in the transform heads' loss; 1 = all"   # modnet.nets.build
-TRANSFORM_COPIES = ("auto", "all", "one", "replace")                 # modnet.nets.build
+# task_inference.transform_copies (modnet.nets.build reads these two from here)
+TRANSFORM_COPIES = ("auto", "all", "one", "replace")
 
 POSITIVE = ("train.epochs", "train.batch_size", "train.eval_batch_size", "benchmark.n_experiences")
 # null: torch's default (every core, or OMP_NUM_THREADS); 0, which cl and bench once read as that, is refused
@@ -56,6 +57,21 @@ def _check_ratio_clock(cfg: DictConfig) -> None:
     if clock == "thread_cpu" and (cfg.get("threads") != 1 or cfg.get("device") == "cuda"):
         raise ConfigError("config ratio_clock=thread_cpu times one thread's CPU: it needs threads=1 on the CPU "
                           "(device=cpu); use ratio_clock=wall, or auto")
+
+
+def transform_copies(copies, rows: float, heads_for_inference: bool) -> str:
+    """``task_inference.transform_copies`` checked and resolved: ``auto`` is CSI's full batch (``all``) where
+    the heads pick the task, else ``replace`` (the batch's own rows; measured: the accuracy of ``one`` at
+    the batch's size, configs/training.yaml), or ``one`` where ``transform_rows`` < 1 (``replace`` transforms
+    every row of the batch, so it takes rows = 1 only)."""
+    copies = str(copies)
+    check_choice("task_inference.transform_copies", copies, TRANSFORM_COPIES)
+    if copies == "replace" and rows < 1.0:
+        raise ConfigError(f"task_inference.transform_copies=replace feeds every row of the batch to the transform "
+                          f"heads: it needs task_inference.transform_rows=1 (got {rows}), or transform_copies=one")
+    if copies == "auto":
+        return "all" if heads_for_inference else "replace" if rows >= 1.0 else "one"
+    return copies
 
 
 def validate(job: str, cfg: DictConfig) -> None:
@@ -78,12 +94,7 @@ def validate(job: str, cfg: DictConfig) -> None:
         _check_compile(cfg.train.compile)
     if OmegaConf.select(cfg, "task_inference.transform_rows") is not None:
         rows = check_share("task_inference.transform_rows", cfg.task_inference.transform_rows, TRANSFORM_ROWS)
-        copies = OmegaConf.select(cfg, "task_inference.transform_copies", default="auto")
-        check_choice("task_inference.transform_copies", str(copies), TRANSFORM_COPIES)
-        if copies == "replace" and rows < 1.0:  # as modnet.nets.build.transform_copies says it
-            raise ConfigError(f"task_inference.transform_copies=replace feeds every row of the batch to the "
-                              f"transform heads: it needs task_inference.transform_rows=1 (got {rows}), or "
-                              f"transform_copies=one")
+        transform_copies(OmegaConf.select(cfg, "task_inference.transform_copies", default="auto"), rows, False)
     if job == "bench":
         _check_ratio_clock(cfg)
     if job == "cl":

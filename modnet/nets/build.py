@@ -12,6 +12,7 @@ import numpy as np
 from torch import nn
 
 from modnet.config import ConfigError, check_choice, check_share
+from modnet.validate import TRANSFORM_COPIES, transform_copies  # noqa: F401 (TRANSFORM_COPIES: its choices)
 from modnet.nets.models import (CNNBackbone, HATCNN, HATMLP, HATNet, HATResNet18, MLPBackbone, MultiHeadNet,
                                 ResNet18Backbone, SingleHeadNet, use_cosine_heads)
 
@@ -34,24 +35,9 @@ def resolve_arch(arch: str, input_shape: Sequence[int]) -> str:
 
 # model.transform_heads: where CSI's joint (class, transform) heads are trained beside every task
 TRANSFORM_HEADS = ("auto", "inference", "always", "never")
-# task_inference.transform_copies: the heads' training batch (modnet.nets.task_inference.TaskOOD copies)
-TRANSFORM_COPIES = ("auto", "all", "one", "replace")
+# task_inference.transform_copies: the heads' training batch (modnet.nets.task_inference.TaskOOD copies),
+# checked and resolved by modnet.validate.transform_copies (also before any import)
 TRANSFORM_ROWS = "the share of each batch in the transform heads' loss; 1 = all"
-
-
-def transform_copies(copies, rows: float, heads_for_inference: bool) -> str:
-    """``task_inference.transform_copies`` checked and resolved: ``auto`` is CSI's full batch (``all``) where
-    the heads pick the task, else ``replace`` (the batch's own rows; measured: the accuracy of ``one`` at
-    the batch's size, configs/training.yaml), or ``one`` where ``transform_rows`` < 1 (``replace`` transforms
-    every row of the batch, so it takes rows = 1 only)."""
-    copies = str(copies)
-    check_choice("task_inference.transform_copies", copies, TRANSFORM_COPIES)
-    if copies == "replace" and rows < 1.0:
-        raise ConfigError(f"task_inference.transform_copies=replace feeds every row of the batch to the transform "
-                          f"heads: it needs task_inference.transform_rows=1 (got {rows}), or transform_copies=one")
-    if copies == "auto":
-        return "all" if heads_for_inference else "replace" if rows >= 1.0 else "one"
-    return copies
 
 
 def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequence[Sequence[int]],

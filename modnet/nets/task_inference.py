@@ -188,12 +188,10 @@ class TaskOOD(nn.Module):
         m = self.loss_rows(x.shape[0])
         x, y_local = x[:m], y_local[:m]
         if feature is None:
-            if self.copies == "replace":
-                pass  # the batch's rows are the loss's rows
-            elif self.copies == "one":
+            if self.copies == "one":
                 x = torch.cat([x[::self.n_transforms], *self._one_copy(x)])
-            else:
-                x = self.expand(x)
+            elif self.copies == "all":
+                x = self.expand(x)  # (replace: the batch's rows are the loss's rows)
             return F.cross_entropy(self.joint_logits(net, x, task, condition).float(),
                                    self._labels(y_local, self.task_sizes[task]))
         if copy_features is None:
