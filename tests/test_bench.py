@@ -82,15 +82,18 @@ def test_lockstep_round_takes_one_step_of_each_loop_in_turn_and_times_each_on_it
 
     torch.set_num_threads(1)
     log = []
-    run = {"one": _matmul_epoch(log, "one", 6, 10), "two": _matmul_epoch(log, "two", 6, 20),
-           "short": _matmul_epoch(log, "short", 2, 40)}
+    torch.randn(192, 192) @ torch.randn(192, 192)  # the first product's one-off set-up is no loop's
+    run = {"one": _matmul_epoch(log, "one", 6, 20), "two": _matmul_epoch(log, "two", 6, 40),
+           "short": _matmul_epoch(log, "short", 2, 80)}
     out, faults = _lockstep_round(run, ["two", "short", "one"])
     starts = [name for name, what, _ in log if what == "start"]
     assert starts == ["two", "short", "one"] * 2 + ["two", "one"] * 4
     for (n1, w1, t1), (n2, w2, t2) in zip(log[::2], log[1::2]):  # each start is followed by its own end
         assert (n1, w1, n2, w2) == (n1, "start", n1, "end") and t2 >= t1
     assert set(out) == {"one", "two", "short"}
-    assert 1.6 < out["two"] / out["one"] < 2.4  # 120 products against 60: the clocks count each loop's own work
+    # 240 products against 120: the clocks count each loop's own work. Bounds wide enough for a machine shared with
+    # another job (1.5 seen with 60/120 products beside a README run); a wall or process clock would give ~1
+    assert 1.35 < out["two"] / out["one"] < 2.8
     assert set(faults) in ({"one", "two", "short"}, set())  # per loop on Linux, none elsewhere
 
 
