@@ -23,7 +23,8 @@ What is checked (where the config has the key):
 * ``benchmark=npz`` in ``gzsl`` / ``explain`` (without ``run_dir``): the zero-shot arrays
   (``scenarios.sources.check_zsl_npz``: one attribute row per class with samples, unseen classes absent from
   training and present in the test set, integer labels, equal feature widths);
-* ``ratio_clock`` in ``bench``: auto, wall or thread_cpu, the last only with ``threads=1`` on the CPU.
+* ``ratio_clock`` in ``bench``: auto, wall or thread_cpu, the last only with ``threads=1`` on the CPU;
+  ``lockstep_steps`` a positive integer.
 """
 from __future__ import annotations
 
@@ -54,6 +55,10 @@ RATIO_CLOCKS = ("auto", "wall", "thread_cpu")
 def _check_ratio_clock(cfg: DictConfig) -> None:
     clock = cfg.get("ratio_clock", "auto")
     check_choice("ratio_clock", clock, RATIO_CLOCKS)
+    steps = cfg.get("lockstep_steps", 1)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"config lockstep_steps={steps!r} must be a positive integer (training steps a loop takes "
+                          f"per turn in thread_cpu rounds; 8 by default)")
     if clock == "thread_cpu" and (cfg.get("threads") != 1 or cfg.get("device") == "cuda"):
         raise ConfigError("config ratio_clock=thread_cpu times one thread's CPU: it needs threads=1 on the CPU "
                           "(device=cpu); use ratio_clock=wall, or auto")

@@ -41,6 +41,7 @@ def test_bench_writes_ratios_that_agree_with_its_throughputs(tmp_path):
     assert r["modnet_time_ratio_vs_naive"] == pytest.approx(per_round[1])
     assert r["step_cost_vs_naive"]["naive"]["median"] == pytest.approx(1.0)
     assert res["ratio_clock"] == "thread_cpu"  # auto, on the CPU at one thread: lockstep rounds
+    assert res["lockstep_steps"] == 8  # configs/bench.yaml's default, recorded beside the figures
     sync = res["sync"]["sizes"]
     assert set(sync) == {"200", "400"} and all(v["clusters"] >= 1 for v in sync.values())
     md = (tmp_path / "bench.md").read_text()
@@ -95,6 +96,29 @@ def test_lockstep_round_takes_one_step_of_each_loop_in_turn_and_times_each_on_it
     # another job (1.5 seen with 60/120 products beside a README run); a wall or process clock would give ~1
     assert 1.35 < out["two"] / out["one"] < 2.8
     assert set(faults) in ({"one", "two", "short"}, set())  # per loop on Linux, none elsewhere
+
+
+def test_lockstep_round_with_several_steps_per_turn_hands_the_turn_on_after_each_block():
+    """steps_per_turn=2: each loop takes two steps, then the next loop in order; a loop whose epoch ends inside a
+    block (3 steps: one block of 2, then 1) leaves the round after its last step; still no two steps overlap."""
+    from modnet.jobs.bench import _lockstep_round
+
+    log = []
+    run = {"a": _matmul_epoch(log, "a", 5, 1, size=8), "b": _matmul_epoch(log, "b", 3, 1, size=8),
+           "c": _matmul_epoch(log, "c", 6, 1, size=8)}
+    _lockstep_round(run, ["a", "b", "c"], steps_per_turn=2)
+    starts = [name for name, what, _ in log if what == "start"]
+    assert starts == ["a", "a", "b", "b", "c", "c", "a", "a", "b", "c", "c", "a", "c", "c"]
+    for (n1, w1, t1), (n2, w2, t2) in zip(log[::2], log[1::2]):
+        assert (n1, w1, n2, w2) == (n1, "start", n1, "end") and t2 >= t1
+
+
+def test_lockstep_steps_must_be_a_positive_integer(capsys):
+    for bad, says in (("0", "positive integer"), ("-3", "positive integer"), ("2.5", "must be int"),
+                      ("true", "must be int")):
+        assert main(["bench", f"lockstep_steps={bad}", "archs=[mlp]"]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "lockstep_steps" in err[0] and says in err[0]
 
 
 def test_lockstep_round_raises_a_loops_error_after_the_others_finish():
