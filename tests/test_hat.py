@@ -263,3 +263,15 @@ def test_importing_the_hat_module_flushes_subnormals_on_every_thread_torch_start
     assert _nonzero_products("", "") == n
     assert 0 < _nonzero_products("", "torch.set_flush_denormal(True)") < n
     assert _nonzero_products("import modnet.nets.hat", "") == 0
+
+
+def test_local_labels_give_each_global_label_its_position_in_the_tasks_head_and_follow_the_heads_classes():
+    """Task 1 of [[7, 3, 9], [2, 5]]: labels 9, 7, 3 sit at 2, 0, 1 of its head; a class of another task reads -1.
+    Adding classes to a head (a new class_index buffer) is seen at once, not through a stale table."""
+    model = HATMLP(4, [[7, 3, 9], [2, 5]], hidden=3, n_layers=1)
+    assert model.local_labels(0, torch.tensor([9, 7, 3, 2])).tolist() == [2, 0, 1, -1]
+    assert model.local_labels(1, torch.tensor([5, 2, 2])).tolist() == [1, 0, 0]
+    assert model.local_labels(0, torch.tensor([3])).tolist() == [1]  # the kept table, same answer
+    model.add_classes(1, [11], torch.zeros(1, 3))
+    assert model.local_labels(1, torch.tensor([11, 5, 2])).tolist() == [2, 1, 0]
+    assert model.local_labels(0, torch.tensor([11])).tolist() == [-1]

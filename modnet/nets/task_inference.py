@@ -157,6 +157,7 @@ class TaskOOD(nn.Module):
         width = (lambda n: n * self.n_transforms) if labels == "joint" else (lambda n: n + 1)
         self.heads = nn.ModuleList(nn.Linear(feature_dim, width(n)) for n in self.task_sizes)
         # calibration of each task's score on its own training data: z = (s - mean) / std
+        self._offsets: dict[tuple, Tensor] = {}  # _row_offsets' tensors
         self.register_buffer("score_mean", torch.zeros(len(self.task_sizes)))
         self.register_buffer("score_std", torch.ones(len(self.task_sizes)))
 
@@ -234,10 +235,9 @@ class TaskOOD(nn.Module):
         ``replace``: row i as transform i mod K, in the batch's order."""
         b = y_local.shape[0]
         if self.copies == "replace":
-            k = torch.arange(b, device=y_local.device) % self.n_transforms
             if self.labels == "extra":
-                return torch.where(k == 0, y_local, task_n)
-            return y_local + task_n * k
+                return torch.where(self._row_offsets(b, 1, y_local.device) == 0, y_local, task_n)
+            return y_local + self._row_offsets(b, task_n, y_local.device)
         if self.copies == "one":
             k_all = self.n_transforms
             if self.labels == "extra":
@@ -246,6 +246,15 @@ class TaskOOD(nn.Module):
         if self.labels == "extra":  # every transformed copy is class n ("not this task")
             return torch.cat([y_local] + [torch.full_like(y_local, task_n)] * (self.n_transforms - 1))
         return torch.cat([y_local + task_n * k for k in range(self.n_transforms)])
+
+    def _row_offsets(self, b: int, task_n: int, device) -> Tensor:
+        """task_n * (i mod K) for the rows i < b of a ``replace_rows`` batch: made once per batch size and task
+        width (a training run sees two batch sizes), kept beside the module, not in its state."""
+        key = (b, task_n, device)
+        out = self._offsets.get(key)
+        if out is None:
+            out = self._offsets[key] = (torch.arange(b, device=device) % self.n_transforms) * task_n
+        return out
 
     def loss_from_features(self, feature: Tensor, copy_features: Tensor | None, y_local: Tensor,
                            task: int) -> Tensor:
@@ -524,6 +533,7 @@ class TaskFeatureGaussians(nn.Module):
                 self.register_buffer(f"decoder_{t}", torch.zeros(0, 0))      # a_t x d
                 self.register_buffer(f"decoder_mean_h_{t}", torch.zeros(0))  # a_t
                 self.register_buffer(f"decoder_mean_x_{t}", torch.zeros(0))  # d
+        self._offsets: dict[tuple, Tensor] = {}  # _row_offsets' tensors
         self.register_buffer("score_mean", torch.zeros(len(self.task_sizes)))
         self.register_buffer("score_std", torch.ones(len(self.task_sizes)))
         self.register_buffer("recon_mean", torch.zeros(len(self.task_sizes) if self.decoder_weight > 0 else 0))

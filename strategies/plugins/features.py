@@ -25,12 +25,9 @@ class TaskFeaturesPlugin(SupervisedPlugin):
         xs, ys = zip(*dataset_batches(strategy.experience.dataset, self.batch_size,
                                       tensors=getattr(strategy, "tensor_batches", False), loader_rng=True))
         x, y = torch.cat(xs).to(strategy.device), torch.cat(ys).to(strategy.device)
-        idx = getattr(model, f"class_index_{task}")
-        lut = torch.full((model.n_classes,), -1, dtype=torch.long, device=idx.device)
-        lut[idx] = torch.arange(len(idx), device=idx.device)
         was_training = model.training
         model.eval()
         try:
-            model.task_features.fit(model, x, lut[y.to(idx.device)], task, self.batch_size)
+            model.task_features.fit(model, x, model.local_labels(task, y), task, self.batch_size)
         finally:
             model.train(was_training)

@@ -61,11 +61,7 @@ class TaskOODPlugin(SupervisedPlugin):
         model = strategy.model
         condition = train_condition(strategy)
         task = condition.task
-        # the task's local labels: position of each global label in the task's head
-        idx = getattr(model, f"class_index_{task}")
-        lut = torch.full((model.n_classes,), -1, dtype=torch.long, device=idx.device)
-        lut[idx] = torch.arange(len(idx), device=idx.device)
-        y = lut[strategy.mb_y.to(idx.device)]
+        y = model.local_labels(task, strategy.mb_y)  # position of each global label in the task's head
         # the main forward's heads' input, where it is this batch's on this task: its untransformed rows are
         # the transform heads' identity rows (the same masks, gates and slope s)
         trace = condition.trace
