@@ -10,6 +10,7 @@ What is checked (where the config has the key):
 * ``strategies``: non-empty, no repeats, every name registered; ``seeds``: null or a non-empty list of
   distinct integers; ``scenario``, ``model.arch``, ``loggers``: among their choices;
 * ``train.epochs``, ``train.batch_size``, ``train.eval_batch_size``, ``benchmark.n_experiences``: positive;
+  ``modules.settle_epochs``: a non-negative integer;
   ``threads`` (and in ``gzsl`` ``large_train.threads``, ``clswgan.threads``): a positive integer or null (torch's
   default);
 * ``output_dir``: not a file (nor below one); ``task_inference.transform_rows``: in (0, 1];
@@ -45,6 +46,7 @@ TRANSFORM_COPIES = ("auto", "all", "one", "replace")
 
 POSITIVE = ("train.epochs", "train.batch_size", "train.eval_batch_size", "benchmark.n_experiences")
 # null: torch's default (every core, or OMP_NUM_THREADS); 0, which cl and bench once read as that, is refused
+NON_NEGATIVE = ("modules.settle_epochs",)
 POSITIVE_OR_NULL = {"gzsl": ("threads", "large_train.threads", "clswgan.threads"), "cl": ("threads",),
                     "bench": ("threads",)}
 
@@ -85,6 +87,10 @@ def validate(job: str, cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, int) and value <= 0:
             raise ConfigError(f"config {key}={value} must be a positive integer")
+    for key in NON_NEGATIVE:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ConfigError(f"config {key}={value!r} must be a non-negative integer (0 = off)")
     for key in POSITIVE_OR_NULL.get(job, ()):
         value = OmegaConf.select(cfg, key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

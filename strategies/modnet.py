@@ -1,7 +1,7 @@
 """``modnet``: the modular network (HAT task masks, SynC functional modules, key-vector gates, task keys).
 
 Hyper-parameters (configs/training.yaml): ``hat`` (Serra et al. 2018: smax 400, c 0.75, thres_cosh 50, thres_emb 6,
-clipgrad 10000), ``modules`` (k, key_dim, tau, estimator, clustering; sync regulariser weight, eps, every,
+clipgrad 10000), ``modules`` (k, key_dim, tau, estimator, settle_epochs, clustering; sync regulariser weight, eps, every,
 rows), ``model`` (widths, ``modules``/``gate``/``task_keys`` switches); plain SGD (``train.lr`` 0.05,
 momentum 0) as HAT's reference.
 """
@@ -15,7 +15,8 @@ NAME = "modnet"
 
 def modnet_strategy(model, optimizer, *, smax: float = 400.0, c: float = 0.75, thres_cosh: float = 50.0,
                     thres_emb: float = 6.0, clipgrad: float = 10000.0, sync_reg: float = 0.0, sync_eps: float = 0.3,
-                    sync_rows: int | None = None, sync_every: int = 1, ood_weight: float = 1.0, plugins=(),
+                    sync_rows: int | None = None, sync_every: int = 1, ood_weight: float = 1.0, settle_epochs: int = 1,
+                    plugins=(),
                     **template_args):
     """The ``modnet`` strategy on a modular network (``modnet.nets.models.HATNet``): an Avalanche template
     whose forward passes the network its condition, with HAT's plugin, the task keys' plugin when the network
@@ -28,7 +29,7 @@ def modnet_strategy(model, optimizer, *, smax: float = 400.0, c: float = 0.75, t
 
     ours = [HATPlugin(smax=smax, c=c, thres_cosh=thres_cosh, thres_emb=thres_emb, clipgrad=clipgrad)]
     if getattr(model, "gate", None) is not None:
-        ours.append(ModulesPlugin())
+        ours.append(ModulesPlugin(settle_epochs))
     if model.task_keys is not None:
         ours.append(TaskKeysPlugin())
     if getattr(model, "task_ood", None) is not None:
@@ -60,4 +61,5 @@ def build(cfg, info, common):
     return modnet_strategy(model, sgd(cfg, info, model), smax=h.smax, c=h.c, thres_cosh=h.thres_cosh,
                            thres_emb=h.thres_emb, clipgrad=h.clipgrad, sync_reg=m.sync_reg, sync_eps=m.sync_eps,
                            sync_rows=m.sync_rows, sync_every=m.sync_every,
+                           settle_epochs=m.settle_epochs,
                            ood_weight=cfg.task_inference.weight, **common)

@@ -368,3 +368,50 @@ def test_a_layer_with_two_free_units_gets_one_rest_module_that_the_record_can_na
     assert method0 == "rest" and method0 in MODULE_METHODS
     assert labels0.tolist() == [0, 0]  # one module of both free units
     assert method1 in MODULE_METHODS and labels1.shape == (16,)
+
+
+def test_gate_gets_no_update_in_the_settle_epochs_while_the_layers_go_on_training():
+    """modules.settle_epochs=1 of 3: the task's gate (query map, keys) moves in epochs 0-1 and not at all in epoch
+    2, where the masked layers and the head still train; with settle_epochs=0 the gate moves in epoch 2 too."""
+    from avalanche.core import SupervisedPlugin
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from modnet.config import compose
+    from modnet.runner.runner import make_strategy
+    from scenarios import build_benchmark
+
+    class Snapshots(SupervisedPlugin):
+        def __init__(self):
+            super().__init__()
+            self.at_epoch_start = []
+
+        def before_training_epoch(self, strategy, **kw):
+            gate = strategy.model.gate.task_gate(strategy.experience.current_experience)
+            self.at_epoch_start.append(({k: v.detach().clone() for k, v in gate.named_parameters()},
+                                        strategy.model.masked[0].weight.detach().clone()))
+
+    moved = {}
+    for settle in (1, 0):
+        cfg = compose("cl", ["train.epochs=3", "progress=false", f"modules.settle_epochs={settle}"])
+        info = build_benchmark(cfg.benchmark, "task", 0)
+        snaps = Snapshots()
+        strategy = make_strategy("modnet", cfg, info, torch.device("cpu"), EvaluationPlugin(loggers=[]),
+                                 plugins=[snaps])
+        exp = info.benchmark.train_stream[0]
+        strategy.train(exp)
+        gate = strategy.model.gate.task_gate(0)
+        end = {k: v.detach() for k, v in gate.named_parameters()}
+        first, last = snaps.at_epoch_start[0], snaps.at_epoch_start[2]
+        assert any(not torch.equal(first[0][k], last[0][k]) for k in end)  # the gate trained before
+        moved[settle] = [k for k in end if not torch.equal(last[0][k], end[k])]
+        assert not torch.equal(last[1], strategy.model.masked[0].weight)  # the layer trained in the last epoch
+    assert moved[1] == [] and "query.weight" in moved[0]
+
+
+def test_settle_epochs_refused_below_zero():
+    from strategies.plugins.modular import ModulesPlugin
+
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="settle_epochs must be a non-negative integer"):
+            ModulesPlugin(bad)
+    assert main(["cl", "modules.settle_epochs=-2"]) == 2
