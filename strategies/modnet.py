@@ -1,9 +1,9 @@
 """``modnet``: the modular network (HAT task masks, SynC functional modules, key-vector gates, task keys).
 
 Hyper-parameters (configs/training.yaml): ``hat`` (Serra et al. 2018: smax 400, c 0.75, thres_cosh 50, thres_emb 6,
-clipgrad 10000), ``modules`` (k, key_dim, tau, estimator, settle_epochs, clustering; sync regulariser weight, eps, every,
-rows), ``model`` (widths, ``modules``/``gate``/``task_keys`` switches); plain SGD (``train.lr`` 0.05,
-momentum 0) as HAT's reference.
+clipgrad 10000), ``modules`` (k, key_dim, tau, estimator, settle_epochs, clustering; sync regulariser weight,
+eps, every, rows), ``model`` (widths, ``modules``/``gate``/``task_keys`` switches); plain SGD (``train.lr``
+0.05, momentum 0) as HAT's reference.
 """
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ NAME = "modnet"
 
 def modnet_strategy(model, optimizer, *, smax: float = 400.0, c: float = 0.75, thres_cosh: float = 50.0,
                     thres_emb: float = 6.0, clipgrad: float = 10000.0, sync_reg: float = 0.0, sync_eps: float = 0.3,
-                    sync_rows: int | None = None, sync_every: int = 1, ood_weight: float = 1.0, settle_epochs: int = 1,
-                    plugins=(),
-                    **template_args):
+                    sync_rows: int | None = None, sync_every: int = 1, ood_weight: float = 1.0,
+                    settle_epochs: int = 1, plugins=(), **template_args):
     """The ``modnet`` strategy on a modular network (``modnet.nets.models.HATNet``): an Avalanche template
     whose forward passes the network its condition, with HAT's plugin, the task keys' plugin when the network
     has task keys, the OOD heads' plugin when it has
