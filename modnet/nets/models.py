@@ -420,14 +420,13 @@ class HATNet(MultiHeadTaskNet):
         return torch.arange(start, start + self.keyed_classes[task], device=self.heads[0].weight.device)
 
     def slot_of(self, task: int, y: Tensor) -> Tensor:
-        """Key row of each global label ``y`` of task ``task``."""
-        lut = torch.full((self.n_classes,), -1, dtype=torch.long, device=y.device)
-        keyed = getattr(self, f"class_index_{task}")[:self.keyed_classes[task]]
-        lut[keyed] = self.key_slots(task).to(y.device)
-        slots = lut[y]
-        if (slots < 0).any():
-            raise ValueError(f"labels {y[slots < 0].unique().tolist()} are not classes of task {task}")
-        return slots
+        """Key row of each global label ``y`` of task ``task``: its position in the task's head (``local_labels``)
+        after the earlier tasks' rows; classes added to the head later (``add_classes``) have no key."""
+        pos = self.local_labels(task, y).to(y.device)
+        unkeyed = (pos < 0) | (pos >= self.keyed_classes[task])
+        if unkeyed.any():
+            raise ValueError(f"labels {y[unkeyed].unique().tolist()} are not classes of task {task}")
+        return pos + sum(self.keyed_classes[:task])
 
     @property
     def n_key_slots(self) -> int:

@@ -533,7 +533,6 @@ class TaskFeatureGaussians(nn.Module):
                 self.register_buffer(f"decoder_{t}", torch.zeros(0, 0))      # a_t x d
                 self.register_buffer(f"decoder_mean_h_{t}", torch.zeros(0))  # a_t
                 self.register_buffer(f"decoder_mean_x_{t}", torch.zeros(0))  # d
-        self._offsets: dict[tuple, Tensor] = {}  # _row_offsets' tensors
         self.register_buffer("score_mean", torch.zeros(len(self.task_sizes)))
         self.register_buffer("score_std", torch.ones(len(self.task_sizes)))
         self.register_buffer("recon_mean", torch.zeros(len(self.task_sizes) if self.decoder_weight > 0 else 0))
