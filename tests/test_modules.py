@@ -182,6 +182,37 @@ def test_gate_given_training_masks_equals_hat_then_gate_reference(widths, s, giv
     assert all(torch.all(e.weight.grad[[0, 2]] == 0) for e in embs)  # only the task's row learns
 
 
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_a_gate_run_without_training_gives_the_same_units_and_mask_gradients_and_none_for_itself(input_grad):
+    """``train=False`` (the settle epochs): the same unit gates, the same compensated embedding gradients and
+    (where the input takes one) the same input gradient as a training gate's; its own parameters get none."""
+    from modnet.nets.hat import TrainingMasks, free_capacity
+
+    torch.manual_seed(1)
+    widths = (8, 5)
+    gate = ModuleGate([torch.arange(n) % m for n, m in zip(widths, (4, 2))], query_dim=6, key_dim=3, k=2).train()
+    embs = [torch.nn.Embedding(2, n) for n in widths]
+    prev = [torch.rand(n).round() for n in widths]
+    x = torch.randn(20, 6, requires_grad=input_grad)
+    w = [torch.randn(20, n) for n in widths]
+    runs = []
+    for train in (True, False):
+        training = TrainingMasks([e.weight for e in embs], 3.0, 400.0, 50.0, 0.75 * free_capacity(prev), task=1)
+        units = gate(x, training, train=train)
+        (sum((u * wi).sum() for u, wi in zip(units, w)) + training.capacity).backward()
+        params = [gate.keys.grad, gate.query.weight.grad, gate.query.bias.grad]
+        runs.append(([u.detach() for u in units], [e.weight.grad.clone() for e in embs],
+                     x.grad.clone() if input_grad else None, params))
+        for t in [gate.keys, gate.query.weight, gate.query.bias, *[e.weight for e in embs]]:
+            t.grad = None
+        if input_grad:
+            x.grad = None
+    (u1, e1, x1, p1), (u0, e0, x0, p0) = runs
+    assert all(torch.equal(a, b) for a, b in zip(u1, u0)) and all(torch.equal(a, b) for a, b in zip(e1, e0))
+    assert all(g is not None and bool(g.abs().sum() > 0) for g in p1) and all(g is None for g in p0)
+    assert (x0 is None and x1 is None) or torch.equal(x1, x0)
+
+
 def test_gate_loaded_from_a_state_dict_gates_like_the_saved_one():
     """The padded per-layer buffers the forward uses are derived, not saved: after load_state_dict a gate built
     on other assignments answers exactly as the gate that was saved."""
@@ -372,7 +403,8 @@ def test_a_layer_with_two_free_units_gets_one_rest_module_that_the_record_can_na
 
 def test_gate_gets_no_update_in_the_settle_epochs_while_the_layers_go_on_training():
     """modules.settle_epochs=1 of 3: the task's gate (query map, keys) moves in epochs 0-1 and not at all in epoch
-    2, where the masked layers and the head still train; with settle_epochs=0 the gate moves in epoch 2 too."""
+    2, where the masked layers and the head still train, and no gradient is computed for it there; with
+    settle_epochs=0 the gate moves in epoch 2 too."""
     from avalanche.core import SupervisedPlugin
     from avalanche.training.plugins import EvaluationPlugin
 
@@ -383,12 +415,17 @@ def test_gate_gets_no_update_in_the_settle_epochs_while_the_layers_go_on_trainin
     class Snapshots(SupervisedPlugin):
         def __init__(self):
             super().__init__()
-            self.at_epoch_start = []
+            self.at_epoch_start, self.computed = [], []
 
         def before_training_epoch(self, strategy, **kw):
             gate = strategy.model.gate.task_gate(strategy.experience.current_experience)
             self.at_epoch_start.append(({k: v.detach().clone() for k, v in gate.named_parameters()},
                                         strategy.model.masked[0].weight.detach().clone()))
+            self.computed.append(set())
+
+        def after_backward(self, strategy, **kw):  # which gate parameters the backward computed a gradient for
+            gate = strategy.model.gate.task_gate(strategy.experience.current_experience)
+            self.computed[-1].update(k for k, v in gate.named_parameters() if v.grad is not None)
 
     moved = {}
     for settle in (1, 0):
@@ -404,8 +441,49 @@ def test_gate_gets_no_update_in_the_settle_epochs_while_the_layers_go_on_trainin
         first, last = snaps.at_epoch_start[0], snaps.at_epoch_start[2]
         assert any(not torch.equal(first[0][k], last[0][k]) for k in end)  # the gate trained before
         moved[settle] = [k for k in end if not torch.equal(last[0][k], end[k])]
+        # eager: the settle epoch's backward computes nothing for the gate (its parameters enter detached)
+        assert "query.weight" in snaps.computed[0] and (snaps.computed[2] == set()) == (settle == 1)
         assert not torch.equal(last[1], strategy.model.masked[0].weight)  # the layer trained in the last epoch
     assert moved[1] == [] and "query.weight" in moved[0]
+
+
+def test_an_early_stop_waits_for_the_settle_epoch_and_the_gate_stays_in_it():
+    """A plugin asks Avalanche to stop after epoch 1 of 10 (as train.lr_patience's schedule does): with
+    settle_epochs=1 one more epoch runs, in which the gate gets no update and the layers still train; with 0
+    the experience ends after epoch 1."""
+    from avalanche.core import SupervisedPlugin
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from modnet.config import compose
+    from modnet.runner.runner import make_strategy
+    from scenarios import build_benchmark
+
+    class StopAfterEpochOne(SupervisedPlugin):
+        def __init__(self):
+            super().__init__()
+            self.starts = []
+
+        def before_training_epoch(self, strategy, **kw):
+            gate = strategy.model.gate.task_gate(0)
+            self.starts.append(({k: v.detach().clone() for k, v in gate.named_parameters()},
+                                strategy.model.masked[0].weight.detach().clone()))
+
+        def after_training_epoch(self, strategy, **kw):
+            if len(self.starts) == 2:  # epoch 1 has ended
+                strategy.stop_training()
+
+    for settle, epochs in ((1, 3), (0, 2)):
+        cfg = compose("cl", ["train.epochs=10", "progress=false", f"modules.settle_epochs={settle}"])
+        info = build_benchmark(cfg.benchmark, "task", 0)
+        stopper = StopAfterEpochOne()
+        strategy = make_strategy("modnet", cfg, info, torch.device("cpu"), EvaluationPlugin(loggers=[]),
+                                 plugins=[stopper])
+        strategy.train(info.benchmark.train_stream[0])
+        assert len(stopper.starts) == epochs + 1  # the epochs run, and the start the stop ended
+        gate_start, layer_start = stopper.starts[-2]  # the last epoch that ran
+        gate_end, layer_end = stopper.starts[-1]
+        assert not torch.equal(layer_start, layer_end)
+        assert all(torch.equal(gate_start[k], gate_end[k]) for k in gate_end) == (settle == 1)
 
 
 def test_settle_epochs_refused_below_zero():

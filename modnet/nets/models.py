@@ -90,6 +90,9 @@ class Condition:
     s        HAT's mask slope (None: the network's smax, i.e. evaluation)
     hat      HAT's training settings (None: plain masks, no compensation, no regulariser)
     record   keep every masked layer's unit outputs in ``trace.activations`` (sync regulariser, analysis)
+    train_gate  whether the task's module gate (query map, keys) takes a gradient in this forward; False: its
+             parameters enter detached, so the backward computes nothing for them (``ModulesPlugin``'s settle
+             epochs)
     compiled the ``torch.compile`` backend of the masked pass in training forwards (``train.compile``;
              ``HATNet.masked_pass``), None: eager
     extra    more inputs for the task's masked sub-network, run in the same pass as the batch (a network
@@ -104,6 +107,7 @@ class Condition:
     s: float | None = None
     hat: HATTraining | None = None
     record: bool = False
+    train_gate: bool = True
     compiled: str | None = None
     extra: Tensor | None = None
     trace: ForwardTrace = field(default_factory=ForwardTrace)
@@ -330,7 +334,8 @@ class HATNet(MultiHeadTaskNet):
         condition = Condition() if condition is None else condition
         training = self._training_masks(task, condition)
         if self.gate is not None:
-            masks = self.gate(x, task, self.masks(task, condition.s) if training is None else training)
+            masks = self.gate(x, task, self.masks(task, condition.s) if training is None else training,
+                              train=condition.train_gate)
         else:
             masks = self.masks(task, condition.s) if training is None else training.compute()
         if training is not None:

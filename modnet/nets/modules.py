@@ -349,7 +349,8 @@ class ModuleGate(nn.Module):
     def layer_module_gates(self, q_in: Tensor, layer: int = 0) -> Tensor:
         return self.module_gates(q_in)[:, layer, :self.n_modules[layer]]
 
-    def forward(self, q_in: Tensor, masks: Sequence[Tensor] | TrainingMasks | None = None) -> list[Tensor]:
+    def forward(self, q_in: Tensor, masks: Sequence[Tensor] | TrainingMasks | None = None,
+                train: bool = True) -> list[Tensor]:
         """Per layer, the gate of every unit (B x units): its module's gate, times the layer's (HAT) mask when
         ``masks`` (one vector per layer) is given. Given a task's ``TrainingMasks`` (HAT training), the masks
         are computed in the same autograd function, with HAT's compensated gradient, and the weighted
@@ -357,7 +358,9 @@ class ModuleGate(nn.Module):
 
         Same values and gradients as ``module_gates(q_in).flatten(1) @ to_units`` times the masks (tests check
         it), through one autograd function with the straight-through backward written out: the reference path
-        is ~40 small autograd ops per step, which on a small network cost more than its layers.
+        is ~40 small autograd ops per step, which on a small network cost more than its layers. ``train``
+        False: the gate's parameters enter detached (the same values; the backward computes no gradient for
+        them, nor the straight-through branch when the input takes none either).
         """
         hat, rows = None, 0  # rows: how many leading dims a vector has (1: embedding tables, task given)
         if isinstance(masks, TrainingMasks):
@@ -371,7 +374,10 @@ class ModuleGate(nn.Module):
                 any(m.dim() != rows + 1 for m in vectors):
             raise ValueError(f"masks must be one vector per layer of sizes {self.sizes}, got "
                              f"{[tuple(m.shape) for m in vectors]}")
-        out = _GateFunction.apply(q_in, self.query.weight, self.query.bias, self.keys, self.score_pad,
+        w, b, keys = self.query.weight, self.query.bias, self.keys
+        if not train:
+            w, b, keys = w.detach(), b.detach(), keys.detach()
+        out = _GateFunction.apply(q_in, w, b, keys, self.score_pad,
                                   self.expand_padded, self.units_module_padded, self.sizes, self.k_max,
                                   self.rank_on, self.pools, self.tau, self._gumbel(q_in), hat, *vectors)
         if hat is not None:
@@ -494,7 +500,6 @@ class _GateFunction(torch.autograd.Function):
         G = _stack_padded([hard.new_zeros(n, sz) if g is None else g if g.dtype == torch.float32 else g.float()
                            for g, sz in zip(grads, sizes)],
                           width)  # L x B x width
-        g_mod = torch.bmm(masked, G.transpose(1, 2))  # L x M x B: d out / d module gate = its masked units
         # d out[b, j] / d mask[j] = hard[module(j), b]: (hard G) read at each unit's module
         g_v = torch.bmm(hard, G).gather(1, units_module).view(L, width)
         if ctx.hat:
@@ -506,18 +511,24 @@ class _GateFunction(torch.autograd.Function):
         g_vectors = rows_into_tables([g if g.dtype == dt else g.to(dt)
                                       for g, dt in zip(_unstack_padded(g_v, sizes), ctx.vector_dtypes)],
                                      ctx.shapes, ctx.task)
+        needs = ctx.needs_input_grad
+        if not any(needs[:4]):  # a settled gate on an input without gradient: no straight-through branch
+            return (None, None, None, None, *([None] * 10), *g_vectors)
+        g_mod = torch.bmm(masked, G.transpose(1, 2))  # L x M x B: d out / d module gate = its masked units
         tau = ctx.tau
         soft = torch.softmax(scores if tau == 1.0 else scores / tau, dim=1)
         # soft * (g_mod - sum_m soft g_mod): the softmax's own backward kernel, one op where written out it is four
         g_s = torch._softmax_backward_data(g_mod, soft, 1, soft.dtype)
         g_s = g_s.mul_(d ** -0.5 / tau).view(L * M, n)  # d loss / d (K_l (W_l x + b_l)), per score
-        g_kw = (g_s @ x).view(L, M, D)
-        g_kb = g_s.sum(1).view(L, M, 1)
-        keys_t = keys.transpose(1, 2)
-        g_w = torch.bmm(keys_t, g_kw).view(L * d, D)
-        g_b = torch.bmm(keys_t, g_kb).view(L * d)
-        g_keys = torch.baddbmm(torch.bmm(g_kb, b.view(L, 1, d)), g_kw, w_l.transpose(1, 2))
-        g_x = (g_s.t() @ kw).to(ctx.in_dtype) if ctx.needs_input_grad[0] else None
+        g_w = g_b = g_keys = None
+        if any(needs[1:4]):
+            g_kw = (g_s @ x).view(L, M, D)
+            g_kb = g_s.sum(1).view(L, M, 1)
+            keys_t = keys.transpose(1, 2)
+            g_w = torch.bmm(keys_t, g_kw).view(L * d, D) if needs[1] else None
+            g_b = torch.bmm(keys_t, g_kb).view(L * d) if needs[2] else None
+            g_keys = torch.baddbmm(torch.bmm(g_kb, b.view(L, 1, d)), g_kw, w_l.transpose(1, 2)) if needs[3] else None
+        g_x = (g_s.t() @ kw).to(ctx.in_dtype) if needs[0] else None
         return (g_x, g_w, g_b, g_keys, *([None] * 10), *g_vectors)
 
 
@@ -662,11 +673,11 @@ class ModularGating(nn.Module):
                 gate.register_buffer("key_frozen", state[f"{head}key_frozen"].to(device or "cpu"))
             self.gates[name] = gate
 
-    def forward(self, x: Tensor, task: int, masks: list[Tensor] | TrainingMasks) -> list[Tensor]:
+    def forward(self, x: Tensor, task: int, masks: list[Tensor] | TrainingMasks, train: bool = True) -> list[Tensor]:
         gate = self.task_gate(task)
         if gate is None:
             return masks.compute() if isinstance(masks, TrainingMasks) else masks
-        return gate(x if x.dim() == 2 else x.flatten(1), masks)
+        return gate(x if x.dim() == 2 else x.flatten(1), masks, train=train)
 
 
 class TaskKeys(nn.Module):

@@ -17,10 +17,13 @@ from strategies.template import train_condition
 
 class ModulesPlugin(SupervisedPlugin):
     """The persistent functional modules of a gated ``HATNet`` (``modnet.nets.modules.ModularGating``):
+    before_training_epoch  in the settle epochs (below) the training condition's ``train_gate`` is off: the
+                     gate's parameters enter the forward detached, so no gradient is computed for them
     before_update    the keys a task's gate inherited from earlier tasks' modules get no update (their
                      gradient rows zeroed: ``key_frozen``), so a module keeps its key across tasks; in the
                      experience's last ``settle_epochs`` epochs the task's gate (query map and keys) gets no
-                     update at all, so the layers and heads end fitted to the routing the gate keeps
+                     update at all, so the layers and heads end fitted to the routing the gate keeps (a stop
+                     requested early, ``train.lr_patience``, waits for ``settle_epochs`` more epochs)
     after_training_exp  which modules the task switches on and keeps units of (``record_usage``), from the
                      same samples its modules were profiled on
 
@@ -45,9 +48,30 @@ class ModulesPlugin(SupervisedPlugin):
         self._keys, self._free = (None, None) if frozen is None or not bool(frozen.any()) else \
             (gate.keys, 1 - frozen)
         self._gate_params = [] if gate is None else list(gate.parameters())
+        self._settle, self._extra_left = False, None
+
+    def before_training_epoch(self, strategy, **kw):
+        # The settle epochs are the experience's last: its last settle_epochs of train.epochs, or, when a plugin
+        # stops training early (train.lr_patience's schedule asks Avalanche to stop before the next epoch), the
+        # settle_epochs after that request, which waits for them
+        last = self.settle_epochs and strategy.clock.train_exp_epochs >= strategy.train_epochs - self.settle_epochs
+        if self.settle_epochs and not last and getattr(strategy, "_stop_training", False) and \
+                (self._extra_left is None or self._extra_left > 0):
+            strategy._stop_training = False
+            self._extra_left = self.settle_epochs if self._extra_left is None else self._extra_left
+        if self._extra_left == 0:
+            strategy.stop_training()  # the settle epochs are done: the stop that waited for them
+        elif self._extra_left is not None:
+            self._extra_left -= 1
+        self._settle = bool(last) or self._extra_left is not None
+        # eager: the gate's parameters enter the settle epochs' forwards detached (no gradient computed for
+        # them). A compiled pass keeps one graph per task (a flag in its guards would compile a second): there
+        # the gradients are computed and dropped in before_update
+        condition = train_condition(strategy)
+        condition.train_gate = condition.compiled is not None or not self._settle
 
     def before_update(self, strategy, **kw):
-        if self.settle_epochs and strategy.clock.train_exp_epochs >= strategy.train_epochs - self.settle_epochs:
+        if self._settle:
             for p in self._gate_params:  # no gradient: the optimiser skips them (no decay, no momentum step)
                 p.grad = None
             return
@@ -56,6 +80,8 @@ class ModulesPlugin(SupervisedPlugin):
 
     def after_training_exp(self, strategy, **kw):
         from modnet.runner.tensor_batches import dataset_head
+
+        train_condition(strategy).train_gate = True
 
         model = strategy.model
         ds = strategy.experience.dataset
