@@ -18,6 +18,29 @@ def test_each_loop_runs_in_its_own_process_and_reports_its_peak_memory():
         assert (r["peak_memory_mb"] >= 0) if isolate else r["peak_memory_mb"] is None
 
 
+def test_the_second_task_loop_times_a_task_after_a_consolidated_one():
+    """"modnet (second task)": the experience timed is the second of a two-task Permuted-X of the bench's data,
+    built after one epoch of the first, whose HAT masks are then consolidated (HAT conditions the second
+    task's gradients) and whose gate's modules the second task's gate inherits."""
+    import torch
+
+    from modnet.jobs.bench import _build_avalanche, _data
+
+    opts = {"threads": 1, "mlp_shapes": {"mlp": {"in_dim": 64, "hidden": 32, "n_layers": 2}}}
+    x, y = _data("mlp", 256, 10, torch.device("cpu"), options=opts)
+    strategy, exp, timer = _build_avalanche("modnet", "mlp", x, y, 64, 1, torch.device("cpu"), opts,
+                                            second_task=True)
+    assert exp.current_experience == 1 and len(exp.dataset) == 256 and len(timer.times) == 1
+    model = strategy.model
+    assert model.trained == 1 and all(bool((m > 0.5).any()) for m in model.cumulative_masks())
+    strategy.train(exp)
+    gate = model.gate.task_gate(1)
+    assert gate is not None and any(gate.n_inherited)  # the first task's modules, held by the second's gate
+    # the same inputs as the bench's data, their features reordered
+    x1 = exp.dataset[0][0]
+    assert torch.equal(x1.sort().values, x[0].sort().values) and not torch.equal(x1, x[0])
+
+
 @pytest.mark.slow  # ratio rounds of ten loops and SynC: ~25 s (in this process; the spawned path is tested above)
 def test_bench_writes_ratios_that_agree_with_its_throughputs(tmp_path):
     rc = main(["bench", "archs=[mlp]", "samples.mlp=512", "epochs=2", "sync_sizes=[200,400]", "niwt=false", "repeats=1",
@@ -32,8 +55,8 @@ def test_bench_writes_ratios_that_agree_with_its_throughputs(tmp_path):
     # the headline ratio is the median over rounds of same-round epoch-time ratios, recomputed here by hand
     t = r["interleaved_epoch_seconds"]
     assert set(t) == {"plain", "naive", "naive (Avalanche loader)", "modnet (Avalanche loader)", "modnet (HAT only)",
-                      "modnet (HAT + gates)", "modnet (no transform heads)", "modnet", "modnet + sync regulariser",
-                      "plain (modnet's rows)"}
+                      "modnet (HAT + gates)", "modnet (no transform heads)", "modnet", "modnet (second task)",
+                      "modnet + sync regulariser", "plain (modnet's rows)"}
     # batch 128: the transform heads' copies replace the 3 in 4 rows with k_i != 0 (transform_copies=auto: replace)
     assert r["modnet_rows_per_step"] == 128
     assert all(len(v) == 3 for v in t.values())

@@ -9,7 +9,7 @@ Training throughput (samples/s) and peak memory of three loops on the same backb
 Each loop runs in its own spawned process so that its peak memory (CUDA: max allocated; CPU: peak RSS
 above the process's baseline) is its own. The step-cost ratios come from a separate run in which all loops
 (and modnet with parts switched off: HAT only, HAT + gates, no transform heads; with the sync regulariser
-on; and the plain loop on as many rows per step as modnet's default trains, its batch and the transform
+on; on the second task of a two-task Permuted-X, where HAT conditions the gradients; and the plain loop on as many rows per step as modnet's default trains, its batch and the transform
 heads' copies) live in one process and train one epoch each per round, the median of the per-round ratios
 reported. On the CPU at one thread (``ratio_clock=auto``) a round's epochs run side by side, ``lockstep_steps``
 training steps of each loop in turn, each timed on its own thread's CPU clock: the loops' steps share the
@@ -151,21 +151,29 @@ def _plain_model(arch: str, x: torch.Tensor, options: dict):
     return SingleHeadNet(MLPBackbone(x.shape[1], shape["hidden"], shape["n_layers"]), 10)
 
 
-def _build_avalanche(kind, arch, x, y, batch, epochs, device, options, overrides=()):
+def _build_avalanche(kind, arch, x, y, batch, epochs, device, options, overrides=(), second_task: bool = False):
+    """(strategy, the experience to time, its epoch timer). ``second_task``: the experience is the second of a
+    two-task Permuted-X of the same data (all classes, its own pixel permutation), after one untimed epoch of
+    the first: what a step costs once a task is consolidated (HAT's gradient conditioning on, the gate's
+    inherited modules chosen apart), not only on the first task."""
     from avalanche.training.plugins import EvaluationPlugin
 
     from modnet.runner.runner import make_strategy
-    from scenarios.base import split_benchmark
+    from scenarios.base import permuted_benchmark, split_benchmark
 
     cfg = _cfg(arch, {**options, "overrides": list(options.get("overrides", [])) + list(overrides)})
     cfg.train.epochs, cfg.train.batch_size, cfg.train.eval_batch_size = epochs, batch, batch
     # the same speed options as the plain loop (bf16 autocast on CUDA, channels_last on images)
     cfg.train.amp = bool(options.get("amp", False) and device.type == "cuda")
     cfg.train.channels_last = bool(options.get("channels_last", False) and x.dim() == 4)
-    info = split_benchmark("bench", x, y, x, y, 1, "task", 0)  # the test set is never evaluated here
+    # the test set is never evaluated here
+    info = permuted_benchmark("bench", x, y, x, y, 2, "task", 0) if second_task else \
+        split_benchmark("bench", x, y, x, y, 1, "task", 0)
     timer = _EpochTimer(device)
     strategy = make_strategy(kind, cfg, info, device, EvaluationPlugin(loggers=[]), plugins=[timer])
-    return strategy, info.benchmark.train_stream[0], timer
+    if second_task:
+        strategy.train(info.benchmark.train_stream[0])
+    return strategy, info.benchmark.train_stream[int(second_task)], timer
 
 
 def _run_avalanche(kind, arch, x, y, batch, epochs, device, options) -> list[float]:
@@ -192,6 +200,9 @@ RATIO_LOOPS = {
     # the default: the transform heads (model.transform_heads, on MLPs by default) add the batch's transformed
     # copies to the training pass (task_inference.transform_rows of its rows, one copy each)
     "modnet": ("modnet", ()),
+    # the default on the second task of a two-task Permuted-X of the same data, after one epoch of the first
+    # (_build_avalanche's second_task): HAT's gradient conditioning and the gate's inherited modules at work
+    "modnet (second task)": ("modnet_second_task", ()),
     # the sync regulariser (seed 000's "Sync in mini-batch") at the weight this bench timed by default until stop 24
     "modnet + sync regulariser": ("modnet", ("modules.sync_reg=0.01",)),
     # the plain loop on as many rows per step as modnet's default trains (its batch and the transform heads'
@@ -276,7 +287,9 @@ def _interleaved_epochs(arch: str, n: int, batch: int, rounds: int, device_name:
                          _plain_epoch(model, opt, xp, y, batch, device, amp, rows_per_step if matched else None,
                                       clock, on_step))
         else:
-            strategy, exp, timer = _build_avalanche(kind, arch, x, y, batch, 1, device, options, overrides)
+            second = kind == "modnet_second_task"
+            strategy, exp, timer = _build_avalanche("modnet" if second else kind, arch, x, y, batch, 1, device,
+                                                    options, overrides, second_task=second)
 
             def one_epoch(clock=time.perf_counter, on_step=None, strategy=strategy, exp=exp, timer=timer):
                 timer.clock, timer.on_step = clock, on_step
@@ -462,7 +475,8 @@ def bench_training(arch: str, n: int, batch: int, epochs: int, device: str, opti
     if rounds > 0:
         beside = {"plain", "modnet"} <= set(kinds)  # the loops that only make sense beside plain and modnet
         loops = {k: v for k, v in RATIO_LOOPS.items()
-                 if (v[0] in kinds or (v[0] in ("plain_rows", "plain_compiled") and beside))
+                 if (v[0] in kinds or (v[0] in ("plain_rows", "plain_compiled") and beside)
+                     or (v[0] == "modnet_second_task" and "modnet" in kinds))
                  and (k not in COMPILED_LOOPS or options.get("compile", False))}
         times, rows, warmup, faults = _in_process(_interleaved_epochs, arch, n, batch, rounds, device, options,
                                                   loops, isolate=isolate)
