@@ -1,0 +1,139 @@
+"""What modnet's training step costs with no framework around it, against a plain PyTorch step (issue 15).
+
+    OMP_NUM_THREADS=1 python scripts/step_floor_probe.py [--rounds 6] [--compile] [--without PART ...]
+
+Builds the bench's Split-MNIST MLP (784-400-400, batch 128, 8192 synthetic samples, ``modnet.jobs.bench``) as
+``modnet bench`` does, trains one epoch of modnet's default through Avalanche, then times, one epoch each in
+turn on this thread's CPU clock, a hand-written loop of the same step (the transform heads' row replacement,
+the forward under HAT's training condition, cross-entropy on the identity rows + HAT's capacity regulariser +
+the transform heads' loss, backward, HAT's gradient clipping, SGD, the embeddings' clamp; no Avalanche, no
+plugin calls) and the bench's plain loop. Prints the median per-round ratio: the floor the method's own ops set,
+which no change to the runner can go under.
+
+``--without``: drop parts of the step (``replace``: the row replacement; ``heads``: the transform heads' loss;
+``clip``; ``clamp``), e.g. all four for HAT + gates alone. ``--compile``: the forward and the loss through
+``torch.compile`` (inductor, static shapes, HAT's slope s as a 0-d tensor so that it compiles once); its
+compile seconds are printed (the first epoch). A probe: it reaches into the strategy's training condition.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+PARTS = ("replace", "heads", "clip", "clamp")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--without", nargs="*", default=[], choices=PARTS)
+    args = parser.parse_args(argv)
+
+    from modnet.runner.cpu import prepare_cpu
+
+    prepare_cpu()
+    import torch
+    from avalanche.core import SupervisedPlugin
+    from torch.nn import functional as F
+
+    from modnet.jobs import bench
+    from modnet.nets.hat import clip_grad_norm
+    from modnet.nets.models import ForwardTrace
+
+    torch.set_num_threads(1)
+    n, batch, dev = 8192, 128, torch.device("cpu")
+    opts = {"threads": 1, "mlp_shapes": {"mlp": {"in_dim": 784, "hidden": 400, "n_layers": 2}}}
+    torch.manual_seed(0)
+    x, y = bench._data("mlp", n, 10, dev, options=opts)
+    plain, plain_opt, xp = bench._plain_setup("mlp", x, opts, dev, False)
+    strategy, exp, _ = bench._build_avalanche("modnet", "mlp", x, y, batch, 1, dev, opts)
+
+    kept = {}
+
+    class KeepCondition(SupervisedPlugin):  # HAT's training settings, which the plugin clears after the experience
+        def after_training_epoch(self, strategy, **kw):
+            kept["hat"], kept["task"] = strategy.train_condition.hat, strategy.train_condition.task
+
+    strategy.plugins.append(KeepCondition())
+    strategy.train(exp)
+    model, cond, opt = strategy.model, strategy.train_condition, strategy.optimizer
+    cond.hat, cond.task = kept["hat"], kept["task"]
+    model.train()
+    ood = model.task_ood
+    params = [p for p in model.parameters() if p.requires_grad]
+    embeddings = [layer.task_embedding.weight for layer in model.masked]
+    clipgrad, thres_emb, smax = 10000.0, 6.0, model.smax
+
+    def loss_of(xb, yb, s):
+        cond.s, cond.trace = s, ForwardTrace()
+        xr = xb if "replace" in args.without else ood.replace_rows(xb)
+        out = model(xr, task, condition=cond)
+        rows = ood.identity_rows
+        loss = F.cross_entropy(out[rows], yb[rows]) + cond.trace.capacity
+        if "heads" in args.without:
+            return loss
+        trace = cond.trace
+        own = dataclasses.replace(cond, record=False, extra=None, trace=ForwardTrace())
+        return loss + ood.loss(model, xr, model.local_labels(task, yb), task, own, feature=trace.feature,
+                               copy_features=trace.extra_feature)
+
+    task = cond.task
+    loss_fn = loss_of
+    if args.compile:
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        loss_fn = torch.compile(loss_of, dynamic=False)
+    perm = torch.randperm(n)
+
+    def slope(i: int):
+        s = 1 / smax + (smax - 1 / smax) * (i // batch) / (n // batch - 1)
+        return torch.tensor(s) if args.compile else s
+
+    def modnet_step(i: int) -> None:
+        idx = perm[i:i + batch]
+        loss = loss_fn(x[idx], y[idx], slope(i))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if "clip" not in args.without:
+            clip_grad_norm([p.grad for p in params if p.grad is not None], clipgrad)
+        opt.step()
+        if "clamp" not in args.without:
+            with torch.no_grad():
+                torch._foreach_clamp_min_(embeddings, -thres_emb)
+                torch._foreach_clamp_max_(embeddings, thres_emb)
+
+    def plain_step(i: int) -> None:
+        idx = perm[i:i + batch]
+        loss = F.cross_entropy(plain(xp[idx]), y[idx])
+        plain_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        plain_opt.step()
+
+    def epoch(step) -> float:
+        t = time.thread_time()
+        for i in range(0, n, batch):
+            step(i)
+        return time.thread_time() - t
+
+    t0 = time.perf_counter()
+    epoch(modnet_step)
+    print(f"first epoch (warm-up{', compile' if args.compile else ''}): {time.perf_counter() - t0:.1f} s", flush=True)
+    epoch(plain_step)
+    ratios, plain_s = [], []
+    for r in range(args.rounds):
+        m, p = epoch(modnet_step), epoch(plain_step)
+        ratios.append(m / p)
+        plain_s.append(p)
+        print(f"[round {r + 1}/{args.rounds}] modnet / plain {m / p:.3f}", flush=True)
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    print(f"modnet step without a framework / plain step: {statistics.median(ratios):.3f}x "
+          f"[{q[0]:.3f}, {q[2]:.3f}] (plain step {statistics.median(plain_s) / (n // batch) * 1e3:.2f} ms; "
+          f"without: {', '.join(args.without) or 'nothing'}; {'compiled' if args.compile else 'eager'})")
+
+
+if __name__ == "__main__":
+    main()
