@@ -144,6 +144,19 @@ def test_lockstep_steps_must_be_a_positive_integer(capsys):
         assert len(err) == 1 and "lockstep_steps" in err[0] and says in err[0]
 
 
+def test_second_task_must_be_a_boolean_and_false_leaves_its_loop_out(capsys):
+    from modnet.jobs.bench import ratio_loops
+
+    for bad in ("2", "maybe"):
+        assert main(["bench", f"second_task={bad}", "archs=[mlp]"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "second_task" in err[0] and "must be bool" in err[0]
+    kinds = ("plain", "naive", "modnet")
+    assert "modnet (second task)" in ratio_loops(kinds, {})  # the default
+    assert "modnet (second task)" not in ratio_loops(kinds, {"second_task": False})
+    assert "modnet (second task)" not in ratio_loops(("plain", "naive"), {})  # only beside modnet
+
+
 def test_lockstep_round_raises_a_loops_error_after_the_others_finish():
     from modnet.jobs.bench import _lockstep_round
 

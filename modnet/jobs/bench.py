@@ -454,6 +454,17 @@ def _in_process(fn, *args, isolate: bool = True):
         return pool.apply(fn, args)
 
 
+def ratio_loops(kinds, options: dict) -> dict:
+    """The loops of ``RATIO_LOOPS`` the ratio run times for the strategies ``kinds``: those of the kinds, the
+    plain loop on modnet's rows (beside plain and modnet), modnet on a second task (beside modnet, unless
+    ``options["second_task"]`` is False) and the compiled loops (``options["compile"]``)."""
+    beside = {"plain", "modnet"} <= set(kinds)  # the loops that only make sense beside plain and modnet
+    return {k: v for k, v in RATIO_LOOPS.items()
+            if (v[0] in kinds or (v[0] in ("plain_rows", "plain_compiled") and beside)
+                or (v[0] == "modnet_second_task" and "modnet" in kinds and options.get("second_task", True)))
+            and (k not in COMPILED_LOOPS or options.get("compile", False))}
+
+
 def bench_training(arch: str, n: int, batch: int, epochs: int, device: str, options: dict,
                    kinds=("plain", "naive", "modnet"), repeats: int = 1, rounds: int = 0,
                    isolate: bool = True) -> dict:
@@ -473,11 +484,7 @@ def bench_training(arch: str, n: int, batch: int, epochs: int, device: str, opti
             if ref in res:
                 res[f"separate_runs_time_ratio_vs_{ref}"] = res[ref]["samples_per_s"] / res["modnet"]["samples_per_s"]
     if rounds > 0:
-        beside = {"plain", "modnet"} <= set(kinds)  # the loops that only make sense beside plain and modnet
-        loops = {k: v for k, v in RATIO_LOOPS.items()
-                 if (v[0] in kinds or (v[0] in ("plain_rows", "plain_compiled") and beside)
-                     or (v[0] == "modnet_second_task" and "modnet" in kinds))
-                 and (k not in COMPILED_LOOPS or options.get("compile", False))}
+        loops = ratio_loops(kinds, options)
         times, rows, warmup, faults = _in_process(_interleaved_epochs, arch, n, batch, rounds, device, options,
                                                   loops, isolate=isolate)
         res["interleaved_epoch_seconds"] = times
@@ -728,7 +735,7 @@ def run_bench(cfg) -> dict:
     if clock == "thread_cpu":
         res["lockstep_steps"] = steps_per_turn
     opts = {"lockstep_steps": steps_per_turn, "threads": cfg.threads, "amp": cfg.amp,
-            "channels_last": cfg.channels_last, "compile": cfg.compile,
+            "channels_last": cfg.channels_last, "compile": cfg.compile, "second_task": cfg.get("second_task", True),
             "ratio_clock": clock, "sync_reg": cfg.sync_reg, "image_shape": list(cfg.image_shape),
             "mlp_shapes": {a: dict(cfg[a]) for a in MLP_ARCHS if a in cfg}, "resnet_width": cfg.resnet_width}
     known = set(MLP_ARCHS) | {"cnn", "resnet18"}
