@@ -108,6 +108,8 @@ def validate(job: str, cfg: DictConfig) -> None:
         transform_copies(OmegaConf.select(cfg, "task_inference.transform_copies", default="auto"), rows, False)
     if job == "bench":
         _check_ratio_clock(cfg)
+        if cfg.get("channels_last", "auto") not in (True, False, "auto"):
+            raise ConfigError(f"config channels_last={cfg.channels_last!r} must be true, false or auto")
     if job == "cl":
         check_choice("scenario", cfg.scenario, SCENARIOS)
         check_choice("model.arch", cfg.model.arch, ARCHS)

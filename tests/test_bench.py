@@ -157,6 +157,20 @@ def test_second_task_must_be_a_boolean_and_false_leaves_its_loop_out(capsys):
     assert "modnet (second task)" not in ratio_loops(("plain", "naive"), {})  # only beside modnet
 
 
+def test_image_loops_take_the_layout_modnet_cl_trains_in(tmp_path, capsys):
+    """channels_last=auto (the default) is modnet cl's train.channels_last=auto: channels_last maps on the CPU;
+    recorded in bench.json; true / false as given; anything else refused in one line."""
+    for value, expected in (("auto", True), ("false", False), ("true", True)):
+        out = tmp_path / value
+        assert main(["bench", "archs=[]", "sync_sizes=[]", "niwt=false", f"channels_last={value}",
+                     f"output_dir={out}"]) == 0
+        assert json.loads((out / "bench.json").read_text())["channels_last"] is expected
+    capsys.readouterr()
+    assert main(["bench", "channels_last=maybe", "archs=[cnn]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "channels_last" in err[0] and "true, false or auto" in err[0]
+
+
 def test_lockstep_round_raises_a_loops_error_after_the_others_finish():
     from modnet.jobs.bench import _lockstep_round
 

@@ -734,8 +734,12 @@ def run_bench(cfg) -> dict:
     steps_per_turn = int(cfg.get("lockstep_steps", 1))
     if clock == "thread_cpu":
         res["lockstep_steps"] = steps_per_turn
+    from modnet.runner.runner import channels_last as resolve_channels_last
+
+    res["channels_last"] = resolve_channels_last(cfg.channels_last, device)  # the image loops' layout
     opts = {"lockstep_steps": steps_per_turn, "threads": cfg.threads, "amp": cfg.amp,
-            "channels_last": cfg.channels_last, "compile": cfg.compile, "second_task": cfg.get("second_task", True),
+            "channels_last": res["channels_last"], "compile": cfg.compile,
+            "second_task": cfg.get("second_task", True),
             "ratio_clock": clock, "sync_reg": cfg.sync_reg, "image_shape": list(cfg.image_shape),
             "mlp_shapes": {a: dict(cfg[a]) for a in MLP_ARCHS if a in cfg}, "resnet_width": cfg.resnet_width}
     known = set(MLP_ARCHS) | {"cnn", "resnet18"}
@@ -753,6 +757,8 @@ def run_bench(cfg) -> dict:
         if arch in MLP_ARCHS:
             m = opts["mlp_shapes"][arch]
             shape = f"{m['in_dim']}-" + "-".join([str(m["hidden"])] * m["n_layers"]) + ", "
+        else:
+            shape = "channels_last maps, " if opts["channels_last"] else "contiguous maps, "
         r["config"] = (f"{shape}{n} samples, batch {batch}, {cfg.epochs} epochs (first is warm-up), "
                        f"best of {cfg.repeats} separate runs")
         res["training"][arch] = r
