@@ -99,8 +99,10 @@ def validate(job: str, cfg: DictConfig) -> None:
         _check_strategies(cfg.strategies)
     if "seeds" in cfg:
         _check_seeds(cfg.seeds)
-    if OmegaConf.select(cfg, "train.channels_last") not in (None, True, False, "auto"):
-        raise ConfigError(f"config train.channels_last={cfg.train.channels_last!r} must be true, false or auto")
+    for key in ("train.channels_last",) + (("channels_last",) if job == "bench" else ()):
+        value = OmegaConf.select(cfg, key)
+        if value not in (None, True, False, "auto"):
+            raise ConfigError(f"config {key}={value!r} must be true, false or auto")
     if OmegaConf.select(cfg, "train.compile") is not None:
         _check_compile(cfg.train.compile)
     if OmegaConf.select(cfg, "task_inference.transform_rows") is not None:
@@ -108,8 +110,6 @@ def validate(job: str, cfg: DictConfig) -> None:
         transform_copies(OmegaConf.select(cfg, "task_inference.transform_copies", default="auto"), rows, False)
     if job == "bench":
         _check_ratio_clock(cfg)
-        if cfg.get("channels_last", "auto") not in (True, False, "auto"):
-            raise ConfigError(f"config channels_last={cfg.channels_last!r} must be true, false or auto")
     if job == "cl":
         check_choice("scenario", cfg.scenario, SCENARIOS)
         check_choice("model.arch", cfg.model.arch, ARCHS)

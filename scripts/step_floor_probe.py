@@ -61,6 +61,7 @@ def main(argv=None) -> None:
     strategy.train(exp)
     model, cond, opt = strategy.model, strategy.train_condition, strategy.optimizer
     cond.hat, cond.task = kept["hat"], kept["task"]
+    task = cond.task
     model.train()
     ood = model.task_ood
     params = [p for p in model.parameters() if p.requires_grad]
@@ -80,7 +81,6 @@ def main(argv=None) -> None:
         return loss + ood.loss(model, xr, model.local_labels(task, yb), task, own, feature=trace.feature,
                                copy_features=trace.extra_feature)
 
-    task = cond.task
     loss_fn = loss_of
     if args.compile:
         import torch._dynamo

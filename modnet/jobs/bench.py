@@ -11,10 +11,10 @@ above the process's baseline) is its own. The step-cost ratios come from a separ
 (and modnet with parts switched off: HAT only, HAT + gates, no transform heads; with the sync regulariser
 on; on the second task of a two-task Permuted-X, where HAT conditions the gradients; and the plain loop on as
 many rows per step as modnet's default trains, its batch and the transform heads' copies) live in one process
-and train one epoch each per round, the median of the per-round ratios reported. On the CPU at one thread (``ratio_clock=auto``) a round's epochs run side by side, ``lockstep_steps``
-training steps of each loop in turn, each timed on its own thread's CPU clock: the loops' steps share the
-machine's state block by block, where epochs run one after another scattered by +-15% on these shared machines
-(wall clock, the choice on a GPU).
+and train one epoch each per round, the median of the per-round ratios reported. On the CPU at one thread
+(``ratio_clock=auto``) a round's epochs run side by side, ``lockstep_steps`` training steps of each loop in turn,
+each timed on its own thread's CPU clock: the loops' steps share the machine's state block by block, where epochs
+run one after another scattered by +-15% on these shared machines (wall clock, the choice on a GPU).
 Then SynC time for n = 1k..8k units (and the fitted growth exponent), NIWT step times and GZSL
 evaluation throughput. Writes ``bench.json`` and ``bench.md``.
 """

@@ -55,10 +55,10 @@ class ModulesPlugin(SupervisedPlugin):
         # stops training early (train.lr_patience's schedule asks Avalanche to stop before the next epoch), the
         # settle_epochs after that request, which waits for them
         last = self.settle_epochs and strategy.clock.train_exp_epochs >= strategy.train_epochs - self.settle_epochs
-        if self.settle_epochs and not last and getattr(strategy, "_stop_training", False) and \
-                (self._extra_left is None or self._extra_left > 0):
+        if self.settle_epochs and not last and self._extra_left != 0 and getattr(strategy, "_stop_training", False):
             strategy._stop_training = False  # Avalanche 0.6's flag, read right after before_training_epoch
-            self._extra_left = self.settle_epochs if self._extra_left is None else self._extra_left
+            if self._extra_left is None:
+                self._extra_left = self.settle_epochs
         if self._extra_left == 0:
             strategy.stop_training()  # the settle epochs are done: the stop that waited for them
         elif self._extra_left is not None:
