@@ -142,6 +142,51 @@ def test_reservoir_buffer_matches_algorithm_r_written_sample_by_sample():
     torch.testing.assert_close(buf.logits, torch.stack(ref_z), rtol=0, atol=0)
 
 
+def test_reservoir_buffer_knows_the_task_labels_of_a_draw_on_the_host():
+    """The host copy of the task labels follows the rows the reservoir keeps: for any draw, the sorted task
+    labels of its slots equal those of the device tensor ``t`` it returns (an independent read), and a draw
+    holding a sample stored without a known label answers None (the caller then reads the device)."""
+    buf = ReservoirBuffer(6)
+    torch.manual_seed(0)
+    for step in range(10):  # 3 tasks, 4 samples a batch: the reservoir replaces rows across tasks
+        task = step % 3
+        buf.add(torch.rand(4, 2), torch.arange(4), torch.full((4,), task), torch.rand(4, 3), task=task)
+    for size in (1, 3, 6):
+        slots = buf.draw(size)
+        assert slots.host_side
+        _, _, t, _ = buf.rows(slots)
+        assert buf.tasks_of(slots) == sorted(set(t.tolist()))
+    assert buf.tasks_of(buf.draw(6)) == sorted(set(buf.t.tolist()))  # the whole buffer: every task it holds
+    unknown = ReservoirBuffer(3)
+    unknown.add(torch.rand(2, 2), torch.arange(2), torch.zeros(2, dtype=torch.long), torch.rand(2, 3))
+    unknown.add(torch.rand(1, 2), torch.arange(1), torch.ones(1, dtype=torch.long), torch.rand(1, 3), task=1)
+    assert unknown.tasks_of(unknown.draw(3)) is None
+    assert unknown.tasks_of(torch.tensor([2])) == [1]
+
+
+def test_der_buffer_logits_through_forward_tasks_equal_the_multi_head_forward():
+    """DER's buffer batch mixing tasks: the heads picked from the host copy of the labels give the logits of
+    ``MultiHeadNet.forward`` (which reads the labels with ``torch.unique``), to the bit."""
+    from types import SimpleNamespace
+
+    from modnet.nets.models import MLPBackbone, MultiHeadNet
+    from strategies.plugins.der import DarkExperienceReplay
+
+    torch.manual_seed(0)
+    net = MultiHeadNet(MLPBackbone(5, 8, 1))
+    for task in range(3):  # a head per task, as Avalanche's adaptation grows them
+        net.classifier.adaptation(SimpleNamespace(classes_in_this_experience=[2 * task, 2 * task + 1],
+                                                  task_labels=[task], dataset=None))
+    der = DarkExperienceReplay(mem_size=9, alpha=1.0)
+    for task in range(3):
+        der.buffer.add(torch.rand(3, 5), torch.arange(3), torch.full((3,), task), torch.rand(3, 6), task=task)
+    slots = der.buffer.draw(9)
+    out, _, _ = der._buffer_logits(SimpleNamespace(model=net), slots)
+    x, _, t, _ = der.buffer.rows(slots)
+    assert len(set(t.tolist())) == 3  # the batch mixes the three tasks
+    torch.testing.assert_close(out, net(x, t), rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module")
 def class_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("baselines_class")

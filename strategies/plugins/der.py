@@ -11,10 +11,14 @@ the network's logits z = h_θ(x) at the step it was stored. Each training step a
 Mammoth). Buffer batches are as large as the training batch. The stored logits are those of the forward of
 the step, before its update (Mammoth's ``buffer.add_data(..., logits=outputs.data)``), not recomputed after
 the experience as Avalanche 0.6.0's ``DER`` does (which also calls the model without task labels, so it
-cannot run task-incremental). The buffer lives on the strategy's device as plain tensors.
+cannot run task-incremental). The buffer lives on the strategy's device as plain tensors, with a host copy of
+its task labels: a buffer batch's slots are drawn on the host, so a multi-head network learns which heads the
+batch needs without reading the labels back from the device (``MultiHeadNet.forward_tasks``; its ``forward``
+would read them with ``torch.unique``, a host sync every step on a GPU).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.models.utils import avalanche_forward
@@ -36,6 +40,9 @@ class ReservoirBuffer:
         self.y: Tensor | None = None
         self.t: Tensor | None = None
         self.logits: Tensor | None = None
+        # each slot's task label on the host (-1: stored without one known there); bookkeeping beside ``t``,
+        # not counted in the bytes kept (it repeats ``t``)
+        self.t_host = np.full(self.size, -1, dtype=np.int64)
         self.n = 0  # samples held
 
     def _allocate(self, x: Tensor, y: Tensor, t: Tensor, logits: Tensor) -> None:
@@ -45,7 +52,8 @@ class ReservoirBuffer:
         self.logits = logits.new_zeros((self.size, logits.shape[1]))
 
     @torch.no_grad()
-    def add(self, x: Tensor, y: Tensor, t: Tensor, logits: Tensor) -> None:
+    def add(self, x: Tensor, y: Tensor, t: Tensor, logits: Tensor, task: int | None = None) -> None:
+        """Offer a batch; ``task``: the task label of all its rows when the host knows it (None: unknown)."""
         if self.size == 0:
             self.seen += len(y)
             return
@@ -68,6 +76,7 @@ class ReservoirBuffer:
                 row_of_slot[slot] = i
         if not row_of_slot:
             return
+        self.t_host[list(row_of_slot)] = -1 if task is None else int(task)
         slots = torch.tensor(list(row_of_slot), device=self.y.device)
         rows = torch.tensor(list(row_of_slot.values()), device=y.device)
         self.x[slots], self.y[slots], self.t[slots] = x[rows], y[rows], t[rows]
@@ -77,8 +86,25 @@ class ReservoirBuffer:
 
     def sample(self, batch_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``min(batch_size, held)`` distinct samples, uniformly (Mammoth's ``get_data``)."""
-        idx = torch.randperm(self.n, device=self.y.device)[:batch_size]
+        return self.rows(self.draw(batch_size))
+
+    def draw(self, batch_size: int) -> Tensor:
+        """``min(batch_size, held)`` distinct slots, uniformly, drawn on the CPU's generator: a host tensor on
+        every device (marked ``host_side``). On the CPU the draw is the one ``randperm`` on the buffer's device
+        made; on a GPU the slots now come from the CPU's stream of random numbers, not the GPU's."""
+        slots = torch.randperm(self.n)[:batch_size]
+        slots.host_side = True  # reading it waits for no device (tests/test_host_reads.py reads this flag)
+        return slots
+
+    def rows(self, slots: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(x, y, t, logits) of ``slots`` (a host tensor from ``draw``)."""
+        idx = slots.to(self.y.device)
         return self.x[idx], self.y[idx], self.t[idx], self.logits[idx]
+
+    def tasks_of(self, slots: Tensor) -> list[int] | None:
+        """The sorted task labels held in ``slots``, read from the host copy; None if one was stored unknown."""
+        labels = np.unique(self.t_host[slots.numpy()])
+        return None if len(labels) and labels[0] < 0 else labels.tolist()
 
     def __len__(self) -> int:
         return self.n
@@ -101,27 +127,47 @@ class DarkExperienceReplay(SupervisedPlugin):
         self.buffer = ReservoirBuffer(mem_size)
         self.alpha, self.beta = float(alpha), float(beta)
 
-    def _buffer_logits(self, strategy, x: Tensor, t: Tensor) -> Tensor:
-        """The logits of buffer samples, through the strategy's model with their task labels."""
-        return avalanche_forward(strategy.model, x, t)
+    def _buffer_logits(self, strategy, slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(logits, y, stored logits) of the buffer's ``slots``, through the strategy's model with their task
+        labels: a multi-head network's ``forward_tasks`` given the labels from the buffer's host copy (no read
+        of them from the device), else Avalanche's forward."""
+        x, y, t, z = self.buffer.rows(slots)
+        tasks = self.buffer.tasks_of(slots)
+        forward_tasks = getattr(strategy.model, "forward_tasks", None)  # a multi-head network, not wrapped
+        out = forward_tasks(x, t, tasks) if tasks is not None and forward_tasks is not None else \
+            avalanche_forward(strategy.model, x, t)
+        return out, y, z
 
     def before_backward(self, strategy, **kwargs):
         if len(self.buffer) == 0:
             return
         batch = len(strategy.mb_y)
-        x, _, t, z = self.buffer.sample(batch)
-        out = self._buffer_logits(strategy, x, t)
+        out, _, z = self._buffer_logits(strategy, self.buffer.draw(batch))
         width = min(out.shape[1], z.shape[1])
         strategy.loss = strategy.loss + self.alpha * F.mse_loss(out[:, :width], z[:, :width])
         if self.beta > 0:
-            x, y, t, _ = self.buffer.sample(batch)
-            strategy.loss = strategy.loss + self.beta * F.cross_entropy(self._buffer_logits(strategy, x, t), y)
+            out, y, _ = self._buffer_logits(strategy, self.buffer.draw(batch))
+            strategy.loss = strategy.loss + self.beta * F.cross_entropy(out, y)
 
     @torch.no_grad()
     def after_training_iteration(self, strategy, **kwargs):
         # the inputs as read (no augmentation here) and the logits of this step's forward, before its update
         self.buffer.add(strategy.mb_x.detach(), strategy.mb_y.detach(), strategy.mb_task_id.detach(),
-                        strategy.mb_output.detach().float())
+                        strategy.mb_output.detach().float(), task=batch_task(strategy))
 
     def stored_tensors(self) -> list[Tensor]:
         return self.buffer.stored_tensors()
+
+
+def batch_task(strategy) -> int | None:
+    """The one task label of the training batch, known on the host: the tensor loader's (a batch of one task,
+    or its labels read on the host), else the experience's when it has one; None when the batch may mix."""
+    loader = getattr(strategy, "dataloader", None)
+    single = getattr(loader, "single_task", None)
+    if single is not None:
+        return int(single)
+    tasks = getattr(loader, "batch_tasks", None)
+    if tasks is not None:
+        return int(tasks[0]) if len(tasks) == 1 else None
+    labels = getattr(strategy.experience, "task_labels", None)
+    return int(labels[0]) if labels is not None and len(labels) == 1 else None
