@@ -160,14 +160,12 @@ class DarkExperienceReplay(SupervisedPlugin):
 
 
 def batch_task(strategy) -> int | None:
-    """The one task label of the training batch, known on the host: the tensor loader's (a batch of one task,
-    or its labels read on the host), else the experience's when it has one; None when the batch may mix."""
+    """The one task label of the training batch as the tensor loader knows it on the host (every batch of the
+    loader one task, or this batch's labels read there); None when the batch mixes tasks or no tensor loader
+    runs (Avalanche's own loaders: the buffer's batches then take ``forward``'s read, as before)."""
     loader = getattr(strategy, "dataloader", None)
     single = getattr(loader, "single_task", None)
     if single is not None:
         return int(single)
     tasks = getattr(loader, "batch_tasks", None)
-    if tasks is not None:
-        return int(tasks[0]) if len(tasks) == 1 else None
-    labels = getattr(strategy.experience, "task_labels", None)
-    return int(labels[0]) if labels is not None and len(labels) == 1 else None
+    return int(tasks[0]) if tasks is not None and len(tasks) == 1 else None
