@@ -233,6 +233,14 @@ def test_a_baseline_step_reads_nothing_on_the_host(name, scenario, python_reads)
     assert record.reads == [] and record.eval_reads == []
 
 
+def test_der_with_a_full_buffer_reads_nothing_on_the_host(python_reads):
+    """A buffer smaller than the stream: the reservoir's replacement draws (algorithm R's randint per sample
+    once full) are host draws, and its slot draws mix both tasks (DER++: two buffer batches a step)."""
+    record = _steps("derpp", "task", overrides=("derpp.mem_size=16",))
+    assert record.steps >= 8 and record.eval_steps >= 4
+    assert record.reads == [] and record.eval_reads == []
+
+
 def test_the_multi_head_net_answers_as_avalanches_split_by_task():
     """``MultiHeadNet`` against Avalanche's own path (``MultiTaskModule.forward``: the batch split by
     ``torch.unique`` of its task labels, each part through the backbone and ``MultiHeadClassifier``'s head,

@@ -70,7 +70,9 @@ class ReservoirBuffer:
                 slot = self.n
                 self.n += 1
             else:
-                slot = int(torch.randint(0, self.seen + 1, ()).item())
+                draw = torch.randint(0, self.seen + 1, ())  # the CPU generator's: a host tensor on every device
+                draw.host_side = True
+                slot = int(draw.item())
             self.seen += 1
             if slot < self.size:
                 row_of_slot[slot] = i
