@@ -1,4 +1,5 @@
-"""``agem``: Avalanche's ``AGEM`` (Chaudhry et al. 2019).
+"""``agem``: Avalanche's ``AGEM`` (Chaudhry et al. 2019), its projection without a host read per step
+(``strategies.plugins.agem``: the same gradients).
 
 Hyper-parameters, configs/training.yaml ``agem``: patterns_per_exp (A-GEM: 250 per task), sample_size (A-GEM: 256).
 """
@@ -14,6 +15,8 @@ NAME = "agem"
                    no_ddp_reason="A-GEM samples its reference gradient from memory independently on every rank")
 def build(cfg, info, common):
     from strategies.common import avalanche_baseline
+    from strategies.plugins.agem import SyncFreeAGEMPlugin
 
-    return avalanche_baseline("AGEM", cfg, info, common,
-                              patterns_per_exp=cfg.agem.patterns_per_exp, sample_size=cfg.agem.sample_size)
+    # Avalanche's AGEM is the same template with AGEMPlugin as its plugin (plugins=None: [agem])
+    agem = SyncFreeAGEMPlugin(cfg.agem.patterns_per_exp, cfg.agem.sample_size)
+    return avalanche_baseline("Naive", cfg, info, common, plugins=[agem])

@@ -187,6 +187,44 @@ def test_der_buffer_logits_through_forward_tasks_equal_the_multi_head_forward():
     torch.testing.assert_close(out, net(x, t), rtol=0, atol=0)
 
 
+def test_sync_free_agem_projection_equals_avalanches_to_the_bit():
+    """Our A-GEM projection against Avalanche's ``AGEMPlugin.after_backward`` (which tests the constraint on
+    the host): the same gradients when it is violated (projected), when it holds (unchanged), on a parameter
+    without a gradient, and on an all-zero reference gradient (unchanged, no 0/0)."""
+    from types import SimpleNamespace
+
+    from avalanche.training.plugins import AGEMPlugin
+
+    from strategies.plugins.agem import SyncFreeAGEMPlugin
+
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    n = sum(p.numel() for p in model.parameters())
+    grads = [torch.randn(p.shape, generator=g) for p in model.parameters()]
+    flat = torch.cat([t.view(-1) for t in grads])
+    cases = {"violated": -flat - 0.1 * torch.rand(n, generator=g), "kept": flat + 0.1 * torch.rand(n, generator=g),
+             "zero reference": torch.zeros(n)}
+    for name, ref in cases.items():
+        for no_grad_on_last in (False, True):
+            results = []
+            for cls in (AGEMPlugin, SyncFreeAGEMPlugin):
+                plugin = cls(1, 1)
+                plugin.buffers = [None]
+                plugin.reference_gradients = ref.clone()
+                for p, t in zip(model.parameters(), grads):
+                    p.grad = t.clone()
+                if no_grad_on_last:
+                    list(model.parameters())[-1].grad = None
+                plugin.after_backward(SimpleNamespace(model=model, device=torch.device("cpu")))
+                results.append([None if p.grad is None else p.grad.clone() for p in model.parameters()])
+            for a, b in zip(*results):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+            changed = any(not torch.equal(a, t) for a, t in zip(results[1], grads) if a is not None)
+            assert changed == (name == "violated")  # the cases do what they say
+
+
 @pytest.fixture(scope="module")
 def class_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("baselines_class")

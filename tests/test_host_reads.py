@@ -14,7 +14,8 @@ sync detector (``torch.cuda.set_sync_debug_mode``) watches the same spans, catch
 
 HAT's clipping reads the gradient norm on the CPU on purpose (no device to wait for; it skips a pass over
 the gradients when the norm is within bounds): the step is recorded with ``clip_grad_norm``'s device path,
-the one a GPU runs. Left out, with their reads: GEM's and A-GEM's projection tests, and hnet's Adam (its step
+the one a GPU runs. Left out, with their reads: GEM's projection test (its quadratic program runs on the host),
+A-GEM's memory (Avalanche's per-sample loader; its projection is checked alone below), and hnet's Adam (its step
 counter is a CPU tensor on any device: not a device sync).
 """
 import functools
@@ -239,6 +240,31 @@ def test_der_with_a_full_buffer_reads_nothing_on_the_host(python_reads):
     record = _steps("derpp", "task", overrides=("derpp.mem_size=16",))
     assert record.steps >= 8 and record.eval_steps >= 4
     assert record.reads == [] and record.eval_reads == []
+
+
+def test_agem_projects_without_reading_the_constraint_on_the_host(python_reads):
+    """A-GEM's projection step alone, on a gradient that violates the constraint and on one that keeps it:
+    Avalanche's plugin reads g . g_ref back each time (the recorder must see it), ours reads nothing."""
+    from types import SimpleNamespace
+
+    from avalanche.training.plugins import AGEMPlugin
+
+    from strategies.plugins.agem import SyncFreeAGEMPlugin
+
+    model = torch.nn.Linear(3, 2).to(DEVICE)
+    reads = {}
+    for cls in (AGEMPlugin, SyncFreeAGEMPlugin):
+        plugin = cls(1, 1)
+        plugin.buffers = [None]  # a memory is held: the projection runs
+        plugin.reference_gradients = torch.ones(8, device=DEVICE)
+        mode, reads[cls.__name__] = HostReads(), []
+        for sign in (-1.0, 1.0):
+            for p in model.parameters():
+                p.grad = torch.full_like(p, sign)
+            with mode:
+                plugin.after_backward(SimpleNamespace(model=model, device=DEVICE))
+        reads[cls.__name__] = mode.reads
+    assert len(reads["AGEMPlugin"]) == 2 and reads["SyncFreeAGEMPlugin"] == []
 
 
 def test_the_multi_head_net_answers_as_avalanches_split_by_task():

@@ -1,0 +1,38 @@
+"""A-GEM's projection without the host's test of the constraint (Chaudhry, Ranzato, Rohrbach & Elhoseiny,
+ICLR 2019, eq. 11):
+
+    g~ = g - (g . g_ref / g_ref . g_ref) g_ref   if g . g_ref < 0,   else g
+
+Avalanche's ``AGEMPlugin`` reads g . g_ref back to the host (``if dotg < 0``) every step, on a GPU a sync that
+stops the host from queueing the next kernels. Written as one expression, the coefficient is
+where(g . g_ref < 0, g . g_ref / g_ref . g_ref, 0): the same gradient, to the bit (a coefficient of exactly 0
+leaves g as it is; ``where`` keeps the 0/0 of an all-zero reference gradient out), with one more pass writing
+the gradients back when the constraint holds. Memory, its sampling and the reference gradient stay Avalanche's.
+"""
+from __future__ import annotations
+
+import torch
+from avalanche.training.plugins import AGEMPlugin
+
+
+class SyncFreeAGEMPlugin(AGEMPlugin):
+    """Avalanche's ``AGEMPlugin`` whose ``after_backward`` projects without reading the dot product."""
+
+    @torch.no_grad()
+    def after_backward(self, strategy, **kwargs):
+        if len(self.buffers) == 0:
+            return
+        params = list(strategy.model.parameters())  # named_parameters' order, as Avalanche's
+        current = torch.cat([p.grad.view(-1) if p.grad is not None else
+                             torch.zeros(p.numel(), device=strategy.device) for p in params])
+        if current.shape != self.reference_gradients.shape:
+            raise RuntimeError("Different model parameters in AGEM projection")
+        ref = self.reference_gradients
+        dotg = torch.dot(current, ref)
+        coefficient = torch.where(dotg < 0, dotg / torch.dot(ref, ref), torch.zeros_like(dotg))
+        projected = current - ref * coefficient
+        offset = 0
+        for p in params:
+            if p.grad is not None:
+                p.grad.copy_(projected[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
