@@ -1,5 +1,5 @@
 """A-GEM's projection without the host's test of the constraint (Chaudhry, Ranzato, Rohrbach & Elhoseiny,
-ICLR 2019, eq. 11):
+ICLR 2019, "Efficient Lifelong Learning with A-GEM"):
 
     g~ = g - (g . g_ref / g_ref . g_ref) g_ref   if g . g_ref < 0,   else g
 
