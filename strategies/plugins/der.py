@@ -78,8 +78,9 @@ class ReservoirBuffer:
                 row_of_slot[slot] = i
         if not row_of_slot:
             return
-        self.t_host[list(row_of_slot)] = -1 if task is None else int(task)
-        slots = torch.tensor(list(row_of_slot), device=self.y.device)
+        slot_list = list(row_of_slot)
+        self.t_host[slot_list] = -1 if task is None else int(task)
+        slots = torch.tensor(slot_list, device=self.y.device)
         rows = torch.tensor(list(row_of_slot.values()), device=y.device)
         self.x[slots], self.y[slots], self.t[slots] = x[rows], y[rows], t[rows]
         padded = self.logits.new_zeros((len(rows), self.logits.shape[1]))
