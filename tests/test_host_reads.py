@@ -222,9 +222,10 @@ def test_a_modnet_training_step_reads_nothing_on_the_host(scenario, overrides, p
 
 
 @pytest.mark.parametrize("name,scenario", [
-    *[(name, "class") for name in ("naive", "ewc", "si", "lwf", "replay", "der", "derpp", "cumulative")],
-    # a head per task; batches of one task label, or mixing tasks (replay, cumulative: the loader reads which)
-    *[(name, "task") for name in ("naive", "ewc", "si", "lwf", "replay", "cumulative")],
+    *[(name, "class") for name in ("naive", "ewc", "si", "lwf", "replay", "der", "derpp", "cumulative", "agem")],
+    # a head per task; batches of one task label, or mixing tasks (replay, cumulative, A-GEM's memory: the
+    # loader reads which)
+    *[(name, "task") for name in ("naive", "ewc", "si", "lwf", "replay", "cumulative", "agem")],
     # DER's buffer batches mix tasks: their heads from the buffer's host copy of the task labels
     *[(name, "task") for name in ("der", "derpp")],
 ])

@@ -81,6 +81,39 @@ def test_same_batches_and_generator_state_as_avalanches_loaders(kind, scenario):
                 assert u.dtype == v.dtype and torch.equal(u, v)
 
 
+@pytest.mark.parametrize("shuffle", [False, True], ids=["in-order", "shuffled"])
+def test_a_never_ending_loader_cycles_its_groups_as_avalanches(shuffle):
+    """A-GEM's memory loader: one group per memory (sizes that leave a short last batch), batches cycled
+    without end (in order, as A-GEM's, or reshuffled every pass): the same batches, and the same draws from
+    the global generator, as Avalanche's ``GroupBalancedInfiniteDataLoader``, over several passes of each."""
+    import itertools
+
+    from avalanche.benchmarks.utils.data_loader import GroupBalancedInfiniteDataLoader
+
+    exps = list(_benchmark().benchmark.train_stream)
+    memories = [exps[0].dataset.train().subset(range(0, 75, 3)),  # 25 samples: batches of 12, 12, 1
+                exps[2].dataset.train().subset(range(40))]
+    for groups in (memories[:1], memories):
+        avalanche_loader = GroupBalancedInfiniteDataLoader(groups, batch_size=12, shuffle=shuffle)
+        ours = convert_loader(avalanche_loader)
+        assert ours is not None and len(ours) == len(avalanche_loader)
+        torch.manual_seed(5)
+        theirs = [list(b) for b in itertools.islice(iter(avalanche_loader), 14)]
+        after_theirs = torch.rand(1)
+        torch.manual_seed(5)
+        mine = list(itertools.islice(iter(ours), 14))
+        assert torch.equal(torch.rand(1), after_theirs)
+        assert [len(b[0]) for b in mine][:3] == ([12, 12, 1] if len(groups) == 1 else [24, 24, 13])
+        for a, b in zip(theirs, mine, strict=True):
+            for u, v in zip(a, b):
+                assert u.dtype == v.dtype and torch.equal(u, v)
+        # the task labels the loader names are those of the batch it yielded
+        it = iter(ours)
+        for _ in range(5):
+            batch = next(it)
+            assert ours.batch_tasks == sorted(set(batch[2].tolist()))
+
+
 def _strategy(name, tensor_batches, info, epochs=2, extra=()):
     from avalanche.training.plugins import EvaluationPlugin
 
@@ -88,7 +121,7 @@ def _strategy(name, tensor_batches, info, epochs=2, extra=()):
 
     cfg = compose("cl", ["progress=false", f"train.epochs={epochs}", "train.batch_size=32", "model.hidden=32",
                          f"train.tensor_batches={str(tensor_batches).lower()}", "gem.patterns_per_exp=32",
-                         "replay.mem_size=60", "modules.profile_samples=64", *extra])
+                         "agem.patterns_per_exp=32", "agem.sample_size=24", "replay.mem_size=60", "modules.profile_samples=64", *extra])
     return make_strategy(name, cfg, info, torch.device("cpu"), EvaluationPlugin(loggers=[]))
 
 
@@ -103,6 +136,9 @@ class _Losses:
 
             def before_training_epoch(self, strategy, **kw):
                 self.loaders.append(type(strategy.dataloader).__name__)
+                for plugin in strategy.plugins:  # A-GEM's memory loader, once it holds a memory
+                    if getattr(plugin, "buffers", None):
+                        self.loaders.append(type(plugin.buffer_dataloader).__name__)
 
             def after_training_iteration(self, strategy, **kw):
                 self.losses.append(float(strategy.loss))
@@ -114,7 +150,7 @@ class _Losses:
 VALIDATION = ("train.valid_fraction=0.2", "train.lr_patience=1", "train.restore_best=true")
 
 
-@pytest.mark.parametrize("name,extra", [("naive", ()), ("replay", ()), ("gem", ()), ("modnet", ()),
+@pytest.mark.parametrize("name,extra", [("naive", ()), ("replay", ()), ("gem", ()), ("agem", ()), ("modnet", ()),
                                         ("modnet", VALIDATION)])
 def test_a_strategy_trains_and_evaluates_as_through_avalanches_loader(name, extra):
     """Every strategy on the tensor data path gives the numbers of Avalanche's loaders; modnet's plugins read
@@ -138,7 +174,8 @@ def test_a_strategy_trains_and_evaluates_as_through_avalanches_loader(name, extr
         # every weight and buffer: the plugins' statistics too (task-OOD score calibration, module usage)
         results[tensor_batches] = (losses.losses, rec.rows, losses.loaders, strategy.model.state_dict())
     (l1, r1, kinds, w1), (l0, r0, kinds0, w0) = results[True], results[False]
-    assert set(kinds) == {"TensorBatchLoader"} and "TensorBatchLoader" not in kinds0
+    assert set(kinds) == {"TensorBatchLoader"} and "TensorBatchLoader" not in kinds0 and len(kinds) == len(kinds0)
+    assert ("GroupBalancedInfiniteDataLoader" in kinds0) == (name == "agem")  # its memory batches, sliced too
     assert l1 == l0 and r1 == r0  # the same batches in the same order: the same numbers
     assert w1.keys() == w0.keys() and all(torch.equal(w1[k], w0[k]) for k in w1)
 

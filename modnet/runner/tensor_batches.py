@@ -10,7 +10,8 @@ A batch is then ``x[rows[perm[i:j]]], y[perm[i:j]], t[perm[i:j]]`` on the device
 sync in the step.
 
 ``TensorBatchLoader`` replaces any of Avalanche's ``MultiDatasetDataLoader`` (the ``SingleDatasetDataLoader``
-of evaluation, the ``TaskBalancedDataLoader`` of training, Replay's ``ReplayDataLoader``) and a plain torch
+of evaluation, the ``TaskBalancedDataLoader`` of training, Replay's ``ReplayDataLoader``, A-GEM's never-ending
+``GroupBalancedInfiniteDataLoader`` over its memories) and a plain torch
 ``DataLoader`` over a random or sequential sampler, with the same semantics, read from the loader it
 replaces: its datasets (groups), per-group batch sizes, the group whose end ends the epoch, oversampling of
 the others (Replay: every batch holds the current batch plus ``batch_size_mem`` buffer samples, the buffer
@@ -22,7 +23,8 @@ same batches, hence the same numbers, as with Avalanche's loaders for a given se
 ``use_tensor_batches(strategy)`` switches a built strategy to a subclass of its class (as
 ``modnet.runner.distributed.make_distributed`` does) whose ``make_train_dataloader``,
 ``make_eval_dataloader`` and ``_before_training_exp`` (after the plugins: Replay swaps in its loader there)
-replace the loader when every dataset it reads is tensor-backed, and keep Avalanche's otherwise. Plugins
+replace the loader when every dataset it reads is tensor-backed, and keep Avalanche's otherwise; its
+``_after_training_exp`` does the same to the memory loader A-GEM's plugin has just rebuilt. Plugins
 that read ``strategy.experience.dataset`` or ``strategy.adapted_dataset`` (GEM/AGEM memories, EWC's Fisher,
 the replay buffer's storage policy) see the Avalanche datasets unchanged.
 """
@@ -35,6 +37,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+NEVER_ENDING = 10**10  # the length Avalanche gives a never-ending loader
 _CHECKS = 8  # samples of each resolved dataset compared with its __getitem__ (a mismatch: Avalanche's loader)
 
 
@@ -220,7 +223,10 @@ def dataset_head(dataset, n: int, tensors: bool = True) -> torch.Tensor:
 
 
 def _draw_seed() -> int:
-    return int(torch.empty((), dtype=torch.int64).random_().item())
+    """A seed from the global generator, as a DataLoader iterator and RandomSampler draw one."""
+    seed = torch.empty((), dtype=torch.int64).random_()
+    seed.host_side = True  # a host tensor on every device: reading it waits for no device (tests/test_host_reads)
+    return int(seed.item())
 
 
 class _Group:
@@ -275,14 +281,16 @@ class TensorBatchLoader:
     ``DataLoader(shuffle=True)``; groups ``[data, memory]`` with ``termination=0, oversample=True``: Replay's."""
 
     def __init__(self, views: Sequence[TensorView], batch_sizes: Sequence[int], *, termination: int = -1,
-                 oversample: bool = False, shuffle: bool = True, drop_last: bool = False, orders=None):
+                 oversample: bool = False, shuffle: bool = True, drop_last: bool = False, orders=None,
+                 never_ending: bool = False):
         orders = orders or [None] * len(views)
         self.groups = [_Group(v, b, shuffle, drop_last, o) for v, b, o in zip(views, batch_sizes, orders)]
         lengths = [g.n_batches for g in self.groups]
         if termination < 0:
             termination = int(np.argmax(lengths))
-        self.termination, self.oversample = termination, oversample
-        self.n_iterations = lengths[termination]
+        self.termination, self.oversample, self.never_ending = termination, oversample, never_ending
+        # never ending (A-GEM's memory loader): every group cycles, none ends the stream; Avalanche's length
+        self.n_iterations = NEVER_ENDING if never_ending else lengths[termination]
         # the task label every batch carries when all samples share one (read once, here): lets a multi-head
         # model take its single-task path without reading the batch's labels back (``single_task_forward``)
         labels = set().union(*(g.all_tasks() for g in self.groups))
@@ -297,19 +305,27 @@ class TensorBatchLoader:
     def __iter__(self):
         _draw_seed()  # the base seed a DataLoader iterator draws: the global generator advances as before
         groups = self.groups
+        if self.never_ending and not any(g.n_batches for g in groups):
+            raise RuntimeError("a never-ending loader needs a group with at least one sample (Avalanche's "
+                               "MultiDatasetSampler raises too)")
         if len(groups) == 1:
             g = groups[0]
             if g.n_batches == 0:
                 return
             view = g.view
-            for idx, host_idx in g.batches():
-                self.batch_tasks = sorted(g.tasks(host_idx))
-                yield list(view.take(idx))
-            return
+            while True:  # one pass, or pass after pass when never ending (a new permutation each)
+                for idx, host_idx in g.batches():
+                    self.batch_tasks = sorted(g.tasks(host_idx))
+                    yield list(view.take(idx))
+                if not self.never_ending:
+                    return
         iters: list = [None] * len(groups)
         alive = [g.n_batches > 0 for g in groups]
-        order = [self.termination] + [k for k in range(len(groups)) if k != self.termination]
-        if not alive[self.termination]:
+        # never ending: the groups in their order, each cycled (Avalanche's MultiDatasetSampler); else the
+        # group that ends the epoch first
+        order = list(range(len(groups))) if self.never_ending else \
+            [self.termination] + [k for k in range(len(groups)) if k != self.termination]
+        if not self.never_ending and not alive[self.termination]:
             return
         while True:
             taken: list = [None] * len(groups)
@@ -321,8 +337,8 @@ class TensorBatchLoader:
                 if iters[k] is None:
                     iters[k] = g.batches()
                 idx = next(iters[k], None)
-                if idx is None:
-                    if k == self.termination or not self.oversample:
+                if idx is None:  # a group's pass is over: the epoch ends, the group drops out, or it cycles
+                    if not self.never_ending and (k == self.termination or not self.oversample):
                         if k == self.termination:
                             return
                         alive[k] = False
@@ -383,7 +399,7 @@ def convert_loader(loader):
 
     if isinstance(loader, MultiDatasetDataLoader):
         kw = loader.loader_kwargs
-        if loader.never_ending or loader.distributed_sampling or kw.get("num_workers", 0) \
+        if loader.distributed_sampling or kw.get("num_workers", 0) \
                 or "sampler" in kw or "batch_sampler" in kw:
             return None
         views = [resolve_tensors(d) for d in loader.datasets]
@@ -391,7 +407,7 @@ def convert_loader(loader):
             return None
         return TensorBatchLoader(views, loader.batch_sizes, termination=loader.termination_dataset,
                                  oversample=loader.oversample_small_datasets, shuffle=bool(kw.get("shuffle", False)),
-                                 drop_last=bool(kw.get("drop_last", False)))
+                                 drop_last=bool(kw.get("drop_last", False)), never_ending=loader.never_ending)
     if isinstance(loader, DataLoader) and loader.batch_size is not None and loader.num_workers == 0:
         if type(loader.sampler) is RandomSampler and not loader.sampler.replacement \
                 and loader.sampler.generator is None and loader.sampler._num_samples is None:
@@ -479,6 +495,19 @@ def tensor_batches_class(cls: type) -> type:
             # plugins run inside: Replay has replaced the loader by its ReplayDataLoader
             if not isinstance(self.dataloader, TensorBatchLoader):
                 self._tensor_loader()
+
+        def _after_training_exp(self, **kwargs):
+            super()._after_training_exp(**kwargs)
+            # plugins run inside: A-GEM has rebuilt its memory loader (never ending, one group per memory),
+            # whose iterator has drawn nothing yet (a generator), so the swap leaves the random stream as it was
+            if self.tensor_batches:
+                from avalanche.training.plugins import AGEMPlugin
+
+                for plugin in self.plugins:
+                    if isinstance(plugin, AGEMPlugin) and not isinstance(plugin.buffer_dataloader, TensorBatchLoader):
+                        converted = convert_loader(plugin.buffer_dataloader)
+                        if converted is not None:
+                            plugin.buffer_dataloader, plugin.buffer_dliter = converted, iter(converted)
 
     TensorBatches.__name__ = TensorBatches.__qualname__ = f"TensorBatches{cls.__name__}"
     return TensorBatches

@@ -7,16 +7,43 @@ Avalanche's ``AGEMPlugin`` reads g . g_ref back to the host (``if dotg < 0``) ev
 stops the host from queueing the next kernels. Written as one expression, the coefficient is
 where(g . g_ref < 0, g . g_ref / g_ref . g_ref, 0): the same gradient, to the bit (a coefficient of exactly 0
 leaves g as it is; ``where`` keeps the 0/0 of an all-zero reference gradient out), with one more pass writing
-the gradients back when the constraint holds. Memory, its sampling and the reference gradient stay Avalanche's.
+the gradients back when the constraint holds. Memory, its sampling and the reference gradient stay Avalanche's,
+but for the forward of a memory batch on a multi-head network: Avalanche's ``MultiTaskModule.forward`` reads
+the batch's task labels back (``torch.unique``) every step; when the memory loader is the runner's tensor
+loader (``modnet.runner.tensor_batches``), it has read them on the host as it drew the batch, and the network's
+``forward_tasks`` takes them (``MultiHeadNet.forward`` is ``forward_tasks`` over the sorted labels: the same
+logits to the bit).
 """
 from __future__ import annotations
 
 import torch
+from avalanche.models import avalanche_forward
 from avalanche.training.plugins import AGEMPlugin
 
 
 class SyncFreeAGEMPlugin(AGEMPlugin):
-    """Avalanche's ``AGEMPlugin`` whose ``after_backward`` projects without reading the dot product."""
+    """Avalanche's ``AGEMPlugin`` whose ``after_backward`` projects without reading the dot product, and whose
+    reference gradient takes a memory batch's task labels from the loader when it knows them."""
+
+    def before_training_iteration(self, strategy, **kwargs):
+        """Avalanche's reference gradient g_ref on a memory batch (its code, but for the forward)."""
+        if len(self.buffers) == 0:
+            return
+        strategy.model.train()
+        strategy.optimizer.zero_grad()
+        mb = self.sample_from_memory()
+        xref, yref, tid = mb[0].to(strategy.device), mb[1].to(strategy.device), mb[-1]
+        # the task labels of the batch just drawn, read on the host by the tensor loader (None: Avalanche's)
+        tasks = getattr(self.buffer_dataloader, "batch_tasks", None)
+        forward_tasks = getattr(strategy.model, "forward_tasks", None)  # a multi-head network, not wrapped
+        out = forward_tasks(xref, tid.to(strategy.device), tasks) if tasks and forward_tasks is not None else \
+            avalanche_forward(strategy.model, xref, tid)
+        strategy._criterion(out, yref).backward()
+        # gradient can be None for some head on multi-headed models
+        self.reference_gradients = torch.cat([p.grad.view(-1) if p.grad is not None else
+                                              torch.zeros(p.numel(), device=strategy.device)
+                                              for p in strategy.model.parameters()])
+        strategy.optimizer.zero_grad()
 
     @torch.no_grad()
     def after_backward(self, strategy, **kwargs):
