@@ -1,6 +1,7 @@
 """What modnet's training step costs with no framework around it, against a plain PyTorch step (issue 15).
 
     OMP_NUM_THREADS=1 python scripts/step_floor_probe.py [--rounds 6] [--compile] [--without PART ...]
+                                                         [--loop "modnet (HAT only)"]
 
 Builds the bench's Split-MNIST MLP (784-400-400, batch 128, 8192 synthetic samples, ``modnet.jobs.bench``) as
 ``modnet bench`` does, trains one epoch of modnet's default through Avalanche, then times, one epoch each in
@@ -11,7 +12,9 @@ plugin calls) and the bench's plain loop. Prints the median per-round ratio: the
 which no change to the runner can go under.
 
 ``--without``: drop parts of the step (``replace``: the row replacement; ``heads``: the transform heads' loss;
-``clip``; ``clamp``), e.g. all four for HAT + gates alone. ``--compile``: the forward and the loss through
+``clip``; ``clamp``), e.g. all four for HAT + gates alone. ``--loop``: the network of one of the bench's modnet
+loops (``LOOPS``, the networks of ``modnet.jobs.bench.RATIO_LOOPS``; default "modnet"); one without transform
+heads has no replacement and no heads' loss. ``--compile``: the forward and the loss through
 ``torch.compile`` (inductor, static shapes, HAT's slope s as a 0-d tensor so that it compiles once); its
 compile seconds are printed (the first epoch). A probe: it reaches into the strategy's training condition.
 """
@@ -23,6 +26,8 @@ import statistics
 import time
 
 PARTS = ("replace", "heads", "clip", "clamp")
+# the bench's modnet loops whose step this loop writes out (the sync regulariser's loss is a plugin's: not here)
+LOOPS = ("modnet", "modnet (no transform heads)", "modnet (HAT + gates)", "modnet (HAT only)")
 
 
 def main(argv=None) -> None:
@@ -30,6 +35,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--without", nargs="*", default=[], choices=PARTS)
+    parser.add_argument("--loop", default="modnet", choices=LOOPS)
     args = parser.parse_args(argv)
 
     from modnet.runner.cpu import prepare_cpu
@@ -49,7 +55,8 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     x, y = bench._data("mlp", n, 10, dev, options=opts)
     plain, plain_opt, xp = bench._plain_setup("mlp", x, opts, dev, False)
-    strategy, exp, _ = bench._build_avalanche("modnet", "mlp", x, y, batch, 1, dev, opts)
+    _, overrides = bench.RATIO_LOOPS[args.loop]
+    strategy, exp, _ = bench._build_avalanche("modnet", "mlp", x, y, batch, 1, dev, opts, overrides=overrides)
 
     kept = {}
 
@@ -70,11 +77,11 @@ def main(argv=None) -> None:
 
     def loss_of(xb, yb, s):
         cond.s, cond.trace = s, ForwardTrace()
-        xr = xb if "replace" in args.without else ood.replace_rows(xb)
+        xr = xb if "replace" in args.without or ood is None else ood.replace_rows(xb)
         out = model(xr, task, condition=cond)
-        rows = ood.identity_rows
+        rows = slice(None) if ood is None else ood.identity_rows
         loss = F.cross_entropy(out[rows], yb[rows]) + cond.trace.capacity
-        if "heads" in args.without:
+        if "heads" in args.without or ood is None:
             return loss
         trace = cond.trace
         own = dataclasses.replace(cond, record=False, extra=None, trace=ForwardTrace())
@@ -132,7 +139,7 @@ def main(argv=None) -> None:
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     print(f"modnet step without a framework / plain step: {statistics.median(ratios):.3f}x "
           f"[{q[0]:.3f}, {q[2]:.3f}] (plain step {statistics.median(plain_s) / (n // batch) * 1e3:.2f} ms; "
-          f"without: {', '.join(args.without) or 'nothing'}; {'compiled' if args.compile else 'eager'})")
+          f"{args.loop}, without: {', '.join(args.without) or 'nothing'}; {'compiled' if args.compile else 'eager'})")
 
 
 if __name__ == "__main__":

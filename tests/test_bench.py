@@ -41,6 +41,25 @@ def test_the_second_task_loop_times_a_task_after_a_consolidated_one():
     assert torch.equal(x1.sort().values, x[0].sort().values) and not torch.equal(x1, x[0])
 
 
+def test_the_timed_epochs_train_the_gate():
+    """A run trains its gate in all but its last ``modules.settle_epochs`` epochs; the bench's experiences are one
+    epoch long, which the default settle epoch would make a settle epoch (no gate gradient, a cheaper step): the
+    bench times gate-training epochs, its gate moved by every one of them (before stop 41 it did not move)."""
+    import torch
+
+    from modnet.jobs.bench import _build_avalanche, _data
+
+    opts = {"threads": 1, "mlp_shapes": {"mlp": {"in_dim": 64, "hidden": 32, "n_layers": 2}}}
+    x, y = _data("mlp", 256, 10, torch.device("cpu"), options=opts)
+    strategy, exp, _ = _build_avalanche("modnet", "mlp", x, y, 64, 1, torch.device("cpu"), opts)
+    for epoch in range(2):  # the bench's warm-up epoch, then a timed one: the same experience trained again
+        strategy.train(exp)
+        if epoch == 0:
+            gate = strategy.model.gate.task_gate(0)
+            before = [p.detach().clone() for p in gate.parameters()]
+    assert any(not torch.equal(b, p) for b, p in zip(before, gate.parameters()))
+
+
 @pytest.mark.slow  # ratio rounds of ten loops and SynC: ~25 s (in this process; the spawned path is tested above)
 def test_bench_writes_ratios_that_agree_with_its_throughputs(tmp_path):
     rc = main(["bench", "archs=[mlp]", "samples.mlp=512", "epochs=2", "sync_sizes=[200,400]", "niwt=false", "repeats=1",

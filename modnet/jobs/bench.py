@@ -163,6 +163,11 @@ def _build_avalanche(kind, arch, x, y, batch, epochs, device, options, overrides
 
     cfg = _cfg(arch, {**options, "overrides": list(options.get("overrides", [])) + list(overrides)})
     cfg.train.epochs, cfg.train.batch_size, cfg.train.eval_batch_size = epochs, batch, batch
+    # Every timed experience is one epoch, which modules.settle_epochs (1) would make a settle epoch, whose gate
+    # takes no gradient: the step of the last epoch of a run's train.epochs (20), not of the others. The bench
+    # times the others' (until stop 41 it timed the settle step eagerly, and the gate-training step compiled,
+    # which always computes the gate's gradients: the compiled loop was charged for work the eager one skipped).
+    cfg.modules.settle_epochs = 0
     # the same speed options as the plain loop (bf16 autocast on CUDA, channels_last on images)
     cfg.train.amp = bool(options.get("amp", False) and device.type == "cuda")
     cfg.train.channels_last = bool(options.get("channels_last", False) and x.dim() == 4)
