@@ -25,7 +25,7 @@ What is checked (where the config has the key):
   (``scenarios.sources.check_zsl_npz``: one attribute row per class with samples, unseen classes absent from
   training and present in the test set, integer labels, equal feature widths);
 * ``ratio_clock`` in ``bench``: auto, wall or thread_cpu, the last only with ``threads=1`` on the CPU;
-  ``lockstep_steps`` a positive integer.
+  ``lockstep_steps`` a positive integer; ``loops``: null or distinct names of the bench's loops.
 """
 from __future__ import annotations
 
@@ -52,6 +52,10 @@ POSITIVE_OR_NULL = {"gzsl": ("threads", "large_train.threads", "clswgan.threads"
 
 
 RATIO_CLOCKS = ("auto", "wall", "thread_cpu")
+# the names of modnet.jobs.bench.RATIO_LOOPS, the bench's ``loops`` choices
+BENCH_LOOPS = ("plain", "naive", "naive (Avalanche loader)", "modnet (Avalanche loader)", "modnet (HAT only)",
+               "modnet (HAT + gates)", "modnet (no transform heads)", "modnet", "modnet (second task)",
+               "modnet + sync regulariser", "plain (modnet's rows)", "modnet (compiled)", "plain (compiled)")
 
 
 def _check_ratio_clock(cfg: DictConfig) -> None:
@@ -64,6 +68,13 @@ def _check_ratio_clock(cfg: DictConfig) -> None:
     if clock == "thread_cpu" and (cfg.get("threads") != 1 or cfg.get("device") == "cuda"):
         raise ConfigError("config ratio_clock=thread_cpu times one thread's CPU: it needs threads=1 on the CPU "
                           "(device=cpu); use ratio_clock=wall, or auto")
+    loops = cfg.get("loops")
+    if loops is not None:
+        names = list(loops) if isinstance(loops, (list, ListConfig)) else None
+        if not names or len(set(names)) != len(names) or any(n not in BENCH_LOOPS for n in names):
+            raise ConfigError(f"config loops={loops!r} must be null (every loop) or a list of distinct loop names "
+                              f"among: {', '.join(BENCH_LOOPS)} (quote names with spaces: "
+                              f"'loops=[plain,modnet,\"modnet (HAT only)\"]')")
 
 
 def transform_copies(copies, rows: float, heads_for_inference: bool) -> str:

@@ -41,6 +41,28 @@ def test_the_second_task_loop_times_a_task_after_a_consolidated_one():
     assert torch.equal(x1.sort().values, x[0].sort().values) and not torch.equal(x1, x[0])
 
 
+def test_loops_keeps_only_the_named_loops_that_apply():
+    """``loops`` narrows the ratio run to the named loops (a GPU run leaves the slow Avalanche-loader loops
+    out); a named loop that does not apply (a compiled one without ``compile``) stays out; a bad name is one line
+    before any import."""
+    from modnet.jobs.bench import ratio_loops
+    from modnet.validate import validate
+
+    kinds = ("plain", "naive", "modnet")
+    every = ratio_loops(kinds, {"compile": True})
+    assert {"naive (Avalanche loader)", "modnet (compiled)", "modnet (second task)"} <= set(every)
+    chosen = ["plain", "modnet", "modnet (HAT only)", "modnet (compiled)"]
+    assert list(ratio_loops(kinds, {"compile": True, "loops": chosen})) == \
+        [k for k in every if k in chosen]  # RATIO_LOOPS' order
+    assert set(ratio_loops(kinds, {"compile": False, "loops": chosen})) == {"plain", "modnet", "modnet (HAT only)"}
+    from modnet.config import ConfigError, compose
+
+    for bad in ("[plain,nope]", "[plain,plain]", "[]", "plain"):
+        with pytest.raises(ConfigError, match="loops="):
+            validate("bench", compose("bench", [f"loops={bad}"]))
+    validate("bench", compose("bench", ['loops=[plain,"modnet (HAT only)"]']))
+
+
 def test_the_timed_epochs_train_the_gate():
     """A run trains its gate in all but its last ``modules.settle_epochs`` epochs; the bench's experiences are one
     epoch long, which the default settle epoch would make a settle epoch (no gate gradient, a cheaper step): the

@@ -109,6 +109,9 @@ def test_choice_copies_match_their_modules():
 
     assert (validate.SCENARIOS, validate.ARCHS, validate.LOGGERS) == (SCENARIOS, ARCHS, LOGGERS)
     assert (validate.TRANSFORM_ROWS, validate.TRANSFORM_COPIES) == (TRANSFORM_ROWS, TRANSFORM_COPIES)
+    from modnet.jobs.bench import RATIO_LOOPS
+
+    assert validate.BENCH_LOOPS == tuple(RATIO_LOOPS)
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])

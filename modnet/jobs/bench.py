@@ -462,12 +462,15 @@ def _in_process(fn, *args, isolate: bool = True):
 def ratio_loops(kinds, options: dict) -> dict:
     """The loops of ``RATIO_LOOPS`` the ratio run times for the strategies ``kinds``: those of the kinds, the
     plain loop on modnet's rows (beside plain and modnet), modnet on a second task (beside modnet, unless
-    ``options["second_task"]`` is False) and the compiled loops (``options["compile"]``)."""
+    ``options["second_task"]`` is False) and the compiled loops (``options["compile"]``); of those, only the
+    ones named in ``options["loops"]`` when it is given (a GPU run leaving out the slow ones)."""
     beside = {"plain", "modnet"} <= set(kinds)  # the loops that only make sense beside plain and modnet
+    chosen = options.get("loops")
     return {k: v for k, v in RATIO_LOOPS.items()
             if (v[0] in kinds or (v[0] in ("plain_rows", "plain_compiled") and beside)
                 or (v[0] == "modnet_second_task" and "modnet" in kinds and options.get("second_task", True)))
-            and (k not in COMPILED_LOOPS or options.get("compile", False))}
+            and (k not in COMPILED_LOOPS or options.get("compile", False))
+            and (chosen is None or k in chosen)}
 
 
 def bench_training(arch: str, n: int, batch: int, epochs: int, device: str, options: dict,
@@ -745,6 +748,7 @@ def run_bench(cfg) -> dict:
     opts = {"lockstep_steps": steps_per_turn, "threads": cfg.threads, "amp": cfg.amp,
             "channels_last": res["channels_last"], "compile": cfg.compile,
             "second_task": cfg.get("second_task", True),
+            "loops": None if cfg.get("loops") is None else list(cfg.loops),
             "ratio_clock": clock, "sync_reg": cfg.sync_reg, "image_shape": list(cfg.image_shape),
             "mlp_shapes": {a: dict(cfg[a]) for a in MLP_ARCHS if a in cfg}, "resnet_width": cfg.resnet_width}
     known = set(MLP_ARCHS) | {"cnn", "resnet18"}
