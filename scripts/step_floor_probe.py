@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     embeddings = [layer.task_embedding.weight for layer in model.masked]
     clipgrad, thres_emb, smax = 10000.0, 6.0, model.smax
 
-    def loss_of(xb, yb, s):
+    def loss_of(xb, yb, s, y_local):
         cond.s, cond.trace = s, ForwardTrace()
         xr = xb if "replace" in args.without or ood is None else ood.replace_rows(xb)
         out = model(xr, task, condition=cond)
@@ -85,7 +85,7 @@ def main(argv=None) -> None:
             return loss
         trace = cond.trace
         own = dataclasses.replace(cond, record=False, extra=None, trace=ForwardTrace())
-        return loss + ood.loss(model, xr, model.local_labels(task, yb), task, own, feature=trace.feature,
+        return loss + ood.loss(model, xr, y_local, task, own, feature=trace.feature,
                                copy_features=trace.extra_feature)
 
     loss_fn = loss_of
@@ -102,7 +102,8 @@ def main(argv=None) -> None:
 
     def modnet_step(i: int) -> None:
         idx = perm[i:i + batch]
-        loss = loss_fn(x[idx], y[idx], slope(i))
+        yb = y[idx]  # the heads' labels outside: their lookup table's cache breaks a compiled graph
+        loss = loss_fn(x[idx], yb, slope(i), model.local_labels(task, yb))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if "clip" not in args.without:
