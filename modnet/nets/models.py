@@ -671,6 +671,19 @@ class SingleHeadNet(nn.Module):
         return self.classifier(self.backbone(x))
 
 
+def forward_known_tasks(model: nn.Module, x: Tensor, task_labels: Tensor, tasks: Sequence[int] | None) -> Tensor:
+    """``model``'s output for ``x`` with per-row ``task_labels``, as Avalanche's ``avalanche_forward`` gives it:
+    a multi-head network's ``forward_tasks`` when ``tasks``, the labels the batch holds, were read on the host
+    (a replay buffer's or a memory loader's host copy; no ``torch.unique`` of the labels on the device), else
+    Avalanche's forward. Not through a wrapper (DDP): a wrapped model has no ``forward_tasks``."""
+    forward_tasks = getattr(model, "forward_tasks", None)
+    if tasks and forward_tasks is not None:
+        return forward_tasks(x, task_labels.to(x.device), tasks)
+    from avalanche.models import avalanche_forward
+
+    return avalanche_forward(model, x, task_labels)
+
+
 class MultiHeadNet(MultiTaskModule):
     """Backbone + one head per task: the baselines' task-incremental model (Avalanche's
     ``MultiHeadClassifier`` grows a head for each new task label and its adaptation keeps which units of a

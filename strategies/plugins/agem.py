@@ -17,8 +17,16 @@ logits to the bit).
 from __future__ import annotations
 
 import torch
-from avalanche.models import avalanche_forward
 from avalanche.training.plugins import AGEMPlugin
+
+from modnet.nets.models import forward_known_tasks
+
+
+def _flat_gradients(params, device) -> torch.Tensor:
+    """Every parameter's gradient as one vector, in ``named_parameters``' order as Avalanche's; zeros for a
+    parameter without one (a head of another task on a multi-head model)."""
+    return torch.cat([p.grad.view(-1) if p.grad is not None else torch.zeros(p.numel(), device=device)
+                      for p in params])
 
 
 class SyncFreeAGEMPlugin(AGEMPlugin):
@@ -34,24 +42,17 @@ class SyncFreeAGEMPlugin(AGEMPlugin):
         mb = self.sample_from_memory()
         xref, yref, tid = mb[0].to(strategy.device), mb[1].to(strategy.device), mb[-1]
         # the task labels of the batch just drawn, read on the host by the tensor loader (None: Avalanche's)
-        tasks = getattr(self.buffer_dataloader, "batch_tasks", None)
-        forward_tasks = getattr(strategy.model, "forward_tasks", None)  # a multi-head network, not wrapped
-        out = forward_tasks(xref, tid.to(strategy.device), tasks) if tasks and forward_tasks is not None else \
-            avalanche_forward(strategy.model, xref, tid)
+        out = forward_known_tasks(strategy.model, xref, tid, getattr(self.buffer_dataloader, "batch_tasks", None))
         strategy._criterion(out, yref).backward()
-        # gradient can be None for some head on multi-headed models
-        self.reference_gradients = torch.cat([p.grad.view(-1) if p.grad is not None else
-                                              torch.zeros(p.numel(), device=strategy.device)
-                                              for p in strategy.model.parameters()])
+        self.reference_gradients = _flat_gradients(list(strategy.model.parameters()), strategy.device)
         strategy.optimizer.zero_grad()
 
     @torch.no_grad()
     def after_backward(self, strategy, **kwargs):
         if len(self.buffers) == 0:
             return
-        params = list(strategy.model.parameters())  # named_parameters' order, as Avalanche's
-        current = torch.cat([p.grad.view(-1) if p.grad is not None else
-                             torch.zeros(p.numel(), device=strategy.device) for p in params])
+        params = list(strategy.model.parameters())
+        current = _flat_gradients(params, strategy.device)
         if current.shape != self.reference_gradients.shape:
             raise RuntimeError("Different model parameters in AGEM projection")
         ref = self.reference_gradients

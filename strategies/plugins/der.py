@@ -21,9 +21,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 from avalanche.core import SupervisedPlugin
-from avalanche.models.utils import avalanche_forward
 from torch import Tensor
 from torch.nn import functional as F
+
+from modnet.nets.models import forward_known_tasks
 
 
 class ReservoirBuffer:
@@ -135,11 +136,7 @@ class DarkExperienceReplay(SupervisedPlugin):
         labels: a multi-head network's ``forward_tasks`` given the labels from the buffer's host copy (no read
         of them from the device), else Avalanche's forward."""
         x, y, t, z = self.buffer.rows(slots)
-        tasks = self.buffer.tasks_of(slots)
-        forward_tasks = getattr(strategy.model, "forward_tasks", None)  # a multi-head network, not wrapped
-        out = forward_tasks(x, t, tasks) if tasks is not None and forward_tasks is not None else \
-            avalanche_forward(strategy.model, x, t)
-        return out, y, z
+        return forward_known_tasks(strategy.model, x, t, self.buffer.tasks_of(slots)), y, z
 
     def before_backward(self, strategy, **kwargs):
         if len(self.buffer) == 0:
