@@ -1,5 +1,6 @@
-"""``train.compile``: the modular network's training pass through ``torch.compile``
-(``modnet.nets.models.compiled_masked_pass``: masks, gates, HAT's compensation and the layers).
+"""``train.compile``: the modular network's training step through ``torch.compile``
+(``strategies.template.compiled_training_loss``: masks, gates, HAT's compensation, the layers, the criterion and
+the plugins' loss terms: HAT's capacity regulariser, the transform heads' loss).
 
 The reference is the eager run of the same config. With the ``aot_eager`` backend (dynamo's capture and AOT
 autograd's forward and backward graphs, each op then run as eager runs it) or ``eager`` (the capture alone)
@@ -18,7 +19,7 @@ RUN = ["progress=false", "threads=1", "model.hidden=32", "model.cnn_channels=[4,
        "modules.profile_samples=64", "train.batch_size=32"]
 
 
-def _train(compile_option, epochs: int = 1, n_experiences: int = 2, arch: str = "mlp"):
+def _train(compile_option, epochs: int = 1, n_experiences: int = 2, arch: str = "mlp", scenario: str = "task"):
     """A modnet (HAT masks, SynC modules, gates; on the MLP the transform heads too: the defaults) trained on
     planted data: 2 classes per experience, 150 samples each (64 features, or the same as 1 x 8 x 8 images for the
     CNN), batches of 32 (a last batch of 22)."""
@@ -30,7 +31,7 @@ def _train(compile_option, epochs: int = 1, n_experiences: int = 2, arch: str = 
     if arch == "cnn":
         x = x.view(-1, 1, 8, 8)
     cfg = compose("cl", [*RUN, f"model.arch={arch}", f"train.epochs={epochs}", f"train.compile={compile_option}"])
-    info = split_benchmark("planted", x, y, x, y, n_experiences, "task", 0)
+    info = split_benchmark("planted", x, y, x, y, n_experiences, scenario, 0)
     torch.manual_seed(0)
     strategy = make_strategy("modnet", cfg, info, torch.device("cpu"), EvaluationPlugin(loggers=[]))
     for exp in info.benchmark.train_stream:
@@ -38,21 +39,45 @@ def _train(compile_option, epochs: int = 1, n_experiences: int = 2, arch: str = 
     return strategy.model, int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
-@pytest.mark.parametrize("arch,backend", [("mlp", "aot_eager"), ("cnn", "eager")])
-def test_the_traced_training_is_the_eager_training_and_compiles_per_task_not_per_step(arch, backend):
-    """MLP: through AOT autograd's graphs. CNN: dynamo's capture only (its dynamic graph takes ~12 s through AOT
-    autograd), where it pools by strided slices (``modnet.nets.models.max_pool2``) and still trains as eager."""
+@pytest.mark.parametrize("arch,backend,scenario", [("mlp", "aot_eager", "task"), ("mlp", "aot_eager", "class"),
+                                                   ("cnn", "eager", "task")])
+def test_the_traced_training_is_the_eager_training_and_compiles_per_task_not_per_step(arch, backend, scenario):
+    """MLP: through AOT autograd's graphs, task- and class-incremental (the transform heads' replaced rows: the
+    criterion reads the identity rows). CNN: dynamo's capture only (its dynamic graph takes ~12 s through AOT
+    autograd), where it pools by strided slices (``modnet.nets.models.max_pool2``) and still trains as eager.
+    Bit for bit: a loss term added twice (in the graph and by its plugin's callback) or left out would show."""
     tasks = 2 if arch == "mlp" else 1
-    eager, graphs = _train("false", arch=arch, n_experiences=tasks)
+    eager, graphs = _train("false", arch=arch, n_experiences=tasks, scenario=scenario)
     assert graphs == 0
-    compiled, graphs_1 = _train(backend, arch=arch, n_experiences=tasks)
+    compiled, graphs_1 = _train(backend, arch=arch, n_experiences=tasks, scenario=scenario)
     for (name, p), q in zip(eager.state_dict().items(), compiled.state_dict().values()):
         assert torch.equal(p, q), name
     # one graph per task (its rows and gate are picked by its index), whatever the batch size (the last batch,
     # the transform heads' copies) and the annealed slope s
     assert graphs_1 == tasks
     if arch == "mlp":  # three times the steps, the same two graphs (counted by dynamo: its capture suffices)
-        assert _train("eager", epochs=3, arch=arch)[1] == tasks
+        assert _train("eager", epochs=3, arch=arch, scenario=scenario)[1] == tasks
+
+
+def test_the_compiled_graph_holds_the_step_s_losses_not_the_masked_pass_alone():
+    """What the compiled graph computes, read from the graph dynamo hands its backend: the masks and gates (their
+    autograd function), the layers, the classification criterion and the transform heads' cross-entropy, one graph per task; the eager
+    ops left per step are the optimiser's and the plugins' updates."""
+    from torch._dynamo import register_backend
+
+    graphs = []
+
+    @register_backend(name="record_graph_test")
+    def record_graph_test(gm, example_inputs):
+        graphs.append([getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes
+                       if n.op == "call_function"])
+        return gm.forward
+
+    _, n = _train("record_graph_test", n_experiences=1, scenario="class")
+    assert n == 1 and len(graphs) == 1
+    ops = graphs[0]
+    assert ops.count("cross_entropy") == 2, ops  # the criterion and the transform heads' loss
+    assert "autograd_function_apply" in ops and "linear" in ops, ops
 
 
 @pytest.mark.slow  # inductor builds its C++ kernels: ~30 s with a cold cache

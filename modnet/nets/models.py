@@ -350,7 +350,9 @@ class HATNet(MultiHeadTaskNet):
         gates, HAT's compensation and the layers, forward and backward, are then one compiled graph."""
         condition = Condition() if condition is None else condition
         record = condition.record if record is None else record
-        if condition.compiled is not None and self.training and torch.is_grad_enabled():
+        # (inside a compiled training loss, strategies.template.compiled_training_loss, it is part of that graph)
+        if (condition.compiled is not None and self.training and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
             return compiled_masked_pass(condition.compiled)(self, x, task, condition, record)
         return _masked_pass(self, x, task, condition, record)
 

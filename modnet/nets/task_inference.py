@@ -250,6 +250,8 @@ class TaskOOD(nn.Module):
     def _row_offsets(self, b: int, task_n: int, device) -> Tensor:
         """task_n * (i mod K) for the rows i < b of a ``replace_rows`` batch: made once per batch size and task
         width (a training run sees two batch sizes), kept beside the module, not in its state."""
+        if torch.compiler.is_compiling():  # a compiled loss computes them in its graph (a cache would guard on b)
+            return (torch.arange(b, device=device) % self.n_transforms) * task_n
         key = (b, task_n, device)
         out = self._offsets.get(key)
         if out is None:

@@ -5,7 +5,8 @@ adds what HAT needs around it (Serra et al. 2018, MISSION.md 1.1):
   before_training_exp    the strategy's condition: the task whose embeddings train, HAT's training settings
   before_training_epoch  count the batches for the s schedule
   before_forward         s annealed from 1/smax to smax over the epoch's batches (in the condition)
-  before_backward        + c * capacity regulariser (recorded by the forward in the condition's trace)
+  before_backward        + c * capacity regulariser (recorded by the forward in the condition's trace; its
+                         ``loss_term``, which the template computes with the forward under train.compile)
   before_update          gradient conditioning of protected weights, clipping (the embedding compensation
                          happens in the masks' backward, modnet.nets.hat.CompensatedMasks)
   after_update           clamp embeddings to +-thres_emb
@@ -16,15 +17,13 @@ its parameters (clamp) and the cumulative-mask buffers it registered (``consolid
 from __future__ import annotations
 
 import torch
-from avalanche.core import SupervisedPlugin
-
 from modnet.nets.hat import (annealed_s, capacity_regulariser, clip_grad_norm, flush_subnormals, free_capacity,
                              weight_protection)
 from modnet.nets.models import HATNet, HATTraining
-from strategies.template import train_condition
+from strategies.template import ForwardLossTerm, train_condition
 
 
-class HATPlugin(SupervisedPlugin):
+class HATPlugin(ForwardLossTerm):
     def __init__(self, smax: float = 400.0, c: float = 0.75, thres_cosh: float = 50.0, thres_emb: float = 6.0,
                  clipgrad: float = 10000.0):
         super().__init__()
@@ -76,13 +75,11 @@ class HATPlugin(SupervisedPlugin):
             train_condition(strategy).s = annealed_s(self._batch, self._n_batches, self.smax)
             self._batch += 1
 
-    def before_backward(self, strategy, **kw):
-        condition = train_condition(strategy)
+    def loss_term(self, model, x, y, condition):
         reg = condition.trace.capacity  # c * R, from the training forward
         if reg is None:  # no training forward went through the masks: compute it now
-            model = self._model(strategy)
             reg = self.c * capacity_regulariser(model.masks(self.task, condition.s), model.cumulative_masks())
-        strategy.loss = strategy.loss + reg
+        return reg
 
     def before_update(self, strategy, **kw):
         if self.task > 0:

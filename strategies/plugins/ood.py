@@ -8,9 +8,10 @@ before_forward      the transformed copies the loss needs go into the training f
                     ``copies=replace``: the batch's row i becomes T_{i mod K}(x_i) (``strategy.mbatch``) and
                     the classification loss reads the identity rows only (``strategy.classification_rows``)
 after_update        replace: the step's batch and logits cut to those rows, for the training metrics after it
-before_backward     + weight * CE(h_t(f_t(T_k x)), y + n_t k) over the batch and its K - 1 transformed copies,
-                    through task t's masked sub-network (HAT's training masks at the step's s, so HAT's
-                    gradient conditioning protects earlier tasks' units from this loss as from the task's own)
+before_backward     + weight * CE(h_t(f_t(T_k x)), y + n_t k) over the batch and its K - 1 transformed copies
+                    (``loss_term``; under train.compile computed with the forward, in its graph), through task
+                    t's masked sub-network (HAT's training masks at the step's s, so HAT's gradient
+                    conditioning protects earlier tasks' units from this loss as from the task's own)
 after_training_exp  mean and std of the task's ensembled score on its own training data (two floats per task;
                     no sample is kept)
 """
@@ -19,14 +20,13 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from avalanche.core import SupervisedPlugin
 
 from modnet.nets.models import ForwardTrace
 from modnet.runner.tensor_batches import dataset_batches
-from strategies.template import train_condition
+from strategies.template import ForwardLossTerm, train_condition
 
 
-class TaskOODPlugin(SupervisedPlugin):
+class TaskOODPlugin(ForwardLossTerm):
     def __init__(self, weight: float = 1.0, batch_size: int = 512):
         super().__init__()
         self.weight, self.batch_size = weight, batch_size
@@ -38,7 +38,11 @@ class TaskOODPlugin(SupervisedPlugin):
 
     # training forwards only (evaluation calls before_eval_forward / after_eval_forward)
     def before_forward(self, strategy, **kw):
-        ood = strategy.model.task_ood
+        model = strategy.model
+        ood = model.task_ood
+        # each global label's position in the task's head, looked up here: its table's cache (a data pointer)
+        # would break a compiled loss's graph
+        self._y_local = model.local_labels(train_condition(strategy).task, strategy.mb_y)
         if ood.copies == "replace":
             strategy.mbatch[0] = ood.replace_rows(strategy.mbatch[0])
             strategy.classification_rows = ood.identity_rows
@@ -57,23 +61,19 @@ class TaskOODPlugin(SupervisedPlugin):
             strategy.mbatch = [t[rows] for t in strategy.mbatch]
             strategy.mb_output = strategy.mb_output[rows]
 
-    def before_backward(self, strategy, **kw):
-        model = strategy.model
-        condition = train_condition(strategy)
+    def loss_term(self, model, x, y, condition):
         task = condition.task
-        y = model.local_labels(task, strategy.mb_y)  # position of each global label in the task's head
         # the main forward's heads' input, where it is this batch's on this task: its untransformed rows are
         # the transform heads' identity rows (the same masks, gates and slope s)
         trace = condition.trace
         feature = trace.feature if (trace.feature_task == task and trace.feature is not None
-                                    and trace.feature.shape[0] == strategy.mb_x.shape[0]) else None
+                                    and trace.feature.shape[0] == x.shape[0]) else None
         # the copies' heads' input from the same pass (before_forward), else a forward of their own
         copy_features = trace.extra_feature if feature is not None else None
         # own trace: HAT's plugin has read this step's capacity regulariser from the main forward
         cond = dataclasses.replace(condition, record=False, extra=None, trace=ForwardTrace())
-        loss = model.task_ood.loss(model, strategy.mb_x, y, task, cond, feature=feature,
-                                   copy_features=copy_features)
-        strategy.loss = strategy.loss + self.weight * loss
+        return self.weight * model.task_ood.loss(model, x, self._y_local, task, cond, feature=feature,
+                                                 copy_features=copy_features)
 
     @torch.no_grad()
     def after_training_exp(self, strategy, **kw):
