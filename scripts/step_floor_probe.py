@@ -1,7 +1,7 @@
 """What modnet's training step costs with no framework around it, against a plain PyTorch step (issue 15).
 
     OMP_NUM_THREADS=1 python scripts/step_floor_probe.py [--rounds 6] [--compile] [--without PART ...]
-                                                         [--loop "modnet (HAT only)"]
+                                                         [--loop "modnet (HAT only)"] [--count]
 
 Builds the bench's Split-MNIST MLP (784-400-400, batch 128, 8192 synthetic samples, ``modnet.jobs.bench``) as
 ``modnet bench`` does, trains one epoch of modnet's default through Avalanche, then times, one epoch each in
@@ -16,7 +16,8 @@ which no change to the runner can go under.
 loops (``LOOPS``, the networks of ``modnet.jobs.bench.RATIO_LOOPS``; default "modnet"); one without transform
 heads has no replacement and no heads' loss. ``--compile``: the forward and the loss through
 ``torch.compile`` (inductor, static shapes, HAT's slope s as a 0-d tensor so that it compiles once); its
-compile seconds are printed (the first epoch). A probe: it reaches into the strategy's training condition.
+compile seconds are printed (the first epoch). ``--count``: instead of timing, one step of each counted
+(``torch.utils.flop_counter``'s floating-point operations, and the aten ops dispatched). A probe: it reaches into the strategy's training condition.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def main(argv=None) -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--without", nargs="*", default=[], choices=PARTS)
     parser.add_argument("--loop", default="modnet", choices=LOOPS)
+    parser.add_argument("--count", action="store_true")
     args = parser.parse_args(argv)
 
     from modnet.runner.cpu import prepare_cpu
@@ -127,6 +129,9 @@ def main(argv=None) -> None:
             step(i)
         return time.thread_time() - t
 
+    if args.count:
+        count_one_step({"modnet": modnet_step, "plain": plain_step})
+        return
     t0 = time.perf_counter()
     epoch(modnet_step)
     print(f"first epoch (warm-up{', compile' if args.compile else ''}): {time.perf_counter() - t0:.1f} s", flush=True)
@@ -141,6 +146,27 @@ def main(argv=None) -> None:
     print(f"modnet step without a framework / plain step: {statistics.median(ratios):.3f}x "
           f"[{q[0]:.3f}, {q[2]:.3f}] (plain step {statistics.median(plain_s) / (n // batch) * 1e3:.2f} ms; "
           f"{args.loop}, without: {', '.join(args.without) or 'nothing'}; {'compiled' if args.compile else 'eager'})")
+
+
+def count_one_step(steps) -> None:
+    """One step of each, after the strategy's training epoch: its floating-point operations and the aten ops it dispatches
+    (views and in-place ops included; what the eager step pays a call for)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class CountOps(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    for name, step in steps.items():
+        with FlopCounterMode(display=False) as flops:
+            step(0)
+        with CountOps() as ops:
+            step(0)
+        print(f"{name} step: {flops.get_total_flops() / 1e9:.3f} GFLOP, {ops.n} aten ops dispatched", flush=True)
 
 
 if __name__ == "__main__":

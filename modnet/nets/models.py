@@ -513,7 +513,9 @@ _COMPILED: dict[str, object] = {}
 
 
 def compiled_masked_pass(backend: str):
-    """``_masked_pass`` through ``torch.compile(backend=backend, dynamic=True)``: one compiled function per
+    """``_masked_pass`` through ``torch.compile(backend=backend, dynamic=True)``: what ``train.compile`` compiles
+    where the step's losses are not in one graph with it (a forward through a data-parallel wrapper, whose
+    forward runs outside ``strategies.template.compiled_training_loss``). One compiled function per
     backend for every network; dynamo guards on the network's modules, the task and the condition's fields.
     Dynamic from the first graph: the batch size (a last smaller batch, the transform heads' copies) and the
     slope s (annealed every step) are symbolic, so a task compiles once; with automatic dynamic shapes its

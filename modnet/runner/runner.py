@@ -73,8 +73,10 @@ def make_strategy(name: str, cfg, info, device, evaluator, plugins: Sequence = (
 
 def compile_backend(option) -> str | None:
     """``train.compile``: false (eager), true (inductor) or a ``torch.compile`` backend's name. It compiles
-    the masked pass of the modular networks' training forwards (``modnet.nets.models.compiled_masked_pass``:
-    masks, gates, HAT's compensation, the layers); the baselines and every evaluation run eager."""
+    the modular networks' training step (``strategies.template.compiled_training_loss``: masks, gates, HAT's
+    compensation, the layers, the criterion and the plugins' loss terms; behind data-parallel training, the
+    masked pass alone, ``modnet.nets.models.compiled_masked_pass``); the baselines and every evaluation run
+    eager."""
     if option is None or option is False:
         return None
     backend = "inductor" if option is True else str(option)
