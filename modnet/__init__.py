@@ -4,7 +4,7 @@ The Python API for researchers who write their own Avalanche scripts (imported l
 --help`` and config checks stay fast):
 
     from modnet import HATMLP, HATCNN, Condition, build_modular_network, modnet_strategy
-    from modnet import HATPlugin, SyncRegPlugin, TaskKeysPlugin, ConditionedTemplate
+    from modnet import HATPlugin, SyncRegPlugin, TaskKeysPlugin, ConditionedTemplate, ForwardLossTerm
 
 ``modnet_strategy(model, optimizer, **template_args)`` is the ``modnet`` strategy (an Avalanche
 ``SupervisedTemplate`` with the HAT plugin, and the task-keys and sync plugins when the network has them).
@@ -26,6 +26,7 @@ _API = {
     "load_network": "modnet.nets.record",
     "HATPlugin": "strategies.plugins.hat", "SyncRegPlugin": "strategies.plugins.modular",
     "TaskKeysPlugin": "strategies.plugins.modular", "ConditionedTemplate": "strategies.template",
+    "ForwardLossTerm": "strategies.template",
     "modnet_strategy": "strategies.modnet",
     "NIWT": "modnet.methods.niwt", "SynC": "modnet.methods.sync",
     "run_experiences": "modnet.runner.runner", "make_strategy": "modnet.runner.runner",

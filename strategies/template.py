@@ -65,6 +65,8 @@ class ConditionedTemplate(SupervisedTemplate):
         if not (self.is_training and condition.compiled is not None):
             return self.forward_through(self.model)
         condition.trace = ForwardTrace()
+        # the criterion reads the graph's own logits: a plugin's after_forward that rewrites mb_output changes what
+        # the callbacks after it see, not this step's loss (AutocastPlugin's float cast: the graph casts too)
         terms = tuple(p for p in self.plugins if isinstance(p, ForwardLossTerm))
         out, self._fused_loss = compiled_training_loss(condition.compiled)(
             self.model, self.mb_x, self._task_argument(), condition, self.mb_y, self.classification_rows,

@@ -134,3 +134,35 @@ def test_a_compiled_cl_run_says_its_train_seconds_compare_compiled_modnet_with_e
     assert line in capsys.readouterr().out
     assert main([*common, f"output_dir={tmp_path / 'eager'}"]) == 0
     assert "torch.compile" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("backend", ["false", "aot_eager"])
+def test_a_plugin_s_forward_loss_term_is_added_once_eager_and_compiled(backend):
+    """A user's ``ForwardLossTerm``, k * sum(head bias), changes one SGD step's head bias by exactly -lr * k
+    per unit against the same step without it (its gradient is k on every bias unit, and the bias enters no
+    other term's gradient differently in one step from the same start): added once, eager (by the base class's
+    before_backward) and compiled (in the template's graph), not twice and not dropped."""
+    from strategies.template import ForwardLossTerm
+
+    k = 0.25
+
+    class BiasTerm(ForwardLossTerm):
+        def loss_term(self, model, x, y, condition):
+            return k * model.heads[condition.task].bias.sum()
+
+    def one_step(plugins):
+        torch._dynamo.reset()
+        g = torch.Generator().manual_seed(0)
+        y = torch.arange(64) % 2
+        x = torch.randn(64, 64, generator=g) + torch.nn.functional.one_hot(y, 64).float() * 3
+        cfg = compose("cl", [*RUN, "train.batch_size=64", "train.epochs=1", f"train.compile={backend}"])
+        info = split_benchmark("planted", x, y, x, y, 1, "task", 0)
+        torch.manual_seed(0)
+        strategy = make_strategy("modnet", cfg, info, torch.device("cpu"), EvaluationPlugin(loggers=[]),
+                                 plugins=plugins)
+        strategy.train(info.benchmark.train_stream[0])
+        return strategy.model.heads[0].bias.detach().clone(), float(cfg.train.lr)
+
+    without, lr = one_step([])
+    with_term, _ = one_step([BiasTerm()])
+    torch.testing.assert_close(with_term - without, torch.full_like(without, -lr * k), rtol=0, atol=1e-6)
