@@ -55,7 +55,8 @@ RATIO_CLOCKS = ("auto", "wall", "thread_cpu")
 # the names of modnet.jobs.bench.RATIO_LOOPS, the bench's ``loops`` choices
 BENCH_LOOPS = ("plain", "naive", "naive (Avalanche loader)", "modnet (Avalanche loader)", "modnet (HAT only)",
                "modnet (HAT + gates)", "modnet (no transform heads)", "modnet", "modnet (second task)",
-               "modnet + sync regulariser", "plain (modnet's rows)", "modnet (compiled)", "plain (compiled)")
+               "modnet + sync regulariser", "plain (modnet's rows)", "modnet (compiled)", "naive (compiled)",
+               "plain (compiled)")
 
 
 def _check_ratio_clock(cfg: DictConfig) -> None:

@@ -217,11 +217,13 @@ RATIO_LOOPS = {
     # the default with its training pass through torch.compile (train.compile; bench.compile adds this loop): its
     # warm-up epoch holds the compile, reported as compile seconds and the steps after which it pays back
     "modnet (compiled)": ("modnet", ("train.compile=true",)),
+    # Avalanche's Naive with its training forward through torch.compile (train.compile on a baseline)
+    "naive (compiled)": ("naive", ("train.compile=true",)),
     # the plain loop's model through torch.compile (inductor), the reference a compiled modnet meets
     "plain (compiled)": ("plain_compiled", ()),
 }
 COMPILED_LOOP, PLAIN_COMPILED_LOOP = "modnet (compiled)", "plain (compiled)"
-COMPILED_LOOPS = (COMPILED_LOOP, PLAIN_COMPILED_LOOP)
+COMPILED_LOOPS = (COMPILED_LOOP, "naive (compiled)", PLAIN_COMPILED_LOOP)
 
 
 def _plain_epoch(model, opt, x, y, batch, device, amp, rows_per_step: int | None = None, clock=time.perf_counter,

@@ -722,7 +722,7 @@ class MultiHeadNet(MultiTaskModule):
         features = self.backbone(x)
         heads = []
         for task in tasks:
-            h = self.classifier.classifiers[str(task)](features)
+            h = self.classifier.classifiers[f"{task}"](features)  # f-string: see forward_single_task
             heads.append((task, self._masked(h, features, task)))
         width = max([self.max_class_label] + [h.shape[1] for _, h in heads])
         out = features.new_zeros(x.shape[0], width, dtype=torch.get_default_dtype())
@@ -748,7 +748,9 @@ class MultiHeadNet(MultiTaskModule):
 
     def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
         features = self.backbone(x)
-        return self._masked(self.classifier.classifiers[str(task_label)](features), features, task_label).float()
+        # an f-string, not str(): under train.compile the label may be a symbolic int, which dynamo formats into
+        # the head's name (a graph per head) where str() breaks the graph
+        return self._masked(self.classifier.classifiers[f"{task_label}"](features), features, task_label).float()
 
 
 # -- ResNet-18 (CIFAR layout: 3x3 stem, no max-pool) -----------------------------------------------------

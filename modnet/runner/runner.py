@@ -62,21 +62,34 @@ def make_strategy(name: str, cfg, info, device, evaluator, plugins: Sequence = (
 
         strategy.plugins.append(ChannelsLastPlugin())
     backend = compile_backend(cfg.train.get("compile", False))
-    if backend is not None and hasattr(strategy.model, "masked_pass"):  # the modular networks (HATNet)
-        strategy.train_condition.compiled = backend
+    if backend is not None and compiles(strategy):
+        if hasattr(strategy.model, "masked_pass"):  # the modular networks (HATNet): the step's losses too
+            strategy.train_condition.compiled = backend
+        else:  # a baseline on Avalanche's forward: its training forward
+            strategy.compiled_forward = backend
         # the first step of each experience waits for its graph: said before, not mistaken for a hang
         print(f"[{name}] train.compile={backend}: each experience's first training step compiles its graph "
               "(seconds to minutes)", flush=True)
+    elif backend is not None:
+        print(f"[{name}] train.compile={backend}: not compiled (its own forward), it trains eager", flush=True)
     strategy.plugins.extend(plugins)
     return strategy
+
+
+def compiles(strategy) -> bool:
+    """Whether ``train.compile`` reaches this strategy: the modular networks' training step, or the training
+    forward of a strategy on Avalanche's forward (``modnet.runner.tensor_batches.batch_forward``); not a
+    strategy with a forward of its own (hnet's hypernetwork)."""
+    return hasattr(strategy.model, "masked_pass") or hasattr(type(strategy), "compiled_forward")
 
 
 def compile_backend(option) -> str | None:
     """``train.compile``: false (eager), true (inductor) or a ``torch.compile`` backend's name. It compiles
     the modular networks' training step (``strategies.template.compiled_training_loss``: masks, gates, HAT's
     compensation, the layers, the criterion and the plugins' loss terms; behind data-parallel training, the
-    masked pass alone, ``modnet.nets.models.compiled_masked_pass``); the baselines and every evaluation run
-    eager."""
+    masked pass alone, ``modnet.nets.models.compiled_masked_pass``) and the baselines' training forwards
+    (``modnet.runner.tensor_batches.compiled_batch_forward``; their losses eager; ``compiles``); every
+    evaluation runs eager."""
     if option is None or option is False:
         return None
     backend = "inductor" if option is True else str(option)

@@ -437,6 +437,44 @@ def pin_memory_for(device, dataset, pin_memory: bool | None = None) -> bool:
     return not (isinstance(first, torch.Tensor) and first.is_cuda)
 
 
+def batch_forward(model, x: torch.Tensor, task_labels: torch.Tensor | None, single: int | None,
+                  tasks: Sequence[int] | None) -> torch.Tensor:
+    """Avalanche's training forward (``SupervisedProblem.forward``: ``model(x)`` without ``task_labels``, else
+    ``avalanche_forward``), given the task labels the loader read on the host: a multi-task network's one head
+    when every label is ``single``, its ``forward_tasks`` when the batch's labels are ``tasks`` (no
+    ``torch.unique`` of the labels on the device)."""
+    from avalanche.models.utils import avalanche_forward, is_multi_task_module
+
+    if task_labels is None:
+        return model(x)
+    if is_multi_task_module(model):
+        if single is not None:
+            return single_task_forward(model, x, single)
+        forward_tasks = getattr(model, "forward_tasks", None)  # not through a DDP wrapper
+        if tasks and forward_tasks is not None:
+            return forward_tasks(x, task_labels, tasks)
+    return avalanche_forward(model, x, task_labels)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_batch_forward(backend: str):
+    """``batch_forward`` through ``torch.compile(backend=backend, dynamic=True)``: ``train.compile`` for the
+    baselines' training forwards (their losses and their plugins' penalties stay eager). A graph per head set
+    (the task, or the tasks a mixed batch holds), dynamic in the batch size; Avalanche growing a head or a
+    class-incremental classifier changes the network's modules, and dynamo compiles the new one."""
+    fn = _COMPILED.get(backend)
+    if fn is None:
+        import torch._dynamo
+
+        from modnet.nets.models import RECOMPILE_LIMIT
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        fn = _COMPILED[backend] = torch.compile(batch_forward, backend=backend, dynamic=True)
+    return fn
+
+
 def single_task_forward(model, x: torch.Tensor, task: int) -> torch.Tensor:
     """What Avalanche's ``MultiTaskModule.forward(x, task_labels)`` returns when every label is ``task``,
     without its per-step ``torch.unique`` (a host read), boolean masks and scatter: the task's head on the
@@ -452,7 +490,6 @@ def single_task_forward(model, x: torch.Tensor, task: int) -> torch.Tensor:
 @functools.cache
 def tensor_batches_class(cls: type) -> type:
     """A subclass of an Avalanche template's class whose data loaders slice tensors where they can."""
-    from avalanche.models.utils import is_multi_task_module
     from avalanche.training.templates.problem_type.supervised_problem import SupervisedProblem
 
     # only a strategy that keeps Avalanche's forward (Naive, EWC, LwF, GEM, ...; not one with its own)
@@ -462,17 +499,20 @@ def tensor_batches_class(cls: type) -> type:
         tensor_batches = True
 
         if avalanche_forward:
+            # train.compile's backend for the training forwards (set by the runner; None: eager)
+            compiled_forward: str | None = None
+
             def forward(self):
-                if hasattr(self.experience, "task_labels") and is_multi_task_module(self.model):
-                    task = getattr(self.dataloader, "single_task", None)
-                    if task is not None:
-                        return single_task_forward(self.model, self.mb_x, task)
-                    # a batch of several task labels the loader has read on the host (replay, cumulative)
-                    tasks = getattr(self.dataloader, "batch_tasks", None)
-                    forward_tasks = getattr(self.model, "forward_tasks", None)  # not through a DDP wrapper
-                    if tasks and forward_tasks is not None:
-                        return forward_tasks(self.mb_x, self.mb_task_id, tasks)
-                return super().forward()
+                # the task labels the loader read on the host: one for the whole batch, or the several of a
+                # batch that mixes tasks (replay, cumulative); Avalanche's forward passes task labels only
+                # where the benchmark has them
+                single = getattr(self.dataloader, "single_task", None)
+                tasks = getattr(self.dataloader, "batch_tasks", None)
+                labels = self.mb_task_id if hasattr(self.experience, "task_labels") else None
+                fn = batch_forward
+                if self.is_training and self.compiled_forward is not None:
+                    fn = compiled_batch_forward(self.compiled_forward)
+                return fn(self.model, self.mb_x, labels, single, tasks)
 
         def _tensor_loader(self):
             if self.tensor_batches:
