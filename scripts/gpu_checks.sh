@@ -4,8 +4,9 @@
 #   2. the Split-MNIST MLP loops (plain / naive / modnet) through the tensor data path;
 #   3. ResNet-18 on Split-CIFAR-100-shaped data (50,000 x 3x32x32, batch 128), bf16 autocast and channels_last:
 #      modnet vs plain and naive, samples/s, peak memory, same-process step-cost ratios.
-#   Parts 2 and 3 add "modnet (compiled)" (train.compile=true, Triton kernels): compile seconds, time saved per
-#   step and the steps after which the compile pays back. Part 3 times only the loops below (bench `loops`):
+#   Parts 2 and 3 add "modnet (compiled)" (train.compile=true, Triton kernels; its forward and losses in one
+#   graph) and "plain (compiled)": compile seconds, time saved per step and the steps after which the compile pays
+#   back; part 2 also "naive (compiled)". Part 3 times only the loops below (bench `loops`):
 #   not "modnet (second task)" (a second copy of the 50k images and an epoch of the first task) nor the
 #   Avalanche-loader loops (an epoch of per-sample fetches each, 1.8-3x a plain epoch on an H200 before); part 2
 #   times every loop, the data path's comparison among them.
