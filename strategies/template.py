@@ -18,7 +18,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 
-from modnet.nets.models import RECOMPILE_LIMIT, Condition, ForwardTrace
+from modnet.nets.models import Condition, ForwardTrace, compile_once
 
 
 class ConditionedTemplate(SupervisedTemplate):
@@ -106,23 +106,13 @@ def training_loss(model: nn.Module, x: Tensor, task, condition: Condition, y: Te
     return out, loss
 
 
-_COMPILED: dict[str, object] = {}
-
-
 def compiled_training_loss(backend: str):
     """``training_loss`` through ``torch.compile(backend=backend, dynamic=True)``, one per backend: the
     network's masks, gates, HAT's compensation, the layers, the criterion and the plugins' terms are one
     graph, forward and backward (the masked pass alone, ``modnet.nets.models.compiled_masked_pass``, leaves
     the heads and losses eager: the Split-MNIST MLP's step cost 1.57x a plain step that way, 1.38x this way,
-    ``scripts/step_floor_probe.py``). Dynamic from the first graph (the batch size and s vary), a graph per task
-    (``modnet.nets.models.RECOMPILE_LIMIT``)."""
-    fn = _COMPILED.get(backend)
-    if fn is None:
-        import torch._dynamo
-
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        fn = _COMPILED[backend] = torch.compile(training_loss, backend=backend, dynamic=True)
-    return fn
+    ``scripts/step_floor_probe.py``). A graph per task (``modnet.nets.models.compile_once``)."""
+    return compile_once(training_loss, backend)
 
 
 def train_condition(strategy) -> Condition:

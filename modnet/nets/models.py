@@ -509,7 +509,23 @@ def _masked_pass(net: HATNet, x: Tensor, task: int, condition: Condition, record
 # torch.compile keeps a graph per task (its embedding rows and its gate are picked by the task's index); past
 # dynamo's default limit of 8 graphs per function, later tasks would silently run eager
 RECOMPILE_LIMIT = 256
-_COMPILED: dict[str, object] = {}
+_COMPILED: dict[tuple, object] = {}
+
+
+def compile_once(fn, backend: str):
+    """``fn`` through ``torch.compile(backend=backend, dynamic=True)``, made once per function and backend for
+    the process (dynamo keeps its graphs per compiled function: one wrapper, every network and every task);
+    raises dynamo's recompile limit to ``RECOMPILE_LIMIT``. Dynamic from the first graph: the batch size and
+    the floats that vary per step (HAT's slope s) are symbolic, where automatic dynamic shapes would specialise
+    the first values and compile twice more."""
+    key = (fn, backend)
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        compiled = _COMPILED[key] = torch.compile(fn, backend=backend, dynamic=True)
+    return compiled
 
 
 def compiled_masked_pass(backend: str):
@@ -520,15 +536,8 @@ def compiled_masked_pass(backend: str):
     Dynamic from the first graph: the batch size (a last smaller batch, the transform heads' copies) and the
     slope s (annealed every step) are symbolic, so a task compiles once; with automatic dynamic shapes its
     first batch size and s would be specialised and compiled twice more. Same numbers as eager to rounding
-    (inductor reorders float sums; dropout and Gumbel noise draw from its own generator). Raises dynamo's
-    recompile limit to ``RECOMPILE_LIMIT`` for this process."""
-    fn = _COMPILED.get(backend)
-    if fn is None:
-        import torch._dynamo
-
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        fn = _COMPILED[backend] = torch.compile(_masked_pass, backend=backend, dynamic=True)
-    return fn
+    (inductor reorders float sums; dropout and Gumbel noise draw from its own generator)."""
+    return compile_once(_masked_pass, backend)
 
 
 def _dropout(drop: nn.Dropout, h: Tensor) -> Tensor:

@@ -442,21 +442,16 @@ def batch_forward(model, x: torch.Tensor, task_labels: torch.Tensor | None, sing
     """Avalanche's training forward (``SupervisedProblem.forward``: ``model(x)`` without ``task_labels``, else
     ``avalanche_forward``), given the task labels the loader read on the host: a multi-task network's one head
     when every label is ``single``, its ``forward_tasks`` when the batch's labels are ``tasks`` (no
-    ``torch.unique`` of the labels on the device)."""
-    from avalanche.models.utils import avalanche_forward, is_multi_task_module
+    ``torch.unique`` of the labels on the device; ``modnet.nets.models.forward_known_tasks``)."""
+    from avalanche.models.utils import is_multi_task_module
+
+    from modnet.nets.models import forward_known_tasks
 
     if task_labels is None:
         return model(x)
-    if is_multi_task_module(model):
-        if single is not None:
-            return single_task_forward(model, x, single)
-        forward_tasks = getattr(model, "forward_tasks", None)  # not through a DDP wrapper
-        if tasks and forward_tasks is not None:
-            return forward_tasks(x, task_labels, tasks)
-    return avalanche_forward(model, x, task_labels)
-
-
-_COMPILED: dict[str, object] = {}
+    if single is not None and is_multi_task_module(model):
+        return single_task_forward(model, x, single)
+    return forward_known_tasks(model, x, task_labels, tasks)
 
 
 def compiled_batch_forward(backend: str):
@@ -464,15 +459,9 @@ def compiled_batch_forward(backend: str):
     baselines' training forwards (their losses and their plugins' penalties stay eager). A graph per head set
     (the task, or the tasks a mixed batch holds), dynamic in the batch size; Avalanche growing a head or a
     class-incremental classifier changes the network's modules, and dynamo compiles the new one."""
-    fn = _COMPILED.get(backend)
-    if fn is None:
-        import torch._dynamo
+    from modnet.nets.models import compile_once
 
-        from modnet.nets.models import RECOMPILE_LIMIT
-
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        fn = _COMPILED[backend] = torch.compile(batch_forward, backend=backend, dynamic=True)
-    return fn
+    return compile_once(batch_forward, backend)
 
 
 def single_task_forward(model, x: torch.Tensor, task: int) -> torch.Tensor:
