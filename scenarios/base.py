@@ -67,7 +67,9 @@ def permuted_benchmark(name: str, x_train: torch.Tensor, y_train: torch.Tensor, 
     """Permuted-X: every experience shows all classes under its own fixed pixel permutation (the first
     experience keeps the identity), built with Avalanche ``benchmark_from_datasets``."""
     from avalanche.benchmarks import benchmark_from_datasets
-    from avalanche.benchmarks.utils.classification_dataset import ClassificationDataset
+    # task-aware: Avalanche's plugins read a dataset's task_set (LwF's post_adapt), which a bare
+    # ClassificationDataset lacks
+    from avalanche.benchmarks.utils.classification_dataset import TaskAwareSupervisedClassificationDataset
     from avalanche.benchmarks.utils.data_attribute import ConstantSequence, DataAttribute
 
     _check_scenario(scenario)
@@ -79,7 +81,7 @@ def permuted_benchmark(name: str, x_train: torch.Tensor, y_train: torch.Tensor, 
         for xs, ys, out in ((x_train, y_train, train), (x_test, y_test, test)):
             xp = xs.reshape(len(xs), d)[:, perm].reshape(xs.shape)
             task_label = t if scenario == "task" else 0
-            out.append(ClassificationDataset([TensorDataset(xp, ys)], data_attributes=[
+            out.append(TaskAwareSupervisedClassificationDataset([TensorDataset(xp, ys)], data_attributes=[
                 DataAttribute(ys.tolist(), "targets"),
                 DataAttribute(ConstantSequence(task_label, len(ys)), "targets_task_labels", use_in_getitem=True)]))
     from avalanche.benchmarks.scenarios.supervised import with_classes_timeline

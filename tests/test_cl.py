@@ -149,6 +149,23 @@ def test_permuted_and_image_variants_build(tmp_path):
                  "benchmark.n_experiences=2", f"output_dir={tmp_path / 'i'}", "progress=false"]) == 0
 
 
+@pytest.mark.parametrize("scenario", ["task", "class"])
+def test_every_strategy_trains_on_permuted_experiences(tmp_path, scenario):
+    """Permuted-X experiences carry what Avalanche's plugins read of a dataset (LwF's post_adapt reads
+    ``task_set``): every registered strategy trains two of them and evaluates (failed for lwf: the permuted
+    datasets were bare ClassificationDatasets, without task_set)."""
+    from strategies.registry import strategy_names
+
+    names = strategy_names()
+    assert main(["cl", f"strategies=[{','.join(names)}]", f"scenario={scenario}", "train.epochs=1",
+                 "benchmark.variant=permuted", "benchmark.n_experiences=2", "hnet.iterations=5",
+                 f"output_dir={tmp_path}", "progress=false"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    for name in names:
+        matrix = np.asarray(res["strategies"][name]["accuracy_matrix"])
+        assert matrix.shape == (2, 2) and np.isfinite(matrix).all(), name
+
+
 # -- bad input: one clear line, before any training ---------------------------------------------------
 @pytest.mark.parametrize("override, words", [
     (["strategie=[naive]"], ["unknown config key", "strategies"]),
