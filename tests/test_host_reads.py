@@ -268,17 +268,10 @@ def test_agem_projects_without_reading_the_constraint_on_the_host(python_reads):
     assert len(reads["AGEMPlugin"]) == 2 and reads["SyncFreeAGEMPlugin"] == []
 
 
-def test_the_multi_head_net_answers_as_avalanches_split_by_task():
-    """``MultiHeadNet`` against Avalanche's own path (``MultiTaskModule.forward``: the batch split by
-    ``torch.unique`` of its task labels, each part through the backbone and ``MultiHeadClassifier``'s head,
-    whose inactive units are written through a boolean index): the same logits and gradients, to the bit on a
-    batch of one task label (an int, or a tensor), to float rounding on batches mixing tasks (the backbone runs
-    once over all rows); a head with no row in the batch gets no gradient in both. Task 1's head has 4 outputs
-    of which its classes use 2 (the others answer Avalanche's mask value, -1000), task 2's 6; past a head's
-    width the logits are zeros. ``forward_tasks`` with the batch's task labels given (as the tensor loader
-    reads them on the host) is ``forward``."""
+def _three_task_multi_head_net():
+    """A ``MultiHeadNet`` (MLP 8-16) adapted to three task-incremental experiences of 2 classes each, and the
+    generator that made its data."""
     from avalanche.benchmarks import nc_benchmark
-    from avalanche.models import MultiTaskModule
     from avalanche.models.utils import avalanche_model_adaptation
     from torch.utils.data import TensorDataset
 
@@ -294,6 +287,21 @@ def test_the_multi_head_net_answers_as_avalanches_split_by_task():
     model = MultiHeadNet(MLPBackbone(8, 16, 1))
     for exp in stream:
         avalanche_model_adaptation(model, exp)
+    return model, g
+
+
+def test_the_multi_head_net_answers_as_avalanches_split_by_task():
+    """``MultiHeadNet`` against Avalanche's own path (``MultiTaskModule.forward``: the batch split by
+    ``torch.unique`` of its task labels, each part through the backbone and ``MultiHeadClassifier``'s head,
+    whose inactive units are written through a boolean index): the same logits and gradients, to the bit on a
+    batch of one task label (an int, or a tensor), to float rounding on batches mixing tasks (the backbone runs
+    once over all rows); a head with no row in the batch gets no gradient in both. Task 1's head has 4 outputs
+    of which its classes use 2 (the others answer Avalanche's mask value, -1000), task 2's 6; past a head's
+    width the logits are zeros. ``forward_tasks`` with the batch's task labels given (as the tensor loader
+    reads them on the host) is ``forward``."""
+    from avalanche.models import MultiTaskModule
+
+    model, g = _three_task_multi_head_net()
     heads = model.classifier
     assert [heads.classifiers[str(t)].classifier.out_features for t in range(3)] == [2, 4, 6]
 
@@ -331,3 +339,32 @@ def test_the_multi_head_net_answers_as_avalanches_split_by_task():
                 if a is not None:
                     torch.testing.assert_close(a, b, rtol=tol, atol=tol)
     assert heads.classifiers["1"].classifier.weight.grad is None  # the last case: no row of task 1
+
+
+def test_the_multi_head_net_runs_every_head_on_one_backbone_pass():
+    """``MultiHeadNet.forward_all_tasks`` (LwF's distillation reads it for the current and the previous network
+    every step) against Avalanche's ``MultiTaskModule.forward_all_tasks`` (the whole network once per head): the
+    same logits of every trained head, to the bit; the gradient of a loss over all the heads the same to float
+    rounding; the backbone runs once instead of once per head (3 here)."""
+    from avalanche.models import MultiTaskModule
+
+    model, g = _three_task_multi_head_net()
+    passes = []
+    model.backbone.register_forward_hook(lambda *_: passes.append(1))
+    batch = torch.randn(40, 8, generator=g)
+    weights = {t: torch.randn(40, 2 * t + 2, generator=g) for t in range(3)}
+
+    def outputs_and_grads(forward_all_tasks):
+        model.zero_grad()
+        passes.clear()
+        out = forward_all_tasks(batch)
+        sum((weights[t] * torch.log_softmax(o, 1)).sum() for t, o in out.items()).backward()
+        return {t: o.detach() for t, o in out.items()}, [p.grad.clone() for p in model.parameters()], len(passes)
+
+    ref, ref_grads, ref_passes = outputs_and_grads(lambda b: MultiTaskModule.forward_all_tasks(model, b))
+    ours, grads, our_passes = outputs_and_grads(model.forward_all_tasks)
+    assert sorted(ours) == sorted(ref) == [0, 1, 2] and (ref_passes, our_passes) == (3, 1)
+    for t in ref:
+        assert torch.equal(ours[t], ref[t])
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -755,8 +755,22 @@ class MultiHeadNet(MultiTaskModule):
             return super().forward(x, task_labels)
         return self.forward_tasks(x, task_labels, torch.unique(task_labels).tolist())
 
-    def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
+    def forward_all_tasks(self, x: Tensor) -> dict[int, Tensor]:
+        """Avalanche's ``forward_all_tasks`` (every head trained so far, by task label: LwF's distillation reads
+        it for the current and the previous network each step) with the backbone run once for all the heads,
+        where Avalanche's runs the whole network once per head (at the k-th task LwF ran the backbone 2k + 1
+        times a step). The same logits (with dropout: one draw for all the heads); the gradient sums the heads'
+        at the features, so the backbone's parameters get it to float rounding. With batch norm Avalanche's
+        passes run (each updates the running statistics)."""
+        if self._rows_coupled:
+            return super().forward_all_tasks(x)
         features = self.backbone(x)
+        return {task: self._head(features, task) for task in self.known_train_tasks_labels}
+
+    def forward_single_task(self, x: Tensor, task_label: int) -> Tensor:
+        return self._head(self.backbone(x), task_label)
+
+    def _head(self, features: Tensor, task_label: int) -> Tensor:
         # an f-string, not str(): under train.compile the label may be a symbolic int, which dynamo formats into
         # the head's name (a graph per head) where str() breaks the graph
         return self._masked(self.classifier.classifiers[f"{task_label}"](features), features, task_label).float()
