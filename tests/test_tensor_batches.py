@@ -180,6 +180,38 @@ def test_a_strategy_trains_and_evaluates_as_through_avalanches_loader(name, extr
     assert w1.keys() == w0.keys() and all(torch.equal(w1[k], w0[k]) for k in w1)
 
 
+def test_ewc_fisher_pass_reads_the_tensors_and_gives_avalanches_importances(monkeypatch):
+    """EWC's importances after each experience (Avalanche's compute_importances: a backward per mini-batch of
+    the experience in order) from the tensors' slices: the same importances to the bit, the same losses after
+    (the penalty reads them), and no torch DataLoader iterated on the tensor path (before: the Fisher pass
+    fetched and collated every sample through Avalanche's dataset)."""
+    from torch.utils.data import DataLoader
+
+    from modnet.runner.runner import run_experiences
+
+    iterated = []
+    plain_iter = DataLoader.__iter__
+    monkeypatch.setattr(DataLoader, "__iter__", lambda self: iterated.append(1) or plain_iter(self))
+    info = _benchmark(n=400)
+    results = {}
+    for tensor_batches in (True, False):
+        torch.manual_seed(0)
+        iterated.clear()
+        strategy = _strategy("ewc", tensor_batches, info)
+        losses = _Losses()
+        strategy.plugins.append(losses)
+        run_experiences(strategy, list(info.benchmark.train_stream)[:3], lambda index, strategy: [], seed=0,
+                        log=lambda s: None)
+        ewc = next(p for p in strategy.plugins if type(p).__name__ == "StableEWCPlugin")
+        results[tensor_batches] = (losses.losses, len(iterated), {
+            (e, k): imp.data.clone() for e, per_exp in ewc.importances.items() for k, imp in per_exp.items()})
+    (l1, n1, f1), (l0, n0, f0) = results[True], results[False]
+    assert n1 == 0 and n0 >= 3  # Avalanche's path: at least the Fisher pass of each experience
+    assert f1.keys() == f0.keys() and len({e for e, _ in f1}) == 3
+    assert all(torch.equal(f1[k], f0[k]) for k in f1) and any(f1[k].abs().sum() > 0 for k in f1)
+    assert l1 == l0
+
+
 def test_replay_batches_hold_buffer_samples_after_the_first_experience():
     from avalanche.core import SupervisedPlugin
 

@@ -11,10 +11,18 @@ trained with plain SGD at all, so after each experience the penalty's weight bec
 
 (online mode: the decayed importance Avalanche keeps). ``margin`` < 2 leaves room for the task loss's own
 curvature (default 1). The requested λ is used wherever it is stable; ``lambda_history`` records λ_eff per experience.
+
+The Fisher pass after each experience (Avalanche's ``compute_importances``: the experience in order, a backward
+per mini-batch, F += grad²) reads a tensor-backed experience in slices of its tensors when the strategy trains on
+them (``train.tensor_batches``, ``modnet.runner.tensor_batches.dataset_batches``), where Avalanche's loader
+fetches and collates every sample (as long as a training epoch on a small network): the same batches, the same
+random draw, the same importances.
 """
 from __future__ import annotations
 
+from avalanche.models import avalanche_forward
 from avalanche.training.plugins import EWCPlugin
+from avalanche.training.utils import zerolike_params_dict
 
 
 class StableEWCPlugin(EWCPlugin):
@@ -24,6 +32,7 @@ class StableEWCPlugin(EWCPlugin):
         self.requested_lambda = float(ewc_lambda)
         self.margin = margin
         self.lambda_history: list[float] = []
+        self._tensor_batches = False  # the strategy's train.tensor_batches, read at each experience's end
 
     def summed_importance_max(self) -> float:
         """max_i of the importance the penalty weights θ_i by (Σ_e F_i^e; online: the decayed sum)."""
@@ -39,7 +48,31 @@ class StableEWCPlugin(EWCPlugin):
                 summed[name] = summed[name] + imp.data if name in summed else imp.data.clone()
         return max((float(f.max()) for f in summed.values()), default=0.0)
 
+    def compute_importances(self, model, criterion, optimizer, dataset, device, batch_size, num_workers=0):
+        from modnet.runner.tensor_batches import dataset_batches, resolve_tensors
+
+        if not self._tensor_batches or resolve_tensors(dataset) is None:
+            return super().compute_importances(model, criterion, optimizer, dataset, device, batch_size,
+                                               num_workers=num_workers)
+        model.eval()  # Avalanche's pass, step for step, on the tensors' slices
+        importances = zerolike_params_dict(model)
+        n_batches = 0
+        for x, y, task_labels in dataset_batches(dataset, batch_size, loader_rng=True, task_labels=True):
+            optimizer.zero_grad()
+            loss = criterion(avalanche_forward(model, x.to(device), task_labels), y.to(device))
+            loss.backward()
+            for (k1, p), (k2, imp) in zip(model.named_parameters(), importances.items()):
+                assert k1 == k2
+                if p.grad is not None:
+                    imp.data += p.grad.data.pow(2)
+            n_batches += 1
+        for imp in importances.values():
+            imp.data /= float(n_batches)
+        model.train()
+        return importances
+
     def after_training_exp(self, strategy, **kwargs):
+        self._tensor_batches = bool(getattr(strategy, "tensor_batches", False))
         super().after_training_exp(strategy, **kwargs)
         if self.margin is None:
             return
