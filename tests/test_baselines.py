@@ -70,6 +70,34 @@ def test_si_path_integral_hand_case():
     torch.testing.assert_close(si.importance["theta"], torch.tensor(expected, dtype=torch.float64))
 
 
+def test_si_path_integral_reads_the_task_gradient_exactly():
+    """Once a task is consolidated, the step's gradient is the task loss's plus the surrogate's closed form
+    2 c Ω (θ - θ̃), and the path integral reads the task loss's gradient as the backward of the task loss alone
+    gives it, to the bit (until stop 43 it was read back by subtracting the surrogate's from the total: off by
+    the total's rounding, float32 and c = 1000 here)."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    si = SynapticIntelligence(si_lambda=1000.0, xi=0.1)
+    strategy = SimpleNamespace(model=model, loss=None)
+    si.before_training_exp(strategy)
+    for name, p in model.named_parameters():  # a consolidated task: Ω > 0, θ̃ away from θ
+        si.importance[name] = torch.rand_like(p)
+        si.anchor[name] = p.detach() + 0.1 * torch.randn_like(p)
+    task_loss = torch.nn.functional.cross_entropy(model(x), y)
+    reference = torch.autograd.grad(task_loss, list(model.parameters()))
+    si.before_training_iteration(strategy)
+    strategy.loss = torch.nn.functional.cross_entropy(model(x), y)
+    si.before_backward(strategy)
+    strategy.loss.backward()
+    si.after_backward(strategy)
+    for (name, p), g in zip(model.named_parameters(), reference):
+        assert torch.equal(si._task_grad[name], g)
+        torch.testing.assert_close(p.grad, g + 2000.0 * si.importance[name] * (p.detach() - si.anchor[name]))
+    penalty = 1000.0 * sum((si.importance[n] * (p.detach() - si.anchor[n]) ** 2).sum() for n, p in model.named_parameters())
+    torch.testing.assert_close(strategy.loss.detach(), task_loss.detach() + penalty)
+
+
 def test_si_importance_is_positive_after_an_experience():
     from modnet.eval.metrics import build_evaluator
     from modnet.runner.runner import make_strategy, set_seed
