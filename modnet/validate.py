@@ -25,7 +25,8 @@ What is checked (where the config has the key):
   (``scenarios.sources.check_zsl_npz``: one attribute row per class with samples, unseen classes absent from
   training and present in the test set, integer labels, equal feature widths);
 * ``ratio_clock`` in ``bench``: auto, wall or thread_cpu, the last only with ``threads=1`` on the CPU;
-  ``lockstep_steps`` a positive integer; ``loops``: null or distinct names of the bench's loops.
+  ``lockstep_steps`` a positive integer; ``loops``: null or distinct names of the bench's loops; ``baselines``:
+  distinct names of the strategies it can time on a second task.
 """
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ BENCH_LOOPS = ("plain", "naive", "naive (Avalanche loader)", "modnet (Avalanche 
                "modnet (HAT + gates)", "modnet (no transform heads)", "modnet", "modnet (second task)",
                "modnet + sync regulariser", "plain (modnet's rows)", "modnet (compiled)", "naive (compiled)",
                "plain (compiled)")
+# the baselines the bench times on a second task (``baselines``), each a loop "<name> (second task)"
+BENCH_BASELINES = ("naive", "ewc", "si", "lwf", "gem", "agem", "replay", "cumulative", "der", "derpp")
+BENCH_LOOPS += tuple(f"{name} (second task)" for name in BENCH_BASELINES)
 
 
 def _check_ratio_clock(cfg: DictConfig) -> None:
@@ -69,6 +73,11 @@ def _check_ratio_clock(cfg: DictConfig) -> None:
     if clock == "thread_cpu" and (cfg.get("threads") != 1 or cfg.get("device") == "cuda"):
         raise ConfigError("config ratio_clock=thread_cpu times one thread's CPU: it needs threads=1 on the CPU "
                           "(device=cpu); use ratio_clock=wall, or auto")
+    baselines = cfg.get("baselines") or []
+    names = list(baselines) if isinstance(baselines, (list, ListConfig)) else None
+    if names is None or len(set(names)) != len(names) or any(n not in BENCH_BASELINES for n in names):
+        raise ConfigError(f"config baselines={baselines!r} must be a list of distinct strategies among: "
+                          f"{', '.join(BENCH_BASELINES)} (each timed on the second task of two, beside naive's)")
     loops = cfg.get("loops")
     if loops is not None:
         names = list(loops) if isinstance(loops, (list, ListConfig)) else None

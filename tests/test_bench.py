@@ -116,6 +116,40 @@ def test_bench_writes_ratios_that_agree_with_its_throughputs(tmp_path):
     assert f"CPU kernels {res['cpu_capability']}" in md
 
 
+def test_baselines_are_timed_on_a_second_task_against_naives(tmp_path, capsys):
+    """``baselines``: each named strategy gets a loop on the second task of the two-task Permuted-X (after one
+    epoch of the first: SI's importances are then nonzero, its surrogate in every step), with "naive (second
+    task)" beside them as their reference column; a bad name is one line before any import."""
+    import torch
+
+    from modnet.jobs.bench import _build_avalanche, _data, ratio_loops
+    from strategies.plugins.si import SynapticIntelligence
+
+    kinds = ("plain", "naive", "modnet")
+    assert not any("(second task)" in k and k != "modnet (second task)" for k in ratio_loops(kinds, {}))
+    chosen = ratio_loops(kinds, {"baselines": ["si", "lwf"]})
+    assert {"naive (second task)", "si (second task)", "lwf (second task)"} <= set(chosen)
+    assert "ewc (second task)" not in chosen
+    opts = {"threads": 1, "mlp_shapes": {"mlp": {"in_dim": 64, "hidden": 32, "n_layers": 2}}}
+    x, y = _data("mlp", 256, 10, torch.device("cpu"), options=opts)
+    strategy, exp, _ = _build_avalanche("si", "mlp", x, y, 64, 1, torch.device("cpu"), opts, second_task=True)
+    si = next(p for p in strategy.plugins if isinstance(p, SynapticIntelligence))
+    assert exp.current_experience == 1 and sum(float(o.abs().sum()) for o in si.importance.values()) > 0
+
+    assert main(["bench", "archs=[mlp]", "samples.mlp=256", "epochs=2", "sync_sizes=[]", "niwt=false", "repeats=1",
+                 "ratio_rounds=1", "isolate=false", "second_task=false", "baselines=[si]",
+                 'loops=[naive,"naive (second task)","si (second task)"]', f"output_dir={tmp_path}"]) == 0
+    r = json.loads((tmp_path / "bench.json").read_text())["training"]["mlp"]
+    assert set(r["interleaved_epoch_seconds"]) == {"naive", "naive (second task)", "si (second task)"}
+    assert r["step_cost_vs_naive (second task)"]["naive (second task)"]["median"] == pytest.approx(1.0)
+    assert "step cost / naive (second task)" in (tmp_path / "bench.md").read_text()
+    capsys.readouterr()
+    for bad in ("[nope]", "[si,si]", "modnet"):
+        assert main(["bench", f"baselines={bad}", "archs=[mlp]"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "baselines" in err[0] and ("ewc" in err[0] or bad == "modnet")
+
+
 def _matmul_epoch(log, name, steps, products, size=192):
     """A fake training epoch: ``steps`` steps of ``products`` (size x size) matrix products each, logging when
     each step starts and ends (bench._lockstep_round's loop interface: epoch(clock, on_step) -> seconds)."""

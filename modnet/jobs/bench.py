@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modnet.validate import BENCH_BASELINES
+
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -222,6 +224,12 @@ RATIO_LOOPS = {
     # the plain loop's model through torch.compile (inductor), the reference a compiled modnet meets
     "plain (compiled)": ("plain_compiled", ()),
 }
+# the baselines on the second task of the two-task Permuted-X (as "modnet (second task)"): their penalties,
+# memories and distillation at work (on a first task most are naive). The bench's ``baselines`` picks them;
+# "naive (second task)" is their reference.
+RATIO_LOOPS.update({f"{name} (second task)": (f"{name}_second_task", ()) for name in BENCH_BASELINES})
+SECOND_TASK = "_second_task"
+SECOND_TASK_REFERENCE = "naive (second task)"  # the baselines' column of the ratio table
 COMPILED_LOOP, PLAIN_COMPILED_LOOP = "modnet (compiled)", "plain (compiled)"
 COMPILED_LOOPS = (COMPILED_LOOP, "naive (compiled)", PLAIN_COMPILED_LOOP)
 
@@ -294,8 +302,8 @@ def _interleaved_epochs(arch: str, n: int, batch: int, rounds: int, device_name:
                          _plain_epoch(model, opt, xp, y, batch, device, amp, rows_per_step if matched else None,
                                       clock, on_step))
         else:
-            second = kind == "modnet_second_task"
-            strategy, exp, timer = _build_avalanche("modnet" if second else kind, arch, x, y, batch, 1, device,
+            second = kind.endswith(SECOND_TASK)
+            strategy, exp, timer = _build_avalanche(kind.removesuffix(SECOND_TASK), arch, x, y, batch, 1, device,
                                                     options, overrides, second_task=second)
 
             def one_epoch(clock=time.perf_counter, on_step=None, strategy=strategy, exp=exp, timer=timer):
@@ -464,12 +472,15 @@ def _in_process(fn, *args, isolate: bool = True):
 def ratio_loops(kinds, options: dict) -> dict:
     """The loops of ``RATIO_LOOPS`` the ratio run times for the strategies ``kinds``: those of the kinds, the
     plain loop on modnet's rows (beside plain and modnet), modnet on a second task (beside modnet, unless
-    ``options["second_task"]`` is False) and the compiled loops (``options["compile"]``); of those, only the
-    ones named in ``options["loops"]`` when it is given (a GPU run leaving out the slow ones)."""
+    ``options["second_task"]`` is False), the baselines ``options["baselines"]`` on a second task (naive's with
+    them) and the compiled loops (``options["compile"]``); of those, only the ones named in
+    ``options["loops"]`` when it is given (a GPU run leaving out the slow ones)."""
     beside = {"plain", "modnet"} <= set(kinds)  # the loops that only make sense beside plain and modnet
     chosen = options.get("loops")
+    baselines = list(options.get("baselines") or [])
+    second_tasks = {f"{name}{SECOND_TASK}" for name in baselines + ["naive"] * bool(baselines)}
     return {k: v for k, v in RATIO_LOOPS.items()
-            if (v[0] in kinds or (v[0] in ("plain_rows", "plain_compiled") and beside)
+            if (v[0] in kinds or (v[0] in ("plain_rows", "plain_compiled") and beside) or v[0] in second_tasks
                 or (v[0] == "modnet_second_task" and "modnet" in kinds and options.get("second_task", True)))
             and (k not in COMPILED_LOOPS or options.get("compile", False))
             and (chosen is None or k in chosen)}
@@ -505,7 +516,7 @@ def bench_training(arch: str, n: int, batch: int, epochs: int, device: str, opti
             res["modnet_rows_per_step"] = rows
         if COMPILED_LOOP in times and "modnet" in times:
             res["compile"] = compile_payback(times, warmup, -(-n // batch))
-        for ref in ("naive", "plain"):
+        for ref in ("naive", "plain", SECOND_TASK_REFERENCE):
             if ref in times:
                 res[f"step_cost_vs_{ref}"] = step_cost_ratios(times, ref)
                 if "modnet" in times:
@@ -662,7 +673,7 @@ def _markdown(res: dict) -> str:
                 lines.append(f"| {kind} | {r[kind]['samples_per_s']:.0f} | "
                              f"{'n/a (isolate=false)' if memory is None else f'{memory:.1f}'} |")
         if "step_cost_vs_naive" in r or "step_cost_vs_plain" in r:
-            refs = [ref for ref in ("naive", "plain") if f"step_cost_vs_{ref}" in r]
+            refs = [ref for ref in ("naive", "plain", SECOND_TASK_REFERENCE) if f"step_cost_vs_{ref}" in r]
             rounds = next(iter(r[f"step_cost_vs_{refs[0]}"].values()))["rounds"]
             turn = res.get("lockstep_steps", 1)
             how = (f"one epoch per loop side by side, {turn} step{'s' * (turn > 1)} of each in turn, timed on each "
@@ -749,7 +760,7 @@ def run_bench(cfg) -> dict:
     res["channels_last"] = resolve_channels_last(cfg.channels_last, device)  # the image loops' layout
     opts = {"lockstep_steps": steps_per_turn, "threads": cfg.threads, "amp": cfg.amp,
             "channels_last": res["channels_last"], "compile": cfg.compile,
-            "second_task": cfg.get("second_task", True),
+            "second_task": cfg.get("second_task", True), "baselines": list(cfg.get("baselines") or []),
             "loops": None if cfg.get("loops") is None else list(cfg.loops),
             "ratio_clock": clock, "sync_reg": cfg.sync_reg, "image_shape": list(cfg.image_shape),
             "mlp_shapes": {a: dict(cfg[a]) for a in MLP_ARCHS if a in cfg}, "resnet_width": cfg.resnet_width}
