@@ -302,6 +302,56 @@ def test_match_needs_modnet_and_other_words_are_refused():
         compose("cl", ["replay.mem_size=all"])
 
 
+@pytest.mark.parametrize("mode", ["separate", "online"])
+def test_ewc_penalty_gradient_written_out_equals_avalanches_autograd_penalty(mode):
+    """StableEWCPlugin adds the penalty's value to the loss and its gradient 2 λ Σ_e F^e (θ - θ*^e) after the
+    backward; Avalanche's EWCPlugin builds the penalty in autograd. The same loss value and gradients (to float
+    rounding), with a parameter that grew since it was saved (ParamData.expand pads it), a new one (no penalty)
+    and one the task loss does not reach (its gradient is the penalty's alone)."""
+    from avalanche.training.plugins import EWCPlugin
+    from avalanche.training.utils import ParamData
+
+    from strategies.plugins.ewc import StableEWCPlugin
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"body": nn.Linear(5, 4), "head": nn.Linear(4, 3), "old": nn.Linear(4, 2),
+                           "new": nn.Linear(4, 3)})
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+
+    def task_loss():  # "old" is penalised but not in the task loss
+        return torch.nn.functional.cross_entropy(model["head"](torch.relu(model["body"](x))) + model["new"].bias, y)
+
+    plugins = {}
+    for cls in (EWCPlugin, StableEWCPlugin):
+        plugin = cls(300.0, mode=mode, decay_factor=0.5 if mode == "online" else None)
+        for e in range(2):
+            for name, p in model.named_parameters():
+                if name.startswith("new"):
+                    continue
+                shape = (2, *p.shape[1:]) if name.startswith("head") else p.shape  # the head grew from 2 rows
+                g = torch.Generator().manual_seed(10 * e + len(name))
+                plugin.saved_params[e][name] = ParamData(name, shape, init_tensor=torch.randn(shape, generator=g))
+                plugin.importances[e][name] = ParamData(name, shape, init_tensor=torch.rand(shape, generator=g))
+        plugins[cls] = plugin
+    results = {}
+    for cls, plugin in plugins.items():
+        model.zero_grad(set_to_none=True)
+        strategy = SimpleNamespace(model=model, loss=task_loss(), clock=SimpleNamespace(train_exp_counter=2),
+                                   device=torch.device("cpu"))
+        plugin.before_backward(strategy)
+        strategy.loss.backward()
+        plugin.after_backward(strategy)
+        results[cls] = (strategy.loss.detach(), {n: None if p.grad is None else p.grad.clone()
+                                                 for n, p in model.named_parameters()})
+    (loss_ref, grads_ref), (loss, grads) = results[EWCPlugin], results[StableEWCPlugin]
+    torch.testing.assert_close(loss, loss_ref)
+    assert grads.keys() == grads_ref.keys() and float(grads["old.weight"].abs().sum()) > 0
+    assert grads["new.weight"] is None and grads_ref["new.weight"] is None  # neither task loss nor penalty
+    for name in grads:
+        if grads[name] is not None:
+            torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-6)
+
+
 def _ewc_class_run(overrides):
     """Avalanche's EWC through make_strategy on Split-Digits class-incremental, 2 epochs an experience."""
     from avalanche.training.plugins import EWCPlugin
