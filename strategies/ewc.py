@@ -13,7 +13,9 @@ task gradient and stay at θ*, so λ = 1000 is stable there. Hence a class-incre
 (``strategies/ewc.py`` picks it by ``scenario``). The shared layers' Σ F grows with the experiences too (Split-MNIST-1D
 task-incremental, λ 1000: NaN in the fourth experience), so the plugin (``strategies.plugins.ewc.StableEWCPlugin``,
 Avalanche's ``EWCPlugin`` plus this) lowers λ to margin / (2 lr · max Σ F) after an experience where λ would pass
-the bound (``ewc.stability_margin``, default 1; null = Avalanche's behaviour).
+the bound (``ewc.stability_margin``, default 1; null = Avalanche's behaviour). The same plugin writes the
+penalty's gradient out (added after the backward, where Avalanche's goes through autograd) and reads a
+tensor-backed experience's Fisher pass from its tensors: Avalanche's penalty and importances, at less cost.
 """
 from __future__ import annotations
 

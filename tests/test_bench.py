@@ -136,13 +136,23 @@ def test_baselines_are_timed_on_a_second_task_against_naives(tmp_path, capsys):
     si = next(p for p in strategy.plugins if isinstance(p, SynapticIntelligence))
     assert exp.current_experience == 1 and sum(float(o.abs().sum()) for o in si.importance.values()) > 0
 
+    # Cumulative's second-task epoch trains both tasks' samples: 2 x 256 in every round when each round builds
+    # it anew (trained again on the same experience, it would hold 3 x, 4 x 256: a baseline's state grows)
     assert main(["bench", "archs=[mlp]", "samples.mlp=256", "epochs=2", "sync_sizes=[]", "niwt=false", "repeats=1",
-                 "ratio_rounds=1", "isolate=false", "second_task=false", "baselines=[si]",
-                 'loops=[naive,"naive (second task)","si (second task)"]', f"output_dir={tmp_path}"]) == 0
+                 "ratio_rounds=2", "isolate=false", "second_task=false", "baselines=[si,cumulative]",
+                 'loops=[naive,"naive (second task)","si (second task)","cumulative (second task)"]',
+                 f"output_dir={tmp_path}"]) == 0
     r = json.loads((tmp_path / "bench.json").read_text())["training"]["mlp"]
-    assert set(r["interleaved_epoch_seconds"]) == {"naive", "naive (second task)", "si (second task)"}
+    assert set(r["interleaved_epoch_seconds"]) == {"naive", "naive (second task)", "si (second task)",
+                                                   "cumulative (second task)"}
     assert r["step_cost_vs_naive (second task)"]["naive (second task)"]["median"] == pytest.approx(1.0)
-    assert "step cost / naive (second task)" in (tmp_path / "bench.md").read_text()
+    assert r["epoch_samples"] == {"cumulative (second task)": 512} and r["samples"] == 256
+    t = r["interleaved_epoch_seconds"]  # its ratios per step: its epoch time counted per 256 samples
+    per_round = sorted(c / 2 / n for c, n in zip(t["cumulative (second task)"], t["naive (second task)"]))
+    assert r["step_cost_vs_naive (second task)"]["cumulative (second task)"]["median"] == \
+        pytest.approx(sum(per_round) / 2)
+    md = (tmp_path / "bench.md").read_text()
+    assert "step cost / naive (second task)" in md and "its epoch trains 512 samples" in md
     capsys.readouterr()
     for bad in ("[nope]", "[si,si]", "modnet"):
         assert main(["bench", f"baselines={bad}", "archs=[mlp]"]) == 2

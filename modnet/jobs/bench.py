@@ -20,6 +20,7 @@ evaluation throughput. Writes ``bench.json`` and ``bench.md``.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -102,7 +103,9 @@ class _EpochTimer:
             def after_training_epoch(self, strategy, **kw):
                 _sync(device)
                 self.times.append(self.clock() - self._t)
-                self.samples.append(len(strategy.experience.dataset))
+                # the samples the epoch trained (Cumulative's: every task's so far)
+                adapted = getattr(strategy, "adapted_dataset", None)
+                self.samples.append(len(strategy.experience.dataset if adapted is None else adapted))
 
         return EpochTimer()
 
@@ -287,7 +290,7 @@ def _interleaved_epochs(arch: str, n: int, batch: int, rounds: int, device_name:
     x, y = _data(arch, n, 10, device, tuple(options.get("image_shape", (3, 32, 32))), options)
     amp = options.get("amp", False) and device.type == "cuda"
     channels_last = options.get("channels_last", False) and x.dim() == 4
-    run, warmup = {}, {}
+    run, warmup, builders, fresh = {}, {}, {}, []
     rows_per_step = None
     for name, (kind, overrides) in loops.items():
         if kind in ("plain", "plain_rows", "plain_compiled"):
@@ -303,14 +306,14 @@ def _interleaved_epochs(arch: str, n: int, batch: int, rounds: int, device_name:
                                       clock, on_step))
         else:
             second = kind.endswith(SECOND_TASK)
-            strategy, exp, timer = _build_avalanche(kind.removesuffix(SECOND_TASK), arch, x, y, batch, 1, device,
-                                                    options, overrides, second_task=second)
-
-            def one_epoch(clock=time.perf_counter, on_step=None, strategy=strategy, exp=exp, timer=timer):
-                timer.clock, timer.on_step = clock, on_step
-                strategy.train(exp)
-                return timer.times[-1]
-            run[name] = one_epoch
+            builders[name] = functools.partial(_build_avalanche, kind.removesuffix(SECOND_TASK), arch, x, y, batch,
+                                               1, device, options, overrides, second_task=second)
+            if second and kind != "modnet" + SECOND_TASK:
+                # a baseline's state grows with every experience it trains (EWC's penalties, GEM's memories and
+                # constraints, Cumulative's data): each round times it anew after one first task
+                fresh.append(name)
+            strategy, exp, timer = builders[name]()
+            run[name] = one_epoch = _strategy_epoch(strategy, exp, timer)
             if name == "modnet":  # its warm-up epoch, counting the rows its first masked layer trains on
                 rows = []  # (forwards with a gradient: not the gate's clustering pass, which runs without)
                 hook = strategy.model.masked[0].register_forward_pre_hook(
@@ -325,6 +328,8 @@ def _interleaved_epochs(arch: str, n: int, batch: int, rounds: int, device_name:
     times: dict[str, list[float]] = {k: [] for k in names}
     faults: dict[str, list[int]] = {}
     for r in range(rounds):
+        for name in fresh:  # built outside the round: not timed
+            run[name] = _strategy_epoch(*builders[name]())
         order = names[r % len(names):] + names[:r % len(names)]
         if clock == "thread_cpu":
             seconds, round_faults = _lockstep_round(run, order, options.get("lockstep_steps", 1))
@@ -335,7 +340,21 @@ def _interleaved_epochs(arch: str, n: int, batch: int, rounds: int, device_name:
         else:
             for k in order:
                 times[k].append(run[k]())
-    return times, rows_per_step, {k: warmup[k] for k in names}, faults
+    # the samples an epoch trained, where not the bench's n (the ratios compare steps: epoch time x n / samples)
+    samples = {k: getattr(run[k], "samples", n) for k in names}
+    return times, rows_per_step, {k: warmup[k] for k in names}, faults, {k: v for k, v in samples.items() if v != n}
+
+
+def _strategy_epoch(strategy, exp, timer):
+    """A loop's epoch: ``strategy`` trains ``exp`` once, ``timer`` (its _EpochTimer) times the epoch on ``clock``
+    and calls ``on_step`` after each step; ``one_epoch.samples`` holds the samples the epoch trained (Cumulative's
+    second task: both tasks')."""
+    def one_epoch(clock=time.perf_counter, on_step=None) -> float:
+        timer.clock, timer.on_step = clock, on_step
+        strategy.train(exp)
+        one_epoch.samples = timer.samples[-1]
+        return timer.times[-1]
+    return one_epoch
 
 
 class _Turns:
@@ -506,9 +525,12 @@ def bench_training(arch: str, n: int, batch: int, epochs: int, device: str, opti
                 res[f"separate_runs_time_ratio_vs_{ref}"] = res[ref]["samples_per_s"] / res["modnet"]["samples_per_s"]
     if rounds > 0:
         loops = ratio_loops(kinds, options)
-        times, rows, warmup, faults = _in_process(_interleaved_epochs, arch, n, batch, rounds, device, options,
-                                                  loops, isolate=isolate)
+        times, rows, warmup, faults, samples = _in_process(_interleaved_epochs, arch, n, batch, rounds, device,
+                                                           options, loops, isolate=isolate)
         res["interleaved_epoch_seconds"] = times
+        if samples:  # epochs over more (or fewer) samples than n: their times scaled to n samples for the ratios
+            res["epoch_samples"], res["samples"] = samples, n
+            times = {k: [t * n / samples[k] for t in v] if k in samples else v for k, v in times.items()}
         if faults:  # median minor page faults per epoch (glibc's trimmed heap showed here: modnet.runner.cpu)
             res["page_faults_per_epoch"] = {k: int(np.median(v)) for k, v in faults.items()}
         res["warmup_epoch_seconds"] = warmup
@@ -693,6 +715,9 @@ def _markdown(res: dict) -> str:
                 if faults:
                     cells.append(str(faults.get(name, "")))
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        for name, count in r.get("epoch_samples", {}).items():
+            lines.append(f"\n{name}: its epoch trains {count} samples, its time is counted per {r['samples']} "
+                         "(the same steps as the others)")
         for ref in ("naive", "plain"):
             key = f"modnet_time_ratio_vs_{ref}"
             if key in r:

@@ -26,7 +26,9 @@ same batches, hence the same numbers, as with Avalanche's loaders for a given se
 replace the loader when every dataset it reads is tensor-backed, and keep Avalanche's otherwise; its
 ``_after_training_exp`` does the same to the memory loader A-GEM's plugin has just rebuilt. Plugins
 that read ``strategy.experience.dataset`` or ``strategy.adapted_dataset`` (GEM/AGEM memories, EWC's Fisher,
-the replay buffer's storage policy) see the Avalanche datasets unchanged.
+the replay buffer's storage policy) see the Avalanche datasets unchanged; those that pass over an experience
+(EWC's Fisher, the task keys, the transform heads' calibration, the module profiles) read it through
+``dataset_batches``, in slices of its tensors.
 """
 from __future__ import annotations
 
