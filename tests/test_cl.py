@@ -149,16 +149,19 @@ def test_permuted_and_image_variants_build(tmp_path):
                  "benchmark.n_experiences=2", f"output_dir={tmp_path / 'i'}", "progress=false"]) == 0
 
 
-@pytest.mark.parametrize("scenario", ["task", "class"])
-def test_every_strategy_trains_on_permuted_experiences(tmp_path, scenario):
+@pytest.mark.parametrize("scenario, data", [("task", "benchmark.variant=permuted"),
+                                            ("class", "benchmark.variant=permuted"),
+                                            ("task", "benchmark.image=true")])
+def test_every_strategy_trains_on_permuted_experiences_and_on_images(tmp_path, scenario, data):
     """Permuted-X experiences carry what Avalanche's plugins read of a dataset (LwF's post_adapt reads
-    ``task_set``): every registered strategy trains two of them and evaluates (failed for lwf: the permuted
-    datasets were bare ClassificationDatasets, without task_set)."""
+    ``task_set``), and images train on channels_last maps: every registered strategy trains two experiences of
+    each and evaluates (failed for lwf on permuted ones: bare ClassificationDatasets without task_set; for agem
+    on images: its flat gradient viewed a channels_last conv weight's gradient as one run)."""
     from strategies.registry import strategy_names
 
     names = strategy_names()
-    assert main(["cl", f"strategies=[{','.join(names)}]", f"scenario={scenario}", "train.epochs=1",
-                 "benchmark.variant=permuted", "benchmark.n_experiences=2", "hnet.iterations=5",
+    assert main(["cl", f"strategies=[{','.join(names)}]", f"scenario={scenario}", "train.epochs=1", data,
+                 "train.channels_last=true", "benchmark.n_experiences=2", "hnet.iterations=5",
                  f"output_dir={tmp_path}", "progress=false"]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     for name in names:

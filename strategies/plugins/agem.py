@@ -25,7 +25,8 @@ from modnet.nets.models import forward_known_tasks
 def _flat_gradients(params, device) -> torch.Tensor:
     """Every parameter's gradient as one vector, in ``named_parameters``' order as Avalanche's; zeros for a
     parameter without one (a head of another task on a multi-head model)."""
-    return torch.cat([p.grad.view(-1) if p.grad is not None else torch.zeros(p.numel(), device=device)
+    # reshape: a channels_last conv weight's gradient is not one contiguous run (view(-1) fails on it)
+    return torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=device)
                       for p in params])
 
 
