@@ -157,10 +157,13 @@ def _explain(err: Exception, base: DictConfig) -> str:
         key = _quoted(str(err))
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(base, parent) if parent else base
+        while parent and not isinstance(node, DictConfig):  # a typo in a parent (trian.epochs): name that one
+            parent, _, leaf = parent.rpartition(".")
+            node = OmegaConf.select(base, parent) if parent else base
         valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
         close = difflib.get_close_matches(leaf, valid, n=1)
         hint = f" Did you mean {(parent + '.' if parent else '') + close[0]!r}?" if close else ""
-        return f"unknown config key {key!r}.{hint} Valid keys{' under ' + parent if parent else ''}: " \
+        return f"unknown config key {key!r}.{hint} Valid keys{' under ' + parent if parent else ' at the top'}: " \
                f"{', '.join(valid)}"
     if "Could not find" in str(err) or "Available options" in str(err):
         return " ".join(line.strip() for line in msg if line.strip())
@@ -234,7 +237,10 @@ def resolve_device(name: str):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but no CUDA device is available; use device=auto or device=cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device torch knows; use auto, cpu, cuda or cuda:N") from None
 
 
 def run_as_script(main, prog: str) -> None:

@@ -26,7 +26,12 @@ What is checked (where the config has the key):
   training and present in the test set, integer labels, equal feature widths);
 * ``ratio_clock`` in ``bench``: auto, wall or thread_cpu, the last only with ``threads=1`` on the CPU;
   ``lockstep_steps`` a positive integer; ``loops``: null or distinct names of the bench's loops; ``baselines``:
-  distinct names of the strategies it can time on a second task.
+  distinct names of the strategies it can time on a second task; ``archs`` not empty, ``repeats`` >= 1,
+  ``epochs`` >= 2 (the first is a warm-up), ``ratio_rounds`` >= 0;
+* the network's and the strategies' choices and numbers where a job has them (``model.gate``, ``model.modules``,
+  ``model.head``, ``model.transform_heads``, ``task_inference.method``, ``ewc.mode`` with its ``decay_factor``,
+  ``hat.smax`` > 0, penalty weights >= 0, memory sizes > 0, ``benchmark.class_order`` without repeats), before
+  the first strategy trains.
 """
 from __future__ import annotations
 
@@ -40,6 +45,13 @@ from modnet.config import ConfigError, check_choice, check_share
 SCENARIOS = ("task", "class")                                       # scenarios.base.SCENARIOS
 ARCHS = ("auto", "mlp", "cnn", "resnet18")                           # modnet.nets.build.ARCHS
 LOGGERS = ("interactive", "text", "csv", "tensorboard", "wandb")     # modnet.eval.metrics.LOGGERS
+
+HEADS = ("linear", "cosine")                                         # modnet.nets.build.HEADS
+TASK_INFERENCE = ("auto", "gauss", "keys", "ood", "features", "heads")  # modnet.nets.build.TASK_INFERENCE
+TRANSFORM_HEADS = ("auto", "inference", "always", "never")           # modnet.nets.build.TRANSFORM_HEADS
+GATES = ("topk", "none")     # model.gate (modnet.nets.build reads it from here)
+MODULES = ("sync", "none")   # model.modules (idem)
+EWC_MODES = ("separate", "online")
 
 TRANSFORM_ROWS = "the share of each batch in the transform heads' loss; 1 = all"   # modnet.nets.build
 # task_inference.transform_copies (modnet.nets.build reads these two from here)
@@ -131,12 +143,14 @@ def validate(job: str, cfg: DictConfig) -> None:
         transform_copies(OmegaConf.select(cfg, "task_inference.transform_copies", default="auto"), rows, False)
     if job == "bench":
         _check_ratio_clock(cfg)
+        _check_bench_counts(cfg)
     if job == "cl":
         check_choice("scenario", cfg.scenario, SCENARIOS)
         check_choice("model.arch", cfg.model.arch, ARCHS)
         from strategies.memory import run_order
 
         run_order(cfg)
+    _check_strategy_options(cfg)  # the keys a job has (gzsl and explain train the modular network too)
     if "loggers" in cfg and isinstance(cfg.loggers, ListConfig):
         unknown = [name for name in cfg.loggers if name not in LOGGERS]
         if unknown:
@@ -151,6 +165,62 @@ def validate(job: str, cfg: DictConfig) -> None:
     if job in ("gzsl", "explain") and "benchmark" in cfg and cfg.benchmark.get("name") == "npz" \
             and cfg.benchmark.get("path") and not cfg.get("run_dir"):
         _check_zsl_npz(cfg.benchmark)
+
+
+def _number(cfg: DictConfig, key: str, *, minimum: float, strict: bool, integer: bool = False,
+            allow: tuple = ()) -> None:
+    """``key`` (when the config has it) a number >= ``minimum`` (> when ``strict``), an integer when ``integer``,
+    or one of ``allow``."""
+    value = OmegaConf.select(cfg, key)
+    if value is None or value in allow:  # null: the option's own default (e.g. class_ewc_lambda = ewc_lambda)
+        return
+    kind = "an integer" if integer else "a number"
+    ok = (not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+          and (value > minimum if strict else value >= minimum))
+    if not ok:
+        extra = f" or {' / '.join(map(str, allow))}" if allow else ""
+        raise ConfigError(f"config {key}={value!r} must be {kind} {'>' if strict else '>='} {minimum:g}{extra}")
+
+
+def _check_strategy_options(cfg: DictConfig) -> None:
+    """The network's and the strategies' option values that their builders would otherwise meet only when a
+    strategy is built (after the ones before it have trained) or not at all (an unknown gate ran as none)."""
+    for key, choices in (("model.gate", GATES), ("model.modules", MODULES), ("model.head", HEADS),
+                         ("model.transform_heads", TRANSFORM_HEADS), ("task_inference.method", TASK_INFERENCE),
+                         ("ewc.mode", EWC_MODES)):
+        value = OmegaConf.select(cfg, key)
+        if value is not None:
+            check_choice(key, value, choices)
+    if OmegaConf.select(cfg, "ewc.mode") == "online" and OmegaConf.select(cfg, "ewc.decay_factor") is None:
+        raise ConfigError("config ewc.mode=online needs ewc.decay_factor (the importance's decay per experience, "
+                          "in (0, 1], e.g. ewc.decay_factor=0.9)")
+    _number(cfg, "ewc.decay_factor", minimum=0, strict=True)
+    for key in ("hat.smax", "si.xi", "lwf.temperature"):
+        _number(cfg, key, minimum=0, strict=True)
+    for key in ("hat.c", "ewc.ewc_lambda", "ewc.class_ewc_lambda", "si.si_lambda", "lwf.alpha",
+                "gem.memory_strength"):
+        _number(cfg, key, minimum=0, strict=False)
+    for key in ("gem.patterns_per_exp", "agem.patterns_per_exp", "agem.sample_size", "hnet.iterations"):
+        _number(cfg, key, minimum=0, strict=True, integer=True)
+    for key in ("replay.mem_size", "der.mem_size", "derpp.mem_size"):
+        _number(cfg, key, minimum=0, strict=True, integer=True, allow=("match",))
+    order = OmegaConf.select(cfg, "benchmark.class_order")
+    if order is not None:
+        values = list(order) if isinstance(order, (list, ListConfig)) else None
+        if values is None or any(isinstance(c, bool) or not isinstance(c, int) for c in values) or \
+                len(set(values)) != len(values):
+            raise ConfigError(f"config benchmark.class_order={order!r} must list every class id once (a permutation "
+                              "of the benchmark's classes), or be null")
+
+
+def _check_bench_counts(cfg: DictConfig) -> None:
+    """``archs`` not empty, ``repeats`` >= 1 (the best of them is reported), ``epochs`` >= 2 (the first is a
+    warm-up, not counted), ``ratio_rounds`` >= 0 (0: no same-process ratios)."""
+    if "archs" in cfg and not list(cfg.archs):
+        raise ConfigError("config archs=[] names no backbone; e.g. archs=[mlp] (mlp, mlp_small, cnn, resnet18)")
+    _number(cfg, "repeats", minimum=1, strict=False, integer=True)
+    _number(cfg, "epochs", minimum=2, strict=False, integer=True)
+    _number(cfg, "ratio_rounds", minimum=0, strict=False, integer=True)
 
 
 def _check_compile(option) -> None:

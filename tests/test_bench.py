@@ -160,6 +160,22 @@ def test_baselines_are_timed_on_a_second_task_against_naives(tmp_path, capsys):
         assert len(err) == 1 and "baselines" in err[0] and ("ewc" in err[0] or bad == "modnet")
 
 
+def test_bench_counts_are_checked_and_one_sync_size_writes_strict_json(tmp_path, capsys):
+    """repeats 0 ("best of 0 runs"), one epoch (only the warm-up), no arch: one line each. One SynC size has no
+    growth exponent: null in bench.json (was NaN, which strict JSON parsers refuse)."""
+    for bad, key in (("repeats=0", "repeats"), ("epochs=1", "epochs"), ("archs=[]", "archs"),
+                     ("ratio_rounds=-1", "ratio_rounds")):
+        assert main(["bench", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and key in err[0]
+    assert main(["bench", "archs=[mlp_small]", "samples.mlp_small=256", "epochs=2", "repeats=1", "ratio_rounds=0",
+                 "isolate=false", "niwt=false", "sync_sizes=[200]", f"output_dir={tmp_path}"]) == 0
+    res = json.loads((tmp_path / "bench.json").read_text(),
+                     parse_constant=lambda c: pytest.fail(f"bench.json holds {c}"))
+    assert res["sync"]["growth_exponent_per_iteration"] is None
+    assert "no growth exponent" in (tmp_path / "bench.md").read_text()
+
+
 def _matmul_epoch(log, name, steps, products, size=192):
     """A fake training epoch: ``steps`` steps of ``products`` (size x size) matrix products each, logging when
     each step starts and ends (bench._lockstep_round's loop interface: epoch(clock, on_step) -> seconds)."""

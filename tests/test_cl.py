@@ -186,6 +186,33 @@ def test_config_errors_are_one_clear_line(override, words):
         assert w in msg
 
 
+@pytest.mark.parametrize("override, words", [
+    ("model.gate=foo", ["model.gate", "topk"]),                # ran as gate=none before
+    ("model.modules=foo", ["model.modules", "sync"]),          # idem, as modules=none
+    ("ewc.mode=foo", ["ewc.mode", "separate"]),                # Avalanche's assert, after the others trained
+    ("ewc.mode=online", ["ewc.decay_factor"]),
+    ("hat.smax=0", ["hat.smax", "> 0"]),                       # a ZeroDivisionError in the slope's annealing
+    ("hat.smax=-1", ["hat.smax", "> 0"]),                      # trained, and forgot
+    ("ewc.ewc_lambda=-1", ["ewc.ewc_lambda", ">= 0"]),         # a negative penalty
+    ("replay.mem_size=-5", ["replay.mem_size", "match"]),      # an error in Avalanche's storage policy
+    ("gem.patterns_per_exp=0", ["gem.patterns_per_exp"]),
+    ("agem.sample_size=0", ["agem.sample_size"]),              # a ZeroDivisionError in the memory loader
+    ("hnet.iterations=0", ["hnet.iterations"]),                # ran whole epochs anyway
+    ("benchmark.class_order=[0,0,1,2,3,4,5,6,7,8]", ["benchmark.class_order"]),  # an IndexError in training
+    ("task_inference.method=foo", ["task_inference.method", "features"]),  # once met at modnet's build
+    ("device=tpu", ["device", "cuda"]),                        # torch's own error
+    ("trian.epochs=1", ["trian.epochs", "Did you mean 'train'", "Valid keys at the top", "strategies"]),
+])
+def test_strategy_and_network_options_are_checked_before_anything_trains(tmp_path, capsys, override, words):
+    """A bad value of a network or strategy option stops the run with one line naming it, before the first
+    strategy trains (each of these crashed with a traceback, or ran something else, when met at its build)."""
+    out = tmp_path / "out"
+    assert main(["cl", override, "strategies=[naive,modnet,ewc]", f"output_dir={out}", "progress=false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and all(w in err[0] for w in words), err
+    assert not (out / "results.json").exists()
+
+
 def test_unknown_strategy_and_scenario_name_the_choices(tmp_path, capsys):
     assert main(["cl", "strategies=[naive,foo]", f"output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err

@@ -104,10 +104,12 @@ def test_typo_rejected_fast_without_heavy_imports(tmp_path):
 def test_choice_copies_match_their_modules():
     from modnet import validate
     from modnet.eval.metrics import LOGGERS
-    from modnet.nets.build import ARCHS, TRANSFORM_COPIES, TRANSFORM_ROWS
+    from modnet.nets.build import ARCHS, HEADS, TASK_INFERENCE, TRANSFORM_COPIES, TRANSFORM_HEADS, TRANSFORM_ROWS
     from scenarios.base import SCENARIOS
 
     assert (validate.SCENARIOS, validate.ARCHS, validate.LOGGERS) == (SCENARIOS, ARCHS, LOGGERS)
+    assert (validate.HEADS, validate.TASK_INFERENCE, validate.TRANSFORM_HEADS) == \
+        (HEADS, TASK_INFERENCE, TRANSFORM_HEADS)
     assert (validate.TRANSFORM_ROWS, validate.TRANSFORM_COPIES) == (TRANSFORM_ROWS, TRANSFORM_COPIES)
     from modnet.jobs.bench import RATIO_LOOPS
 

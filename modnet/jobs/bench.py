@@ -569,7 +569,8 @@ def bench_sync(sizes=(1000, 2000, 4000, 8000), dim: int = 16, device: str = "cpu
                   "clusters": int(model.n_clusters_)}
     ns = np.array(sorted(out))
     per_iter = np.array([out[k]["seconds"] / max(out[k]["iterations"], 1) for k in ns])
-    exponent = float(np.polyfit(np.log(ns), np.log(per_iter), 1)[0]) if len(ns) > 1 else float("nan")
+    # one size has no growth: null (JSON has no NaN)
+    exponent = float(np.polyfit(np.log(ns), np.log(per_iter), 1)[0]) if len(ns) > 1 else None
     return {"sizes": {int(k): v for k, v in out.items()}, "dim": dim,
             "growth_exponent_per_iteration": exponent}
 
@@ -737,7 +738,9 @@ def _markdown(res: dict) -> str:
         lines += [f"## SynC (dim {s['dim']})", "", "| units | seconds | iterations | clusters |", "|---|---|---|---|"]
         for n, v in s["sizes"].items():
             lines.append(f"| {n} | {v['seconds']:.2f} | {v['iterations']} | {v['clusters']} |")
-        lines += ["", f"time per iteration grows as n^{s['growth_exponent_per_iteration']:.2f}", ""]
+        growth = s["growth_exponent_per_iteration"]
+        lines += ["", "one size: no growth exponent" if growth is None else f"time per iteration grows as n^{growth:.2f}",
+                  ""]
     if "niwt_gzsl" in res:
         lines += ["## NIWT and GZSL (digits default)", "", "| step | figure |", "|---|---|"]
         lines += [f"| {k} | {v:.3g} |" for k, v in res["niwt_gzsl"].items()]

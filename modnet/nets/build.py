@@ -12,7 +12,7 @@ import numpy as np
 from torch import nn
 
 from modnet.config import ConfigError, check_choice, check_share
-from modnet.validate import TRANSFORM_COPIES, transform_copies  # noqa: F401 (TRANSFORM_COPIES: its choices)
+from modnet.validate import GATES, MODULES, TRANSFORM_COPIES, transform_copies  # noqa: F401 (TRANSFORM_COPIES: its choices)
 from modnet.nets.models import (CNNBackbone, HATCNN, HATMLP, HATNet, HATResNet18, MLPBackbone, MultiHeadNet,
                                 ResNet18Backbone, SingleHeadNet, use_cosine_heads)
 
@@ -49,6 +49,8 @@ def build_modular_network(cfg, input_shape: Sequence[int], task_classes: Sequenc
     m = cfg.model
     query_dim = int(np.prod(input_shape))
     gate = task_keys = None
+    check_choice("model.gate", m.gate, GATES)
+    check_choice("model.modules", m.modules, MODULES)
     if m.gate == "topk":
         if m.modules != "sync":
             raise ConfigError("model.gate=topk switches functional modules on and off: it needs model.modules=sync")
