@@ -53,6 +53,9 @@ def compose(job: str, overrides: Sequence[str] = ()) -> DictConfig:
     with initialize_config_module(config_module="configs", version_base=None):
         base = hydra_compose(config_name=job, overrides=[*search, *([f"benchmark={choice}"] if choice else [])])
         keep_benchmark_keys(job, base)
+        for override in overrides:  # Hydra's +key appends a key no option reads: refused as any unknown key
+            if override.startswith("+") and OmegaConf.select(base, _override_key(override)) is None:
+                raise ConfigError(_explain(KeyError(f"Key '{_override_key(override)}' is not in struct"), base))
         try:
             cfg = hydra_compose(config_name=job, overrides=[*search, *overrides])
         except (HydraException, OmegaConfBaseException) as err:

@@ -26,8 +26,8 @@ What is checked (where the config has the key):
   training and present in the test set, integer labels, equal feature widths);
 * ``ratio_clock`` in ``bench``: auto, wall or thread_cpu, the last only with ``threads=1`` on the CPU;
   ``lockstep_steps`` a positive integer; ``loops``: null or distinct names of the bench's loops; ``baselines``:
-  distinct names of the strategies it can time on a second task; ``archs`` not empty, ``repeats`` >= 1,
-  ``epochs`` >= 2 (the first is a warm-up), ``ratio_rounds`` >= 0;
+  distinct names of the strategies it can time on a second task; ``repeats`` >= 1, ``epochs`` >= 2 (the first
+  is a warm-up), ``ratio_rounds`` >= 0;
 * the network's and the strategies' choices and numbers where a job has them (``model.gate``, ``model.modules``,
   ``model.head``, ``model.transform_heads``, ``task_inference.method``, ``ewc.mode`` with its ``decay_factor``,
   ``hat.smax`` > 0, penalty weights >= 0, memory sizes > 0, ``benchmark.class_order`` without repeats), before
@@ -214,10 +214,8 @@ def _check_strategy_options(cfg: DictConfig) -> None:
 
 
 def _check_bench_counts(cfg: DictConfig) -> None:
-    """``archs`` not empty, ``repeats`` >= 1 (the best of them is reported), ``epochs`` >= 2 (the first is a
-    warm-up, not counted), ``ratio_rounds`` >= 0 (0: no same-process ratios)."""
-    if "archs" in cfg and not list(cfg.archs):
-        raise ConfigError("config archs=[] names no backbone; e.g. archs=[mlp] (mlp, mlp_small, cnn, resnet18)")
+    """``repeats`` >= 1 (the best of them is reported), ``epochs`` >= 2 (the first is a warm-up, not counted),
+    ``ratio_rounds`` >= 0 (0: no same-process ratios). ``archs=[]`` times no training loop (SynC and NIWT only)."""
     _number(cfg, "repeats", minimum=1, strict=False, integer=True)
     _number(cfg, "epochs", minimum=2, strict=False, integer=True)
     _number(cfg, "ratio_rounds", minimum=0, strict=False, integer=True)

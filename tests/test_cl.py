@@ -202,6 +202,8 @@ def test_config_errors_are_one_clear_line(override, words):
     ("task_inference.method=foo", ["task_inference.method", "features"]),  # once met at modnet's build
     ("device=tpu", ["device", "cuda"]),                        # torch's own error
     ("trian.epochs=1", ["trian.epochs", "Did you mean 'train'", "Valid keys at the top", "strategies"]),
+    ("+foo=1", ["unknown config key 'foo'"]),                  # Hydra's append: ran, reading nothing
+    ("+train.epoch=1", ["unknown config key 'train.epoch'", "train.epochs"]),
 ])
 def test_strategy_and_network_options_are_checked_before_anything_trains(tmp_path, capsys, override, words):
     """A bad value of a network or strategy option stops the run with one line naming it, before the first

@@ -241,9 +241,12 @@ def _run_all(cfg, out: Path, ckpt_dir: Path, device, run_fingerprint: dict, back
     if results["strategies"]:
         print(f"\n{info.name}, {cfg.scenario}-incremental, seeds {seeds}\n{format_table(results['strategies'])}")
         if backend is not None:  # the train s column compares unlike loops: say so under the table
-            print(f"train s: the training ran through torch.compile ({backend}), its compile included: modnet's "
-                  "forward and losses, the baselines' forwards (their losses eager); a strategy with a forward of "
-                  "its own (hnet) eager, as its line above says")
+            ran = set(results["strategies"])
+            parts = (["modnet's forward and losses"] * ("modnet" in ran)
+                     + ["the baselines' forwards (their losses eager)"] * bool(ran - {"modnet", "hnet"}))
+            print(f"train s: the training ran through torch.compile ({backend}), its compile included: "
+                  + "; ".join(parts or ["nothing compiled"])
+                  + ("; hnet, a forward of its own, trained eager, as its line above says" if "hnet" in ran else ""))
     print(f"results written to {out}/results.json")
     if failed:
         raise StrategyFailed("; ".join(f"{name} failed on seed {f['seed']}: {f['error']}" for name, f in failed.items())
