@@ -572,6 +572,20 @@ def test_gzsl_job_writes_results_for_every_method_and_continual(tmp_path):
     assert results["methods"]["niwt"]["U"] == saved["methods"]["niwt"]["U"]
 
 
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_continual_gzsl_table_shows_a_spread_only_over_several_seeds(seeds):
+    """One seed has no spread: its cells give the value alone (they read "± 0.000"), as every other table."""
+    from modnet.jobs.continual_gzsl import format_table
+
+    keys = ("U", "S", "H", "seen_accuracy", "forgetting", "class_incremental_seen_accuracy",
+            "class_incremental_forgetting")
+    exp = {"experience": 1, **{k: 0.5 for k in keys}, **{f"{k}_std": 0.0 if seeds == 1 else 0.01 for k in keys}}
+    table = format_table({"n_experiences": 1, "gamma": 0.0, "strategies": {
+        "modnet": {"experiences": [exp], "per_seed": [{"seed": s} for s in range(seeds)]}}})
+    row = table.splitlines()[-1]
+    assert row.count("0.500") == 7 and ("±" in row) == (seeds > 1)
+
+
 def test_gzsl_job_bad_data_is_reported_before_training(tmp_path):
     from modnet.config import compose
     from modnet.jobs.gzsl import run_gzsl

@@ -300,9 +300,13 @@ def format_table(continual: dict) -> str:
              f"{continual['gamma']:g}): figures after each experience, mean ± std over seeds",
              "| strategy | exp | U | S | H | seen acc | forgetting | seen acc (no task label) | forgetting (no task "
              "label) |", "|---|---|---|---|---|---|---|---|---|"]
+    from modnet.eval.tables import mean_std_cell
+
     for name, r in continual["strategies"].items():
+        runs = len(r.get("per_seed", [])) or 1
         for e in r["experiences"]:
-            cell = lambda k: f"{e[k]:.3f} ± {e[k + '_std']:.3f}"  # noqa: E731
+            # one seed has no spread to show: the value alone, as the other tables give it
+            cell = lambda k: mean_std_cell(e[k], e.get(k + "_std"), runs, "{:.3f}")  # noqa: E731
             lines.append(f"| {name} | {e['experience']} | {cell('U')} | {cell('S')} | {cell('H')} | "
                          f"{cell('seen_accuracy')} | {cell('forgetting')} | "
                          f"{cell('class_incremental_seen_accuracy')} | {cell('class_incremental_forgetting')} |")
