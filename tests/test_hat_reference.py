@@ -102,3 +102,9 @@ def test_forgetting_ratio_by_hand():
     without = {"a": {"accuracy_matrix": R}}
     add_forgetting_ratio(without, [2, 2])
     assert "rho" not in without["a"]
+    # two seeds: rho seed by seed (-0.175 and R's second seed, which equals the joint: 0), their mean and their
+    # population std, the convention of every _std in the results (0.0875; the sample std would be 0.124)
+    two = {"a": {"per_seed": [{"accuracy_matrix": R}, {"accuracy_matrix": [[0.9, 0.2], joint]}]},
+           "cumulative": {"per_seed": [{"accuracy_matrix": [[0.9, 0.2], joint]}] * 2}}
+    add_forgetting_ratio(two, [2, 2])
+    assert two["a"]["rho"] == pytest.approx(-0.0875) and two["a"]["rho_std"] == pytest.approx(0.0875)

@@ -59,7 +59,7 @@ def add_forgetting_ratio(strategies: dict, n_classes, joint: str = "cumulative")
             rhos = [forgetting_ratio(r["accuracy_matrix"], ref["accuracy_matrix"][-1], n_classes)]
         r["rho"] = float(np.mean(rhos))
         if len(rhos) > 1:
-            r["rho_std"] = float(np.std(rhos, ddof=1))
+            r["rho_std"] = float(np.std(rhos))  # population std, as every other _std of the results (tables)
 
 
 def aggregate_seeds(runs: list[dict]) -> dict:
