@@ -320,6 +320,11 @@ def test_explanations_md_names_attributes_per_module(tmp_path):
         assert f"layer0_{name}.png" in sections[name]
     assert "Units: 0, 1, 2" in sections["m0"] and "30 units in 3 modules." in text
     assert re.search(r"^\| zebra \| striped \(", text, re.M)
+    assert "Attribute scores come from" in text
+    # without class knowledge (a cl run on data with no attributes): modules and units, no note on scores
+    bare = {"layer0": {m: {"units": modules[m]} for m in modules}}
+    text = write_module_explanations_md(tmp_path / "bare.md", bare).read_text()
+    assert "### Module `m0`" in text and "Attribute scores" not in text and "Explained by" not in text
 
 
 # -- (7) `modnet explain` on the networks of `modnet cl` runs ---------------------------------------------------

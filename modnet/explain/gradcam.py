@@ -592,8 +592,11 @@ def write_module_explanations_md(path: str | Path, modules: Mapping[str, Mapping
     """
     lines = [f"# {title}", ""]
     lines += [f"> {note}" for note in notes] + ([""] if notes else [])
-    lines += ["Attribute scores come from the inverse of the knowledge -> importance map (NIWT): higher means "
-              "the attribute explains more of the importance of the module's units.", ""]
+    scored = any(entry.get("attributes") for layer_modules in modules.values() for entry in layer_modules.values()) \
+        or any((per_class or {}).values())
+    if scored:  # without class knowledge (a cl run on data with no attributes) there are no scores to explain
+        lines += ["Attribute scores come from the inverse of the knowledge -> importance map (NIWT): higher means "
+                  "the attribute explains more of the importance of the module's units.", ""]
     for layer, layer_modules in modules.items():
         lines += [f"## {layer}", ""]
         if layer_notes and layer in layer_notes:
