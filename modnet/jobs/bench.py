@@ -230,8 +230,8 @@ RATIO_LOOPS = {
 # the baselines on the second task of the two-task Permuted-X (as "modnet (second task)"): their penalties,
 # memories and distillation at work (on a first task most are naive). The bench's ``baselines`` picks them;
 # "naive (second task)" is their reference.
-RATIO_LOOPS.update({f"{name} (second task)": (f"{name}_second_task", ()) for name in BENCH_BASELINES})
 SECOND_TASK = "_second_task"
+RATIO_LOOPS.update({f"{name} (second task)": (name + SECOND_TASK, ()) for name in BENCH_BASELINES})
 SECOND_TASK_REFERENCE = "naive (second task)"  # the baselines' column of the ratio table
 COMPILED_LOOP, PLAIN_COMPILED_LOOP = "modnet (compiled)", "plain (compiled)"
 COMPILED_LOOPS = (COMPILED_LOOP, "naive (compiled)", PLAIN_COMPILED_LOOP)

@@ -32,6 +32,8 @@ from avalanche.models import avalanche_forward
 from avalanche.training.plugins import EWCPlugin
 from avalanche.training.utils import zerolike_params_dict
 
+from strategies.plugins.quadratic import add_to_gradients, weighted_distance
+
 
 class StableEWCPlugin(EWCPlugin):
     def __init__(self, ewc_lambda: float, mode: str = "separate", decay_factor: float | None = None,
@@ -64,39 +66,31 @@ class StableEWCPlugin(EWCPlugin):
         exp_counter = strategy.clock.train_exp_counter
         if exp_counter == 0:
             return
-        experiences = range(exp_counter) if self.mode == "separate" else [exp_counter - 1]
         if self.mode not in ("separate", "online"):
             raise ValueError("Wrong EWC mode.")
+        experiences = range(exp_counter) if self.mode == "separate" else [exp_counter - 1]
         params = dict(strategy.model.named_parameters())
         penalty = torch.zeros((), device=strategy.device)
         total: dict[str, torch.Tensor] = {}  # Σ_e F^e (θ - θ*^e) per parameter
-        with torch.no_grad():
-            for e in experiences:
-                names = [k for k in params if k in self.saved_params[e]]  # new parameters do not count
-                if not names:
-                    continue
-                cur = [params[k].detach() for k in names]
-                diff = torch._foreach_sub(cur, [self.saved_params[e][k].expand(p.shape) for k, p in zip(names, cur)])
-                weighted = torch._foreach_mul(diff, [self.importances[e][k].expand(p.shape)
-                                                     for k, p in zip(names, cur)])
-                penalty += torch.stack([torch.dot(w.reshape(-1), d.reshape(-1)) for w, d in zip(weighted, diff)]).sum()
-                for k, w in zip(names, weighted):
-                    total[k] = total[k].add_(w) if k in total else w
+        for e in experiences:
+            names = [k for k in params if k in self.saved_params[e]]  # new parameters do not count
+            if not names:
+                continue
+            shapes = [params[k].shape for k in names]
+            value, weighted = weighted_distance(
+                [params[k] for k in names], [self.saved_params[e][k].expand(s) for k, s in zip(names, shapes)],
+                [self.importances[e][k].expand(s) for k, s in zip(names, shapes)])
+            penalty += value
+            for k, w in zip(names, weighted):
+                total[k] = total[k].add_(w) if k in total else w
         if total:
-            names = list(total)
-            self._penalty_grad = ([params[k] for k in names], [total[k] for k in names])
+            self._penalty_grad = ([params[k] for k in total], list(total.values()))
             strategy.loss += self.ewc_lambda * penalty
 
-    @torch.no_grad()
     def after_backward(self, strategy, **kwargs):
-        if self._penalty_grad is None:
-            return
-        params, total = self._penalty_grad
-        self._penalty_grad = None
-        for p in params:  # the penalty touches every penalised parameter: each gets a gradient
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        torch._foreach_add_([p.grad for p in params], total, alpha=2 * self.ewc_lambda)
+        if self._penalty_grad is not None:
+            add_to_gradients(*self._penalty_grad, alpha=2 * self.ewc_lambda)
+            self._penalty_grad = None
 
     def compute_importances(self, model, criterion, optimizer, dataset, device, batch_size, num_workers=0):
         from modnet.runner.tensor_batches import dataset_batches, resolve_tensors

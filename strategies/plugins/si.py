@@ -25,6 +25,8 @@ import torch
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
 
+from strategies.plugins.quadratic import add_to_gradients, weighted_distance
+
 
 class SynapticIntelligence(SupervisedPlugin):
     """Adds c Σ Ω (θ - θ̃)² to ``strategy.loss`` (like Avalanche's ``EWCPlugin``); owns ω, Ω and θ̃.
@@ -43,7 +45,7 @@ class SynapticIntelligence(SupervisedPlugin):
         self._start: dict[str, Tensor] = {}  # θ at the start of the experience
         self._before_step: dict[str, Tensor] = {}  # θ(n)
         self._task_grad: dict[str, Tensor] = {}  # g(n)
-        self._penalised = False  # whether this step's loss holds the surrogate
+        self._surrogate_grad: tuple[list, list] | None = None  # (parameters, Ω (θ - θ̃)) of this step
 
     @staticmethod
     def _params(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -71,34 +73,26 @@ class SynapticIntelligence(SupervisedPlugin):
     def before_training_iteration(self, strategy, **kwargs):
         self._before_step = {n: p.detach().clone() for n, p in self._params(strategy.model).items()}
 
-    def surrogate_loss(self, model: nn.Module) -> Tensor | None:
-        """c Σ_k Ω_k (θ_k - θ̃_k)², None before the first consolidation (differentiable; training adds its value
-        and its closed-form gradient, ``before_backward`` / ``after_backward``)."""
-        terms = [(self.importance[n] * (p - self.anchor[n]) ** 2).sum() for n, p in zip(*self._tracked(model))]
-        if not terms or self.c == 0:
-            return None
-        return self.c * torch.stack(terms).sum()
-
     def before_backward(self, strategy, **kwargs):
-        with torch.no_grad():
-            penalty = self.surrogate_loss(strategy.model)
-        self._penalised = penalty is not None
-        if penalty is not None:  # its value (a constant to autograd); its gradient in after_backward
-            strategy.loss = strategy.loss + penalty
+        """c Σ_k Ω_k (θ_k - θ̃_k)² added to the loss by value (from the first experience on: Ω is 0 until a
+        consolidation); its gradient waits for after_backward."""
+        self._surrogate_grad = None
+        names, params = self._tracked(strategy.model)
+        if not params or self.c == 0:
+            return
+        value, weighted = weighted_distance(params, [self.anchor[n] for n in names],
+                                            [self.importance[n] for n in names])
+        self._surrogate_grad = (params, weighted)
+        strategy.loss = strategy.loss + self.c * value
 
     @torch.no_grad()
     def after_backward(self, strategy, **kwargs):
         names, params = self._tracked(strategy.model)
         # g: the task loss's gradient, which the backward left (a copy: the surrogate's is added in place)
         self._task_grad = {n: p.grad.clone() for n, p in zip(names, params) if p.grad is not None}
-        if not self._penalised or not params:
-            return
-        for p in params:  # the surrogate touches every tracked parameter: each gets a gradient
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        diffs = torch._foreach_sub([p.detach() for p in params], [self.anchor[n] for n in names])
-        torch._foreach_mul_(diffs, [self.importance[n] for n in names])
-        torch._foreach_add_([p.grad for p in params], diffs, alpha=2 * self.c)  # + 2 c Ω (θ - θ̃)
+        if self._surrogate_grad is not None:
+            add_to_gradients(*self._surrogate_grad, alpha=2 * self.c)  # + 2 c Ω (θ - θ̃)
+            self._surrogate_grad = None
 
     @torch.no_grad()
     def after_update(self, strategy, **kwargs):
