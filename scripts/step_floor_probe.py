@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python scripts/step_floor_probe.py [--rounds 6] [--compile] [--without PART ...]
                                                          [--loop "modnet (HAT only)"] [--count]
+                                                         [--arch cnn] [--channels-last]
 
 Builds the bench's Split-MNIST MLP (784-400-400, batch 128, 8192 synthetic samples, ``modnet.jobs.bench``) as
 ``modnet bench`` does, trains one epoch of modnet's default through Avalanche, then times, one epoch each in
@@ -16,7 +17,9 @@ which no change to the runner can go under.
 loops (``LOOPS``, the networks of ``modnet.jobs.bench.RATIO_LOOPS``; default "modnet"); one without transform
 heads has no replacement and no heads' loss. ``--compile``: the forward and the loss through
 ``torch.compile`` (inductor, static shapes, HAT's slope s as a 0-d tensor so that it compiles once); its
-compile seconds are printed (the first epoch). ``--count``: instead of timing, one step of each counted
+compile seconds are printed (the first epoch). ``--arch cnn``: the bench's small CNN on 3 x 32 x 32 inputs
+instead (``--channels-last``: both networks and the inputs in channels_last, as the bench's ``channels_last=auto``
+on the CPU). ``--count``: instead of timing, one step of each counted
 (``torch.utils.flop_counter``'s floating-point operations, and the aten ops dispatched). A probe: it reaches into the strategy's training condition.
 """
 from __future__ import annotations
@@ -38,6 +41,8 @@ def main(argv=None) -> None:
     parser.add_argument("--without", nargs="*", default=[], choices=PARTS)
     parser.add_argument("--loop", default="modnet", choices=LOOPS)
     parser.add_argument("--count", action="store_true")
+    parser.add_argument("--arch", default="mlp", choices=("mlp", "cnn"))
+    parser.add_argument("--channels-last", action="store_true")
     args = parser.parse_args(argv)
 
     from modnet.runner.cpu import prepare_cpu
@@ -53,12 +58,13 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(1)
     n, batch, dev = 8192, 128, torch.device("cpu")
-    opts = {"threads": 1, "mlp_shapes": {"mlp": {"in_dim": 784, "hidden": 400, "n_layers": 2}}}
+    opts = {"threads": 1, "channels_last": args.channels_last, "mlp_shapes": {"mlp": {"in_dim": 784, "hidden": 400, "n_layers": 2}}}
     torch.manual_seed(0)
-    x, y = bench._data("mlp", n, 10, dev, options=opts)
-    plain, plain_opt, xp = bench._plain_setup("mlp", x, opts, dev, False)
+    x, y = bench._data(args.arch, n, 10, dev, options=opts)
+    plain, plain_opt, xp = bench._plain_setup(args.arch, x, opts, dev, args.channels_last)
     _, overrides = bench.RATIO_LOOPS[args.loop]
-    strategy, exp, _ = bench._build_avalanche("modnet", "mlp", x, y, batch, 1, dev, opts, overrides=overrides)
+    strategy, exp, _ = bench._build_avalanche("modnet", args.arch, x, y, batch, 1, dev, opts, overrides=overrides)
+    x = xp  # the plain loop's inputs: channels_last where asked, as the strategy's batches are
 
     kept = {}
 
@@ -145,7 +151,7 @@ def main(argv=None) -> None:
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
     print(f"modnet step without a framework / plain step: {statistics.median(ratios):.3f}x "
           f"[{q[0]:.3f}, {q[2]:.3f}] (plain step {statistics.median(plain_s) / (n // batch) * 1e3:.2f} ms; "
-          f"{args.loop}, without: {', '.join(args.without) or 'nothing'}; {'compiled' if args.compile else 'eager'})")
+          f"{args.arch}{' channels_last' if args.channels_last else ''}, {args.loop}, without: {', '.join(args.without) or 'nothing'}; {'compiled' if args.compile else 'eager'})")
 
 
 def count_one_step(steps) -> None:
