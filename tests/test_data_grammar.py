@@ -79,11 +79,20 @@ def test_explain_on_an_image_npz(tmp_path):
     assert named and named <= {"up_left", "up_right", "down_left", "down_right"}
 
 
-def test_explain_on_digits_reads_the_benchmark_keys(tmp_path):
+def test_explain_on_digits_reads_the_benchmark_keys(tmp_path, capsys):
     assert main(["explain", "benchmark=digits", "benchmark.unseen_classes=[1,4]", *EXPLAIN_FAST,
-                 f"output_dir={tmp_path}"]) == 0
+                 "train.experiences=2", "progress=false", f"output_dir={tmp_path}"]) == 0
     results = json.loads((tmp_path / "explanations.json").read_text())
     assert results["source"]["trained_here"]["classes"] == [0, 2, 3, 5, 6, 7, 8, 9]
+    # progress (the key was refused): a line per experience trained, with the accuracy the source records, and
+    # a line per explained layer with its module count
+    out = capsys.readouterr().out
+    rows = results["source"]["trained_here"]["accuracy_matrix"]
+    for i, row in enumerate(rows):
+        assert (f"[explain seed 0] modnet experience {i + 1}/2 trained: mean accuracy on the {i + 1} seen "
+                f"{sum(row[:i + 1]) / (i + 1):.4f}") in out
+    for layer, modules in results["modules"].items():
+        assert f"[explain] task {results['task']}, {layer}: {len(modules)} modules explained (" in out
 
 
 def test_gzsl_on_an_xlsa17_folder(tmp_path):

@@ -537,7 +537,7 @@ FAST = ["progress=false", "train.epochs=10", "niwt.max_iterations=150", "niwt.ma
         "eszsl.grid_log10=[-1,0,1]", "threads=1", "methods=[niwt,eszsl,ale]"]
 
 
-def test_gzsl_job_writes_results_for_every_method_and_continual(tmp_path):
+def test_gzsl_job_writes_results_for_every_method_and_continual(tmp_path, capsys):
     from modnet.config import compose
     from modnet.jobs.gzsl import run_gzsl
 
@@ -566,6 +566,13 @@ def test_gzsl_job_writes_results_for_every_method_and_continual(tmp_path):
         for k in ("U", "S", "H", "seen_accuracy", "forgetting", "class_incremental_forgetting"):
             assert k in r["experiences"][-1] and f"{k}_std" in r["experiences"][-1]
     assert continual["modnet"]["network"]["class"] == "HATMLP"
+    # a log line per strategy, seed and experience, with the figures results.json records (it printed none)
+    out = capsys.readouterr().out
+    for name, r in continual.items():
+        for seed_run in r["per_seed"]:
+            for i, e in enumerate(seed_run["experiences"]):
+                assert (f"[continual GZSL {name} seed {seed_run['seed']}] experience {i + 1}/2: U {e['U']:.3f}, "
+                        f"S {e['S']:.3f}, H {e['H']:.3f}") in out
     assert (tmp_path / "results.csv").read_text().startswith("method,U,S,H")
     assert (tmp_path / "gzsl.png").stat().st_size > 0
     assert (tmp_path / "checkpoints" / "modnet_seed1_final.pt").exists()

@@ -3,6 +3,7 @@ unseen cluster found, a perfect gate giving Socher et al.'s two-expert figures, 
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -100,10 +101,15 @@ def test_the_gate_setting_is_the_best_h_among_those_that_keep_the_seen_share_els
     assert choose_gate_setting(h, kept * 0.5, 0.9) == 3   # none keeps 90%: the one that keeps most
 
 
-def test_gzsl_without_progress_bars_logs_one_line_per_network_and_method(tmp_path, capsys):
-    """In a log (progress=false): a line for each validation split's network and the test network, and for each
-    method on it, in order; the test network's line carries the seen accuracy results.json records."""
-    assert main(["gzsl", "methods=[eszsl,ale]", "progress=false", f"output_dir={tmp_path}", "train.epochs=5"]) == 0
+@pytest.mark.parametrize("terminal", [False, True])
+def test_gzsl_logs_one_line_per_network_and_method(tmp_path, capsys, monkeypatch, terminal):
+    """In a log (progress=false), and on a terminal with progress bars (it printed nothing there for minutes):
+    a line for each validation split's network and the test network, and for each method on it, in order; the
+    test network's line carries the seen accuracy results.json records."""
+    if terminal:
+        monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert main(["gzsl", "methods=[eszsl,ale]", f"progress={str(terminal).lower()}", f"output_dir={tmp_path}",
+                 "train.epochs=5"]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[gzsl seed 0, ")]
     stages = [f"validation split {k}/3" for k in (1, 2, 3)] + ["test"]  # digits: 3 splits of 2 pseudo-unseen

@@ -37,22 +37,6 @@ class _DriftProbe:
         pass
 
 
-class _ExperienceLine:
-    """Runner hook: one line per experience (where no progress bar shows: a log file, a pipe)."""
-
-    def __init__(self, name: str, seed: int, n: int):
-        self.name, self.seed, self.n = name, seed, n
-
-    def after_training_exp(self, index, strategy):
-        pass
-
-    def after_eval_exp(self, index, strategy, row):
-        seen = [a for a in row[: index + 1] if a == a]
-        mean = sum(seen) / len(seen) if seen else float("nan")
-        print(f"[{self.name} seed {self.seed}] experience {index + 1}/{self.n} trained: mean accuracy on the "
-              f"{index + 1} seen {mean:.4f}", flush=True)
-
-
 def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path, run_fingerprint: dict | None = None
                  ) -> dict:
     """Train ``name`` over the experiences; evaluate on the whole test stream after each one.
@@ -62,8 +46,8 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path, run_f
     from modnet.eval.metrics import build_evaluator, close_loggers
     from modnet.nets.record import save_network
     from modnet.runner.evaluation import stream_evaluator
-    from modnet.runner.runner import (finished_result, load_checkpoint, make_strategy, run_experiences,
-                                      save_finished, set_seed, strategy_result)
+    from modnet.runner.runner import (ExperienceLine, finished_result, load_checkpoint, make_strategy,
+                                      run_experiences, save_finished, set_seed, strategy_result)
     from modnet.runner.rundir import describe_difference
     from strategies.registry import get_strategy
 
@@ -95,7 +79,7 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path, run_f
 
     hooks = []
     if not (shows_progress_bars(cfg.progress) and "interactive" in cfg.loggers):
-        hooks.append(_ExperienceLine(name, seed, n))
+        hooks.append(ExperienceLine(f"[{name} seed {seed}]", n))
     if state is None:  # the drift plot needs experience 0 trained in this run
         probe_ds = bm.test_stream[0].dataset
         hooks.append(_DriftProbe(torch.stack([probe_ds[i][0] for i in range(min(256, len(probe_ds)))]).to(device)))

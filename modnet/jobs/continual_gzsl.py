@@ -237,6 +237,20 @@ class ZeroShotProbe(RunnerHook):
             "S_by_experience": s_row, "S_forgetting": _forgetting(self.s_rows)})
 
 
+class _ProbeLine(RunnerHook):
+    """Runner hook after a ``ZeroShotProbe``: one line per experience with the GZSL figures just recorded (on a
+    terminal too: the progress bars show the training, not these)."""
+
+    def __init__(self, probe: ZeroShotProbe, prefix: str, n: int):
+        self.probe, self.prefix, self.n = probe, prefix, n
+
+    def after_eval_exp(self, index: int, strategy, row: list[float]) -> None:
+        r = self.probe.records[-1]
+        print(f"{self.prefix} experience {index + 1}/{self.n}: U {r['U']:.3f}, S {r['S']:.3f}, H {r['H']:.3f}, "
+              f"seen accuracy {r['seen_accuracy']:.3f} (class-incremental "
+              f"{r['class_incremental_seen_accuracy']:.3f})", flush=True)
+
+
 def _forgetting(rows: list[list[float]]) -> float:
     """mean_{j<i} (R[j][j] - R[i][j]) with i the last row (``modnet cl``'s forgetting); 0 after one row."""
     i = len(rows) - 1
@@ -258,14 +272,14 @@ def run_continual(cfg, data: ZSLData, seed: int, device, progress: bool) -> dict
     bm = info.benchmark
     out = {}
     for name in cfg.strategies:
-        if progress:
-            print(f"=== continual GZSL | {name} | {info.name} | seed {seed} ===")
+        print(f"=== continual GZSL | {name} | {info.name} | seed {seed} ===", flush=True)
         set_seed(seed)
-        evaluator, accuracy = build_evaluator([], None, progress)
+        # Avalanche's progress bars on a terminal (build_evaluator drops them elsewhere)
+        evaluator, accuracy = build_evaluator(["interactive"], cfg.output_dir, progress)
         strategy = make_strategy(name, cfg, info, device, evaluator)
         probe = ZeroShotProbe(cfg, space, info, seed, device)
         run_experiences(strategy, bm.train_stream, stream_evaluator(bm.test_stream, accuracy), seed=seed,
-                        hooks=[probe])
+                        hooks=[probe, _ProbeLine(probe, f"[continual GZSL {name} seed {seed}]", info.n_experiences)])
         out[name] = {"experiences": probe.records, "accuracy_matrix": probe.task_aware_rows,
                      "class_incremental_accuracy_matrix": probe.class_incremental_rows,
                      "network": describe_network(strategy.model)}

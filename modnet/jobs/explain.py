@@ -154,10 +154,10 @@ def train_here(cfg: DictConfig, device: torch.device) -> ExplainedNetwork:
     """A modular network trained here with the modnet strategy on the seen classes of ``cfg.benchmark``, split into
     ``train.experiences`` experiences; the network and strategy settings are configs/cl.yaml's, with
     ``train.cl_overrides``."""
-    from modnet.eval.metrics import build_evaluator
+    from modnet.eval.metrics import build_evaluator, shows_progress_bars
     from modnet.nets.record import describe_network
     from modnet.runner.evaluation import stream_evaluator
-    from modnet.runner.runner import make_strategy, run_experiences, set_seed
+    from modnet.runner.runner import ExperienceLine, make_strategy, run_experiences, set_seed
     from scenarios.base import split_benchmark
 
     data = _load_images(cfg)
@@ -167,10 +167,14 @@ def train_here(cfg: DictConfig, device: torch.device) -> ExplainedNetwork:
     train_cfg = compose("cl", [f"scenario={t.scenario}", f"strategies=[{RUN_STRATEGY}]", f"seed={cfg.seed}",
                                f"train.epochs={t.epochs}", "progress=false", *t.cl_overrides])
     set_seed(cfg.seed)
-    evaluator, accuracy = build_evaluator([], Path(cfg.output_dir), progress=False)
+    bars = shows_progress_bars(cfg.progress)
+    # Avalanche's progress bars on a terminal (build_evaluator drops them elsewhere), else a line per experience
+    evaluator, accuracy = build_evaluator(["interactive"], Path(cfg.output_dir), bars)
     strategy = make_strategy(RUN_STRATEGY, train_cfg, info, device, evaluator)
     bm = info.benchmark
-    run = run_experiences(strategy, bm.train_stream, stream_evaluator(bm.test_stream, accuracy), seed=cfg.seed)
+    hooks = [] if bars else [ExperienceLine(f"[explain seed {cfg.seed}] {RUN_STRATEGY}", info.n_experiences)]
+    run = run_experiences(strategy, bm.train_stream, stream_evaluator(bm.test_stream, accuracy), seed=cfg.seed,
+                          hooks=hooks)
     model = strategy.model.eval()
     knowledge = ClassKnowledge(data.attributes, list(data.attribute_names), list(data.class_names))
     source = {"trained_here": {"data": data.name, "classes": data.seen_classes, "experiences": t.experiences,
@@ -441,8 +445,12 @@ def _explain_network(net: ExplainedNetwork, cfg: DictConfig, out: Path) -> dict:
         raise ValueError(f"task {task} has no test inputs to explain its modules on")
     layer_modules = gated_modules(model, task)
     _check_record(layer_modules, net.record, task, model)
-    layers = {f"layer{i}": explain_layer(net, task, i, layer_modules[i], cfg, out)
-              for i in _explained_layers(cfg.explain.layers, len(layer_modules))}
+    layers = {}
+    for i in _explained_layers(cfg.explain.layers, len(layer_modules)):
+        start = time.perf_counter()
+        layers[f"layer{i}"] = explain_layer(net, task, i, layer_modules[i], cfg, out)
+        print(f"[explain] task {task}, layer{i}: {len(layer_modules[i])} modules explained "
+              f"({time.perf_counter() - start:.1f} s)", flush=True)
     np.savez_compressed(out / "module_maps.npz", **{k: v for x in layers.values() for k, v in x.arrays.items()})
     notes = [_source_note(net.source), f"Modules of task {task}'s gates, as the network switches them."]
     if net.knowledge is None:

@@ -76,7 +76,8 @@ def train_seen_network(cfg: DictConfig, data: ZSLData, seed: int, device, progre
     info = split_benchmark(f"seen-{data.name}", *arrays, n_experiences=1, scenario="task", seed=seed,
                            class_order=range(len(seen)))
     set_seed(seed)
-    evaluator, accuracy = build_evaluator([], Path(cfg.output_dir), progress)
+    # Avalanche's progress bars on a terminal (build_evaluator drops them elsewhere)
+    evaluator, accuracy = build_evaluator(["interactive"], Path(cfg.output_dir), progress)
     strategy = make_strategy("modnet", cfg, info, device, evaluator)
     if "niwt" in cfg.methods:  # a niwt.layer the network lacks is a config error, reported before training
         from modnet.zsl.niwt import candidates, importance_layer
@@ -159,12 +160,12 @@ def score_methods(cfg: DictConfig, data: ZSLData, seed: int, device, progress: b
     """Train the modular network on ``data``'s seen classes, then score every method of ``cfg.methods``.
 
     Returns the network (extended by NIWT when it ran) and {method: [(setting, scores), ...]}: one entry per
-    candidate setting of the method (validation), or only ``params[method]`` when given. Without progress bars
-    (a log file, a pipe) one line per network and per method, prefixed with the seed and ``stage``.
+    candidate setting of the method (validation), or only ``params[method]`` when given. One line per network
+    and per method, prefixed with the seed and ``stage`` (on a terminal too: its progress bars show the
+    network's training, not the methods).
     """
     def line(text: str, since: float) -> None:
-        if not progress:
-            print(f"[gzsl seed {seed}, {stage}] {text} ({time.perf_counter() - since:.1f} s)", flush=True)
+        print(f"[gzsl seed {seed}, {stage}] {text} ({time.perf_counter() - since:.1f} s)", flush=True)
 
     torch.manual_seed(seed)
     start = time.perf_counter()

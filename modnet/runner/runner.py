@@ -152,6 +152,20 @@ class RunnerHook:
         """Experience ``index`` is trained and evaluated (``row``: its accuracy-matrix row)."""
 
 
+class ExperienceLine(RunnerHook):
+    """Runner hook: one line per experience evaluated, ``prefix`` then the mean accuracy on the experiences seen
+    so far: what a log file or a pipe shows of a run, where no progress bar does."""
+
+    def __init__(self, prefix: str, n: int):
+        self.prefix, self.n = prefix, n
+
+    def after_eval_exp(self, index: int, strategy, row: list[float]) -> None:
+        seen = [a for a in row[: index + 1] if a == a]
+        mean = sum(seen) / len(seen) if seen else float("nan")
+        print(f"{self.prefix} experience {index + 1}/{self.n} trained: mean accuracy on the {index + 1} seen "
+              f"{mean:.4f}", flush=True)
+
+
 @dataclass
 class RunRecord:
     """What a run of the experiences gives: the accuracy matrix rows and the training time."""
