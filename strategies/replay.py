@@ -1,4 +1,5 @@
-"""``replay``: Avalanche's ``Replay``: a class-balanced buffer of stored samples.
+"""``replay``: Avalanche's ``Replay`` (``Naive`` with a ``ReplayPlugin``): a class-balanced buffer of stored samples.
+The plugin is ``strategies.plugins.replay.BufferReplay``, Avalanche's without its deprecated buffer update call.
 
 Hyper-parameters, configs/training.yaml ``replay``: mem_size (stored samples in total, or ``match``: as many
 as fit in modnet's stored bytes, ``strategies.memory``).
@@ -15,5 +16,8 @@ NAME = "replay"
 def build(cfg, info, common):
     from strategies.common import avalanche_baseline
     from strategies.memory import mem_size
+    from strategies.plugins.replay import BufferReplay
 
-    return avalanche_baseline("Replay", cfg, info, common, mem_size=mem_size(cfg.replay.mem_size, NAME))
+    # as avalanche.training.Replay builds itself: Naive's template with the plugin as its first plugin
+    replay = BufferReplay(mem_size(cfg.replay.mem_size, NAME))
+    return avalanche_baseline("Naive", cfg, info, common, plugins=[replay])

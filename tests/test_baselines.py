@@ -442,3 +442,36 @@ def test_a_diverging_strategy_is_left_out_and_the_others_finish(tmp_path, capsys
     assert len(res["strategies"]["naive"]["per_seed"]) == 2
     assert res["failed"]["ewc"]["seed"] == 0
     assert ["ewc", 1] not in res["finished"] and ["naive", 1] in res["finished"]
+
+
+def test_replay_buffer_is_avalanches_without_its_deprecation_warning():
+    """``BufferReplay`` against Avalanche's ``ReplayPlugin`` (the reference): from the same random state, after
+    each of three experiences, the same samples in the buffer; and no DeprecationWarning (Avalanche's prints two
+    lines per experience: its storage policy's deprecated ``update``)."""
+    import types
+    import warnings
+
+    from avalanche.training.plugins import ReplayPlugin
+
+    from scenarios.base import split_benchmark
+    from strategies.plugins.replay import BufferReplay
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(90, 4, generator=g), torch.arange(90) % 6
+    info = split_benchmark("replay-check", x, y, x, y, 3, "class", 0)
+    ours, reference = BufferReplay(mem_size=20), ReplayPlugin(mem_size=20)
+    for exp in info.benchmark.train_stream:
+        agent = types.SimpleNamespace(experience=exp)
+        torch.manual_seed(exp.current_experience)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ours.after_training_exp(agent)
+        assert not [w for w in caught if issubclass(w.category, DeprecationWarning)]
+        torch.manual_seed(exp.current_experience)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reference.after_training_exp(agent)
+        mine, ref = ours.storage_policy.buffer, reference.storage_policy.buffer
+        assert len(mine) == len(ref) == min(20, 30 * (exp.current_experience + 1))
+        assert torch.equal(torch.stack([mine[i][0] for i in range(len(mine))]),
+                           torch.stack([ref[i][0] for i in range(len(ref))]))
