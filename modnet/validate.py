@@ -19,6 +19,8 @@ What is checked (where the config has the key):
   compiler on the PATH for inductor;
 * ``replay.mem_size`` / ``der.mem_size`` / ``derpp.mem_size`` = ``match`` in ``cl``: modnet among the
   strategies (the buffer is sized to its stored bytes, ``strategies.memory``);
+* ``benchmark.unseen_classes`` without repeats, ``benchmark.test_fraction`` in (0, 1); in ``gzsl`` ``methods``
+  (known names, no repeats) and ``calibration.mode``, in ``explain`` ``explain.backend``, among their choices;
 * ``benchmark=npz`` in ``cl``: the file's arrays (``scenarios.sources.check_npz_arrays``: integer labels,
   class ids 0..C-1, equal feature widths, ...) and that its classes split into ``n_experiences``;
 * ``benchmark=npz`` in ``gzsl`` / ``explain`` (without ``run_dir``): the zero-shot arrays
@@ -59,6 +61,12 @@ TRANSFORM_COPIES = ("auto", "all", "one", "replace")
 
 POSITIVE = ("train.epochs", "train.batch_size", "train.eval_batch_size", "benchmark.n_experiences")
 # null: torch's default (every core, or OMP_NUM_THREADS); 0, which cl and bench once read as that, is refused
+# modnet gzsl's method names and calibration modes, modnet explain's map backends: checked here, before the
+# 7-8 s of imports their registries take (modnet.zsl.registry, modnet.jobs.gzsl, modnet.explain.gradcam)
+ZSL_METHODS = ("ale", "clswgan", "devise", "eszsl", "niwt", "niwt_positives", "niwt_routed")
+CALIBRATION_MODES = ("none", "fixed", "validate")
+EXPLAIN_BACKENDS = ("captum", "pytorch_grad_cam")
+
 NON_NEGATIVE = ("modules.settle_epochs",)
 POSITIVE_OR_NULL = {"gzsl": ("threads", "large_train.threads", "clswgan.threads"), "cl": ("threads",),
                     "bench": ("threads",)}
@@ -132,6 +140,11 @@ def validate(job: str, cfg: DictConfig) -> None:
         _check_strategies(cfg.strategies)
     if "seeds" in cfg:
         _check_seeds(cfg.seeds)
+    _check_benchmark_classes(cfg)
+    if job == "gzsl":
+        _check_zsl_names(cfg)
+    if job == "explain":
+        check_choice("explain.backend", cfg.explain.backend, EXPLAIN_BACKENDS)
     for key in ("train.channels_last",) + (("channels_last",) if job == "bench" else ()):
         value = OmegaConf.select(cfg, key)
         if value not in (None, True, False, "auto"):
@@ -248,6 +261,40 @@ def _check_strategies(names) -> None:
                           "per seed (for repeats use seeds=[0,1,2])")
     for name in names:
         check_choice("strategies", name, strategy_names())
+
+
+def _check_benchmark_classes(cfg: DictConfig) -> None:
+    """``benchmark.unseen_classes`` names each class once (a repeat ran with fewer unseen classes than listed,
+    recorded as listed); ``benchmark.test_fraction`` is a share in (0, 1)."""
+    bcfg = cfg.get("benchmark")
+    if not isinstance(bcfg, DictConfig):
+        return
+    unseen = bcfg.get("unseen_classes")
+    if isinstance(unseen, ListConfig):
+        values = list(unseen)
+        repeated = sorted({c for c in values if values.count(c) > 1})
+        if repeated:
+            raise ConfigError(f"config benchmark.unseen_classes lists {repeated} more than once; name each unseen "
+                              "class once")
+    fraction = bcfg.get("test_fraction")
+    if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                 or not 0.0 < fraction < 1.0):
+        raise ConfigError(f"config benchmark.test_fraction={fraction!r} must be a number in (0, 1): the share of "
+                          "each class's samples held out for testing, e.g. 0.3")
+
+
+def _check_zsl_names(cfg: DictConfig) -> None:
+    """``methods``: known names, each once (a repeat scored the method twice into one row);
+    ``calibration.mode`` among its choices."""
+    methods = list(cfg.get("methods") or [])
+    for name in methods:
+        check_choice("methods", name, ZSL_METHODS)
+    repeated = sorted({n for n in methods if methods.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"config methods lists {', '.join(repeated)} more than once; each method is scored once "
+                          "per seed")
+    if OmegaConf.select(cfg, "calibration.mode") is not None:
+        check_choice("calibration.mode", cfg.calibration.mode, CALIBRATION_MODES)
 
 
 def _check_seeds(seeds) -> None:

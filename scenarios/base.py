@@ -39,15 +39,17 @@ def _check_scenario(scenario: str) -> None:
 
 def split_benchmark(name: str, x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
                     y_test: torch.Tensor, n_experiences: int, scenario: str, seed: int,
-                    class_order: Sequence[int] | None = None) -> BenchmarkInfo:
-    """Split-X: the classes are divided into ``n_experiences`` groups (Avalanche ``nc_benchmark``)."""
+                    class_order: Sequence[int] | None = None,
+                    experiences_key: str = "benchmark.n_experiences") -> BenchmarkInfo:
+    """Split-X: the classes are divided into ``n_experiences`` groups (Avalanche ``nc_benchmark``).
+    ``experiences_key``: the config key that set ``n_experiences``, named by the error when it does not fit."""
     from avalanche.benchmarks import nc_benchmark
 
     _check_scenario(scenario)
     classes = sorted(set(y_train.tolist()))
-    if len(classes) % n_experiences:
+    if n_experiences < 1 or len(classes) % n_experiences:
         raise ValueError(f"{len(classes)} classes cannot be split evenly into {n_experiences} experiences; "
-                         f"set benchmark.n_experiences to a divisor of {len(classes)}")
+                         f"set {experiences_key} to a divisor of {len(classes)}")
     untested = sorted(set(classes) - set(y_test.tolist()))
     if untested:  # nc_benchmark would stop with a bare KeyError on the first of them
         raise ValueError(f"{name}: classes {untested[:10]}{' ...' if len(untested) > 10 else ''} have training but "

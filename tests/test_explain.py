@@ -295,7 +295,7 @@ def test_map_figure_and_attribution_bars(tmp_path):
     heat[2, 3], heat[5, 5] = 1.0, -0.5
     png = mpimg.imread(save_map_figure(torch.rand(1, 8, 8), heat, tmp_path / "map.png", "module m", signed=True,
                                        panel_inches=2.0, dpi=50))
-    assert png.shape[0] == 125 and png.shape[1] == 330  # (3 x 2 + 0.6) x (2 + 0.5) inches at 50 dpi
+    assert png.shape[0] == 125 and png.shape[1] == 360  # (3 x 2 + 1.2) x (2 + 0.5) inches at 50 dpi
     bars = mpimg.imread(save_attribution_bars(torch.rand(10), torch.randn(10), tmp_path / "bars.png", "m",
                                               width_inches=4.0, dpi=50))
     assert bars.shape[:2] == (220, 200)

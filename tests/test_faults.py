@@ -84,11 +84,18 @@ def test_npz_classes_that_do_not_split_into_the_experiences(tmp_path, capsys):
                        f"output_dir={tmp_path / 'o'}"], "4 classes", "n_experiences=3", out=tmp_path / "o")
 
 
-def test_typo_rejected_fast_without_heavy_imports(tmp_path):
-    """`modnet cl strategies=[nope]`: exit 2 with one line, torch and Avalanche never imported (what makes the
-    rejection fast; its time is printed, not asserted: timings belong in benchmarks, not tests)."""
+@pytest.mark.parametrize("args, words", [
+    (["cl", "strategies=[nope]"], ("nope", "naive")),
+    # gzsl's method names, calibration modes and explain's backends (rejected after 7-8 s of imports before)
+    (["gzsl", "methods=[niwtt]"], ("niwtt", "niwt")),
+    (["gzsl", "calibration.mode=foo"], ("calibration.mode", "validate")),
+    (["explain", "explain.backend=gradcam"], ("explain.backend", "captum")),
+])
+def test_typo_rejected_fast_without_heavy_imports(tmp_path, args, words):
+    """`modnet cl strategies=[nope]` and the like: exit 2 with one line, torch and Avalanche never imported (what
+    makes the rejection fast; its time is printed, not asserted: timings belong in benchmarks, not tests)."""
     code = ("import sys, time; t = time.perf_counter(); from modnet.cli import main; "
-            "rc = main(['cl', 'strategies=[nope]']); "
+            f"rc = main({args!r}); "
             "print(rc, 'torch' in sys.modules, 'avalanche' in sys.modules, time.perf_counter() - t)")
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60,
@@ -97,8 +104,8 @@ def test_typo_rejected_fast_without_heavy_imports(tmp_path):
     rc, torch_loaded, avalanche_loaded, seconds = proc.stdout.split()
     assert (rc, torch_loaded, avalanche_loaded) == ("2", "False", "False"), proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "nope" in lines[0] and "naive" in lines[0]
-    print(f"strategies=[nope] rejected in {float(seconds):.2f} s in-process, {wall:.2f} s wall")
+    assert len(lines) == 1 and all(w in lines[0] for w in words), proc.stderr
+    print(f"{args} rejected in {float(seconds):.2f} s in-process, {wall:.2f} s wall")
 
 
 def test_choice_copies_match_their_modules():
@@ -114,6 +121,12 @@ def test_choice_copies_match_their_modules():
     from modnet.jobs.bench import RATIO_LOOPS
 
     assert validate.BENCH_LOOPS == tuple(RATIO_LOOPS)
+    from modnet.explain.gradcam import BACKENDS
+    from modnet.jobs.gzsl import CALIBRATION_MODES
+    from modnet.zsl.registry import zsl_method_names
+
+    assert (validate.ZSL_METHODS, validate.CALIBRATION_MODES, validate.EXPLAIN_BACKENDS) == \
+        (tuple(zsl_method_names()), CALIBRATION_MODES, BACKENDS)
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
@@ -211,3 +224,40 @@ def test_bad_zero_shot_npz_stops_the_command_before_heavy_imports(tmp_path, job)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "phantom.npz" in lines[0] and "7 rows" in lines[0], proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    # a repeated unseen class ran with one unseen class fewer, recorded as listed (ZSL accuracy 1.000)
+    (["gzsl", "benchmark.unseen_classes=[2,2]"], ("benchmark.unseen_classes", "[2]", "more than once")),
+    (["explain", "benchmark.unseen_classes=[3,1,3]"], ("benchmark.unseen_classes", "[3]")),
+    # scikit-learn's test_size message, without the key, after the imports
+    (["gzsl", "benchmark.test_fraction=1.5"], ("benchmark.test_fraction=1.5", "(0, 1)")),
+    (["cl", "benchmark.test_fraction=0"], ("benchmark.test_fraction=0", "(0, 1)")),
+    # a repeated method was scored twice into one row
+    (["gzsl", "methods=[niwt,eszsl,niwt]"], ("methods", "niwt", "more than once")),
+    # matplotlib's multi-line message, after the network had trained
+    (["explain", "explain.cmap=notacmap"], ("explain.cmap=notacmap", "colour map")),
+    (["explain", "explain.signed_cmap=RdBu_rr"], ("explain.signed_cmap", "RdBu_r")),
+])
+def test_zero_shot_and_explain_values_are_one_line_before_work(tmp_path, capsys, args, words):
+    _rejected(capsys, [*args, f"output_dir={tmp_path / 'o'}"], *words, out=tmp_path / "o")
+
+
+def test_explain_names_its_own_experiences_key(tmp_path, capsys):
+    """8 seen digits do not split into 3 experiences: the message named cl's benchmark.n_experiences."""
+    line = _rejected(capsys, ["explain", "train.experiences=3", "train.epochs=1", f"output_dir={tmp_path / 'o'}"],
+                     "train.experiences", "8 classes")
+    assert "benchmark.n_experiences" not in line
+
+
+def test_gzsl_gate_layer_beyond_the_network_stops_before_training(tmp_path, capsys):
+    """gate.layers=[5] on the digits images' CNN (3 masked layers; an MLP's are counted from model.n_layers in
+    the config): one line before the first network trains (it trained validation split 1 and scored its methods
+    first)."""
+    capsys.readouterr()
+    assert main(["gzsl", "gate.layers=[5]", "methods=[eszsl]", "train.epochs=1", "progress=false",
+                 "benchmark.image=true", f"output_dir={tmp_path / 'o'}"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "gate layer 5" in lines[0] and "3 masked layers" in lines[0], captured.err
+    assert "network trained" not in captured.out

@@ -278,3 +278,32 @@ def test_a_new_run_never_writes_over_another_runs_results(tmp_path, capsys):
     assert (out / "results.json").read_bytes() == before
     assert main([*TINY, "strategies=[naive]", f"output_dir={out}"]) == 0  # the same run again
     assert _matrices(out) == {"naive": json.loads(before)["strategies"]["naive"]["accuracy_matrix"]}
+
+
+@pytest.mark.parametrize("job, results_name", [("gzsl", "results.json"), ("explain", "explanations.json")])
+def test_gzsl_and_explain_never_write_over_another_runs_results(tmp_path, capsys, job, results_name):
+    """As modnet cl: a folder holding another run's results (its fingerprint: the same job with seed=1) is one
+    line and left untouched, and a folder in use (a live process's lock) one line, both before any training
+    (gzsl rewrote results.json and left the other run's seed checkpoints beside its own; explain rewrote its
+    explanations)."""
+    import socket
+
+    from modnet.config import compose
+    from modnet.runner.rundir import fingerprint, write_fingerprint
+
+    args = ["train.epochs=1", "progress=false"] + (["methods=[eszsl]"] if job == "gzsl" else [])
+    out = tmp_path / "other"
+    out.mkdir()
+    write_fingerprint(out, fingerprint(compose(job, [*args, "seed=1", f"output_dir={out}"])))
+    (out / results_name).write_text('{"of": "the other run"}')
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main([job, *args, "seed=0", f"output_dir={out}"]) == 2
+    _one_error_line(capsys, "another run", "seed (1 -> 0)")
+    assert _snapshot(out) == before
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / ".lock").write_text(f"{socket.gethostname()} {os.getpid()}\n")  # a live process holds it
+    assert main([job, *args, f"output_dir={busy}"]) == 2
+    _one_error_line(capsys, "in use", str(os.getpid()))
+    assert sorted(p.name for p in busy.iterdir()) == [".lock"]

@@ -344,9 +344,10 @@ def save_overlay(image: Tensor, cam: Tensor, path: str | Path, size: Sequence[in
 
 def save_overlay_grid(image: Tensor, cams: Mapping[str, Tensor], path: str | Path, ncols: int = 4,
                       size: Sequence[int] | None = None, alpha: float = 0.6, cmap: str = "jet",
-                      panel_inches: float = 2.0, dpi: int = 100, title: str | None = None) -> Path:
+                      panel_inches: float = 2.0, dpi: int = 100, title: str | None = None,
+                      bar_label: str = "map, scaled to [0, 1] per panel") -> Path:
     """One figure: the input, then one titled overlay per map in ``cams`` (classes or modules), and a colour
-    bar of the overlays' scale.
+    bar of the overlays' scale (``bar_label``).
 
     The PNG is ncols * panel_inches * dpi pixels wide and nrows * panel_inches * dpi high, with
     nrows = ceil((len(cams) + 1) / ncols).
@@ -373,7 +374,7 @@ def save_overlay_grid(image: Tensor, cams: Mapping[str, Tensor], path: str | Pat
 
     # every overlay scales its own map to [0, 1] (normalize_cam): one colour bar reads them all
     bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap), ax=list(axes), fraction=0.025, pad=0.02)
-    bar.set_label("map, scaled to [0, 1] per panel", fontsize=7)
+    bar.set_label(bar_label, fontsize=7)
     bar.ax.tick_params(labelsize=6)
     if title:
         fig.suptitle(title, fontsize=9)
@@ -400,7 +401,7 @@ def save_map_figure(image: Tensor, heat: Tensor, path: str | Path, title: str, s
                     cmap: str = "jet", signed_cmap: str = "RdBu_r", alpha: float = 0.6,
                     size: Sequence[int] | None = None, panel_inches: float = 2.6, dpi: int = 100) -> Path:
     """One map beside its input, as a PNG of three panels: the input, the map with a colour bar (its own
-    values), the map over the input (``overlay_rgb``).
+    values), the map over the input (``overlay_rgb``) with a colour bar of its [0, 1] scale.
 
     image: [H, W], [1, H, W] or [3, H, W]. heat: [h, w] (any size). ``signed`` maps (gradient x input) are
     drawn with ``signed_cmap`` centred on 0, and the overlay shows their positive part (what raises the score).
@@ -409,7 +410,10 @@ def save_map_figure(image: Tensor, heat: Tensor, path: str | Path, title: str, s
     heat = torch.as_tensor(heat).detach().float().cpu()
     if heat.dim() != 2:
         raise ValueError(f"heat must be one map [h, w], got shape {tuple(heat.shape)}")
-    fig = _figure(3 * panel_inches + 0.6, panel_inches + 0.5, dpi)
+    fig = _figure(3 * panel_inches + 1.2, panel_inches + 0.5, dpi)
+    # constrained: each colour bar gets room for its tick labels (placed by hand, the map's bar ran under the
+    # third panel and its labels were cut to "0.05", "-0.0")
+    fig.set_layout_engine("constrained")
     axes = fig.subplots(1, 3)
     shown = image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)
     axes[0].imshow(normalize_cam(shown.flatten()[None]).view_as(shown).numpy(), cmap="gray",
@@ -420,12 +424,20 @@ def save_map_figure(image: Tensor, heat: Tensor, path: str | Path, title: str, s
         drawn = axes[1].imshow(heat.numpy(), cmap=signed_cmap, vmin=-bound, vmax=bound, interpolation="nearest")
     else:
         drawn = axes[1].imshow(heat.numpy(), cmap=cmap, interpolation="nearest")
-    fig.colorbar(drawn, ax=axes[1], fraction=0.046, pad=0.04)
+    bar = fig.colorbar(drawn, ax=axes[1], shrink=0.9)
+    bar.ax.tick_params(labelsize=7)
     axes[1].set_title("gradient x input" if signed else "Grad-CAM", fontsize=8)
     axes[2].imshow(overlay_rgb(image, heat.clamp_min(0) if signed else heat, size, alpha, cmap))
     axes[2].set_title("over the input", fontsize=8)
     for ax in axes:
         ax.axis("off")
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    # the overlay's colours: the map (its positive part where signed) min-max scaled to [0, 1] (overlay_rgb)
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap), ax=axes[2], shrink=0.9)
+    bar.set_label("positive part, scaled to [0, 1]" if signed else "scaled to [0, 1]", fontsize=7)
+    bar.ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=9)
     return _save(fig, path, dpi)
 

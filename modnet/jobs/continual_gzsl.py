@@ -110,7 +110,8 @@ def build_benchmark(cfg, data: ZSLData, seed: int, device):
     space = ColumnSpace(data, seed, cfg.continual.shuffle_classes)
     n_exp = cfg.continual.n_experiences
     if n_exp < 1 or space.n_seen % n_exp:
-        raise ConfigError(f"continual.n_experiences={n_exp} must divide the {space.n_seen} seen classes evenly")
+        raise ConfigError(f"continual.n_experiences={n_exp} must be a positive divisor of the {space.n_seen} seen "
+                          "classes (they are split evenly into the experiences)")
     arrays = (*space.train, *space.test_seen)
     if cfg.train.data_on_device:
         arrays = tuple(a.to(device) for a in arrays)

@@ -22,6 +22,7 @@ Writes explanations.md, explanations.json, one PNG per module, module_maps.npz (
 """
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import time
@@ -79,6 +80,15 @@ def _check_config(cfg: DictConfig) -> None:
     for key in ("explain.top_k", "explain.max_test_samples", "train.experiences", "niwt.importance_batch_size"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"config {key} must be >= 1, got {OmegaConf.select(cfg, key)}")
+    import matplotlib  # before training: a colour map name matplotlib lacks stopped the run at its first plot
+
+    for key in ("explain.cmap", "explain.signed_cmap"):
+        name = OmegaConf.select(cfg, key)
+        if name not in matplotlib.colormaps:
+            close = difflib.get_close_matches(str(name), list(matplotlib.colormaps), n=3)
+            raise ConfigError(f"{key}={name} is not a matplotlib colour map"
+                              + (f"; did you mean {', '.join(close)}?" if close else
+                                 "; see matplotlib.colormaps (e.g. jet, viridis, RdBu_r)"))
 
 
 def _load_images(cfg: DictConfig):
@@ -163,7 +173,7 @@ def train_here(cfg: DictConfig, device: torch.device) -> ExplainedNetwork:
     data = _load_images(cfg)
     t = cfg.train
     info = split_benchmark(f"{data.name}-seen", data.x_train, data.y_train, data.x_test_seen, data.y_test_seen,
-                           t.experiences, t.scenario, cfg.seed)
+                           t.experiences, t.scenario, cfg.seed, experiences_key="train.experiences")
     train_cfg = compose("cl", [f"scenario={t.scenario}", f"strategies=[{RUN_STRATEGY}]", f"seed={cfg.seed}",
                                f"train.epochs={t.epochs}", "progress=false", *t.cl_overrides])
     set_seed(cfg.seed)
@@ -411,7 +421,10 @@ def explain_layer(net: ExplainedNetwork, task: int, layer: int, modules: dict[st
                 for j, (m, g) in enumerate(zip(maps.names, grid))}
         save_overlay_grid(shared.reshape(net.picture_shape), heat, out / f"{name}_modules.png",
                           ncols=e.grid_columns, alpha=e.alpha, cmap=e.cmap,
-                          title=f"task {task}, {name}: every module on one test input")
+                          title=f"task {task}, {name}: every module on one test input",
+                          # gradient x input is signed: the overlays show its positive part (what raises the score)
+                          bar_label="map, scaled to [0, 1] per panel" if maps.kind != INPUT_X_GRADIENT else
+                          "gradient x input, positive part, scaled to [0, 1] per panel")
     return LayerExplanation(entries, {m: float(gates[:, j].mean()) for j, m in enumerate(maps.names)},
                             {m: int(hat_on[modules[m]].sum()) for m in maps.names},
                             {c: [[a, s] for a, s in ranked] for c, ranked in per_class.items()}, maps.kind, arrays,
@@ -483,9 +496,18 @@ def _source_note(source: dict) -> str:
 
 
 def run_explain(cfg: DictConfig) -> dict:
+    from modnet.runner.rundir import RunLock, check_fresh_start, check_output_dir, fingerprint, write_fingerprint
+
     _check_config(cfg)
-    with one_cpu_thread():  # the network trained here and its explanations, the same for any thread count
-        return _run_explain(cfg)
+    out = Path(cfg.output_dir)
+    check_output_dir(out)
+    # as modnet cl: one run at a time in a folder, and another run's explanations are not written over
+    run_fingerprint = fingerprint(cfg)
+    with RunLock(out):
+        check_fresh_start(out, run_fingerprint, results_name="explanations.json")
+        write_fingerprint(out, run_fingerprint)
+        with one_cpu_thread():  # the network trained here and its explanations, the same for any thread count
+            return _run_explain(cfg)
 
 
 def _run_explain(cfg: DictConfig) -> dict:

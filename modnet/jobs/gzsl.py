@@ -84,6 +84,9 @@ def train_seen_network(cfg: DictConfig, data: ZSLData, seed: int, device, progre
 
         for setting in candidates(cfg):
             importance_layer(strategy.model, setting["niwt_layer"])
+    if cfg.gate.enabled:  # the gate's layers too (an MLP's were checked against model.n_layers already)
+        for layer in _gate_layers(cfg.gate):
+            _check_gate_layer_index(layer, len(strategy.model.unit_taps))
     bm = info.benchmark
     record = run_experiences(strategy, bm.train_stream, stream_evaluator(bm.test_stream, accuracy), seed=seed)
     return SeenNetwork(strategy.model.eval(), data, seed, device, progress, seen_accuracy=record.rows[-1][0])
@@ -543,11 +546,25 @@ def _check_gate_layer(cfg: DictConfig) -> None:
 
 def run_gzsl(cfg: DictConfig) -> dict:
     """Run the GZSL comparison described by ``cfg`` (configs/gzsl.yaml) and write its outputs."""
+    from modnet.runner.rundir import RunLock, check_fresh_start, check_output_dir, fingerprint, write_fingerprint
+
+    _check(cfg)
+    out_dir = Path(cfg.output_dir)
+    check_output_dir(out_dir)
+    # as modnet cl: one run at a time in a folder, and a folder holding another run's results is not written over
+    # (its results.json, and its seeds' checkpoints beside this run's)
+    run_fingerprint = fingerprint(cfg)
+    with RunLock(out_dir):
+        check_fresh_start(out_dir, run_fingerprint)
+        write_fingerprint(out_dir, run_fingerprint)
+        return _run_gzsl(cfg, out_dir)
+
+
+def _run_gzsl(cfg: DictConfig, out_dir: Path) -> dict:
     from modnet.jobs import continual_gzsl
     from modnet.runner.cpu import prepare_cpu
     from modnet.nets.record import describe_network, save_network
 
-    _check(cfg)
     cfg = with_benchmark_width(cfg)
     device = resolve_device(cfg.device)
     prepare_cpu()  # before the first parallel op starts torch's CPU threads (they inherit the mode)
@@ -560,7 +577,6 @@ def run_gzsl(cfg: DictConfig) -> dict:
             cfg.clswgan.threads = all_threads
     seeds = [int(s) for s in cfg.seeds] if cfg.get("seeds") else [int(cfg.seed)]
     progress = shows_progress_bars(cfg.progress)  # tqdm bars only on a terminal (logs stay readable)
-    out_dir = Path(cfg.output_dir)
     t0 = time.perf_counter()
     b = cfg.benchmark
     per_seed, continual, networks, data = [], [], [], None

@@ -171,16 +171,18 @@ def check_resume(out: Path, current: dict) -> None:
     """``resume=true``: the folder's fingerprint must be ``current``; else one line naming the keys that differ."""
     stored = read_fingerprint(out)
     if stored is not None and stored != current:
+        # resume=false would not start over there either where that run has results (check_fresh_start)
         raise ConfigError(f"resume=true but {out} holds a different run; differing keys: "
                           f"{describe_difference(stored, current)}. Run with the same settings, or choose "
-                          "another output_dir (or resume=false to start over there)")
+                          "another output_dir, or remove that folder to start over there")
 
 
-def check_fresh_start(out: Path, current: dict) -> None:
-    """``resume=false``: a folder that holds the results of another run (another fingerprint) is not written
-    over, so that no finished result is lost; the same run started again recomputes the same numbers and may."""
+def check_fresh_start(out: Path, current: dict, results_name: str = "results.json") -> None:
+    """``resume=false``: a folder that holds the results (``results_name``) of another run (another fingerprint)
+    is not written over, so that no finished result is lost; the same run started again recomputes the same
+    numbers and may."""
     stored = read_fingerprint(out)
-    if stored is not None and stored != current and (Path(out) / "results.json").exists():
+    if stored is not None and stored != current and (Path(out) / results_name).exists():
         raise ConfigError(f"{out} holds the results of another run (differing keys: "
                           f"{describe_difference(stored, current)}); choose another output_dir, or remove that "
                           "folder to start over there")
