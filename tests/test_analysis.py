@@ -201,6 +201,24 @@ def test_compare_models_permuted_copy_has_cka_one_and_streaming_matches_full():
     assert torch.allclose(streamed.diagonal(), torch.ones(2, dtype=streamed.dtype), atol=1e-10)
     assert torch.allclose(full.diagonal(), torch.ones(2, dtype=full.dtype), atol=1e-10)
     assert float(full[0, 1]) < 1.0
+    # an unrelated network (a copy of the first passes whether or not the second model is read): every entry is
+    # linear CKA written out here in numpy on the layers' own outputs, ||Yc' Xc||^2 / (||Xc' Xc|| ||Yc' Yc||)
+    # (Kornblith et al. 2019 eq. 5); the streamed estimate (4 batches of 64, unbiased HSIC per batch) is near it
+    unrelated = mlp(7)
+    full = compare_models(model, unrelated, x, ["0", "2"], ["0", "2"], minibatch=False)
+    streamed = compare_models(model, unrelated, loader, ["0", "2"], ["0", "2"], minibatch=True)
+
+    def linear_cka_np(X, Y):
+        X, Y = X - X.mean(0), Y - Y.mean(0)
+        return np.linalg.norm(Y.T @ X) ** 2 / (np.linalg.norm(X.T @ X) * np.linalg.norm(Y.T @ Y))
+
+    with torch.no_grad():
+        outs_a = [model[0](x).double().numpy(), model(x).double().numpy()]
+        outs_b = [unrelated[0](x).double().numpy(), unrelated(x).double().numpy()]
+    expected = np.array([[linear_cka_np(a, b) for b in outs_b] for a in outs_a])
+    np.testing.assert_allclose(full.numpy(), expected, rtol=1e-6)
+    assert (expected < 0.9).all()  # far from the permuted copy's 1
+    np.testing.assert_allclose(streamed.numpy(), expected, atol=0.05)
 
 
 def test_plot_cka_heatmap_writes_a_png(tmp_path):

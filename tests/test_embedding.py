@@ -257,6 +257,13 @@ def test_sp_loss_vanishes_for_same_similarities_and_ignores_activation_scale():
     # and widths may differ between the paired layers.
     teacher = torch.rand(16, 40)
     assert sp_loss([3.0 * feats], [teacher]).item() == pytest.approx(sp_loss([feats], [teacher]).item(), rel=1e-5)
+    # by hand: student I (its G is I), teacher rows both [1, 0] (G rows [1, 1] / sqrt 2):
+    # ||G_T - G_S||^2 = 2 (1/sqrt2 - 1)^2 + 2 (1/2) = 4 - 2 sqrt2, over b^2 = 4: (2 - sqrt2) / 2
+    student = torch.eye(2, requires_grad=True)
+    loss = sp_loss([student], [torch.tensor([[1.0, 0.0], [1.0, 0.0]])])
+    assert loss.item() == pytest.approx((2 - 2 ** 0.5) / 2, rel=1e-6)
+    loss.backward()
+    assert student.grad.abs().sum() > 0  # the student is pulled towards the teacher's similarities
     with pytest.raises(ValueError, match="no submodules"):
         SPKDPlugin(nn.Sequential(nn.Linear(2, 2)), {"0": "nope"})
 

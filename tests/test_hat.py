@@ -123,10 +123,16 @@ def test_gradient_is_zero_exactly_where_both_units_are_fully_protected(arch):
     else:
         model = HATCNN((1, 4, 4), [[0, 1], [2, 3]], channels=(3,), hidden=5)
         x = torch.randn(8, 1, 4, 4)
-    # Hand-set cumulative masks: some units fully used by task 0, some partly, some free.
+    # Hand-set cumulative masks: some units fully used by task 0, some partly, some free; each layer its own
+    # pattern, so that a layer's input mask (the layer below's, written out here) is not its own
+    patterns = [torch.tensor(p) for p in ([1.0, 1.0, 0.0, 0.5, 0.0], [0.0, 0.5, 1.0, 1.0, 1.0],
+                                          [1.0, 0.0, 0.5, 1.0, 1.0])]
     for i, buf in enumerate(model.cumulative_masks()):
-        pattern = torch.tensor([1.0, 1.0, 0.0, 0.5, 0.0])[: buf.numel()]
-        buf.copy_(pattern)
+        buf.copy_(patterns[i][: buf.numel()])
+    if arch == "mlp":
+        hand_ins = [None, patterns[0], patterns[1]]
+    else:  # the fc layer reads the conv's 3 channels flattened over its 2 x 2 pooled map, channel-major
+        hand_ins = [None, patterns[0][:3].repeat_interleave(4)]
     plugin = HATPlugin(smax=400)
     strat = _fake_strategy(model, 1, 10.0)
     plugin.before_training_exp(strat)
@@ -134,8 +140,7 @@ def test_gradient_is_zero_exactly_where_both_units_are_fully_protected(arch):
     out.sum().backward()
     raw = {id(l.weight): l.weight.grad.clone() for l in model.masked}
     plugin.before_update(strat)
-    ins = model.input_masks()
-    for layer, in_m in zip(model.masked, ins):
+    for layer, in_m in zip(model.masked, hand_ins):
         g, g0 = layer.weight.grad, raw[id(layer.weight)]
         out_m = [b for b in model.cumulative_masks()][list(model.masked).index(layer)]
         g2 = g.reshape(g.shape[0], g.shape[1], -1)
@@ -155,12 +160,15 @@ def test_gradient_is_zero_exactly_where_both_units_are_fully_protected(arch):
 
 def test_cumulative_mask_is_elementwise_max():
     model = HATMLP(4, [[0, 1], [2, 3]], hidden=3, n_layers=1, smax=400)
-    with torch.no_grad():
-        model.masked[0].task_embedding.weight.copy_(torch.tensor([[1.0, -1.0, 1.0], [-1.0, 1.0, -1.0]]))
+    with torch.no_grad():  # overlapping and soft masks, where a max and a sum (or a last-wins copy) differ
+        model.masked[0].task_embedding.weight.copy_(torch.tensor([[-1.0, -1.0, 1.0], [0.001, 1.0, 1.0]]))
     model.consolidate(0)
-    assert torch.allclose(model.cumulative_masks()[0], torch.tensor([1.0, 0.0, 1.0]), atol=1e-6)
+    assert torch.allclose(model.cumulative_masks()[0], torch.tensor([0.0, 0.0, 1.0]), atol=1e-6)
     model.consolidate(1)
-    assert torch.allclose(model.cumulative_masks()[0], torch.ones(3), atol=1e-6)
+    soft = 1 / (1 + math.exp(-0.4))  # sigmoid(400 x 0.001) = 0.599
+    assert torch.allclose(model.cumulative_masks()[0], torch.tensor([soft, 1.0, 1.0]), atol=1e-6)
+    model.consolidate(0)  # task 0 again: the max keeps task 1's units
+    assert torch.allclose(model.cumulative_masks()[0], torch.tensor([soft, 1.0, 1.0]), atol=1e-6)
     assert int(model.n_trained) == 2 and model.trained == 2
     # the host's count follows a loaded state dict (a resumed run): evaluation reads it, not the buffer
     fresh = HATMLP(4, [[0, 1], [2, 3]], hidden=3, n_layers=1, smax=400)

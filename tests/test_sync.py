@@ -309,6 +309,13 @@ def test_sync_diagnostics_average_over_batches():
     batched = sync_diagnostics(torch.stack([F, F[[1, 0, 2]]]), 0.1)  # a permutation changes nothing
     assert batched["largest_cluster_size"] == 2
     assert batched["share_with_neighbours"] == pytest.approx(2 / 3)
+    # a second batch of three vectors with no neighbour at eps 0.1 (cosine distances 1, 1, 2): the mean of
+    # the two batches' figures, by hand: share (2/3 + 0) / 2, neighbours per item (2/3 + 0) / 2, largest (2 + 1) / 2
+    lonely = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    mixed = sync_diagnostics(torch.stack([F, lonely]), 0.1)
+    assert mixed["share_with_neighbours"] == pytest.approx(1 / 3)
+    assert mixed["mean_neighbour_count"] == pytest.approx(1 / 3)
+    assert mixed["largest_cluster_size"] == pytest.approx(1.5)
 
 
 def test_sync_loss_rejects_bad_input():
@@ -416,19 +423,27 @@ def test_sync_regulariser_is_the_mean_over_layers_of_any_widths():
     assert float(strat.loss) == pytest.approx(want, rel=1e-6)
 
 
-def test_modules_cluster_algorithm_reaches_sync():
+def test_modules_cluster_algorithm_reaches_sync(monkeypatch):
     """modules.cluster.algorithm (configs/training.yaml) goes through cluster_layers to SynC: the grid variant
-    finds the planted modules the exact one finds, and an unknown name stops."""
+    runs (its iteration is called: the grid and exact variants return the same clusters, so equal labels alone
+    cannot tell that the option arrived) and finds the planted modules the exact one finds, and an unknown name
+    stops."""
     from modnet.config import compose
+    from modnet.methods import sync
     from modnet.nets.modules import cluster_layers
 
     assert compose("cl").modules.cluster.algorithm == "auto"
+    grid_calls = []
+    real = sync._grid_iteration
+    monkeypatch.setattr(sync, "_grid_iteration", lambda *a, **kw: grid_calls.append(1) or real(*a, **kw))
     g = torch.Generator().manual_seed(0)
     latent = torch.randn(3, 120, generator=g)
     planted = torch.arange(30) % 3
     profiles = [latent[planted] + 0.2 * torch.randn(30, 120, generator=g)]
     (exact, _), = cluster_layers(profiles, steps=60, min_modules=2, max_modules=8, algorithm="exact")
+    assert not grid_calls
     (grid, _), = cluster_layers(profiles, steps=60, min_modules=2, max_modules=8, algorithm="grid")
+    assert grid_calls
     assert torch.equal(exact, grid) and adjusted_rand_score(planted.numpy(), grid.numpy()) == 1.0
     with pytest.raises(ValueError, match="algorithm"):
         cluster_layers(profiles, steps=1, algorithm="kdtree")

@@ -107,6 +107,19 @@ def test_transforms_keep_shape_and_are_fixed_maps(name):
     assert torch.equal(TRANSFORMS["reverse"](torch.arange(4.0).view(1, 4)), torch.tensor([[3.0, 2, 1, 0]]))
     img = torch.arange(4.0).view(1, 1, 2, 2)
     assert torch.equal(TRANSFORMS["rot180"](img), TRANSFORMS["reverse"](img))
+    # by hand on the 3 x 3 image 0..8 (rows [0 1 2], [3 4 5], [6 7 8]), as an image and as a vector of 9
+    by_hand = {"reverse": [8, 7, 6, 5, 4, 3, 2, 1, 0], "negate": [-v for v in range(9)],
+               "reverse_negate": [-v for v in range(8, -1, -1)],
+               "rot90": [2, 5, 8, 1, 4, 7, 0, 3, 6],    # a quarter turn counter-clockwise
+               "rot180": [8, 7, 6, 5, 4, 3, 2, 1, 0], "rot270": [6, 3, 0, 7, 4, 1, 8, 5, 2],
+               "shift": [5, 6, 7, 8, 0, 1, 2, 3, 4]}   # rolled by half the length (9 // 2 = 4)
+    for x in (torch.arange(9.0).view(1, 1, 3, 3), torch.arange(9.0).view(1, 9)):
+        y = TRANSFORMS[name](x)
+        if name in by_hand:
+            assert y.flatten().tolist() == by_hand[name]
+        else:  # permute: a fixed permutation of the entries, neither the identity nor the reversal
+            assert sorted(y.flatten().tolist()) == list(range(9)) and y.flatten().tolist() not in (
+                list(range(9)), by_hand["reverse"])
 
 
 def test_joint_labels_and_ensemble_pick_each_transform_block():
@@ -402,7 +415,13 @@ def test_feature_gaussians_find_the_task_that_the_heads_confidence_cannot(tmp_pa
     per_task = [len(getattr(model.task_features, f"units_{t}")) for t in range(2)]
     assert all(0 < a <= 32 for a in per_task)  # model.hidden in _train_modnet
     floats = sum(2 * (1 + a + a * (a + 1) // 2) for a in per_task) + 2 * 2
-    assert modnet_bytes(SimpleNamespace(model=model), None) >= 4 * floats + 8 * sum(per_task)
+    # exactly what the Gaussians add to the count (a lower bound held with them left out: the masks and gates
+    # alone are ~9 kB)
+    without = SimpleNamespace(
+        state_dict=lambda: {k: v for k, v in model.state_dict().items() if not k.startswith("task_features.")},
+        task_ood_read_at_inference=model.task_ood_read_at_inference)
+    added = modnet_bytes(SimpleNamespace(model=model), None) - modnet_bytes(SimpleNamespace(model=without), None)
+    assert added == 4 * floats + 8 * sum(per_task)
 
 
 def test_ungated_feature_gaussians_model_relu_of_the_first_layer_under_the_hat_mask(tmp_path):
@@ -588,6 +607,13 @@ def test_feature_ood_weight_trains_the_csi_heads_and_adds_their_standardised_sco
     tf, ood = model.task_features, model.task_ood
     assert tf is not None and ood is not None and tf.ood_weight == 0.5
     assert (ood.score_std != 1).all() and (ood.score_mean != 0).all()  # calibrated on both tasks' data
+    # trained: on each task's inputs its head names which transform was applied (identity or reversed) far above
+    # chance (1/2); untrained heads (their loss left out) pass every check below but this one
+    for t in range(2):
+        with torch.no_grad():
+            blocks = ood.blocks(model, x[y // 2 == t], t)  # K (applied) x B x K (block) x n_t
+        named = blocks.logsumexp(3).argmax(2)
+        assert (named == torch.arange(ood.n_transforms).unsqueeze(1)).float().mean() >= 0.9, t
     with torch.no_grad():
         z = tf.task_scores(model, x, 2)
         tf.ood_weight = 0.0
