@@ -471,6 +471,11 @@ def test_run_dir_errors_are_one_line(cl_runs, tmp_path, capsys):
     assert main(["explain", f"run_dir={tmp_path / 'missing'}", f"output_dir={tmp_path / 'out'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not exist" in err
+    (tmp_path / "a_file").write_text("not a run")  # it said "does not exist"
+    assert main(["explain", f"run_dir={tmp_path / 'a_file'}", f"output_dir={tmp_path / 'out2'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a file, not a folder" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()  # nothing made
     baseline = tmp_path / "baseline_run"
     (baseline / "checkpoints").mkdir(parents=True)
     for name in ("config.yaml", "results.json"):

@@ -6,6 +6,7 @@ importance structure that must be recovered, hand-computed GZSL figures, ESZSL's
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import math
 
@@ -573,7 +574,14 @@ def test_gzsl_job_writes_results_for_every_method_and_continual(tmp_path, capsys
             for i, e in enumerate(seed_run["experiences"]):
                 assert (f"[continual GZSL {name} seed {seed_run['seed']}] experience {i + 1}/2: U {e['U']:.3f}, "
                         f"S {e['S']:.3f}, H {e['H']:.3f}") in out
-    assert (tmp_path / "results.csv").read_text().startswith("method,U,S,H")
+    # the CSV's U, S, H are the table's headline, uncalibrated (they were the calibrated ones under the same names)
+    with open(tmp_path / "results.csv", newline="") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    for name, r in saved["methods"].items():
+        for k in ("U", "S", "H"):
+            assert float(rows[name][k]) == pytest.approx(r["uncalibrated"][k])
+            assert float(rows[name][f"calibrated_{k}"]) == pytest.approx(r[k])
+            assert float(rows[name][f"{k}_std"]) == pytest.approx(r["uncalibrated"][f"{k}_std"])
     assert (tmp_path / "gzsl.png").stat().st_size > 0
     assert (tmp_path / "checkpoints" / "modnet_seed1_final.pt").exists()
     assert results["methods"]["niwt"]["U"] == saved["methods"]["niwt"]["U"]
@@ -724,3 +732,20 @@ def test_positives_scale_scores_an_unseen_class_mean_as_the_seen_rows_score_thei
     assert torch.allclose(w, w_neg)
     with pytest.raises(ValueError, match="knowledge"):
         match_seen_scale(direction, torch.zeros(n_unseen), w_s, b_s, features, own, "positives")
+
+
+def test_gzsl_table_gives_each_seeds_choice_a_spread_and_drops_calibration_it_did_not_run():
+    """The gamma and the gate quantile chosen per seed read mean ± std as every cell (0.99 and 0.9 printed '0.95'
+    with no spread); calibration.mode=none leaves out the calibrated columns (they repeated the uncalibrated ones
+    at gamma 0)."""
+    from modnet.jobs.gzsl import format_table
+
+    fig = {"U": 0.5, "S": 0.7, "H": 0.583, "zsl_accuracy": 0.6}
+    std = {f"{k}_std": 0.01 for k in fig}
+    entry = {**fig, **std, "gamma": 1.5, "gamma_std": 0.5, "uncalibrated": {**fig, **std},
+             "gated": {**fig, **std, "quantile": 0.945, "quantile_std": 0.045}}
+    header, _, row = format_table({"niwt": entry}, 2).splitlines()
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    assert cells["gamma"] == "1.5 ± 0.5" and cells["gate q"] == "0.945 ± 0.045"
+    header, _, row = format_table({"niwt": entry}, 2, calibrated=False).splitlines()
+    assert "calibrated" not in header and "gamma" not in header and "H (gated)" in header

@@ -80,6 +80,8 @@ def _check_config(cfg: DictConfig) -> None:
     for key in ("explain.top_k", "explain.max_test_samples", "train.experiences", "niwt.importance_batch_size"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"config {key} must be >= 1, got {OmegaConf.select(cfg, key)}")
+    if cfg.run_dir:  # before the output folder is made
+        _check_run_dir(cfg.run_dir)
     import matplotlib  # before training: a colour map name matplotlib lacks stopped the run at its first plot
 
     for key in ("explain.cmap", "explain.signed_cmap"):
@@ -89,6 +91,20 @@ def _check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={name} is not a matplotlib colour map"
                               + (f"; did you mean {', '.join(close)}?" if close else
                                  "; see matplotlib.colormaps (e.g. jet, viridis, RdBu_r)"))
+
+
+def _check_run_dir(path) -> Path:
+    """``run_dir`` holds a finished run's config.yaml and results.json (one line otherwise)."""
+    run_dir = Path(path).expanduser()
+    if not run_dir.is_dir():
+        what = "is a file, not a folder" if run_dir.exists() else "does not exist"
+        raise FileNotFoundError(f"run_dir {run_dir} {what}; give the output folder of a finished "
+                                "`modnet cl` (or `modnet gzsl`) run of the modnet strategy")
+    for name in ("config.yaml", "results.json"):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"run_dir {run_dir} has no {name}: not the output folder of a finished "
+                                    "`modnet cl` (or `modnet gzsl`) run")
+    return run_dir
 
 
 def _load_images(cfg: DictConfig):
@@ -108,14 +124,7 @@ def load_run(cfg: DictConfig, device: torch.device) -> ExplainedNetwork:
     """The final modular network of the run in ``cfg.run_dir``, with its benchmark's test inputs."""
     from modnet.nets.record import load_network
 
-    run_dir = Path(cfg.run_dir).expanduser()
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run_dir {run_dir} does not exist; give the output folder of a finished "
-                                "`modnet cl` (or `modnet gzsl`) run of the modnet strategy")
-    for name in ("config.yaml", "results.json"):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"run_dir {run_dir} has no {name}: not the output folder of a finished "
-                                    "`modnet cl` (or `modnet gzsl`) run")
+    run_dir = _check_run_dir(cfg.run_dir)
     run_cfg = OmegaConf.load(run_dir / "config.yaml")
     results = json.loads((run_dir / "results.json").read_text())
     seeds = results.get("seeds") or [results.get("seed", run_cfg.get("seed", 0))]

@@ -390,17 +390,21 @@ def _aggregate(per_seed: list[dict]) -> dict:
     return out
 
 
-def format_table(methods: dict, n_seeds: int) -> str:
-    """Xian et al.'s protocol first (uncalibrated U, S, H, ZSL accuracy), calibrated stacking beside it."""
-    def cell(r: dict, k: str) -> str:
-        return mean_std_cell(r[k], r[f"{k}_std"], n_seeds, "{:.3f}")
+def format_table(methods: dict, n_seeds: int, calibrated: bool = True) -> str:
+    """Xian et al.'s protocol first (uncalibrated U, S, H, ZSL accuracy), calibrated stacking beside it (not with
+    ``calibrated`` false: calibration.mode=none, where its columns repeat the uncalibrated ones at gamma 0), then
+    the gated figures. The gamma and the gate's quantile chosen per seed: their mean ± std, as every cell."""
+    def cell(r: dict, k: str, fmt: str = "{:.3f}") -> str:
+        return mean_std_cell(r[k], r[f"{k}_std"], n_seeds, fmt)
 
     gated = all("gated" in r for r in methods.values())
-    rows = [[name, *[cell(r["uncalibrated"], k) for k in METRICS], *[cell(r, k) for k in ("U", "S", "H")],
-             f"{r['gamma']:.3g}", *([cell(r["gated"], k) for k in ("U", "S", "H")] + [f"{r['gated']['quantile']:.2g}"]
-                                    if gated else [])] for name, r in methods.items()]
-    return markdown_table(["method", "U", "S", "H", "ZSL acc", "U (calibrated)", "S (calibrated)", "H (calibrated)",
-                           "gamma", *(["U (gated)", "S (gated)", "H (gated)", "gate q"] if gated else [])], rows)
+    rows = [[name, *[cell(r["uncalibrated"], k) for k in METRICS],
+             *([cell(r, k) for k in ("U", "S", "H")] + [cell(r, "gamma", "{:.3g}")] if calibrated else []),
+             *([cell(r["gated"], k) for k in ("U", "S", "H")] + [cell(r["gated"], "quantile", "{:.3g}")]
+               if gated else [])] for name, r in methods.items()]
+    return markdown_table(["method", "U", "S", "H", "ZSL acc",
+                           *(["U (calibrated)", "S (calibrated)", "H (calibrated)", "gamma"] if calibrated else []),
+                           *(["U (gated)", "S (gated)", "H (gated)", "gate q"] if gated else [])], rows)
 
 
 def _write_outputs(out_dir: Path, results: dict) -> None:
@@ -408,13 +412,23 @@ def _write_outputs(out_dir: Path, results: dict) -> None:
     tmp = out_dir / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2))
     tmp.replace(out_dir / "results.json")
+    # the columns as the printed table's: U, S, H, zsl_accuracy are the headline's, uncalibrated (Xian et al.),
+    # then the calibrated ones with gamma, then the gated ones where the gate ran; mean and _std over seeds
+    # (results.json keeps its layout: a method's top-level U, S, H are the calibrated ones)
+    rows = {name: {**{k: r["uncalibrated"][k] for k in METRICS},
+                   **{f"{k}_std": r["uncalibrated"][f"{k}_std"] for k in METRICS},
+                   **{f"calibrated_{k}": r[k] for k in ("U", "S", "H", "gamma")},
+                   **{f"calibrated_{k}_std": r[f"{k}_std"] for k in ("U", "S", "H", "gamma")},
+                   **({f"gated_{k}": r["gated"][k] for k in ("U", "S", "H", "quantile")} if "gated" in r else {}),
+                   **({f"gated_{k}_std": r["gated"][f"{k}_std"] for k in ("U", "S", "H", "quantile")}
+                      if "gated" in r else {})}
+            for name, r in results["methods"].items()}
+    columns = list(dict.fromkeys(k for row in rows.values() for k in row))
     with open(out_dir / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        keys = [*METRICS, "gamma"]
-        writer.writerow(["method", *keys, *[f"{k}_std" for k in keys], *[f"uncalibrated_{k}" for k in METRICS]])
-        for name, r in results["methods"].items():
-            writer.writerow([name, *[r[k] for k in keys], *[r[f"{k}_std"] for k in keys],
-                             *[r["uncalibrated"][k] for k in METRICS]])
+        writer.writerow(["method", *columns])
+        for name, row in rows.items():
+            writer.writerow([name, *[row.get(k, "") for k in columns]])
     _plot(out_dir / "gzsl.png", results)
 
 
@@ -622,7 +636,7 @@ def _run_gzsl(cfg: DictConfig, out_dir: Path) -> dict:
           f"seeds {seeds}, calibration={cfg.calibration.mode}, {results['seconds']:.1f}s")
     print(f"modular network {results['network']['class']}: seen accuracy {results['seen_only_accuracy']:.3f} "
           "(over the seen classes, before NIWT)")
-    print(format_table(results["methods"], len(seeds)))
+    print(format_table(results["methods"], len(seeds), calibrated=cfg.calibration.mode != "none"))
     if continual:
         print(continual_gzsl.format_table(results["continual"]))
     print(f"results: {out_dir / 'results.json'}")
