@@ -14,6 +14,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from matplotlib import image as mpimg
 from torch import nn
 
@@ -430,6 +431,37 @@ def test_mlp_module_map_is_gradient_x_input_of_its_summed_units(cl_runs, explain
             x = torch.as_tensor(maps[f"{layer}/{module}/input"])
             expected = hand_input_x_gradient(model, result["task"], int(layer[5:]), entry["units"], x)
             torch.testing.assert_close(torch.as_tensor(maps[f"{layer}/{module}/map"]), expected, atol=1e-5, rtol=0)
+
+
+def test_cnn_module_cam_is_its_masked_channels_summed(cl_runs, explained):
+    """On the trained HATCNN, a conv module's Grad-CAM at the layer's resolution is ReLU(sum_{c in m} A_c) / (HW)
+    (its score: the channels' spatial means summed), with A the layer's output written out here: every conv
+    block m_l * maxpool(ReLU(conv_l h)), m_l the task's mask times the input's module gates (a module the gate
+    switched off has A_c = 0, so a zero map). The maps' other tests compare modules with each other: a path
+    without the masks and gates passed them, not this one."""
+    from modnet.explain.network import ModuleMaps, gated_modules
+
+    out, result = explained["image"]
+    model, task = _loaded(cl_runs["image"]), result["task"]
+    x = torch.as_tensor(np.load(out / "module_maps.npz")["layer0/module0/input"])[None]
+    x = torch.cat([x, x.flip(-1), x.flip(-2)])  # three inputs: the gates may switch other modules on
+    with torch.no_grad():
+        masks = model.unit_masks(x, task)
+        h, outputs = x, []
+        for conv, m in zip(model.masked[:-1], masks[:-1]):
+            h = m.reshape(*m.shape[:2] if m.dim() == 2 else (1, -1), 1, 1) * F.max_pool2d(F.relu(conv(h)), 2)
+            outputs.append(h)
+    checked = {"on": 0, "off": 0}  # modules with some output on an input, and without
+    for layer, modules in enumerate(gated_modules(model, task)[:len(outputs)]):
+        maps = ModuleMaps(model, task, layer, modules)
+        A = outputs[layer]
+        for name, units in modules.items():
+            cam = maps.cam.layer_cam(x, [name] * x.shape[0])
+            expected = A[:, units].sum(1).clamp_min(0) / (A.shape[2] * A.shape[3])
+            torch.testing.assert_close(cam, expected, atol=1e-6, rtol=1e-4)
+            for b in range(x.shape[0]):
+                checked["off" if A[b, units].abs().sum() == 0 else "on"] += 1
+    assert checked["on"] > 0
 
 
 @pytest.mark.parametrize("kind", ["image", "vector"])
