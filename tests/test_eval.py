@@ -264,12 +264,16 @@ def test_gzsl_aggregate_keeps_its_keys_and_single_seed_table_has_no_plus_minus()
     from modnet.jobs.gzsl import _aggregate
     from modnet.jobs.gzsl import format_table as gzsl_table
 
-    def seed(u, s, h, gamma):
+    def seed(u, s, h, gamma):  # the uncalibrated figures differ from the calibrated ones (U - 0.1, S + 0.1)
         metrics = {"U": u, "S": s, "H": h, "zsl_accuracy": u}
-        return {"niwt": {**metrics, "gamma": gamma, "uncalibrated": dict(metrics)}}
+        uncal = {"U": u - 0.1, "S": s + 0.1, "H": h - 0.05, "zsl_accuracy": u}
+        return {"niwt": {**metrics, "gamma": gamma, "uncalibrated": uncal}}
 
     out = _aggregate([seed(0.2, 0.6, 0.3, 0.5), seed(0.4, 0.8, 0.5, 1.5)])
     niwt = out["niwt"]
+    # each kind averaged from its own inputs, by hand
+    assert niwt["U"] == pytest.approx(0.3) and niwt["uncalibrated"]["U"] == pytest.approx(0.2)
+    assert niwt["uncalibrated"]["H"] == pytest.approx(0.35) and niwt["uncalibrated"]["S"] == pytest.approx(0.8)
     assert list(niwt) == ["U", "U_std", "S", "S_std", "H", "H_std", "zsl_accuracy", "zsl_accuracy_std", "gamma",
                           "gamma_std", "uncalibrated"]
     assert list(niwt["uncalibrated"]) == ["U", "S", "H", "zsl_accuracy", "U_std", "S_std", "H_std",
@@ -279,4 +283,5 @@ def test_gzsl_aggregate_keeps_its_keys_and_single_seed_table_has_no_plus_minus()
     json.dumps(out)  # plain floats
     assert "±" in gzsl_table(out, 2)
     single = gzsl_table(_aggregate([seed(0.2, 0.6, 0.3, 0.5)]), 1)
-    assert "±" not in single and "| niwt | 0.200 | 0.600 | 0.300 | 0.200 | 0.200 | 0.600 | 0.300 | 0.5 |" in single
+    # the headline's uncalibrated U, S, H (0.1, 0.7, 0.25), ZSL accuracy, then the calibrated ones and gamma
+    assert "±" not in single and "| niwt | 0.100 | 0.700 | 0.250 | 0.200 | 0.200 | 0.600 | 0.300 | 0.5 |" in single

@@ -322,3 +322,36 @@ def test_clswgan_trains_on_its_own_threads_and_gives_the_job_its_threads_back(tm
         torch.set_num_threads(before)
     with pytest.raises(ConfigError, match="clswgan.threads"):
         validate("gzsl", compose("gzsl", ["clswgan.threads=0"]))
+
+
+def test_validation_picks_the_setting_with_the_best_mean_h_over_the_splits(monkeypatch):
+    """``validate``: every candidate setting of a method is scored on every class-disjoint split, and the one
+    with the best H averaged over the splits is chosen (planted H per candidate and split: candidate 0 0.3 / 0.4 /
+    0.5, mean 0.4; candidate 1 0.6 / 0.5 / 0.4, mean 0.5 -> candidate 1, validation H 0.5; a min, or the first
+    candidate only, picks candidate 0). NIWT's candidates with niwt.layer=null: every index of niwt.layers."""
+    from types import SimpleNamespace
+
+    from modnet.config import compose
+    from modnet.jobs import gzsl
+    from modnet.zsl.niwt import candidates
+    from scenarios.zsl import load_digits_zsl
+
+    cfg = compose("gzsl", ["calibration.mode=fixed", "calibration.gamma=0.0", "gate.enabled=false",
+                           "niwt.layer=null", "niwt.layers=[-2,-1]"])
+    assert candidates(cfg) == [{"niwt_layer": -2}, {"niwt_layer": -1}]
+    planted = {-2: [0.3, 0.4, 0.5], -1: [0.6, 0.5, 0.4]}
+    calls = []
+
+    def fake_scores(cfg, val, seed, device, progress, stage):
+        split = len(calls)
+        calls.append(stage)
+        per_method = {"niwt": [(setting, (setting["niwt_layer"], split)) for setting in candidates(cfg)]}
+        return None, per_method
+
+    monkeypatch.setattr(gzsl, "score_methods", fake_scores)
+    monkeypatch.setattr(gzsl, "_evaluate", lambda scores, val, g: SimpleNamespace(H=planted[scores[0]][scores[1]]))
+    data = load_digits_zsl(seed=0)
+    chosen = gzsl.validate(cfg, data, 0, torch.device("cpu"), False)
+    assert len(calls) == gzsl.validation_splits(cfg, data) == 3
+    assert chosen["niwt"]["params"] == {"niwt_layer": -1}
+    assert chosen["niwt"]["validation_H"] == pytest.approx(0.5) and chosen["niwt"]["gamma"] == 0.0

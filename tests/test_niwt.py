@@ -740,12 +740,19 @@ def test_gzsl_table_gives_each_seeds_choice_a_spread_and_drops_calibration_it_di
     at gamma 0)."""
     from modnet.jobs.gzsl import format_table
 
-    fig = {"U": 0.5, "S": 0.7, "H": 0.583, "zsl_accuracy": 0.6}
-    std = {f"{k}_std": 0.01 for k in fig}
-    entry = {**fig, **std, "gamma": 1.5, "gamma_std": 0.5, "uncalibrated": {**fig, **std},
-             "gated": {**fig, **std, "quantile": 0.945, "quantile_std": 0.045}}
+    calibrated = {"U": 0.3, "S": 0.5, "H": 0.375, "zsl_accuracy": 0.6}
+    uncalibrated = {"U": 0.2, "S": 0.6, "H": 0.3, "zsl_accuracy": 0.6}
+    gated = {"U": 0.4, "S": 0.55, "H": 0.463, "zsl_accuracy": 0.6}
+    std = {f"{k}_std": 0.01 for k in calibrated}
+    entry = {**calibrated, **std, "gamma": 1.5, "gamma_std": 0.5, "uncalibrated": {**uncalibrated, **std},
+             "gated": {**gated, **std, "quantile": 0.945, "quantile_std": 0.045}}
     header, _, row = format_table({"niwt": entry}, 2).splitlines()
     cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
     assert cells["gamma"] == "1.5 ± 0.5" and cells["gate q"] == "0.945 ± 0.045"
+    # each figure in its own column: the headline uncalibrated, then calibrated, then gated
+    assert [cells[k] for k in ("U", "S", "H")] == ["0.200 ± 0.010", "0.600 ± 0.010", "0.300 ± 0.010"]
+    assert [cells[f"{k} (calibrated)"] for k in ("U", "S", "H")] == ["0.300 ± 0.010", "0.500 ± 0.010",
+                                                                       "0.375 ± 0.010"]
+    assert [cells[f"{k} (gated)"] for k in ("U", "S", "H")] == ["0.400 ± 0.010", "0.550 ± 0.010", "0.463 ± 0.010"]
     header, _, row = format_table({"niwt": entry}, 2, calibrated=False).splitlines()
     assert "calibrated" not in header and "gamma" not in header and "H (gated)" in header
