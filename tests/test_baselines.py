@@ -475,3 +475,28 @@ def test_replay_buffer_is_avalanches_without_its_deprecation_warning():
         assert len(mine) == len(ref) == min(20, 30 * (exp.current_experience + 1))
         assert torch.equal(torch.stack([mine[i][0] for i in range(len(mine))]),
                            torch.stack([ref[i][0] for i in range(len(ref))]))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_der_loss_is_the_papers_by_hand(beta):
+    """DER / DER++'s step loss (Buzzega et al. 2020, Algorithm 1) written out on a linear model with a buffer as
+    large as the batch (every draw is the whole buffer, in some order; the means do not depend on it):
+    L + alpha mean((W x' + b - z')^2) + beta CE(W x'' + b, y''). The forgetting test alone passed with DER++'s
+    beta term left out."""
+    from types import SimpleNamespace
+
+    from strategies.plugins.der import DarkExperienceReplay
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    der = DarkExperienceReplay(mem_size=4, alpha=0.3, beta=beta)
+    x, y, z = torch.randn(4, 3), torch.tensor([0, 1, 1, 0]), torch.randn(4, 2)
+    der.buffer.add(x, y, torch.zeros(4, dtype=torch.long), z)
+    strategy = SimpleNamespace(model=model, mb_y=torch.zeros(4, dtype=torch.long), loss=torch.tensor(0.7))
+    der.before_backward(strategy)
+    with torch.no_grad():
+        out = x @ model.weight.T + model.bias
+        mse = ((out - z) ** 2).mean()
+        ce = -torch.log_softmax(out, 1)[torch.arange(4), y].mean()
+    expected = 0.7 + 0.3 * mse + beta * ce
+    assert float(strategy.loss) == pytest.approx(float(expected), rel=1e-6)

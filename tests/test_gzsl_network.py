@@ -160,6 +160,20 @@ def test_niwt_on_every_head_of_a_class_incremental_network_keeps_its_task_keys()
     niwt = NIWT(model, model.unit_taps[0], None, map_epochs=20, max_iterations=20).fit_heads(
         x, y, knowledge, heads, [4, 5])
     assert len(niwt.unseen_by_head) == 2 and niwt.seen_importance.shape[0] == 4
+    # step 1 by hand, per head through its own classifier: a_c = mean over class c's inputs of d o_c / d h_0,
+    # h_0 the first masked layer's output m_0 ReLU(W_0 x + b_0), the rest of task t's path written out
+    # (measuring every head through head 0, or giving every head head 0's rows, passed the checks below)
+    masks = [[m.detach() for m in model.masks(t)] for t in (0, 1)]
+    for t in (0, 1):
+        for row, c in enumerate(model.task_classes[t]):
+            xc = x[y == c]
+            h = (masks[t][0] * torch.relu(model.masked[0](xc))).detach().requires_grad_()
+            out = h
+            for layer, m in zip(model.masked[1:], masks[t][1:]):
+                out = m * torch.relu(layer(out))
+            model.heads[t](out)[:, row].sum().backward()
+            torch.testing.assert_close(niwt.seen_importance[c], h.grad.mean(0), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(niwt.unseen_by_head[0].weight, niwt.unseen_by_head[1].weight)
     for t, unseen in enumerate(niwt.unseen_by_head):
         model.add_classes(t, [4, 5], unseen.weight, unseen.bias)
     assert [h.out_features for h in model.heads] == [4, 4] and model.n_key_slots == 4
