@@ -89,3 +89,39 @@ def test_hnet_forgets_little_on_split_digits_task_incremental(tmp_path):
     r = json.loads((tmp_path / "results.json").read_text())["strategies"]["hnet"]
     assert r["forgetting"] < 0.02
     assert r["average_accuracy"] > 0.95
+
+
+def test_plugin_regularises_the_weights_after_adams_look_ahead_step():
+    """HNetPlugin's gradient on task 1 (von Oswald et al. 2020, eq. 2 with the look-ahead): the task loss's plus
+    beta d/dtheta ||f_h(e_0, theta + dtheta) - W*_0||^2, dtheta Adam's next step from the task gradient (detached),
+    W*_0 the weights generated for task 0 before task 1, written out here; with lookahead=False the same without
+    dtheta, and the two differ (a plugin ignoring lookahead passed every other test)."""
+    (x0, y0), (x1, y1) = _planted_task(1), _planted_task(2)
+    torch.manual_seed(0)
+    model = HNetModel(4, [[0, 1], [2, 3]], main_layers=[16], chunk_size=100, hnet_layers=[16, 16], emb_size=8,
+                      chunk_emb_size=8)
+    _train_task(model, HNetPlugin(beta=0.05, iterations=None), 0, x0, y0, steps=30)
+    with torch.no_grad():
+        target = torch.cat([w.flatten() for w in model.hnet(cond_id=0)])
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    strategy = SimpleNamespace(model=model, optimizer=opt, loss=None, train_mb_size=len(y1),
+                               experience=SimpleNamespace(current_experience=1, dataset=range(len(y1))),
+                               train_condition=Condition(), train_epochs=1)
+    theta = list(model.hnet.unconditional_params)
+    grads = {}
+    for lookahead in (True, False):
+        plugin = HNetPlugin(beta=0.05, lookahead=lookahead, iterations=None)
+        plugin.before_training_exp(strategy)
+        opt.zero_grad()
+        strategy.loss = torch.nn.functional.cross_entropy(model.task_logits(x1, 1), y1)
+        strategy.loss.backward()
+        task_grad = [p.grad.clone() for p in theta]
+        step = adam_lookahead(opt, theta) if lookahead else [torch.zeros_like(p) for p in theta]
+        plugin.after_backward(strategy)
+        grads[lookahead] = [p.grad.clone() for p in theta]
+        moved = [(p + d).detach().requires_grad_() for p, d in zip(theta, step)]
+        generated = torch.cat([w.flatten() for w in model.hnet(cond_id=0, weights={"uncond_weights": moved})])
+        reg_grad = torch.autograd.grad(((generated - target) ** 2).sum(), moved)
+        for got, g_task, g_reg in zip(grads[lookahead], task_grad, reg_grad):
+            torch.testing.assert_close(got, g_task + 0.05 * g_reg, rtol=1e-4, atol=1e-7)
+    assert any(not torch.allclose(a, b) for a, b in zip(grads[True], grads[False]))
