@@ -272,6 +272,16 @@ def test_overlay_grid_png(tmp_path):
     png = mpimg.imread(save_overlay_grid(torch.rand(8, 8), cams, tmp_path / "grid.png", ncols=2,
                                          panel_inches=2.0, dpi=50))
     assert png.shape[:2] == (200, 200)  # 2 x 2 panels (input + 3 maps) of 100 px
+    # what each panel shows: the input, then each map's own overlay under its name, in order (only the PNG's
+    # size was checked: a grid drawing one map everywhere passed)
+    from modnet.explain.gradcam import overlay_grid_figure, overlay_rgb
+
+    image = torch.rand(8, 8)
+    fig = overlay_grid_figure(image, cams, ncols=2)
+    panels = [ax for ax in fig.axes if ax.get_images()][:4]
+    assert [ax.get_title() for ax in panels] == ["input", *cams]
+    for ax, cam in zip(panels[1:], cams.values()):
+        np.testing.assert_allclose(np.asarray(ax.get_images()[0].get_array()), overlay_rgb(image, cam), atol=1e-6)
 
 
 # -- (5) gradient x input of a module at a layer without space -----------------------------------------------
@@ -297,6 +307,21 @@ def test_map_figure_and_attribution_bars(tmp_path):
     png = mpimg.imread(save_map_figure(torch.rand(1, 8, 8), heat, tmp_path / "map.png", "module m", signed=True,
                                        panel_inches=2.0, dpi=50))
     assert png.shape[0] == 125 and png.shape[1] == 360  # (3 x 2 + 1.2) x (2 + 0.5) inches at 50 dpi
+    # what the panels show (only the size was checked: an ignored `signed` and a blank overlay passed): a signed
+    # map drawn as is on a colour scale centred on 0 (RdBu_r), the overlay of its positive part; an unsigned one
+    # on the Grad-CAM colour map, overlaid whole
+    from modnet.explain.gradcam import map_figure, overlay_rgb
+
+    image = torch.rand(1, 8, 8)
+    for signed in (True, False):
+        fig = map_figure(image, heat, "m", signed=signed)
+        _, drawn, over = [ax.get_images()[0] for ax in fig.axes if ax.get_images()][:3]
+        np.testing.assert_allclose(np.asarray(drawn.get_array()), heat.numpy())
+        assert drawn.get_cmap().name == ("RdBu_r" if signed else "jet")
+        if signed:
+            assert drawn.norm.vmin == -1.0 and drawn.norm.vmax == 1.0  # centred: +-max |heat|
+        np.testing.assert_allclose(np.asarray(over.get_array()),
+                                   overlay_rgb(image, heat.clamp_min(0) if signed else heat), atol=1e-6)
     bars = mpimg.imread(save_attribution_bars(torch.rand(10), torch.randn(10), tmp_path / "bars.png", "m",
                                               width_inches=4.0, dpi=50))
     assert bars.shape[:2] == (220, 200)

@@ -346,12 +346,18 @@ def save_overlay_grid(image: Tensor, cams: Mapping[str, Tensor], path: str | Pat
                       size: Sequence[int] | None = None, alpha: float = 0.6, cmap: str = "jet",
                       panel_inches: float = 2.0, dpi: int = 100, title: str | None = None,
                       bar_label: str = "map, scaled to [0, 1] per panel") -> Path:
-    """One figure: the input, then one titled overlay per map in ``cams`` (classes or modules), and a colour
-    bar of the overlays' scale (``bar_label``).
+    """``overlay_grid_figure`` as a PNG. It is ncols * panel_inches * dpi pixels wide and nrows * panel_inches *
+    dpi high, with nrows = ceil((len(cams) + 1) / ncols)."""
+    return _save(overlay_grid_figure(image, cams, ncols, size, alpha, cmap, panel_inches, dpi, title, bar_label),
+                 path, dpi)
 
-    The PNG is ncols * panel_inches * dpi pixels wide and nrows * panel_inches * dpi high, with
-    nrows = ceil((len(cams) + 1) / ncols).
-    """
+
+def overlay_grid_figure(image: Tensor, cams: Mapping[str, Tensor], ncols: int = 4,
+                        size: Sequence[int] | None = None, alpha: float = 0.6, cmap: str = "jet",
+                        panel_inches: float = 2.0, dpi: int = 100, title: str | None = None,
+                        bar_label: str = "map, scaled to [0, 1] per panel"):
+    """One matplotlib figure: the input, then one titled overlay (``overlay_rgb``) per map in ``cams`` (classes
+    or modules), and a colour bar of the overlays' scale (``bar_label``)."""
     if not cams:
         raise ValueError("cams is empty: give at least one {title: map}")
     ncols = max(1, min(int(ncols), len(cams) + 1))
@@ -378,7 +384,7 @@ def save_overlay_grid(image: Tensor, cams: Mapping[str, Tensor], path: str | Pat
     bar.ax.tick_params(labelsize=6)
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save(fig, path, dpi)
+    return fig
 
 
 def _figure(width_inches: float, height_inches: float, dpi: int):
@@ -400,8 +406,16 @@ def _save(fig, path: str | Path, dpi: int) -> Path:
 def save_map_figure(image: Tensor, heat: Tensor, path: str | Path, title: str, signed: bool = False,
                     cmap: str = "jet", signed_cmap: str = "RdBu_r", alpha: float = 0.6,
                     size: Sequence[int] | None = None, panel_inches: float = 2.6, dpi: int = 100) -> Path:
-    """One map beside its input, as a PNG of three panels: the input, the map with a colour bar (its own
-    values), the map over the input (``overlay_rgb``) with a colour bar of its [0, 1] scale.
+    """``map_figure`` as a PNG of (3 panel_inches + 1.2) x (panel_inches + 0.5) inches at ``dpi``."""
+    return _save(map_figure(image, heat, title, signed, cmap, signed_cmap, alpha, size, panel_inches, dpi), path,
+                 dpi)
+
+
+def map_figure(image: Tensor, heat: Tensor, title: str, signed: bool = False, cmap: str = "jet",
+               signed_cmap: str = "RdBu_r", alpha: float = 0.6, size: Sequence[int] | None = None,
+               panel_inches: float = 2.6, dpi: int = 100):
+    """One map beside its input, a matplotlib figure of three panels: the input, the map with a colour bar (its
+    own values), the map over the input (``overlay_rgb``) with a colour bar of its [0, 1] scale.
 
     image: [H, W], [1, H, W] or [3, H, W]. heat: [h, w] (any size). ``signed`` maps (gradient x input) are
     drawn with ``signed_cmap`` centred on 0, and the overlay shows their positive part (what raises the score).
@@ -439,7 +453,7 @@ def save_map_figure(image: Tensor, heat: Tensor, path: str | Path, title: str, s
     bar.set_label("positive part, scaled to [0, 1]" if signed else "scaled to [0, 1]", fontsize=7)
     bar.ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=9)
-    return _save(fig, path, dpi)
+    return fig
 
 
 def save_attribution_bars(vector: Tensor, attribution: Tensor, path: str | Path, title: str,
