@@ -68,6 +68,16 @@ def test_word2vec_trained_on_a_corpus_file_and_missing_files(tmp_path):
     corpus.write_text("\n".join(CORPUS))
     vectors = train_word2vec(corpus, vector_size=8, epochs=2)
     assert vectors.vector_size == 8 and "stripes" in vectors.key_to_index
+    # the file's lines, one sentence each, trained as gensim's own Word2Vec trains them (one worker, the seed,
+    # skip-gram): the same vectors (only the size and one word were checked)
+    from gensim.models import Word2Vec
+
+    from modnet.methods.knowledge import tokenize
+
+    reference = Word2Vec(sentences=[tokenize(line) for line in CORPUS if tokenize(line)], vector_size=8, window=5,
+                         min_count=1, epochs=2, sg=1, seed=0, workers=1).wv
+    assert list(vectors.index_to_key) == list(reference.index_to_key)
+    np.testing.assert_allclose(vectors.vectors, reference.vectors)
     with pytest.raises(MissingFileError, match="word-vector file not found"):
         load_word_vectors(tmp_path / "GoogleNews-vectors.bin")
     with pytest.raises(MissingFileError):
