@@ -505,16 +505,11 @@ def _source_note(source: dict) -> str:
 
 
 def run_explain(cfg: DictConfig) -> dict:
-    from modnet.runner.rundir import RunLock, check_fresh_start, check_output_dir, fingerprint, write_fingerprint
+    from modnet.runner.rundir import fingerprint, fresh_run
 
     _check_config(cfg)
-    out = Path(cfg.output_dir)
-    check_output_dir(out)
     # as modnet cl: one run at a time in a folder, and another run's explanations are not written over
-    run_fingerprint = fingerprint(cfg)
-    with RunLock(out):
-        check_fresh_start(out, run_fingerprint, results_name="explanations.json")
-        write_fingerprint(out, run_fingerprint)
+    with fresh_run(Path(cfg.output_dir), fingerprint(cfg), results_name="explanations.json"):
         with one_cpu_thread():  # the network trained here and its explanations, the same for any thread count
             return _run_explain(cfg)
 

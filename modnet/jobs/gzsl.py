@@ -415,13 +415,11 @@ def _write_outputs(out_dir: Path, results: dict) -> None:
     # the columns as the printed table's: U, S, H, zsl_accuracy are the headline's, uncalibrated (Xian et al.),
     # then the calibrated ones with gamma, then the gated ones where the gate ran; mean and _std over seeds
     # (results.json keeps its layout: a method's top-level U, S, H are the calibrated ones)
-    rows = {name: {**{k: r["uncalibrated"][k] for k in METRICS},
-                   **{f"{k}_std": r["uncalibrated"][f"{k}_std"] for k in METRICS},
-                   **{f"calibrated_{k}": r[k] for k in ("U", "S", "H", "gamma")},
-                   **{f"calibrated_{k}_std": r[f"{k}_std"] for k in ("U", "S", "H", "gamma")},
-                   **({f"gated_{k}": r["gated"][k] for k in ("U", "S", "H", "quantile")} if "gated" in r else {}),
-                   **({f"gated_{k}_std": r["gated"][f"{k}_std"] for k in ("U", "S", "H", "quantile")}
-                      if "gated" in r else {})}
+    def figures(prefix: str, r: dict, keys) -> dict:
+        return {**{prefix + k: r[k] for k in keys}, **{f"{prefix}{k}_std": r[f"{k}_std"] for k in keys}}
+
+    rows = {name: {**figures("", r["uncalibrated"], METRICS), **figures("calibrated_", r, ("U", "S", "H", "gamma")),
+                   **(figures("gated_", r["gated"], ("U", "S", "H", "quantile")) if "gated" in r else {})}
             for name, r in results["methods"].items()}
     columns = list(dict.fromkeys(k for row in rows.values() for k in row))
     with open(out_dir / "results.csv", "w", newline="") as f:
@@ -560,17 +558,13 @@ def _check_gate_layer(cfg: DictConfig) -> None:
 
 def run_gzsl(cfg: DictConfig) -> dict:
     """Run the GZSL comparison described by ``cfg`` (configs/gzsl.yaml) and write its outputs."""
-    from modnet.runner.rundir import RunLock, check_fresh_start, check_output_dir, fingerprint, write_fingerprint
+    from modnet.runner.rundir import fingerprint, fresh_run
 
     _check(cfg)
     out_dir = Path(cfg.output_dir)
-    check_output_dir(out_dir)
     # as modnet cl: one run at a time in a folder, and a folder holding another run's results is not written over
     # (its results.json, and its seeds' checkpoints beside this run's)
-    run_fingerprint = fingerprint(cfg)
-    with RunLock(out_dir):
-        check_fresh_start(out_dir, run_fingerprint)
-        write_fingerprint(out_dir, run_fingerprint)
+    with fresh_run(out_dir, fingerprint(cfg)):
         return _run_gzsl(cfg, out_dir)
 
 

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 from modnet.config import ConfigError
@@ -186,6 +187,18 @@ def check_fresh_start(out: Path, current: dict, results_name: str = "results.jso
         raise ConfigError(f"{out} holds the results of another run (differing keys: "
                           f"{describe_difference(stored, current)}); choose another output_dir, or remove that "
                           "folder to start over there")
+
+
+@contextmanager
+def fresh_run(out: Path, current: dict, results_name: str = "results.json"):
+    """``with fresh_run(out, fingerprint(cfg)):`` for a job without resume (``modnet gzsl``, ``modnet explain``):
+    ``output_dir`` a folder, its lock held for the block, another run's results (``results_name``) not written
+    over (``check_fresh_start``), this run's fingerprint written."""
+    check_output_dir(out)
+    with RunLock(out):
+        check_fresh_start(out, current, results_name)
+        write_fingerprint(out, current)
+        yield
 
 
 def read_fingerprint(out: Path) -> dict | None:
