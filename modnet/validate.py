@@ -21,6 +21,11 @@ What is checked (where the config has the key):
   strategies (the buffer is sized to its stored bytes, ``strategies.memory``);
 * ``benchmark.unseen_classes`` without repeats, ``benchmark.test_fraction`` in (0, 1); in ``gzsl`` ``methods``
   (known names, no repeats) and ``calibration.mode``, in ``explain`` ``explain.backend``, among their choices;
+* the chosen benchmark's own check (``scenarios.registry``'s ``check``: npz, awa2 and cub a ``path`` that is
+  there, torchvision's data sets their folder under ``root`` unless ``download``, digits' ``unseen_classes``
+  some of 0..9) and in ``cl`` ``benchmark.class_order`` every class id once and ``n_experiences`` a divisor of
+  the class count where the benchmark fixes it; ``device``: auto, cpu, cuda[:N], mps or xpu[:N]; every learning
+  rate (``lr``, ``*_lr`` at any depth) >= 0 or null;
 * ``benchmark=npz`` in ``cl``: the file's arrays (``scenarios.sources.check_npz_arrays``: integer labels,
   class ids 0..C-1, equal feature widths, ...) and that its classes split into ``n_experiences``;
 * ``benchmark=npz`` in ``gzsl`` / ``explain`` (without ``run_dir``): the zero-shot arrays
@@ -28,7 +33,8 @@ What is checked (where the config has the key):
   training and present in the test set, integer labels, equal feature widths);
 * ``ratio_clock`` in ``bench``: auto, wall or thread_cpu, the last only with ``threads=1`` on the CPU;
   ``lockstep_steps`` a positive integer; ``loops``: null or distinct names of the bench's loops; ``baselines``:
-  distinct names of the strategies it can time on a second task; ``repeats`` >= 1, ``epochs`` >= 2 (the first
+  distinct names of the strategies it can time on a second task; ``samples.<arch>`` and ``batch_size.<arch>``
+  positive integers; ``repeats`` >= 1, ``epochs`` >= 2 (the first
   is a warm-up), ``ratio_rounds`` >= 0;
 * the network's and the strategies' choices and numbers where a job has them (``model.gate``, ``model.modules``,
   ``model.head``, ``model.transform_heads``, ``task_inference.method``, ``ewc.mode`` with its ``decay_factor``,
@@ -37,6 +43,7 @@ What is checked (where the config has the key):
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -141,6 +148,9 @@ def validate(job: str, cfg: DictConfig) -> None:
     if "seeds" in cfg:
         _check_seeds(cfg.seeds)
     _check_benchmark_classes(cfg)
+    _check_benchmark(job, cfg)
+    _check_device(cfg.get("device"))
+    _check_learning_rates(cfg)
     if job == "gzsl":
         _check_zsl_names(cfg)
     if job == "explain":
@@ -232,6 +242,10 @@ def _check_bench_counts(cfg: DictConfig) -> None:
     _number(cfg, "repeats", minimum=1, strict=False, integer=True)
     _number(cfg, "epochs", minimum=2, strict=False, integer=True)
     _number(cfg, "ratio_rounds", minimum=0, strict=False, integer=True)
+    for group in ("samples", "batch_size"):
+        if isinstance(cfg.get(group), DictConfig):
+            for arch in cfg[group]:
+                _number(cfg, f"{group}.{arch}", minimum=0, strict=True, integer=True)
 
 
 def _check_compile(option) -> None:
@@ -283,10 +297,71 @@ def _check_benchmark_classes(cfg: DictConfig) -> None:
                           "each class's samples held out for testing, e.g. 0.3")
 
 
+def _check_benchmark(job: str, cfg: DictConfig) -> None:
+    """The chosen benchmark's own pre-flight check (``scenarios.registry``: a path given and there, files present
+    with download off, class ids in range) and, for cl, ``class_order`` / ``n_experiences`` against its class
+    count, where the benchmark fixes one (an npz file's count is checked with its arrays, ``_check_cl_npz``).
+    explain with ``run_dir`` explains the run's own data: its benchmark is not read."""
+    bcfg = cfg.get("benchmark")
+    if job not in ("cl", "gzsl", "explain") or not isinstance(bcfg, DictConfig) or \
+            (job == "explain" and cfg.get("run_dir")):
+        return
+    from scenarios.registry import get_benchmark
+
+    entry = get_benchmark(str(bcfg.get("name")))
+    if entry is None:  # modnet.config.compose names an unknown benchmark
+        return
+    if entry.check is not None:
+        entry.check(bcfg, job)
+    if job == "cl" and entry.n_classes is not None:
+        _check_class_split(bcfg, entry.n_classes, f"benchmark={entry.name}")
+
+
+def _check_class_split(bcfg, n_classes: int, source: str) -> None:
+    """``class_order`` lists the ``n_classes`` class ids 0..n-1 once each; a split's ``n_experiences`` divides
+    them (Avalanche's error otherwise comes after the imports, naming neither key)."""
+    order = bcfg.get("class_order")
+    if order is not None and sorted(order) != list(range(n_classes)):
+        raise ConfigError(f"config benchmark.class_order={list(order)} must list each of {source}'s {n_classes} class "
+                          f"ids 0..{n_classes - 1} once, or be null")
+    n_exp = bcfg.get("n_experiences")
+    if bcfg.get("variant", "split") == "split" and isinstance(n_exp, int) and n_exp > 0 and n_classes % n_exp:
+        raise ConfigError(f"{source} has {n_classes} classes, which do not split evenly into benchmark.n_experiences="
+                          f"{n_exp}; choose a divisor of {n_classes}")
+
+
+DEVICE = re.compile(r"(auto|cpu|mps|(cuda|xpu)(:\d+)?)")
+
+
+def _check_device(device) -> None:
+    """``device``: auto, cpu, cuda[:N] (and mps, xpu[:N]); whether CUDA is there is the job's to say
+    (``modnet.config.resolve_device``), after torch's import."""
+    if device is not None and not (isinstance(device, str) and DEVICE.fullmatch(device)):
+        raise ConfigError(f"config device={device!r} is not a device; use auto, cpu, cuda or cuda:N")
+
+
+def _check_learning_rates(cfg: DictConfig) -> None:
+    """Every learning rate of the config (a key ``lr`` or ``*_lr``, at any depth) a number >= 0 or null (null:
+    the option's default): torch's optimisers reject a negative one only when the strategy that uses it is built,
+    after the ones before it have trained."""
+    def walk(node, prefix):
+        for key in node.keys():
+            path = f"{prefix}{key}"
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                walk(child, path + ".")
+            elif str(key) == "lr" or str(key).endswith("_lr"):
+                _number(cfg, path, minimum=0, strict=False)
+
+    walk(cfg, "")
+
+
 def _check_zsl_names(cfg: DictConfig) -> None:
     """``methods``: known names, each once (a repeat scored the method twice into one row);
     ``calibration.mode`` among its choices."""
     methods = list(cfg.get("methods") or [])
+    if not methods:
+        raise ConfigError(f"config methods is empty; choose among {', '.join(ZSL_METHODS)}")
     for name in methods:
         check_choice("methods", name, ZSL_METHODS)
     repeated = sorted({n for n in methods if methods.count(n) > 1})
@@ -327,8 +402,4 @@ def _check_cl_npz(bcfg) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"npz file not found: {path}; set benchmark.path to an existing .npz")
     arrays = check_npz_arrays(path, read_npz(path))
-    n_classes = len(set(arrays["y_train"].tolist()))
-    n_exp = bcfg.get("n_experiences")
-    if bcfg.get("variant", "split") == "split" and isinstance(n_exp, int) and n_classes % n_exp:
-        raise ConfigError(f"{path} has {n_classes} classes, which do not split evenly into benchmark.n_experiences="
-                          f"{n_exp}; choose a divisor of {n_classes}")
+    _check_class_split(bcfg, len(set(arrays["y_train"].tolist())), str(path))

@@ -16,6 +16,12 @@ arrays       ``arrays(bcfg) -> (x_train, y_train, x_test, y_test)`` tensors for 
 zero_shot    ``zero_shot(path, *, seed, unseen_classes, test_fraction, images, attributes, resnet_arch,
              resnet_weights, allow_download, device, progress) -> scenarios.zsl.ZSLData`` (take what you use,
              ``**_`` the rest)
+check        optional ``check(bcfg, command)``: the config's problems a loader would meet only after the
+             command's imports and folder (a missing path, files absent with download off, class ids out of
+             range), raised as one ValueError / FileNotFoundError line with numpy at most
+             (``modnet.validate`` calls it before any heavy import)
+N_CLASSES    optional class attribute: the number of classes when the benchmark fixes it (``benchmark.class_order``
+             must then list 0..N_CLASSES-1 once, ``n_experiences`` divide it); absent: read from the data
 
 The tables ``modnet.config`` checks a command line against (which command takes which benchmark, which keys
 it reads) are derived from these declarations, and ``scenarios.build_benchmark`` /
@@ -42,6 +48,8 @@ class BenchmarkEntry:
     config_dir   a folder holding ``benchmark/<name>.yaml`` for a benchmark defined outside this repository
                  (added to Hydra's search path); None: ``configs/benchmark/<name>.yaml``
     module       the file that registered it
+    check        the loaders' ``check(bcfg, command)`` (None: nothing to check before loading)
+    n_classes    the loaders' ``N_CLASSES`` (None: the data decide)
     """
 
     name: str
@@ -53,6 +61,8 @@ class BenchmarkEntry:
     order: int = 100
     config_dir: str | None = None
     module: str = ""
+    check: Callable | None = None
+    n_classes: int | None = None
 
     def reads(self, command: str) -> tuple[str, ...]:
         """The keys of this benchmark's file that ``command`` reads (empty if it cannot use it)."""
@@ -83,7 +93,8 @@ def register_benchmark(name: str, *, commands: Sequence[str], keys: Mapping[str,
                                  "loader")
         entry = BenchmarkEntry(name, commands, read, description, getattr(loaders, "arrays", None),
                                getattr(loaders, "zero_shot", None), order,
-                               str(config_dir) if config_dir is not None else None, loaders.__module__)
+                               str(config_dir) if config_dir is not None else None, loaders.__module__,
+                               getattr(loaders, "check", None), getattr(loaders, "N_CLASSES", None))
         if name in BENCHMARKS and BENCHMARKS[name].module != entry.module:
             raise ValueError(f"benchmark {name!r} is registered twice ({BENCHMARKS[name].module}, {entry.module})")
         BENCHMARKS[name] = entry

@@ -261,3 +261,72 @@ def test_gzsl_gate_layer_beyond_the_network_stops_before_training(tmp_path, caps
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and "gate layer 5" in lines[0] and "3 masked layers" in lines[0], captured.err
     assert "network trained" not in captured.out
+
+
+# Inputs that used to stop only after torch's and Avalanche's imports (~6 s) with the output folder already made,
+# most with another library's words (torch's "Invalid learning rate", Avalanche's n_experiences message naming
+# neither key, torchvision's "Dataset not found"): each is now one line from modnet.validate.
+LATE_INPUTS = [
+    (["cl", "benchmark=npz"], ("benchmark=npz", "benchmark.path")),
+    (["gzsl", "benchmark=npz"], ("benchmark=npz", "benchmark.path")),
+    (["cl", "benchmark=npz", "benchmark.path=/nonexistent/d.npz"], ("/nonexistent/d.npz", "not found")),
+    (["cl", "benchmark=mnist", "benchmark.root={tmp}/nomnist"], ("MNIST", "nomnist", "benchmark.download=true")),
+    (["cl", "benchmark=cifar100", "benchmark.root={tmp}"], ("CIFAR-100", "cifar-100-python", "benchmark.download")),
+    (["gzsl", "benchmark=awa2"], ("benchmark=awa2", "benchmark.path")),
+    (["gzsl", "benchmark=cub", "benchmark.path={tmp}"], ("res101.mat", "images/")),
+    (["gzsl", "benchmark.unseen_classes=[3,12]"], ("benchmark.unseen_classes", "[3, 12]", "0..9")),
+    (["explain", "benchmark.unseen_classes=[0,1,2,3,4,5,6,7,8,9]"], ("benchmark.unseen_classes", "not all")),
+    (["gzsl", "methods=[]"], ("methods", "empty", "niwt")),
+    (["cl", "device=tpu"], ("device='tpu'", "cuda:N")),
+    (["cl", "train.lr=-0.1"], ("train.lr=-0.1", ">= 0")),
+    (["cl", "train.cnn_lr=-1"], ("train.cnn_lr=-1", ">= 0")),
+    (["gzsl", "niwt.lr=-0.5"], ("niwt.lr=-0.5", ">= 0")),
+    (["gzsl", "clswgan.classifier_lr=-1"], ("clswgan.classifier_lr", ">= 0")),
+    (["cl", "benchmark.class_order=[0,1,2]"], ("benchmark.class_order", "0..9")),
+    (["cl", "benchmark.class_order=[0,1,2,3,4,5,6,7,8,10]"], ("benchmark.class_order", "0..9")),
+    (["cl", "benchmark=mnist1d", "benchmark.n_experiences=3"], ("10 classes", "benchmark.n_experiences=3")),
+    (["cl", "benchmark.n_experiences=4"], ("10 classes", "benchmark.n_experiences=4", "divisor")),
+    (["bench", "samples.mlp=0"], ("samples.mlp=0", "> 0")),
+    (["bench", "batch_size.cnn=-2"], ("batch_size.cnn=-2", "> 0")),
+]
+
+
+@pytest.mark.parametrize("args, words", LATE_INPUTS, ids=[" ".join(a) for a, _ in LATE_INPUTS])
+def test_late_failures_are_one_line_before_work(tmp_path, capsys, args, words):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    _rejected(capsys, [*args, f"output_dir={tmp_path / 'o'}"], *words, out=tmp_path / "o")
+
+
+def test_late_failures_stop_before_heavy_imports(tmp_path):
+    """All of LATE_INPUTS in one process: each exit 2, and torch never imported (they were its errors, or came after
+    its import)."""
+    runs = [[a.replace("{tmp}", str(tmp_path)) for a in args] + [f"output_dir={tmp_path / 'o'}"]
+            for args, _ in LATE_INPUTS]
+    code = (f"import sys; from modnet.cli import main; codes = [main(a) for a in {runs!r}]; "
+            "print(*codes, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.split() == ["2"] * len(LATE_INPUTS) + ["False"], proc.stderr
+
+
+def test_present_data_and_valid_values_pass_the_early_checks(tmp_path):
+    """The early checks reject only what the loaders would: torchvision's own folder under root passes (without
+    download), as do unseen digits, a full class order, a zero learning rate and a valid device."""
+    import torchvision
+
+    from modnet.config import compose
+    from modnet.validate import validate
+    from scenarios.benchmarks._torchvision import FOLDERS
+
+    # the folders are torchvision's: MNIST / FashionMNIST keep theirs under root/<class name>/raw, CIFAR its base_folder
+    dataset = {"mnist": torchvision.datasets.MNIST, "fmnist": torchvision.datasets.FashionMNIST,
+               "cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}
+    for name, cls in dataset.items():
+        folder = getattr(cls, "base_folder", None) or cls.__name__
+        assert FOLDERS[name][1] == folder
+        assert FOLDERS[name][0] == len(getattr(cls, "classes", [])) or name.startswith("cifar")
+        (tmp_path / folder).mkdir(exist_ok=True)
+        validate("cl", compose("cl", [f"benchmark={name}", f"benchmark.root={tmp_path}"]))
+    validate("cl", compose("cl", ["benchmark=mnist", f"benchmark.root={tmp_path / 'empty'}", "benchmark.download=true"]))
+    validate("gzsl", compose("gzsl", ["benchmark.unseen_classes=[0,9]", "niwt.lr=0"]))
+    validate("cl", compose("cl", ["benchmark.class_order=[9,8,7,6,5,4,3,2,1,0]", "device=cuda:1", "train.lr=0"]))

@@ -60,7 +60,7 @@ def test_fingerprint_stored_in_folder_and_every_checkpoint(tiny_run):
 
 @pytest.mark.parametrize("change, key", [("train.epochs=2", "train.epochs"),
                                          ("strategies=[modnet]", "strategies"),
-                                         ("benchmark.n_experiences=3", "benchmark.n_experiences")])
+                                         ("benchmark.n_experiences=5", "benchmark.n_experiences")])
 def test_resume_with_another_fingerprint_stops_and_overwrites_nothing(tiny_run, tmp_path, capsys, change, key):
     out = tmp_path / "run"
     shutil.copytree(tiny_run, out)

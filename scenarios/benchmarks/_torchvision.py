@@ -6,12 +6,32 @@ from __future__ import annotations
 from scenarios.registry import register_benchmark
 
 KEYS = ("root", "download", "variant", "n_experiences", "class_order", "max_train_samples")
+# data set -> (its class count, the folder torchvision keeps its files in under ``root``: without it the data set
+# is certainly absent; its files inside are torchvision's to check)
+FOLDERS = {"mnist": (10, "MNIST"), "fmnist": (10, "FashionMNIST"), "cifar10": (10, "cifar-10-batches-py"),
+           "cifar100": (100, "cifar-100-python")}
 
 
 def register_torchvision(name: str, title: str, order: int, module: str) -> type:
     """Register torchvision's data set ``name`` for ``modnet cl`` (``module``: the registering file)."""
 
+    n_classes, folder = FOLDERS[name]
+
     class Loaders:
+        N_CLASSES = n_classes
+
+        @staticmethod
+        def check(bcfg, command):
+            """Without ``download``, the data set's folder is under ``root`` (else torchvision's "Dataset not
+            found" after torch's import)."""
+            from pathlib import Path
+
+            root = Path(str(bcfg.root)).expanduser()
+            if not bcfg.get("download") and not (root / folder).is_dir():
+                raise FileNotFoundError(f"{title} not found: no {root / folder}; put torchvision's {title} files "
+                                        f"under benchmark.root={bcfg.root}, or run with benchmark.download=true on "
+                                        "a machine with internet access")
+
         @staticmethod
         def arrays(bcfg):
             from scenarios.sources import load_torchvision_arrays

@@ -4,6 +4,7 @@ torchvision ResNet from local weights (``benchmark.resnet.*``). Features only: e
 """
 from __future__ import annotations
 
+from scenarios.benchmarks._xlsa17 import check_release_path
 from scenarios.registry import register_benchmark
 
 NAME = "cub"
@@ -13,6 +14,10 @@ NAME = "cub"
                     description="CUB: zero-shot image features, no images",
                     keys={"gzsl": ("path", "backbone_features", "hidden", "attributes", "resnet")})
 class Cub:
+    @staticmethod
+    def check(bcfg, command):
+        check_release_path(NAME, bcfg.get("path"))
+
     @staticmethod
     def zero_shot(path=None, **options):
         from scenarios.zsl import load_cub_images, load_xlsa17_or_release

@@ -17,6 +17,20 @@ NAME = "digits"
                           "gzsl": ("test_fraction", "image", "unseen_classes"),
                           "explain": ("test_fraction", "unseen_classes")})
 class Digits:
+    N_CLASSES = 10
+
+    @staticmethod
+    def check(bcfg, command):
+        """gzsl / explain: ``unseen_classes`` some, not all, of the digits 0..9."""
+        unseen = bcfg.get("unseen_classes") if command != "cl" else None
+        if unseen is None:
+            return
+        values = list(unseen)
+        if not values or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= 9 for c in values) \
+                or len(set(values)) == 10:
+            raise ValueError(f"config benchmark.unseen_classes={values} must be some (not all) of the digits 0..9, "
+                             "e.g. [2, 7]")
+
     @staticmethod
     def arrays(bcfg):
         from scenarios.sources import load_digits_arrays

@@ -18,6 +18,8 @@ NAME = "mnist1d"
                     description="MNIST-1D: continual-learning 40-d sequences without class attributes",
                     keys={"cl": ("num_samples", "train_split", "seed", "n_experiences", "class_order")})
 class Mnist1D:
+    N_CLASSES = 10
+
     @staticmethod
     def arrays(bcfg):
         return generate(int(bcfg.num_samples), float(bcfg.train_split), int(bcfg.seed))

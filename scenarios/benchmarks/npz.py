@@ -18,6 +18,17 @@ NAME = "npz"
                           "explain": ("path",)})
 class Npz:
     @staticmethod
+    def check(bcfg, command):
+        """The path given and a file (its arrays are checked by ``modnet.validate``'s npz checks)."""
+        from pathlib import Path
+
+        if not bcfg.get("path"):
+            raise ValueError(f"benchmark=npz needs benchmark.path=<file.npz> (the arrays {command} reads)")
+        path = Path(str(bcfg.path)).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"npz file not found: {path}; set benchmark.path to an existing .npz")
+
+    @staticmethod
     def arrays(bcfg):
         from scenarios.sources import load_npz_arrays
 
