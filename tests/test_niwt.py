@@ -756,3 +756,22 @@ def test_gzsl_table_gives_each_seeds_choice_a_spread_and_drops_calibration_it_di
     assert [cells[f"{k} (gated)"] for k in ("U", "S", "H")] == ["0.400 ± 0.010", "0.550 ± 0.010", "0.463 ± 0.010"]
     header, _, row = format_table({"niwt": entry}, 2, calibrated=False).splitlines()
     assert "calibrated" not in header and "gamma" not in header and "H (gated)" in header
+
+
+@pytest.mark.parametrize("mode", ["none", "validate"])
+def test_gzsl_csv_has_the_tables_columns(tmp_path, mode):
+    """results.csv has the printed table's columns: with calibration.mode=none no calibrated_* columns (they were
+    written, repeating the uncalibrated figures at gamma 0, where the table drops them)."""
+    from modnet.jobs.gzsl import _write_outputs, format_table
+
+    calibrated = {"U": 0.3, "S": 0.5, "H": 0.375, "zsl_accuracy": 0.6, "gamma": 0.0}
+    uncalibrated = {"U": 0.2, "S": 0.6, "H": 0.3, "zsl_accuracy": 0.6}
+    std = {f"{k}_std": 0.01 for k in calibrated}
+    results = {"benchmark": "digits", "seeds": [0, 1], "calibration": mode,
+               "methods": {"eszsl": {**calibrated, **std, "uncalibrated": {**uncalibrated, **std}}}}
+    _write_outputs(tmp_path, results)
+    with open(tmp_path / "results.csv", newline="") as f:
+        header = next(csv.reader(f))
+    table_header = format_table(results["methods"], 2, calibrated=mode != "none").splitlines()[0]
+    assert any(c.startswith("calibrated_") for c in header) == (mode != "none") == ("calibrated" in table_header)
+    assert header[:5] == ["method", "U", "S", "H", "zsl_accuracy"]

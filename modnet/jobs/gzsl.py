@@ -414,11 +414,14 @@ def _write_outputs(out_dir: Path, results: dict) -> None:
     tmp.replace(out_dir / "results.json")
     # the columns as the printed table's: U, S, H, zsl_accuracy are the headline's, uncalibrated (Xian et al.),
     # then the calibrated ones with gamma, then the gated ones where the gate ran; mean and _std over seeds
-    # (results.json keeps its layout: a method's top-level U, S, H are the calibrated ones)
+    # (results.json keeps its layout: a method's top-level U, S, H are the calibrated ones); with
+    # calibration.mode=none no calibrated columns, as the table (they would repeat the uncalibrated ones)
     def figures(prefix: str, r: dict, keys) -> dict:
         return {**{prefix + k: r[k] for k in keys}, **{f"{prefix}{k}_std": r[f"{k}_std"] for k in keys}}
 
-    rows = {name: {**figures("", r["uncalibrated"], METRICS), **figures("calibrated_", r, ("U", "S", "H", "gamma")),
+    calibrated = results.get("calibration") != "none"
+    rows = {name: {**figures("", r["uncalibrated"], METRICS),
+                   **(figures("calibrated_", r, ("U", "S", "H", "gamma")) if calibrated else {}),
                    **(figures("gated_", r["gated"], ("U", "S", "H", "quantile")) if "gated" in r else {})}
             for name, r in results["methods"].items()}
     columns = list(dict.fromkeys(k for row in rows.values() for k in row))
