@@ -208,6 +208,32 @@ def test_aggregate_reports_bad_folders(tmp_path):
         aggregate(tmp_path)
 
 
+def test_aggregate_skips_gzsl_results_beside_cl_ones_and_refuses_a_file_as_out(tmp_path, capsys):
+    """`modnet run`'s folder holds cl/, gzsl/ and explain/: aggregate read gzsl's results.json as a broken cl one and
+    stopped; it now aggregates the cl runs (the same figures as the cl folder alone) and says which it skipped. A
+    folder of gzsl results alone, and --out naming a file (a traceback from mkdir), are one line each."""
+    from modnet.cli import main
+    from modnet.eval.aggregate import aggregate
+
+    run = tmp_path / "run"
+    _results(run / "cl", "split-digits", [0, 1], {"modnet": [_m(0.8, 0.1, 1), _m(0.6, 0.3, 1)]})
+    gzsl = {"benchmark": "digits", "calibration": "validate", "seeds": [0], "methods": {"niwt": {"H": 0.5}}}
+    (run / "gzsl").mkdir()
+    (run / "gzsl" / "results.json").write_text(json.dumps(gzsl))
+    summary = aggregate(run, plot=False)
+    assert [(g["strategy"], g["n"]) for g in summary["groups"]] == [("modnet", 2)]
+    assert summary["groups"][0]["metrics"]["average_accuracy"]["mean"] == pytest.approx(0.7)
+    assert "skipping 1 gzsl results.json" in capsys.readouterr().err
+    assert main(["aggregate", str(run / "gzsl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "only gzsl results" in err[0]
+    (tmp_path / "note.txt").write_text("x")
+    assert main(["aggregate", str(run), "--out", str(tmp_path / "note.txt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "note.txt is a file" in err[0]
+    assert (tmp_path / "note.txt").read_text() == "x"
+
+
 def test_joblib_sweep_two_workers_then_aggregate(tmp_path):
     sweep_dir = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "modnet.jobs.sweep", "seed=0,1", "strategies=[naive],[ewc]", "train.epochs=1",

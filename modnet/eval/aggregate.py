@@ -47,10 +47,17 @@ def _overrides(results_file: Path) -> dict[str, str]:
     return out
 
 
+def _is_zero_shot(res) -> bool:
+    """A ``modnet gzsl`` results.json (its methods' U, S, H already mean +- std over its seeds)."""
+    return isinstance(res, dict) and "methods" in res and "calibration" in res and "strategies" not in res
+
+
 def _runs_of(results_file: Path) -> list[dict]:
     """One record per (strategy, seed) in a results.json, with its metrics."""
     try:
         res = json.loads(results_file.read_text())
+        if _is_zero_shot(res):
+            return []
         bench, scenario, strategies = res["benchmark"], res["scenario"], res["strategies"]
         seeds = list(res.get("seeds") or [res["seed"]])
     except (json.JSONDecodeError, KeyError, TypeError) as err:
@@ -69,6 +76,13 @@ def _runs_of(results_file: Path) -> list[dict]:
     return runs
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
 def collect_runs(root: Path) -> list[dict]:
     """Every (benchmark, scenario, strategy, seed) run below ``root``, with its variant label."""
     root = Path(root)
@@ -79,6 +93,15 @@ def collect_runs(root: Path) -> list[dict]:
     if not files:
         raise ValueError(f"no results.json below {root}: the jobs have not finished, or this is not a sweep "
                          "or `modnet cl` output folder")
+    zero_shot = [f for f in files if _is_zero_shot(_read_json(f))]
+    if zero_shot:  # e.g. `modnet run`'s folder: cl/, gzsl/ and explain/ side by side
+        files = [f for f in files if f not in zero_shot]
+        if not files:
+            raise ValueError(f"{root} holds only gzsl results ({len(zero_shot)}), which aggregate does not read: run "
+                             "`modnet gzsl seeds=[0,1,2]` for mean ± std over seeds (its results.csv / table)")
+        print(f"modnet aggregate: skipping {len(zero_shot)} gzsl results.json ({', '.join(map(str, zero_shot[:3]))}"
+              f"{', ...' if len(zero_shot) > 3 else ''}): a gzsl run reports mean ± std over its own seeds in its "
+              "results.csv", file=sys.stderr)
     overrides = {f: _overrides(f) for f in files}
     values = defaultdict(set)
     for ov in overrides.values():
@@ -102,6 +125,9 @@ def aggregate(sweep_dir, out_dir=None, ddof: int = 0, plot: bool = True) -> dict
     if ddof not in (0, 1):
         raise ValueError(f"ddof must be 0 (population std) or 1 (sample std), got {ddof!r}")
     sweep_dir = Path(sweep_dir)
+    if out_dir is not None and (Path(out_dir).exists() and not Path(out_dir).is_dir() or
+                                any(p.is_file() for p in Path(out_dir).parents)):
+        raise ValueError(f"--out {out_dir} is a file (or below one); give a folder for aggregate.json/.md/.csv/.png")
     runs = collect_runs(sweep_dir)
     by_setting: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
