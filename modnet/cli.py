@@ -94,26 +94,31 @@ def job_help(job: str, overrides: list[str]) -> str:
     return "\n".join(text)
 
 
+def _print_to_reader(text: str) -> None:
+    """Print help text; `modnet --help | head`: the reader closing the pipe early has what it wanted."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        _print_to_reader(USAGE)
         return 0
     if argv[0] in ("--version", "-V", "version"):
         from modnet import __version__
 
-        print(f"modnet {__version__}")
+        _print_to_reader(f"modnet {__version__}")
         return 0
     job, overrides = argv[0], argv[1:]
     if job in JOBS and any(o in ("-h", "--help") for o in overrides):
-        try:
-            print(job_help(job, overrides))
-        except BrokenPipeError:  # `modnet cl --help | head`: the reader has what it wanted
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _print_to_reader(job_help(job, overrides))
         return 0
     if job == "run" and any(o in ("-h", "--help") for o in overrides):
-        print(f"usage: modnet run [key=value ...]\n{run_default.__doc__}\nThe overrides go to cl "
-              "(`modnet cl --help`); output_dir=<folder> holds cl/, gzsl/, explain/.")
+        _print_to_reader(f"usage: modnet run [key=value ...]\n{run_default.__doc__}\nThe overrides go to cl "
+                         "(`modnet cl --help`); output_dir=<folder> holds cl/, gzsl/, explain/.")
         return 0
     from modnet.imports import defer_unused_imports
 

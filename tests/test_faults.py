@@ -140,6 +140,14 @@ def test_job_help_prints_its_options_with_their_comments(capsys, job, flag):
         assert (ROOT / "configs" / "training.yaml").read_text().strip() in out
 
 
+@pytest.mark.parametrize("args", ["--help", "cl --help", "run --help", "--version"])
+def test_help_piped_into_a_reader_that_stops_early_is_quiet(args):
+    """`modnet --help | head -1` printed a BrokenPipeError traceback (only `modnet <job> --help` was guarded)."""
+    proc = subprocess.run(["sh", "-c", f"'{sys.executable}' -m modnet.cli {args} | head -0"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
 def test_help_of_a_benchmark_and_version(capsys):
     assert main(["cl", "--help", "benchmark=npz"]) == 0
     out = capsys.readouterr().out
