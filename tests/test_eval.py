@@ -285,3 +285,16 @@ def test_gzsl_aggregate_keeps_its_keys_and_single_seed_table_has_no_plus_minus()
     single = gzsl_table(_aggregate([seed(0.2, 0.6, 0.3, 0.5)]), 1)
     # the headline's uncalibrated U, S, H (0.1, 0.7, 0.25), ZSL accuracy, then the calibrated ones and gamma
     assert "±" not in single and "| niwt | 0.100 | 0.700 | 0.250 | 0.200 | 0.200 | 0.600 | 0.300 | 0.5 |" in single
+
+
+def test_no_forgetting_prints_bwt_without_a_minus_sign():
+    """A run that forgets nothing printed BWT "-0.0000" (bwt = -forgetting gave -0.0); a negative that rounds to zero
+    reads 0 too, a real negative keeps its sign."""
+    from modnet.eval.results import summarize
+
+    r = summarize([[0.9, 0.1], [0.7, 0.8]])  # experience 0: 0.9 -> 0.7, forgetting 0.2
+    assert r["bwt"] == pytest.approx(-0.2)
+    flat = summarize([[0.9, 0.1], [0.9, 0.8]])
+    assert flat["forgetting"] == 0.0 and math.copysign(1.0, flat["bwt"]) == 1.0
+    assert mean_std_cell(flat["bwt"], None, 1) == "0.0000" and mean_std_cell(-0.00004, 0.00001, 2) == "0.0000 ± 0.0000"
+    assert mean_std_cell(-0.2, None, 1) == "-0.2000" and mean_std_cell(-0.04, None, 1, "{:.1f}") == "0.0"

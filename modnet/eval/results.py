@@ -28,7 +28,7 @@ def summarize(matrix) -> dict:
     T = R.shape[0] - 1
     forgetting = float(np.mean([R[j, j] - R[T, j] for j in range(T)])) if T > 0 else 0.0
     return {"accuracy_matrix": R.tolist(), "average_accuracy": float(R[T].mean()),
-            "forgetting": forgetting, "bwt": -forgetting}
+            "forgetting": forgetting, "bwt": 0.0 - forgetting}  # 0.0 - 0.0 is +0.0 (-0.0 printed "-0.0000")
 
 
 def forgetting_ratio(matrix, joint_row, n_classes) -> float:

@@ -45,9 +45,12 @@ def mean_std_cell(mean: float | None, std: float | None, count: int, fmt: str = 
     """``mean ± std`` over ``count`` runs; the mean alone for one run (or no std), ``n/a`` for none."""
     if mean is None or math.isnan(mean):
         return "n/a"
+    text = fmt.format(mean)
+    if text.startswith("-") and float(text) == 0.0:  # -0.0 (BWT of no forgetting) or a tiny negative: no sign
+        text = text[1:]
     if count < 2 or std is None or math.isnan(std):
-        return fmt.format(mean)
-    return f"{fmt.format(mean)} ± {fmt.format(std)}"
+        return text
+    return f"{text} ± {fmt.format(std)}"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
