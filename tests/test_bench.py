@@ -288,3 +288,17 @@ def test_thread_cpu_ratios_need_one_cpu_thread(capsys):
     assert main(["bench", "ratio_clock=thread_cpu", "threads=2", "archs=[mlp]"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ratio_clock=thread_cpu" in err[0] and "threads=1" in err[0]
+
+
+@pytest.mark.parametrize("isolate", [True, False])
+def test_bench_md_says_how_the_throughputs_were_run(isolate):
+    """bench.md's throughput heading said "Separate processes (throughput and memory ...)" under isolate=false too,
+    where every loop ran in the bench's own process and no memory was measured."""
+    from modnet.jobs.bench import _markdown
+
+    memory = 12.5 if isolate else None
+    res = {"device": "cpu", "threads": 1, "isolate": isolate, "training": {"mlp": {
+        "config": "784-400-400", **{k: {"samples_per_s": 100.0, "peak_memory_mb": memory} for k in ("plain", "naive")}}}}
+    md = _markdown(res)
+    assert ("Separate processes" in md) == isolate and ("in this process" in md) == (not isolate)
+    assert ("| plain | 100 | 12.5 |" if isolate else "| plain | 100 | n/a (isolate=false) |") in md

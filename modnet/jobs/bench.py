@@ -688,7 +688,8 @@ def _markdown(res: dict) -> str:
              f"CPU kernels {res.get('cpu_capability', '?')})", ""]
     for arch, r in res["training"].items():
         lines += [f"## training, {arch} backbone ({r['config']})", "",
-                  "Separate processes (throughput and memory of each loop on its own):", "",
+                  "Separate processes (throughput and memory of each loop on its own):" if res.get("isolate", True)
+                  else "One loop after another in this process (isolate=false: throughput; no memory figures):", "",
                   "| loop | samples/s | peak memory (MB) |", "|---|---|---|"]
         for kind in ("plain", "naive", "modnet"):
             if kind in r:
@@ -791,7 +792,8 @@ def run_bench(cfg) -> dict:
             "second_task": cfg.get("second_task", True), "baselines": list(cfg.get("baselines") or []),
             "loops": None if cfg.get("loops") is None else list(cfg.loops),
             "ratio_clock": clock, "sync_reg": cfg.sync_reg, "image_shape": list(cfg.image_shape),
-            "mlp_shapes": {a: dict(cfg[a]) for a in MLP_ARCHS if a in cfg}, "resnet_width": cfg.resnet_width}
+            "mlp_shapes": {a: dict(cfg[a]) for a in MLP_ARCHS if a in cfg}, "resnet_width": cfg.resnet_width,
+            "isolate": bool(cfg.get("isolate", True))}
     known = set(MLP_ARCHS) | {"cnn", "resnet18"}
     for arch in cfg.archs:
         if arch not in known or arch not in cfg.samples or arch not in cfg.batch_size:
@@ -802,7 +804,7 @@ def run_bench(cfg) -> dict:
         print(f"[bench] training loops, {arch}, {n} samples, batch {batch} ...", flush=True)
         r = bench_training(arch, n, batch, cfg.epochs, str(device), opts,
                            kinds=("plain", "naive", "modnet"),
-                           repeats=cfg.repeats, rounds=cfg.ratio_rounds, isolate=bool(cfg.get("isolate", True)))
+                           repeats=cfg.repeats, rounds=cfg.ratio_rounds, isolate=res["isolate"])
         shape = ""
         if arch in MLP_ARCHS:
             m = opts["mlp_shapes"][arch]
@@ -810,7 +812,7 @@ def run_bench(cfg) -> dict:
         else:
             shape = "channels_last maps, " if opts["channels_last"] else "contiguous maps, "
         r["config"] = (f"{shape}{n} samples, batch {batch}, {cfg.epochs} epochs (first is warm-up), "
-                       f"best of {cfg.repeats} separate runs")
+                       f"best of {cfg.repeats} runs{' each in its own process' if res['isolate'] else ' in this process'}")
         res["training"][arch] = r
     if cfg.sync_sizes:
         print("[bench] SynC ...", flush=True)
