@@ -267,6 +267,23 @@ def test_joblib_sweep_two_workers_then_aggregate(tmp_path):
     assert acc["naive"][0] > 0.4  # trained, not chance (0.2)
 
 
+def test_a_failing_sweep_job_leaves_the_others_aggregated_and_exits_1(tmp_path):
+    """A job whose loss diverges (lr 1e5): Hydra stopped the sweep with a traceback and never aggregated the jobs that
+    finished. Now the job records its failure, the sweep's other job runs and is aggregated, the failed one is named,
+    and the command exits 1."""
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "modnet.cli", "sweep", "strategies=[naive]", "train.lr=100000,0.05", "train.epochs=1",
+           "benchmark.n_experiences=2", "progress=false", f"hydra.sweep.dir={sweep_dir}"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "NaN" in proc.stderr
+    summary = json.loads((sweep_dir / "aggregate.json").read_text())
+    assert [(g["strategy"], g["variant"]) for g in summary["groups"]] == [("naive", "train.lr=0.05")]
+    assert f"job {sweep_dir / '0'}: naive failed" in proc.stdout
+    assert json.loads((sweep_dir / "0" / "results.json").read_text())["failed"]["naive"]["seed"] == 0
+
+
 def test_sweep_checks_every_job_and_the_launcher_before_launching(monkeypatch):
     import modnet.jobs.sweep as sweep
     from modnet.config import ConfigError

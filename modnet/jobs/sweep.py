@@ -84,10 +84,14 @@ def validate_sweep(overrides: Sequence[str]) -> int:
 class AggregateCallback(Callback):
     """Hydra callback: after the last job of a multi-run, aggregate its sweep folder (mean +- std)."""
 
+    #: the jobs whose strategies failed in the last multi-run (job folder -> their names), for ``main``'s exit code
+    failed: dict[str, list[str]] = {}
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from modnet.eval.aggregate import aggregate, format_markdown
 
         sweep_dir = Path(config.hydra.sweep.dir)
+        AggregateCallback.failed = failed_jobs(sweep_dir)
         if not any(sweep_dir.rglob("results.json")):
             print(f"[modnet sweep] no results.json under {sweep_dir}: nothing to aggregate")
             return
@@ -97,6 +101,24 @@ class AggregateCallback(Callback):
             print(f"[modnet sweep] aggregation failed: {err}\nfix it, then run: modnet aggregate {sweep_dir}")
             return
         print(f"\n{format_markdown(summary)}\naggregate tables and plot written to {sweep_dir}")
+        for job, names in AggregateCallback.failed.items():
+            print(f"[modnet sweep] job {job}: {', '.join(names)} failed and are not in the tables (its sweep.log "
+                  "says why)")
+
+
+def failed_jobs(sweep_dir: Path) -> dict[str, list[str]]:
+    """Job folder -> the strategies its results.json lists as failed (``modnet cl`` records them beside the rest)."""
+    import json
+
+    out = {}
+    for path in sorted(Path(sweep_dir).rglob("results.json")):
+        try:
+            failed = json.loads(path.read_text()).get("failed") or {}
+        except (ValueError, AttributeError):
+            continue
+        if failed:
+            out[str(path.parent)] = list(failed)
+    return out
 
 
 @hydra.main(config_path="pkg://configs", config_name="sweep", version_base=None)
@@ -106,8 +128,15 @@ def sweep_app(cfg: DictConfig) -> dict:
 
     defer_unused_imports()  # a launcher's worker process imports Avalanche here, as `modnet cl` would
     from modnet.jobs.cl import run_cl
+    from modnet.runner.guards import NaNLossError, StrategyFailed
 
-    return run_cl(keep_benchmark_keys("cl", cfg))  # as compose("cl") gives it
+    try:
+        return run_cl(keep_benchmark_keys("cl", cfg))  # as compose("cl") gives it
+    except (StrategyFailed, NaNLossError) as err:
+        # the job wrote what finished (its failed strategies listed in results.json): the other jobs go on and the
+        # sweep is aggregated; `modnet sweep` exits 1 (Hydra stopped the sweep with a traceback, unaggregated)
+        print(f"[modnet sweep] job {cfg.output_dir}: error: {err}", file=sys.stderr)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,11 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[modnet sweep] {n_jobs} job(s)")
     saved = sys.argv
     sys.argv = ["modnet sweep", *argv]  # hydra.main reads its command line from sys.argv
+    AggregateCallback.failed = {}
     try:
         sweep_app()
     finally:
         sys.argv = saved
-    return 0
+    return 1 if AggregateCallback.failed else 0
 
 
 if __name__ == "__main__":
