@@ -106,6 +106,7 @@ def test_bench_writes_ratios_that_agree_with_its_throughputs(tmp_path):
     assert r["step_cost_vs_naive"]["naive"]["median"] == pytest.approx(1.0)
     assert res["ratio_clock"] == "thread_cpu"  # auto, on the CPU at one thread: lockstep rounds
     assert res["lockstep_steps"] == 8  # configs/bench.yaml's default, recorded beside the figures
+    assert res["isolate"] is False and "in this process" in (tmp_path / "bench.md").read_text()
     sync = res["sync"]["sizes"]
     assert set(sync) == {"200", "400"} and all(v["clusters"] >= 1 for v in sync.values())
     md = (tmp_path / "bench.md").read_text()

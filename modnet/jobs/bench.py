@@ -792,8 +792,8 @@ def run_bench(cfg) -> dict:
             "second_task": cfg.get("second_task", True), "baselines": list(cfg.get("baselines") or []),
             "loops": None if cfg.get("loops") is None else list(cfg.loops),
             "ratio_clock": clock, "sync_reg": cfg.sync_reg, "image_shape": list(cfg.image_shape),
-            "mlp_shapes": {a: dict(cfg[a]) for a in MLP_ARCHS if a in cfg}, "resnet_width": cfg.resnet_width,
-            "isolate": bool(cfg.get("isolate", True))}
+            "mlp_shapes": {a: dict(cfg[a]) for a in MLP_ARCHS if a in cfg}, "resnet_width": cfg.resnet_width}
+    res["isolate"] = bool(cfg.get("isolate", True))
     known = set(MLP_ARCHS) | {"cnn", "resnet18"}
     for arch in cfg.archs:
         if arch not in known or arch not in cfg.samples or arch not in cfg.batch_size:
