@@ -279,7 +279,7 @@ def _check_strategies(names) -> None:
 
 def _check_benchmark_classes(cfg: DictConfig) -> None:
     """``benchmark.unseen_classes`` names each class once (a repeat ran with fewer unseen classes than listed,
-    recorded as listed); ``benchmark.test_fraction`` is a share in (0, 1)."""
+    recorded as listed); ``benchmark.hidden`` a positive integer or null; ``benchmark.test_fraction`` a share in (0, 1)."""
     bcfg = cfg.get("benchmark")
     if not isinstance(bcfg, DictConfig):
         return
@@ -290,6 +290,7 @@ def _check_benchmark_classes(cfg: DictConfig) -> None:
         if repeated:
             raise ConfigError(f"config benchmark.unseen_classes lists {repeated} more than once; name each unseen "
                               "class once")
+    check_benchmark_width(bcfg)
     fraction = bcfg.get("test_fraction")
     if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
                                  or not 0.0 < fraction < 1.0):
@@ -354,6 +355,15 @@ def _check_learning_rates(cfg: DictConfig) -> None:
                 _number(cfg, path, minimum=0, strict=False)
 
     walk(cfg, "")
+
+
+def check_benchmark_width(bcfg) -> None:
+    """``benchmark.hidden`` (awa2, cub, npz in gzsl): a positive integer or null (``modnet.jobs.gzsl`` checks it too,
+    for a config passed to ``run_gzsl`` directly)."""
+    width = bcfg.get("hidden")
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+        raise ConfigError(f"benchmark.hidden={width!r} must be a positive integer (the networks' width on this "
+                          "benchmark's inputs) or null (= model.hidden)")
 
 
 def _check_zsl_names(cfg: DictConfig) -> None:
