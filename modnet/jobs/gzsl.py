@@ -106,7 +106,6 @@ def with_seen_network_hat(cfg: DictConfig) -> DictConfig:
     """``cfg`` with ``seen_network.hat_c`` as HAT's capacity regulariser weight (``hat.c``) where it is set: the
     seen-class network is one experience, and the regulariser only keeps units free for later experiences
     (configs/gzsl.yaml has the figures). Continual GZSL, whose experiences do follow, keeps ``hat.c``."""
-    check_benchmark_width(cfg.benchmark)
     c = (cfg.get("seen_network") or {}).get("hat_c")
     return _with_value(cfg, "hat", "c", None if c is None else float(c))
 
@@ -484,6 +483,7 @@ def _check(cfg: DictConfig) -> None:
     large_features = ((cfg.get("large_train") or {}).get("clswgan") or {}).get("features")
     if large_features is not None:
         check_choice("large_train.clswgan.features", large_features, BASELINE_FEATURES)
+    check_benchmark_width(cfg.benchmark)
     c = (cfg.get("seen_network") or {}).get("hat_c")
     if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or c < 0):
         raise ConfigError(f"seen_network.hat_c={c!r} must be a number >= 0 (HAT's capacity regulariser weight of the "
