@@ -131,6 +131,10 @@ def test_resume_continues_to_the_same_final_numbers(tmp_path, monkeypatch):
     for name in ("modnet", "naive", "lwf"):
         np.testing.assert_allclose(resumed["strategies"][name]["accuracy_matrix"],
                                    full["strategies"][name]["accuracy_matrix"], atol=1e-6)
+        # experience 0's snapshot is kept in the checkpoint: the same drift (a resumed run had no CKA, nor its plot)
+        np.testing.assert_allclose(resumed["strategies"][name]["first_experience_cka"],
+                                   full["strategies"][name]["first_experience_cka"], atol=1e-5)
+        assert (tmp_path / "cut" / f"cka_{name}_seed0.png").exists()
 
 
 def test_checkpoints_load_with_weights_only(tmp_path):

@@ -15,14 +15,18 @@ from omegaconf import OmegaConf
 
 from modnet.config import ConfigError, check_choice, resolve_device
 from modnet.eval.results import add_forgetting_ratio, aggregate_seeds, format_table, write_results
+from modnet.runner.runner import RunnerHook
 from scenarios import build_benchmark
 from scenarios.base import SCENARIOS
 from strategies.memory import MATCHABLE, matching, run_order, with_matched_memory
 
 
-class _DriftProbe:
+class _DriftProbe(RunnerHook):
     """Runner hook: the hidden representation of experience 0's test inputs right after experience 0 and at
-    the end (CKA drift plot)."""
+    the end (CKA drift plot). The first snapshot is kept in the checkpoints, so that a run resumed after
+    experience 0 plots the same drift as an uninterrupted one."""
+
+    state_key = "drift_probe"
 
     def __init__(self, probe: torch.Tensor):
         self.probe, self.first = probe, None
@@ -33,8 +37,12 @@ class _DriftProbe:
         if index == 0:
             self.first = snapshot(strategy.model, self.probe)
 
-    def after_eval_exp(self, index, strategy, row):
-        pass
+    def state_dict(self) -> dict:
+        return {} if self.first is None else {"first": [a.cpu() for a in self.first]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "first" in state:
+            self.first = [a.to(self.probe.device) for a in state["first"]]
 
 
 def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path, run_fingerprint: dict | None = None
@@ -80,9 +88,9 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path, run_f
     hooks = []
     if not (shows_progress_bars(cfg.progress) and "interactive" in cfg.loggers):
         hooks.append(ExperienceLine(f"[{name} seed {seed}]", n))
-    if state is None:  # the drift plot needs experience 0 trained in this run
-        probe_ds = bm.test_stream[0].dataset
-        hooks.append(_DriftProbe(torch.stack([probe_ds[i][0] for i in range(min(256, len(probe_ds)))]).to(device)))
+    # the drift plot needs experience 0's snapshot: taken in this run, or kept in the checkpoint resumed from
+    probe_ds = bm.test_stream[0].dataset
+    hooks.append(_DriftProbe(torch.stack([probe_ds[i][0] for i in range(min(256, len(probe_ds)))]).to(device)))
     record = run_experiences(strategy, bm.train_stream, stream_evaluator(bm.test_stream, accuracy), seed=seed,
                              checkpoint=ckpt_path, resume_state=state, test_stream=bm.test_stream, hooks=hooks,
                              log=lambda msg: print(f"[{name} seed {seed}] {msg} from {ckpt_path}"),

@@ -143,13 +143,26 @@ def strategy_result(name: str, strategy, info, record: "RunRecord") -> dict:
 
 
 class RunnerHook:
-    """Called by ``run_experiences`` around each experience (override what you need)."""
+    """Called by ``run_experiences`` around each experience (override what you need).
+
+    A hook that keeps something across experiences a resumed run needs (e.g. a snapshot taken after experience 0)
+    sets ``state_key`` and returns it from ``state_dict`` (tensors, lists of tensors, numbers: what
+    ``torch.load(weights_only=True)`` reads); it is saved in every checkpoint and given back to
+    ``load_state_dict`` on resume."""
+
+    state_key: str | None = None
 
     def after_training_exp(self, index: int, strategy) -> None:
         """Experience ``index`` is trained, not yet evaluated."""
 
     def after_eval_exp(self, index: int, strategy, row: list[float]) -> None:
         """Experience ``index`` is trained and evaluated (``row``: its accuracy-matrix row)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class ExperienceLine(RunnerHook):
@@ -253,6 +266,10 @@ def run_experiences(strategy, train_stream, evaluate: Callable[[int, object], li
         record.rows = [list(r) for r in resume_state["rows"].tolist()]
         record.train_seconds = float(resume_state["train_seconds"])
         record.resumed_at = start
+        saved_hooks = resume_state.get("hooks") or {}
+        for hook in hooks:
+            if hook.state_key is not None and hook.state_key in saved_hooks:
+                hook.load_state_dict(saved_hooks[hook.state_key])
         log(f"resumed at experience {start}")
     for i, exp in enumerate(train_stream):
         if i < start:
@@ -271,6 +288,7 @@ def run_experiences(strategy, train_stream, evaluate: Callable[[int, object], li
             # rows in float64: a resumed run's matrix is the uninterrupted run's, bit for bit
             save_atomic({"next_exp": i + 1, "model": strategy.model.state_dict(),
                          "rows": torch.tensor(record.rows, dtype=torch.float64),
-                         "train_seconds": record.train_seconds, "done": False, **(checkpoint_meta or {})},
+                         "train_seconds": record.train_seconds, "done": False, **(checkpoint_meta or {}),
+                         "hooks": {h.state_key: h.state_dict() for h in hooks if h.state_key is not None}},
                         checkpoint)
     return record
