@@ -395,6 +395,34 @@ def _recorded_network(run_dir):
     return json.loads((run_dir / "results.json").read_text())["strategies"]["modnet"]["network"]
 
 
+def test_a_module_whose_units_are_all_masked_off_gets_no_attributes(cl_runs, tmp_path):
+    """Planted: task 1's HAT embeddings of one layer-0 module set far negative (mask ~ 0: the module passes nothing
+    on). Its d score / d tap output is not 0, and explain named attributes for it; now it has none and a note, and
+    every other module keeps its attributes."""
+    import shutil
+
+    from modnet.config import compose
+    from modnet.jobs.explain import run_explain
+
+    run = tmp_path / "run"
+    shutil.copytree(cl_runs["vector"], run)
+    ckpt = run / "checkpoints" / "modnet_seed0_final.pt"
+    obj = torch.load(ckpt, weights_only=True)
+    layer0 = _recorded_network(run)["modules_by_task"]["1"][0]
+    off = max(range(len(layer0)), key=lambda m: len(layer0[m]))
+    obj["model"]["masked.0.task_embedding.weight"][1, layer0[off]] = -50.0
+    torch.save(obj, ckpt)
+    run_explain(compose("explain", [*EXPLAIN, f"run_dir={run}", f"output_dir={tmp_path / 'e'}"]))
+    result = json.loads((tmp_path / "e" / "explanations.json").read_text())
+    names = list(result["modules"]["layer0"])
+    entry = result["modules"]["layer0"][names[off]]
+    assert result["units_on"]["layer0"][names[off]] == 0
+    assert entry["attributes"] == [] and "HAT mask is off" in entry["note"]
+    assert "HAT mask is off" in (tmp_path / "e" / "explanations.md").read_text()
+    others = [result["modules"]["layer0"][n] for n in names if n != names[off] and result["units_on"]["layer0"][n]]
+    assert others and all(len(e["attributes"]) == 3 for e in others)
+
+
 @pytest.mark.parametrize("kind", ["image", "vector"])
 def test_explain_run_dir_explains_exactly_the_gated_modules(kind, cl_runs, explained):
     from scenarios.zsl import DIGIT_ATTRIBUTE_NAMES
@@ -406,12 +434,16 @@ def test_explain_run_dir_explains_exactly_the_gated_modules(kind, cl_runs, expla
     assert list(result["modules"]) == [f"layer{i}" for i in range(len(network["layers"]))]
     for i, layer in enumerate(network["layers"]):
         explained_layer = result["modules"][f"layer{i}"]
-        assert list(explained_layer) == [f"module{m}" for m in range(len(layer["modules"]))]
+        # named by results.json's persistent module ids (they were numbered by their place in the gate)
+        assert list(explained_layer) == [f"module{g}" for g in layer["module_ids"]]
         assert [entry["units"] for entry in explained_layer.values()] == layer["modules"]
         assert [entry["units"] for entry in explained_layer.values()] == network["modules_by_task"]["1"][i]
-        for entry in explained_layer.values():
-            assert set(entry) == {"units", "attributes", "image"}
+        for module, entry in explained_layer.items():
             assert mpimg.imread(out / entry["image"]).shape[0] > 100  # one PNG per module
+            if result["units_on"][f"layer{i}"][module] == 0:  # passes nothing on: no attributes, a note says why
+                assert set(entry) == {"units", "attributes", "image", "note"} and entry["attributes"] == []
+                continue
+            assert set(entry) == {"units", "attributes", "image"}
             assert len(entry["attributes"]) == 3 and {a for a, _ in entry["attributes"]} <= set(DIGIT_ATTRIBUTE_NAMES)
     expected_kinds = (["grad_cam", "grad_cam", "input_x_gradient"] if kind == "image"
                       else ["input_x_gradient", "input_x_gradient"])

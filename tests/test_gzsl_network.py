@@ -247,7 +247,7 @@ def test_explain_run_dir_of_a_gzsl_run_explains_that_seeds_network(tmp_path):
                  f"output_dir={tmp_path / 'explain'}"]) == 0
     recorded = json.loads((tmp_path / "gzsl" / "results.json").read_text())["network_per_seed"]["1"]
     explained = json.loads((tmp_path / "explain" / "explanations.json").read_text())["modules"]
-    expected = {f"layer{i}": {f"module{m}": units for m, units in enumerate(layer["modules"])}
+    expected = {f"layer{i}": {f"module{g}": units for g, units in zip(layer["module_ids"], layer["modules"])}
                 for i, layer in enumerate(recorded["layers"]) if layer["modules"]}
     assert {layer: {m: v["units"] for m, v in modules.items()} for layer, modules in explained.items()} == expected
     assert all((tmp_path / "explain" / v["image"]).exists() for modules in explained.values() for v in modules.values())

@@ -613,7 +613,7 @@ def write_module_explanations_md(path: str | Path, modules: Mapping[str, Mapping
     """Write a readable markdown report of a network's functional modules, layer by layer.
 
     modules: layer -> module -> {"units": [unit ids], "attributes": [(name, score)], "image": PNG path
-    relative to the markdown file}; per_class: layer -> class -> ranked attributes (optional);
+    relative to the markdown file, optionally "note": one line shown under the module's heading}; per_class: layer -> class -> ranked attributes (optional);
     layer_notes: layer -> one line shown under the layer's heading.
     """
     lines = [f"# {title}", ""]
@@ -631,6 +631,8 @@ def write_module_explanations_md(path: str | Path, modules: Mapping[str, Mapping
             units = [int(u) for u in entry["units"]]
             ranked = [(str(a), float(v)) for a, v in entry.get("attributes", [])]
             lines += [f"### Module `{name}` ({len(units)} units)", "", f"Units: {', '.join(map(str, units))}", ""]
+            if entry.get("note"):
+                lines += [f"Note: {entry['note']}.", ""]
             if ranked:
                 lines += [f"Explained by: {', '.join(a for a, _ in ranked)}", "",
                           "| rank | attribute | score |", "|---:|---|---:|"]

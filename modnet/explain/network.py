@@ -7,7 +7,7 @@ masked layer to one module and switches modules on and off per input. Nothing is
   held at their value for the input. The hard gates are piecewise constant in the input (zero derivative
   almost everywhere); the straight-through gradient they carry in training is a training device, not part
   of the function explained.
-* ``gated_modules``: per masked layer, ``{"module{m}": unit ids}`` of a task's gate.
+* ``gated_modules``: per masked layer, ``{"module{id}": unit ids}`` of a task's gate (persistent module ids).
 * ``ModuleMaps``: one map per module at a masked layer's tap (``HATNet.unit_taps``: the layer's output after
   its mask and gates): Grad-CAM of the module's channels at a conv layer, gradient x input of the sum of
   the module's unit outputs at a fully connected layer (``modnet.explain.gradcam.ModuleGradCAM``).
@@ -63,8 +63,9 @@ def gated_tasks(model: HATNet) -> list[int]:
 
 
 def gated_modules(model: HATNet, task: int) -> list[dict[str, list[int]]]:
-    """Per masked layer, task ``task``'s modules: ``{"module{m}": unit ids}`` (the gate's assignment; the
-    same lists as ``modnet.nets.record.describe_network``)."""
+    """Per masked layer, task ``task``'s modules: ``{"module{id}": unit ids}`` (the gate's assignment; the
+    same lists as ``modnet.nets.record.describe_network``), each named by its persistent id (results.json's
+    ``module_ids`` and ``module_sharing``): a module shared by several tasks has one name in every file."""
     tasks = gated_tasks(model)
     if task not in tasks:
         raise ValueError(f"task {task} has no module gates; tasks with gates: {tasks or 'none'} "
@@ -72,8 +73,8 @@ def gated_modules(model: HATNet, task: int) -> list[dict[str, list[int]]]:
     gate = model.gate.task_gate(task)
     layers = []
     for i in range(gate.n_layers):
-        assignment = gate.assignment(i).cpu()
-        layers.append({f"module{m}": torch.nonzero(assignment == m).flatten().tolist()
+        assignment, ids = gate.assignment(i).cpu(), gate.module_ids(i).cpu().tolist()
+        layers.append({f"module{ids[m]}": torch.nonzero(assignment == m).flatten().tolist()
                        for m in range(int(assignment.max()) + 1)})
     return layers
 

@@ -343,7 +343,9 @@ def _draw(path: Path, x: Tensor, module_map: Tensor, kind: str, shape, title: st
 
 def _words(net: ExplainedNetwork, layer: int, task: int, modules: dict[str, list[int]], cfg: DictConfig):
     """(per module, per class of the task) attributes through NIWT's inverse map at the layer's tap, and the
-    groups of attribute names the map's classes cannot tell apart (reported as one entry each)."""
+    groups of attribute names the map's classes cannot tell apart (reported as one entry each). ``modules``:
+    each module's units whose HAT mask is on for the task (a masked-off unit passes nothing on, whatever the
+    score's gradient at the tap says; a module with none is left out)."""
     from modnet.methods.knowledge import tied_attribute_groups
     from modnet.methods.niwt import KnowledgeToImportance
 
@@ -361,8 +363,9 @@ def _words(net: ExplainedNetwork, layer: int, task: int, modules: dict[str, list
     e = cfg.explain
     # attributes the map's classes cannot tell apart: one entry each, named together (not one picked at random)
     tied = tied_attribute_groups(knowledge.matrix[classes])
-    per_module = module_attributes(importance[own], modules, k_map, knowledge.attribute_names, e.top_k,
-                                   positive_only=e.positive_only, tied=tied)
+    active = {m: units for m, units in modules.items() if units}
+    per_module = module_attributes(importance[own], active, k_map, knowledge.attribute_names, e.top_k,
+                                   positive_only=e.positive_only, tied=tied) if active else {}
     per_class = {knowledge.class_names[classes[i]]: explain_in_words(importance[i], k_map, knowledge.attribute_names,
                                                                      e.top_k, tied) for i in own}
     return per_module, per_class, [[knowledge.attribute_names[j] for j in g] for g in tied]
@@ -410,14 +413,20 @@ def explain_layer(net: ExplainedNetwork, task: int, layer: int, modules: dict[st
     examples = maps.scores(test.x).argmax(dim=0).cpu()  # per module, the test input driving it most
     inputs = test.x[examples]
     module_maps = maps(inputs, maps.names).cpu()
-    per_module, per_class, tied = _words(net, layer, task, modules, cfg) if net.knowledge else ({}, {}, [])
+    units_on = {m: [u for u in units if hat_on[u]] for m, units in modules.items()}
+    per_module, per_class, tied = _words(net, layer, task, units_on, cfg) if net.knowledge else ({}, {}, [])
     entries, arrays = {}, {}
     for j, module in enumerate(maps.names):
         png = f"{name}_{_slug(module)}.png"
-        title = f"task {task}, {name}, {module}: {len(modules[module])} units ({MAP_NAMES[maps.kind][0]})"
+        off = not units_on[module]
+        title = (f"task {task}, {name}, {module}: {len(modules[module])} units ({MAP_NAMES[maps.kind][0]})"
+                 + (", every unit masked off for the task" if off else ""))
         _draw(out / png, inputs[j], module_maps[j], maps.kind, net.picture_shape, title, cfg)
         entries[module] = {"units": modules[module], "attributes": [[a, s] for a, s in per_module.get(module, [])],
                            "image": png}
+        if off:
+            entries[module]["note"] = (f"every unit's HAT mask is off for task {task}: the module passes nothing on, "
+                                       "so it has no attributes and its map is flat")
         arrays[f"{name}/{module}/map"] = module_maps[j].numpy()
         arrays[f"{name}/{module}/input"] = inputs[j].numpy()
     if e.module_grids and net.picture_shape is not None:
@@ -435,7 +444,7 @@ def explain_layer(net: ExplainedNetwork, task: int, layer: int, modules: dict[st
                           bar_label="map, scaled to [0, 1] per panel" if maps.kind != INPUT_X_GRADIENT else
                           "gradient x input, positive part, scaled to [0, 1] per panel")
     return LayerExplanation(entries, {m: float(gates[:, j].mean()) for j, m in enumerate(maps.names)},
-                            {m: int(hat_on[modules[m]].sum()) for m in maps.names},
+                            {m: len(units_on[m]) for m in maps.names},
                             {c: [[a, s] for a, s in ranked] for c, ranked in per_class.items()}, maps.kind, arrays,
                             int(model.masked[layer].n_units), tied)
 
