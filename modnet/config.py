@@ -14,6 +14,7 @@ before torch is imported.
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
@@ -231,6 +232,23 @@ def check_share(name: str, value, meaning: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
         raise ConfigError(f"config {name}={value!r} must be a number in (0, 1] ({meaning})")
     return float(value)
+
+
+def with_absolute_data_paths(cfg: DictConfig) -> DictConfig:
+    """A copy of ``cfg`` with ``benchmark.path`` and ``benchmark.root`` made absolute (against the working
+    directory): what a run's config.yaml records, so that ``modnet explain run_dir=`` finds the data from any
+    directory (a relative npz path was read against the explain command's directory)."""
+    import copy
+
+    bcfg = cfg.get("benchmark")
+    if not isinstance(bcfg, DictConfig):
+        return cfg
+    out = copy.deepcopy(cfg)
+    for key in ("path", "root"):
+        value = out.benchmark.get(key)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            out.benchmark[key] = str(Path(value).expanduser().absolute())
+    return out
 
 
 def resolve_device(name: str):

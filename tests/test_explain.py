@@ -500,7 +500,8 @@ def test_cnn_module_cam_is_its_masked_channels_summed(cl_runs, explained):
 
     out, result = explained["image"]
     model, task = _loaded(cl_runs["image"]), result["task"]
-    x = torch.as_tensor(np.load(out / "module_maps.npz")["layer0/module0/input"])[None]
+    maps = np.load(out / "module_maps.npz")
+    x = torch.as_tensor(maps[next(k for k in maps.files if k.startswith("layer0/") and k.endswith("/input"))])[None]
     x = torch.cat([x, x.flip(-1), x.flip(-2)])  # three inputs: the gates may switch other modules on
     with torch.no_grad():
         masks = model.unit_masks(x, task)
@@ -527,7 +528,8 @@ def test_module_maps_differ_between_modules(kind, cl_runs, explained):
 
     model = _loaded(cl_runs[kind])
     task = explained[kind][1]["task"]
-    x = torch.as_tensor(np.load(explained[kind][0] / "module_maps.npz")["layer0/module0/input"])[None]
+    maps = np.load(explained[kind][0] / "module_maps.npz")
+    x = torch.as_tensor(maps[next(k for k in maps.files if k.startswith("layer0/") and k.endswith("/input"))])[None]
     gates = model.gate.task_gate(task)
     pairs = 0
     for layer, modules in enumerate(gated_modules(model, task)):
@@ -665,3 +667,28 @@ def test_every_explain_setting_is_commented():
     text = (Path(__file__).resolve().parents[1] / "configs" / "explain.yaml").read_text()
     settings = [line for line in text.splitlines() if re.match(r"^\s*\w+:\s*\S", line)]
     assert settings and all("#" in line for line in settings)
+
+
+def test_explain_finds_a_relative_npz_path_of_a_run_from_another_folder(tmp_path, monkeypatch):
+    """A cl run on benchmark.path=d.npz (relative) recorded the relative path, and `modnet explain run_dir=` from
+    any other folder stopped with "npz file not found: d.npz". The run's config.yaml records the absolute path."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from modnet.cli import main
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    y = np.arange(120) % 4
+    np.savez(tmp_path / "a" / "d.npz", x_train=(rng.normal(size=(120, 16)) + y[:, None]).astype(np.float32),
+             y_train=y, x_test=(rng.normal(size=(40, 16)) + y[:40, None]).astype(np.float32), y_test=y[:40])
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["cl", "benchmark=npz", "benchmark.path=d.npz", "benchmark.n_experiences=2", "strategies=[modnet]",
+                 "train.epochs=1", "progress=false", "model.hidden=32", f"output_dir={tmp_path / 'run'}"]) == 0
+    saved = OmegaConf.load(tmp_path / "run" / "config.yaml").benchmark.path
+    assert Path(saved) == tmp_path / "a" / "d.npz"
+    monkeypatch.chdir(tmp_path / "b")
+    assert main(["explain", f"run_dir={tmp_path / 'run'}", *EXPLAIN, f"output_dir={tmp_path / 'e'}"]) == 0
+    assert (tmp_path / "e" / "explanations.json").exists()

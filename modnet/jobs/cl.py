@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from modnet.config import ConfigError, check_choice, resolve_device
+from modnet.config import ConfigError, check_choice, resolve_device, with_absolute_data_paths
 from modnet.eval.results import add_forgetting_ratio, aggregate_seeds, format_table, write_results
 from modnet.runner.runner import RunnerHook
 from scenarios import build_benchmark
@@ -160,7 +160,7 @@ def run_cl(cfg) -> dict:
             check_fresh_start(out, run_fingerprint)
         ckpt_dir = out / "checkpoints"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(with_absolute_data_paths(cfg), resolve=True))
         write_fingerprint(out, run_fingerprint)
         return _run_all(cfg, out, ckpt_dir, device, run_fingerprint, backend)
 

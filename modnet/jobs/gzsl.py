@@ -42,7 +42,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 
-from modnet.config import ConfigError, check_choice, resolve_device
+from modnet.config import ConfigError, check_choice, resolve_device, with_absolute_data_paths
 from modnet.eval.metrics import shows_progress_bars
 from modnet.eval.tables import aggregate_runs, markdown_table, mean_std_cell
 from modnet.methods.gzsl import GZSLResult, gzsl_evaluate, restricted_accuracy, select_calibration
@@ -626,7 +626,7 @@ def _run_gzsl(cfg: DictConfig, out_dir: Path) -> dict:
         results["continual"] = continual_gzsl.aggregate(continual, cfg)
     results["seconds"] = time.perf_counter() - t0
     _write_outputs(out_dir, results)
-    OmegaConf.save(cfg, out_dir / "config.yaml")
+    OmegaConf.save(with_absolute_data_paths(cfg), out_dir / "config.yaml")  # explain run_dir= from any folder
     print(f"GZSL on {data.name}: {len(data.seen_classes)} seen / {len(data.unseen_classes)} unseen classes, "
           f"seeds {seeds}, calibration={cfg.calibration.mode}, {results['seconds']:.1f}s")
     print(f"modular network {results['network']['class']}: seen accuracy {results['seen_only_accuracy']:.3f} "
