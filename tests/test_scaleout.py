@@ -195,6 +195,28 @@ def test_aggregate_matches_hand_computed_means_and_stds(tmp_path):
     assert g1["metrics"]["average_accuracy"]["std"] == pytest.approx(math.sqrt(0.05 / 3))
 
 
+def test_aggregate_tells_runs_apart_by_their_fingerprints(tmp_path):
+    """Runs started apart (no Hydra overrides) and copied side by side: the same seed at train.epochs 3 and 10 was
+    pooled into one "mean ± std over seeds" (seeds 0 0). Their fingerprint.json keys that differ make the variant;
+    the seed and the strategies never do."""
+    from modnet.eval.aggregate import aggregate
+
+    def fingerprint(folder, epochs, seed, strategies):
+        (folder / "fingerprint.json").write_text(json.dumps({
+            "config.train.epochs": epochs, "config.seed": seed, "config.strategies": strategies,
+            "config.benchmark.name": "digits", "config.hat.c": 0.75, "version.torch": "2.x"}))
+
+    d = tmp_path / "runs"
+    for name, epochs, seed, acc in (("a", 3, 0, 0.8), ("b", 10, 0, 0.9), ("c", 3, 1, 0.6)):
+        _results(d / name, "split-digits", [seed], {"naive": [_m(acc, 0.1, 1)]})
+        fingerprint(d / name, epochs, seed, ["naive"] if name != "c" else ["naive", "ewc"])
+    groups = {g["variant"]: g for g in aggregate(d, plot=False)["groups"]}
+    assert set(groups) == {"train.epochs=3", "train.epochs=10"}
+    assert groups["train.epochs=3"]["seeds"] == [0, 1]
+    assert groups["train.epochs=3"]["metrics"]["average_accuracy"]["mean"] == pytest.approx(0.7)
+    assert groups["train.epochs=10"]["n"] == 1
+
+
 def test_aggregate_reports_bad_folders(tmp_path):
     from modnet.eval.aggregate import aggregate
 

@@ -1,9 +1,11 @@
 """``modnet aggregate <dir>``: every ``results.json`` below a folder -> mean +- std over seeds, per setting.
 
-A setting is (benchmark, scenario, strategy, variant). The variant names the swept hyper-parameters that
-are not seeds or strategies (``hat.c=0.5``), read from each Hydra job's ``.hydra/overrides.yaml``; only
-overrides that take two or more values across the folder count, so runs that differ in a hyper-parameter are
-never averaged together. A ``results.json`` of a multi-seed run (``seeds=[0,1,2]``) contributes each of its
+A setting is (benchmark, scenario, strategy, variant). The variant names the settings that are not seeds or
+strategies and differ between the runs (``hat.c=0.5``), read from each run's ``fingerprint.json`` (every config
+key that decides its numbers, ``modnet.runner.rundir``) or, for a folder without one, its Hydra job's
+``.hydra/overrides.yaml``; only keys that take two or more values across the folder count, so runs that differ
+in a hyper-parameter, however they were started (a sweep, or cl runs copied side by side), are never averaged
+together. A ``results.json`` of a multi-seed run (``seeds=[0,1,2]``) contributes each of its
 seeds (its ``per_seed`` entries). For every metric of ``modnet.eval.results`` (average accuracy, forgetting, BWT,
 train seconds): mean and standard deviation over the runs, std with ``ddof`` (default 0, numpy's and
 ``modnet.eval.results.aggregate_seeds``' convention; ddof=1 gives the sample std).
@@ -31,6 +33,26 @@ SETTING = ("benchmark", "scenario", "strategy", "variant")
 # Overrides that say which run it is, not which setting: never part of a variant.
 _NOT_VARIANT = {"seed", "seeds", "strategies", "benchmark", "scenario", "output_dir", "progress", "threads",
                 "device", "resume", "loggers"}
+# a fingerprint's keys that are part of the setting already (the benchmark's label) or say which run it is
+_NOT_VARIANT_KEYS = {"benchmark.name", "scenario"}
+
+
+def _fingerprint_settings(results_file: Path) -> dict[str, str] | None:
+    """The run's config keys from its fingerprint.json (dotted key -> value as text), those that can make a
+    variant; None without the file."""
+    path = results_file.parent / "fingerprint.json"
+    fp = _read_json(path) if path.exists() else None
+    if not isinstance(fp, dict):
+        return None
+    out = {}
+    for key, value in fp.items():
+        if not key.startswith("config."):
+            continue
+        key = key[len("config."):]
+        if key.split(".")[0] in _NOT_VARIANT - {"benchmark"} or key in _NOT_VARIANT_KEYS:
+            continue
+        out[key] = value if isinstance(value, str) else json.dumps(value)
+    return out
 
 
 def _overrides(results_file: Path) -> dict[str, str]:
@@ -102,7 +124,11 @@ def collect_runs(root: Path) -> list[dict]:
         print(f"modnet aggregate: skipping {len(zero_shot)} gzsl results.json ({', '.join(map(str, zero_shot[:3]))}"
               f"{', ...' if len(zero_shot) > 3 else ''}): a gzsl run reports mean ± std over its own seeds in its "
               "results.csv", file=sys.stderr)
-    overrides = {f: _overrides(f) for f in files}
+    fingerprints = {f: _fingerprint_settings(f) for f in files}
+    if all(fp is not None for fp in fingerprints.values()):
+        overrides = fingerprints  # every key of every run: also runs started apart (cl runs copied side by side)
+    else:
+        overrides = {f: _overrides(f) for f in files}
     values = defaultdict(set)
     for ov in overrides.values():
         for k, v in ov.items():
