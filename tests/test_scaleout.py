@@ -306,6 +306,24 @@ def test_a_failing_sweep_job_leaves_the_others_aggregated_and_exits_1(tmp_path):
     assert json.loads((sweep_dir / "0" / "results.json").read_text())["failed"]["naive"]["seed"] == 0
 
 
+def test_a_sweep_into_a_folder_of_another_sweep_stops_before_launching(tmp_path, capsys):
+    """hydra.sweep.dir holding a sweep with other overrides: its jobs were launched, each stopped by its folder's
+    fingerprint with a traceback, and multirun.yaml rewritten; now one line before any job. The same sweep's
+    overrides again (output keys aside) pass the check."""
+    import modnet.jobs.sweep as sweep
+    from modnet.cli import main
+
+    d = tmp_path / "sw"
+    d.mkdir()
+    (d / "multirun.yaml").write_text("hydra:\n  overrides:\n    task:\n    - seed=0,1\n    - train.epochs=2\n")
+    before = (d / "multirun.yaml").read_text()
+    assert main(["sweep", "seed=0,1", "train.epochs=1", f"hydra.sweep.dir={d}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds another sweep" in err[0] and "train.epochs=2" in err[0], err
+    assert (d / "multirun.yaml").read_text() == before and sorted(p.name for p in d.iterdir()) == ["multirun.yaml"]
+    sweep._check_sweep_dir(["train.epochs=2", "seed=0,1", "progress=false", "resume=true", f"hydra.sweep.dir={d}"])
+
+
 def test_sweep_checks_every_job_and_the_launcher_before_launching(monkeypatch):
     import modnet.jobs.sweep as sweep
     from modnet.config import ConfigError

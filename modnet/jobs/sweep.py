@@ -75,10 +75,45 @@ def validate_sweep(overrides: Sequence[str]) -> int:
                               "sweep's folder with hydra.sweep.dir=PATH instead")
     from modnet.validate import validate
 
+    _check_sweep_dir(overrides)
     jobs = expand_sweep(overrides)
     for job in jobs:
         validate("cl", compose("cl", job))  # raises ConfigError naming the bad key/value and the valid ones
     return len(jobs)
+
+
+#: the errors of this process's jobs (Hydra's basic launcher runs them here; a joblib or Slurm worker's are
+#: printed by the worker, and its failed strategies found in its results.json)
+JOB_ERRORS: list[str] = []
+
+
+def _check_sweep_dir(overrides: Sequence[str]) -> None:
+    """``hydra.sweep.dir`` naming a folder that holds another sweep (its multirun.yaml's overrides differ in a key
+    that decides the numbers): its job folders would get other jobs under the same numbers, each stopped by its
+    folder's fingerprint after the first had started, and multirun.yaml rewritten. The same sweep again may
+    (resume=true finishes it)."""
+    from omegaconf import OmegaConf
+
+    from modnet.runner.rundir import IGNORED_KEYS
+
+    given = [o.partition("=")[2] for o in overrides if o.partition("=")[0] == "hydra.sweep.dir"]
+    previous_file = Path(given[-1]).expanduser() / "multirun.yaml" if given else None
+    if previous_file is None or not previous_file.is_file():
+        return
+
+    def deciding(items) -> list[str]:
+        return sorted(str(o) for o in items if not str(o).startswith(("hydra.", "hydra/"))
+                      and str(o).partition("=")[0].lstrip("+~") not in IGNORED_KEYS)
+
+    try:
+        previous = deciding(OmegaConf.select(OmegaConf.load(previous_file), "hydra.overrides.task") or [])
+    except Exception:  # noqa: BLE001 - an unreadable multirun.yaml: Hydra rewrites it, the jobs' fingerprints decide
+        return
+    now = deciding(overrides)
+    if previous != now:
+        raise ConfigError(f"hydra.sweep.dir={given[-1]} holds another sweep (its overrides: {' '.join(previous) or '-'}; "
+                          f"now: {' '.join(now) or '-'}); choose another hydra.sweep.dir, or give the same overrides "
+                          "(resume=true finishes that sweep)")
 
 
 class AggregateCallback(Callback):
@@ -132,10 +167,12 @@ def sweep_app(cfg: DictConfig) -> dict:
 
     try:
         return run_cl(keep_benchmark_keys("cl", cfg))  # as compose("cl") gives it
-    except (StrategyFailed, NaNLossError) as err:
-        # the job wrote what finished (its failed strategies listed in results.json): the other jobs go on and the
-        # sweep is aggregated; `modnet sweep` exits 1 (Hydra stopped the sweep with a traceback, unaggregated)
+    except (StrategyFailed, NaNLossError, ConfigError) as err:
+        # the job wrote what finished (its failed strategies listed in results.json), or nothing (its folder in use
+        # or another run's): the other jobs go on and the sweep is aggregated; `modnet sweep` exits 1 (Hydra
+        # stopped the sweep with a traceback, unaggregated)
         print(f"[modnet sweep] job {cfg.output_dir}: error: {err}", file=sys.stderr)
+        JOB_ERRORS.append(f"{cfg.output_dir}: {err}")
         return None
 
 
@@ -154,11 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     saved = sys.argv
     sys.argv = ["modnet sweep", *argv]  # hydra.main reads its command line from sys.argv
     AggregateCallback.failed = {}
+    JOB_ERRORS.clear()
     try:
         sweep_app()
     finally:
         sys.argv = saved
-    return 1 if AggregateCallback.failed else 0
+    return 1 if AggregateCallback.failed or JOB_ERRORS else 0
 
 
 if __name__ == "__main__":
