@@ -298,3 +298,26 @@ def test_no_forgetting_prints_bwt_without_a_minus_sign():
     assert flat["forgetting"] == 0.0 and math.copysign(1.0, flat["bwt"]) == 1.0
     assert mean_std_cell(flat["bwt"], None, 1) == "0.0000" and mean_std_cell(-0.00004, 0.00001, 2) == "0.0000 ± 0.0000"
     assert mean_std_cell(-0.2, None, 1) == "-0.2000" and mean_std_cell(-0.04, None, 1, "{:.1f}") == "0.0"
+
+
+def test_results_csv_of_several_seeds_has_the_tables_spread(tmp_path):
+    """A seeds=[0,1] run printed mean ± std but results.csv held the means alone: it now has each scalar's _std
+    (hand-computed here: population std of 0.6 and 0.8 is 0.1) and the seed count; one seed has std 0."""
+    import csv
+
+    from modnet.eval.results import write_results
+
+    two = aggregate_seeds([_run(0.6, 0.2, 10.0, [[0.9, 0.1], [0.7, 0.6]]), _run(0.8, 0.0, 12.0, [[0.9, 0.1], [0.9, 0.7]])])
+    one = aggregate_seeds([_run(0.5, 0.1, 3.0, [[0.6, 0.1], [0.5, 0.5]])])
+    write_results(tmp_path, {"benchmark": "digits", "scenario": "task", "n_experiences": 2, "seeds": [0, 1],
+                             "strategies": {"naive": two, "ewc": one}}, plots=False)
+    with open(tmp_path / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    naive = [r for r in rows if r["strategy"] == "naive"]
+    assert len(naive) == 2 and naive[0]["seeds"] == "2"
+    assert float(naive[0]["average_accuracy"]) == pytest.approx(0.7)
+    assert float(naive[0]["average_accuracy_std"]) == pytest.approx(0.1)
+    assert float(naive[0]["forgetting_std"]) == pytest.approx(0.1) and float(naive[0]["train_seconds_std"]) == 1.0
+    assert [float(naive[1][f"acc_exp{j}"]) for j in range(2)] == pytest.approx([0.8, 0.65])  # the mean matrix
+    ewc = next(r for r in rows if r["strategy"] == "ewc")
+    assert ewc["seeds"] == "1" and float(ewc["average_accuracy_std"]) == 0.0

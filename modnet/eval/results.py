@@ -97,11 +97,14 @@ def write_results(out_dir: Path, results: dict, plots: bool = True) -> None:
     tmp = out_dir / "results.csv.tmp"
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["strategy", "average_accuracy", "forgetting", "bwt", "train_seconds", "stored_bytes", "after_exp",
+        # a multi-seed run: the scalars' mean and std over the seeds (the table's mean ± std), the matrix the mean
+        scalars = ("average_accuracy", "forgetting", "bwt", "train_seconds")
+        w.writerow(["strategy", "seeds", *[c for k in scalars for c in (k, f"{k}_std")], "stored_bytes", "after_exp",
                     *[f"acc_exp{j}" for j in range(results["n_experiences"])]])
         for name, r in results["strategies"].items():
+            n_seeds = len(r.get("per_seed") or [r])
             for i, row in enumerate(r["accuracy_matrix"]):
-                w.writerow([name, r["average_accuracy"], r["forgetting"], r["bwt"], r["train_seconds"],
+                w.writerow([name, n_seeds, *[v for k in scalars for v in (r[k], r.get(f"{k}_std", 0.0))],
                             r.get("stored_bytes"), i, *row])
     tmp.replace(out_dir / "results.csv")
     if plots:
@@ -145,7 +148,8 @@ def plot_results(out_dir: Path, results: dict) -> None:
                         color="white" if R[i, j] < 0.5 else "black")
         ax.set_xlabel("test experience")
         ax.set_ylabel("after training experience")
-        ax.set_title(f"{name}: accuracy matrix")
+        n_seeds = len(r.get("per_seed") or [r])
+        ax.set_title(f"{name}: accuracy matrix" + (f", mean of {n_seeds} seeds" if n_seeds > 1 else ""))
         fig.colorbar(im, ax=ax, fraction=0.046)
         fig.tight_layout()
         save_figure(fig, out_dir / f"accuracy_matrix_{name}.png")
@@ -161,7 +165,9 @@ def plot_results(out_dir: Path, results: dict) -> None:
     ax.set_xlabel("experiences trained")
     ax.set_ylabel("mean accuracy on experiences seen so far")
     ax.set_ylim(*curve_limits(curves))
-    ax.set_title(f"{results['benchmark']} ({results['scenario']}-incremental)")
+    n_seeds = len(results.get("seeds") or [None])
+    ax.set_title(f"{results['benchmark']} ({results['scenario']}-incremental)"
+                 + (f", mean of {n_seeds} seeds" if n_seeds > 1 else ""))
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
