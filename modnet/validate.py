@@ -227,6 +227,18 @@ def _check_strategy_options(cfg: DictConfig) -> None:
         _number(cfg, key, minimum=0, strict=True, integer=True)
     for key in ("replay.mem_size", "der.mem_size", "derpp.mem_size"):
         _number(cfg, key, minimum=0, strict=True, integer=True, allow=("match",))
+    _number(cfg, "benchmark.max_train_samples", minimum=0, strict=True, integer=True)  # 0 meant all, -5 all but 5
+    _number(cfg, "modules.k", minimum=0, strict=True, integer=True)
+    _number(cfg, "train.valid_fraction", minimum=0, strict=False)
+    fraction = OmegaConf.select(cfg, "train.valid_fraction")
+    if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and fraction >= 1:
+        raise ConfigError(f"config train.valid_fraction={fraction} must be below 1 (the share of each experience's "
+                          "training data held out for validation; 0 = none)")
+    variant = OmegaConf.select(cfg, "benchmark.variant")
+    if variant is not None:
+        from scenarios import VARIANTS
+
+        check_choice("benchmark.variant", variant, VARIANTS)
     order = OmegaConf.select(cfg, "benchmark.class_order")
     if order is not None:
         values = list(order) if isinstance(order, (list, ListConfig)) else None

@@ -36,6 +36,10 @@ def build_benchmark(bcfg, scenario: str, seed: int, device=None):
     arrays = get_benchmark(name).arrays(bcfg)
     limit = bcfg.get("max_train_samples")
     if limit:
+        missing = sorted(set(arrays[1].tolist()) - set(arrays[1][:limit].tolist()))
+        if missing:  # else a split's message about the classes left, without naming the cap
+            raise ValueError(f"benchmark.max_train_samples={limit} keeps the first {limit} training samples, which "
+                             f"hold none of classes {missing}; raise it (or null: all samples)")
         arrays = (arrays[0][:limit], arrays[1][:limit], *arrays[2:])
     if device is not None:
         arrays = tuple(a.to(device) for a in arrays)

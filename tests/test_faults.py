@@ -295,6 +295,12 @@ LATE_INPUTS = [
     (["cl", "benchmark=mnist1d", "benchmark.n_experiences=3"], ("10 classes", "benchmark.n_experiences=3")),
     (["cl", "benchmark.n_experiences=4"], ("10 classes", "benchmark.n_experiences=4", "divisor")),
     (["bench", "samples.mlp=0"], ("samples.mlp=0", "> 0")),
+    # 0 ran on all samples, -5 on all but the last 5
+    (["cl", "benchmark.max_train_samples=0"], ("benchmark.max_train_samples=0", "> 0")),
+    (["cl", "benchmark.max_train_samples=-5"], ("benchmark.max_train_samples=-5", "> 0")),
+    (["cl", "benchmark.variant=permute"], ("benchmark.variant", "permuted")),
+    (["cl", "modules.k=0"], ("modules.k=0", "> 0")),
+    (["cl", "train.valid_fraction=1.0"], ("train.valid_fraction=1.0", "below 1")),
     (["bench", "batch_size.cnn=-2"], ("batch_size.cnn=-2", "> 0")),
 ]
 
@@ -315,6 +321,13 @@ def test_late_failures_stop_before_heavy_imports(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.stdout.split() == ["2"] * len(LATE_INPUTS) + ["False"], proc.stderr
+
+
+def test_a_sample_cap_that_leaves_classes_out_names_itself(tmp_path, capsys):
+    """benchmark.max_train_samples=12 keeps digits' first 12 training samples, 7 of the 10 classes: the error spoke
+    of 7 classes not splitting into 5 experiences, not of the cap."""
+    _rejected(capsys, ["cl", "benchmark.max_train_samples=12", "strategies=[naive]", f"output_dir={tmp_path / 'o'}"],
+              "benchmark.max_train_samples=12", "none of classes")
 
 
 def test_present_data_and_valid_values_pass_the_early_checks(tmp_path):
