@@ -138,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, ConnectionError) as err:  # ConnectionError: offline download
         print(f"modnet {job}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what finished is on disk (cl: checkpoints after every experience)
+        again = "resume=true continues from its checkpoints" if job in ("cl", "run", "sweep", "ddp") else \
+            "run it again to start over"
+        print(f"\nmodnet {job}: interrupted; {again}", file=sys.stderr)
+        return 130
     except RuntimeError as err:
         from modnet.runner.guards import NaNLossError, StrategyFailed  # StrategyFailed: the rest is written
 

@@ -140,6 +140,14 @@ def test_job_help_prints_its_options_with_their_comments(capsys, job, flag):
         assert (ROOT / "configs" / "training.yaml").read_text().strip() in out
 
 
+def test_sweep_help_shows_the_jobs_options_with_their_comments(capsys):
+    """`modnet sweep --help` printed Hydra's bare config dump (no comments, keys cl does not read)."""
+    assert main(["sweep", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Hydra multi-run" in out and "usage: modnet cl" in out
+    assert "# HAT paper: SGD lr 0.05" in out  # configs/training.yaml's comment on train.lr
+
+
 @pytest.mark.parametrize("args", ["--help", "cl --help", "run --help", "--version"])
 def test_help_piped_into_a_reader_that_stops_early_is_quiet(args):
     """`modnet --help | head -1` printed a BrokenPipeError traceback (only `modnet <job> --help` was guarded)."""

@@ -181,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     from hydra._internal.utils import get_args_parser
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):  # each job is `modnet cl`: its options with their comments
+        from modnet.cli import _print_to_reader, job_help
+
+        _print_to_reader(f"{__doc__.strip()}\n\nEach job is `modnet cl`; Hydra's own options: `modnet sweep "
+                         f"--hydra-help`.\n\n{job_help('cl', [o for o in argv if o not in ('-h', '--help')])}")
+        return 0
     args = get_args_parser().parse_args(argv)
     inspect_only = args.help or args.hydra_help or args.info or args.cfg or args.shell_completion
     if not inspect_only:
