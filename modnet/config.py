@@ -141,7 +141,8 @@ def _refuse_unread_benchmark_keys(job: str, overrides: list[str], base: DictConf
         key = _override_key(override)
         if key.startswith("benchmark.") and key.split(".")[1] not in keys:
             raise ConfigError(f"benchmark.{key.split('.')[1]} is for other commands, not {job}; "
-                              f"{job} reads benchmark.{{{','.join(base.benchmark)}}} here")
+                              f"{job} reads benchmark.{{{','.join(k for k in base.benchmark if k != 'name')}}} "
+                              f"here (the data: benchmark=<name>)")
 
 
 def keep_benchmark_keys(job: str, cfg: DictConfig) -> DictConfig:

@@ -173,7 +173,9 @@ def test_cl_refuses_awa2_before_importing_the_job():
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["gzsl", "benchmark.n_experiences=3"], ["benchmark.n_experiences", "for other commands, not gzsl"]),
+    # the keys it names are those it reads: not benchmark.name (refused as gone: the data are benchmark=<name>)
+    (["gzsl", "benchmark.n_experiences=3"], ["benchmark.n_experiences", "for other commands, not gzsl",
+                                             "benchmark.{test_fraction,image,unseen_classes}", "benchmark=<name>"]),
     (["explain", "benchmark.image=true"], ["benchmark.image", "for other commands, not explain"]),
     (["cl", "benchmark.unseen_classes=[1]"], ["benchmark.unseen_classes", "for other commands, not cl"]),
     (["gzsl", "benchmark.images=true"], ["Did you mean 'benchmark.image'"]),
