@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -86,6 +87,25 @@ def test_gzsl_reports_gated_columns_with_a_quantile_chosen_on_validation(tmp_pat
     assert "gate.quantile=1.5 must be a number in (0, 1], or null" in capsys.readouterr().err
     assert main(["gzsl", "model.arch=mlp", "gate.layer=5", f"output_dir={tmp_path / 'y'}"]) == 2
     assert "gate layer 5 but the network has 2 masked layers" in capsys.readouterr().err
+
+
+def test_the_gated_zsl_accuracy_is_the_methods_own_whatever_the_gate_says():
+    """The ZSL accuracy (test-unseen among the unseen classes alone) does not involve the gate. It was computed on
+    the gated scores, where an unseen image sent to the seen side has no unseen class left (all -inf): its argmax
+    fell on the first class and the figure equalled gated U. Here the gate sends every unseen image to the seen
+    side: gated U is 0, the ZSL accuracy the hand-computed restricted one."""
+    from modnet.jobs.gzsl import _evaluate_gated
+    from modnet.methods.gzsl import per_class_accuracy
+
+    g = torch.Generator().manual_seed(1)
+    seen, unseen = [0, 1, 2], [3, 4]
+    ys, yu = torch.tensor([0, 1, 2] * 10), torch.tensor([3, 4] * 10)
+    ss, su = torch.randn(30, 5, generator=g), torch.randn(20, 5, generator=g)
+    su[torch.arange(20), yu] += 3.0  # the method mostly right among the unseen classes
+    data = SimpleNamespace(seen_classes=seen, unseen_classes=unseen, y_test_seen=ys, y_test_unseen=yu)
+    r = _evaluate_gated((ss, su), data, [torch.zeros(30, dtype=torch.bool), torch.zeros(20, dtype=torch.bool)])
+    zsl = float(per_class_accuracy(su[:, unseen].argmax(1) + 3, yu, unseen))
+    assert r.U == 0.0 and zsl > 0.8 and r.zsl_accuracy == pytest.approx(zsl)
 
 
 def test_the_gate_setting_is_the_best_h_among_those_that_keep_the_seen_share_else_the_one_that_keeps_most():

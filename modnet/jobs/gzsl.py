@@ -316,11 +316,17 @@ def novelty_of_tests(cfg: DictConfig, net: SeenNetwork, layer: int):
 
 def _evaluate_gated(scores: Scores, data: ZSLData, sides: list[Tensor]) -> GZSLResult:
     """U, S, H with each test image's classes restricted to the side the gate sent it to (``sides``: unseen
-    flags of test-seen, of test-unseen)."""
+    flags of test-seen, of test-unseen). The ZSL accuracy (test-unseen over the unseen classes alone) does not
+    involve the gate: the method's own (on the gated scores, an image sent to the seen side has no unseen class
+    left, and the restricted argmax fell on the first one: it read as U)."""
+    import dataclasses
+
     from modnet.methods.novelty import gated_scores
 
     s, u = (gated_scores(sc, side, data.seen_classes, data.unseen_classes) for sc, side in zip(scores, sides))
-    return gzsl_evaluate(s, data.y_test_seen, u, data.y_test_unseen, data.seen_classes, data.unseen_classes)
+    result = gzsl_evaluate(s, data.y_test_seen, u, data.y_test_unseen, data.seen_classes, data.unseen_classes)
+    return dataclasses.replace(result, zsl_accuracy=restricted_accuracy(scores[1], data.y_test_unseen,
+                                                                        data.unseen_classes))
 
 
 def run_seed(cfg: DictConfig, data: ZSLData, seed: int, device, progress: bool) -> tuple[dict, SeenNetwork]:
