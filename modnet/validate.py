@@ -34,7 +34,7 @@ What is checked (where the config has the key):
 * ``ratio_clock`` in ``bench``: auto, wall or thread_cpu, the last only with ``threads=1`` on the CPU;
   ``lockstep_steps`` a positive integer; ``loops``: null or distinct names of the bench's loops; ``baselines``:
   distinct names of the strategies it can time on a second task; ``samples.<arch>`` and ``batch_size.<arch>``
-  positive integers; ``repeats`` >= 1, ``epochs`` >= 2 (the first
+  positive integers, samples at least a batch; ``sync_sizes`` unit counts >= 2; ``repeats`` >= 1, ``epochs`` >= 2 (the first
   is a warm-up), ``ratio_rounds`` >= 0;
 * the network's and the strategies' choices and numbers where a job has them (``model.gate``, ``model.modules``,
   ``model.head``, ``model.transform_heads``, ``task_inference.method``, ``ewc.mode`` with its ``decay_factor``,
@@ -147,6 +147,7 @@ def validate(job: str, cfg: DictConfig) -> None:
         _check_strategies(cfg.strategies)
     if "seeds" in cfg:
         _check_seeds(cfg.seeds)
+    _number(cfg, "seed", minimum=0, strict=False, integer=True)  # numpy's generators take seeds >= 0
     _check_benchmark_classes(cfg)
     _check_benchmark(job, cfg)
     _check_device(cfg.get("device"))
@@ -258,6 +259,16 @@ def _check_bench_counts(cfg: DictConfig) -> None:
         if isinstance(cfg.get(group), DictConfig):
             for arch in cfg[group]:
                 _number(cfg, f"{group}.{arch}", minimum=0, strict=True, integer=True)
+    for arch in cfg.get("archs") or []:  # fewer samples than a batch: one short step an epoch, reported as the batch
+        n, batch = OmegaConf.select(cfg, f"samples.{arch}"), OmegaConf.select(cfg, f"batch_size.{arch}")
+        if isinstance(n, int) and isinstance(batch, int) and n < batch:
+            raise ConfigError(f"config samples.{arch}={n} is fewer than batch_size.{arch}={batch}: give at least a "
+                              "batch of samples")
+    sizes = cfg.get("sync_sizes")
+    if sizes is not None and (not isinstance(sizes, ListConfig) or
+                              any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in sizes)):
+        raise ConfigError(f"config sync_sizes={sizes!r} must be a list of unit counts >= 2 (e.g. [1000,2000,4000]), "
+                          "or [] for no SynC timing")
 
 
 def _check_compile(option) -> None:
@@ -397,6 +408,8 @@ def _check_zsl_names(cfg: DictConfig) -> None:
 def _check_seeds(seeds) -> None:
     if seeds is None:
         return
+    if not isinstance(seeds, (list, tuple, ListConfig)):  # seeds=0: list() of an int was a TypeError traceback
+        raise ConfigError(f"config seeds={seeds!r} must be a list, e.g. seeds=[0,1,2], or null (one run: seed={seeds})")
     values = list(seeds)
     if not values:
         raise ConfigError("config seeds=[] is empty; give seeds=[0,1,2], or seeds=null to run the one `seed`")

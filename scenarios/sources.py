@@ -185,7 +185,14 @@ def check_zsl_npz(path, arrays) -> tuple:
     if labels.min() < 0 or labels.max() >= n_classes:
         raise ValueError(f"labels span [{labels.min()}, {labels.max()}] but class_attributes has {n_classes} rows; "
                          "labels must be class ids 0..n_classes-1 with one attribute row per class.")
-    unseen = sorted(int(c) for c in np.asarray(arrays["unseen_classes"]).ravel())
+    unseen_raw = np.asarray(arrays["unseen_classes"])
+    if unseen_raw.ndim != 1:
+        raise ValueError(f"{path}: unseen_classes must be a 1-d array of class ids, got shape {unseen_raw.shape}")
+    unseen_list = integer_labels(path, "unseen_classes", unseen_raw).tolist()  # 2.6 ran as class 2
+    repeated = sorted({c for c in unseen_list if unseen_list.count(c) > 1})
+    if repeated:
+        raise ValueError(f"{path}: unseen_classes lists {repeated} more than once; name each unseen class once")
+    unseen = sorted(int(c) for c in unseen_list)
     if not unseen or min(unseen) < 0 or max(unseen) >= n_classes:
         raise ValueError(f"unseen_classes {unseen} must be non-empty class ids in [0, {n_classes})")
     leaked = sorted(set(y_train.tolist()) & set(unseen))

@@ -205,6 +205,10 @@ def _zsl_npz(path, **change):
     (dict(y_train=(np.arange(30) % 3) + 0.25), ["y_train", "non-integer"]),
     (dict(y_test=np.array(["a"] * 20)), ["y_test", "strings"]),
     (dict(x_test=np.zeros((20, 6), np.float32)), ["x_test", "(6,)"]),
+    # unseen_classes were truncated ([3.6, 4.2] ran as [3, 4]), repeats and a 2-d array taken silently
+    (dict(unseen_classes=np.array([3.6, 4.2])), ["unseen_classes", "non-integer"]),
+    (dict(unseen_classes=np.array([3, 3, 4])), ["unseen_classes", "[3]", "more than once"]),
+    (dict(unseen_classes=np.array([[3, 4]])), ["unseen_classes", "1-d", "(1, 2)"]),
 ])
 def test_bad_zero_shot_npz_is_one_line(tmp_path, change, words):
     """Zero-shot .npz (scenarios.zsl.load_npz_zsl, what gzsl and explain load): attribute rows = classes,
@@ -303,6 +307,14 @@ LATE_INPUTS = [
     (["cl", "benchmark=mnist1d", "benchmark.n_experiences=3"], ("10 classes", "benchmark.n_experiences=3")),
     (["cl", "benchmark.n_experiences=4"], ("10 classes", "benchmark.n_experiences=4", "divisor")),
     (["bench", "samples.mlp=0"], ("samples.mlp=0", "> 0")),
+    # a TypeError traceback from list(0) in every command
+    (["cl", "seeds=0"], ("seeds=0", "seeds=[0,1,2]")),
+    (["gzsl", "seeds=3"], ("seeds=3", "a list")),
+    (["cl", "seed=-1"], ("seed=-1", ">= 0")),
+    # sklearn's make_blobs message after every timed loop; a header reporting a batch larger than the data
+    (["bench", "sync_sizes=[0]"], ("sync_sizes", ">= 2")),
+    (["bench", "sync_sizes=[-5,100]"], ("sync_sizes", ">= 2")),
+    (["bench", "archs=[mlp]", "samples.mlp=10"], ("samples.mlp=10", "batch_size.mlp=128")),
     # 0 ran on all samples, -5 on all but the last 5
     (["cl", "benchmark.max_train_samples=0"], ("benchmark.max_train_samples=0", "> 0")),
     (["cl", "benchmark.max_train_samples=-5"], ("benchmark.max_train_samples=-5", "> 0")),
