@@ -64,7 +64,28 @@ def compose(job: str, overrides: Sequence[str] = ()) -> DictConfig:
     OmegaConf.set_struct(cfg, True)
     check_types(cfg, base)
     _refuse_unread_benchmark_keys(job, overrides, base)
+    _refuse_inert_overrides(job, overrides, cfg)
     return keep_benchmark_keys(job, cfg)
+
+
+CALIBRATION_NOTE = {"validate": "each method's gamma is chosen on the validation splits", "none": "no calibration"}
+
+
+def _refuse_inert_overrides(job: str, overrides: list[str], cfg: DictConfig) -> None:
+    """A key set on the command line that the run will not read, given the rest of the config: stop instead of
+    running without it (gzsl ``calibration.gamma`` is read with ``calibration.mode=fixed`` only; ``strategies``
+    and ``continual.*`` with ``continual.enabled=true`` only)."""
+    if job != "gzsl":
+        return
+    keys = {_override_key(o) for o in overrides}
+    if "calibration.gamma" in keys and cfg.calibration.mode != "fixed":
+        raise ConfigError(f"calibration.gamma is read with calibration.mode=fixed only (now {cfg.calibration.mode}: "
+                          f"{CALIBRATION_NOTE.get(cfg.calibration.mode, '')}); "
+                          "add calibration.mode=fixed")
+    unread = sorted(k for k in keys if k == "strategies" or (k.startswith("continual.") and k != "continual.enabled"))
+    if unread and not cfg.continual.enabled:
+        raise ConfigError(f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} read by continual GZSL only, "
+                          "which is off: add continual.enabled=true")
 
 
 def _benchmark_search_path() -> list[str]:

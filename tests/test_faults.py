@@ -307,6 +307,11 @@ LATE_INPUTS = [
     (["cl", "benchmark=mnist1d", "benchmark.n_experiences=3"], ("10 classes", "benchmark.n_experiences=3")),
     (["cl", "benchmark.n_experiences=4"], ("10 classes", "benchmark.n_experiences=4", "divisor")),
     (["bench", "samples.mlp=0"], ("samples.mlp=0", "> 0")),
+    # keys the run would not read: it ran without them, saying nothing
+    (["gzsl", "calibration.gamma=2"], ("calibration.gamma", "calibration.mode=fixed", "validation splits")),
+    (["gzsl", "calibration.mode=none", "calibration.gamma=2"], ("calibration.gamma", "now none")),
+    (["gzsl", "strategies=[modnet,ewc]"], ("strategies", "continual.enabled=true")),
+    (["gzsl", "continual.n_experiences=2"], ("continual.n_experiences", "continual.enabled=true")),
     # a TypeError traceback from list(0) in every command
     (["cl", "seeds=0"], ("seeds=0", "seeds=[0,1,2]")),
     (["gzsl", "seeds=3"], ("seeds=3", "a list")),

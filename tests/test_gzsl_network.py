@@ -384,8 +384,8 @@ def test_the_headline_setting_is_chosen_on_uncalibrated_h_whatever_the_calibrati
     from modnet.zsl.niwt import candidates
     from scenarios.zsl import load_digits_zsl
 
-    cfg = compose("gzsl", [f"calibration.mode={mode}", "calibration.gamma=2.0", "gate.enabled=false",
-                           "niwt.layer=null", "niwt.layers=[-2,-1]"])
+    cfg = compose("gzsl", [f"calibration.mode={mode}", *(["calibration.gamma=2.0"] if mode == "fixed" else []),
+                           "gate.enabled=false", "niwt.layer=null", "niwt.layers=[-2,-1]"])
     uncalibrated, calibrated = {-2: 0.3, -1: 0.5}, {-2: 0.9, -1: 0.6}
     gammas = {-2: 5.0, -1: 1.0}
 
