@@ -83,12 +83,29 @@ def test_regulariser_keeps_the_earlier_tasks_generated_weights(tmp_path):
 
 
 def test_hnet_forgets_little_on_split_digits_task_incremental(tmp_path):
-    """Split-Digits, 5 tasks of 2 digits, the paper's configuration with a shorter loop (100 steps a task)."""
+    """Split-Digits, 5 tasks of 2 digits, the paper's configuration with a shorter loop (100 steps a task). Its
+    main network's drift is recorded as every strategy's (hnet had no CKA plot: no layers of its own to hook)."""
     assert main(["cl", "strategies=[hnet]", "hnet.iterations=100", f"output_dir={tmp_path}",
                  "progress=false"]) == 0
     r = json.loads((tmp_path / "results.json").read_text())["strategies"]["hnet"]
     assert r["forgetting"] < 0.02
     assert r["average_accuracy"] > 0.95
+    assert len(r["first_experience_cka"]) == 2 and (tmp_path / "cka_hnet_seed0.png").exists()
+
+
+def test_hnet_task_units_are_the_hidden_layers_its_output_is_computed_from():
+    """task_units: the main MLP's hidden layers under the task's generated weights; hypnettorch's own forward of
+    the last layer on the last of them gives the network's output (the same layers, in order, with their ReLU)."""
+    torch.manual_seed(0)
+    model = HNetModel(6, [[0, 1], [2, 3]], main_layers=[16, 12], chunk_size=100, hnet_layers=[16], emb_size=8,
+                      chunk_emb_size=8)
+    x = torch.randn(9, 6)
+    with torch.no_grad():
+        hidden = model.task_units(x, 1)
+        weights = model.hnet(cond_id=1)
+        out = model.mnet(x, weights=weights)
+    assert [tuple(h.shape) for h in hidden] == [(9, 16), (9, 12)] and all((h >= 0).all() for h in hidden)
+    torch.testing.assert_close(torch.nn.functional.linear(hidden[-1], weights[-2], weights[-1]), out)
 
 
 def test_plugin_regularises_the_weights_after_adams_look_ahead_step():

@@ -41,7 +41,9 @@ def hidden_layers(model: nn.Module) -> list[str]:
 
 
 def snapshot(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor] | None:
-    if isinstance(model, HATNet):  # the masked (and gated) units of task 0's path, as its heads see them
+    if isinstance(model, HATNet) or hasattr(model, "task_units"):
+        # a HATNet: the masked (and gated) units of task 0's path, as its heads see them; the hypernetwork's main
+        # network: its hidden layers under task 0's generated weights (it has no layers of its own to hook)
         return [a.flatten(1) for a in model.task_units(x, 0)]
     layers = hidden_layers(model)
     if not layers:

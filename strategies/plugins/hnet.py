@@ -71,6 +71,16 @@ class HNetModel(MultiHeadTaskNet):
         out = self.mnet(x.flatten(1), weights=self.hnet(cond_id=task))
         return out[:, self.offsets[task]:self.offsets[task + 1]]
 
+    def task_units(self, x: Tensor, task: int) -> list[Tensor]:
+        """The main network's hidden layers (after their ReLU) under task ``task``'s generated weights, as
+        ``HATNet.task_units`` (the CKA drift's representation): hypnettorch's MLP, layer by layer (its
+        ``param_shapes``: weight, bias per layer; ReLU between layers)."""
+        weights, h, hidden = self.hnet(cond_id=task), x.flatten(1), []
+        for i in range(0, len(weights) - 2, 2):
+            h = torch.relu(nn.functional.linear(h, weights[i], weights[i + 1]))
+            hidden.append(h)
+        return hidden
+
 
 def adam_lookahead(optimizer: torch.optim.Adam, params: Sequence[Tensor]) -> list[Tensor]:
     """Δθ that ``optimizer.step()`` would apply to ``params`` given their current ``.grad`` (detached; the
