@@ -7,6 +7,7 @@ References independent of the code under test: hand-computed means/stds of plant
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -114,6 +115,25 @@ def test_ddp_two_gloo_ranks_stay_identical_and_match_one_process(tmp_path):
     # HAT's masks freeze the units of task 0: nothing forgotten
     hat = json.loads((tmp_path / "hat" / "results.json").read_text())["strategies"]["modnet"]
     assert hat["forgetting"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ddp_rank_0_prints_a_line_per_experience(capsys):
+    """`modnet ddp` printed nothing per experience where `modnet cl` prints a line (README: one line per step in
+    logs); rank 0 now prints cl's line with the mean accuracy the matrix records, another rank nothing."""
+    from modnet.config import compose
+    from modnet.runner.distributed import DistContext, train_strategy
+    from scenarios import build_benchmark
+
+    cfg = compose("cl", [*HAT_ONLY, "strategies=[naive]"])
+    info = build_benchmark(cfg.benchmark, cfg.scenario, cfg.seed)
+    capsys.readouterr()
+    result, _ = train_strategy("naive", cfg, info, cfg.seed, DistContext())
+    out = capsys.readouterr().out
+    for i, row in enumerate(result["accuracy_matrix"]):
+        assert f"[naive seed {cfg.seed}] experience {i + 1}/2 trained: mean accuracy on the {i + 1} seen " \
+               f"{sum(row[:i + 1]) / (i + 1):.4f}" in out
+    train_strategy("naive", cfg, info, cfg.seed, dataclasses.replace(DistContext(), rank=1))
+    assert "experience 1/2 trained" not in capsys.readouterr().out
 
 
 def test_ddp_rejects_bad_settings_before_training():

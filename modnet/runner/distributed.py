@@ -309,7 +309,8 @@ def train_strategy(name: str, cfg, info, seed: int, ctx: DistContext) -> tuple[d
     """One strategy over all experiences on this rank: (accuracy matrix and metrics, trained model)."""
     from modnet.eval.metrics import build_evaluator, close_loggers
     from modnet.runner.evaluation import stream_evaluator
-    from modnet.runner.runner import make_strategy, run_experiences, set_seed, strategy_result
+    from modnet.eval.metrics import shows_progress_bars
+    from modnet.runner.runner import ExperienceLine, make_strategy, run_experiences, set_seed, strategy_result
     from strategies.registry import get_strategy
 
     set_seed(seed)  # the same seed on every rank: identical initial models (DDP also broadcasts rank 0's)
@@ -320,8 +321,11 @@ def train_strategy(name: str, cfg, info, seed: int, ctx: DistContext) -> tuple[d
     sync = get_strategy(name).gradient_sync
     make_distributed(strategy, sync(strategy) if callable(sync) else sync)
     bm = info.benchmark
+    hooks = [_SameParameters(name)]
+    if ctx.is_main and not (shows_progress_bars(cfg.progress) and "interactive" in cfg.loggers):
+        hooks.append(ExperienceLine(f"[{name} seed {seed}]", info.n_experiences))  # a line per experience, as cl
     record = run_experiences(strategy, bm.train_stream, stream_evaluator(bm.test_stream, accuracy),
-                             seed=seed, hooks=[_SameParameters(name)])
+                             seed=seed, hooks=hooks)
     close_loggers(evaluator)
     return strategy_result(name, strategy, info, record), strategy.model
 
