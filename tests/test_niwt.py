@@ -737,7 +737,8 @@ def test_positives_scale_scores_an_unseen_class_mean_as_the_seen_rows_score_thei
 def test_gzsl_table_gives_each_seeds_choice_a_spread_and_drops_calibration_it_did_not_run():
     """The gamma and the gate quantile chosen per seed read mean ± std as every cell (0.99 and 0.9 printed '0.95'
     with no spread); calibration.mode=none leaves out the calibrated columns (they repeated the uncalibrated ones
-    at gamma 0)."""
+    at gamma 0). Fixed decimals, mean and std alike (the 3 significant digits read "3.34 ± 1.08" beside
+    "0.313 ± 0.0206")."""
     from modnet.jobs.gzsl import format_table
 
     calibrated = {"U": 0.3, "S": 0.5, "H": 0.375, "zsl_accuracy": 0.6}
@@ -748,7 +749,7 @@ def test_gzsl_table_gives_each_seeds_choice_a_spread_and_drops_calibration_it_di
              "gated": {**gated, **std, "quantile": 0.945, "quantile_std": 0.045}}
     header, _, row = format_table({"niwt": entry}, 2).splitlines()
     cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
-    assert cells["gamma"] == "1.5 ± 0.5" and cells["gate q"] == "0.945 ± 0.045"
+    assert cells["gamma"] == "1.50 ± 0.50" and cells["gate q"] == "0.945 ± 0.045"
     # each figure in its own column: the headline uncalibrated, then calibrated, then gated
     assert [cells[k] for k in ("U", "S", "H")] == ["0.200 ± 0.010", "0.600 ± 0.010", "0.300 ± 0.010"]
     assert [cells[f"{k} (calibrated)"] for k in ("U", "S", "H")] == ["0.300 ± 0.010", "0.500 ± 0.010",

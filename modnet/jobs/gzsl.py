@@ -413,8 +413,8 @@ def format_table(methods: dict, n_seeds: int, calibrated: bool = True) -> str:
 
     gated = all("gated" in r for r in methods.values())
     rows = [[name, *[cell(r["uncalibrated"], k) for k in METRICS],
-             *([cell(r, k) for k in ("U", "S", "H")] + [cell(r, "gamma", "{:.3g}")] if calibrated else []),
-             *([cell(r["gated"], k) for k in ("U", "S", "H")] + [cell(r["gated"], "quantile", "{:.3g}")]
+             *([cell(r, k) for k in ("U", "S", "H")] + [cell(r, "gamma", "{:.2f}")] if calibrated else []),
+             *([cell(r["gated"], k) for k in ("U", "S", "H")] + [cell(r["gated"], "quantile", "{:.3f}")]
                if gated else [])] for name, r in methods.items()]
     return markdown_table(["method", "U", "S", "H", "ZSL acc",
                            *(["U (calibrated)", "S (calibrated)", "H (calibrated)", "gamma"] if calibrated else []),
