@@ -216,4 +216,9 @@ def check_zsl_npz(path, arrays) -> tuple:
     if absent:
         raise ValueError(f"{path}: unseen classes {absent[:10]} have no sample in y_test; every unseen class must be "
                          "in the test set (or drop it from unseen_classes and class_attributes)")
+    for key, count, what in (("class_names", n_classes, "class_attributes rows"),
+                             ("attribute_names", att_raw.shape[1], "class_attributes columns")):
+        if key in arrays and len(np.asarray(arrays[key]).ravel()) != count:
+            raise ValueError(f"{path}: {key} has {len(np.asarray(arrays[key]).ravel())} names for {count} {what}; "
+                             "give one name each (or leave the array out)")
     return x_train, y_train, x_test, y_test, att_raw, seen, unseen

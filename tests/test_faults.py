@@ -209,6 +209,9 @@ def _zsl_npz(path, **change):
     (dict(unseen_classes=np.array([3.6, 4.2])), ["unseen_classes", "non-integer"]),
     (dict(unseen_classes=np.array([3, 3, 4])), ["unseen_classes", "[3]", "more than once"]),
     (dict(unseen_classes=np.array([[3, 4]])), ["unseen_classes", "1-d", "(1, 2)"]),
+    # found after the imports (~7 s), by the data's own validation
+    (dict(class_names=np.array(["a", "b", "c"])), ["class_names", "3 names for 5"]),
+    (dict(attribute_names=np.array(["p", "q", "r", "s", "t"])), ["attribute_names", "5 names for 4"]),
 ])
 def test_bad_zero_shot_npz_is_one_line(tmp_path, change, words):
     """Zero-shot .npz (scenarios.zsl.load_npz_zsl, what gzsl and explain load): attribute rows = classes,
