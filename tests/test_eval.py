@@ -284,7 +284,7 @@ def test_gzsl_aggregate_keeps_its_keys_and_single_seed_table_has_no_plus_minus()
     assert "±" in gzsl_table(out, 2)
     single = gzsl_table(_aggregate([seed(0.2, 0.6, 0.3, 0.5)]), 1)
     # the headline's uncalibrated U, S, H (0.1, 0.7, 0.25), ZSL accuracy, then the calibrated ones and gamma
-    assert "±" not in single and "| niwt | 0.100 | 0.700 | 0.250 | 0.200 | 0.200 | 0.600 | 0.300 | 0.5 |" in single
+    assert "±" not in single and "| niwt | 0.100 | 0.700 | 0.250 | 0.200 | 0.200 | 0.600 | 0.300 | 0.50 |" in single
 
 
 def test_no_forgetting_prints_bwt_without_a_minus_sign():
