@@ -230,7 +230,14 @@ def test_aggregate_tells_runs_apart_by_their_fingerprints(tmp_path):
     for name, epochs, seed, acc in (("a", 3, 0, 0.8), ("b", 10, 0, 0.9), ("c", 3, 1, 0.6)):
         _results(d / name, "split-digits", [seed], {"naive": [_m(acc, 0.1, 1)]})
         fingerprint(d / name, epochs, seed, ["naive"] if name != "c" else ["naive", "ewc"])
-    groups = {g["variant"]: g for g in aggregate(d, plot=False)["groups"]}
+    # another benchmark beside them, with keys of its own (a sweep over benchmark=digits,mnist1d): no variant
+    _results(d / "m", "split-mnist1d", [0], {"naive": [_m(0.5, 0.1, 1)]})
+    (d / "m" / "fingerprint.json").write_text(json.dumps({"config.train.epochs": 3, "config.seed": 0,
+                                                          "config.benchmark.num_samples": 5000}))
+    summary = aggregate(d, plot=False)["groups"]
+    assert [(g["benchmark"], g["variant"]) for g in summary if g["benchmark"] == "split-mnist1d"] == \
+        [("split-mnist1d", "")]
+    groups = {g["variant"]: g for g in summary if g["benchmark"] == "split-digits"}
     assert set(groups) == {"train.epochs=3", "train.epochs=10"}
     assert groups["train.epochs=3"]["seeds"] == [0, 1]
     assert groups["train.epochs=3"]["metrics"]["average_accuracy"]["mean"] == pytest.approx(0.7)

@@ -129,16 +129,23 @@ def collect_runs(root: Path) -> list[dict]:
         overrides = fingerprints  # every key of every run: also runs started apart (cl runs copied side by side)
     else:
         overrides = {f: _overrides(f) for f in files}
-    values = defaultdict(set)
-    for ov in overrides.values():
-        for k, v in ov.items():
-            values[k].add(v)
-    varied = sorted(k for k, vs in values.items() if k not in _NOT_VARIANT
-                    and (len(vs) > 1 or any(k not in ov for ov in overrides.values())))
-    runs = []
+    # the keys that vary among the runs of one benchmark (a sweep over benchmarks has each one's own keys: they make
+    # no variant, the benchmark's label tells those runs apart already)
+    by_benchmark: dict[str, list[Path]] = defaultdict(list)
     for f in files:
-        variant = ",".join(f"{k}={overrides[f][k]}" for k in varied if k in overrides[f])
-        runs.extend({**r, "variant": variant} for r in _runs_of(f))
+        res = _read_json(f)
+        by_benchmark[str(res.get("benchmark") if isinstance(res, dict) else None)].append(f)
+    runs = []
+    for group in by_benchmark.values():
+        values = defaultdict(set)
+        for f in group:
+            for k, v in overrides[f].items():
+                values[k].add(v)
+        varied = sorted(k for k, vs in values.items() if k not in _NOT_VARIANT
+                        and (len(vs) > 1 or any(k not in overrides[f] for f in group)))
+        for f in group:
+            variant = ",".join(f"{k}={overrides[f][k]}" for k in varied if k in overrides[f])
+            runs.extend({**r, "variant": variant} for r in _runs_of(f))
     return runs
 
 
