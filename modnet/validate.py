@@ -345,7 +345,9 @@ def _check_class_split(bcfg, n_classes: int, source: str) -> None:
     """``class_order`` lists the ``n_classes`` class ids 0..n-1 once each; a split's ``n_experiences`` divides
     them (Avalanche's error otherwise comes after the imports, naming neither key)."""
     order = bcfg.get("class_order")
-    if order is not None and sorted(order) != list(range(n_classes)):
+    values = list(order) if isinstance(order, (list, ListConfig)) else None
+    if values is not None and all(isinstance(c, int) and not isinstance(c, bool) for c in values) and \
+            sorted(values) != list(range(n_classes)):  # other values: _check_strategy_options names them
         raise ConfigError(f"config benchmark.class_order={list(order)} must list each of {source}'s {n_classes} class "
                           f"ids 0..{n_classes - 1} once, or be null")
     n_exp = bcfg.get("n_experiences")

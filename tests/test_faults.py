@@ -307,6 +307,7 @@ LATE_INPUTS = [
     (["gzsl", "clswgan.classifier_lr=-1"], ("clswgan.classifier_lr", ">= 0")),
     (["cl", "benchmark.class_order=[0,1,2]"], ("benchmark.class_order", "0..9")),
     (["cl", "benchmark.class_order=[0,1,2,3,4,5,6,7,8,10]"], ("benchmark.class_order", "0..9")),
+    (["cl", "benchmark.class_order=[0,a]"], ("benchmark.class_order", "permutation")),
     (["cl", "benchmark=mnist1d", "benchmark.n_experiences=3"], ("10 classes", "benchmark.n_experiences=3")),
     (["cl", "benchmark.n_experiences=4"], ("10 classes", "benchmark.n_experiences=4", "divisor")),
     (["bench", "samples.mlp=0"], ("samples.mlp=0", "> 0")),
