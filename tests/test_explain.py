@@ -692,3 +692,19 @@ def test_explain_finds_a_relative_npz_path_of_a_run_from_another_folder(tmp_path
     monkeypatch.chdir(tmp_path / "b")
     assert main(["explain", f"run_dir={tmp_path / 'run'}", *EXPLAIN, f"output_dir={tmp_path / 'e'}"]) == 0
     assert (tmp_path / "e" / "explanations.json").exists()
+
+
+def test_gated_modules_are_named_by_their_persistent_ids(cl_runs):
+    """Planted: task 1's layer-0 modules renumbered 2 x id + 1 (a gate holding some modules and not others, as the
+    default run's task 4 with ids [0, 2, 3, 4, 5]): the names follow the ids, the units stay each module's (they
+    were named by the gate's own order: "module1" was another module in results.json)."""
+    from modnet.explain.network import gated_modules
+
+    model = _loaded(cl_runs["vector"])
+    gate = model.gate.task_gate(1)
+    before = gated_modules(model, 1)[0]
+    ids = gate.module_ids(0).tolist()
+    gate.module_ids_0 = gate.module_ids(0) * 2 + 1
+    after = gated_modules(model, 1)[0]
+    assert list(after) == [f"module{2 * g + 1}" for g in ids]
+    assert list(after.values()) == list(before.values())

@@ -278,6 +278,30 @@ def test_task_incremental_with_modules_and_gates_forgets_nothing(tmp_path):
     sharing = m["network"]["module_sharing"]
     assert [layer["module_method"] for layer in sharing] == ["sync", "sync"]  # no k-means fallback
     assert sum(layer["shared"] for layer in sharing) >= 1  # a module used by two or more tasks
+    # gate usage by persistent module id (its columns were each gate's own order: another module in each task):
+    # each task's share of inputs per module, read from its gate, lands in the column of that module's id
+    from omegaconf import OmegaConf
+
+    from modnet.explain.module_plots import gate_usage
+    from modnet.nets.record import load_network
+
+    net = load_network(tmp_path / "checkpoints" / "modnet_seed0_final.pt", OmegaConf.load(tmp_path / "config.yaml"))
+    xs = [torch.rand(16, 64, generator=torch.Generator().manual_seed(t)) for t in range(5)]
+    # planted: task 4's layer-0 modules renumbered 2 x their ids (a gate holding some modules and not others: its
+    # own order then names other modules, as in the default run's task 4, ids [0, 2, 3, 4, 5])
+    planted = net.gate.task_gate(4)
+    planted.module_ids_0 = planted.module_ids(0) * 2
+    usage = gate_usage(net, xs)
+    for t in range(5):
+        gate = net.gate.task_gate(t)
+        for i in range(gate.n_layers):
+            ids = gate.module_ids(i).tolist()
+            with torch.no_grad():
+                share = gate.layer_module_gates(xs[t], i).mean(0).numpy()
+            np.testing.assert_allclose(usage[i][t, ids], share, rtol=1e-6)
+            assert np.isnan(np.delete(usage[i][t], ids)).all()
+            if (t, i) != (4, 0):  # the same ids as results.json's module_sharing (a task's used: some of its gate's)
+                assert {int(g) for g, tasks in sharing[i]["used_by"].items() if t in tasks} <= set(ids)
 
 
 def test_class_incremental_modnet_beats_naive_lwf_and_replay(tmp_path):

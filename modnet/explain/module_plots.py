@@ -36,7 +36,7 @@ def plot_module_maps(net, out_dir: Path) -> list[Path]:
         n_layers = gate.n_layers
         fig = _figure(4.2 * n_layers, 7)
         for i, mask in enumerate(masks):
-            n_modules = gate.n_modules[i]
+            n_modules, ids = gate.n_modules[i], gate.module_ids(i).cpu().tolist()  # persistent ids, as elsewhere
             S = getattr(gate, f"semantic_{i}").detach().cpu().numpy()
             xy = PCA(2, random_state=0).fit_transform(S) if S.shape[1] > 2 else S
             lab = gate.assignment(i).cpu().numpy()
@@ -45,7 +45,7 @@ def plot_module_maps(net, out_dir: Path) -> list[Path]:
             colours = colormaps["tab10" if n_modules <= 10 else "tab20"]
             for m in range(n_modules):
                 pick = on & (lab == m)
-                ax.scatter(xy[pick, 0], xy[pick, 1], color=colours(m % colours.N), s=14, label=f"module {m}")
+                ax.scatter(xy[pick, 0], xy[pick, 1], color=colours(m % colours.N), s=14, label=f"module {ids[m]}")
             ax.scatter(xy[~on, 0], xy[~on, 1], facecolors="none", edgecolors="0.6", s=14, linewidths=0.6,
                        label="off in task mask")
             ax.legend(fontsize=6, loc="best", markerscale=0.8)
@@ -59,7 +59,8 @@ def plot_module_maps(net, out_dir: Path) -> list[Path]:
             active = np.bincount(lab[on], minlength=n_modules)
             ax2.bar(range(n_modules), sizes, color="0.8", label="units")
             ax2.bar(range(n_modules), active, color="C0", label="units in task mask")
-            ax2.set_xlabel("module")
+            ax2.set_xticks(range(n_modules), [str(g) for g in ids])
+            ax2.set_xlabel("module (persistent id)")
             ax2.set_ylabel("units")
             ax2.legend(fontsize=7)
         fig.suptitle(f"task {t}: functional modules (SynC over semantic vectors, PCA)")
@@ -72,10 +73,12 @@ def plot_module_maps(net, out_dir: Path) -> list[Path]:
 
 @torch.no_grad()
 def gate_usage(net, xs: list[torch.Tensor]) -> list[np.ndarray]:
-    """usage[layer][t, m] = share of task t's test inputs for which module m of task t's gate is on."""
+    """usage[layer][t, g] = share of task t's test inputs for which module g (its persistent id, as results.json's
+    ``module_ids`` and explain's names) of task t's gate is on; NaN where task t's gate has no module g. (Columns
+    were the gate's own module order, which names other modules in each task.)"""
     was = net.training
     net.eval()
-    usage: list[list[np.ndarray]] = []
+    usage: list[list[dict[int, float]]] = []
     for t, x in enumerate(xs[: net.trained]):
         gate = net.gate.task_gate(t)
         if gate is None:
@@ -83,11 +86,16 @@ def gate_usage(net, xs: list[torch.Tensor]) -> list[np.ndarray]:
         for i in range(gate.n_layers):
             if len(usage) <= i:
                 usage.append([])
-            usage[i].append(gate.layer_module_gates(x.flatten(1), i).mean(0).cpu().numpy())
+            share = gate.layer_module_gates(x.flatten(1), i).mean(0).cpu().numpy()
+            usage[i].append(dict(zip(gate.module_ids(i).cpu().tolist(), share.tolist())))
     net.train(was)
-    width = [max(len(u) for u in layer) for layer in usage]
-    return [np.array([np.pad(u, (0, w - len(u)), constant_values=np.nan) for u in layer])
-            for layer, w in zip(usage, width)]
+    out = []
+    for layer in usage:
+        table = np.full((len(layer), max(max(u) for u in layer) + 1), np.nan)
+        for t, u in enumerate(layer):
+            table[t, list(u)] = list(u.values())
+        out.append(table)
+    return out
 
 
 def plot_gate_usage(usage: list[np.ndarray], path: Path) -> Path:
@@ -95,7 +103,7 @@ def plot_gate_usage(usage: list[np.ndarray], path: Path) -> Path:
     for i, u in enumerate(usage):
         ax = fig.add_subplot(1, len(usage), i + 1)
         im = ax.imshow(u, vmin=0, vmax=1, cmap="magma", aspect="auto")
-        ax.set_xlabel("module")
+        ax.set_xlabel("module (persistent id; blank: not in the task's gate)")
         ax.set_ylabel("task")
         ax.set_title(f"layer {i}: share of inputs gated on")
         fig.colorbar(im, ax=ax, fraction=0.046)
