@@ -99,11 +99,15 @@ def gate_usage(net, xs: list[torch.Tensor]) -> list[np.ndarray]:
 
 
 def plot_gate_usage(usage: list[np.ndarray], path: Path) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
     fig = _figure(3.6 * len(usage), 3.2)
     for i, u in enumerate(usage):
         ax = fig.add_subplot(1, len(usage), i + 1)
         im = ax.imshow(u, vmin=0, vmax=1, cmap="magma", aspect="auto")
-        ax.set_xlabel("module (persistent id; blank: not in the task's gate)")
+        ax.set_xlabel("module id (blank: not in its gate)")
+        for axis in (ax.xaxis, ax.yaxis):  # whole module ids and task numbers only
+            axis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("task")
         ax.set_title(f"layer {i}: share of inputs gated on")
         fig.colorbar(im, ax=ax, fraction=0.046)
