@@ -543,8 +543,9 @@ def load_xlsa17_or_release(name: str, path: str | None, release_loader, *, attri
     """AWA2 / CUB (``name``) from ``path``: an xlsa17 folder (res101.mat + att_splits.mat) or the raw image
     release (JPEGImages/ or images/), embedded with a ResNet and read by ``release_loader``
     (``load_awa2_images`` / ``load_cub_images``)."""
-    if not path:
-        raise ValueError(f"benchmark {name} needs benchmark.path=<xlsa17 folder or image release folder>")
+    from scenarios.benchmarks._xlsa17 import check_release_path
+
+    check_release_path(name, path, missing=MissingFileError)  # a folder with xlsa17's files or an image folder
     root = Path(path).expanduser()
     if (root / "res101.mat").exists() or (root / "att_splits.mat").exists():
         if resnet_finetune and int(resnet_finetune.get("epochs") or 0) > 0:
@@ -552,12 +553,9 @@ def load_xlsa17_or_release(name: str, path: str | None, release_loader, *, attri
                              f"but {root} is an xlsa17 folder (features only): set it to 0 or point "
                              "benchmark.path at the images")
         return load_xlsa17(root, attributes=attributes, name=name.upper())
-    if (root / "JPEGImages").is_dir() or (root / "images").is_dir():
-        extractor = resnet_feature_extractor(resnet_arch, resnet_weights, allow_download)
-        return release_loader(root, extractor=extractor, seed=seed, device=device, progress=progress,
-                              finetune=resnet_finetune)
-    raise MissingFileError(f"{root} holds neither res101.mat/att_splits.mat (xlsa17) nor an image folder "
-                           "(JPEGImages/ for AwA2, images/ for CUB)")
+    extractor = resnet_feature_extractor(resnet_arch, resnet_weights, allow_download)
+    return release_loader(root, extractor=extractor, seed=seed, device=device, progress=progress,
+                          finetune=resnet_finetune)
 
 
 def zero_shot_names() -> list[str]:

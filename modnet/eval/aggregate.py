@@ -74,15 +74,17 @@ def _is_zero_shot(res) -> bool:
     return isinstance(res, dict) and "methods" in res and "calibration" in res and "strategies" not in res
 
 
-def _runs_of(results_file: Path) -> list[dict]:
-    """One record per (strategy, seed) in a results.json, with its metrics."""
+def _runs_of(results_file: Path, res) -> list[dict]:
+    """One record per (strategy, seed) in a results.json (``res``: its content, ``_read_json``'s), with its
+    metrics."""
     try:
-        res = json.loads(results_file.read_text())
+        if isinstance(res, Exception):
+            raise res
         if _is_zero_shot(res):
             return []
         bench, scenario, strategies = res["benchmark"], res["scenario"], res["strategies"]
         seeds = list(res.get("seeds") or [res["seed"]])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{results_file} is not a modnet results.json ({type(err).__name__}: {err}); "
                          "remove it or point aggregate at the sweep folder only") from None
     runs = []
@@ -99,10 +101,11 @@ def _runs_of(results_file: Path) -> list[dict]:
 
 
 def _read_json(path: Path):
+    """The file's JSON content, or the decoding error (named by ``_runs_of`` where a results.json is read)."""
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return err
 
 
 def collect_runs(root: Path) -> list[dict]:
@@ -115,7 +118,8 @@ def collect_runs(root: Path) -> list[dict]:
     if not files:
         raise ValueError(f"no results.json below {root}: the jobs have not finished, or this is not a sweep "
                          "or `modnet cl` output folder")
-    zero_shot = [f for f in files if _is_zero_shot(_read_json(f))]
+    contents = {f: _read_json(f) for f in files}  # each file read once
+    zero_shot = [f for f in files if _is_zero_shot(contents[f])]
     if zero_shot:  # e.g. `modnet run`'s folder: cl/, gzsl/ and explain/ side by side
         files = [f for f in files if f not in zero_shot]
         if not files:
@@ -133,7 +137,7 @@ def collect_runs(root: Path) -> list[dict]:
     # no variant, the benchmark's label tells those runs apart already)
     by_benchmark: dict[str, list[Path]] = defaultdict(list)
     for f in files:
-        res = _read_json(f)
+        res = contents[f]
         by_benchmark[str(res.get("benchmark") if isinstance(res, dict) else None)].append(f)
     runs = []
     for group in by_benchmark.values():
@@ -145,7 +149,7 @@ def collect_runs(root: Path) -> list[dict]:
                         and (len(vs) > 1 or any(k not in overrides[f] for f in group)))
         for f in group:
             variant = ",".join(f"{k}={overrides[f][k]}" for k in varied if k in overrides[f])
-            runs.extend({**r, "variant": variant} for r in _runs_of(f))
+            runs.extend({**r, "variant": variant} for r in _runs_of(f, contents[f]))
     return runs
 
 

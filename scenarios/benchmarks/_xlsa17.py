@@ -5,15 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def check_release_path(name: str, path) -> None:
-    """One line when ``path`` is missing, not a folder, or holds neither xlsa17's files nor an image folder."""
+def check_release_path(name: str, path, missing: type[Exception] = FileNotFoundError) -> None:
+    """One line when ``path`` is missing, not a folder, or holds neither xlsa17's files nor an image folder
+    (``missing``: the error class of the last two; the loader passes its ``MissingFileError``)."""
     if not path:
         raise ValueError(f"benchmark={name} needs benchmark.path=<xlsa17 folder (res101.mat + att_splits.mat) or "
                          "the image release folder>")
     root = Path(str(path)).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"benchmark.path={path}: no such folder; point it at an xlsa17 folder or the "
-                                f"{name.upper()} image release")
-    if not any((root / f).exists() for f in ("res101.mat", "att_splits.mat", "JPEGImages", "images")):
-        raise FileNotFoundError(f"{root} holds neither res101.mat/att_splits.mat (xlsa17) nor an image folder "
-                                "(JPEGImages/ for AwA2, images/ for CUB)")
+        raise missing(f"benchmark.path={path}: no such folder; point it at an xlsa17 folder or the "
+                      f"{name.upper()} image release")
+    if not (any((root / f).exists() for f in ("res101.mat", "att_splits.mat")) or
+            any((root / d).is_dir() for d in ("JPEGImages", "images"))):
+        raise missing(f"{root} holds neither res101.mat/att_splits.mat (xlsa17) nor an image folder "
+                      "(JPEGImages/ for AwA2, images/ for CUB)")
