@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -321,3 +322,33 @@ def test_results_csv_of_several_seeds_has_the_tables_spread(tmp_path):
     assert [float(naive[1][f"acc_exp{j}"]) for j in range(2)] == pytest.approx([0.8, 0.65])  # the mean matrix
     ewc = next(r for r in rows if r["strategy"] == "ewc")
     assert ewc["seeds"] == "1" and float(ewc["average_accuracy_std"]) == 0.0
+
+
+def test_experiences_are_counted_from_1_in_what_is_printed_and_drawn(tmp_path, monkeypatch):
+    """The progress lines say "experience 1/2" for Avalanche's experience 0; the continual GZSL table said "0" and
+    the accuracy-matrix pictures' axes 0..N-1 for the same experience. Printed and drawn: from 1; results.json and
+    results.csv keep Avalanche's ids (from 0)."""
+    from modnet.eval import results as results_mod
+    from modnet.jobs.continual_gzsl import format_table
+
+    keys = ("U", "S", "H", "seen_accuracy", "forgetting", "class_incremental_seen_accuracy",
+            "class_incremental_forgetting")
+    continual = {"n_experiences": 2, "gamma": 0.0,
+                 "strategies": {"naive": {"experiences": [{"experience": i, **{k: 0.5 for k in keys}}
+                                                          for i in range(2)]}}}
+    rows = [line for line in format_table(continual).splitlines() if line.startswith("| naive |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["1", "2"]
+
+    figures = []
+    monkeypatch.setattr(results_mod, "save_figure", lambda fig, path, dpi=120: figures.append((Path(path).name, fig)))
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)
+    results_mod.plot_results(tmp_path, {"benchmark": "b", "scenario": "task", "n_experiences": 2, "seeds": [0],
+                                        "strategies": {"naive": {"accuracy_matrix": [[0.9, 0.0], [0.8, 0.7]]}}})
+    (name, fig), = [(n, f) for n, f in figures if n.startswith("accuracy_matrix")]
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["1", "2"]
+    (_, curves), = [(n, f) for n, f in figures if n == "accuracy_curves.png"]
+    assert [t.get_text() for t in curves.axes[0].get_xticklabels()] == ["1", "2"]

@@ -376,7 +376,8 @@ def test_the_headline_setting_is_chosen_on_uncalibrated_h_whatever_the_calibrati
     """The table's headline is uncalibrated (Xian et al.); its setting was chosen by H at the mode's gamma, so the
     "uncalibrated" figures changed with calibration.mode (digits ESZSL H .434 validate, .484 none). Planted: the
     uncalibrated H prefers candidate 1 (0.5 vs 0.3), H after calibration candidate 0 (0.9 vs 0.6): candidate 1 in
-    every mode; validate's gamma is that candidate's mean over the splits."""
+    every mode. The calibrated reading chooses its own: candidate 0 where calibration runs (validate: with that
+    candidate's gamma), the headline's with calibration.mode=none (its figures are the uncalibrated ones)."""
     from types import SimpleNamespace
 
     from modnet.config import compose
@@ -398,5 +399,85 @@ def test_the_headline_setting_is_chosen_on_uncalibrated_h_whatever_the_calibrati
     monkeypatch.setattr(gzsl, "select_calibration", lambda s, ys, u, yu, sc, uc: (gammas[s], calibrated[s]))
     chosen = gzsl.validate(cfg, load_digits_zsl(seed=0), 0, torch.device("cpu"), False)["niwt"]
     assert chosen["params"] == {"niwt_layer": -1} and chosen["validation_H"] == pytest.approx(0.5)
-    assert chosen["gamma"] == {"validate": 1.0, "fixed": 2.0, "none": 0.0}[mode]
-    assert chosen["validation_H_calibrated"] == pytest.approx(0.5 if mode == "none" else 0.6)
+    assert chosen["calibrated_params"] == {"niwt_layer": -1 if mode == "none" else -2}
+    assert chosen["gamma"] == {"validate": 5.0, "fixed": 2.0, "none": 0.0}[mode]
+    assert chosen["validation_H_calibrated"] == pytest.approx(0.5 if mode == "none" else 0.9)
+
+
+def test_the_gate_chooses_its_own_candidate_with_its_layer_and_quantile(monkeypatch):
+    """The gated reading chooses (candidate, gate setting) jointly: it used the headline's candidate, and on digits
+    ESZSL's best uncalibrated regulariser gave the gate H 0.30 (3 seeds). Planted per (candidate, quantile), the
+    same on every split: gated H / share of the seen-only accuracy kept. Candidate -1 has the best uncalibrated H
+    (the headline); among the pairs that keep min_seen_ratio 0.9, (-2, 0.7) has the best gated H."""
+    from types import SimpleNamespace
+
+    from modnet.config import compose
+    from modnet.jobs import gzsl
+    from modnet.zsl.niwt import candidates
+    from scenarios.zsl import load_digits_zsl
+
+    cfg = compose("gzsl", ["calibration.mode=none", "gate.enabled=true", "gate.layer=0", "gate.quantile=null",
+                           "gate.quantiles=[0.5,0.7]", "gate.min_seen_ratio=0.9", "niwt.layer=null",
+                           "niwt.layers=[-2,-1]"])
+    uncalibrated = {-2: 0.3, -1: 0.5}
+    gated = {(-2, 0.5): (0.9, 0.5), (-2, 0.7): (0.8, 0.95), (-1, 0.5): (0.85, 0.6), (-1, 0.7): (0.6, 0.97)}
+
+    class Gate:
+        def sides(self, novelties, q):
+            return q
+
+    def fake_scores(cfg, val, seed, device, progress, stage):
+        return object(), {"niwt": [(setting, (setting["niwt_layer"],) * 2) for setting in candidates(cfg)]}
+
+    monkeypatch.setattr(gzsl, "score_methods", fake_scores)
+    monkeypatch.setattr(gzsl, "novelty_of_tests", lambda cfg, net, layer: (Gate(), None, None))
+    monkeypatch.setattr(gzsl, "restricted_accuracy", lambda scores, y, classes: 1.0)
+    monkeypatch.setattr(gzsl, "_evaluate_gated", lambda scores, val, q: SimpleNamespace(
+        H=gated[scores[0], q][0], S=gated[scores[0], q][1]))
+    monkeypatch.setattr(gzsl, "_evaluate", lambda scores, val, g: SimpleNamespace(H=uncalibrated[scores[0]]))
+    chosen = gzsl.validate(cfg, load_digits_zsl(seed=0), 0, torch.device("cpu"), False)["niwt"]
+    assert chosen["params"] == {"niwt_layer": -1}
+    assert chosen["gate_params"] == {"niwt_layer": -2} and chosen["gate"] == (0, 0.7)
+    assert chosen["gate_validation_H"] == pytest.approx(0.8)
+    assert chosen["gate_validation_seen_kept"] == pytest.approx(0.95)
+
+
+def test_each_reading_is_evaluated_on_its_own_settings_scores_and_a_shared_setting_is_scored_once(monkeypatch):
+    """run_seed: the headline (uncalibrated), calibrated and gated figures each come from the scores of their own
+    validated setting; the headline's setting is scored first (NIWT extends the network it is given, and that
+    network is the one the checkpoint keeps) and a setting two readings share is scored once. Planted scores that
+    hold their setting's id; the readings' U are read back as that id."""
+    from types import SimpleNamespace
+
+    from modnet.config import compose
+    from modnet.jobs import gzsl
+    from scenarios.zsl import load_digits_zsl
+
+    cfg = compose("gzsl", ["methods=[eszsl]", "gate.enabled=true", "gate.layer=0", "gate.quantile=0.9"])
+    chosen = {"eszsl": {"params": {"id": 1}, "calibrated_params": {"id": 2}, "gamma": 0.5,
+                        "gate_params": {"id": 1}, "gate": (0, 0.9), "gate_validation_H": 0.0,
+                        "gate_validation_seen_kept": 1.0}}
+    scored_settings = []
+
+    def fake_scores(cfg, data, seed, device, progress, params):
+        scored_settings.extend(params["eszsl"])
+        return object(), {"eszsl": [(s, (s["id"], s["id"])) for s in params["eszsl"]]}
+
+    def figures(u):
+        return SimpleNamespace(as_dict=lambda: {"U": float(u), "S": 1.0, "H": 0.0, "zsl_accuracy": 0.0})
+
+    class Gate:
+        def sides(self, novelties, q):
+            return torch.zeros(1, dtype=torch.bool), torch.ones(1, dtype=torch.bool)
+
+    monkeypatch.setattr(gzsl, "validate", lambda *a: chosen)
+    monkeypatch.setattr(gzsl, "score_methods", fake_scores)
+    monkeypatch.setattr(gzsl, "_evaluate", lambda scores, data, g: figures(scores[0] + 10 * g))
+    monkeypatch.setattr(gzsl, "_evaluate_gated", lambda scores, data, sides: figures(scores[0]))
+    monkeypatch.setattr(gzsl, "novelty_of_tests", lambda cfg, net, layer: (Gate(), None, None))
+    results, _ = gzsl.run_seed(cfg, load_digits_zsl(seed=0), 0, torch.device("cpu"), False)
+    r = results["eszsl"]
+    assert scored_settings == [{"id": 1}, {"id": 2}]
+    assert r["uncalibrated"]["U"] == 1.0 and r["setting"] == {"id": 1}
+    assert r["U"] == 2.0 + 10 * 0.5 and r["calibrated_setting"] == {"id": 2} and r["gamma"] == 0.5
+    assert r["gated"]["U"] == 1.0 and r["gated"]["setting"] == {"id": 1}

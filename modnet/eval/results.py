@@ -146,6 +146,10 @@ def plot_results(out_dir: Path, results: dict) -> None:
             for j in range(R.shape[1]):
                 ax.text(j, i, f"{R[i, j]:.2f}", ha="center", va="center", fontsize=8,
                         color="white" if R[i, j] < 0.5 else "black")
+        # experiences counted from 1, as the progress lines and the curves count them (results.json and
+        # results.csv keep Avalanche's ids, from 0)
+        ax.set_xticks(range(R.shape[1]), range(1, R.shape[1] + 1))
+        ax.set_yticks(range(R.shape[0]), range(1, R.shape[0] + 1))
         ax.set_xlabel("test experience")
         ax.set_ylabel("after training experience")
         n_seeds = len(r.get("per_seed") or [r])

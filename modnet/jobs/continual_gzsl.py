@@ -322,7 +322,8 @@ def format_table(continual: dict) -> str:
         for e in r["experiences"]:
             # one seed has no spread to show: the value alone, as the other tables give it
             cell = lambda k: mean_std_cell(e[k], e.get(k + "_std"), runs, "{:.3f}")  # noqa: E731
-            lines.append(f"| {name} | {e['experience']} | {cell('U')} | {cell('S')} | {cell('H')} | "
+            # experience counted from 1, as the progress lines (results.json: Avalanche's id, from 0)
+            lines.append(f"| {name} | {e['experience'] + 1} | {cell('U')} | {cell('S')} | {cell('H')} | "
                          f"{cell('seen_accuracy')} | {cell('forgetting')} | "
                          f"{cell('class_incremental_seen_accuracy')} | {cell('class_incremental_forgetting')} |")
     return "\n".join(lines)

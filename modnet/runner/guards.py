@@ -34,6 +34,6 @@ class NaNGuard(SupervisedPlugin):
     def after_training_epoch(self, strategy, **kw):
         if not bool(torch.isfinite(self.total).all()):
             raise NaNLossError(
-                f"loss became NaN/inf in experience {strategy.experience.current_experience}, epoch "
+                f"loss became NaN/inf in experience {strategy.experience.current_experience + 1}, epoch "
                 f"{strategy.clock.train_exp_epochs}; lower train.lr (train.cnn_lr for the CNN) or check the input "
                 "data for extreme values")

@@ -270,7 +270,9 @@ def run_experiences(strategy, train_stream, evaluate: Callable[[int, object], li
         for hook in hooks:
             if hook.state_key is not None and hook.state_key in saved_hooks:
                 hook.load_state_dict(saved_hooks[hook.state_key])
-        log(f"resumed at experience {start}")
+        n = len(train_stream)
+        log(f"resumed: experiences 1-{start} of {n} done" + (f", continuing with experience {start + 1}"
+                                                               if start < n else ""))
     for i, exp in enumerate(train_stream):
         if i < start:
             continue
