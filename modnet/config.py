@@ -74,10 +74,17 @@ CALIBRATION_NOTE = {"validate": "each method's gamma is chosen on the validation
 def _refuse_inert_overrides(job: str, overrides: list[str], cfg: DictConfig) -> None:
     """A key set on the command line that the run will not read, given the rest of the config: stop instead of
     running without it (gzsl ``calibration.gamma`` is read with ``calibration.mode=fixed`` only; ``strategies``
-    and ``continual.*`` with ``continual.enabled=true`` only)."""
+    and ``continual.*`` with ``continual.enabled=true`` only; explain's ``benchmark`` and ``train`` without
+    ``run_dir`` only: with it, the network and its data are the run's)."""
+    keys = {_override_key(o) for o in overrides}
+    if job == "explain" and cfg.run_dir is not None:
+        unread = sorted(k for k in keys if k.split(".")[0] in ("benchmark", "train"))
+        if unread:
+            raise ConfigError(f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} not read with run_dir: the "
+                              f"network and its data are the run's (its config.yaml); drop "
+                              f"{'it' if len(unread) == 1 else 'them'}, or leave run_dir out to train a network here")
     if job != "gzsl":
         return
-    keys = {_override_key(o) for o in overrides}
     if "calibration.gamma" in keys and cfg.calibration.mode != "fixed":
         raise ConfigError(f"calibration.gamma is read with calibration.mode=fixed only (now {cfg.calibration.mode}: "
                           f"{CALIBRATION_NOTE.get(cfg.calibration.mode, '')}); "

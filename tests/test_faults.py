@@ -52,6 +52,14 @@ def test_bad_cl_values_are_one_line_before_work(tmp_path, capsys, override, word
     _rejected(capsys, ["cl", *override.split(" "), f"output_dir={tmp_path / 'o'}"], *words, out=tmp_path / "o")
 
 
+@pytest.mark.parametrize("override", ["benchmark.unseen_classes=[1,4]", "benchmark=npz", "train.epochs=3"])
+def test_explain_with_run_dir_refuses_the_data_and_training_keys_it_does_not_read(tmp_path, capsys, override):
+    """With run_dir the network and its data are the run's: benchmark.unseen_classes=[1,4] on an mnist1d run ran
+    with rc 0 and recorded digits' classes in its config.yaml. One line naming the key, nothing written."""
+    _rejected(capsys, ["explain", f"run_dir={tmp_path}", override, f"output_dir={tmp_path / 'o'}"],
+              override.split("=")[0], "run_dir", out=tmp_path / "o")
+
+
 def test_bench_threads_zero_is_one_line_before_work(capsys):
     _rejected(capsys, ["bench", "threads=0"], "threads=0", "positive integer or null")
 

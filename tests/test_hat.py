@@ -283,3 +283,24 @@ def test_local_labels_give_each_global_label_its_position_in_the_tasks_head_and_
     model.add_classes(1, [11], torch.zeros(1, 3))
     assert model.local_labels(1, torch.tensor([11, 5, 2])).tolist() == [2, 1, 0]
     assert model.local_labels(0, torch.tensor([11])).tolist() == [-1]
+
+
+def test_a_task_that_ends_with_a_layer_shut_is_named_on_stderr(capsys):
+    """A task whose HAT mask is off in every unit of a layer passes nothing (chance accuracy) and nothing said so
+    while training. Planted: task 0 keeps one unit of each layer on (no line); task 1's second layer is shut, its
+    first keeps a unit (one line, naming layer 1 and its width)."""
+    from strategies.plugins.hat import masked_off_layers, warn_masks_off
+
+    model = HATMLP(4, [[0, 1], [2, 3]], hidden=3, n_layers=2, smax=400)
+    with torch.no_grad():
+        for layer in model.masked:
+            layer.task_embedding.weight.fill_(-6.0)
+            layer.task_embedding.weight[0, 2] = 6.0
+        model.masked[0].task_embedding.weight[1, 0] = 0.01  # sigmoid(400 x 0.01) = 0.98: on
+    assert masked_off_layers(model, 0) == []
+    warn_masks_off(model, 0)
+    assert capsys.readouterr().err == ""
+    assert masked_off_layers(model, 1) == [(1, 3)]
+    warn_masks_off(model, 1)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "task 2" in err and "layer(s) 1 (3 units)" in err and "hat.c" in err

@@ -307,3 +307,27 @@ def test_gzsl_and_explain_never_write_over_another_runs_results(tmp_path, capsys
     assert main([job, *args, f"output_dir={busy}"]) == 2
     _one_error_line(capsys, "in use", str(os.getpid()))
     assert sorted(p.name for p in busy.iterdir()) == [".lock"]
+
+
+def test_explain_into_the_run_it_explains_is_refused_and_a_failed_explain_leaves_no_fingerprint(tmp_path, capsys):
+    """``modnet explain run_dir=R output_dir=R`` wrote its config.yaml and fingerprint over the cl run's: the run
+    could then be neither explained (a traceback: its config had no model block) nor resumed. Now one line, R
+    untouched, and R is still explained elsewhere. An explain that fails (a run without modnet's checkpoint)
+    leaves no fingerprint.json in its new output_dir."""
+    run = tmp_path / "run"
+    assert main([*TINY, f"output_dir={run}"]) == 0
+    before = _snapshot(run)
+    capsys.readouterr()
+    args = ["explain", f"run_dir={run}", "explain.module_grids=false"]
+    assert main([*args, f"output_dir={run}"]) == 2
+    _one_error_line(capsys, "another run")
+    assert _snapshot(run) == before
+    assert main([*args, f"output_dir={tmp_path / 'explained'}"]) == 0
+    assert (tmp_path / "explained" / "explanations.json").is_file()
+    naive_only = tmp_path / "naive"
+    assert main([*TINY[:1], "strategies=[naive]", *TINY[2:], f"output_dir={naive_only}"]) == 0
+    capsys.readouterr()
+    failed = tmp_path / "failed"
+    assert main(["explain", f"run_dir={naive_only}", f"output_dir={failed}"]) != 0
+    assert "modnet checkpoint" in capsys.readouterr().err
+    assert not (failed / "fingerprint.json").exists()

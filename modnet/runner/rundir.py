@@ -178,27 +178,39 @@ def check_resume(out: Path, current: dict) -> None:
                           "another output_dir, or remove that folder to start over there")
 
 
-def check_fresh_start(out: Path, current: dict, results_name: str = "results.json") -> None:
-    """``resume=false``: a folder that holds the results (``results_name``) of another run (another fingerprint)
-    is not written over, so that no finished result is lost; the same run started again recomputes the same
-    numbers and may."""
+# what a finished run of any command leaves (cl, gzsl: results.json; explain: explanations.json)
+RESULT_FILES = ("results.json", "explanations.json")
+
+
+def check_fresh_start(out: Path, current: dict) -> None:
+    """``resume=false``: a folder that holds the results of another run (another fingerprint; any command's,
+    ``RESULT_FILES``) is not written over, so that no finished result is lost: ``modnet explain
+    output_dir=<the run_dir>`` wrote its config.yaml and fingerprint over the cl run's, which could then be neither
+    explained nor resumed. The same run started again recomputes the same numbers and may."""
     stored = read_fingerprint(out)
-    if stored is not None and stored != current and (Path(out) / results_name).exists():
+    if stored is not None and stored != current and any((Path(out) / name).exists() for name in RESULT_FILES):
         raise ConfigError(f"{out} holds the results of another run (differing keys: "
                           f"{describe_difference(stored, current)}); choose another output_dir, or remove that "
                           "folder to start over there")
 
 
 @contextmanager
-def fresh_run(out: Path, current: dict, results_name: str = "results.json"):
+def fresh_run(out: Path, current: dict):
     """``with fresh_run(out, fingerprint(cfg)):`` for a job without resume (``modnet gzsl``, ``modnet explain``):
-    ``output_dir`` a folder, its lock held for the block, another run's results (``results_name``) not written
-    over (``check_fresh_start``), this run's fingerprint written."""
+    ``output_dir`` a folder, its lock held for the block, another run's results not written over
+    (``check_fresh_start``), this run's fingerprint written (and taken back when the block fails before any
+    result is there and the folder had none: a failed run leaves no fingerprint behind)."""
     check_output_dir(out)
     with RunLock(out):
-        check_fresh_start(out, current, results_name)
+        check_fresh_start(out, current)
+        had = (Path(out) / FINGERPRINT_NAME).exists()
         write_fingerprint(out, current)
-        yield
+        try:
+            yield
+        except BaseException:
+            if not had and not any((Path(out) / name).exists() for name in RESULT_FILES):
+                (Path(out) / FINGERPRINT_NAME).unlink(missing_ok=True)
+            raise
 
 
 def read_fingerprint(out: Path) -> dict | None:

@@ -98,5 +98,28 @@ class HATPlugin(ForwardLossTerm):
             torch._foreach_clamp_max_(self._embeddings, self.thres_emb)
 
     def after_training_exp(self, strategy, **kw):
-        self._model(strategy).consolidate(self.task)
+        model = self._model(strategy)
+        model.consolidate(self.task)
         train_condition(strategy).hat = None
+        warn_masks_off(model, self.task)
+
+
+def masked_off_layers(model: HATNet, task: int) -> list[tuple[int, int]]:
+    """(layer, units) of each masked layer where task ``task``'s HAT mask at smax is off (< 0.5) in every unit."""
+    with torch.no_grad():
+        on = [int((m > 0.5).sum()) for m in model.masks(task)]  # one host read per layer, once per experience
+    return [(i, layer.n_units) for i, (n, layer) in enumerate(zip(on, model.masked)) if n == 0]
+
+
+def warn_masks_off(model: HATNet, task: int) -> None:
+    """One line on stderr when a task ends with a masked layer shut: its path then passes nothing and its accuracy
+    is chance, which nothing else says while training (seen: a 4-channel CNN on 80 images at lr 0.2, where the
+    capacity regulariser won over the task's loss)."""
+    off = masked_off_layers(model, task)
+    if off:
+        import sys
+
+        layers = ", ".join(f"{i} ({n} units)" for i, n in off)
+        print(f"warning: task {task + 1} ended with its HAT mask off in every unit of masked layer(s) {layers}: "
+              "its path passes nothing and its accuracy is chance; lower hat.c, train longer (train.epochs) or at "
+              "another train.lr, or widen the network", file=sys.stderr, flush=True)
