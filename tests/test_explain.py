@@ -442,6 +442,10 @@ def test_explain_run_dir_explains_exactly_the_gated_modules(kind, cl_runs, expla
             assert mpimg.imread(out / entry["image"]).shape[0] > 100  # one PNG per module
             if result["units_on"][f"layer{i}"][module] == 0:  # passes nothing on: no attributes, a note says why
                 assert set(entry) == {"units", "attributes", "image", "note"} and entry["attributes"] == []
+                assert "HAT mask is off" in entry["note"]
+                continue
+            if "note" in entry:  # units on, none raising a class score: no attributes (not the map's offset)
+                assert entry["attributes"] == [] and "positive importance is zero" in entry["note"]
                 continue
             assert set(entry) == {"units", "attributes", "image"}
             assert len(entry["attributes"]) == 3 and {a for a, _ in entry["attributes"]} <= set(DIGIT_ATTRIBUTE_NAMES)
@@ -450,6 +454,11 @@ def test_explain_run_dir_explains_exactly_the_gated_modules(kind, cl_runs, expla
     assert list(result["maps"]["kind"].values()) == expected_kinds
     text = (out / "explanations.md").read_text()
     assert text.count("### Module `") == sum(len(layer["modules"]) for layer in network["layers"])
+    # each class explained by the map fitted on the other classes: fitted on itself, every class's prediction was its
+    # own knowledge row (agreement ~1 for all)
+    agreement = [v for layer in result["per_class_agreement"].values() for v in layer.values()]
+    assert agreement and all(-1.0 <= v <= 1.0 for v in agreement) and min(agreement) < 0.99
+    assert "held out" in text
     if kind == "image":
         assert (out / "layer0_modules.png").is_file()
 

@@ -582,8 +582,11 @@ def module_attributes(importance_matrix: Tensor, modules: Mapping[str, Sequence[
 
     importance_matrix: [C x N], class importance of the layer's N units. A module's importance profile is
     the class mean of the importance rows (of their positive part when ``positive_only``: units that raise a
-    class score, the Grad-CAM convention), set to zero outside the module's units; the inverse map turns it
-    into attribute scores. Zero elsewhere asks for the attributes that drive this module and not the others.
+    class score, the Grad-CAM convention), set to zero outside the module's units; its attribute scores are the
+    inverse map's response to it less the response to no importance at all, f(profile) - f(0): the map's
+    offset (the average class's knowledge) left out. With the offset in, a module with little or no importance
+    was named by the attributes most classes have (digits: the same three segments for every such module). A
+    module whose profile is zero (no unit raises a class score) gets no attributes (an empty list).
     """
     importance_matrix = torch.as_tensor(importance_matrix)
     if importance_matrix.dim() != 2:
@@ -597,8 +600,11 @@ def module_attributes(importance_matrix: Tensor, modules: Mapping[str, Sequence[
         if max(units) >= n_units:
             raise ValueError(f"module {name!r} names unit {max(units)} but the importance has {n_units} units")
         masks[m, torch.as_tensor(units, device=profile.device)] = 1.0
-    scores = knowledge_scores(masks * profile, knowledge_of_importance)  # M x A
-    return {name: rank_attributes(scores[m], attribute_names, top_k, tied) for m, name in enumerate(modules)}
+    shares = masks * profile
+    offset = knowledge_scores(torch.zeros_like(profile), knowledge_of_importance)  # f(0): the map's offset
+    scores = knowledge_scores(shares, knowledge_of_importance) - offset  # M x A
+    return {name: rank_attributes(scores[m], attribute_names, top_k, tied) if bool(shares[m].any()) else []
+            for m, name in enumerate(modules)}
 
 
 def describe(ranked: RankedAttributes) -> str:
@@ -609,12 +615,14 @@ def describe(ranked: RankedAttributes) -> str:
 def write_module_explanations_md(path: str | Path, modules: Mapping[str, Mapping[str, Mapping]],
                                  per_class: Mapping[str, Mapping[str, RankedAttributes]] | None = None,
                                  layer_notes: Mapping[str, str] | None = None, title: str = "Explanations",
-                                 notes: Sequence[str] = ()) -> Path:
+                                 notes: Sequence[str] = (),
+                                 class_agreement: Mapping[str, Mapping[str, float]] | None = None) -> Path:
     """Write a readable markdown report of a network's functional modules, layer by layer.
 
     modules: layer -> module -> {"units": [unit ids], "attributes": [(name, score)], "image": PNG path
     relative to the markdown file, optionally "note": one line shown under the module's heading}; per_class: layer -> class -> ranked attributes (optional);
-    layer_notes: layer -> one line shown under the layer's heading.
+    layer_notes: layer -> one line shown under the layer's heading; class_agreement: layer -> class -> the
+    cosine of its predicted and its own knowledge (``modnet.methods.niwt.knowledge_agreement``; optional).
     """
     lines = [f"# {title}", ""]
     lines += [f"> {note}" for note in notes] + ([""] if notes else [])
@@ -641,8 +649,20 @@ def write_module_explanations_md(path: str | Path, modules: Mapping[str, Mapping
             if entry.get("image"):
                 lines += [f"![{layer} {name}]({entry['image']})", ""]
         if per_class and per_class.get(layer):
-            lines += [f"### Classes at {layer}", "", "| class | attributes |", "|---|---|"]
-            lines += [f"| {c} | {describe(ranked)} |" for c, ranked in per_class[layer].items()]
+            agree = (class_agreement or {}).get(layer) or {}
+            lines += [f"### Classes at {layer}", ""]
+            if agree:
+                mean = sum(agree.values()) / len(agree)
+                lines += ["Each class's attributes are predicted from its importance by the inverse map fitted on the "
+                          "other classes (held out: fitted on the class itself, the map returns its own attribute "
+                          "list). Agreement: cosine between the predicted and the class's own attributes, both "
+                          f"centred on the mean class (0: nothing beyond the average class); mean {mean:+.3f}.", "",
+                          "| class | attributes | agreement |", "|---|---|---:|"]
+                lines += [f"| {c} | {describe(ranked)} | {agree.get(c, float('nan')):+.3f} |"
+                          for c, ranked in per_class[layer].items()]
+            else:
+                lines += ["| class | attributes |", "|---|---|"]
+                lines += [f"| {c} | {describe(ranked)} |" for c, ranked in per_class[layer].items()]
             lines.append("")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

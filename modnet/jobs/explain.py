@@ -17,7 +17,9 @@ per masked layer (``modnet.explain.network``), exactly as the run's results.json
 2. words: NIWT's knowledge -> importance map, fitted at the layer's output on the run's classes (class
    knowledge of the benchmark: digits' seven segments and loops, an npz's ``class_attributes``, xlsa17's
    attributes); its inverse (importance -> knowledge) names the attributes of the module's share of the
-   class importance (``modnet.explain.gradcam.module_attributes``).
+   class importance, the map's offset left out (``modnet.explain.gradcam.module_attributes``), and each class's
+   attributes from the inverse fitted on the other classes, with its agreement with the class's own
+   (``modnet.methods.niwt.held_out_knowledge``, ``knowledge_agreement``).
 Writes explanations.md, explanations.json, one PNG per module, module_maps.npz (each map and its input).
 """
 from __future__ import annotations
@@ -36,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from modnet.config import ConfigError, check_choice, compose, resolve_device
-from modnet.explain.gradcam import (BACKENDS, TIE, explain_in_words, module_attributes, save_attribution_bars,
+from modnet.explain.gradcam import (BACKENDS, TIE, module_attributes, rank_attributes, save_attribution_bars,
                                     save_map_figure, save_overlay_grid, write_module_explanations_md)
 from modnet.explain.network import (GRAD_CAM, INPUT_X_GRADIENT, ModuleMaps, TaskTest, gated_modules, gated_tasks,
                                     tap_class_importance)
@@ -342,12 +344,14 @@ def _draw(path: Path, x: Tensor, module_map: Tensor, kind: str, shape, title: st
 
 
 def _words(net: ExplainedNetwork, layer: int, task: int, modules: dict[str, list[int]], cfg: DictConfig):
-    """(per module, per class of the task) attributes through NIWT's inverse map at the layer's tap, and the
-    groups of attribute names the map's classes cannot tell apart (reported as one entry each). ``modules``:
-    each module's units whose HAT mask is on for the task (a masked-off unit passes nothing on, whatever the
-    score's gradient at the tap says; a module with none is left out)."""
+    """(per module, per class of the task) attributes through NIWT's inverse map at the layer's tap, each class's
+    agreement with its own knowledge, and the groups of attribute names the map's classes cannot tell apart
+    (reported as one entry each). ``modules``: each module's units whose HAT mask is on for the task (a
+    masked-off unit passes nothing on, whatever the score's gradient at the tap says; a module with none is left
+    out). A class's attributes come from the inverse map fitted on the other classes (``held_out_knowledge``):
+    fitted on the class itself, the map gave back its own knowledge row whatever the network does."""
     from modnet.methods.knowledge import tied_attribute_groups
-    from modnet.methods.niwt import KnowledgeToImportance
+    from modnet.methods.niwt import KnowledgeToImportance, held_out_knowledge, knowledge_agreement
 
     importance, classes, tasks = tap_class_importance(net.model, layer, net.tests, cfg.niwt.importance_batch_size)
     knowledge = net.knowledge
@@ -366,9 +370,16 @@ def _words(net: ExplainedNetwork, layer: int, task: int, modules: dict[str, list
     active = {m: units for m, units in modules.items() if units}
     per_module = module_attributes(importance[own], active, k_map, knowledge.attribute_names, e.top_k,
                                    positive_only=e.positive_only, tied=tied) if active else {}
-    per_class = {knowledge.class_names[classes[i]]: explain_in_words(importance[i], k_map, knowledge.attribute_names,
-                                                                     e.top_k, tied) for i in own}
-    return per_module, per_class, [[knowledge.attribute_names[j] for j in g] for g in tied]
+    per_class, agreement = {}, {}
+    if len(classes) >= 3:  # two classes to fit the map on, one held out
+        k_rows = knowledge.matrix.to(importance.device)[classes].float()
+        held = held_out_knowledge(k_rows, importance.float(), k_map.inverse_ridge)
+        fit = knowledge_agreement(held, k_rows)
+        for i in own:
+            name = knowledge.class_names[classes[i]]
+            per_class[name] = rank_attributes(held[i].cpu(), knowledge.attribute_names, e.top_k, tied)
+            agreement[name] = float(fit[i])
+    return per_module, per_class, agreement, [[knowledge.attribute_names[j] for j in g] for g in tied]
 
 
 def _slug(name: str) -> str:
@@ -386,6 +397,7 @@ class LayerExplanation:
     gate_on: dict[str, float]
     units_on: dict[str, int]
     per_class: dict[str, list]
+    agreement: dict[str, float]
     kind: str
     arrays: dict[str, np.ndarray]
     n_units: int
@@ -414,7 +426,8 @@ def explain_layer(net: ExplainedNetwork, task: int, layer: int, modules: dict[st
     inputs = test.x[examples]
     module_maps = maps(inputs, maps.names).cpu()
     units_on = {m: [u for u in units if hat_on[u]] for m, units in modules.items()}
-    per_module, per_class, tied = _words(net, layer, task, units_on, cfg) if net.knowledge else ({}, {}, [])
+    per_module, per_class, agreement, tied = (_words(net, layer, task, units_on, cfg) if net.knowledge
+                                              else ({}, {}, {}, []))
     entries, arrays = {}, {}
     for j, module in enumerate(maps.names):
         png = f"{name}_{_slug(module)}.png"
@@ -427,6 +440,9 @@ def explain_layer(net: ExplainedNetwork, task: int, layer: int, modules: dict[st
         if off:
             entries[module]["note"] = (f"every unit's HAT mask is off for task {task}: the module passes nothing on, "
                                        "so it has no attributes and its map is flat")
+        elif net.knowledge and not per_module.get(module):
+            entries[module]["note"] = (f"no unit of the module raises a score of task {task}'s classes (its "
+                                       "positive importance is zero): no attributes")
         arrays[f"{name}/{module}/map"] = module_maps[j].numpy()
         arrays[f"{name}/{module}/input"] = inputs[j].numpy()
     if e.module_grids and net.picture_shape is not None:
@@ -445,7 +461,8 @@ def explain_layer(net: ExplainedNetwork, task: int, layer: int, modules: dict[st
                           "gradient x input, positive part, scaled to [0, 1] per panel")
     return LayerExplanation(entries, {m: float(gates[:, j].mean()) for j, m in enumerate(maps.names)},
                             {m: len(units_on[m]) for m in maps.names},
-                            {c: [[a, s] for a, s in ranked] for c, ranked in per_class.items()}, maps.kind, arrays,
+                            {c: [[a, s] for a, s in ranked] for c, ranked in per_class.items()}, agreement,
+                            maps.kind, arrays,
                             int(model.masked[layer].n_units), tied)
 
 
@@ -493,13 +510,16 @@ def _explain_network(net: ExplainedNetwork, cfg: DictConfig, out: Path) -> dict:
                      f"one entry, '{TIE.join(group)}'.")
     modules = {name: x.modules for name, x in layers.items()}
     per_class = {name: x.per_class for name, x in layers.items()}
+    agreement = {name: x.agreement for name, x in layers.items()}
     write_module_explanations_md(out / "explanations.md", modules, per_class,
                                  {name: x.note for name, x in layers.items()},
-                                 title=f"Modules of the {type(model).__name__}, task {task}", notes=notes)
+                                 title=f"Modules of the {type(model).__name__}, task {task}", notes=notes,
+                                 class_agreement=agreement)
     return {"modules": modules, "task": task, "network": type(model).__name__, "source": net.source,
             "maps": {"file": "module_maps.npz", "kind": {name: x.kind for name, x in layers.items()}},
             "gate_on": {name: x.gate_on for name, x in layers.items()},
             "units_on": {name: x.units_on for name, x in layers.items()}, "per_class": per_class,
+            "per_class_agreement": agreement,
             "tied_attributes": tied, "notes": notes}
 
 

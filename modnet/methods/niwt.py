@@ -387,19 +387,9 @@ class KnowledgeToImportance(nn.Module):
                 self.inverse_matrix.copy_(torch.linalg.pinv(self.matrix))
                 self.inverse_bias.zero_()
                 return
-            # Ridge least squares on centred, L2-normalised importance (scale-free, like the cosine loss).
-            a = F.normalize(importance, dim=1)
-            a_mean, k_mean = a.mean(0), knowledge.mean(0)
-            a_c, k_c = a - a_mean, knowledge - k_mean
-            n = a_c.shape[1]
-            if a_c.shape[0] < n:  # dual form: fewer pairs than units
-                gram = a_c @ a_c.T + self.inverse_ridge * torch.eye(a_c.shape[0], device=a.device)
-                m = a_c.T @ torch.linalg.solve(gram, k_c)
-            else:
-                gram = a_c.T @ a_c + self.inverse_ridge * torch.eye(n, device=a.device)
-                m = torch.linalg.solve(gram, a_c.T @ k_c)
+            m, b = ridge_inverse(knowledge, importance, self.inverse_ridge)
             self.inverse_matrix.copy_(m)
-            self.inverse_bias.copy_(k_mean - a_mean @ m)
+            self.inverse_bias.copy_(b)
 
     def importance_to_knowledge(self, importance: Tensor) -> Tensor:
         """Inverse map: importance [N] or [B, N] -> knowledge [A] or [B, A] (textual explanations).
@@ -412,6 +402,50 @@ class KnowledgeToImportance(nn.Module):
         if self.inverse == "pinv":
             return (importance - self.bias.detach()) @ self.inverse_matrix
         return F.normalize(importance, dim=-1) @ self.inverse_matrix + self.inverse_bias
+
+
+def ridge_inverse(knowledge: Tensor, importance: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
+    """(M, b): ridge least squares k ~ normalize(a) M + b over the rows of (knowledge [C x A], importance [C x N]),
+    on centred, L2-normalised importance (scale-free, like the cosine loss); the dual form when C < N."""
+    a = F.normalize(importance, dim=1)
+    a_mean, k_mean = a.mean(0), knowledge.mean(0)
+    a_c, k_c = a - a_mean, knowledge - k_mean
+    n = a_c.shape[1]
+    if a_c.shape[0] < n:  # dual form: fewer pairs than units
+        gram = a_c @ a_c.T + ridge * torch.eye(a_c.shape[0], device=a.device, dtype=a.dtype)
+        m = a_c.T @ torch.linalg.solve(gram, k_c)
+    else:
+        gram = a_c.T @ a_c + ridge * torch.eye(n, device=a.device, dtype=a.dtype)
+        m = torch.linalg.solve(gram, a_c.T @ k_c)
+    return m, k_mean - a_mean @ m
+
+
+def held_out_knowledge(knowledge: Tensor, importance: Tensor, ridge: float = 1e-3) -> Tensor:
+    """Row c: class c's knowledge as predicted from its importance ``importance[c]`` by the inverse map
+    (``ridge_inverse``) fitted on every other class (leave one class out).
+
+    The textual explanation of a class must not be fitted on that class: with fewer classes than units the
+    inverse map interpolates its own pairs, so mapping a fitted class's importance back returns its knowledge row
+    whatever the network does (digits: each class's "explanation" was its own segment list, scaled to unit length).
+    Held out, the prediction is what the network's importance for the class says, learned from the others; it can
+    be compared with the class's knowledge (``knowledge_agreement``)."""
+    c = knowledge.shape[0]
+    if c < 3:
+        raise ValueError(f"a held-out inverse map needs at least 3 classes (2 to fit, 1 held out), got {c}")
+    knowledge, importance = knowledge.float(), importance.float()
+    rows = []
+    for i in range(c):
+        keep = torch.arange(c, device=knowledge.device) != i
+        m, b = ridge_inverse(knowledge[keep], importance[keep], ridge)
+        rows.append(F.normalize(importance[i], dim=0) @ m + b)
+    return torch.stack(rows)
+
+
+def knowledge_agreement(predicted: Tensor, knowledge: Tensor) -> Tensor:
+    """Per class, the cosine between its predicted and its own knowledge row, both centred on the classes' mean
+    knowledge (0: the prediction says nothing about the class beyond the average class; 1: its deviations exactly)."""
+    mean = knowledge.float().mean(0)
+    return F.cosine_similarity(predicted.float() - mean, knowledge.float() - mean, dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
