@@ -197,6 +197,19 @@ def test_continual_gzsl_modnet_forgets_nothing_and_fine_tuning_does(tmp_path):
     assert modnet["class_incremental_forgetting"] < naive["class_incremental_forgetting"]
     matrix = modnet["per_seed"][0]["accuracy_matrix"]
     assert matrix[1][0] == pytest.approx(matrix[0][0], abs=1e-6)  # the first experience's accuracy, unchanged
+    # the continual figures beside results.json too (they were only there): a row per strategy and experience
+    import csv
+
+    with open(tmp_path / "continual.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["strategy"], r["after_exp"]) for r in rows] == [("modnet", "0"), ("modnet", "1"), ("naive", "0"),
+                                                               ("naive", "1")]
+    for r in rows:
+        e = res[r["strategy"]]["experiences"][int(r["after_exp"])]
+        assert float(r["H"]) == pytest.approx(e["H"]) and float(r["forgetting"]) == pytest.approx(e["forgetting"])
+    from matplotlib import image as mpimg
+
+    assert mpimg.imread(tmp_path / "continual_gzsl.png").shape[0] > 200
 
 
 @pytest.mark.parametrize("overrides, words", [

@@ -310,6 +310,57 @@ def aggregate(runs: list[dict], cfg) -> dict:
             "scenario": "class", "strategies": strategies}
 
 
+def write_outputs(out_dir, continual: dict) -> None:
+    """``continual.csv`` (a row per strategy and experience: the table's figures, mean and ``_std`` over seeds;
+    ``after_exp`` is Avalanche's experience id, from 0, as in ``modnet cl``'s results.csv) and
+    ``continual_gzsl.png`` (H and the seen accuracy with and without the experience known, per experience)."""
+    import csv
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    tmp = out_dir / "continual.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["strategy", "seeds", "after_exp", *[c for k in FIGURES for c in (k, f"{k}_std")]])
+        for name, r in continual["strategies"].items():
+            n_seeds = len(r.get("per_seed") or [r])
+            for e in r["experiences"]:
+                writer.writerow([name, n_seeds, e["experience"], *[v for k in FIGURES for v in (e[k], e[f"{k}_std"])]])
+    tmp.replace(out_dir / "continual.csv")
+    _plot(out_dir / "continual_gzsl.png", continual)
+
+
+def _plot(path, continual: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from modnet.eval.results import save_figure
+
+    panels = (("H", "GZSL H (no task label)"), ("seen_accuracy", "seen accuracy, experience known"),
+              ("class_incremental_seen_accuracy", "seen accuracy, no task label"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
+    n = continual["n_experiences"]
+    for ax, (key, label) in zip(axes, panels):
+        for name, r in continual["strategies"].items():
+            xs = [e["experience"] + 1 for e in r["experiences"]]  # counted from 1, as the table
+            ax.errorbar(xs, [e[key] for e in r["experiences"]], yerr=[e[f"{key}_std"] for e in r["experiences"]],
+                        marker="o", capsize=3, label=name)
+        ax.set_xticks(range(1, n + 1))
+        ax.set_xlabel("experiences trained")
+        ax.set_ylabel(label)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    seeds = len(next(iter(continual["strategies"].values())).get("per_seed") or [None])
+    fig.suptitle(f"continual GZSL, {n} experiences, class-incremental, gamma {continual['gamma']:g}"
+                 + (f", mean of {seeds} seeds" if seeds > 1 else ""))
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
 def format_table(continual: dict) -> str:
     lines = [f"continual GZSL ({continual['n_experiences']} experiences, class-incremental, gamma "
              f"{continual['gamma']:g}): figures after each experience, mean ± std over seeds",

@@ -486,6 +486,10 @@ def _write_outputs(out_dir: Path, results: dict) -> None:
         for name, row in rows.items():
             writer.writerow([name, *[row.get(k, "") for k in columns]])
     _plot(out_dir / "gzsl.png", results)
+    if "continual" in results:
+        from modnet.jobs.continual_gzsl import write_outputs
+
+        write_outputs(out_dir, results["continual"])
 
 
 def _plot(path: Path, results: dict) -> None:
