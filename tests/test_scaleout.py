@@ -363,3 +363,24 @@ def test_sweep_checks_every_job_and_the_launcher_before_launching(monkeypatch):
     monkeypatch.setattr(sweep, "_plugin_installed", lambda module: False)
     with pytest.raises(ConfigError, match="pip install hydra-submitit-launcher"):
         sweep.validate_sweep(["hydra/launcher=slurm", "seed=0,1"])
+
+
+def test_a_sweep_job_that_left_no_results_counts_as_failed(tmp_path, capsys):
+    """A joblib or Slurm worker's ConfigError (e.g. its job folder in use) is printed by the worker, never seen by
+    the sweep's process: the sweep exited 0. Jobs launched minus results.json found are failed jobs: planted, 3
+    jobs launched, one results.json -> 2 named on stderr, and ``main``'s exit code counts them."""
+    from omegaconf import OmegaConf
+
+    from modnet.jobs.sweep import AggregateCallback
+
+    sweep_dir = tmp_path / "sweep"
+    (sweep_dir / "0").mkdir(parents=True)
+    (sweep_dir / "0" / "results.json").write_text("{}")
+    (sweep_dir / "1").mkdir()
+    AggregateCallback.expected = 3
+    try:
+        AggregateCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}}))
+    finally:
+        AggregateCallback.expected = None
+    assert AggregateCallback.missing == 2
+    assert "2 of 3 job(s) wrote no results.json" in capsys.readouterr().err

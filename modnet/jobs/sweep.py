@@ -121,12 +121,23 @@ class AggregateCallback(Callback):
 
     #: the jobs whose strategies failed in the last multi-run (job folder -> their names), for ``main``'s exit code
     failed: dict[str, list[str]] = {}
+    #: how many jobs the sweep launches (``main`` sets it), and how many of them left no results.json: a job that
+    #: stopped before any result (a ConfigError in a joblib or Slurm worker, which prints it there: this process
+    #: never sees it) counts as failed
+    expected: int | None = None
+    missing: int = 0
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from modnet.eval.aggregate import aggregate, format_markdown
 
         sweep_dir = Path(config.hydra.sweep.dir)
         AggregateCallback.failed = failed_jobs(sweep_dir)
+        found = len(list(sweep_dir.rglob("results.json")))
+        expected = AggregateCallback.expected
+        AggregateCallback.missing = max(0, expected - found) if expected is not None else 0
+        if AggregateCallback.missing:
+            print(f"[modnet sweep] {AggregateCallback.missing} of {expected} job(s) wrote no results.json: they "
+                  "stopped before any result (the worker's output, or its log, says why)", file=sys.stderr)
         if not any(sweep_dir.rglob("results.json")):
             print(f"[modnet sweep] no results.json under {sweep_dir}: nothing to aggregate")
             return
@@ -194,15 +205,17 @@ def main(argv: list[str] | None = None) -> int:
             argv.insert(0, "--multirun")
         n_jobs = validate_sweep(args.overrides)
         print(f"[modnet sweep] {n_jobs} job(s)")
+        AggregateCallback.expected = n_jobs
     saved = sys.argv
     sys.argv = ["modnet sweep", *argv]  # hydra.main reads its command line from sys.argv
-    AggregateCallback.failed = {}
+    AggregateCallback.failed, AggregateCallback.missing = {}, 0
     JOB_ERRORS.clear()
     try:
         sweep_app()
     finally:
         sys.argv = saved
-    return 1 if AggregateCallback.failed or JOB_ERRORS else 0
+        AggregateCallback.expected = None
+    return 1 if AggregateCallback.failed or AggregateCallback.missing or JOB_ERRORS else 0
 
 
 if __name__ == "__main__":
