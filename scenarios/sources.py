@@ -36,9 +36,11 @@ def read_npz(path: str | Path) -> dict:
     .npz archive, is a ValueError saying to write plain numeric/string arrays with numpy.savez."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if not hasattr(f, "files"):  # a bare .npy
-                raise ValueError(f"{path} is a single .npy array, not an .npz archive; write it with numpy.savez")
+        f = np.load(path, allow_pickle=False)
+        if isinstance(f, np.ndarray):  # a bare .npy (whatever its name): np.load gives the array itself
+            raise ValueError(f"{path} is a single .npy array, not an .npz archive; write the arrays with "
+                             "numpy.savez(path, x_train=..., y_train=..., ...)")
+        with f:
             return {k: f[k] for k in f.files}
     except ValueError as err:
         if "Object arrays" in str(err):
@@ -80,6 +82,22 @@ def integer_labels(path, name: str, y: np.ndarray) -> np.ndarray:
     return y.astype(np.int64)
 
 
+def check_x_array(path, name: str, x: np.ndarray) -> None:
+    """A user's input array: (N, D) vectors or (N, C, H, W) images, numeric and finite (one ValueError line each;
+    the continual and the zero-shot .npz alike). Images with their channels last (N, H, W, C), a common layout
+    elsewhere, are named as such: taken as (N, C, H, W) they are 'too small for the pooling blocks', or train on
+    the wrong axes."""
+    if x.ndim not in (2, 4):
+        raise ValueError(f"{path}: {name} has shape {x.shape}; use (N, D) vectors or (N, C, H, W) images"
+                         + (" (grayscale: x[:, None] adds the channel axis)" if x.ndim == 3 else ""))
+    if x.ndim == 4 and x.shape[3] <= 4 and x.shape[1] == x.shape[2] >= 8:
+        raise ValueError(f"{path}: {name} has shape {x.shape}, images with their channels last (N, H, W, C); "
+                         "use (N, C, H, W): np.transpose(x, (0, 3, 1, 2))")
+    if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
+        raise ValueError(f"{path}: {name} contains NaN or infinite values (or is not numeric); "
+                         "clean or impute them before training")
+
+
 def check_npz_arrays(path: str | Path, arrays: dict) -> dict:
     """The continual-learning arrays of a user's .npz, checked (numpy only, no torch: ``modnet.validate``
     runs this before any heavy import): one ValueError line per problem, naming the array and what to change.
@@ -94,15 +112,11 @@ def check_npz_arrays(path: str | Path, arrays: dict) -> dict:
     arrays = {k: arrays[k] for k in NPZ_KEYS}
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.ndim not in (2, 4):
-            raise ValueError(f"{path}: x_{split} has shape {x.shape}; use (N, D) vectors or (N, C, H, W) images")
+        check_x_array(path, f"x_{split}", x)
         if y.ndim != 1 or len(y) != len(x):
             raise ValueError(f"{path}: y_{split} has shape {y.shape} but x_{split} has {len(x)} rows; "
                              f"labels must be a vector with one integer per row of x_{split}")
         y = integer_labels(path, f"y_{split}", y)
-        if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
-            raise ValueError(f"{path}: x_{split} contains NaN or infinite values (or is not numeric); "
-                             "clean or impute them before training")
         if len(y) and y.min() < 0:
             raise ValueError(f"{path}: y_{split} has negative labels; use class ids 0..C-1")
         arrays[f"y_{split}"] = y.astype(np.int64)
@@ -199,6 +213,8 @@ def check_zsl_npz(path, arrays) -> tuple:
     if leaked:
         raise ValueError(f"unseen classes {leaked} have samples in x_train/y_train; zero-shot training uses "
                          "seen classes only: move those samples to x_test or drop the classes from unseen_classes.")
+    for name in ("x_train", "x_test"):
+        check_x_array(path, name, np.asarray(arrays[name]))
     x_train, x_test = np.asarray(arrays["x_train"], dtype=np.float32), np.asarray(arrays["x_test"], dtype=np.float32)
     if x_train.shape[0] != len(y_train) or x_test.shape[0] != len(y_test):
         raise ValueError(f"x_train/y_train ({x_train.shape[0]}/{len(y_train)}) or x_test/y_test "
@@ -212,6 +228,12 @@ def check_zsl_npz(path, arrays) -> tuple:
         raise ValueError(f"{path}: class_attributes has {n_classes} rows but seen classes {phantom[:10]} have no "
                          "sample in y_train; one attribute row per class that has samples (drop the extra rows, "
                          "or list those classes in unseen_classes)")
+    counts = np.bincount(y_train, minlength=n_classes)
+    single = [c for c in seen if counts[c] < 2]
+    if single:
+        raise ValueError(f"{path}: seen classes {single[:10]} have fewer than 2 training samples; the class-disjoint "
+                         "validation splits each seen class's training samples into training and test: give each "
+                         "at least 2 (or list the class in unseen_classes)")
     absent = sorted(set(unseen) - set(y_test.tolist()))
     if absent:
         raise ValueError(f"{path}: unseen classes {absent[:10]} have no sample in y_test; every unseen class must be "

@@ -722,6 +722,12 @@ def test_task_incremental_mlp_trains_the_transform_heads_beside_each_task_withou
                                                "model.transform_heads=always"]), (6,), [[0, 1], [2, 3]], True)
     assert isinstance(both.task_keys, ClassGaussians) and both.task_ood is not None
     assert not both.task_ood_predicts_task and not both.task_ood_read_at_inference()
+    assert describe_network(both)["transform_heads"]["predicts_task"] is False
+    # the class-incremental default (features, the heads' score weighted in): results.json said false
+    default = build_modular_network(compose("cl", ["scenario=class", "model.gate=none"]), (6,), [[0, 1], [2, 3]],
+                                    True)
+    assert default.task_features is not None and default.task_features.ood_weight > 0
+    assert describe_network(default)["transform_heads"]["predicts_task"] is True
     with pytest.raises(ConfigError, match="transform_heads"):
         build_modular_network(compose("cl", ["task_inference.method=ood", "model.transform_heads=never"]), (6,),
                               [[0, 1], [2, 3]], True)

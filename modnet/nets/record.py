@@ -95,7 +95,11 @@ def describe_network(model: nn.Module) -> dict:
         ood = getattr(model, "task_ood", None)
         if ood is not None:
             out["transform_heads"] = {"copies": ood.copies, "transforms": list(ood.transforms), "labels": ood.labels,
-                                      "rows": ood.rows, "predicts_task": bool(model.task_ood_predicts_task)}
+                                      "rows": ood.rows,
+                                      # inference reads them: they pick the task, or their score is one of the
+                                      # feature Gaussians' (task_inference.method=features, the class-incremental
+                                      # default): not only task_inference.method=ood
+                                      "predicts_task": bool(model.task_ood_read_at_inference())}
     else:
         hidden = [m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
                   and "classifier" not in name and "head" not in name]
