@@ -163,8 +163,8 @@ def score_methods(cfg: DictConfig, data: ZSLData, seed: int, device, progress: b
     """Train the modular network on ``data``'s seen classes, then score every method of ``cfg.methods``.
 
     Returns the network (extended by NIWT when it ran) and {method: [(setting, scores), ...]}: one entry per
-    candidate setting of the method (validation), or those of ``params[method]`` (a list) when given. One line per network
-    and per method, prefixed with the seed and ``stage`` (on a terminal too: its progress bars show the
+    candidate setting of the method (validation), or those of ``params[method]`` (a list) when given. One line per
+    network and per method, prefixed with the seed and ``stage`` (on a terminal too: its progress bars show the
     network's training, not the methods).
     """
     def line(text: str, since: float) -> None:
