@@ -497,9 +497,10 @@ def test_each_reading_is_evaluated_on_its_own_settings_scores_and_a_shared_setti
 
 
 def test_a_methods_scores_do_not_depend_on_the_methods_scored_before_it(monkeypatch):
-    """Every scoring starts from the seed: f-CLSWGAN's digits H moved from 0.24 to 0.13 (3 seeds) when NIWT scored a
-    second setting before it and drew more random numbers. Planted: method "eszsl" draws 1 or 3 numbers per setting,
-    "ale" returns its first draw; ale's scores are the same alone, after eszsl with one setting and after eszsl with
+    """Every scoring starts from the seed, so that a method drawing from the global generators (one a user
+    registers) does not depend on the methods, or their settings, scored before it; scoring more settings per
+    method (each reading's own) must not move another method's figures. Planted: method "eszsl" draws 1 or 3
+    numbers per setting, "ale" returns its first draw; ale's scores are the same alone, after eszsl with one setting and after eszsl with
     two, and equal to a draw right after seeding."""
     from types import SimpleNamespace
 
