@@ -384,3 +384,52 @@ def test_a_sweep_job_that_left_no_results_counts_as_failed(tmp_path, capsys):
         AggregateCallback.expected = None
     assert AggregateCallback.missing == 2
     assert "2 of 3 job(s) wrote no results.json" in capsys.readouterr().err
+
+
+def test_aggregate_keeps_data_parallel_runs_apart_and_names_unfinished_runs(tmp_path, capsys):
+    """A ``modnet ddp`` run (results.json world_size 2) beside a one-process run of the same settings was averaged
+    with it (its fingerprint has no world size), said only in a multi-line Python warning. Now the world size makes
+    a variant where the runs differ in it; a run interrupted before every seed finished (complete false) is named
+    in one line (only its strategies finished on every seed are in its table)."""
+    from modnet.eval.aggregate import aggregate
+
+    d = tmp_path / "runs"
+    for name, acc in (("one", 0.8), ("ddp", 0.6)):
+        _results(d / name, "split-digits", [0], {"modnet": [_m(acc, 0.1, 1)]})
+        (d / name / "fingerprint.json").write_text(json.dumps({"config.seed": 0, "config.train.epochs": 3}))
+    ddp = json.loads((d / "ddp" / "results.json").read_text())
+    (d / "ddp" / "results.json").write_text(json.dumps({**ddp, "world_size": 2}))
+    _results(d / "cut", "split-digits", [1], {"modnet": [_m(0.7, 0.1, 1)]})
+    cut = json.loads((d / "cut" / "results.json").read_text())
+    (d / "cut" / "results.json").write_text(json.dumps({**cut, "complete": False}))
+    (d / "cut" / "fingerprint.json").write_text(json.dumps({"config.seed": 1, "config.train.epochs": 3}))
+    capsys.readouterr()
+    groups = {g["variant"]: g for g in aggregate(d, plot=False)["groups"]}
+    assert set(groups) == {"world_size=1", "world_size=2"}
+    assert groups["world_size=2"]["metrics"]["average_accuracy"]["mean"] == pytest.approx(0.6)
+    assert groups["world_size=1"]["seeds"] == [0, 1]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 unfinished run(s)" in err[0] and "cut" in err[0]
+
+
+def test_an_interrupted_multi_seed_run_keeps_the_seeds_that_finished_in_results_json(tmp_path, monkeypatch):
+    """``modnet cl seeds=[0,1]`` stopped after a strategy's first seed: results.json listed it as finished but held
+    none of its figures (they waited for every seed, in checkpoints only). Planted failure: the second seed's run
+    of naive raises; its first seed's results are under ``partial``."""
+    from modnet.cli import main
+    from modnet.jobs import cl
+
+    real = cl.run_strategy
+
+    def failing_second_seed(name, cfg, info, seed, *args, **kwargs):
+        if seed == 1:
+            raise KeyboardInterrupt
+        return real(name, cfg, info, seed, *args, **kwargs)
+
+    monkeypatch.setattr(cl, "run_strategy", failing_second_seed)
+    assert main(["cl", "strategies=[naive]", "seeds=[0,1]", "train.epochs=1", "benchmark.n_experiences=2",
+                 "progress=false", f"output_dir={tmp_path}"]) == 130
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["complete"] is False and res["strategies"] == {} and res["finished"] == [["naive", 0]]
+    (first,) = res["partial"]["naive"]
+    assert first["seed"] == 0 and len(first["accuracy_matrix"]) == 2 and 0 < first["average_accuracy"] <= 1

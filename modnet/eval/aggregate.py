@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -128,11 +127,20 @@ def collect_runs(root: Path) -> list[dict]:
         print(f"modnet aggregate: skipping {len(zero_shot)} gzsl results.json ({', '.join(map(str, zero_shot[:3]))}"
               f"{', ...' if len(zero_shot) > 3 else ''}): a gzsl run reports mean ± std over its own seeds in its "
               "results.csv", file=sys.stderr)
+    unfinished = [f for f in files if isinstance(contents[f], dict) and contents[f].get("complete") is False]
+    if unfinished:
+        print(f"modnet aggregate: {len(unfinished)} unfinished run(s) ({', '.join(map(str, unfinished[:3]))}"
+              f"{', ...' if len(unfinished) > 3 else ''}): only their strategies finished on every seed are read "
+              "(resume=true finishes them)", file=sys.stderr)
     fingerprints = {f: _fingerprint_settings(f) for f in files}
     if all(fp is not None for fp in fingerprints.values()):
         overrides = fingerprints  # every key of every run: also runs started apart (cl runs copied side by side)
     else:
         overrides = {f: _overrides(f) for f in files}
+    # data-parallel runs (modnet ddp: results.json's world_size) are another setting than one process's (another
+    # sampler, their own steps): the world size makes a variant where the runs differ in it
+    overrides = {f: {**o, "world_size": str(contents[f].get("world_size", 1) if isinstance(contents[f], dict) else 1)}
+                 for f, o in overrides.items()}
     # the keys that vary among the runs of one benchmark (a sweep over benchmarks has each one's own keys: they make
     # no variant, the benchmark's label tells those runs apart already)
     by_benchmark: dict[str, list[Path]] = defaultdict(list)
@@ -175,8 +183,9 @@ def aggregate(sweep_dir, out_dir=None, ddof: int = 0, plot: bool = True) -> dict
         rs = sorted(by_setting[key], key=lambda r: r["seed"])
         seeds = [r["seed"] for r in rs]
         if len(set(seeds)) < len(seeds):
-            warnings.warn(f"{'/'.join(k for k in key if k)}: seed(s) repeated across runs {seeds} "
-                          f"({sorted({r['file'] for r in rs})}); they are averaged as separate runs")
+            files = sorted({r["file"] for r in rs})
+            print(f"modnet aggregate: {'/'.join(k for k in key if k)}: seed(s) repeated across runs {seeds} "
+                  f"({', '.join(files)}); they are averaged as separate runs", file=sys.stderr)
         summary_groups.append({**dict(zip(SETTING, key)), "n": len(rs), "seeds": seeds,
                                "metrics": {m: _metric(stats, m, [r[m] for r in rs]) for m in METRICS}})
     summary = {"sweep_dir": str(sweep_dir), "ddof": ddof, "n_files": len({r["file"] for r in runs}),

@@ -201,7 +201,11 @@ def _run_all(cfg, out: Path, ckpt_dir: Path, device, run_fingerprint: dict, back
                 "classes_per_experience": info.global_task_classes,
                 "strategies": strategies,
                 "complete": complete,
-                "finished": [[name, seed] for name, r in runs.items() for seed in seeds[:len(r)]]}
+                "finished": [[name, seed] for name, r in runs.items() for seed in seeds[:len(r)]],
+                # a strategy that finished some of the seeds: their results as they are (the table and the mean
+                # over seeds wait for all; an interrupted run kept them only in its checkpoints)
+                "partial": {name: [{"seed": seed, **run} for seed, run in zip(seeds, r)]
+                            for name, r in runs.items() if 0 < len(r) < len(seeds)}}
 
     from modnet.runner.guards import NaNLossError, StrategyFailed
 

@@ -8,7 +8,10 @@ continual-learning loop; this module only changes how a strategy feeds and diffe
 
 - ``train.batch_size`` is the GLOBAL batch. Each of the W ranks draws ``batch_size / W`` samples per step
   from its ``DistributedSampler`` shard of the experience, so W ranks take the same steps, on the same
-  global batches, as one process with the same sampler (``world_size=1``) does. With ``train.tensor_batches``
+  global batches, as one process with the same sampler (``world_size=1``) does, except where a row's position
+  in the batch matters: the transform heads' ``copies=replace`` transforms row i mod K of each rank's share
+  (interleaved from the global batch), so other samples are transformed than in one process, the same share
+  of each transform (``model.transform_heads=never``: step-identical). With ``train.tensor_batches``
   (tensor-backed experiences) the shard is the same, sliced from the tensors
   (``modnet.runner.tensor_batches.sharded_loader``). Plugins that read the batch
   size to go over unsharded data (EWC's Fisher, GEM's memory) still see the global one.
