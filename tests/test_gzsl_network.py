@@ -264,6 +264,9 @@ def test_explain_run_dir_of_a_gzsl_run_explains_that_seeds_network(tmp_path):
                 for i, layer in enumerate(recorded["layers"]) if layer["modules"]}
     assert {layer: {m: v["units"] for m, v in modules.items()} for layer, modules in explained.items()} == expected
     assert all((tmp_path / "explain" / v["image"]).exists() for modules in explained.values() for v in modules.values())
+    # the unseen classes' attributes agree partly by construction (NIWT built their rows from them): said once
+    notes = json.loads((tmp_path / "explain" / "explanations.json").read_text())["notes"]
+    assert [n for n in notes if n.startswith("Unseen classes 2, 7:")] and "by construction" in " ".join(notes)
 
 
 def test_niwt_layer_null_runs_every_candidate_layer_through_validation_and_records_the_choice_per_seed(tmp_path):

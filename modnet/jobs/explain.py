@@ -73,6 +73,7 @@ class ExplainedNetwork:
     picture_shape: tuple[int, ...] | None
     record: dict | None
     source: dict
+    unseen_classes: tuple[int, ...] = ()  # a gzsl run's: NIWT built their head rows from their attributes
 
 
 def _check_config(cfg: DictConfig) -> None:
@@ -152,7 +153,8 @@ def load_run(cfg: DictConfig, device: torch.device) -> ExplainedNetwork:
                                [f"attribute{a}" for a in range(data.attributes.shape[1])],
                                data.class_names or [str(c) for c in range(data.n_classes)])
     return ExplainedNetwork(model, zsl_tests(data, model, limit, seed), knowledge,
-                            picture_shape(bcfg.name, data.input_shape), record, source)
+                            picture_shape(bcfg.name, data.input_shape), record, source,
+                            tuple(int(c) for c in data.unseen_classes))
 
 
 def _network_record(results: dict, seeds: list, seed: int, run_dir: Path) -> dict:
@@ -508,6 +510,11 @@ def _explain_network(net: ExplainedNetwork, cfg: DictConfig, out: Path) -> dict:
         notes.append(f"Tied attributes: {', '.join(group)} take the same values (up to scale and offset) on every "
                      f"class the map was fitted on, so no explanation can tell them apart; they are reported as "
                      f"one entry, '{TIE.join(group)}'.")
+    if net.unseen_classes and net.knowledge is not None:
+        names = [str(net.knowledge.class_names[c]) for c in net.unseen_classes]
+        notes.append(f"Unseen classes {', '.join(names)}: NIWT built their head rows from their attributes, so the "
+                     "attributes predicted for them agree partly by construction (their agreement is no evidence of "
+                     "what the network learned from images).")
     modules = {name: x.modules for name, x in layers.items()}
     per_class = {name: x.per_class for name, x in layers.items()}
     agreement = {name: x.agreement for name, x in layers.items()}
