@@ -360,8 +360,9 @@ def _words(net: ExplainedNetwork, layer: int, task: int, modules: dict[str, list
     if max(classes) >= knowledge.matrix.shape[0]:
         raise ValueError(f"class {max(classes)} has no row in the class knowledge ({knowledge.matrix.shape[0]} rows)")
     n = cfg.niwt
+    k_rows = knowledge.matrix.to(importance.device)[classes]  # the fitted classes' knowledge, one row each
     k_map = KnowledgeToImportance(knowledge.matrix.shape[1], importance.shape[1], inverse=n.inverse)
-    k_map = k_map.to(importance.device).fit(knowledge.matrix.to(importance.device)[classes], importance,
+    k_map = k_map.to(importance.device).fit(k_rows, importance,
                                             torch.tensor(classes, device=importance.device),
                                             val_fraction=n.map_val_fraction, epochs=n.map_epochs, lr=n.map_lr,
                                             refit_all=n.map_refit_all, seed=cfg.seed)
@@ -374,8 +375,7 @@ def _words(net: ExplainedNetwork, layer: int, task: int, modules: dict[str, list
                                    positive_only=e.positive_only, tied=tied) if active else {}
     per_class, agreement = {}, {}
     if len(classes) >= 3:  # two classes to fit the map on, one held out
-        k_rows = knowledge.matrix.to(importance.device)[classes].float()
-        held = held_out_knowledge(k_rows, importance.float(), k_map.inverse_ridge)
+        held = held_out_knowledge(k_rows, importance, k_map.inverse_ridge)  # float32 inside
         fit = knowledge_agreement(held, k_rows)
         for i in own:
             name = knowledge.class_names[classes[i]]

@@ -132,13 +132,13 @@ class AggregateCallback(Callback):
 
         sweep_dir = Path(config.hydra.sweep.dir)
         AggregateCallback.failed = failed_jobs(sweep_dir)
-        found = len(list(sweep_dir.rglob("results.json")))
+        found = list(sweep_dir.rglob("results.json"))
         expected = AggregateCallback.expected
-        AggregateCallback.missing = max(0, expected - found) if expected is not None else 0
+        AggregateCallback.missing = max(0, expected - len(found)) if expected is not None else 0
         if AggregateCallback.missing:
             print(f"[modnet sweep] {AggregateCallback.missing} of {expected} job(s) wrote no results.json: they "
                   "stopped before any result (the worker's output, or its log, says why)", file=sys.stderr)
-        if not any(sweep_dir.rglob("results.json")):
+        if not found:
             print(f"[modnet sweep] no results.json under {sweep_dir}: nothing to aggregate")
             return
         try:

@@ -182,13 +182,17 @@ def check_resume(out: Path, current: dict) -> None:
 RESULT_FILES = ("results.json", "explanations.json")
 
 
+def _has_results(out: Path) -> bool:
+    return any((Path(out) / name).exists() for name in RESULT_FILES)
+
+
 def check_fresh_start(out: Path, current: dict) -> None:
     """``resume=false``: a folder that holds the results of another run (another fingerprint; any command's,
     ``RESULT_FILES``) is not written over, so that no finished result is lost: ``modnet explain
     output_dir=<the run_dir>`` wrote its config.yaml and fingerprint over the cl run's, which could then be neither
     explained nor resumed. The same run started again recomputes the same numbers and may."""
     stored = read_fingerprint(out)
-    if stored is not None and stored != current and any((Path(out) / name).exists() for name in RESULT_FILES):
+    if stored is not None and stored != current and _has_results(out):
         raise ConfigError(f"{out} holds the results of another run (differing keys: "
                           f"{describe_difference(stored, current)}); choose another output_dir, or remove that "
                           "folder to start over there")
@@ -208,7 +212,7 @@ def fresh_run(out: Path, current: dict):
         try:
             yield
         except BaseException:
-            if not had and not any((Path(out) / name).exists() for name in RESULT_FILES):
+            if not had and not _has_results(out):
                 (Path(out) / FINGERPRINT_NAME).unlink(missing_ok=True)
             raise
 
