@@ -211,8 +211,9 @@ def _quoted(text: str) -> str:
     return text
 
 
-# keys (by their last name) that also take a word besides a value of their default's type
-NAMED_VALUES = {"mem_size": ("match",)}  # a buffer sized to modnet's stored bytes (strategies/memory.py)
+# keys (by their last name) that take a word besides a value of their type: (words, type)
+NAMED_VALUES = {"mem_size": (("match",), int),  # a buffer sized to modnet's stored bytes (strategies/memory.py)
+                "patterns_per_exp": (("match",), int)}
 # keys whose default is the word "auto" that also take true / false
 AUTO_OR_BOOL = ("channels_last",)
 # keys whose default is a bool that also take a name (train.compile: a torch.compile backend)
@@ -220,8 +221,8 @@ BOOL_OR_NAME = ("compile",)
 
 
 def check_types(cfg: DictConfig, base: DictConfig, path: str = "") -> None:
-    """Each value must have its default's type (ints are accepted where a float is expected), or be one of
-    the words ``NAMED_VALUES`` allows for its key."""
+    """Each value must have its default's type (ints are accepted where a float is expected), or for a key of
+    ``NAMED_VALUES`` be one of its words or a value of its type (whichever the default is)."""
     for key in cfg.keys():
         where = f"{path}{key}"
         if key not in base:
@@ -230,7 +231,8 @@ def check_types(cfg: DictConfig, base: DictConfig, path: str = "") -> None:
         if isinstance(old, DictConfig) and isinstance(new, DictConfig):
             check_types(new, old, where + ".")
             continue
-        if old is None or new is None or new in NAMED_VALUES.get(str(key), ()):
+        words, named_type = NAMED_VALUES.get(str(key), ((), None))
+        if old is None or new is None or new in words:
             continue
         if str(key) in AUTO_OR_BOOL and isinstance(new, bool):
             continue
@@ -240,14 +242,14 @@ def check_types(cfg: DictConfig, base: DictConfig, path: str = "") -> None:
             if not isinstance(new, ListConfig):
                 raise ConfigError(f"config {where} must be a list like {OmegaConf.to_container(old)}, got {new!r}")
             continue
-        expected = type(old)
+        expected = named_type if named_type is not None and old in words else type(old)
         ok = isinstance(new, expected) and not (expected is int and isinstance(new, bool))
         if expected is float and isinstance(new, int) and not isinstance(new, bool):
             ok = True
         if not ok:
             forms = ("true, false or auto" if str(key) in AUTO_OR_BOOL else
                      "true, false or a torch.compile backend's name" if str(key) in BOOL_OR_NAME else
-                     expected.__name__)
+                     f"{expected.__name__} or {' / '.join(words)}" if words else expected.__name__)
             raise ConfigError(f"config {where} must be {forms} (default {old!r}), got {type(new).__name__} {new!r}")
 
 

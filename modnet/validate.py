@@ -17,8 +17,9 @@ What is checked (where the config has the key):
   ``task_inference.transform_copies``: among its choices, ``replace`` only with transform_rows 1;
   ``train.channels_last``: true, false or auto; ``train.compile``: a bool or a backend's name, and a C++
   compiler on the PATH for inductor;
-* ``replay.mem_size`` / ``der.mem_size`` / ``derpp.mem_size`` = ``match`` in ``cl``: modnet among the
-  strategies (the buffer is sized to its stored bytes, ``strategies.memory``);
+* ``replay.mem_size`` / ``der.mem_size`` / ``derpp.mem_size`` / ``gem.patterns_per_exp`` /
+  ``agem.patterns_per_exp`` = ``match`` in ``cl``: modnet among the strategies (the buffer is sized to its
+  stored bytes, ``strategies.memory``);
 * ``benchmark.unseen_classes`` without repeats, ``benchmark.test_fraction`` in (0, 1); in ``gzsl`` ``methods``
   (known names, no repeats) and ``calibration.mode``, in ``explain`` ``explain.backend``, among their choices;
 * the chosen benchmark's own check (``scenarios.registry``'s ``check``: npz, awa2 and cub a ``path`` that is
@@ -224,9 +225,9 @@ def _check_strategy_options(cfg: DictConfig) -> None:
     for key in ("hat.c", "ewc.ewc_lambda", "ewc.class_ewc_lambda", "si.si_lambda", "lwf.alpha",
                 "gem.memory_strength"):
         _number(cfg, key, minimum=0, strict=False)
-    for key in ("gem.patterns_per_exp", "agem.patterns_per_exp", "agem.sample_size", "hnet.iterations"):
+    for key in ("agem.sample_size", "hnet.iterations"):
         _number(cfg, key, minimum=0, strict=True, integer=True)
-    for key in ("replay.mem_size", "der.mem_size", "derpp.mem_size"):
+    for key in ("replay.mem_size", "der.mem_size", "derpp.mem_size", "gem.patterns_per_exp", "agem.patterns_per_exp"):
         _number(cfg, key, minimum=0, strict=True, integer=True, allow=("match",))
     _number(cfg, "benchmark.max_train_samples", minimum=0, strict=True, integer=True)  # 0 meant all, -5 all but 5
     _number(cfg, "modules.k", minimum=0, strict=True, integer=True)

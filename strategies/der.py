@@ -28,6 +28,13 @@ def dark_experience_replay(cfg, info, common, block: str, alpha: float, beta: fl
 stored_buffer_bytes = stored_tensors_of_plugin("strategies.plugins.der:DarkExperienceReplay")
 
 
-@register_strategy(NAME, stored_bytes=stored_buffer_bytes, gradient_sync="allreduce")
+def buffer_settings(strategy) -> dict:
+    from strategies.memory import plugin_of
+    from strategies.plugins.der import DarkExperienceReplay
+
+    return {"mem_size": plugin_of(strategy, DarkExperienceReplay).buffer.size}
+
+
+@register_strategy(NAME, stored_bytes=stored_buffer_bytes, gradient_sync="allreduce", settings=buffer_settings)
 def build(cfg, info, common):
     return dark_experience_replay(cfg, info, common, NAME, alpha=cfg.der.alpha, beta=0.0)

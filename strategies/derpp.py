@@ -6,12 +6,12 @@ Seq-MNIST buffer 500: 1.0 and 0.5; 200: 0.2 and 1.0).
 """
 from __future__ import annotations
 
-from strategies.der import dark_experience_replay, stored_buffer_bytes
+from strategies.der import buffer_settings, dark_experience_replay, stored_buffer_bytes
 from strategies.registry import register_strategy
 
 NAME = "derpp"
 
 
-@register_strategy(NAME, stored_bytes=stored_buffer_bytes, gradient_sync="allreduce")
+@register_strategy(NAME, stored_bytes=stored_buffer_bytes, gradient_sync="allreduce", settings=buffer_settings)
 def build(cfg, info, common):
     return dark_experience_replay(cfg, info, common, NAME, alpha=cfg.derpp.alpha, beta=cfg.derpp.beta)

@@ -25,7 +25,17 @@ from strategies.registry import register_strategy
 NAME = "ewc"
 
 
-@register_strategy(NAME, stored_bytes=ewc_bytes, gradient_sync="allreduce")
+def settings(strategy) -> dict:
+    """The λ asked for and the one each experience's penalty was weighted with after it (the stability bound
+    may lower it; ``lambda_history``): what a reader needs to reproduce the run."""
+    from strategies.memory import plugin_of
+    from strategies.plugins.ewc import StableEWCPlugin
+
+    ewc = plugin_of(strategy, StableEWCPlugin)
+    return {"ewc_lambda": ewc.requested_lambda, "ewc_lambda_after_experience": list(ewc.lambda_history)}
+
+
+@register_strategy(NAME, stored_bytes=ewc_bytes, gradient_sync="allreduce", settings=settings)
 def build(cfg, info, common):
     from strategies.common import avalanche_baseline
     from strategies.plugins.ewc import StableEWCPlugin

@@ -14,10 +14,13 @@ info) -> int``), read after its last experience:
 
 ``replay.mem_size=match`` (and ``der``'s, ``derpp``'s) sizes a buffer to modnet's stored bytes:
 mem_size = floor(B_modnet / b_sample), so the buffer's bytes are within one sample of modnet's
-(``matched_mem_size``).
+(``matched_mem_size``). GEM and A-GEM keep a memory per experience (``patterns_per_exp``):
+``gem.patterns_per_exp=match`` (``agem``'s too) gives each experience floor(B_modnet / (b_sample · n_experiences))
+samples, so that after the last experience their memories are within n_experiences samples of modnet's bytes.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
@@ -68,10 +71,10 @@ def matched_mem_size(target_bytes: int, bytes_per_sample: int) -> int:
     return int(target_bytes) // int(bytes_per_sample)
 
 
-def mem_size(value, block: str) -> int:
-    """A buffer size from config ``<block>.mem_size``; ``match`` must have been resolved by the job."""
+def mem_size(value, block: str, key: str = "mem_size") -> int:
+    """A buffer size from config ``<block>.<key>``; ``match`` must have been resolved by the job."""
     if value == MATCH:
-        raise ConfigError(f"{block}.mem_size=match is resolved by `modnet cl` from modnet's stored bytes (with modnet "
+        raise ConfigError(f"{block}.{key}=match is resolved by `modnet cl` from modnet's stored bytes (with modnet "
                           "among the strategies); elsewhere give a number of samples")
     return int(value)
 
@@ -167,13 +170,29 @@ def modnet_bytes(strategy, info) -> int:
 
 
 # -- mem_size=match -----------------------------------------------------------------------------------------
-# strategy -> (its config block, logits stored per sample) for the buffers ``match`` can size
-MATCHABLE = {"replay": ("replay", False), "der": ("der", True), "derpp": ("derpp", True)}
+@dataclass(frozen=True)
+class Matchable:
+    """A strategy's buffer that ``match`` can size: its config block and key, whether each sample keeps the
+    network's logits (DER), and whether the key counts samples per experience (GEM, A-GEM) or in total."""
+    block: str
+    key: str = "mem_size"
+    with_logits: bool = False
+    per_experience: bool = False
+
+    @property
+    def option(self) -> str:
+        return f"{self.block}.{self.key}"
+
+
+MATCHABLE = {"replay": Matchable("replay"), "der": Matchable("der", with_logits=True),
+             "derpp": Matchable("derpp", with_logits=True),
+             "gem": Matchable("gem", "patterns_per_exp", per_experience=True),
+             "agem": Matchable("agem", "patterns_per_exp", per_experience=True)}
 
 
 def matching(cfg) -> list[str]:
-    """The strategies of ``cfg.strategies`` whose ``mem_size`` is ``match``."""
-    return [n for n in cfg.strategies if n in MATCHABLE and cfg[MATCHABLE[n][0]].mem_size == MATCH]
+    """The strategies of ``cfg.strategies`` whose buffer size is ``match``."""
+    return [n for n in cfg.strategies if n in MATCHABLE and cfg[MATCHABLE[n].block][MATCHABLE[n].key] == MATCH]
 
 
 def run_order(cfg) -> list[str]:
@@ -181,27 +200,59 @@ def run_order(cfg) -> list[str]:
     names = list(cfg.strategies)
     if matching(cfg):
         if "modnet" not in names:
-            raise ConfigError(f"{', '.join(f'{MATCHABLE[n][0]}.mem_size' for n in matching(cfg))}=match sizes the "
-                              "buffer to modnet's stored bytes: add modnet to strategies, or give a number of samples")
+            raise ConfigError(f"{', '.join(MATCHABLE[n].option for n in matching(cfg))}=match sizes the "
+                              "buffer to modnet's stored bytes: add modnet to strategies, or give a number of samples "
+                              f"(e.g. {MATCHABLE[matching(cfg)[0]].option}=200)")
         names.remove("modnet")
         names.insert(0, "modnet")
     return names
 
 
+def matched_size(name: str, info, modnet_stored_bytes: int) -> int:
+    """The samples ``match`` gives strategy ``name``'s buffer: floor(B_modnet / b_sample) in total, or
+    floor(B_modnet / (b_sample · n_experiences)) per experience."""
+    spec = MATCHABLE[name]
+    per_sample = sample_bytes(info, output_width(info) if spec.with_logits else 0)
+    return matched_mem_size(int(modnet_stored_bytes), per_sample * (info.n_experiences if spec.per_experience else 1))
+
+
 def with_matched_memory(cfg, name: str, info, modnet_stored_bytes: float | None):
-    """``cfg`` with ``<block>.mem_size=match`` of strategy ``name`` replaced by floor(B_modnet / b_sample)
-    (the same ``cfg`` when there is nothing to match)."""
+    """``cfg`` with strategy ``name``'s ``match`` replaced by ``matched_size`` (the same ``cfg`` when there is
+    nothing to match)."""
     from omegaconf import OmegaConf
 
     if name not in matching(cfg):
         return cfg
+    spec = MATCHABLE[name]
     if modnet_stored_bytes is None:
-        raise ConfigError(f"{MATCHABLE[name][0]}.mem_size=match: modnet's result has no stored_bytes (finished by an "
+        raise ConfigError(f"{spec.option}=match: modnet's result has no stored_bytes (finished by an "
                           "older version); run modnet again in a fresh output_dir")
-    block, with_logits = MATCHABLE[name]
-    per_sample = sample_bytes(info, output_width(info) if with_logits else 0)
     resolved = OmegaConf.create(OmegaConf.to_container(cfg))
-    resolved[block].mem_size = matched_mem_size(int(modnet_stored_bytes), per_sample)
-    print(f"[{name}] {block}.mem_size=match: {resolved[block].mem_size} samples of {per_sample} bytes for modnet's "
+    size = matched_size(name, info, int(modnet_stored_bytes))
+    if size < 1:
+        raise ConfigError(f"{spec.option}=match: modnet's {int(modnet_stored_bytes)} stored bytes hold no sample of "
+                          f"{sample_bytes(info)} bytes{' per experience' if spec.per_experience else ''}; give "
+                          f"{spec.option} a number of samples")
+    resolved[spec.block][spec.key] = size
+    per_sample = sample_bytes(info, output_width(info) if spec.with_logits else 0)
+    print(f"[{name}] {spec.option}=match: {size} samples of {per_sample} bytes"
+          f"{f' per experience ({info.n_experiences})' if spec.per_experience else ''} for modnet's "
           f"{int(modnet_stored_bytes)} stored bytes")
+    return resolved
+
+
+def training_sizes(cfg):
+    """``cfg`` with every buffer size still ``match`` replaced by configs/training.yaml's number: for a job
+    that builds a rehearsal baseline with no modnet run whose bytes it could match (the bench's timings)."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    left = [spec for spec in MATCHABLE.values() if OmegaConf.select(cfg, spec.option) == MATCH]
+    if not left:
+        return cfg
+    training = OmegaConf.load(files("configs").joinpath("training.yaml").open())
+    resolved = OmegaConf.create(OmegaConf.to_container(cfg))
+    for spec in left:
+        resolved[spec.block][spec.key] = training[spec.block][spec.key]
     return resolved

@@ -37,6 +37,10 @@ class StrategyEntry:
                             run continues at the next experience; the others re-run from their first one
     stored_bytes            ``f(strategy, info) -> int``: the bytes it keeps for inference or replay besides a
                             baseline network's weights, read after the last experience (``strategies.memory``)
+    settings                ``f(strategy) -> dict``: values it trained with that its config may not say, read
+                            from the strategy after the last experience (a buffer's size where the config said
+                            ``match``, EWC's λ per experience after its stability bound); results.json's
+                            ``settings``
     """
 
     name: str
@@ -45,13 +49,15 @@ class StrategyEntry:
     no_ddp_reason: str | None = None
     resumes_at_experience: bool = False
     stored_bytes: Callable | None = None
+    settings: Callable | None = None
 
 
 STRATEGIES: dict[str, StrategyEntry] = {}
 
 
 def register_strategy(name: str, *, stored_bytes: Callable, gradient_sync: str | Callable | None = "ddp",
-                      no_ddp_reason: str | None = None, resumes_at_experience: bool = False) -> Callable:
+                      no_ddp_reason: str | None = None, resumes_at_experience: bool = False,
+                      settings: Callable | None = None) -> Callable:
     """Decorator of a strategy file's builder: ``@register_strategy("mine", stored_bytes=...)``."""
     if gradient_sync not in ("ddp", "allreduce", None) and not callable(gradient_sync):
         raise ValueError(f"gradient_sync must be 'ddp', 'allreduce', None or a function of the strategy, "
@@ -61,7 +67,7 @@ def register_strategy(name: str, *, stored_bytes: Callable, gradient_sync: str |
         if name in STRATEGIES and STRATEGIES[name].build is not build:
             raise ValueError(f"strategy {name!r} is registered twice")
         STRATEGIES[name] = StrategyEntry(name, build, gradient_sync, no_ddp_reason, resumes_at_experience,
-                                         stored_bytes)
+                                         stored_bytes, settings)
         return build
 
     return register

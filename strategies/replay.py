@@ -12,7 +12,15 @@ from strategies.registry import register_strategy
 NAME = "replay"
 
 
-@register_strategy(NAME, stored_bytes=replay_buffer_bytes, gradient_sync="ddp")
+def settings(strategy) -> dict:
+    from avalanche.training.plugins import ReplayPlugin
+
+    from strategies.memory import plugin_of
+
+    return {"mem_size": int(plugin_of(strategy, ReplayPlugin).mem_size)}
+
+
+@register_strategy(NAME, stored_bytes=replay_buffer_bytes, gradient_sync="ddp", settings=settings)
 def build(cfg, info, common):
     from strategies.common import avalanche_baseline
     from strategies.memory import mem_size

@@ -269,7 +269,7 @@ def test_sync_free_agem_projection_equals_avalanches_to_the_bit():
 def class_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("baselines_class")
     assert main(["cl", "scenario=class", "strategies=[naive,der,derpp]", "train.epochs=5", f"output_dir={out}",
-                 "progress=false"]) == 0
+                 "der.mem_size=500", "derpp.mem_size=500", "progress=false"]) == 0
     return json.loads((out / "results.json").read_text())["strategies"]
 
 
@@ -301,8 +301,24 @@ def test_match_sizes_buffers_to_modnet_bytes_within_one_sample(tmp_path):
     assert modnet == 2 * 5 * 256 * 4
     assert res["replay"]["stored_bytes"] == 37 * DIGITS_SAMPLE_BYTES
     assert res["der"]["stored_bytes"] == 36 * (DIGITS_SAMPLE_BYTES + 2 * 4)
+    assert res["replay"]["settings"] == {"mem_size": 37} and res["der"]["settings"] == {"mem_size": 36}
     for name, per_sample in (("replay", DIGITS_SAMPLE_BYTES), ("der", DIGITS_SAMPLE_BYTES + 8)):
         assert 0 <= modnet - res[name]["stored_bytes"] < per_sample
+
+
+def test_match_shares_modnet_bytes_among_gem_and_agem_experiences(tmp_path):
+    """GEM and A-GEM keep patterns_per_exp samples per experience: match gives each of the 5 experiences
+    floor(10240 / (272 x 5)) = 7, so both keep 35 x 272 = 9520 bytes, within 5 samples of modnet's 10240."""
+    assert main(["cl", "strategies=[gem,agem,modnet]", "gem.patterns_per_exp=match", "agem.patterns_per_exp=match",
+                 "model.modules=none", "model.gate=none", "train.epochs=1", f"output_dir={tmp_path}",
+                 "progress=false"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())["strategies"]
+    modnet = res["modnet"]["stored_bytes"]
+    assert modnet == 2 * 5 * 256 * 4
+    for name in ("gem", "agem"):
+        assert res[name]["stored_bytes"] == 5 * 7 * DIGITS_SAMPLE_BYTES == 9520
+        assert res[name]["settings"] == {"patterns_per_exp": 7}
+        assert 0 <= modnet - res[name]["stored_bytes"] < 5 * DIGITS_SAMPLE_BYTES
 
 
 def test_match_needs_modnet_and_other_words_are_refused():
@@ -310,6 +326,10 @@ def test_match_needs_modnet_and_other_words_are_refused():
 
     with pytest.raises(ConfigError, match="add modnet to strategies"):
         validate("cl", compose("cl", ["strategies=[naive,replay]", "replay.mem_size=match"]))
+    with pytest.raises(ConfigError, match="gem.patterns_per_exp=match sizes the buffer"):
+        validate("cl", compose("cl", ["strategies=[naive,gem]", "gem.patterns_per_exp=match"]))
+    with pytest.raises(ConfigError, match="agem.patterns_per_exp must be int"):
+        compose("cl", ["agem.patterns_per_exp=all"])
     with pytest.raises(ConfigError, match="replay.mem_size must be int"):
         compose("cl", ["replay.mem_size=all"])
 
@@ -395,6 +415,7 @@ def test_ewc_class_incremental_completes_within_the_sgd_stability_bound():
     the weight the penalty ends with satisfies lr · 2 λ_eff max Σ F <= margin, as does the class-incremental λ."""
     from modnet.runner.guards import NaNLossError
     from strategies.ewc import scenario_ewc_lambda
+    from strategies.ewc import settings as ewc_settings
 
     cfg, strategy, ewc, info = _ewc_class_run(["ewc.class_ewc_lambda=1000", "ewc.stability_margin=null"])
     strategy.train(info.benchmark.train_stream[0])
@@ -415,8 +436,13 @@ def test_ewc_class_incremental_completes_within_the_sgd_stability_bound():
         lr_curvature = cfg.train.lr * 2 * ewc.ewc_lambda * _summed_max_importance(ewc)
         assert lr_curvature <= cfg.ewc.stability_margin * (1 + 1e-6)
         assert ewc.ewc_lambda <= lam and len(ewc.lambda_history) == len(info.benchmark.train_stream)
+        reported = ewc_settings(strategy)  # results.json's "settings": the λ asked for and the λ each used
+        assert reported["ewc_lambda"] == lam and reported["ewc_lambda_after_experience"][-1] == ewc.ewc_lambda
+        assert len(reported["ewc_lambda_after_experience"]) == 5
         if lam == 1000:
             assert ewc.ewc_lambda < 100  # lowered by more than an order of magnitude
+            # past the bound after the first experience (shown above): lowered from there on
+            assert all(v < 1000 for v in reported["ewc_lambda_after_experience"])
     assert cfg.ewc.class_ewc_lambda != cfg.ewc.ewc_lambda  # the default run: class-incremental λ of its own
 
 

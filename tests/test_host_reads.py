@@ -32,6 +32,7 @@ from modnet.config import compose
 from modnet.eval.metrics import build_evaluator
 from modnet.runner.runner import make_strategy
 from scenarios.base import split_benchmark
+from strategies.memory import training_sizes
 
 DEVICE = torch.device(os.environ.get("MODNET_TEST_DEVICE", "cpu"))
 if DEVICE.type == "cuda" and not torch.cuda.is_available():
@@ -147,7 +148,7 @@ def _steps(strategy_name: str, scenario: str, overrides=(), extra_plugins=()) ->
     x = torch.randn(len(y), 64, generator=g) + torch.nn.functional.one_hot(y, 64).float() * 3
     if any(o in overrides for o in ("model.arch=cnn", "model.arch=resnet18")):
         x = x.view(-1, 1, 8, 8)
-    cfg = compose("cl", [*RUN, *overrides])
+    cfg = training_sizes(compose("cl", [*RUN, *overrides]))  # no modnet run whose bytes a buffer could match
     # the data on the device before the split, as the runner moves them (train.data_on_device)
     info = split_benchmark("planted", x.to(DEVICE), y.to(DEVICE), x.to(DEVICE), y.to(DEVICE), 2, scenario, 0)
     record = RecordSteps()

@@ -76,7 +76,10 @@ def _cfg(arch: str, options: dict):
     if arch in MLP_ARCHS:
         shape = _mlp_shape(arch, options)
         overrides += [f"model.hidden={shape['hidden']}", f"model.n_layers={shape['n_layers']}"]
-    return compose("cl", overrides + list(options.get("overrides", [])))
+    from strategies.memory import training_sizes
+
+    # the baselines' memories: configs/training.yaml's sizes where cl's say match (no modnet run to match here)
+    return training_sizes(compose("cl", overrides + list(options.get("overrides", []))))
 
 
 class _EpochTimer:

@@ -219,13 +219,19 @@ def _run_all(cfg, out: Path, ckpt_dir: Path, device, run_fingerprint: dict, back
             if name in failed:
                 continue
             if name in matching(cfg) and "modnet" in failed:
-                failed[name] = {"seed": seed, "error": f"{MATCHABLE[name][0]}.mem_size=match needs modnet's "
+                failed[name] = {"seed": seed, "error": f"{MATCHABLE[name].option}=match needs modnet's "
                                                        "stored bytes, and modnet failed"}
                 continue
             print(f"=== {name} | {info.name} | {cfg.scenario}-incremental | seed {seed} ===")
             modnet_bytes = runs["modnet"][-1].get("stored_bytes") if "modnet" in runs and runs["modnet"] else None
             try:
-                runs[name].append(run_strategy(name, with_matched_memory(cfg, name, info, modnet_bytes), info,
+                strategy_cfg = with_matched_memory(cfg, name, info, modnet_bytes)
+            except ConfigError as err:  # modnet's bytes hold no sample: left out, modnet's result kept
+                failed[name] = {"seed": seed, "error": str(err)}
+                print(f"[{name} seed {seed}] left out: {err}")
+                continue
+            try:
+                runs[name].append(run_strategy(name, strategy_cfg, info,
                                                seed, device, ckpt_dir / f"{name}_seed{seed}.pt", run_fingerprint))
             except NaNLossError as err:
                 failed[name] = {"seed": seed, "error": str(err)}

@@ -130,15 +130,17 @@ def validation_schedule(train):
 
 def strategy_result(name: str, strategy, info, record: "RunRecord") -> dict:
     """What a strategy's run reports: the accuracy matrix and its summary (``modnet.eval.results``), the
-    training time, the bytes it stores for inference or replay (its registry entry's ``stored_bytes``) and
-    its network's description."""
+    training time, the bytes it stores for inference or replay (its registry entry's ``stored_bytes``), the
+    values it trained with (its entry's ``settings``, where it has them) and its network's description."""
     from modnet.eval.results import summarize
     from modnet.nets.record import describe_network
     from strategies.registry import get_strategy
 
-    count = get_strategy(name).stored_bytes
+    entry = get_strategy(name)
+    count = entry.stored_bytes
     return {**summarize(record.rows), "train_seconds": record.train_seconds,
             "stored_bytes": None if count is None else int(count(strategy, info)),
+            **({"settings": entry.settings(strategy)} if entry.settings is not None else {}),
             "network": describe_network(strategy.model)}
 
 

@@ -119,6 +119,7 @@ class StableEWCPlugin(EWCPlugin):
         self._tensor_batches = bool(getattr(strategy, "tensor_batches", False))
         super().after_training_exp(strategy, **kwargs)
         if self.margin is None:
+            self.lambda_history.append(self.ewc_lambda)
             return
         lr = max(float(g["lr"]) for g in strategy.optimizer.param_groups)
         f_max = self.summed_importance_max()
