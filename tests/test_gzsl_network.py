@@ -212,11 +212,29 @@ def test_continual_gzsl_modnet_forgets_nothing_and_fine_tuning_does(tmp_path):
     assert mpimg.imread(tmp_path / "continual_gzsl.png").shape[0] > 200
 
 
+def test_continual_gzsl_sizes_a_matched_buffer_to_modnets_bytes_and_reports_them(tmp_path, capsys):
+    """replay.mem_size=match in continual GZSL: modnet runs first (listed last), replay keeps floor(B_modnet /
+    272) digits samples, within one sample of modnet's bytes; both strategies' bytes are in results.json and
+    under the table."""
+    assert main(["gzsl", *TINY, "methods=[eszsl]", "train.epochs=2", "continual.enabled=true",
+                 "continual.n_experiences=2", "strategies=[replay,modnet]", "replay.mem_size=match",
+                 f"output_dir={tmp_path}"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())["continual"]["strategies"]
+    assert list(res) == ["replay", "modnet"]
+    modnet, replay = res["modnet"]["per_seed"][0], res["replay"]["per_seed"][0]
+    assert replay["settings"] == {"mem_size": modnet["stored_bytes"] // 272}
+    assert replay["stored_bytes"] == replay["settings"]["mem_size"] * 272
+    assert 0 <= modnet["stored_bytes"] - replay["stored_bytes"] < 272
+    assert f"stored bytes: replay {replay['stored_bytes']}, modnet {modnet['stored_bytes']}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("overrides, words", [
     (["methods=[niwt,cada_vae]"], ["methods", "cada_vae", "niwt", "eszsl", "ale", "devise"]),
     (["methods=[]"], ["methods", "empty"]),
     (["continual.enabled=true", "strategies=[modnet,foo]"], ["strategies", "foo", "naive", "replay"]),
     (["continual.enabled=true", "strategies=[hnet]"], ["hnet", "linear head"]),
+    (["continual.enabled=true", "strategies=[naive,replay]", "replay.mem_size=match"],
+     ["replay.mem_size=match", "add modnet"]),
     (["continual.enabled=true", "continual.n_experiences=3"], ["continual.n_experiences=3", "8 seen classes"]),
     (["niwt.layer=5"], ["niwt.layer=5", "2 masked layers"]),
     (["niwt.layers=[-2,9]"], ["niwt.layer=9", "niwt.layers", "2 masked layers"]),

@@ -125,10 +125,13 @@ def check_strategies(cfg, data: ZSLData, seed: int, device) -> None:
     can extend its network: one ConfigError line, before any training."""
     from modnet.eval.metrics import build_evaluator
     from modnet.runner.runner import make_strategy
+    from strategies.memory import run_order, training_sizes
 
+    run_order(cfg)  # a buffer sized to modnet's bytes (match) needs modnet among the strategies
     _, info = build_benchmark(cfg, data, seed, device)
+    built = training_sizes(cfg)  # built only: a matched buffer's size is known once modnet has trained
     for name in cfg.strategies:
-        model = make_strategy(name, cfg, info, device, build_evaluator([], None, False)[0]).model
+        model = make_strategy(name, built, info, device, build_evaluator([], None, False)[0]).model
         try:
             importance_layer_of(model, fixed_layer(cfg))
         except TypeError as err:
@@ -268,23 +271,30 @@ def run_continual(cfg, data: ZSLData, seed: int, device, progress: bool) -> dict
     from modnet.nets.record import describe_network
     from modnet.runner.evaluation import stream_evaluator
     from modnet.runner.runner import make_strategy, run_experiences, set_seed
+    from strategies.memory import run_order, with_matched_memory
+    from strategies.registry import get_strategy
 
     space, info = build_benchmark(cfg, data, seed, device)
     bm = info.benchmark
     out = {}
-    for name in cfg.strategies:
+    for name in run_order(cfg):  # modnet first when a buffer is sized to its stored bytes (match)
         print(f"=== continual GZSL | {name} | {info.name} | seed {seed} ===", flush=True)
+        strategy_cfg = with_matched_memory(cfg, name, info, out.get("modnet", {}).get("stored_bytes"))
         set_seed(seed)
         # Avalanche's progress bars on a terminal (build_evaluator drops them elsewhere)
         evaluator, accuracy = build_evaluator(["interactive"], cfg.output_dir, progress)
-        strategy = make_strategy(name, cfg, info, device, evaluator)
+        strategy = make_strategy(name, strategy_cfg, info, device, evaluator)
         probe = ZeroShotProbe(cfg, space, info, seed, device)
         run_experiences(strategy, bm.train_stream, stream_evaluator(bm.test_stream, accuracy), seed=seed,
                         hooks=[probe, _ProbeLine(probe, f"[continual GZSL {name} seed {seed}]", info.n_experiences)])
+        entry = get_strategy(name)  # what it keeps besides the network (as in modnet cl's results)
         out[name] = {"experiences": probe.records, "accuracy_matrix": probe.task_aware_rows,
                      "class_incremental_accuracy_matrix": probe.class_incremental_rows,
+                     "stored_bytes": None if entry.stored_bytes is None else int(entry.stored_bytes(strategy, info)),
+                     **({"settings": entry.settings(strategy)} if entry.settings is not None else {}),
                      "network": describe_network(strategy.model)}
-    return {"seed": seed, "class_order": space.classes[:space.n_seen], "strategies": out}
+    return {"seed": seed, "class_order": space.classes[:space.n_seen],
+            "strategies": {name: out[name] for name in cfg.strategies}}
 
 
 def aggregate(runs: list[dict], cfg) -> dict:
@@ -301,7 +311,9 @@ def aggregate(runs: list[dict], cfg) -> dict:
                 entry[k], entry[f"{k}_std"] = float(np.mean(vals)), float(np.std(vals))
             experiences.append(entry)
         final = experiences[-1]
+        stored = [run.get("stored_bytes") for run in per_seed]
         strategies[name] = {**{k: final[k] for k in FIGURES}, **{f"{k}_std": final[f"{k}_std"] for k in FIGURES},
+                            "stored_bytes": None if None in stored else float(np.mean(stored)),
                             "experiences": experiences, "network": per_seed[0]["network"],
                             "per_seed": [{"seed": r["seed"], "class_order": r["class_order"],
                                           **{k: v for k, v in r["strategies"][name].items() if k != "network"}}
@@ -377,4 +389,8 @@ def format_table(continual: dict) -> str:
             lines.append(f"| {name} | {e['experience'] + 1} | {cell('U')} | {cell('S')} | {cell('H')} | "
                          f"{cell('seen_accuracy')} | {cell('forgetting')} | "
                          f"{cell('class_incremental_seen_accuracy')} | {cell('class_incremental_forgetting')} |")
+    stored = [f"{name} {r['stored_bytes']:.0f}" for name, r in continual["strategies"].items()
+              if r.get("stored_bytes") is not None]
+    if stored:  # what each keeps besides its network (mean over seeds): the memory the comparison is at
+        lines.append(f"stored bytes: {', '.join(stored)}")
     return "\n".join(lines)
