@@ -44,7 +44,9 @@ What is checked (where the config has the key):
 """
 from __future__ import annotations
 
+import os
 import re
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -360,11 +362,21 @@ def _check_class_split(bcfg, n_classes: int, source: str) -> None:
 DEVICE = re.compile(r"(auto|cpu|mps|(cuda|xpu)(:\d+)?)")
 
 
+# a Linux machine on which torch can see a GPU has one of these (NVIDIA's driver; ROCm's, whose GPUs torch
+# also calls cuda): without any, device=cuda is refused before torch's import
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
+
+
 def _check_device(device) -> None:
-    """``device``: auto, cpu, cuda[:N] (and mps, xpu[:N]); whether CUDA is there is the job's to say
-    (``modnet.config.resolve_device``), after torch's import."""
+    """``device``: auto, cpu, cuda[:N] (and mps, xpu[:N]). cuda on a Linux machine without a GPU driver's
+    device file is one line here, before torch's import (10-30 s); where the files are, whether CUDA works is
+    the job's to say (``modnet.config.resolve_device``), after torch's import."""
     if device is not None and not (isinstance(device, str) and DEVICE.fullmatch(device)):
         raise ConfigError(f"config device={device!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if isinstance(device, str) and device.startswith("cuda") and sys.platform.startswith("linux") and \
+            not any(os.path.exists(f) for f in GPU_DEVICE_FILES):
+        raise ConfigError(f"device={device} but this machine has no GPU (none of {', '.join(GPU_DEVICE_FILES)}); "
+                          "use device=auto or device=cpu")
 
 
 def _check_learning_rates(cfg: DictConfig) -> None:

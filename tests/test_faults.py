@@ -390,10 +390,13 @@ def test_a_sample_cap_that_leaves_classes_out_names_itself(tmp_path, capsys):
               "benchmark.max_train_samples=12", "none of classes")
 
 
-def test_present_data_and_valid_values_pass_the_early_checks(tmp_path):
+def test_present_data_and_valid_values_pass_the_early_checks(tmp_path, monkeypatch):
     """The early checks reject only what the loaders would: torchvision's own folder under root passes (without
-    download), as do unseen digits, a full class order, a zero learning rate and a valid device."""
+    download), as do unseen digits, a full class order, a zero learning rate and a valid device (cuda on a
+    machine with a GPU driver's device file, planted here)."""
     import torchvision
+
+    from modnet import validate as validate_module
 
     from modnet.config import compose
     from modnet.validate import validate
@@ -410,4 +413,24 @@ def test_present_data_and_valid_values_pass_the_early_checks(tmp_path):
         validate("cl", compose("cl", [f"benchmark={name}", f"benchmark.root={tmp_path}"]))
     validate("cl", compose("cl", ["benchmark=mnist", f"benchmark.root={tmp_path / 'empty'}", "benchmark.download=true"]))
     validate("gzsl", compose("gzsl", ["benchmark.unseen_classes=[0,9]", "niwt.lr=0"]))
+    (tmp_path / "nvidiactl").touch()
+    monkeypatch.setattr(validate_module, "GPU_DEVICE_FILES", (str(tmp_path / "nvidiactl"),))
     validate("cl", compose("cl", ["benchmark.class_order=[9,8,7,6,5,4,3,2,1,0]", "device=cuda:1", "train.lr=0"]))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the device files are Linux's")
+def test_cuda_on_a_machine_without_a_gpu_is_one_line_before_torch_is_imported(tmp_path):
+    """device=cuda where no GPU driver's device file exists (planted: the check reads a missing path): one line
+    naming the fix, from the config check alone, torch never imported (it took 10-30 s before the line)."""
+    code = ("import sys\n"
+            "from modnet import validate as v\n"
+            f"v.GPU_DEVICE_FILES = ({str(tmp_path / 'nvidia0')!r},)\n"
+            "from modnet.config import ConfigError, compose\n"
+            "try:\n"
+            "    v.validate('cl', compose('cl', ['device=cuda']))\n"
+            "except ConfigError as err:\n"
+            "    print('refused:', err)\n"
+            "print('torch imported:', 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "refused: device=cuda but this machine has no GPU" in out and "device=cpu" in out
+    assert "torch imported: False" in out
