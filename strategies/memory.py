@@ -146,9 +146,14 @@ def cumulative_bytes(strategy, info) -> int:
     return len(strategy.dataset or []) * sample_bytes(info)
 
 
-# state of a modular network that inference does not read: records for module maps and explanations
-# (semantic vectors, clustering method, outliers), HAT's cumulative training masks, bookkeeping
-_MODNET_NOT_FOR_INFERENCE = ("semantic_", "kmeans_fallback_", "outliers_")
+# state of a modular network that inference does not read, or reads derived from what is counted: records
+# for module maps, explanations and results (semantic vectors, clustering method, outliers, persistent module
+# ids, which tasks use and keep which module), training bookkeeping (frozen keys), and the gate's buffers
+# made from its assignments (each module's one-hot expansion to units, the -inf padding of missing modules).
+# Until stop 47 the one-hot expansions counted (digits class-incremental: ~57 kB of modnet's ~420 kB), and
+# mem_size=match gave the buffers as much more.
+_MODNET_NOT_FOR_INFERENCE = ("semantic_", "kmeans_fallback_", "outliers_", "module_ids_", "module_method_", "usage_",
+                             "kept_", "key_frozen", "to_units_", "score_pad")
 
 
 def modnet_bytes(strategy, info) -> int:

@@ -466,6 +466,27 @@ def test_modnet_bytes_count_what_predicts_the_task_and_not_the_backbone():
     assert modnet_bytes(SimpleNamespace(model=net), None) == 6 * 4
 
 
+def test_modnet_bytes_count_a_gate_by_what_its_inference_cannot_rebuild():
+    """A gate over two layers (3 + 5 units in 2 + 3 modules, 4-d keys, 6-d queries): its keys (2 x 3 x 4),
+    query map (8 x 6 + 8) and unit assignments (8 int64) count, 384 bytes; the one-hot expansions and the
+    padding made from the assignments, and the records of module ids, usage and frozen keys, do not."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from modnet.nets.modules import ModuleGate
+    from strategies.memory import modnet_bytes
+
+    gate = ModuleGate([torch.tensor([0, 1, 1]), torch.tensor([0, 1, 2, 2, 0])], query_dim=6, key_dim=4)
+    gate.register_buffer("module_ids_0", torch.arange(2))  # as ModularGating.add_task / record_usage keep them
+    gate.register_buffer("usage_0", torch.ones(2))
+    gate.register_buffer("key_frozen", torch.zeros(2, 3, dtype=torch.bool))
+    net = nn.Module()
+    net.gate = nn.ModuleDict({"gates": nn.ModuleList([gate])})
+    net.task_ood_read_at_inference = lambda: False
+    assert modnet_bytes(SimpleNamespace(model=net), None) == (2 * 3 * 4 + 8 * 6 + 8) * 4 + 8 * 8 == 384
+
+
 def test_a_diverging_strategy_is_left_out_and_the_others_finish(tmp_path, capsys):
     """EWC at lambda 1000 without the stability margin diverges on Split-Digits class-incremental (the test
     above): the comparison records it under "failed", skips it on the later seed, finishes naive on both seeds,
