@@ -230,6 +230,8 @@ def _check_strategy_options(cfg: DictConfig) -> None:
     for key in ("agem.sample_size", "hnet.iterations"):
         _number(cfg, key, minimum=0, strict=True, integer=True)
     for key in ("replay.mem_size", "der.mem_size", "derpp.mem_size", "gem.patterns_per_exp", "agem.patterns_per_exp"):
+        if OmegaConf.select(cfg, key, default="absent") is None:  # no default to fall back on: a buffer needs a size
+            raise ConfigError(f"config {key}=null: a buffer needs a size; give a number of samples or match")
         _number(cfg, key, minimum=0, strict=True, integer=True, allow=("match",))
     _number(cfg, "benchmark.max_train_samples", minimum=0, strict=True, integer=True)  # 0 meant all, -5 all but 5
     _number(cfg, "modules.k", minimum=0, strict=True, integer=True)

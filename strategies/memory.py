@@ -221,9 +221,9 @@ def matched_size(name: str, info, modnet_stored_bytes: int) -> int:
     return matched_mem_size(int(modnet_stored_bytes), per_sample * (info.n_experiences if spec.per_experience else 1))
 
 
-def with_matched_memory(cfg, name: str, info, modnet_stored_bytes: float | None):
+def with_matched_memory(cfg, name: str, info, modnet_stored_bytes: float | None, verbose: bool = True):
     """``cfg`` with strategy ``name``'s ``match`` replaced by ``matched_size`` (the same ``cfg`` when there is
-    nothing to match)."""
+    nothing to match); ``verbose``: a line saying the size (one process of a data-parallel run says it)."""
     from omegaconf import OmegaConf
 
     if name not in matching(cfg):
@@ -234,15 +234,16 @@ def with_matched_memory(cfg, name: str, info, modnet_stored_bytes: float | None)
                           "older version); run modnet again in a fresh output_dir")
     resolved = OmegaConf.create(OmegaConf.to_container(cfg))
     size = matched_size(name, info, int(modnet_stored_bytes))
-    if size < 1:
-        raise ConfigError(f"{spec.option}=match: modnet's {int(modnet_stored_bytes)} stored bytes hold no sample of "
-                          f"{sample_bytes(info)} bytes{' per experience' if spec.per_experience else ''}; give "
-                          f"{spec.option} a number of samples")
-    resolved[spec.block][spec.key] = size
     per_sample = sample_bytes(info, output_width(info) if spec.with_logits else 0)
-    print(f"[{name}] {spec.option}=match: {size} samples of {per_sample} bytes"
-          f"{f' per experience ({info.n_experiences})' if spec.per_experience else ''} for modnet's "
-          f"{int(modnet_stored_bytes)} stored bytes")
+    per_exp = f" per experience ({info.n_experiences})" if spec.per_experience else ""
+    if size < 1:
+        need = per_sample * (info.n_experiences if spec.per_experience else 1)
+        raise ConfigError(f"{spec.option}=match: modnet's {int(modnet_stored_bytes)} stored bytes hold no sample of "
+                          f"{per_sample} bytes{per_exp} (it needs {need}); give {spec.option} a number of samples")
+    resolved[spec.block][spec.key] = size
+    if verbose:
+        print(f"[{name}] {spec.option}=match: {size} samples of {per_sample} bytes{per_exp} for modnet's "
+              f"{int(modnet_stored_bytes)} stored bytes")
     return resolved
 
 

@@ -330,6 +330,24 @@ def test_match_needs_modnet_and_other_words_are_refused():
         validate("cl", compose("cl", ["strategies=[naive,gem]", "gem.patterns_per_exp=match"]))
     with pytest.raises(ConfigError, match="agem.patterns_per_exp must be int"):
         compose("cl", ["agem.patterns_per_exp=all"])
+    for key in ("replay.mem_size", "gem.patterns_per_exp"):  # null passed the checks and crashed in int() later
+        with pytest.raises(ConfigError, match=f"{key}=null: a buffer needs a size"):
+            validate("cl", compose("cl", [f"{key}=null"]))
+
+
+def test_match_that_holds_no_sample_says_what_one_needs():
+    """GEM's match on 5 experiences of 272-byte digits needs 5 x 272 = 1360 bytes; DER's samples carry their
+    task head's 2 logits, 280 bytes: the error quotes those, not the bare 272."""
+    from scenarios import build_benchmark
+    from strategies.memory import with_matched_memory
+
+    cfg = compose("cl", ["strategies=[modnet,gem,der]"])
+    info = build_benchmark(cfg.benchmark, cfg.scenario, 0)
+    with pytest.raises(ConfigError, match=r"hold no sample of 272 bytes per experience \(5\) \(it needs 1360\)"):
+        with_matched_memory(cfg, "gem", info, 1000)
+    with pytest.raises(ConfigError, match=r"hold no sample of 280 bytes \(it needs 280\)"):
+        with_matched_memory(cfg, "der", info, 279)
+    assert with_matched_memory(cfg, "der", info, 280).der.mem_size == 1
     with pytest.raises(ConfigError, match="replay.mem_size must be int"):
         compose("cl", ["replay.mem_size=all"])
 

@@ -228,6 +228,23 @@ def test_continual_gzsl_sizes_a_matched_buffer_to_modnets_bytes_and_reports_them
     assert f"stored bytes: replay {replay['stored_bytes']}, modnet {modnet['stored_bytes']}" in capsys.readouterr().out
 
 
+def test_continual_gzsl_leaves_out_a_buffer_that_modnets_bytes_cannot_hold(tmp_path, capsys, monkeypatch):
+    """match giving no sample (planted: the size computed as 0) leaves replay out with one line, under the
+    table and in results.json's continual.failed; modnet's continual figures and the methods' are kept (the
+    job used to stop there, losing every result)."""
+    from strategies import memory
+
+    monkeypatch.setattr(memory, "matched_size", lambda name, info, stored: 0)
+    assert main(["gzsl", *TINY, "methods=[eszsl]", "train.epochs=2", "continual.enabled=true",
+                 "continual.n_experiences=2", "strategies=[modnet,replay]", "replay.mem_size=match",
+                 f"output_dir={tmp_path}"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert list(res["continual"]["strategies"]) == ["modnet"] and "eszsl" in res["methods"]
+    assert res["continual"]["failed"]["replay"]["seed"] == 0
+    assert "hold no sample" in res["continual"]["failed"]["replay"]["error"]
+    assert "left out: replay (seed 0): replay.mem_size=match" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("overrides, words", [
     (["methods=[niwt,cada_vae]"], ["methods", "cada_vae", "niwt", "eszsl", "ale", "devise"]),
     (["methods=[]"], ["methods", "empty"]),

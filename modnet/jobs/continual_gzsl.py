@@ -276,10 +276,15 @@ def run_continual(cfg, data: ZSLData, seed: int, device, progress: bool) -> dict
 
     space, info = build_benchmark(cfg, data, seed, device)
     bm = info.benchmark
-    out = {}
+    out, failed = {}, {}
     for name in run_order(cfg):  # modnet first when a buffer is sized to its stored bytes (match)
         print(f"=== continual GZSL | {name} | {info.name} | seed {seed} ===", flush=True)
-        strategy_cfg = with_matched_memory(cfg, name, info, out.get("modnet", {}).get("stored_bytes"))
+        try:
+            strategy_cfg = with_matched_memory(cfg, name, info, out.get("modnet", {}).get("stored_bytes"))
+        except ConfigError as err:  # modnet's bytes hold no sample: left out, the job's other results kept
+            failed[name] = str(err)
+            print(f"[continual GZSL {name} seed {seed}] left out: {err}", flush=True)
+            continue
         set_seed(seed)
         # Avalanche's progress bars on a terminal (build_evaluator drops them elsewhere)
         evaluator, accuracy = build_evaluator(["interactive"], cfg.output_dir, progress)
@@ -294,12 +299,14 @@ def run_continual(cfg, data: ZSLData, seed: int, device, progress: bool) -> dict
                      **({"settings": entry.settings(strategy)} if entry.settings is not None else {}),
                      "network": describe_network(strategy.model)}
     return {"seed": seed, "class_order": space.classes[:space.n_seen],
-            "strategies": {name: out[name] for name in cfg.strategies}}
+            "strategies": {name: out[name] for name in cfg.strategies if name in out}, "failed": failed}
 
 
 def aggregate(runs: list[dict], cfg) -> dict:
-    """Per strategy and experience: the mean and (population) std over seeds of every figure; the per-seed runs."""
-    names = list(runs[0]["strategies"])
+    """Per strategy and experience: the mean and (population) std over seeds of every figure; the per-seed runs.
+    A strategy left out on some seed (``failed``) is left out of the table, named under ``failed``."""
+    failed = {name: {"seed": r["seed"], "error": err} for r in reversed(runs) for name, err in r.get("failed", {}).items()}
+    names = [name for name in runs[0]["strategies"] if name not in failed and all(name in r["strategies"] for r in runs)]
     strategies = {}
     for name in names:
         per_seed = [r["strategies"][name] for r in runs]
@@ -319,7 +326,7 @@ def aggregate(runs: list[dict], cfg) -> dict:
                                           **{k: v for k, v in r["strategies"][name].items() if k != "network"}}
                                          for r in runs]}
     return {"n_experiences": int(cfg.continual.n_experiences), "gamma": float(cfg.continual.gamma),
-            "scenario": "class", "strategies": strategies}
+            "scenario": "class", "strategies": strategies, **({"failed": failed} if failed else {})}
 
 
 def write_outputs(out_dir, continual: dict) -> None:
@@ -393,4 +400,6 @@ def format_table(continual: dict) -> str:
               if r.get("stored_bytes") is not None]
     if stored:  # what each keeps besides its network (mean over seeds): the memory the comparison is at
         lines.append(f"stored bytes: {', '.join(stored)}")
+    for name, f in continual.get("failed", {}).items():
+        lines.append(f"left out: {name} (seed {f['seed']}): {f['error']}")
     return "\n".join(lines)

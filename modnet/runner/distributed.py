@@ -360,8 +360,8 @@ def run_ddp(cfg, ctx: DistContext | None = None) -> dict:
                 print(f"=== {name} | {info.name} | {cfg.scenario}-incremental | seed {seed} | "
                       f"{ctx.world_size} x {ctx.backend or 'single'} on {ctx.device} ===")
             modnet_bytes = runs["modnet"][-1]["stored_bytes"] if "modnet" in runs and runs["modnet"] else None
-            runs[name].append(train_strategy(name, with_matched_memory(cfg, name, info, modnet_bytes), info, seed,
-                                             ctx)[0])
+            matched = with_matched_memory(cfg, name, info, modnet_bytes, verbose=ctx.is_main)
+            runs[name].append(train_strategy(name, matched, info, seed, ctx)[0])
     results = {"benchmark": info.name, "scenario": cfg.scenario, "n_experiences": info.n_experiences,
                "seed": seeds[0], "seeds": seeds, "device": str(ctx.device), "world_size": ctx.world_size,
                "backend": ctx.backend, "per_rank_batch_size": cfg.train.batch_size // ctx.world_size,
