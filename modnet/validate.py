@@ -365,8 +365,9 @@ DEVICE = re.compile(r"(auto|cpu|mps|(cuda|xpu)(:\d+)?)")
 
 
 # a Linux machine on which torch can see a GPU has one of these (NVIDIA's driver; ROCm's, whose GPUs torch
-# also calls cuda): without any, device=cuda is refused before torch's import
-GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
+# also calls cuda; WSL2's GPU paravirtualisation, through which CUDA runs there): without any, device=cuda is
+# refused before torch's import
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
 
 
 def _check_device(device) -> None:
