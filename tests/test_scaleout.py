@@ -136,6 +136,33 @@ def test_ddp_rank_0_prints_a_line_per_experience(capsys):
     assert "experience 1/2 trained" not in capsys.readouterr().out
 
 
+def test_ddp_says_a_matched_buffer_size_on_rank_0_only(monkeypatch, capsys, tmp_path):
+    """Every rank resolves replay.mem_size=match (same bytes, same size), but only rank 0 says so: under
+    `modnet ddp` each rank printed the line before. The size itself is hand-computed: digits' 64 float32
+    pixels + two int64 labels = 272 bytes a sample, so 2720 stored bytes hold exactly 10 samples."""
+    import modnet.runner.distributed as md
+    from modnet.config import compose
+
+    sizes = []
+
+    def fake_train(name, cfg, info, seed, ctx):  # no training: modnet "stores" 2720 bytes, replay records its size
+        if name == "replay":
+            sizes.append(int(cfg.replay.mem_size))
+        return {"accuracy_matrix": [[0.5, 0.0], [0.5, 0.5]], "train_seconds": 0.0,
+                "stored_bytes": 2720 if name == "modnet" else 0}, None
+
+    monkeypatch.setattr(md, "train_strategy", fake_train)
+    cfg = compose("cl", [*SMALL, "strategies=[modnet,replay]", "replay.mem_size=match",
+                         "scenario=class", f"output_dir={tmp_path}"])
+    line = "[replay] replay.mem_size=match: 10 samples of 272 bytes for modnet's 2720 stored bytes"
+    capsys.readouterr()
+    md.run_ddp(cfg, dataclasses.replace(md.DistContext(), rank=1, world_size=2))
+    assert line not in capsys.readouterr().out
+    md.run_ddp(cfg, md.DistContext())
+    assert capsys.readouterr().out.count(line) == 1
+    assert sizes == [10, 10]
+
+
 def test_ddp_rejects_bad_settings_before_training():
     from modnet.config import ConfigError, compose
     from modnet.runner.distributed import check_ddp_config
