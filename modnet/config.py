@@ -289,6 +289,11 @@ def resolve_device(name: str):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but no CUDA device is available; use device=auto or device=cpu")
+    for kind in ("mps", "xpu"):  # torch.device() accepts both; the first tensor put there raised a traceback
+        backend = getattr(torch.backends, kind, None) if kind == "mps" else getattr(torch, kind, None)
+        if name.startswith(kind) and not (backend is not None and backend.is_available()):
+            raise ConfigError(f"device={name} but this torch build or machine has no {kind.upper()} device; use "
+                              "device=auto or device=cpu")
     try:
         return torch.device(name)
     except RuntimeError:

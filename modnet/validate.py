@@ -13,7 +13,8 @@ What is checked (where the config has the key):
   ``modules.settle_epochs``: a non-negative integer;
   ``threads`` (and in ``gzsl`` ``large_train.threads``, ``clswgan.threads``): a positive integer or null (torch's
   default);
-* ``output_dir``: not a file (nor below one); ``task_inference.transform_rows``: in (0, 1];
+* ``output_dir``: a non-empty string, not a file (nor below one), somewhere a folder can be created;
+  ``task_inference.transform_rows``: in (0, 1];
   ``task_inference.transform_copies``: among its choices, ``replace`` only with transform_rows 1;
   ``train.channels_last``: true, false or auto; ``train.compile``: a bool or a backend's name, and a C++
   compiler on the PATH for inductor;
@@ -40,10 +41,15 @@ What is checked (where the config has the key):
 * the network's and the strategies' choices and numbers where a job has them (``model.gate``, ``model.modules``,
   ``model.head``, ``model.transform_heads``, ``task_inference.method``, ``ewc.mode`` with its ``decay_factor``,
   ``hat.smax`` > 0, penalty weights >= 0, memory sizes > 0, ``benchmark.class_order`` without repeats), before
-  the first strategy trains.
+  the first strategy trains; ``modules.estimator``, ``hat.task_inference``, ``hnet.task_inference``, ``hnet.init``
+  among their choices; layer widths and counts (``model.hidden``, ``model.n_layers``, ``model.cnn_channels``,
+  the bench's ``mlp*.in_dim/hidden/n_layers``, ``hnet.batch_size``, ``modules.cluster.min_modules`` <=
+  ``max_modules``) positive; ``modules.k_share`` in (0, 1], dropouts in [0, 1), momentum, shrinkages and DER's
+  weights >= 0; every number finite; ``seeds`` >= 0; in ``gzsl`` at least 3 seen classes.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -64,6 +70,10 @@ TRANSFORM_HEADS = ("auto", "inference", "always", "never")           # modnet.ne
 GATES = ("topk", "none")     # model.gate (modnet.nets.build reads it from here)
 MODULES = ("sync", "none")   # model.modules (idem)
 EWC_MODES = ("separate", "online")
+MIN_SEEN_CLASSES = 3                           # scenarios.sources.MIN_SEEN_CLASSES (gzsl's validation splits)
+ESTIMATORS = ("st", "gumbel")                 # modnet.nets.modules.ModuleGate
+HEAD_TASK_INFERENCE = ("maxprob", "entropy")  # modnet.nets.models.MultiHeadTaskNet (hat.* and hnet.*)
+HNET_INITS = ("xavier", "hyperfan")           # strategies.plugins.hnet.HNetModel
 
 TRANSFORM_ROWS = "the share of each batch in the transform heads' loss; 1 = all"   # modnet.nets.build
 # task_inference.transform_copies (modnet.nets.build reads these two from here)
@@ -151,7 +161,7 @@ def validate(job: str, cfg: DictConfig) -> None:
     if "seeds" in cfg:
         _check_seeds(cfg.seeds)
     _number(cfg, "seed", minimum=0, strict=False, integer=True)  # numpy's generators take seeds >= 0
-    _check_benchmark_classes(cfg)
+    _check_benchmark_classes(job, cfg)
     _check_benchmark(job, cfg)
     _check_device(cfg.get("device"))
     _check_learning_rates(cfg)
@@ -183,15 +193,19 @@ def validate(job: str, cfg: DictConfig) -> None:
         if unknown:
             raise ConfigError(f"config loggers: unknown logger(s) {', '.join(map(repr, unknown))}; choose among "
                               f"{', '.join(LOGGERS)}")
-    if cfg.get("output_dir"):
+    if "output_dir" in cfg:
+        out = cfg.get("output_dir")
+        if not isinstance(out, str) or not out.strip():
+            raise ConfigError(f"config output_dir={out!r} must name a folder (the run writes its results, "
+                              "checkpoints and plots there), e.g. output_dir=outputs/run1")
         from modnet.runner.rundir import check_output_dir
 
-        check_output_dir(Path(cfg.output_dir))
+        check_output_dir(Path(out))
     if job == "cl" and "benchmark" in cfg and cfg.benchmark.get("name") == "npz" and cfg.benchmark.get("path"):
         _check_cl_npz(cfg.benchmark)
     if job in ("gzsl", "explain") and "benchmark" in cfg and cfg.benchmark.get("name") == "npz" \
             and cfg.benchmark.get("path") and not cfg.get("run_dir"):
-        _check_zsl_npz(cfg.benchmark)
+        _check_zsl_npz(cfg.benchmark, job)
 
 
 def _number(cfg: DictConfig, key: str, *, minimum: float, strict: bool, integer: bool = False,
@@ -201,9 +215,9 @@ def _number(cfg: DictConfig, key: str, *, minimum: float, strict: bool, integer:
     value = OmegaConf.select(cfg, key)
     if value is None or value in allow:  # null: the option's own default (e.g. class_ewc_lambda = ewc_lambda)
         return
-    kind = "an integer" if integer else "a number"
+    kind = "an integer" if integer else "a finite number"
     ok = (not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
-          and (value > minimum if strict else value >= minimum))
+          and math.isfinite(value) and (value > minimum if strict else value >= minimum))
     if not ok:
         extra = f" or {' / '.join(map(str, allow))}" if allow else ""
         raise ConfigError(f"config {key}={value!r} must be {kind} {'>' if strict else '>='} {minimum:g}{extra}")
@@ -233,6 +247,40 @@ def _check_strategy_options(cfg: DictConfig) -> None:
         if OmegaConf.select(cfg, key, default="absent") is None:  # no default to fall back on: a buffer needs a size
             raise ConfigError(f"config {key}=null: a buffer needs a size; give a number of samples or match")
         _number(cfg, key, minimum=0, strict=True, integer=True, allow=("match",))
+    for key, choices in (("modules.estimator", ESTIMATORS), ("hat.task_inference", HEAD_TASK_INFERENCE),
+                         ("hnet.task_inference", HEAD_TASK_INFERENCE), ("hnet.init", HNET_INITS)):
+        value = OmegaConf.select(cfg, key)
+        if value is not None:
+            check_choice(key, value, choices)
+    # network sizes: a layer of 0 units trained to chance with exit 0, negative ones crashed after the imports
+    for key in ("model.hidden", "model.n_layers", "hnet.batch_size", "mlp.in_dim", "mlp.hidden", "mlp.n_layers",
+                "mlp_small.in_dim", "mlp_small.hidden", "mlp_small.n_layers", "modules.cluster.min_modules",
+                "modules.cluster.max_modules"):
+        _number(cfg, key, minimum=0, strict=True, integer=True)
+    channels = OmegaConf.select(cfg, "model.cnn_channels")
+    if channels is not None and (not isinstance(channels, ListConfig) or not len(channels) or
+                                 any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels)):
+        raise ConfigError(f"config model.cnn_channels={channels!r} must list one positive channel count per "
+                          "convolution, e.g. [32, 64]")
+    low, high = (OmegaConf.select(cfg, f"modules.cluster.{k}") for k in ("min_modules", "max_modules"))
+    if isinstance(low, int) and isinstance(high, int) and low > high:
+        raise ConfigError(f"config modules.cluster.min_modules={low} is above max_modules={high}; make "
+                          f"min_modules <= max_modules")
+    for key in ("der.alpha", "derpp.alpha", "derpp.beta", "train.momentum", "train.weight_decay",
+                "task_inference.shrinkage", "task_inference.feature_shrinkage", "modules.key_shrinkage"):
+        _number(cfg, key, minimum=0, strict=False)
+    for key, what in (("modules.k_share", "the share of inherited modules a task may switch on"),
+                      ("model.dropout", "a dropout probability"), ("model.input_dropout", "a dropout probability")):
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        upper_open = key != "modules.k_share"  # dropout 1 drops everything; k_share 1 allows every module
+        lower_open = key == "modules.k_share"
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and
+              (value > 0 if lower_open else value >= 0) and (value < 1 if upper_open else value <= 1))
+        if not ok:
+            span = "(0, 1]" if key == "modules.k_share" else "[0, 1)"
+            raise ConfigError(f"config {key}={value!r} must be in {span} ({what})")
     _number(cfg, "benchmark.max_train_samples", minimum=0, strict=True, integer=True)  # 0 meant all, -5 all but 5
     _number(cfg, "modules.k", minimum=0, strict=True, integer=True)
     _number(cfg, "train.valid_fraction", minimum=0, strict=False)
@@ -305,7 +353,7 @@ def _check_strategies(names) -> None:
         check_choice("strategies", name, strategy_names())
 
 
-def _check_benchmark_classes(cfg: DictConfig) -> None:
+def _check_benchmark_classes(job: str, cfg: DictConfig) -> None:
     """``benchmark.unseen_classes`` names each class once (a repeat ran with fewer unseen classes than listed,
     recorded as listed); ``benchmark.hidden`` a positive integer or null; ``benchmark.test_fraction`` a share in (0, 1)."""
     bcfg = cfg.get("benchmark")
@@ -318,6 +366,11 @@ def _check_benchmark_classes(cfg: DictConfig) -> None:
         if repeated:
             raise ConfigError(f"config benchmark.unseen_classes lists {repeated} more than once; name each unseen "
                               "class once")
+        seen = 10 - len(set(values))
+        if job == "gzsl" and bcfg.get("name") == "digits" and seen < MIN_SEEN_CLASSES:
+            raise ConfigError(f"config benchmark.unseen_classes leaves {seen} of the 10 digits seen; a GZSL run "
+                              f"needs at least {MIN_SEEN_CLASSES} (its class-disjoint validation holds one out and "
+                              "keeps two): list fewer unseen classes")
     check_benchmark_width(bcfg)
     fraction = bcfg.get("test_fraction")
     if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
@@ -376,6 +429,8 @@ def _check_device(device) -> None:
     the job's to say (``modnet.config.resolve_device``), after torch's import."""
     if device is not None and not (isinstance(device, str) and DEVICE.fullmatch(device)):
         raise ConfigError(f"config device={device!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if device == "mps" and sys.platform != "darwin":
+        raise ConfigError("device=mps is Apple's GPU and this is not a Mac; use device=auto or device=cpu")
     if isinstance(device, str) and device.startswith("cuda") and sys.platform.startswith("linux") and \
             not any(os.path.exists(f) for f in GPU_DEVICE_FILES):
         raise ConfigError(f"device={device} but this machine has no GPU (none of {', '.join(GPU_DEVICE_FILES)}); "
@@ -431,19 +486,19 @@ def _check_seeds(seeds) -> None:
     values = list(seeds)
     if not values:
         raise ConfigError("config seeds=[] is empty; give seeds=[0,1,2], or seeds=null to run the one `seed`")
-    if any(not isinstance(s, int) or isinstance(s, bool) for s in values):
-        raise ConfigError(f"config seeds must be integers, got {values}")
+    if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in values):
+        raise ConfigError(f"config seeds must be integers >= 0 (numpy's generators take no others), got {values}")
     repeated = sorted({s for s in values if values.count(s) > 1})
     if repeated:
         raise ConfigError(f"config seeds lists {repeated} more than once; a repeated seed gives the same run twice "
                           "and a false standard deviation")
 
 
-def _check_zsl_npz(bcfg) -> None:
+def _check_zsl_npz(bcfg, job: str) -> None:
     from scenarios.sources import check_zsl_npz, read_npz
 
     path = Path(bcfg.path).expanduser()  # a file: the npz benchmark's own check ran first (_check_benchmark)
-    check_zsl_npz(path, read_npz(path))
+    check_zsl_npz(path, read_npz(path), min_seen=MIN_SEEN_CLASSES if job == "gzsl" else 1)
 
 
 def _check_cl_npz(bcfg) -> None:

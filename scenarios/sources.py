@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+# class_disjoint_validation (scenarios.zsl) holds out at least one seen class and keeps at least two
+MIN_SEEN_CLASSES = 3
 
 
 def load_digits_arrays(test_fraction: float = 0.3, image: bool = False, split_seed: int = 0):
@@ -93,6 +95,9 @@ def check_x_array(path, name: str, x: np.ndarray) -> None:
     if x.ndim == 4 and x.shape[3] <= 4 and x.shape[1] == x.shape[2] >= 8:
         raise ValueError(f"{path}: {name} has shape {x.shape}, images with their channels last (N, H, W, C); "
                          "use (N, C, H, W): np.transpose(x, (0, 3, 1, 2))")
+    if np.iscomplexobj(x):  # taken as float, the imaginary part was dropped with only a torch warning
+        raise ValueError(f"{path}: {name} holds complex numbers ({x.dtype}); give real features, e.g. np.abs(x) or "
+                         "np.concatenate([x.real, x.imag], axis=1)")
     if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
         raise ValueError(f"{path}: {name} contains NaN or infinite values (or is not numeric); "
                          "clean or impute them before training")
@@ -131,6 +136,9 @@ def check_npz_arrays(path: str | Path, arrays: dict) -> dict:
         raise ValueError(f"{path}: y_train class ids must be 0..C-1 ({len(ids)} classes: 0..{len(ids) - 1}), got "
                          f"{shown}{' ...' if len(ids) > 8 else ''}; remap them, e.g. "
                          "y = np.unique(y_train, return_inverse=True)[1] (and the same mapping for y_test)")
+    if len(ids) < 2:  # one class: accuracy 1.0 and forgetting 0 by construction
+        raise ValueError(f"{path}: y_train has a single class ({int(ids[0])}); classification needs at least 2 "
+                         "classes (a continual benchmark at least 2 per experience)")
     unseen = set(np.unique(arrays["y_test"])) - set(ids)
     if unseen:
         raise ValueError(f"{path}: y_test has classes {sorted(int(c) for c in unseen)} that y_train lacks; "
@@ -175,7 +183,7 @@ def load_torchvision_arrays(name: str, root: str | Path, download: bool):
 ZSL_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test", "class_attributes", "unseen_classes")
 
 
-def check_zsl_npz(path, arrays) -> tuple:
+def check_zsl_npz(path, arrays, min_seen: int = 1) -> tuple:
     """The zero-shot arrays of a user's .npz, checked with numpy only (``modnet.validate`` runs this before any
     heavy import; ``scenarios.zsl.load_npz_zsl`` before building the data): one ValueError line per problem.
     Returns (x_train, y_train, x_test, y_test, class_attributes as float64, seen class ids, unseen class ids)."""
@@ -223,6 +231,10 @@ def check_zsl_npz(path, arrays) -> tuple:
         raise ValueError(f"{path}: x_train samples have shape {x_train.shape[1:]} but x_test {x_test.shape[1:]}; "
                          "both must match")
     seen = sorted(set(range(n_classes)) - set(unseen))
+    if len(seen) < min_seen:  # gzsl: MIN_SEEN_CLASSES
+        raise ValueError(f"{path}: {len(seen)} seen classes; a GZSL run needs at least {min_seen} (its "
+                         "hyper-parameters are chosen on class-disjoint validation splits of the seen classes, "
+                         "which hold one out and keep two): list fewer classes in unseen_classes")
     phantom = sorted(set(seen) - set(y_train.tolist()))
     if phantom:
         raise ValueError(f"{path}: class_attributes has {n_classes} rows but seen classes {phantom[:10]} have no "

@@ -292,6 +292,11 @@ def load_xlsa17(root: str | Path | None = None, *, res101: str | Path | None = N
                                                     "allclasses_names", attributes])
     res = _loadmat(res_path, "res101.mat", ["features", "labels"])
     features = np.asarray(res["features"], dtype=np.float32).T  # 2048 x N -> N x 2048
+    finite = np.isfinite(features).all(axis=1)
+    if not finite.all():  # found at load, naming the file, not by scikit-learn after two validation networks
+        bad = np.flatnonzero(~finite)
+        raise ValueError(f"{res_path}: features of {len(bad)} images contain NaN/inf (columns {bad[:5].tolist()}"
+                         f"{' ...' if len(bad) > 5 else ''} of 'features'); re-extract them or drop those images")
     labels = np.asarray(res["labels"]).astype(np.int64).ravel() - 1
     n = features.shape[0]
     if labels.shape[0] != n:
@@ -618,7 +623,7 @@ def class_disjoint_validation(data: ZSLData, unseen_fraction: float = 0.25, test
     seen = list(data.seen_classes)
     if len(seen) < 3:
         raise ValueError(f"{data.name}: a class-disjoint validation split needs at least 3 seen classes, got "
-                         f"{len(seen)}; use calibration.mode=none or fixed.")
+                         f"{len(seen)}; list fewer classes as unseen.")
     n_val = pseudo_unseen_count(len(seen), unseen_fraction)
     rng = np.random.default_rng(seed)
     pseudo_unseen = sorted(rng.choice(seen, size=n_val, replace=False).tolist())

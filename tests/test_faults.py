@@ -82,6 +82,9 @@ def _npz(path, **change):
     # images with their channels last: "too small for 2 pooling blocks; use fewer model.cnn_channels" after the imports
     (dict(x_train=np.zeros((40, 12, 12, 3), np.float32), x_test=np.zeros((8, 12, 12, 3), np.float32)),
      ["x_train", "channels last", "np.transpose(x, (0, 3, 1, 2))"]),
+    # one class trained to accuracy 1.0 with rc 0; complex inputs lost their imaginary part with a torch warning
+    (dict(y_train=np.zeros(40, np.int64), y_test=np.zeros(8, np.int64)), ["y_train", "single class"]),
+    (dict(x_train=np.ones((40, 5), np.complex64)), ["x_train", "complex"]),
 ])
 def test_bad_npz_is_one_line_before_work(tmp_path, capsys, change, words):
     path = _npz(tmp_path / "d.npz", **change)
@@ -362,7 +365,27 @@ LATE_INPUTS = [
     (["cl", "modules.k=0"], ("modules.k=0", "> 0")),
     (["cl", "train.valid_fraction=1.0"], ("train.valid_fraction=1.0", "below 1")),
     (["bench", "batch_size.cnn=-2"], ("batch_size.cnn=-2", "> 0")),
-]
+    # stop 48's audit: each was a traceback, an error after other strategies had trained, or a silent run
+    (["gzsl", "benchmark.unseen_classes=[0,1,2,3,4,5,6,7]"], ("benchmark.unseen_classes", "2 of the 10", "at least 3")),
+    (["cl", "model.n_layers=0"], ("model.n_layers=0", "> 0")),
+    (["cl", "model.hidden=-4"], ("model.hidden=-4", "> 0")),
+    (["cl", "model.hidden=0", "strategies=[naive]"], ("model.hidden=0", "> 0")),  # chance accuracy with rc 0
+    (["cl", "model.cnn_channels=[]", "benchmark.image=true"], ("model.cnn_channels", "positive channel count")),
+    (["cl", "modules.k_share=-1"], ("modules.k_share=-1", "(0, 1]")),
+    (["cl", "modules.k_share=1.5"], ("modules.k_share=1.5", "(0, 1]")),
+    (["cl", "hnet.batch_size=0"], ("hnet.batch_size=0", "> 0")),
+    (["cl", "hnet.init=foo"], ("hnet.init", "hyperfan")),
+    (["cl", "hnet.task_inference=foo"], ("hnet.task_inference", "entropy")),
+    (["cl", "modules.estimator=foo"], ("modules.estimator", "gumbel")),
+    (["cl", "hat.task_inference=foo"], ("hat.task_inference", "maxprob")),
+    (["cl", "derpp.beta=-5"], ("derpp.beta=-5", ">= 0")),
+    (["cl", "train.lr=inf"], ("train.lr=inf", "finite")),
+    (["cl", "seeds=[-1]"], ("seeds", ">= 0")),
+    (["cl", "modules.cluster.min_modules=5", "modules.cluster.max_modules=2"], ("min_modules=5", "max_modules=2")),
+    (["cl", "train.momentum=-1"], ("train.momentum=-1", ">= 0")),
+    (["cl", "model.dropout=1.5"], ("model.dropout=1.5", "[0, 1)")),
+    (["bench", "mlp.in_dim=0"], ("mlp.in_dim=0", "> 0")),
+] + ([(["cl", "device=mps"], ("device=mps", "device=cpu"))] if sys.platform != "darwin" else [])
 
 
 @pytest.mark.parametrize("args, words", LATE_INPUTS, ids=[" ".join(a) for a, _ in LATE_INPUTS])
@@ -434,3 +457,55 @@ def test_cuda_on_a_machine_without_a_gpu_is_one_line_before_torch_is_imported(tm
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "refused: device=cuda but this machine has no GPU" in out and "device=cpu" in out
     assert "torch imported: False" in out
+
+
+@pytest.mark.parametrize("value, words", [
+    ("null", ["output_dir=None", "name a folder"]),
+    ("''", ["output_dir=''", "name a folder"]),  # wrote results.json and checkpoints/ into the current folder
+    ("/proc/modnet-x", ["output_dir=/proc/modnet-x", "nothing can be created"]),
+])
+def test_an_output_dir_that_cannot_hold_the_run_is_one_line(tmp_path, capsys, value, words):
+    """A null output_dir was a TypeError traceback, one under /proc or /sys a PermissionError / 'No such file'
+    after the imports: each one line naming the key."""
+    _rejected(capsys, ["cl", "strategies=[naive]", f"output_dir={value}"], *words)
+
+
+def test_explain_refuses_its_run_dir_as_output_dir_and_a_truncated_checkpoint(tmp_path, capsys):
+    """explain into its own run_dir dumped a config difference of 137 keys; a truncated checkpoint was torch's
+    PytorchStreamReader traceback. Both one line."""
+    from modnet.nets.record import load_network
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 0\n")
+    (run / "results.json").write_text("{}")
+    _rejected(capsys, ["explain", f"run_dir={run}", f"output_dir={run}"], "is the run_dir", "output_dir=")
+    whole = tmp_path / "whole.pt"
+    import torch
+
+    torch.save({"structure": "{}", "model": {"w": torch.zeros(1000)}}, whole)
+    data = whole.read_bytes()
+    for name, content in (("cut.pt", data[:len(data) // 2]), ("empty.pt", b"")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError) as err:
+            load_network(tmp_path / name, None)
+        assert "unreadable" in str(err.value) and name in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_xlsa17_folder_with_one_of_its_two_files_is_one_line(tmp_path, capsys):
+    """A folder with res101.mat alone passed the early check (any of the two files) and failed after the imports."""
+    (tmp_path / "res101.mat").write_bytes(b"")
+    _rejected(capsys, ["gzsl", "benchmark=awa2", f"benchmark.path={tmp_path}", f"output_dir={tmp_path / 'o'}"],
+              "res101.mat", "not att_splits.mat", out=tmp_path / "o")
+
+
+def test_gzsl_on_a_zero_shot_npz_of_two_seen_classes_is_one_line(tmp_path, capsys):
+    """Two seen classes: a ZeroDivisionError traceback in the count of validation splits after the imports (the
+    class-disjoint validation holds one seen class out and keeps two). explain, which runs no validation split,
+    still takes the file."""
+    path = _zsl_npz(tmp_path / "two.npz", unseen_classes=np.array([2, 3, 4]), y_train=np.arange(30) % 2)
+    _rejected(capsys, ["gzsl", "benchmark=npz", f"benchmark.path={path}", f"output_dir={tmp_path / 'o'}"],
+              "two.npz", "2 seen classes", "at least 3", out=tmp_path / "o")
+    from scenarios.zsl import load_npz_zsl
+
+    assert load_npz_zsl(path).seen_classes == [0, 1]

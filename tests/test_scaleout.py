@@ -366,6 +366,7 @@ def test_a_sweep_into_a_folder_of_another_sweep_stops_before_launching(tmp_path,
     overrides again (output keys aside) pass the check."""
     import modnet.jobs.sweep as sweep
     from modnet.cli import main
+    from modnet.config import ConfigError
 
     d = tmp_path / "sw"
     d.mkdir()
@@ -376,6 +377,15 @@ def test_a_sweep_into_a_folder_of_another_sweep_stops_before_launching(tmp_path,
     assert len(err) == 1 and "holds another sweep" in err[0] and "train.epochs=2" in err[0], err
     assert (d / "multirun.yaml").read_text() == before and sorted(p.name for p in d.iterdir()) == ["multirun.yaml"]
     sweep._check_sweep_dir(["train.epochs=2", "seed=0,1", "progress=false", "resume=true", f"hydra.sweep.dir={d}"])
+    # the swept overrides in another order number the jobs differently (Hydra's product runs over them in the
+    # order given): job 1 of 'strategies=.. seed=..' is job 2 of 'seed=.. strategies=..', so a resumed sweep
+    # re-ran a job another folder held and aggregated seed 0 twice; now refused
+    (d / "multirun.yaml").write_text("hydra:\n  overrides:\n    task:\n    - seed=0,1\n"
+                                     "    - strategies=[naive],[modnet]\n    - train.epochs=1\n")
+    sweep._check_sweep_dir(["train.epochs=1", "seed=0,1", "strategies=[naive],[modnet]", f"hydra.sweep.dir={d}"])
+    with pytest.raises(ConfigError, match="same order"):
+        sweep._check_sweep_dir(["strategies=[naive],[modnet]", "seed=0,1", "train.epochs=1", "resume=true",
+                                f"hydra.sweep.dir={d}"])
 
 
 def test_sweep_checks_every_job_and_the_launcher_before_launching(monkeypatch):

@@ -270,6 +270,18 @@ def test_resnet_finetuning_sees_only_the_seen_training_images(tmp_path, monkeypa
 
     xlsa = tmp_path / "xlsa"
     xlsa.mkdir()
-    (xlsa / "res101.mat").write_bytes(b"")
+    for name in ("res101.mat", "att_splits.mat"):  # an xlsa17 folder (one of the two alone is refused first)
+        (xlsa / name).write_bytes(b"")
     with pytest.raises(ValueError, match="needs the image release"):
         zsl.load_xlsa17_or_release("awa2", str(xlsa), load_awa2_images, resnet_finetune={"epochs": 1})
+
+
+def test_xlsa17_features_with_nan_are_named_at_load(tmp_path):
+    """NaN features trained two validation networks, then failed in scikit-learn's words naming no file."""
+    _synthetic_res101(DATA / "AWA2", tmp_path / "res101.mat")
+    mat = scipy.io.loadmat(str(tmp_path / "res101.mat"))
+    mat["features"][3, 10] = np.nan  # image 10 (column 10 of the 2048 x N matrix)
+    scipy.io.savemat(str(tmp_path / "res101.mat"), {k: v for k, v in mat.items() if not k.startswith("__")})
+    with pytest.raises(ValueError) as err:
+        load_xlsa17(res101=tmp_path / "res101.mat", att_splits=DATA / "AWA2" / "att_splits.mat")
+    assert "res101.mat" in str(err.value) and "NaN" in str(err.value) and "[10]" in str(err.value)

@@ -62,7 +62,9 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path, run_f
     state = load_checkpoint(ckpt_path) if cfg.resume else None
     meta = {"fingerprint": json.dumps(run_fingerprint, sort_keys=True)} if run_fingerprint is not None else {}
     if state is not None and run_fingerprint is not None and "fingerprint" in state:
-        stored = json.loads(state["fingerprint"])
+        from modnet.runner.rundir import with_added_keys
+
+        stored = with_added_keys(json.loads(state["fingerprint"]), run_fingerprint)
         if stored != run_fingerprint:
             raise ConfigError(f"resume=true but checkpoint {ckpt_path} is of a different run; differing keys: "
                               f"{describe_difference(stored, run_fingerprint)}. Run with the same settings, or "
@@ -169,7 +171,7 @@ def _check_checkpoint_fingerprints(ckpt_dir: Path, run_fingerprint: dict) -> Non
     """resume=true: every checkpoint that holds a fingerprint must hold this run's (a folder without
     fingerprint.json, or one replaced by hand), checked before anything is written; unreadable checkpoints
     are left to ``load_checkpoint`` (a warning, that strategy restarts)."""
-    from modnet.runner.rundir import describe_difference
+    from modnet.runner.rundir import describe_difference, with_added_keys
 
     for path in sorted(ckpt_dir.glob("*_seed*.pt")) if ckpt_dir.is_dir() else []:
         if path.name.endswith("_final.pt"):
@@ -179,6 +181,7 @@ def _check_checkpoint_fingerprints(ckpt_dir: Path, run_fingerprint: dict) -> Non
             stored = json.loads(state["fingerprint"]) if isinstance(state, dict) and "fingerprint" in state else None
         except Exception:
             continue
+        stored = with_added_keys(stored, run_fingerprint)
         if stored is not None and stored != run_fingerprint:
             raise ConfigError(f"resume=true but checkpoint {path} is of a different run; differing keys: "
                               f"{describe_difference(stored, run_fingerprint)}. Run with the same settings, or "

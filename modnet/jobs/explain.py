@@ -84,7 +84,11 @@ def _check_config(cfg: DictConfig) -> None:
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"config {key} must be >= 1, got {OmegaConf.select(cfg, key)}")
     if cfg.run_dir:  # before the output folder is made
-        _check_run_dir(cfg.run_dir)
+        run_dir = _check_run_dir(cfg.run_dir)
+        if Path(cfg.output_dir).expanduser().resolve() == run_dir.resolve():
+            raise ConfigError(f"output_dir={cfg.output_dir} is the run_dir: explain writes its own results.json "
+                              "and config.yaml; choose another folder, e.g. output_dir="
+                              f"{Path(cfg.output_dir) / 'explain'}")
     import matplotlib  # before training: a colour map name matplotlib lacks stopped the run at its first plot
 
     for key in ("explain.cmap", "explain.signed_cmap"):
@@ -132,6 +136,9 @@ def load_run(cfg: DictConfig, device: torch.device) -> ExplainedNetwork:
     results = json.loads((run_dir / "results.json").read_text())
     seeds = results.get("seeds") or [results.get("seed", run_cfg.get("seed", 0))]
     seed = int(seeds[0] if cfg.run_seed is None else cfg.run_seed)
+    if seed not in [int(s) for s in seeds]:  # a checkpoint of that seed would be another run's (a killed one's)
+        raise ValueError(f"run_seed={seed} is not a seed of the run in {run_dir} (its results.json lists "
+                         f"{[int(s) for s in seeds]}); choose one of them")
     checkpoint = run_dir / "checkpoints" / f"{RUN_STRATEGY}_seed{seed}_final.pt"
     if not checkpoint.is_file():
         found = sorted(p.name for p in (run_dir / "checkpoints").glob("*_final.pt"))

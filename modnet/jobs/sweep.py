@@ -102,8 +102,15 @@ def _check_sweep_dir(overrides: Sequence[str]) -> None:
         return
 
     def deciding(items) -> list[str]:
-        return sorted(str(o) for o in items if not str(o).startswith(("hydra.", "hydra/"))
-                      and str(o).partition("=")[0].lstrip("+~") not in IGNORED_KEYS)
+        """The overrides that decide the numbers: the plain ones sorted, then the swept ones in their order
+        (Hydra numbers the jobs by it: reordered, job 1 of the new sweep is job 2 of the old, whose folder
+        then held a result under another job's .hydra/overrides.yaml, and a seed was aggregated twice)."""
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        kept = [str(o) for o in items if not str(o).startswith(("hydra.", "hydra/"))
+                and str(o).partition("=")[0].lstrip("+~") not in IGNORED_KEYS]
+        swept = [p.is_sweep_override() for p in OverridesParser.create().parse_overrides(kept)]
+        return sorted(o for o, s in zip(kept, swept) if not s) + [o for o, s in zip(kept, swept) if s]
 
     try:
         previous = deciding(OmegaConf.select(OmegaConf.load(previous_file), "hydra.overrides.task") or [])
@@ -112,8 +119,8 @@ def _check_sweep_dir(overrides: Sequence[str]) -> None:
     now = deciding(overrides)
     if previous != now:
         raise ConfigError(f"hydra.sweep.dir={given[-1]} holds another sweep (its overrides: {' '.join(previous) or '-'}; "
-                          f"now: {' '.join(now) or '-'}); choose another hydra.sweep.dir, or give the same overrides "
-                          "(resume=true finishes that sweep)")
+                          f"now: {' '.join(now) or '-'}); choose another hydra.sweep.dir, or give the same overrides, the swept ones "
+                          "in the same order (resume=true finishes that sweep)")
 
 
 class AggregateCallback(Callback):

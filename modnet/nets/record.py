@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -130,8 +131,13 @@ def load_network(path: Path, cfg) -> HATNet:
     settings) and the saved structure (heads, per-task gates), its weights loaded."""
     from modnet.nets.build import build_modular_network
 
-    obj = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if "structure" not in obj:
+    try:
+        obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated, empty, or not torch.save's
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is unreadable ({reason}): a truncated or foreign file; run the modnet strategy "
+                         "of that run again, or choose another run_seed / run_dir") from None
+    if not isinstance(obj, dict) or "structure" not in obj:
         raise ValueError(f"{path} holds no modular network (a baseline's weights?); explain a run of the modnet "
                          "strategy")
     st = json.loads(obj["structure"])

@@ -10,7 +10,7 @@
   with one line listing the keys that differ (``check_resume``), before anything in the folder is written;
   without resume, a folder holding another run's results is not written over (``check_fresh_start``).
 
-Nothing here imports torch: the checks run before any training is set up.
+Nothing here imports torch but ``fingerprint`` (the device it resolves): the checks run before any training is set up.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import socket
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,12 +31,21 @@ FINGERPRINT_NAME = "fingerprint.json"
 
 
 def check_output_dir(out: Path) -> None:
-    """``output_dir`` must be a folder (or not exist yet): a file there is one clear line."""
+    """``output_dir`` must be a folder (or not exist yet) that this process can write in: a file there, or a
+    place where nothing can be created (a read-only or virtual file system: /sys, /proc), is one clear line
+    here, before the imports, not a traceback when the run first writes."""
     for parent in (out, *out.parents):
         if parent.exists() and not parent.is_dir():
             raise ConfigError(f"output_dir={out}: {parent} is a file, not a folder; choose another output_dir")
         if parent.exists():
             break
+    else:
+        parent = Path.cwd()
+    try:  # a probe folder in the nearest existing one: creating is the test (root passes os.access on /proc)
+        tempfile.TemporaryDirectory(dir=parent, prefix=".modnet-write-check-").cleanup()
+    except OSError as e:
+        raise ConfigError(f"output_dir={out}: nothing can be created in {parent} ({e.strerror or e}); choose "
+                          "a folder you can write, e.g. output_dir=outputs/run1") from None
 
 
 class RunLock:
@@ -54,7 +64,12 @@ class RunLock:
             except FileExistsError:
                 owner = self._owner()
                 if owner is not None and not self._alive(*owner) or owner is None and self._abandoned():
-                    self.path.unlink(missing_ok=True)  # stale: its run was killed
+                    # stale: its run was killed. Taken over one process at a time, and only while it is still
+                    # that run's lock: two runs that both read the dead pid both took the folder (the second
+                    # deleted the first one's fresh lock)
+                    with _exclusive(self.path.with_name(LOCK_NAME + ".takeover")):
+                        if self._owner() == owner and (owner is not None or self._abandoned()):
+                            self.path.unlink(missing_ok=True)
                     continue
                 who = f"pid {owner[1]} on {owner[0]}" if owner else "another run"
                 raise ConfigError(f"output_dir={self.path.parent} is in use by {who} (lock file {self.path}); "
@@ -95,7 +110,8 @@ class RunLock:
 
     def release(self) -> None:
         if self.held:
-            self.path.unlink(missing_ok=True)
+            if self._owner() == (socket.gethostname(), os.getpid()):  # not a lock another run took over
+                self.path.unlink(missing_ok=True)
             self.held = False
 
     def __enter__(self):
@@ -104,6 +120,23 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+@contextmanager
+def _exclusive(path: Path):
+    """An exclusive advisory lock (``flock``) on ``path`` for the block, released when the process dies; where
+    there is no ``fcntl`` (Windows), none."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _flatten(node, prefix: str = "") -> dict:
@@ -149,7 +182,24 @@ def fingerprint(cfg) -> dict:
     if path and Path(path).expanduser().is_file():
         flat["data.benchmark.path.sha256"] = file_sha256(Path(path).expanduser())
     flat.update({f"version.{k}": v for k, v in package_versions().items()})
+    if isinstance(config.get("device"), str):
+        # the device the run computes on, not the word: device=auto on a CPU run resumed where a GPU is (a
+        # shared file system) went on on CUDA from CPU checkpoints, one accuracy matrix mixing both
+        from modnet.config import resolve_device  # torch: called by the jobs, after their imports
+
+        flat["device.resolved"] = resolve_device(config["device"]).type
     return json.loads(json.dumps(flat))  # what a JSON round trip gives (tuples -> lists)
+
+
+#: fingerprint keys newer than some runs' fingerprint.json: a stored fingerprint without one is taken as having
+#: the current value (such a run can still be resumed; it was made where it is resumed, as far as it says)
+ADDED_KEYS = ("device.resolved",)
+
+
+def with_added_keys(stored: dict | None, current: dict) -> dict | None:
+    if stored is None:
+        return None
+    return {**{k: current[k] for k in ADDED_KEYS if k in current and k not in stored}, **stored}
 
 
 def differing_keys(old: dict, new: dict) -> list[str]:
@@ -170,7 +220,7 @@ def _short(value) -> str:
 
 def check_resume(out: Path, current: dict) -> None:
     """``resume=true``: the folder's fingerprint must be ``current``; else one line naming the keys that differ."""
-    stored = read_fingerprint(out)
+    stored = with_added_keys(read_fingerprint(out), current)
     if stored is not None and stored != current:
         # resume=false would not start over there either where that run has results (check_fresh_start)
         raise ConfigError(f"resume=true but {out} holds a different run; differing keys: "
@@ -191,11 +241,18 @@ def check_fresh_start(out: Path, current: dict) -> None:
     ``RESULT_FILES``) is not written over, so that no finished result is lost: ``modnet explain
     output_dir=<the run_dir>`` wrote its config.yaml and fingerprint over the cl run's, which could then be neither
     explained nor resumed. The same run started again recomputes the same numbers and may."""
-    stored = read_fingerprint(out)
-    if stored is not None and stored != current and _has_results(out):
-        raise ConfigError(f"{out} holds the results of another run (differing keys: "
-                          f"{describe_difference(stored, current)}); choose another output_dir, or remove that "
-                          "folder to start over there")
+    stored = with_added_keys(read_fingerprint(out), current)
+    if stored is not None and stored != current and (_has_results(out) or _has_checkpoints(out)):
+        # checkpoints too: a killed run's stayed beside the new run's files (cl's resume of the new run then
+        # stopped at them; gzsl's seed-0 network of the old run was explained under the new run's results)
+        raise ConfigError(f"{out} holds the results or checkpoints of another run (differing keys: "
+                          f"{describe_difference(stored, current)}); choose another output_dir, resume that run "
+                          "with its settings, or remove that folder to start over there")
+
+
+def _has_checkpoints(out: Path) -> bool:
+    folder = Path(out) / "checkpoints"
+    return folder.is_dir() and any(p.is_file() for p in folder.iterdir())
 
 
 @contextmanager
