@@ -45,7 +45,8 @@ What is checked (where the config has the key):
   among their choices; layer widths and counts (``model.hidden``, ``model.n_layers``, ``model.cnn_channels``,
   the bench's ``mlp*.in_dim/hidden/n_layers``, ``hnet.batch_size``, ``modules.cluster.min_modules`` <=
   ``max_modules``) positive; ``modules.k_share`` in (0, 1], dropouts in [0, 1), momentum, shrinkages and DER's
-  weights >= 0; every number finite; ``seeds`` >= 0; in ``gzsl`` at least 3 seen classes.
+  weights >= 0; every number finite; ``seeds`` >= 0; in ``gzsl`` at least 3 seen classes and
+  ``calibration.val_splits`` null or positive; in ``explain`` a ``run_dir`` holding a finished run's files.
 """
 from __future__ import annotations
 
@@ -169,6 +170,12 @@ def validate(job: str, cfg: DictConfig) -> None:
         _check_zsl_names(cfg)
     if job == "explain":
         check_choice("explain.backend", cfg.explain.backend, EXPLAIN_BACKENDS)
+        if cfg.get("run_dir"):  # it was checked after the job's imports (~6 s)
+            from modnet.runner.rundir import check_run_dir
+
+            check_run_dir(cfg.run_dir)
+    if job == "gzsl":
+        _number(cfg, "calibration.val_splits", minimum=0, strict=True, integer=True)
     for key in ("train.channels_last",) + (("channels_last",) if job == "bench" else ()):
         value = OmegaConf.select(cfg, key)
         if value not in (None, True, False, "auto"):

@@ -231,6 +231,11 @@ def check_zsl_npz(path, arrays, min_seen: int = 1) -> tuple:
         raise ValueError(f"{path}: x_train samples have shape {x_train.shape[1:]} but x_test {x_test.shape[1:]}; "
                          "both must match")
     seen = sorted(set(range(n_classes)) - set(unseen))
+    for u in unseen:  # an unseen class described as another class cannot be told from it by any zero-shot method
+        twins = [c for c in range(n_classes) if c != u and np.array_equal(att_raw[c], att_raw[u])]
+        if twins:
+            raise ValueError(f"{path}: unseen class {u} has the same class_attributes row as class(es) {twins[:5]}; "
+                             "zero-shot recognition tells classes apart by their attributes: give it its own row")
     if len(seen) < min_seen:  # gzsl: MIN_SEEN_CLASSES
         raise ValueError(f"{path}: {len(seen)} seen classes; a GZSL run needs at least {min_seen} (its "
                          "hyper-parameters are chosen on class-disjoint validation splits of the seen classes, "

@@ -244,6 +244,9 @@ def _zsl_npz(path, **change):
     (dict(x_train=np.where(np.arange(150).reshape(30, 5) == 7, np.inf, 0.0).astype(np.float32)),
      ["x_train", "NaN or infinite"]),
     (dict(x_train=np.zeros(30, np.float32), x_test=np.zeros(20, np.float32)), ["x_train", "(30,)", "(N, D)"]),
+    # an unseen class with another class's attribute row: H = 0 with rc 0 (no method can tell them apart)
+    (dict(class_attributes=np.array([[0, 0, 1, 1], [1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 1.0]])),
+     ["unseen class 4", "same class_attributes row", "[1]"]),
     # a seen class of one training sample failed in scikit-learn's words inside the validation split, seed-dependent
     (dict(y_train=np.array([0] + [1, 2] * 14 + [1])), ["seen classes [0]", "fewer than 2"]),
 ])
@@ -385,6 +388,10 @@ LATE_INPUTS = [
     (["cl", "train.momentum=-1"], ("train.momentum=-1", ">= 0")),
     (["cl", "model.dropout=1.5"], ("model.dropout=1.5", "[0, 1)")),
     (["bench", "mlp.in_dim=0"], ("mlp.in_dim=0", "> 0")),
+    # clear lines, but after the job's imports (~6 s)
+    (["cl", "benchmark=mnist1d", "benchmark.train_split=1.5"], ("benchmark.train_split=1.5", "(0, 1)")),
+    (["gzsl", "calibration.val_splits=0"], ("calibration.val_splits=0", "> 0")),
+    (["explain", "run_dir={tmp}/no-run"], ("run_dir", "no-run", "does not exist")),
 ] + ([(["cl", "device=mps"], ("device=mps", "device=cpu"))] if sys.platform != "darwin" else [])
 
 

@@ -43,6 +43,7 @@ from modnet.explain.gradcam import (BACKENDS, TIE, module_attributes, rank_attri
 from modnet.explain.network import (GRAD_CAM, INPUT_X_GRADIENT, ModuleMaps, TaskTest, gated_modules, gated_tasks,
                                     tap_class_importance)
 from modnet.nets.models import HATNet
+from modnet.runner.rundir import check_run_dir
 from scenarios.base import SCENARIOS
 
 # the strategy whose final network a run folder holds (checkpoints/modnet_seed{S}_final.pt)
@@ -84,7 +85,7 @@ def _check_config(cfg: DictConfig) -> None:
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"config {key} must be >= 1, got {OmegaConf.select(cfg, key)}")
     if cfg.run_dir:  # before the output folder is made
-        run_dir = _check_run_dir(cfg.run_dir)
+        run_dir = check_run_dir(cfg.run_dir)
         if Path(cfg.output_dir).expanduser().resolve() == run_dir.resolve():
             raise ConfigError(f"output_dir={cfg.output_dir} is the run_dir: explain writes its own results.json "
                               "and config.yaml; choose another folder, e.g. output_dir="
@@ -98,20 +99,6 @@ def _check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={name} is not a matplotlib colour map"
                               + (f"; did you mean {', '.join(close)}?" if close else
                                  "; see matplotlib.colormaps (e.g. jet, viridis, RdBu_r)"))
-
-
-def _check_run_dir(path) -> Path:
-    """``run_dir`` holds a finished run's config.yaml and results.json (one line otherwise)."""
-    run_dir = Path(path).expanduser()
-    if not run_dir.is_dir():
-        what = "is a file, not a folder" if run_dir.exists() else "does not exist"
-        raise FileNotFoundError(f"run_dir {run_dir} {what}; give the output folder of a finished "
-                                "`modnet cl` (or `modnet gzsl`) run of the modnet strategy")
-    for name in ("config.yaml", "results.json"):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"run_dir {run_dir} has no {name}: not the output folder of a finished "
-                                    "`modnet cl` (or `modnet gzsl`) run")
-    return run_dir
 
 
 def _load_images(cfg: DictConfig):
@@ -131,7 +118,7 @@ def load_run(cfg: DictConfig, device: torch.device) -> ExplainedNetwork:
     """The final modular network of the run in ``cfg.run_dir``, with its benchmark's test inputs."""
     from modnet.nets.record import load_network
 
-    run_dir = _check_run_dir(cfg.run_dir)
+    run_dir = check_run_dir(cfg.run_dir)
     run_cfg = OmegaConf.load(run_dir / "config.yaml")
     results = json.loads((run_dir / "results.json").read_text())
     seeds = results.get("seeds") or [results.get("seed", run_cfg.get("seed", 0))]

@@ -48,6 +48,21 @@ def check_output_dir(out: Path) -> None:
                           "a folder you can write, e.g. output_dir=outputs/run1") from None
 
 
+def check_run_dir(path) -> Path:
+    """``run_dir`` (``modnet explain``) holds a finished run's config.yaml and results.json (one line otherwise;
+    ``modnet.validate`` runs it before the imports)."""
+    run_dir = Path(path).expanduser()
+    if not run_dir.is_dir():
+        what = "is a file, not a folder" if run_dir.exists() else "does not exist"
+        raise FileNotFoundError(f"run_dir {run_dir} {what}; give the output folder of a finished "
+                                "`modnet cl` (or `modnet gzsl`) run of the modnet strategy")
+    for name in ("config.yaml", "results.json"):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"run_dir {run_dir} has no {name}: not the output folder of a finished "
+                                    "`modnet cl` (or `modnet gzsl`) run")
+    return run_dir
+
+
 class RunLock:
     """``with RunLock(out):`` holds ``out/.lock`` for the run (see the module docstring)."""
 

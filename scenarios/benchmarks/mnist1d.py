@@ -21,6 +21,15 @@ class Mnist1D:
     N_CLASSES = 10
 
     @staticmethod
+    def check(bcfg, command):
+        """The generator's own limits, before the imports (it raised them after torch's)."""
+        n, split = bcfg.get("num_samples"), bcfg.get("train_split")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 20:
+            raise ValueError(f"benchmark.num_samples={n!r}: MNIST-1D needs an integer >= 20 (2 samples per class)")
+        if isinstance(split, bool) or not isinstance(split, (int, float)) or not 0.0 < split < 1.0:
+            raise ValueError(f"benchmark.train_split={split!r} must be in (0, 1): the share of the samples that train")
+
+    @staticmethod
     def arrays(bcfg):
         return generate(int(bcfg.num_samples), float(bcfg.train_split), int(bcfg.seed))
 
