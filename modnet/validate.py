@@ -44,7 +44,7 @@ What is checked (where the config has the key):
   the first strategy trains; ``modules.estimator``, ``hat.task_inference``, ``hnet.task_inference``, ``hnet.init``
   among their choices; layer widths and counts (``model.hidden``, ``model.n_layers``, ``model.cnn_channels``,
   the bench's ``mlp*.in_dim/hidden/n_layers``, ``hnet.batch_size``, ``modules.cluster.min_modules`` <=
-  ``max_modules``) positive; ``modules.k_share`` in (0, 1], dropouts in [0, 1), momentum, shrinkages and DER's
+  ``max_modules``) positive; ``modules.k_share`` in [0, 1], dropouts in [0, 1), momentum, shrinkages and DER's
   weights >= 0; every number finite; ``seeds`` >= 0; in ``gzsl`` at least 3 seen classes and
   ``calibration.val_splits`` null or positive; in ``explain`` a ``run_dir`` holding a finished run's files.
 """
@@ -281,12 +281,12 @@ def _check_strategy_options(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is None:
             continue
-        upper_open = key != "modules.k_share"  # dropout 1 drops everything; k_share 1 allows every module
-        lower_open = key == "modules.k_share"
+        # dropout 1 drops every unit; k_share 1 lets every inherited module on, 0 none (an ablation)
+        upper_open = key != "modules.k_share"
         ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and
-              (value > 0 if lower_open else value >= 0) and (value < 1 if upper_open else value <= 1))
+              value >= 0 and (value < 1 if upper_open else value <= 1))
         if not ok:
-            span = "(0, 1]" if key == "modules.k_share" else "[0, 1)"
+            span = "[0, 1]" if key == "modules.k_share" else "[0, 1)"
             raise ConfigError(f"config {key}={value!r} must be in {span} ({what})")
     _number(cfg, "benchmark.max_train_samples", minimum=0, strict=True, integer=True)  # 0 meant all, -5 all but 5
     _number(cfg, "modules.k", minimum=0, strict=True, integer=True)

@@ -374,8 +374,8 @@ LATE_INPUTS = [
     (["cl", "model.hidden=-4"], ("model.hidden=-4", "> 0")),
     (["cl", "model.hidden=0", "strategies=[naive]"], ("model.hidden=0", "> 0")),  # chance accuracy with rc 0
     (["cl", "model.cnn_channels=[]", "benchmark.image=true"], ("model.cnn_channels", "positive channel count")),
-    (["cl", "modules.k_share=-1"], ("modules.k_share=-1", "(0, 1]")),
-    (["cl", "modules.k_share=1.5"], ("modules.k_share=1.5", "(0, 1]")),
+    (["cl", "modules.k_share=-1"], ("modules.k_share=-1", "[0, 1]")),
+    (["cl", "modules.k_share=1.5"], ("modules.k_share=1.5", "[0, 1]")),
     (["cl", "hnet.batch_size=0"], ("hnet.batch_size=0", "> 0")),
     (["cl", "hnet.init=foo"], ("hnet.init", "hyperfan")),
     (["cl", "hnet.task_inference=foo"], ("hnet.task_inference", "entropy")),
