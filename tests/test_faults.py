@@ -153,6 +153,12 @@ def test_choice_copies_match_their_modules():
 
     assert (validate.ZSL_METHODS, validate.CALIBRATION_MODES, validate.EXPLAIN_BACKENDS) == \
         (tuple(zsl_method_names()), CALIBRATION_MODES, BACKENDS)
+    from modnet.nets.models import HEAD_TASK_INFERENCE
+    from modnet.nets.modules import ESTIMATORS
+    from strategies.plugins.hnet import INITS
+
+    assert (validate.ESTIMATORS, validate.HEAD_TASK_INFERENCE, validate.HNET_INITS) == \
+        (ESTIMATORS, HEAD_TASK_INFERENCE, INITS)
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])

@@ -29,6 +29,11 @@ from modnet.nets.hat import HATConv2d, HATLinear, SlicedStrideConv2d, TrainingMa
 _OFF_HEAD_LOGIT = -1e4
 
 
+#: how a multi-head network picks its head without a task label (hat.task_inference, hnet.task_inference;
+#: modnet.validate keeps a copy, checked by the tests)
+HEAD_TASK_INFERENCE = ("maxprob", "entropy")
+
+
 class CosineHead(nn.Linear):
     """Cosine-normalised head, no bias: score_c(f) = tau * cos(w_c, f) (Gidaris & Komodakis, CVPR 2018; a common
     remedy for the seen-class bias in GZSL). Every row scores on the same bounded scale whatever its length, so a
@@ -135,7 +140,7 @@ class MultiHeadTaskNet(MultiTaskModule):
     def __init__(self, task_classes: Sequence[Sequence[int]], class_incremental: bool,
                  task_inference: str = "maxprob"):
         super().__init__()
-        if task_inference not in ("maxprob", "entropy"):
+        if task_inference not in HEAD_TASK_INFERENCE:
             raise ValueError(f"task_inference must be 'maxprob' or 'entropy', got {task_inference!r}")
         self.task_classes = [list(map(int, c)) for c in task_classes]
         self.n_tasks = len(self.task_classes)

@@ -178,6 +178,10 @@ def _sync_in_space(S: Tensor, k: int | None, min_modules: int, max_modules: int,
 
 
 # -- key-vector hard attention over modules -------------------------------------------------------------
+#: the gate's estimators (modules.estimator; modnet.validate keeps a copy, checked by the tests)
+ESTIMATORS = ("st", "gumbel")
+
+
 class ModuleGate(nn.Module):
     """Hard top-k attention over the modules of a task's masked layers (one layer or several).
 
@@ -198,7 +202,7 @@ class ModuleGate(nn.Module):
                  tau: float = 1.0, estimator: str = "st", k_share: float = 0.75,
                  n_inherited: Sequence[int] | None = None):
         super().__init__()
-        if estimator not in ("st", "gumbel"):
+        if estimator not in ESTIMATORS:
             raise ValueError(f"gate estimator must be 'st' or 'gumbel', got {estimator!r}")
         assignments = [assignment] if isinstance(assignment, Tensor) else list(assignment)
         n_modules = [int(a.max()) + 1 for a in assignments]

@@ -21,7 +21,8 @@ class Digits:
 
     @staticmethod
     def check(bcfg, command):
-        """gzsl / explain: ``unseen_classes`` some, not all, of the digits 0..9."""
+        """gzsl / explain: ``unseen_classes`` some, not all, of the digits 0..9; gzsl: at least
+        ``MIN_SEEN_CLASSES`` left seen (its class-disjoint validation holds one out and keeps two)."""
         unseen = bcfg.get("unseen_classes") if command != "cl" else None
         if unseen is None:
             return
@@ -30,6 +31,13 @@ class Digits:
                 or len(set(values)) == 10:
             raise ValueError(f"config benchmark.unseen_classes={values} must be some (not all) of the digits 0..9, "
                              "e.g. [2, 7]")
+        from scenarios.sources import MIN_SEEN_CLASSES
+
+        seen = 10 - len(set(values))
+        if command == "gzsl" and seen < MIN_SEEN_CLASSES:
+            raise ValueError(f"config benchmark.unseen_classes leaves {seen} of the 10 digits seen; a GZSL run "
+                             f"needs at least {MIN_SEEN_CLASSES} (its class-disjoint validation holds one out and "
+                             "keeps two): list fewer unseen classes")
 
     @staticmethod
     def arrays(bcfg):

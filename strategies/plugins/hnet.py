@@ -32,6 +32,10 @@ from modnet.nets.models import MultiHeadTaskNet
 from strategies.template import train_condition
 
 
+#: hnet.init (modnet.validate keeps a copy, checked by the tests)
+INITS = ("xavier", "hyperfan")
+
+
 class HNetModel(MultiHeadTaskNet):
     """Main MLP whose weights come from a hypernetwork, one output head (a slice of outputs) per task.
 
@@ -64,8 +68,8 @@ class HNetModel(MultiHeadTaskNet):
             # task embeddings and chunk embeddings: hypnettorch already draws them from N(0, 1)
         elif init == "hyperfan":
             self.hnet.apply_chunked_hyperfan_init(mnet=self.mnet)
-        else:
-            raise ValueError(f"hnet init must be 'xavier' or 'hyperfan', got {init!r}")
+        else:  # INITS
+            raise ValueError(f"hnet init must be one of {INITS}, got {init!r}")
 
     def task_logits(self, x: Tensor, task: int, condition=None) -> Tensor:
         out = self.mnet(x.flatten(1), weights=self.hnet(cond_id=task))
