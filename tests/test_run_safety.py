@@ -318,6 +318,33 @@ def test_a_new_run_never_writes_over_another_runs_results(tmp_path, capsys):
     assert _matrices(out) == {"naive": json.loads(before)["strategies"]["naive"]["accuracy_matrix"]}
 
 
+def test_the_same_run_stopped_half_way_over_its_finished_results_leaves_them_finished(tiny_run, tmp_path,
+                                                                                     monkeypatch):
+    """The same run started again without resume into its finished folder, stopped after its first strategy
+    (Ctrl-C planted in the second): results.json was rewritten after that strategy ("complete": false, naive
+    gone), so the finished run read as unfinished. Now it is kept as it was until the new run ends; then that
+    run's results (the same numbers) replace it."""
+    from modnet.jobs import cl
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    before = (out / "results.json").read_bytes()
+    real = cl.run_strategy
+
+    def stopped_at_naive(name, *args, **kwargs):
+        if name == "naive":
+            raise KeyboardInterrupt
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(cl, "run_strategy", stopped_at_naive)
+    assert main([*TINY, f"output_dir={out}"]) == 130
+    assert (out / "results.json").read_bytes() == before
+    monkeypatch.setattr(cl, "run_strategy", real)
+    assert main([*TINY, f"output_dir={out}"]) == 0
+    after = json.loads((out / "results.json").read_text())
+    assert after["complete"] is True and _matrices(out) == _matrices(tiny_run)
+
+
 @pytest.mark.parametrize("job, results_name", [("gzsl", "results.json"), ("explain", "explanations.json")])
 def test_gzsl_and_explain_never_write_over_another_runs_results(tmp_path, capsys, job, results_name):
     """As modnet cl: a folder holding another run's results (its fingerprint: the same job with seed=1) is one

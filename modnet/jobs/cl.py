@@ -131,7 +131,8 @@ def run_cl(cfg) -> dict:
     The folder is locked for the run (``modnet.runner.rundir.RunLock``); ``resume=true`` first checks the
     run fingerprint stored there (nothing in the folder is written before), and without resume a folder
     holding another run's results is refused; results.json is rewritten after
-    every finished strategy (``"complete": false`` until the last), so a crash loses no finished result."""
+    every finished strategy (``"complete": false`` until the last), so a crash loses no finished result; a
+    finished results.json of the same run, started again, is left as it is until the new run ends."""
     from modnet.eval.metrics import check_loggers
     from modnet.nets.build import ARCHS
     from modnet.runner.cpu import prepare_cpu
@@ -215,6 +216,14 @@ def _run_all(cfg, out: Path, ckpt_dir: Path, device, run_fingerprint: dict, back
     # a strategy whose training diverges (NaNLossError) is recorded and left out; the others still run
     failed: dict[str, dict] = {}
     order = run_order(cfg)  # modnet first when a buffer is sized to its stored bytes (mem_size=match)
+    # The same run started again over its finished results (the fingerprint was checked): they stay as they are
+    # until this run ends, so that a rerun stopped half-way does not leave the finished run as "complete": false.
+    from modnet.runner.rundir import holds_finished_results
+
+    keep_finished = holds_finished_results(out)
+    if keep_finished:
+        print(f"{out}/results.json holds this run's finished results: kept until this run ends "
+              "(resume=true reuses the finished strategies instead of training them again)")
     for seed in seeds:
         info = build_benchmark(cfg.benchmark, cfg.scenario, seed,
                                device=device if cfg.train.data_on_device else None)
@@ -239,7 +248,7 @@ def _run_all(cfg, out: Path, ckpt_dir: Path, device, run_fingerprint: dict, back
             except NaNLossError as err:
                 failed[name] = {"seed": seed, "error": str(err)}
                 print(f"[{name} seed {seed}] failed: {err}; left out of the comparison, the other strategies go on")
-            if not (seed == seeds[-1] and name == order[-1]):
+            if not (seed == seeds[-1] and name == order[-1]) and not keep_finished:
                 write_results(out, {**results_so_far(False), "failed": failed}, plots=False)  # a crash loses nothing
     results = {**results_so_far(not failed), "failed": failed}
     write_results(out, results, plots=bool(results["strategies"]))

@@ -265,6 +265,14 @@ def check_fresh_start(out: Path, current: dict) -> None:
                           "with its settings, or remove that folder to start over there")
 
 
+def holds_finished_results(out: Path) -> bool:
+    """Whether ``out/results.json`` is a finished run's (``"complete": true``); unreadable: no."""
+    try:
+        return json.loads((Path(out) / "results.json").read_text()).get("complete") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _has_checkpoints(out: Path) -> bool:
     folder = Path(out) / "checkpoints"
     return folder.is_dir() and any(p.is_file() for p in folder.iterdir())
