@@ -56,19 +56,12 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path, run_f
     from modnet.runner.evaluation import stream_evaluator
     from modnet.runner.runner import (ExperienceLine, finished_result, load_checkpoint, make_strategy,
                                       run_experiences, save_finished, set_seed, strategy_result)
-    from modnet.runner.rundir import describe_difference
     from strategies.registry import get_strategy
 
     state = load_checkpoint(ckpt_path) if cfg.resume else None
     meta = {"fingerprint": json.dumps(run_fingerprint, sort_keys=True)} if run_fingerprint is not None else {}
     if state is not None and run_fingerprint is not None and "fingerprint" in state:
-        from modnet.runner.rundir import with_added_keys
-
-        stored = with_added_keys(json.loads(state["fingerprint"]), run_fingerprint)
-        if stored != run_fingerprint:
-            raise ConfigError(f"resume=true but checkpoint {ckpt_path} is of a different run; differing keys: "
-                              f"{describe_difference(stored, run_fingerprint)}. Run with the same settings, or "
-                              "choose another output_dir")
+        _check_checkpoint_fingerprint(ckpt_path, json.loads(state["fingerprint"]), run_fingerprint)
     done = finished_result(state)
     if done is not None:
         print(f"[{name} seed {seed}] finished earlier: results taken from {ckpt_path}")
@@ -172,8 +165,6 @@ def _check_checkpoint_fingerprints(ckpt_dir: Path, run_fingerprint: dict) -> Non
     """resume=true: every checkpoint that holds a fingerprint must hold this run's (a folder without
     fingerprint.json, or one replaced by hand), checked before anything is written; unreadable checkpoints
     are left to ``load_checkpoint`` (a warning, that strategy restarts)."""
-    from modnet.runner.rundir import describe_difference, with_added_keys
-
     for path in sorted(ckpt_dir.glob("*_seed*.pt")) if ckpt_dir.is_dir() else []:
         if path.name.endswith("_final.pt"):
             continue
@@ -182,11 +173,20 @@ def _check_checkpoint_fingerprints(ckpt_dir: Path, run_fingerprint: dict) -> Non
             stored = json.loads(state["fingerprint"]) if isinstance(state, dict) and "fingerprint" in state else None
         except Exception:
             continue
-        stored = with_added_keys(stored, run_fingerprint)
-        if stored is not None and stored != run_fingerprint:
-            raise ConfigError(f"resume=true but checkpoint {path} is of a different run; differing keys: "
-                              f"{describe_difference(stored, run_fingerprint)}. Run with the same settings, or "
-                              "choose another output_dir")
+        if stored is not None:
+            _check_checkpoint_fingerprint(path, stored, run_fingerprint)
+
+
+def _check_checkpoint_fingerprint(path: Path, stored: dict, run_fingerprint: dict) -> None:
+    """One line where checkpoint ``path``'s fingerprint ``stored`` is not this run's (keys added since it was
+    written are taken as this run's: ``with_added_keys``)."""
+    from modnet.runner.rundir import describe_difference, with_added_keys
+
+    stored = with_added_keys(stored, run_fingerprint)
+    if stored != run_fingerprint:
+        raise ConfigError(f"resume=true but checkpoint {path} is of a different run; differing keys: "
+                          f"{describe_difference(stored, run_fingerprint)}. Run with the same settings, or "
+                          "choose another output_dir")
 
 
 def _run_all(cfg, out: Path, ckpt_dir: Path, device, run_fingerprint: dict, backend: str | None) -> dict:
