@@ -46,7 +46,15 @@ What is checked (where the config has the key):
   the bench's ``mlp*.in_dim/hidden/n_layers``, ``hnet.batch_size``, ``modules.cluster.min_modules`` <=
   ``max_modules``) positive; ``modules.k_share`` in [0, 1], dropouts in [0, 1), momentum, shrinkages and DER's
   weights >= 0; every number finite; ``seeds`` >= 0; in ``gzsl`` at least 3 seen classes and
-  ``calibration.val_splits`` null or positive; in ``explain`` a ``run_dir`` holding a finished run's files.
+  ``calibration.val_splits`` null or positive; in ``explain`` a ``run_dir`` holding a finished run's files;
+* where the modular network is built: ``model.gate=topk`` with ``model.modules=sync``, and
+  ``task_inference.method=ood`` (class-incremental) not with ``model.transform_heads=never``; ``model.arch=cnn`` /
+  ``resnet18`` in cl and gzsl not on vectors (mnist1d, digits without ``image``, an npz of 2-d x); in cl
+  ``benchmark.max_train_samples`` at least the class count (an npz's: its first samples hold every class);
+* in ``explain``: ``explain.task`` / ``explain.layers`` indices >= 0, its counts >= 1 and choices; without ``run_dir``
+  the network it trains (configs/cl.yaml with ``train.cl_overrides``) has module gates, the task
+  (< ``train.experiences``) and the masked layers (MLP: ``model.n_layers``, small CNN: its conv blocks + 1);
+* in ``bench``: ``archs`` among its networks, ``image_shape`` [C, H, W] with H, W >= 2 ** the CNN's conv blocks.
 """
 from __future__ import annotations
 
@@ -55,6 +63,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -101,6 +110,7 @@ BENCH_LOOPS = ("plain", "naive", "naive (Avalanche loader)", "modnet (Avalanche 
 # the baselines the bench times on a second task (``baselines``), each a loop "<name> (second task)"
 BENCH_BASELINES = ("naive", "ewc", "si", "lwf", "gem", "agem", "replay", "cumulative", "der", "derpp")
 BENCH_LOOPS += tuple(f"{name} (second task)" for name in BENCH_BASELINES)
+BENCH_ARCHS = ("mlp", "mlp_small", "cnn", "resnet18")  # modnet.jobs.bench.MLP_ARCHS and its image networks
 
 
 def _check_ratio_clock(cfg: DictConfig) -> None:
@@ -168,7 +178,7 @@ def validate(job: str, cfg: DictConfig) -> None:
     if job == "gzsl":
         _check_zsl_names(cfg)
     if job == "explain":
-        check_choice("explain.backend", cfg.explain.backend, EXPLAIN_BACKENDS)
+        check_explain_options(cfg)
         if cfg.get("run_dir"):  # it was checked after the job's imports (~6 s)
             from modnet.runner.rundir import check_run_dir
 
@@ -194,6 +204,18 @@ def validate(job: str, cfg: DictConfig) -> None:
 
         run_order(cfg)
     _check_strategy_options(cfg)  # the keys a job has (gzsl and explain train the modular network too)
+    if job == "cl":
+        _check_arch_inputs(cfg)
+        if "modnet" in cfg.strategies:
+            _check_modular_network(cfg, cfg.scenario == "class", _gives_images(cfg.benchmark))
+    if job == "gzsl":  # the seen network (task-incremental), and continual GZSL's (class-incremental)
+        _check_arch_inputs(cfg)
+        continual_modnet = bool(OmegaConf.select(cfg, "continual.enabled")) \
+            and "modnet" in (OmegaConf.select(cfg, "strategies") or [])
+        _check_modular_network(cfg, continual_modnet, _gives_images(cfg.benchmark))
+        _check_gzsl_gate_layers(cfg)
+    if job == "explain":
+        _check_explain(cfg)
     if "loggers" in cfg and isinstance(cfg.loggers, ListConfig):
         unknown = [name for name in cfg.loggers if name not in LOGGERS]
         if unknown:
@@ -208,7 +230,7 @@ def validate(job: str, cfg: DictConfig) -> None:
 
         check_output_dir(Path(out))
     if job == "cl" and "benchmark" in cfg and cfg.benchmark.get("name") == "npz" and cfg.benchmark.get("path"):
-        _check_cl_npz(cfg.benchmark)
+        _check_cl_npz(cfg.benchmark, cfg.model.arch)
     if job in ("gzsl", "explain") and "benchmark" in cfg and cfg.benchmark.get("name") == "npz" \
             and cfg.benchmark.get("path") and not cfg.get("run_dir"):
         _check_zsl_npz(cfg.benchmark, job)
@@ -315,7 +337,15 @@ def _check_bench_counts(cfg: DictConfig) -> None:
         if isinstance(cfg.get(group), DictConfig):
             for arch in cfg[group]:
                 _number(cfg, f"{group}.{arch}", minimum=0, strict=True, integer=True)
-    for arch in cfg.get("archs") or []:  # fewer samples than a batch: one short step an epoch, reported as the batch
+    archs = cfg.get("archs") or []
+    for arch in archs:  # an unknown one stopped after the imports, and after the archs before it were timed
+        if arch not in BENCH_ARCHS or arch not in (cfg.get("samples") or {}) or arch not in (cfg.get("batch_size")
+                                                                                             or {}):
+            raise ConfigError(f"config archs lists {arch!r}: choose among {', '.join(BENCH_ARCHS)}, each with an "
+                              "entry in samples and batch_size")
+    if any(arch in ("cnn", "resnet18") for arch in archs):
+        _check_bench_image_shape(cfg.get("image_shape"), "cnn" in archs)
+    for arch in archs:  # fewer samples than a batch: one short step an epoch, reported as the batch
         n, batch = OmegaConf.select(cfg, f"samples.{arch}"), OmegaConf.select(cfg, f"batch_size.{arch}")
         if isinstance(n, int) and isinstance(batch, int) and n < batch:
             raise ConfigError(f"config samples.{arch}={n} is fewer than batch_size.{arch}={batch}: give at least a "
@@ -325,6 +355,161 @@ def _check_bench_counts(cfg: DictConfig) -> None:
                               any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in sizes)):
         raise ConfigError(f"config sync_sizes={sizes!r} must be a list of unit counts >= 2 (e.g. [1000,2000,4000]), "
                           "or [] for no SynC timing")
+
+
+def check_explain_options(cfg: DictConfig) -> None:
+    """explain's choices and counts (``modnet.jobs.explain`` calls it too, for a config passed to ``run_explain``);
+    ``explain.task`` null or an index >= 0, ``explain.layers`` null or indices >= 0 (an index the network lacks
+    stopped after it had trained)."""
+    check_choice("explain.backend", cfg.explain.backend, EXPLAIN_BACKENDS)
+    check_choice("niwt.inverse", cfg.niwt.inverse, ("lstsq", "pinv"))
+    check_choice("train.scenario", cfg.train.scenario, SCENARIOS)
+    for key in ("explain.top_k", "explain.max_test_samples", "train.experiences", "niwt.importance_batch_size"):
+        _number(cfg, key, minimum=1, strict=False, integer=True)
+    _number(cfg, "explain.task", minimum=0, strict=False, integer=True,
+            meaning="the task whose gates' modules are explained; null = the latest")
+    layers = cfg.explain.layers
+    values = list(layers) if isinstance(layers, ListConfig) else None
+    if layers is not None and (not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
+                                                 for v in values)):
+        raise ConfigError(f"config explain.layers={layers!r} must list masked-layer indices >= 0, e.g. [0, 2], or be "
+                          "null (every masked layer)")
+
+
+def _check_explain(cfg: DictConfig) -> None:
+    """Without ``run_dir``, the network explain trains here (the modnet strategy on configs/cl.yaml with
+    ``train.cl_overrides``, as ``modnet.jobs.explain.train_here`` composes it): its settings, module gates to
+    explain, ``explain.task`` one of its ``train.experiences`` tasks and ``explain.layers`` among its masked layers
+    (the MLP's ``model.n_layers``; the small CNN's conv blocks and its fc layer). Each stopped after the network
+    had trained. With ``run_dir`` the run's network is checked when it is loaded."""
+    if cfg.get("run_dir"):
+        return
+    from modnet.config import compose
+
+    t = cfg.train
+    net = compose("cl", [f"scenario={t.scenario}", "strategies=[modnet]", f"seed={cfg.seed}",
+                         f"train.epochs={t.epochs}", "progress=false", *t.cl_overrides])
+    check_choice("model.arch", net.model.arch, ARCHS)
+    _check_strategy_options(net)
+    _check_modular_network(net, t.scenario == "class", images=True)
+    if net.model.gate != "topk":
+        raise ConfigError(f"train.cl_overrides sets model.gate={net.model.gate}: the network trained here would have "
+                          "no module gates, so no modules to explain; leave model.gate=topk")
+    task = cfg.explain.task
+    if isinstance(task, int) and task >= t.experiences:
+        raise ConfigError(f"config explain.task={task}: the network trained here has {t.experiences} task(s) "
+                          f"(train.experiences={t.experiences}); choose 0..{t.experiences - 1}, or null (the latest)")
+    n_layers = _masked_layers(net.model, images=True)  # explain's data are images: auto is the small CNN
+    beyond = [v for v in (cfg.explain.layers or []) if n_layers is not None and v >= n_layers]
+    if beyond:
+        what = ("MLP (model.n_layers)" if net.model.arch == "mlp" else
+                "small CNN (its model.cnn_channels conv blocks and fc layer)")
+        raise ConfigError(f"config explain.layers={list(cfg.explain.layers)}: the {what} trained here has {n_layers} "
+                          f"masked layers; choose among 0..{n_layers - 1}, or null (every masked layer)")
+
+
+def _gives_images(bcfg) -> bool | None:
+    """Whether the benchmark's inputs are images (N, C, H, W) (False: vectors), where its config says so: digits
+    by ``image``, MNIST-1D's sequences, torchvision's data sets; None: the data decide (an npz file)."""
+    from scenarios.benchmarks._torchvision import FOLDERS
+
+    name = bcfg.get("name") if isinstance(bcfg, DictConfig) else None
+    if name == "digits":
+        return bool(bcfg.get("image", False))
+    return False if name == "mnist1d" else True if name in FOLDERS else None
+
+
+def _masked_layers(model: DictConfig, images: bool | None) -> int | None:
+    """The modular network's masked layers (``modnet.nets.models``): the MLP's ``model.n_layers``, the small CNN's
+    conv blocks and its fc layer; ``model.arch=auto`` is the CNN on images. None: not known here (ResNet-18, auto
+    on data of an unknown kind)."""
+    arch = model.arch if model.arch != "auto" or images is None else "cnn" if images else "mlp"
+    return {"mlp": model.n_layers, "cnn": len(model.cnn_channels) + 1}.get(arch)
+
+
+def _check_modular_network(cfg: DictConfig, class_incremental: bool, images: bool | None) -> None:
+    """What ``modnet.nets.build.build_modular_network`` refuses when the modnet strategy is built (after the
+    imports; in cl after the strategies before it trained): gates over modules that are not made; class-incremental
+    with task keys, the task picked by the transform heads (``task_inference.method=ood``) that
+    ``model.transform_heads=never`` leaves out, and the feature Gaussians (``features``, auto's choice on an MLP) of
+    a masked layer the network lacks."""
+    m = cfg.get("model")
+    if not isinstance(m, DictConfig):
+        return
+    if m.get("gate") == "topk" and m.get("modules") != "sync":
+        raise ConfigError(f"config model.gate=topk switches functional modules on and off, and model.modules="
+                          f"{m.get('modules')} makes none: set model.modules=sync, or model.gate=none")
+    method = OmegaConf.select(cfg, "task_inference.method")
+    if not (class_incremental and m.get("task_keys")):
+        return
+    if method == "ood" and m.get("transform_heads") == "never":
+        raise ConfigError("config task_inference.method=ood picks the task with the transform heads, which "
+                          "model.transform_heads=never leaves out: set model.transform_heads=auto, inference or "
+                          "always, or choose another task_inference.method")
+    n = _masked_layers(m, images)
+    mlp = m.arch == "mlp" or (m.arch == "auto" and images is False)
+    if n is not None and (method == "features" or (method == "auto" and mlp)):
+        ti = cfg.task_inference
+        layers = [ti.get("feature_layer", 0)] + [pair[0] for pair in (ti.get("feature_extra_layers") or []) if pair]
+        beyond = [k for k in layers if isinstance(k, int) and not 0 <= k < n]
+        if beyond:
+            raise ConfigError(f"config task_inference.feature_layer / feature_extra_layers name masked layer "
+                              f"{beyond[0]} and the network has {n}: choose among 0..{n - 1}")
+
+
+def _check_gzsl_gate_layers(cfg: DictConfig) -> None:
+    """gzsl's novelty gate (``gate.layer``, else each of ``gate.layers``) at a masked layer of the seen network,
+    counted from the end when negative (-1: the head's input), where the config fixes the count (``modnet.jobs.gzsl``
+    checked it after the imports, or once the network had trained)."""
+    gate = cfg.get("gate")
+    if not isinstance(gate, DictConfig) or not gate.get("enabled"):
+        return
+    n = _masked_layers(cfg.model, _gives_images(cfg.get("benchmark")))
+    layers = [gate.layer] if gate.get("layer") is not None else list(gate.get("layers") or [])
+    for layer in layers if n is not None else []:
+        if isinstance(layer, int):
+            check_gate_layer_index(layer, n)
+
+
+def check_gate_layer_index(layer: int, n: int) -> None:
+    """gzsl's gate layer ``layer`` among the ``n`` masked layers (``modnet.jobs.gzsl`` checks it too, where the
+    network is built)."""
+    if not -n <= layer < n:
+        raise ConfigError(f"gate layer {layer} but the network has {n} masked layers: choose among {-n}..{n - 1}")
+
+
+def _check_arch_inputs(cfg: DictConfig) -> None:
+    """``model.arch=cnn`` / ``resnet18`` take images (N, C, H, W): on a benchmark of vectors every strategy stopped
+    when its network was built (``modnet.nets.build.resolve_arch``), after the imports (cl and gzsl). MNIST-1D
+    gives vectors, digits without ``benchmark.image`` too (an npz file's arrays in cl: ``_check_cl_npz``)."""
+    arch, bcfg = cfg.model.arch, cfg.get("benchmark")
+    if arch not in ("cnn", "resnet18") or not isinstance(bcfg, DictConfig):
+        return
+    name = bcfg.get("name")
+    if name == "mnist1d" or (name == "digits" and not bcfg.get("image", False)):
+        fix = ", or benchmark.image=true (digits as 8x8 images)" if name == "digits" else ""
+        raise ConfigError(f"config model.arch={arch} needs images (N, C, H, W) and benchmark={name} gives vectors; "
+                          f"use model.arch=mlp or auto{fix}")
+
+
+def _check_bench_image_shape(shape, cnn: bool) -> None:
+    """``image_shape`` of the bench's image loops: [C, H, W], each positive; the small CNN (``model.cnn_channels``
+    of configs/training.yaml, the bench's network settings) halves H and W per conv block, so they must be at least
+    2 ** blocks (else "not enough values to unpack" or "too small for 2 pooling blocks", after the MLP loops)."""
+    values = list(shape) if isinstance(shape, ListConfig) else None
+    if values is None or len(values) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+                                                  for v in values):
+        raise ConfigError(f"config image_shape={shape!r} must be [channels, height, width] of positive integers, "
+                          "e.g. [3, 32, 32]")
+    if cnn:
+        import configs
+
+        channels = OmegaConf.load(Path(configs.__file__).parent / "training.yaml").model.cnn_channels
+        side = 2 ** len(channels)
+        if min(values[1:]) < side:
+            raise ConfigError(f"config image_shape={values}: the bench's small CNN halves height and width in each "
+                              f"of its {len(channels)} conv blocks; give a height and width of at least {side}, e.g. "
+                              "image_shape=[3,32,32] (or leave cnn out of archs)")
 
 
 def _check_compile(option) -> None:
@@ -406,6 +591,11 @@ def _check_class_split(bcfg, n_classes: int, source: str) -> None:
             sorted(values) != list(range(n_classes)):  # other values: _check_strategy_options names them
         raise ConfigError(f"config benchmark.class_order={list(order)} must list each of {source}'s {n_classes} class "
                           f"ids 0..{n_classes - 1} once, or be null")
+    limit = bcfg.get("max_train_samples")
+    if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < n_classes:
+        raise ConfigError(f"config benchmark.max_train_samples={limit} keeps fewer training samples than {source}'s "
+                          f"{n_classes} classes, so some class has none; raise it to at least {n_classes} (or null: "
+                          "all samples)")
     n_exp = bcfg.get("n_experiences")
     if bcfg.get("variant", "split") == "split" and isinstance(n_exp, int) and n_exp > 0 and n_classes % n_exp:
         raise ConfigError(f"{source} has {n_classes} classes, which do not split evenly into benchmark.n_experiences="
@@ -499,9 +689,75 @@ def _check_zsl_npz(bcfg, job: str) -> None:
     check_zsl_npz(path, read_npz(path), min_seen=MIN_SEEN_CLASSES if job == "gzsl" else 1)
 
 
-def _check_cl_npz(bcfg) -> None:
+def _check_cl_npz(bcfg, arch: str) -> None:
+    """The file's arrays, its classes against ``n_experiences`` and ``max_train_samples`` (the first samples hold
+    every class: ``scenarios.build_benchmark`` refused it after the imports), vectors not given to a CNN."""
     from scenarios.sources import check_npz_arrays, read_npz
 
     path = Path(bcfg.path).expanduser()  # a file: the npz benchmark's own check ran first (_check_benchmark)
     arrays = check_npz_arrays(path, read_npz(path))
-    _check_class_split(bcfg, len(set(arrays["y_train"].tolist())), str(path))
+    labels = arrays["y_train"].tolist()
+    _check_class_split(bcfg, len(set(labels)), str(path))
+    limit = bcfg.get("max_train_samples")
+    missing = sorted(set(labels) - set(labels[:limit])) if limit else []
+    if missing:
+        raise ConfigError(f"config benchmark.max_train_samples={limit} keeps the first {limit} training samples of "
+                          f"{path}, which hold none of classes {missing}; raise it (or null: all samples)")
+    if arch in ("cnn", "resnet18") and arrays["x_train"].ndim == 2:
+        raise ConfigError(f"config model.arch={arch} needs images (N, C, H, W) and {path} holds vectors x_train "
+                          f"{arrays['x_train'].shape}; use model.arch=mlp or auto")
+
+
+# -- modnet ddp's launcher (modnet.runner.distributed.main): its own options, checked before torch is imported --
+def check_ddp_config(cfg, world_size: int) -> None:
+    """Bad settings for a data-parallel run, named with the fix, before any process trains."""
+    from strategies.registry import STRATEGIES, get_strategy
+
+    for name in cfg.strategies:
+        entry = get_strategy(name)
+        if entry.gradient_sync is None:
+            ok = [n for n, e in STRATEGIES.items() if e.gradient_sync is not None]
+            raise ConfigError(f"strategy {name} cannot run data-parallel: {entry.no_ddp_reason or 'unverified'}; "
+                              f"use `modnet cl` for it, or one of {', '.join(ok)}")
+    if world_size < 1:
+        raise ConfigError(f"the number of processes must be >= 1, got {world_size}")
+    if cfg.train.batch_size % world_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must be divisible "
+                          f"by the {world_size} processes; use e.g. train.batch_size="
+                          f"{cfg.train.batch_size + world_size - cfg.train.batch_size % world_size}")
+    if cfg.resume:
+        raise ConfigError("resume=true is not supported by data-parallel runs; rerun without it")
+
+
+def with_default_ddp_output(overrides: Sequence[str]) -> list[str]:
+    if any(o.lstrip("+").startswith("output_dir=") for o in overrides):
+        return list(overrides)
+    return [*overrides, "output_dir=outputs/ddp"]
+
+
+def split_nproc(argv: list[str]) -> tuple[int | None, list[str]]:
+    """``--nproc N`` (or torchrun's ``--nproc-per-node N``) out of the overrides."""
+    names = ("--nproc", "--nproc-per-node", "--nproc_per_node")
+    nproc, rest, it = None, [], iter(argv)
+    for a in it:
+        key, eq, value = a.partition("=")
+        if key in names:
+            value = value if eq else next(it, "")
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"{key} needs a number of processes >= 1, got {value!r}")
+            nproc = int(value)
+        else:
+            rest.append(a)
+    return nproc, rest
+
+
+def precheck_ddp(argv: list[str]) -> None:
+    """``modnet ddp``'s launcher checks, before the import of ``modnet.runner.distributed`` (torch): ``--nproc``,
+    what ``modnet cl`` checks, and the data-parallel settings (the batch against ``--nproc`` where it is given;
+    its default, the GPU count, is known after the import, where ``main`` checks again)."""
+    from modnet.config import compose
+
+    nproc, overrides = split_nproc(argv)
+    cfg = compose("cl", with_default_ddp_output(overrides))
+    validate("cl", cfg)
+    check_ddp_config(cfg, nproc or 1)

@@ -333,6 +333,13 @@ def test_gzsl_gate_layer_beyond_the_network_stops_before_training(tmp_path, caps
 # most with another library's words (torch's "Invalid learning rate", Avalanche's n_experiences message naming
 # neither key, torchvision's "Dataset not found"): each is now one line from modnet.validate.
 LATE_INPUTS = [
+    # modnet ddp's launcher: its own options and the data-parallel settings (torch was imported with the launcher)
+    (["ddp", "--nproc", "0"], ("--nproc", ">= 1")),
+    (["ddp", "--nproc=abc"], ("--nproc", "'abc'")),
+    (["ddp", "--nproc", "2", "strategies=[naive]", "train.batch_size=33"],
+     ("train.batch_size=33", "divisible", "2 processes")),
+    (["ddp", "strategies=[modnet,agem]"], ("agem", "data-parallel")),
+    (["ddp", "train.lr=-1"], ("train.lr=-1", ">= 0")),
     (["cl", "benchmark=npz"], ("benchmark=npz", "benchmark.path")),
     (["gzsl", "benchmark=npz"], ("benchmark=npz", "benchmark.path")),
     (["cl", "benchmark=npz", "benchmark.path=/nonexistent/d.npz"], ("/nonexistent/d.npz", "not found")),
@@ -398,6 +405,37 @@ LATE_INPUTS = [
     (["cl", "benchmark=mnist1d", "benchmark.train_split=1.5"], ("benchmark.train_split=1.5", "(0, 1)")),
     (["gzsl", "calibration.val_splits=0"], ("calibration.val_splits=0", "> 0")),
     (["explain", "run_dir={tmp}/no-run"], ("run_dir", "no-run", "does not exist")),
+    # explain's task and layers were checked after the network it explains had trained (~10 s)
+    (["explain", "explain.task=99"], ("explain.task=99", "1 task", "train.experiences=1")),
+    (["explain", "explain.task=-1"], ("explain.task=-1", ">= 0")),
+    (["explain", "explain.layers=[7]"], ("explain.layers=[7]", "3 masked layers", "0..2")),
+    (["explain", "train.cl_overrides=['model.arch=mlp','model.n_layers=1']", "explain.layers=[1]"],
+     ("explain.layers=[1]", "model.n_layers", "1 masked layers")),
+    (["explain", "explain.layers=[]"], ("explain.layers=[]", "null")),
+    (["explain", "explain.top_k=0"], ("explain.top_k=0", ">= 1")),
+    (["explain", "niwt.inverse=svd"], ("niwt.inverse", "lstsq")),
+    (["explain", "train.cl_overrides=['model.gate=none']"], ("model.gate=none", "no module gates")),
+    # refused by modnet.nets.build when each strategy's network was built, after the imports
+    (["cl", "benchmark=mnist1d", "model.arch=cnn"], ("model.arch=cnn", "benchmark=mnist1d", "vectors", "mlp")),
+    (["cl", "model.arch=resnet18"], ("model.arch=resnet18", "benchmark.image=true")),
+    (["gzsl", "model.arch=cnn"], ("model.arch=cnn", "vectors", "benchmark.image=true")),
+    (["cl", "model.modules=none"], ("model.gate=topk", "model.modules=none", "model.modules=sync")),
+    (["cl", "scenario=class", "task_inference.method=ood", "model.transform_heads=never"],
+     ("task_inference.method=ood", "model.transform_heads=never", "inference")),
+    (["cl", "scenario=class", "model.arch=mlp", "task_inference.method=features", "task_inference.feature_layer=5"],
+     ("task_inference.feature_layer", "masked layer 5", "0..1")),
+    (["cl", "benchmark=mnist1d", "scenario=class", "task_inference.feature_extra_layers=[[2,0.5]]"],
+     ("feature_extra_layers", "masked layer 2", "0..1")),
+    # gzsl's gate layer on the MLP: after the imports (on digits' vectors, model.arch=auto: after training)
+    (["gzsl", "gate.layers=[0,9]"], ("gate layer 9", "2 masked layers", "-2..1")),
+    (["gzsl", "benchmark.image=true", "gate.layer=-4"], ("gate layer -4", "3 masked layers")),
+    # "hold none of classes", after the imports; a cap below the class count leaves some class out whatever the data
+    (["cl", "benchmark.max_train_samples=5"], ("benchmark.max_train_samples=5", "10 classes", "at least 10")),
+    # the bench's image loops: an unpacking error, or "too small for 2 pooling blocks; use fewer
+    # model.cnn_channels" (a key the bench lacks), after minutes of MLP loops
+    (["bench", "image_shape=[3,2]"], ("image_shape=[3, 2]", "[channels, height, width]")),
+    (["bench", "image_shape=[3,2,2]"], ("image_shape=[3, 2, 2]", "at least 4")),
+    (["bench", "archs=[mlp,vgg]"], ("archs", "'vgg'", "resnet18")),
 ] + ([(["cl", "device=mps"], ("device=mps", "device=cpu"))] if sys.platform != "darwin" else [])
 
 
@@ -417,6 +455,25 @@ def test_late_failures_stop_before_heavy_imports(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.stdout.split() == ["2"] * len(LATE_INPUTS) + ["False"], proc.stderr
+
+
+@pytest.mark.parametrize("overrides, words", [
+    # the first 6 samples of the file's 4 classes hold classes 0 and 1 only (scenarios.build_benchmark said so
+    # after the imports)
+    (["benchmark.max_train_samples=6"], ["benchmark.max_train_samples=6", "none of classes [2, 3]"]),
+    (["model.arch=cnn"], ["model.arch=cnn", "vectors", "(40, 5)"]),
+])
+def test_npz_sample_cap_and_cnn_on_vectors_are_one_line_before_the_imports(tmp_path, overrides, words):
+    y = np.array([0, 1] * 4 + [2, 3] * 16)
+    path = _npz(tmp_path / "d.npz", y_train=y)
+    argv = ["cl", "benchmark=npz", f"benchmark.path={path}", "benchmark.n_experiences=2", *overrides,
+            f"output_dir={tmp_path / 'o'}"]
+    code = f"import sys; from modnet.cli import main; rc = main({argv!r}); print(rc, 'torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.split() == ["2", "False"], proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(w in lines[0] for w in words), proc.stderr
 
 
 def test_a_sample_cap_that_leaves_classes_out_names_itself(tmp_path, capsys):

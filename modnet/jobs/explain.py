@@ -37,14 +37,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from modnet.config import ConfigError, check_choice, compose, resolve_device
-from modnet.explain.gradcam import (BACKENDS, TIE, module_attributes, rank_attributes, save_attribution_bars,
+from modnet.config import ConfigError, compose, resolve_device
+from modnet.explain.gradcam import (TIE, module_attributes, rank_attributes, save_attribution_bars,
                                     save_map_figure, save_overlay_grid, write_module_explanations_md)
 from modnet.explain.network import (GRAD_CAM, INPUT_X_GRADIENT, ModuleMaps, TaskTest, gated_modules, gated_tasks,
                                     tap_class_importance)
 from modnet.nets.models import HATNet
 from modnet.runner.rundir import check_run_dir
-from scenarios.base import SCENARIOS
 
 # the strategy whose final network a run folder holds (checkpoints/modnet_seed{S}_final.pt)
 RUN_STRATEGY = "modnet"
@@ -78,12 +77,9 @@ class ExplainedNetwork:
 
 
 def _check_config(cfg: DictConfig) -> None:
-    check_choice("explain.backend", cfg.explain.backend, BACKENDS)
-    check_choice("niwt.inverse", cfg.niwt.inverse, ("lstsq", "pinv"))
-    check_choice("train.scenario", cfg.train.scenario, SCENARIOS)
-    for key in ("explain.top_k", "explain.max_test_samples", "train.experiences", "niwt.importance_batch_size"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"config {key} must be >= 1, got {OmegaConf.select(cfg, key)}")
+    from modnet.validate import check_explain_options
+
+    check_explain_options(cfg)  # modnet.validate's, also for a config passed to run_explain directly
     if cfg.run_dir:  # before the output folder is made
         run_dir = check_run_dir(cfg.run_dir)
         if Path(cfg.output_dir).expanduser().resolve() == run_dir.resolve():

@@ -317,8 +317,9 @@ def gate_validated(gate) -> bool:
 
 
 def _check_gate_layer_index(layer: int, n: int) -> None:
-    if not -n <= layer < n:
-        raise ConfigError(f"gate layer {layer} but the network has {n} masked layers: choose among {-n}..{n - 1}")
+    from modnet.validate import check_gate_layer_index
+
+    check_gate_layer_index(layer, n)
 
 
 def novelty_of_tests(cfg: DictConfig, net: SeenNetwork, layer: int):
