@@ -127,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         if job == "run":
             run_default(overrides)
         elif job in COMMANDS:
+            if job == "ddp" and "LOCAL_RANK" not in os.environ and not any(o in ("-h", "--help") for o in overrides):
+                # the launcher's checks before torch's import
+                from modnet.validate import precheck_ddp
+
+                precheck_ddp(overrides)
             module, func = COMMANDS[job].split(":")
             return getattr(importlib.import_module(module), func)(overrides)
         elif job in JOBS:

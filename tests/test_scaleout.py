@@ -165,7 +165,7 @@ def test_ddp_says_a_matched_buffer_size_on_rank_0_only(monkeypatch, capsys, tmp_
 
 def test_ddp_rejects_bad_settings_before_training():
     from modnet.config import ConfigError, compose
-    from modnet.runner.distributed import check_ddp_config
+    from modnet.validate import check_ddp_config
 
     with pytest.raises(ConfigError, match="divisible"):
         check_ddp_config(compose("cl", ["strategies=[naive]", "train.batch_size=33"]), 2)

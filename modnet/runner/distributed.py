@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from modnet.config import ConfigError, check_choice, compose, run_as_script
+from modnet.validate import check_ddp_config, split_nproc, with_default_ddp_output
 
 # How the ranks of each strategy agree on a gradient (see the module docstring) is declared with the strategy
 # in its registry file (``register_strategy(..., gradient_sync=...)``); every strategy that declares one keeps
@@ -272,26 +273,6 @@ def max_param_divergence(model: nn.Module) -> float:
     return float(diff)
 
 
-def check_ddp_config(cfg, world_size: int) -> None:
-    """Bad settings for a data-parallel run, named with the fix, before any process trains."""
-    from strategies.registry import STRATEGIES, get_strategy
-
-    for name in cfg.strategies:
-        entry = get_strategy(name)
-        if entry.gradient_sync is None:
-            ok = [n for n, e in STRATEGIES.items() if e.gradient_sync is not None]
-            raise ConfigError(f"strategy {name} cannot run data-parallel: {entry.no_ddp_reason or 'unverified'}; "
-                              f"use `modnet cl` for it, or one of {', '.join(ok)}")
-    if world_size < 1:
-        raise ConfigError(f"the number of processes must be >= 1, got {world_size}")
-    if cfg.train.batch_size % world_size:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch and must be divisible "
-                          f"by the {world_size} processes; use e.g. train.batch_size="
-                          f"{cfg.train.batch_size + world_size - cfg.train.batch_size % world_size}")
-    if cfg.resume:
-        raise ConfigError("resume=true is not supported by data-parallel runs; rerun without it")
-
-
 class _SameParameters:
     """Runner hook: after each experience the ranks' parameters must be equal."""
 
@@ -390,28 +371,6 @@ def _build_main_first(build_benchmark, cfg, seed, ctx: DistContext):
     return info
 
 
-def _with_default_output(overrides: Sequence[str]) -> list[str]:
-    if any(o.lstrip("+").startswith("output_dir=") for o in overrides):
-        return list(overrides)
-    return [*overrides, "output_dir=outputs/ddp"]
-
-
-def _split_nproc(argv: list[str]) -> tuple[int | None, list[str]]:
-    """``--nproc N`` (or torchrun's ``--nproc-per-node N``) out of the overrides."""
-    names = ("--nproc", "--nproc-per-node", "--nproc_per_node")
-    nproc, rest, it = None, [], iter(argv)
-    for a in it:
-        key, eq, value = a.partition("=")
-        if key in names:
-            value = value if eq else next(it, "")
-            if not value.isdigit() or int(value) < 1:
-                raise ConfigError(f"{key} needs a number of processes >= 1, got {value!r}")
-            nproc = int(value)
-        else:
-            rest.append(a)
-    return nproc, rest
-
-
 def main(argv: list[str] | None = None) -> int:
     """Under torchrun: one rank of the run. Otherwise (``modnet ddp [--nproc N] overrides``): check the
     config, lock ``output_dir`` and record the run's fingerprint there (``modnet.runner.rundir``), then start
@@ -421,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print("usage: modnet ddp [--nproc N] [key=value ...]   (the keys of `modnet cl`)\n" + (__doc__ or ""))
         return 0
-    nproc, overrides = _split_nproc(argv)
-    overrides = _with_default_output(overrides)
+    nproc, overrides = split_nproc(argv)
+    overrides = with_default_ddp_output(overrides)
     if "LOCAL_RANK" in os.environ:  # started by torchrun
         from modnet.imports import defer_unused_imports
 
