@@ -46,7 +46,9 @@ What is checked (where the config has the key):
   the bench's ``mlp*.in_dim/hidden/n_layers``, ``hnet.batch_size``, ``modules.cluster.min_modules`` <=
   ``max_modules``) positive; ``modules.k_share`` in [0, 1], dropouts in [0, 1), momentum, shrinkages and DER's
   weights >= 0; every number finite; ``seeds`` >= 0; in ``gzsl`` at least 3 seen classes and
-  ``calibration.val_splits`` null or positive; in ``explain`` a ``run_dir`` holding a finished run's files;
+  ``calibration.val_splits`` null or positive; in ``explain`` a ``run_dir`` holding a finished run's files, not
+  its ``output_dir``, a ``run_seed`` of its seeds, and ``explain.task`` / ``explain.layers`` within the network
+  its results.json records;
 * where the modular network is built: ``model.gate=topk`` with ``model.modules=sync``, and
   ``task_inference.method=ood`` (class-incremental) not with ``model.transform_heads=never``; ``model.arch=cnn`` /
   ``resnet18`` in cl and gzsl not on vectors (mnist1d, digits without ``image``, an npz of 2-d x); in cl
@@ -180,9 +182,7 @@ def validate(job: str, cfg: DictConfig) -> None:
     if job == "explain":
         check_explain_options(cfg)
         if cfg.get("run_dir"):  # it was checked after the job's imports (~6 s)
-            from modnet.runner.rundir import check_run_dir
-
-            check_run_dir(cfg.run_dir)
+            _check_explained_run(cfg)
     if job == "gzsl":
         _number(cfg, "calibration.val_splits", minimum=0, strict=True, integer=True)
     for key in ("train.channels_last",) + (("channels_last",) if job == "bench" else ()):
@@ -406,6 +406,39 @@ def _check_explain(cfg: DictConfig) -> None:
                 "small CNN (its model.cnn_channels conv blocks and fc layer)")
         raise ConfigError(f"config explain.layers={list(cfg.explain.layers)}: the {what} trained here has {n_layers} "
                           f"masked layers; choose among 0..{n_layers - 1}, or null (every masked layer)")
+
+
+def check_explain_run_dir(cfg: DictConfig) -> Path:
+    """explain's ``run_dir``: a finished run's folder (``check_run_dir``), not its own ``output_dir`` (explain would
+    write its config.yaml and fingerprint over the run's, which could then be neither explained nor resumed)."""
+    from modnet.runner.rundir import check_run_dir
+
+    run_dir = check_run_dir(cfg.run_dir)
+    if Path(cfg.output_dir).expanduser().resolve() == run_dir.resolve():
+        raise ConfigError(f"output_dir={cfg.output_dir} is the run_dir: explain writes its own results.json "
+                          "and config.yaml; choose another folder, e.g. output_dir="
+                          f"{Path(cfg.output_dir) / 'explain'}")
+    return run_dir
+
+
+def _check_explained_run(cfg: DictConfig) -> None:
+    """``run_dir`` a finished run, ``run_seed`` one of its seeds with a recorded network (results.json), and
+    ``explain.task`` / ``explain.layers`` among that network's gated tasks and masked layers, as results.json records
+    them (each was refused after the imports, the last two once the network had loaded)."""
+    from modnet.runner.rundir import run_network_record
+
+    run_dir = check_explain_run_dir(cfg)
+    seed, _, record = run_network_record(run_dir, cfg.get("run_seed"))
+    tasks = sorted(int(t) for t in record.get("modules_by_task") or {})  # recorded where it has several gates
+    task = cfg.explain.task
+    if isinstance(task, int) and tasks and task not in tasks:
+        raise ConfigError(f"config explain.task={task}: the tasks with module gates are {tasks} in the network of "
+                          f"{run_dir} (seed {seed}); choose one of them, or null (the latest)")
+    n_layers = len(record.get("layers") or [])
+    beyond = [v for v in (cfg.explain.layers or []) if n_layers and v >= n_layers]
+    if beyond:
+        raise ConfigError(f"config explain.layers={list(cfg.explain.layers)}: the network of {run_dir} (seed {seed}) "
+                          f"has {n_layers} masked layers; choose among 0..{n_layers - 1}, or null (every masked layer)")
 
 
 def _gives_images(bcfg) -> bool | None:

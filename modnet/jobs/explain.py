@@ -43,7 +43,7 @@ from modnet.explain.gradcam import (TIE, module_attributes, rank_attributes, sav
 from modnet.explain.network import (GRAD_CAM, INPUT_X_GRADIENT, ModuleMaps, TaskTest, gated_modules, gated_tasks,
                                     tap_class_importance)
 from modnet.nets.models import HATNet
-from modnet.runner.rundir import check_run_dir
+from modnet.runner.rundir import check_run_dir, run_network_record
 
 # the strategy whose final network a run folder holds (checkpoints/modnet_seed{S}_final.pt)
 RUN_STRATEGY = "modnet"
@@ -77,15 +77,11 @@ class ExplainedNetwork:
 
 
 def _check_config(cfg: DictConfig) -> None:
-    from modnet.validate import check_explain_options
+    from modnet.validate import check_explain_options, check_explain_run_dir
 
     check_explain_options(cfg)  # modnet.validate's, also for a config passed to run_explain directly
     if cfg.run_dir:  # before the output folder is made
-        run_dir = check_run_dir(cfg.run_dir)
-        if Path(cfg.output_dir).expanduser().resolve() == run_dir.resolve():
-            raise ConfigError(f"output_dir={cfg.output_dir} is the run_dir: explain writes its own results.json "
-                              "and config.yaml; choose another folder, e.g. output_dir="
-                              f"{Path(cfg.output_dir) / 'explain'}")
+        check_explain_run_dir(cfg)
     import matplotlib  # before training: a colour map name matplotlib lacks stopped the run at its first plot
 
     for key in ("explain.cmap", "explain.signed_cmap"):
@@ -117,11 +113,7 @@ def load_run(cfg: DictConfig, device: torch.device) -> ExplainedNetwork:
     run_dir = check_run_dir(cfg.run_dir)
     run_cfg = OmegaConf.load(run_dir / "config.yaml")
     results = json.loads((run_dir / "results.json").read_text())
-    seeds = results.get("seeds") or [results.get("seed", run_cfg.get("seed", 0))]
-    seed = int(seeds[0] if cfg.run_seed is None else cfg.run_seed)
-    if seed not in [int(s) for s in seeds]:  # a checkpoint of that seed would be another run's (a killed one's)
-        raise ValueError(f"run_seed={seed} is not a seed of the run in {run_dir} (its results.json lists "
-                         f"{[int(s) for s in seeds]}); choose one of them")
+    seed, _, record = run_network_record(run_dir, cfg.run_seed)
     checkpoint = run_dir / "checkpoints" / f"{RUN_STRATEGY}_seed{seed}_final.pt"
     if not checkpoint.is_file():
         found = sorted(p.name for p in (run_dir / "checkpoints").glob("*_final.pt"))
@@ -129,7 +121,6 @@ def load_run(cfg: DictConfig, device: torch.device) -> ExplainedNetwork:
                                 f"networks there: {', '.join(found) or 'none'}); run the modnet strategy to the "
                                 "end, or choose run_seed")
     model = load_network(checkpoint, run_cfg).to(device).eval()
-    record = _network_record(results, seeds, seed, run_dir)
     limit, bcfg = cfg.explain.max_test_samples, run_cfg.benchmark
     source = {"run_dir": str(run_dir), "checkpoint": str(checkpoint), "seed": seed}
     if "strategies" in results:  # a continual-learning run: its Avalanche benchmark
@@ -145,22 +136,6 @@ def load_run(cfg: DictConfig, device: torch.device) -> ExplainedNetwork:
     return ExplainedNetwork(model, zsl_tests(data, model, limit, seed), knowledge,
                             picture_shape(bcfg.name, data.input_shape), record, source,
                             tuple(int(c) for c in data.unseen_classes))
-
-
-def _network_record(results: dict, seeds: list, seed: int, run_dir: Path) -> dict:
-    """results.json's record of the network of ``seed``: ``strategies.modnet.network`` (modnet cl) or a
-    top-level ``network`` / ``network_per_seed`` (modnet gzsl); with several seeds, the seed's own record."""
-    entry = results.get("strategies", {}).get(RUN_STRATEGY)
-    if entry is None:  # modnet gzsl: one network per seed, the first seed's also at the top level
-        entry = {"network": (results.get("network_per_seed") or {}).get(str(seed), results.get("network"))}
-        if entry["network"] is None:
-            del entry["network"]
-    elif "per_seed" in entry:
-        entry = entry["per_seed"][[int(s) for s in seeds].index(seed)]
-    if "network" not in entry:
-        raise ValueError(f"{run_dir / 'results.json'} records no network of the modnet strategy "
-                         "(strategies.modnet.network or network)")
-    return entry["network"]
 
 
 def train_here(cfg: DictConfig, device: torch.device) -> ExplainedNetwork:

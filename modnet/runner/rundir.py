@@ -63,6 +63,35 @@ def check_run_dir(path) -> Path:
     return run_dir
 
 
+def run_network_record(run_dir: Path, run_seed: int | None) -> tuple[int, list[int], dict]:
+    """(the seed, the run's seeds, results.json's record of that seed's modnet network) of the finished run in
+    ``run_dir`` (``check_run_dir``), without torch: ``modnet explain`` reads it, and ``modnet.validate`` checks
+    ``explain.task`` / ``explain.layers`` against it before the imports. ``run_seed`` None: the run's first seed.
+    The record is ``strategies.modnet.network`` (modnet cl; per seed under ``per_seed``) or a top-level ``network``
+    / ``network_per_seed`` (modnet gzsl)."""
+    results = json.loads((Path(run_dir) / "results.json").read_text())
+    seeds = [int(s) for s in (results.get("seeds") or [results.get("seed", 0)])]
+    seed = int(seeds[0] if run_seed is None else run_seed)
+    if seed not in seeds:  # a checkpoint of that seed would be another run's (a killed one's)
+        raise ValueError(f"run_seed={seed} is not a seed of the run in {run_dir} (its results.json lists "
+                         f"{seeds}); choose one of them")
+    ran = results.get("strategies")
+    if ran is not None and "modnet" not in ran:
+        raise ValueError(f"run_dir {run_dir} holds no network of the modnet strategy (its results.json has "
+                         f"{', '.join(ran) or 'no strategy'}); give a run of modnet cl with modnet among its strategies")
+    entry = (ran or {}).get("modnet")
+    if entry is None:  # modnet gzsl: one network per seed, the first seed's also at the top level
+        entry = {"network": (results.get("network_per_seed") or {}).get(str(seed), results.get("network"))}
+        if entry["network"] is None:
+            del entry["network"]
+    elif "per_seed" in entry:
+        entry = entry["per_seed"][seeds.index(seed)]
+    if "network" not in entry:
+        raise ValueError(f"{Path(run_dir) / 'results.json'} records no network of the modnet strategy "
+                         "(strategies.modnet.network or network)")
+    return seed, seeds, entry["network"]
+
+
 class RunLock:
     """``with RunLock(out):`` holds ``out/.lock`` for the run (see the module docstring)."""
 
