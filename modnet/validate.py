@@ -23,6 +23,13 @@ What is checked (where the config has the key):
   stored bytes, ``strategies.memory``);
 * ``benchmark.unseen_classes`` without repeats, ``benchmark.test_fraction`` in (0, 1); in ``gzsl`` ``methods``
   (known names, no repeats) and ``calibration.mode``, in ``explain`` ``explain.backend``, among their choices;
+* in ``gzsl`` (``check_gzsl_options``, which ``modnet.jobs.gzsl`` calls too): ``baseline_features`` and the
+  ``features`` of clswgan / large_train.clswgan among their choices, ``seen_network.hat_c`` >= 0, every key of
+  ``large_train.clswgan`` / ``large_train.ale`` a key of its block, the gate's quantiles, layers, shrinkage and
+  ``min_seen_ratio``, ``calibration.val_min_classes`` >= 1; where a NIWT method runs the niwt block's choices
+  (``init``, ``bias``, ``scale``, ``map_fit``), layers, ``map_ridge`` >= 0, ``seen_budget`` in [0, 1),
+  ``map_fit=centered`` with ``map_bias``, and no ``niwt_positives`` or ``niwt.scale`` on a cosine head;
+  ``model.arch`` among its choices; with ``continual.enabled`` the strategies;
 * the chosen benchmark's own check (``scenarios.registry``'s ``check``: npz, awa2 and cub a ``path`` that is
   there, torchvision's data sets their folder under ``root`` unless ``download``, digits' ``unseen_classes``
   some of 0..9) and in ``cl`` ``benchmark.class_order`` every class id once and ``n_experiences`` a divisor of
@@ -95,7 +102,14 @@ POSITIVE = ("train.epochs", "train.batch_size", "train.eval_batch_size", "benchm
 # modnet gzsl's method names and calibration modes, modnet explain's map backends: checked here, before the
 # 7-8 s of imports their registries take (modnet.zsl.registry, modnet.jobs.gzsl, modnet.explain.gradcam)
 ZSL_METHODS = ("ale", "clswgan", "devise", "eszsl", "niwt", "niwt_positives", "niwt_routed")
-CALIBRATION_MODES = ("none", "fixed", "validate")
+CALIBRATION_MODES = ("none", "fixed", "validate")  # calibration.mode (modnet.jobs.gzsl reads it from here)
+BASELINE_FEATURES = ("auto", "penultimate", "input")                # modnet.zsl.seen_network.BASELINE_FEATURES
+NIWT_INITS = ("seen_centered", "seen_mean")                          # modnet.methods.niwt.UNSEEN_INITS
+NIWT_BIASES = ("zero", "seen_mean")                                  # modnet.methods.niwt.UNSEEN_BIASES
+NIWT_SCALES = ("none", "norm", "negatives", "positives", "seen_budget")  # modnet.methods.niwt.UNSEEN_SCALES
+NIWT_MAP_FITS = ("adam", "centered")                                 # modnet.methods.niwt.MAP_FITS
+NIWT_METHODS = ("niwt", "niwt_routed", "niwt_positives")  # the gzsl methods that read the niwt block
+LARGE_METHOD_BLOCKS = ("clswgan", "ale")  # method blocks that large_train may override key by key (modnet.jobs.gzsl)
 EXPLAIN_BACKENDS = ("captum", "pytorch_grad_cam")
 
 NON_NEGATIVE = ("modules.settle_epochs",)
@@ -178,13 +192,11 @@ def validate(job: str, cfg: DictConfig) -> None:
     _check_device(cfg.get("device"))
     _check_learning_rates(cfg)
     if job == "gzsl":
-        _check_zsl_names(cfg)
+        check_gzsl_options(cfg)
     if job == "explain":
         check_explain_options(cfg)
         if cfg.get("run_dir"):  # it was checked after the job's imports (~6 s)
             _check_explained_run(cfg)
-    if job == "gzsl":
-        _number(cfg, "calibration.val_splits", minimum=0, strict=True, integer=True)
     for key in ("train.channels_last",) + (("channels_last",) if job == "bench" else ()):
         value = OmegaConf.select(cfg, key)
         if value not in (None, True, False, "auto"):
@@ -213,7 +225,7 @@ def validate(job: str, cfg: DictConfig) -> None:
         continual_modnet = bool(OmegaConf.select(cfg, "continual.enabled")) \
             and "modnet" in (OmegaConf.select(cfg, "strategies") or [])
         _check_modular_network(cfg, continual_modnet, _gives_images(cfg.benchmark))
-        _check_gzsl_gate_layers(cfg)
+        check_gzsl_gate_layers(cfg)
     if job == "explain":
         _check_explain(cfg)
     if "loggers" in cfg and isinstance(cfg.loggers, ListConfig):
@@ -236,12 +248,18 @@ def validate(job: str, cfg: DictConfig) -> None:
         _check_zsl_npz(cfg.benchmark, job)
 
 
+_ABSENT = object()
+
+
 def _number(cfg: DictConfig, key: str, *, minimum: float, strict: bool, integer: bool = False,
-            allow: tuple = (), maximum: float | None = None, below: bool = False, meaning: str = "") -> None:
+            allow: tuple = (), maximum: float | None = None, below: bool = False, meaning: str = "",
+            nullable: bool = True) -> None:
     """``key`` (when the config has it) a number >= ``minimum`` (> when ``strict``), <= ``maximum`` when given
-    (< when ``below``), an integer when ``integer``, or one of ``allow``; ``meaning`` ends the message."""
-    value = OmegaConf.select(cfg, key)
-    if value is None or value in allow:  # null: the option's own default (e.g. class_ewc_lambda = ewc_lambda)
+    (< when ``below``), an integer when ``integer``, or one of ``allow``, or null unless not ``nullable``;
+    ``meaning`` ends the message."""
+    value = OmegaConf.select(cfg, key, default=_ABSENT)
+    # null: the option's own default (e.g. class_ewc_lambda = ewc_lambda)
+    if value is _ABSENT or (value is None and nullable) or (value is not None and value in allow):
         return
     kind = "an integer" if integer else "a finite number"
     ok = (not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
@@ -490,10 +508,10 @@ def _check_modular_network(cfg: DictConfig, class_incremental: bool, images: boo
                               f"{beyond[0]} and the network has {n}: choose among 0..{n - 1}")
 
 
-def _check_gzsl_gate_layers(cfg: DictConfig) -> None:
+def check_gzsl_gate_layers(cfg: DictConfig) -> None:
     """gzsl's novelty gate (``gate.layer``, else each of ``gate.layers``) at a masked layer of the seen network,
     counted from the end when negative (-1: the head's input), where the config fixes the count (``modnet.jobs.gzsl``
-    checked it after the imports, or once the network had trained)."""
+    checked it after the imports, or once the network had trained; it calls this for a config passed to ``run_gzsl``)."""
     gate = cfg.get("gate")
     if not isinstance(gate, DictConfig) or not gate.get("enabled"):
         return
@@ -697,6 +715,96 @@ def _check_zsl_names(cfg: DictConfig) -> None:
                           "per seed")
     if OmegaConf.select(cfg, "calibration.mode") is not None:
         check_choice("calibration.mode", cfg.calibration.mode, CALIBRATION_MODES)
+
+
+def check_gzsl_options(cfg: DictConfig) -> None:
+    """Every name, choice and number of a gzsl config that the config alone decides (``modnet.jobs.gzsl`` calls it
+    too, for a config passed to ``run_gzsl``; the gate's layers against the network: ``check_gzsl_gate_layers``):
+    methods and calibration.mode, the baselines' features, ``seen_network.hat_c``, ``large_train``'s method
+    blocks, the gate's settings, ``calibration.val_splits`` / ``val_min_classes``, the niwt block where a NIWT
+    method reads it, ``model.arch`` and, with ``continual.enabled``, the strategies."""
+    _check_zsl_names(cfg)
+    for key in ("baseline_features", "clswgan.features", "large_train.clswgan.features"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None:
+            check_choice(key, value, BASELINE_FEATURES)
+    check_benchmark_width(cfg.benchmark)
+    _number(cfg, "seen_network.hat_c", minimum=0, strict=False,
+            meaning="HAT's capacity regulariser weight of the seen-class network; null = hat.c")
+    check_large_method_blocks(cfg)
+    _check_gzsl_gate(cfg)
+    _number(cfg, "calibration.val_splits", minimum=0, strict=True, integer=True,
+            meaning="null = enough splits for val_min_classes")
+    _number(cfg, "calibration.val_min_classes", minimum=0, strict=True, integer=True,
+            nullable=OmegaConf.select(cfg, "calibration.val_splits") is not None,
+            meaning="the pseudo-unseen classes the validation splits hold in all")
+    if set(cfg.methods) & set(NIWT_METHODS):
+        _check_niwt(cfg)
+    check_choice("model.arch", cfg.model.arch, ARCHS)
+    if OmegaConf.select(cfg, "continual.enabled"):
+        _check_strategies(cfg.strategies)
+
+
+def check_large_method_blocks(cfg: DictConfig) -> None:
+    """Every key of ``large_train.<block>`` (clswgan, ale) must be a key of that block (``modnet.jobs.gzsl``
+    checks it again where it applies them)."""
+    for block in LARGE_METHOD_BLOCKS:
+        for key in (cfg.get("large_train") or {}).get(block) or {}:
+            if key not in cfg[block]:
+                raise ConfigError(f"large_train.{block}.{key} is not a key of the {block} block; use one of "
+                                  f"{', '.join(cfg[block])}")
+
+
+def _check_gzsl_gate(cfg: DictConfig) -> None:
+    """The novelty gate's quantiles, layer indices, shrinkage and min_seen_ratio (its layers against the network:
+    ``check_gzsl_gate_layers``)."""
+    gate = cfg.gate
+
+    def fraction(v) -> bool:
+        try:
+            return 0.0 < float(v) <= 1.0
+        except (TypeError, ValueError):
+            return False
+
+    if gate.quantile is not None and not fraction(gate.quantile):
+        raise ConfigError(f"gate.quantile={gate.quantile} must be a number in (0, 1], or null (chosen on the "
+                          "validation splits)")
+    if not gate.quantiles or not all(fraction(q) for q in gate.quantiles):
+        raise ConfigError(f"gate.quantiles={list(gate.quantiles or [])} must be a non-empty list of numbers in (0, 1]")
+    layers = [gate.layer] if gate.layer is not None else list(gate.layers or [])
+    if not layers or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
+        raise ConfigError(f"gate.layer / gate.layers must be masked-layer indices (0 = the first, -1 = the head's "
+                          f"input), got {layers!r}")
+    _number(cfg, "gate.shrinkage", minimum=0, strict=False, maximum=1, nullable=False,
+            meaning="the shrinkage of the pooled covariance towards tr/d I")
+    if gate.get("min_seen_ratio") is not None and not fraction(gate.min_seen_ratio):
+        raise ConfigError(f"gate.min_seen_ratio={gate.min_seen_ratio} must be a number in (0, 1], or null (the best "
+                          "validation H whatever the seen classes lose)")
+
+
+def _check_niwt(cfg: DictConfig) -> None:
+    """The niwt block (read by niwt, niwt_routed and niwt_positives): its choices, layers and numbers, and what
+    a cosine head (no bias, rows compared by direction) leaves NIWT nothing to set."""
+    niwt = cfg.niwt
+    for key, choices in (("init", NIWT_INITS), ("bias", NIWT_BIASES), ("scale", NIWT_SCALES),
+                         ("map_fit", NIWT_MAP_FITS)):
+        check_choice(f"niwt.{key}", niwt[key], choices)
+    layers = [niwt.layer] if niwt.layer is not None else list(niwt.get("layers") or [])
+    if not layers or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
+        raise ConfigError(f"niwt.layer / niwt.layers must be masked-layer indices (-2 = one block before the "
+                          f"head's input, -1 = its input), got {layers!r}")
+    _number(cfg, "niwt.map_ridge", minimum=0, strict=False, nullable=False,
+            meaning="map_fit=centered's ridge, x the mean squared norm of the centred knowledge")
+    _number(cfg, "niwt.seen_budget", minimum=0, strict=False, maximum=1, below=True, nullable=False,
+            meaning="the share of seen training images the unseen rows may take, e.g. niwt.seen_budget=0.075")
+    if niwt.map_fit == "centered" and not niwt.map_bias:
+        raise ConfigError("niwt.map_fit=centered predicts (k - mean k) B, which needs niwt.map_bias=true")
+    if cfg.model.get("head", "linear") == "cosine" and "niwt_positives" in cfg.methods:
+        raise ConfigError("model.head=cosine scores rows by direction (no bias): niwt_positives sets one bias "
+                          "per unseen row; leave it out of methods, e.g. methods=[niwt,eszsl,ale,clswgan]")
+    if cfg.model.get("head", "linear") == "cosine" and niwt.scale != "none":
+        raise ConfigError(f"model.head=cosine scores rows by direction (no bias): niwt.scale={niwt.scale} "
+                          "has nothing to set; use niwt.scale=none")
 
 
 def _check_seeds(seeds) -> None:

@@ -148,11 +148,15 @@ def test_choice_copies_match_their_modules():
 
     assert validate.BENCH_LOOPS == tuple(RATIO_LOOPS)
     from modnet.explain.gradcam import BACKENDS
-    from modnet.jobs.gzsl import CALIBRATION_MODES
     from modnet.zsl.registry import zsl_method_names
 
-    assert (validate.ZSL_METHODS, validate.CALIBRATION_MODES, validate.EXPLAIN_BACKENDS) == \
-        (tuple(zsl_method_names()), CALIBRATION_MODES, BACKENDS)
+    assert (validate.ZSL_METHODS, validate.EXPLAIN_BACKENDS) == (tuple(zsl_method_names()), BACKENDS)
+    from modnet.methods.niwt import MAP_FITS, UNSEEN_BIASES, UNSEEN_INITS, UNSEEN_SCALES
+    from modnet.zsl.seen_network import BASELINE_FEATURES
+
+    assert (validate.BASELINE_FEATURES, validate.NIWT_INITS, validate.NIWT_BIASES, validate.NIWT_SCALES,
+            validate.NIWT_MAP_FITS) == (BASELINE_FEATURES, UNSEEN_INITS, UNSEEN_BIASES, UNSEEN_SCALES, MAP_FITS)
+    assert set(validate.NIWT_METHODS) == {n for n in zsl_method_names() if n.startswith("niwt")}
     from modnet.nets.models import HEAD_TASK_INFERENCE
     from modnet.nets.modules import ESTIMATORS
     from strategies.plugins.hnet import INITS
@@ -436,6 +440,29 @@ LATE_INPUTS = [
     (["bench", "image_shape=[3,2]"], ("image_shape=[3, 2]", "[channels, height, width]")),
     (["bench", "image_shape=[3,2,2]"], ("image_shape=[3, 2, 2]", "at least 4")),
     (["bench", "archs=[mlp,vgg]"], ("archs", "'vgg'", "resnet18")),
+    # modnet.jobs.gzsl's own config checks (_check), after the imports (~6 s)
+    (["gzsl", "niwt.init=bogus"], ("niwt.init", "'bogus'", "seen_centered")),
+    (["gzsl", "niwt.bias=bogus"], ("niwt.bias", "'bogus'", "seen_mean")),
+    (["gzsl", "niwt.scale=bogus"], ("niwt.scale", "'bogus'", "seen_budget")),
+    (["gzsl", "niwt.map_fit=bogus"], ("niwt.map_fit", "'bogus'", "centered")),
+    (["gzsl", "niwt.layer=null", "niwt.layers=[]"], ("niwt.layer", "masked-layer indices")),
+    (["gzsl", "niwt.map_ridge=-1"], ("niwt.map_ridge=-1", ">= 0")),
+    (["gzsl", "niwt.seen_budget=1.5"], ("niwt.seen_budget=1.5", "[0, 1)", "niwt.seen_budget=0.075")),
+    (["gzsl", "niwt.map_fit=centered", "niwt.map_bias=false"], ("niwt.map_fit=centered", "niwt.map_bias=true")),
+    (["gzsl", "model.head=cosine"], ("model.head=cosine", "niwt_positives", "methods=")),
+    (["gzsl", "model.head=cosine", "methods=[niwt]", "niwt.scale=norm"], ("model.head=cosine", "niwt.scale=none")),
+    (["gzsl", "baseline_features=bogus"], ("baseline_features", "'bogus'", "penultimate")),
+    (["gzsl", "clswgan.features=bogus"], ("clswgan.features", "'bogus'", "penultimate")),
+    (["gzsl", "large_train.clswgan.features=bogus"], ("large_train.clswgan.features", "'bogus'", "penultimate")),
+    (["gzsl", "~clswgan.syn_num"], ("large_train.clswgan.syn_num", "not a key of the clswgan block")),
+    (["gzsl", "seen_network.hat_c=-1"], ("seen_network.hat_c=-1", ">= 0", "hat.c")),
+    (["gzsl", "calibration.val_min_classes=0"], ("calibration.val_min_classes=0", "> 0")),
+    (["gzsl", "gate.quantile=1.5"], ("gate.quantile=1.5", "(0, 1]")),
+    (["gzsl", "gate.quantiles=[0,0.5]"], ("gate.quantiles=[0, 0.5]", "(0, 1]")),
+    (["gzsl", "gate.layer=a"], ("gate.layer", "masked-layer indices", "['a']")),
+    (["gzsl", "gate.shrinkage=2"], ("gate.shrinkage=2", "[0, 1]")),
+    (["gzsl", "gate.min_seen_ratio=0"], ("gate.min_seen_ratio=0", "(0, 1]")),
+    (["gzsl", "model.arch=bogus"], ("model.arch", "'bogus'", "resnet18")),
 ] + ([(["cl", "device=mps"], ("device=mps", "device=cpu"))] if sys.platform != "darwin" else [])
 
 

@@ -268,7 +268,10 @@ def test_continual_gzsl_leaves_out_a_buffer_that_modnets_bytes_cannot_hold(tmp_p
     (["niwt.map_fit=centered", "niwt.map_bias=false"], ["niwt.map_fit=centered", "map_bias=true"]),
     (["niwt.map_ridge=-1"], ["niwt.map_ridge=-1", ">= 0"]),
     (["niwt.seen_budget=1.0"], ["niwt.seen_budget=1.0", "[0, 1)"]),
-    (["calibration.val_splits=0"], ["calibration.val_splits=0", "at least 1"]),
+    (["calibration.val_splits=0"], ["calibration.val_splits=0", "> 0"]),
+    (["calibration.val_min_classes=0"], ["calibration.val_min_classes=0", "> 0"]),
+    (["gate.shrinkage=2"], ["gate.shrinkage=2", "[0, 1]"]),
+    (["baseline_features=bogus"], ["baseline_features", "penultimate"]),
     (["+large_train.clswgan.width=8"], ["large_train.clswgan.width", "hidden", "syn_num"]),
     (["seen_network.hat_c=-1"], ["seen_network.hat_c=-1", ">= 0"]),
 ])

@@ -55,13 +55,12 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from modnet.config import ConfigError, check_choice
+from modnet.config import ConfigError
 from modnet.methods.gzsl import gzsl_evaluate, predict_scores
 from modnet.runner.runner import RunnerHook
 from modnet.zsl.niwt import fixed_layer
@@ -74,17 +73,6 @@ FIGURES = ("U", "S", "H", "zsl_accuracy", "seen_accuracy", "forgetting", "class_
 # ----------------------------------------------------------------------------------------------------------
 # The benchmark and the strategies
 # ----------------------------------------------------------------------------------------------------------
-def check_strategy_names(names: Sequence[str]) -> None:
-    from strategies.registry import strategy_names
-
-    valid = strategy_names()
-    if not names:
-        raise ConfigError(f"config strategies is empty; continual GZSL runs each of them: choose among "
-                          f"{', '.join(valid)}")
-    for name in names:
-        check_choice("strategies", name, valid)
-
-
 class ColumnSpace:
     """The continual benchmark's classes as network columns: the seen classes in experience order, then the
     unseen ones (``classes[k]`` is the dataset class of column k); data and knowledge re-indexed by column."""

@@ -42,12 +42,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 
-from modnet.config import ConfigError, check_choice, resolve_device, with_absolute_data_paths
+from modnet.config import resolve_device, with_absolute_data_paths
 from modnet.eval.metrics import shows_progress_bars
 from modnet.eval.tables import aggregate_runs, markdown_table, mean_std_cell
 from modnet.methods.gzsl import GZSLResult, gzsl_evaluate, restricted_accuracy, select_calibration
-from modnet.zsl.registry import get_zsl_method, zsl_method_names
-from modnet.zsl.seen_network import BASELINE_FEATURES, SeenNetwork
+from modnet.zsl.registry import get_zsl_method
+from modnet.zsl.seen_network import SeenNetwork
 from scenarios.zsl import ZSLData, class_disjoint_validation, load_zsl_from_config, pseudo_unseen_count
 
 METRICS = ("U", "S", "H", "zsl_accuracy")
@@ -118,24 +118,14 @@ def with_benchmark_width(cfg: DictConfig) -> DictConfig:
     return _with_value(cfg, "model", "hidden", None if width is None else int(width))
 
 
-LARGE_METHOD_BLOCKS = ("clswgan", "ale")  # method blocks that large_train may override key by key
-
-
-def _check_large_method_blocks(cfg: DictConfig) -> None:
-    """Every key of ``large_train.<block>`` (clswgan, ale) must be a key of that block (one ConfigError line)."""
-    for block in LARGE_METHOD_BLOCKS:
-        for key in (cfg.get("large_train") or {}).get(block) or {}:
-            if key not in cfg[block]:
-                raise ConfigError(f"large_train.{block}.{key} is not a key of the {block} block; use one of "
-                                  f"{', '.join(cfg[block])}")
-
-
 def with_large_train(cfg: DictConfig, data: ZSLData) -> DictConfig:
     """``cfg`` with ``large_train``'s batch_size / epochs / lr in its ``train`` block, its threads as ``threads``
     (null: torch's default, every core), and the keys of its
     ``clswgan`` and ``ale`` sub-blocks in those method blocks, when ``data`` has at least ``large_train.min_samples``
     training samples (configs/gzsl.yaml says why); ``cfg`` itself otherwise. Decided once on the full data, so
     the class-disjoint validation split (fewer samples) runs with the same settings as the final fit."""
+    from modnet.validate import LARGE_METHOD_BLOCKS, check_large_method_blocks
+
     large = cfg.get("large_train")
     if large is None or large.get("min_samples") is None or data.x_train.shape[0] < int(large.min_samples):
         return cfg
@@ -146,7 +136,7 @@ def with_large_train(cfg: DictConfig, data: ZSLData) -> DictConfig:
         for key in ("batch_size", "epochs", "lr"):
             if large.get(key) is not None:
                 cfg.train[key] = large[key]
-        _check_large_method_blocks(cfg)
+        check_large_method_blocks(cfg)
         for block in LARGE_METHOD_BLOCKS:
             for key, value in (large.get(block) or {}).items():
                 if value is not None:
@@ -530,99 +520,13 @@ def _plot(path: Path, results: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------------
-CALIBRATION_MODES = ("none", "fixed", "validate")
-
-
 def _check(cfg: DictConfig) -> None:
-    """Every name and choice of the config, before any data is loaded or network trained (one ConfigError line)."""
-    from modnet.nets.build import ARCHS
-    from modnet.validate import check_benchmark_width
+    """Every name and choice of the config, before any data is loaded or network trained (one ConfigError line):
+    ``modnet.validate``'s gzsl checks, which ``modnet gzsl`` ran before this module's imports (torch)."""
+    from modnet.validate import check_gzsl_gate_layers, check_gzsl_options
 
-    names = zsl_method_names()
-    if not cfg.methods:
-        raise ConfigError(f"config methods is empty; choose among {', '.join(names)}")
-    for name in cfg.methods:
-        check_choice("methods", name, names)
-    check_choice("calibration.mode", cfg.calibration.mode, CALIBRATION_MODES)
-    check_choice("baseline_features", cfg.baseline_features, BASELINE_FEATURES)
-    features = cfg.clswgan.get("features")
-    if features is not None:
-        check_choice("clswgan.features", features, BASELINE_FEATURES)
-    large_features = ((cfg.get("large_train") or {}).get("clswgan") or {}).get("features")
-    if large_features is not None:
-        check_choice("large_train.clswgan.features", large_features, BASELINE_FEATURES)
-    check_benchmark_width(cfg.benchmark)
-    c = (cfg.get("seen_network") or {}).get("hat_c")
-    if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or c < 0):
-        raise ConfigError(f"seen_network.hat_c={c!r} must be a number >= 0 (HAT's capacity regulariser weight of the "
-                          "seen-class network) or null (= hat.c)")
-    _check_large_method_blocks(cfg)
-    _check_gate(cfg.gate)
-    _check_gate_layer(cfg)
-    for key in ("val_splits", "val_min_classes"):
-        value = cfg.calibration[key]
-        if value is not None and int(value) < 1:
-            raise ConfigError(f"calibration.{key}={value} must be at least 1" +
-                              (" (null = enough splits for val_min_classes)" if key == "val_splits" else ""))
-    if set(cfg.methods) & {"niwt", "niwt_routed", "niwt_positives"}:  # the methods that read the niwt block
-        from modnet.methods.niwt import MAP_FITS, UNSEEN_BIASES, UNSEEN_INITS, UNSEEN_SCALES
-
-        check_choice("niwt.init", cfg.niwt.init, UNSEEN_INITS)
-        check_choice("niwt.bias", cfg.niwt.bias, UNSEEN_BIASES)
-        check_choice("niwt.scale", cfg.niwt.scale, UNSEEN_SCALES)
-        check_choice("niwt.map_fit", cfg.niwt.map_fit, MAP_FITS)
-        layers = [cfg.niwt.layer] if cfg.niwt.layer is not None else list(cfg.niwt.get("layers") or [])
-        if not layers or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
-            raise ConfigError(f"niwt.layer / niwt.layers must be masked-layer indices (-2 = one block before the "
-                              f"head's input, -1 = its input), got {layers!r}")
-        if not float(cfg.niwt.map_ridge) >= 0:
-            raise ConfigError(f"niwt.map_ridge={cfg.niwt.map_ridge} must be >= 0")
-        if not 0.0 <= float(cfg.niwt.get("seen_budget", 0.0)) < 1.0:
-            raise ConfigError(f"niwt.seen_budget={cfg.niwt.seen_budget} is the share of seen training images the "
-                              "unseen rows may take: choose it in [0, 1), e.g. niwt.seen_budget=0.075")
-        if cfg.niwt.map_fit == "centered" and not cfg.niwt.map_bias:
-            raise ConfigError("niwt.map_fit=centered predicts (k - mean k) B, which needs niwt.map_bias=true")
-        if cfg.model.get("head", "linear") == "cosine" and "niwt_positives" in cfg.methods:
-            raise ConfigError("model.head=cosine scores rows by direction (no bias): niwt_positives sets one bias "
-                              "per unseen row; leave it out of methods, e.g. methods=[niwt,eszsl,ale,clswgan]")
-        if cfg.model.get("head", "linear") == "cosine" and cfg.niwt.scale != "none":
-            raise ConfigError(f"model.head=cosine scores rows by direction (no bias): niwt.scale={cfg.niwt.scale} "
-                              "has nothing to set; use niwt.scale=none")
-    check_choice("model.arch", cfg.model.arch, ARCHS)
-    if cfg.continual.enabled:
-        from modnet.jobs.continual_gzsl import check_strategy_names
-
-        check_strategy_names(cfg.strategies)
-
-
-def _check_gate(gate) -> None:
-    def fraction(v) -> bool:
-        try:
-            return 0.0 < float(v) <= 1.0
-        except (TypeError, ValueError):
-            return False
-
-    if gate.quantile is not None and not fraction(gate.quantile):
-        raise ConfigError(f"gate.quantile={gate.quantile} must be a number in (0, 1], or null (chosen on the "
-                          "validation splits)")
-    if not gate.quantiles or not all(fraction(q) for q in gate.quantiles):
-        raise ConfigError(f"gate.quantiles={list(gate.quantiles)} must be a non-empty list of numbers in (0, 1]")
-    layers = [gate.layer] if gate.layer is not None else list(gate.layers)
-    if not layers or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
-        raise ConfigError(f"gate.layer / gate.layers must be masked-layer indices (0 = the first, -1 = the head's "
-                          f"input), got {layers!r}")
-    if not 0.0 <= float(gate.shrinkage) <= 1.0:
-        raise ConfigError(f"gate.shrinkage={gate.shrinkage} must be in [0, 1]")
-    if gate.get("min_seen_ratio") is not None and not fraction(gate.min_seen_ratio):
-        raise ConfigError(f"gate.min_seen_ratio={gate.min_seen_ratio} must be a number in (0, 1], or null (the best "
-                          "validation H whatever the seen classes lose)")
-
-
-def _check_gate_layer(cfg: DictConfig) -> None:
-    """gate.layer against an MLP's masked layers (model.n_layers) before anything trains; other networks are
-    checked when the gate is fitted."""
-    for layer in _gate_layers(cfg.gate) if cfg.gate.enabled and cfg.model.arch == "mlp" else []:
-        _check_gate_layer_index(layer, int(cfg.model.n_layers))
+    check_gzsl_options(cfg)
+    check_gzsl_gate_layers(cfg)
 
 
 def run_gzsl(cfg: DictConfig) -> dict:
