@@ -65,8 +65,10 @@ def _load_entries() -> None:
 
 
 def zsl_method_names() -> list[str]:
+    """The registered methods' names, sorted: the registry's order is the order their files were first imported
+    (a process that imported one entry early listed it first)."""
     _load_entries()
-    return list(ZSL_METHODS)
+    return sorted(ZSL_METHODS)
 
 
 def get_zsl_method(name: str) -> ZSLMethodEntry:
