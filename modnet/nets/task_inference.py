@@ -187,7 +187,9 @@ class TaskOOD(nn.Module):
         network, or none when ``copy_features`` (f_t of those rows, computed in the training forward's own
         pass: ``Condition.extra``) is given too. All give the same loss up to float rounding."""
         m = self.loss_rows(x.shape[0])
-        x, y_local = x[:m], y_local[:m]
+        if m < x.shape[0]:  # (a slice of every row is no copy, but its backward zero-fills and copies the gradient)
+            x, y_local = x[:m], y_local[:m]
+            feature = None if feature is None else feature[:m]
         if feature is None:
             if self.copies == "one":
                 x = torch.cat([x[::self.n_transforms], *self._one_copy(x)])
@@ -198,7 +200,7 @@ class TaskOOD(nn.Module):
         if copy_features is None:
             copies = self.copies_of(x)
             copy_features = None if copies is None else self._features(net, copies, task, condition)
-        return self.loss_from_features(feature[:m], copy_features, y_local, task)
+        return self.loss_from_features(feature, copy_features, y_local, task)
 
     def loss_rows(self, batch: int) -> int:
         """How many of a batch's first inputs enter the loss: ceil(rows * batch), at least one."""
