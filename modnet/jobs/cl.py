@@ -221,7 +221,7 @@ def _run_all(cfg, out: Path, ckpt_dir: Path, device, run_fingerprint: dict, back
     from modnet.runner.rundir import holds_finished_results
 
     keep_finished = holds_finished_results(out)
-    if keep_finished:
+    if keep_finished and not cfg.resume:
         print(f"{out}/results.json holds this run's finished results: kept until this run ends "
               "(resume=true reuses the finished strategies instead of training them again)")
     for seed in seeds:
