@@ -214,6 +214,37 @@ def test_masks_act_after_relu_and_pooling_as_in_the_reference_code():
     assert torch.allclose(got, want, atol=1e-6)
 
 
+def test_a_channels_last_cnn_masks_its_last_map_in_the_standard_layout_with_the_same_numbers():
+    """On channels_last maps the fc layer's flatten copied the last conv block's masked map to the standard
+    layout, and the mask's backward then multiplied a standard-layout gradient by a channels_last map (~4x the
+    time of one layout). The map is now in the standard layout when the mask multiplies it (its tap sees it so),
+    the first block's stays channels_last (the next conv reads it), and outputs and gradients are those of
+    standard-layout inputs."""
+    torch.manual_seed(0)
+    cnn = HATCNN((3, 16, 16), [[0, 1]], channels=(4, 6), hidden=5)
+    x = torch.randn(3, 3, 16, 16)
+    masks = [torch.rand(4, requires_grad=True), torch.rand(6, requires_grad=True), torch.rand(5)]
+    seen = {}
+    hooks = [tap.register_forward_hook(lambda mod, a, out, i=i: seen.__setitem__(i, out))
+             for i, tap in enumerate(cnn.unit_taps[:2])]
+    grads = []
+    cl = torch.channels_last
+    for net, xin in ((cnn, x), (cnn.to(memory_format=cl), x.contiguous(memory_format=cl))):
+        for m in masks[:2]:
+            m.grad = None
+        net.zero_grad()
+        _, feature = net.forward_units(xin, masks, record=False)
+        feature.square().sum().backward()
+        grads.append((feature.detach(), masks[0].grad.clone(), masks[1].grad.clone(),
+                      net.masked[0].weight.grad.clone()))
+    for hook in hooks:
+        hook.remove()
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
+    assert seen[1].is_contiguous()  # the last block's: flatten is a view of it
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_max_pool2_without_a_gradient_is_max_pool2d_and_with_one_keeps_its_gradient():
     """The HAT CNN's pooling: the strided-slice maximum it takes where no gradient flows must give max_pool2d's
     values exactly (odd sizes floored as max_pool2d does), and the gradient path is max_pool2d itself."""
