@@ -399,7 +399,7 @@ def _check_explain(cfg: DictConfig) -> None:
     ``train.cl_overrides``, as ``modnet.jobs.explain.train_here`` composes it): its settings, module gates to
     explain, ``explain.task`` one of its ``train.experiences`` tasks and ``explain.layers`` among its masked layers
     (the MLP's ``model.n_layers``; the small CNN's conv blocks and its fc layer). Each stopped after the network
-    had trained. With ``run_dir`` the run's network is checked when it is loaded."""
+    had trained. With ``run_dir``: ``_check_explained_run``, against the network the run recorded."""
     if cfg.get("run_dir"):
         return
     from modnet.config import compose
@@ -516,8 +516,7 @@ def check_gzsl_gate_layers(cfg: DictConfig) -> None:
     if not isinstance(gate, DictConfig) or not gate.get("enabled"):
         return
     n = _masked_layers(cfg.model, _gives_images(cfg.get("benchmark")))
-    layers = [gate.layer] if gate.get("layer") is not None else list(gate.get("layers") or [])
-    for layer in layers if n is not None else []:
+    for layer in _layer_choice(gate) if n is not None else []:
         if isinstance(layer, int):
             check_gate_layer_index(layer, n)
 
@@ -534,13 +533,12 @@ def _check_arch_inputs(cfg: DictConfig) -> None:
     when its network was built (``modnet.nets.build.resolve_arch``), after the imports (cl and gzsl). MNIST-1D
     gives vectors, digits without ``benchmark.image`` too (an npz file's arrays in cl: ``_check_cl_npz``)."""
     arch, bcfg = cfg.model.arch, cfg.get("benchmark")
-    if arch not in ("cnn", "resnet18") or not isinstance(bcfg, DictConfig):
+    if arch not in ("cnn", "resnet18") or _gives_images(bcfg) is not False:
         return
     name = bcfg.get("name")
-    if name == "mnist1d" or (name == "digits" and not bcfg.get("image", False)):
-        fix = ", or benchmark.image=true (digits as 8x8 images)" if name == "digits" else ""
-        raise ConfigError(f"config model.arch={arch} needs images (N, C, H, W) and benchmark={name} gives vectors; "
-                          f"use model.arch=mlp or auto{fix}")
+    fix = ", or benchmark.image=true (digits as 8x8 images)" if name == "digits" else ""
+    raise ConfigError(f"config model.arch={arch} needs images (N, C, H, W) and benchmark={name} gives vectors; "
+                      f"use model.arch=mlp or auto{fix}")
 
 
 def _check_bench_image_shape(shape, cnn: bool) -> None:
@@ -755,6 +753,17 @@ def check_large_method_blocks(cfg: DictConfig) -> None:
                                   f"{', '.join(cfg[block])}")
 
 
+def _layer_choice(block: DictConfig) -> list:
+    """A block's masked layer(s): ``layer`` when set, else its ``layers`` (gzsl's gate and niwt blocks)."""
+    return [block.layer] if block.get("layer") is not None else list(block.get("layers") or [])
+
+
+def _check_layer_indices(name: str, block: DictConfig, hint: str) -> None:
+    layers = _layer_choice(block)
+    if not layers or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
+        raise ConfigError(f"{name}.layer / {name}.layers must be masked-layer indices ({hint}), got {layers!r}")
+
+
 def _check_gzsl_gate(cfg: DictConfig) -> None:
     """The novelty gate's quantiles, layer indices, shrinkage and min_seen_ratio (its layers against the network:
     ``check_gzsl_gate_layers``)."""
@@ -771,10 +780,7 @@ def _check_gzsl_gate(cfg: DictConfig) -> None:
                           "validation splits)")
     if not gate.quantiles or not all(fraction(q) for q in gate.quantiles):
         raise ConfigError(f"gate.quantiles={list(gate.quantiles or [])} must be a non-empty list of numbers in (0, 1]")
-    layers = [gate.layer] if gate.layer is not None else list(gate.layers or [])
-    if not layers or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
-        raise ConfigError(f"gate.layer / gate.layers must be masked-layer indices (0 = the first, -1 = the head's "
-                          f"input), got {layers!r}")
+    _check_layer_indices("gate", gate, "0 = the first, -1 = the head's input")
     _number(cfg, "gate.shrinkage", minimum=0, strict=False, maximum=1, nullable=False,
             meaning="the shrinkage of the pooled covariance towards tr/d I")
     if gate.get("min_seen_ratio") is not None and not fraction(gate.min_seen_ratio):
@@ -789,10 +795,7 @@ def _check_niwt(cfg: DictConfig) -> None:
     for key, choices in (("init", NIWT_INITS), ("bias", NIWT_BIASES), ("scale", NIWT_SCALES),
                          ("map_fit", NIWT_MAP_FITS)):
         check_choice(f"niwt.{key}", niwt[key], choices)
-    layers = [niwt.layer] if niwt.layer is not None else list(niwt.get("layers") or [])
-    if not layers or not all(isinstance(v, int) and not isinstance(v, bool) for v in layers):
-        raise ConfigError(f"niwt.layer / niwt.layers must be masked-layer indices (-2 = one block before the "
-                          f"head's input, -1 = its input), got {layers!r}")
+    _check_layer_indices("niwt", niwt, "-2 = one block before the head's input, -1 = its input")
     _number(cfg, "niwt.map_ridge", minimum=0, strict=False, nullable=False,
             meaning="map_fit=centered's ridge, x the mean squared norm of the centred knowledge")
     _number(cfg, "niwt.seen_budget", minimum=0, strict=False, maximum=1, below=True, nullable=False,
@@ -892,13 +895,16 @@ def split_nproc(argv: list[str]) -> tuple[int | None, list[str]]:
     return nproc, rest
 
 
-def precheck_ddp(argv: list[str]) -> None:
-    """``modnet ddp``'s launcher checks, before the import of ``modnet.runner.distributed`` (torch): ``--nproc``,
-    what ``modnet cl`` checks, and the data-parallel settings (the batch against ``--nproc`` where it is given;
-    its default, the GPU count, is known after the import, where ``main`` checks again)."""
+def precheck_ddp(argv: list[str]) -> tuple[int | None, list[str], DictConfig]:
+    """``modnet ddp``'s launcher checks (``modnet.cli`` runs them before the import of ``modnet.runner.distributed``,
+    torch; its ``main`` runs them too): ``--nproc``, what ``modnet cl`` checks, and the data-parallel settings (the
+    batch against ``--nproc`` where it is given; its default, the GPU count, is known after the import). Returns
+    (``--nproc`` or None, the overrides with the default output_dir, the composed config)."""
     from modnet.config import compose
 
     nproc, overrides = split_nproc(argv)
-    cfg = compose("cl", with_default_ddp_output(overrides))
+    overrides = with_default_ddp_output(overrides)
+    cfg = compose("cl", overrides)
     validate("cl", cfg)
     check_ddp_config(cfg, nproc or 1)
+    return nproc, overrides, cfg

@@ -495,8 +495,14 @@ def test_npz_sample_cap_and_cnn_on_vectors_are_one_line_before_the_imports(tmp_p
     path = _npz(tmp_path / "d.npz", y_train=y)
     argv = ["cl", "benchmark=npz", f"benchmark.path={path}", "benchmark.n_experiences=2", *overrides,
             f"output_dir={tmp_path / 'o'}"]
+    rejected_before_torch(argv, tmp_path, *words)
+
+
+def rejected_before_torch(argv: list[str], cwd: Path, *words: str) -> None:
+    """``modnet.cli.main(argv)`` in a fresh process: exit 2, one line on stderr holding every word, torch never
+    imported."""
     code = f"import sys; from modnet.cli import main; rc = main({argv!r}); print(rc, 'torch' in sys.modules)"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.stdout.split() == ["2", "False"], proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from modnet.cli import main
+from tests.test_faults import rejected_before_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["cl", "strategies=[modnet,naive]", "train.epochs=1", "benchmark.n_experiences=2", "progress=false"]
@@ -405,13 +406,7 @@ def test_explain_into_the_run_it_explains_is_refused_and_a_failed_explain_leaves
     # were refused once its network had loaded
     for bad, words in (("explain.task=5", ("explain.task=5", "module gates are [0, 1]")),
                        ("explain.layers=[0,7]", ("explain.layers=[0, 7]", "2 masked layers", "0..1"))):
-        code = (f"import sys; from modnet.cli import main; rc = main({[*args, bad, f'output_dir={failed}']!r}); "
-                "print(rc, 'torch' in sys.modules)")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
-        assert proc.stdout.split() == ["2", "False"], proc.stderr
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and all(w in lines[0] for w in words), proc.stderr
+        rejected_before_torch([*args, bad, f"output_dir={failed}"], tmp_path, *words)
 
 
 def test_a_fresh_start_refuses_a_folder_with_another_runs_checkpoints(tmp_path, capsys):

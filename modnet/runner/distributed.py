@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from modnet.config import ConfigError, check_choice, compose, run_as_script
-from modnet.validate import check_ddp_config, split_nproc, with_default_ddp_output
+from modnet.validate import check_ddp_config, precheck_ddp, split_nproc, with_default_ddp_output
 
 # How the ranks of each strategy agree on a gradient (see the module docstring) is declared with the strategy
 # in its registry file (``register_strategy(..., gradient_sync=...)``); every strategy that declares one keeps
@@ -380,13 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print("usage: modnet ddp [--nproc N] [key=value ...]   (the keys of `modnet cl`)\n" + (__doc__ or ""))
         return 0
-    nproc, overrides = split_nproc(argv)
-    overrides = with_default_ddp_output(overrides)
     if "LOCAL_RANK" in os.environ:  # started by torchrun
         from modnet.imports import defer_unused_imports
 
         defer_unused_imports()  # a rank's process is the command's, as `modnet cl`'s
-        cfg = compose("cl", overrides)
+        cfg = compose("cl", with_default_ddp_output(split_nproc(argv)[1]))
         ctx = init_distributed(cfg.device)
         try:
             run_ddp(cfg, ctx)
@@ -394,13 +392,11 @@ def main(argv: list[str] | None = None) -> int:
             if dist.is_initialized():
                 dist.destroy_process_group()
         return 0
-    cfg = compose("cl", overrides)
-    from modnet.validate import validate
-
-    validate("cl", cfg)  # the launcher checks what `modnet cl` checks, before torchrun starts any process
-    if nproc is None:
+    # the launcher checks what `modnet cl` checks and the data-parallel settings, before torchrun starts any process
+    nproc, overrides, cfg = precheck_ddp(argv)
+    if nproc is None:  # the default count, then the batch against it
         nproc = torch.cuda.device_count() if cfg.device != "cpu" and torch.cuda.is_available() else 2
-    check_ddp_config(cfg, nproc)
+        check_ddp_config(cfg, nproc)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
