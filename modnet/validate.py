@@ -511,7 +511,8 @@ def _check_modular_network(cfg: DictConfig, class_incremental: bool, images: boo
 def check_gzsl_gate_layers(cfg: DictConfig) -> None:
     """gzsl's novelty gate (``gate.layer``, else each of ``gate.layers``) at a masked layer of the seen network,
     counted from the end when negative (-1: the head's input), where the config fixes the count (``modnet.jobs.gzsl``
-    checked it after the imports, or once the network had trained; it calls this for a config passed to ``run_gzsl``)."""
+    checked it after the imports, or once the network had trained; it calls this for a config passed to
+    ``run_gzsl``)."""
     gate = cfg.get("gate")
     if not isinstance(gate, DictConfig) or not gate.get("enabled"):
         return

@@ -620,10 +620,12 @@ def class_disjoint_validation(data: ZSLData, unseen_fraction: float = 0.25, test
     into train / test-seen. Hyper-parameters (e.g. the calibrated-stacking gamma) are chosen on it, never
     on the real test splits.
     """
+    from scenarios.sources import MIN_SEEN_CLASSES  # the bound the configs are checked against, before the imports
+
     seen = list(data.seen_classes)
-    if len(seen) < 3:
-        raise ValueError(f"{data.name}: a class-disjoint validation split needs at least 3 seen classes, got "
-                         f"{len(seen)}; list fewer classes as unseen.")
+    if len(seen) < MIN_SEEN_CLASSES:
+        raise ValueError(f"{data.name}: a class-disjoint validation split needs at least {MIN_SEEN_CLASSES} seen "
+                         f"classes, got {len(seen)}; list fewer classes as unseen.")
     n_val = pseudo_unseen_count(len(seen), unseen_fraction)
     rng = np.random.default_rng(seed)
     pseudo_unseen = sorted(rng.choice(seen, size=n_val, replace=False).tolist())

@@ -119,8 +119,8 @@ def _check_sweep_dir(overrides: Sequence[str]) -> None:
     now = deciding(overrides)
     if previous != now:
         raise ConfigError(f"hydra.sweep.dir={given[-1]} holds another sweep (its overrides: {' '.join(previous) or '-'}; "
-                          f"now: {' '.join(now) or '-'}); choose another hydra.sweep.dir, or give the same overrides, the swept ones "
-                          "in the same order (resume=true finishes that sweep)")
+                          f"now: {' '.join(now) or '-'}); choose another hydra.sweep.dir, or give the same overrides, "
+                          "the swept ones in the same order (resume=true finishes that sweep)")
 
 
 class AggregateCallback(Callback):

@@ -78,7 +78,8 @@ def run_network_record(run_dir: Path, run_seed: int | None) -> tuple[int, list[i
     ran = results.get("strategies")
     if ran is not None and "modnet" not in ran:
         raise ValueError(f"run_dir {run_dir} holds no network of the modnet strategy (its results.json has "
-                         f"{', '.join(ran) or 'no strategy'}); give a run of modnet cl with modnet among its strategies")
+                         f"{', '.join(ran) or 'no strategy'}); give a run of modnet cl with modnet among its "
+                         "strategies")
     entry = (ran or {}).get("modnet")
     if entry is None:  # modnet gzsl: one network per seed, the first seed's also at the top level
         entry = {"network": (results.get("network_per_seed") or {}).get(str(seed), results.get("network"))}
