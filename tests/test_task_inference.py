@@ -797,6 +797,30 @@ def test_replaced_rows_are_input_i_under_transform_i_mod_k_in_row_i(labels):
         TaskOOD([n], d, copies="replace", rows=0.5)
 
 
+@pytest.mark.parametrize("transforms", [["reverse", "negate", "reverse_negate"], ["negate"], ["reverse"], [],
+                                        ["rot90", "negate"], ["shift", "reverse"]])
+def test_replaced_rows_of_vectors_and_images_match_each_row_transformed_alone_to_the_bit(transforms):
+    """Row i of a replaced batch is TRANSFORMS[T_{i mod K}] applied to input i alone, bit for bit, for vectors and
+    for images, batches larger and smaller than K and of several sizes in turn, for the MLP default (reverse,
+    negate, reverse_negate), each alone, none, and the image and permutation transforms (rot90 needs square
+    vectors: 16 features). The input is left as it was, and the result is a tensor of its own."""
+    torch.manual_seed(0)
+    ood = TaskOOD([3], 16, transforms=transforms, copies="replace")
+    k = ood.n_transforms
+    names = [None, *transforms]
+    for shape in ((16,), (2, 4, 4)):
+        for b in (9, 9, 2, 1, 12):
+            x = torch.randn(b, *shape)
+            x[0, 0] = 0.0  # negation of a zero gives -0.0: the bits must still agree
+            before = x.clone()
+            replaced = ood.replace_rows(x)
+            rows = [x[i:i + 1] if names[i % k] is None else TRANSFORMS[names[i % k]](x[i:i + 1]) for i in range(b)]
+            by_row = torch.cat(rows)
+            assert replaced.shape == x.shape and replaced.dtype == x.dtype
+            assert torch.equal(replaced.view(torch.int32), by_row.view(torch.int32)), (transforms, shape, b)
+            assert torch.equal(x, before) and replaced.data_ptr() != x.data_ptr()
+
+
 def test_with_replaced_rows_the_classification_loss_reads_the_identity_rows_and_evaluation_the_inputs(tmp_path):
     """A task-incremental modnet step with transform_copies=replace: the forward sees the loader's batch with
     row i as T_{i mod K}(x_i), the classification loss (the strategy's criterion) is the cross-entropy of the
