@@ -1,8 +1,8 @@
 """What modnet's training step costs with no framework around it, against a plain PyTorch step (issue 15).
 
     OMP_NUM_THREADS=1 python scripts/step_floor_probe.py [--rounds 6] [--compile] [--without PART ...]
-                                                         [--loop "modnet (HAT only)"] [--count]
-                                                         [--arch cnn] [--channels-last]
+                                                         [--loop "modnet (HAT only)"] [--count] [--ops 40]
+                                                         [--arch cnn] [--channels-last] [--batch 64 --samples 2048]
 
 Builds the bench's Split-MNIST MLP (784-400-400, batch 128, 8192 synthetic samples, ``modnet.jobs.bench``) as
 ``modnet bench`` does, trains one epoch of modnet's default through Avalanche, then times, one epoch each in
@@ -20,7 +20,12 @@ heads has no replacement and no heads' loss. ``--compile``: the forward and the 
 compile seconds are printed (the first epoch). ``--arch cnn``: the bench's small CNN on 3 x 32 x 32 inputs
 instead (``--channels-last``: both networks and the inputs in channels_last, as the bench's ``channels_last=auto``
 on the CPU). ``--count``: instead of timing, one step of each counted
-(``torch.utils.flop_counter``'s floating-point operations, and the aten ops dispatched). A probe: it reaches into the strategy's training condition.
+(``torch.utils.flop_counter``'s floating-point operations, and the aten ops dispatched). ``--ops N``: instead of
+timing epochs, 40 steps of each under a dispatch mode that times every aten op it dispatches (wall clock around the
+op alone), then the N costliest (op, input shapes) of each step, per step: where a step's time goes op by op (the
+mode's own overhead is not in the figures, but each op runs on the caches the step leaves it). ``--batch`` /
+``--samples``: the bench's CNN runs 64 / 2048 (configs/bench.yaml), this probe 128 / 8192 by default. A probe: it
+reaches into the strategy's training condition.
 """
 from __future__ import annotations
 
@@ -43,7 +48,12 @@ def main(argv=None) -> None:
     parser.add_argument("--count", action="store_true")
     parser.add_argument("--arch", default="mlp", choices=("mlp", "cnn"))
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--ops", type=int, default=0, metavar="N")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--samples", type=int, default=8192)
     args = parser.parse_args(argv)
+    if args.batch < 1 or args.samples < 2 * args.batch:
+        parser.error(f"--samples ({args.samples}) must hold at least two batches of --batch ({args.batch})")
 
     from modnet.runner.cpu import prepare_cpu
 
@@ -57,7 +67,7 @@ def main(argv=None) -> None:
     from modnet.nets.models import ForwardTrace
 
     torch.set_num_threads(1)
-    n, batch, dev = 8192, 128, torch.device("cpu")
+    n, batch, dev = args.samples, args.batch, torch.device("cpu")
     opts = {"threads": 1, "channels_last": args.channels_last, "mlp_shapes": {"mlp": {"in_dim": 784, "hidden": 400, "n_layers": 2}}}
     torch.manual_seed(0)
     x, y = bench._data(args.arch, n, 10, dev, options=opts)
@@ -138,6 +148,9 @@ def main(argv=None) -> None:
     if args.count:
         count_one_step({"modnet": modnet_step, "plain": plain_step})
         return
+    if args.ops:
+        time_ops({"modnet": modnet_step, "plain": plain_step}, batch, args.ops)
+        return
     t0 = time.perf_counter()
     epoch(modnet_step)
     print(f"first epoch (warm-up{', compile' if args.compile else ''}): {time.perf_counter() - t0:.1f} s", flush=True)
@@ -152,6 +165,39 @@ def main(argv=None) -> None:
     print(f"modnet step without a framework / plain step: {statistics.median(ratios):.3f}x "
           f"[{q[0]:.3f}, {q[2]:.3f}] (plain step {statistics.median(plain_s) / (n // batch) * 1e3:.2f} ms; "
           f"{args.arch}{' channels_last' if args.channels_last else ''}, {args.loop}, without: {', '.join(args.without) or 'nothing'}; {'compiled' if args.compile else 'eager'})")
+
+
+def time_ops(steps, batch: int, top: int, n_steps: int = 40) -> None:
+    """Each step's aten ops timed one by one (``--ops``): 10 untimed steps, then ``n_steps`` under the mode; per
+    step, the ops' total and the ``top`` costliest (op, shapes of its first three tensor inputs)."""
+    import collections
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    spent, calls = collections.defaultdict(float), collections.Counter()
+
+    class TimeOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            t = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            key = (str(func), tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))[:3])
+            spent[key] += time.perf_counter() - t
+            calls[key] += 1
+            return out
+
+    for name, step in steps.items():
+        for i in range(0, 10 * batch, batch):
+            step(i)
+        spent.clear()
+        calls.clear()
+        with TimeOps():
+            for i in range(0, n_steps * batch, batch):
+                step(i)
+        print(f"{name} step: {sum(calls.values()) / n_steps:.0f} aten ops, "
+              f"{sum(spent.values()) / n_steps * 1e6:.0f} us in them a step", flush=True)
+        for key, spent_s in sorted(spent.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"  {spent_s / n_steps * 1e6:9.1f} us  {calls[key] / n_steps:4.0f}x  {key[0]} {key[1]}")
 
 
 def count_one_step(steps) -> None:
