@@ -112,8 +112,7 @@ def load_run(cfg: DictConfig, device: torch.device) -> ExplainedNetwork:
 
     run_dir = check_run_dir(cfg.run_dir)
     run_cfg = OmegaConf.load(run_dir / "config.yaml")
-    results = json.loads((run_dir / "results.json").read_text())
-    seed, _, record = run_network_record(run_dir, cfg.run_seed)
+    seed, results, record = run_network_record(run_dir, cfg.run_seed)
     checkpoint = run_dir / "checkpoints" / f"{RUN_STRATEGY}_seed{seed}_final.pt"
     if not checkpoint.is_file():
         found = sorted(p.name for p in (run_dir / "checkpoints").glob("*_final.pt"))

@@ -46,6 +46,7 @@ from modnet.config import resolve_device, with_absolute_data_paths
 from modnet.eval.metrics import shows_progress_bars
 from modnet.eval.tables import aggregate_runs, markdown_table, mean_std_cell
 from modnet.methods.gzsl import GZSLResult, gzsl_evaluate, restricted_accuracy, select_calibration
+from modnet.validate import check_gate_layer_index
 from modnet.zsl.registry import get_zsl_method
 from modnet.zsl.seen_network import SeenNetwork
 from scenarios.zsl import ZSLData, class_disjoint_validation, load_zsl_from_config, pseudo_unseen_count
@@ -86,7 +87,7 @@ def train_seen_network(cfg: DictConfig, data: ZSLData, seed: int, device, progre
             importance_layer(strategy.model, setting["niwt_layer"])
     if cfg.gate.enabled:  # the gate's layers too (an MLP's were checked against model.n_layers already)
         for layer in _gate_layers(cfg.gate):
-            _check_gate_layer_index(layer, len(strategy.model.unit_taps))
+            check_gate_layer_index(layer, len(strategy.model.unit_taps))
     bm = info.benchmark
     record = run_experiences(strategy, bm.train_stream, stream_evaluator(bm.test_stream, accuracy), seed=seed)
     return SeenNetwork(strategy.model.eval(), data, seed, device, progress, seen_accuracy=record.rows[-1][0])
@@ -306,18 +307,12 @@ def gate_validated(gate) -> bool:
     return bool(gate.enabled) and len(gate_settings(gate)) > 1
 
 
-def _check_gate_layer_index(layer: int, n: int) -> None:
-    from modnet.validate import check_gate_layer_index
-
-    check_gate_layer_index(layer, n)
-
-
 def novelty_of_tests(cfg: DictConfig, net: SeenNetwork, layer: int):
     """(gate fitted on the seen training images' units of masked layer ``layer``, novelty of test-seen, of
     test-unseen)."""
     from modnet.methods.novelty import SeenNoveltyGate
 
-    _check_gate_layer_index(layer, len(net.model.unit_taps))
+    check_gate_layer_index(layer, len(net.model.unit_taps))
 
     def units(split: str) -> Tensor:
         return net.layer_units(net.split(split)[0], layer)

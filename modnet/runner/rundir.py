@@ -63,8 +63,8 @@ def check_run_dir(path) -> Path:
     return run_dir
 
 
-def run_network_record(run_dir: Path, run_seed: int | None) -> tuple[int, list[int], dict]:
-    """(the seed, the run's seeds, results.json's record of that seed's modnet network) of the finished run in
+def run_network_record(run_dir: Path, run_seed: int | None) -> tuple[int, dict, dict]:
+    """(the seed, results.json, its record of that seed's modnet network) of the finished run in
     ``run_dir`` (``check_run_dir``), without torch: ``modnet explain`` reads it, and ``modnet.validate`` checks
     ``explain.task`` / ``explain.layers`` against it before the imports. ``run_seed`` None: the run's first seed.
     The record is ``strategies.modnet.network`` (modnet cl; per seed under ``per_seed``) or a top-level ``network``
@@ -90,7 +90,7 @@ def run_network_record(run_dir: Path, run_seed: int | None) -> tuple[int, list[i
     if "network" not in entry:
         raise ValueError(f"{Path(run_dir) / 'results.json'} records no network of the modnet strategy "
                          "(strategies.modnet.network or network)")
-    return seed, seeds, entry["network"]
+    return seed, results, entry["network"]
 
 
 class RunLock:
