@@ -23,7 +23,9 @@ on the CPU). ``--count``: instead of timing, one step of each counted
 (``torch.utils.flop_counter``'s floating-point operations, and the aten ops dispatched). ``--ops N``: instead of
 timing epochs, 40 steps of each under a dispatch mode that times every aten op it dispatches (wall clock around the
 op alone), then the N costliest (op, input shapes) of each step, per step: where a step's time goes op by op (the
-mode's own overhead is not in the figures, but each op runs on the caches the step leaves it). ``--batch`` /
+mode's own overhead is not in the figures, but each op runs on the caches the step leaves it). Its last line: the time a
+step spends in the matrix products modnet's step has and plain's has not (``MATRIX_PRODUCTS`` of other shapes), the
+floor a perfect fusion of every other op of the method would reach. ``--batch`` /
 ``--samples``: the bench's CNN runs 64 / 2048 (configs/bench.yaml), this probe 128 / 8192 by default. A probe: it
 reaches into the strategy's training condition.
 """
@@ -36,6 +38,8 @@ import time
 
 PARTS = ("replace", "heads", "clip", "clamp")
 # the bench's modnet loops whose step this loop writes out (the sync regulariser's loss is a plugin's: not here)
+# aten ops that are matrix products (GEMMs): the arithmetic a fused kernel keeps
+MATRIX_PRODUCTS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward", "dot")
 LOOPS = ("modnet", "modnet (no transform heads)", "modnet (HAT + gates)", "modnet (HAT only)")
 
 
@@ -176,6 +180,8 @@ def time_ops(steps, batch: int, top: int, n_steps: int = 40) -> None:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     spent, calls = collections.defaultdict(float), collections.Counter()
+    # step -> {(op, shapes): time a step} of its matrix products: what no fusion of the elementwise ops removes
+    products = {}
 
     class TimeOps(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -194,10 +200,23 @@ def time_ops(steps, batch: int, top: int, n_steps: int = 40) -> None:
         with TimeOps():
             for i in range(0, n_steps * batch, batch):
                 step(i)
-        print(f"{name} step: {sum(calls.values()) / n_steps:.0f} aten ops, "
-              f"{sum(spent.values()) / n_steps * 1e6:.0f} us in them a step", flush=True)
+        total = sum(spent.values()) / n_steps
+        products[name] = {key: s / n_steps for key, s in spent.items() if key[0].split(".")[1] in MATRIX_PRODUCTS}
+        print(f"{name} step: {sum(calls.values()) / n_steps:.0f} aten ops, {total * 1e6:.0f} us in them a step, "
+              f"{sum(products[name].values()) * 1e6:.0f} us of them in matrix products ({', '.join(MATRIX_PRODUCTS)})",
+              flush=True)
         for key, spent_s in sorted(spent.items(), key=lambda kv: -kv[1])[:top]:
             print(f"  {spent_s / n_steps * 1e6:9.1f} us  {calls[key] / n_steps:4.0f}x  {key[0]} {key[1]}")
+        if name == "plain" and "modnet" in products:
+            # a fusion of every elementwise op of the method into the products' epilogues would still pay the
+            # method's own products (the gate's query and keys, the transform heads' joint head): its lower bound.
+            # Counted over the (op, shapes) the two steps do not share: the layers' own products, the same in
+            # both, are timed apart and their difference would be the machine's noise
+            mine, plain_only = products["modnet"], products["plain"]
+            extra = sum(s for k, s in mine.items() if k not in plain_only) - \
+                sum(s for k, s in plain_only.items() if k not in mine)
+            print(f"the method's extra matrix products alone: {extra * 1e6:.0f} us a step, "
+                  f"{(total + extra) / total:.3f}x the plain step's ops: the least any fusion of the rest reaches")
 
 
 def count_one_step(steps) -> None:
