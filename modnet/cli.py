@@ -127,13 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         if job == "run":
             run_default(overrides)
         elif job in COMMANDS:
+            checked = {}
             if job == "ddp" and "LOCAL_RANK" not in os.environ and not any(o in ("-h", "--help") for o in overrides):
-                # the launcher's checks before torch's import
+                # the launcher's checks before torch's import; their result goes to the launcher, which does not
+                # check again
                 from modnet.validate import precheck_ddp
 
-                precheck_ddp(overrides)
+                checked["prechecked"] = precheck_ddp(overrides)
             module, func = COMMANDS[job].split(":")
-            return getattr(importlib.import_module(module), func)(overrides)
+            return getattr(importlib.import_module(module), func)(overrides, **checked)
         elif job in JOBS:
             _call(job, overrides)
         else:

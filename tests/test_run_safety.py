@@ -281,17 +281,24 @@ def test_a_job_leaves_torchs_threads_as_it_found_them(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_ddp_into_a_folder_in_use_stops_before_starting_processes(tmp_path, capsys):
+def test_ddp_into_a_folder_in_use_stops_before_starting_processes(tmp_path, capsys, monkeypatch):
     """`modnet ddp` holds output_dir as `modnet cl` does: a folder in use stops the launcher at once, before
-    torchrun starts any process, and nothing is written there."""
+    torchrun starts any process, and nothing is written there. The launcher composes and checks the config once:
+    the checks `modnet.cli` ran before torch's import are the ones it goes on with."""
     import socket
 
+    import modnet.config
+
+    composed = []
+    compose = modnet.config.compose
+    monkeypatch.setattr(modnet.config, "compose", lambda *a, **k: composed.append(a[0]) or compose(*a, **k))
     out = tmp_path / "busy"
     out.mkdir()
     (out / ".lock").write_text(f"{socket.gethostname()} {os.getpid()}\n")
     assert main(["ddp", "--nproc", "2", "strategies=[naive]", "train.epochs=1", "progress=false",
                  f"output_dir={out}"]) == 2
     _one_error_line(capsys, "in use", str(os.getpid()), ".lock")
+    assert composed == ["cl"]
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
 
 

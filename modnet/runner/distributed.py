@@ -371,11 +371,12 @@ def _build_main_first(build_benchmark, cfg, seed, ctx: DistContext):
     return info
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prechecked: tuple | None = None) -> int:
     """Under torchrun: one rank of the run. Otherwise (``modnet ddp [--nproc N] overrides``): check the
     config, lock ``output_dir`` and record the run's fingerprint there (``modnet.runner.rundir``), then start
     torchrun with N processes (default: one per GPU, or 2 on CPU). A run started by hand with torchrun is not
-    locked."""
+    locked. ``prechecked``: what ``modnet.validate.precheck_ddp(argv)`` returned (``modnet.cli`` runs it before
+    this module's import), so that the launcher does not compose and check the config twice."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print("usage: modnet ddp [--nproc N] [key=value ...]   (the keys of `modnet cl`)\n" + (__doc__ or ""))
@@ -393,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                 dist.destroy_process_group()
         return 0
     # the launcher checks what `modnet cl` checks and the data-parallel settings, before torchrun starts any process
-    nproc, overrides, cfg = precheck_ddp(argv)
+    nproc, overrides, cfg = precheck_ddp(argv) if prechecked is None else prechecked
     if nproc is None:  # the default count, then the batch against it
         nproc = torch.cuda.device_count() if cfg.device != "cpu" and torch.cuda.is_available() else 2
         check_ddp_config(cfg, nproc)
