@@ -32,7 +32,9 @@ SMALL = ["benchmark.n_experiences=2", "benchmark.max_train_samples=1256",
 # all-reduce after backward instead of DDP's hooks (declared per strategy: register_strategy(gradient_sync=...)): both paths are checked.
 # modnet without transform heads goes through DDP's hooks; the default one (MODNET: transform heads, whose loss
 # runs outside DDP's forward) through the all-reduce
-HAT_ONLY = [*SMALL, "strategies=[modnet,ewc]", "train.epochs=2", "model.modules=none", "model.gate=none",
+# naive (Avalanche's multi-head model, through DDP's hooks) has one head in its first experience: every step
+# reaches every parameter and DDP runs without find_unused_parameters there (with it in the second)
+HAT_ONLY = [*SMALL, "strategies=[modnet,ewc,naive]", "train.epochs=2", "model.modules=none", "model.gate=none",
             "model.task_keys=false", "model.transform_heads=never"]
 # the default modnet: modules, gates, task keys (hard gates learn more slowly than HAT alone at lr 0.2 on 628
 # samples per task: one epoch sits near chance on some seeds)
@@ -79,7 +81,7 @@ def _assert_same_ranks(run_dir: Path, strategy: str) -> dict:
     return rank0
 
 
-def test_ddp_two_gloo_ranks_stay_identical_and_match_one_process(tmp_path):
+def test_ddp_two_gloo_ranks_stay_identical_and_match_one_process(tmp_path, capfd):
     import torch.multiprocessing as mp
 
     from modnet.config import compose
@@ -93,9 +95,13 @@ def test_ddp_two_gloo_ranks_stay_identical_and_match_one_process(tmp_path):
     assert all(len(e.dataset) % 2 == 0 for e in info.benchmark.train_stream)
     single = {name: train_strategy(name, cfg, info, cfg.seed, DistContext()) for name in cfg.strategies}
 
+    capfd.readouterr()
     mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
                        start_method="fork")
-    for run, strategies in (("hat", ["modnet", "ewc"]), ("modnet", ["modnet"])):
+    # DDP's own warning (C++, on the ranks' stderr) where find_unused_parameters searched a step that used every
+    # parameter: naive's first experience printed it on both ranks before the flag followed the model
+    assert "did not find any unused parameters" not in capfd.readouterr().err
+    for run, strategies in (("hat", ["modnet", "ewc", "naive"]), ("modnet", ["modnet"])):
         results = json.loads((tmp_path / run / "results.json").read_text())
         assert (results["world_size"], results["backend"], results["per_rank_batch_size"]) == (2, "gloo", 8)
         for name in strategies:
@@ -115,6 +121,35 @@ def test_ddp_two_gloo_ranks_stay_identical_and_match_one_process(tmp_path):
     # HAT's masks freeze the units of task 0: nothing forgotten
     hat = json.loads((tmp_path / "hat" / "results.json").read_text())["strategies"]["modnet"]
     assert hat["forgetting"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ddp_searches_for_unused_parameters_only_where_a_step_can_leave_one_out():
+    """``reaches_every_parameter`` (which turns DDP's find_unused_parameters off) against autograd: a forward and
+    backward on a batch of the given tasks, then which parameters got no gradient."""
+    from types import SimpleNamespace
+
+    from modnet.nets.models import HATMLP, MLPBackbone, MultiHeadNet, SingleHeadNet, reaches_every_parameter
+
+    def every_parameter_reached(model, x, task=None):
+        model.zero_grad(set_to_none=True)
+        (model(x) if task is None else model(x, torch.full((x.shape[0],), task))).sum().backward()
+        return all(p.grad is not None for p in model.parameters())
+
+    torch.manual_seed(0)
+    x = torch.rand(6, 5)
+    single = SingleHeadNet(MLPBackbone(5, 8, 1), 4)
+    assert reaches_every_parameter(single, [0]) and every_parameter_reached(single, x)
+    multi = MultiHeadNet(MLPBackbone(5, 8, 1))
+    multi.classifier.adaptation(SimpleNamespace(classes_in_this_experience=[0, 1], task_labels=[0], dataset=None))
+    assert reaches_every_parameter(multi, [0]) and every_parameter_reached(multi, x, 0)
+    # a data set of two tasks: a batch of one of them leaves the other's head out
+    assert not reaches_every_parameter(multi, [0, 1])
+    multi.classifier.adaptation(SimpleNamespace(classes_in_this_experience=[2, 3], task_labels=[1], dataset=None))
+    assert not reaches_every_parameter(multi, [1]) and not every_parameter_reached(multi, x, 1)
+    assert not every_parameter_reached(multi, x, 0)
+    # the modular network: the heads of the tasks still to come get no gradient from the first
+    hat = HATMLP(5, [[0, 1], [2, 3]], hidden=8, n_layers=1)
+    assert not reaches_every_parameter(hat, [0]) and not every_parameter_reached(hat, x, 0)
 
 
 def test_ddp_rank_0_prints_a_line_per_experience(capsys):

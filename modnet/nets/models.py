@@ -695,6 +695,23 @@ class SingleHeadNet(nn.Module):
         return self.classifier(self.backbone(x))
 
 
+def reaches_every_parameter(model: nn.Module, task_labels: Sequence[int]) -> bool:
+    """Whether every training step on data of ``task_labels`` gives every trainable parameter of ``model`` a
+    gradient, where that is known from the model's structure alone (False: it may not, or it is not known).
+
+    Data-parallel training asks it (DDP's ``find_unused_parameters``, whose search of the autograd graph every
+    step is only needed where a step can leave a parameter out): the baselines' ``SingleHeadNet`` reaches all
+    of its parameters in every forward; a ``MultiHeadNet`` does where its heads are exactly one task's and the
+    data holds that task alone (its first experience; later, the other tasks' heads get no gradient). The
+    modular networks never do: the heads of other tasks and, while a gate settles, the gate's parameters."""
+    if isinstance(model, SingleHeadNet):
+        return True
+    if isinstance(model, MultiHeadNet):
+        heads = {int(t) for t in model.classifier.classifiers.keys()}
+        return len(heads) == 1 and {int(t) for t in task_labels} == heads
+    return False
+
+
 def forward_known_tasks(model: nn.Module, x: Tensor, task_labels: Tensor, tasks: Sequence[int] | None) -> Tensor:
     """``model``'s output for ``x`` with per-row ``task_labels``, as Avalanche's ``avalanche_forward`` gives it:
     a multi-head network's ``forward_tasks`` when ``tasks``, the labels the batch holds, were read on the host

@@ -215,10 +215,15 @@ def distributed_class(cls: type) -> type:
             if self.gradient_sync == "ddp" and dist.is_initialized() and dist.get_world_size() > 1:
                 from torch.nn.parallel import DistributedDataParallel
 
-                # find_unused_parameters: the heads of other tasks get no gradient in a multi-head model.
+                from modnet.nets.models import reaches_every_parameter
+
+                # find_unused_parameters: the heads of other tasks get no gradient in a multi-head model. Where
+                # every step reaches every parameter (a single head; a multi-head model's first experience) the
+                # flag is off: its search of the graph each step is wasted there, and DDP warns about it
                 self._ddp = DistributedDataParallel(
                     self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
-                    find_unused_parameters=True)
+                    find_unused_parameters=not reaches_every_parameter(
+                        self.model, getattr(self.experience, "task_labels", ())))
 
         def _before_training_epoch(self, **kwargs):
             if self._train_sampler is not None:
