@@ -423,6 +423,41 @@ def test_a_module_whose_units_are_all_masked_off_gets_no_attributes(cl_runs, tmp
     assert others and all(len(e["attributes"]) == 3 for e in others)
 
 
+def test_the_module_grid_names_a_module_masked_off_for_the_task(cl_runs, tmp_path, monkeypatch):
+    """Planted as above, on the image run: the off module's panel in its layer's grid (every module on one input) was
+    titled by its name alone, its flat map looking like a drawing fault beside the others; it now says masked off,
+    and only it does."""
+    import shutil
+    from pathlib import Path
+
+    import modnet.jobs.explain as explain_job
+    from modnet.config import compose
+
+    run = tmp_path / "run"
+    shutil.copytree(cl_runs["image"], run)
+    ckpt = run / "checkpoints" / "modnet_seed0_final.pt"
+    obj = torch.load(ckpt, weights_only=True)
+    layer0 = _recorded_network(run)["modules_by_task"]["1"][0]
+    off = max(range(len(layer0)), key=lambda m: len(layer0[m]))
+    obj["model"]["masked.0.task_embedding.weight"][1, layer0[off]] = -50.0
+    torch.save(obj, ckpt)
+    panels, draw = {}, explain_job.save_overlay_grid
+
+    def keep_titles(image, cams, path, **kwargs):
+        panels[Path(path).name] = list(cams)
+        return draw(image, cams, path, **kwargs)
+
+    monkeypatch.setattr(explain_job, "save_overlay_grid", keep_titles)
+    explain_job.run_explain(compose("explain", [*EXPLAIN, f"run_dir={run}", f"output_dir={tmp_path / 'e'}",
+                                                "explain.module_grids=true"]))
+    result = json.loads((tmp_path / "e" / "explanations.json").read_text())
+    names = list(result["modules"]["layer0"])
+    assert result["units_on"]["layer0"][names[off]] == 0
+    titles = panels["layer0_modules.png"]
+    assert len(titles) == len(names) and titles[off].startswith(f"{names[off]} (masked off")
+    assert [t for t in titles if "masked off" in t] == [titles[off]]
+
+
 @pytest.mark.parametrize("kind", ["image", "vector"])
 def test_explain_run_dir_explains_exactly_the_gated_modules(kind, cl_runs, explained):
     from scenarios.zsl import DIGIT_ATTRIBUTE_NAMES

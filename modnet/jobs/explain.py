@@ -309,6 +309,12 @@ def _draw(path: Path, x: Tensor, module_map: Tensor, kind: str, shape, title: st
                     size=tuple(e.display_size) if e.display_size else None)
 
 
+def _grid_note(units_on: bool, gate_on: bool) -> str:
+    """What a module's panel title adds in a layer's grid: masked off for the task (no unit of its HAT mask on),
+    gate off on the grid's input, both or neither."""
+    notes = [n for n, on in (("masked off", units_on), ("gate off", gate_on)) if not on]
+    return f" ({', '.join(notes)})" if notes else ""
+
 def _words(net: ExplainedNetwork, layer: int, task: int, modules: dict[str, list[int]], cfg: DictConfig):
     """(per module, per class of the task) attributes through NIWT's inverse map at the layer's tap, each class's
     agreement with its own knowledge, and the groups of attribute names the map's classes cannot tell apart
@@ -416,7 +422,9 @@ def explain_layer(net: ExplainedNetwork, task: int, layer: int, modules: dict[st
         index = int(gates.sum(1).argmax())
         shared = test.x[index]
         grid = maps(shared[None].expand(len(maps.names), *shared.shape), maps.names).cpu()
-        heat = {m + ("" if gates[index, j] else " (gate off)"):
+        # a module masked off for the task passes nothing on: its flat map is named so, not left to look like a
+        # drawing fault beside the others
+        heat = {m + _grid_note(bool(units_on[m]), bool(gates[index, j])):
                 g if maps.kind != INPUT_X_GRADIENT else g.reshape(net.picture_shape).sum(0).clamp_min(0)
                 for j, (m, g) in enumerate(zip(maps.names, grid))}
         save_overlay_grid(shared.reshape(net.picture_shape), heat, out / f"{name}_modules.png",
