@@ -395,23 +395,29 @@ def _recorded_network(run_dir):
     return json.loads((run_dir / "results.json").read_text())["strategies"]["modnet"]["network"]
 
 
+def _with_layer0_module_masked_off(run_dir, copy_to):
+    """A copy of a cl run whose task-1 HAT embeddings of its largest layer-0 module are set far negative (mask ~ 0:
+    the module passes nothing on); returns (the copy, that module's index in the layer)."""
+    import shutil
+
+    shutil.copytree(run_dir, copy_to)
+    ckpt = copy_to / "checkpoints" / "modnet_seed0_final.pt"
+    obj = torch.load(ckpt, weights_only=True)
+    layer0 = _recorded_network(copy_to)["modules_by_task"]["1"][0]
+    off = max(range(len(layer0)), key=lambda m: len(layer0[m]))
+    obj["model"]["masked.0.task_embedding.weight"][1, layer0[off]] = -50.0
+    torch.save(obj, ckpt)
+    return copy_to, off
+
+
 def test_a_module_whose_units_are_all_masked_off_gets_no_attributes(cl_runs, tmp_path):
     """Planted: task 1's HAT embeddings of one layer-0 module set far negative (mask ~ 0: the module passes nothing
     on). Its d score / d tap output is not 0, and explain named attributes for it; now it has none and a note, and
     every other module keeps its attributes."""
-    import shutil
-
     from modnet.config import compose
     from modnet.jobs.explain import run_explain
 
-    run = tmp_path / "run"
-    shutil.copytree(cl_runs["vector"], run)
-    ckpt = run / "checkpoints" / "modnet_seed0_final.pt"
-    obj = torch.load(ckpt, weights_only=True)
-    layer0 = _recorded_network(run)["modules_by_task"]["1"][0]
-    off = max(range(len(layer0)), key=lambda m: len(layer0[m]))
-    obj["model"]["masked.0.task_embedding.weight"][1, layer0[off]] = -50.0
-    torch.save(obj, ckpt)
+    run, off = _with_layer0_module_masked_off(cl_runs["vector"], tmp_path / "run")
     run_explain(compose("explain", [*EXPLAIN, f"run_dir={run}", f"output_dir={tmp_path / 'e'}"]))
     result = json.loads((tmp_path / "e" / "explanations.json").read_text())
     names = list(result["modules"]["layer0"])
@@ -427,20 +433,12 @@ def test_the_module_grid_names_a_module_masked_off_for_the_task(cl_runs, tmp_pat
     """Planted as above, on the image run: the off module's panel in its layer's grid (every module on one input) was
     titled by its name alone, its flat map looking like a drawing fault beside the others; it now says masked off,
     and only it does."""
-    import shutil
     from pathlib import Path
 
     import modnet.jobs.explain as explain_job
     from modnet.config import compose
 
-    run = tmp_path / "run"
-    shutil.copytree(cl_runs["image"], run)
-    ckpt = run / "checkpoints" / "modnet_seed0_final.pt"
-    obj = torch.load(ckpt, weights_only=True)
-    layer0 = _recorded_network(run)["modules_by_task"]["1"][0]
-    off = max(range(len(layer0)), key=lambda m: len(layer0[m]))
-    obj["model"]["masked.0.task_embedding.weight"][1, layer0[off]] = -50.0
-    torch.save(obj, ckpt)
+    run, off = _with_layer0_module_masked_off(cl_runs["image"], tmp_path / "run")
     panels, draw = {}, explain_job.save_overlay_grid
 
     def keep_titles(image, cams, path, **kwargs):
