@@ -315,6 +315,7 @@ def _grid_note(units_on: bool, gate_on: bool) -> str:
     notes = [n for n, on in (("masked off", units_on), ("gate off", gate_on)) if not on]
     return f" ({', '.join(notes)})" if notes else ""
 
+
 def _words(net: ExplainedNetwork, layer: int, task: int, modules: dict[str, list[int]], cfg: DictConfig):
     """(per module, per class of the task) attributes through NIWT's inverse map at the layer's tap, each class's
     agreement with its own knowledge, and the groups of attribute names the map's classes cannot tell apart
