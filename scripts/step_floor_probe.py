@@ -212,9 +212,9 @@ def time_ops(steps, batch: int, top: int, n_steps: int = 40) -> None:
             # method's own products (the gate's query and keys, the transform heads' joint head): its lower bound.
             # Counted over the (op, shapes) the two steps do not share: the layers' own products, the same in
             # both, are timed apart and their difference would be the machine's noise
-            mine, plain_only = products["modnet"], products["plain"]
-            extra = sum(s for k, s in mine.items() if k not in plain_only) - \
-                sum(s for k, s in plain_only.items() if k not in mine)
+            mine, plains = products["modnet"], products["plain"]
+            extra = sum(s for k, s in mine.items() if k not in plains) - \
+                sum(s for k, s in plains.items() if k not in mine)
             print(f"the method's extra matrix products alone: {extra * 1e6:.0f} us a step, "
                   f"{(total + extra) / total:.3f}x the plain step's ops: the least any fusion of the rest reaches")
 
