@@ -80,6 +80,29 @@ def test_the_compiled_graph_holds_the_step_s_losses_not_the_masked_pass_alone():
     assert "autograd_function_apply" in ops and "linear" in ops, ops
 
 
+def test_the_compiled_graph_is_dynamic_in_the_batch_size_alone():
+    """The CNN's training graph as dynamo hands it to its backend: its input batch is (batch, 1, 8, 8) with only
+    the batch size symbolic (one graph for every batch size). With the sample's dimensions symbolic too,
+    inductor's CPU kernels lose their vectorised inner loops (``modnet.nets.models.static_sample_dims``)."""
+    from torch._dynamo import register_backend
+
+    inputs = []
+
+    @register_backend(name="record_inputs_test")
+    def record_inputs_test(gm, example_inputs):
+        # training_loss's argument x (dynamo names a placeholder after its source, L['x'])
+        inputs.extend(tuple(n.meta["example_value"].shape) for n in gm.graph.nodes
+                      if n.op == "placeholder" and n.name.lower() == "l_x_")
+        return gm.forward
+
+    _, n = _train("record_inputs_test", n_experiences=1, arch="cnn")
+    assert n == 1
+    assert len(inputs) == 1, inputs
+    shape = inputs[0]
+    assert len(shape) == 4 and isinstance(shape[0], torch.SymInt), shape
+    assert all(type(d) is int for d in shape[1:]) and shape[1:] == (1, 8, 8), shape
+
+
 @pytest.mark.slow  # inductor builds its C++ kernels: ~30 s with a cold cache
 def test_the_inductor_compiled_training_matches_the_eager_training_to_rounding():
     eager, _ = _train("false", n_experiences=1)
