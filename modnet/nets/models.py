@@ -549,7 +549,7 @@ def static_sample_dims(x: Tensor) -> Tensor:
     """Marks every dimension of batch-first ``x`` but the first static for ``torch.compile(dynamic=True)``
     (``torch._dynamo.mark_static``; returns ``x``). With a symbolic channel count, height and width inductor's
     CPU kernels lose their vectorised inner loops: the small CNN's compiled step (1 thread, channels_last) cost
-    1.08x a plain eager step with every dimension symbolic and 0.98x with the sample's dimensions static (ReLU
+    1.08x a plain eager step with every dimension symbolic, 0.98-1.02x with the sample's dimensions static (ReLU
     and max-pool by slices on a 64 x 32 x 32 x 32 map, forward and backward: 33 ms against 3.7 ms). A sample of
     another shape is a new graph (dynamo's guard), as a new task's is."""
     import torch._dynamo
