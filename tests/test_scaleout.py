@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -169,6 +170,35 @@ def test_ddp_rank_0_prints_a_line_per_experience(capsys):
                f"{sum(row[:i + 1]) / (i + 1):.4f}" in out
     train_strategy("naive", cfg, info, cfg.seed, dataclasses.replace(DistContext(), rank=1))
     assert "experience 1/2 trained" not in capsys.readouterr().out
+
+
+def test_ddp_says_when_an_epoch_repeats_samples_to_split_them_evenly(monkeypatch, capsys):
+    """An experience of 7 samples on 2 ranks: as torch's DistributedSampler, the epoch's order is padded to 8,
+    one sample repeated, where one process trains 7 (the README's exception to "one process's steps"); rank 0
+    says so, rank 1 does not, and an even experience needs no line."""
+    import modnet.runner.distributed as md
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from modnet.config import compose
+    from modnet.runner.runner import make_strategy
+    from scenarios.base import split_benchmark
+
+    cfg = compose("cl", [*HAT_ONLY, "strategies=[naive]", "train.batch_size=4"])
+    y = torch.tensor([0, 1, 0, 1, 0, 1, 0, 2, 3, 2, 3, 2, 3, 2])  # 7 samples of classes 0/1, 7 of 2/3
+    x = torch.randn(len(y), 64)
+    info = split_benchmark("planted", x[:-1], y[:-1], x, y, 2, "task", 0)  # training: 7 and 6 samples
+    strategy = md.make_distributed(make_strategy("naive", cfg, info, torch.device("cpu"),
+                                                 EvaluationPlugin(loggers=[])))
+    monkeypatch.setattr(md, "_shared_seed", lambda device: 0)
+    for rank, (exp, line) in itertools.product((0, 1), zip(info.benchmark.train_stream, (True, False))):
+        monkeypatch.setattr(md, "_rank_world", lambda rank=rank: (rank, 2))
+        strategy.adapted_dataset = exp.dataset
+        capsys.readouterr()
+        strategy.make_train_dataloader()
+        said = "[ddp] 7 training samples do not split evenly over 2 processes" in capsys.readouterr().out
+        assert said == (line and rank == 0), (rank, len(exp.dataset))
+        rows = sum(len(batch[0]) for batch in strategy.dataloader)
+        assert rows == (4 if len(exp.dataset) == 7 else 3)  # this rank's share: 8 / 2, or 6 / 2
 
 
 def test_ddp_says_a_matched_buffer_size_on_rank_0_only(monkeypatch, capsys, tmp_path):

@@ -171,6 +171,11 @@ def distributed_class(cls: type) -> type:
 
             rank, world = _rank_world()
             seed = _shared_seed(self.device)
+            repeated = -len(self.adapted_dataset) % world
+            if repeated and not drop_last and rank == 0:
+                print(f"[ddp] {len(self.adapted_dataset)} training samples do not split evenly over {world} "
+                      f"processes: as torch's DistributedSampler, every epoch repeats {repeated} of them in its last "
+                      f"global batch (one process would not)", flush=True)
             if getattr(self, "tensor_batches", False):  # the same shards, sliced from the tensors
                 from modnet.runner.tensor_batches import sharded_loader
 
