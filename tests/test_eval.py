@@ -352,3 +352,35 @@ def test_experiences_are_counted_from_1_in_what_is_printed_and_drawn(tmp_path, m
     assert [t.get_text() for t in ax.get_yticklabels()] == ["1", "2"]
     (_, curves), = [(n, f) for n, f in figures if n == "accuracy_curves.png"]
     assert [t.get_text() for t in curves.axes[0].get_xticklabels()] == ["1", "2"]
+
+
+def test_twelve_strategies_get_twelve_distinct_curves_and_a_small_matrix_keeps_its_labels(tmp_path, monkeypatch):
+    """accuracy_curves.png drew an 11th and 12th strategy in the colour and marker of the 1st and 2nd
+    (matplotlib's ten-colour cycle; the README's MNIST-1D command runs twelve); a 2 x 2 accuracy matrix's title and
+    y-axis label ran off its picture. Read from the figures: every curve's (colour, marker, line style) differs,
+    and every text of the matrix figure lies inside the figure's canvas."""
+    from modnet.eval import results as results_mod
+
+    figures = {}
+    monkeypatch.setattr(results_mod, "save_figure", lambda fig, path, dpi=120: figures.__setitem__(Path(path).name, fig))
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(plt, "close", lambda fig=None: None)
+    names = ["modnet", "naive", "ewc", "si", "lwf", "gem", "agem", "replay", "der", "derpp", "cumulative", "hnet"]
+    matrix = [[0.9, 0.0], [0.8, 0.7]]
+    results_mod.plot_results(tmp_path, {"benchmark": "b", "scenario": "task", "n_experiences": 2, "seeds": [0, 1, 2],
+                                        "strategies": {n: {"accuracy_matrix": matrix, "per_seed": [{}] * 3}
+                                                       for n in names}})
+    lines = figures["accuracy_curves.png"].axes[0].get_lines()
+    assert [line.get_label() for line in lines] == names
+    styles = {(tuple(plt.matplotlib.colors.to_rgb(line.get_color())), line.get_marker(), line.get_linestyle())
+              for line in lines}
+    assert len(styles) == len(names)
+    fig = figures["accuracy_matrix_cumulative.png"]
+    fig.canvas.draw()
+    renderer, canvas = fig.canvas.get_renderer(), fig.bbox
+    ax = fig.axes[0]
+    for text in (ax.title, ax.xaxis.label, ax.yaxis.label, *fig.axes[1].get_yticklabels()):
+        box = text.get_window_extent(renderer)
+        assert text.get_text() and canvas.x0 - 1 <= box.x0 and box.x1 <= canvas.x1 + 1, text.get_text()
+        assert canvas.y0 - 1 <= box.y0 and box.y1 <= canvas.y1 + 1, text.get_text()

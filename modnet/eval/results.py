@@ -131,6 +131,45 @@ def curve_limits(curves, pad: float = 0.1) -> tuple[float, float]:
     return max(0.0, lo - margin), min(1.02, hi + margin)
 
 
+def curve_styles(n: int) -> list[tuple]:
+    """(colour, marker, line style) of ``n`` curves, no two alike: matplotlib's ten default colours, then the
+    same colours with another marker and a dashed line (the default cycle repeats its colours from the 11th
+    curve on: the README's MNIST-1D run plots twelve strategies)."""
+    import matplotlib
+
+    colors = matplotlib.colormaps["tab10"].colors
+    markers, lines = "osD^vP*Xph", ("-", "--", ":", "-.")
+    return [(colors[i % 10], markers[(i // 10) % len(markers)], lines[(i // 10) % len(lines)]) for i in range(n)]
+
+
+def accuracy_matrix_figure(name: str, r: dict):
+    """A strategy's accuracy matrix as a heat map, each cell's value written in it; at least 4.4 x 3.6 inches,
+    so that a matrix of one or two experiences keeps its title, axis labels and colour bar inside the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    R = np.asarray(r["accuracy_matrix"])
+    fig, ax = plt.subplots(figsize=(max(4.4, 1.2 + 0.7 * R.shape[1]), max(3.6, 1.0 + 0.6 * R.shape[0])))
+    im = ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
+    for i in range(R.shape[0]):
+        for j in range(R.shape[1]):
+            ax.text(j, i, f"{R[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if R[i, j] < 0.5 else "black")
+    # experiences counted from 1, as the progress lines and the curves count them (results.json and
+    # results.csv keep Avalanche's ids, from 0)
+    ax.set_xticks(range(R.shape[1]), range(1, R.shape[1] + 1))
+    ax.set_yticks(range(R.shape[0]), range(1, R.shape[0] + 1))
+    ax.set_xlabel("test experience")
+    ax.set_ylabel("after training experience")
+    n_seeds = len(r.get("per_seed") or [r])
+    ax.set_title(f"{name}: accuracy matrix" + (f"\nmean of {n_seeds} seeds" if n_seeds > 1 else ""), fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
 def plot_results(out_dir: Path, results: dict) -> None:
     import matplotlib
 
@@ -139,32 +178,16 @@ def plot_results(out_dir: Path, results: dict) -> None:
 
     strategies = results["strategies"]
     for name, r in strategies.items():
-        R = np.asarray(r["accuracy_matrix"])
-        fig, ax = plt.subplots(figsize=(1.2 + 0.7 * R.shape[1], 1.0 + 0.6 * R.shape[0]))
-        im = ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
-        for i in range(R.shape[0]):
-            for j in range(R.shape[1]):
-                ax.text(j, i, f"{R[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                        color="white" if R[i, j] < 0.5 else "black")
-        # experiences counted from 1, as the progress lines and the curves count them (results.json and
-        # results.csv keep Avalanche's ids, from 0)
-        ax.set_xticks(range(R.shape[1]), range(1, R.shape[1] + 1))
-        ax.set_yticks(range(R.shape[0]), range(1, R.shape[0] + 1))
-        ax.set_xlabel("test experience")
-        ax.set_ylabel("after training experience")
-        n_seeds = len(r.get("per_seed") or [r])
-        ax.set_title(f"{name}: accuracy matrix" + (f", mean of {n_seeds} seeds" if n_seeds > 1 else ""))
-        fig.colorbar(im, ax=ax, fraction=0.046)
-        fig.tight_layout()
+        fig = accuracy_matrix_figure(name, r)
         save_figure(fig, out_dir / f"accuracy_matrix_{name}.png")
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     curves = []
-    for name, r in strategies.items():
+    for (name, r), (color, marker, line) in zip(strategies.items(), curve_styles(len(strategies))):
         R = np.asarray(r["accuracy_matrix"])
         seen_avg = [R[i, : i + 1].mean() for i in range(R.shape[0])]
         curves.append(seen_avg)
-        ax.plot(range(1, len(seen_avg) + 1), seen_avg, marker="o", label=name)
+        ax.plot(range(1, len(seen_avg) + 1), seen_avg, color=color, marker=marker, linestyle=line, label=name)
     ax.set_xticks(range(1, results["n_experiences"] + 1))
     ax.set_xlabel("experiences trained")
     ax.set_ylabel("mean accuracy on experiences seen so far")
