@@ -384,3 +384,17 @@ def test_twelve_strategies_get_twelve_distinct_curves_and_a_small_matrix_keeps_i
         box = text.get_window_extent(renderer)
         assert text.get_text() and canvas.x0 - 1 <= box.x0 and box.x1 <= canvas.x1 + 1, text.get_text()
         assert canvas.y0 - 1 <= box.y0 and box.y1 <= canvas.y1 + 1, text.get_text()
+
+
+def test_the_drift_picture_counts_the_first_experience_as_1(tmp_path, monkeypatch):
+    """cka_<strategy>_seed<S>.png was titled "CKA of experience 0's hidden layers", its rows "after experience 0",
+    where every other picture counts experiences from 1 (README)."""
+    from modnet.eval import drift
+
+    drawn = {}
+    monkeypatch.setattr(drift, "plot_cka_heatmap", lambda m, path, xl, yl, **kw: drawn.update(kw))
+    acts = [torch.randn(20, 5), torch.randn(20, 4)]
+    diagonal = drift.plot_drift(acts, acts, tmp_path / "cka.png", "naive")
+    assert diagonal == pytest.approx([1.0, 1.0])  # a representation against itself
+    assert "experience 1" in drawn["title"] and drawn["ylabel"] == "after experience 1"
+    assert "experience 0" not in " ".join(drawn.values())

@@ -55,6 +55,7 @@ def snapshot(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor] | None:
 def plot_drift(before: list[torch.Tensor], after: list[torch.Tensor], path: Path, name: str) -> list[float]:
     m = cka_matrix(before, after)
     labels = [f"h{i}" for i in range(len(before))]
-    plot_cka_heatmap(m, path, labels, labels, title=f"{name}: CKA of experience 0's hidden layers",
-                     xlabel="after the last experience", ylabel="after experience 0")
+    # experiences counted from 1 in pictures (README), Avalanche's experience 0 here
+    plot_cka_heatmap(m, path, labels, labels, title=f"{name}: CKA of experience 1's hidden layers",
+                     xlabel="after the last experience", ylabel="after experience 1")
     return torch.diagonal(m).tolist()
