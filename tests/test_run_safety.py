@@ -447,3 +447,20 @@ def test_the_fingerprint_holds_the_device_computed_on_and_older_fingerprints_sti
     assert with_added_keys(older, current) == current
     assert with_added_keys({**current, "device.resolved": "cuda"}, current) != current or \
         current["device.resolved"] == "cuda"
+
+
+def test_the_resume_refusal_shows_what_differs_not_two_cut_values_that_look_alike():
+    """A fifth strategy was reported as `strategies (["modnet", "... -> ["modnet", "...)`: both values cut at 12
+    characters. Now a list's added and dropped items, and long values from a little before their first difference."""
+    from modnet.runner.rundir import describe_difference
+
+    old = {"config.strategies": ["modnet", "naive", "ewc", "lwf"], "config.benchmark.path": "/data/sets/run_a.npz",
+           "config.train.epochs": 20}
+    new = {"config.strategies": ["modnet", "naive", "ewc", "lwf", "si"],
+           "config.benchmark.path": "/data/sets/a_long_folder_name/run_b.npz", "config.train.epochs": 5}
+    text = describe_difference(old, new)
+    assert "strategies (adds si)" in text
+    assert "train.epochs (20 -> 5)" in text
+    path = text.split("benchmark.path (", 1)[1]
+    assert "run_a.npz" in path and "a_long_folder" in path
+    assert "drops ewc" in describe_difference(old, {**old, "config.strategies": ["modnet", "naive", "lwf"]})

@@ -253,14 +253,33 @@ def differing_keys(old: dict, new: dict) -> list[str]:
 
 def describe_difference(old: dict, new: dict, limit: int = 6) -> str:
     keys = differing_keys(old, new)
-    shown = [f"{k.split('.', 1)[1] if k.startswith('config.') else k} ({_short(old.get(k, '<absent>'))} -> "
-             f"{_short(new.get(k, '<absent>'))})" for k in keys[:limit]]
+    shown = [f"{k.split('.', 1)[1] if k.startswith('config.') else k} "
+             f"({_change(old.get(k, '<absent>'), new.get(k, '<absent>'))})" for k in keys[:limit]]
     return ", ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def _short(value) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else value
-    return text if len(text) <= 24 else text[:12] + "..."
+def _change(old, new, width: int = 24) -> str:
+    """What differs between two values, short: the items a list gains and loses, or both values from a little
+    before where they first differ (cut to the same start, they looked alike: "["modnet", "... -> ["modnet", "...")."""
+    if isinstance(old, list) and isinstance(new, list):
+        gained, lost = [v for v in new if v not in old], [v for v in old if v not in new]
+        if gained or lost:
+            return "; ".join(([f"adds {', '.join(map(_text, gained))}"] if gained else [])
+                             + ([f"drops {', '.join(map(_text, lost))}"] if lost else []))
+    a, b = _text(old), _text(new)
+    if len(a) <= width and len(b) <= width:
+        return f"{a} -> {b}"
+    same = next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), min(len(a), len(b)))
+    start = max(0, same - width // 3)
+    return f"{_cut(a, start, width)} -> {_cut(b, start, width)}"
+
+
+def _text(value) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def _cut(text: str, start: int, width: int) -> str:
+    return ("..." if start else "") + text[start:start + width] + ("..." if len(text) > start + width else "")
 
 
 def check_resume(out: Path, current: dict) -> None:
