@@ -618,6 +618,17 @@ def test_run_dir_errors_are_one_line(cl_runs, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "no modnet checkpoint" in err
     assert main(["explain", f"run_dir={cl_runs['vector']}", f"output_dir={tmp_path / 'out'}", "explain.task=5"]) == 2
     assert "tasks with module gates are [0, 1]" in capsys.readouterr().err
+    # modnet ddp's run (results.json with its world_size) keeps no checkpoint: "run the modnet strategy to the end"
+    # could not help there
+    ddp = tmp_path / "ddp_run"
+    ddp.mkdir()
+    (ddp / "config.yaml").write_text((cl_runs["vector"] / "config.yaml").read_text())
+    results = json.loads((cl_runs["vector"] / "results.json").read_text())
+    (ddp / "results.json").write_text(json.dumps({**results, "world_size": 2, "backend": "gloo"}))
+    assert main(["explain", f"run_dir={ddp}", f"output_dir={tmp_path / 'out_ddp'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "`modnet ddp` run" in err and "checkpoint" in err
+    assert not (tmp_path / "out_ddp").exists()
 
 
 def test_explanations_are_the_same_for_any_thread_count(tmp_path):

@@ -70,6 +70,9 @@ def run_network_record(run_dir: Path, run_seed: int | None) -> tuple[int, dict, 
     The record is ``strategies.modnet.network`` (modnet cl; per seed under ``per_seed``) or a top-level ``network``
     / ``network_per_seed`` (modnet gzsl)."""
     results = json.loads((Path(run_dir) / "results.json").read_text())
+    if "world_size" in results:  # modnet ddp's results.json (a one-process run's has no such key)
+        raise ValueError(f"run_dir {run_dir} is a `modnet ddp` run, which keeps no networks (no checkpoints); "
+                         "give a `modnet cl` run of the same settings, or leave run_dir out to train the network here")
     seeds = [int(s) for s in (results.get("seeds") or [results.get("seed", 0)])]
     seed = int(seeds[0] if run_seed is None else run_seed)
     if seed not in seeds:  # a checkpoint of that seed would be another run's (a killed one's)
