@@ -405,6 +405,12 @@ def test_explain_into_the_run_it_explains_is_refused_and_a_failed_explain_leaves
     naive_only = tmp_path / "naive"
     assert main([*TINY[:1], "strategies=[naive]", *TINY[2:], f"output_dir={naive_only}"]) == 0
     capsys.readouterr()
+    # another cl run's folder as explain's output_dir: named as a cl run's (it listed "... and 140 more" differing
+    # keys and said to resume that run, which explain cannot)
+    before = _snapshot(naive_only)
+    assert main([*args, f"output_dir={naive_only}"]) == 2
+    _one_error_line(capsys, "holds the results of a `modnet cl` run", "choose another output_dir")
+    assert _snapshot(naive_only) == before
     failed = tmp_path / "failed"
     assert main(["explain", f"run_dir={naive_only}", f"output_dir={failed}"]) != 0
     _one_error_line(capsys, "no network of the modnet strategy", "naive")

@@ -518,7 +518,7 @@ def run_explain(cfg: DictConfig) -> dict:
 
     _check_config(cfg)
     # as modnet cl: one run at a time in a folder, and another run's explanations are not written over
-    with fresh_run(Path(cfg.output_dir), fingerprint(cfg)):
+    with fresh_run(Path(cfg.output_dir), fingerprint(cfg), "explain"):
         with one_cpu_thread():  # the network trained here and its explanations, the same for any thread count
             return _run_explain(cfg)
 

@@ -532,7 +532,7 @@ def run_gzsl(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.output_dir)
     # as modnet cl: one run at a time in a folder, and a folder holding another run's results is not written over
     # (its results.json, and its seeds' checkpoints beside this run's)
-    with fresh_run(out_dir, fingerprint(cfg)):
+    with fresh_run(out_dir, fingerprint(cfg), "gzsl"):
         return _run_gzsl(cfg, out_dir)
 
 

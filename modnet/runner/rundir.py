@@ -303,18 +303,43 @@ def _has_results(out: Path) -> bool:
     return any((Path(out) / name).exists() for name in RESULT_FILES)
 
 
-def check_fresh_start(out: Path, current: dict) -> None:
+def check_fresh_start(out: Path, current: dict, command: str = "cl") -> None:
     """``resume=false``: a folder that holds the results of another run (another fingerprint; any command's,
     ``RESULT_FILES``) is not written over, so that no finished result is lost: ``modnet explain
     output_dir=<the run_dir>`` wrote its config.yaml and fingerprint over the cl run's, which could then be neither
-    explained nor resumed. The same run started again recomputes the same numbers and may."""
+    explained nor resumed. The same run started again recomputes the same numbers and may. ``command``: the
+    job asking (cl, gzsl, explain); a folder of another command's run is named as such, not by its ~100 config
+    keys that differ."""
     stored = with_added_keys(read_fingerprint(out), current)
     if stored is not None and stored != current and (_has_results(out) or _has_checkpoints(out)):
         # checkpoints too: a killed run's stayed beside the new run's files (cl's resume of the new run then
         # stopped at them; gzsl's seed-0 network of the old run was explained under the new run's results)
+        other = run_command(out)
+        if other is not None and other != command:
+            raise ConfigError(f"{out} holds the results of a `modnet {other}` run; choose another output_dir for "
+                              f"modnet {command} (each run writes into a folder of its own)")
+        resume = "resume that run with its settings, " if command == "cl" else ""
         raise ConfigError(f"{out} holds the results or checkpoints of another run (differing keys: "
-                          f"{describe_difference(stored, current)}); choose another output_dir, resume that run "
-                          "with its settings, or remove that folder to start over there")
+                          f"{describe_difference(stored, current)}); choose another output_dir, {resume}or remove "
+                          "that folder to start over there")
+
+
+def run_command(out: Path) -> str | None:
+    """The command whose finished or partial results ``out`` holds (cl, ddp, gzsl, explain), from its result
+    files; None where there are none or they are unreadable."""
+    if (Path(out) / "explanations.json").exists():
+        return "explain"
+    try:
+        results = json.loads((Path(out) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(results, dict):
+        return None
+    if "methods" in results:
+        return "gzsl"
+    if "strategies" in results:
+        return "ddp" if "world_size" in results else "cl"
+    return None
 
 
 def holds_finished_results(out: Path) -> bool:
@@ -331,14 +356,14 @@ def _has_checkpoints(out: Path) -> bool:
 
 
 @contextmanager
-def fresh_run(out: Path, current: dict):
-    """``with fresh_run(out, fingerprint(cfg)):`` for a job without resume (``modnet gzsl``, ``modnet explain``):
+def fresh_run(out: Path, current: dict, command: str):
+    """``with fresh_run(out, fingerprint(cfg), command):`` for a job without resume (``modnet gzsl``, ``modnet explain``):
     ``output_dir`` a folder, its lock held for the block, another run's results not written over
     (``check_fresh_start``), this run's fingerprint written (and taken back when the block fails before any
     result is there and the folder had none: a failed run leaves no fingerprint behind)."""
     check_output_dir(out)
     with RunLock(out):
-        check_fresh_start(out, current)
+        check_fresh_start(out, current, command)
         had = (Path(out) / FINGERPRINT_NAME).exists()
         write_fingerprint(out, current)
         try:
