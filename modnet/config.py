@@ -109,10 +109,10 @@ def _override_key(override: str) -> str:
 
 def _refuse_old_data_spelling(job: str, overrides: list[str]) -> None:
     """``benchmark.name=X`` (gzsl) and ``data.*`` (explain) chose the data before ``benchmark`` became a config
-    group in every command: stop with the new spelling of the same choice (``benchmark.name`` in any command:
-    it would rename the chosen benchmark, not choose another)."""
+    group in every command: stop with the new spelling of the same choice, in any command (``benchmark.name``:
+    it would rename the chosen benchmark, not choose another; ``data.*``: no command has a ``data`` block)."""
     old = {_override_key(o): o.partition("=")[2] for o in overrides
-           if _override_key(o) == "benchmark.name" or (job == "explain" and _override_key(o).startswith("data."))}
+           if _override_key(o) == "benchmark.name" or _override_key(o).startswith("data.")}
     if not old:
         return
     name = old.get("benchmark.name") or old.get("data.name") or ("npz" if "data.path" in old else None)

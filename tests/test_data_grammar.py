@@ -144,6 +144,10 @@ def _one_line(capsys) -> str:
     (["explain", "data.name=npz"], "`modnet explain benchmark=npz benchmark.path=F`"),
     (["explain", "data.name=npz", "data.path=i.npz"], "`modnet explain benchmark=npz benchmark.path=i.npz`"),
     (["explain", "data.path=i.npz"], "`modnet explain benchmark=npz benchmark.path=i.npz`"),
+    # the README promised the new spelling in every command; cl and gzsl said only "unknown config key"
+    (["cl", "data.path=x.npz"], "`modnet cl benchmark=npz benchmark.path=x.npz`"),
+    (["cl", "data.name=mnist"], "`modnet cl benchmark=mnist`"),
+    (["gzsl", "data.name=awa2"], "`modnet gzsl benchmark=awa2 benchmark.path=F`"),
     (["explain", "data.unseen_classes=[1,4]"], "`modnet explain benchmark.unseen_classes=[1,4]`"),
     (["cl", "benchmark.name=mnist"], "`modnet cl benchmark=mnist`"),
 ])
