@@ -470,3 +470,28 @@ def test_the_resume_refusal_shows_what_differs_not_two_cut_values_that_look_alik
     path = text.split("benchmark.path (", 1)[1]
     assert "run_a.npz" in path and "a_long_folder" in path
     assert "drops ewc" in describe_difference(old, {**old, "config.strategies": ["modnet", "naive", "lwf"]})
+
+
+def test_ddp_and_cl_keep_each_other_s_finished_runs(tiny_run, tmp_path, capsys):
+    """`modnet ddp` wrote its fingerprint and then its results.json over whatever the folder held (it had no
+    fresh-start check): a finished cl run of the same or other settings was lost. Now one line before torchrun
+    starts, the folder untouched; and cl, fresh or resumed, refuses a ddp run's folder."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    before = _snapshot(out)
+    capsys.readouterr()
+    ddp = ["ddp", "--nproc", "2", *TINY[1:]]
+    for extra in ([], ["train.epochs=2"]):  # the cl run's own settings, and others
+        assert main([*ddp, *extra, f"output_dir={out}"]) == 2
+        _one_error_line(capsys, "holds the results of a `modnet cl` run", "choose another output_dir")
+        assert _snapshot(out) == before
+    ddp_run = tmp_path / "ddp_run"
+    ddp_run.mkdir()
+    results = json.loads((tiny_run / "results.json").read_text())
+    (ddp_run / "results.json").write_text(json.dumps({**results, "world_size": 2, "backend": "gloo"}))
+    (ddp_run / "fingerprint.json").write_text((tiny_run / "fingerprint.json").read_text())
+    before = _snapshot(ddp_run)
+    for extra in (["resume=true"], []):
+        assert main([*TINY, *extra, f"output_dir={ddp_run}"]) == 2
+        _one_error_line(capsys, "holds the results of a `modnet ddp` run")
+        assert _snapshot(ddp_run) == before

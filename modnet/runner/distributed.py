@@ -411,12 +411,14 @@ def main(argv: list[str] | None = None, prechecked: tuple | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    from modnet.runner.rundir import RunLock, check_output_dir, fingerprint, write_fingerprint
+    from modnet.runner.rundir import RunLock, check_fresh_start, check_output_dir, fingerprint, write_fingerprint
 
     out = Path(cfg.output_dir)
     check_output_dir(out)
     # the folder is held for the whole run, as `modnet cl` holds it: a second run into it stops at once
     with RunLock(out):
+        # rank 0 writes results.json there: another run's (a cl run's, or a ddp run of other settings) is kept
+        check_fresh_start(out, fingerprint(cfg), "ddp")
         write_fingerprint(out, fingerprint(cfg))
         try:
             torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "modnet.runner.distributed", *overrides])

@@ -286,7 +286,12 @@ def _cut(text: str, start: int, width: int) -> str:
 
 
 def check_resume(out: Path, current: dict) -> None:
-    """``resume=true``: the folder's fingerprint must be ``current``; else one line naming the keys that differ."""
+    """``resume=true``: the folder's fingerprint must be ``current``, and its results (if any) a ``modnet cl``
+    run's; else one line naming the keys that differ, or the command whose run the folder holds."""
+    other = run_command(out)
+    if other not in (None, "cl"):
+        raise ConfigError(f"resume=true but {out} holds the results of a `modnet {other}` run, which modnet cl "
+                          "cannot resume; choose another output_dir")
     stored = with_added_keys(read_fingerprint(out), current)
     if stored is not None and stored != current:
         # resume=false would not start over there either where that run has results (check_fresh_start)
@@ -310,14 +315,16 @@ def check_fresh_start(out: Path, current: dict, command: str = "cl") -> None:
     explained nor resumed. The same run started again recomputes the same numbers and may. ``command``: the
     job asking (cl, gzsl, explain); a folder of another command's run is named as such, not by its ~100 config
     keys that differ."""
+    if not (_has_results(out) or _has_checkpoints(out)):
+        return
+    other = run_command(out)
+    if other is not None and other != command:  # whatever the settings: `modnet ddp` of a cl run's would replace it
+        raise ConfigError(f"{out} holds the results of a `modnet {other}` run; choose another output_dir for "
+                          f"modnet {command} (each run writes into a folder of its own)")
     stored = with_added_keys(read_fingerprint(out), current)
-    if stored is not None and stored != current and (_has_results(out) or _has_checkpoints(out)):
+    if stored is not None and stored != current:
         # checkpoints too: a killed run's stayed beside the new run's files (cl's resume of the new run then
         # stopped at them; gzsl's seed-0 network of the old run was explained under the new run's results)
-        other = run_command(out)
-        if other is not None and other != command:
-            raise ConfigError(f"{out} holds the results of a `modnet {other}` run; choose another output_dir for "
-                              f"modnet {command} (each run writes into a folder of its own)")
         resume = "resume that run with its settings, " if command == "cl" else ""
         raise ConfigError(f"{out} holds the results or checkpoints of another run (differing keys: "
                           f"{describe_difference(stored, current)}); choose another output_dir, {resume}or remove "
