@@ -496,6 +496,41 @@ def test_the_gate_chooses_its_own_candidate_with_its_layer_and_quantile(monkeypa
     assert chosen["gate_validation_seen_kept"] == pytest.approx(0.95)
 
 
+def test_the_gate_s_seen_bar_is_the_method_s_best_seen_accuracy_not_a_chance_candidate_s_own(monkeypatch):
+    """A candidate that guesses at chance kept "all" of its own chance seen accuracy, passed min_seen_ratio and won
+    the gated reading (a planted AWA2 run: ESZSL lambda 10, gated H 0.03 against 0.96 for lambda 0.001). Planted:
+    layer -2 at chance among the seen classes (0.1 seen-only, gated S 0.1) with the better planted gated H, layer
+    -1 at 0.9 (gated S 0.85, 94% of it). The bar is 0.9 of the method's best seen-only accuracy: layer -1."""
+    from types import SimpleNamespace
+
+    from modnet.config import compose
+    from modnet.jobs import gzsl
+    from modnet.zsl.niwt import candidates
+    from scenarios.zsl import load_digits_zsl
+
+    cfg = compose("gzsl", ["calibration.mode=none", "gate.enabled=true", "gate.layer=0", "gate.quantile=null",
+                           "gate.quantiles=[0.8,0.9]", "gate.min_seen_ratio=0.9", "niwt.layer=null",
+                           "niwt.layers=[-2,-1]"])
+    seen_only, gated = {-2: 0.1, -1: 0.9}, {-2: (0.75, 0.1), -1: (0.7, 0.85)}
+
+    class Gate:
+        def sides(self, novelties, q):
+            return q
+
+    def fake_scores(cfg, val, seed, device, progress, stage):
+        return object(), {"niwt": [(setting, (setting["niwt_layer"],) * 2) for setting in candidates(cfg)]}
+
+    monkeypatch.setattr(gzsl, "score_methods", fake_scores)
+    monkeypatch.setattr(gzsl, "novelty_of_tests", lambda cfg, net, layer: (Gate(), None, None))
+    monkeypatch.setattr(gzsl, "restricted_accuracy", lambda scores, y, classes: seen_only[scores])
+    monkeypatch.setattr(gzsl, "_evaluate_gated", lambda scores, val, q: SimpleNamespace(
+        H=gated[scores[0]][0], S=gated[scores[0]][1]))
+    monkeypatch.setattr(gzsl, "_evaluate", lambda scores, val, g: SimpleNamespace(H=0.5))
+    chosen = gzsl.validate(cfg, load_digits_zsl(seed=0), 0, torch.device("cpu"), False)["niwt"]
+    assert chosen["gate_params"] == {"niwt_layer": -1}
+    assert chosen["gate_validation_seen_kept"] == pytest.approx(0.85 / 0.9)
+
+
 def test_each_reading_is_evaluated_on_its_own_settings_scores_and_a_shared_setting_is_scored_once(monkeypatch):
     """run_seed: the headline (uncalibrated), calibrated and gated figures each come from the scores of their own
     validated setting; the headline's setting is scored first (NIWT extends the network it is given, and that
