@@ -458,11 +458,9 @@ def test_the_headline_setting_is_chosen_on_uncalibrated_h_whatever_the_calibrati
     assert chosen["validation_H_calibrated"] == pytest.approx(0.5 if mode == "none" else 0.9)
 
 
-def test_the_gate_chooses_its_own_candidate_with_its_layer_and_quantile(monkeypatch):
-    """The gated reading chooses (candidate, gate setting) jointly: it used the headline's candidate, and on digits
-    ESZSL's best uncalibrated regulariser gave the gate H 0.30 (3 seeds). Planted per (candidate, quantile), the
-    same on every split: gated H / share of the seen-only accuracy kept. Candidate -1 has the best uncalibrated H
-    (the headline); among the pairs that keep min_seen_ratio 0.9, (-2, 0.7) has the best gated H."""
+def _validate_planted(monkeypatch, quantiles, uncalibrated, seen_only, gated):
+    """``gzsl.validate`` of NIWT's candidates layer -2 and -1 on planted figures, the same on every split: per layer
+    its uncalibrated H and seen-only accuracy, per (layer, gate quantile) its gated (H, S). Returns NIWT's choice."""
     from types import SimpleNamespace
 
     from modnet.config import compose
@@ -471,25 +469,32 @@ def test_the_gate_chooses_its_own_candidate_with_its_layer_and_quantile(monkeypa
     from scenarios.zsl import load_digits_zsl
 
     cfg = compose("gzsl", ["calibration.mode=none", "gate.enabled=true", "gate.layer=0", "gate.quantile=null",
-                           "gate.quantiles=[0.5,0.7]", "gate.min_seen_ratio=0.9", "niwt.layer=null",
-                           "niwt.layers=[-2,-1]"])
-    uncalibrated = {-2: 0.3, -1: 0.5}
-    gated = {(-2, 0.5): (0.9, 0.5), (-2, 0.7): (0.8, 0.95), (-1, 0.5): (0.85, 0.6), (-1, 0.7): (0.6, 0.97)}
+                           f"gate.quantiles=[{','.join(map(str, quantiles))}]", "gate.min_seen_ratio=0.9",
+                           "niwt.layer=null", "niwt.layers=[-2,-1]"])
 
     class Gate:
         def sides(self, novelties, q):
             return q
 
-    def fake_scores(cfg, val, seed, device, progress, stage):
+    def fake_scores(cfg, val, seed, device, progress, stage):  # a candidate's scores: its layer, twice
         return object(), {"niwt": [(setting, (setting["niwt_layer"],) * 2) for setting in candidates(cfg)]}
 
     monkeypatch.setattr(gzsl, "score_methods", fake_scores)
     monkeypatch.setattr(gzsl, "novelty_of_tests", lambda cfg, net, layer: (Gate(), None, None))
-    monkeypatch.setattr(gzsl, "restricted_accuracy", lambda scores, y, classes: 1.0)
+    monkeypatch.setattr(gzsl, "restricted_accuracy", lambda scores, y, classes: seen_only[scores])
     monkeypatch.setattr(gzsl, "_evaluate_gated", lambda scores, val, q: SimpleNamespace(
         H=gated[scores[0], q][0], S=gated[scores[0], q][1]))
     monkeypatch.setattr(gzsl, "_evaluate", lambda scores, val, g: SimpleNamespace(H=uncalibrated[scores[0]]))
-    chosen = gzsl.validate(cfg, load_digits_zsl(seed=0), 0, torch.device("cpu"), False)["niwt"]
+    return gzsl.validate(cfg, load_digits_zsl(seed=0), 0, torch.device("cpu"), False)["niwt"]
+
+
+def test_the_gate_chooses_its_own_candidate_with_its_layer_and_quantile(monkeypatch):
+    """The gated reading chooses (candidate, gate setting) jointly: it used the headline's candidate, and on digits
+    ESZSL's best uncalibrated regulariser gave the gate H 0.30 (3 seeds). Planted per (candidate, quantile), the
+    same on every split: gated H / share of the seen-only accuracy kept. Candidate -1 has the best uncalibrated H
+    (the headline); among the pairs that keep min_seen_ratio 0.9, (-2, 0.7) has the best gated H."""
+    gated = {(-2, 0.5): (0.9, 0.5), (-2, 0.7): (0.8, 0.95), (-1, 0.5): (0.85, 0.6), (-1, 0.7): (0.6, 0.97)}
+    chosen = _validate_planted(monkeypatch, [0.5, 0.7], {-2: 0.3, -1: 0.5}, {-2: 1.0, -1: 1.0}, gated)
     assert chosen["params"] == {"niwt_layer": -1}
     assert chosen["gate_params"] == {"niwt_layer": -2} and chosen["gate"] == (0, 0.7)
     assert chosen["gate_validation_H"] == pytest.approx(0.8)
@@ -501,32 +506,8 @@ def test_the_gate_s_seen_bar_is_the_method_s_best_seen_accuracy_not_a_chance_can
     the gated reading (a planted AWA2 run: ESZSL lambda 10, gated H 0.03 against 0.96 for lambda 0.001). Planted:
     layer -2 at chance among the seen classes (0.1 seen-only, gated S 0.1) with the better planted gated H, layer
     -1 at 0.9 (gated S 0.85, 94% of it). The bar is 0.9 of the method's best seen-only accuracy: layer -1."""
-    from types import SimpleNamespace
-
-    from modnet.config import compose
-    from modnet.jobs import gzsl
-    from modnet.zsl.niwt import candidates
-    from scenarios.zsl import load_digits_zsl
-
-    cfg = compose("gzsl", ["calibration.mode=none", "gate.enabled=true", "gate.layer=0", "gate.quantile=null",
-                           "gate.quantiles=[0.8,0.9]", "gate.min_seen_ratio=0.9", "niwt.layer=null",
-                           "niwt.layers=[-2,-1]"])
-    seen_only, gated = {-2: 0.1, -1: 0.9}, {-2: (0.75, 0.1), -1: (0.7, 0.85)}
-
-    class Gate:
-        def sides(self, novelties, q):
-            return q
-
-    def fake_scores(cfg, val, seed, device, progress, stage):
-        return object(), {"niwt": [(setting, (setting["niwt_layer"],) * 2) for setting in candidates(cfg)]}
-
-    monkeypatch.setattr(gzsl, "score_methods", fake_scores)
-    monkeypatch.setattr(gzsl, "novelty_of_tests", lambda cfg, net, layer: (Gate(), None, None))
-    monkeypatch.setattr(gzsl, "restricted_accuracy", lambda scores, y, classes: seen_only[scores])
-    monkeypatch.setattr(gzsl, "_evaluate_gated", lambda scores, val, q: SimpleNamespace(
-        H=gated[scores[0]][0], S=gated[scores[0]][1]))
-    monkeypatch.setattr(gzsl, "_evaluate", lambda scores, val, g: SimpleNamespace(H=0.5))
-    chosen = gzsl.validate(cfg, load_digits_zsl(seed=0), 0, torch.device("cpu"), False)["niwt"]
+    gated = {(layer, q): hs for q in (0.8, 0.9) for layer, hs in ((-2, (0.75, 0.1)), (-1, (0.7, 0.85)))}
+    chosen = _validate_planted(monkeypatch, [0.8, 0.9], {-2: 0.5, -1: 0.5}, {-2: 0.1, -1: 0.9}, gated)
     assert chosen["gate_params"] == {"niwt_layer": -1}
     assert chosen["gate_validation_seen_kept"] == pytest.approx(0.85 / 0.9)
 
