@@ -4,10 +4,11 @@ The Python API for researchers who write their own Avalanche scripts (imported l
 --help`` and config checks stay fast):
 
     from modnet import HATMLP, HATCNN, Condition, build_modular_network, modnet_strategy
-    from modnet import HATPlugin, SyncRegPlugin, TaskKeysPlugin, ConditionedTemplate, ForwardLossTerm
+    from modnet import HATPlugin, ModulesPlugin, SyncRegPlugin, TaskKeysPlugin, ConditionedTemplate, ForwardLossTerm
 
 ``modnet_strategy(model, optimizer, **template_args)`` is the ``modnet`` strategy (an Avalanche
-``SupervisedTemplate`` with the HAT plugin, and the task-keys and sync plugins when the network has them).
+``SupervisedTemplate`` with the HAT plugin, and the modules', task-keys' and sync plugins where the network has
+module gates, task keys, a sync regulariser).
 """
 from __future__ import annotations
 
@@ -25,13 +26,18 @@ _API = {
     "describe_network": "modnet.nets.record", "save_network": "modnet.nets.record",
     "load_network": "modnet.nets.record",
     "HATPlugin": "strategies.plugins.hat", "SyncRegPlugin": "strategies.plugins.modular",
-    "TaskKeysPlugin": "strategies.plugins.modular", "ConditionedTemplate": "strategies.template",
+    "TaskKeysPlugin": "strategies.plugins.modular", "ModulesPlugin": "strategies.plugins.modular",
+    "ConditionedTemplate": "strategies.template",
     "ForwardLossTerm": "strategies.template",
     "modnet_strategy": "strategies.modnet",
     "NIWT": "modnet.methods.niwt", "SynC": "modnet.methods.sync",
     "run_experiences": "modnet.runner.runner", "make_strategy": "modnet.runner.runner",
 }
 __all__ = ["__version__", *_API]
+
+
+def __dir__() -> list[str]:  # the lazily imported API too: tab completion and help() list it
+    return sorted({*globals(), *_API})
 
 
 def __getattr__(name: str):

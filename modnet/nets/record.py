@@ -131,6 +131,10 @@ def load_network(path: Path, cfg) -> HATNet:
     settings) and the saved structure (heads, per-task gates), its weights loaded."""
     from modnet.nets.build import build_modular_network
 
+    if cfg is None or not hasattr(cfg, "model"):
+        raise TypeError("load_network(path, cfg) rebuilds the network from the config it was built with (a run's "
+                        "config.yaml via OmegaConf.load, or the config given to build_modular_network); a network "
+                        "built by hand is reloaded by building it again and loading torch.load(path)['model']")
     try:
         obj = torch.load(Path(path), map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated, empty, or not torch.save's
