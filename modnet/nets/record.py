@@ -131,10 +131,6 @@ def load_network(path: Path, cfg) -> HATNet:
     settings) and the saved structure (heads, per-task gates), its weights loaded."""
     from modnet.nets.build import build_modular_network
 
-    if cfg is None or not hasattr(cfg, "model"):
-        raise TypeError("load_network(path, cfg) rebuilds the network from the config it was built with (a run's "
-                        "config.yaml via OmegaConf.load, or the config given to build_modular_network); a network "
-                        "built by hand is reloaded by building it again and loading torch.load(path)['model']")
     try:
         obj = torch.load(Path(path), map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated, empty, or not torch.save's
@@ -144,6 +140,10 @@ def load_network(path: Path, cfg) -> HATNet:
     if not isinstance(obj, dict) or "structure" not in obj:
         raise ValueError(f"{path} holds no modular network (a baseline's weights?); explain a run of the modnet "
                          "strategy")
+    if cfg is None or not hasattr(cfg, "model"):
+        raise TypeError("load_network(path, cfg) rebuilds the network from the config it was built with (a run's "
+                        "config.yaml via OmegaConf.load, or the config given to build_modular_network); a network "
+                        "built by hand is reloaded by building it again and loading torch.load(path)['model']")
     st = json.loads(obj["structure"])
     model = build_modular_network(cfg, st["input_shape"], st["task_classes"], st["class_incremental"])
     if model.gate is not None:
