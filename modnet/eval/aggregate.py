@@ -70,7 +70,9 @@ def _overrides(results_file: Path) -> dict[str, str]:
 
 def _is_zero_shot(res) -> bool:
     """A ``modnet gzsl`` results.json (its methods' U, S, H already mean +- std over its seeds)."""
-    return isinstance(res, dict) and "methods" in res and "calibration" in res and "strategies" not in res
+    from modnet.runner.rundir import results_command
+
+    return results_command(res) == "gzsl"
 
 
 def _runs_of(results_file: Path, res) -> list[dict]:

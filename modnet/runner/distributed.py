@@ -417,9 +417,10 @@ def main(argv: list[str] | None = None, prechecked: tuple | None = None) -> int:
     check_output_dir(out)
     # the folder is held for the whole run, as `modnet cl` holds it: a second run into it stops at once
     with RunLock(out):
+        current = fingerprint(cfg)
         # rank 0 writes results.json there: another run's (a cl run's, or a ddp run of other settings) is kept
-        check_fresh_start(out, fingerprint(cfg), "ddp")
-        write_fingerprint(out, fingerprint(cfg))
+        check_fresh_start(out, current, "ddp")
+        write_fingerprint(out, current)
         try:
             torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "modnet.runner.distributed", *overrides])
         except ChildFailedError as err:  # the ranks' tracebacks are already on stderr

@@ -340,9 +340,15 @@ def run_command(out: Path) -> str | None:
         results = json.loads((Path(out) / "results.json").read_text())
     except (OSError, ValueError):
         return None
+    return results_command(results)
+
+
+def results_command(results) -> str | None:
+    """The command that wrote a results.json's content: ``gzsl`` (its methods' U, S, H, already mean +- std over
+    its seeds), ``ddp`` or ``cl`` (strategies; ddp's with its world size), None for anything else."""
     if not isinstance(results, dict):
         return None
-    if "methods" in results:
+    if "methods" in results and "calibration" in results and "strategies" not in results:
         return "gzsl"
     if "strategies" in results:
         return "ddp" if "world_size" in results else "cl"
