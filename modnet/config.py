@@ -258,6 +258,30 @@ def check_choice(name: str, value, choices: Sequence) -> None:
         raise ConfigError(f"config {name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
 
 
+# choices of the network's config keys, read by the early checks (modnet.validate) and by the network builder
+# (modnet.nets.build): defined here, below both
+GATES = ("topk", "none")     # model.gate
+MODULES = ("sync", "none")   # model.modules
+TRANSFORM_COPIES = ("auto", "all", "one", "replace")  # task_inference.transform_copies
+
+
+def transform_copies(copies, rows: float, heads_for_inference: bool) -> str:
+    """``task_inference.transform_copies`` checked and resolved: ``auto`` is CSI's full batch (``all``) where
+    the heads pick the task, else ``replace`` (the batch's own rows; measured: the accuracy of ``one`` at
+    the batch's size, configs/training.yaml), or ``one`` where ``transform_rows`` < 1 (``replace`` transforms
+    every row of the batch, so it takes rows = 1 only)."""
+    copies = str(copies)
+    check_choice("task_inference.transform_copies", copies, TRANSFORM_COPIES)
+    if copies == "replace" and rows < 1.0:
+        raise ConfigError(f"task_inference.transform_copies=replace feeds every row of the batch to the transform "
+                          f"heads: it needs task_inference.transform_rows=1 (got {rows}), or transform_copies=one")
+    if copies == "auto":
+        return "all" if heads_for_inference else "replace" if rows >= 1.0 else "one"
+    return copies
+
+
+
+
 def check_share(name: str, value, meaning: str) -> float:
     """A config share in (0, 1]: the value as a float, else one ConfigError line naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:

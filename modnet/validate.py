@@ -76,7 +76,8 @@ from typing import Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from modnet.config import ConfigError, check_choice, check_share
+from modnet.config import (GATES, MODULES, TRANSFORM_COPIES, ConfigError, check_choice, check_share,  # noqa: F401
+                           transform_copies)
 
 # copies of the choices whose modules import torch / Avalanche (tests/test_faults.py checks they agree)
 SCENARIOS = ("task", "class")                                       # scenarios.base.SCENARIOS
@@ -86,16 +87,12 @@ LOGGERS = ("interactive", "text", "csv", "tensorboard", "wandb")     # modnet.ev
 HEADS = ("linear", "cosine")                                         # modnet.nets.build.HEADS
 TASK_INFERENCE = ("auto", "gauss", "keys", "ood", "features", "heads")  # modnet.nets.build.TASK_INFERENCE
 TRANSFORM_HEADS = ("auto", "inference", "always", "never")           # modnet.nets.build.TRANSFORM_HEADS
-GATES = ("topk", "none")     # model.gate (modnet.nets.build reads it from here)
-MODULES = ("sync", "none")   # model.modules (idem)
 EWC_MODES = ("separate", "online")
 ESTIMATORS = ("st", "gumbel")                 # modnet.nets.modules.ModuleGate
 HEAD_TASK_INFERENCE = ("maxprob", "entropy")  # modnet.nets.models.MultiHeadTaskNet (hat.* and hnet.*)
 HNET_INITS = ("xavier", "hyperfan")           # strategies.plugins.hnet.HNetModel
 
 TRANSFORM_ROWS = "the share of each batch in the transform heads' loss; 1 = all"   # modnet.nets.build
-# task_inference.transform_copies (modnet.nets.build reads these two from here)
-TRANSFORM_COPIES = ("auto", "all", "one", "replace")
 
 POSITIVE = ("train.epochs", "train.batch_size", "train.eval_batch_size", "benchmark.n_experiences")
 # null: torch's default (every core, or OMP_NUM_THREADS); 0, which cl and bench once read as that, is refused
@@ -151,21 +148,6 @@ def _check_ratio_clock(cfg: DictConfig) -> None:
             raise ConfigError(f"config loops={loops!r} must be null (every loop) or a list of distinct loop names "
                               f"among: {', '.join(BENCH_LOOPS)} (quote names with spaces: "
                               f"'loops=[plain,modnet,\"modnet (HAT only)\"]')")
-
-
-def transform_copies(copies, rows: float, heads_for_inference: bool) -> str:
-    """``task_inference.transform_copies`` checked and resolved: ``auto`` is CSI's full batch (``all``) where
-    the heads pick the task, else ``replace`` (the batch's own rows; measured: the accuracy of ``one`` at
-    the batch's size, configs/training.yaml), or ``one`` where ``transform_rows`` < 1 (``replace`` transforms
-    every row of the batch, so it takes rows = 1 only)."""
-    copies = str(copies)
-    check_choice("task_inference.transform_copies", copies, TRANSFORM_COPIES)
-    if copies == "replace" and rows < 1.0:
-        raise ConfigError(f"task_inference.transform_copies=replace feeds every row of the batch to the transform "
-                          f"heads: it needs task_inference.transform_rows=1 (got {rows}), or transform_copies=one")
-    if copies == "auto":
-        return "all" if heads_for_inference else "replace" if rows >= 1.0 else "one"
-    return copies
 
 
 def validate(job: str, cfg: DictConfig) -> None:
@@ -238,7 +220,7 @@ def validate(job: str, cfg: DictConfig) -> None:
         if not isinstance(out, str) or not out.strip():
             raise ConfigError(f"config output_dir={out!r} must name a folder (the run writes its results, "
                               "checkpoints and plots there), e.g. output_dir=outputs/run1")
-        from modnet.runner.rundir import check_output_dir
+        from modnet.rundir import check_output_dir
 
         check_output_dir(Path(out))
     if job == "cl" and "benchmark" in cfg and cfg.benchmark.get("name") == "npz" and cfg.benchmark.get("path"):
@@ -429,7 +411,7 @@ def _check_explain(cfg: DictConfig) -> None:
 def check_explain_run_dir(cfg: DictConfig) -> Path:
     """explain's ``run_dir``: a finished run's folder (``check_run_dir``), not its own ``output_dir`` (explain would
     write its config.yaml and fingerprint over the run's, which could then be neither explained nor resumed)."""
-    from modnet.runner.rundir import check_run_dir
+    from modnet.rundir import check_run_dir
 
     run_dir = check_run_dir(cfg.run_dir)
     if Path(cfg.output_dir).expanduser().resolve() == run_dir.resolve():
@@ -443,7 +425,7 @@ def _check_explained_run(cfg: DictConfig) -> None:
     """``run_dir`` a finished run, ``run_seed`` one of its seeds with a recorded network (results.json), and
     ``explain.task`` / ``explain.layers`` among that network's gated tasks and masked layers, as results.json records
     them (each was refused after the imports, the last two once the network had loaded)."""
-    from modnet.runner.rundir import run_network_record
+    from modnet.rundir import run_network_record
 
     run_dir = check_explain_run_dir(cfg)
     seed, _, record = run_network_record(run_dir, cfg.get("run_seed"))

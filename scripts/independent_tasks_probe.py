@@ -26,7 +26,7 @@ def independent_accuracies(cfg, seed: int, device) -> list[float]:
 
     from modnet.eval.metrics import build_evaluator
     from modnet.runner.runner import make_strategy, set_seed
-    from modnet.runner.tensor_batches import dataset_batches
+    from scenarios.tensors import dataset_batches
     from scenarios import build_benchmark
 
     info = build_benchmark(cfg.benchmark, cfg.scenario, seed, device=device if cfg.train.data_on_device else None)

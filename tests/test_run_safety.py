@@ -106,7 +106,7 @@ def test_second_run_into_a_folder_in_use_stops_at_once(tmp_path, capsys):
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     import socket
 
-    from modnet.runner.rundir import RunLock
+    from modnet.rundir import RunLock
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -119,7 +119,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 
 
 def _race_for_the_lock(folder, start, won) -> None:
-    from modnet.runner.rundir import RunLock
+    from modnet.rundir import RunLock
 
     lock = RunLock(folder)
     start.wait()
@@ -227,7 +227,7 @@ def test_kill9_then_resume_gives_the_results_of_an_uninterrupted_run(tmp_path, k
 
 def test_empty_lock_file_is_stale_only_when_old(tmp_path):
     from modnet.config import ConfigError
-    from modnet.runner.rundir import RunLock
+    from modnet.rundir import RunLock
 
     (tmp_path / ".lock").write_text("")  # a run killed between creating and writing its lock
     with pytest.raises(ConfigError, match="in use"):
@@ -362,7 +362,7 @@ def test_gzsl_and_explain_never_write_over_another_runs_results(tmp_path, capsys
     import socket
 
     from modnet.config import compose
-    from modnet.runner.rundir import fingerprint, write_fingerprint
+    from modnet.rundir import fingerprint, write_fingerprint
 
     args = ["train.epochs=1", "progress=false"] + (["methods=[eszsl]"] if job == "gzsl" else [])
     out = tmp_path / "other"
@@ -430,7 +430,7 @@ def test_a_fresh_start_refuses_a_folder_with_another_runs_checkpoints(tmp_path, 
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints" / "modnet_seed0.pt").write_bytes(b"a killed run's checkpoint")
     from modnet.config import compose
-    from modnet.runner.rundir import fingerprint
+    from modnet.rundir import fingerprint
 
     killed = fingerprint(compose("cl", [*TINY[1:], "train.epochs=2", f"output_dir={out}"]))
     (out / "fingerprint.json").write_text(json.dumps(killed))
@@ -444,7 +444,7 @@ def test_the_fingerprint_holds_the_device_computed_on_and_older_fingerprints_sti
     """device=auto was fingerprinted as the word: a CPU run resumed where CUDA is went on on the GPU from CPU
     checkpoints. A fingerprint.json from before the key is taken as made where it is resumed."""
     from modnet.config import compose
-    from modnet.runner.rundir import fingerprint, with_added_keys
+    from modnet.rundir import fingerprint, with_added_keys
 
     cfg = compose("cl", ["device=auto"])
     current = fingerprint(cfg)
@@ -458,7 +458,7 @@ def test_the_fingerprint_holds_the_device_computed_on_and_older_fingerprints_sti
 def test_the_resume_refusal_shows_what_differs_not_two_cut_values_that_look_alike():
     """A fifth strategy was reported as `strategies (["modnet", "... -> ["modnet", "...)`: both values cut at 12
     characters. Now a list's added and dropped items, and long values from a little before their first difference."""
-    from modnet.runner.rundir import describe_difference
+    from modnet.rundir import describe_difference
 
     old = {"config.strategies": ["modnet", "naive", "ewc", "lwf"], "config.benchmark.path": "/data/sets/run_a.npz",
            "config.train.epochs": 20}

@@ -6,7 +6,8 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from modnet.config import compose
-from modnet.runner.tensor_batches import TensorBatchLoader, _ShardOrder, convert_loader, resolve_tensors
+from modnet.runner.tensor_batches import TensorBatchLoader, _ShardOrder, convert_loader
+from scenarios.tensors import resolve_tensors
 from scenarios.base import permuted_benchmark, split_benchmark
 
 
@@ -368,7 +369,7 @@ def test_task_keys_gather_the_same_statistics_from_the_tensors():
 def test_the_loader_names_the_task_labels_of_every_batch_it_yields(shuffle):
     """``batch_tasks`` (read from the host's copy of the labels) is the set of the batch's own task labels:
     a current task's group (one label) with a memory of three earlier tasks, oversampled as Replay's loader."""
-    from modnet.runner.tensor_batches import TensorView
+    from scenarios.tensors import TensorView
 
     g = torch.Generator().manual_seed(0)
     current = TensorView(torch.randn(50, 3), None, torch.zeros(50, dtype=torch.long), torch.full((50,), 3))

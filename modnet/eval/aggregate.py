@@ -2,7 +2,7 @@
 
 A setting is (benchmark, scenario, strategy, variant). The variant names the settings that are not seeds or
 strategies and differ between the runs (``hat.c=0.5``), read from each run's ``fingerprint.json`` (every config
-key that decides its numbers, ``modnet.runner.rundir``) or, for a folder without one, its Hydra job's
+key that decides its numbers, ``modnet.rundir``) or, for a folder without one, its Hydra job's
 ``.hydra/overrides.yaml``; only keys that take two or more values across the folder count, so runs that differ
 in a hyper-parameter, however they were started (a sweep, or cl runs copied side by side), are never averaged
 together. A ``results.json`` of a multi-seed run (``seeds=[0,1,2]``) contributes each of its
@@ -70,7 +70,7 @@ def _overrides(results_file: Path) -> dict[str, str]:
 
 def _is_zero_shot(res) -> bool:
     """A ``modnet gzsl`` results.json (its methods' U, S, H already mean +- std over its seeds)."""
-    from modnet.runner.rundir import results_command
+    from modnet.rundir import results_command
 
     return results_command(res) == "gzsl"
 

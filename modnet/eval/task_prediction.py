@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from modnet.runner.tensor_batches import dataset_batches
+from scenarios.tensors import dataset_batches
 
 
 @torch.no_grad()

@@ -49,7 +49,7 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path, run_f
                  ) -> dict:
     """Train ``name`` over the experiences; evaluate on the whole test stream after each one.
 
-    ``run_fingerprint`` (``modnet.runner.rundir.fingerprint``) is stored in every checkpoint; a checkpoint
+    ``run_fingerprint`` (``modnet.rundir.fingerprint``) is stored in every checkpoint; a checkpoint
     with another one is not resumed from (one line naming the keys that differ)."""
     from modnet.eval.metrics import build_evaluator, close_loggers
     from modnet.nets.record import save_network
@@ -121,7 +121,7 @@ def run_strategy(name: str, cfg, info, seed: int, device, ckpt_path: Path, run_f
 def run_cl(cfg) -> dict:
     """Every strategy of ``cfg.strategies`` on every seed, into ``cfg.output_dir``.
 
-    The folder is locked for the run (``modnet.runner.rundir.RunLock``); ``resume=true`` first checks the
+    The folder is locked for the run (``modnet.rundir.RunLock``); ``resume=true`` first checks the
     run fingerprint stored there (nothing in the folder is written before), and without resume a folder
     holding another run's results is refused; results.json is rewritten after
     every finished strategy (``"complete": false`` until the last), so a crash loses no finished result; a
@@ -129,9 +129,9 @@ def run_cl(cfg) -> dict:
     from modnet.eval.metrics import check_loggers
     from modnet.nets.build import ARCHS
     from modnet.runner.cpu import prepare_cpu
-    from modnet.runner.rundir import (RunLock, check_fresh_start, check_output_dir, check_resume, fingerprint,
+    from modnet.rundir import (RunLock, check_fresh_start, check_output_dir, check_resume, fingerprint,
                                       write_fingerprint)
-    from modnet.runner.rundir import write_text_atomic
+    from modnet.rundir import write_text_atomic
     from modnet.runner.runner import compile_backend
     from strategies.registry import strategy_names
 
@@ -180,7 +180,7 @@ def _check_checkpoint_fingerprints(ckpt_dir: Path, run_fingerprint: dict) -> Non
 def _check_checkpoint_fingerprint(path: Path, stored: dict, run_fingerprint: dict) -> None:
     """One line where checkpoint ``path``'s fingerprint ``stored`` is not this run's (keys added since it was
     written are taken as this run's: ``with_added_keys``)."""
-    from modnet.runner.rundir import describe_difference, with_added_keys
+    from modnet.rundir import describe_difference, with_added_keys
 
     stored = with_added_keys(stored, run_fingerprint)
     if stored != run_fingerprint:
@@ -218,7 +218,7 @@ def _run_all(cfg, out: Path, ckpt_dir: Path, device, run_fingerprint: dict, back
     order = run_order(cfg)  # modnet first when a buffer is sized to its stored bytes (mem_size=match)
     # The same run started again over its finished results (the fingerprint was checked): they stay as they are
     # until this run ends, so that a rerun stopped half-way does not leave the finished run as "complete": false.
-    from modnet.runner.rundir import holds_finished_results
+    from modnet.rundir import holds_finished_results
 
     keep_finished = holds_finished_results(out)
     if keep_finished and not cfg.resume:

@@ -43,7 +43,7 @@ from modnet.explain.gradcam import (TIE, module_attributes, rank_attributes, sav
 from modnet.explain.network import (GRAD_CAM, INPUT_X_GRADIENT, ModuleMaps, TaskTest, gated_modules, gated_tasks,
                                     tap_class_importance)
 from modnet.nets.models import HATNet
-from modnet.runner.rundir import check_run_dir, run_network_record
+from modnet.rundir import check_run_dir, run_network_record
 
 # the strategy whose final network a run folder holds (checkpoints/modnet_seed{S}_final.pt)
 RUN_STRATEGY = "modnet"
@@ -514,7 +514,7 @@ def _source_note(source: dict) -> str:
 
 
 def run_explain(cfg: DictConfig) -> dict:
-    from modnet.runner.rundir import fingerprint, fresh_run
+    from modnet.rundir import fingerprint, fresh_run
 
     _check_config(cfg)
     # as modnet cl: one run at a time in a folder, and another run's explanations are not written over

@@ -530,7 +530,7 @@ def _check(cfg: DictConfig) -> None:
 
 def run_gzsl(cfg: DictConfig) -> dict:
     """Run the GZSL comparison described by ``cfg`` (configs/gzsl.yaml) and write its outputs."""
-    from modnet.runner.rundir import fingerprint, fresh_run
+    from modnet.rundir import fingerprint, fresh_run
 
     _check(cfg)
     out_dir = Path(cfg.output_dir)

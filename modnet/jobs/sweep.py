@@ -94,7 +94,7 @@ def _check_sweep_dir(overrides: Sequence[str]) -> None:
     (resume=true finishes it)."""
     from omegaconf import OmegaConf
 
-    from modnet.runner.rundir import IGNORED_KEYS
+    from modnet.rundir import IGNORED_KEYS
 
     given = [o.partition("=")[2] for o in overrides if o.partition("=")[0] == "hydra.sweep.dir"]
     previous_file = Path(given[-1]).expanduser() / "multirun.yaml" if given else None

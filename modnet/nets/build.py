@@ -11,8 +11,8 @@ from typing import Sequence
 import numpy as np
 from torch import nn
 
-from modnet.config import ConfigError, check_choice, check_share
-from modnet.validate import GATES, MODULES, TRANSFORM_COPIES, transform_copies  # noqa: F401 (TRANSFORM_COPIES: its choices)
+from modnet.config import (GATES, MODULES, TRANSFORM_COPIES, ConfigError, check_choice, check_share,  # noqa: F401
+                           transform_copies)
 from modnet.nets.models import (CNNBackbone, HATCNN, HATMLP, HATNet, HATResNet18, MLPBackbone, MultiHeadNet,
                                 ResNet18Backbone, SingleHeadNet, use_cosine_heads)
 
@@ -36,7 +36,7 @@ def resolve_arch(arch: str, input_shape: Sequence[int]) -> str:
 # model.transform_heads: where CSI's joint (class, transform) heads are trained beside every task
 TRANSFORM_HEADS = ("auto", "inference", "always", "never")
 # task_inference.transform_copies: the heads' training batch (modnet.nets.task_inference.TaskOOD copies),
-# checked and resolved by modnet.validate.transform_copies (also before any import)
+# checked and resolved by modnet.config.transform_copies (also before any import, by modnet.validate)
 TRANSFORM_ROWS = "the share of each batch in the transform heads' loss; 1 = all"
 
 

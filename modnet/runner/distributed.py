@@ -201,7 +201,8 @@ def distributed_class(cls: type) -> type:
             from modnet.runner.tensor_batches import pin_memory_for
 
             if getattr(self, "tensor_batches", False):  # unsharded, in order, sliced from the tensors
-                from modnet.runner.tensor_batches import resolve_tensors, TensorBatchLoader
+                from modnet.runner.tensor_batches import TensorBatchLoader
+                from scenarios.tensors import resolve_tensors
 
                 view = resolve_tensors(self.adapted_dataset)
                 if view is not None:
@@ -383,7 +384,7 @@ def _build_main_first(build_benchmark, cfg, seed, ctx: DistContext):
 
 def main(argv: list[str] | None = None, prechecked: tuple | None = None) -> int:
     """Under torchrun: one rank of the run. Otherwise (``modnet ddp [--nproc N] overrides``): check the
-    config, lock ``output_dir`` and record the run's fingerprint there (``modnet.runner.rundir``), then start
+    config, lock ``output_dir`` and record the run's fingerprint there (``modnet.rundir``), then start
     torchrun with N processes (default: one per GPU, or 2 on CPU). A run started by hand with torchrun is not
     locked. ``prechecked``: what ``modnet.validate.precheck_ddp(argv)`` returned (``modnet.cli`` runs it before
     this module's import), so that the launcher does not compose and check the config twice."""
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None, prechecked: tuple | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    from modnet.runner.rundir import RunLock, check_fresh_start, check_output_dir, fingerprint, write_fingerprint
+    from modnet.rundir import RunLock, check_fresh_start, check_output_dir, fingerprint, write_fingerprint
 
     out = Path(cfg.output_dir)
     check_output_dir(out)

@@ -14,7 +14,7 @@ curvature (default 1). The requested λ is used wherever it is stable; ``lambda_
 
 The Fisher pass after each experience (Avalanche's ``compute_importances``: the experience in order, a backward
 per mini-batch, F += grad²) reads a tensor-backed experience in slices of its tensors when the strategy trains on
-them (``train.tensor_batches``, ``modnet.runner.tensor_batches.dataset_batches``), where Avalanche's loader
+them (``train.tensor_batches``, ``scenarios.tensors.dataset_batches``), where Avalanche's loader
 fetches and collates every sample (as long as a training epoch on a small network): the same batches, the same
 random draw, the same importances.
 
@@ -93,7 +93,7 @@ class StableEWCPlugin(EWCPlugin):
             self._penalty_grad = None
 
     def compute_importances(self, model, criterion, optimizer, dataset, device, batch_size, num_workers=0):
-        from modnet.runner.tensor_batches import dataset_batches, resolve_tensors
+        from scenarios.tensors import dataset_batches, resolve_tensors
 
         if not self._tensor_batches or resolve_tensors(dataset) is None:
             return super().compute_importances(model, criterion, optimizer, dataset, device, batch_size,

@@ -19,7 +19,7 @@ class TaskFeaturesPlugin(SupervisedPlugin):
     def after_training_exp(self, strategy, **kw):
         model = strategy.model
         task = strategy.experience.current_experience
-        from modnet.runner.tensor_batches import dataset_batches
+        from scenarios.tensors import dataset_batches
 
         # the loader's seed drawn on the tensor path too: the same numbers after it as through Avalanche's loader
         xs, ys = zip(*dataset_batches(strategy.experience.dataset, self.batch_size,

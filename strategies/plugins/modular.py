@@ -79,7 +79,7 @@ class ModulesPlugin(SupervisedPlugin):
             self._keys.grad.mul_(self._free)
 
     def after_training_exp(self, strategy, **kw):
-        from modnet.runner.tensor_batches import dataset_head
+        from scenarios.tensors import dataset_head
 
         train_condition(strategy).train_gate = True
 
@@ -96,7 +96,7 @@ class TaskKeysPlugin(SupervisedPlugin):
         self.batch_size = batch_size
 
     def after_training_exp(self, strategy, **kw):
-        from modnet.runner.tensor_batches import dataset_batches
+        from scenarios.tensors import dataset_batches
 
         model = strategy.model
         task = strategy.experience.current_experience

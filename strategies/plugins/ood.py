@@ -22,7 +22,7 @@ import dataclasses
 import torch
 
 from modnet.nets.models import ForwardTrace
-from modnet.runner.tensor_batches import dataset_batches
+from scenarios.tensors import dataset_batches
 from strategies.template import ForwardLossTerm, train_condition
 
 

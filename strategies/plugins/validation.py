@@ -71,7 +71,7 @@ class ValidationSchedulePlugin(SupervisedPlugin):
             self._val = ds
 
     def _val_batches(self, strategy):
-        from modnet.runner.tensor_batches import dataset_batches
+        from scenarios.tensors import dataset_batches
 
         # slices of the held-out samples' tensors where they have them (the loader's seed drawn all the same)
         for batch in dataset_batches(self._val, self.batch_size, tensors=getattr(strategy, "tensor_batches", False),
