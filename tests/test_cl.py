@@ -16,7 +16,16 @@ def test_summary_hand_case():
     s = summarize(R)
     assert s["average_accuracy"] == pytest.approx((0.7 + 0.85 + 1.0) / 3)
     assert s["forgetting"] == pytest.approx(((0.9 - 0.7) + (0.95 - 0.85)) / 2)
-    assert s["bwt"] == pytest.approx(-s["forgetting"])
+    assert s["bwt"] == pytest.approx(-s["forgetting"])  # every accuracy peaked when its experience was trained
+
+
+def test_forgetting_counts_from_the_peak_and_bwt_from_the_diagonal():
+    """Chaudhry et al. 2018's forgetting against Lopez-Paz & Ranzato's BWT, by hand: experience 0 is learned to
+    0.6, a later experience lifts it to 0.9 (backward transfer), the last one drops it to 0.5."""
+    R = [[0.6, 0.0, 0.0], [0.9, 0.8, 0.0], [0.5, 0.8, 0.7]]
+    s = summarize(R)
+    assert s["forgetting"] == pytest.approx(((0.9 - 0.5) + (0.8 - 0.8)) / 2)  # from the peak, 0.9
+    assert s["bwt"] == pytest.approx(((0.5 - 0.6) + (0.8 - 0.8)) / 2)  # from R[j][j], 0.6
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +62,8 @@ def test_results_format_and_files(task_run):
         R = np.asarray(r["accuracy_matrix"])
         assert R.shape == (5, 5)
         assert r["average_accuracy"] == pytest.approx(R[-1].mean())
-        assert r["forgetting"] == pytest.approx(np.mean([R[j, j] - R[-1, j] for j in range(4)]))
-        assert r["bwt"] == pytest.approx(-r["forgetting"])
+        assert r["forgetting"] == pytest.approx(np.mean([R[j:4, j].max() - R[-1, j] for j in range(4)]))
+        assert r["bwt"] == pytest.approx(np.mean([R[-1, j] - R[j, j] for j in range(4)]))
         assert r["train_seconds"] > 0
         assert (out / f"accuracy_matrix_{name}.png").stat().st_size > 1000
     assert (out / "accuracy_curves.png").exists() and (out / "config.yaml").exists()

@@ -9,8 +9,9 @@ benchmarks (a task label per experience) and class-incremental ones (one label f
 
 ``build_evaluator`` puts it into an ``EvaluationPlugin`` with Avalanche's accuracy, loss, forgetting, BWT
 and timing metrics and the loggers a run asks for (``LOGGERS``). The forgetting and BWT that modnet reports
-are computed from the matrix (``modnet.eval.results.summarize``), with Avalanche's definitions; Avalanche's
-own metrics are there for its loggers, and only when a logger is there to show them: the per-step training
+are computed from the matrix (``modnet.eval.results.summarize``): BWT as Avalanche's, forgetting as Chaudhry
+et al. 2018's (from each experience's peak; Avalanche's logged forgetting is -BWT); Avalanche's own metrics
+are there for its loggers, and only when a logger is there to show them: the per-step training
 metrics cost a host sync every step.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modnet.eval.tables import aggregate_runs, markdown_table, mean_matrix, mean_std_cell
+from modnet.eval.tables import SEED_STD_DDOF, aggregate_runs, markdown_table, mean_matrix, mean_std_cell
 
 # The scalar results of a run that are averaged over seeds: name -> (table label, table cell format).
 # stored_bytes: what the strategy keeps for inference or replay besides a baseline network's weights
@@ -20,15 +20,29 @@ SEED_METRICS = {"average_accuracy": ("avg acc", "{:.4f}"), "forgetting": ("forge
 def summarize(matrix) -> dict:
     """R[i][j] = accuracy on test experience j after training experience i (T = last row).
 
-    average_accuracy = mean_j R[T][j]; forgetting = mean_{j<T} (R[j][j] - R[T][j]); bwt = -forgetting.
+    average_accuracy = mean_j R[T][j] (Lopez-Paz & Ranzato 2017's ACC);
+    forgetting = mean_{j<T} (max_{j<=l<T} R[l][j] - R[T][j]) (Chaudhry et al. 2018: the drop from the best
+    accuracy an experience reached once trained; ``forgetting``);
+    bwt = mean_{j<T} (R[T][j] - R[j][j]) (Lopez-Paz & Ranzato 2017; Avalanche's ``bwt_metrics``).
+    The two differ where an experience's accuracy rose after it was trained (a later task helped it) and then
+    fell: BWT counts the fall from R[j][j] only, forgetting from the peak.
     """
     R = np.asarray(matrix, dtype=float)
     if R.ndim != 2 or R.shape[0] != R.shape[1]:
         raise ValueError(f"accuracy matrix must be square (experiences x experiences), got shape {R.shape}")
     T = R.shape[0] - 1
-    forgetting = float(np.mean([R[j, j] - R[T, j] for j in range(T)])) if T > 0 else 0.0
+    bwt = float(np.mean([R[T, j] - R[j, j] for j in range(T)])) if T > 0 else 0.0
     return {"accuracy_matrix": R.tolist(), "average_accuracy": float(R[T].mean()),
-            "forgetting": forgetting, "bwt": 0.0 - forgetting}  # 0.0 - 0.0 is +0.0 (-0.0 printed "-0.0000")
+            "forgetting": forgetting(R), "bwt": bwt + 0.0}  # -0.0 + 0.0 is +0.0 (-0.0 printed "-0.0000")
+
+
+def forgetting(matrix) -> float:
+    """Average forgetting after the last experience T (Chaudhry et al. 2018, "Riemannian walk", eq. 4):
+    mean_{j<T} (max_{j<=l<T} R[l][j] - R[T][j]), each earlier experience's drop from the best accuracy it had
+    once trained; 0 for a matrix of one experience. ``matrix``: square, or its lower triangle as rows of
+    growing length (continual GZSL's)."""
+    T = len(matrix) - 1
+    return float(np.mean([max(matrix[l][j] for l in range(j, T)) - matrix[T][j] for j in range(T)])) if T > 0 else 0.0
 
 
 def forgetting_ratio(matrix, joint_row, n_classes) -> float:
@@ -59,7 +73,7 @@ def add_forgetting_ratio(strategies: dict, n_classes, joint: str = "cumulative")
             rhos = [forgetting_ratio(r["accuracy_matrix"], ref["accuracy_matrix"][-1], n_classes)]
         r["rho"] = float(np.mean(rhos))
         if len(rhos) > 1:
-            r["rho_std"] = float(np.std(rhos))  # population std, as every other _std of the results (tables)
+            r["rho_std"] = float(np.std(rhos, ddof=SEED_STD_DDOF))  # as every other _std of the results (tables)
 
 
 def aggregate_seeds(runs: list[dict]) -> dict:

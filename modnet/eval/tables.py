@@ -18,7 +18,23 @@ from typing import Sequence
 import pandas as pd
 
 
-def aggregate_runs(records: Sequence[dict], by: Sequence[str], metrics: Sequence[str], ddof: int = 0) -> pd.DataFrame:
+# the ddof of every "_std" over seeds in the results files and tables of cl, ddp and gzsl (results.json's
+# "std_ddof"); modnet aggregate --ddof 1 recomputes the sample std from a run folder
+SEED_STD_DDOF = 0
+
+
+def seeds_note(n_seeds: int, sample_std: str = "") -> str:
+    """The line under a table of mean ± std over ``n_seeds`` seeds that says which std it is (and ``sample_std``:
+    where the sample std is to be had); "" for one seed."""
+    if n_seeds < 2:
+        return ""
+    scale = math.sqrt((n_seeds - 1) / n_seeds)  # population std = sample std x sqrt((n - 1) / n)
+    return (f"mean ± std over {n_seeds} seeds; std: population (ddof {SEED_STD_DDOF}), {scale:.2f}x the sample std"
+            + (f"; {sample_std}" if sample_std else ""))
+
+
+def aggregate_runs(records: Sequence[dict], by: Sequence[str], metrics: Sequence[str],
+                   ddof: int = SEED_STD_DDOF) -> pd.DataFrame:
     """One row per setting (distinct values of the ``by`` columns, sorted; with no ``by``, one row for all
     records): the ``by`` columns, ``n`` (runs), then per metric ``<metric>_mean``, ``<metric>_std`` and
     ``<metric>_count`` (runs that reported it). Other keys of the records are ignored."""

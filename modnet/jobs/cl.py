@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from modnet.config import ConfigError, check_choice, resolve_device, with_absolute_data_paths
 from modnet.eval.results import add_forgetting_ratio, aggregate_seeds, format_table, write_results
+from modnet.eval.tables import SEED_STD_DDOF, seeds_note
 from modnet.runner.runner import RunnerHook
 from scenarios import build_benchmark
 from scenarios.base import SCENARIOS
@@ -201,7 +202,7 @@ def _run_all(cfg, out: Path, ckpt_dir: Path, device, run_fingerprint: dict, back
         sizes = [len(c) for c in info.global_task_classes]  # chance: 1 / the classes a prediction picks from
         add_forgetting_ratio(strategies, sizes if cfg.scenario == "task" else [sum(sizes)] * len(sizes))
         return {"benchmark": info.name, "scenario": cfg.scenario, "n_experiences": info.n_experiences,
-                "seed": seeds[0], "seeds": seeds, "device": str(device),
+                "seed": seeds[0], "seeds": seeds, "std_ddof": SEED_STD_DDOF, "device": str(device),
                 "classes_per_experience": info.global_task_classes,
                 "strategies": strategies,
                 "complete": complete,
@@ -253,7 +254,9 @@ def _run_all(cfg, out: Path, ckpt_dir: Path, device, run_fingerprint: dict, back
     results = {**results_so_far(not failed), "failed": failed}
     write_results(out, results, plots=bool(results["strategies"]))
     if results["strategies"]:
-        print(f"\n{info.name}, {cfg.scenario}-incremental, seeds {seeds}\n{format_table(results['strategies'])}")
+        note = seeds_note(len(seeds), f"`modnet aggregate {out} --ddof 1` gives the sample std")
+        print(f"\n{info.name}, {cfg.scenario}-incremental, seeds {seeds}\n{format_table(results['strategies'])}"
+              + (f"\n{note}" if note else ""))
         if backend is not None:  # the train s column compares unlike loops: say so under the table
             ran = set(results["strategies"])
             parts = (["modnet's forward and losses"] * ("modnet" in ran)

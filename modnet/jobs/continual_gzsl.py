@@ -37,8 +37,10 @@ Recorded per strategy and experience i (mean and std over seeds, and per seed):
   seen_accuracy           mean_{j<=i} A[i][j], A[i][j] the network's accuracy (no unseen rows) on experience j's
                           test-seen images after experience i, each image's class chosen among experience j's
                           classes (the experience known: for the modular network, task j's own head);
-  forgetting              mean_{j<i} (A[j][j] - A[i][j]) (``modnet cl``'s definition): what training the later
-                          experiences destroyed of the earlier ones;
+  forgetting              mean_{j<i} (max_{j<=l<i} A[l][j] - A[i][j]) (Chaudhry et al. 2018, ``modnet cl``'s
+                          definition, ``modnet.eval.results.forgetting``): what training the later experiences
+                          destroyed of the earlier ones (the figures below, from stop 53, are mean_{j<i}
+                          (A[j][j] - A[i][j]), the drop from the accuracy right after training);
   class_incremental_*     the same two from Avalanche's accuracy with no task label (R). For the modular network
                           their drop also counts the task-inference errors that a new task's keys add while no
                           weight of an old task changes (HAT). Digits, 4 experiences, 3 seeds, defaults: modnet
@@ -61,6 +63,8 @@ import torch
 from torch import Tensor, nn
 
 from modnet.config import ConfigError
+from modnet.eval.results import forgetting
+from modnet.eval.tables import SEED_STD_DDOF
 from modnet.methods.gzsl import gzsl_evaluate, predict_scores
 from modnet.runner.runner import RunnerHook
 from modnet.zsl.niwt import fixed_layer
@@ -223,10 +227,10 @@ class ZeroShotProbe(RunnerHook):
         self.records.append({
             "experience": index, "seen_classes_so_far": [space.classes[c] for c in learned_list],
             **result.as_dict(),
-            "seen_accuracy": float(np.mean(task_aware)), "forgetting": _forgetting(self.task_aware_rows),
+            "seen_accuracy": float(np.mean(task_aware)), "forgetting": forgetting(self.task_aware_rows),
             "class_incremental_seen_accuracy": float(np.mean(row[:index + 1])),
-            "class_incremental_forgetting": _forgetting(self.class_incremental_rows),
-            "S_by_experience": s_row, "S_forgetting": _forgetting(self.s_rows)})
+            "class_incremental_forgetting": forgetting(self.class_incremental_rows),
+            "S_by_experience": s_row, "S_forgetting": forgetting(self.s_rows)})
 
 
 class _ProbeLine(RunnerHook):
@@ -241,12 +245,6 @@ class _ProbeLine(RunnerHook):
         print(f"{self.prefix} experience {index + 1}/{self.n}: U {r['U']:.3f}, S {r['S']:.3f}, H {r['H']:.3f}, "
               f"seen accuracy {r['seen_accuracy']:.3f} (class-incremental "
               f"{r['class_incremental_seen_accuracy']:.3f})", flush=True)
-
-
-def _forgetting(rows: list[list[float]]) -> float:
-    """mean_{j<i} (R[j][j] - R[i][j]) with i the last row (``modnet cl``'s forgetting); 0 after one row."""
-    i = len(rows) - 1
-    return float(np.mean([rows[j][j] - rows[i][j] for j in range(i)])) if i > 0 else 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,7 +301,7 @@ def aggregate(runs: list[dict], cfg) -> dict:
             entry: dict = {"experience": i}
             for k in FIGURES:
                 vals = [run["experiences"][i][k] for run in per_seed]
-                entry[k], entry[f"{k}_std"] = float(np.mean(vals)), float(np.std(vals))
+                entry[k], entry[f"{k}_std"] = float(np.mean(vals)), float(np.std(vals, ddof=SEED_STD_DDOF))
             experiences.append(entry)
         final = experiences[-1]
         stored = [run.get("stored_bytes") for run in per_seed]

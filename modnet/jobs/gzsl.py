@@ -44,7 +44,7 @@ from torch import Tensor
 
 from modnet.config import resolve_device, with_absolute_data_paths
 from modnet.eval.metrics import shows_progress_bars
-from modnet.eval.tables import aggregate_runs, markdown_table, mean_std_cell
+from modnet.eval.tables import SEED_STD_DDOF, aggregate_runs, markdown_table, mean_std_cell, seeds_note
 from modnet.methods.gzsl import GZSLResult, gzsl_evaluate, restricted_accuracy, select_calibration
 from modnet.validate import check_gate_layer_index
 from modnet.zsl.registry import get_zsl_method
@@ -584,7 +584,7 @@ def _run_gzsl(cfg: DictConfig, out_dir: Path) -> dict:
             continual.append(continual_gzsl.run_continual(cfg, data, seed, device, progress))
     assert data is not None
     results = {"benchmark": data.name, "seen_classes": data.seen_classes, "unseen_classes": data.unseen_classes,
-               "class_names": data.class_names, "seeds": seeds, "device": str(device),
+               "class_names": data.class_names, "seeds": seeds, "std_ddof": SEED_STD_DDOF, "device": str(device),
                "calibration": cfg.calibration.mode, "methods": _aggregate(per_seed),
                "per_seed": {str(s): r for s, r in zip(seeds, per_seed)},
                "network": describe_network(networks[0].model),
@@ -592,7 +592,7 @@ def _run_gzsl(cfg: DictConfig, out_dir: Path) -> dict:
                "network_seen_accuracy": [net.seen_accuracy for net in networks],
                # the bar for S: the same network's accuracy on test-seen over the seen classes alone
                "seen_only_accuracy": float(np.mean([net.seen_accuracy for net in networks])),
-               "seen_only_accuracy_std": float(np.std([net.seen_accuracy for net in networks]))}
+               "seen_only_accuracy_std": float(np.std([net.seen_accuracy for net in networks], ddof=SEED_STD_DDOF))}
     if continual:
         results["continual"] = continual_gzsl.aggregate(continual, cfg)
     results["seconds"] = time.perf_counter() - t0
@@ -603,6 +603,8 @@ def _run_gzsl(cfg: DictConfig, out_dir: Path) -> dict:
     print(f"modular network {results['network']['class']}: seen accuracy {results['seen_only_accuracy']:.3f} "
           "(over the seen classes, before NIWT)")
     print(format_table(results["methods"], len(seeds), calibrated=cfg.calibration.mode != "none"))
+    if len(seeds) > 1:
+        print(seeds_note(len(seeds), "results.json's per_seed holds each seed's figures"))
     if continual:
         print(continual_gzsl.format_table(results["continual"]))
     print(f"results: {out_dir / 'results.json'}")

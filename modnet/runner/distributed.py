@@ -330,6 +330,7 @@ def run_ddp(cfg, ctx: DistContext | None = None) -> dict:
     from omegaconf import OmegaConf
 
     from modnet.eval.results import aggregate_seeds, format_table, write_results
+    from modnet.eval.tables import SEED_STD_DDOF, seeds_note
     from modnet.runner.cpu import prepare_cpu
     from scenarios import build_benchmark
     from scenarios.base import SCENARIOS
@@ -355,7 +356,8 @@ def run_ddp(cfg, ctx: DistContext | None = None) -> dict:
             matched = with_matched_memory(cfg, name, info, modnet_bytes, verbose=ctx.is_main)
             runs[name].append(train_strategy(name, matched, info, seed, ctx)[0])
     results = {"benchmark": info.name, "scenario": cfg.scenario, "n_experiences": info.n_experiences,
-               "seed": seeds[0], "seeds": seeds, "device": str(ctx.device), "world_size": ctx.world_size,
+               "seed": seeds[0], "seeds": seeds, "std_ddof": SEED_STD_DDOF, "device": str(ctx.device),
+               "world_size": ctx.world_size,
                "backend": ctx.backend, "per_rank_batch_size": cfg.train.batch_size // ctx.world_size,
                "classes_per_experience": info.global_task_classes,
                "strategies": {name: aggregate_seeds(r) for name, r in runs.items()}}
@@ -365,7 +367,8 @@ def run_ddp(cfg, ctx: DistContext | None = None) -> dict:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         write_results(out, results)
         print(f"\n{info.name}, {cfg.scenario}-incremental, seeds {seeds}, {ctx.world_size} processes\n"
-              f"{format_table(results['strategies'])}\nresults written to {out}/results.json")
+              f"{format_table(results['strategies'])}\n"
+              + (f"{seeds_note(len(seeds))}\n" if len(seeds) > 1 else "") + f"results written to {out}/results.json")
     if dist.is_initialized():
         dist.barrier()  # nobody leaves (and tears the group down) before rank 0 has written
     return results
