@@ -47,6 +47,7 @@ def compose(job: str, overrides: Sequence[str] = ()) -> DictConfig:
     from omegaconf.errors import OmegaConfBaseException
 
     overrides = list(overrides)
+    _refuse_hydra_flags(job, overrides)
     _refuse_old_data_spelling(job, overrides)
     choice = _benchmark_choice(job, overrides)
     search = _benchmark_search_path()
@@ -57,6 +58,8 @@ def compose(job: str, overrides: Sequence[str] = ()) -> DictConfig:
         for override in overrides:  # Hydra's +key appends a key no option reads: refused as any unknown key
             if override.startswith("+") and OmegaConf.select(base, _override_key(override)) is None:
                 raise ConfigError(_explain(KeyError(f"Key '{_override_key(override)}' is not in struct"), base))
+            if override.startswith("~"):
+                _refuse_deletion(override, base)
         try:
             cfg = hydra_compose(config_name=job, overrides=[*search, *overrides])
         except (HydraException, OmegaConfBaseException) as err:
@@ -68,6 +71,32 @@ def compose(job: str, overrides: Sequence[str] = ()) -> DictConfig:
     return keep_benchmark_keys(job, cfg)
 
 
+def _refuse_hydra_flags(job: str, overrides: list[str]) -> None:
+    """Hydra's own command-line flags (``-m``, ``--multirun``, ``--cfg job``, ...): the jobs take overrides only."""
+    flags = [o for o in overrides if o.startswith("-")]
+    if not flags:
+        return
+    if any(f in ("-m", "--multirun") for f in flags):
+        raise ConfigError(f"{flags[0]}: modnet {job} takes key=value overrides only; a multi-run is `modnet sweep "
+                          f"key=a,b ...` (a modnet cl job per combination, aggregated)")
+    raise ConfigError(f"{flags[0]}: modnet {job} takes key=value overrides only (Hydra's flags are not passed on); "
+                      f"`modnet {job} --help` shows every option, and each run writes its resolved config.yaml")
+
+
+def _refuse_deletion(override: str, base: DictConfig) -> None:
+    """Hydra's ``~key`` deletes a key: every key of modnet's configs is read by its job, which then stopped on
+    the missing key after its imports with a traceback. Refused here, with the key's default."""
+    key = _override_key(override)
+    default = OmegaConf.select(base, key, default="<absent>")
+    if default == "<absent>":
+        raise ConfigError(_explain(KeyError(f"Key '{key}' is not in struct"), base))
+    shown = "null" if default is None else f"[{','.join(map(str, default))}]" if isinstance(
+        default, ListConfig) else default
+    raise ConfigError(f"{override} deletes config key {key}, which the job reads; set a value instead "
+                      f"({key}={shown} is its default)" if not isinstance(default, DictConfig) else
+                      f"{override} deletes the config group {key}, which the job reads; set its keys instead")
+
+
 CALIBRATION_NOTE = {"validate": "each method's gamma is chosen on the validation splits", "none": "no calibration"}
 
 
@@ -77,6 +106,9 @@ def _refuse_inert_overrides(job: str, overrides: list[str], cfg: DictConfig) -> 
     and ``continual.*`` with ``continual.enabled=true`` only; explain's ``benchmark`` and ``train`` without
     ``run_dir`` only: with it, the network and its data are the run's)."""
     keys = {_override_key(o) for o in overrides}
+    if "seed" in keys and cfg.get("seeds"):
+        raise ConfigError(f"seed is not read when seeds={list(cfg.seeds)} is given (the run takes each seed of the "
+                          "list); put the seed in seeds, or drop seeds")
     if job == "explain" and cfg.run_dir is not None:
         unread = sorted(k for k in keys if k.split(".")[0] in ("benchmark", "train"))
         if unread:

@@ -373,7 +373,8 @@ def fresh_run(out: Path, current: dict, command: str):
     """``with fresh_run(out, fingerprint(cfg), command):`` for a job without resume (``modnet gzsl``, ``modnet explain``):
     ``output_dir`` a folder, its lock held for the block, another run's results not written over
     (``check_fresh_start``), this run's fingerprint written (and taken back when the block fails before any
-    result is there and the folder had none: a failed run leaves no fingerprint behind)."""
+    result or checkpoint is there and the folder had none: a failed run leaves no fingerprint behind; one that
+    saved a network keeps it, so that a run of other settings is not let in beside that network)."""
     check_output_dir(out)
     with RunLock(out):
         check_fresh_start(out, current, command)
@@ -382,7 +383,7 @@ def fresh_run(out: Path, current: dict, command: str):
         try:
             yield
         except BaseException:
-            if not had and not _has_results(out):
+            if not had and not _has_results(out) and not _has_checkpoints(out):
                 (Path(out) / FINGERPRINT_NAME).unlink(missing_ok=True)
             raise
 
@@ -396,6 +397,24 @@ def read_fingerprint(out: Path) -> dict | None:
     except (OSError, ValueError):
         raise ConfigError(f"{path} is unreadable (corrupt); remove it to resume without the check, or choose "
                           "another output_dir") from None
+
+
+def results_json(obj) -> str:
+    """``obj`` as standard JSON for a run's result files: NaN and infinities, which ``json.dumps`` writes as the
+    bare words ``NaN`` / ``Infinity`` that other readers (JavaScript's ``JSON.parse``, jq, strict parsers)
+    refuse, become null (e.g. the CKA of a layer whose units are all zero, a std over fewer runs than ddof + 1)."""
+    import math
+
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    return json.dumps(finite(obj), indent=2, allow_nan=False)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

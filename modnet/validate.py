@@ -153,9 +153,9 @@ def _check_ratio_clock(cfg: DictConfig) -> None:
 def validate(job: str, cfg: DictConfig) -> None:
     """Every check of the module docstring that applies to ``cfg``; the first problem is raised."""
     for key in POSITIVE:
-        value = OmegaConf.select(cfg, key)
-        if isinstance(value, int) and value <= 0:
-            raise ConfigError(f"config {key}={value} must be a positive integer")
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is None or (isinstance(value, int) and value <= 0):  # null: no default to fall back on
+            raise ConfigError(f"config {key}={'null' if value is None else value} must be a positive integer")
     for key in NON_NEGATIVE:
         value = OmegaConf.select(cfg, key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
@@ -164,8 +164,8 @@ def validate(job: str, cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"config {key}={value!r} must be a positive integer or null (torch's default: every core)")
-    if "strategies" in cfg:
-        _check_strategies(cfg.strategies)
+    if "strategies" in cfg or job == "cl":  # cl's list of strategies is its run; null or deleted: one line
+        _check_strategies(cfg.get("strategies"))
     if "seeds" in cfg:
         _check_seeds(cfg.seeds)
     _number(cfg, "seed", minimum=0, strict=False, integer=True)  # numpy's generators take seeds >= 0
@@ -228,6 +228,8 @@ def validate(job: str, cfg: DictConfig) -> None:
     if job in ("gzsl", "explain") and "benchmark" in cfg and cfg.benchmark.get("name") == "npz" \
             and cfg.benchmark.get("path") and not cfg.get("run_dir"):
         _check_zsl_npz(cfg.benchmark, job)
+    if job == "cl":  # after the data's checks: model.arch=cnn on vectors is named as such first
+        _check_hnet_arch(cfg)
 
 
 _ABSENT = object()
@@ -287,8 +289,8 @@ def _check_strategy_options(cfg: DictConfig) -> None:
     # network sizes: a layer of 0 units trained to chance with exit 0, negative ones crashed after the imports
     for key in ("model.hidden", "model.n_layers", "hnet.batch_size", "mlp.in_dim", "mlp.hidden", "mlp.n_layers",
                 "mlp_small.in_dim", "mlp_small.hidden", "mlp_small.n_layers", "modules.cluster.min_modules",
-                "modules.cluster.max_modules"):
-        _number(cfg, key, minimum=0, strict=True, integer=True)
+                "modules.cluster.max_modules", "model.resnet_width"):
+        _number(cfg, key, minimum=0, strict=True, integer=True, nullable=False)
     channels = OmegaConf.select(cfg, "model.cnn_channels")
     if channels is not None and (not isinstance(channels, ListConfig) or not len(channels) or
                                  any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels)):
@@ -524,6 +526,17 @@ def _check_arch_inputs(cfg: DictConfig) -> None:
                       f"use model.arch=mlp or auto{fix}")
 
 
+def _check_hnet_arch(cfg: DictConfig) -> None:
+    """hnet's main network is an MLP (hypnettorch's ``mnets.MLP``, ``strategies/hnet.py``): with ``model.arch``
+    cnn or resnet18 its build stopped after every strategy before it in the list had trained."""
+    arch = cfg.model.arch
+    if arch in ("cnn", "resnet18") and "hnet" in cfg.strategies:
+        rest = [n for n in cfg.strategies if n != "hnet"]
+        fix = f"strategies=[{','.join(rest)}]" if rest else "another strategy"
+        raise ConfigError(f"strategy hnet builds an MLP main network, not model.arch={arch}: run {fix} (hnet left "
+                          "out), or model.arch=mlp")
+
+
 def _check_bench_image_shape(shape, cnn: bool) -> None:
     """``image_shape`` of the bench's image loops: [C, H, W], each positive; the small CNN (``model.cnn_channels``
     of configs/training.yaml, the bench's network settings) halves H and W per conv block, so they must be at least
@@ -562,6 +575,9 @@ def _check_compile(option) -> None:
 def _check_strategies(names) -> None:
     from strategies.registry import strategy_names
 
+    if names is None or isinstance(names, str):
+        raise ConfigError(f"config strategies={'null' if names is None else names} must be a list of strategy "
+                          "names, e.g. strategies=[modnet,naive]")
     names = list(names)
     if not names:
         raise ConfigError("config strategies=[] is empty; name at least one, e.g. strategies=[modnet,naive]")
@@ -611,12 +627,13 @@ def _check_benchmark(job: str, cfg: DictConfig) -> None:
     if entry.check is not None:
         entry.check(bcfg, job)
     if job == "cl" and entry.n_classes is not None:
-        _check_class_split(bcfg, entry.n_classes, f"benchmark={entry.name}")
+        _check_class_split(bcfg, entry.n_classes, f"benchmark={entry.name}", cfg.get("scenario"))
 
 
-def _check_class_split(bcfg, n_classes: int, source: str) -> None:
+def _check_class_split(bcfg, n_classes: int, source: str, scenario: str | None = None) -> None:
     """``class_order`` lists the ``n_classes`` class ids 0..n-1 once each; a split's ``n_experiences`` divides
-    them (Avalanche's error otherwise comes after the imports, naming neither key)."""
+    them (Avalanche's error otherwise comes after the imports, naming neither key) and, task-incremental, leaves
+    at least two classes a task (``scenarios.base.split_benchmark`` refuses one, after the imports)."""
     order = bcfg.get("class_order")
     values = list(order) if isinstance(order, (list, ListConfig)) else None
     if values is not None and all(isinstance(c, int) and not isinstance(c, bool) for c in values) and \
@@ -632,6 +649,10 @@ def _check_class_split(bcfg, n_classes: int, source: str) -> None:
     if bcfg.get("variant", "split") == "split" and isinstance(n_exp, int) and n_exp > 0 and n_classes % n_exp:
         raise ConfigError(f"{source} has {n_classes} classes, which do not split evenly into benchmark.n_experiences="
                           f"{n_exp}; choose a divisor of {n_classes}")
+    if bcfg.get("variant", "split") == "split" and scenario == "task" and n_exp == n_classes:
+        raise ConfigError(f"{source}'s {n_classes} classes in {n_exp} task-incremental experiences leave one class per "
+                          f"task, which every network classifies right without learning anything; set "
+                          f"benchmark.n_experiences to at most {n_classes // 2}, or scenario=class")
 
 
 DEVICE = re.compile(r"(auto|cpu|mps|(cuda|xpu)(:\d+)?)")

@@ -164,13 +164,14 @@ def load_torchvision_arrays(name: str, root: str | Path, download: bool):
     try:
         train = cls(str(root), train=True, download=download)
         test = cls(str(root), train=False, download=download)
-    except RuntimeError as err:  # torchvision: "Dataset not found. You can use download=True ..."
-        raise FileNotFoundError(
-            f"{TORCHVISION[name]} not found under {root} ({err}). Put the files there or run with "
-            f"benchmark.download=true on a machine with internet access") from err
-    except OSError as err:  # download attempted while offline
-        raise ConnectionError(f"could not download {TORCHVISION[name]} to {root} ({err}); this machine seems "
-                              "offline: copy the data set there and set benchmark.download=false") from err
+    except (RuntimeError, OSError) as err:
+        why = (str(err).strip().splitlines() or [type(err).__name__])[0]  # torchvision's messages run to lines
+        if download:  # MNIST's failed download is a RuntimeError ("Error downloading ..."), CIFAR's an OSError
+            raise ConnectionError(f"could not download {TORCHVISION[name]} to {root} ({why}); this machine seems "
+                                  "offline: copy the data set there and set benchmark.download=false") from err
+        # torchvision: "Dataset not found. You can use download=True ..."
+        raise FileNotFoundError(f"{TORCHVISION[name]} not found under {root} ({why}); put its files there, or run "
+                                "with benchmark.download=true on a machine with internet access") from err
 
     def arrays(ds):
         x = torch.as_tensor(np.asarray(ds.data), dtype=torch.float32) / 255.0

@@ -242,8 +242,13 @@ def with_matched_memory(cfg, name: str, info, modnet_stored_bytes: float | None,
                           f"{per_sample} bytes{per_exp} (it needs {need}); give {spec.option} a number of samples")
     resolved[spec.block][spec.key] = size
     if verbose:
+        sizes = [len(e.dataset) for e in info.benchmark.train_stream]
+        # a buffer sized past the data it may keep holds all of it: its stored bytes are that, not size x bytes
+        held = max(sizes) if spec.per_experience else sum(sizes)
+        whole = (f" (more than the {held} training samples {'an experience has' if spec.per_experience else 'there are'}"
+                 f": it keeps them all)") if size > held else ""
         print(f"[{name}] {spec.option}=match: {size} samples of {per_sample} bytes{per_exp} for modnet's "
-              f"{int(modnet_stored_bytes)} stored bytes")
+              f"{int(modnet_stored_bytes)} stored bytes{whole}")
     return resolved
 
 

@@ -330,3 +330,16 @@ def test_modnet_cnn_learns_every_split_digits_image_task(tmp_path):
     R = np.asarray(m["accuracy_matrix"])
     assert R.diagonal().min() >= 0.9, R.diagonal()
     assert m["forgetting"] <= 0.01
+
+
+def test_forgetting_ratio_of_a_permuted_class_incremental_run_takes_chance_over_its_own_classes(tmp_path):
+    """Permuted-Digits, class-incremental: both experiences hold the same 10 classes, so a random classifier's
+    accuracy is 1/10, not 1/20 (the classes summed over the experiences, as a split's are). rho by hand."""
+    out = tmp_path / "p"
+    rc = main(["cl", "benchmark.variant=permuted", "scenario=class", "strategies=[naive,cumulative]",
+               "benchmark.n_experiences=2", "train.epochs=1", "progress=false", f"output_dir={out}"])
+    assert rc == 0
+    s = json.loads((out / "results.json").read_text())["strategies"]
+    last, joint = np.asarray(s["naive"]["accuracy_matrix"])[-1], np.asarray(s["cumulative"]["accuracy_matrix"])[-1]
+    assert s["naive"]["rho"] == pytest.approx(np.mean((last - 0.1) / (joint - 0.1)) - 1)
+    assert s["naive"]["rho"] != pytest.approx(np.mean((last - 0.05) / (joint - 0.05)) - 1)

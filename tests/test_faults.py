@@ -47,6 +47,22 @@ def _rejected(capsys, argv, *words, out: Path | None = None):
     # replace transforms every row of the batch: a share of the rows cannot be left out
     ("task_inference.transform_copies=replace task_inference.transform_rows=0.5",
      ["transform_copies=replace", "transform_rows=1", "0.5"]),
+    # a deleted key or a null without a default to fall back on crashed after the imports, with a traceback
+    ("~train.epochs", ["~train.epochs", "deletes", "train.epochs=20"]),
+    ("~strategies", ["~strategies", "deletes", "strategies="]),
+    ("~model", ["~model", "config group"]),
+    ("train.epochs=null", ["train.epochs=null", "positive integer"]),
+    ("strategies=null", ["strategies=null", "list"]),
+    ("model.hidden=null", ["model.hidden=None", "integer"]),
+    ("model.resnet_width=0", ["model.resnet_width=0", "integer"]),
+    # Hydra's flags: a multi-run is modnet sweep
+    ("-m seed=0,1", ["-m", "modnet sweep"]),
+    ("--cfg job", ["--cfg", "--help"]),
+    ("seed=3 seeds=[0]", ["seed is not read", "seeds=[0]"]),
+    # hnet (in the default list) builds an MLP: refused before the other strategies train, with the list without it
+    ("benchmark.image=true model.arch=cnn", ["hnet", "model.arch=cnn", "strategies=[modnet,naive,"]),
+    # one class per task: every head right by construction (accuracy 1.0 for all, untrained experiences too)
+    ("benchmark.n_experiences=10", ["one class per task", "at most 5", "scenario=class"]),
 ])
 def test_bad_cl_values_are_one_line_before_work(tmp_path, capsys, override, words):
     _rejected(capsys, ["cl", *override.split(" "), f"output_dir={tmp_path / 'o'}"], *words, out=tmp_path / "o")
@@ -454,7 +470,8 @@ LATE_INPUTS = [
     (["gzsl", "baseline_features=bogus"], ("baseline_features", "'bogus'", "penultimate")),
     (["gzsl", "clswgan.features=bogus"], ("clswgan.features", "'bogus'", "penultimate")),
     (["gzsl", "large_train.clswgan.features=bogus"], ("large_train.clswgan.features", "'bogus'", "penultimate")),
-    (["gzsl", "~clswgan.syn_num"], ("large_train.clswgan.syn_num", "not a key of the clswgan block")),
+    # a deleted key (Hydra's ~) is refused whatever it is; the large_train check it reached: the test below
+    (["gzsl", "~clswgan.syn_num"], ("~clswgan.syn_num", "deletes config key", "clswgan.syn_num=300")),
     (["gzsl", "seen_network.hat_c=-1"], ("seen_network.hat_c=-1", ">= 0", "hat.c")),
     (["gzsl", "calibration.val_min_classes=0"], ("calibration.val_min_classes=0", "> 0")),
     (["gzsl", "gate.quantile=1.5"], ("gate.quantile=1.5", "(0, 1]")),
@@ -470,6 +487,19 @@ LATE_INPUTS = [
 def test_late_failures_are_one_line_before_work(tmp_path, capsys, args, words):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     _rejected(capsys, [*args, f"output_dir={tmp_path / 'o'}"], *words, out=tmp_path / "o")
+
+
+def test_a_large_train_key_missing_from_its_method_block_is_named():
+    """large_train.<block> may override only the keys its method block has (a config file could hold any)."""
+    from omegaconf import OmegaConf
+
+    from modnet.config import ConfigError, compose
+    from modnet.validate import check_large_method_blocks
+
+    cfg = OmegaConf.to_container(compose("gzsl"))
+    del cfg["clswgan"]["syn_num"]
+    with pytest.raises(ConfigError, match="large_train.clswgan.syn_num is not a key of the clswgan block"):
+        check_large_method_blocks(OmegaConf.create(cfg))
 
 
 def test_late_failures_stop_before_heavy_imports(tmp_path):
@@ -536,6 +566,11 @@ def test_present_data_and_valid_values_pass_the_early_checks(tmp_path, monkeypat
         assert FOLDERS[name][1] == folder
         assert FOLDERS[name][0] == len(getattr(cls, "classes", [])) or name.startswith("cifar")
         (tmp_path / folder).mkdir(exist_ok=True)
+        # an empty folder is what a download that failed offline leaves: refused (below); one holding a file passes
+        with pytest.raises(FileNotFoundError, match="no files under"):
+            validate("cl", compose("cl", [f"benchmark={name}", f"benchmark.root={tmp_path}"]))
+        (tmp_path / folder / "raw").mkdir()
+        (tmp_path / folder / "raw" / "data").touch()
         validate("cl", compose("cl", [f"benchmark={name}", f"benchmark.root={tmp_path}"]))
     validate("cl", compose("cl", ["benchmark=mnist", f"benchmark.root={tmp_path / 'empty'}", "benchmark.download=true"]))
     validate("gzsl", compose("gzsl", ["benchmark.unseen_classes=[0,9]", "niwt.lr=0"]))

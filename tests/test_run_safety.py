@@ -495,3 +495,58 @@ def test_ddp_and_cl_keep_each_other_s_finished_runs(tiny_run, tmp_path, capsys):
         assert main([*TINY, *extra, f"output_dir={ddp_run}"]) == 2
         _one_error_line(capsys, "holds the results of a `modnet ddp` run")
         assert _snapshot(ddp_run) == before
+
+
+@pytest.mark.parametrize("download, fails_with, words", [
+    # MNIST's failed download is a RuntimeError over several lines ("Error downloading ..."): it said "not found
+    # ... run with benchmark.download=true" to a run that had it
+    (True, RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://...\n<urlopen error>"),
+     ["could not download MNIST", "Error downloading train-images-idx3-ubyte.gz:", "benchmark.download=false"]),
+    (False, RuntimeError("Dataset not found. You can use download=True to download it"),
+     ["MNIST not found", "Dataset not found", "benchmark.download=true"]),
+])
+def test_a_torchvision_data_set_that_cannot_be_had_is_named_by_what_failed(monkeypatch, download, fails_with, words):
+    import torchvision
+
+    from scenarios.sources import load_torchvision_arrays
+
+    def unavailable(*args, **kwargs):
+        raise fails_with
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", unavailable)
+    with pytest.raises((ConnectionError, FileNotFoundError)) as error:
+        load_torchvision_arrays("mnist", "data", download)
+    assert "\n" not in str(error.value) and all(w in str(error.value) for w in words), str(error.value)
+
+
+def test_a_failed_fresh_run_that_saved_a_network_keeps_its_fingerprint(tmp_path):
+    """modnet gzsl interrupted after its seed-0 network was saved took its fingerprint back, so a run of other
+    settings was let into the folder beside that network (and explained under the new run's results)."""
+    from modnet.config import ConfigError
+    from modnet.rundir import FINGERPRINT_NAME, check_fresh_start, fresh_run
+
+    out = tmp_path / "g"
+    with pytest.raises(KeyboardInterrupt):
+        with fresh_run(out, {"train.epochs": 5}, "gzsl"):
+            (out / "checkpoints").mkdir()
+            (out / "checkpoints" / "modnet_seed0_final.pt").write_bytes(b"network")
+            raise KeyboardInterrupt
+    assert (out / FINGERPRINT_NAME).exists()
+    with pytest.raises(ConfigError, match="train.epochs"):
+        check_fresh_start(out, {"train.epochs": 3}, "gzsl")
+    # one that failed before writing anything leaves the folder as it found it
+    empty = tmp_path / "e"
+    with pytest.raises(KeyboardInterrupt):
+        with fresh_run(empty, {"train.epochs": 5}, "gzsl"):
+            raise KeyboardInterrupt
+    assert not (empty / FINGERPRINT_NAME).exists()
+
+
+def test_result_files_are_standard_json_with_nan_as_null():
+    """json.dumps writes NaN and Infinity as bare words that JSON.parse, jq and strict parsers refuse (a ResNet's
+    CKA of an all-zero layer was NaN in results.json)."""
+    from modnet.rundir import results_json
+
+    text = results_json({"cka": [1.0, float("nan")], "std": {"x": float("inf")}, "n": 3, "tuple": (0.5, float("-inf"))})
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard {c}")) == \
+        {"cka": [1.0, None], "std": {"x": None}, "n": 3, "tuple": [0.5, None]}

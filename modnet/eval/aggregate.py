@@ -26,6 +26,7 @@ import numpy as np
 
 from modnet.eval.results import SEED_METRICS
 from modnet.eval.tables import aggregate_runs, markdown_table, mean_std_cell, write_csv
+from modnet.rundir import results_json
 
 METRICS = tuple(SEED_METRICS)
 SETTING = ("benchmark", "scenario", "strategy", "variant")
@@ -218,7 +219,7 @@ def format_markdown(summary: dict) -> str:
 
 def write_aggregate(summary: dict, out_dir: Path, plot: bool = True) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "aggregate.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "aggregate.json").write_text(results_json(summary))
     (out_dir / "aggregate.md").write_text(format_markdown(summary) + "\n")
     write_csv(out_dir / "aggregate.csv", [
         {**{k: g[k] for k in SETTING}, "n": g["n"], "seeds": " ".join(map(str, g["seeds"])),

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
 
 from modnet.eval.tables import SEED_STD_DDOF, aggregate_runs, markdown_table, mean_matrix, mean_std_cell
+from modnet.rundir import results_json
 
 # The scalar results of a run that are averaged over seeds: name -> (table label, table cell format).
 # stored_bytes: what the strategy keeps for inference or replay besides a baseline network's weights
@@ -106,7 +106,7 @@ def write_results(out_dir: Path, results: dict, plots: bool = True) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
+    tmp.write_text(results_json(results))
     tmp.replace(out_dir / "results.json")
     tmp = out_dir / "results.csv.tmp"
     with open(tmp, "w", newline="") as f:

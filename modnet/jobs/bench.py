@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
 import multiprocessing as mp
 import resource
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modnet.rundir import results_json
 from modnet.validate import BENCH_BASELINES
 
 
@@ -828,7 +828,7 @@ def run_bench(cfg) -> dict:
         f = cfg.niwt_features
         res["niwt_features"] = bench_niwt_features(str(device), f.samples, f.dim, f.classes, f.attributes, f.hidden,
                                                    f.batch_size)
-    (out / "bench.json").write_text(json.dumps(res, indent=2))
+    (out / "bench.json").write_text(results_json(res))
     md = _markdown(res)
     (out / "bench.md").write_text(md)
     print(md)

@@ -200,7 +200,8 @@ def _run_all(cfg, out: Path, ckpt_dir: Path, device, run_fingerprint: dict, back
         done = {name: r for name, r in runs.items() if len(r) == len(seeds)}
         strategies = {name: aggregate_seeds(r) for name, r in done.items()}
         sizes = [len(c) for c in info.global_task_classes]  # chance: 1 / the classes a prediction picks from
-        add_forgetting_ratio(strategies, sizes if cfg.scenario == "task" else [sum(sizes)] * len(sizes))
+        # class-incremental: one prediction among every class of the run (Permuted-X's experiences share theirs)
+        add_forgetting_ratio(strategies, sizes if cfg.scenario == "task" else [info.n_classes] * len(sizes))
         return {"benchmark": info.name, "scenario": cfg.scenario, "n_experiences": info.n_experiences,
                 "seed": seeds[0], "seeds": seeds, "std_ddof": SEED_STD_DDOF, "device": str(device),
                 "classes_per_experience": info.global_task_classes,

@@ -25,7 +25,6 @@ Writes explanations.md, explanations.json, one PNG per module, module_maps.npz (
 from __future__ import annotations
 
 import difflib
-import json
 import re
 import time
 from contextlib import contextmanager
@@ -43,7 +42,7 @@ from modnet.explain.gradcam import (TIE, module_attributes, rank_attributes, sav
 from modnet.explain.network import (GRAD_CAM, INPUT_X_GRADIENT, ModuleMaps, TaskTest, gated_modules, gated_tasks,
                                     tap_class_importance)
 from modnet.nets.models import HATNet
-from modnet.rundir import check_run_dir, run_network_record
+from modnet.rundir import check_run_dir, results_json, run_network_record
 
 # the strategy whose final network a run folder holds (checkpoints/modnet_seed{S}_final.pt)
 RUN_STRATEGY = "modnet"
@@ -533,7 +532,7 @@ def _run_explain(cfg: DictConfig) -> dict:
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     results = explain_network(net, cfg, out)
     results["seconds"] = time.perf_counter() - t0
-    (out / "explanations.json").write_text(json.dumps(results, indent=2))
+    (out / "explanations.json").write_text(results_json(results))
     n_modules = sum(len(m) for m in results["modules"].values())
     print(f"explanations written to {out}/explanations.md ({n_modules} modules in {len(results['modules'])} "
           f"layers, task {results['task']})")

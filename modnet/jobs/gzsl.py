@@ -46,6 +46,7 @@ from modnet.config import resolve_device, with_absolute_data_paths
 from modnet.eval.metrics import shows_progress_bars
 from modnet.eval.tables import SEED_STD_DDOF, aggregate_runs, markdown_table, mean_std_cell, seeds_note
 from modnet.methods.gzsl import GZSLResult, gzsl_evaluate, restricted_accuracy, select_calibration
+from modnet.rundir import results_json
 from modnet.validate import check_gate_layer_index
 from modnet.zsl.registry import get_zsl_method
 from modnet.zsl.seen_network import SeenNetwork
@@ -463,7 +464,7 @@ def format_table(methods: dict, n_seeds: int, calibrated: bool = True) -> str:
 def _write_outputs(out_dir: Path, results: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
+    tmp.write_text(results_json(results))
     tmp.replace(out_dir / "results.json")
     # the columns as the printed table's: U, S, H, zsl_accuracy are the headline's, uncalibrated (Xian et al.),
     # then the calibrated ones with gamma, then the gated ones where the gate ran; mean and _std over seeds

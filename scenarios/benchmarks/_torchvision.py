@@ -22,15 +22,15 @@ def register_torchvision(name: str, title: str, order: int, module: str) -> type
 
         @staticmethod
         def check(bcfg, command):
-            """Without ``download``, the data set's folder is under ``root`` (else torchvision's "Dataset not
-            found" after torch's import)."""
+            """Without ``download``, the data set's folder is under ``root`` and holds files (else torchvision's
+            "Dataset not found" after torch's import; a download that failed offline leaves the folder empty)."""
             from pathlib import Path
 
             root = Path(str(bcfg.root)).expanduser()
-            if not bcfg.get("download") and not (root / folder).is_dir():
-                raise FileNotFoundError(f"{title} not found: no {root / folder}; put torchvision's {title} files "
-                                        f"under benchmark.root={bcfg.root}, or run with benchmark.download=true on "
-                                        "a machine with internet access")
+            if not bcfg.get("download") and not any(p.is_file() for p in (root / folder).rglob("*")):
+                raise FileNotFoundError(f"{title} not found: no files under {root / folder}; put torchvision's "
+                                        f"{title} files under benchmark.root={bcfg.root}, or run with "
+                                        "benchmark.download=true on a machine with internet access")
 
         @staticmethod
         def arrays(bcfg):
