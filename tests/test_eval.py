@@ -335,6 +335,12 @@ def test_results_csv_of_several_seeds_has_the_tables_spread(tmp_path):
     assert [float(naive[1][f"acc_exp{j}"]) for j in range(2)] == pytest.approx([0.8, 0.65])  # the mean matrix
     ewc = next(r for r in rows if r["strategy"] == "ewc")
     assert ewc["seeds"] == "1" and float(ewc["average_accuracy_std"]) == 0.0
+    assert {r["run_complete"] for r in rows} == {"true"}
+    # an interrupted run's file says so in every row (its finished strategies' rows looked like a whole run's)
+    write_results(tmp_path, {"benchmark": "digits", "scenario": "task", "n_experiences": 2, "seeds": [0, 1],
+                             "strategies": {"naive": two}, "complete": False}, plots=False)
+    with open(tmp_path / "results.csv", newline="") as f:
+        assert {r["run_complete"] for r in csv.DictReader(f)} == {"false"}
 
 
 def test_experiences_are_counted_from_1_in_what_is_printed_and_drawn(tmp_path, monkeypatch):

@@ -113,12 +113,15 @@ def write_results(out_dir: Path, results: dict, plots: bool = True) -> None:
         w = csv.writer(f)
         # a multi-seed run: the scalars' mean and std over the seeds (the table's mean ± std), the matrix the mean
         scalars = ("average_accuracy", "forgetting", "bwt", "train_seconds")
-        w.writerow(["strategy", "seeds", *[c for k in scalars for c in (k, f"{k}_std")], "stored_bytes", "after_exp",
-                    *[f"acc_exp{j}" for j in range(results["n_experiences"])]])
+        # run_complete: false while the run is interrupted or a strategy failed (results.json's "complete"): the
+        # rows are finished strategies' results, but the run's other strategies are missing from the file
+        w.writerow(["strategy", "seeds", "run_complete", *[c for k in scalars for c in (k, f"{k}_std")],
+                    "stored_bytes", "after_exp", *[f"acc_exp{j}" for j in range(results["n_experiences"])]])
+        complete = "true" if results.get("complete", True) else "false"
         for name, r in results["strategies"].items():
             n_seeds = len(r.get("per_seed") or [r])
             for i, row in enumerate(r["accuracy_matrix"]):
-                w.writerow([name, n_seeds, *[v for k in scalars for v in (r[k], r.get(f"{k}_std", 0.0))],
+                w.writerow([name, n_seeds, complete, *[v for k in scalars for v in (r[k], r.get(f"{k}_std", 0.0))],
                             r.get("stored_bytes"), i, *row])
     tmp.replace(out_dir / "results.csv")
     if plots:
@@ -195,7 +198,7 @@ def plot_results(out_dir: Path, results: dict) -> None:
         fig = accuracy_matrix_figure(name, r)
         save_figure(fig, out_dir / f"accuracy_matrix_{name}.png")
         plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     curves = []
     for (name, r), (color, marker, line) in zip(strategies.items(), curve_styles(len(strategies))):
         R = np.asarray(r["accuracy_matrix"])
@@ -209,7 +212,8 @@ def plot_results(out_dir: Path, results: dict) -> None:
     n_seeds = len(results.get("seeds") or [None])
     ax.set_title(f"{results['benchmark']} ({results['scenario']}-incremental)"
                  + (f", mean of {n_seeds} seeds" if n_seeds > 1 else ""))
-    ax.legend(fontsize=8, ncol=2)
+    # beside the axes, not over the curves (twelve strategies' legend covered modnet's curve)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, out_dir / "accuracy_curves.png")

@@ -62,7 +62,8 @@ def plot_module_maps(net, out_dir: Path) -> list[Path]:
             ax2.set_xticks(range(n_modules), [str(g) for g in ids])
             ax2.set_xlabel("module (persistent id)")
             ax2.set_ylabel("units")
-            ax2.legend(fontsize=7)
+            ax2.set_ylim(0, max(1, sizes.max()) * 1.35)  # headroom: the legend sits above the bars, not on them
+            ax2.legend(fontsize=7, loc="upper right")
         fig.suptitle(f"task {t}: functional modules (SynC over semantic vectors, PCA)")
         fig.tight_layout()
         path = out_dir / f"module_map_task{t}.png"
