@@ -579,3 +579,35 @@ def test_a_methods_scores_do_not_depend_on_the_methods_scored_before_it(monkeypa
         runs.append(out["ale"][0][1][0])
     torch.manual_seed(7)
     assert all(torch.equal(r, runs[0]) for r in runs) and torch.equal(runs[0], torch.rand(2))
+
+
+def test_nan_scores_are_an_error_not_a_number():
+    """A diverged method's NaN scores: argmax picked a NaN entry, or class 0 for an all-NaN row, and the run printed
+    S = 1/3 for it (4 test-seen images of classes 0, 0, 1, 2)."""
+    import torch
+
+    from modnet.methods.gzsl import gzsl_evaluate
+
+    nan = torch.full((4, 5), float("nan"))
+    y_seen, y_unseen = torch.tensor([0, 0, 1, 2]), torch.tensor([3, 4])
+    with pytest.raises(ValueError, match="NaN"):
+        gzsl_evaluate(nan, y_seen, torch.zeros(2, 5), y_unseen, [0, 1, 2], [3, 4])
+    ruled_out = torch.zeros(4, 5)
+    ruled_out[:, 3:] = -float("inf")  # a class ruled out (the gate's other side) is a score, not an error
+    unseen = torch.zeros(2, 5)
+    unseen[0, 3] = unseen[1, 4] = 1.0
+    result = gzsl_evaluate(ruled_out, y_seen, unseen, y_unseen, [0, 1, 2], [3, 4])
+    assert result.U == 1.0 and result.S == pytest.approx(1 / 3)  # ties go to class 0: right on class 0 only
+
+
+def test_niwt_s_shifted_rows_are_named_as_a_calibration():
+    """niwt.scale=seen_budget shifts every unseen row by one constant chosen on seen training images: calibrated
+    stacking in effect. The table's uncalibrated columns must say so for niwt (and niwt_routed), not for the
+    methods scored as trained, and not under another scale."""
+    from modnet.config import compose
+    from modnet.jobs.gzsl import uncalibrated_caveats
+
+    methods = {"niwt": {}, "niwt_routed": {}, "eszsl": {}, "ale": {}}
+    caveats = uncalibrated_caveats(compose("gzsl"), methods)
+    assert set(caveats) == {"niwt", "niwt_routed"} and "calibrated stacking" in caveats["niwt"]
+    assert uncalibrated_caveats(compose("gzsl", ["niwt.scale=negatives"]), methods) == {}

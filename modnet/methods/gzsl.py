@@ -107,9 +107,16 @@ def gzsl_evaluate(scores_test_seen: Tensor, y_test_seen: Tensor, scores_test_uns
                   calibration: float = 0.0) -> GZSLResult:
     """U, S, H and ZSL accuracy from class scores [n, C] whose column c is dataset class c.
 
-    Columns outside seen + unseen classes are ignored. ``calibration`` = gamma of calibrated stacking.
+    Columns outside seen + unseen classes are ignored. ``calibration`` = gamma of calibrated stacking. A NaN
+    score in those columns is an error (argmax would pick the NaN, or class 0 for a row of them: a diverged
+    method credited with a number); -inf is a class ruled out (the gated reading's other side).
     """
     all_classes = list(seen_classes) + list(unseen_classes)
+    for name, scores in (("test-seen", scores_test_seen), ("test-unseen", scores_test_unseen)):
+        cols = torch.as_tensor(all_classes, device=scores.device, dtype=torch.long)
+        if bool(torch.isnan(scores.index_select(1, cols)).any()):  # one host read per evaluation
+            raise ValueError(f"GZSL scores on the {name} images hold NaN values (the method diverged); nothing "
+                             "can be read from them")
     pred_s = _restrict(calibrated_stacking(scores_test_seen, seen_classes, calibration), all_classes).argmax(1)
     pred_u = _restrict(calibrated_stacking(scores_test_unseen, seen_classes, calibration), all_classes).argmax(1)
     s = float(per_class_accuracy(pred_s, y_test_seen, seen_classes))

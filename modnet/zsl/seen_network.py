@@ -40,8 +40,8 @@ def baseline_feature_kind(cfg, override: str | None = None) -> str:
 class SeenNetwork:
     """``model`` trained on ``data``'s seen classes (task 0); ``classes[i]``: the dataset class of head row i.
 
-    ``seen_accuracy``: the network's accuracy on the test-seen samples over the seen classes (its own
-    evaluation after training).
+    ``seen_accuracy``: the network's per-class accuracy on the test-seen samples over the seen classes (set after
+    training, ``modnet.jobs.gzsl.train_seen_network``): the bar S, also a per-class mean, is read against.
     """
 
     model: HATNet
