@@ -364,8 +364,8 @@ def check_explain_options(cfg: DictConfig) -> None:
     ``explain.task`` null or an index >= 0, ``explain.layers`` null or indices >= 0 (an index the network lacks
     stopped after it had trained)."""
     check_choice("explain.backend", cfg.explain.backend, EXPLAIN_BACKENDS)
-    check_choice("niwt.inverse", cfg.niwt.inverse, ("lstsq", "pinv"))
     check_choice("train.scenario", cfg.train.scenario, SCENARIOS)
+    _number(cfg, "niwt.inverse_ridge", minimum=0, strict=True, nullable=False)
     for key in ("explain.top_k", "explain.max_test_samples", "train.experiences", "niwt.importance_batch_size"):
         _number(cfg, key, minimum=1, strict=False, integer=True)
     _number(cfg, "explain.task", minimum=0, strict=False, integer=True,

@@ -70,6 +70,9 @@ class ZSLData:
     unseen_classes: list[int]
     class_names: list[str] = field(default_factory=list)
     attribute_names: list[str] = field(default_factory=list)
+    # the attributes before their rows' L2 normalisation, where the loader has them (None: not kept): what a
+    # column's spread over classes is read from (modnet explain: a column constant over the classes explains nothing)
+    raw_attributes: Tensor | None = None
 
     @property
     def n_classes(self) -> int:
@@ -133,7 +136,8 @@ def split_seen_test(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.
     return train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=y)
 
 
-def _make(name, x, y, seen, unseen, attributes, test_fraction, seed, class_names, attribute_names) -> ZSLData:
+def _make(name, x, y, seen, unseen, attributes, test_fraction, seed, class_names, attribute_names,
+          raw_attributes=None) -> ZSLData:
     """Seen-class samples -> train / test-seen (stratified); all unseen-class samples -> test-unseen."""
     x, y = np.asarray(x), np.asarray(y).astype(np.int64)
     is_seen = np.isin(y, seen)
@@ -144,7 +148,8 @@ def _make(name, x, y, seen, unseen, attributes, test_fraction, seed, class_names
     t = lambda a, dt=torch.float32: torch.as_tensor(a, dtype=dt)  # noqa: E731
     return ZSLData(name, t(x[tr]), t(y[tr], torch.long), t(x[te]), t(y[te], torch.long), t(x[unseen_idx]),
                    t(y[unseen_idx], torch.long), attributes, sorted(int(c) for c in seen),
-                   sorted(int(c) for c in unseen), list(class_names), list(attribute_names)).validate()
+                   sorted(int(c) for c in unseen), list(class_names), list(attribute_names),
+                   raw_attributes).validate()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -196,7 +201,8 @@ def load_digits_zsl(unseen_classes: Sequence[int] = (2, 7), test_fraction: float
     att, names = digit_attributes(loops)
     seen = [c for c in range(10) if c not in unseen]
     return _make("digits", x, data.target, seen, unseen, attribute_matrix(att, missing_value=None),
-                 test_fraction, seed, [str(d) for d in range(10)], names)
+                 test_fraction, seed, [str(d) for d in range(10)], names,
+                 attribute_matrix(att, missing_value=None, normalize=False))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -225,7 +231,8 @@ def load_npz_zsl(path: str | Path, missing: str = "mean") -> ZSLData:
     t = torch.as_tensor
     return ZSLData(path.stem, t(x_train), t(y_train), t(x_test[test_seen]), t(y_test[test_seen]),
                    t(x_test[test_unseen]), t(y_test[test_unseen]), attribute_matrix(att_raw, missing=missing),
-                   seen, unseen, names, att_names).validate()
+                   seen, unseen, names, att_names,
+                   attribute_matrix(att_raw, missing=missing, normalize=False)).validate()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ GZSL_FAST = ["progress=false", "threads=1", "train.epochs=5", "niwt.map_epochs=3
              "ale.epochs=1", "eszsl.grid_log10=[0]", "calibration.mode=none",
              "clswgan.hidden=64", "clswgan.critic_hidden=64", "clswgan.epochs=1", "clswgan.syn_num=20",
              "clswgan.classifier_epochs=2", "clswgan.pretrain_epochs=2"]
-EXPLAIN_FAST = ["train.epochs=3", "niwt.map_epochs=30", "explain.module_grids=false",
+EXPLAIN_FAST = ["train.epochs=3", "explain.module_grids=false",
                 "train.cl_overrides=['model.hidden=16','model.cnn_channels=[4,8]']"]
 
 
@@ -72,7 +72,7 @@ def test_explain_on_an_image_npz(tmp_path):
     # 80 training images: at EXPLAIN_FAST's 3 epochs (6 steps) and 4-channel CNN the network stayed at chance with
     # every HAT mask off, and its modules were "explained" anyway; the default widths learn it in 30 epochs
     assert main(["explain", "benchmark=npz", f"benchmark.path={tmp_path / 'quadrants.npz'}", "train.epochs=30",
-                 "niwt.map_epochs=30", "explain.module_grids=false", f"output_dir={tmp_path / 'out'}"]) == 0
+                 "explain.module_grids=false", f"output_dir={tmp_path / 'out'}"]) == 0
     results = json.loads((tmp_path / "out" / "explanations.json").read_text())
     trained = results["source"]["trained_here"]
     assert trained["data"] == "quadrants" and trained["classes"] == [0, 1, 2, 3]  # the unseen 4, 5 held out

@@ -433,7 +433,9 @@ LATE_INPUTS = [
      ("explain.layers=[1]", "model.n_layers", "1 masked layers")),
     (["explain", "explain.layers=[]"], ("explain.layers=[]", "null")),
     (["explain", "explain.top_k=0"], ("explain.top_k=0", ">= 1")),
-    (["explain", "niwt.inverse=svd"], ("niwt.inverse", "lstsq")),
+    (["explain", "niwt.inverse_ridge=0"], ("niwt.inverse_ridge=0", "> 0")),
+    # the forward map's keys changed no explanation (stop 54): gone from explain's config
+    (["explain", "niwt.map_epochs=30"], ("unknown config key", "niwt.map_epochs")),
     (["explain", "train.cl_overrides=['model.gate=none']"], ("model.gate=none", "no module gates")),
     # refused by modnet.nets.build when each strategy's network was built, after the imports
     (["cl", "benchmark=mnist1d", "model.arch=cnn"], ("model.arch=cnn", "benchmark=mnist1d", "vectors", "mlp")),

@@ -801,21 +801,19 @@ def test_a_class_explained_by_a_map_fitted_without_it_and_not_its_own_row_echoed
         held_out_knowledge(knowledge[:2], linear[:2])
 
 
-def test_module_attributes_leave_the_maps_offset_out_and_name_none_for_a_module_without_importance():
-    """A module's attributes are f(its share) - f(0): with the offset in, a module with little or no importance
-    was named by the attributes the offset favours (the same ones for every such module). Planted map
-    a = W k + b over 4 attributes and 6 units, b's image favouring attribute 0; module A's units carry attribute 2's
-    importance only, module B's units have none: A is named attribute 2 first, B gets no attributes."""
+def test_a_module_is_named_by_the_attribute_its_importance_follows_and_without_importance_by_none():
+    """Module A's unit 2 is important for the classes that have attribute 2 (as much as they have it), module B's
+    units for none: A is named attribute 2 first, B gets no attributes (with NIWT's map offset in the old
+    scoring, a module without importance was named by the attributes the offset favoured)."""
     from modnet.explain.gradcam import module_attributes
 
     names = ["a0", "a1", "a2", "a3"]
-    lin = nn.Linear(4, 6)
-    with torch.no_grad():
-        lin.weight.copy_(torch.eye(6, 4))  # unit j <- attribute j (units 4, 5: none)
-        lin.bias.copy_(torch.tensor([-50.0, 0, 0, 0, 0, 0]))  # pinv image of -b: +50 on attribute 0
-    importance = torch.zeros(3, 6)
-    importance[:, 2] = 1.0  # only unit 2 (attribute 2) is important for the classes
-    modules = {"A": [1, 2], "B": [4, 5]}
-    ranked = module_attributes(importance, modules, lin, names, top_k=2)
-    assert ranked["A"][0][0] == "a2" and ranked["A"][0][1] == pytest.approx(1.0)
+    knowledge = torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 1], [0, 1, 1, 0]])
+    importance = torch.full((3, 6), 0.1)
+    importance[:, 2] += knowledge[:, 2]
+    importance[:, 4:] = 0.0
+    ranked = module_attributes(importance, {"A": [1, 2], "B": [4, 5]}, names, knowledge, top_k=2)
+    assert ranked["A"][0][0] == "a2" and ranked["A"][0][1] > 0
     assert ranked["B"] == []
+
+

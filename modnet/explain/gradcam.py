@@ -576,35 +576,63 @@ def explain_in_words(importance: Tensor, knowledge_of_importance: KnowledgeMap, 
 
 
 def module_attributes(importance_matrix: Tensor, modules: Mapping[str, Sequence[int]],
-                      knowledge_of_importance: KnowledgeMap, attribute_names: Sequence[str], top_k: int = 5,
-                      positive_only: bool = True, tied: Sequence[Sequence[int]] = ()) -> dict[str, RankedAttributes]:
-    """Per functional module, the attributes its units' importance maps back to.
+                      attribute_names: Sequence[str], knowledge: Tensor, top_k: int = 5, positive_only: bool = True,
+                      tied: Sequence[Sequence[int]] = (), exclude: Sequence[int] = ()) -> dict[str, RankedAttributes]:
+    """Per functional module, the attributes of the classes that rely on it more than the others do.
 
-    importance_matrix: [C x N], class importance of the layer's N units. A module's importance profile is
-    the class mean of the importance rows (of their positive part when ``positive_only``: units that raise a
-    class score, the Grad-CAM convention), set to zero outside the module's units; its attribute scores are the
-    inverse map's response to it less the response to no importance at all, f(profile) - f(0): the map's
-    offset (the average class's knowledge) left out. With the offset in, a module with little or no importance
-    was named by the attributes most classes have (digits: the same three segments for every such module). A
-    module whose profile is zero (no unit raises a class score) gets no attributes (an empty list).
+    importance_matrix: [C x N], class importance of the layer's N units (its positive part when
+    ``positive_only``: units that raise a class score, the Grad-CAM convention); knowledge: [C x A], the same
+    classes' attribute rows (unnormalised where there are: a column constant over the classes then stays
+    constant). A module's importance in class c, as a share of the layer's mean importance per class,
+    w_m(c) = sum over its units of importance_c / mean_c' (sum over all units of importance_c'), says how much
+    class c's score rests on the module; its score for attribute a is how that follows the attribute over the
+    classes:
+
+        score_m(a) = mean_c (w_m(c) - mean_c w_m) * z_c[a],   z_c[a] = (k_c[a] - mean_c k[a]) / std_c k[a]
+
+    (a covariance with the standardised attribute): positive where the classes having a rely on the module more,
+    negative where they rely on it less, zero for a module every class relies on alike (it tells no class apart)
+    and for an attribute constant over the classes (it explains no difference); small for a module with a small
+    part of the layer's importance. (A share of each class's own total would move with the other modules: a
+    module every class uses alike would follow what the others follow.) Only positive scores are listed; a module with none, or without importance, gets an empty
+    list. ``exclude``: attribute indices left out; ``tied`` as in ``rank_attributes``. Until stop 54 a module was
+    scored by NIWT's inverse map's response to its class-averaged importance, f(mean) - f(0): that drops the class
+    dimension and, through the map's L2 normalisation of its input, the module's size, so its words could name
+    what its units do not respond to (planted shapes); the inverse map names a class's attributes
+    (``explain_in_words``), not a module's.
     """
     importance_matrix = torch.as_tensor(importance_matrix)
     if importance_matrix.dim() != 2:
         raise ValueError(f"importance_matrix must be [classes x units], got shape {tuple(importance_matrix.shape)}")
+    knowledge = torch.as_tensor(knowledge, dtype=torch.float32, device=importance_matrix.device)
+    if knowledge.dim() != 2 or knowledge.shape[0] != importance_matrix.shape[0] or \
+            knowledge.shape[1] != len(attribute_names):
+        raise ValueError(f"knowledge must be [classes x attributes] = [{importance_matrix.shape[0]} x "
+                         f"{len(attribute_names)}], got shape {tuple(knowledge.shape)}")
     modules = _check_modules(modules)
     n_units = importance_matrix.shape[1]
-    profile = importance_matrix.clamp_min(0) if positive_only else importance_matrix
-    profile = profile.mean(dim=0)
-    masks = torch.zeros(len(modules), n_units, dtype=profile.dtype, device=profile.device)
+    rows = (importance_matrix.clamp_min(0) if positive_only else importance_matrix.abs()).float()
+    masks = torch.zeros(len(modules), n_units, dtype=rows.dtype, device=rows.device)
     for m, (name, units) in enumerate(modules.items()):
         if max(units) >= n_units:
             raise ValueError(f"module {name!r} names unit {max(units)} but the importance has {n_units} units")
-        masks[m, torch.as_tensor(units, device=profile.device)] = 1.0
-    shares = masks * profile
-    offset = knowledge_scores(torch.zeros_like(profile), knowledge_of_importance)  # f(0): the map's offset
-    scores = knowledge_scores(shares, knowledge_of_importance) - offset  # M x A
-    return {name: rank_attributes(scores[m], attribute_names, top_k, tied) if bool(shares[m].any()) else []
-            for m, name in enumerate(modules)}
+        masks[m, torch.as_tensor(units, device=rows.device)] = 1.0
+    mass = rows @ masks.T  # C x M: each module's importance in each class
+    share = mass / rows.sum(1).mean().clamp_min(1e-12)
+    spread = knowledge.std(0, unbiased=False)
+    z = torch.where(spread > 1e-6, (knowledge - knowledge.mean(0)) / spread.clamp_min(1e-6),
+                    torch.zeros_like(knowledge))
+    scores = (share - share.mean(0)).T @ z / rows.shape[0]  # M x A
+    if len(exclude):
+        scores[:, torch.as_tensor(list(exclude), device=scores.device)] = 0.0
+    out = {}
+    for m, name in enumerate(modules):
+        if not bool(mass[:, m].any()):
+            out[name] = []
+            continue
+        ranked = rank_attributes(scores[m].cpu(), attribute_names, top_k, tied)
+        out[name] = [(a, s) for a, s in ranked if s > 0]
+    return out
 
 
 def describe(ranked: RankedAttributes) -> str:

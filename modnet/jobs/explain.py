@@ -25,10 +25,11 @@ Writes explanations.md, explanations.json, one PNG per module, module_maps.npz (
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,7 @@ class ClassKnowledge:
     matrix: Tensor
     attribute_names: list[str]
     class_names: list[str]
+    raw: Tensor | None = None  # the rows before their L2 normalisation, where kept: a column's spread over classes
 
 
 @dataclass
@@ -130,7 +132,7 @@ def load_run(cfg: DictConfig, device: torch.device) -> ExplainedNetwork:
     data = zsl_run_data(bcfg, seed)  # a zero-shot run: its GZSL data, heads over dataset class ids
     knowledge = ClassKnowledge(data.attributes, data.attribute_names or
                                [f"attribute{a}" for a in range(data.attributes.shape[1])],
-                               data.class_names or [str(c) for c in range(data.n_classes)])
+                               data.class_names or [str(c) for c in range(data.n_classes)], data.raw_attributes)
     return ExplainedNetwork(model, zsl_tests(data, model, limit, seed), knowledge,
                             picture_shape(bcfg.name, data.input_shape), record, source,
                             tuple(int(c) for c in data.unseen_classes))
@@ -162,7 +164,8 @@ def train_here(cfg: DictConfig, device: torch.device) -> ExplainedNetwork:
     run = run_experiences(strategy, bm.train_stream, stream_evaluator(bm.test_stream, accuracy), seed=cfg.seed,
                           hooks=hooks)
     model = strategy.model.eval()
-    knowledge = ClassKnowledge(data.attributes, list(data.attribute_names), list(data.class_names))
+    knowledge = ClassKnowledge(data.attributes, list(data.attribute_names), list(data.class_names),
+                               data.raw_attributes)
     source = {"trained_here": {"data": data.name, "classes": data.seen_classes, "experiences": t.experiences,
                                "scenario": t.scenario, "epochs": t.epochs, "accuracy_matrix": run.rows,
                                "train_seconds": run.train_seconds}}
@@ -232,17 +235,19 @@ def benchmark_knowledge(bcfg) -> ClassKnowledge | None:
 
     if bcfg.name == "digits":
         attributes, names = digit_attributes()
-        return ClassKnowledge(attribute_matrix(attributes, missing_value=None), names, [str(d) for d in range(10)])
+        return ClassKnowledge(attribute_matrix(attributes, missing_value=None), names, [str(d) for d in range(10)],
+                              attribute_matrix(attributes, missing_value=None, normalize=False))
     if bcfg.name == "npz" and bcfg.get("path"):
         with np.load(Path(bcfg.path).expanduser(), allow_pickle=False) as f:
             if "class_attributes" not in f.files:
                 return None
             attributes = attribute_matrix(np.asarray(f["class_attributes"], dtype=np.float64))
+            raw = attribute_matrix(np.asarray(f["class_attributes"], dtype=np.float64), normalize=False)
             names = [str(a) for a in f["attribute_names"]] if "attribute_names" in f.files else \
                 [f"attribute{a}" for a in range(attributes.shape[1])]
             classes = [str(c) for c in f["class_names"]] if "class_names" in f.files else \
                 [str(c) for c in range(attributes.shape[0])]
-        return ClassKnowledge(attributes, names, classes)
+        return ClassKnowledge(attributes, names, classes, raw)
     return None
 
 
@@ -323,35 +328,41 @@ def _words(net: ExplainedNetwork, layer: int, task: int, modules: dict[str, list
     out). A class's attributes come from the inverse map fitted on the other classes (``held_out_knowledge``):
     fitted on the class itself, the map gave back its own knowledge row whatever the network does."""
     from modnet.methods.knowledge import tied_attribute_groups
-    from modnet.methods.niwt import KnowledgeToImportance, held_out_knowledge, knowledge_agreement
+    from modnet.methods.niwt import held_out_knowledge, knowledge_agreement
 
     importance, classes, tasks = tap_class_importance(net.model, layer, net.tests, cfg.niwt.importance_batch_size)
     knowledge = net.knowledge
     if max(classes) >= knowledge.matrix.shape[0]:
         raise ValueError(f"class {max(classes)} has no row in the class knowledge ({knowledge.matrix.shape[0]} rows)")
-    n = cfg.niwt
     k_rows = knowledge.matrix.to(importance.device)[classes]  # the fitted classes' knowledge, one row each
-    k_map = KnowledgeToImportance(knowledge.matrix.shape[1], importance.shape[1], inverse=n.inverse)
-    k_map = k_map.to(importance.device).fit(k_rows, importance,
-                                            torch.tensor(classes, device=importance.device),
-                                            val_fraction=n.map_val_fraction, epochs=n.map_epochs, lr=n.map_lr,
-                                            refit_all=n.map_refit_all, seed=cfg.seed)
     own = [i for i, t in enumerate(tasks) if t == task]
     e = cfg.explain
     # attributes the map's classes cannot tell apart: one entry each, named together (not one picked at random)
     tied = tied_attribute_groups(knowledge.matrix[classes])
+    # the task's classes' attribute rows as given (before the L2 normalisation of each row, where kept): an
+    # attribute constant over them explains no difference between them (normalised, a column of ones followed
+    # 1 / |k_c| and was named by modules and classes: digits' segment_lower_right, on for 8 of the 8 seen digits)
+    given = (knowledge.raw if knowledge.raw is not None else knowledge.matrix).to(importance.device)[classes]
+    constant = [j for j in range(given.shape[1]) if float(given[own, j].std(unbiased=False)) <= 1e-6] \
+        if len(own) > 1 else []
     active = {m: units for m, units in modules.items() if units}
-    per_module = module_attributes(importance[own], active, k_map, knowledge.attribute_names, e.top_k,
-                                   positive_only=e.positive_only, tied=tied) if active else {}
+    per_module = module_attributes(importance[own], active, knowledge.attribute_names, given[own],
+                                   e.top_k, positive_only=e.positive_only, tied=tied,
+                                   exclude=constant) if active and len(own) > 1 else {}
     per_class, agreement = {}, {}
     if len(classes) >= 3:  # two classes to fit the map on, one held out
-        held = held_out_knowledge(k_rows, importance, k_map.inverse_ridge)  # float32 inside
+        held = held_out_knowledge(k_rows, importance, cfg.niwt.inverse_ridge)  # float32 inside
         fit = knowledge_agreement(held, k_rows)
+        scores = held.clone()
+        if constant:
+            scores[:, torch.as_tensor(constant, device=scores.device)] = -math.inf  # named by no class either
         for i in own:
             name = knowledge.class_names[classes[i]]
-            per_class[name] = rank_attributes(held[i].cpu(), knowledge.attribute_names, e.top_k, tied)
+            per_class[name] = [(a, s) for a, s in rank_attributes(scores[i].cpu(), knowledge.attribute_names,
+                                                                   e.top_k, tied) if math.isfinite(s)]
             agreement[name] = float(fit[i])
-    return per_module, per_class, agreement, [[knowledge.attribute_names[j] for j in g] for g in tied]
+    return (per_module, per_class, agreement, [[knowledge.attribute_names[j] for j in g] for g in tied],
+            [knowledge.attribute_names[j] for j in constant])
 
 
 def _slug(name: str) -> str:
@@ -374,6 +385,7 @@ class LayerExplanation:
     arrays: dict[str, np.ndarray]
     n_units: int
     tied: list[list[str]]
+    constant: list[str] = field(default_factory=list)  # attributes constant over the task's classes: no words
 
     @property
     def note(self) -> str:
@@ -398,8 +410,12 @@ def explain_layer(net: ExplainedNetwork, task: int, layer: int, modules: dict[st
     inputs = test.x[examples]
     module_maps = maps(inputs, maps.names).cpu()
     units_on = {m: [u for u in units if hat_on[u]] for m, units in modules.items()}
-    per_module, per_class, agreement, tied = (_words(net, layer, task, units_on, cfg) if net.knowledge
-                                              else ({}, {}, {}, []))
+    # a module whose gate is off on every test input of the task passes nothing on for it, as a masked-off one:
+    # no words (its units' tap gradients, taken after the gate, still gave it importance and attributes)
+    gate_never = {m: not bool(gates[:, j].any()) for j, m in enumerate(maps.names)}
+    words_units = {m: [] if gate_never[m] else units for m, units in units_on.items()}
+    per_module, per_class, agreement, tied, constant = (_words(net, layer, task, words_units, cfg)
+                                                        if net.knowledge else ({}, {}, {}, [], []))
     entries, arrays = {}, {}
     for j, module in enumerate(maps.names):
         png = f"{name}_{_slug(module)}.png"
@@ -412,9 +428,13 @@ def explain_layer(net: ExplainedNetwork, task: int, layer: int, modules: dict[st
         if off:
             entries[module]["note"] = (f"every unit's HAT mask is off for task {task}: the module passes nothing on, "
                                        "so it has no attributes and its map is flat")
+        elif gate_never[module]:
+            entries[module]["note"] = (f"the module's gate is off on every test input of task {task}: it passes "
+                                       "nothing on for the task, so it has no attributes and its map is flat")
         elif net.knowledge and not per_module.get(module):
-            entries[module]["note"] = (f"no unit of the module raises a score of task {task}'s classes (its "
-                                       "positive importance is zero): no attributes")
+            entries[module]["note"] = (f"no attribute tracks this module's importance over task {task}'s classes "
+                                       "(none scores above zero: its importance is the same for every class, "
+                                       "nil, or goes against each attribute): no attributes")
         arrays[f"{name}/{module}/map"] = module_maps[j].numpy()
         arrays[f"{name}/{module}/input"] = inputs[j].numpy()
     if e.module_grids and net.picture_shape is not None:
@@ -437,7 +457,7 @@ def explain_layer(net: ExplainedNetwork, task: int, layer: int, modules: dict[st
                             {m: len(units_on[m]) for m in maps.names},
                             {c: [[a, s] for a, s in ranked] for c, ranked in per_class.items()}, agreement,
                             maps.kind, arrays,
-                            int(model.masked[layer].n_units), tied)
+                            int(model.masked[layer].n_units), tied, constant)
 
 
 @contextmanager
@@ -482,6 +502,10 @@ def _explain_network(net: ExplainedNetwork, cfg: DictConfig, out: Path) -> dict:
         notes.append(f"Tied attributes: {', '.join(group)} take the same values (up to scale and offset) on every "
                      f"class the map was fitted on, so no explanation can tell them apart; they are reported as "
                      f"one entry, '{TIE.join(group)}'.")
+    constant = next((x.constant for x in layers.values()), [])
+    if constant:
+        notes.append(f"Constant attributes: {', '.join(constant)} take one value on every class of the task, so "
+                     "they explain no difference between its classes and are named by no module and no class.")
     if net.unseen_classes and net.knowledge is not None:
         names = [str(net.knowledge.class_names[c]) for c in net.unseen_classes]
         notes.append(f"Unseen classes {', '.join(names)}: NIWT built their head rows from their attributes, so the "
@@ -499,7 +523,7 @@ def _explain_network(net: ExplainedNetwork, cfg: DictConfig, out: Path) -> dict:
             "gate_on": {name: x.gate_on for name, x in layers.items()},
             "units_on": {name: x.units_on for name, x in layers.items()}, "per_class": per_class,
             "per_class_agreement": agreement,
-            "tied_attributes": tied, "notes": notes}
+            "tied_attributes": tied, "constant_attributes": constant, "notes": notes}
 
 
 def _source_note(source: dict) -> str:
