@@ -790,3 +790,35 @@ def test_gated_modules_are_named_by_their_persistent_ids(cl_runs):
     after = gated_modules(model, 1)[0]
     assert list(after) == [f"module{2 * g + 1}" for g in ids]
     assert list(after.values()) == list(before.values())
+
+
+@pytest.mark.parametrize("kind", ["image", "vector"])
+def test_class_maps_are_drawn_for_every_class_and_change_when_the_weights_are_randomised(kind, cl_runs, explained):
+    """Every class of the explained task gets its logit's map at every layer (the README's "Grad-CAM of classes");
+    and, Adebayo et al. 2018's model-randomisation check, a class's map on the same input is not the same once
+    the network's weights are replaced by random ones (a map that survived it would show the input, not the
+    network's evidence)."""
+    from modnet.explain.network import ClassMaps
+
+    out, result = explained[kind]
+    task = result["task"]
+    model = _loaded(cl_runs[kind])
+    n_classes = len(model.task_classes[task])
+    for layer, pngs in result["class_maps"].items():
+        assert len(pngs) == n_classes
+        assert all(mpimg.imread(out / png).shape[0] > 100 for png in pngs.values())
+    arrays = np.load(out / "module_maps.npz")
+    layer_name, cname = "layer0", next(iter(result["class_maps"]["layer0"]))
+    x = torch.as_tensor(arrays[f"{layer_name}/class_{cname}/input"])[None]
+    names = [str(c) for c in range(n_classes)]
+    column = list(result["class_maps"]["layer0"]).index(cname)
+    trained = ClassMaps(model, task, 0, names)(x, [column])[0].flatten()
+    np.testing.assert_allclose(trained.numpy(), arrays[f"{layer_name}/class_{cname}/map"].ravel(), atol=1e-5)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn_like(p) * p.std())
+    randomised = ClassMaps(model, task, 0, names)(x, [column])[0].flatten()
+    similarity = torch.nn.functional.cosine_similarity(trained - trained.mean(), randomised - randomised.mean(), 0)
+    assert similarity < 0.9, float(similarity)

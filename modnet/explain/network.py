@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from modnet.explain.gradcam import ModuleGradCAM
+from modnet.explain.gradcam import ClassGradCAM, ModuleGradCAM
 from modnet.nets.models import HATNet
 
 GRAD_CAM, INPUT_X_GRADIENT = "grad_cam", "input_x_gradient"
@@ -109,6 +109,17 @@ class ModuleMaps:
         if self.kind == GRAD_CAM:
             return self.cam(x, list(targets), normalize=self.cam.backend != "captum")
         return self.cam.input_x_gradient(x, list(targets))
+
+
+class ClassMaps(ModuleMaps):
+    """The maps of task ``task``'s classes at one masked layer's tap, as ``ModuleMaps`` draws its modules': Grad-CAM
+    of a class's logit at a conv layer (where the evidence for the class lies), gradient x input of it at a fully
+    connected one. Targets: the head's output (column) of each class."""
+
+    def __init__(self, model: HATNet, task: int, layer: int, class_names: Sequence[str], backend: str = "captum"):
+        self.path = TaskPath(model, task)
+        self.cam = ClassGradCAM(self.path, model.unit_taps[layer], class_names, backend=backend)
+        self.kind = GRAD_CAM if isinstance(model.masked[layer], nn.Conv2d) else INPUT_X_GRADIENT
 
 
 def tap_class_importance(model: HATNet, layer: int, tests: Sequence[TaskTest | None],

@@ -40,7 +40,7 @@ from torch import Tensor
 from modnet.config import ConfigError, compose, resolve_device
 from modnet.explain.gradcam import (TIE, module_attributes, rank_attributes, save_attribution_bars,
                                     save_map_figure, save_overlay_grid, write_module_explanations_md)
-from modnet.explain.network import (GRAD_CAM, INPUT_X_GRADIENT, ModuleMaps, TaskTest, gated_modules, gated_tasks,
+from modnet.explain.network import (GRAD_CAM, INPUT_X_GRADIENT, ClassMaps, ModuleMaps, TaskTest, gated_modules, gated_tasks,
                                     tap_class_importance)
 from modnet.nets.models import HATNet
 from modnet.rundir import check_run_dir, results_json, run_network_record
@@ -386,6 +386,7 @@ class LayerExplanation:
     n_units: int
     tied: list[list[str]]
     constant: list[str] = field(default_factory=list)  # attributes constant over the task's classes: no words
+    class_maps: dict[str, str] = field(default_factory=dict)  # class name -> the PNG of its logit's map
 
     @property
     def note(self) -> str:
@@ -437,6 +438,20 @@ def explain_layer(net: ExplainedNetwork, task: int, layer: int, modules: dict[st
                                        "nil, or goes against each attribute): no attributes")
         arrays[f"{name}/{module}/map"] = module_maps[j].numpy()
         arrays[f"{name}/{module}/input"] = inputs[j].numpy()
+    class_maps = {}
+    if e.class_maps:  # per class of the task, where the evidence for its logit lies on one of its test inputs
+        cams = ClassMaps(model, task, layer, [str(c) for c in test.classes], e.backend)
+        columns = sorted(set(test.column.tolist()))
+        first = [int((test.column == j).nonzero()[0]) for j in columns]  # each class's first test input
+        class_heat = cams(test.x[first], columns).cpu()
+        for j, i, heat in zip(columns, first, class_heat):
+            cname = net.knowledge.class_names[test.classes[j]] if net.knowledge else str(test.classes[j])
+            png = f"{name}_class_{_slug(cname)}.png"
+            _draw(out / png, test.x[i], heat, cams.kind, net.picture_shape,
+                  f"task {task}, {name}: class {cname}'s logit ({MAP_NAMES[cams.kind][0]}) on a test input of it", cfg)
+            class_maps[cname] = png
+            arrays[f"{name}/class_{cname}/map"] = heat.numpy()
+            arrays[f"{name}/class_{cname}/input"] = test.x[i].numpy()
     if e.module_grids and net.picture_shape is not None:
         # every module on the one test input on which most of them are switched on
         index = int(gates.sum(1).argmax())
@@ -457,7 +472,7 @@ def explain_layer(net: ExplainedNetwork, task: int, layer: int, modules: dict[st
                             {m: len(units_on[m]) for m in maps.names},
                             {c: [[a, s] for a, s in ranked] for c, ranked in per_class.items()}, agreement,
                             maps.kind, arrays,
-                            int(model.masked[layer].n_units), tied, constant)
+                            int(model.masked[layer].n_units), tied, constant, class_maps)
 
 
 @contextmanager
@@ -523,6 +538,7 @@ def _explain_network(net: ExplainedNetwork, cfg: DictConfig, out: Path) -> dict:
             "gate_on": {name: x.gate_on for name, x in layers.items()},
             "units_on": {name: x.units_on for name, x in layers.items()}, "per_class": per_class,
             "per_class_agreement": agreement,
+            "class_maps": {name: x.class_maps for name, x in layers.items()},
             "tied_attributes": tied, "constant_attributes": constant, "notes": notes}
 
 
