@@ -346,8 +346,9 @@ def save_overlay_grid(image: Tensor, cams: Mapping[str, Tensor], path: str | Pat
                       size: Sequence[int] | None = None, alpha: float = 0.6, cmap: str = "jet",
                       panel_inches: float = 2.0, dpi: int = 100, title: str | None = None,
                       bar_label: str = "map, scaled to [0, 1] per panel") -> Path:
-    """``overlay_grid_figure`` as a PNG. It is ncols * panel_inches * dpi pixels wide and nrows * panel_inches *
-    dpi high, with nrows = ceil((len(cams) + 1) / ncols)."""
+    """``overlay_grid_figure`` as a PNG. It is (ncols * panel_inches + 1) * dpi pixels wide (an inch for the colour
+    bar and its label) and (nrows * panel_inches + 0.5) * dpi high with a title (0.15 without), with
+    nrows = ceil((len(cams) + 1) / ncols)."""
     return _save(overlay_grid_figure(image, cams, ncols, size, alpha, cmap, panel_inches, dpi, title, bar_label),
                  path, dpi)
 
@@ -362,8 +363,14 @@ def overlay_grid_figure(image: Tensor, cams: Mapping[str, Tensor], ncols: int = 
         raise ValueError("cams is empty: give at least one {title: map}")
     ncols = max(1, min(int(ncols), len(cams) + 1))
     nrows = math.ceil((len(cams) + 1) / ncols)
-    fig = _figure(ncols * panel_inches, nrows * panel_inches, dpi)
+    # room beside the panels for the colour bar and its label, and above them for the title (the bar's label was
+    # cut at the figure's edge and the title ran into the panels' titles)
+    bar_in, title_in = 1.0, 0.5 if title else 0.15
+    width, height = ncols * panel_inches + bar_in, nrows * panel_inches + title_in
+    fig = _figure(width, height, dpi)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    fig.subplots_adjust(left=0.01, right=1 - bar_in / width, bottom=0.02, top=1 - title_in / height,
+                        wspace=0.08, hspace=0.25)
     image = _as_chw(image)
     display = default_display_size(*image.shape[1:]) if size is None else tuple(size)
     plain = F.interpolate(image[None].float(), size=display, mode="nearest")[0]
@@ -379,8 +386,12 @@ def overlay_grid_figure(image: Tensor, cams: Mapping[str, Tensor], ncols: int = 
     from matplotlib.colors import Normalize
 
     # every overlay scales its own map to [0, 1] (normalize_cam): one colour bar reads them all
-    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap), ax=list(axes), fraction=0.025, pad=0.02)
-    bar.set_label(bar_label, fontsize=7)
+    import textwrap
+
+    right = 1 - bar_in / width
+    bar_ax = fig.add_axes((right + 0.12 / width, 0.06, 0.12 / width, 1 - title_in / height - 0.1))
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap), cax=bar_ax)
+    bar.set_label("\n".join(textwrap.wrap(bar_label, 30)), fontsize=7)
     bar.ax.tick_params(labelsize=6)
     if title:
         fig.suptitle(title, fontsize=9)
