@@ -297,7 +297,7 @@ def test_overlay_grid_png(tmp_path):
     cams = {f"class {c}": torch.rand(4, 4) for c in range(3)}
     png = mpimg.imread(save_overlay_grid(torch.rand(8, 8), cams, tmp_path / "grid.png", ncols=2,
                                          panel_inches=2.0, dpi=50))
-    assert png.shape[:2] == (208, 250)  # 2 x 2 panels (input + 3 maps) of 100 px, + 50 px for the bar, 7.5 above
+    assert png.shape[:2] == (207, 250)  # 2 x 2 panels (input + 3 maps) of 100 px, + 50 px for the bar, 7.5 above
     # what each panel shows: the input, then each map's own overlay under its name, in order (only the PNG's
     # size was checked: a grid drawing one map everywhere passed)
     from modnet.explain.gradcam import overlay_grid_figure, overlay_rgb
