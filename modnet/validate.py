@@ -287,10 +287,11 @@ def _check_strategy_options(cfg: DictConfig) -> None:
         if value is not None:
             check_choice(key, value, choices)
     # network sizes: a layer of 0 units trained to chance with exit 0, negative ones crashed after the imports
-    for key in ("model.hidden", "model.n_layers", "hnet.batch_size", "mlp.in_dim", "mlp.hidden", "mlp.n_layers",
+    for key in ("model.hidden", "model.n_layers", "mlp.in_dim", "mlp.hidden", "mlp.n_layers",
                 "mlp_small.in_dim", "mlp_small.hidden", "mlp_small.n_layers", "modules.cluster.min_modules",
                 "modules.cluster.max_modules", "model.resnet_width"):
         _number(cfg, key, minimum=0, strict=True, integer=True, nullable=False)
+    _number(cfg, "hnet.batch_size", minimum=0, strict=True, integer=True)  # null: train.batch_size
     channels = OmegaConf.select(cfg, "model.cnn_channels")
     if channels is not None and (not isinstance(channels, ListConfig) or not len(channels) or
                                  any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels)):

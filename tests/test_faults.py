@@ -576,6 +576,7 @@ def test_present_data_and_valid_values_pass_the_early_checks(tmp_path, monkeypat
         validate("cl", compose("cl", [f"benchmark={name}", f"benchmark.root={tmp_path}"]))
     validate("cl", compose("cl", ["benchmark=mnist", f"benchmark.root={tmp_path / 'empty'}", "benchmark.download=true"]))
     validate("gzsl", compose("gzsl", ["benchmark.unseen_classes=[0,9]", "niwt.lr=0"]))
+    validate("cl", compose("cl", ["hnet.batch_size=null"]))  # null: train.batch_size (configs/training.yaml)
     (tmp_path / "nvidiactl").touch()
     monkeypatch.setattr(validate_module, "GPU_DEVICE_FILES", (str(tmp_path / "nvidiactl"),))
     validate("cl", compose("cl", ["benchmark.class_order=[9,8,7,6,5,4,3,2,1,0]", "device=cuda:1", "train.lr=0"]))
