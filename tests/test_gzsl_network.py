@@ -581,6 +581,23 @@ def test_a_methods_scores_do_not_depend_on_the_methods_scored_before_it(monkeypa
     assert all(torch.equal(r, runs[0]) for r in runs) and torch.equal(runs[0], torch.rand(2))
 
 
+def test_a_method_that_gives_nan_scores_is_named(monkeypatch):
+    """The job names the method (and seed, stage, setting) whose scores hold NaN, as soon as it has scored."""
+    from types import SimpleNamespace
+
+    from modnet.jobs import gzsl
+
+    fine = SimpleNamespace(candidates=lambda cfg: [{}], score=lambda cfg, net, setting: (torch.zeros(2, 3),
+                                                                                          torch.zeros(1, 3)))
+    diverged = SimpleNamespace(candidates=lambda cfg: [{}],
+                               score=lambda cfg, net, setting: (torch.zeros(2, 3), torch.full((1, 3), float("nan"))))
+    monkeypatch.setattr(gzsl, "get_zsl_method", lambda name: {"eszsl": fine, "ale": diverged}[name])
+    monkeypatch.setattr(gzsl, "train_seen_network", lambda *a: SimpleNamespace(seen_accuracy=1.0))
+    cfg = compose("gzsl", ["methods=[eszsl,ale]"])
+    with pytest.raises(ValueError, match="gzsl method ale gave NaN scores \\(seed 3, test"):
+        gzsl.score_methods(cfg, SimpleNamespace(seen_classes=[0, 1]), 3, torch.device("cpu"), False)
+
+
 def test_nan_scores_are_an_error_not_a_number():
     """A diverged method's NaN scores: argmax picked a NaN entry, or class 0 for an all-NaN row, and the run printed
     S = 1/3 for it (4 test-seen images of classes 0, 0, 1, 2)."""

@@ -184,7 +184,12 @@ def score_methods(cfg: DictConfig, data: ZSLData, seed: int, device, progress: b
             # by a user; the shipped ones measured unaffected: the same 3-seed digits table either way) gets figures
             # that do not depend on which methods, or how many of their settings, were scored before it
             set_seed(seed)
-            out[name].append((setting, method.score(cfg, net, setting)))
+            scores = method.score(cfg, net, setting)
+            if any(bool(torch.isnan(part).any()) for part in scores):  # one host read per method and setting
+                raise ValueError(f"gzsl method {name} gave NaN scores (seed {seed}, {stage}, setting "
+                                 f"{dict(setting) or 'default'}): it diverged; change its settings or leave it out "
+                                 "of methods")
+            out[name].append((setting, scores))
         line(f"{name} scored" + (f", {len(settings)} settings" if len(settings) > 1 else ""), start)
     return net, out
 
