@@ -312,8 +312,6 @@ def transform_copies(copies, rows: float, heads_for_inference: bool) -> str:
     return copies
 
 
-
-
 def check_share(name: str, value, meaning: str) -> float:
     """A config share in (0, 1]: the value as a float, else one ConfigError line naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:

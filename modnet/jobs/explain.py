@@ -40,8 +40,8 @@ from torch import Tensor
 from modnet.config import ConfigError, compose, resolve_device
 from modnet.explain.gradcam import (TIE, module_attributes, rank_attributes, save_attribution_bars,
                                     save_map_figure, save_overlay_grid, write_module_explanations_md)
-from modnet.explain.network import (GRAD_CAM, INPUT_X_GRADIENT, ClassMaps, ModuleMaps, TaskTest, gated_modules, gated_tasks,
-                                    tap_class_importance)
+from modnet.explain.network import (GRAD_CAM, INPUT_X_GRADIENT, ClassMaps, ModuleMaps, TaskTest, gated_modules,
+                                    gated_tasks, tap_class_importance)
 from modnet.nets.models import HATNet
 from modnet.rundir import check_run_dir, results_json, run_network_record
 
