@@ -650,10 +650,12 @@ def _check_class_split(bcfg, n_classes: int, source: str, scenario: str | None =
     if bcfg.get("variant", "split") == "split" and isinstance(n_exp, int) and n_exp > 0 and n_classes % n_exp:
         raise ConfigError(f"{source} has {n_classes} classes, which do not split evenly into benchmark.n_experiences="
                           f"{n_exp}; choose a divisor of {n_classes}")
-    if bcfg.get("variant", "split") == "split" and scenario == "task" and n_exp == n_classes:
-        raise ConfigError(f"{source}'s {n_classes} classes in {n_exp} task-incremental experiences leave one class per "
-                          f"task, which every network classifies right without learning anything; set "
-                          f"benchmark.n_experiences to at most {n_classes // 2}, or scenario=class")
+    if bcfg.get("variant", "split") == "split" and isinstance(n_exp, int):
+        from scenarios import one_class_per_task  # light: the package imports nothing heavy
+
+        trivial = one_class_per_task(n_classes, n_exp, scenario, "benchmark.n_experiences")
+        if trivial:
+            raise ConfigError(f"{source}: {trivial}")
 
 
 DEVICE = re.compile(r"(auto|cpu|mps|(cuda|xpu)(:\d+)?)")

@@ -11,6 +11,17 @@ import importlib
 
 VARIANTS = ("split", "permuted")
 
+
+def one_class_per_task(n_classes: int, n_experiences: int, scenario: str, experiences_key: str) -> str | None:
+    """Why a task-incremental split of ``n_classes`` into ``n_experiences`` is refused (a task's head of one
+    class predicts it whatever the input: accuracy 1.0 for every strategy, trained or not), or None. Shared by
+    the early config check (``modnet.validate``) and ``scenarios.base.split_benchmark``."""
+    if scenario != "task" or n_classes != n_experiences:
+        return None
+    return (f"{n_classes} classes in {n_experiences} task-incremental experiences leave one class per task, which "
+            f"every network classifies right without learning anything; set {experiences_key} to at most "
+            f"{n_classes // 2}, or scenario=class")
+
 # public name -> module that defines it (imported on first use)
 _LAZY = {"BenchmarkInfo": "scenarios.base", "split_benchmark": "scenarios.base",
          "permuted_benchmark": "scenarios.base", "load_digits_arrays": "scenarios.sources",

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from scenarios import one_class_per_task
+
 SCENARIOS = ("task", "class")
 
 
@@ -50,11 +52,9 @@ def split_benchmark(name: str, x_train: torch.Tensor, y_train: torch.Tensor, x_t
     if n_experiences < 1 or len(classes) % n_experiences:
         raise ValueError(f"{len(classes)} classes cannot be split evenly into {n_experiences} experiences; "
                          f"set {experiences_key} to a divisor of {len(classes)}")
-    if scenario == "task" and len(classes) == n_experiences:
-        # a task's head of one class predicts it whatever the input: accuracy 1.0 for every strategy, trained or not
-        raise ValueError(f"{len(classes)} classes in {n_experiences} task-incremental experiences leave one class "
-                         f"per task, which every network classifies right without learning anything; set "
-                         f"{experiences_key} to at most {len(classes) // 2}, or scenario=class")
+    trivial = one_class_per_task(len(classes), n_experiences, scenario, experiences_key)
+    if trivial:
+        raise ValueError(trivial)
     untested = sorted(set(classes) - set(y_test.tolist()))
     if untested:  # nc_benchmark would stop with a bare KeyError on the first of them
         raise ValueError(f"{name}: classes {untested[:10]}{' ...' if len(untested) > 10 else ''} have training but "

@@ -367,10 +367,10 @@ def overlay_grid_figure(image: Tensor, cams: Mapping[str, Tensor], ncols: int = 
     # cut at the figure's edge and the title ran into the panels' titles)
     bar_in, title_in = 1.0, 0.5 if title else 0.15
     width, height = ncols * panel_inches + bar_in, nrows * panel_inches + title_in
+    right, top = 1 - bar_in / width, 1 - title_in / height  # the panels' edges, as fractions of the figure
     fig = _figure(width, height, dpi)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    fig.subplots_adjust(left=0.01, right=1 - bar_in / width, bottom=0.02, top=1 - title_in / height,
-                        wspace=0.08, hspace=0.25)
+    fig.subplots_adjust(left=0.01, right=right, bottom=0.02, top=top, wspace=0.08, hspace=0.25)
     image = _as_chw(image)
     display = default_display_size(*image.shape[1:]) if size is None else tuple(size)
     plain = F.interpolate(image[None].float(), size=display, mode="nearest")[0]
@@ -388,8 +388,7 @@ def overlay_grid_figure(image: Tensor, cams: Mapping[str, Tensor], ncols: int = 
     # every overlay scales its own map to [0, 1] (normalize_cam): one colour bar reads them all
     import textwrap
 
-    right = 1 - bar_in / width
-    bar_ax = fig.add_axes((right + 0.12 / width, 0.06, 0.12 / width, 1 - title_in / height - 0.1))
+    bar_ax = fig.add_axes((right + 0.12 / width, 0.06, 0.12 / width, top - 0.1))
     bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap), cax=bar_ax)
     bar.set_label("\n".join(textwrap.wrap(bar_label, 30)), fontsize=7)
     bar.ax.tick_params(labelsize=6)

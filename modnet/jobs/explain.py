@@ -343,8 +343,7 @@ def _words(net: ExplainedNetwork, layer: int, task: int, modules: dict[str, list
     # attribute constant over them explains no difference between them (normalised, a column of ones followed
     # 1 / |k_c| and was named by modules and classes: digits' segment_lower_right, on for 8 of the 8 seen digits)
     given = (knowledge.raw if knowledge.raw is not None else knowledge.matrix).to(importance.device)[classes]
-    constant = [j for j in range(given.shape[1]) if float(given[own, j].std(unbiased=False)) <= 1e-6] \
-        if len(own) > 1 else []
+    constant = (given[own].std(0, unbiased=False) <= 1e-6).nonzero().flatten().tolist() if len(own) > 1 else []
     active = {m: units for m, units in modules.items() if units}
     per_module = module_attributes(importance[own], active, knowledge.attribute_names, given[own],
                                    e.top_k, positive_only=e.positive_only, tied=tied,

@@ -94,8 +94,8 @@ def train_seen_network(cfg: DictConfig, data: ZSLData, seed: int, device, progre
     net = SeenNetwork(strategy.model.eval(), data, seed, device, progress)
     # the bar S is read against: averaged per class as S is (Avalanche's accuracy is per sample; on AWA2's
     # unbalanced test-seen classes the two differ)
-    net.seen_accuracy = restricted_accuracy(net.scores(net.split("test_seen")[0]), net.split("test_seen")[1],
-                                            data.seen_classes)
+    x, y = net.split("test_seen")
+    net.seen_accuracy = restricted_accuracy(net.scores(x), y, data.seen_classes)
     return net
 
 

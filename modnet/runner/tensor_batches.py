@@ -5,7 +5,8 @@ groups, data attributes) and collate them: on a small MLP that costs as much as 
 (ContinualAI/avalanche#1074, #839). When an experience's dataset is backed by tensors (a ``TensorDataset`` at
 every leaf, no transform on the input, ``targets`` and ``targets_task_labels`` attributes: digits, npz,
 mnist1d, torchvision arrays held in memory, replay buffers made from them), ``scenarios.tensors.resolve_tensors``
-turns it, once per experience, into index arithmetic: the leaf tensor, the row of every sample, its label and task label.
+turns it, once per experience, into index arithmetic: the leaf tensor, the row of every sample, its label and
+task label.
 A batch is then ``x[rows[perm[i:j]]], y[perm[i:j]], t[perm[i:j]]`` on the device the data live on; no host
 sync in the step.
 
