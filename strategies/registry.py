@@ -21,7 +21,7 @@ from typing import Callable
 from modnet.config import check_choice
 
 # files of this package that are not strategies
-_NOT_ENTRIES = {"registry", "template", "plugins", "common", "memory"}
+_NOT_ENTRIES = {"registry", "template", "update", "plugins", "common", "memory"}
 
 
 @dataclass(frozen=True)

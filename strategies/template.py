@@ -10,6 +10,10 @@ A plugin whose loss term is a function of the training forward is a ``ForwardLos
 regulariser, the transform heads' loss): eager, its ``before_backward`` adds the term after Avalanche's
 criterion; with ``train.compile`` the template computes the forward, the criterion and every such term in
 one compiled function (``compiled_training_loss``), so that their ops are one graph, forward and backward.
+
+A plugin that conditions the gradients or bounds the parameters is an ``strategies.update.UpdateTerm`` (HAT, the
+gates' frozen keys): the template's ``optimizer_step`` applies every such plugin's terms around the optimiser's
+step, as one compiled function under ``train.compile``.
 """
 from __future__ import annotations
 
@@ -44,6 +48,16 @@ class ConditionedTemplate(SupervisedTemplate):
             return super().criterion()
         return self._criterion(self.mb_output[rows], self.mb_y[rows])
 
+    def optimizer_step(self):
+        """The optimiser's step with every ``UpdateTerm`` plugin's gradient multipliers, norm clip and parameter
+        bounds around it (``strategies.update.update_step``; one compiled function under ``train.compile``)."""
+        from strategies.update import UpdateTerm, merge_terms, update_step
+
+        terms = [p.update_terms(self) for p in self.plugins if isinstance(p, UpdateTerm)]
+        if not terms:
+            return super().optimizer_step()
+        update_step(self.optimizer, merge_terms(terms), self.train_condition.compiled)
+
     def _task_argument(self):
         # a batch whose task label the tensor loader knows (every label the same: evaluation of one experience)
         # goes as an int, so a task-incremental network needs no torch.unique of the labels (a host read)
@@ -51,11 +65,18 @@ class ConditionedTemplate(SupervisedTemplate):
         return self.mb_task_id if single is None else single
 
     def forward_through(self, model: nn.Module):
-        """The current mini-batch through ``model`` (the strategy's model, or a data-parallel wrapper of it)."""
+        """The current mini-batch through ``model`` (the strategy's model, or a data-parallel wrapper of it).
+        Training: the batch as the ``ForwardLossTerm`` plugins make it (``training_input``) first, kept as the
+        step's batch (``mbatch``), which their loss terms read."""
         self.loss_fused = False
         if self.is_training:
             condition = self.train_condition
             condition.trace = ForwardTrace()  # this step's records only
+            x = self.mb_x
+            for term in self.plugins:
+                if isinstance(term, ForwardLossTerm):
+                    x = term.training_input(self.model, x)
+            self.mbatch[0] = x
         else:
             condition = Condition()
         return model(self.mb_x, self._task_argument(), condition=condition)
@@ -84,6 +105,11 @@ class ForwardLossTerm(SupervisedPlugin):
     def loss_term(self, model: nn.Module, x: Tensor, y: Tensor, condition: Condition) -> Tensor:
         raise NotImplementedError
 
+    def training_input(self, model: nn.Module, x: Tensor) -> Tensor:
+        """The training batch as the forward and every loss term read it (default: as it is; the transform heads
+        replace rows of it). Eager, the template applies it before the forward; compiled, inside the graph."""
+        return x
+
     def before_backward(self, strategy, **kw):
         if getattr(strategy, "loss_fused", False):
             return
@@ -93,10 +119,13 @@ class ForwardLossTerm(SupervisedPlugin):
 
 def training_loss(model: nn.Module, x: Tensor, task, condition: Condition, y: Tensor, rows: slice | None,
                   criterion, terms) -> tuple[Tensor, Tensor]:
-    """(logits, loss) of a training step: the forward under ``condition``, ``criterion`` on the ``rows`` the
+    """(logits, loss) of a training step: each ``ForwardLossTerm``'s ``training_input`` on the batch ``x``, the
+    forward under ``condition``, ``criterion`` on the ``rows`` the
     classification loss reads, plus each ``ForwardLossTerm``'s term in the plugins' order, as the eager
     callbacks sum them. The losses are computed in float32 outside autocast, as the eager loop computes them
     after ``AutocastPlugin`` has closed it."""
+    for term in terms:
+        x = term.training_input(model, x)
     out = model(x, task, condition=condition)
     with torch.autocast(x.device.type, enabled=False):
         out = out.float()

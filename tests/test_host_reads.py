@@ -173,7 +173,7 @@ def device_clip(monkeypatch):
     """HAT's plugin clips as on a GPU: the scale applied on the device, the norm never read."""
     from modnet.nets.hat import clip_grad_norm
 
-    monkeypatch.setattr("strategies.plugins.hat.clip_grad_norm", functools.partial(clip_grad_norm, read_norm=False))
+    monkeypatch.setattr("strategies.update.clip_grad_norm", functools.partial(clip_grad_norm, read_norm=False))
 
 
 class _ReadsTheLoss(SupervisedPlugin):

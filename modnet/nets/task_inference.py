@@ -222,7 +222,10 @@ class TaskOOD(nn.Module):
         i mod K = 0, ``identity_rows``, stay as they are). Strided slices: no gather, no host read."""
         k_all = self.n_transforms
         out = x.clone()
-        for k, name in enumerate(self.transforms[:x.shape[0] - 1], 1):
+        # a comparison, not a slice at x.shape[0]: in a compiled graph (symbolic batch size) the slice would make
+        # the batch size a constant, each batch size a graph
+        names = self.transforms if x.shape[0] >= k_all else self.transforms[:x.shape[0] - 1]
+        for k, name in enumerate(names, 1):
             out[k::k_all] = TRANSFORMS[name](x[k::k_all])
         return out
 

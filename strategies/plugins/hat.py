@@ -7,9 +7,10 @@ adds what HAT needs around it (Serra et al. 2018, MISSION.md 1.1):
   before_forward         s annealed from 1/smax to smax over the epoch's batches (in the condition)
   before_backward        + c * capacity regulariser (recorded by the forward in the condition's trace; its
                          ``loss_term``, which the template computes with the forward under train.compile)
-  before_update          gradient conditioning of protected weights, clipping (the embedding compensation
-                         happens in the masks' backward, modnet.nets.hat.CompensatedMasks)
-  after_update           clamp embeddings to +-thres_emb
+  update_terms           the step's gradient conditioning of protected weights, clipping, and the clamp of the
+                         embeddings to +-thres_emb after it (``strategies.update``: the template applies them
+                         around the optimiser's step; the embedding compensation happens in the masks' backward,
+                         modnet.nets.hat.CompensatedMasks)
   after_training_exp     cumulative masks a^{<=t} = max(a^{<t}, a_t); the condition leaves HAT training
 Evaluation runs the network's default condition (s = smax). The plugin writes nothing onto the model but
 its parameters (clamp) and the cumulative-mask buffers it registered (``consolidate``).
@@ -17,13 +18,13 @@ its parameters (clamp) and the cumulative-mask buffers it registered (``consolid
 from __future__ import annotations
 
 import torch
-from modnet.nets.hat import (annealed_s, capacity_regulariser, clip_grad_norm, flush_subnormals, free_capacity,
-                             weight_protection)
+from modnet.nets.hat import annealed_s, capacity_regulariser, flush_subnormals, free_capacity, weight_protection
 from modnet.nets.models import HATNet, HATTraining
 from strategies.template import ForwardLossTerm, train_condition
+from strategies.update import UpdateTerm, UpdateTerms
 
 
-class HATPlugin(ForwardLossTerm):
+class HATPlugin(ForwardLossTerm, UpdateTerm):
     def __init__(self, smax: float = 400.0, c: float = 0.75, thres_cosh: float = 50.0, thres_emb: float = 6.0,
                  clipgrad: float = 10000.0):
         super().__init__()
@@ -50,17 +51,16 @@ class HATPlugin(ForwardLossTerm):
         model = self._model(strategy)
         condition = train_condition(strategy)
         condition.task = self.task
-        # Everything below changes only between tasks: computed once per experience, kept as flat lists
-        # so that each step is a few fused multi-tensor ops whatever the depth of the network.
-        self._protected, self._multipliers = [], []
+        # Everything below changes only between tasks: computed once per experience, so that each step's
+        # update is a few fused multi-tensor ops (one compiled function under train.compile) whatever the depth.
+        # From the second task on, each protected weight's gradient times its multiplier (HAT eq. 2)
+        protected = []
         for layer, out_m, in_m in zip(model.masked, model.cumulative_masks(), model.input_masks()):
-            self._protected.append(layer.weight)
-            self._multipliers.append(weight_protection(out_m, in_m, layer.weight.shape).contiguous())
+            protected.append((layer.weight, weight_protection(out_m, in_m, layer.weight.shape).contiguous()))
             if layer.bias is not None:
-                self._protected.append(layer.bias)
-                self._multipliers.append(1 - out_m)
-        self._params = [p for p in model.parameters() if p.requires_grad]
-        self._embeddings = [layer.task_embedding.weight for layer in model.masked]
+                protected.append((layer.bias, 1 - out_m))
+        self._terms = UpdateTerms(grad_masks=protected if self.task > 0 else (), clip_norm=self.clipgrad,
+                                  clamps=[([layer.task_embedding.weight for layer in model.masked], self.thres_emb)])
         # The training masks carry the compensated embedding gradient and give the weighted capacity
         # regulariser c R, R = sum_l a_l . (1 - a^{<t}_l) / sum (1 - a^{<t}) (HAT eq. 5), whose free capacity
         # is fixed per task (c folded into it: one product less per step).
@@ -81,21 +81,8 @@ class HATPlugin(ForwardLossTerm):
             reg = self.c * capacity_regulariser(model.masks(self.task, condition.s), model.cumulative_masks())
         return reg
 
-    def before_update(self, strategy, **kw):
-        if self.task > 0:
-            grads = [p.grad for p in self._protected]
-            if all(g is not None for g in grads):
-                torch._foreach_mul_(grads, self._multipliers)
-            else:
-                for g, m in zip(grads, self._multipliers):
-                    if g is not None:
-                        g.mul_(m)
-        clip_grad_norm([p.grad for p in self._params if p.grad is not None], self.clipgrad)
-
-    def after_update(self, strategy, **kw):
-        with torch.no_grad():
-            torch._foreach_clamp_min_(self._embeddings, -self.thres_emb)
-            torch._foreach_clamp_max_(self._embeddings, self.thres_emb)
+    def update_terms(self, strategy) -> UpdateTerms:
+        return self._terms  # built per experience (before_training_exp)
 
     def after_training_exp(self, strategy, **kw):
         model = self._model(strategy)

@@ -13,17 +13,18 @@ from avalanche.core import SupervisedPlugin
 
 from modnet.methods.sync import sync_loss
 from strategies.template import train_condition
+from strategies.update import UpdateTerm, UpdateTerms
 
 
-class ModulesPlugin(SupervisedPlugin):
+class ModulesPlugin(UpdateTerm):
     """The persistent functional modules of a gated ``HATNet`` (``modnet.nets.modules.ModularGating``):
     before_training_epoch  in the settle epochs (below) the training condition's ``train_gate`` is off: the
                      gate's parameters enter the forward detached, so no gradient is computed for them
-    before_update    the keys a task's gate inherited from earlier tasks' modules get no update (their
-                     gradient rows zeroed: ``key_frozen``), so a module keeps its key across tasks; in the
-                     experience's last ``settle_epochs`` epochs the task's gate (query map and keys) gets no
-                     update at all, so the layers and heads end fitted to the routing the gate keeps (a stop
-                     requested early, ``train.lr_patience``, waits for ``settle_epochs`` more epochs)
+    update_terms     the keys a task's gate inherited from earlier tasks' modules get no update (their
+                     gradient rows times 0: ``key_frozen``), so a module keeps its key across tasks
+    before_update    in the experience's last ``settle_epochs`` epochs the task's gate (query map and keys) gets
+                     no update at all (no gradient), so the layers and heads end fitted to the routing the gate
+                     keeps (a stop requested early, ``train.lr_patience``, waits for ``settle_epochs`` more epochs)
     after_training_exp  which modules the task switches on and keeps units of (``record_usage``), from the
                      same samples its modules were profiled on
 
@@ -45,8 +46,8 @@ class ModulesPlugin(SupervisedPlugin):
     def before_training_exp(self, strategy, **kw):
         gate = strategy.model.gate.task_gate(strategy.experience.current_experience)
         frozen = getattr(gate, "key_frozen", None) if gate is not None else None
-        self._keys, self._free = (None, None) if frozen is None or not bool(frozen.any()) else \
-            (gate.keys, 1 - frozen)
+        inherited = frozen is not None and bool(frozen.any())
+        self._terms = UpdateTerms(grad_masks=[(gate.keys, 1 - frozen)] if inherited else ())
         self._gate_params = [] if gate is None else list(gate.parameters())
         self._settle, self._extra_left = False, None
 
@@ -74,9 +75,10 @@ class ModulesPlugin(SupervisedPlugin):
         if self._settle:
             for p in self._gate_params:  # no gradient: the optimiser skips them (no decay, no momentum step)
                 p.grad = None
-            return
-        if self._keys is not None and self._keys.grad is not None:
-            self._keys.grad.mul_(self._free)
+
+    def update_terms(self, strategy) -> UpdateTerms:
+        # the inherited keys' gradient rows times 0 (the template applies it before the optimiser's step)
+        return self._terms
 
     def after_training_exp(self, strategy, **kw):
         from scenarios.tensors import dataset_head

@@ -5,8 +5,10 @@ before_forward      the transformed copies the loss needs go into the training f
                     (``Condition.extra``): they run through task t's masked sub-network in the batch's own
                     pass (one gate and mask computation, larger products), where the network has no batch
                     norm (its rows are then independent); with batch norm, a second forward in before_backward.
-                    ``copies=replace``: the batch's row i becomes T_{i mod K}(x_i) (``strategy.mbatch``) and
-                    the classification loss reads the identity rows only (``strategy.classification_rows``)
+                    ``copies=replace``: the classification loss reads the identity rows only
+                    (``strategy.classification_rows``)
+training_input      replace: the batch's row i becomes T_{i mod K}(x_i), in the template's forward (eager:
+                    ``strategy.mbatch`` then holds it; under train.compile inside the step's graph)
 after_update        replace: the step's batch and logits cut to those rows, for the training metrics after it
 before_backward     + weight * CE(h_t(f_t(T_k x)), y + n_t k) over the batch and its K - 1 transformed copies
                     (``loss_term``; under train.compile computed with the forward, in its graph), through task
@@ -43,12 +45,17 @@ class TaskOODPlugin(ForwardLossTerm):
         # each global label's position in the task's head, looked up here: its table's cache (a data pointer)
         # would break a compiled loss's graph
         self._y_local = model.local_labels(train_condition(strategy).task, strategy.mb_y)
-        if ood.copies == "replace":
-            strategy.mbatch[0] = ood.replace_rows(strategy.mbatch[0])
+        if ood.copies == "replace":  # the rows themselves are replaced by training_input, in the forward
             strategy.classification_rows = ood.identity_rows
         elif self._share_pass:
             x = strategy.mb_x
             train_condition(strategy).extra = ood.copies_of(x[:ood.loss_rows(x.shape[0])])
+
+    def training_input(self, model, x):
+        # replace: row i becomes T_{i mod K}(x_i) (the template applies it eager before the forward, or inside
+        # the compiled graph under train.compile, where it is one fused kernel instead of ~7 eager ops)
+        ood = model.task_ood
+        return ood.replace_rows(x) if ood.copies == "replace" else x
 
     def after_forward(self, strategy, **kw):
         train_condition(strategy).extra = None
@@ -70,10 +77,14 @@ class TaskOODPlugin(ForwardLossTerm):
                                     and trace.feature.shape[0] == x.shape[0]) else None
         # the copies' heads' input from the same pass (before_forward), else a forward of their own
         copy_features = trace.extra_feature if feature is not None else None
-        # own trace: HAT's plugin has read this step's capacity regulariser from the main forward
-        cond = dataclasses.replace(condition, record=False, extra=None, trace=ForwardTrace())
-        return self.weight * model.task_ood.loss(model, x, self._y_local, task, cond, feature=feature,
-                                                 copy_features=copy_features)
+        ood = model.task_ood
+        # a forward of its own only where the main one did not compute the heads' inputs (its own trace: HAT's
+        # plugin has read this step's capacity regulariser from the main forward). Built only then: in a compiled
+        # graph dataclasses.replace guards every field of the condition's class, ~40 guards checked each step
+        own_forward = feature is None or (copy_features is None and bool(ood.transforms) and ood.copies != "replace")
+        cond = dataclasses.replace(condition, record=False, extra=None, trace=ForwardTrace()) if own_forward else None
+        return self.weight * ood.loss(model, x, self._y_local, task, cond, feature=feature,
+                                      copy_features=copy_features)
 
     @torch.no_grad()
     def after_training_exp(self, strategy, **kw):
