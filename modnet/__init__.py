@@ -5,6 +5,7 @@ The Python API for researchers who write their own Avalanche scripts (imported l
 
     from modnet import HATMLP, HATCNN, Condition, build_modular_network, modnet_strategy
     from modnet import HATPlugin, ModulesPlugin, SyncRegPlugin, TaskKeysPlugin, ConditionedTemplate, ForwardLossTerm
+    from modnet import UpdateTerm, UpdateTerms
 
 ``modnet_strategy(model, optimizer, **template_args)`` is the ``modnet`` strategy (an Avalanche
 ``SupervisedTemplate`` with the HAT plugin, and the modules', task-keys' and sync plugins where the network has
@@ -29,6 +30,7 @@ _API = {
     "TaskKeysPlugin": "strategies.plugins.modular", "ModulesPlugin": "strategies.plugins.modular",
     "ConditionedTemplate": "strategies.template",
     "ForwardLossTerm": "strategies.template",
+    "UpdateTerm": "strategies.update", "UpdateTerms": "strategies.update",
     "modnet_strategy": "strategies.modnet",
     "NIWT": "modnet.methods.niwt", "SynC": "modnet.methods.sync",
     "run_experiences": "modnet.runner.runner", "make_strategy": "modnet.runner.runner",
