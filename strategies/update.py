@@ -11,10 +11,9 @@ template (``strategies.template.ConditionedTemplate.optimizer_step``) gathers ev
 ``update_step``: the multipliers, the clip, the optimiser's step and the bounds, in that order (HAT's reference
 order: restrict the gradients, clip, step, clamp). With ``train.compile`` and an SGD optimiser it runs them as one
 compiled function (``compiled_sgd_update``): torch's functional SGD (``torch.optim.sgd.sgd``) on the clipped
-gradients, the multipliers, the norm and the bounds in one graph; on the CPU the clip is deferred (one
-pass over the gradients, see ``update_step``). Measured on the bench's Split-MNIST MLP (784-400-400, 13 tensors,
-520k parameters, 1 thread): 118 us a step against 187 us eager, and ~360 us as the three Avalanche callbacks;
-``torch.compile`` of ``optimizer.step()`` itself took 219-350 us.
+gradients, the multipliers, the norm and the bounds in one graph. Measured on the bench's Split-MNIST MLP
+(784-400-400, 13 tensors, 520k parameters, 1 thread): 118 us a step against 187 us eager, and ~360 us as the
+three Avalanche callbacks; ``torch.compile`` of ``optimizer.step()`` itself took 219-350 us.
 """
 from __future__ import annotations
 
@@ -70,45 +69,24 @@ def fusable_sgd(optimizer) -> bool:
 def update_step(optimizer, terms: UpdateTerms, compiled: str | None = None) -> None:
     """The gradients' multipliers, the norm clip, ``optimizer.step()``, the parameters' bounds. ``compiled``: a
     ``torch.compile`` backend, used where ``fusable_sgd(optimizer)`` (else the eager path). The parameters the
-    step applies are the optimiser's with a gradient; the multiplier of a parameter without one is skipped.
-
-    Compiled, on the CPU, without momentum and with a norm bound, the clip is deferred (``sgd_update``'s
-    ``n_deferred``): the parameters no bound clamps take the unclipped step in the pass that computes the norm
-    (the gradients read once, not twice), and where the norm was over the bound (read on the host: on the CPU
-    there is no device to wait for) one more pass moves them by lr (1 - factor) g back to the clipped step's
-    value, to float rounding. HAT's bound (10000) is seldom reached, so most steps make one pass over the
-    gradients where eager clipping makes two."""
+    step applies are the optimiser's with a gradient; the multiplier of a parameter without one is skipped."""
+    masked = [(p.grad, m) for p, m in terms.grad_masks if p.grad is not None]
     if compiled is not None and fusable_sgd(optimizer):
         group = optimizer.param_groups[0]
-        momentum = group["momentum"]
-        clamped = [p for ps, _ in terms.clamps for p in ps]
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
-        n_deferred = 0
-        if terms.clip_norm is not None and not momentum and params[0].device.type == "cpu":
-            bound = {id(p) for p in clamped}
-            free = [p for p in params if id(p) not in bound]
-            params, n_deferred = free + [p for p in params if id(p) in bound], len(free)
+        momentum = group["momentum"]
         buffers = [optimizer.state[p].get("momentum_buffer") for p in params] if momentum else None
-        masks = [(p.grad, m) for p, m in terms.grad_masks if p.grad is not None]
-        grads = [p.grad for p in params]
-        lr, maximize = group["lr"], group["maximize"]
-        norm = compiled_sgd_update(compiled)(
-            params, grads, buffers, [g for g, _ in masks], [m for _, m in masks], terms.clip_norm, clamped,
-            [float(b) for ps, b in terms.clamps for _ in ps], lr, group["weight_decay"], momentum,
-            group["dampening"], group["nesterov"], maximize, n_deferred)
+        compiled_sgd_update(compiled)(
+            params, [p.grad for p in params], buffers, [g for g, _ in masked], [m for _, m in masked],
+            terms.clip_norm, [p for ps, _ in terms.clamps for p in ps],
+            [float(b) for ps, b in terms.clamps for _ in ps], group["lr"], group["weight_decay"], momentum,
+            group["dampening"], group["nesterov"], group["maximize"])
         if momentum:
             for p, buf in zip(params, buffers):
                 optimizer.state[p]["momentum_buffer"] = buf
-        if n_deferred:
-            factor = terms.clip_norm / (float(norm) + 1e-6)
-            if factor < 1.0:
-                with torch.no_grad():
-                    torch._foreach_add_(params[:n_deferred], grads[:n_deferred],
-                                        alpha=(-lr if maximize else lr) * (1.0 - factor))
         return
-    masked = [(p.grad, m) for p, m in terms.grad_masks if p.grad is not None]
     if masked:
         torch._foreach_mul_([g for g, _ in masked], [m for _, m in masked])
     if terms.clip_norm is not None:
@@ -124,27 +102,26 @@ def update_step(optimizer, terms: UpdateTerms, compiled: str | None = None) -> N
 def sgd_update(params: list[Tensor], grads: list[Tensor], buffers: list | None, masked: list[Tensor],
                multipliers: list[Tensor], clip_norm: float | None, clamped: list[Tensor], bounds: list[float],
                lr: float, weight_decay: float, momentum: float, dampening: float, nesterov: bool,
-               maximize: bool, n_deferred: int = 0) -> Tensor | None:
+               maximize: bool) -> None:
     """g <- g * m for each (masked gradient, multiplier); g <- g min(1, clip_norm / (||g||_2 + 1e-6)) over all
     ``grads`` (torch.nn.utils.clip_grad_norm_'s factor); torch's functional SGD on them; p <- clamp(p, -b, b).
-    Returns the norm (None without a bound). The first
-    ``n_deferred`` parameters take the step unclipped (``update_step`` corrects them where the norm was over the
-    bound). The clipped gradients are the step's, not written back to ``.grad`` (one pass over them less; the
-    template clears them before the next backward); the multipliers are (in place, as eager)."""
+    The clipped gradients are the step's, not written back to ``.grad`` (one pass over them less; the template
+    clears them before the next backward); the multipliers are (in place, as eager). The clip scales before the
+    step: a step taken unclipped and moved back by lr (1 - factor) g where the norm was over the bound would read
+    the gradients once, not twice, but be off by ~eps lr |g|, large exactly where clipping matters (exploding
+    gradients; ``tests/test_update.py``)."""
     with torch.no_grad():  # (not the decorator: dynamo would cache its graphs on the decorator's code)
         for g, m in zip(masked, multipliers):
             g.mul_(m)
-        norm = None
         if clip_norm is not None:
             norm = torch.stack([(g * g).sum() for g in grads]).sum().sqrt()
             factor = (clip_norm / (norm + 1e-6)).clamp(max=1.0)
-            grads = list(grads[:n_deferred]) + [g * factor for g in grads[n_deferred:]]
+            grads = [g * factor for g in grads]
         functional_sgd(params, grads, [None] * len(params) if buffers is None else buffers, foreach=False,
                        weight_decay=weight_decay, momentum=momentum, lr=lr, dampening=dampening, nesterov=nesterov,
                        maximize=maximize)
         for p, b in zip(clamped, bounds):
             p.clamp_(-b, b)
-    return norm
 
 
 def compiled_sgd_update(backend: str):

@@ -119,3 +119,18 @@ def test_what_the_fused_path_takes():
     assert not fusable_sgd(torch.optim.SGD([{"params": p}, {"params": [torch.nn.Parameter(torch.zeros(1))]}], lr=0.1))
     assert not fusable_sgd(torch.optim.SGD(p, lr=torch.tensor(0.1)))
     assert merge_terms([UpdateTerms(clip_norm=5.0), UpdateTerms(clip_norm=2.0), UpdateTerms()]).clip_norm == 2.0
+
+
+@pytest.mark.parametrize("compiled", [None, "aot_eager"])
+def test_the_clip_holds_the_step_on_exploding_gradients(compiled):
+    """Where clipping matters, gradients far over the bound (here ~1e6 x it): the step is the clipped one to the
+    rounding of the clipped step itself, not to the rounding of the unclipped one (an update that took the full
+    step and moved back by lr (1 - factor) g would be off by ~eps lr |g|, here ~1e-2)."""
+    torch._dynamo.reset()
+    params, grads, mask = _problem()
+    grads = [g * 1e6 for g in grads]
+    make_opt = OPTIMISERS["sgd"]
+    want = _reference(params, grads, mask, make_opt, 1.0, 0.5)
+    got = _ours(params, grads, mask, make_opt, 1.0, 0.5, compiled)
+    for w, o in zip(want, got):
+        torch.testing.assert_close(o, w, rtol=1e-6, atol=1e-6)
