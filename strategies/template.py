@@ -14,6 +14,16 @@ one compiled function (``compiled_training_loss``), so that their ops are one gr
 A plugin that conditions the gradients or bounds the parameters is an ``strategies.update.UpdateTerm`` (HAT, the
 gates' frozen keys): the template's ``optimizer_step`` applies every such plugin's terms around the optimiser's
 step, as one compiled function under ``train.compile``.
+
+Under ``train.compile`` the whole step is one compiled function where it can be (``training_step``): the forward,
+the criterion and the loss terms, their gradients (``torch.autograd.grad`` traced into the graph) and the update
+with every plugin's terms. Each compiled call pays dynamo's guards, AOT autograd's wrappers and the autograd
+engine's dispatch; one call a step instead of three (forward, backward, update) took the bench's Split-MNIST MLP
+step from 1.34x to 1.17x Avalanche's naive step (``scripts/step_phases_probe.py``). Avalanche's loop still runs
+every callback in its order; ``backward`` and ``optimizer_step`` then have nothing left to do. Where a plugin acts
+on the gradients or adds to the loss after the forward (``step_fusable``), a data-parallel subclass adds to the
+backward, or the optimiser is not torch's plain SGD, the step stays three calls (forward and losses, backward,
+update), as before.
 """
 from __future__ import annotations
 
@@ -23,6 +33,11 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 
 from modnet.nets.models import Condition, ForwardTrace, compile_once
+from strategies.update import UpdateTerm, UpdateTerms, fusable_sgd, merge_terms, sgd_update, update_step
+
+# the callbacks Avalanche runs between the forward and the end of the update: a plugin that answers one of them sees
+# the loss, the gradients or the step, which a step computed in one graph (``training_step``) leaves no room for
+STEP_CALLBACKS = ("before_backward", "after_backward", "before_update", "after_update")
 
 
 class ConditionedTemplate(SupervisedTemplate):
@@ -38,6 +53,10 @@ class ConditionedTemplate(SupervisedTemplate):
         # this step's criterion and ForwardLossTerm terms, computed with the forward (train.compile)
         self.loss_fused = False
         self._fused_loss: Tensor | None = None
+        # this step's backward and update were done in the forward's graph (``training_step``)
+        self.step_fused = False
+        self._fusable: tuple | None = None  # (the plugins it was decided for, the decision)
+        self._static_ids: set[int] = set()  # the update terms' tensors marked static for the compiled step
 
     def criterion(self):
         if self.is_training and self._fused_loss is not None:
@@ -48,15 +67,39 @@ class ConditionedTemplate(SupervisedTemplate):
             return super().criterion()
         return self._criterion(self.mb_output[rows], self.mb_y[rows])
 
+    def backward(self):
+        if self.step_fused and self.is_training:  # the forward's graph took the gradients and the step
+            return
+        super().backward()
+
     def optimizer_step(self):
         """The optimiser's step with every ``UpdateTerm`` plugin's gradient multipliers, norm clip and parameter
         bounds around it (``strategies.update.update_step``; one compiled function under ``train.compile``)."""
-        from strategies.update import UpdateTerm, merge_terms, update_step
-
-        terms = [p.update_terms(self) for p in self.plugins if isinstance(p, UpdateTerm)]
-        if not terms:
+        if self.step_fused:  # taken in the forward's graph (training_step)
+            self.step_fused = False
+            return
+        terms = self._update_terms()
+        if terms is None:
             return super().optimizer_step()
-        update_step(self.optimizer, merge_terms(terms), self.train_condition.compiled)
+        update_step(self.optimizer, terms, self.train_condition.compiled)
+
+    def _update_terms(self) -> UpdateTerms | None:
+        terms = [p.update_terms(self) for p in self.plugins if isinstance(p, UpdateTerm)]
+        return merge_terms(terms) if terms else None
+
+    def step_fusable(self) -> bool:
+        """Whether the training step can be one compiled graph (``training_step``): torch's plain SGD
+        (``strategies.update.fusable_sgd``), ``backward`` and ``optimizer_step`` as this template has them (a
+        data-parallel subclass all-reduces the gradients in its backward), and every plugin ``step_fusable``.
+        Decided again when the plugins change."""
+        key = tuple(map(id, self.plugins))
+        if self._fusable is None or self._fusable[0] != key:
+            cls = type(self)
+            fusable = (cls.backward is ConditionedTemplate.backward
+                       and cls.optimizer_step is ConditionedTemplate.optimizer_step
+                       and all(step_fusable(p) for p in self.plugins))
+            self._fusable = (key, fusable)
+        return self._fusable[1] and fusable_sgd(self.optimizer)
 
     def _task_argument(self):
         # a batch whose task label the tensor loader knows (every label the same: evaluation of one experience)
@@ -83,17 +126,69 @@ class ConditionedTemplate(SupervisedTemplate):
 
     def forward(self):
         condition = self.train_condition
+        self.step_fused = False
         if not (self.is_training and condition.compiled is not None):
             return self.forward_through(self.model)
         condition.trace = ForwardTrace()
         # the criterion reads the graph's own logits: a plugin's after_forward that rewrites mb_output changes what
         # the callbacks after it see, not this step's loss (AutocastPlugin's float cast: the graph casts too)
         terms = tuple(p for p in self.plugins if isinstance(p, ForwardLossTerm))
-        out, self._fused_loss = compiled_training_loss(condition.compiled)(
-            self.model, self.mb_x, self._task_argument(), condition, self.mb_y, self.classification_rows,
-            self._criterion, terms)
+        args = (self.model, self.mb_x, self._task_argument(), condition, self.mb_y, self.classification_rows,
+                self._criterion, terms)
+        if self.step_fusable():
+            out, self._fused_loss = self._training_step(args)
+            self.step_fused = True
+        else:
+            out, self._fused_loss = compiled_training_loss(condition.compiled)(*args)
         self.loss_fused = True
         return out
+
+    def _training_step(self, loss_args: tuple) -> tuple[Tensor, Tensor]:
+        """``training_step`` through ``compiled_training_step``: the optimiser's parameters that take a gradient,
+        their momentum buffers (kept in the optimiser's state, as its own step does) and the plugins' terms."""
+        terms = self._update_terms() or UpdateTerms()
+        group = self.optimizer.param_groups[0]
+        frozen = set(map(id, terms.frozen))
+        params = [p for p in group["params"] if p.requires_grad and id(p) not in frozen]
+        index = {id(p): i for i, p in enumerate(params)}
+        momentum = group["momentum"]
+        buffers = [self.optimizer.state[p].get("momentum_buffer") for p in params] if momentum else None
+        # the multipliers and buffers are plain tensors in lists: dynamo would size them symbolically, and give a
+        # dimension equal to the batch size the batch's symbol (its duck sizing), then specialise both at the
+        # update's broadcast: marked static once, as parameters are
+        for t in (*(m for _, m in terms.grad_masks), *(buffers or ())):
+            if t is not None and id(t) not in self._static_ids:
+                import torch._dynamo
+
+                for a in (t, t._base) if t._base is not None else (t,):  # a view's guards read its base too
+                    torch._dynamo.mark_static(a)
+                self._static_ids.add(id(t))
+        out, loss = compiled_training_step(self.train_condition.compiled)(
+            *loss_args, params, buffers, [index[id(p)] for p, _ in terms.grad_masks if id(p) in index],
+            [m for p, m in terms.grad_masks if id(p) in index], terms.clip_norm,
+            [p for ps, _ in terms.clamps for p in ps], [float(b) for ps, b in terms.clamps for _ in ps],
+            group["lr"], group["weight_decay"], momentum, group["dampening"], group["nesterov"], group["maximize"])
+        if momentum:
+            for p, buf in zip(params, buffers):
+                if buf is not None:
+                    self.optimizer.state[p]["momentum_buffer"] = buf
+        return out, loss
+
+
+def step_fusable(plugin) -> bool:
+    """Whether ``plugin`` lets the training step be one compiled graph: it answers none of ``STEP_CALLBACKS``, or
+    only those it lists in its ``fused_step_callbacks`` (what it does there needs neither the gradients in
+    ``.grad`` nor a loss added after the forward: e.g. it reads ``strategy.loss`` or the outputs). Avalanche's
+    evaluation plugin passes: its metrics and loggers read the loss and the outputs, which a fused step sets as
+    the eager one does (a metric reading the parameters' ``.grad`` would see None)."""
+    from avalanche.training.plugins import EvaluationPlugin
+
+    if isinstance(plugin, EvaluationPlugin):
+        return True
+    declared = getattr(plugin, "fused_step_callbacks", ())
+    cls = type(plugin)
+    return all(name in declared or getattr(cls, name, None) is getattr(SupervisedPlugin, name, None)
+               for name in STEP_CALLBACKS)
 
 
 class ForwardLossTerm(SupervisedPlugin):
@@ -109,6 +204,9 @@ class ForwardLossTerm(SupervisedPlugin):
         """The training batch as the forward and every loss term read it (default: as it is; the transform heads
         replace rows of it). Eager, the template applies it before the forward; compiled, inside the graph."""
         return x
+
+    # its before_backward adds nothing when the loss was computed with the forward (a fused step's always is)
+    fused_step_callbacks = ("before_backward",)
 
     def before_backward(self, strategy, **kw):
         if getattr(strategy, "loss_fused", False):
@@ -132,7 +230,20 @@ def training_loss(model: nn.Module, x: Tensor, task, condition: Condition, y: Te
         loss = criterion(out, y) if rows is None else criterion(out[rows], y[rows])
         for term in terms:
             loss = loss + term.loss_term(model, x, y, condition)
+    _detach_read_in_graph(condition.trace)
     return out, loss
+
+
+def _detach_read_in_graph(trace: ForwardTrace) -> None:
+    """The trace's tensors that only the loss terms read (the heads' inputs, HAT's capacity term), detached once
+    the terms have read them: a compiled graph returns what it leaves in the trace, and each output with a
+    gradient is a tangent its backward takes (the autograd engine fills a zero tensor the size of the heads'
+    input every step and the backward adds it in). The recorded activations keep theirs: the sync regulariser's
+    callback adds its loss on them after the graph."""
+    for name in ("feature", "extra_feature", "capacity"):
+        value = getattr(trace, name)
+        if value is not None:
+            setattr(trace, name, value.detach())
 
 
 def compiled_training_loss(backend: str):
@@ -142,6 +253,41 @@ def compiled_training_loss(backend: str):
     the heads and losses eager: the Split-MNIST MLP's step cost 1.57x a plain step that way, 1.38x this way,
     ``scripts/step_floor_probe.py``). A graph per task (``modnet.nets.models.compile_once``)."""
     return compile_once(training_loss, backend)
+
+
+def training_step(model: nn.Module, x: Tensor, task, condition: Condition, y: Tensor, rows: slice | None, criterion,
+                  terms, params: list[Tensor], buffers: list | None, masked: list[int], multipliers: list[Tensor],
+                  clip_norm: float | None, clamped: list[Tensor], bounds: list[float], lr: float, weight_decay: float,
+                  momentum: float, dampening: float, nesterov: bool, maximize: bool) -> tuple[Tensor, Tensor]:
+    """A whole training step: ``training_loss``, its gradients with respect to ``params``
+    (``torch.autograd.grad``; a parameter the loss does not reach has none and takes no step, as with the eager
+    backward, where its ``.grad`` stays None), then ``strategies.update.sgd_update`` with the plugins' terms
+    (``masked``: positions in ``params`` of the gradients multiplied by ``multipliers``). The gradients are the
+    step's own: ``.grad`` is not written. Returns (logits, loss), detached. ``buffers``: momentum buffers aligned
+    with ``params``, a new one written into the list where the step made it. The gradients are taken outside
+    autocast: the backward of a custom autograd function runs its products in float32, as after the eager
+    loop's forward."""
+    out, loss = training_loss(model, x, task, condition, y, rows, criterion, terms)
+    with torch.autocast(x.device.type, enabled=False):
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    live = [i for i, g in enumerate(grads) if g is not None]
+    position = {i: j for j, i in enumerate(live)}
+    live_buffers = None if buffers is None else [buffers[i] for i in live]
+    sgd_update([params[i] for i in live], [grads[i] for i in live], live_buffers,
+               [grads[i] for i in masked if i in position], [m for i, m in zip(masked, multipliers) if i in position],
+               clip_norm, clamped, bounds, lr, weight_decay, momentum, dampening, nesterov, maximize)
+    if buffers is not None:
+        for i, buf in zip(live, live_buffers):
+            buffers[i] = buf
+    return out.detach(), loss.detach()
+
+
+def compiled_training_step(backend: str):
+    """``training_step`` through ``torch.compile(backend=backend, dynamic=True)``, one per backend
+    (``modnet.nets.models.compile_once``): forward, backward and update are one graph, a graph per task and
+    learning rate (``strategies.update.compiled_sgd_update``). Dynamo traces ``torch.autograd.grad`` only with
+    ``torch._dynamo.config.trace_autograd_ops`` on (off by default: a graph break), so the call turns it on."""
+    return compile_once(training_step, backend, trace_autograd=True)
 
 
 def train_condition(strategy) -> Condition:

@@ -6,12 +6,15 @@ freeze their inherited keys (their gradient rows times 0). Written as Avalanche 
 optimizer.step(), after_update) each is a few eager ops per step, and the callbacks' dispatch costs as much again.
 
 A plugin that does this is an ``UpdateTerm``: its one override point, ``update_terms``, returns what it adds to
-the step as tensors (``UpdateTerms``: gradient multipliers, a norm bound, parameter bounds), not code. The
+the step as tensors (``UpdateTerms``: gradient multipliers, a norm bound, parameter bounds, parameters that take
+no step), not code. The
 template (``strategies.template.ConditionedTemplate.optimizer_step``) gathers every plugin's terms and runs
 ``update_step``: the multipliers, the clip, the optimiser's step and the bounds, in that order (HAT's reference
-order: restrict the gradients, clip, step, clamp). With ``train.compile`` and an SGD optimiser it runs them as one
-compiled function (``compiled_sgd_update``): torch's functional SGD (``torch.optim.sgd.sgd``) on the clipped
-gradients, the multipliers, the norm and the bounds in one graph. Measured on the bench's Split-MNIST MLP
+order: restrict the gradients, clip, step, clamp). With ``train.compile`` and an SGD optimiser the step's one graph
+(``strategies.template.training_step``) calls ``sgd_update`` on the gradients it takes; where the step is not one
+graph, ``update_step`` runs them as one compiled function of their own (``compiled_sgd_update``): torch's
+functional SGD (``torch.optim.sgd.sgd``) on the clipped gradients, the multipliers, the norm and the bounds in
+one graph. Measured on the bench's Split-MNIST MLP
 (784-400-400, 13 tensors, 520k parameters, 1 thread): 118 us a step against 187 us eager, and ~360 us as the
 three Avalanche callbacks; ``torch.compile`` of ``optimizer.step()`` itself took 219-350 us.
 """
@@ -33,11 +36,13 @@ class UpdateTerms:
     """What a plugin adds to the optimiser's step. ``grad_masks``: (parameter, multiplier) pairs, the parameter's
     gradient multiplied (broadcast) before the step; ``clip_norm``: a bound on the 2-norm of every gradient the
     step applies (None: none); ``clamps``: (parameters, bound) pairs, each parameter clamped to [-bound, bound]
-    after the step."""
+    after the step; ``frozen``: parameters that take no step this time (their gradient dropped, as if they had
+    none: no decay, no momentum step, not in the clip's norm)."""
 
     grad_masks: Sequence[tuple[Tensor, Tensor]] = ()
     clip_norm: float | None = None
     clamps: Sequence[tuple[Sequence[Tensor], float]] = ()
+    frozen: Sequence[Tensor] = ()
 
 
 class UpdateTerm(SupervisedPlugin):
@@ -54,7 +59,8 @@ def merge_terms(terms: Sequence[UpdateTerms]) -> UpdateTerms:
     norms = [t.clip_norm for t in terms if t.clip_norm is not None]
     return UpdateTerms(grad_masks=[m for t in terms for m in t.grad_masks],
                        clip_norm=min(norms) if norms else None,
-                       clamps=[c for t in terms for c in t.clamps])
+                       clamps=[c for t in terms for c in t.clamps],
+                       frozen=[p for t in terms for p in t.frozen])
 
 
 def fusable_sgd(optimizer) -> bool:
@@ -70,6 +76,8 @@ def update_step(optimizer, terms: UpdateTerms, compiled: str | None = None) -> N
     """The gradients' multipliers, the norm clip, ``optimizer.step()``, the parameters' bounds. ``compiled``: a
     ``torch.compile`` backend, used where ``fusable_sgd(optimizer)`` (else the eager path). The parameters the
     step applies are the optimiser's with a gradient; the multiplier of a parameter without one is skipped."""
+    for p in terms.frozen:
+        p.grad = None
     masked = [(p.grad, m) for p, m in terms.grad_masks if p.grad is not None]
     if compiled is not None and fusable_sgd(optimizer):
         group = optimizer.param_groups[0]

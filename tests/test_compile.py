@@ -1,6 +1,8 @@
 """``train.compile``: the modular network's training step through ``torch.compile``
-(``strategies.template.compiled_training_loss``: masks, gates, HAT's compensation, the layers, the criterion and
-the plugins' loss terms: HAT's capacity regulariser, the transform heads' loss).
+(``strategies.template.compiled_training_step``: masks, gates, HAT's compensation, the layers, the criterion and
+the plugins' loss terms: HAT's capacity regulariser, the transform heads' loss; their gradients and the update with
+HAT's and the gates' terms, one graph; where a plugin acts between the forward and the update, the forward and
+losses, ``compiled_training_loss``, and the update, ``strategies.update.compiled_sgd_update``, two graphs).
 
 The reference is the eager run of the same config. With the ``aot_eager`` backend (dynamo's capture and AOT
 autograd's forward and backward graphs, each op then run as eager runs it) or ``eager`` (the capture alone)
@@ -19,7 +21,8 @@ RUN = ["progress=false", "threads=1", "model.hidden=32", "model.cnn_channels=[4,
        "modules.profile_samples=64", "train.batch_size=32"]
 
 
-def _train(compile_option, epochs: int = 1, n_experiences: int = 2, arch: str = "mlp", scenario: str = "task"):
+def _train(compile_option, epochs: int = 1, n_experiences: int = 2, arch: str = "mlp", scenario: str = "task",
+           overrides=(), plugins=()):
     """A modnet (HAT masks, SynC modules, gates; on the MLP the transform heads too: the defaults) trained on
     planted data: 2 classes per experience, 150 samples each (64 features, or the same as 1 x 8 x 8 images for the
     CNN), batches of 32 (a last batch of 22)."""
@@ -30,25 +33,28 @@ def _train(compile_option, epochs: int = 1, n_experiences: int = 2, arch: str = 
     x = torch.randn(len(y), 64, generator=g) + torch.nn.functional.one_hot(y, 64).float() * 3
     if arch == "cnn":
         x = x.view(-1, 1, 8, 8)
-    cfg = compose("cl", [*RUN, f"model.arch={arch}", f"train.epochs={epochs}", f"train.compile={compile_option}"])
+    cfg = compose("cl", [*RUN, f"model.arch={arch}", f"train.epochs={epochs}", f"train.compile={compile_option}",
+                         *overrides])
     info = split_benchmark("planted", x, y, x, y, n_experiences, scenario, 0)
     torch.manual_seed(0)
-    strategy = make_strategy("modnet", cfg, info, torch.device("cpu"), EvaluationPlugin(loggers=[]))
+    strategy = make_strategy("modnet", cfg, info, torch.device("cpu"), EvaluationPlugin(loggers=[]),
+                             plugins=plugins)
     for exp in info.benchmark.train_stream:
         strategy.train(exp)
     return strategy.model, compiled_graphs()
 
 
-def compiled_graphs() -> tuple[int, int]:
-    """(training graphs, update graphs): the graphs dynamo holds for the training step's forward and losses
+def compiled_graphs() -> tuple[int, int, int]:
+    """(step graphs, training graphs, update graphs): the graphs dynamo holds for the whole training step
+    (``strategies.template.training_step``), and, where the step is not one graph, for its forward and losses
     (``strategies.template.training_loss``) and for the optimiser's step with HAT's terms
     (``strategies.update.sgd_update``)."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    from strategies.template import training_loss
+    from strategies.template import training_loss, training_step
     from strategies.update import sgd_update
 
-    return tuple(len(_debug_get_cache_entry_list(f.__code__)) for f in (training_loss, sgd_update))
+    return tuple(len(_debug_get_cache_entry_list(f.__code__)) for f in (training_step, training_loss, sgd_update))
 
 
 @pytest.mark.parametrize("arch,backend,scenario", [("mlp", "aot_eager", "task"), ("mlp", "aot_eager", "class"),
@@ -60,23 +66,77 @@ def test_the_traced_training_is_the_eager_training_and_compiles_per_task_not_per
     Bit for bit: a loss term added twice (in the graph and by its plugin's callback) or left out would show."""
     tasks = 2 if arch == "mlp" else 1
     eager, graphs = _train("false", arch=arch, n_experiences=tasks, scenario=scenario)
-    assert graphs == (0, 0)
-    compiled, (training, update) = _train(backend, arch=arch, n_experiences=tasks, scenario=scenario)
+    assert graphs == (0, 0, 0)
+    compiled, (step, training, update) = _train(backend, arch=arch, n_experiences=tasks, scenario=scenario)
     for (name, p), q in zip(eager.state_dict().items(), compiled.state_dict().values()):
         assert torch.equal(p, q), name
-    # one training graph per task (its rows and gate are picked by its index), whatever the batch size (the last
-    # batch, the transform heads' copies) and the annealed slope s; an update graph per set of gradients (the
-    # first task has no protected weights; the gates' settle epoch, the only one here, drops the gate's)
-    assert training == tasks and 1 <= update <= tasks
+    # the whole step in one graph: one per task (its rows and gate are picked by its index) and set of trained
+    # parameters (the gates' settle epoch, the only one here, leaves the gate's out), whatever the batch size (the
+    # last batch, the transform heads' copies) and the annealed slope s
+    assert tasks <= step <= 2 * tasks and training == update == 0
     if arch == "mlp":  # more epochs (the settle epoch after others), then more again: no graph more per step
         three = _train("eager", epochs=3, arch=arch, scenario=scenario)[1]
-        assert three[0] == tasks and three == _train("eager", epochs=4, arch=arch, scenario=scenario)[1]
+        assert tasks <= three[0] <= 2 * tasks and three == _train("eager", epochs=4, arch=arch, scenario=scenario)[1]
+
+
+def test_a_plugin_that_acts_on_the_gradients_keeps_the_step_in_three_calls_and_trains_as_eager():
+    """The sync regulariser adds its loss in before_backward, on the recorded activations (a plugin the one-graph
+    step leaves no room for: ``strategies.template.step_fusable``): the forward and losses are one graph per task,
+    the update another, the backward eager in between; trained weights equal the eager run's to the bit."""
+    sync = ["modules.sync_reg=0.01", "train.batch_size=30"]  # (a batch as wide as the layer, 32, would share its
+    # symbol in the graph, dynamo's duck sizing, and the sync loss's pairwise products would specialise both)
+    eager, graphs = _train("false", overrides=sync)
+    assert graphs == (0, 0, 0)
+    compiled, (step, training, update) = _train("aot_eager", overrides=sync)
+    for (name, p), q in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        assert torch.equal(p, q), name
+    # a training graph per task and record flag (the sync loss reads the activations every 16th step only,
+    # modules.sync_every), an update graph per set of gradients
+    assert step == 0 and training == 4 and 1 <= update <= 2
+
+
+def test_a_step_in_one_graph_leaves_no_gradient_and_a_plugin_reading_them_gets_the_backward():
+    """A plugin answering after_backward reads ``.grad`` there: with it the step keeps its eager backward (every
+    trained parameter has its gradient); the same plugin declaring the callback fused-step safe
+    (``fused_step_callbacks``) lets the step be one graph, which writes no gradient, and trains the same weights."""
+    from avalanche.core import SupervisedPlugin
+
+    class GradReader(SupervisedPlugin):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def after_backward(self, strategy, **kw):
+            self.seen.append(sum(p.grad is not None for p in strategy.model.parameters()))
+
+    class DeclaredGradReader(GradReader):
+        fused_step_callbacks = ("after_backward",)
+
+    reader, declared = GradReader(), DeclaredGradReader()
+    with_backward, (step, training, _) = _train("aot_eager", n_experiences=1, plugins=[reader])
+    assert step == 0 and training == 1 and min(reader.seen) > 0
+    fused, (step, training, _) = _train("aot_eager", n_experiences=1, plugins=[declared])
+    assert step == 1 and training == 0 and set(declared.seen) == {0}
+    for (name, p), q in zip(with_backward.state_dict().items(), fused.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_a_step_in_one_graph_keeps_sgd_s_momentum_as_the_optimiser_does():
+    """Momentum (train.momentum; HAT's own default is 0): the one-graph step's buffers, written back into the
+    optimiser's state, give the eager run's weights to the bit over two tasks."""
+    momentum = ["train.momentum=0.9"]
+    eager, _ = _train("false", overrides=momentum)
+    compiled, (step, _, _) = _train("aot_eager", overrides=momentum)
+    assert step >= 2
+    for (name, p), q in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        assert torch.equal(p, q), name
 
 
 def test_the_compiled_graph_holds_the_step_s_losses_not_the_masked_pass_alone():
     """What the compiled graph computes, read from the graph dynamo hands its backend: the masks and gates (their
-    autograd function), the layers, the classification criterion and the transform heads' cross-entropy, one graph
-    per task; the optimiser's step with HAT's and the gates' update terms is a second graph (strategies.update)."""
+    autograd function), the layers, the classification criterion and the transform heads' cross-entropy, their
+    gradients and the optimiser's step with HAT's and the gates' update terms (the clamp of the embeddings), one
+    graph per task."""
     from torch._dynamo import register_backend
 
     graphs = []
@@ -84,14 +144,15 @@ def test_the_compiled_graph_holds_the_step_s_losses_not_the_masked_pass_alone():
     @register_backend(name="record_graph_test")
     def record_graph_test(gm, example_inputs):
         graphs.append([getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes
-                       if n.op == "call_function"])
+                       if n.op in ("call_function", "call_method")])
         return gm.forward
 
     _, n = _train("record_graph_test", n_experiences=1, scenario="class")
-    assert n == (1, 1) and len(graphs) == 2
+    assert n == (1, 0, 0) and len(graphs) == 1
     ops = graphs[0]
     assert ops.count("cross_entropy") == 2, ops  # the criterion and the transform heads' loss
     assert "autograd_function_apply" in ops and "linear" in ops, ops
+    assert "clamp_" in ops, ops  # the update's last term, after the step
 
 
 def test_the_compiled_graph_is_dynamic_in_the_batch_size_alone():
@@ -110,7 +171,7 @@ def test_the_compiled_graph_is_dynamic_in_the_batch_size_alone():
         return gm.forward
 
     _, n = _train("record_inputs_test", n_experiences=1, arch="cnn")
-    assert n == (1, 1)
+    assert n == (1, 0, 0)
     assert len(inputs) == 1, inputs
     shape = inputs[0]
     assert len(shape) == 4 and isinstance(shape[0], torch.SymInt), shape
@@ -121,7 +182,7 @@ def test_the_compiled_graph_is_dynamic_in_the_batch_size_alone():
 def test_the_inductor_compiled_training_matches_the_eager_training_to_rounding():
     eager, _ = _train("false", n_experiences=1)
     compiled, graphs = _train("true", n_experiences=1)
-    assert graphs == (1, 1)
+    assert graphs == (1, 0, 0)
     for (name, p), q in zip(eager.state_dict().items(), compiled.state_dict().values()):
         if p.is_floating_point():
             torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-4, msg=name)

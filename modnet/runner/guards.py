@@ -23,6 +23,9 @@ class StrategyFailed(RuntimeError):
 class NaNGuard(SupervisedPlugin):
     """Stops a run whose loss is NaN/inf; one host sync per epoch, not per step."""
 
+    # after_backward reads the loss only (strategies.template.step_fusable: a step in one graph sets it as well)
+    fused_step_callbacks = ("after_backward",)
+
     def before_training_epoch(self, strategy, **kw):
         self.total = torch.zeros(1, dtype=torch.float64, device=strategy.device)
 

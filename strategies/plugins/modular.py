@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from avalanche.core import SupervisedPlugin
 
@@ -22,9 +24,10 @@ class ModulesPlugin(UpdateTerm):
                      gate's parameters enter the forward detached, so no gradient is computed for them
     update_terms     the keys a task's gate inherited from earlier tasks' modules get no update (their
                      gradient rows times 0: ``key_frozen``), so a module keeps its key across tasks
-    before_update    in the experience's last ``settle_epochs`` epochs the task's gate (query map and keys) gets
-                     no update at all (no gradient), so the layers and heads end fitted to the routing the gate
-                     keeps (a stop requested early, ``train.lr_patience``, waits for ``settle_epochs`` more epochs)
+                     in the experience's last ``settle_epochs`` epochs the task's gate (query map and keys) gets
+                     no update at all (``frozen``: no gradient), so the layers and heads end fitted to the routing
+                     the gate keeps (a stop requested early, ``train.lr_patience``, waits for ``settle_epochs``
+                     more epochs)
     after_training_exp  which modules the task switches on and keeps units of (``record_usage``), from the
                      same samples its modules were profiled on
 
@@ -49,6 +52,7 @@ class ModulesPlugin(UpdateTerm):
         inherited = frozen is not None and bool(frozen.any())
         self._terms = UpdateTerms(grad_masks=[(gate.keys, 1 - frozen)] if inherited else ())
         self._gate_params = [] if gate is None else list(gate.parameters())
+        self._settle_terms = dataclasses.replace(self._terms, frozen=self._gate_params)
         self._settle, self._extra_left = False, None
 
     def before_training_epoch(self, strategy, **kw):
@@ -67,18 +71,14 @@ class ModulesPlugin(UpdateTerm):
         self._settle = bool(last) or self._extra_left is not None
         # eager: the gate's parameters enter the settle epochs' forwards detached (no gradient computed for
         # them). A compiled pass keeps one graph per task (a flag in its guards would compile a second): there
-        # the gradients are computed and dropped in before_update
+        # the gradients are computed and dropped by the update (update_terms' frozen)
         condition = train_condition(strategy)
         condition.train_gate = condition.compiled is not None or not self._settle
 
-    def before_update(self, strategy, **kw):
-        if self._settle:
-            for p in self._gate_params:  # no gradient: the optimiser skips them (no decay, no momentum step)
-                p.grad = None
-
     def update_terms(self, strategy) -> UpdateTerms:
-        # the inherited keys' gradient rows times 0 (the template applies it before the optimiser's step)
-        return self._terms
+        # the inherited keys' gradient rows times 0 (the template applies it before the optimiser's step); in the
+        # settle epochs the gate's parameters take no step (frozen: no gradient, no decay, no momentum step)
+        return self._settle_terms if self._settle else self._terms
 
     def after_training_exp(self, strategy, **kw):
         from scenarios.tensors import dataset_head

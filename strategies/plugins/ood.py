@@ -29,6 +29,9 @@ from strategies.template import ForwardLossTerm, train_condition
 
 
 class TaskOODPlugin(ForwardLossTerm):
+    # after_update cuts the step's batch and outputs for the metrics: no gradient read (a fused step may run it)
+    fused_step_callbacks = ("before_backward", "after_update")
+
     def __init__(self, weight: float = 1.0, batch_size: int = 512):
         super().__init__()
         self.weight, self.batch_size = weight, batch_size
