@@ -260,7 +260,7 @@ def _run_all(cfg, out: Path, ckpt_dir: Path, device, run_fingerprint: dict, back
               + (f"\n{note}" if note else ""))
         if backend is not None:  # the train s column compares unlike loops: say so under the table
             ran = set(results["strategies"])
-            parts = (["modnet's forward and losses"] * ("modnet" in ran)
+            parts = (["modnet's training step (forward, losses and update)"] * ("modnet" in ran)
                      + ["the baselines' forwards (their losses eager)"] * bool(ran - {"modnet", "hnet"}))
             print(f"train s: the training ran through torch.compile ({backend}), its compile included: "
                   + "; ".join(parts or ["nothing compiled"])

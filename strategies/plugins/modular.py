@@ -25,9 +25,9 @@ class ModulesPlugin(UpdateTerm):
     update_terms     the keys a task's gate inherited from earlier tasks' modules get no update (their
                      gradient rows times 0: ``key_frozen``), so a module keeps its key across tasks
                      in the experience's last ``settle_epochs`` epochs the task's gate (query map and keys) gets
-                     no update at all (``frozen``: no gradient), so the layers and heads end fitted to the routing
-                     the gate keeps (a stop requested early, ``train.lr_patience``, waits for ``settle_epochs``
-                     more epochs)
+                     no update at all (its gradients times 0, or ``frozen``), so the layers and heads end fitted
+                     to the routing the gate keeps (a stop requested early, ``train.lr_patience``, waits for
+                     ``settle_epochs`` more epochs)
     after_training_exp  which modules the task switches on and keeps units of (``record_usage``), from the
                      same samples its modules were profiled on
 
@@ -50,9 +50,22 @@ class ModulesPlugin(UpdateTerm):
         gate = strategy.model.gate.task_gate(strategy.experience.current_experience)
         frozen = getattr(gate, "key_frozen", None) if gate is not None else None
         inherited = frozen is not None and bool(frozen.any())
-        self._terms = UpdateTerms(grad_masks=[(gate.keys, 1 - frozen)] if inherited else ())
+        masks = [(gate.keys, 1 - frozen)] if inherited else []
         self._gate_params = [] if gate is None else list(gate.parameters())
-        self._settle_terms = dataclasses.replace(self._terms, frozen=self._gate_params)
+        # the settle epochs' "no step for the gate": where the optimiser has no momentum and no weight decay (HAT's
+        # plain SGD), a zero gradient takes no step, exactly: the gate's gradients are multiplied by a 0-d factor,
+        # 1 then 0, so the compiled step keeps one graph for the whole experience (the factor is a tensor, not a
+        # constant of it); else the gate's parameters are frozen (no gradient: no decay, no momentum step), a
+        # second graph for the settle epochs
+        self._gate_factor = None
+        groups = getattr(getattr(strategy, "optimizer", None), "param_groups", ())
+        if self.settle_epochs and self._gate_params and not any(g.get("momentum", 0) or g.get("weight_decay", 0)
+                                                                for g in groups):
+            self._gate_factor = torch.ones((), device=self._gate_params[0].device)
+            masks += [(p, self._gate_factor) for p in self._gate_params]
+        self._terms = UpdateTerms(grad_masks=masks)
+        self._settle_terms = self._terms if self._gate_factor is not None else \
+            dataclasses.replace(self._terms, frozen=self._gate_params)
         self._settle, self._extra_left = False, None
 
     def before_training_epoch(self, strategy, **kw):
@@ -69,15 +82,17 @@ class ModulesPlugin(UpdateTerm):
         elif self._extra_left is not None:
             self._extra_left -= 1
         self._settle = bool(last) or self._extra_left is not None
+        if self._gate_factor is not None:
+            self._gate_factor.fill_(0.0 if self._settle else 1.0)
         # eager: the gate's parameters enter the settle epochs' forwards detached (no gradient computed for
         # them). A compiled pass keeps one graph per task (a flag in its guards would compile a second): there
-        # the gradients are computed and dropped by the update (update_terms' frozen)
+        # the gradients are computed and zeroed (or dropped, frozen) by the update
         condition = train_condition(strategy)
         condition.train_gate = condition.compiled is not None or not self._settle
 
     def update_terms(self, strategy) -> UpdateTerms:
         # the inherited keys' gradient rows times 0 (the template applies it before the optimiser's step); in the
-        # settle epochs the gate's parameters take no step (frozen: no gradient, no decay, no momentum step)
+        # settle epochs the gate's parameters take no step (their gradients times 0, or frozen)
         return self._settle_terms if self._settle else self._terms
 
     def after_training_exp(self, strategy, **kw):
