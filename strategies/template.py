@@ -19,7 +19,7 @@ Under ``train.compile`` the whole step is one compiled function where it can be 
 the criterion and the loss terms, their gradients (``torch.autograd.grad`` traced into the graph) and the update
 with every plugin's terms. Each compiled call pays dynamo's guards, AOT autograd's wrappers and the autograd
 engine's dispatch; one call a step instead of three (forward, backward, update) took the bench's Split-MNIST MLP
-step from 1.34x to 1.17x Avalanche's naive step (``scripts/step_phases_probe.py``). Avalanche's loop still runs
+step from 1.34x to 1.13-1.17x Avalanche's naive step (``scripts/step_phases_probe.py``). Avalanche's loop still runs
 every callback in its order; ``backward`` and ``optimizer_step`` then have nothing left to do. Where a plugin acts
 on the gradients or adds to the loss after the forward (``step_fusable``), a data-parallel subclass adds to the
 backward, or the optimiser is not torch's plain SGD, the step stays three calls (forward and losses, backward,
@@ -177,18 +177,24 @@ class ConditionedTemplate(SupervisedTemplate):
 
 def step_fusable(plugin) -> bool:
     """Whether ``plugin`` lets the training step be one compiled graph: it answers none of ``STEP_CALLBACKS``, or
-    only those it lists in its ``fused_step_callbacks`` (what it does there needs neither the gradients in
-    ``.grad`` nor a loss added after the forward: e.g. it reads ``strategy.loss`` or the outputs). Avalanche's
-    evaluation plugin passes: its metrics and loggers read the loss and the outputs, which a fused step sets as
-    the eager one does (a metric reading the parameters' ``.grad`` would see None)."""
+    only those a class declares in its own ``fused_step_callbacks`` (what it does there needs neither the
+    gradients in ``.grad`` nor a loss added after the forward: e.g. it reads ``strategy.loss`` or the outputs). A
+    declaration covers the callback as the declaring class has it, its own or inherited, not a subclass's
+    override of it (a ``ForwardLossTerm`` whose subclass adds a loss in its own ``before_backward`` is not
+    fusable). Avalanche's evaluation plugin passes: its metrics and loggers read the loss and the outputs, which a
+    fused step sets as the eager one does (a metric reading the parameters' ``.grad`` would see None)."""
     from avalanche.training.plugins import EvaluationPlugin
 
     if isinstance(plugin, EvaluationPlugin):
         return True
-    declared = getattr(plugin, "fused_step_callbacks", ())
-    cls = type(plugin)
-    return all(name in declared or getattr(cls, name, None) is getattr(SupervisedPlugin, name, None)
-               for name in STEP_CALLBACKS)
+    mro = type(plugin).__mro__
+    for name in STEP_CALLBACKS:
+        if getattr(type(plugin), name, None) is getattr(SupervisedPlugin, name, None):
+            continue  # Avalanche's no-op
+        owner = next(i for i, k in enumerate(mro) if name in vars(k))  # the class whose callback runs
+        if not any(name in vars(k).get("fused_step_callbacks", ()) for k in mro[:owner + 1]):
+            return False
+    return True
 
 
 class ForwardLossTerm(SupervisedPlugin):
@@ -230,20 +236,19 @@ def training_loss(model: nn.Module, x: Tensor, task, condition: Condition, y: Te
         loss = criterion(out, y) if rows is None else criterion(out[rows], y[rows])
         for term in terms:
             loss = loss + term.loss_term(model, x, y, condition)
-    _detach_read_in_graph(condition.trace)
     return out, loss
 
 
-def _detach_read_in_graph(trace: ForwardTrace) -> None:
-    """The trace's tensors that only the loss terms read (the heads' inputs, HAT's capacity term), detached once
-    the terms have read them: a compiled graph returns what it leaves in the trace, and each output with a
-    gradient is a tangent its backward takes (the autograd engine fills a zero tensor the size of the heads'
-    input every step and the backward adds it in). The recorded activations keep theirs: the sync regulariser's
-    callback adds its loss on them after the graph."""
+def _detach_trace(trace: ForwardTrace) -> None:
+    """Every tensor of the trace detached, once the step's losses have read them: a compiled graph returns what
+    it leaves in the trace, and an output with a gradient would make the step's graph one with a backward of its
+    own (AOT autograd's wrapper, a zero tangent the size of the heads' input filled each step), where nothing can
+    differentiate it after a step that has taken its gradients."""
     for name in ("feature", "extra_feature", "capacity"):
         value = getattr(trace, name)
         if value is not None:
             setattr(trace, name, value.detach())
+    trace.activations = [a.detach() for a in trace.activations]
 
 
 def compiled_training_loss(backend: str):
@@ -268,6 +273,7 @@ def training_step(model: nn.Module, x: Tensor, task, condition: Condition, y: Te
     autocast: the backward of a custom autograd function runs its products in float32, as after the eager
     loop's forward."""
     out, loss = training_loss(model, x, task, condition, y, rows, criterion, terms)
+    _detach_trace(condition.trace)
     with torch.autocast(x.device.type, enabled=False):
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     live = [i for i, g in enumerate(grads) if g is not None]

@@ -101,6 +101,8 @@ def test_a_step_in_one_graph_leaves_no_gradient_and_a_plugin_reading_them_gets_t
     (``fused_step_callbacks``) lets the step be one graph, which writes no gradient, and trains the same weights."""
     from avalanche.core import SupervisedPlugin
 
+    from strategies.template import ForwardLossTerm, step_fusable
+
     class GradReader(SupervisedPlugin):
         def __init__(self):
             super().__init__()
@@ -112,6 +114,15 @@ def test_a_step_in_one_graph_leaves_no_gradient_and_a_plugin_reading_them_gets_t
     class DeclaredGradReader(GradReader):
         fused_step_callbacks = ("after_backward",)
 
+    class LossAfterTheForward(ForwardLossTerm):  # a subclass's own before_backward: not covered by its base's
+        def loss_term(self, model, x, y, condition):
+            return model.heads[condition.task].bias.sum() * 0
+
+        def before_backward(self, strategy, **kw):
+            super().before_backward(strategy, **kw)
+
+    assert not step_fusable(GradReader()) and step_fusable(DeclaredGradReader())
+    assert not step_fusable(LossAfterTheForward())
     reader, declared = GradReader(), DeclaredGradReader()
     with_backward, (step, training, _) = _train("aot_eager", n_experiences=1, plugins=[reader])
     assert step == 0 and training == 1 and min(reader.seen) > 0
