@@ -135,21 +135,24 @@ class ConditionedTemplate(SupervisedTemplate):
         terms = tuple(p for p in self.plugins if isinstance(p, ForwardLossTerm))
         args = (self.model, self.mb_x, self._task_argument(), condition, self.mb_y, self.classification_rows,
                 self._criterion, terms)
-        if self.step_fusable():
-            out, self._fused_loss = self._training_step(args)
-            self.step_fused = True
+        stepped = self._training_step(args) if self.step_fusable() else None
+        if stepped is not None:
+            (out, self._fused_loss), self.step_fused = stepped, True
         else:
             out, self._fused_loss = compiled_training_loss(condition.compiled)(*args)
         self.loss_fused = True
         return out
 
-    def _training_step(self, loss_args: tuple) -> tuple[Tensor, Tensor]:
+    def _training_step(self, loss_args: tuple) -> tuple[Tensor, Tensor] | None:
         """``training_step`` through ``compiled_training_step``: the optimiser's parameters that take a gradient,
-        their momentum buffers (kept in the optimiser's state, as its own step does) and the plugins' terms."""
+        their momentum buffers (kept in the optimiser's state, as its own step does) and the plugins' terms. None
+        where no parameter can take a step (the caller computes the loss alone, and the update has nothing to do)."""
         terms = self._update_terms() or UpdateTerms()
         group = self.optimizer.param_groups[0]
         frozen = set(map(id, terms.frozen))
         params = [p for p in group["params"] if p.requires_grad and id(p) not in frozen]
+        if not params:
+            return None
         index = {id(p): i for i, p in enumerate(params)}
         momentum = group["momentum"]
         buffers = [self.optimizer.state[p].get("momentum_buffer") for p in params] if momentum else None
