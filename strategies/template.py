@@ -33,7 +33,8 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 
 from modnet.nets.models import Condition, ForwardTrace, compile_once
-from strategies.update import UpdateTerm, UpdateTerms, fusable_sgd, merge_terms, sgd_update, update_step
+from strategies.update import (UpdateTerm, UpdateTerms, fusable_sgd, keep_momentum, merge_terms, sgd_arguments,
+                              sgd_update, update_step)
 
 # the callbacks Avalanche runs between the forward and the end of the update: a plugin that answers one of them sees
 # the loss, the gradients or the step, which a step computed in one graph (``training_step``) leaves no room for
@@ -148,14 +149,12 @@ class ConditionedTemplate(SupervisedTemplate):
         their momentum buffers (kept in the optimiser's state, as its own step does) and the plugins' terms. None
         where no parameter can take a step (the caller computes the loss alone, and the update has nothing to do)."""
         terms = self._update_terms() or UpdateTerms()
-        group = self.optimizer.param_groups[0]
         frozen = set(map(id, terms.frozen))
-        params = [p for p in group["params"] if p.requires_grad and id(p) not in frozen]
+        params = [p for p in self.optimizer.param_groups[0]["params"] if p.requires_grad and id(p) not in frozen]
         if not params:
             return None
         index = {id(p): i for i, p in enumerate(params)}
-        momentum = group["momentum"]
-        buffers = [self.optimizer.state[p].get("momentum_buffer") for p in params] if momentum else None
+        buffers, rest = sgd_arguments(self.optimizer, params, terms)
         # the multipliers and buffers are plain tensors in lists: dynamo would size them symbolically, and give a
         # dimension equal to the batch size the batch's symbol (its duck sizing), then specialise both at the
         # update's broadcast: marked static once, as parameters are
@@ -168,13 +167,8 @@ class ConditionedTemplate(SupervisedTemplate):
                 self._static_ids.add(id(t))
         out, loss = compiled_training_step(self.train_condition.compiled)(
             *loss_args, params, buffers, [index[id(p)] for p, _ in terms.grad_masks if id(p) in index],
-            [m for p, m in terms.grad_masks if id(p) in index], terms.clip_norm,
-            [p for ps, _ in terms.clamps for p in ps], [float(b) for ps, b in terms.clamps for _ in ps],
-            group["lr"], group["weight_decay"], momentum, group["dampening"], group["nesterov"], group["maximize"])
-        if momentum:
-            for p, buf in zip(params, buffers):
-                if buf is not None:
-                    self.optimizer.state[p]["momentum_buffer"] = buf
+            [m for p, m in terms.grad_masks if id(p) in index], *rest)
+        keep_momentum(self.optimizer, params, buffers)
         return out, loss
 
 
@@ -280,10 +274,10 @@ def training_step(model: nn.Module, x: Tensor, task, condition: Condition, y: Te
     with torch.autocast(x.device.type, enabled=False):
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     live = [i for i, g in enumerate(grads) if g is not None]
-    position = {i: j for j, i in enumerate(live)}
     live_buffers = None if buffers is None else [buffers[i] for i in live]
     sgd_update([params[i] for i in live], [grads[i] for i in live], live_buffers,
-               [grads[i] for i in masked if i in position], [m for i, m in zip(masked, multipliers) if i in position],
+               [grads[i] for i in masked if grads[i] is not None],
+               [m for i, m in zip(masked, multipliers) if grads[i] is not None],
                clip_norm, clamped, bounds, lr, weight_decay, momentum, dampening, nesterov, maximize)
     if buffers is not None:
         for i, buf in zip(live, live_buffers):

@@ -72,6 +72,26 @@ def fusable_sgd(optimizer) -> bool:
     return not group.get("differentiable") and not group.get("fused") and not isinstance(group["lr"], Tensor)
 
 
+def sgd_arguments(optimizer, params: list[Tensor], terms: UpdateTerms) -> tuple[list | None, tuple]:
+    """What ``sgd_update`` takes beside the parameters, gradients and multipliers, for ``params`` of a
+    ``fusable_sgd`` optimiser: their momentum buffers (None without momentum), and (clip bound, clamped
+    parameters, their bounds, lr, weight decay, momentum, dampening, nesterov, maximize)."""
+    group = optimizer.param_groups[0]
+    momentum = group["momentum"]
+    buffers = [optimizer.state[p].get("momentum_buffer") for p in params] if momentum else None
+    return buffers, (terms.clip_norm, [p for ps, _ in terms.clamps for p in ps],
+                     [float(b) for ps, b in terms.clamps for _ in ps], group["lr"], group["weight_decay"], momentum,
+                     group["dampening"], group["nesterov"], group["maximize"])
+
+
+def keep_momentum(optimizer, params: list[Tensor], buffers: list | None) -> None:
+    """The momentum buffers a compiled step made or updated (``sgd_arguments``' list), into the optimiser's state,
+    where its own step keeps them."""
+    for p, buf in zip(params, buffers or ()):
+        if buf is not None:
+            optimizer.state[p]["momentum_buffer"] = buf
+
+
 def update_step(optimizer, terms: UpdateTerms, compiled: str | None = None) -> None:
     """The gradients' multipliers, the norm clip, ``optimizer.step()``, the parameters' bounds. ``compiled``: a
     ``torch.compile`` backend, used where ``fusable_sgd(optimizer)`` (else the eager path). The parameters the
@@ -80,20 +100,13 @@ def update_step(optimizer, terms: UpdateTerms, compiled: str | None = None) -> N
         p.grad = None
     masked = [(p.grad, m) for p, m in terms.grad_masks if p.grad is not None]
     if compiled is not None and fusable_sgd(optimizer):
-        group = optimizer.param_groups[0]
-        params = [p for p in group["params"] if p.grad is not None]
+        params = [p for p in optimizer.param_groups[0]["params"] if p.grad is not None]
         if not params:
             return
-        momentum = group["momentum"]
-        buffers = [optimizer.state[p].get("momentum_buffer") for p in params] if momentum else None
-        compiled_sgd_update(compiled)(
-            params, [p.grad for p in params], buffers, [g for g, _ in masked], [m for _, m in masked],
-            terms.clip_norm, [p for ps, _ in terms.clamps for p in ps],
-            [float(b) for ps, b in terms.clamps for _ in ps], group["lr"], group["weight_decay"], momentum,
-            group["dampening"], group["nesterov"], group["maximize"])
-        if momentum:
-            for p, buf in zip(params, buffers):
-                optimizer.state[p]["momentum_buffer"] = buf
+        buffers, rest = sgd_arguments(optimizer, params, terms)
+        compiled_sgd_update(compiled)(params, [p.grad for p in params], buffers, [g for g, _ in masked],
+                                      [m for _, m in masked], *rest)
+        keep_momentum(optimizer, params, buffers)
         return
     if masked:
         torch._foreach_mul_([g for g, _ in masked], [m for _, m in masked])
