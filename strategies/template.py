@@ -58,6 +58,7 @@ class ConditionedTemplate(SupervisedTemplate):
         self.step_fused = False
         self._fusable: tuple | None = None  # (the plugins it was decided for, the decision)
         self._static_ids: set[int] = set()  # the update terms' tensors marked static for the compiled step
+        self._merged_terms: tuple | None = None  # (the plugins' terms, their merge), kept by _update_terms
 
     def criterion(self):
         if self.is_training and self._fused_loss is not None:
@@ -85,8 +86,14 @@ class ConditionedTemplate(SupervisedTemplate):
         update_step(self.optimizer, terms, self.train_condition.compiled)
 
     def _update_terms(self) -> UpdateTerms | None:
-        terms = [p.update_terms(self) for p in self.plugins if isinstance(p, UpdateTerm)]
-        return merge_terms(terms) if terms else None
+        terms = tuple(p.update_terms(self) for p in self.plugins if isinstance(p, UpdateTerm))
+        if not terms:
+            return None
+        # the plugins return the same (immutable) terms step after step: their merge is kept while they do
+        kept = self._merged_terms
+        if kept is None or len(kept[0]) != len(terms) or any(a is not b for a, b in zip(kept[0], terms)):
+            kept = self._merged_terms = (terms, merge_terms(terms))
+        return kept[1]
 
     def step_fusable(self) -> bool:
         """Whether the training step can be one compiled graph (``training_step``): torch's plain SGD

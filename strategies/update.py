@@ -31,9 +31,10 @@ from torch.optim.sgd import sgd as functional_sgd
 from modnet.nets.hat import clip_grad_norm
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class UpdateTerms:
-    """What a plugin adds to the optimiser's step. ``grad_masks``: (parameter, multiplier) pairs, the parameter's
+    """What a plugin adds to the optimiser's step (immutable: a plugin returns a new one to change its terms, so
+    that the template can keep the merge of the same terms from one step to the next). ``grad_masks``: (parameter, multiplier) pairs, the parameter's
     gradient multiplied (broadcast) before the step; ``clip_norm``: a bound on the 2-norm of every gradient the
     step applies (None: none); ``clamps``: (parameters, bound) pairs, each parameter clamped to [-bound, bound]
     after the step; ``frozen``: parameters that take no step this time (their gradient dropped, as if they had

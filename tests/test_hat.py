@@ -308,14 +308,17 @@ def test_importing_the_hat_module_flushes_subnormals_on_every_thread_torch_start
 
 def test_local_labels_give_each_global_label_its_position_in_the_tasks_head_and_follow_the_heads_classes():
     """Task 1 of [[7, 3, 9], [2, 5]]: labels 9, 7, 3 sit at 2, 0, 1 of its head; a class of another task reads -1.
-    Adding classes to a head (a new class_index buffer) is seen at once, not through a stale table."""
+    Adding classes to a head (a new class_index buffer) or rewriting its buffer in place (a loaded state) is seen at
+    once; a label past every class reads -1."""
     model = HATMLP(4, [[7, 3, 9], [2, 5]], hidden=3, n_layers=1)
     assert model.local_labels(0, torch.tensor([9, 7, 3, 2])).tolist() == [2, 0, 1, -1]
     assert model.local_labels(1, torch.tensor([5, 2, 2])).tolist() == [1, 0, 0]
-    assert model.local_labels(0, torch.tensor([3])).tolist() == [1]  # the kept table, same answer
+    assert model.local_labels(0, torch.tensor([3, 99])).tolist() == [1, -1]
     model.add_classes(1, [11], torch.zeros(1, 3))
     assert model.local_labels(1, torch.tensor([11, 5, 2])).tolist() == [2, 1, 0]
     assert model.local_labels(0, torch.tensor([11])).tolist() == [-1]
+    model.class_index_0.copy_(torch.tensor([9, 3, 7]))  # same storage, new order (load_state_dict copies in place)
+    assert model.local_labels(0, torch.tensor([9, 7, 3])).tolist() == [0, 2, 1]
 
 
 def test_a_task_that_ends_with_a_layer_shut_is_named_on_stderr(capsys):

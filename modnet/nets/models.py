@@ -153,7 +153,6 @@ class MultiHeadTaskNet(MultiTaskModule):
         # the same count on the host, read by every evaluation batch (the buffer would be a device sync each
         # time); kept by mark_trained and re-read once when a state dict is loaded (a resumed run)
         self._trained = 0
-        self._local_tables: dict[int, tuple] = {}  # local_labels' lookup table per task
         self.register_load_state_dict_post_hook(_reread_trained)
 
     def task_logits(self, x: Tensor, task: int, condition: Condition | None = None) -> Tensor:
@@ -196,17 +195,14 @@ class MultiHeadTaskNet(MultiTaskModule):
         return out
 
     def local_labels(self, task: int, y: Tensor) -> Tensor:
-        """Each global label of ``y`` as its position in task ``task``'s head (-1: not a class of the task).
-        The lookup table is built once per task and kept beside the module (not in its state: it derives from
-        ``class_index_<task>``, and is rebuilt when that buffer is replaced or moved)."""
+        """Each global label of ``y`` as its position in task ``task``'s head (-1: not a class of the task), by
+        comparing the labels with ``class_index_<task>`` (B x classes of the task): no table kept beside the
+        module, so the lookup follows the buffer when it is replaced, loaded or moved, and it traces into a
+        compiled training step as one fused kernel (a kept table's cache would break the graph; looked up eager
+        before the step, in situ ~25 us a step)."""
         idx = getattr(self, f"class_index_{task}")
-        key = (idx.data_ptr(), idx.numel(), self.n_classes, idx.device)
-        cached = self._local_tables.get(task)
-        if cached is None or cached[0] != key:
-            lut = torch.full((self.n_classes,), -1, dtype=torch.long, device=idx.device)
-            lut[idx] = torch.arange(len(idx), device=idx.device)
-            cached = self._local_tables[task] = (key, lut)
-        return cached[1][y.to(idx.device)]
+        match = y.to(idx.device).unsqueeze(-1) == idx
+        return torch.where(match.any(-1), match.int().argmax(-1), -1)
 
     def _scatter(self, head_out: Tensor, task: int) -> Tensor:
         out = head_out.new_full((head_out.shape[0], self.n_classes), _OFF_HEAD_LOGIT)

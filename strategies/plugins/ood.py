@@ -43,11 +43,7 @@ class TaskOODPlugin(ForwardLossTerm):
 
     # training forwards only (evaluation calls before_eval_forward / after_eval_forward)
     def before_forward(self, strategy, **kw):
-        model = strategy.model
-        ood = model.task_ood
-        # each global label's position in the task's head, looked up here: its table's cache (a data pointer)
-        # would break a compiled loss's graph
-        self._y_local = model.local_labels(train_condition(strategy).task, strategy.mb_y)
+        ood = strategy.model.task_ood
         if ood.copies == "replace":  # the rows themselves are replaced by training_input, in the forward
             strategy.classification_rows = ood.identity_rows
         elif self._share_pass:
@@ -86,7 +82,8 @@ class TaskOODPlugin(ForwardLossTerm):
         # graph dataclasses.replace guards every field of the condition's class, ~40 guards checked each step
         own_forward = feature is None or (copy_features is None and bool(ood.transforms) and ood.copies != "replace")
         cond = dataclasses.replace(condition, record=False, extra=None, trace=ForwardTrace()) if own_forward else None
-        return self.weight * ood.loss(model, x, self._y_local, task, cond, feature=feature,
+        # each label's position in the task's head (in a compiled step, a comparison fused into its graph)
+        return self.weight * ood.loss(model, x, model.local_labels(task, y), task, cond, feature=feature,
                                       copy_features=copy_features)
 
     @torch.no_grad()
