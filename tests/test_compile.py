@@ -143,6 +143,35 @@ def test_a_step_in_one_graph_keeps_sgd_s_momentum_as_the_optimiser_does():
         assert torch.equal(p, q), name
 
 
+@pytest.mark.parametrize("compile_option", ["false", "aot_eager"])
+def test_a_gradient_left_after_a_step_is_cleared_before_the_next_and_none_left_calls_no_zero_grad(
+        compile_option, monkeypatch):
+    """The template's epoch calls the optimiser's zero_grad only where a parameter holds a gradient. A plugin leaving
+    a stale gradient of ones on every parameter after each step (after_training_iteration) changes nothing: the
+    eager backward would add into it, so it is cleared first; the one-graph step takes its own gradients. Without
+    it, the one-graph step leaves no gradient and zero_grad is never called; the eager step's is, every step."""
+    from avalanche.core import SupervisedPlugin
+
+    calls = []
+    zero_grad = torch.optim.Optimizer.zero_grad
+    monkeypatch.setattr(torch.optim.Optimizer, "zero_grad",
+                        lambda self, *a, **kw: (calls.append(type(self)), zero_grad(self, *a, **kw))[1])
+
+    class StaleGradients(SupervisedPlugin):
+        def after_training_iteration(self, strategy, **kw):
+            for p in strategy.model.parameters():
+                p.grad = torch.ones_like(p)
+
+    steps = 5  # one epoch of 150 samples in batches of 32: every step but the first follows one
+    clean, _ = _train(compile_option, n_experiences=1)
+    sgd_calls = calls.count(torch.optim.SGD)
+    assert sgd_calls == (0 if compile_option == "aot_eager" else steps - 1)
+    stale, _ = _train(compile_option, n_experiences=1, plugins=[StaleGradients()])
+    assert calls.count(torch.optim.SGD) - sgd_calls == steps - 1
+    for (name, p), q in zip(clean.state_dict().items(), stale.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
 def test_the_compiled_graph_holds_the_step_s_losses_not_the_masked_pass_alone():
     """What the compiled graph computes, read from the graph dynamo hands its backend: the masks and gates (their
     autograd function), the layers, the classification criterion and the transform heads' cross-entropy, their
