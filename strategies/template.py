@@ -56,7 +56,9 @@ class ConditionedTemplate(SupervisedTemplate):
         self._fused_loss: Tensor | None = None
         # this step's backward and update were done in the forward's graph (``training_step``)
         self.step_fused = False
-        self._fusable: tuple | None = None  # (the plugins it was decided for, the decision)
+        # (the plugins, their ForwardLossTerms, their UpdateTerms, whether they let the step be one graph): read
+        # every step, decided again when the plugins change (_plugin_roles)
+        self._roles: tuple | None = None
         self._static_ids: set[int] = set()  # the update terms' tensors marked static for the compiled step
         self._merged_terms: tuple | None = None  # (the plugins' terms, their merge), kept by _update_terms
 
@@ -128,8 +130,18 @@ class ConditionedTemplate(SupervisedTemplate):
             return super().optimizer_step()
         update_step(self.optimizer, terms, self.train_condition.compiled)
 
+    def _plugin_roles(self) -> tuple:
+        """(plugins, their ``ForwardLossTerm``s, their ``UpdateTerm``s, whether every one is ``step_fusable``),
+        kept while the strategy holds the same plugins."""
+        plugins, kept = self.plugins, self._roles
+        if kept is None or len(kept[0]) != len(plugins) or any(a is not b for a, b in zip(kept[0], plugins)):
+            kept = self._roles = (tuple(plugins), tuple(p for p in plugins if isinstance(p, ForwardLossTerm)),
+                                  tuple(p for p in plugins if isinstance(p, UpdateTerm)),
+                                  all(step_fusable(p) for p in plugins))
+        return kept
+
     def _update_terms(self) -> UpdateTerms | None:
-        terms = tuple(p.update_terms(self) for p in self.plugins if isinstance(p, UpdateTerm))
+        terms = tuple(p.update_terms(self) for p in self._plugin_roles()[2])
         if not terms:
             return None
         # the plugins return the same (immutable) terms step after step: their merge is kept while they do
@@ -143,14 +155,9 @@ class ConditionedTemplate(SupervisedTemplate):
         (``strategies.update.fusable_sgd``), ``backward`` and ``optimizer_step`` as this template has them (a
         data-parallel subclass all-reduces the gradients in its backward), and every plugin ``step_fusable``.
         Decided again when the plugins change."""
-        key = tuple(map(id, self.plugins))
-        if self._fusable is None or self._fusable[0] != key:
-            cls = type(self)
-            fusable = (cls.backward is ConditionedTemplate.backward
-                       and cls.optimizer_step is ConditionedTemplate.optimizer_step
-                       and all(step_fusable(p) for p in self.plugins))
-            self._fusable = (key, fusable)
-        return self._fusable[1] and fusable_sgd(self.optimizer)
+        cls = type(self)
+        return (self._plugin_roles()[3] and cls.backward is ConditionedTemplate.backward
+                and cls.optimizer_step is ConditionedTemplate.optimizer_step and fusable_sgd(self.optimizer))
 
     def _task_argument(self):
         # a batch whose task label the tensor loader knows (every label the same: evaluation of one experience)
@@ -167,9 +174,8 @@ class ConditionedTemplate(SupervisedTemplate):
             condition = self.train_condition
             condition.trace = ForwardTrace()  # this step's records only
             x = self.mb_x
-            for term in self.plugins:
-                if isinstance(term, ForwardLossTerm):
-                    x = term.training_input(self.model, x)
+            for term in self._plugin_roles()[1]:
+                x = term.training_input(self.model, x)
             self.mbatch[0] = x
         else:
             condition = Condition()
@@ -183,7 +189,7 @@ class ConditionedTemplate(SupervisedTemplate):
         condition.trace = ForwardTrace()
         # the criterion reads the graph's own logits: a plugin's after_forward that rewrites mb_output changes what
         # the callbacks after it see, not this step's loss (AutocastPlugin's float cast: the graph casts too)
-        terms = tuple(p for p in self.plugins if isinstance(p, ForwardLossTerm))
+        terms = self._plugin_roles()[1]
         args = (self.model, self.mb_x, self._task_argument(), condition, self.mb_y, self.classification_rows,
                 self._criterion, terms)
         stepped = self._training_step(args) if self.step_fusable() else None
