@@ -221,7 +221,7 @@ class ConditionedTemplate(SupervisedTemplate):
                 for a in (t, t._base) if t._base is not None else (t,):  # a view's guards read its base too
                     torch._dynamo.mark_static(a)
                 self._static_ids.add(id(t))
-        out, loss = compiled_training_step(self.train_condition.compiled)(
+        out, loss = compiled_training_step(self.train_condition.compiled, self.mb_x.device.type)(
             *loss_args, params, buffers, [index[id(p)] for p, _ in terms.grad_masks if id(p) in index],
             [m for p, m in terms.grad_masks if id(p) in index], *rest)
         keep_momentum(self.optimizer, params, buffers)
@@ -341,12 +341,16 @@ def training_step(model: nn.Module, x: Tensor, task, condition: Condition, y: Te
     return out.detach(), loss.detach()
 
 
-def compiled_training_step(backend: str):
+def compiled_training_step(backend: str, device_type: str = "cpu"):
     """``training_step`` through ``torch.compile(backend=backend, dynamic=True)``, one per backend
     (``modnet.nets.models.compile_once``): forward, backward and update are one graph, a graph per task and
     learning rate (``strategies.update.compiled_sgd_update``). Dynamo traces ``torch.autograd.grad`` only with
-    ``torch._dynamo.config.trace_autograd_ops`` on (off by default: a graph break), so the call turns it on."""
-    return compile_once(training_step, backend, trace_autograd=True)
+    ``torch._dynamo.config.trace_autograd_ops`` on (off by default: a graph break), so the call turns it on.
+    Inductor on the CPU: its C++ wrapper (``cpp_wrapper``), the graph's ~50 buffer allocations and ~40 kernel calls
+    run as C++ instead of Python: 0.93-0.97x the step with the Python wrapper on the bench's MLP (same process,
+    epochs alternated, 10-16 rounds: ``scripts/bench_results/history.md``, stop 58), the same kernels and numbers."""
+    options = {"cpp_wrapper": True} if backend == "inductor" and device_type == "cpu" else None
+    return compile_once(training_step, backend, trace_autograd=True, options=options)
 
 
 def train_condition(strategy) -> Condition:

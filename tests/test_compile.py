@@ -218,16 +218,29 @@ def test_the_compiled_graph_is_dynamic_in_the_batch_size_alone():
     assert all(type(d) is int for d in shape[1:]) and shape[1:] == (1, 8, 8), shape
 
 
-@pytest.mark.slow  # inductor builds its C++ kernels: ~30 s with a cold cache
-def test_the_inductor_compiled_training_matches_the_eager_training_to_rounding():
+@pytest.mark.slow  # inductor builds its C++ kernels: ~30 s with a cold cache, its C++ wrapper once more
+def test_the_inductor_compiled_training_matches_the_eager_training_to_rounding(monkeypatch):
+    """Inductor fuses and reorders float sums: the weights match the eager ones to rounding. On the CPU the one-graph
+    step runs through inductor's C++ wrapper (``compiled_training_step``): the same kernels as through its Python
+    wrapper, so the same weights to the bit."""
+    import strategies.template as template
+    from modnet.nets.models import _COMPILED
+
     eager, _ = _train("false", n_experiences=1)
     compiled, graphs = _train("true", n_experiences=1)
     assert graphs == (1, 0, 0)
+    assert any(key[0] is template.training_step and key[3] == (("cpp_wrapper", True),) for key in _COMPILED)
     for (name, p), q in zip(eager.state_dict().items(), compiled.state_dict().values()):
         if p.is_floating_point():
             torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-4, msg=name)
         else:
             assert torch.equal(p, q), name
+    monkeypatch.setattr(template, "compiled_training_step", lambda backend, device_type="cpu": template.compile_once(
+        template.training_step, backend, trace_autograd=True))  # inductor's Python wrapper
+    python_wrapper, graphs = _train("true", n_experiences=1)
+    assert graphs == (1, 0, 0)
+    for (name, p), q in zip(compiled.state_dict().items(), python_wrapper.state_dict().values()):
+        assert torch.equal(p, q), name
 
 
 def test_a_bad_compile_option_is_one_config_error_line(monkeypatch):
