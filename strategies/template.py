@@ -347,8 +347,9 @@ def compiled_training_step(backend: str, device_type: str = "cpu"):
     learning rate (``strategies.update.compiled_sgd_update``). Dynamo traces ``torch.autograd.grad`` only with
     ``torch._dynamo.config.trace_autograd_ops`` on (off by default: a graph break), so the call turns it on.
     Inductor on the CPU: its C++ wrapper (``cpp_wrapper``), the graph's ~50 buffer allocations and ~40 kernel calls
-    run as C++ instead of Python: 0.93-0.97x the step with the Python wrapper on the bench's MLP (same process,
-    epochs alternated, 10-16 rounds: ``scripts/bench_results/history.md``, stop 58), the same kernels and numbers."""
+    run as C++ instead of Python, the same kernels and numbers: on the bench's MLP ~3% of the step on average, the
+    C++ wrapper's step 0.93-1.02x the Python wrapper's over five same-process A/B runs
+    (``scripts/inductor_option_ab.py``, 10-20 rounds each; ``scripts/bench_results/history.md``, stop 58)."""
     options = {"cpp_wrapper": True} if backend == "inductor" and device_type == "cpu" else None
     return compile_once(training_step, backend, trace_autograd=True, options=options)
 
