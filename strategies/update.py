@@ -34,11 +34,11 @@ from modnet.nets.hat import clip_grad_norm
 @dataclasses.dataclass(frozen=True)
 class UpdateTerms:
     """What a plugin adds to the optimiser's step (immutable: a plugin returns a new one to change its terms, so
-    that the template can keep the merge of the same terms from one step to the next). ``grad_masks``: (parameter, multiplier) pairs, the parameter's
-    gradient multiplied (broadcast) before the step; ``clip_norm``: a bound on the 2-norm of every gradient the
-    step applies (None: none); ``clamps``: (parameters, bound) pairs, each parameter clamped to [-bound, bound]
-    after the step; ``frozen``: parameters that take no step this time (their gradient dropped, as if they had
-    none: no decay, no momentum step, not in the clip's norm)."""
+    that the template can keep the merge of the same terms from one step to the next). ``grad_masks``: (parameter,
+    multiplier) pairs, the parameter's gradient multiplied (broadcast) before the step; ``clip_norm``: a bound on
+    the 2-norm of every gradient the step applies (None: none); ``clamps``: (parameters, bound) pairs, each
+    parameter clamped to [-bound, bound] after the step; ``frozen``: parameters that take no step this time (their
+    gradient dropped, as if they had none: no decay, no momentum step, not in the clip's norm)."""
 
     grad_masks: Sequence[tuple[Tensor, Tensor]] = ()
     clip_norm: float | None = None

@@ -516,11 +516,10 @@ _COMPILED: dict[tuple, object] = {}
 def compile_once(fn, backend: str, trace_autograd: bool = False, options: dict | None = None):
     """``fn`` through ``torch.compile(backend=backend, dynamic=True, options=options)``, made once per function,
     backend and options for the process (dynamo keeps its graphs per compiled function: one wrapper, every network
-    and every task);
-    raises dynamo's recompile limit to ``RECOMPILE_LIMIT``. Dynamic from the first graph: the batch size and
-    the floats that vary per step (HAT's slope s) are symbolic, where automatic dynamic shapes would specialise
-    the first values and compile twice more. Only the batch size: every dimension of a tensor argument after
-    its first is marked static on each call (``static_sample_dims``). ``trace_autograd``: each call runs with
+    and every task); raises dynamo's recompile limit to ``RECOMPILE_LIMIT``. Dynamic from the first graph: the batch
+    size and the floats that vary per step (HAT's slope s) are symbolic, where automatic dynamic shapes would
+    specialise the first values and compile twice more. Only the batch size: every dimension of a tensor argument
+    after its first is marked static on each call (``static_sample_dims``). ``trace_autograd``: each call runs with
     ``torch._dynamo.config.trace_autograd_ops`` on (``fn`` takes gradients with ``torch.autograd.grad``, which
     dynamo otherwise leaves out of the graph), set and restored around the call (~5 us), not for the process."""
     key = (fn, backend, trace_autograd, tuple(sorted((options or {}).items())))
