@@ -134,7 +134,7 @@ class ConditionedTemplate(SupervisedTemplate):
         """(plugins, their ``ForwardLossTerm``s, their ``UpdateTerm``s, whether every one is ``step_fusable``),
         kept while the strategy holds the same plugins."""
         plugins, kept = self.plugins, self._roles
-        if kept is None or len(kept[0]) != len(plugins) or any(a is not b for a, b in zip(kept[0], plugins)):
+        if not _same_objects(kept, plugins):
             kept = self._roles = (tuple(plugins), tuple(p for p in plugins if isinstance(p, ForwardLossTerm)),
                                   tuple(p for p in plugins if isinstance(p, UpdateTerm)),
                                   all(step_fusable(p) for p in plugins))
@@ -146,7 +146,7 @@ class ConditionedTemplate(SupervisedTemplate):
             return None
         # the plugins return the same (immutable) terms step after step: their merge is kept while they do
         kept = self._merged_terms
-        if kept is None or len(kept[0]) != len(terms) or any(a is not b for a, b in zip(kept[0], terms)):
+        if not _same_objects(kept, terms):
             kept = self._merged_terms = (terms, merge_terms(terms))
         return kept[1]
 
@@ -226,6 +226,13 @@ class ConditionedTemplate(SupervisedTemplate):
             [m for p, m in terms.grad_masks if id(p) in index], *rest)
         keep_momentum(self.optimizer, params, buffers)
         return out, loss
+
+
+def _same_objects(kept: tuple | None, items) -> bool:
+    """Whether ``kept`` (a (objects, derived...) tuple, or None) was derived from these very ``items``, one by one
+    (identity: the kept tuple holds them, so no id is reused while it does)."""
+    return (kept is not None and len(kept[0]) == len(items)
+            and all(a is b for a, b in zip(kept[0], items)))
 
 
 def step_fusable(plugin) -> bool:
